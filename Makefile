@@ -1,0 +1,53 @@
+# h3infer — the Makefile is the contract: CI calls `make test`.
+SHELL := /bin/bash
+GO ?= go
+
+ORT_VERSION    := 1.24.1
+ORT_TARBALL_SHA := 57181cf6e6e711b155c5b942d591fd63ded0b5de5c4922d51fd994e7f6ac2772
+ORT_LIB_SHA    := 53ef1ac028dd1b05554b8da28d9159eb3876f99868193d2aaa6e67f0243c23d4
+ORT_DIR        := $(CURDIR)/.cache/onnxruntime/$(ORT_VERSION)
+ORT_BUNDLED    := $(ORT_DIR)/libonnxruntime.so.1
+# ONNXRUNTIME_LIB, when set, names a library of the user's own and nothing is fetched.
+ONNXRUNTIME_LIB ?= $(ORT_BUNDLED)
+export ONNXRUNTIME_LIB
+
+.PHONY: all build run test bench fuzz ort clean
+
+all: build
+
+build:
+	$(GO) build -o bin/h3infer ./cmd/h3infer
+
+# The binary opens the library at run time, so only run and test need it.
+
+ort: $(ONNXRUNTIME_LIB)
+
+$(ORT_BUNDLED):
+	@scripts/fetch-onnxruntime.sh "$(ORT_VERSION)" "$(ORT_TARBALL_SHA)" "$(ORT_LIB_SHA)" "$(ORT_DIR)"
+
+# Starts the gateway and two workers on the demo model; creates certificates
+# and the model under .h3infer on first start.
+run: ort build
+	bin/h3infer serve $(ARGS)
+
+# -race everywhere it can run; the end-to-end tests build and start the real
+# binary themselves.
+test: ort
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+bench: ort
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./backend/ ./internal/onnxgen/
+
+# Each fuzz target for FUZZTIME (default 20s).
+FUZZTIME ?= 20s
+fuzz:
+	@for pkg in ./transport/ ./backend/; do \
+		for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "fuzz $$pkg $$t"; \
+			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
+	done
+
+clean:
+	rm -rf bin
