@@ -1,0 +1,33 @@
+package scheduler
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Errors callers branch on. The gateway turns them into HTTP statuses.
+var (
+	// ErrOverloaded means the queue was full. The concrete error is an
+	// *OverloadError carrying the retry advice.
+	ErrOverloaded = errors.New("scheduler: overloaded")
+	// ErrClosed means the scheduler was closed before the request ran.
+	ErrClosed = errors.New("scheduler: closed")
+	// ErrDeadline means the request's deadline passed before a worker slot
+	// became free.
+	ErrDeadline = errors.New("scheduler: deadline passed before dispatch")
+)
+
+// OverloadError is returned by Submit when the queue is full. It matches
+// ErrOverloaded with errors.Is.
+type OverloadError struct {
+	RetryAfter time.Duration // how long the client should wait before trying again
+	Queued     int           // requests waiting when this one was refused
+}
+
+func (e *OverloadError) Error() string {
+	return fmt.Sprintf("scheduler: overloaded: %d requests queued, retry after %s", e.Queued, e.RetryAfter)
+}
+
+// Is makes errors.Is(err, ErrOverloaded) true.
+func (e *OverloadError) Is(target error) bool { return target == ErrOverloaded }
