@@ -1,0 +1,207 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"h3infer/scheduler"
+	"h3infer/transport"
+)
+
+// The gateway's own failures. Handlers return these (or errors from the
+// scheduler and workers) and apiErrorOf alone decides what the client sees.
+
+// invalidParam is a request the gateway refuses to run.
+type invalidParam struct {
+	param   string // the request field at fault, "" when none
+	code    string // OpenAI-style code, "" for null
+	message string
+}
+
+func (e *invalidParam) Error() string { return e.message }
+
+func invalidf(param, format string, args ...any) error {
+	return &invalidParam{param: param, message: fmt.Sprintf(format, args...)}
+}
+
+// unknownModel names a model no worker serves.
+type unknownModel struct{ model string }
+
+func (e *unknownModel) Error() string { return fmt.Sprintf("model %q does not exist", e.model) }
+
+// methodNotAllowed answers a route called with the wrong method.
+type methodNotAllowed struct {
+	method string
+	allow  string
+}
+
+func (e *methodNotAllowed) Error() string {
+	return fmt.Sprintf("method %s is not allowed here; use %s", e.method, e.allow)
+}
+
+// workerFailure is an error event a worker sent for a request.
+type workerFailure struct {
+	err         transport.Error
+	promptParam string // "messages" or "prompt": what a context-length error is about
+}
+
+func (e *workerFailure) Error() string {
+	return fmt.Sprintf("worker: %s: %s", e.err.Code, e.err.Message)
+}
+
+// Sentinels for failures that carry nothing more.
+var (
+	errRouteNotFound = errors.New("no such route")
+	errNotReady      = errors.New("no worker is ready yet")
+	errNoResult      = errors.New("the worker stream ended without a result")
+)
+
+// apiError is what the client receives: a status, optional headers and the
+// OpenAI error object.
+type apiError struct {
+	status     int
+	retryAfter time.Duration // sets Retry-After when > 0
+	allow      string        // sets Allow when not ""
+	body       errorObject
+}
+
+type errorObject struct {
+	Message string  `json:"message"`
+	Type    string  `json:"type"`
+	Param   *string `json:"param"`
+	Code    *string `json:"code"`
+}
+
+// statusClientClosed labels requests whose client left before an answer.
+// Nothing is written for them; the number exists for metrics and logs.
+const statusClientClosed = 499
+
+// apiErrorOf is the one place where errors become HTTP statuses.
+func apiErrorOf(err error) apiError {
+	mk := func(status int, typ, param, code, msg string) apiError {
+		e := apiError{status: status, body: errorObject{Message: msg, Type: typ}}
+		if param != "" {
+			e.body.Param = &param
+		}
+		if code != "" {
+			e.body.Code = &code
+		}
+		return e
+	}
+	const (
+		invalidRequest = "invalid_request_error"
+		serverError    = "server_error"
+	)
+
+	var (
+		invalid  *invalidParam
+		unknown  *unknownModel
+		method   *methodNotAllowed
+		tooLarge *http.MaxBytesError
+		syntax   *json.SyntaxError
+		jsonType *json.UnmarshalTypeError
+		overload *scheduler.OverloadError
+		worker   *workerFailure
+	)
+	switch {
+	case errors.Is(err, context.Canceled):
+		return apiError{status: statusClientClosed}
+	case errors.As(err, &invalid):
+		return mk(http.StatusBadRequest, invalidRequest, invalid.param, invalid.code, invalid.message)
+	case errors.As(err, &tooLarge):
+		return mk(http.StatusRequestEntityTooLarge, invalidRequest, "", "request_too_large",
+			fmt.Sprintf("request body exceeds %d bytes", tooLarge.Limit))
+	case errors.As(err, &syntax):
+		return mk(http.StatusBadRequest, invalidRequest, "", "invalid_json",
+			"the request body is not valid JSON: "+syntax.Error())
+	case errors.As(err, &jsonType):
+		param := jsonType.Field
+		return mk(http.StatusBadRequest, invalidRequest, param, "invalid_type",
+			fmt.Sprintf("%s: expected %s, got JSON %s", param, jsonType.Type, jsonType.Value))
+	case errors.As(err, &unknown):
+		return mk(http.StatusNotFound, invalidRequest, "model", transport.CodeModelNotFound, unknown.Error())
+	case errors.As(err, &method):
+		e := mk(http.StatusMethodNotAllowed, invalidRequest, "", "method_not_allowed", method.Error())
+		e.allow = method.allow
+		return e
+	case errors.Is(err, errRouteNotFound):
+		return mk(http.StatusNotFound, invalidRequest, "", "not_found", "no such route")
+	case errors.As(err, &overload):
+		e := mk(http.StatusServiceUnavailable, serverError, "", "overloaded",
+			"the server is overloaded; retry later")
+		e.retryAfter = overload.RetryAfter
+		return e
+	case errors.Is(err, scheduler.ErrOverloaded):
+		e := mk(http.StatusServiceUnavailable, serverError, "", "overloaded",
+			"the server is overloaded; retry later")
+		e.retryAfter = scheduler.DefaultRetryAfter
+		return e
+	case errors.Is(err, errNotReady):
+		e := mk(http.StatusServiceUnavailable, serverError, "", "not_ready",
+			"no model worker is ready yet; retry shortly")
+		e.retryAfter = scheduler.DefaultRetryAfter
+		return e
+	case errors.Is(err, scheduler.ErrClosed):
+		return mk(http.StatusServiceUnavailable, serverError, "", "shutting_down", "the server is shutting down")
+	case errors.Is(err, scheduler.ErrDeadline), errors.Is(err, context.DeadlineExceeded):
+		return mk(http.StatusGatewayTimeout, serverError, "", "timeout",
+			"no model worker became free in time")
+	case errors.As(err, &worker):
+		switch worker.err.Code {
+		case transport.CodeContextLength:
+			return mk(http.StatusBadRequest, invalidRequest, worker.promptParam, transport.CodeContextLength, worker.err.Message)
+		case transport.CodeModelNotFound:
+			return mk(http.StatusNotFound, invalidRequest, "model", transport.CodeModelNotFound, worker.err.Message)
+		case transport.CodeInvalidRequest:
+			return mk(http.StatusBadRequest, invalidRequest, "", "invalid_request", worker.err.Message)
+		case transport.CodeCancelled:
+			return mk(http.StatusServiceUnavailable, serverError, "", transport.CodeCancelled, "the model worker stopped the request")
+		case transport.CodeOverflow:
+			// The gateway fell behind its own client's stream.
+			return mk(http.StatusServiceUnavailable, serverError, "", "overloaded", "the response stream fell behind")
+		}
+		// Internal worker errors are not the client's business in detail.
+		return mk(http.StatusInternalServerError, serverError, "", transport.CodeInternal, "the model worker failed")
+	}
+	return mk(http.StatusInternalServerError, serverError, "", transport.CodeInternal, "internal error")
+}
+
+// writeError answers a request with err unless the client has gone, and
+// returns the status for metrics.
+func writeError(w http.ResponseWriter, err error) int {
+	e := apiErrorOf(err)
+	if e.status == statusClientClosed {
+		return e.status
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	if e.retryAfter > 0 {
+		h.Set("Retry-After", strconv.Itoa(int(math.Ceil(e.retryAfter.Seconds()))))
+	}
+	if e.allow != "" {
+		h.Set("Allow", e.allow)
+	}
+	w.WriteHeader(e.status)
+	body, _ := json.Marshal(struct {
+		Error errorObject `json:"error"`
+	}{e.body})
+	w.Write(append(body, '\n'))
+	return e.status
+}
+
+// errorEvent is the SSE event that ends a stream which fails after its
+// headers went out, so the client never mistakes it for a complete answer.
+func errorEvent(err error) []byte {
+	e := apiErrorOf(err)
+	body, _ := json.Marshal(struct {
+		Error errorObject `json:"error"`
+	}{e.body})
+	return sseData(body)
+}

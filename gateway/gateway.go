@@ -1,0 +1,373 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
+	"h3infer/scheduler"
+	"h3infer/transport"
+)
+
+// TokenStream is one dispatched request as the gateway consumes it.
+// *scheduler.Stream satisfies it.
+type TokenStream interface {
+	ID() uint64
+	Events() <-chan transport.Event
+	Close()
+}
+
+// Scheduler admits requests. FromScheduler adapts *scheduler.Scheduler.
+type Scheduler interface {
+	Submit(ctx context.Context, r *scheduler.Request) (TokenStream, error)
+}
+
+// FromScheduler lets the gateway use s: Go does not treat a method returning
+// *scheduler.Stream as one returning TokenStream.
+func FromScheduler(s *scheduler.Scheduler) Scheduler { return schedulerAdapter{s} }
+
+type schedulerAdapter struct{ s *scheduler.Scheduler }
+
+func (a schedulerAdapter) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, error) {
+	st, err := a.s.Submit(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// Catalog says which models the workers serve and whether any worker is up.
+type Catalog interface {
+	Models() []transport.ModelInfo
+	Ready() bool
+}
+
+// Config configures a Gateway. Zero values mean the documented defaults.
+type Config struct {
+	// Listen is the host:port served by HTTP/3 on UDP and by HTTP/1.1 and
+	// HTTP/2 on TCP, the same port for both so that Alt-Svc can name it.
+	// Port 0 picks a port free on both. Default 127.0.0.1:8443.
+	Listen string
+	// Admin is the host:port of the plain-HTTP admin listener (/healthz,
+	// /readyz, /metrics). Port 0 picks a free port. Default 127.0.0.1:9090.
+	Admin string
+	// TLS holds the certificates. Required. The gateway clones it and sets
+	// NextProtos per listener.
+	TLS *tls.Config
+	// MaxBodyBytes bounds a request body; a larger one gets 413. Default 1 MiB.
+	MaxBodyBytes int64
+	// DefaultMaxTokens caps generation when a request names no max_tokens.
+	// Default 256.
+	DefaultMaxTokens int
+	// QueueTimeout is how long a request may wait for a worker slot before it
+	// fails with 504. Default 30s.
+	QueueTimeout time.Duration
+	// Registry receives the gateway's metrics and is served on /metrics.
+	// Default: a registry of the gateway's own.
+	Registry *prometheus.Registry
+}
+
+// Defaults for Config's zero values.
+const (
+	DefaultListen           = "127.0.0.1:8443"
+	DefaultAdmin            = "127.0.0.1:9090"
+	DefaultMaxBodyBytes     = 1 << 20
+	DefaultMaxTokens        = 256
+	DefaultQueueTimeout     = 30 * time.Second
+	altSvcMaxAge            = 86400
+	readHeaderTimeout       = 10 * time.Second
+	idleTimeout             = 2 * time.Minute
+	portAttempts            = 32
+	defaultPriorityUrgency  = 3
+	maxPriorityUrgency      = 7
+	shutdownListenerTimeout = time.Second
+)
+
+// Gateway serves the API on one port over HTTP/3 and TCP, and the admin
+// endpoints on another.
+type Gateway struct {
+	cfg     Config
+	sched   Scheduler
+	catalog Catalog
+	log     *slog.Logger
+	metrics *metrics
+	created int64 // unix seconds, reported as every model's creation time
+
+	mu       sync.Mutex
+	started  bool
+	addr     string
+	admin    string
+	udp      net.PacketConn
+	quicTr   *quic.Transport
+	quicLn   *quic.EarlyListener
+	h3       *http3.Server
+	tcp      *http.Server
+	adminSrv *http.Server
+	serving  sync.WaitGroup
+}
+
+// New validates cfg and builds a gateway; Start opens its sockets.
+func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, error) {
+	var errs []error
+	if cfg.TLS == nil || (len(cfg.TLS.Certificates) == 0 && cfg.TLS.GetCertificate == nil && cfg.TLS.GetConfigForClient == nil) {
+		errs = append(errs, errors.New("gateway.tls: a certificate is required"))
+	}
+	if cfg.MaxBodyBytes < 0 {
+		errs = append(errs, fmt.Errorf("gateway.max_body_bytes: must be >= 0, got %d", cfg.MaxBodyBytes))
+	}
+	if cfg.DefaultMaxTokens < 0 {
+		errs = append(errs, fmt.Errorf("gateway.default_max_tokens: must be >= 0, got %d", cfg.DefaultMaxTokens))
+	}
+	if cfg.QueueTimeout < 0 {
+		errs = append(errs, fmt.Errorf("gateway.queue_timeout: must be >= 0, got %s", cfg.QueueTimeout))
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = DefaultListen
+	}
+	if cfg.Admin == "" {
+		cfg.Admin = DefaultAdmin
+	}
+	if _, _, err := net.SplitHostPort(cfg.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("gateway.listen: %w", err))
+	}
+	if _, _, err := net.SplitHostPort(cfg.Admin); err != nil {
+		errs = append(errs, fmt.Errorf("gateway.admin: %w", err))
+	}
+	if sched == nil {
+		errs = append(errs, errors.New("gateway: scheduler is nil"))
+	}
+	if cat == nil {
+		errs = append(errs, errors.New("gateway: catalog is nil"))
+	}
+	if log == nil {
+		errs = append(errs, errors.New("gateway: logger is nil"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if cfg.MaxBodyBytes == 0 {
+		cfg.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if cfg.DefaultMaxTokens == 0 {
+		cfg.DefaultMaxTokens = DefaultMaxTokens
+	}
+	if cfg.QueueTimeout == 0 {
+		cfg.QueueTimeout = DefaultQueueTimeout
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+	}
+	m, err := newMetrics(cfg.Registry)
+	if err != nil {
+		return nil, err
+	}
+	return &Gateway{
+		cfg:     cfg,
+		sched:   sched,
+		catalog: cat,
+		log:     log,
+		metrics: m,
+		created: time.Now().Unix(),
+	}, nil
+}
+
+// Start opens the UDP, TCP and admin sockets and serves them in goroutines
+// that Shutdown waits for.
+func (g *Gateway) Start() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.started {
+		return errors.New("gateway: already started")
+	}
+	udp, tcp, err := listenPair(g.cfg.Listen)
+	if err != nil {
+		return err
+	}
+	adminLn, err := net.Listen("tcp", g.cfg.Admin)
+	if err != nil {
+		udp.Close()
+		tcp.Close()
+		return fmt.Errorf("gateway: admin listen %s: %w", g.cfg.Admin, err)
+	}
+	port := tcp.Addr().(*net.TCPAddr).Port
+	host, _, _ := net.SplitHostPort(g.cfg.Listen)
+	g.addr = net.JoinHostPort(host, strconv.Itoa(port))
+	g.admin = adminLn.Addr().String()
+
+	g.quicTr = &quic.Transport{Conn: udp}
+	quicLn, err := g.quicTr.ListenEarly(http3.ConfigureTLSConfig(g.cfg.TLS), &quic.Config{
+		// 0-RTT stays off until the early-data policy guards it.
+		Allow0RTT: false,
+	})
+	if err != nil {
+		g.quicTr.Close()
+		udp.Close()
+		tcp.Close()
+		adminLn.Close()
+		return fmt.Errorf("gateway: quic listen %s: %w", g.addr, err)
+	}
+	g.udp, g.quicLn = udp, quicLn
+
+	api := g.routes()
+	g.h3 = &http3.Server{
+		Handler:     g.instrument(api),
+		ConnContext: withQUICConn,
+		Logger:      g.log,
+	}
+	tcpTLS := g.cfg.TLS.Clone()
+	tcpTLS.NextProtos = []string{"h2", "http/1.1"}
+	altSvc := fmt.Sprintf(`h3=":%d"; ma=%d`, port, altSvcMaxAge)
+	g.tcp = &http.Server{
+		Handler:           g.instrument(advertiseH3(altSvc, api)),
+		TLSConfig:         tcpTLS,
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       idleTimeout,
+		ErrorLog:          slog.NewLogLogger(g.log.Handler(), slog.LevelDebug),
+	}
+	g.adminSrv = &http.Server{
+		Handler:           g.adminRoutes(),
+		ReadHeaderTimeout: readHeaderTimeout,
+		ErrorLog:          slog.NewLogLogger(g.log.Handler(), slog.LevelDebug),
+	}
+
+	g.serving.Add(3)
+	go func() {
+		defer g.serving.Done()
+		if err := g.h3.ServeListener(quicLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			g.log.Error("http3 listener stopped", "addr", g.addr, "err", err)
+		}
+	}()
+	go func() {
+		defer g.serving.Done()
+		// ServeTLS with empty file names uses the certificates in TLSConfig.
+		if err := g.tcp.ServeTLS(tcp, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			g.log.Error("tcp listener stopped", "addr", g.addr, "err", err)
+		}
+	}()
+	go func() {
+		defer g.serving.Done()
+		if err := g.adminSrv.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			g.log.Error("admin listener stopped", "addr", g.admin, "err", err)
+		}
+	}()
+	g.started = true
+	g.log.Info("gateway listening", "addr", g.addr, "admin", g.admin)
+	return nil
+}
+
+// listenPair binds UDP and TCP on the same port. With port 0 the kernel picks
+// the UDP port, which may be taken on TCP, so it tries again a few times.
+func listenPair(addr string) (net.PacketConn, net.Listener, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("gateway.listen: %w", err)
+	}
+	attempts := 1
+	if port == "0" {
+		attempts = portAttempts
+	}
+	var lastErr error
+	for range attempts {
+		udp, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("gateway: udp listen %s: %w", addr, err)
+		}
+		p := udp.LocalAddr().(*net.UDPAddr).Port
+		tcp, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p)))
+		if err == nil {
+			return udp, tcp, nil
+		}
+		udp.Close()
+		lastErr = err
+	}
+	return nil, nil, fmt.Errorf("gateway: tcp listen on the udp port of %s: %w", addr, lastErr)
+}
+
+// Addr is the host:port served on both UDP and TCP.
+func (g *Gateway) Addr() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.addr
+}
+
+// AdminAddr is the host:port of the admin listener.
+func (g *Gateway) AdminAddr() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.admin
+}
+
+// Shutdown stops accepting, sends GOAWAY on HTTP/3 and HTTP/2 connections,
+// waits within ctx for running handlers, then closes everything. Streams
+// still running when ctx ends are cut off.
+func (g *Gateway) Shutdown(ctx context.Context) error {
+	g.mu.Lock()
+	if !g.started {
+		g.mu.Unlock()
+		return nil
+	}
+	g.started = false
+	h3, tcp, adminSrv := g.h3, g.tcp, g.adminSrv
+	quicLn, quicTr, udp := g.quicLn, g.quicTr, g.udp
+	g.mu.Unlock()
+
+	var wg sync.WaitGroup
+	var h3Err, tcpErr error
+	wg.Go(func() { h3Err = h3.Shutdown(ctx) })
+	wg.Go(func() { tcpErr = tcp.Shutdown(ctx) })
+	wg.Wait()
+	if tcpErr != nil {
+		// Handlers outlived ctx: cut the rest off. (http3.Server.Shutdown
+		// does this itself.)
+		tcpErr = errors.Join(tcpErr, tcp.Close())
+	}
+	// Admin has only short requests; its own bound keeps a stuck scrape from
+	// holding shutdown after ctx has already been spent on the API.
+	adminCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownListenerTimeout)
+	adminErr := adminSrv.Shutdown(adminCtx)
+	cancel()
+	if adminErr != nil {
+		adminErr = errors.Join(adminErr, adminSrv.Close())
+	}
+	lnErr := quicLn.Close()
+	trErr := quicTr.Close()
+	udpErr := udp.Close()
+	g.serving.Wait()
+	if err := errors.Join(h3Err, tcpErr, adminErr, lnErr, trErr, udpErr); err != nil {
+		return fmt.Errorf("gateway: shutdown: %w", err)
+	}
+	return nil
+}
+
+// advertiseH3 tells TCP clients that the same port speaks HTTP/3.
+func advertiseH3(altSvc string, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Alt-Svc", altSvc)
+		next.ServeHTTP(w, r)
+	})
+}
+
+type quicConnKey struct{}
+
+// withQUICConn stashes the connection for handlers: the 0-RTT policy needs
+// to know whether the handshake has completed when a request arrives.
+func withQUICConn(ctx context.Context, c *quic.Conn) context.Context {
+	return context.WithValue(ctx, quicConnKey{}, c)
+}
+
+// quicConn returns the HTTP/3 connection a request came on, or nil over TCP.
+func quicConn(ctx context.Context) *quic.Conn {
+	c, _ := ctx.Value(quicConnKey{}).(*quic.Conn)
+	return c
+}

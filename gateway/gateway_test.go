@@ -1,0 +1,939 @@
+package gateway
+
+import (
+	"bufio"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/http"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go/http3"
+
+	"h3infer/scheduler"
+	"h3infer/transport"
+)
+
+// fakeStream replays scripted events. Like a transport call, its channel is
+// closed after a terminal event; a script without one leaves it open, as a
+// worker still generating would.
+type fakeStream struct {
+	id     uint64
+	events chan transport.Event
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (s *fakeStream) ID() uint64                     { return s.id }
+func (s *fakeStream) Events() <-chan transport.Event { return s.events }
+func (s *fakeStream) Close()                         { s.once.Do(func() { close(s.closed) }) }
+
+// fakeScheduler answers every request with the script its test installed and
+// records what it was asked.
+type fakeScheduler struct {
+	mu      sync.Mutex
+	script  func(r *scheduler.Request) ([]transport.Event, error)
+	got     []scheduler.Request
+	streams []*fakeStream
+	nextID  atomic.Uint64
+	hangUp  atomic.Bool // close every stream's channel after its script, terminal or not
+}
+
+func (f *fakeScheduler) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.got = append(f.got, *r)
+	evs, err := f.script(r)
+	if err != nil {
+		return nil, err
+	}
+	st := &fakeStream{id: f.nextID.Add(1), events: make(chan transport.Event, len(evs)), closed: make(chan struct{})}
+	terminal := false
+	for _, ev := range evs {
+		st.events <- ev
+		terminal = ev.Done != nil || ev.Err != nil
+	}
+	if terminal || f.hangUp.Load() {
+		close(st.events)
+	}
+	f.streams = append(f.streams, st)
+	return st, nil
+}
+
+func (f *fakeScheduler) setScript(s func(r *scheduler.Request) ([]transport.Event, error)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.script = s
+}
+
+func (f *fakeScheduler) last() (scheduler.Request, *fakeStream) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.got) == 0 {
+		return scheduler.Request{}, nil
+	}
+	var st *fakeStream
+	if len(f.streams) > 0 {
+		st = f.streams[len(f.streams)-1]
+	}
+	return f.got[len(f.got)-1], st
+}
+
+type fakeCatalog struct {
+	ready atomic.Bool
+}
+
+func (c *fakeCatalog) Models() []transport.ModelInfo {
+	if !c.ready.Load() {
+		return nil
+	}
+	return []transport.ModelInfo{{Name: "demo", ContextLength: 512}, {Name: "org/other", ContextLength: 512}}
+}
+
+func (c *fakeCatalog) Ready() bool { return c.ready.Load() }
+
+func tokens(texts ...string) []transport.Event {
+	var evs []transport.Event
+	for _, t := range texts {
+		evs = append(evs, transport.Event{Token: transport.Token{Count: 1, Text: t}})
+	}
+	return evs
+}
+
+func done(reason string, prompt, completion uint32) transport.Event {
+	return transport.Event{Done: &transport.Done{FinishReason: reason, PromptTokens: prompt, CompletionTokens: completion}}
+}
+
+// selfSigned makes a loopback certificate and a pool that trusts it.
+func selfSigned(t testing.TB) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "h3infer test"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
+}
+
+type harness struct {
+	gw      *Gateway
+	sched   *fakeScheduler
+	catalog *fakeCatalog
+	clients map[string]*http.Client // by protocol label
+	base    string                  // https://host:port
+	admin   string                  // http://host:port
+}
+
+func newHarness(t testing.TB, mutate func(*Config)) *harness {
+	t.Helper()
+	before := runtime.NumGoroutine()
+	cert, pool := selfSigned(t)
+	cfg := Config{
+		Listen:       "127.0.0.1:0",
+		Admin:        "127.0.0.1:0",
+		TLS:          &tls.Config{Certificates: []tls.Certificate{cert}},
+		MaxBodyBytes: 4096,
+		Registry:     prometheus.NewRegistry(),
+	}
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	h := &harness{sched: &fakeScheduler{}, catalog: &fakeCatalog{}}
+	h.catalog.ready.Store(true)
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+		return append(tokens("Hel", "", "lo"), done(transport.FinishStop, 5, 3)), nil
+	})
+	gw, err := New(cfg, h.sched, h.catalog, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	if err := gw.Start(); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	h.gw = gw
+	h.base = "https://" + gw.Addr()
+	h.admin = "http://" + gw.AdminAddr()
+
+	h3tr := &http3.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
+	h2tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}
+	h1tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, NextProtos: []string{"http/1.1"}}}
+	h.clients = map[string]*http.Client{
+		"h3":       {Transport: h3tr},
+		"h2":       {Transport: h2tr},
+		"http/1.1": {Transport: h1tr},
+	}
+	t.Cleanup(func() {
+		h3tr.Close()
+		h2tr.CloseIdleConnections()
+		h1tr.CloseIdleConnections()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := gw.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for runtime.NumGoroutine() > before {
+			if time.Now().After(deadline) {
+				buf := make([]byte, 1<<20)
+				t.Errorf("goroutines leaked: %d before, %d after\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
+	return h
+}
+
+func (h *harness) post(t *testing.T, proto, path, body string, header ...string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, h.base+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	return h.do(t, proto, req)
+}
+
+func (h *harness) do(t *testing.T, proto string, req *http.Request) *http.Response {
+	t.Helper()
+	resp, err := h.clients[proto].Do(req)
+	if err != nil {
+		t.Fatalf("%s %s over %s: %v", req.Method, req.URL.Path, proto, err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	wantProto := map[string]int{"h3": 3, "h2": 2, "http/1.1": 1}[proto]
+	if resp.ProtoMajor != wantProto {
+		t.Fatalf("response came over %s, want %s", resp.Proto, proto)
+	}
+	return resp
+}
+
+// sseEvents reads a whole event stream and returns each event's data.
+func sseEvents(t *testing.T, r io.Reader) []string {
+	t.Helper()
+	var out []string
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" {
+			continue
+		}
+		data, ok := strings.CutPrefix(line, "data: ")
+		if !ok {
+			t.Fatalf("line %q is not an SSE data line", line)
+		}
+		out = append(out, data)
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatalf("reading stream: %v", err)
+	}
+	return out
+}
+
+type streamChunk struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	Model   string `json:"model"`
+	Choices []struct {
+		Index int `json:"index"`
+		Delta struct {
+			Role    string  `json:"role"`
+			Content *string `json:"content"`
+		} `json:"delta"`
+		Text         string  `json:"text"`
+		FinishReason *string `json:"finish_reason"`
+	} `json:"choices"`
+	Usage *usage `json:"usage"`
+}
+
+var protocols = []string{"h3", "h2"}
+
+func TestChatStreaming(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, proto := range protocols {
+		for _, includeUsage := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/usage=%v", proto, includeUsage), func(t *testing.T) {
+				body := `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true`
+				if includeUsage {
+					body += `,"stream_options":{"include_usage":true}`
+				}
+				resp := h.post(t, proto, "/v1/chat/completions", body+`}`)
+				if resp.StatusCode != http.StatusOK {
+					t.Fatalf("status %d", resp.StatusCode)
+				}
+				if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+					t.Errorf("Content-Type %q, want text/event-stream", ct)
+				}
+				if cc := resp.Header.Get("Cache-Control"); cc != "no-cache" {
+					t.Errorf("Cache-Control %q, want no-cache", cc)
+				}
+				events := sseEvents(t, resp.Body)
+				if len(events) == 0 || events[len(events)-1] != "[DONE]" {
+					t.Fatalf("stream does not end with [DONE]: %q", events)
+				}
+				var chunks []streamChunk
+				for _, e := range events[:len(events)-1] {
+					var c streamChunk
+					if err := json.Unmarshal([]byte(e), &c); err != nil {
+						t.Fatalf("chunk %q: %v", e, err)
+					}
+					chunks = append(chunks, c)
+				}
+				want := 4 // role, "Hel", "lo", finish; the held-back token makes none
+				if includeUsage {
+					want++
+				}
+				if len(chunks) != want {
+					t.Fatalf("got %d chunks, want %d: %q", len(chunks), want, events)
+				}
+				for _, c := range chunks {
+					if !strings.HasPrefix(c.ID, "chatcmpl-") || c.ID != chunks[0].ID || c.Object != "chat.completion.chunk" || c.Model != "demo" || c.Created == 0 {
+						t.Errorf("chunk envelope %+v", c)
+					}
+				}
+				if d := chunks[0].Choices[0].Delta; d.Role != "assistant" || d.Content == nil || *d.Content != "" {
+					t.Errorf("first delta %+v, want role assistant and empty content", d)
+				}
+				var text string
+				for _, c := range chunks[1:3] {
+					if c.Choices[0].FinishReason != nil {
+						t.Errorf("token chunk has finish_reason %q", *c.Choices[0].FinishReason)
+					}
+					text += *c.Choices[0].Delta.Content
+				}
+				if text != "Hello" {
+					t.Errorf("streamed text %q, want Hello", text)
+				}
+				if fr := chunks[3].Choices[0].FinishReason; fr == nil || *fr != "stop" {
+					t.Errorf("final chunk finish_reason %v, want stop", fr)
+				}
+				if includeUsage {
+					u := chunks[4]
+					if len(u.Choices) != 0 || u.Usage == nil || *u.Usage != (usage{5, 3, 8}) {
+						t.Errorf("usage chunk %+v, want empty choices and usage 5+3=8", u)
+					}
+				}
+			})
+		}
+	}
+}
+
+func TestTextStreaming(t *testing.T) {
+	h := newHarness(t, nil)
+	resp := h.post(t, "h3", "/v1/completions", `{"model":"demo","prompt":"once","stream":true}`)
+	events := sseEvents(t, resp.Body)
+	if len(events) != 4 || events[3] != "[DONE]" {
+		t.Fatalf("events %q, want two tokens, finish, [DONE]", events)
+	}
+	var c streamChunk
+	if err := json.Unmarshal([]byte(events[0]), &c); err != nil {
+		t.Fatal(err)
+	}
+	if c.Object != "text_completion" || !strings.HasPrefix(c.ID, "cmpl-") || c.Choices[0].Text != "Hel" {
+		t.Errorf("first chunk %+v", c)
+	}
+}
+
+func TestNonStreaming(t *testing.T) {
+	h := newHarness(t, nil)
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+		return append(tokens("Hel", "", "lo"), done(transport.FinishLength, 5, 4)), nil
+	})
+	tests := map[string]struct {
+		path, body, object, idPrefix string
+	}{
+		"chat": {"/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}`, "chat.completion", "chatcmpl-"},
+		"text": {"/v1/completions", `{"model":"demo","prompt":["once"]}`, "text_completion", "cmpl-"},
+	}
+	for name, tc := range tests {
+		for _, proto := range protocols {
+			t.Run(name+"/"+proto, func(t *testing.T) {
+				resp := h.post(t, proto, tc.path, tc.body)
+				if resp.StatusCode != http.StatusOK {
+					t.Fatalf("status %d", resp.StatusCode)
+				}
+				var got struct {
+					ID      string `json:"id"`
+					Object  string `json:"object"`
+					Model   string `json:"model"`
+					Choices []struct {
+						Text    string `json:"text"`
+						Message struct {
+							Role    string `json:"role"`
+							Content string `json:"content"`
+						} `json:"message"`
+						FinishReason string `json:"finish_reason"`
+					} `json:"choices"`
+					Usage usage `json:"usage"`
+				}
+				if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+					t.Fatal(err)
+				}
+				if got.Object != tc.object || !strings.HasPrefix(got.ID, tc.idPrefix) || got.Model != "demo" {
+					t.Errorf("envelope %+v", got)
+				}
+				text := got.Choices[0].Text
+				if name == "chat" {
+					text = got.Choices[0].Message.Content
+					if got.Choices[0].Message.Role != "assistant" {
+						t.Errorf("role %q", got.Choices[0].Message.Role)
+					}
+				}
+				if text != "Hello" || got.Choices[0].FinishReason != "length" {
+					t.Errorf("choice %+v, want Hello / length", got.Choices[0])
+				}
+				if got.Usage != (usage{5, 4, 9}) {
+					t.Errorf("usage %+v, want 5+4=9", got.Usage)
+				}
+			})
+		}
+	}
+}
+
+func TestSubmittedJob(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.DefaultMaxTokens = 77 })
+	tests := map[string]struct {
+		body     string
+		priority string
+		check    func(t *testing.T, r scheduler.Request)
+	}{
+		"chat defaults": {
+			body: `{"model":"demo","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],"user":"ignored"}`,
+			check: func(t *testing.T, r scheduler.Request) {
+				j := r.Job
+				if j.Model != "demo" || len(j.Messages) != 2 || j.Messages[0] != (transport.ChatMessage{Role: "system", Content: "be brief"}) {
+					t.Errorf("job %+v", j)
+				}
+				if j.MaxTokens != 77 || j.Temperature != 1 || j.TopP != 1 || j.HasSeed || j.Stop != nil {
+					t.Errorf("defaults: %+v", j)
+				}
+				if r.Urgency != 3 || r.Deadline.IsZero() {
+					t.Errorf("urgency %d deadline %v, want 3 and set", r.Urgency, r.Deadline)
+				}
+			},
+		},
+		"sampling params": {
+			body:     `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":9,"max_completion_tokens":12,"temperature":0,"top_p":0.5,"seed":42,"stop":"\n","n":1}`,
+			priority: "u=1, i",
+			check: func(t *testing.T, r scheduler.Request) {
+				j := r.Job
+				if j.MaxTokens != 12 || j.Temperature != 0 || j.TopP != 0.5 || !j.HasSeed || j.Seed != 42 || len(j.Stop) != 1 || j.Stop[0] != "\n" {
+					t.Errorf("job %+v", j)
+				}
+				if r.Urgency != 1 {
+					t.Errorf("urgency %d, want 1 from the Priority header", r.Urgency)
+				}
+			},
+		},
+		"text prompt": {
+			body: `{"model":"org/other","prompt":"abc","max_tokens":3,"stop":["x","y"]}`,
+			check: func(t *testing.T, r scheduler.Request) {
+				j := r.Job
+				if j.Prompt != "abc" || j.Messages != nil || j.MaxTokens != 3 || len(j.Stop) != 2 {
+					t.Errorf("job %+v", j)
+				}
+			},
+		},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			path := "/v1/chat/completions"
+			if strings.Contains(tc.body, `"prompt"`) {
+				path = "/v1/completions"
+			}
+			var hdr []string
+			if tc.priority != "" {
+				hdr = []string{"Priority", tc.priority}
+			}
+			resp := h.post(t, "h3", path, tc.body, hdr...)
+			if resp.StatusCode != http.StatusOK {
+				b, _ := io.ReadAll(resp.Body)
+				t.Fatalf("status %d: %s", resp.StatusCode, b)
+			}
+			r, _ := h.sched.last()
+			tc.check(t, r)
+		})
+	}
+}
+
+func TestErrorResponses(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.MaxBodyBytes = 512 })
+	chat := func(extra string) string {
+		return `{"model":"demo","messages":[{"role":"user","content":"hi"}]` + extra + `}`
+	}
+	failWith := func(err error, evs ...transport.Event) func(*scheduler.Request) ([]transport.Event, error) {
+		return func(*scheduler.Request) ([]transport.Event, error) { return evs, err }
+	}
+	workerErr := func(code, msg string) transport.Event {
+		return transport.Event{Err: &transport.Error{Code: code, Message: msg}}
+	}
+	tests := map[string]struct {
+		method, path, body string
+		script             func(*scheduler.Request) ([]transport.Event, error)
+		status             int
+		code, param        string
+		header             map[string]string
+	}{
+		"malformed json":       {body: `{"model":"demo",`, status: 400, code: "invalid_json"},
+		"empty body":           {body: ``, status: 400, code: "invalid_json"},
+		"wrong type":           {body: chat(`,"temperature":"hot"`), status: 400, code: "invalid_type", param: "temperature"},
+		"temperature too high": {body: chat(`,"temperature":2.5`), status: 400, param: "temperature"},
+		"negative temperature": {body: chat(`,"temperature":-1`), status: 400, param: "temperature"},
+		"top_p zero":           {body: chat(`,"top_p":0`), status: 400, param: "top_p"},
+		"n two":                {body: chat(`,"n":2`), status: 400, param: "n"},
+		"max_tokens zero":      {body: chat(`,"max_tokens":0`), status: 400, param: "max_tokens"},
+		"five stops":           {body: chat(`,"stop":["a","b","c","d","e"]`), status: 400, param: "stop"},
+		"stream_options alone": {body: chat(`,"stream_options":{"include_usage":true}`), status: 400, param: "stream_options"},
+		"no model":             {body: `{"messages":[{"role":"user","content":"hi"}]}`, status: 400, param: "model"},
+		"no messages":          {body: `{"model":"demo","messages":[]}`, status: 400, param: "messages"},
+		"bad role":             {body: `{"model":"demo","messages":[{"role":"robot","content":"hi"}]}`, status: 400, param: "messages[0].role"},
+		"image part":           {body: `{"model":"demo","messages":[{"role":"user","content":[{"type":"image_url"}]}]}`, status: 400, param: "messages[0].content"},
+		"two prompts":          {path: "/v1/completions", body: `{"model":"demo","prompt":["a","b"]}`, status: 400, param: "prompt"},
+		"token prompt":         {path: "/v1/completions", body: `{"model":"demo","prompt":[1,2]}`, status: 400, param: "prompt"},
+		"unknown model":        {body: `{"model":"nope","messages":[{"role":"user","content":"hi"}]}`, status: 404, code: "model_not_found", param: "model"},
+		"body too large":       {body: chat(`,"user":"` + strings.Repeat("x", 600) + `"`), status: 413, code: "request_too_large"},
+		"wrong method":         {method: http.MethodGet, status: 405, code: "method_not_allowed", header: map[string]string{"Allow": "POST"}},
+		"unknown route":        {path: "/v1/embeddings", status: 404, code: "not_found"},
+		"context length": {
+			body: chat(""), script: failWith(nil, workerErr(transport.CodeContextLength, "prompt is 900 tokens; the context holds 512")),
+			status: 400, code: "context_length_exceeded", param: "messages",
+		},
+		"context length, text route": {
+			path: "/v1/completions", body: `{"model":"demo","prompt":"x"}`,
+			script: failWith(nil, workerErr(transport.CodeContextLength, "too long")),
+			status: 400, code: "context_length_exceeded", param: "prompt",
+		},
+		"worker model not found": {body: chat(""), script: failWith(nil, workerErr(transport.CodeModelNotFound, "unloaded")), status: 404, code: "model_not_found"},
+		"worker invalid request": {body: chat(""), script: failWith(nil, workerErr(transport.CodeInvalidRequest, "bad stop")), status: 400},
+		"worker internal":        {body: chat(""), script: failWith(nil, workerErr(transport.CodeInternal, "onnx: boom")), status: 500, code: "internal_error"},
+		"overloaded": {
+			body: chat(""), script: failWith(fmt.Errorf("submit: %w", &scheduler.OverloadError{RetryAfter: 1500 * time.Millisecond})),
+			status: 503, code: "overloaded", header: map[string]string{"Retry-After": "2"},
+		},
+		"deadline": {body: chat(""), script: failWith(fmt.Errorf("queued: %w", scheduler.ErrDeadline)), status: 504, code: "timeout"},
+		"closed":   {body: chat(""), script: failWith(scheduler.ErrClosed), status: 503, code: "shutting_down"},
+		"unexpected scheduler error": {
+			body: chat(""), script: failWith(errors.New("disk on fire")), status: 500, code: "internal_error",
+		},
+	}
+	for name, tc := range tests {
+		for _, proto := range protocols {
+			t.Run(name+"/"+proto, func(t *testing.T) {
+				script := tc.script
+				if script == nil {
+					script = func(*scheduler.Request) ([]transport.Event, error) {
+						return nil, errors.New("the scheduler must not be reached")
+					}
+				}
+				h.sched.setScript(script)
+				method, path := tc.method, tc.path
+				if method == "" {
+					method = http.MethodPost
+				}
+				if path == "" {
+					path = "/v1/chat/completions"
+				}
+				req, err := http.NewRequest(method, h.base+path, strings.NewReader(tc.body))
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp := h.do(t, proto, req)
+				if resp.StatusCode != tc.status {
+					b, _ := io.ReadAll(resp.Body)
+					t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, b)
+				}
+				if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+					t.Errorf("Content-Type %q", ct)
+				}
+				for k, v := range tc.header {
+					if got := resp.Header.Get(k); got != v {
+						t.Errorf("%s: %q, want %q", k, got, v)
+					}
+				}
+				var body struct {
+					Error struct {
+						Message string  `json:"message"`
+						Type    string  `json:"type"`
+						Param   *string `json:"param"`
+						Code    *string `json:"code"`
+					} `json:"error"`
+				}
+				if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+					t.Fatalf("error body: %v", err)
+				}
+				e := body.Error
+				if e.Message == "" || e.Type == "" {
+					t.Errorf("error object %+v lacks message or type", e)
+				}
+				if tc.code != "" && (e.Code == nil || *e.Code != tc.code) {
+					t.Errorf("code %v, want %q", deref(e.Code), tc.code)
+				}
+				if tc.param != "" && (e.Param == nil || *e.Param != tc.param) {
+					t.Errorf("param %v, want %q", deref(e.Param), tc.param)
+				}
+				if tc.status == 500 && strings.Contains(e.Message, "boom") {
+					t.Errorf("internal error leaks worker detail: %q", e.Message)
+				}
+			})
+		}
+	}
+}
+
+func deref(p *string) string {
+	if p == nil {
+		return "<null>"
+	}
+	return *p
+}
+
+func TestStreamWithoutResult(t *testing.T) {
+	h := newHarness(t, nil)
+	h.sched.hangUp.Store(true)
+	for name, evs := range map[string][]transport.Event{
+		"before any token": nil,
+		"after a token":    tokens("a"),
+	} {
+		t.Run(name, func(t *testing.T) {
+			h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return evs, nil })
+			resp := h.post(t, "h3", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`)
+			if len(evs) == 0 {
+				if resp.StatusCode != http.StatusInternalServerError {
+					t.Errorf("status %d, want 500", resp.StatusCode)
+				}
+				return
+			}
+			events := sseEvents(t, resp.Body)
+			if n := len(events); n == 0 || !strings.Contains(events[n-1], `"error"`) {
+				t.Errorf("stream %q does not end with an error event", events)
+			}
+		})
+	}
+}
+
+func TestErrorAfterStreamStarted(t *testing.T) {
+	h := newHarness(t, nil)
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+		return append(tokens("par", "tial"), transport.Event{Err: &transport.Error{Code: transport.CodeInternal, Message: "worker died"}}), nil
+	})
+	for _, proto := range protocols {
+		t.Run(proto, func(t *testing.T) {
+			resp := h.post(t, proto, "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`)
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("status %d", resp.StatusCode)
+			}
+			events := sseEvents(t, resp.Body)
+			if len(events) != 4 {
+				t.Fatalf("events %q, want role, two tokens, error", events)
+			}
+			var last struct {
+				Error *errorObject `json:"error"`
+			}
+			if err := json.Unmarshal([]byte(events[3]), &last); err != nil || last.Error == nil {
+				t.Fatalf("last event %q is not an error object (%v)", events[3], err)
+			}
+			if last.Error.Code == nil || *last.Error.Code != transport.CodeInternal {
+				t.Errorf("error code %v", deref(last.Error.Code))
+			}
+		})
+	}
+}
+
+func TestClientDisconnectClosesStream(t *testing.T) {
+	h := newHarness(t, nil)
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+		return tokens("first"), nil // and then nothing: the worker is still busy
+	})
+	for _, proto := range protocols {
+		t.Run(proto, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			req, err := http.NewRequestWithContext(ctx, http.MethodPost, h.base+"/v1/chat/completions",
+				strings.NewReader(`{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp := h.do(t, proto, req)
+			br := bufio.NewReader(resp.Body)
+			for {
+				line, err := br.ReadString('\n')
+				if err != nil {
+					t.Fatalf("reading stream: %v", err)
+				}
+				if strings.Contains(line, `"first"`) {
+					break
+				}
+			}
+			_, st := h.sched.last()
+			select {
+			case <-st.closed:
+				t.Fatal("stream closed while the client was still reading")
+			default:
+			}
+			cancel()
+			select {
+			case <-st.closed:
+			case <-time.After(5 * time.Second):
+				t.Fatal("Stream.Close was not called after the client went away")
+			}
+		})
+	}
+}
+
+func TestAltSvcOnTCP(t *testing.T) {
+	h := newHarness(t, nil)
+	_, port, _ := net.SplitHostPort(h.gw.Addr())
+	want := fmt.Sprintf(`h3=":%s"; ma=86400`, port)
+	for _, proto := range []string{"h2", "http/1.1"} {
+		t.Run(proto, func(t *testing.T) {
+			for _, path := range []string{"/v1/models", "/nowhere"} {
+				req, _ := http.NewRequest(http.MethodGet, h.base+path, nil)
+				resp := h.do(t, proto, req)
+				if got := resp.Header.Get("Alt-Svc"); got != want {
+					t.Errorf("%s: Alt-Svc %q, want %q", path, got, want)
+				}
+			}
+		})
+	}
+	req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+	if got := h.do(t, "h3", req).Header.Get("Alt-Svc"); got != "" {
+		t.Errorf("h3 response advertises Alt-Svc %q", got)
+	}
+}
+
+func TestModels(t *testing.T) {
+	h := newHarness(t, nil)
+	req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+	resp := h.do(t, "h3", req)
+	var list struct {
+		Object string        `json:"object"`
+		Data   []modelObject `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		t.Fatal(err)
+	}
+	if list.Object != "list" || len(list.Data) != 2 {
+		t.Fatalf("list %+v", list)
+	}
+	if m := list.Data[0]; m.ID != "demo" || m.Object != "model" || m.OwnedBy != "h3infer" || m.Created == 0 {
+		t.Errorf("model %+v", m)
+	}
+	req, _ = http.NewRequest(http.MethodGet, h.base+"/v1/models/org/other", nil)
+	if resp := h.do(t, "h2", req); resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /v1/models/org/other: %d", resp.StatusCode)
+	}
+	req, _ = http.NewRequest(http.MethodGet, h.base+"/v1/models/missing", nil)
+	if resp := h.do(t, "h2", req); resp.StatusCode != http.StatusNotFound {
+		t.Errorf("GET /v1/models/missing: %d, want 404", resp.StatusCode)
+	}
+	req, _ = http.NewRequest(http.MethodDelete, h.base+"/v1/models", nil)
+	if resp := h.do(t, "h2", req); resp.StatusCode != http.StatusMethodNotAllowed || resp.Header.Get("Allow") == "" {
+		t.Errorf("DELETE /v1/models: %d Allow %q", resp.StatusCode, resp.Header.Get("Allow"))
+	}
+}
+
+func TestNotReady(t *testing.T) {
+	h := newHarness(t, nil)
+	h.catalog.ready.Store(false)
+	resp, err := http.Get(h.admin + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("/readyz while no worker is ready: %d, want 503", resp.StatusCode)
+	}
+	// Before any worker is up, a request is not "model not found".
+	r := h.post(t, "h3", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}]}`)
+	if r.StatusCode != http.StatusServiceUnavailable || r.Header.Get("Retry-After") == "" {
+		t.Errorf("completion while not ready: %d Retry-After %q, want 503 with Retry-After", r.StatusCode, r.Header.Get("Retry-After"))
+	}
+	h.catalog.ready.Store(true)
+	for path, want := range map[string]string{"/readyz": "ok\n", "/healthz": "ok\n"} {
+		resp, err := http.Get(h.admin + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || string(b) != want {
+			t.Errorf("%s: %d %q", path, resp.StatusCode, b)
+		}
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, proto := range []string{"h3", "h2", "h2", "http/1.1"} {
+		req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+		h.do(t, proto, req)
+	}
+	resp := h.post(t, "h3", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`)
+	io.Copy(io.Discard, resp.Body)
+	resp = h.post(t, "h3", "/v1/chat/completions", `{"model":"nope","messages":[{"role":"user","content":"hi"}]}`)
+	io.Copy(io.Discard, resp.Body)
+
+	// The handler counts a request after it returns, which can be just
+	// after the client has read the body.
+	var text string
+	want := []string{
+		`h3infer_http_requests_total{protocol="h3",route="/v1/models",status="200"} 1`,
+		`h3infer_http_requests_total{protocol="h2",route="/v1/models",status="200"} 2`,
+		`h3infer_http_requests_total{protocol="http/1.1",route="/v1/models",status="200"} 1`,
+		`h3infer_http_requests_total{protocol="h3",route="/v1/chat/completions",status="200"} 1`,
+		`h3infer_http_requests_total{protocol="h3",route="/v1/chat/completions",status="404"} 1`,
+		`h3infer_time_to_first_token_seconds_count{model="demo"} 1`,
+		`h3infer_stream_tokens_total 3`,
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		r, err := http.Get(h.admin + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		text = string(b)
+		missing := 0
+		for _, w := range want {
+			if !strings.Contains(text, w) {
+				missing++
+			}
+		}
+		if missing == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			for _, w := range want {
+				if !strings.Contains(text, w) {
+					t.Errorf("metrics lack %s", w)
+				}
+			}
+			t.Logf("metrics:\n%s", text)
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.Contains(text, "h3infer_http_in_flight_requests 0") {
+		t.Errorf("in-flight gauge is not back to 0")
+	}
+}
+
+func TestSamePortOnUDPAndTCP(t *testing.T) {
+	h := newHarness(t, nil)
+	_, port, err := net.SplitHostPort(h.gw.Addr())
+	if err != nil || port == "0" {
+		t.Fatalf("Addr %q", h.gw.Addr())
+	}
+	for _, proto := range []string{"h3", "h2"} {
+		req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+		if resp := h.do(t, proto, req); resp.StatusCode != http.StatusOK {
+			t.Errorf("%s: status %d", proto, resp.StatusCode)
+		}
+	}
+}
+
+func TestShutdownWaitsForStreams(t *testing.T) {
+	h := newHarness(t, nil)
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+		return tokens("busy"), nil
+	})
+	resp := h.post(t, "h3", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`)
+	br := bufio.NewReader(resp.Body)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	_, st := h.sched.last()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	err := h.gw.Shutdown(ctx)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Shutdown with a stream still running: %v, want DeadlineExceeded", err)
+	}
+	select {
+	case <-st.closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the cut-off stream was not closed")
+	}
+	if err := h.gw.Shutdown(context.Background()); err != nil {
+		t.Errorf("second Shutdown: %v", err)
+	}
+}
+
+func TestNewValidates(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	_, err := New(Config{MaxBodyBytes: -1, Listen: "nonsense"}, nil, nil, log)
+	if err == nil {
+		t.Fatal("New accepted a config without TLS")
+	}
+	for _, want := range []string{"gateway.tls", "gateway.max_body_bytes", "gateway.listen", "scheduler", "catalog"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not mention %s", err, want)
+		}
+	}
+}
+
+func TestUrgencyOf(t *testing.T) {
+	tests := map[string]struct {
+		header []string
+		want   uint8
+	}{
+		"absent":       {nil, 3},
+		"urgent":       {[]string{"u=0"}, 0},
+		"with i":       {[]string{"i, u=6"}, 6},
+		"out of range": {[]string{"u=9"}, 3},
+		"garbage":      {[]string{"u=x"}, 3},
+		"last wins":    {[]string{"u=1", "u=5"}, 5},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			h := http.Header{}
+			for _, v := range tc.header {
+				h.Add("Priority", v)
+			}
+			if got := urgencyOf(h); got != tc.want {
+				t.Errorf("got %d, want %d", got, tc.want)
+			}
+		})
+	}
+}

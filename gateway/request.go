@@ -1,0 +1,256 @@
+package gateway
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"h3infer/transport"
+)
+
+// apiKind tells the two completion routes apart.
+type apiKind int
+
+const (
+	kindChat apiKind = iota // POST /v1/chat/completions
+	kindText                // POST /v1/completions
+)
+
+// promptParam names the field holding the prompt, for errors about it.
+func (k apiKind) promptParam() string {
+	if k == kindChat {
+		return "messages"
+	}
+	return "prompt"
+}
+
+// completionRequest is the OpenAI request body. Fields OpenAI accepts that
+// h3infer does not act on (user, logit_bias, ...) are ignored, as OpenAI
+// ignores unknown ones.
+type completionRequest struct {
+	Model               string          `json:"model"`
+	Messages            []chatMessage   `json:"messages"`
+	Prompt              json.RawMessage `json:"prompt"`
+	MaxTokens           *int64          `json:"max_tokens"`
+	MaxCompletionTokens *int64          `json:"max_completion_tokens"`
+	Temperature         *float64        `json:"temperature"`
+	TopP                *float64        `json:"top_p"`
+	Seed                *int64          `json:"seed"`
+	Stop                json.RawMessage `json:"stop"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+	N *int64 `json:"n"`
+}
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+// contentPart is one element of an array-valued message content.
+type contentPart struct {
+	Type string `json:"type"`
+	Text string `json:"text"`
+}
+
+// completion is a validated request, ready for the scheduler.
+type completion struct {
+	kind         apiKind
+	model        string
+	stream       bool
+	includeUsage bool
+	job          transport.Submit
+}
+
+const maxStopSequences = 4
+
+var chatRoles = map[string]bool{"system": true, "developer": true, "user": true, "assistant": true, "tool": true}
+
+// parseCompletion decodes and validates a request body. Every refusal names
+// the parameter at fault.
+func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completion, error) {
+	var req completionRequest
+	if err := json.Unmarshal(body, &req); err != nil {
+		return nil, fmt.Errorf("decode request: %w", err)
+	}
+	c := &completion{kind: kind, model: req.Model, stream: req.Stream}
+	if req.Model == "" {
+		return nil, invalidf("model", "model: required")
+	}
+	c.job.Model = req.Model
+
+	switch kind {
+	case kindChat:
+		msgs, err := chatMessages(req.Messages)
+		if err != nil {
+			return nil, err
+		}
+		c.job.Messages = msgs
+	case kindText:
+		p, err := textPrompt(req.Prompt)
+		if err != nil {
+			return nil, err
+		}
+		c.job.Prompt = p
+	}
+
+	maxTokens, param := int64(defaultMaxTokens), ""
+	switch {
+	case req.MaxCompletionTokens != nil:
+		maxTokens, param = *req.MaxCompletionTokens, "max_completion_tokens"
+	case req.MaxTokens != nil:
+		maxTokens, param = *req.MaxTokens, "max_tokens"
+	}
+	if maxTokens < 1 || maxTokens > math.MaxUint32 {
+		return nil, invalidf(param, "%s: must be a positive integer, got %d", param, maxTokens)
+	}
+	c.job.MaxTokens = uint32(maxTokens)
+
+	c.job.Temperature = 1 // OpenAI's default; 0 would mean greedy
+	if t := req.Temperature; t != nil {
+		if math.IsNaN(*t) || *t < 0 || *t > 2 {
+			return nil, invalidf("temperature", "temperature: must be between 0 and 2, got %v", *t)
+		}
+		c.job.Temperature = float32(*t)
+	}
+	c.job.TopP = 1
+	if p := req.TopP; p != nil {
+		if math.IsNaN(*p) || *p <= 0 || *p > 1 {
+			return nil, invalidf("top_p", "top_p: must be greater than 0 and at most 1, got %v", *p)
+		}
+		c.job.TopP = float32(*p)
+	}
+	if req.Seed != nil {
+		c.job.Seed, c.job.HasSeed = uint64(*req.Seed), true
+	}
+	if req.N != nil && *req.N != 1 {
+		return nil, invalidf("n", "n: only 1 choice per request is supported, got %d", *req.N)
+	}
+	stop, err := stopSequences(req.Stop)
+	if err != nil {
+		return nil, err
+	}
+	c.job.Stop = stop
+	if req.StreamOptions != nil {
+		if !req.Stream {
+			return nil, invalidf("stream_options", "stream_options: only allowed when stream is true")
+		}
+		c.includeUsage = req.StreamOptions.IncludeUsage
+	}
+	return c, nil
+}
+
+func chatMessages(in []chatMessage) ([]transport.ChatMessage, error) {
+	if len(in) == 0 {
+		return nil, invalidf("messages", "messages: at least one message is required")
+	}
+	out := make([]transport.ChatMessage, len(in))
+	for i, m := range in {
+		if !chatRoles[m.Role] {
+			return nil, invalidf(fmt.Sprintf("messages[%d].role", i),
+				"messages[%d].role: must be one of system, developer, user, assistant, tool; got %q", i, m.Role)
+		}
+		text, err := messageText(m.Content, i)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = transport.ChatMessage{Role: m.Role, Content: text}
+	}
+	return out, nil
+}
+
+// messageText accepts a string or an array of text parts.
+func messageText(raw json.RawMessage, i int) (string, error) {
+	param := fmt.Sprintf("messages[%d].content", i)
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		return "", nil
+	}
+	var s string
+	if raw[0] == '"' {
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return "", invalidf(param, "%s: %v", param, err)
+		}
+		return s, nil
+	}
+	var parts []contentPart
+	if err := json.Unmarshal(raw, &parts); err != nil {
+		return "", invalidf(param, "%s: must be a string or an array of text parts", param)
+	}
+	var b strings.Builder
+	for j, p := range parts {
+		if p.Type != "text" {
+			return "", invalidf(param, "%s[%d].type: only \"text\" parts are supported, got %q", param, j, p.Type)
+		}
+		b.WriteString(p.Text)
+	}
+	return b.String(), nil
+}
+
+// textPrompt accepts a string or an array holding one string.
+func textPrompt(raw json.RawMessage) (string, error) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		return "", invalidf("prompt", "prompt: required")
+	}
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		return s, nil
+	}
+	var list []string
+	if err := json.Unmarshal(raw, &list); err != nil {
+		return "", invalidf("prompt", "prompt: must be a string or an array of one string (token arrays are not supported)")
+	}
+	if len(list) != 1 {
+		return "", invalidf("prompt", "prompt: only one prompt per request is supported, got %d", len(list))
+	}
+	return list[0], nil
+}
+
+// stopSequences accepts null, a string or an array of up to four strings.
+func stopSequences(raw json.RawMessage) ([]string, error) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		return nil, nil
+	}
+	var list []string
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		list = []string{s}
+	} else if err := json.Unmarshal(raw, &list); err != nil {
+		return nil, invalidf("stop", "stop: must be a string or an array of strings")
+	}
+	if len(list) > maxStopSequences {
+		return nil, invalidf("stop", "stop: at most %d sequences, got %d", maxStopSequences, len(list))
+	}
+	for i, s := range list {
+		if s == "" {
+			return nil, invalidf("stop", "stop[%d]: must not be empty", i)
+		}
+	}
+	return list, nil
+}
+
+// urgencyOf reads the RFC 9218 urgency from the Priority header; quic-go
+// already uses the same header to order the response stream.
+func urgencyOf(h http.Header) uint8 {
+	u := defaultPriorityUrgency
+	for _, v := range h.Values("Priority") {
+		for item := range strings.SplitSeq(v, ",") {
+			key, val, _ := strings.Cut(strings.TrimSpace(item), "=")
+			if key != "u" {
+				continue
+			}
+			if n, err := strconv.Atoi(val); err == nil && n >= 0 && n <= maxPriorityUrgency {
+				u = n
+			}
+		}
+	}
+	return uint8(u)
+}

@@ -1,0 +1,148 @@
+package gateway
+
+import (
+	"crypto/rand"
+	"encoding/json"
+
+	"h3infer/transport"
+)
+
+// The OpenAI response shapes, for both routes and both modes.
+
+type usage struct {
+	PromptTokens     uint32 `json:"prompt_tokens"`
+	CompletionTokens uint32 `json:"completion_tokens"`
+	TotalTokens      uint32 `json:"total_tokens"`
+}
+
+func usageOf(d *transport.Done) usage {
+	return usage{
+		PromptTokens:     d.PromptTokens,
+		CompletionTokens: d.CompletionTokens,
+		TotalTokens:      d.PromptTokens + d.CompletionTokens,
+	}
+}
+
+// envelope is the part every response object shares.
+type envelope struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	Model   string `json:"model"`
+}
+
+type chatDelta struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+type chatChunkChoice struct {
+	Index        int       `json:"index"`
+	Delta        chatDelta `json:"delta"`
+	Logprobs     *struct{} `json:"logprobs"`
+	FinishReason *string   `json:"finish_reason"`
+}
+
+type chatMessageOut struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+type chatChoice struct {
+	Index        int            `json:"index"`
+	Message      chatMessageOut `json:"message"`
+	Logprobs     *struct{}      `json:"logprobs"`
+	FinishReason string         `json:"finish_reason"`
+}
+
+type textChoice struct {
+	Text         string    `json:"text"`
+	Index        int       `json:"index"`
+	Logprobs     *struct{} `json:"logprobs"`
+	FinishReason *string   `json:"finish_reason"`
+}
+
+// chunk is one streamed event; Choices is a slice of chatChunkChoice or
+// textChoice.
+type chunk struct {
+	envelope
+	Choices any    `json:"choices"`
+	Usage   *usage `json:"usage,omitempty"`
+}
+
+type fullResponse struct {
+	envelope
+	Choices any   `json:"choices"`
+	Usage   usage `json:"usage"`
+}
+
+// encoder renders one request's response objects.
+type encoder struct {
+	kind apiKind
+	env  envelope // Object holds the streamed chunk's object name
+}
+
+func newEncoder(kind apiKind, model string, created int64) *encoder {
+	e := &encoder{kind: kind, env: envelope{ID: "cmpl-" + rand.Text(), Object: "text_completion", Created: created, Model: model}}
+	if kind == kindChat {
+		e.env.ID = "chatcmpl-" + rand.Text()
+		e.env.Object = "chat.completion.chunk"
+	}
+	return e
+}
+
+// opening is the chunk that precedes the tokens: chat streams announce the
+// assistant role; text completions have nothing to announce.
+func (e *encoder) opening() []byte {
+	if e.kind != kindChat {
+		return nil
+	}
+	empty := ""
+	return e.chunk([]chatChunkChoice{{Delta: chatDelta{Role: "assistant", Content: &empty}}}, nil)
+}
+
+func (e *encoder) token(text string) []byte {
+	if e.kind == kindChat {
+		return e.chunk([]chatChunkChoice{{Delta: chatDelta{Content: &text}}}, nil)
+	}
+	return e.chunk([]textChoice{{Text: text}}, nil)
+}
+
+func (e *encoder) finish(reason string) []byte {
+	if e.kind == kindChat {
+		return e.chunk([]chatChunkChoice{{FinishReason: &reason}}, nil)
+	}
+	return e.chunk([]textChoice{{FinishReason: &reason}}, nil)
+}
+
+func (e *encoder) usage(u usage) []byte {
+	return e.chunk([]struct{}{}, &u)
+}
+
+func (e *encoder) chunk(choices any, u *usage) []byte {
+	b, _ := json.Marshal(chunk{envelope: e.env, Choices: choices, Usage: u})
+	return sseData(b)
+}
+
+// complete renders the whole non-streamed answer.
+func (e *encoder) complete(text, reason string, u usage) []byte {
+	r := fullResponse{envelope: e.env, Usage: u}
+	if e.kind == kindChat {
+		r.Object = "chat.completion"
+		r.Choices = []chatChoice{{Message: chatMessageOut{Role: "assistant", Content: text}, FinishReason: reason}}
+	} else {
+		r.Choices = []textChoice{{Text: text, FinishReason: &reason}}
+	}
+	b, _ := json.Marshal(r)
+	return append(b, '\n')
+}
+
+var sseDone = []byte("data: [DONE]\n\n")
+
+// sseData frames one server-sent event.
+func sseData(payload []byte) []byte {
+	out := make([]byte, 0, len(payload)+8)
+	out = append(out, "data: "...)
+	out = append(out, payload...)
+	return append(out, "\n\n"...)
+}
