@@ -1,0 +1,83 @@
+package backend
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+)
+
+// modelConfig is model.json, the file that sits next to model.onnx and
+// tokenizer.json and says how to serve them.
+type modelConfig struct {
+	Name          string   `json:"name"`
+	ContextLength int      `json:"context_length"`
+	EOSToken      string   `json:"eos_token"`
+	ChatTemplate  string   `json:"chat_template"`
+	StopTokens    []string `json:"stop_tokens"`
+
+	// Optional facts about the graph; when set, LoadModel checks the
+	// graph agrees, which catches a model.json copied next to the wrong
+	// model.onnx.
+	VocabSize int `json:"vocab_size"`
+	NumLayers int `json:"num_layers"`
+	NumHeads  int `json:"num_heads"`
+	HeadDim   int `json:"head_dim"`
+}
+
+// readModelConfig decodes model.json strictly: unknown keys and trailing
+// data are errors, and every invalid value is reported, each naming its key.
+func readModelConfig(path string) (modelConfig, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return modelConfig{}, fmt.Errorf("read model config: %w", err)
+	}
+	c, err := parseModelConfig(data)
+	if err != nil {
+		return modelConfig{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+func parseModelConfig(data []byte) (modelConfig, error) {
+	var c modelConfig
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return modelConfig{}, fmt.Errorf("decode: %w", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return modelConfig{}, errors.New("decode: trailing data after the JSON object")
+	}
+	var errs []error
+	if c.Name == "" {
+		errs = append(errs, errors.New("name: must not be empty"))
+	}
+	if c.ContextLength <= 0 {
+		errs = append(errs, fmt.Errorf("context_length: must be > 0, got %d", c.ContextLength))
+	}
+	if c.EOSToken == "" {
+		errs = append(errs, errors.New("eos_token: must not be empty"))
+	}
+	if c.ChatTemplate == "" {
+		c.ChatTemplate = TemplatePlain
+	} else if !validTemplate(c.ChatTemplate) {
+		errs = append(errs, fmt.Errorf("chat_template: must be %q or %q, got %q", TemplatePlain, TemplateChatML, c.ChatTemplate))
+	}
+	for i, s := range c.StopTokens {
+		if s == "" {
+			errs = append(errs, fmt.Errorf("stop_tokens[%d]: must not be empty", i))
+		}
+	}
+	for _, f := range []struct {
+		key string
+		v   int
+	}{{"vocab_size", c.VocabSize}, {"num_layers", c.NumLayers}, {"num_heads", c.NumHeads}, {"head_dim", c.HeadDim}} {
+		if f.v < 0 {
+			errs = append(errs, fmt.Errorf("%s: must be >= 0, got %d", f.key, f.v))
+		}
+	}
+	return c, errors.Join(errs...)
+}

@@ -1,0 +1,30 @@
+package backend
+
+import (
+	"log/slog"
+	"testing"
+
+	"h3infer/transport"
+)
+
+// PID is the pid of the worker's running process, 0 if none, so that
+// tests can kill it.
+func (w *Worker) PID() int { return w.currentPID() }
+
+// WorkerEnvForTest is the variable that makes this test binary act as a
+// worker process when the Pool re-executes it.
+const WorkerEnvForTest = testWorkerEnv
+
+// DemoModelForTest returns the demo model written for this test binary and
+// the ONNX Runtime library, with the runtime initialized in this process.
+func DemoModelForTest(t testing.TB) (dir, ortLib string) {
+	t.Helper()
+	needModel(t)
+	return testModelDir, testORTLib
+}
+
+// RequireLongForTest fails t unless s makes a long generation on m.
+func RequireLongForTest(t *testing.T, m *Model, s *transport.Submit) { requireLong(t, m, s) }
+
+// LoggerForTest logs warnings and errors to t.
+func LoggerForTest(t testing.TB) *slog.Logger { return testLogger(t) }

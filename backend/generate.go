@@ -1,0 +1,152 @@
+package backend
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"strings"
+
+	"h3infer/transport"
+)
+
+// RequestError is a request that cannot be served as asked. Code is one of
+// the transport.Code* values; the worker sends it to the gateway as is.
+type RequestError struct {
+	Code    string
+	Message string
+}
+
+func (e *RequestError) Error() string { return e.Code + ": " + e.Message }
+
+// generation is one request being answered: its sequence, sampler and text
+// stream. The worker and Model.Generate both drive it, one step per token,
+// which is why they produce the same text for the same Submit.
+type generation struct {
+	m          *Model
+	seq        *sequence
+	prompt     []int
+	smp        *sampler
+	text       *textStream
+	limit      int // completion tokens allowed: max_tokens or the context left
+	completion int
+	last       int // the token fed at the next step, once prefilled
+}
+
+func (m *Model) newGeneration(s *transport.Submit) (*generation, error) {
+	if s.Prompt != "" && len(s.Messages) > 0 {
+		return nil, &RequestError{transport.CodeInvalidRequest, "set either a prompt or messages, not both"}
+	}
+	if t := s.Temperature; t < 0 || math.IsNaN(float64(t)) || math.IsInf(float64(t), 0) {
+		return nil, &RequestError{transport.CodeInvalidRequest, fmt.Sprintf("temperature must be >= 0, got %v", t)}
+	}
+	if p := s.TopP; !(p >= 0 && p <= 1) {
+		return nil, &RequestError{transport.CodeInvalidRequest, fmt.Sprintf("top_p must be in [0, 1], got %v", p)}
+	}
+	text := s.Prompt
+	if len(s.Messages) > 0 {
+		var err error
+		if text, err = applyTemplate(m.cfg.ChatTemplate, s.Messages); err != nil {
+			return nil, fmt.Errorf("model %s: %w", m.name, err)
+		}
+	}
+	prompt := m.tok.encode(text)
+	if len(prompt) == 0 {
+		return nil, &RequestError{transport.CodeInvalidRequest, "the prompt is empty"}
+	}
+	ctxLen := m.cfg.ContextLength
+	if len(prompt) >= ctxLen {
+		return nil, &RequestError{transport.CodeContextLength, fmt.Sprintf(
+			"the prompt has %d tokens but model %s has a context length of %d tokens, which leaves no room for a completion",
+			len(prompt), m.name, ctxLen)}
+	}
+	limit := ctxLen - len(prompt)
+	if s.MaxTokens > 0 && int64(s.MaxTokens) < int64(limit) {
+		limit = int(s.MaxTokens)
+	}
+	seed := s.Seed
+	if !s.HasSeed {
+		seed = rand.Uint64()
+	}
+	seq, err := m.newSequence()
+	if err != nil {
+		return nil, err
+	}
+	return &generation{
+		m:      m,
+		seq:    seq,
+		prompt: prompt,
+		smp:    newSampler(s.Temperature, s.TopP, seed),
+		text:   newTextStream(s.Stop),
+		limit:  limit,
+		last:   -1,
+	}, nil
+}
+
+// step runs one forward pass (the whole prompt at the first step, the last
+// token afterwards) and samples one token. It returns the text that token
+// releases, and a non-nil Done when the request is finished.
+func (g *generation) step() (transport.Token, *transport.Done, error) {
+	feed := g.prompt
+	if g.last >= 0 {
+		feed = []int{g.last}
+	}
+	logits, err := g.seq.forward(feed)
+	if err != nil {
+		return transport.Token{}, nil, err
+	}
+	id := g.smp.sample(logits)
+	g.completion++
+	tok := transport.Token{Count: 1}
+	if g.m.stopIDs[id] {
+		tok.Text = g.text.flush()
+		return tok, g.done(transport.FinishStop), nil
+	}
+	text, stopped := g.text.push(g.m.tok.piece(id))
+	tok.Text = text
+	if stopped {
+		return tok, g.done(transport.FinishStop), nil
+	}
+	if g.completion >= g.limit {
+		tok.Text += g.text.flush()
+		return tok, g.done(transport.FinishLength), nil
+	}
+	g.last = id
+	return tok, nil, nil
+}
+
+func (g *generation) done(reason string) *transport.Done {
+	return &transport.Done{
+		FinishReason:     reason,
+		PromptTokens:     uint32(len(g.prompt)),
+		CompletionTokens: uint32(g.completion),
+	}
+}
+
+func (g *generation) close() { g.seq.close() }
+
+// Generate answers s in process, exactly as a worker would for the same
+// Submit (s.Model is not consulted), and returns the whole text. It exists
+// so that tests can check that the ring carries the tokens a model really
+// produced. Errors the request caused are *RequestError.
+func (m *Model) Generate(ctx context.Context, s *transport.Submit) (string, transport.Done, error) {
+	g, err := m.newGeneration(s)
+	if err != nil {
+		return "", transport.Done{}, err
+	}
+	defer g.close()
+	var b strings.Builder
+	for {
+		if err := ctx.Err(); err != nil {
+			return b.String(), transport.Done{}, fmt.Errorf("generate: %w", err)
+		}
+		tok, done, err := g.step()
+		if err != nil {
+			return b.String(), transport.Done{}, err
+		}
+		b.WriteString(tok.Text)
+		if done != nil {
+			return b.String(), *done, nil
+		}
+	}
+}

@@ -1,0 +1,128 @@
+package backend
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+
+	"h3infer/internal/onnxgen"
+)
+
+// testWorkerEnv marks a re-execution of this test binary as a worker
+// process: the Pool tests run the binary they are in as the worker, so
+// real processes run the real RunWorker without a separately built
+// h3infer.
+const testWorkerEnv = "H3INFER_BACKEND_TEST_WORKER"
+
+// Set by TestMain for the whole binary: the demo model is written once,
+// and ONNX Runtime can be initialized only once per process.
+// It happens on first use, so that tests and fuzz workers that need no
+// model do not pay for it.
+var (
+	testSetup    sync.Once
+	testDir      string
+	testORTLib   string
+	testModelDir string
+	testSetupErr error
+)
+
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == "worker" && os.Getenv(testWorkerEnv) == "1" {
+		os.Exit(testWorkerMain(os.Args[2:]))
+	}
+	code := m.Run()
+	if testDir != "" {
+		os.RemoveAll(testDir)
+	}
+	os.Exit(code)
+}
+
+func setupModel() error {
+	dir, err := os.MkdirTemp("", "h3infer-backend-test-")
+	if err != nil {
+		return err
+	}
+	testDir = dir
+	testORTLib = os.Getenv("ONNXRUNTIME_LIB")
+	if testORTLib == "" {
+		// What `make ort` fetches, so a bare `go test` works after it.
+		testORTLib, _ = filepath.Abs("../.cache/onnxruntime/1.24.1/libonnxruntime.so.1")
+	}
+	if err := InitRuntime(testORTLib); err != nil {
+		return err
+	}
+	testModelDir = filepath.Join(dir, "demo")
+	if err := onnxgen.Write(testModelDir, onnxgen.DefaultOptions()); err != nil {
+		return fmt.Errorf("write demo model: %w", err)
+	}
+	return nil
+}
+
+// needModel fails the test when the runtime or the demo model is missing.
+func needModel(t testing.TB) {
+	t.Helper()
+	testSetup.Do(func() { testSetupErr = setupModel() })
+	if testSetupErr != nil {
+		t.Fatalf("setup: %v", testSetupErr)
+	}
+}
+
+// loadTestModel loads the demo model and closes it at the end of the test.
+func loadTestModel(t testing.TB) *Model {
+	t.Helper()
+	needModel(t)
+	m, err := LoadModel(testModelDir, ModelOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// testWorkerMain is the worker process of the Pool tests. Its small
+// parser reads what WorkerConfig.Args writes, as cmd/h3infer does.
+func testWorkerMain(args []string) int {
+	var cfg WorkerConfig
+	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
+	fs.IntVar(&cfg.RingFD, "ring-fd", 0, "")
+	fs.Func("model", "", func(v string) error {
+		name, dir, _ := strings.Cut(v, "=")
+		cfg.Models = append(cfg.Models, ModelSpec{Name: name, Dir: dir})
+		return nil
+	})
+	fs.StringVar(&cfg.ORTLib, "onnxruntime-lib", "", "")
+	fs.IntVar(&cfg.Slots, "slots", 0, "")
+	fs.IntVar(&cfg.IntraOpThreads, "intra-op-threads", 0, "")
+	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, "")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if err := RunWorker(ctx, cfg, log); err != nil {
+		log.Error("worker failed", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// testLogger sends log records to the test's log.
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+type tWriter struct{ t testing.TB }
+
+func (w tWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}

@@ -1,0 +1,281 @@
+package backend
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	ort "github.com/yalue/onnxruntime_go"
+
+	"h3infer/transport"
+)
+
+// ModelOptions tunes how LoadModel serves a model directory.
+type ModelOptions struct {
+	// Name is the name the model is served under; empty means the name in
+	// model.json.
+	Name string
+	// IntraOpThreads is ONNX Runtime's intra-op thread count for the
+	// session; 0 means 1, which measured as fast as more on small hosts and
+	// leaves cores to the other sequences and the gateway.
+	IntraOpThreads int
+}
+
+// Model is one loaded model: its ONNX Runtime session, tokenizer and
+// serving configuration. Its methods are safe for concurrent use; ONNX
+// Runtime allows concurrent runs of one session.
+type Model struct {
+	name    string
+	cfg     modelConfig
+	tok     *tokenizer
+	session *ort.DynamicAdvancedSession
+
+	hasPositions bool
+	layers       int
+	heads        int64
+	headDim      int64
+	vocab        int64 // logits width; 0 when the model leaves it symbolic
+
+	eos       int
+	stopIDs   map[int]bool // eos and stop_tokens
+	inputLen  int          // number of session inputs
+	outputLen int          // number of session outputs
+}
+
+// Files of a model directory.
+const (
+	modelConfigFile = "model.json"
+	tokenizerFile   = "tokenizer.json"
+	modelFile       = "model.onnx"
+)
+
+// LoadModel loads the model in dir: model.json, tokenizer.json and
+// model.onnx. InitRuntime must have succeeded first. The graph's inputs
+// and outputs are found by name, following the usual export signature of
+// decoder-only language models: input_ids, attention_mask, optional
+// position_ids and past_key_values.N.key/value in; logits and
+// present.N.key/value out.
+func LoadModel(dir string, opts ModelOptions) (*Model, error) {
+	if opts.IntraOpThreads < 0 {
+		return nil, fmt.Errorf("load model %s: intra-op threads: must be >= 0, got %d", dir, opts.IntraOpThreads)
+	}
+	cfg, err := readModelConfig(filepath.Join(dir, modelConfigFile))
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	tok, err := loadTokenizer(filepath.Join(dir, tokenizerFile))
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	m := &Model{name: cfg.Name, cfg: cfg, tok: tok, stopIDs: map[int]bool{}}
+	if opts.Name != "" {
+		m.name = opts.Name
+	}
+	var errs []error
+	if id, ok := tok.tokenID(cfg.EOSToken); ok {
+		m.eos = id
+		m.stopIDs[id] = true
+	} else {
+		errs = append(errs, fmt.Errorf("%s: eos_token: %q is not a token of %s", modelConfigFile, cfg.EOSToken, tokenizerFile))
+	}
+	for i, s := range cfg.StopTokens {
+		if id, ok := tok.tokenID(s); ok {
+			m.stopIDs[id] = true
+		} else {
+			errs = append(errs, fmt.Errorf("%s: stop_tokens[%d]: %q is not a token of %s", modelConfigFile, i, s, tokenizerFile))
+		}
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("load model %s: %w", dir, errors.Join(errs...))
+	}
+
+	so, err := ort.NewSessionOptions()
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: session options: %w", dir, err)
+	}
+	defer so.Destroy()
+	threads := opts.IntraOpThreads
+	if threads == 0 {
+		threads = 1
+	}
+	if err := so.SetIntraOpNumThreads(threads); err != nil {
+		return nil, fmt.Errorf("load model %s: set intra-op threads: %w", dir, err)
+	}
+	if err := so.SetInterOpNumThreads(1); err != nil {
+		return nil, fmt.Errorf("load model %s: set inter-op threads: %w", dir, err)
+	}
+	path := filepath.Join(dir, modelFile)
+	ins, outs, err := ort.GetInputOutputInfoWithOptions(path, so)
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: inspect %s: %w", dir, modelFile, err)
+	}
+	inNames, outNames, err := m.bindSignature(ins, outs)
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: %s: %w", dir, modelFile, err)
+	}
+	if err := m.checkConfigShape(); err != nil {
+		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	m.inputLen, m.outputLen = len(inNames), len(outNames)
+	m.session, err = ort.NewDynamicAdvancedSession(path, inNames, outNames, so)
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: create session: %w", dir, err)
+	}
+	return m, nil
+}
+
+// bindSignature checks the graph's inputs and outputs and returns them in
+// the order forward passes values: input_ids, attention_mask,
+// [position_ids], past key/value per layer; logits, present key/value per
+// layer.
+func (m *Model) bindSignature(ins, outs []ort.InputOutputInfo) ([]string, []string, error) {
+	byName := map[string]ort.InputOutputInfo{}
+	pastLayers := map[int]int{} // layer -> how many of key, value seen
+	for _, in := range ins {
+		byName[in.Name] = in
+		if n, ok := pastLayer(in.Name); ok {
+			pastLayers[n]++
+		}
+	}
+	var errs []error
+	for _, name := range []string{"input_ids", "attention_mask"} {
+		in, ok := byName[name]
+		switch {
+		case !ok:
+			errs = append(errs, fmt.Errorf("input %q: missing", name))
+		case in.DataType != ort.TensorElementDataTypeInt64:
+			errs = append(errs, fmt.Errorf("input %q: must be int64, got %s", name, in.DataType))
+		}
+	}
+	if in, ok := byName["position_ids"]; ok {
+		m.hasPositions = true
+		if in.DataType != ort.TensorElementDataTypeInt64 {
+			errs = append(errs, fmt.Errorf("input %q: must be int64, got %s", "position_ids", in.DataType))
+		}
+	}
+	m.layers = len(pastLayers)
+	if m.layers == 0 {
+		errs = append(errs, errors.New("no past_key_values.N.key/value inputs: the model must take a KV cache"))
+	}
+	outByName := map[string]ort.InputOutputInfo{}
+	for _, out := range outs {
+		outByName[out.Name] = out
+	}
+	if lg, ok := outByName["logits"]; !ok {
+		errs = append(errs, errors.New("output \"logits\": missing"))
+	} else if lg.DataType != ort.TensorElementDataTypeFloat {
+		errs = append(errs, fmt.Errorf("output \"logits\": must be float32, got %s", lg.DataType))
+	} else if d := lg.Dimensions; len(d) == 3 && d[2] > 0 {
+		m.vocab = d[2]
+	}
+	if len(errs) > 0 {
+		return nil, nil, errors.Join(errs...)
+	}
+
+	inNames := []string{"input_ids", "attention_mask"}
+	if m.hasPositions {
+		inNames = append(inNames, "position_ids")
+	}
+	outNames := []string{"logits"}
+	for layer := range m.layers {
+		for _, kind := range []string{"key", "value"} {
+			in, ok := byName[fmt.Sprintf("past_key_values.%d.%s", layer, kind)]
+			if !ok {
+				errs = append(errs, fmt.Errorf("input \"past_key_values.%d.%s\": missing (layers must be numbered from 0)", layer, kind))
+				continue
+			}
+			outName := fmt.Sprintf("present.%d.%s", layer, kind)
+			if _, ok := outByName[outName]; !ok {
+				errs = append(errs, fmt.Errorf("output %q: missing", outName))
+			}
+			if err := m.checkKV(in); err != nil {
+				errs = append(errs, err)
+			}
+			inNames = append(inNames, in.Name)
+			outNames = append(outNames, outName)
+		}
+	}
+	if len(inNames) != len(ins) {
+		for _, in := range ins {
+			if !slices.Contains(inNames, in.Name) {
+				errs = append(errs, fmt.Errorf("input %q: not part of the decoder signature", in.Name))
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return nil, nil, errors.Join(errs...)
+	}
+	return inNames, outNames, nil
+}
+
+// checkConfigShape compares the optional shape facts of model.json with
+// the graph.
+func (m *Model) checkConfigShape() error {
+	var errs []error
+	check := func(key string, want int, got int64) {
+		if want != 0 && got != 0 && int64(want) != got {
+			errs = append(errs, fmt.Errorf("%s: %s: %d, but %s has %d", modelConfigFile, key, want, modelFile, got))
+		}
+	}
+	check("vocab_size", m.cfg.VocabSize, m.vocab)
+	check("num_layers", m.cfg.NumLayers, int64(m.layers))
+	check("num_heads", m.cfg.NumHeads, m.heads)
+	check("head_dim", m.cfg.HeadDim, m.headDim)
+	return errors.Join(errs...)
+}
+
+// checkKV reads heads and head_dim from a past_key_values input shaped
+// [batch, heads, past, head_dim]; both must be fixed and equal across
+// layers.
+func (m *Model) checkKV(in ort.InputOutputInfo) error {
+	if in.DataType == ort.TensorElementDataTypeFloat16 {
+		return fmt.Errorf("input %q: float16 KV caches are not supported yet", in.Name)
+	}
+	if in.DataType != ort.TensorElementDataTypeFloat {
+		return fmt.Errorf("input %q: must be float32, got %s", in.Name, in.DataType)
+	}
+	d := in.Dimensions
+	if len(d) != 4 || d[1] <= 0 || d[3] <= 0 {
+		return fmt.Errorf("input %q: shape %v: want [batch, heads, past, head_dim] with fixed heads and head_dim", in.Name, d)
+	}
+	if m.heads == 0 {
+		m.heads, m.headDim = d[1], d[3]
+	} else if d[1] != m.heads || d[3] != m.headDim {
+		return fmt.Errorf("input %q: shape %v differs from layer 0's heads %d, head_dim %d", in.Name, d, m.heads, m.headDim)
+	}
+	return nil
+}
+
+// pastLayer parses "past_key_values.N.key" or ".value" and returns N.
+func pastLayer(name string) (int, bool) {
+	rest, ok := strings.CutPrefix(name, "past_key_values.")
+	if !ok {
+		return 0, false
+	}
+	num, kind, ok := strings.Cut(rest, ".")
+	if !ok || (kind != "key" && kind != "value") {
+		return 0, false
+	}
+	n, err := strconv.Atoi(num)
+	if err != nil || n < 0 || n > 1<<16 || strconv.Itoa(n) != num {
+		return 0, false
+	}
+	return n, true
+}
+
+// Info describes the model as workers announce it.
+func (m *Model) Info() transport.ModelInfo {
+	return transport.ModelInfo{Name: m.name, ContextLength: uint32(m.cfg.ContextLength)}
+}
+
+// Close releases the ONNX Runtime session. Sequences of the model must be
+// finished first.
+func (m *Model) Close() error {
+	if err := m.session.Destroy(); err != nil {
+		return fmt.Errorf("model %s: destroy session: %w", m.name, err)
+	}
+	return nil
+}

@@ -1,0 +1,280 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"h3infer/internal/onnxgen"
+	"h3infer/transport"
+)
+
+func TestKVCacheMatchesRecompute(t *testing.T) {
+	m := loadTestModel(t)
+	cached, err := m.newSequence()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cached.close()
+	tokens := m.tok.encode("The worker ")
+	logits, err := cached.forward(tokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for step := range 6 {
+		fresh, err := m.newSequence()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := fresh.forward(tokens)
+		fresh.close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := maxAbsDiff(logits, want); d > 1e-3 {
+			t.Fatalf("step %d: cached logits differ from recomputed ones by %g", step, d)
+		}
+		next := argmax(logits)
+		tokens = append(tokens, next)
+		if logits, err = cached.forward([]int{next}); err != nil {
+			t.Fatal(err)
+		}
+		if cached.n != len(tokens) {
+			t.Fatalf("cache holds %d tokens, want %d", cached.n, len(tokens))
+		}
+	}
+}
+
+func maxAbsDiff(a, b []float32) float64 {
+	if len(a) != len(b) {
+		return math.Inf(1)
+	}
+	d := 0.0
+	for i := range a {
+		d = max(d, math.Abs(float64(a[i]-b[i])))
+	}
+	return d
+}
+
+func TestContextLength(t *testing.T) {
+	needModel(t)
+	dir := t.TempDir()
+	opts := onnxgen.DefaultOptions()
+	opts.Context = 16
+	if err := onnxgen.Write(dir, opts); err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadModel(dir, ModelOptions{Name: "small"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+
+	_, _, err = m.Generate(context.Background(), &transport.Submit{Prompt: strings.Repeat("a", 16)})
+	re, ok := errors.AsType[*RequestError](err)
+	if !ok || re.Code != transport.CodeContextLength {
+		t.Fatalf("got %v, want a %s error", err, transport.CodeContextLength)
+	}
+	for _, want := range []string{"16 tokens", "context length of 16"} {
+		if !strings.Contains(re.Message, want) {
+			t.Errorf("message %q does not say %q", re.Message, want)
+		}
+	}
+
+	// 15 tokens leave room for exactly one.
+	_, done, err := m.Generate(context.Background(), &transport.Submit{Prompt: strings.Repeat("a", 15)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.CompletionTokens != 1 || done.FinishReason != transport.FinishLength && done.FinishReason != transport.FinishStop {
+		t.Errorf("done = %+v, want one completion token", done)
+	}
+	// Without max_tokens the context is the limit.
+	_, done, err = m.Generate(context.Background(), &transport.Submit{Prompt: "Th", Temperature: 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.PromptTokens+done.CompletionTokens > 16 {
+		t.Errorf("done = %+v runs past the context of 16", done)
+	}
+}
+
+func TestGenerateMaxTokens(t *testing.T) {
+	m := loadTestModel(t)
+	text, done, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The ", MaxTokens: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.FinishReason != transport.FinishLength || done.CompletionTokens != 7 || done.PromptTokens != 4 {
+		t.Errorf("done = %+v, want length after 7 tokens of a 4-token prompt", done)
+	}
+	if len(text) == 0 {
+		t.Error("no text")
+	}
+}
+
+func TestGenerateStopSequence(t *testing.T) {
+	m := loadTestModel(t)
+	full, _, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The ", MaxTokens: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(full) < 20 {
+		t.Fatalf("greedy text %q too short to pick a stop from", full)
+	}
+	stop := full[10:13]
+	want := full[:strings.Index(full, stop)]
+	got, done, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The ", MaxTokens: 60, Stop: []string{"zzzz", stop}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != want || done.FinishReason != transport.FinishStop {
+		t.Errorf("with stop %q got %q (%s), want %q (stop)", stop, got, done.FinishReason, want)
+	}
+}
+
+func TestSeededSampling(t *testing.T) {
+	m := loadTestModel(t)
+	gen := func(seed uint64) string {
+		t.Helper()
+		text, _, err := m.Generate(context.Background(), &transport.Submit{
+			Prompt: "The ", MaxTokens: 40, Temperature: 1.5, TopP: 0.95, Seed: seed, HasSeed: true,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return text
+	}
+	a := gen(42)
+	if b := gen(42); a != b {
+		t.Errorf("seed 42 gave %q and then %q", a, b)
+	}
+	differs := false
+	for seed := range uint64(5) {
+		if gen(seed+100) != a {
+			differs = true
+		}
+	}
+	if !differs {
+		t.Errorf("five other seeds all gave %q", a)
+	}
+}
+
+func TestChatUsesTemplate(t *testing.T) {
+	m := loadTestModel(t)
+	chat, _, err := m.Generate(context.Background(), &transport.Submit{
+		Messages: []transport.ChatMessage{{Role: "user", Content: "The gateway"}}, MaxTokens: 20,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, _, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The gateway\n", MaxTokens: 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if chat != plain {
+		t.Errorf("chat gave %q, the plain prompt %q", chat, plain)
+	}
+}
+
+func TestInvalidRequests(t *testing.T) {
+	m := loadTestModel(t)
+	tests := map[string]transport.Submit{
+		"negative temperature": {Prompt: "x", Temperature: -1},
+		"top_p above 1":        {Prompt: "x", TopP: 1.5},
+		"nan top_p":            {Prompt: "x", TopP: float32(math.NaN())},
+		"prompt and messages":  {Prompt: "x", Messages: []transport.ChatMessage{{Role: "user", Content: "y"}}},
+		"empty prompt":         {},
+	}
+	for name, s := range tests {
+		t.Run(name, func(t *testing.T) {
+			_, _, err := m.Generate(context.Background(), &s)
+			if re, ok := errors.AsType[*RequestError](err); !ok || re.Code != transport.CodeInvalidRequest {
+				t.Errorf("got %v, want an %s error", err, transport.CodeInvalidRequest)
+			}
+		})
+	}
+}
+
+func TestLoadModelErrors(t *testing.T) {
+	needModel(t)
+	copyModel := func(t *testing.T, edit func(t *testing.T, dir string)) string {
+		dir := t.TempDir()
+		for _, f := range []string{modelConfigFile, tokenizerFile, modelFile} {
+			data, err := os.ReadFile(filepath.Join(testModelDir, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, f), data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		edit(t, dir)
+		return dir
+	}
+	editConfig := func(from, to string) func(*testing.T, string) {
+		return func(t *testing.T, dir string) {
+			p := filepath.Join(dir, modelConfigFile)
+			data, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			edited := strings.Replace(string(data), from, to, 1)
+			if edited == string(data) {
+				t.Fatalf("%q not found in %s", from, data)
+			}
+			if err := os.WriteFile(p, []byte(edited), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tests := map[string]struct {
+		edit func(*testing.T, string)
+		want string
+	}{
+		"unknown key":     {editConfig(`"name"`, `"colour": "red", "name"`), `unknown field "colour"`},
+		"unknown eos":     {editConfig(`"eos_token": "`, `"eos_token": "nope`), "eos_token"},
+		"shape mismatch":  {editConfig(`"num_layers": 2`, `"num_layers": 3`), "num_layers: 3"},
+		"missing onnx":    {func(t *testing.T, dir string) { os.Remove(filepath.Join(dir, modelFile)) }, modelFile},
+		"bad tokenizer":   {func(t *testing.T, dir string) { os.WriteFile(filepath.Join(dir, tokenizerFile), []byte("{}"), 0o644) }, "model.type"},
+		"missing context": {editConfig(`"context_length"`, `"context_len"`), "context_len"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			_, err := LoadModel(copyModel(t, tc.edit), ModelOptions{})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got %v, want an error mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func BenchmarkDecodeStep(b *testing.B) {
+	m := loadTestModel(b)
+	seq, err := m.newSequence()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer seq.close()
+	if _, err := seq.forward(m.tok.encode("The ")); err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if seq.n >= m.cfg.ContextLength-1 {
+			b.StopTimer()
+			seq.close()
+			if seq, err = m.newSequence(); err != nil {
+				b.Fatal(err)
+			}
+			seq.forward([]int{'T'})
+			b.StartTimer()
+		}
+		if _, err := seq.forward([]int{'e'}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

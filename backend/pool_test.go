@@ -1,0 +1,282 @@
+package backend_test
+
+import (
+	"context"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"h3infer/backend"
+	"h3infer/transport"
+)
+
+// metric reads one worker's sample of a pool metric.
+func metric(t *testing.T, reg *prometheus.Registry, name, worker string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "worker" && l.GetValue() == worker {
+					if c := m.GetCounter(); c != nil {
+						return c.GetValue()
+					}
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no metric %s{worker=%q}", name, worker)
+	return 0
+}
+
+func waitFor(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+type callResult struct {
+	text string
+	done *transport.Done
+	err  *transport.Error
+}
+
+func drain(t *testing.T, c *transport.Call) callResult {
+	t.Helper()
+	var r callResult
+	var b strings.Builder
+	timeout := time.After(60 * time.Second)
+	for {
+		select {
+		case ev, ok := <-c.Events():
+			if !ok {
+				r.text = b.String()
+				return r
+			}
+			b.WriteString(ev.Token.Text)
+			if ev.Done != nil {
+				r.done = ev.Done
+			}
+			if ev.Err != nil {
+				r.err = ev.Err
+			}
+		case <-timeout:
+			t.Fatalf("call %d did not end", c.ID())
+		}
+	}
+}
+
+func firstToken(t *testing.T, c *transport.Call) {
+	t.Helper()
+	select {
+	case ev := <-c.Events():
+		if ev.Done != nil || ev.Err != nil {
+			t.Fatalf("first event of call %d: %+v, want a token", c.ID(), ev)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("call %d: no token", c.ID())
+	}
+}
+
+func TestPool(t *testing.T) {
+	dir, lib := backend.DemoModelForTest(t)
+	ref, err := backend.LoadModel(dir, backend.ModelOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ref.Close()
+	t.Setenv(backend.WorkerEnvForTest, "1")
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	goroutines := runtime.NumGoroutine()
+
+	reg := prometheus.NewRegistry()
+	p, err := backend.NewPool(backend.PoolConfig{
+		Workers:    2,
+		Executable: exe,
+		Worker: backend.WorkerConfig{
+			Models:        []backend.ModelSpec{{Name: "demo", Dir: dir}},
+			ORTLib:        lib,
+			Slots:         2,
+			StatsInterval: 10 * time.Millisecond,
+		},
+		RestartBackoff: 50 * time.Millisecond,
+		StopGrace:      5 * time.Second,
+		Registerer:     reg,
+	}, backend.LoggerForTest(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := p.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	defer func() {
+		if !closed {
+			p.Close()
+		}
+	}()
+	if err := p.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Models(); len(got) != 1 || got[0].Name != "demo" || got[0].ContextLength != ref.Info().ContextLength {
+		t.Errorf("Models() = %+v", got)
+	}
+	workers := p.Workers()
+	if len(workers) != 2 || workers[0].ID() != 0 || workers[1].ID() != 1 || workers[0].Slots() != 2 {
+		t.Fatalf("workers = %d, ids %d %d, slots %d", len(workers), workers[0].ID(), workers[1].ID(), workers[0].Slots())
+	}
+
+	t.Run("tokens match Generate", func(t *testing.T) {
+		submits := []*transport.Submit{
+			{Model: "demo", Prompt: "The gateway ", MaxTokens: 40},
+			{Model: "demo", Prompt: "The worker ", MaxTokens: 40, Temperature: 0.8, Seed: 9, HasSeed: true},
+		}
+		var wg sync.WaitGroup
+		for i, s := range submits {
+			c, err := workers[i].Open(uint64(10+i), s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wg.Go(func() {
+				got := drain(t, c)
+				text, done, err := ref.Generate(context.Background(), s)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if got.done == nil || got.text != text || *got.done != done {
+					t.Errorf("worker %d gave %q %+v (err %+v), Generate %q %+v", i, got.text, got.done, got.err, text, done)
+				}
+			})
+		}
+		wg.Wait()
+	})
+
+	long := &transport.Submit{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 3, HasSeed: true}
+	backend.RequireLongForTest(t, ref, long)
+
+	t.Run("cancel", func(t *testing.T) {
+		c, err := workers[0].Open(20, long)
+		if err != nil {
+			t.Fatal(err)
+		}
+		firstToken(t, c)
+		c.Cancel()
+		waitFor(t, "the cancel to be counted", func() bool {
+			return metric(t, reg, "h3infer_worker_sequences_cancelled_total", "0") == 1
+		})
+	})
+
+	t.Run("killed worker restarts", func(t *testing.T) {
+		w := workers[1]
+		c, err := w.Open(30, long)
+		if err != nil {
+			t.Fatal(err)
+		}
+		firstToken(t, c)
+		waitFor(t, "stats from worker 1", func() bool {
+			return metric(t, reg, "h3infer_worker_tokens_generated_total", "1") > 0
+		})
+		tokensBefore := metric(t, reg, "h3infer_worker_tokens_generated_total", "1")
+		pid := w.PID()
+		if pid == 0 {
+			t.Fatal("no pid for a ready worker")
+		}
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		if got := drain(t, c); got.err == nil || got.done != nil {
+			t.Errorf("call on the killed worker ended with %+v, want an error event", got)
+		}
+		if _, err := w.Open(31, long); err == nil {
+			t.Error("Open succeeded on a dead worker")
+		}
+		if err := p.WaitReady(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if newPID := w.PID(); newPID == pid || newPID == 0 {
+			t.Errorf("pid after restart %d, before %d", newPID, pid)
+		}
+		if got := metric(t, reg, "h3infer_worker_restarts_total", "1"); got != 1 {
+			t.Errorf("restarts = %v, want 1", got)
+		}
+		if got := metric(t, reg, "h3infer_worker_ready", "1"); got != 1 {
+			t.Errorf("ready gauge = %v, want 1", got)
+		}
+		if got := metric(t, reg, "h3infer_worker_tokens_generated_total", "1"); got < tokensBefore {
+			t.Errorf("tokens counter went back from %v to %v", tokensBefore, got)
+		}
+		c2, err := w.Open(32, &transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: 5})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := drain(t, c2); got.done == nil {
+			t.Errorf("restarted worker answered %+v", got)
+		}
+	})
+
+	pids := []int{workers[0].PID(), workers[1].PID()}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	closed = true
+	for _, pid := range pids {
+		// Close reaped them, so the pids are gone.
+		if pid <= 0 {
+			t.Errorf("worker pid %d before Close", pid)
+		} else if err := syscall.Kill(pid, 0); err == nil {
+			t.Errorf("worker process %d still exists after Close", pid)
+		}
+	}
+	waitFor(t, "the pool's goroutines to end", func() bool { return runtime.NumGoroutine() <= goroutines })
+}
+
+func TestPoolStartFails(t *testing.T) {
+	dir, lib := backend.DemoModelForTest(t)
+	p, err := backend.NewPool(backend.PoolConfig{
+		Executable: "/nonexistent/h3infer",
+		Worker:     backend.WorkerConfig{Models: []backend.ModelSpec{{Name: "demo", Dir: dir}}, ORTLib: lib},
+	}, backend.LoggerForTest(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(context.Background()); err == nil || !strings.Contains(err.Error(), "/nonexistent/h3infer") {
+		t.Errorf("Start = %v, want an error naming the executable", err)
+	}
+	p.Close()
+}
+
+func TestPoolConfigErrors(t *testing.T) {
+	_, err := backend.NewPool(backend.PoolConfig{Workers: -1, RestartBackoff: -time.Second}, backend.LoggerForTest(t))
+	if err == nil {
+		t.Fatal("invalid config accepted")
+	}
+	for _, want := range []string{"workers: must be >= 0", "restart_backoff", "model: at least one"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not mention %q", err, want)
+		}
+	}
+}

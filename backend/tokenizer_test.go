@@ -1,0 +1,183 @@
+package backend
+
+import (
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"unicode/utf8"
+)
+
+func testTokenizer(t testing.TB) *tokenizer {
+	t.Helper()
+	tok, err := loadTokenizer("testdata/tokenizer.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+func TestSplitWords(t *testing.T) {
+	tests := map[string]struct {
+		in   string
+		want []string
+	}{
+		"words":            {"Hello world", []string{"Hello", " world"}},
+		"contractions":     {"I'm can't we'll", []string{"I", "'m", " can", "'t", " we", "'ll"}},
+		"numbers":          {"in 2024, ok", []string{"in", " 2024", ",", " ok"}},
+		"punctuation run":  {"wait!!! ?", []string{"wait", "!!!", " ?"}},
+		"spaces before":    {"a   b", []string{"a", "  ", " b"}},
+		"trailing spaces":  {"a  ", []string{"a", "  "}},
+		"newline word":     {"a\nb", []string{"a", "\n", "b"}},
+		"newlines":         {"a\n\n b", []string{"a", "\n\n", " b"}},
+		"tab before space": {"x\t y", []string{"x", "\t", " y"}},
+		"unicode":          {"héllo 世界", []string{"héllo", " 世界"}},
+		"apostrophe other": {"!'s", []string{"!'", "s"}},
+		"space apostrophe": {" 're", []string{" '", "re"}},
+		"invalid utf8":     {"a\xffb", []string{"a", "\xff", "b"}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			got := slices.Collect(splitWords(tc.in))
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("splitWords(%q) = %q, want %q", tc.in, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestEncode(t *testing.T) {
+	tok := testTokenizer(t)
+	id := func(s string) int {
+		v, ok := tok.tokenID(s)
+		if !ok {
+			t.Fatalf("no token %q", s)
+		}
+		return v
+	}
+	tests := map[string]struct {
+		in   string
+		want []int
+	}{
+		"merges by rank": {"the and", []int{'t', id("he"), id("Ġand")}},
+		"leading space":  {" the", []int{id("Ġthe")}},
+		"special split":  {"a<|endoftext|>b", []int{'a', id("<|endoftext|>"), 'b'}},
+		"special alone":  {"<|im_start|>", []int{id("<|im_start|>")}},
+		"bytes":          {"é", []int{0xC3, 0xA9}},
+		"empty":          {"", nil},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			if got := tok.encode(tc.in); !slices.Equal(got, tc.want) {
+				t.Errorf("encode(%q) = %v, want %v", tc.in, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestMergeSpellings(t *testing.T) {
+	a := testTokenizer(t)
+	b, err := loadTokenizer("testdata/tokenizer-pair-merges.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := "the and then\n\n  in there"
+	if got, want := b.encode(s), a.encode(s); !slices.Equal(got, want) {
+		t.Errorf("pair merges give %v, string merges %v", got, want)
+	}
+}
+
+func TestParseTokenizerErrors(t *testing.T) {
+	base, err := os.ReadFile("testdata/tokenizer.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := map[string]struct {
+		from, to string
+		want     string
+	}{
+		"not bpe":       {`"type":"BPE"`, `"type":"WordPiece"`, "model.type"},
+		"prefix space":  {`"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false`, `"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":true`, "add_prefix_space"},
+		"normalizer":    {`"normalizer":null`, `"normalizer":{"type":"NFC"}`, "normalizer"},
+		"bad merge":     {`"merges":["Ġ t"`, `"merges":["Ġt"`, "model.merges[0]"},
+		"missing byte":  {`"!":33,`, ``, "missing the byte-level symbol"},
+		"not json":      {`{`, `[`, "decode tokenizer.json"},
+		"merge unknown": {`"merges":["Ġ t"`, `"merges":["x y"`, "not in the vocabulary"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			data := strings.Replace(string(base), tc.from, tc.to, 1)
+			if data == string(base) {
+				t.Fatalf("test edit %q did not apply", tc.from)
+			}
+			_, err := parseTokenizer([]byte(data))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got error %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// roundTripSeeds are texts every tokenizer fuzz target starts from.
+var roundTripSeeds = []string{
+	"", "the and then", "Hello, world! It's 2024.\n\n  Indented\ttab",
+	"héllo 世界 🙂", "<|endoftext|>x<|im_start|>", "a\xffb", "'s'S 've", "   \n \n",
+}
+
+func FuzzTokenizerRoundTrip(f *testing.F) {
+	for _, s := range roundTripSeeds {
+		f.Add(s)
+	}
+	tok := testTokenizer(f)
+	f.Fuzz(func(t *testing.T, s string) {
+		ids := tok.encode(s)
+		if got := string(tok.decode(ids)); got != s {
+			t.Fatalf("decode(encode(%q)) = %q", s, got)
+		}
+		// Streaming in token steps gives the same text when it is valid
+		// UTF-8; the stream only ever emits valid UTF-8.
+		ts := newTextStream(nil)
+		var b strings.Builder
+		for _, id := range ids {
+			out, _ := ts.push(tok.piece(id))
+			if !utf8.ValidString(out) {
+				t.Fatalf("stream emitted invalid UTF-8 %q", out)
+			}
+			b.WriteString(out)
+		}
+		b.WriteString(ts.flush())
+		if want := strings.ToValidUTF8(s, "\uFFFD"); utf8.ValidString(s) && b.String() != want {
+			t.Fatalf("streamed %q, want %q", b.String(), want)
+		}
+	})
+}
+
+func FuzzParseTokenizer(f *testing.F) {
+	for _, name := range []string{"testdata/tokenizer.json", "testdata/tokenizer-pair-merges.json"} {
+		data, err := os.ReadFile(name)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(data, "the and")
+	}
+	f.Add([]byte(`{"model":{"type":"BPE"}}`), "x")
+	f.Fuzz(func(t *testing.T, data []byte, s string) {
+		tok, err := parseTokenizer(data)
+		if err != nil {
+			return
+		}
+		ids := tok.encode(s)
+		if got := string(tok.decode(ids)); got != s {
+			t.Fatalf("decode(encode(%q)) = %q", s, got)
+		}
+	})
+}
+
+func BenchmarkEncode(b *testing.B) {
+	tok := testTokenizer(b)
+	text := strings.Repeat("The gateway streams tokens and the worker is near the model. ", 20)
+	b.SetBytes(int64(len(text)))
+	for b.Loop() {
+		tok.encode(text)
+	}
+}

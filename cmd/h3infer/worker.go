@@ -1,0 +1,59 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+
+	"h3infer/backend"
+)
+
+// runWorker is `h3infer worker`, the worker process a gateway's pool
+// starts with the flags backend.WorkerConfig.Args writes; keep the two in
+// step.
+func runWorker(ctx context.Context, args []string, log *slog.Logger) error {
+	cfg, err := parseWorkerFlags(args)
+	if err != nil {
+		return err
+	}
+	return backend.RunWorker(ctx, cfg, log)
+}
+
+// parseWorkerFlags reads the worker command line into a
+// backend.WorkerConfig. ONNXRUNTIME_LIB stands in for a missing
+// --onnxruntime-lib.
+func parseWorkerFlags(args []string) (backend.WorkerConfig, error) {
+	var cfg backend.WorkerConfig
+	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.IntVar(&cfg.RingFD, "ring-fd", 3, "file descriptor of the shared-memory ring inherited from the gateway")
+	fs.Func("model", "a model to serve, as NAME=DIR (repeatable)", func(v string) error {
+		name, dir, ok := strings.Cut(v, "=")
+		if !ok || name == "" || dir == "" {
+			return fmt.Errorf("want NAME=DIR, got %q", v)
+		}
+		cfg.Models = append(cfg.Models, backend.ModelSpec{Name: name, Dir: dir})
+		return nil
+	})
+	fs.StringVar(&cfg.ORTLib, "onnxruntime-lib", "", "path of libonnxruntime.so (default $ONNXRUNTIME_LIB)")
+	fs.IntVar(&cfg.Slots, "slots", 0, fmt.Sprintf("sequences generated at once (0: %d)", backend.DefaultSlots))
+	fs.IntVar(&cfg.IntraOpThreads, "intra-op-threads", 0, "ONNX Runtime intra-op threads per model (0: 1)")
+	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, fmt.Sprintf("how often to report counters (0: %s)", backend.DefaultStatsInterval))
+	if err := fs.Parse(args); err != nil {
+		return backend.WorkerConfig{}, usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return backend.WorkerConfig{}, usageError{fmt.Errorf("unexpected arguments %q", fs.Args())}
+	}
+	if cfg.ORTLib == "" {
+		cfg.ORTLib = os.Getenv("ONNXRUNTIME_LIB")
+	}
+	if err := cfg.Validate(); err != nil {
+		return backend.WorkerConfig{}, usageError{err}
+	}
+	return cfg, nil
+}
