@@ -1,0 +1,395 @@
+package transport
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+)
+
+// FrameType says what a frame's payload holds.
+type FrameType uint8
+
+// Frame types. Values are part of the wire format between a gateway and
+// worker built from the same source; 9 is kept for FrameControl.
+const (
+	FrameSubmit    FrameType = 1 // gateway → worker: Submit
+	FrameCancel    FrameType = 2 // gateway → worker: empty payload
+	FrameToken     FrameType = 3 // worker → gateway: Token
+	FrameDone      FrameType = 4 // worker → gateway: Done
+	FrameError     FrameType = 5 // worker → gateway: Error
+	FrameHeartbeat FrameType = 6 // either way, ID 0: empty payload
+	FrameReady     FrameType = 7 // worker → gateway, ID 0: Ready
+	FrameStats     FrameType = 8 // worker → gateway, ID 0: Stats
+
+	maxFrameType = FrameStats
+)
+
+var frameTypeNames = [...]string{
+	FrameSubmit:    "submit",
+	FrameCancel:    "cancel",
+	FrameToken:     "token",
+	FrameDone:      "done",
+	FrameError:     "error",
+	FrameHeartbeat: "heartbeat",
+	FrameReady:     "ready",
+	FrameStats:     "stats",
+}
+
+func (t FrameType) String() string {
+	if t != 0 && t <= maxFrameType {
+		return frameTypeNames[t]
+	}
+	return fmt.Sprintf("frame(%d)", uint8(t))
+}
+
+// Frame is one message on a ring. ID is the request id, 0 for worker-level
+// frames (ready, stats, heartbeat).
+type Frame struct {
+	Type    FrameType
+	ID      uint64
+	Payload []byte
+}
+
+// The frame header, shared by the ring records and AppendFrame:
+//
+//	0  length   uint32 little-endian, payload bytes
+//	4  type     uint8
+//	5  reserved 3 bytes, zero
+//	8  id       uint64 little-endian
+const frameHeaderSize = 16
+
+// ErrMalformed is wrapped by every decoding error.
+var ErrMalformed = errors.New("transport: malformed")
+
+func putFrameHeader(b []byte, length uint32, typ FrameType, id uint64) {
+	_ = b[frameHeaderSize-1]
+	binary.LittleEndian.PutUint32(b, length)
+	b[4], b[5], b[6], b[7] = byte(typ), 0, 0, 0
+	binary.LittleEndian.PutUint64(b[8:], id)
+}
+
+// AppendFrame appends f's header and payload to b, unpadded: the form used on
+// byte streams. It returns an error only if the payload is over 4 GiB.
+func AppendFrame(b []byte, f Frame) ([]byte, error) {
+	if uint64(len(f.Payload)) >= uint64(skipMarker) {
+		return b, fmt.Errorf("%w: payload of %d bytes", ErrFrameTooLarge, len(f.Payload))
+	}
+	var h [frameHeaderSize]byte
+	putFrameHeader(h[:], uint32(len(f.Payload)), f.Type, f.ID)
+	b = append(b, h[:]...)
+	return append(b, f.Payload...), nil
+}
+
+// DecodeFrame reads one frame from the front of p and reports how many bytes
+// it took. The payload aliases p.
+func DecodeFrame(p []byte) (Frame, int, error) {
+	if len(p) < frameHeaderSize {
+		return Frame{}, 0, fmt.Errorf("%w frame: %d bytes, header needs %d", ErrMalformed, len(p), frameHeaderSize)
+	}
+	length := binary.LittleEndian.Uint32(p)
+	typ := FrameType(p[4])
+	if typ == 0 || typ > maxFrameType {
+		return Frame{}, 0, fmt.Errorf("%w frame: unknown type %d", ErrMalformed, p[4])
+	}
+	if p[5]|p[6]|p[7] != 0 {
+		return Frame{}, 0, fmt.Errorf("%w frame: reserved header bytes set", ErrMalformed)
+	}
+	if uint64(length) > uint64(len(p)-frameHeaderSize) {
+		return Frame{}, 0, fmt.Errorf("%w frame: payload of %d bytes, %d present", ErrMalformed, length, len(p)-frameHeaderSize)
+	}
+	end := frameHeaderSize + int(length)
+	return Frame{
+		Type:    typ,
+		ID:      binary.LittleEndian.Uint64(p[8:]),
+		Payload: p[frameHeaderSize:end:end],
+	}, end, nil
+}
+
+// Payload encodings. Integers are unsigned varints except floats (4 bytes,
+// IEEE-754 bits, little-endian); strings and lists are a varint count
+// followed by their bytes or elements. Decoders bound every count by the
+// bytes left, so a hostile length cannot make them allocate more than the
+// input's size, and they reject trailing bytes.
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+func appendFloat32(b []byte, f float32) []byte {
+	return binary.LittleEndian.AppendUint32(b, math.Float32bits(f))
+}
+
+// decoder reads a payload front to back; the first error sticks and later
+// reads return zero values, so a decoder function checks once at the end.
+type decoder struct {
+	p    []byte
+	what string
+	err  error
+}
+
+func (d *decoder) fail(format string, args ...any) {
+	if d.err == nil {
+		d.err = fmt.Errorf("%w %s: %s", ErrMalformed, d.what, fmt.Sprintf(format, args...))
+	}
+}
+
+func (d *decoder) uvarint(field string) uint64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Uvarint(d.p)
+	if n <= 0 {
+		d.fail("%s: bad varint", field)
+		return 0
+	}
+	d.p = d.p[n:]
+	return v
+}
+
+func (d *decoder) uint32(field string) uint32 {
+	v := d.uvarint(field)
+	if v > math.MaxUint32 {
+		d.fail("%s: %d overflows 32 bits", field, v)
+		return 0
+	}
+	return uint32(v)
+}
+
+func (d *decoder) byte(field string) byte {
+	if d.err != nil {
+		return 0
+	}
+	if len(d.p) < 1 {
+		d.fail("%s: truncated", field)
+		return 0
+	}
+	v := d.p[0]
+	d.p = d.p[1:]
+	return v
+}
+
+func (d *decoder) float32(field string) float32 {
+	if d.err != nil {
+		return 0
+	}
+	if len(d.p) < 4 {
+		d.fail("%s: truncated", field)
+		return 0
+	}
+	v := math.Float32frombits(binary.LittleEndian.Uint32(d.p))
+	d.p = d.p[4:]
+	return v
+}
+
+func (d *decoder) string(field string) string {
+	n := d.uvarint(field)
+	if d.err != nil {
+		return ""
+	}
+	if n > uint64(len(d.p)) {
+		d.fail("%s: length %d, %d bytes left", field, n, len(d.p))
+		return ""
+	}
+	s := string(d.p[:n])
+	d.p = d.p[n:]
+	return s
+}
+
+// count reads a list length and checks that the bytes left could hold that
+// many elements of at least minSize bytes each.
+func (d *decoder) count(field string, minSize int) int {
+	n := d.uvarint(field)
+	if d.err != nil {
+		return 0
+	}
+	if n > uint64(len(d.p)/minSize) {
+		d.fail("%s: %d elements cannot fit in %d bytes", field, n, len(d.p))
+		return 0
+	}
+	return int(n)
+}
+
+func (d *decoder) finish() error {
+	if d.err == nil && len(d.p) != 0 {
+		d.fail("%d trailing bytes", len(d.p))
+	}
+	return d.err
+}
+
+// Submit flag bits.
+const (
+	submitHasSeed = 1 << 0
+	submitFlags   = submitHasSeed
+)
+
+// AppendSubmit appends the encoding of s to b.
+func AppendSubmit(b []byte, s *Submit) []byte {
+	var flags byte
+	if s.HasSeed {
+		flags |= submitHasSeed
+	}
+	b = append(b, flags)
+	b = appendString(b, s.Model)
+	b = appendString(b, s.Prompt)
+	b = binary.AppendUvarint(b, uint64(len(s.Messages)))
+	for _, m := range s.Messages {
+		b = appendString(b, m.Role)
+		b = appendString(b, m.Content)
+	}
+	b = binary.AppendUvarint(b, uint64(s.MaxTokens))
+	b = appendFloat32(b, s.Temperature)
+	b = appendFloat32(b, s.TopP)
+	b = binary.AppendUvarint(b, s.Seed)
+	b = binary.AppendUvarint(b, uint64(len(s.Stop)))
+	for _, stop := range s.Stop {
+		b = appendString(b, stop)
+	}
+	b = append(b, s.Urgency)
+	return appendString(b, s.TraceParent)
+}
+
+// DecodeSubmit decodes a FrameSubmit payload.
+func DecodeSubmit(p []byte) (Submit, error) {
+	d := decoder{p: p, what: "submit"}
+	var s Submit
+	flags := d.byte("flags")
+	if flags&^submitFlags != 0 {
+		d.fail("unknown flags %#x", flags)
+	}
+	s.HasSeed = flags&submitHasSeed != 0
+	s.Model = d.string("model")
+	s.Prompt = d.string("prompt")
+	if n := d.count("messages", 2); n > 0 {
+		s.Messages = make([]ChatMessage, n)
+		for i := range s.Messages {
+			s.Messages[i].Role = d.string("message role")
+			s.Messages[i].Content = d.string("message content")
+		}
+	}
+	s.MaxTokens = d.uint32("max_tokens")
+	s.Temperature = d.float32("temperature")
+	s.TopP = d.float32("top_p")
+	s.Seed = d.uvarint("seed")
+	if n := d.count("stop", 1); n > 0 {
+		s.Stop = make([]string, n)
+		for i := range s.Stop {
+			s.Stop[i] = d.string("stop")
+		}
+	}
+	s.Urgency = d.byte("urgency")
+	s.TraceParent = d.string("traceparent")
+	if err := d.finish(); err != nil {
+		return Submit{}, err
+	}
+	return s, nil
+}
+
+// AppendToken appends the encoding of t to b. It does not allocate when b
+// has room.
+func AppendToken(b []byte, t *Token) []byte {
+	b = binary.AppendUvarint(b, uint64(t.Count))
+	return appendString(b, t.Text)
+}
+
+// DecodeToken decodes a FrameToken payload.
+func DecodeToken(p []byte) (Token, error) {
+	d := decoder{p: p, what: "token"}
+	t := Token{Count: d.uint32("count"), Text: d.string("text")}
+	if err := d.finish(); err != nil {
+		return Token{}, err
+	}
+	return t, nil
+}
+
+// AppendDone appends the encoding of x to b.
+func AppendDone(b []byte, x *Done) []byte {
+	b = appendString(b, x.FinishReason)
+	b = binary.AppendUvarint(b, uint64(x.PromptTokens))
+	return binary.AppendUvarint(b, uint64(x.CompletionTokens))
+}
+
+// DecodeDone decodes a FrameDone payload.
+func DecodeDone(p []byte) (Done, error) {
+	d := decoder{p: p, what: "done"}
+	x := Done{
+		FinishReason:     d.string("finish_reason"),
+		PromptTokens:     d.uint32("prompt_tokens"),
+		CompletionTokens: d.uint32("completion_tokens"),
+	}
+	if err := d.finish(); err != nil {
+		return Done{}, err
+	}
+	return x, nil
+}
+
+// AppendError appends the encoding of e to b.
+func AppendError(b []byte, e *Error) []byte {
+	b = appendString(b, e.Code)
+	return appendString(b, e.Message)
+}
+
+// DecodeError decodes a FrameError payload.
+func DecodeError(p []byte) (Error, error) {
+	d := decoder{p: p, what: "error"}
+	e := Error{Code: d.string("code"), Message: d.string("message")}
+	if err := d.finish(); err != nil {
+		return Error{}, err
+	}
+	return e, nil
+}
+
+// AppendReady appends the encoding of r to b.
+func AppendReady(b []byte, r *Ready) []byte {
+	b = binary.AppendUvarint(b, uint64(r.PID))
+	b = binary.AppendUvarint(b, uint64(r.Slots))
+	b = binary.AppendUvarint(b, uint64(len(r.Models)))
+	for _, m := range r.Models {
+		b = appendString(b, m.Name)
+		b = binary.AppendUvarint(b, uint64(m.ContextLength))
+	}
+	return b
+}
+
+// DecodeReady decodes a FrameReady payload.
+func DecodeReady(p []byte) (Ready, error) {
+	d := decoder{p: p, what: "ready"}
+	r := Ready{PID: d.uint32("pid"), Slots: d.uint32("slots")}
+	if n := d.count("models", 2); n > 0 {
+		r.Models = make([]ModelInfo, n)
+		for i := range r.Models {
+			r.Models[i].Name = d.string("model name")
+			r.Models[i].ContextLength = d.uint32("model context_length")
+		}
+	}
+	if err := d.finish(); err != nil {
+		return Ready{}, err
+	}
+	return r, nil
+}
+
+// AppendStats appends the encoding of s to b.
+func AppendStats(b []byte, s *Stats) []byte {
+	b = binary.AppendUvarint(b, s.TokensGenerated)
+	b = binary.AppendUvarint(b, s.SequencesStarted)
+	b = binary.AppendUvarint(b, s.SequencesFinished)
+	b = binary.AppendUvarint(b, s.SequencesCancelled)
+	return binary.AppendUvarint(b, uint64(s.Active))
+}
+
+// DecodeStats decodes a FrameStats payload.
+func DecodeStats(p []byte) (Stats, error) {
+	d := decoder{p: p, what: "stats"}
+	s := Stats{
+		TokensGenerated:    d.uvarint("tokens_generated"),
+		SequencesStarted:   d.uvarint("sequences_started"),
+		SequencesFinished:  d.uvarint("sequences_finished"),
+		SequencesCancelled: d.uvarint("sequences_cancelled"),
+		Active:             d.uint32("active"),
+	}
+	if err := d.finish(); err != nil {
+		return Stats{}, err
+	}
+	return s, nil
+}

@@ -1,0 +1,290 @@
+package transport
+
+import (
+	"bytes"
+	"errors"
+	"math"
+	"math/rand/v2"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func sampleSubmits() map[string]Submit {
+	return map[string]Submit{
+		"zero":   {},
+		"prompt": {Model: "demo", Prompt: "Once upon a time", MaxTokens: 64, Temperature: 0.7, TopP: 0.9, Urgency: 3},
+		"chat": {
+			Model: "demo",
+			Messages: []ChatMessage{
+				{Role: "system", Content: "Be brief."},
+				{Role: "user", Content: "héllo, wörld ✓"},
+				{Role: "assistant", Content: ""},
+			},
+			Seed: 1<<63 + 5, HasSeed: true,
+			Stop:        []string{"\n\n", "END", ""},
+			Urgency:     0,
+			TraceParent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+		},
+		"extremes": {
+			Prompt: strings.Repeat("x", 70000), MaxTokens: math.MaxUint32,
+			Temperature: float32(math.Inf(1)), TopP: -0.0, Seed: math.MaxUint64, Urgency: 255,
+		},
+	}
+}
+
+func TestSubmitRoundTrip(t *testing.T) {
+	for name, want := range sampleSubmits() {
+		t.Run(name, func(t *testing.T) {
+			got, err := DecodeSubmit(AppendSubmit(nil, &want))
+			if err != nil {
+				t.Fatalf("decode: %v", err)
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("got %+v, want %+v", got, want)
+			}
+		})
+	}
+}
+
+func TestMessageRoundTrip(t *testing.T) {
+	tokens := []Token{{}, {Count: 1, Text: "hello"}, {Count: math.MaxUint32, Text: "\xe2\x9c"}}
+	for _, want := range tokens {
+		got, err := DecodeToken(AppendToken(nil, &want))
+		if err != nil || got != want {
+			t.Errorf("token: got %+v, %v, want %+v", got, err, want)
+		}
+	}
+	dones := []Done{{}, {FinishReason: FinishStop, PromptTokens: 12, CompletionTokens: 345}, {FinishReason: FinishLength, PromptTokens: math.MaxUint32}}
+	for _, want := range dones {
+		got, err := DecodeDone(AppendDone(nil, &want))
+		if err != nil || got != want {
+			t.Errorf("done: got %+v, %v, want %+v", got, err, want)
+		}
+	}
+	errs := []Error{{}, {Code: CodeContextLength, Message: "prompt is 5000 tokens, context is 2048"}}
+	for _, want := range errs {
+		got, err := DecodeError(AppendError(nil, &want))
+		if err != nil || got != want {
+			t.Errorf("error: got %+v, %v, want %+v", got, err, want)
+		}
+	}
+	readies := []Ready{{}, {PID: 4242, Slots: 8, Models: []ModelInfo{{Name: "demo", ContextLength: 2048}, {Name: "", ContextLength: 0}}}}
+	for _, want := range readies {
+		got, err := DecodeReady(AppendReady(nil, &want))
+		if err != nil || !reflect.DeepEqual(got, want) {
+			t.Errorf("ready: got %+v, %v, want %+v", got, err, want)
+		}
+	}
+	stats := []Stats{{}, {TokensGenerated: math.MaxUint64, SequencesStarted: 1, SequencesFinished: 2, SequencesCancelled: 3, Active: math.MaxUint32}}
+	for _, want := range stats {
+		got, err := DecodeStats(AppendStats(nil, &want))
+		if err != nil || got != want {
+			t.Errorf("stats: got %+v, %v, want %+v", got, err, want)
+		}
+	}
+}
+
+func TestFrameRoundTrip(t *testing.T) {
+	var b []byte
+	want := []Frame{
+		{Type: FrameSubmit, ID: 1, Payload: []byte("abc")},
+		{Type: FrameCancel, ID: math.MaxUint64, Payload: []byte{}},
+		{Type: FrameStats, ID: 0, Payload: bytes.Repeat([]byte{0xff}, 1000)},
+	}
+	for _, f := range want {
+		var err error
+		if b, err = AppendFrame(b, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, w := range want {
+		f, n, err := DecodeFrame(b)
+		if err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+		if f.Type != w.Type || f.ID != w.ID || !bytes.Equal(f.Payload, w.Payload) {
+			t.Errorf("frame %d: got %v %d %d bytes, want %v %d %d bytes", i, f.Type, f.ID, len(f.Payload), w.Type, w.ID, len(w.Payload))
+		}
+		b = b[n:]
+	}
+	if len(b) != 0 {
+		t.Errorf("%d bytes left over", len(b))
+	}
+}
+
+func TestDecodeRejects(t *testing.T) {
+	valid := AppendSubmit(nil, &Submit{Model: "m", Prompt: "p", Stop: []string{"s"}})
+	tests := map[string]struct {
+		decode func([]byte) error
+		input  []byte
+	}{
+		"submit empty":             {func(p []byte) error { _, err := DecodeSubmit(p); return err }, nil},
+		"submit truncated":         {func(p []byte) error { _, err := DecodeSubmit(p); return err }, valid[:len(valid)-1]},
+		"submit trailing":          {func(p []byte) error { _, err := DecodeSubmit(p); return err }, append(append([]byte{}, valid...), 0)},
+		"submit unknown flag":      {func(p []byte) error { _, err := DecodeSubmit(p); return err }, append([]byte{0x80}, valid[1:]...)},
+		"submit huge string":       {func(p []byte) error { _, err := DecodeSubmit(p); return err }, []byte{0, 0xff, 0xff, 0xff, 0xff, 0x0f, 'a'}},
+		"submit huge count":        {func(p []byte) error { _, err := DecodeSubmit(p); return err }, []byte{0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}},
+		"token count over 32 bits": {func(p []byte) error { _, err := DecodeToken(p); return err }, []byte{0x80, 0x80, 0x80, 0x80, 0x10, 0}},
+		"token bad varint":         {func(p []byte) error { _, err := DecodeToken(p); return err }, bytes.Repeat([]byte{0xff}, 11)},
+		"done truncated":           {func(p []byte) error { _, err := DecodeDone(p); return err }, []byte{4, 's', 't'}},
+		"error trailing":           {func(p []byte) error { _, err := DecodeError(p); return err }, []byte{0, 0, 0}},
+		"ready count too big":      {func(p []byte) error { _, err := DecodeReady(p); return err }, []byte{1, 1, 5, 0, 0}},
+		"stats truncated":          {func(p []byte) error { _, err := DecodeStats(p); return err }, []byte{1, 2, 3}},
+		"frame short":              {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, make([]byte, 15)},
+		"frame type 0":             {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, make([]byte, 16)},
+		"frame unknown type":       {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, append([]byte{0, 0, 0, 0, 99}, make([]byte, 11)...)},
+		"frame reserved":           {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, append([]byte{0, 0, 0, 0, 1, 1}, make([]byte, 10)...)},
+		"frame payload too long":   {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, append([]byte{1, 0, 0, 0, 1}, make([]byte, 11)...)},
+	}
+	for name, tt := range tests {
+		t.Run(name, func(t *testing.T) {
+			err := tt.decode(tt.input)
+			if !errors.Is(err, ErrMalformed) {
+				t.Errorf("got %v, want an error wrapping ErrMalformed", err)
+			}
+		})
+	}
+}
+
+func TestRandomSubmitRoundTrip(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	str := func() string {
+		b := make([]byte, rng.IntN(40))
+		for i := range b {
+			b[i] = byte(rng.IntN(256))
+		}
+		return string(b)
+	}
+	for i := range 2000 {
+		want := Submit{
+			Model: str(), Prompt: str(), MaxTokens: rng.Uint32(),
+			Temperature: rng.Float32() * 2, TopP: rng.Float32(), Seed: rng.Uint64(), HasSeed: rng.IntN(2) == 0,
+			Urgency: uint8(rng.IntN(8)), TraceParent: str(),
+		}
+		for range rng.IntN(4) {
+			want.Messages = append(want.Messages, ChatMessage{Role: str(), Content: str()})
+		}
+		for range rng.IntN(4) {
+			want.Stop = append(want.Stop, str())
+		}
+		got, err := DecodeSubmit(AppendSubmit(nil, &want))
+		if err != nil {
+			t.Fatalf("submit %d: %v", i, err)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("submit %d: got %+v, want %+v", i, got, want)
+		}
+	}
+}
+
+// The fuzz targets check that decoders never panic and that whatever they
+// accept re-encodes to something that decodes to the same value. Values are
+// compared through their encoding, so NaN floats compare equal to themselves.
+
+func FuzzDecodeFrame(f *testing.F) {
+	for _, fr := range []Frame{{Type: FrameToken, ID: 7, Payload: []byte("hi")}, {Type: FrameCancel, ID: 1}} {
+		b, _ := AppendFrame(nil, fr)
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, p []byte) {
+		fr, n, err := DecodeFrame(p)
+		if err != nil {
+			return
+		}
+		if n > len(p) || len(fr.Payload) != n-frameHeaderSize {
+			t.Fatalf("consumed %d of %d bytes with a %d-byte payload", n, len(p), len(fr.Payload))
+		}
+		b, err := AppendFrame(nil, fr)
+		if err != nil || !bytes.Equal(b, p[:n]) {
+			t.Fatalf("re-encoded %x, want %x (%v)", b, p[:n], err)
+		}
+	})
+}
+
+func FuzzDecodeSubmit(f *testing.F) {
+	for _, s := range sampleSubmits() {
+		if len(s.Prompt) < 1000 {
+			f.Add(AppendSubmit(nil, &s))
+		}
+	}
+	f.Fuzz(func(t *testing.T, p []byte) {
+		s, err := DecodeSubmit(p)
+		if err != nil {
+			return
+		}
+		b := AppendSubmit(nil, &s)
+		s2, err := DecodeSubmit(b)
+		if err != nil {
+			t.Fatalf("re-decode: %v", err)
+		}
+		if b2 := AppendSubmit(nil, &s2); !bytes.Equal(b, b2) {
+			t.Fatalf("unstable encoding: %x then %x", b, b2)
+		}
+	})
+}
+
+func FuzzDecodeToken(f *testing.F) {
+	f.Add(AppendToken(nil, &Token{Count: 3, Text: "abc"}))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		tok, err := DecodeToken(p)
+		if err != nil {
+			return
+		}
+		if got, err := DecodeToken(AppendToken(nil, &tok)); err != nil || got != tok {
+			t.Fatalf("got %+v, %v, want %+v", got, err, tok)
+		}
+	})
+}
+
+func FuzzDecodeDone(f *testing.F) {
+	f.Add(AppendDone(nil, &Done{FinishReason: FinishLength, PromptTokens: 3, CompletionTokens: 300}))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		d, err := DecodeDone(p)
+		if err != nil {
+			return
+		}
+		if got, err := DecodeDone(AppendDone(nil, &d)); err != nil || got != d {
+			t.Fatalf("got %+v, %v, want %+v", got, err, d)
+		}
+	})
+}
+
+func FuzzDecodeError(f *testing.F) {
+	f.Add(AppendError(nil, &Error{Code: CodeModelNotFound, Message: "no model x"}))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		e, err := DecodeError(p)
+		if err != nil {
+			return
+		}
+		if got, err := DecodeError(AppendError(nil, &e)); err != nil || got != e {
+			t.Fatalf("got %+v, %v, want %+v", got, err, e)
+		}
+	})
+}
+
+func FuzzDecodeReady(f *testing.F) {
+	f.Add(AppendReady(nil, &Ready{PID: 1, Slots: 2, Models: []ModelInfo{{Name: "demo", ContextLength: 2048}}}))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		r, err := DecodeReady(p)
+		if err != nil {
+			return
+		}
+		if got, err := DecodeReady(AppendReady(nil, &r)); err != nil || !reflect.DeepEqual(got, r) {
+			t.Fatalf("got %+v, %v, want %+v", got, err, r)
+		}
+	})
+}
+
+func FuzzDecodeStats(f *testing.F) {
+	f.Add(AppendStats(nil, &Stats{TokensGenerated: 1000, SequencesStarted: 10, SequencesFinished: 9, Active: 1}))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		s, err := DecodeStats(p)
+		if err != nil {
+			return
+		}
+		if got, err := DecodeStats(AppendStats(nil, &s)); err != nil || got != s {
+			t.Fatalf("got %+v, %v, want %+v", got, err, s)
+		}
+	})
+}

@@ -1,0 +1,399 @@
+//go:build linux
+
+package transport
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"sync"
+	"sync/atomic"
+)
+
+// CodeOverflow ends a call whose consumer fell CallBuffer events behind. The
+// gateway itself makes it; no worker sends it.
+const CodeOverflow = "overflow"
+
+// DefaultCallBuffer is the number of events a call buffers when
+// GatewayEndConfig.CallBuffer is 0.
+const DefaultCallBuffer = 1024
+
+// GatewayEndConfig configures a GatewayEnd. The zero value is usable.
+type GatewayEndConfig struct {
+	// CallBuffer is how many unread events a call may hold before it is
+	// cancelled as overflowed; 0 means DefaultCallBuffer.
+	CallBuffer int
+	// OnReady and OnStats are called from the receive loop, so they must
+	// return quickly and must not call back into the GatewayEnd's Run.
+	OnReady func(Ready)
+	OnStats func(Stats)
+	// Log receives protocol anomalies; nil discards them.
+	Log *slog.Logger
+}
+
+// GatewayEnd is the gateway's side of a Segment. It multiplexes many
+// concurrent requests over the one pair of rings: Open sends a submit and
+// returns a Call, and Run, the single receive loop, routes every token, done
+// and error frame to its Call.
+//
+// Run never blocks on a slow consumer: each Call has a bounded buffer and a
+// call that overflows it is cancelled. Cancels the receive loop itself must
+// send go through a queue drained by a goroutine Run owns, so the loop never
+// waits on a full request ring while the worker waits on a full response
+// ring.
+type GatewayEnd struct {
+	seg        *Segment
+	callBuffer int
+	onReady    func(Ready)
+	onStats    func(Stats)
+	log        *slog.Logger
+
+	sendMu  sync.Mutex // the request ring has one producer at a time
+	sendBuf []byte
+
+	callsMu sync.Mutex
+	calls   map[uint64]*Call
+	ended   bool // Run has ended every call; Open refuses
+
+	cancelMu   sync.Mutex
+	cancels    []uint64
+	cancelKick chan struct{} // capacity 1: "cancels is not empty"
+
+	running   atomic.Bool
+	closeOnce sync.Once
+	done      chan struct{} // closed by Close
+}
+
+// NewGatewayEnd makes the gateway's endpoint on seg. The caller runs Run in a
+// goroutine of its own, and closes seg only after Run has returned.
+func NewGatewayEnd(seg *Segment, cfg GatewayEndConfig) *GatewayEnd {
+	g := &GatewayEnd{
+		seg:        seg,
+		callBuffer: cfg.CallBuffer,
+		onReady:    cfg.OnReady,
+		onStats:    cfg.OnStats,
+		log:        cfg.Log,
+		calls:      make(map[uint64]*Call),
+		cancelKick: make(chan struct{}, 1),
+		done:       make(chan struct{}),
+	}
+	if g.callBuffer <= 0 {
+		g.callBuffer = DefaultCallBuffer
+	}
+	if g.log == nil {
+		g.log = slog.New(slog.DiscardHandler)
+	}
+	return g
+}
+
+// Event is one thing that happened to a call. Exactly one of the following
+// holds: Done != nil (finished), Err != nil (failed), or neither (Token).
+type Event struct {
+	Token Token
+	Done  *Done
+	Err   *Error
+}
+
+// Call is one request in flight on a GatewayEnd.
+type Call struct {
+	id uint64
+	g  *GatewayEnd
+
+	// mu orders delivery against Cancel: once ended is set, nothing more is
+	// sent on events, and the channel is closed exactly once.
+	mu     sync.Mutex
+	ended  bool
+	events chan Event
+}
+
+// ID returns the request id the call was opened with.
+func (c *Call) ID() uint64 { return c.id }
+
+// Events returns the call's events. The channel is closed right after the
+// terminal event (Done or Err), or at once by Cancel.
+func (c *Call) Events() <-chan Event { return c.events }
+
+// Cancel ends the call if it has not ended: the events channel is closed with
+// no further events and the worker is told to stop. It never blocks and is
+// safe to call more than once and from any goroutine.
+func (c *Call) Cancel() {
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return
+	}
+	c.ended = true
+	close(c.events)
+	c.mu.Unlock()
+	c.g.forget(c.id)
+	c.g.queueCancel(c.id)
+}
+
+// Open registers a call under id and sends its submit. id must not be in use
+// by another open call. Open blocks while the request ring is full, and is
+// safe for concurrent use.
+func (g *GatewayEnd) Open(id uint64, s *Submit) (*Call, error) {
+	c := &Call{id: id, g: g, events: make(chan Event, g.callBuffer+1)}
+	g.callsMu.Lock()
+	switch {
+	case g.ended:
+		g.callsMu.Unlock()
+		return nil, fmt.Errorf("transport: open request %d: %w", id, ErrClosed)
+	case g.calls[id] != nil:
+		g.callsMu.Unlock()
+		return nil, fmt.Errorf("transport: open request %d: id already in use", id)
+	}
+	// Registered before the submit goes out, so a fast worker's first token
+	// finds the call.
+	g.calls[id] = c
+	g.callsMu.Unlock()
+
+	g.sendMu.Lock()
+	g.sendBuf = AppendSubmit(g.sendBuf[:0], s)
+	err := g.seg.send(requestRing, FrameSubmit, id, g.sendBuf)
+	g.sendMu.Unlock()
+	if err != nil {
+		c.mu.Lock()
+		if !c.ended {
+			c.ended = true
+			close(c.events)
+		}
+		c.mu.Unlock()
+		g.forget(id)
+		return nil, fmt.Errorf("transport: open request %d: %w", id, err)
+	}
+	return c, nil
+}
+
+// Close marks the segment closed for both processes and wakes every waiter,
+// so Run drains what is left, ends every open call and returns ErrClosed.
+// Call it when the worker process has exited, too. It is idempotent and does
+// not wait for Run.
+func (g *GatewayEnd) Close() {
+	g.closeOnce.Do(func() {
+		close(g.done)
+		g.seg.shut()
+	})
+}
+
+// Run is the receive loop. It holds its OS thread for its whole life (its
+// futex sleeps block the thread), takes every frame off the response ring as
+// soon as it is published, and hands it to its call without blocking. It
+// returns after Close, or after the worker closed its end, having ended every
+// open call with a CodeInternal error; the error wraps ErrClosed, or
+// ErrCorrupt if the worker broke the ring. Run may be called once.
+func (g *GatewayEnd) Run() error {
+	if !g.running.CompareAndSwap(false, true) {
+		return errors.New("transport: GatewayEnd.Run called twice")
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+
+	var wg sync.WaitGroup
+	wg.Go(g.sendCancels)
+
+	buf := make([]byte, 0, 4096)
+	var err error
+	for {
+		var f Frame
+		f, err = g.seg.recv(responseRing, buf)
+		if err != nil {
+			break
+		}
+		buf = f.Payload[:0]
+		g.dispatch(f)
+	}
+	reason := "worker exited"
+	if !errors.Is(err, ErrClosed) {
+		reason = "worker transport failed"
+		err = fmt.Errorf("transport: receive: %w", err)
+	}
+	g.Close()
+	wg.Wait()
+	g.endAll(reason)
+	return err
+}
+
+func (g *GatewayEnd) dispatch(f Frame) {
+	switch f.Type {
+	case FrameToken:
+		c := g.lookup(f.ID)
+		if c == nil {
+			return // late frame after a cancel or an overflow
+		}
+		t, err := DecodeToken(f.Payload)
+		if err != nil {
+			g.malformed(c, f, err)
+			return
+		}
+		c.deliver(Event{Token: t})
+	case FrameDone:
+		c := g.lookup(f.ID)
+		if c == nil {
+			return
+		}
+		d, err := DecodeDone(f.Payload)
+		if err != nil {
+			g.malformed(c, f, err)
+			return
+		}
+		c.deliver(Event{Done: &d})
+	case FrameError:
+		c := g.lookup(f.ID)
+		if c == nil {
+			return
+		}
+		e, err := DecodeError(f.Payload)
+		if err != nil {
+			g.malformed(c, f, err)
+			return
+		}
+		c.deliver(Event{Err: &e})
+	case FrameReady:
+		r, err := DecodeReady(f.Payload)
+		if err != nil {
+			g.log.Warn("dropped malformed frame from worker", "frame", f.Type.String(), "err", err)
+			return
+		}
+		if g.onReady != nil {
+			g.onReady(r)
+		}
+	case FrameStats:
+		s, err := DecodeStats(f.Payload)
+		if err != nil {
+			g.log.Warn("dropped malformed frame from worker", "frame", f.Type.String(), "err", err)
+			return
+		}
+		if g.onStats != nil {
+			g.onStats(s)
+		}
+	case FrameHeartbeat:
+		// Its arrival is the whole message; liveness is the supervisor's
+		// business, which watches the process itself.
+	default:
+		g.log.Warn("dropped unexpected frame from worker", "frame", f.Type.String(), "request_id", f.ID)
+	}
+}
+
+// malformed fails a call whose frame did not decode and tells the worker to
+// stop it: the stream can no longer be trusted to be complete.
+func (g *GatewayEnd) malformed(c *Call, f Frame, err error) {
+	g.log.Warn("malformed frame from worker", "frame", f.Type.String(), "request_id", f.ID, "err", err)
+	if c.end(&Error{Code: CodeInternal, Message: "malformed " + f.Type.String() + " frame from worker"}) {
+		g.queueCancel(c.id)
+	}
+}
+
+// deliver hands ev to the call without blocking. A terminal event always
+// fits: the channel has one slot more than CallBuffer and token events may
+// use only CallBuffer of them.
+func (c *Call) deliver(ev Event) {
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return
+	}
+	if ev.Done != nil || ev.Err != nil {
+		c.ended = true
+		c.events <- ev
+		close(c.events)
+		c.mu.Unlock()
+		c.g.forget(c.id)
+		return
+	}
+	if len(c.events) >= c.g.callBuffer {
+		c.ended = true
+		c.events <- Event{Err: &Error{
+			Code:    CodeOverflow,
+			Message: fmt.Sprintf("request %d: consumer fell %d events behind", c.id, c.g.callBuffer),
+		}}
+		close(c.events)
+		c.mu.Unlock()
+		c.g.forget(c.id)
+		c.g.queueCancel(c.id)
+		return
+	}
+	c.events <- ev
+	c.mu.Unlock()
+}
+
+// end delivers a terminal error unless the call has ended, and reports
+// whether it did.
+func (c *Call) end(e *Error) bool {
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return false
+	}
+	c.ended = true
+	c.events <- Event{Err: e}
+	close(c.events)
+	c.mu.Unlock()
+	c.g.forget(c.id)
+	return true
+}
+
+func (g *GatewayEnd) lookup(id uint64) *Call {
+	g.callsMu.Lock()
+	defer g.callsMu.Unlock()
+	return g.calls[id]
+}
+
+func (g *GatewayEnd) forget(id uint64) {
+	g.callsMu.Lock()
+	delete(g.calls, id)
+	g.callsMu.Unlock()
+}
+
+// endAll fails every open call and stops Open from adding more.
+func (g *GatewayEnd) endAll(reason string) {
+	g.callsMu.Lock()
+	g.ended = true
+	open := make([]*Call, 0, len(g.calls))
+	for _, c := range g.calls {
+		open = append(open, c)
+	}
+	g.callsMu.Unlock()
+	for _, c := range open {
+		c.end(&Error{Code: CodeInternal, Message: reason})
+	}
+}
+
+func (g *GatewayEnd) queueCancel(id uint64) {
+	g.cancelMu.Lock()
+	g.cancels = append(g.cancels, id)
+	g.cancelMu.Unlock()
+	select {
+	case g.cancelKick <- struct{}{}:
+	default: // a kick is already pending and will see this id
+	}
+}
+
+// sendCancels sends queued FrameCancels until Close. It may sleep on a full
+// request ring; Run meanwhile keeps draining responses, so the worker keeps
+// making progress and frees the space.
+func (g *GatewayEnd) sendCancels() {
+	var batch []uint64
+	for {
+		select {
+		case <-g.cancelKick:
+		case <-g.done:
+			return
+		}
+		g.cancelMu.Lock()
+		batch, g.cancels = g.cancels, batch[:0]
+		g.cancelMu.Unlock()
+		for _, id := range batch {
+			g.sendMu.Lock()
+			err := g.seg.send(requestRing, FrameCancel, id, nil)
+			g.sendMu.Unlock()
+			if err != nil {
+				if !errors.Is(err, ErrClosed) {
+					g.log.Warn("cancel not sent", "request_id", id, "err", err)
+				}
+				return
+			}
+		}
+	}
+}

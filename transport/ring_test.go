@@ -1,0 +1,380 @@
+//go:build linux
+
+package transport
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// checkGoroutines fails the test if it ends with more goroutines than it
+// started with. Register it first so its cleanup runs last.
+func checkGoroutines(t *testing.T) {
+	t.Helper()
+	before := runtime.NumGoroutine()
+	t.Cleanup(func() {
+		deadline := time.Now().Add(5 * time.Second)
+		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n := runtime.NumGoroutine(); n > before {
+			buf := make([]byte, 1<<16)
+			buf = buf[:runtime.Stack(buf, true)]
+			t.Errorf("%d goroutines leaked:\n%s", n-before, buf)
+		}
+	})
+}
+
+// newPair maps one segment twice in this process, as the gateway and the
+// worker would map it in two: each side has its own mapping and cursors.
+func newPair(t *testing.T, ringSize int) (gw, wk *Segment) {
+	t.Helper()
+	gw, err := NewSegment(ringSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Dup(int(gw.File().Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "peer")
+	wk, err = OpenSegment(f)
+	if err != nil {
+		f.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := wk.Close(); err != nil {
+			t.Errorf("close worker segment: %v", err)
+		}
+		if err := gw.Close(); err != nil {
+			t.Errorf("close gateway segment: %v", err)
+		}
+	})
+	return gw, wk
+}
+
+// pattern fills a payload whose every byte depends on the frame and the
+// position, so a misplaced or torn copy shows.
+func pattern(id uint64, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(id*131 + uint64(i)*7 + uint64(i>>8))
+	}
+	return b
+}
+
+// waitWord polls a shared futex word until it holds want: the proof that
+// the other goroutine has gone to sleep on it.
+func waitWord(t *testing.T, what string, get func() uint32, want uint32) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for get() != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never became %d", what, want)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestNewSegmentSizes(t *testing.T) {
+	for _, n := range []int{-1, 1, MinRingSize - 1, MinRingSize + 16, MaxRingSize * 2} {
+		if s, err := NewSegment(n); err == nil {
+			s.Close()
+			t.Errorf("NewSegment(%d) succeeded, want an error", n)
+		}
+	}
+	s, err := NewSegment(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if s.RingSize() != DefaultRingSize {
+		t.Errorf("got ring size %d, want %d", s.RingSize(), DefaultRingSize)
+	}
+}
+
+func TestOpenSegmentRejects(t *testing.T) {
+	good := func(t *testing.T, corrupt func(mem []byte)) *os.File {
+		s, err := NewSegment(MinRingSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		corrupt(s.mem)
+		fd, err := unix.Dup(int(s.File().Fd()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return os.NewFile(uintptr(fd), "copy")
+	}
+	tests := map[string]struct {
+		file func(t *testing.T) *os.File
+		want string
+	}{
+		"magic":     {func(t *testing.T) *os.File { return good(t, func(m []byte) { m[0] ^= 1 }) }, "magic"},
+		"version":   {func(t *testing.T) *os.File { return good(t, func(m []byte) { m[offVersion] = 9 }) }, "version"},
+		"ring size": {func(t *testing.T) *os.File { return good(t, func(m []byte) { m[offRingSize] = 3 }) }, "ring size"},
+		"size mismatch": {func(t *testing.T) *os.File {
+			return good(t, func(m []byte) { m[offRingSize+1] = 0x20 }) // says 8 KiB rings, file holds 4 KiB ones
+		}, "header says"},
+		"unsealed": {func(t *testing.T) *os.File {
+			fd, err := unix.MemfdCreate("unsealed", unix.MFD_CLOEXEC)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Ftruncate(fd, headerSize+2*MinRingSize); err != nil {
+				t.Fatal(err)
+			}
+			return os.NewFile(uintptr(fd), "unsealed")
+		}, "sealed"},
+		"short": {func(t *testing.T) *os.File {
+			fd, err := unix.MemfdCreate("short", unix.MFD_CLOEXEC)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return os.NewFile(uintptr(fd), "short")
+		}, "shorter"},
+	}
+	for name, tt := range tests {
+		t.Run(name, func(t *testing.T) {
+			f := tt.file(t)
+			defer f.Close()
+			s, err := OpenSegment(f)
+			if err == nil {
+				s.Close()
+				t.Fatal("OpenSegment succeeded, want an error")
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("got %v, want an error about %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestRingWraparound(t *testing.T) {
+	checkGoroutines(t)
+	gw, wk := newPair(t, MinRingSize)
+	// 1500-byte payloads make 1520-byte records, which leave a gap at the
+	// end of a 4 KiB ring every third frame and so exercise the skip marker.
+	var buf []byte
+	for i := range uint64(200) {
+		want := pattern(i, 1500)
+		if err := gw.send(requestRing, FrameSubmit, i, want); err != nil {
+			t.Fatalf("send %d: %v", i, err)
+		}
+		f, err := wk.recv(requestRing, buf)
+		if err != nil {
+			t.Fatalf("recv %d: %v", i, err)
+		}
+		if f.Type != FrameSubmit || f.ID != i || !bytes.Equal(f.Payload, want) {
+			t.Fatalf("frame %d: got type %v id %d, payload equal %v", i, f.Type, f.ID, bytes.Equal(f.Payload, want))
+		}
+		buf = f.Payload
+	}
+	if wraps := gw.rings[requestRing].tail.Load() / MinRingSize; wraps < 50 {
+		t.Errorf("ring wrapped %d times, want at least 50", wraps)
+	}
+}
+
+func TestRingFrameSizes(t *testing.T) {
+	checkGoroutines(t)
+	gw, wk := newPair(t, MinRingSize)
+	max := gw.MaxPayload()
+	sizes := []int{0, 1, 15, 16, 17, 100, 1000, max / 2, max - 33, max - 17, max - 16, max - 1, max, 3, max, max, 0, max}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	sendErr := make(chan error, 1)
+	wg.Go(func() {
+		for i, n := range sizes {
+			if err := gw.send(requestRing, FrameToken, uint64(i), pattern(uint64(i), n)); err != nil {
+				sendErr <- fmt.Errorf("send %d bytes: %w", n, err)
+				return
+			}
+		}
+		sendErr <- nil
+	})
+	var buf []byte
+	for i, n := range sizes {
+		f, err := wk.recv(requestRing, buf)
+		if err != nil {
+			t.Fatalf("recv %d bytes: %v", n, err)
+		}
+		if f.ID != uint64(i) || !bytes.Equal(f.Payload, pattern(uint64(i), n)) {
+			t.Fatalf("frame %d: got id %d, %d bytes, want %d bytes", i, f.ID, len(f.Payload), n)
+		}
+		buf = f.Payload
+	}
+	if err := <-sendErr; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRingTooLarge(t *testing.T) {
+	gw, _ := newPair(t, MinRingSize)
+	for _, n := range []int{gw.MaxPayload() + 1, MinRingSize, 1 << 20} {
+		err := gw.send(requestRing, FrameToken, 1, make([]byte, n))
+		if !errors.Is(err, ErrFrameTooLarge) {
+			t.Errorf("send %d bytes: got %v, want ErrFrameTooLarge", n, err)
+		}
+	}
+	// The failed sends left the ring usable.
+	if err := gw.send(requestRing, FrameToken, 2, []byte("ok")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRingFullBlocksProducer(t *testing.T) {
+	checkGoroutines(t)
+	gw, wk := newPair(t, MinRingSize)
+	const payload = 1008 // 1024-byte records: four fill the ring
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	sent := make(chan error, 1)
+	wg.Go(func() {
+		for i := range uint64(5) {
+			if err := gw.send(requestRing, FrameToken, i, pattern(i, payload)); err != nil {
+				sent <- err
+				return
+			}
+		}
+		sent <- nil
+	})
+	r := &gw.rings[requestRing]
+	waitWord(t, "producer's spaceWaiting", r.spaceWaiting.Load, 1)
+	if got := r.tail.Load(); got != MinRingSize {
+		t.Fatalf("producer asleep with tail %d, want the ring full at %d", got, MinRingSize)
+	}
+	var buf []byte
+	for i := range uint64(5) {
+		f, err := wk.recv(requestRing, buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.ID != i || !bytes.Equal(f.Payload, pattern(i, payload)) {
+			t.Fatalf("frame %d: wrong id %d or payload", i, f.ID)
+		}
+		buf = f.Payload
+	}
+	if err := <-sent; err != nil {
+		t.Fatalf("blocked producer: %v", err)
+	}
+}
+
+func TestRingEmptySleepsConsumer(t *testing.T) {
+	checkGoroutines(t)
+	gw, wk := newPair(t, MinRingSize)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	got := make(chan Frame, 1)
+	wg.Go(func() {
+		f, err := wk.recv(requestRing, nil)
+		if err != nil {
+			t.Errorf("recv: %v", err)
+		}
+		got <- f
+	})
+	waitWord(t, "consumer's dataWaiting", wk.rings[requestRing].dataWaiting.Load, 1)
+	if err := gw.send(requestRing, FrameCancel, 99, nil); err != nil {
+		t.Fatal(err)
+	}
+	if f := <-got; f.Type != FrameCancel || f.ID != 99 {
+		t.Errorf("got %v %d, want cancel 99", f.Type, f.ID)
+	}
+	if w := wk.rings[requestRing].dataWaiting.Load(); w != 0 {
+		t.Errorf("dataWaiting is %d after the wake, want 0", w)
+	}
+}
+
+func TestCloseWakesBlocked(t *testing.T) {
+	for _, closer := range []string{"peer shut", "own shut", "own segment close"} {
+		t.Run(closer, func(t *testing.T) {
+			checkGoroutines(t)
+			gw, wk := newPair(t, MinRingSize)
+			// Fill the gateway's request ring so its next send blocks.
+			for gw.rings[requestRing].tail.Load() < MinRingSize {
+				if err := gw.send(requestRing, FrameToken, 1, make([]byte, 1008)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var wg sync.WaitGroup
+			errs := make(chan error, 2)
+			wg.Go(func() { errs <- gw.send(requestRing, FrameToken, 2, nil) })
+			wg.Go(func() {
+				_, err := gw.recv(responseRing, nil)
+				errs <- err
+			})
+			waitWord(t, "spaceWaiting", gw.rings[requestRing].spaceWaiting.Load, 1)
+			waitWord(t, "dataWaiting", gw.rings[responseRing].dataWaiting.Load, 1)
+			switch closer {
+			case "peer shut":
+				wk.shut()
+			case "own shut":
+				gw.shut()
+			case "own segment close":
+				if err := gw.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				if !errors.Is(err, ErrClosed) {
+					t.Errorf("blocked call returned %v, want ErrClosed", err)
+				}
+			}
+			// A closed segment refuses new work at once.
+			if err := wk.send(responseRing, FrameToken, 3, nil); !errors.Is(err, ErrClosed) {
+				t.Errorf("send after close: got %v, want ErrClosed", err)
+			}
+		})
+	}
+}
+
+func TestRecvDrainsBeforeClosed(t *testing.T) {
+	gw, wk := newPair(t, MinRingSize)
+	if err := wk.send(responseRing, FrameDone, 5, []byte("last")); err != nil {
+		t.Fatal(err)
+	}
+	wk.shut()
+	f, err := gw.recv(responseRing, nil)
+	if err != nil || f.ID != 5 {
+		t.Fatalf("got %v, %v; want the frame sent before the close", f, err)
+	}
+	if _, err := gw.recv(responseRing, nil); !errors.Is(err, ErrClosed) {
+		t.Errorf("got %v, want ErrClosed", err)
+	}
+}
+
+func TestRingCorruptByPeer(t *testing.T) {
+	tests := map[string]func(r *ring){
+		"tail not a record": func(r *ring) { r.tail.Store(8) },
+		"tail beyond ring":  func(r *ring) { r.tail.Store(2 * MinRingSize) },
+		"length past tail": func(r *ring) {
+			putFrameHeader(r.data, 500, FrameToken, 1)
+			r.tail.Store(32)
+		},
+		"skip past tail": func(r *ring) {
+			putFrameHeader(r.data, skipMarker, 0, 0)
+			r.tail.Store(16)
+		},
+	}
+	for name, corrupt := range tests {
+		t.Run(name, func(t *testing.T) {
+			gw, wk := newPair(t, MinRingSize)
+			corrupt(&wk.rings[responseRing])
+			if _, err := gw.recv(responseRing, nil); !errors.Is(err, ErrCorrupt) {
+				t.Errorf("got %v, want ErrCorrupt", err)
+			}
+		})
+	}
+}
