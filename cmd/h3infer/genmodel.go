@@ -1,0 +1,33 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+
+	"h3infer/internal/onnxgen"
+)
+
+func runGenmodel(args []string, stdout io.Writer) error {
+	def := onnxgen.DefaultOptions()
+	fs := flag.NewFlagSet("genmodel", flag.ContinueOnError)
+	out := fs.String("out", "", "directory to write model.onnx, tokenizer.json and model.json into (required)")
+	random := fs.Bool("random", def.Random, "seeded random weights of the given shape instead of the demo's readable weights")
+	layers := fs.Int("layers", def.Layers, "transformer layers (with --random)")
+	heads := fs.Int("heads", def.Heads, "attention heads (with --random)")
+	hidden := fs.Int("hidden", def.Hidden, "hidden size (with --random)")
+	context := fs.Int("context", def.Context, "context length in tokens")
+	seed := fs.Int64("seed", def.Seed, "weight seed (with --random)")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if *out == "" {
+		return usagef("--out is required")
+	}
+	opts := onnxgen.Options{Layers: *layers, Heads: *heads, Hidden: *hidden, Context: *context, Seed: *seed, Random: *random}
+	if err := onnxgen.Write(*out, opts); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "h3infer genmodel: wrote model.onnx, tokenizer.json and model.json to %s\n", *out)
+	return nil
+}

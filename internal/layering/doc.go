@@ -1,0 +1,3 @@
+// Package layering holds only a test: the one that keeps h3infer's import
+// graph pointing one way, as the package table in DESIGN.md lays it out.
+package layering

@@ -1,0 +1,80 @@
+package layering
+
+import (
+	"encoding/json"
+	"io"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+)
+
+type pkg struct {
+	ImportPath string
+	Imports    []string
+	Deps       []string
+}
+
+// forbidden lists, per package, what it must not import directly (Imports)
+// and what must not appear anywhere below it (Deps).
+var forbidden = map[string]struct{ direct, anywhere []string }{
+	"h3infer/scheduler": {
+		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/cmd/h3infer"},
+		anywhere: []string{"net/http", "github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go"},
+	},
+	"h3infer/transport": {
+		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"},
+		anywhere: []string{"net/http", "github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go"},
+	},
+	"h3infer/gateway": {
+		direct:   []string{"h3infer/backend", "h3infer/cmd/h3infer"},
+		anywhere: []string{"github.com/yalue/onnxruntime_go"},
+	},
+	"h3infer/backend": {
+		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/cmd/h3infer"},
+		anywhere: []string{"github.com/quic-go/quic-go"},
+	},
+	"h3infer/tlsbind": {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
+	"h3infer/certs":   {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
+}
+
+func TestImportGraph(t *testing.T) {
+	out, err := exec.Command("go", "list", "-e", "-json", "h3infer/...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	seen := map[string]bool{}
+	for {
+		var p pkg
+		if err := dec.Decode(&p); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		seen[p.ImportPath] = true
+		rule := forbidden[p.ImportPath]
+		for _, bad := range rule.direct {
+			if slices.Contains(p.Imports, bad) {
+				t.Errorf("%s imports %s; DESIGN.md forbids that edge", p.ImportPath, bad)
+			}
+		}
+		for _, bad := range rule.anywhere {
+			for _, d := range p.Deps {
+				if d == bad || strings.HasPrefix(d, bad+"/") {
+					t.Errorf("%s depends on %s (through its imports); it must stay free of it", p.ImportPath, d)
+					break
+				}
+			}
+		}
+		// Only the command wires the top-level packages together.
+		if p.ImportPath != "h3infer/cmd/h3infer" && slices.Contains(p.Imports, "h3infer/gateway") {
+			t.Errorf("%s imports h3infer/gateway; only cmd/h3infer may", p.ImportPath)
+		}
+	}
+	for name := range forbidden {
+		if !seen[name] {
+			t.Errorf("package %s is missing from the module; update this test with the layout", name)
+		}
+	}
+}
