@@ -1,0 +1,47 @@
+package main
+
+import (
+	"reflect"
+	"testing"
+	"time"
+
+	"h3infer/backend"
+)
+
+// The pool writes the worker's command line with WorkerConfig.Args and this
+// package reads it back; a field added to one side only shows up here.
+func TestWorkerArgsRoundTrip(t *testing.T) {
+	for name, cfg := range map[string]backend.WorkerConfig{
+		"full": {
+			RingFD:         3,
+			Models:         []backend.ModelSpec{{Name: "demo", Dir: "/m/demo/1"}, {Name: "b", Dir: "/m/b=2"}},
+			ORTLib:         "/opt/ort/libonnxruntime.so.1",
+			Slots:          7,
+			IntraOpThreads: 2,
+			StatsInterval:  250 * time.Millisecond,
+		},
+		"defaults": {RingFD: 3, Models: []backend.ModelSpec{{Name: "demo", Dir: "/d"}}, ORTLib: "/l.so"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			got, err := parseWorkerFlags(cfg.Args())
+			if err != nil {
+				t.Fatalf("parseWorkerFlags(%q): %v", cfg.Args(), err)
+			}
+			if !reflect.DeepEqual(got, cfg) {
+				t.Errorf("round trip through %q:\n got %+v\nwant %+v", cfg.Args(), got, cfg)
+			}
+		})
+	}
+}
+
+func TestWorkerFlagsRejectBadInput(t *testing.T) {
+	for _, args := range [][]string{
+		{"--model", "nodir"},
+		{"--model", "demo=/d", "--slots", "-1", "--onnxruntime-lib", "/l.so"},
+		{"--model", "demo=/d", "--onnxruntime-lib", "/l.so", "extra"},
+	} {
+		if _, err := parseWorkerFlags(args); err == nil {
+			t.Errorf("parseWorkerFlags(%q) accepted bad input", args)
+		}
+	}
+}
