@@ -19,18 +19,23 @@ type RequestError struct {
 
 func (e *RequestError) Error() string { return e.Code + ": " + e.Message }
 
-// generation is one request being answered: its sequence, sampler and text
-// stream. The worker and Model.Generate both drive it, one step per token,
-// which is why they produce the same text for the same Submit.
+// generation is one request being answered: its place in a batch,
+// sampler and text stream. The worker and Model.Generate both drive it
+// the same way (prefill alone, then decode steps in a batch, sampling from
+// each step's logits), which is why they produce the same text for the
+// same Submit.
 type generation struct {
 	m          *Model
-	seq        *sequence
 	prompt     []int
 	smp        *sampler
 	text       *textStream
 	limit      int // completion tokens allowed: max_tokens or the context left
 	completion int
 	last       int // the token fed at the next step, once prefilled
+
+	n      int       // tokens in the KV cache
+	row    int       // row in its batch; -1 when in none
+	logits []float32 // of the latest forward pass, sampled by next
 }
 
 func (m *Model) newGeneration(s *transport.Submit) (*generation, error) {
@@ -68,52 +73,56 @@ func (m *Model) newGeneration(s *transport.Submit) (*generation, error) {
 	if !s.HasSeed {
 		seed = rand.Uint64()
 	}
-	seq, err := m.newSequence()
-	if err != nil {
-		return nil, err
-	}
 	return &generation{
 		m:      m,
-		seq:    seq,
 		prompt: prompt,
 		smp:    newSampler(s.Temperature, s.TopP, seed),
 		text:   newTextStream(s.Stop),
 		limit:  limit,
 		last:   -1,
+		row:    -1,
 	}, nil
 }
 
-// step runs one forward pass (the whole prompt at the first step, the last
-// token afterwards) and samples one token. It returns the text that token
-// releases, and a non-nil Done when the request is finished.
-func (g *generation) step() (transport.Token, *transport.Done, error) {
-	feed := g.prompt
-	if g.last >= 0 {
-		feed = []int{g.last}
-	}
-	logits, err := g.seq.forward(feed)
+// prefill runs the prompt alone and leaves its logits for next. It returns
+// the prompt's KV cache for batch.join.
+func (g *generation) prefill() ([][]float32, error) { return g.prefill0(g.prompt) }
+
+// prefill0 prefills ids as the sequence's whole context.
+func (g *generation) prefill0(ids []int) ([][]float32, error) {
+	logits, kv, err := g.m.prefill(ids)
 	if err != nil {
-		return transport.Token{}, nil, err
+		return nil, err
 	}
-	id := g.smp.sample(logits)
+	g.logits, g.n = logits, len(ids)
+	return kv, nil
+}
+
+// next samples one token from the latest logits. It returns the text that
+// token releases, and a non-nil Done when the request is finished.
+func (g *generation) next() (transport.Token, *transport.Done) {
+	id := g.smp.sample(g.logits)
 	g.completion++
 	tok := transport.Token{Count: 1}
 	if g.m.stopIDs[id] {
 		tok.Text = g.text.flush()
-		return tok, g.done(transport.FinishStop), nil
+		return tok, g.done(transport.FinishStop)
 	}
 	text, stopped := g.text.push(g.m.tok.piece(id))
 	tok.Text = text
 	if stopped {
-		return tok, g.done(transport.FinishStop), nil
+		return tok, g.done(transport.FinishStop)
 	}
 	if g.completion >= g.limit {
 		tok.Text += g.text.flush()
-		return tok, g.done(transport.FinishLength), nil
+		return tok, g.done(transport.FinishLength)
 	}
 	g.last = id
-	return tok, nil, nil
+	return tok, nil
 }
+
+// reserve is how many tokens the sequence's cache can grow to.
+func (g *generation) reserve() int { return len(g.prompt) + g.limit }
 
 func (g *generation) done(reason string) *transport.Done {
 	return &transport.Done{
@@ -122,8 +131,6 @@ func (g *generation) done(reason string) *transport.Done {
 		CompletionTokens: uint32(g.completion),
 	}
 }
-
-func (g *generation) close() { g.seq.close() }
 
 // Generate answers s in process, exactly as a worker would for the same
 // Submit (s.Model is not consulted), and returns the whole text. It exists
@@ -134,19 +141,28 @@ func (m *Model) Generate(ctx context.Context, s *transport.Submit) (string, tran
 	if err != nil {
 		return "", transport.Done{}, err
 	}
-	defer g.close()
-	var b strings.Builder
+	b := m.newBatch()
+	defer b.close()
+	var out strings.Builder
+	kv, err := g.prefill()
+	if err != nil {
+		return "", transport.Done{}, err
+	}
 	for {
-		if err := ctx.Err(); err != nil {
-			return b.String(), transport.Done{}, fmt.Errorf("generate: %w", err)
-		}
-		tok, done, err := g.step()
-		if err != nil {
-			return b.String(), transport.Done{}, err
-		}
-		b.WriteString(tok.Text)
+		tok, done := g.next()
+		out.WriteString(tok.Text)
 		if done != nil {
-			return b.String(), *done, nil
+			return out.String(), *done, nil
+		}
+		if kv != nil {
+			b.join(g, kv)
+			kv = nil
+		}
+		if err := ctx.Err(); err != nil {
+			return out.String(), transport.Done{}, fmt.Errorf("generate: %w", err)
+		}
+		if err := b.step(); err != nil {
+			return out.String(), transport.Done{}, err
 		}
 	}
 }

@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
@@ -15,36 +16,31 @@ import (
 
 func TestKVCacheMatchesRecompute(t *testing.T) {
 	m := loadTestModel(t)
-	cached, err := m.newSequence()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cached.close()
 	tokens := m.tok.encode("The worker ")
-	logits, err := cached.forward(tokens)
+	logits, kv, err := m.prefill(tokens)
 	if err != nil {
 		t.Fatal(err)
 	}
+	g := &generation{m: m, n: len(tokens), row: -1}
+	b := m.newBatch()
+	defer b.close()
+	b.join(g, kv)
 	for step := range 6 {
-		fresh, err := m.newSequence()
-		if err != nil {
-			t.Fatal(err)
-		}
-		want, err := fresh.forward(tokens)
-		fresh.close()
+		want, _, err := m.prefill(tokens)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if d := maxAbsDiff(logits, want); d > 1e-3 {
 			t.Fatalf("step %d: cached logits differ from recomputed ones by %g", step, d)
 		}
-		next := argmax(logits)
-		tokens = append(tokens, next)
-		if logits, err = cached.forward([]int{next}); err != nil {
+		g.last = argmax(logits)
+		tokens = append(tokens, g.last)
+		if err := b.step(); err != nil {
 			t.Fatal(err)
 		}
-		if cached.n != len(tokens) {
-			t.Fatalf("cache holds %d tokens, want %d", cached.n, len(tokens))
+		logits = g.logits
+		if g.n != len(tokens) || b.cols != len(tokens) {
+			t.Fatalf("cache holds %d tokens in %d columns, want %d", g.n, b.cols, len(tokens))
 		}
 	}
 }
@@ -253,28 +249,43 @@ func TestLoadModelErrors(t *testing.T) {
 	}
 }
 
+// BenchmarkDecodeStep runs decode steps of batches of 1 to 64 rows whose
+// caches hold about 512 tokens, and reports the cost per generated token
+// beside the cost per step, so one run shows what batching buys.
 func BenchmarkDecodeStep(b *testing.B) {
 	m := loadTestModel(b)
-	seq, err := m.newSequence()
+	const past = 512
+	prompt := m.tok.encode(strings.Repeat("The gateway ", past/12+1))[:past]
+	_, kv, err := m.prefill(prompt)
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer seq.close()
-	if _, err := seq.forward(m.tok.encode("The ")); err != nil {
-		b.Fatal(err)
-	}
-	for b.Loop() {
-		if seq.n >= m.cfg.ContextLength-1 {
-			b.StopTimer()
-			seq.close()
-			if seq, err = m.newSequence(); err != nil {
-				b.Fatal(err)
+	for _, rows := range []int{1, 8, 32, 64} {
+		b.Run(fmt.Sprintf("rows=%d", rows), func(b *testing.B) {
+			bt := m.newBatch()
+			defer bt.close()
+			gens := make([]*generation, rows)
+			for i := range gens {
+				gens[i] = &generation{m: m, n: past, row: -1, last: 'e'}
+				bt.join(gens[i], kv)
 			}
-			seq.forward([]int{'T'})
-			b.StartTimer()
-		}
-		if _, err := seq.forward([]int{'e'}); err != nil {
-			b.Fatal(err)
-		}
+			steps := 0
+			for b.Loop() {
+				if bt.cols >= m.cfg.ContextLength-1 {
+					b.StopTimer()
+					for _, g := range gens {
+						bt.leave(g)
+						g.n = past
+						bt.join(g, kv)
+					}
+					b.StartTimer()
+				}
+				if err := bt.step(); err != nil {
+					b.Fatal(err)
+				}
+				steps++
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(steps*rows), "ns/token")
+		})
 	}
 }

@@ -7,117 +7,121 @@ import (
 	ort "github.com/yalue/onnxruntime_go"
 )
 
-// sequence is one running forward pass state of a model: the KV cache of
-// every token fed so far. Each call to forward feeds only the new tokens;
-// the present.* outputs become the next call's past_key_values inputs, so
-// the prefix is never recomputed. A sequence is used by one goroutine at a
-// time.
-type sequence struct {
-	m    *Model
-	past []ort.Value // key, value per layer, each [1, heads, n, head_dim]
-	n    int         // tokens in the cache
-}
-
-func (m *Model) newSequence() (*sequence, error) {
-	s := &sequence{m: m, past: make([]ort.Value, 0, 2*m.layers)}
-	for range 2 * m.layers {
-		t, err := ort.NewTensor(ort.NewShape(1, m.heads, 0, m.headDim), []float32{})
-		if err != nil {
-			s.close()
-			return nil, fmt.Errorf("model %s: empty KV cache: %w", m.name, err)
-		}
-		s.past = append(s.past, t)
-	}
-	return s, nil
-}
-
-// forward feeds ids after the cached tokens and returns the logits of the
-// last one. The returned slice is the caller's.
-func (s *sequence) forward(ids []int) ([]float32, error) {
+// prefill runs a whole prompt through the model from an empty cache, as a
+// batch of one, and returns the logits of its last position and its KV
+// cache: one slice per past_key_values input, each laid out
+// [heads, len(ids), head_dim].
+//
+// Prefill is its own call rather than rows padded into the decode step: a
+// prompt is many tokens and a decode row is one, so padding prompts into
+// the step would make every running sequence pay for the longest new
+// prompt, and the step's input shape would change with each arrival. Alone,
+// a prompt computes exactly what it computes in Model.Generate. The cost is
+// that running sequences wait for the prefills admitted before a step; the
+// worker bounds that with maxPrefillTokens per step.
+//
+// Outputs are preallocated in Go memory: letting onnxruntime_go allocate
+// them copies every output once more.
+func (m *Model) prefill(ids []int) (logits []float32, kv [][]float32, err error) {
 	if len(ids) == 0 {
-		return nil, errors.New("forward: no tokens")
+		return nil, nil, errors.New("prefill: no tokens")
 	}
-	total := s.n + len(ids)
-	idData := make([]int64, len(ids))
-	posData := make([]int64, len(ids))
+	n := int64(len(ids))
+	idData := make([]int64, n)
+	posData := make([]int64, n)
+	mask := make([]int64, n)
 	for i, id := range ids {
-		idData[i] = int64(id)
-		posData[i] = int64(s.n + i)
+		idData[i], posData[i], mask[i] = int64(id), int64(i), 1
 	}
-	mask := make([]int64, total)
-	for i := range mask {
-		mask[i] = 1
+	var vs values
+	defer vs.destroy()
+	inputs := make([]ort.Value, 0, m.inputLen)
+	step := ort.NewShape(1, n)
+	if err := vs.add(&inputs, step, idData); err != nil {
+		return nil, nil, fmt.Errorf("model %s: prefill: input_ids: %w", m.name, err)
 	}
-	var owned []ort.Value
-	defer func() {
-		for _, v := range owned {
-			v.Destroy()
+	if err := vs.add(&inputs, step, mask); err != nil {
+		return nil, nil, fmt.Errorf("model %s: prefill: attention_mask: %w", m.name, err)
+	}
+	if m.hasPositions {
+		if err := vs.add(&inputs, step, posData); err != nil {
+			return nil, nil, fmt.Errorf("model %s: prefill: position_ids: %w", m.name, err)
 		}
-	}()
-	newTensor := func(shape ort.Shape, data []int64) (ort.Value, error) {
-		t, err := ort.NewTensor(shape, data)
-		if err != nil {
-			return nil, err
+	}
+	empty := ort.NewShape(1, m.heads, 0, m.headDim)
+	for range 2 * m.layers {
+		if err := vs.add(&inputs, empty, []float32{}); err != nil {
+			return nil, nil, fmt.Errorf("model %s: prefill: empty cache: %w", m.name, err)
 		}
-		owned = append(owned, t)
-		return t, nil
 	}
-	inputs := make([]ort.Value, 0, s.m.inputLen)
-	step := ort.NewShape(1, int64(len(ids)))
-	in, err := newTensor(step, idData)
-	if err != nil {
-		return nil, fmt.Errorf("forward: input_ids: %w", err)
-	}
-	inputs = append(inputs, in)
-	if in, err = newTensor(ort.NewShape(1, int64(total)), mask); err != nil {
-		return nil, fmt.Errorf("forward: attention_mask: %w", err)
-	}
-	inputs = append(inputs, in)
-	if s.m.hasPositions {
-		if in, err = newTensor(step, posData); err != nil {
-			return nil, fmt.Errorf("forward: position_ids: %w", err)
-		}
-		inputs = append(inputs, in)
-	}
-	inputs = append(inputs, s.past...)
 
-	outputs := make([]ort.Value, s.m.outputLen) // nil: allocated by the run
-	if err := s.m.session.Run(inputs, outputs); err != nil {
-		for _, v := range outputs {
-			if v != nil {
-				v.Destroy()
-			}
+	outputs := make([]ort.Value, 0, m.outputLen)
+	var all []float32
+	if m.vocab > 0 {
+		all = make([]float32, n*m.vocab)
+		if err := vs.add(&outputs, ort.NewShape(1, n, m.vocab), all); err != nil {
+			return nil, nil, fmt.Errorf("model %s: prefill: logits: %w", m.name, err)
 		}
-		return nil, fmt.Errorf("model %s: run %d tokens after %d: %w", s.m.name, len(ids), s.n, err)
+	} else {
+		outputs = append(outputs, nil) // width unknown until the run
 	}
-	owned = append(owned, outputs[0])
-	logits, ok := outputs[0].(*ort.Tensor[float32])
-	shape := outputs[0].GetShape()
-	if !ok || len(shape) != 3 || shape[0] != 1 || shape[1] != int64(len(ids)) || shape[2] <= 0 {
-		owned = append(owned, outputs[1:]...)
-		return nil, fmt.Errorf("model %s: logits: want float32 [1, %d, vocab], got %T %v", s.m.name, len(ids), outputs[0], shape)
-	}
-	vocab := int(shape[2])
-	last := make([]float32, vocab)
-	copy(last, logits.GetData()[(len(ids)-1)*vocab:])
-
-	for i, v := range outputs[1:] {
-		if d := v.GetShape(); len(d) != 4 || d[2] != int64(total) {
-			owned = append(owned, outputs[1:]...)
-			return nil, fmt.Errorf("model %s: present value %d: want [1, heads, %d, head_dim], got %v", s.m.name, i, total, d)
+	kv = make([][]float32, 2*m.layers)
+	present := ort.NewShape(1, m.heads, n, m.headDim)
+	for i := range kv {
+		kv[i] = make([]float32, present.FlattenedSize())
+		if err := vs.add(&outputs, present, kv[i]); err != nil {
+			return nil, nil, fmt.Errorf("model %s: prefill: present %d: %w", m.name, i, err)
 		}
 	}
-	// The old cache is replaced by the presents, which include it.
-	owned = append(owned, s.past...)
-	copy(s.past, outputs[1:])
-	s.n = total
-	return last, nil
+	if err := m.session.Run(inputs, outputs); err != nil {
+		if outputs[0] != nil && m.vocab == 0 {
+			outputs[0].Destroy()
+		}
+		return nil, nil, fmt.Errorf("model %s: prefill %d tokens: %w", m.name, n, err)
+	}
+	if m.vocab == 0 {
+		vs.owned = append(vs.owned, outputs[0])
+		t, ok := outputs[0].(*ort.Tensor[float32])
+		shape := outputs[0].GetShape()
+		if !ok || len(shape) != 3 || shape[0] != 1 || shape[1] != n || shape[2] <= 0 {
+			return nil, nil, fmt.Errorf("model %s: logits: want float32 [1, %d, vocab], got %T %v", m.name, n, outputs[0], shape)
+		}
+		all = t.GetData()
+	}
+	vocab := len(all) / int(n)
+	logits = make([]float32, vocab)
+	copy(logits, all[(n-1)*int64(vocab):])
+	return logits, kv, nil
 }
 
-// close releases the KV cache.
-func (s *sequence) close() {
-	for _, v := range s.past {
+// values owns the ONNX Runtime values of one run. The Go slices they view
+// stay with the caller; destroy releases only the runtime's handles.
+type values struct{ owned []ort.Value }
+
+// add makes a tensor viewing data with shape and appends it to list.
+func add[T ort.TensorData](vs *values, list *[]ort.Value, shape ort.Shape, data []T) error {
+	t, err := ort.NewTensor(shape, data)
+	if err != nil {
+		return err
+	}
+	vs.owned = append(vs.owned, t)
+	*list = append(*list, t)
+	return nil
+}
+
+func (vs *values) add(list *[]ort.Value, shape ort.Shape, data any) error {
+	switch d := data.(type) {
+	case []int64:
+		return add(vs, list, shape, d)
+	case []float32:
+		return add(vs, list, shape, d)
+	}
+	return fmt.Errorf("tensor of %T is not supported", data)
+}
+
+func (vs *values) destroy() {
+	for _, v := range vs.owned {
 		v.Destroy()
 	}
-	s.past = nil
+	vs.owned = nil
 }

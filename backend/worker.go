@@ -1,12 +1,14 @@
 package backend
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -34,8 +36,16 @@ type WorkerConfig struct {
 	Models []ModelSpec
 	// ORTLib is the path of the ONNX Runtime shared library.
 	ORTLib string
-	// Slots is how many sequences the worker generates at once; 0 means 4.
+	// Slots is how many sequences the worker generates at once, the
+	// largest batch a decode step runs; 0 means 4. The scheduler sends a
+	// worker no more requests than this.
 	Slots int
+	// KVCacheBytes bounds the memory of the KV caches of the running
+	// sequences; 0 means 1 GiB. A sequence is counted at its full
+	// reservation (prompt plus max_tokens) and a batch at its padded shape
+	// in both of its buffers; see workerLoop.fits. Requests that do not fit
+	// wait, most urgent first.
+	KVCacheBytes int64
 	// IntraOpThreads is ONNX Runtime's intra-op thread count per model;
 	// 0 means 1.
 	IntraOpThreads int
@@ -47,6 +57,7 @@ type WorkerConfig struct {
 // Defaults of WorkerConfig.
 const (
 	DefaultSlots         = 4
+	DefaultKVCacheBytes  = 1 << 30
 	DefaultStatsInterval = 100 * time.Millisecond
 )
 
@@ -62,6 +73,9 @@ func (c WorkerConfig) Args() []string {
 	}
 	if c.Slots != 0 {
 		args = append(args, "--slots="+strconv.Itoa(c.Slots))
+	}
+	if c.KVCacheBytes != 0 {
+		args = append(args, "--kv-cache-bytes="+strconv.FormatInt(c.KVCacheBytes, 10))
 	}
 	if c.IntraOpThreads != 0 {
 		args = append(args, "--intra-op-threads="+strconv.Itoa(c.IntraOpThreads))
@@ -94,6 +108,9 @@ func (c WorkerConfig) Validate() error {
 	if c.Slots < 0 {
 		errs = append(errs, fmt.Errorf("slots: must be >= 0, got %d", c.Slots))
 	}
+	if c.KVCacheBytes < 0 {
+		errs = append(errs, fmt.Errorf("kv-cache-bytes: must be >= 0, got %d", c.KVCacheBytes))
+	}
 	if c.IntraOpThreads < 0 {
 		errs = append(errs, fmt.Errorf("intra-op-threads: must be >= 0, got %d", c.IntraOpThreads))
 	}
@@ -110,13 +127,17 @@ func (c WorkerConfig) withDefaults() WorkerConfig {
 	if c.StatsInterval == 0 {
 		c.StatsInterval = DefaultStatsInterval
 	}
+	if c.KVCacheBytes == 0 {
+		c.KVCacheBytes = DefaultKVCacheBytes
+	}
 	return c
 }
 
 // RunWorker is the worker process: it maps the ring from cfg.RingFD, loads
 // the models, announces itself with Ready and then serves submits until
 // the ring closes (a clean exit, nil) or ctx ends. Up to cfg.Slots
-// sequences run at once, each advanced one token per round in turn.
+// sequences run at once, batched: each decode step advances all of a
+// model's running sequences by one token in one ONNX Runtime call.
 //
 // The worker does not notice by itself that its parent died; the Pool
 // starts it with Pdeathsig so the kernel ends it.
@@ -142,24 +163,27 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 	if err := InitRuntime(cfg.ORTLib); err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
-	w := &workerLoop{
-		end:    end,
-		slots:  cfg.Slots,
-		models: map[string]*Model{},
-		byID:   map[uint64]*running{},
-		log:    log,
-	}
-	defer w.closeAll()
+	models := map[string]*Model{}
+	defer func() {
+		for name, m := range models {
+			if err := m.Close(); err != nil {
+				log.Warn("close model", "model", name, "err", err)
+			}
+		}
+	}()
 	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: uint32(cfg.Slots)}
 	for _, spec := range cfg.Models {
 		m, err := LoadModel(spec.Dir, ModelOptions{Name: spec.Name, IntraOpThreads: cfg.IntraOpThreads})
 		if err != nil {
 			return fmt.Errorf("worker: %w", err)
 		}
-		w.models[spec.Name] = m
+		models[spec.Name] = m
 		ready.Models = append(ready.Models, m.Info())
-		log.Info("model loaded", "model", spec.Name, "dir", spec.Dir, "context_length", m.cfg.ContextLength, "layers", m.layers)
+		log.Info("model loaded", "model", spec.Name, "dir", spec.Dir, "context_length", m.cfg.ContextLength, "layers", m.layers,
+			"kv_bytes_per_token", m.kvBytesPerToken())
 	}
+	w := newWorkerLoop(end, cfg.Slots, cfg.KVCacheBytes, models, log)
+	defer w.closeAll()
 	if err := end.SendReady(ready); err != nil {
 		return closedOK(fmt.Errorf("worker: send ready: %w", err))
 	}
@@ -219,29 +243,72 @@ func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- erro
 	}
 }
 
-// running is one admitted request.
+// sender is what the loop sends on the ring; *transport.WorkerEnd in the
+// worker, a recorder in tests that need to see exactly which tokens left.
+type sender interface {
+	SendToken(id uint64, t transport.Token) error
+	SendDone(id uint64, d transport.Done) error
+	SendError(id uint64, e transport.Error) error
+	SendStats(s transport.Stats) error
+}
+
+// running is one admitted request: waiting for room in its model's batch
+// (pending) or generating in it.
 type running struct {
-	id  uint64
-	gen *generation
+	id      uint64
+	urgency uint8
+	arrival uint64 // admission order, breaking ties of urgency
+	gen     *generation
+	batch   *batch // its model's batch
 }
 
 // workerLoop is the generation loop's state; only serve's goroutine
 // touches it.
+//
+// Slots and the KV-cache budget bound the batch. The scheduler sends a
+// worker at most Slots requests at once, so admission only ever waits for
+// KV memory; waiting requests are taken most urgent first (lowest RFC 9218
+// u), then oldest. The head of that order is never overtaken, so a large
+// urgent request is not starved by a stream of small, less urgent ones.
+// Running sequences are never preempted: a sequence keeps its slot until
+// it finishes or is cancelled.
 type workerLoop struct {
-	end    *transport.WorkerEnd
-	slots  int
-	models map[string]*Model
-	active []*running // in round-robin order
-	byID   map[uint64]*running
-	stats  transport.Stats
-	log    *slog.Logger
+	end      sender
+	slots    int
+	kvBudget int64
+	models   map[string]*Model
+	batches  []*batch // one per model, in a fixed order
+	pending  []*running
+	byID     map[uint64]*running
+	byGen    map[*generation]*running
+	arrivals uint64
+	stats    transport.Stats
+	log      *slog.Logger
+}
+
+// maxPrefillTokens bounds the prompt tokens prefilled between two decode
+// steps, so that a burst of arrivals delays the running sequences' next
+// token by a bounded amount. One prompt is always taken, however long.
+const maxPrefillTokens = 1024
+
+func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]*Model, log *slog.Logger) *workerLoop {
+	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{}, byGen: map[*generation]*running{}, log: log}
+	names := make([]string, 0, len(models))
+	for name := range models {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		w.batches = append(w.batches, models[name].newBatch())
+	}
+	return w
 }
 
 func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-chan error, every time.Duration) error {
 	ticker := time.NewTicker(every)
 	defer ticker.Stop()
 	for {
-		if len(w.active) == 0 {
+		if len(w.byID) == 0 {
 			select {
 			case in := <-inbox:
 				if err := w.handle(in); err != nil {
@@ -272,7 +339,7 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 		if err := w.round(inbox); err != nil {
 			return err
 		}
-		if len(w.active) == 0 {
+		if len(w.byID) == 0 {
 			if err := w.sendStats(); err != nil {
 				return err
 			}
@@ -280,22 +347,39 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 	}
 }
 
-// round advances every active sequence by one token, taking in frames
-// before each step so a cancel stops its sequence before the next step.
+// round is one step boundary: take in frames, start waiting sequences
+// that fit, then advance every batch by one token.
 func (w *workerLoop) round(inbox <-chan inbound) error {
-	for _, r := range append([]*running(nil), w.active...) {
+	if err := w.drain(inbox); err != nil {
+		return err
+	}
+	if err := w.start(); err != nil {
+		return err
+	}
+	for _, b := range w.batches {
+		if len(b.rows) == 0 {
+			continue
+		}
+		if err := b.step(); err != nil {
+			return w.failBatch(b, err)
+		}
+		// Cancels that arrived during the step drop their rows before the
+		// step's tokens go out, so a cancelled sequence sends nothing
+		// after the step in flight.
 		if err := w.drain(inbox); err != nil {
 			return err
 		}
-		if w.byID[r.id] != r {
-			continue // cancelled meanwhile
-		}
-		if err := w.step(r); err != nil {
-			return err
+		for _, g := range slices.Clone(b.rows) {
+			if err := w.emit(w.byRow(g)); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
 }
+
+// byRow finds the request of a batch row.
+func (w *workerLoop) byRow(g *generation) *running { return w.byGen[g] }
 
 func (w *workerLoop) drain(inbox <-chan inbound) error {
 	for {
@@ -310,16 +394,62 @@ func (w *workerLoop) drain(inbox <-chan inbound) error {
 	}
 }
 
-// step generates one token of r and sends it. Only ring failures are
-// returned; a failed sequence is answered with an error frame.
-func (w *workerLoop) step(r *running) error {
-	tok, done, err := r.gen.step()
-	if err != nil {
-		w.log.Error("generation failed", "request_id", r.id, "err", err)
-		w.remove(r)
-		w.stats.SequencesFinished++
-		return w.end.SendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "generation failed: " + err.Error()})
+// start moves waiting requests into their batches, most urgent first,
+// while the KV budget allows, prefilling each alone and sending its first
+// token.
+func (w *workerLoop) start() error {
+	prefilled := 0
+	for len(w.pending) > 0 && (prefilled == 0 || prefilled < maxPrefillTokens) {
+		r := w.pending[0]
+		if !w.fits(r) {
+			return nil
+		}
+		w.pending = w.pending[1:]
+		kv, err := r.gen.prefill()
+		if err != nil {
+			w.log.Error("prefill failed", "request_id", r.id, "err", err)
+			w.forget(r)
+			w.stats.SequencesFinished++
+			if err := w.end.SendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "prefill failed: " + err.Error()}); err != nil {
+				return err
+			}
+			continue
+		}
+		prefilled += len(r.gen.prompt)
+		r.batch.join(r.gen, kv)
+		if err := w.emit(r); err != nil {
+			return err
+		}
 	}
+	return nil
+}
+
+// fits reports whether r can join its batch within the KV budget: every
+// batch is counted as if each of its rows grew to the longest reservation
+// among them, which bounds the padded cache the batch can reach.
+func (w *workerLoop) fits(r *running) bool {
+	var total int64
+	for _, b := range w.batches {
+		rows, longest := len(b.rows), 0
+		for _, g := range b.rows {
+			longest = max(longest, g.reserve())
+		}
+		if b == r.batch {
+			rows++
+			longest = max(longest, r.gen.reserve())
+		}
+		total += b.m.kvBytes(rows, longest)
+	}
+	return total <= w.kvBudget
+}
+
+// emit samples r's next token from its latest logits and sends it, and
+// ends r if that token finished it. Only ring failures are returned.
+func (w *workerLoop) emit(r *running) error {
+	if r == nil {
+		return nil
+	}
+	tok, done := r.gen.next()
 	w.stats.TokensGenerated += uint64(tok.Count)
 	if err := w.end.SendToken(r.id, tok); err != nil {
 		return err
@@ -327,9 +457,28 @@ func (w *workerLoop) step(r *running) error {
 	if done == nil {
 		return nil
 	}
-	w.remove(r)
+	w.forget(r)
 	w.stats.SequencesFinished++
 	return w.end.SendDone(r.id, *done)
+}
+
+// failBatch answers every sequence of a batch whose step failed with an
+// error and drops them; the batch's cache can no longer be trusted.
+func (w *workerLoop) failBatch(b *batch, err error) error {
+	w.log.Error("decode step failed", "model", b.m.name, "rows", len(b.rows), "err", err)
+	for _, g := range slices.Clone(b.rows) {
+		r := w.byRow(g)
+		if r == nil {
+			continue
+		}
+		w.forget(r)
+		w.stats.SequencesFinished++
+		if err := w.end.SendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "generation failed: " + err.Error()}); err != nil {
+			return err
+		}
+	}
+	b.close()
+	return nil
 }
 
 // handle acts on one frame from the gateway. Problems with a request are
@@ -341,7 +490,7 @@ func (w *workerLoop) handle(in inbound) error {
 	case transport.FrameCancel:
 		// The gateway has already forgotten the call, so nothing is sent.
 		if r := w.byID[in.id]; r != nil {
-			w.remove(r)
+			w.forget(r)
 			w.stats.SequencesCancelled++
 		}
 	case transport.FrameHeartbeat:
@@ -361,7 +510,7 @@ func (w *workerLoop) admit(in inbound) error {
 	if w.byID[in.id] != nil {
 		return reject(transport.CodeInvalidRequest, fmt.Sprintf("request id %d is already running", in.id))
 	}
-	if len(w.active) >= w.slots {
+	if len(w.byID) >= w.slots {
 		return reject(transport.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", w.slots))
 	}
 	m := w.models[in.submit.Model]
@@ -376,37 +525,56 @@ func (w *workerLoop) admit(in inbound) error {
 		w.log.Error("start generation", "request_id", in.id, "err", err)
 		return reject(transport.CodeInternal, err.Error())
 	}
-	r := &running{id: in.id, gen: gen}
-	w.active = append(w.active, r)
+	if need := m.kvBytes(1, gen.reserve()); need > w.kvBudget {
+		return reject(transport.CodeInvalidRequest, fmt.Sprintf(
+			"the request may reach %d tokens, whose KV cache (%d bytes) exceeds this worker's budget of %d bytes; ask for fewer max_tokens",
+			gen.reserve(), need, w.kvBudget))
+	}
+	w.arrivals++
+	r := &running{id: in.id, urgency: in.submit.Urgency, arrival: w.arrivals, gen: gen}
+	for _, b := range w.batches {
+		if b.m == m {
+			r.batch = b
+		}
+	}
+	// Most urgent first, then oldest; arrivals only grow, so the new one
+	// goes after every equal.
+	i, _ := slices.BinarySearchFunc(w.pending, r, func(a, b *running) int {
+		if a.urgency != b.urgency {
+			return int(a.urgency) - int(b.urgency)
+		}
+		return cmp.Compare(a.arrival, b.arrival)
+	})
+	w.pending = slices.Insert(w.pending, i, r)
 	w.byID[in.id] = r
+	w.byGen[gen] = r
 	w.stats.SequencesStarted++
 	return nil
 }
 
-func (w *workerLoop) remove(r *running) {
+// forget drops r wherever it is: its batch row at once (freeing the slot
+// for the next step) or its place in the waiting order.
+func (w *workerLoop) forget(r *running) {
 	delete(w.byID, r.id)
-	for i, a := range w.active {
-		if a == r {
-			w.active = append(w.active[:i], w.active[i+1:]...)
-			break
-		}
+	delete(w.byGen, r.gen)
+	if r.gen.row >= 0 {
+		r.batch.leave(r.gen)
+		return
 	}
-	r.gen.close()
+	if i := slices.Index(w.pending, r); i >= 0 {
+		w.pending = slices.Delete(w.pending, i, i+1)
+	}
 }
 
 func (w *workerLoop) sendStats() error {
-	w.stats.Active = uint32(len(w.active))
+	w.stats.Active = uint32(len(w.byID))
 	return w.end.SendStats(w.stats)
 }
 
+// closeAll drops every sequence; the models are closed by RunWorker.
 func (w *workerLoop) closeAll() {
-	for _, r := range w.active {
-		r.gen.close()
+	for _, b := range w.batches {
+		b.close()
 	}
-	w.active, w.byID = nil, nil
-	for name, m := range w.models {
-		if err := m.Close(); err != nil {
-			w.log.Warn("close model", "model", name, "err", err)
-		}
-	}
+	w.pending, w.byID, w.byGen = nil, nil, nil
 }

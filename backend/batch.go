@@ -1,0 +1,251 @@
+package backend
+
+import (
+	"fmt"
+
+	ort "github.com/yalue/onnxruntime_go"
+)
+
+// batch is the running sequences of one model that advance together: each
+// decode step is one ONNX Runtime call over all of them, input_ids
+// [rows, 1] and a KV cache [rows, heads, cols, head_dim] per layer.
+//
+// Rows are left-padded: row r's tokens fill the last r.n of the cache's
+// cols, and attention_mask is 0 over the padding. Each step appends one
+// column for every row, so the cache never needs rewriting while rows
+// only grow; a row whose prompt is longer than cols makes the whole cache
+// wider once (relayout), and when the longest row leaves, the columns no
+// row uses any more are cut away, so padding never outlives the row that
+// caused it. Position ids count a row's own tokens, so padding changes no
+// row's positions.
+//
+// The cache lives in Go memory, two buffers per past input: the step reads
+// past from one and has the runtime write present, one column wider, into
+// the other, which becomes the next past. Nothing is copied per step
+// beyond what the model's own concatenation does.
+type batch struct {
+	m    *Model
+	rows []*generation
+	cols int
+
+	buf [2][][]float32 // [which][past input], laid out [rows, heads, cols, head_dim]
+	cur int            // buf[cur] holds the cache
+
+	ids, pos, mask []int64
+	logits         []float32
+}
+
+func (m *Model) newBatch() *batch {
+	b := &batch{m: m}
+	for i := range b.buf {
+		b.buf[i] = make([][]float32, 2*m.layers)
+	}
+	return b
+}
+
+// rowFloats is the length of one row of one past input at cols columns.
+func (b *batch) rowFloats(cols int) int { return int(b.m.heads*b.m.headDim) * cols }
+
+// grow returns s with room for n floats, keeping its contents when keep is
+// set. Growth carries an eighth in hand so that a cache gaining a column a
+// step reallocates rarely, without holding much beyond what it needs.
+func grow(s []float32, n int, keep bool) []float32 {
+	if cap(s) >= n {
+		return s[:n]
+	}
+	t := make([]float32, n, n+n/8+1024)
+	if keep {
+		copy(t, s)
+	}
+	return t
+}
+
+// join adds g as a new row with kv, its prefill cache laid out
+// [heads, g.n, head_dim] per past input.
+func (b *batch) join(g *generation, kv [][]float32) {
+	if g.n > b.cols {
+		b.relayout(g.n)
+	}
+	r := len(b.rows)
+	hd := int(b.m.headDim)
+	heads := int(b.m.heads)
+	pad := b.cols - g.n
+	for k, src := range kv {
+		dst := grow(b.buf[b.cur][k], (r+1)*b.rowFloats(b.cols), true)
+		b.buf[b.cur][k] = dst
+		row := dst[r*b.rowFloats(b.cols):]
+		for h := range heads {
+			line := row[h*b.cols*hd : (h+1)*b.cols*hd]
+			clear(line[:pad*hd])
+			copy(line[pad*hd:], src[h*g.n*hd:(h+1)*g.n*hd])
+		}
+	}
+	g.row = r
+	b.rows = append(b.rows, g)
+}
+
+// leave removes g's row: the last row moves into its place. Columns that
+// only g used are cut away.
+func (b *batch) leave(g *generation) {
+	r, last := g.row, len(b.rows)-1
+	if r < 0 || r > last || b.rows[r] != g {
+		return
+	}
+	g.row = -1
+	if r != last {
+		size := b.rowFloats(b.cols)
+		for k := range b.buf[b.cur] {
+			s := b.buf[b.cur][k]
+			copy(s[r*size:(r+1)*size], s[last*size:(last+1)*size])
+		}
+		b.rows[r] = b.rows[last]
+		b.rows[r].row = r
+	}
+	b.rows[last] = nil
+	b.rows = b.rows[:last]
+	if len(b.rows) == 0 {
+		// Give the memory back; an idle worker should not hold its peak.
+		b.cols = 0
+		for i := range b.buf {
+			clear(b.buf[i])
+		}
+		return
+	}
+	widest := 0
+	for _, x := range b.rows {
+		widest = max(widest, x.n)
+	}
+	if widest < b.cols {
+		b.relayout(widest)
+	}
+}
+
+// relayout rewrites the cache with cols columns, each row keeping its
+// tokens at the right end. cols must be at least every row's n.
+func (b *batch) relayout(cols int) {
+	hd := int(b.m.headDim)
+	heads := int(b.m.heads)
+	next := 1 - b.cur
+	for k := range b.buf[b.cur] {
+		src := b.buf[b.cur][k]
+		dst := grow(b.buf[next][k], len(b.rows)*b.rowFloats(cols), false)
+		for r, g := range b.rows {
+			for h := range heads {
+				from := src[((r*heads+h)*b.cols+b.cols-g.n)*hd : ((r*heads+h)*b.cols+b.cols)*hd]
+				line := dst[(r*heads+h)*cols*hd : (r*heads+h+1)*cols*hd]
+				pad := cols - g.n
+				clear(line[:pad*hd])
+				copy(line[pad*hd:], from)
+			}
+		}
+		b.buf[next][k] = dst
+	}
+	b.cur, b.cols = next, cols
+}
+
+// step feeds every row its last token in one run and leaves each row's
+// logits in its generation's logits.
+func (b *batch) step() error {
+	rows := len(b.rows)
+	if rows == 0 {
+		return nil
+	}
+	m := b.m
+	cols := b.cols + 1
+	b.ids = b.ids[:0]
+	b.pos = b.pos[:0]
+	b.mask = b.mask[:0]
+	for _, g := range b.rows {
+		b.ids = append(b.ids, int64(g.last))
+		b.pos = append(b.pos, int64(g.n))
+		for c := range cols {
+			if c >= b.cols-g.n {
+				b.mask = append(b.mask, 1)
+			} else {
+				b.mask = append(b.mask, 0)
+			}
+		}
+	}
+	var vs values
+	defer vs.destroy()
+	inputs := make([]ort.Value, 0, m.inputLen)
+	one := ort.NewShape(int64(rows), 1)
+	if err := vs.add(&inputs, one, b.ids); err != nil {
+		return fmt.Errorf("model %s: step: input_ids: %w", m.name, err)
+	}
+	if err := vs.add(&inputs, ort.NewShape(int64(rows), int64(cols)), b.mask); err != nil {
+		return fmt.Errorf("model %s: step: attention_mask: %w", m.name, err)
+	}
+	if m.hasPositions {
+		if err := vs.add(&inputs, one, b.pos); err != nil {
+			return fmt.Errorf("model %s: step: position_ids: %w", m.name, err)
+		}
+	}
+	past := ort.NewShape(int64(rows), m.heads, int64(b.cols), m.headDim)
+	for k := range b.buf[b.cur] {
+		if err := vs.add(&inputs, past, b.buf[b.cur][k][:rows*b.rowFloats(b.cols)]); err != nil {
+			return fmt.Errorf("model %s: step: past %d: %w", m.name, k, err)
+		}
+	}
+	outputs := make([]ort.Value, 0, m.outputLen)
+	if m.vocab > 0 {
+		b.logits = grow(b.logits, rows*int(m.vocab), false)
+		if err := vs.add(&outputs, ort.NewShape(int64(rows), 1, m.vocab), b.logits); err != nil {
+			return fmt.Errorf("model %s: step: logits: %w", m.name, err)
+		}
+	} else {
+		outputs = append(outputs, nil)
+	}
+	next := 1 - b.cur
+	present := ort.NewShape(int64(rows), m.heads, int64(cols), m.headDim)
+	for k := range b.buf[next] {
+		b.buf[next][k] = grow(b.buf[next][k], rows*b.rowFloats(cols), false)
+		if err := vs.add(&outputs, present, b.buf[next][k]); err != nil {
+			return fmt.Errorf("model %s: step: present %d: %w", m.name, k, err)
+		}
+	}
+	if err := m.session.Run(inputs, outputs); err != nil {
+		if m.vocab == 0 && outputs[0] != nil {
+			outputs[0].Destroy()
+		}
+		return fmt.Errorf("model %s: decode step of %d rows over %d columns: %w", m.name, rows, b.cols, err)
+	}
+	all := b.logits
+	if m.vocab == 0 {
+		vs.owned = append(vs.owned, outputs[0])
+		t, ok := outputs[0].(*ort.Tensor[float32])
+		shape := outputs[0].GetShape()
+		if !ok || len(shape) != 3 || shape[0] != int64(rows) || shape[1] != 1 || shape[2] <= 0 {
+			return fmt.Errorf("model %s: logits: want float32 [%d, 1, vocab], got %T %v", m.name, rows, outputs[0], shape)
+		}
+		all = t.GetData()
+	}
+	vocab := len(all) / rows
+	for r, g := range b.rows {
+		g.logits = append(g.logits[:0], all[r*vocab:(r+1)*vocab]...)
+		g.n++
+	}
+	b.cur, b.cols = next, cols
+	return nil
+}
+
+// kvBytesPerToken is the KV cache one token of one sequence takes.
+func (m *Model) kvBytesPerToken() int64 { return 2 * int64(m.layers) * m.heads * m.headDim * 4 }
+
+// kvBytes bounds the memory of this batch's cache, both buffers, if it
+// held rows sequences up to longest tokens each.
+func (m *Model) kvBytes(rows, longest int) int64 {
+	return 2 * int64(rows) * int64(longest) * m.kvBytesPerToken()
+}
+
+// close drops the rows' caches.
+func (b *batch) close() {
+	for _, g := range b.rows {
+		g.row = -1
+	}
+	b.rows = nil
+	b.cols = 0
+	for i := range b.buf {
+		clear(b.buf[i])
+	}
+}
