@@ -100,6 +100,7 @@ func testWorkerMain(args []string) int {
 	})
 	fs.StringVar(&cfg.ORTLib, "onnxruntime-lib", "", "")
 	fs.IntVar(&cfg.Slots, "slots", 0, "")
+	fs.Int64Var(&cfg.KVCacheBytes, "kv-cache-bytes", 0, "")
 	fs.IntVar(&cfg.IntraOpThreads, "intra-op-threads", 0, "")
 	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, "")
 	if err := fs.Parse(args); err != nil {

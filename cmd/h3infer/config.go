@@ -50,8 +50,13 @@ type TLSConfig struct {
 type WorkersConfig struct {
 	// Count of worker processes. Default 2.
 	Count int `json:"count"`
-	// Slots is the number of sequences one worker runs at once. Default 4.
+	// Slots is the number of sequences one worker runs at once, its largest
+	// decode batch. Default 4.
 	Slots int `json:"slots"`
+	// KVCacheBytes bounds the KV-cache memory of one worker's running
+	// sequences; requests beyond it wait in the worker, most urgent first.
+	// Default 1073741824 (1 GiB).
+	KVCacheBytes int64 `json:"kv_cache_bytes"`
 	// IntraOpThreads per ONNX Runtime session. Default 1.
 	IntraOpThreads int `json:"intra_op_threads"`
 	// RingBytes is the size of each shared-memory ring. Default 1 MiB; a
@@ -141,6 +146,9 @@ func (c Config) withDefaults() Config {
 	defInt(&c.Workers.Count, 2)
 	defInt(&c.Workers.Slots, 4)
 	defInt(&c.Workers.IntraOpThreads, 1)
+	if c.Workers.KVCacheBytes == 0 {
+		c.Workers.KVCacheBytes = 1 << 30
+	}
 	defInt(&c.Workers.RingBytes, 1<<20)
 	defInt(&c.Scheduler.MaxQueue, 256)
 	if c.Scheduler.RetryAfter == 0 {
@@ -176,6 +184,9 @@ func (c Config) validate() error {
 	}
 	if c.Workers.Slots < 1 || c.Workers.Slots > 1024 {
 		bad("workers.slots", "must be 1..1024, got %d", c.Workers.Slots)
+	}
+	if c.Workers.KVCacheBytes < 1<<20 {
+		bad("workers.kv_cache_bytes", "must be at least 1048576, got %d", c.Workers.KVCacheBytes)
 	}
 	if c.Workers.IntraOpThreads < 1 || c.Workers.IntraOpThreads > 256 {
 		bad("workers.intra_op_threads", "must be 1..256, got %d", c.Workers.IntraOpThreads)

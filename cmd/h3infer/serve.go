@@ -88,6 +88,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 			Models:         models,
 			ORTLib:         onnxRuntimeLib(cfg.ONNXRuntimeLib, exe),
 			Slots:          cfg.Workers.Slots,
+			KVCacheBytes:   cfg.Workers.KVCacheBytes,
 			IntraOpThreads: cfg.Workers.IntraOpThreads,
 		},
 		RingSize:   cfg.Workers.RingBytes,

@@ -40,7 +40,8 @@ func parseWorkerFlags(args []string) (backend.WorkerConfig, error) {
 		return nil
 	})
 	fs.StringVar(&cfg.ORTLib, "onnxruntime-lib", "", "path of libonnxruntime.so (default $ONNXRUNTIME_LIB)")
-	fs.IntVar(&cfg.Slots, "slots", 0, fmt.Sprintf("sequences generated at once (0: %d)", backend.DefaultSlots))
+	fs.IntVar(&cfg.Slots, "slots", 0, fmt.Sprintf("sequences generated at once, the largest decode batch (0: %d)", backend.DefaultSlots))
+	fs.Int64Var(&cfg.KVCacheBytes, "kv-cache-bytes", 0, fmt.Sprintf("KV-cache memory budget of the running sequences (0: %d)", backend.DefaultKVCacheBytes))
 	fs.IntVar(&cfg.IntraOpThreads, "intra-op-threads", 0, "ONNX Runtime intra-op threads per model (0: 1)")
 	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, fmt.Sprintf("how often to report counters (0: %s)", backend.DefaultStatsInterval))
 	if err := fs.Parse(args); err != nil {

@@ -17,6 +17,7 @@ func TestWorkerArgsRoundTrip(t *testing.T) {
 			Models:         []backend.ModelSpec{{Name: "demo", Dir: "/m/demo/1"}, {Name: "b", Dir: "/m/b=2"}},
 			ORTLib:         "/opt/ort/libonnxruntime.so.1",
 			Slots:          7,
+			KVCacheBytes:   3 << 30,
 			IntraOpThreads: 2,
 			StatsInterval:  250 * time.Millisecond,
 		},
@@ -39,6 +40,7 @@ func TestWorkerFlagsRejectBadInput(t *testing.T) {
 		{"--model", "nodir"},
 		{"--model", "demo=/d", "--slots", "-1", "--onnxruntime-lib", "/l.so"},
 		{"--model", "demo=/d", "--onnxruntime-lib", "/l.so", "extra"},
+		{"--model", "demo=/d", "--kv-cache-bytes", "-5", "--onnxruntime-lib", "/l.so"},
 	} {
 		if _, err := parseWorkerFlags(args); err == nil {
 			t.Errorf("parseWorkerFlags(%q) accepted bad input", args)
