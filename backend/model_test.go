@@ -253,8 +253,14 @@ func TestLoadModelErrors(t *testing.T) {
 // caches hold about 512 tokens, and reports the cost per generated token
 // beside the cost per step, so one run shows what batching buys.
 func BenchmarkDecodeStep(b *testing.B) {
-	m := loadTestModel(b)
-	const past = 512
+	b.Run("model=demo", func(b *testing.B) { benchmarkDecodeStep(b, loadTestModel(b), 512) })
+	b.Run("model=h512l4", func(b *testing.B) {
+		m := loadRandomModel(b, onnxgen.Options{Layers: 4, Heads: 8, Hidden: 512, Seed: 1})
+		benchmarkDecodeStep(b, m, 100)
+	})
+}
+
+func benchmarkDecodeStep(b *testing.B, m *Model, past int) {
 	prompt := m.tok.encode(strings.Repeat("The gateway ", past/12+1))[:past]
 	_, kv, err := m.prefill(prompt)
 	if err != nil {

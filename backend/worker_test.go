@@ -25,6 +25,12 @@ type ringWorker struct {
 func startRingWorker(t *testing.T, slots int) *ringWorker {
 	t.Helper()
 	needModel(t)
+	return startRingWorkerWith(t, slots, testModelDir, 0)
+}
+
+// startRingWorkerWith serves the model in dir under the name "demo".
+func startRingWorkerWith(t testing.TB, slots int, dir string, kvBudget int64) *ringWorker {
+	t.Helper()
 	seg, err := transport.NewSegment(0)
 	if err != nil {
 		t.Fatal(err)
@@ -46,9 +52,10 @@ func startRingWorker(t *testing.T, slots int) *ringWorker {
 	ctx, cancel := context.WithCancel(context.Background())
 	cfg := WorkerConfig{
 		RingFD:        fd,
-		Models:        []ModelSpec{{Name: "demo", Dir: testModelDir}},
+		Models:        []ModelSpec{{Name: "demo", Dir: dir}},
 		ORTLib:        testORTLib,
 		Slots:         slots,
+		KVCacheBytes:  kvBudget,
 		StatsInterval: 5 * time.Millisecond,
 	}
 	var wg sync.WaitGroup

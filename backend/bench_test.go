@@ -1,0 +1,138 @@
+package backend
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"h3infer/internal/onnxgen"
+	"h3infer/transport"
+)
+
+// BenchmarkWorkerConcurrency loads one worker, over a real ring, with 1, 8,
+// 32 and 64 clients that each send requests back to back, for the demo
+// model and for a random model of hidden size 512 and 4 layers. Each
+// sub-benchmark runs a fixed window and reports aggregate tokens/s, time to
+// first token and inter-token latency (p50, p99), and its tokens/s as a
+// multiple of concurrency 1 measured in the same run (x_c1).
+//
+//	go test -run '^$' -bench WorkerConcurrency -benchtime 1x ./backend/
+func BenchmarkWorkerConcurrency(b *testing.B) {
+	needModel(b)
+	window := 4 * time.Second
+	if v := os.Getenv("H3INFER_BENCH_WINDOW"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			b.Fatalf("H3INFER_BENCH_WINDOW: %v", err)
+		}
+		window = d
+	}
+	large := filepath.Join(b.TempDir(), "h512l4")
+	if err := onnxgen.Write(large, onnxgen.Options{Random: true, Layers: 4, Heads: 8, Hidden: 512, Seed: 1}); err != nil {
+		b.Fatal(err)
+	}
+	for _, model := range []struct{ name, dir string }{{"demo", testModelDir}, {"h512l4", large}} {
+		b.Run("model="+model.name, func(b *testing.B) {
+			rw := startRingWorkerWith(b, 64, model.dir, 0)
+			var base float64
+			var ids atomic.Uint64
+			for _, c := range []int{1, 8, 32, 64} {
+				b.Run(fmt.Sprintf("c=%d", c), func(b *testing.B) {
+					var r loadResult
+					for b.Loop() {
+						r = runLoad(b, rw.end, &ids, c, window)
+					}
+					tps := float64(r.tokens) / r.elapsed.Seconds()
+					if c == 1 {
+						base = tps
+					}
+					b.ReportMetric(tps, "tok/s")
+					b.ReportMetric(ms(percentile(r.ttft, 50)), "ttft_p50_ms")
+					b.ReportMetric(ms(percentile(r.ttft, 99)), "ttft_p99_ms")
+					b.ReportMetric(ms(percentile(r.itl, 50)), "itl_p50_ms")
+					b.ReportMetric(ms(percentile(r.itl, 99)), "itl_p99_ms")
+					if base > 0 {
+						b.ReportMetric(tps/base, "x_c1")
+					}
+				})
+			}
+		})
+	}
+}
+
+type loadResult struct {
+	tokens    int
+	elapsed   time.Duration
+	ttft, itl []time.Duration
+}
+
+// runLoad runs c clients for window; each sends a 64-token request with a
+// prompt of its own length as soon as its previous one ends.
+func runLoad(b *testing.B, end *transport.GatewayEnd, ids *atomic.Uint64, c int, window time.Duration) loadResult {
+	var (
+		mu  sync.Mutex
+		res loadResult
+		wg  sync.WaitGroup
+	)
+	start := time.Now()
+	stop := start.Add(window)
+	for client := range c {
+		wg.Go(func() {
+			prompt := "The gateway hands each request to a worker. "[:10+client%30]
+			for time.Now().Before(stop) {
+				s := &transport.Submit{Model: "demo", Prompt: prompt, MaxTokens: 64, Temperature: 1, Seed: uint64(client), HasSeed: true}
+				opened := time.Now()
+				call, err := end.Open(ids.Add(1), s)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				var ttft time.Duration
+				var itl []time.Duration
+				tokens := 0
+				last := opened
+				for ev := range call.Events() {
+					if ev.Err != nil {
+						b.Errorf("request failed: %+v", ev.Err)
+						return
+					}
+					if ev.Done != nil {
+						break
+					}
+					now := time.Now()
+					if tokens == 0 {
+						ttft = now.Sub(opened)
+					} else {
+						itl = append(itl, now.Sub(last))
+					}
+					last = now
+					tokens += int(ev.Token.Count)
+				}
+				mu.Lock()
+				res.tokens += tokens
+				res.ttft = append(res.ttft, ttft)
+				res.itl = append(res.itl, itl...)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	res.elapsed = time.Since(start)
+	return res
+}
+
+func percentile(d []time.Duration, p int) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[min(len(s)-1, len(s)*p/100)]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
