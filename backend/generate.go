@@ -141,6 +141,9 @@ func (m *Model) Generate(ctx context.Context, s *transport.Submit) (string, tran
 	if err != nil {
 		return "", transport.Done{}, err
 	}
+	if err := ctx.Err(); err != nil {
+		return "", transport.Done{}, fmt.Errorf("generate: %w", err)
+	}
 	b := m.newBatch()
 	defer b.close()
 	var out strings.Builder

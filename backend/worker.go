@@ -399,7 +399,7 @@ func (w *workerLoop) drain(inbox <-chan inbound) error {
 // token.
 func (w *workerLoop) start() error {
 	prefilled := 0
-	for len(w.pending) > 0 && (prefilled == 0 || prefilled < maxPrefillTokens) {
+	for len(w.pending) > 0 && prefilled < maxPrefillTokens {
 		r := w.pending[0]
 		if !w.fits(r) {
 			return nil
