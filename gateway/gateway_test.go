@@ -912,28 +912,3 @@ func TestNewValidates(t *testing.T) {
 		}
 	}
 }
-
-func TestUrgencyOf(t *testing.T) {
-	tests := map[string]struct {
-		header []string
-		want   uint8
-	}{
-		"absent":       {nil, 3},
-		"urgent":       {[]string{"u=0"}, 0},
-		"with i":       {[]string{"i, u=6"}, 6},
-		"out of range": {[]string{"u=9"}, 3},
-		"garbage":      {[]string{"u=x"}, 3},
-		"last wins":    {[]string{"u=1", "u=5"}, 5},
-	}
-	for name, tc := range tests {
-		t.Run(name, func(t *testing.T) {
-			h := http.Header{}
-			for _, v := range tc.header {
-				h.Add("Priority", v)
-			}
-			if got := urgencyOf(h); got != tc.want {
-				t.Errorf("got %d, want %d", got, tc.want)
-			}
-		})
-	}
-}
