@@ -115,6 +115,16 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	if err != nil {
 		return err
 	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "h3infer_scheduler_queued_requests",
+			Help: "Requests waiting for a worker slot.",
+		}, func() float64 { return float64(sched.Stats().Queued) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "h3infer_scheduler_running_requests",
+			Help: "Worker slots in use.",
+		}, func() float64 { return float64(sched.Stats().Running) }),
+	)
 	gw, err := gateway.New(gateway.Config{
 		Listen:           cfg.Listen,
 		Admin:            cfg.Admin,
