@@ -514,6 +514,7 @@ func TestErrorResponses(t *testing.T) {
 		status             int
 		code, param        string
 		header             map[string]string
+		reqHeader          map[string]string
 	}{
 		"malformed json":       {body: `{"model":"demo",`, status: 400, code: "invalid_json"},
 		"empty body":           {body: ``, status: 400, code: "invalid_json"},
@@ -552,7 +553,14 @@ func TestErrorResponses(t *testing.T) {
 			status: 503, code: "overloaded", header: map[string]string{"Retry-After": "2"},
 		},
 		"deadline": {body: chat(""), script: failWith(fmt.Errorf("queued: %w", scheduler.ErrDeadline)), status: 504, code: "timeout"},
-		"closed":   {body: chat(""), script: failWith(scheduler.ErrClosed), status: 503, code: "shutting_down"},
+		"tenant over its bound": {
+			body: chat(""), script: failWith(fmt.Errorf("submit: %w", &scheduler.TenantLimitError{Tenant: "a", RetryAfter: 3 * time.Second})),
+			status: 429, code: "tenant_queue_full", header: map[string]string{"Retry-After": "3"},
+		},
+		"deadline header not a duration": {body: chat(""), reqHeader: map[string]string{"X-Request-Timeout": "soon"}, status: 400},
+		"deadline header beyond max":     {body: chat(""), reqHeader: map[string]string{"X-Request-Timeout": "1h"}, status: 400},
+		"deadline header negative":       {body: chat(""), reqHeader: map[string]string{"X-Request-Timeout": "-1s"}, status: 400},
+		"closed":                         {body: chat(""), script: failWith(scheduler.ErrClosed), status: 503, code: "shutting_down"},
 		"unexpected scheduler error": {
 			body: chat(""), script: failWith(errors.New("disk on fire")), status: 500, code: "internal_error",
 		},
@@ -577,6 +585,9 @@ func TestErrorResponses(t *testing.T) {
 				req, err := http.NewRequest(method, h.base+path, strings.NewReader(tc.body))
 				if err != nil {
 					t.Fatal(err)
+				}
+				for k, v := range tc.reqHeader {
+					req.Header.Set(k, v)
 				}
 				resp := h.do(t, proto, req)
 				if resp.StatusCode != tc.status {
