@@ -77,14 +77,20 @@ func (q *queue) level(w *waiter, now time.Time) int {
 	return max(u, 0)
 }
 
-// pop removes and returns the request to serve next, or nil when empty.
-func (q *queue) pop(now time.Time) *waiter {
+// pop removes and returns the request to serve next, or nil when the queue
+// is empty or admit refuses the next request's effective urgency. Since
+// nothing behind the next request is more urgent, a refusal ends the
+// dispatch round.
+func (q *queue) pop(now time.Time, admit func(level int) bool) *waiter {
 	if len(q.items) == 0 {
 		return nil
 	}
 	best := Levels
 	for _, w := range q.items {
 		best = min(best, q.level(w, now))
+	}
+	if !admit(best) {
+		return nil
 	}
 	pass := q.pass[best]
 	var pick *waiter

@@ -82,10 +82,12 @@ type item struct {
 	at      time.Duration // enqueued this long after the start
 }
 
+func admitAll(int) bool { return true }
+
 func popNames(q *queue, now time.Time, n int) []string {
 	var out []string
 	for range n {
-		w := q.pop(now)
+		w := q.pop(now, admitAll)
 		if w == nil {
 			break
 		}
@@ -173,7 +175,7 @@ func equal(a, b []string) bool {
 func serveShares(q *queue, now time.Time, n int) map[string]float64 {
 	got := map[string]float64{}
 	for range n {
-		w := q.pop(now)
+		w := q.pop(now, admitAll)
 		if w == nil {
 			break
 		}
@@ -231,7 +233,7 @@ func TestQueueUrgencyBeatsWeight(t *testing.T) {
 		q.push(&waiter{tenant: "heavy", urgency: 6, weight: 100, cost: 1, enqueued: now})
 	}
 	q.push(&waiter{tenant: "light", urgency: 1, weight: 1, cost: 1, enqueued: now})
-	if w := q.pop(now); w.tenant != "light" {
+	if w := q.pop(now, admitAll); w.tenant != "light" {
 		t.Errorf("first served %s, want the urgent light tenant", w.tenant)
 	}
 }
@@ -470,4 +472,42 @@ func TestSchedulerCancelFromEveryState(t *testing.T) {
 		t.Errorf("worker still runs %d requests", w.active)
 	}
 	waitFor(t, "deadline timers to stop", func() bool { return clk.pending() == 0 })
+}
+
+func TestUrgentReserve(t *testing.T) {
+	w := newFakeWorker(0, 3)
+	s, _ := newTestScheduler(t, Config{UrgentReserve: 1}, w)
+	var running []*Stream
+	for range 2 {
+		st, err := s.Submit(context.Background(), &Request{Urgency: 6})
+		if err != nil {
+			t.Fatal(err)
+		}
+		running = append(running, st)
+	}
+	// The third slot is kept for urgent work: bulk queues...
+	bulk := submitAsync(t, s, context.Background(), &Request{Urgency: 6})
+	// ...and an urgent request runs at once.
+	urgent, err := s.Submit(context.Background(), &Request{Urgency: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-bulk:
+		t.Fatalf("bulk request took the reserved slot: %v", r.err)
+	default:
+	}
+	urgent.Close() // the reserved slot frees, but bulk may still not use it
+	select {
+	case r := <-bulk:
+		t.Fatalf("bulk request took the reserved slot after the urgent one left: %v", r.err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	running[0].Close()
+	r := recv(t, bulk)
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	r.st.Close()
+	running[1].Close()
 }

@@ -42,6 +42,14 @@ type Config struct {
 	// urgency level higher (see queue for the rule and its bound). Default
 	// 2s; a request of urgency 7 thus competes at urgency 0 after 14s.
 	Aging time.Duration
+	// UrgentMax is the largest urgency that may use reserved slots.
+	// Default 2.
+	UrgentMax uint8
+	// UrgentReserve is how many slots on each worker only requests of
+	// urgency 0..UrgentMax (effective, so aged requests too) may take, so
+	// that an urgent request does not wait for a bulk one to finish. Each
+	// worker keeps at least one slot for everyone. Default 0: none.
+	UrgentReserve int
 	// Tenants lists the tenants and their shares. A request naming a tenant
 	// not listed here is served as the tenant DefaultTenant, which exists
 	// even when not listed (weight 1, default urgency 3, no ceiling, no
@@ -71,6 +79,7 @@ const (
 	DefaultMaxQueue   = 256
 	DefaultRetryAfter = time.Second
 	DefaultAging      = 2 * time.Second
+	DefaultUrgentMax  = 2
 	DefaultTenant     = "default"
 	// DefaultUrgency is RFC 9218's default urgency.
 	DefaultUrgency = 3
@@ -176,6 +185,12 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	if cfg.RetryAfter < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.retry_after: must be >= 0, got %s", cfg.RetryAfter))
 	}
+	if cfg.UrgentMax >= Levels {
+		errs = append(errs, fmt.Errorf("scheduler.urgent_max: must be 0..7, got %d", cfg.UrgentMax))
+	}
+	if cfg.UrgentReserve < 0 {
+		errs = append(errs, fmt.Errorf("scheduler.urgent_reserve: must be >= 0, got %d", cfg.UrgentReserve))
+	}
 	if cfg.Aging < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.aging: must be >= 0, got %s", cfg.Aging))
 	}
@@ -223,6 +238,9 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	}
 	if cfg.Aging == 0 {
 		cfg.Aging = DefaultAging
+	}
+	if cfg.UrgentMax == 0 {
+		cfg.UrgentMax = DefaultUrgentMax
 	}
 	s := &Scheduler{
 		cfg:     cfg,
@@ -294,7 +312,7 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
 	id := s.nextID
 	var worker Worker
 	if s.queue.len() == 0 {
-		worker = s.reserveLocked()
+		worker = s.reserveLocked(int(r.Urgency))
 	}
 	var w *waiter
 	if worker == nil {
@@ -382,9 +400,14 @@ func (s *Scheduler) fail(w *waiter, err error) bool {
 	return true
 }
 
-// reserveLocked takes a slot on the ready worker with the lowest share of
-// its slots in use, or returns nil when every slot is taken.
-func (s *Scheduler) reserveLocked() Worker {
+// reserveLocked takes a slot for a request of effective urgency level on the
+// ready worker with the lowest share of its slots in use, or returns nil
+// when every slot it may use is taken.
+func (s *Scheduler) reserveLocked(level int) Worker {
+	reserve := 0
+	if level > int(s.cfg.UrgentMax) {
+		reserve = s.cfg.UrgentReserve
+	}
 	var best Worker
 	bestUsed, bestSlots := 0, 1
 	for _, w := range s.workers.Workers() {
@@ -392,7 +415,11 @@ func (s *Scheduler) reserveLocked() Worker {
 			continue
 		}
 		slots, used := w.Slots(), s.inUse[w]
-		if used >= slots {
+		limit := slots
+		if reserve > 0 {
+			limit = max(slots-reserve, 1)
+		}
+		if used >= limit {
 			continue
 		}
 		// used/slots < bestUsed/bestSlots, without division.
@@ -423,11 +450,14 @@ func (s *Scheduler) release(w Worker) {
 // dispatchLocked grants free slots to queued requests in queue order.
 func (s *Scheduler) dispatchLocked() {
 	for s.queue.len() > 0 {
-		worker := s.reserveLocked()
-		if worker == nil {
+		var worker Worker
+		w := s.queue.pop(s.clock.Now(), func(level int) bool {
+			worker = s.reserveLocked(level)
+			return worker != nil
+		})
+		if w == nil {
 			return
 		}
-		w := s.queue.pop(s.clock.Now())
 		w.wake <- grant{worker: worker}
 	}
 }

@@ -68,6 +68,11 @@ type SchedulerConfig struct {
 	// Aging is how long a queued request waits before it competes one
 	// urgency level higher. Default "2s".
 	Aging Duration `json:"aging"`
+	// UrgentMax is the largest urgency that may use reserved slots. Default 2.
+	UrgentMax int `json:"urgent_max"`
+	// UrgentReserve is how many slots per worker only urgent requests may
+	// take. Default 0.
+	UrgentReserve int `json:"urgent_reserve"`
 	// Tenants and their shares. Without any, every request belongs to the
 	// tenant "default" (weight 1, default urgency 3, ceiling 0).
 	Tenants []TenantConfig `json:"tenants"`
@@ -195,6 +200,7 @@ func (c Config) withDefaults() Config {
 	if c.Scheduler.Aging == 0 {
 		c.Scheduler.Aging = Duration(2 * time.Second)
 	}
+	defInt(&c.Scheduler.UrgentMax, 2)
 	for i := range c.Scheduler.Tenants {
 		t := &c.Scheduler.Tenants[i]
 		defInt(&t.Weight, 1)
@@ -275,6 +281,12 @@ func (c Config) validate() error {
 	}
 	if c.Scheduler.Aging < 0 {
 		bad("scheduler.aging", "must be positive, got %s", time.Duration(c.Scheduler.Aging))
+	}
+	if u := c.Scheduler.UrgentMax; u < 0 || u > 7 {
+		bad("scheduler.urgent_max", "must be 0..7, got %d", u)
+	}
+	if r := c.Scheduler.UrgentReserve; r < 0 || r >= c.Workers.Slots && r > 0 {
+		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
 	}
 	tenants := map[string]bool{}
 	for i, t := range c.Scheduler.Tenants {

@@ -107,10 +107,12 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		})
 	}
 	sched, err := scheduler.New(scheduler.Config{
-		MaxQueue:   cfg.Scheduler.MaxQueue,
-		RetryAfter: time.Duration(cfg.Scheduler.RetryAfter),
-		Aging:      time.Duration(cfg.Scheduler.Aging),
-		Tenants:    tenants,
+		MaxQueue:      cfg.Scheduler.MaxQueue,
+		RetryAfter:    time.Duration(cfg.Scheduler.RetryAfter),
+		Aging:         time.Duration(cfg.Scheduler.Aging),
+		UrgentMax:     uint8(cfg.Scheduler.UrgentMax),
+		UrgentReserve: cfg.Scheduler.UrgentReserve,
+		Tenants:       tenants,
 	}, poolWorkers{pool}, log)
 	if err != nil {
 		return err

@@ -16,7 +16,7 @@ import (
 
 // firstToken posts a streaming chat at the given Priority and returns when
 // its first content token arrived, then reads the stream to its end.
-func firstToken(t *testing.T, ctx context.Context, c *http.Client, url, priority string, maxTokens int) (time.Time, error) {
+func firstToken(t testing.TB, ctx context.Context, c *http.Client, url, priority string, maxTokens int) (time.Time, error) {
 	b, _ := json.Marshal(chatBody(maxTokens, true))
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader(string(b)))
 	if err != nil {
@@ -108,7 +108,7 @@ func TestEndToEndUrgentBeforeQueuedBulk(t *testing.T) {
 }
 
 // waitForMetric polls /metrics until name reaches at least want.
-func waitForMetric(t *testing.T, s *server, name string, want float64) {
+func waitForMetric(t testing.TB, s *server, name string, want float64) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for metric(t, s, name) < want {
