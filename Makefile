@@ -11,7 +11,7 @@ ORT_BUNDLED    := $(ORT_DIR)/libonnxruntime.so.1
 ONNXRUNTIME_LIB ?= $(ORT_BUNDLED)
 export ONNXRUNTIME_LIB
 
-.PHONY: all build run test bench fuzz ort clean
+.PHONY: all build run test bench bench-urgency fuzz ort clean
 
 all: build
 
@@ -39,10 +39,17 @@ test: ort
 bench: ort
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./backend/ ./internal/onnxgen/
 
+# The urgency figures in docs/BENCHMARKS.md: fairness, coalescing, and
+# priority isolation through the real binary (about a minute).
+bench-urgency: ort
+	$(GO) test -run '^$$' -bench Fairness -benchtime 1x ./scheduler/
+	$(GO) test -run '^$$' -bench Coalescing -benchtime 5x ./gateway/
+	$(GO) test -run '^$$' -bench PriorityIsolation -benchtime 1x ./cmd/h3infer/
+
 # Each fuzz target for FUZZTIME (default 20s).
 FUZZTIME ?= 20s
 fuzz:
-	@for pkg in ./transport/ ./backend/; do \
+	@for pkg in ./transport/ ./backend/ ./gateway/; do \
 		for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
 			echo "fuzz $$pkg $$t"; \
 			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \

@@ -60,6 +60,9 @@ var (
 	errRouteNotFound = errors.New("no such route")
 	errNotReady      = errors.New("no worker is ready yet")
 	errNoResult      = errors.New("the worker stream ended without a result")
+	// errDeadlinePassed is the cause of a request context whose deadline
+	// (default or X-Request-Timeout) passed.
+	errDeadlinePassed = errors.New("the request's deadline passed")
 )
 
 // apiError is what the client receives: a status, optional headers and the
@@ -100,14 +103,15 @@ func apiErrorOf(err error) apiError {
 	)
 
 	var (
-		invalid  *invalidParam
-		unknown  *unknownModel
-		method   *methodNotAllowed
-		tooLarge *http.MaxBytesError
-		syntax   *json.SyntaxError
-		jsonType *json.UnmarshalTypeError
-		overload *scheduler.OverloadError
-		worker   *workerFailure
+		invalid     *invalidParam
+		unknown     *unknownModel
+		method      *methodNotAllowed
+		tooLarge    *http.MaxBytesError
+		syntax      *json.SyntaxError
+		jsonType    *json.UnmarshalTypeError
+		overload    *scheduler.OverloadError
+		tenantLimit *scheduler.TenantLimitError
+		worker      *workerFailure
 	)
 	switch {
 	case errors.Is(err, context.Canceled):
@@ -149,6 +153,13 @@ func apiErrorOf(err error) apiError {
 		return e
 	case errors.Is(err, scheduler.ErrClosed):
 		return mk(http.StatusServiceUnavailable, serverError, "", "shutting_down", "the server is shutting down")
+	case errors.As(err, &tenantLimit):
+		e := mk(http.StatusTooManyRequests, "rate_limit_error", "", "tenant_queue_full",
+			"too many of your requests are waiting; retry later")
+		e.retryAfter = tenantLimit.RetryAfter
+		return e
+	case errors.Is(err, errDeadlinePassed):
+		return mk(http.StatusGatewayTimeout, serverError, "", "timeout", "the request's deadline passed")
 	case errors.Is(err, scheduler.ErrDeadline), errors.Is(err, context.DeadlineExceeded):
 		return mk(http.StatusGatewayTimeout, serverError, "", "timeout",
 			"no model worker became free in time")

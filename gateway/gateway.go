@@ -70,9 +70,19 @@ type Config struct {
 	// DefaultMaxTokens caps generation when a request names no max_tokens.
 	// Default 256.
 	DefaultMaxTokens int
-	// QueueTimeout is how long a request may wait for a worker slot before it
-	// fails with 504. Default 30s.
+	// QueueTimeout is each request's default deadline, counted from its
+	// arrival: a request still queued then gets 504, one still streaming
+	// gets an error event. Default 30s.
 	QueueTimeout time.Duration
+	// MaxDeadline caps the deadline a client may ask for in the
+	// X-Request-Timeout header. Default 5m.
+	MaxDeadline time.Duration
+	// Tenant names the tenant a request belongs to; the scheduler shares
+	// workers between tenants by weight. nil: every request belongs to
+	// scheduler.DefaultTenant. Authentication fills this in.
+	Tenant func(*http.Request) string
+	// Coalesce shapes how the SSE writer batches tokens by urgency.
+	Coalesce CoalesceConfig
 	// Registry receives the gateway's metrics and is served on /metrics.
 	// Default: a registry of the gateway's own.
 	Registry *prometheus.Registry
@@ -85,6 +95,7 @@ const (
 	DefaultMaxBodyBytes     = 1 << 20
 	DefaultMaxTokens        = 256
 	DefaultQueueTimeout     = 30 * time.Second
+	DefaultMaxDeadline      = 5 * time.Minute
 	altSvcMaxAge            = 86400
 	readHeaderTimeout       = 10 * time.Second
 	idleTimeout             = 2 * time.Minute
@@ -132,6 +143,12 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if cfg.QueueTimeout < 0 {
 		errs = append(errs, fmt.Errorf("gateway.queue_timeout: must be >= 0, got %s", cfg.QueueTimeout))
 	}
+	if cfg.MaxDeadline < 0 {
+		errs = append(errs, fmt.Errorf("gateway.max_deadline: must be >= 0, got %s", cfg.MaxDeadline))
+	}
+	var cerrs []error
+	cfg.Coalesce, cerrs = cfg.Coalesce.withDefaults()
+	errs = append(errs, cerrs...)
 	if cfg.Listen == "" {
 		cfg.Listen = DefaultListen
 	}
@@ -164,6 +181,15 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	}
 	if cfg.QueueTimeout == 0 {
 		cfg.QueueTimeout = DefaultQueueTimeout
+	}
+	if cfg.MaxDeadline == 0 {
+		cfg.MaxDeadline = DefaultMaxDeadline
+	}
+	if cfg.QueueTimeout > cfg.MaxDeadline {
+		return nil, fmt.Errorf("gateway.deadline: must be at most max_deadline (%s), got %s", cfg.MaxDeadline, cfg.QueueTimeout)
+	}
+	if cfg.Tenant == nil {
+		cfg.Tenant = func(*http.Request) string { return scheduler.DefaultTenant }
 	}
 	if cfg.Registry == nil {
 		cfg.Registry = prometheus.NewRegistry()
@@ -222,7 +248,7 @@ func (g *Gateway) Start() error {
 	api := g.routes()
 	g.h3 = &http3.Server{
 		Handler:     g.instrument(api),
-		ConnContext: withQUICConn,
+		ConnContext: g.connContext,
 		Logger:      g.log,
 	}
 	tcpTLS := g.cfg.TLS.Clone()
@@ -360,9 +386,11 @@ func advertiseH3(altSvc string, next http.Handler) http.Handler {
 
 type quicConnKey struct{}
 
-// withQUICConn stashes the connection for handlers: the 0-RTT policy needs
-// to know whether the handshake has completed when a request arrives.
-func withQUICConn(ctx context.Context, c *quic.Conn) context.Context {
+// connContext stashes the connection for handlers (the 0-RTT policy needs to
+// know whether the handshake has completed when a request arrives) and
+// counts its packets for metrics.
+func (g *Gateway) connContext(ctx context.Context, c *quic.Conn) context.Context {
+	g.metrics.quic.track(c)
 	return context.WithValue(ctx, quicConnKey{}, c)
 }
 

@@ -514,6 +514,7 @@ func TestErrorResponses(t *testing.T) {
 		status             int
 		code, param        string
 		header             map[string]string
+		reqHeader          map[string]string
 	}{
 		"malformed json":       {body: `{"model":"demo",`, status: 400, code: "invalid_json"},
 		"empty body":           {body: ``, status: 400, code: "invalid_json"},
@@ -552,7 +553,14 @@ func TestErrorResponses(t *testing.T) {
 			status: 503, code: "overloaded", header: map[string]string{"Retry-After": "2"},
 		},
 		"deadline": {body: chat(""), script: failWith(fmt.Errorf("queued: %w", scheduler.ErrDeadline)), status: 504, code: "timeout"},
-		"closed":   {body: chat(""), script: failWith(scheduler.ErrClosed), status: 503, code: "shutting_down"},
+		"tenant over its bound": {
+			body: chat(""), script: failWith(fmt.Errorf("submit: %w", &scheduler.TenantLimitError{Tenant: "a", RetryAfter: 3 * time.Second})),
+			status: 429, code: "tenant_queue_full", header: map[string]string{"Retry-After": "3"},
+		},
+		"deadline header not a duration": {body: chat(""), reqHeader: map[string]string{"X-Request-Timeout": "soon"}, status: 400},
+		"deadline header beyond max":     {body: chat(""), reqHeader: map[string]string{"X-Request-Timeout": "1h"}, status: 400},
+		"deadline header negative":       {body: chat(""), reqHeader: map[string]string{"X-Request-Timeout": "-1s"}, status: 400},
+		"closed":                         {body: chat(""), script: failWith(scheduler.ErrClosed), status: 503, code: "shutting_down"},
 		"unexpected scheduler error": {
 			body: chat(""), script: failWith(errors.New("disk on fire")), status: 500, code: "internal_error",
 		},
@@ -577,6 +585,9 @@ func TestErrorResponses(t *testing.T) {
 				req, err := http.NewRequest(method, h.base+path, strings.NewReader(tc.body))
 				if err != nil {
 					t.Fatal(err)
+				}
+				for k, v := range tc.reqHeader {
+					req.Header.Set(k, v)
 				}
 				resp := h.do(t, proto, req)
 				if resp.StatusCode != tc.status {
@@ -910,30 +921,5 @@ func TestNewValidates(t *testing.T) {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}
-	}
-}
-
-func TestUrgencyOf(t *testing.T) {
-	tests := map[string]struct {
-		header []string
-		want   uint8
-	}{
-		"absent":       {nil, 3},
-		"urgent":       {[]string{"u=0"}, 0},
-		"with i":       {[]string{"i, u=6"}, 6},
-		"out of range": {[]string{"u=9"}, 3},
-		"garbage":      {[]string{"u=x"}, 3},
-		"last wins":    {[]string{"u=1", "u=5"}, 5},
-	}
-	for name, tc := range tests {
-		t.Run(name, func(t *testing.T) {
-			h := http.Header{}
-			for _, v := range tc.header {
-				h.Add("Priority", v)
-			}
-			if got := urgencyOf(h); got != tc.want {
-				t.Errorf("got %d, want %d", got, tc.want)
-			}
-		})
 	}
 }

@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
 
 	"h3infer/scheduler"
 	"h3infer/transport"
@@ -75,34 +78,79 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		return
 	}
 
-	ctx := r.Context()
-	st, err := g.sched.Submit(ctx, &scheduler.Request{
-		Urgency:  urgencyOf(r.Header),
-		Deadline: start.Add(g.cfg.QueueTimeout),
-		Job:      req.job,
-	})
+	prio := parsePriority(r.Header)
+	deadline, err := g.deadlineOf(r.Header, start)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
+	ctx, cancel := context.WithDeadlineCause(r.Context(), deadline, errDeadlinePassed)
+	defer cancel()
+	sreq := &scheduler.Request{
+		Tenant:         g.cfg.Tenant(r),
+		Urgency:        prio.urgency,
+		DefaultUrgency: !prio.hasUrgency,
+		Deadline:       deadline,
+		Job:            req.job,
+	}
+	st, err := g.sched.Submit(ctx, sreq)
+	if err != nil {
+		writeError(w, deadlineCause(ctx, err))
+		return
+	}
 	// Closing cancels the worker's sequence if the client left early.
 	defer st.Close()
+	// The tenant's default and ceiling may have changed what was asked.
+	prio.urgency = sreq.Urgency
 
 	ev, err := g.next(ctx, st, req)
 	if err != nil {
 		if ctx.Err() == nil {
 			g.log.Debug("request failed before its first token", "request_id", st.ID(), "err", err)
 		}
-		writeError(w, err)
+		writeError(w, deadlineCause(ctx, err))
 		return
 	}
 	g.metrics.ttft.WithLabelValues(req.model).Observe(time.Since(start).Seconds())
 	enc := newEncoder(kind, req.model, start.Unix())
 	if req.stream {
-		g.stream(ctx, w, st, req, enc, ev)
+		g.stream(ctx, w, st, req, enc, ev, prio)
 		return
 	}
 	g.collect(ctx, w, st, req, enc, ev)
+}
+
+// deadlineHeader lets a client shorten or lengthen its deadline up to
+// Config.MaxDeadline: a Go duration ("1500ms") or whole seconds ("2").
+const deadlineHeader = "X-Request-Timeout"
+
+// deadlineOf is when the request must have finished.
+func (g *Gateway) deadlineOf(h http.Header, start time.Time) (time.Time, error) {
+	v := h.Get(deadlineHeader)
+	if v == "" {
+		return start.Add(g.cfg.QueueTimeout), nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		n, nerr := strconv.Atoi(v)
+		if nerr != nil {
+			return time.Time{}, invalidf("", "%s: want a duration such as 1500ms or whole seconds, got %q", deadlineHeader, v)
+		}
+		d = time.Duration(n) * time.Second
+	}
+	if d <= 0 || d > g.cfg.MaxDeadline {
+		return time.Time{}, invalidf("", "%s: must be above 0 and at most %s, got %s", deadlineHeader, g.cfg.MaxDeadline, d)
+	}
+	return start.Add(d), nil
+}
+
+// deadlineCause reports the request's own deadline rather than the bare
+// context error it surfaced as, so that it maps to 504, not 499.
+func deadlineCause(ctx context.Context, err error) error {
+	if errors.Is(err, context.DeadlineExceeded) && errors.Is(context.Cause(ctx), errDeadlinePassed) {
+		return errDeadlinePassed
+	}
+	return err
 }
 
 // checkModel refuses a model no worker serves. Until a worker is ready the
@@ -124,59 +172,140 @@ func (g *Gateway) checkModel(name string) error {
 func (g *Gateway) next(ctx context.Context, st TokenStream, req *completion) (transport.Event, error) {
 	select {
 	case ev, ok := <-st.Events():
-		switch {
-		case !ok:
-			return ev, errNoResult
-		case ev.Err != nil:
-			return ev, &workerFailure{err: *ev.Err, promptParam: req.kind.promptParam()}
-		case ev.Done == nil:
-			g.metrics.tokens.Add(float64(ev.Token.Count))
-		}
-		return ev, nil
+		return g.event(ev, ok, req)
 	case <-ctx.Done():
 		return transport.Event{}, ctx.Err()
 	}
 }
 
-// stream writes the answer as server-sent events, flushing every token.
-func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, st TokenStream, req *completion, enc *encoder, ev transport.Event) {
+// event checks one received event.
+func (g *Gateway) event(ev transport.Event, ok bool, req *completion) (transport.Event, error) {
+	switch {
+	case !ok:
+		return ev, errNoResult
+	case ev.Err != nil:
+		return ev, &workerFailure{err: *ev.Err, promptParam: req.kind.promptParam()}
+	case ev.Done == nil:
+		g.metrics.tokens.Add(float64(ev.Token.Count))
+	}
+	return ev, nil
+}
+
+// stream writes the answer as server-sent events. Over HTTP/3 the response
+// stream gets the request's QUIC priority, and tokens are coalesced by
+// urgency (coalesce.go); the first token, the end and errors go at once.
+func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, st TokenStream, req *completion, enc *encoder, ev transport.Event, prio priority) {
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	send := func(b []byte) bool {
-		if len(b) == 0 {
-			return true
-		}
-		if _, err := w.Write(b); err != nil {
-			return false
-		}
-		return rc.Flush() == nil
-	}
-	if !send(enc.opening()) {
+	out, finish, err := sseOutput(w, prio)
+	if err != nil {
+		g.log.Warn("stream: take over the HTTP/3 stream", "request_id", st.ID(), "err", err)
 		return
 	}
+	c := newCoalescer(g.cfg.Coalesce.window(prio.urgency), g.cfg.Coalesce.MaxBuffer, out)
+	defer func() {
+		c.stop()
+		g.metrics.writes.WithLabelValues(strconv.Itoa(int(prio.urgency))).Observe(float64(c.writes))
+	}()
+	clean := false
+	defer func() { finish(clean) }()
+
+	send := func(b []byte, now bool) bool {
+		if len(b) == 0 {
+			return !now || c.flush() == nil
+		}
+		return c.add(b, now) == nil
+	}
+	if !send(enc.opening(), false) {
+		return
+	}
+	first := true
 	for {
 		if done := ev.Done; done != nil {
-			if send(enc.finish(finishReason(done))) && req.includeUsage {
-				send(enc.usage(usageOf(done)))
+			if send(enc.finish(finishReason(done)), false) && req.includeUsage {
+				send(enc.usage(usageOf(done)), false)
 			}
-			send(sseDone)
+			clean = send(sseDone, true)
 			return
 		}
-		if ev.Token.Text != "" && !send(enc.token(ev.Token.Text)) {
-			return
+		if ev.Token.Text != "" {
+			if !send(enc.token(ev.Token.Text), first) {
+				return
+			}
+			first = false
 		}
 		var err error
-		if ev, err = g.next(ctx, st, req); err != nil {
-			if ctx.Err() == nil {
+		if ev, err = g.nextHolding(ctx, st, req, c); err != nil {
+			err = deadlineCause(ctx, err)
+			if !errors.Is(err, context.Canceled) {
 				g.log.Warn("stream failed", "request_id", st.ID(), "err", err)
-				send(errorEvent(err))
+				clean = send(errorEvent(err), true)
 			}
 			return
 		}
 	}
+}
+
+// nextHolding is next for a stream whose coalescer may hold bytes: they go
+// out when their window ends, while the next event is awaited.
+func (g *Gateway) nextHolding(ctx context.Context, st TokenStream, req *completion, c *coalescer) (transport.Event, error) {
+	for {
+		select {
+		case ev, ok := <-st.Events():
+			return g.event(ev, ok, req)
+		case <-c.C():
+			if err := c.flush(); err != nil {
+				return transport.Event{}, err
+			}
+		case <-ctx.Done():
+			return transport.Event{}, ctx.Err()
+		}
+	}
+}
+
+// sseOutput returns how the stream writes one flushed chunk and how it
+// ends. Over HTTP/3 it takes the stream over from http3's response writer
+// (after the header went out) to set the stream's QUIC priority, which the
+// ResponseWriter API has no way to do; quic-go keeps applying the client's
+// PRIORITY_UPDATE frames to the stream afterwards. Each Write there is one
+// DATA frame. Over TCP each chunk is written and flushed.
+func sseOutput(w http.ResponseWriter, prio priority) (out func([]byte) error, finish func(clean bool), err error) {
+	for rw := w; rw != nil; {
+		if hs, ok := rw.(http3.HTTPStreamer); ok {
+			str, err := hs.HTTPStream()
+			if err != nil {
+				return nil, nil, err
+			}
+			str.SetPriority(int8(prio.urgency), prio.incremental)
+			out = func(b []byte) error {
+				_, err := str.Write(b)
+				return err
+			}
+			finish = func(clean bool) {
+				if clean {
+					str.Close()
+					return
+				}
+				str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+			}
+			return out, finish, nil
+		}
+		u, ok := rw.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			break
+		}
+		rw = u.Unwrap()
+	}
+	rc := http.NewResponseController(w)
+	out = func(b []byte) error {
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+		return rc.Flush()
+	}
+	return out, func(bool) {}, nil
 }
 
 // collect gathers the whole answer and writes it as one JSON object.

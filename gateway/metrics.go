@@ -13,6 +13,8 @@ type metrics struct {
 	inFlight prometheus.Gauge
 	ttft     *prometheus.HistogramVec
 	tokens   prometheus.Counter
+	writes   *prometheus.HistogramVec
+	quic     *quicStats
 }
 
 // newMetrics registers the gateway's metrics. Every label is bounded: routes
@@ -37,8 +39,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "h3infer_stream_tokens_total",
 			Help: "Tokens received from workers for completion requests.",
 		}),
+		writes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "h3infer_stream_data_writes",
+			Help:    "DATA writes (one per flush) per streamed response, by urgency; _sum over _count is the mean.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
+		}, []string{"urgency"}),
+		quic: newQUICStats(),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.tokens} {
+	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.tokens, m.writes, m.quic} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}

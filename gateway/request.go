@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
-	"net/http"
-	"strconv"
 	"strings"
 
 	"h3infer/transport"
@@ -235,22 +233,4 @@ func stopSequences(raw json.RawMessage) ([]string, error) {
 		}
 	}
 	return list, nil
-}
-
-// urgencyOf reads the RFC 9218 urgency from the Priority header; quic-go
-// already uses the same header to order the response stream.
-func urgencyOf(h http.Header) uint8 {
-	u := defaultPriorityUrgency
-	for _, v := range h.Values("Priority") {
-		for item := range strings.SplitSeq(v, ",") {
-			key, val, _ := strings.Cut(strings.TrimSpace(item), "=")
-			if key != "u" {
-				continue
-			}
-			if n, err := strconv.Atoi(val); err == nil && n >= 0 && n <= maxPriorityUrgency {
-				u = n
-			}
-		}
-	}
-	return uint8(u)
 }

@@ -31,3 +31,22 @@ func (e *OverloadError) Error() string {
 
 // Is makes errors.Is(err, ErrOverloaded) true.
 func (e *OverloadError) Is(target error) bool { return target == ErrOverloaded }
+
+// ErrTenantLimit means the request's tenant already had as many requests
+// queued as its bound allows. The concrete error is a *TenantLimitError.
+var ErrTenantLimit = errors.New("scheduler: tenant queue limit")
+
+// TenantLimitError is returned by Submit when the tenant's own queue bound
+// is reached while others may still queue. It matches ErrTenantLimit.
+type TenantLimitError struct {
+	Tenant     string
+	RetryAfter time.Duration
+	Queued     int // the tenant's requests waiting when this one was refused
+}
+
+func (e *TenantLimitError) Error() string {
+	return fmt.Sprintf("scheduler: tenant %q has %d requests queued, its bound; retry after %s", e.Tenant, e.Queued, e.RetryAfter)
+}
+
+// Is makes errors.Is(err, ErrTenantLimit) true.
+func (e *TenantLimitError) Is(target error) bool { return target == ErrTenantLimit }

@@ -1,7 +1,6 @@
 package scheduler
 
 import (
-	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -33,18 +32,61 @@ type WorkerSet interface {
 
 // Config tunes the scheduler. Zero values mean the documented defaults.
 type Config struct {
-	// MaxQueue bounds the requests waiting for a slot; one more is refused
-	// with an *OverloadError. Default 256.
+	// MaxQueue bounds the requests waiting for a slot across all tenants;
+	// one more is refused with an *OverloadError. Default 256.
 	MaxQueue int
-	// RetryAfter is the advice carried by overload errors. Default 1s.
+	// RetryAfter is the advice carried by overload and tenant-limit errors.
+	// Default 1s.
 	RetryAfter time.Duration
+	// Aging is how long a queued request waits before it competes one
+	// urgency level higher (see queue for the rule and its bound). Default
+	// 2s; a request of urgency 7 thus competes at urgency 0 after 14s.
+	Aging time.Duration
+	// UrgentMax is the largest urgency that may use reserved slots.
+	// Default 2.
+	UrgentMax uint8
+	// UrgentReserve is how many slots on each worker only requests of
+	// urgency 0..UrgentMax (effective, so aged requests too) may take, so
+	// that an urgent request does not wait for a bulk one to finish. Each
+	// worker keeps at least one slot for everyone. Default 0: none.
+	UrgentReserve int
+	// Tenants lists the tenants and their shares. A request naming a tenant
+	// not listed here is served as the tenant DefaultTenant, which exists
+	// even when not listed (weight 1, default urgency 3, no ceiling, no
+	// bound of its own).
+	Tenants []Tenant
+}
+
+// Tenant is one tenant's share of the scheduler.
+type Tenant struct {
+	Name string
+	// Weight is the tenant's share of service among tenants queued at the
+	// same urgency, in tokens asked for. Must be >= 1.
+	Weight int
+	// DefaultUrgency applies when a request names none. 0..7.
+	DefaultUrgency uint8
+	// UrgencyCeiling is the most urgent level the tenant may claim: a
+	// request asking for a smaller urgency value gets this one. 0..7, at
+	// most DefaultUrgency.
+	UrgencyCeiling uint8
+	// MaxQueue bounds the tenant's queued requests; one more is refused
+	// with a *TenantLimitError. 0: only the global bound applies.
+	MaxQueue int
 }
 
 // Defaults for Config's zero values.
 const (
 	DefaultMaxQueue   = 256
 	DefaultRetryAfter = time.Second
+	DefaultAging      = 2 * time.Second
+	DefaultUrgentMax  = 2
+	DefaultTenant     = "default"
+	// DefaultUrgency is RFC 9218's default urgency.
+	DefaultUrgency = 3
 )
+
+// defaultCost is the fairness cost of a request that names no max_tokens.
+const defaultCost = 256
 
 // pollInterval bounds how long a queued request waits after a worker becomes
 // ready when nobody calls WorkersChanged: the backend restarts workers on its
@@ -53,16 +95,23 @@ const pollInterval = 50 * time.Millisecond
 
 // Request is one inference request as the scheduler sees it.
 type Request struct {
-	Tenant   string
-	Urgency  uint8     // RFC 9218 urgency, 0 most urgent; copied into Job
-	Deadline time.Time // latest time the request may start; zero means none
-	Job      transport.Submit
+	Tenant string // "" is DefaultTenant
+	// Urgency is the RFC 9218 urgency the client asked for, 0 most urgent.
+	// Submit replaces it with the urgency it applied (the tenant's default
+	// when DefaultUrgency is set, never more urgent than the tenant's
+	// ceiling) and copies that into Job.
+	Urgency uint8
+	// DefaultUrgency says the client named no urgency.
+	DefaultUrgency bool
+	Deadline       time.Time // latest time the request may start; zero means none
+	Job            transport.Submit
 }
 
 // Stats is a snapshot for metrics.
 type Stats struct {
-	Queued  int // requests waiting for a slot
-	Running int // slots in use across all worker handles
+	Queued          int         // requests waiting for a slot
+	Running         int         // slots in use across all worker handles
+	QueuedByUrgency [Levels]int // waiting requests by the urgency they were given
 }
 
 // call is the part of *transport.Call the scheduler uses. It is a seam so
@@ -72,18 +121,35 @@ type call interface {
 	Cancel()
 }
 
-// Scheduler admits requests and dispatches them to workers in FIFO order.
+// clock is the scheduler's time source, a seam for tests with a fake clock.
+type clock interface {
+	Now() time.Time
+	// AfterFunc calls f in its own goroutine after d; stop cancels that.
+	AfterFunc(d time.Duration, f func()) (stop func() bool)
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+func (realClock) AfterFunc(d time.Duration, f func()) func() bool {
+	return time.AfterFunc(d, f).Stop
+}
+
+// Scheduler admits requests and dispatches them to workers in the order
+// described on queue: urgency, aging, tenant share, arrival.
 type Scheduler struct {
 	cfg     Config
+	tenants map[string]Tenant
 	workers WorkerSet
 	log     *slog.Logger
 	open    func(w Worker, id uint64, job *transport.Submit) (call, error)
+	clock   clock
 
 	mu      sync.Mutex
 	nextID  uint64
 	inUse   map[Worker]int
 	running int
-	queue   list.List // of *waiter, oldest first
+	queue   *queue
 	closed  bool
 
 	stopOnce sync.Once
@@ -94,8 +160,13 @@ type Scheduler struct {
 // waiter is a queued request. Whoever removes it from the queue (under the
 // lock) sends exactly one grant on wake.
 type waiter struct {
-	elem *list.Element // nil once the waiter has left the queue
-	wake chan grant    // buffered, so the sender never blocks under the lock
+	tenant   string
+	urgency  uint8
+	weight   float64
+	cost     float64
+	enqueued time.Time
+	queued   bool       // in the queue; guarded by the scheduler's lock
+	wake     chan grant // buffered, so the sender never blocks under the lock
 }
 
 // grant either hands a waiter a reserved slot on worker or fails it with err.
@@ -114,6 +185,42 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	if cfg.RetryAfter < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.retry_after: must be >= 0, got %s", cfg.RetryAfter))
 	}
+	if cfg.UrgentMax >= Levels {
+		errs = append(errs, fmt.Errorf("scheduler.urgent_max: must be 0..7, got %d", cfg.UrgentMax))
+	}
+	if cfg.UrgentReserve < 0 {
+		errs = append(errs, fmt.Errorf("scheduler.urgent_reserve: must be >= 0, got %d", cfg.UrgentReserve))
+	}
+	if cfg.Aging < 0 {
+		errs = append(errs, fmt.Errorf("scheduler.aging: must be >= 0, got %s", cfg.Aging))
+	}
+	tenants := map[string]Tenant{
+		DefaultTenant: {Name: DefaultTenant, Weight: 1, DefaultUrgency: DefaultUrgency},
+	}
+	listed := map[string]bool{}
+	for i, t := range cfg.Tenants {
+		key := fmt.Sprintf("scheduler.tenants[%d]", i)
+		switch {
+		case t.Name == "":
+			errs = append(errs, fmt.Errorf("%s.name: must not be empty", key))
+		case listed[t.Name]:
+			errs = append(errs, fmt.Errorf("%s.name: %q is listed twice", key, t.Name))
+		}
+		listed[t.Name] = true
+		if t.Weight < 1 {
+			errs = append(errs, fmt.Errorf("%s.weight: must be >= 1, got %d", key, t.Weight))
+		}
+		if t.DefaultUrgency >= Levels {
+			errs = append(errs, fmt.Errorf("%s.default_urgency: must be 0..7, got %d", key, t.DefaultUrgency))
+		}
+		if t.UrgencyCeiling > t.DefaultUrgency {
+			errs = append(errs, fmt.Errorf("%s.urgency_ceiling: must be 0..default_urgency (%d), got %d", key, t.DefaultUrgency, t.UrgencyCeiling))
+		}
+		if t.MaxQueue < 0 {
+			errs = append(errs, fmt.Errorf("%s.max_queue: must be >= 0, got %d", key, t.MaxQueue))
+		}
+		tenants[t.Name] = t
+	}
 	if workers == nil {
 		errs = append(errs, errors.New("scheduler: worker set is nil"))
 	}
@@ -129,12 +236,21 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	if cfg.RetryAfter == 0 {
 		cfg.RetryAfter = DefaultRetryAfter
 	}
+	if cfg.Aging == 0 {
+		cfg.Aging = DefaultAging
+	}
+	if cfg.UrgentMax == 0 {
+		cfg.UrgentMax = DefaultUrgentMax
+	}
 	s := &Scheduler{
 		cfg:     cfg,
+		tenants: tenants,
 		workers: workers,
 		log:     log,
 		open:    openWorker,
+		clock:   realClock{},
 		inUse:   make(map[Worker]int),
+		queue:   newQueue(cfg.Aging),
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
 	}
@@ -154,24 +270,39 @@ func openWorker(w Worker, id uint64, job *transport.Submit) (call, error) {
 	return c, nil
 }
 
+// tenant returns the settings that apply to name.
+func (s *Scheduler) tenant(name string) Tenant {
+	if t, ok := s.tenants[name]; ok {
+		return t
+	}
+	return s.tenants[DefaultTenant]
+}
+
 // Submit assigns the request an id and dispatches it to the least loaded
 // ready worker with a free slot. When none is free it queues the request
-// behind those already waiting and blocks until it is dispatched, ctx is
-// done, its deadline passes or the scheduler closes. A full queue fails at
-// once with an *OverloadError.
+// and blocks until it is dispatched, ctx is done, its deadline passes or the
+// scheduler closes; whichever ends the wait removes it from the queue. A
+// tenant over its own bound fails at once with a *TenantLimitError, a full
+// queue with an *OverloadError.
 //
-// The caller must Close the returned Stream.
+// Submit sets r.Urgency to the urgency it applied. The caller must Close
+// the returned Stream.
 func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
 	if r == nil {
 		return nil, errors.New("scheduler: submit: nil request")
 	}
+	t := s.tenant(r.Tenant)
+	if r.DefaultUrgency {
+		r.Urgency = t.DefaultUrgency
+	}
+	r.Urgency = min(max(r.Urgency, t.UrgencyCeiling), Levels-1)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("scheduler: submit: %w", err)
 	}
-	if !r.Deadline.IsZero() && !time.Now().Before(r.Deadline) {
+	now := s.clock.Now()
+	if !r.Deadline.IsZero() && !now.Before(r.Deadline) {
 		return nil, fmt.Errorf("scheduler: submit: %w", ErrDeadline)
 	}
-
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -180,18 +311,37 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
 	s.nextID++
 	id := s.nextID
 	var worker Worker
-	if s.queue.Len() == 0 {
-		worker = s.reserveLocked()
+	if s.queue.len() == 0 {
+		worker = s.reserveLocked(int(r.Urgency))
 	}
 	var w *waiter
 	if worker == nil {
-		if s.queue.Len() >= s.cfg.MaxQueue {
-			queued := s.queue.Len()
+		if t.MaxQueue > 0 && s.queue.tenantLen(t.Name) >= t.MaxQueue {
+			queued := s.queue.tenantLen(t.Name)
+			s.mu.Unlock()
+			return nil, &TenantLimitError{Tenant: t.Name, RetryAfter: s.cfg.RetryAfter, Queued: queued}
+		}
+		if s.queue.len() >= s.cfg.MaxQueue {
+			queued := s.queue.len()
 			s.mu.Unlock()
 			return nil, &OverloadError{RetryAfter: s.cfg.RetryAfter, Queued: queued}
 		}
-		w = &waiter{wake: make(chan grant, 1)}
-		w.elem = s.queue.PushBack(w)
+		cost := float64(r.Job.MaxTokens)
+		if cost == 0 {
+			cost = defaultCost
+		}
+		w = &waiter{
+			tenant:   t.Name,
+			urgency:  r.Urgency,
+			weight:   float64(t.Weight),
+			cost:     cost,
+			enqueued: now,
+			wake:     make(chan grant, 1),
+		}
+		s.queue.push(w)
+		// A slot may be free with others queued (a worker came back and
+		// the poll has not run yet); the queue decides who takes it.
+		s.dispatchLocked()
 	}
 	s.mu.Unlock()
 
@@ -202,7 +352,6 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
 			return nil, fmt.Errorf("scheduler: request %d: %w", id, err)
 		}
 	}
-
 	job := r.Job
 	job.Urgency = r.Urgency
 	c, err := s.open(worker, id, &job)
@@ -213,41 +362,52 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
 	return &Stream{id: id, worker: worker, call: c, sched: s}, nil
 }
 
-// wait blocks a queued request until it is granted a slot or gives up. A
-// request that gives up after a grant raced in returns the slot.
+// wait blocks a queued request until it is granted a slot or gives up. The
+// deadline timer fails it from the queue like a grant would; a request
+// that gives up after a grant raced in returns the slot.
 func (s *Scheduler) wait(ctx context.Context, w *waiter, deadline time.Time) (Worker, error) {
-	var expired <-chan time.Time
 	if !deadline.IsZero() {
-		t := time.NewTimer(time.Until(deadline))
-		defer t.Stop()
-		expired = t.C
+		stop := s.clock.AfterFunc(deadline.Sub(w.enqueued), func() { s.fail(w, ErrDeadline) })
+		defer stop()
 	}
-	var cause error
 	select {
 	case g := <-w.wake:
 		return g.worker, g.err
 	case <-ctx.Done():
-		cause = ctx.Err()
-	case <-expired:
-		cause = ErrDeadline
 	}
-	s.mu.Lock()
-	if w.elem != nil {
-		s.queue.Remove(w.elem)
-		w.elem = nil
-		s.mu.Unlock()
-		return nil, cause
+	if s.fail(w, ctx.Err()) {
+		g := <-w.wake
+		return nil, g.err
 	}
-	s.mu.Unlock()
-	if g := <-w.wake; g.worker != nil {
+	// Someone else removed it first: take what they sent.
+	g := <-w.wake
+	if g.worker != nil {
 		s.release(g.worker)
+		return nil, ctx.Err()
 	}
-	return nil, cause
+	return nil, g.err
 }
 
-// reserveLocked takes a slot on the ready worker with the lowest share of
-// its slots in use, or returns nil when every slot is taken.
-func (s *Scheduler) reserveLocked() Worker {
+// fail removes w from the queue and wakes it with err, unless it already
+// left the queue. It reports whether it did.
+func (s *Scheduler) fail(w *waiter, err error) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.queue.remove(w) {
+		return false
+	}
+	w.wake <- grant{err: err}
+	return true
+}
+
+// reserveLocked takes a slot for a request of effective urgency level on the
+// ready worker with the lowest share of its slots in use, or returns nil
+// when every slot it may use is taken.
+func (s *Scheduler) reserveLocked(level int) Worker {
+	reserve := 0
+	if level > int(s.cfg.UrgentMax) {
+		reserve = s.cfg.UrgentReserve
+	}
 	var best Worker
 	bestUsed, bestSlots := 0, 1
 	for _, w := range s.workers.Workers() {
@@ -255,7 +415,11 @@ func (s *Scheduler) reserveLocked() Worker {
 			continue
 		}
 		slots, used := w.Slots(), s.inUse[w]
-		if used >= slots {
+		limit := slots
+		if reserve > 0 {
+			limit = max(slots-reserve, 1)
+		}
+		if used >= limit {
 			continue
 		}
 		// used/slots < bestUsed/bestSlots, without division.
@@ -283,15 +447,17 @@ func (s *Scheduler) release(w Worker) {
 	s.dispatchLocked()
 }
 
-// dispatchLocked grants free slots to queued requests, oldest first.
+// dispatchLocked grants free slots to queued requests in queue order.
 func (s *Scheduler) dispatchLocked() {
-	for s.queue.Len() > 0 {
-		worker := s.reserveLocked()
-		if worker == nil {
+	for s.queue.len() > 0 {
+		var worker Worker
+		w := s.queue.pop(s.clock.Now(), func(level int) bool {
+			worker = s.reserveLocked(level)
+			return worker != nil
+		})
+		if w == nil {
 			return
 		}
-		w := s.queue.Remove(s.queue.Front()).(*waiter)
-		w.elem = nil
 		w.wake <- grant{worker: worker}
 	}
 }
@@ -322,7 +488,7 @@ func (s *Scheduler) poll() {
 func (s *Scheduler) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Stats{Queued: s.queue.Len(), Running: s.running}
+	return Stats{Queued: s.queue.len(), Running: s.running, QueuedByUrgency: s.queue.byUrgency()}
 }
 
 // Close fails every queued request with ErrClosed and refuses new ones.
@@ -331,14 +497,11 @@ func (s *Scheduler) Close() {
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
-		failed := s.queue.Len()
-		for e := s.queue.Front(); e != nil; e = e.Next() {
-			w := e.Value.(*waiter)
-			w.elem = nil
+		failed := s.queue.drain()
+		for _, w := range failed {
 			w.wake <- grant{err: ErrClosed}
 		}
-		s.queue.Init()
-		s.log.Info("scheduler closed", "queued_failed", failed, "running", s.running)
+		s.log.Info("scheduler closed", "queued_failed", len(failed), "running", s.running)
 	}
 	s.mu.Unlock()
 	s.stopOnce.Do(func() { close(s.stop) })

@@ -68,8 +68,37 @@ type WorkersConfig struct {
 type SchedulerConfig struct {
 	// MaxQueue is how many requests may wait for a worker slot. Default 256.
 	MaxQueue int `json:"max_queue"`
-	// RetryAfter is the advice sent with 503 answers. Default "1s".
+	// RetryAfter is the advice sent with 503 and 429 answers. Default "1s".
 	RetryAfter Duration `json:"retry_after"`
+	// Aging is how long a queued request waits before it competes one
+	// urgency level higher. Default "2s".
+	Aging Duration `json:"aging"`
+	// UrgentMax is the largest urgency that may use reserved slots. Default 2.
+	UrgentMax int `json:"urgent_max"`
+	// UrgentReserve is how many slots per worker only urgent requests may
+	// take. Default 0.
+	UrgentReserve int `json:"urgent_reserve"`
+	// Tenants and their shares. Without any, every request belongs to the
+	// tenant "default" (weight 1, default urgency 3, ceiling 0).
+	Tenants []TenantConfig `json:"tenants"`
+}
+
+// TenantConfig is one tenant's share of the workers.
+type TenantConfig struct {
+	Name string `json:"name"`
+	// Weight is the tenant's share among tenants queued at the same
+	// urgency, in tokens asked for. Default 1.
+	Weight int `json:"weight"`
+	// DefaultUrgency applies when a request has no Priority header.
+	// Default 3 (RFC 9218's default); 0..7.
+	DefaultUrgency *int `json:"default_urgency"`
+	// UrgencyCeiling is the most urgent level the tenant may claim; a
+	// request asking for more gets this. Default 0 (no limit); 0..7, at most
+	// default_urgency.
+	UrgencyCeiling *int `json:"urgency_ceiling"`
+	// MaxQueue bounds the tenant's queued requests; beyond it, 429. Default
+	// 0: only scheduler.max_queue applies.
+	MaxQueue int `json:"max_queue"`
 }
 
 // GatewayConfig shapes the HTTP side.
@@ -78,6 +107,28 @@ type GatewayConfig struct {
 	MaxBodyBytes int64 `json:"max_body_bytes"`
 	// DefaultMaxTokens applies when a request names no max_tokens. Default 256.
 	DefaultMaxTokens int `json:"default_max_tokens"`
+	// Deadline is each request's default deadline. Default "30s".
+	Deadline Duration `json:"deadline"`
+	// MaxDeadline caps X-Request-Timeout. Default "5m".
+	MaxDeadline Duration       `json:"max_deadline"`
+	Coalesce    CoalesceConfig `json:"coalesce"`
+}
+
+// CoalesceConfig shapes how the SSE writer batches tokens by urgency.
+type CoalesceConfig struct {
+	// UrgentMax: urgencies 0..urgent_max flush every token. Default 2.
+	UrgentMax int `json:"urgent_max"`
+	// Window: urgencies above urgent_max and below bulk_min hold tokens
+	// this long. Default "10ms".
+	Window Duration `json:"window"`
+	// BulkMin: urgencies bulk_min..7 use bulk_window. Default 6.
+	BulkMin int `json:"bulk_min"`
+	// BulkWindow. Default "25ms".
+	BulkWindow Duration `json:"bulk_window"`
+	// MaxAckDelay bounds both windows. Default "25ms".
+	MaxAckDelay Duration `json:"max_ack_delay"`
+	// MaxBuffer flushes early at this many bytes. Default 4096.
+	MaxBuffer int `json:"max_buffer"`
 }
 
 // ModelConfig names one model directory (model.onnx, tokenizer.json,
@@ -154,6 +205,39 @@ func (c Config) withDefaults() Config {
 	if c.Scheduler.RetryAfter == 0 {
 		c.Scheduler.RetryAfter = Duration(time.Second)
 	}
+	if c.Scheduler.Aging == 0 {
+		c.Scheduler.Aging = Duration(2 * time.Second)
+	}
+	defInt(&c.Scheduler.UrgentMax, 2)
+	for i := range c.Scheduler.Tenants {
+		t := &c.Scheduler.Tenants[i]
+		defInt(&t.Weight, 1)
+		if t.DefaultUrgency == nil {
+			t.DefaultUrgency = new(3)
+		}
+		if t.UrgencyCeiling == nil {
+			t.UrgencyCeiling = new(0)
+		}
+	}
+	if c.Gateway.Deadline == 0 {
+		c.Gateway.Deadline = Duration(30 * time.Second)
+	}
+	if c.Gateway.MaxDeadline == 0 {
+		c.Gateway.MaxDeadline = Duration(5 * time.Minute)
+	}
+	co := &c.Gateway.Coalesce
+	defInt(&co.UrgentMax, 2)
+	defInt(&co.BulkMin, 6)
+	defInt(&co.MaxBuffer, 4096)
+	if co.Window == 0 {
+		co.Window = Duration(10 * time.Millisecond)
+	}
+	if co.BulkWindow == 0 {
+		co.BulkWindow = Duration(25 * time.Millisecond)
+	}
+	if co.MaxAckDelay == 0 {
+		co.MaxAckDelay = Duration(25 * time.Millisecond)
+	}
 	if c.Gateway.MaxBodyBytes == 0 {
 		c.Gateway.MaxBodyBytes = 1 << 20
 	}
@@ -205,6 +289,55 @@ func (c Config) validate() error {
 	}
 	if c.Gateway.DefaultMaxTokens < 1 {
 		bad("gateway.default_max_tokens", "must be > 0, got %d", c.Gateway.DefaultMaxTokens)
+	}
+	if c.Scheduler.Aging < 0 {
+		bad("scheduler.aging", "must be positive, got %s", time.Duration(c.Scheduler.Aging))
+	}
+	if u := c.Scheduler.UrgentMax; u < 0 || u > 7 {
+		bad("scheduler.urgent_max", "must be 0..7, got %d", u)
+	}
+	if r := c.Scheduler.UrgentReserve; r < 0 || r >= c.Workers.Slots && r > 0 {
+		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
+	}
+	tenants := map[string]bool{}
+	for i, t := range c.Scheduler.Tenants {
+		key := fmt.Sprintf("scheduler.tenants[%d]", i)
+		if t.Name == "" {
+			bad(key+".name", "must not be empty")
+		} else if tenants[t.Name] {
+			bad(key+".name", "%q is listed twice", t.Name)
+		}
+		tenants[t.Name] = true
+		if t.Weight < 1 || t.Weight > 1000 {
+			bad(key+".weight", "must be 1..1000, got %d", t.Weight)
+		}
+		if u := *t.DefaultUrgency; u < 0 || u > 7 {
+			bad(key+".default_urgency", "must be 0..7, got %d", u)
+		}
+		if u := *t.UrgencyCeiling; u < 0 || u > 7 || u > *t.DefaultUrgency {
+			bad(key+".urgency_ceiling", "must be 0..default_urgency (%d), got %d", *t.DefaultUrgency, u)
+		}
+		if t.MaxQueue < 0 {
+			bad(key+".max_queue", "must be >= 0, got %d", t.MaxQueue)
+		}
+	}
+	if c.Gateway.Deadline < 0 || c.Gateway.Deadline > c.Gateway.MaxDeadline {
+		bad("gateway.deadline", "must be positive and at most gateway.max_deadline (%s), got %s", time.Duration(c.Gateway.MaxDeadline), time.Duration(c.Gateway.Deadline))
+	}
+	co := c.Gateway.Coalesce
+	if co.UrgentMax < 0 || co.UrgentMax > 7 {
+		bad("gateway.coalesce.urgent_max", "must be 0..7, got %d", co.UrgentMax)
+	}
+	if co.BulkMin <= co.UrgentMax || co.BulkMin > 7 {
+		bad("gateway.coalesce.bulk_min", "must be urgent_max+1..7, got %d", co.BulkMin)
+	}
+	for key, d := range map[string]Duration{"gateway.coalesce.window": co.Window, "gateway.coalesce.bulk_window": co.BulkWindow} {
+		if d < 0 || d > co.MaxAckDelay {
+			bad(key, "must be positive and at most gateway.coalesce.max_ack_delay (%s), got %s", time.Duration(co.MaxAckDelay), time.Duration(d))
+		}
+	}
+	if co.MaxBuffer < 1 {
+		bad("gateway.coalesce.max_buffer", "must be > 0, got %d", co.MaxBuffer)
 	}
 	seen := map[string]bool{}
 	for i, m := range c.Models {

@@ -34,7 +34,7 @@ var binary struct {
 	err  error
 }
 
-func buildBinary(t *testing.T) string {
+func buildBinary(t testing.TB) string {
 	t.Helper()
 	binary.once.Do(func() {
 		dir, err := os.MkdirTemp("", "h3infer-e2e-bin")
@@ -62,7 +62,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func ortLib(t *testing.T) string {
+func ortLib(t testing.TB) string {
 	t.Helper()
 	lib := os.Getenv("ONNXRUNTIME_LIB")
 	if lib == "" {
@@ -91,7 +91,7 @@ var (
 // startServer runs `h3infer serve` on free loopback ports and waits until it
 // prints that it is ready. The test's cleanup stops it with SIGTERM, checks
 // that it exits 0, and that its worker processes are gone.
-func startServer(t *testing.T, extra ...string) *server {
+func startServer(t testing.TB, extra ...string) *server {
 	t.Helper()
 	bin := buildBinary(t)
 	state := t.TempDir()
@@ -219,7 +219,7 @@ func processAlive(pid int) bool {
 	return !strings.HasPrefix(rest, "Z")
 }
 
-func (s *server) h3Client(t *testing.T) *http.Client {
+func (s *server) h3Client(t testing.TB) *http.Client {
 	t.Helper()
 	pool, err := certs.LoadPool(s.caFile)
 	if err != nil {
@@ -556,7 +556,7 @@ func TestEndToEndErrors(t *testing.T) {
 }
 
 // metric sums the samples of one metric family in Prometheus text format.
-func metric(t *testing.T, s *server, name string) float64 {
+func metric(t testing.TB, s *server, name string) float64 {
 	t.Helper()
 	resp, err := http.Get(s.admin + "/metrics")
 	if err != nil {

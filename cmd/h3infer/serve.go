@@ -97,20 +97,54 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	if err != nil {
 		return err
 	}
+	var tenants []scheduler.Tenant
+	for _, t := range cfg.Scheduler.Tenants {
+		tenants = append(tenants, scheduler.Tenant{
+			Name:           t.Name,
+			Weight:         t.Weight,
+			DefaultUrgency: uint8(*t.DefaultUrgency),
+			UrgencyCeiling: uint8(*t.UrgencyCeiling),
+			MaxQueue:       t.MaxQueue,
+		})
+	}
 	sched, err := scheduler.New(scheduler.Config{
-		MaxQueue:   cfg.Scheduler.MaxQueue,
-		RetryAfter: time.Duration(cfg.Scheduler.RetryAfter),
+		MaxQueue:      cfg.Scheduler.MaxQueue,
+		RetryAfter:    time.Duration(cfg.Scheduler.RetryAfter),
+		Aging:         time.Duration(cfg.Scheduler.Aging),
+		UrgentMax:     uint8(cfg.Scheduler.UrgentMax),
+		UrgentReserve: cfg.Scheduler.UrgentReserve,
+		Tenants:       tenants,
 	}, poolWorkers{pool}, log)
 	if err != nil {
 		return err
 	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "h3infer_scheduler_queued_requests",
+			Help: "Requests waiting for a worker slot.",
+		}, func() float64 { return float64(sched.Stats().Queued) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "h3infer_scheduler_running_requests",
+			Help: "Worker slots in use.",
+		}, func() float64 { return float64(sched.Stats().Running) }),
+	)
 	gw, err := gateway.New(gateway.Config{
 		Listen:           cfg.Listen,
 		Admin:            cfg.Admin,
 		TLS:              tlsCfg,
 		MaxBodyBytes:     cfg.Gateway.MaxBodyBytes,
 		DefaultMaxTokens: cfg.Gateway.DefaultMaxTokens,
-		Registry:         reg,
+		QueueTimeout:     time.Duration(cfg.Gateway.Deadline),
+		MaxDeadline:      time.Duration(cfg.Gateway.MaxDeadline),
+		Coalesce: gateway.CoalesceConfig{
+			UrgentMax:   uint8(cfg.Gateway.Coalesce.UrgentMax),
+			Window:      time.Duration(cfg.Gateway.Coalesce.Window),
+			BulkMin:     uint8(cfg.Gateway.Coalesce.BulkMin),
+			BulkWindow:  time.Duration(cfg.Gateway.Coalesce.BulkWindow),
+			MaxAckDelay: time.Duration(cfg.Gateway.Coalesce.MaxAckDelay),
+			MaxBuffer:   cfg.Gateway.Coalesce.MaxBuffer,
+		},
+		Registry: reg,
 	}, gateway.FromScheduler(sched), pool, log)
 	if err != nil {
 		return err

@@ -1,0 +1,95 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+)
+
+// BenchmarkPriorityIsolation runs the real binary with two workers (4 slots
+// each) and reports the time to first token of a trickle of u=0 requests
+// (8 tokens, one every 25 ms): alone, then beside 64 concurrent bulk
+// streams at u=6 (128 tokens each, re-sent as each ends), and, as the
+// baseline in the same run, the same trickle sent at u=6 beside that load,
+// i.e. what the trickle gets when priority has no effect. It runs once with
+// the default configuration and once with scheduler.urgent_reserve 1.
+// Run with -benchtime 1x.
+func BenchmarkPriorityIsolation(b *testing.B) {
+	for _, bc := range []struct{ name, config string }{
+		{"default", `{}`},
+		{"urgent_reserve_1", `{"scheduler": {"urgent_reserve": 1}}`},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			cfg := filepath.Join(b.TempDir(), "config.json")
+			if err := os.WriteFile(cfg, []byte(bc.config), 0o600); err != nil {
+				b.Fatal(err)
+			}
+			priorityIsolation(b, startServer(b, "--config", cfg))
+		})
+	}
+}
+
+func priorityIsolation(b *testing.B, s *server) {
+	urgent, bulkClient := s.h3Client(b), s.h3Client(b)
+	url := s.base + "/v1/chat/completions"
+	trickle := func(priority string, samples int) []time.Duration {
+		var out []time.Duration
+		for range samples {
+			sent := time.Now()
+			at, err := firstToken(b, context.Background(), urgent, url, priority, 8)
+			if err != nil {
+				b.Fatalf("trickle at %s: %v", priority, err)
+			}
+			out = append(out, at.Sub(sent))
+			time.Sleep(25 * time.Millisecond)
+		}
+		return out
+	}
+	for b.Loop() {
+		trickle("u=0", 10) // warm up the connection and the workers
+		alone := trickle("u=0", 40)
+
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		for range 64 {
+			wg.Go(func() {
+				for ctx.Err() == nil {
+					if _, err := firstToken(b, ctx, bulkClient, url, "u=6", 128); err != nil && ctx.Err() == nil {
+						b.Errorf("bulk stream: %v", err)
+						return
+					} else if errors.Is(err, context.Canceled) {
+						return
+					}
+				}
+			})
+		}
+		waitForMetric(b, s, "h3infer_scheduler_queued_requests", 32)
+		loaded := trickle("u=0", 40)
+		noPriority := trickle("u=6", 8)
+		queued := metric(b, s, "h3infer_scheduler_queued_requests")
+		cancel()
+		wg.Wait()
+
+		b.ReportMetric(msOf(pctOf(alone, 50)), "alone_p50_ms")
+		b.ReportMetric(msOf(pctOf(alone, 99)), "alone_p99_ms")
+		b.ReportMetric(msOf(pctOf(loaded, 50)), "loaded_u0_p50_ms")
+		b.ReportMetric(msOf(pctOf(loaded, 99)), "loaded_u0_p99_ms")
+		b.ReportMetric(msOf(pctOf(noPriority, 50)), "loaded_u6_p50_ms")
+		b.ReportMetric(msOf(pctOf(noPriority, 99)), "loaded_u6_p99_ms")
+		b.ReportMetric(float64(pctOf(loaded, 99))/float64(pctOf(alone, 99)), "loaded/alone_p99")
+		b.Logf("queue at the end of the loaded phase: %v requests", queued)
+	}
+}
+
+func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+func pctOf(ds []time.Duration, p int) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[min(len(s)-1, len(s)*p/100)]
+}
