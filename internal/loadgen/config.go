@@ -53,8 +53,10 @@ type Config struct {
 	// time to first token includes the handshake.
 	NewConnection bool
 	// ZeroRTT keeps TLS session tickets between connections and, over h3,
-	// sends each request as 0-RTT early data when the server allows it.
-	// Without it every new connection does a full handshake.
+	// dials with early data enabled, so resumed connections skip the
+	// certificate chain. quic-go's client sends only GET and HEAD as early
+	// data, so a completion POST still waits for the handshake. Without it
+	// every new connection does a full handshake.
 	ZeroRTT bool
 	// Timeout bounds one request. Default 60s.
 	Timeout time.Duration
