@@ -36,8 +36,13 @@ test: ort
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
 
-bench: ort
+# Go benchmarks, then the h3infer bench scenarios (docs/BENCHMARKS.md):
+# gateway overhead against the bare server, and netem network conditions
+# in namespaces of its own (root).
+bench: ort build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./backend/ ./internal/onnxgen/
+	scripts/bench.sh
+	scripts/bench-netem.sh
 
 # The urgency figures in docs/BENCHMARKS.md: fairness, coalescing, and
 # priority isolation through the real binary (about a minute).

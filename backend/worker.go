@@ -160,6 +160,13 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 	// Closing our end tells the gateway at once, whatever made us stop.
 	defer end.Close()
 
+	// Synthetic models (bench tooling) need no ONNX Runtime and have a loop
+	// of their own in synthetic.go.
+	if synth, err := syntheticOnly(cfg); err != nil {
+		return err
+	} else if synth {
+		return runSynthetic(ctx, cfg, end, log)
+	}
 	if err := InitRuntime(cfg.ORTLib); err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"h3infer/backend"
 )
 
 // Config is the one typed configuration file of `h3infer serve` (JSON). It
@@ -348,7 +350,11 @@ func (c Config) validate() error {
 			bad(key+".name", "%q is listed twice", m.Name)
 		}
 		seen[m.Name] = true
-		if m.Dir == "" {
+		if _, synth, err := backend.ParseSynthetic(m.Dir); synth {
+			if err != nil {
+				bad(key+".dir", "%v", err)
+			}
+		} else if m.Dir == "" {
 			bad(key+".dir", "must not be empty")
 		} else if _, err := os.Stat(filepath.Join(m.Dir, "model.onnx")); err != nil {
 			bad(key+".dir", "no model.onnx: %v", err)

@@ -23,6 +23,9 @@ const usage = `h3infer: a QUIC/HTTP3 edge inference gateway
 Usage:
   h3infer serve    [--config FILE] [--listen ADDR] [--admin ADDR] [--state-dir DIR] [--workers N]
   h3infer chat     [--url URL] [--ca FILE] [--model NAME] "prompt"
+  h3infer bench    [--url URL] [--proto h3|h2|h1] [--concurrency N,N..] [--rate R] [--requests N] [--duration D]
+                   [--baseline-url URL] [--new-conn] [--0rtt] [--json FILE] [--plot PREFIX]
+  h3infer bench    --bare-listen ADDR   (the comparison server)
   h3infer certs init [--state-dir DIR] [--name NAME]... [--force]
   h3infer genmodel --out DIR [--layers N --heads N --hidden N --context N --random --seed N]
   h3infer worker   (started by serve, never by hand)
@@ -49,6 +52,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runServe(ctx, rest, stdout, log)
 	case "worker":
 		err = runWorker(ctx, rest, log)
+	case "bench":
+		err = runBench(ctx, rest, stdout, stderr, log)
 	case "chat":
 		err = runChat(ctx, rest, stdout, stderr)
 	case "certs":

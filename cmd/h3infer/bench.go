@@ -1,0 +1,225 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"h3infer/certs"
+	"h3infer/internal/loadgen"
+	"h3infer/internal/loadgen/bareserver"
+)
+
+// runBench is `h3infer bench`: load against a gateway (and, with
+// --baseline-url, the same load against a comparison server in the same
+// run), or with --bare-listen the comparison server itself.
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	url := fs.String("url", "https://127.0.0.1:8443", "endpoint to load")
+	baseline := fs.String("baseline-url", "", "a comparison endpoint (h3infer bench --bare-listen) loaded the same way after each level; the table then shows ratios")
+	label := fs.String("label", "h3infer", "name of --url in tables, JSON and plots")
+	proto := fs.String("proto", "h3", "h3, h2 or h1")
+	caFile := fs.String("ca", ".h3infer/certs/ca.pem", "CA certificate that signed the server's certificate")
+	model := fs.String("model", loadgen.DefaultModel, "model name")
+	levels := fs.String("concurrency", "1", "requests in flight; a comma-separated list runs each level in turn")
+	rate := fs.Float64("rate", 0, "open loop: mean requests per second with Poisson arrivals (0: closed loop)")
+	requests := fs.Int("requests", 0, "requests per level (0: bounded by --duration only)")
+	duration := fs.Duration("duration", 0, "time per level (0: bounded by --requests only)")
+	prompt := fs.String("prompt-words", "32", "prompt length in words: N, MIN-MAX or exp:MEAN")
+	output := fs.String("output-tokens", "64", "max_tokens per request: N, MIN-MAX or exp:MEAN")
+	urgency := fs.String("urgency", "", "urgency mix sent as the Priority header, such as 0:1,3:8,7:1 (default: no header)")
+	newConn := fs.Bool("new-conn", false, "open a new connection for every request (handshake included in TTFT)")
+	zeroRTT := fs.Bool("0rtt", false, "with --new-conn: resume TLS sessions and send h3 requests as 0-RTT early data where the server allows it")
+	timeout := fs.Duration("timeout", loadgen.DefaultTimeout, "bound on one request")
+	jsonOut := fs.String("json", "", "write every run as JSON to this file")
+	plotOut := fs.String("plot", "", "write PNG plots as PREFIX-cdf.png (latency CDFs) and PREFIX-ttft.png (TTFT against concurrency)")
+	progress := fs.Bool("progress", true, "draw a progress bar when stderr is a terminal")
+	bareListen := fs.String("bare-listen", "", "serve the comparison server on host:port instead of loading anything")
+	bareInterval := fs.Duration("bare-interval", 0, "comparison server: time between tokens of one stream (0: as fast as possible)")
+	bareZeroRTT := fs.Bool("bare-0rtt", true, "comparison server: accept 0-RTT early data")
+	stateDir := fs.String("state-dir", ".h3infer", "comparison server: directory holding the development certificates")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if *bareListen != "" {
+		return serveBare(ctx, *bareListen, *stateDir, *bareInterval, *bareZeroRTT, stdout, log)
+	}
+
+	var errs []error
+	cfg := loadgen.Config{
+		URL: *url, Proto: *proto, Model: *model, Rate: *rate, Requests: *requests,
+		Duration: *duration, NewConnection: *newConn, ZeroRTT: *zeroRTT, Timeout: *timeout,
+	}
+	var err error
+	if cfg.PromptWords, err = loadgen.ParseDist(*prompt); err != nil {
+		errs = append(errs, fmt.Errorf("prompt-words: %w", err))
+	}
+	if cfg.OutputTokens, err = loadgen.ParseDist(*output); err != nil {
+		errs = append(errs, fmt.Errorf("output-tokens: %w", err))
+	}
+	if *urgency != "" {
+		if cfg.Urgency, err = loadgen.ParseUrgencyMix(*urgency); err != nil {
+			errs = append(errs, fmt.Errorf("urgency: %w", err))
+		}
+	}
+	var conc []int
+	for f := range strings.SplitSeq(*levels, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			errs = append(errs, fmt.Errorf("concurrency: want a list of numbers >= 1, got %q", *levels))
+			break
+		}
+		conc = append(conc, n)
+	}
+	if len(conc) > 0 {
+		cfg.Concurrency = conc[0]
+		if err := cfg.Validate(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return usageError{err}
+	}
+	pool, err := certs.LoadPool(*caFile)
+	if err != nil {
+		return err
+	}
+	cfg.TLS = &tls.Config{RootCAs: pool}
+
+	showBar := *progress && isTerminal(stderr)
+	var results []*loadgen.Result
+	for _, c := range conc {
+		targets := []struct{ name, url string }{{*label, *url}}
+		if *baseline != "" {
+			targets = append(targets, struct{ name, url string }{"bare", *baseline})
+		}
+		var pair []*loadgen.Result
+		for _, t := range targets {
+			run := cfg
+			run.Concurrency, run.URL = c, t.url
+			var onProgress func(loadgen.Progress)
+			if showBar {
+				onProgress = progressBar(stderr, fmt.Sprintf("%s c=%d", t.name, c))
+			}
+			res, err := loadgen.Run(ctx, run, onProgress)
+			if err != nil {
+				return err
+			}
+			res.Label = t.name
+			results = append(results, res)
+			pair = append(pair, res)
+			if err := res.WriteTable(stdout); err != nil {
+				return err
+			}
+			fmt.Fprintln(stdout)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+		}
+		if len(pair) == 2 {
+			writeRatios(stdout, pair[0], pair[1])
+		}
+	}
+	if *jsonOut != "" {
+		if err := writeFile(*jsonOut, func(w io.Writer) error { return loadgen.WriteJSON(w, results) }); err != nil {
+			return err
+		}
+	}
+	if *plotOut != "" {
+		if err := writeFile(*plotOut+"-cdf.png", func(w io.Writer) error { return loadgen.PlotCDF(w, results) }); err != nil {
+			return err
+		}
+		if err := writeFile(*plotOut+"-ttft.png", func(w io.Writer) error { return loadgen.PlotTTFT(w, results) }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeRatios prints the gateway's figures over the baseline's.
+func writeRatios(w io.Writer, gw, bare *loadgen.Result) {
+	ratio := func(a, b float64) string {
+		if b == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f", a/b)
+	}
+	fmt.Fprintf(w, "ratio %s/bare at concurrency %d: ttft p50 %s, ttft p99 %s, inter-token p50 %s, tokens/s %s\n\n",
+		gw.Label, gw.Concurrency,
+		ratio(float64(gw.TTFT.P50), float64(bare.TTFT.P50)),
+		ratio(float64(gw.TTFT.P99), float64(bare.TTFT.P99)),
+		ratio(float64(gw.ITL.P50), float64(bare.ITL.P50)),
+		ratio(gw.TokensPerS, bare.TokensPerS))
+}
+
+func writeFile(path string, write func(io.Writer) error) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := write(f); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return f.Close()
+}
+
+// serveBare runs the comparison server until ctx ends.
+func serveBare(ctx context.Context, listen, stateDir string, interval time.Duration, zeroRTT bool, stdout io.Writer, log *slog.Logger) error {
+	dev, err := certs.EnsureDev(filepath.Join(stateDir, "certs"), certs.DevOptions{})
+	if err != nil {
+		return err
+	}
+	kp, err := certs.LoadKeyPair(dev.CertFile, dev.KeyFile)
+	if err != nil {
+		return err
+	}
+	srv, err := bareserver.Start(bareserver.Config{
+		Listen:   listen,
+		TLS:      &tls.Config{Certificates: []tls.Certificate{kp}, MinVersion: tls.VersionTLS13},
+		Interval: interval,
+		ZeroRTT:  zeroRTT,
+	}, log)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "bare server listening on %s\n", srv.Addr())
+	<-ctx.Done()
+	return srv.Close()
+}
+
+// isTerminal reports whether w is a terminal, where a progress bar helps
+// rather than litters a log.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// progressBar redraws one line on w; the final call ends the line.
+func progressBar(w io.Writer, name string) func(loadgen.Progress) {
+	return func(p loadgen.Progress) {
+		const width = 30
+		filled := int(p.Fraction * width)
+		bar := strings.Repeat("#", filled) + strings.Repeat(".", width-filled)
+		fmt.Fprintf(w, "\r%-16s [%s] %3.0f%% %d done, %d errors, %d in flight, %s ",
+			name, bar, p.Fraction*100, p.Done, p.Errors, p.InFlight, p.Elapsed.Round(100*time.Millisecond))
+		if p.Final {
+			fmt.Fprint(w, "\r\033[K")
+		}
+	}
+}

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"image/png"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// benchJSON is the part of `bench --json` the tests check.
+type benchJSON struct {
+	Runs []struct {
+		Label       string         `json:"label"`
+		Proto       string         `json:"proto"`
+		Concurrency int            `json:"concurrency"`
+		Requests    int            `json:"requests"`
+		OK          int            `json:"ok"`
+		Errors      map[string]int `json:"errors"`
+		Tokens      int            `json:"tokens"`
+		TTFT        struct {
+			Count int `json:"count"`
+		} `json:"ttft"`
+	} `json:"runs"`
+}
+
+func runBenchCmd(t *testing.T, args ...string) (string, benchJSON) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "bench.json")
+	cmd := exec.Command(buildBinary(t), append([]string{"bench", "--json", out}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("h3infer bench %v: %v\n%s\n%s", args, err, stdout.String(), stderr.String())
+	}
+	// Not a terminal: no progress bar may litter a log.
+	if strings.Contains(stderr.String(), "\r") {
+		t.Errorf("bench drew a progress bar on a pipe: %q", stderr.String())
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res benchJSON
+	if err := json.Unmarshal(b, &res); err != nil {
+		t.Fatalf("bench JSON: %v\n%s", err, b)
+	}
+	return stdout.String(), res
+}
+
+// TestBenchDemoModel loads a real gateway serving the real demo model over
+// each protocol and checks every request streamed its tokens.
+func TestBenchDemoModel(t *testing.T) {
+	s := startServer(t)
+	for _, proto := range []string{"h3", "h2", "h1"} {
+		table, res := runBenchCmd(t, "--url", s.base, "--ca", s.caFile, "--proto", proto,
+			"--concurrency", "2", "--requests", "6", "--output-tokens", "8", "--urgency", "0:1,5:1")
+		if len(res.Runs) != 1 {
+			t.Fatalf("%s: got %d runs, want 1", proto, len(res.Runs))
+		}
+		r := res.Runs[0]
+		if r.Proto != proto || r.Requests != 6 || r.OK != 6 || len(r.Errors) != 0 {
+			t.Errorf("%s: got proto %s, %d requests, %d ok, errors %v; want 6 ok and no errors\n%s", proto, r.Proto, r.Requests, r.OK, r.Errors, table)
+		}
+		// The demo model may stop early at its end token, never run over.
+		if r.Tokens < 6 || r.Tokens > 6*8 || r.TTFT.Count != 6 {
+			t.Errorf("%s: got %d tokens and %d TTFT samples, want 6..48 and 6", proto, r.Tokens, r.TTFT.Count)
+		}
+		for _, want := range []string{"6 requests, 6 ok, 0 errors", "ttft", "inter-token", "e2e", "tokens/s", "errors: none"} {
+			if !strings.Contains(table, want) {
+				t.Errorf("%s: table lacks %q:\n%s", proto, want, table)
+			}
+		}
+	}
+}
+
+// startBare runs `h3infer bench --bare-listen` on a free port with the
+// certificates of stateDir and stops it when the test ends.
+func startBare(t *testing.T, stateDir string) string {
+	t.Helper()
+	cmd := exec.Command(buildBinary(t), "bench", "--bare-listen", "127.0.0.1:0", "--state-dir", stateDir)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if a, ok := strings.CutPrefix(sc.Text(), "bare server listening on "); ok {
+				addr <- a
+			}
+		}
+		exited <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("bare server exited with %v after SIGTERM\n%s", err, stderr.String())
+			}
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+			t.Errorf("bare server did not exit within 20s of SIGTERM")
+		}
+	})
+	select {
+	case a := <-addr:
+		return "https://" + a
+	case <-time.After(30 * time.Second):
+		t.Fatalf("bare server did not start\n%s", stderr.String())
+	}
+	return ""
+}
+
+// TestBenchSyntheticAgainstBare runs the overhead comparison end to end:
+// a gateway whose workers serve the synthetic model, the bare server, both
+// loaded in one bench run with ratios, JSON and plots.
+func TestBenchSyntheticAgainstBare(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "synthetic.json")
+	if err := os.WriteFile(cfg, []byte(`{"workers": {"slots": 16}, "models": [{"name": "demo", "dir": "synthetic"}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s := startServer(t, "--config", cfg)
+	bare := startBare(t, s.stateDir)
+	plots := filepath.Join(t.TempDir(), "plot")
+	table, res := runBenchCmd(t, "--url", s.base, "--baseline-url", bare, "--ca", s.caFile,
+		"--concurrency", "1,8", "--requests", "24", "--output-tokens", "5-20", "--plot", plots)
+	if len(res.Runs) != 4 {
+		t.Fatalf("got %d runs, want 4 (two levels, two servers)\n%s", len(res.Runs), table)
+	}
+	for i, r := range res.Runs {
+		wantLabel := []string{"h3infer", "bare"}[i%2]
+		if r.Label != wantLabel || r.Concurrency != []int{1, 8}[i/2] {
+			t.Errorf("run %d: got %s at concurrency %d", i, r.Label, r.Concurrency)
+		}
+		if r.OK != 24 || len(r.Errors) != 0 || r.Tokens < 24*5 || r.Tokens > 24*20 {
+			t.Errorf("run %d (%s c=%d): %d ok, errors %v, %d tokens; want 24 ok, no errors, 120..480 tokens", i, r.Label, r.Concurrency, r.OK, r.Errors, r.Tokens)
+		}
+	}
+	if n := strings.Count(table, "ratio h3infer/bare at concurrency"); n != 2 {
+		t.Errorf("table has %d ratio lines, want 2:\n%s", n, table)
+	}
+	for _, name := range []string{plots + "-cdf.png", plots + "-ttft.png"} {
+		f, err := os.Open(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := png.Decode(f)
+		f.Close()
+		if err != nil || img.Bounds().Dx() < 100 {
+			t.Errorf("%s: not a usable PNG: %v", name, err)
+		}
+	}
+}

@@ -1,0 +1,186 @@
+package loadgen
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"math"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Percentiles summarizes a set of latencies. Count 0 leaves the rest zero.
+type Percentiles struct {
+	Count int           `json:"count"`
+	P50   time.Duration `json:"p50_ns"`
+	P90   time.Duration `json:"p90_ns"`
+	P99   time.Duration `json:"p99_ns"`
+	Max   time.Duration `json:"max_ns"`
+	Mean  time.Duration `json:"mean_ns"`
+}
+
+// percentile is the nearest-rank percentile (0 < p <= 1) of sorted data:
+// the smallest value with at least p of the data at or below it.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(p*float64(len(sorted)))) - 1
+	return sorted[max(0, min(i, len(sorted)-1))]
+}
+
+// summarize sorts d in place and summarizes it.
+func summarize(d []time.Duration) Percentiles {
+	if len(d) == 0 {
+		return Percentiles{}
+	}
+	slices.Sort(d)
+	var sum float64
+	for _, v := range d {
+		sum += float64(v)
+	}
+	return Percentiles{
+		Count: len(d),
+		P50:   percentile(d, 0.50),
+		P90:   percentile(d, 0.90),
+		P99:   percentile(d, 0.99),
+		Max:   d[len(d)-1],
+		Mean:  time.Duration(sum / float64(len(d))),
+	}
+}
+
+// Result is a finished run: its settings, summaries and raw latencies.
+type Result struct {
+	Label       string         `json:"label,omitempty"`
+	Proto       string         `json:"proto"`
+	Concurrency int            `json:"concurrency"`
+	Rate        float64        `json:"rate,omitempty"`
+	NewConn     bool           `json:"new_connection"`
+	ZeroRTT     bool           `json:"zero_rtt"`
+	Requests    int            `json:"requests"`
+	OK          int            `json:"ok"`
+	Errors      map[string]int `json:"errors"`
+	Wall        time.Duration  `json:"wall_ns"`
+	Tokens      int            `json:"tokens"`
+	TokensPerS  float64        `json:"tokens_per_s"`
+	RequestsPS  float64        `json:"requests_per_s"`
+	TTFT        Percentiles    `json:"ttft"`
+	ITL         Percentiles    `json:"itl"`
+	E2E         Percentiles    `json:"e2e"`
+
+	// Sorted raw latencies of successful requests, for plots.
+	TTFTs []time.Duration `json:"-"`
+	ITLs  []time.Duration `json:"-"`
+	E2Es  []time.Duration `json:"-"`
+	// Samples in the order they finished.
+	Samples []Sample `json:"-"`
+	// ErrorDetails holds one message per error kind, for diagnosis.
+	ErrorDetails map[string]string `json:"error_details,omitempty"`
+}
+
+func newResult(cfg Config, samples []Sample, wall time.Duration) *Result {
+	r := &Result{
+		Proto:        cfg.Proto,
+		Concurrency:  cfg.Concurrency,
+		Rate:         cfg.Rate,
+		NewConn:      cfg.NewConnection,
+		ZeroRTT:      cfg.ZeroRTT,
+		Requests:     len(samples),
+		Errors:       map[string]int{},
+		ErrorDetails: map[string]string{},
+		Wall:         wall,
+		Samples:      samples,
+	}
+	for _, s := range samples {
+		if s.Err != "" {
+			r.Errors[s.Err]++
+			if _, seen := r.ErrorDetails[s.Err]; !seen && s.Detail != "" {
+				r.ErrorDetails[s.Err] = s.Detail
+			}
+			continue
+		}
+		r.OK++
+		r.Tokens += s.Tokens
+		r.TTFTs = append(r.TTFTs, s.TTFT)
+		r.E2Es = append(r.E2Es, s.E2E)
+		r.ITLs = append(r.ITLs, s.ITL...)
+	}
+	r.TTFT, r.ITL, r.E2E = summarize(r.TTFTs), summarize(r.ITLs), summarize(r.E2Es)
+	if secs := wall.Seconds(); secs > 0 {
+		r.TokensPerS = float64(r.Tokens) / secs
+		r.RequestsPS = float64(r.OK) / secs
+	}
+	return r
+}
+
+// ErrorCount is the number of failed requests of every kind.
+func (r *Result) ErrorCount() int { return r.Requests - r.OK }
+
+// WriteTable prints the run as a human-readable table.
+func (r *Result) WriteTable(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	mode := fmt.Sprintf("concurrency %d", r.Concurrency)
+	if r.Rate > 0 {
+		mode = fmt.Sprintf("rate %.1f/s (at most %d in flight)", r.Rate, r.Concurrency)
+	}
+	if r.NewConn {
+		mode += ", new connection per request"
+		if r.ZeroRTT {
+			mode += ", 0-RTT"
+		}
+	}
+	title := r.Proto
+	if r.Label != "" {
+		title = r.Label + " (" + r.Proto + ")"
+	}
+	fmt.Fprintf(w, "%s, %s: %d requests, %d ok, %d errors in %s\n", title, mode, r.Requests, r.OK, r.ErrorCount(), r.Wall.Round(time.Millisecond))
+	fmt.Fprintf(tw, "latency\tp50\tp90\tp99\tmax\tsamples\t\n")
+	for _, row := range []struct {
+		name string
+		p    Percentiles
+	}{{"ttft", r.TTFT}, {"inter-token", r.ITL}, {"e2e", r.E2E}} {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t\n", row.name, fmtDur(row.p.P50), fmtDur(row.p.P90), fmtDur(row.p.P99), fmtDur(row.p.Max), row.p.Count)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "throughput: %.1f tokens/s, %.2f requests/s (%d tokens)\n", r.TokensPerS, r.RequestsPS, r.Tokens)
+	if len(r.Errors) == 0 {
+		_, err := fmt.Fprintln(w, "errors: none")
+		return err
+	}
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(r.Errors)) {
+		parts = append(parts, fmt.Sprintf("%s %d", k, r.Errors[k]))
+	}
+	_, err := fmt.Fprintf(w, "errors: %s\n", strings.Join(parts, ", "))
+	for _, k := range slices.Sorted(maps.Keys(r.ErrorDetails)) {
+		fmt.Fprintf(w, "  %s: %s\n", k, r.ErrorDetails[k])
+	}
+	return err
+}
+
+// fmtDur prints a latency with three significant digits.
+func fmtDur(d time.Duration) string {
+	switch {
+	case d == 0:
+		return "-"
+	case d < time.Millisecond:
+		return fmt.Sprintf("%.1fµs", float64(d)/1e3)
+	case d < time.Second:
+		return fmt.Sprintf("%.2fms", float64(d)/1e6)
+	}
+	return fmt.Sprintf("%.3fs", d.Seconds())
+}
+
+// WriteJSON writes results as one JSON document.
+func WriteJSON(w io.Writer, results []*Result) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(struct {
+		Runs []*Result `json:"runs"`
+	}{results})
+}
