@@ -14,9 +14,10 @@ import (
 func TestChatPage(t *testing.T) {
 	h := newHarness(t, nil)
 	want := map[string]string{
-		"/":         "text/html; charset=utf-8",
-		"/chat.js":  "text/javascript; charset=utf-8",
-		"/chat.css": "text/css; charset=utf-8",
+		"/":            "text/html; charset=utf-8",
+		"/chat.js":     "text/javascript; charset=utf-8",
+		"/chat.css":    "text/css; charset=utf-8",
+		"/favicon.svg": "image/svg+xml",
 	}
 	for _, proto := range []string{"h3", "h2", "http/1.1"} {
 		for path, ctype := range want {

@@ -9,12 +9,12 @@ import (
 	"io/fs"
 )
 
-//go:embed index.html chat.css chat.js
+//go:embed index.html chat.css chat.js favicon.svg
 var files embed.FS
 
 // Index is the page's entry point within FS.
 const Index = "index.html"
 
 // FS returns the page's files: index.html and the assets it names by their
-// base names (chat.css, chat.js), which the server serves beside "/".
+// base names (chat.css, chat.js, favicon.svg), which the server serves beside "/".
 func FS() fs.FS { return files }
