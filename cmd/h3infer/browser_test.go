@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -50,9 +52,10 @@ func runNode(t *testing.T, script string, cfg any, env ...string) []byte {
 
 // answer is the part of a completion the clients must reproduce.
 type answer struct {
-	text   string
-	tokens int
-	finish string
+	text         string
+	tokens       int
+	finish       string
+	promptTokens int
 }
 
 // greedyChat is what the API answers, not streamed, for a greedy chat
@@ -71,6 +74,7 @@ func greedyChat(t *testing.T, s *server, messages []map[string]string, maxTokens
 			FinishReason string `json:"finish_reason"`
 		} `json:"choices"`
 		Usage struct {
+			PromptTokens     int `json:"prompt_tokens"`
 			CompletionTokens int `json:"completion_tokens"`
 		} `json:"usage"`
 	}
@@ -81,7 +85,7 @@ func greedyChat(t *testing.T, s *server, messages []map[string]string, maxTokens
 	if strings.TrimSpace(r.Choices[0].Message.Content) == "" {
 		t.Fatal("the reference answer is empty; comparing against it would prove nothing")
 	}
-	return answer{r.Choices[0].Message.Content, r.Usage.CompletionTokens, r.Choices[0].FinishReason}
+	return answer{r.Choices[0].Message.Content, r.Usage.CompletionTokens, r.Choices[0].FinishReason, r.Usage.PromptTokens}
 }
 
 // pageRun is what the chat page recorded about one turn (chat.js).
@@ -217,4 +221,43 @@ func TestBrowserChatPage(t *testing.T) {
 	} else {
 		t.Logf("screenshot: %s", shot)
 	}
+}
+
+// TestChatInteractive holds a two-turn conversation with `h3infer chat` on
+// stdin: the second turn must be answered as the continuation of the first.
+func TestChatInteractive(t *testing.T) {
+	s := startServer(t)
+	const maxTokens = 32
+	turns := []string{testPrompt, "and then the workers"}
+	var conversation []map[string]string
+	var want strings.Builder
+	var wantPrompt []string
+	for _, turn := range turns {
+		conversation = append(conversation, map[string]string{"role": "user", "content": turn})
+		a := greedyChat(t, s, conversation, maxTokens)
+		conversation = append(conversation, map[string]string{"role": "assistant", "content": a.text})
+		want.WriteString(a.text + "\n")
+		wantPrompt = append(wantPrompt, strconv.Itoa(a.promptTokens))
+	}
+
+	cmd := exec.Command(buildBinary(t), "chat", "--url", s.base, "--ca", s.caFile, "--max-tokens", strconv.Itoa(maxTokens))
+	cmd.Stdin = strings.NewReader(strings.Join(turns, "\n") + "\n")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("h3infer chat: %v\n%s", err, stderr.String())
+	}
+	if stdout.String() != want.String() {
+		t.Errorf("chat printed %q, want %q", stdout.String(), want.String())
+	}
+	// The prompt each turn sent, as the model counted it, shows the
+	// conversation was kept: the demo model's answers alone would not.
+	var gotPrompt []string
+	for _, m := range regexp.MustCompile(`\[HTTP/3\.0 · time to first token \S+ · \d+ tokens · \d+ tokens/s · finish_reason \w+ · prompt (\d+) tokens\]`).FindAllStringSubmatch(stderr.String(), -1) {
+		gotPrompt = append(gotPrompt, m[1])
+	}
+	if strings.Join(gotPrompt, ",") != strings.Join(wantPrompt, ",") {
+		t.Errorf("turn summaries give prompt sizes %v, want %v (the whole conversation each turn):\n%s", gotPrompt, wantPrompt, stderr.String())
+	}
+	t.Logf("h3infer chat:\n%s", stderr.String())
 }

@@ -22,7 +22,7 @@ const usage = `h3infer: a QUIC/HTTP3 edge inference gateway
 
 Usage:
   h3infer serve    [--config FILE] [--listen ADDR] [--admin ADDR] [--state-dir DIR] [--workers N]
-  h3infer chat     [--url URL] [--ca FILE] [--model NAME] "prompt"
+  h3infer chat     [--url URL] [--ca FILE] [--model NAME] ["prompt"]  (no prompt: a conversation on stdin)
   h3infer certs init [--state-dir DIR] [--name NAME]... [--force]
   h3infer genmodel --out DIR [--layers N --heads N --hidden N --context N --random --seed N]
   h3infer worker   (started by serve, never by hand)
@@ -50,7 +50,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "worker":
 		err = runWorker(ctx, rest, log)
 	case "chat":
-		err = runChat(ctx, rest, stdout, stderr)
+		err = runChat(ctx, rest, os.Stdin, stdout, stderr)
 	case "certs":
 		err = runCerts(rest, stdout)
 	case "genmodel":
