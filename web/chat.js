@@ -196,6 +196,7 @@
         run.rate == null ? null : Math.round(run.rate) + ' tokens/s',
         run.tokens + ' tokens', run.finish].filter(Boolean).join(' · ');
       out.div.append(meta);
+      el.log.scrollTop = el.log.scrollHeight;
     } catch (err) {
       run.error = String((err && err.message) || err);
       // Drop the unanswered turn so the next one is not sent after it.
