@@ -11,7 +11,7 @@ ORT_BUNDLED    := $(ORT_DIR)/libonnxruntime.so.1
 ONNXRUNTIME_LIB ?= $(ORT_BUNDLED)
 export ONNXRUNTIME_LIB
 
-.PHONY: all build run test bench bench-urgency fuzz ort clean
+.PHONY: all build run test bench bench-urgency fuzz ort js screenshot clean
 
 all: build
 
@@ -30,9 +30,19 @@ $(ORT_BUNDLED):
 run: ort build
 	bin/h3infer serve $(ARGS)
 
+# The JavaScript clients the end-to-end tests drive (playwright-core steering
+# the system chromium, and the openai SDK), installed exactly as locked.
+# Neither needs an install script; skipping them guarantees no tool fetches a
+# browser of its own.
+JS_DIR := cmd/h3infer/testdata/js
+js: $(JS_DIR)/node_modules/.package-lock.json
+
+$(JS_DIR)/node_modules/.package-lock.json: $(JS_DIR)/package.json $(JS_DIR)/package-lock.json
+	cd $(JS_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+
 # -race everywhere it can run; the end-to-end tests build and start the real
 # binary themselves.
-test: ort
+test: ort js
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
 
@@ -60,6 +70,10 @@ fuzz:
 			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
 		done; \
 	done
+
+# Retakes docs/screenshot.png, the README's picture, with the browser test.
+screenshot: ort js
+	H3INFER_SCREENSHOT=$(CURDIR)/docs/screenshot.png $(GO) test -count=1 -run '^TestBrowserChatPage$$' ./cmd/h3infer/
 
 clean:
 	rm -rf bin

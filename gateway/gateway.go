@@ -216,6 +216,10 @@ func (g *Gateway) Start() error {
 	if g.started {
 		return errors.New("gateway: already started")
 	}
+	api, err := g.routes()
+	if err != nil {
+		return err
+	}
 	udp, tcp, err := listenPair(g.cfg.Listen)
 	if err != nil {
 		return err
@@ -245,7 +249,6 @@ func (g *Gateway) Start() error {
 	}
 	g.udp, g.quicLn = udp, quicLn
 
-	api := g.routes()
 	g.h3 = &http3.Server{
 		Handler:     g.instrument(api),
 		ConnContext: g.connContext,

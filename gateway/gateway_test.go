@@ -737,7 +737,7 @@ func TestAltSvcOnTCP(t *testing.T) {
 	want := fmt.Sprintf(`h3=":%s"; ma=86400`, port)
 	for _, proto := range []string{"h2", "http/1.1"} {
 		t.Run(proto, func(t *testing.T) {
-			for _, path := range []string{"/v1/models", "/nowhere"} {
+			for _, path := range []string{"/", "/v1/models", "/nowhere"} {
 				req, _ := http.NewRequest(http.MethodGet, h.base+path, nil)
 				resp := h.do(t, proto, req)
 				if got := resp.Header.Get("Alt-Svc"); got != want {

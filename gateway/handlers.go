@@ -19,9 +19,13 @@ import (
 	"h3infer/transport"
 )
 
-// routes is the API, served identically over HTTP/3 and TCP.
-func (g *Gateway) routes() http.Handler {
+// routes is the API and the chat page, served identically over HTTP/3 and
+// TCP.
+func (g *Gateway) routes() (http.Handler, error) {
 	mux := http.NewServeMux()
+	if err := routePage(mux); err != nil {
+		return nil, err
+	}
 	mux.HandleFunc("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
 		g.serveCompletion(w, r, kindChat)
 	})
@@ -33,7 +37,7 @@ func (g *Gateway) routes() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errRouteNotFound)
 	})
-	return mux
+	return mux, nil
 }
 
 func (g *Gateway) adminRoutes() http.Handler {

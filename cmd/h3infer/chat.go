@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -20,7 +21,7 @@ import (
 	"h3infer/certs"
 )
 
-func runChat(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("chat", flag.ContinueOnError)
 	base := fs.String("url", "https://127.0.0.1:8443", "gateway URL")
 	caFile := fs.String("ca", ".h3infer/certs/ca.pem", "CA certificate that signed the gateway's certificate")
@@ -31,10 +32,6 @@ func runChat(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := parseFlags(fs, args, 1); err != nil {
 		return err
 	}
-	prompt := fs.Arg(0)
-	if prompt == "" {
-		return usagef("a prompt is required: h3infer chat [flags] \"prompt\"")
-	}
 	endpoint, err := chatEndpoint(*base)
 	if err != nil {
 		return usageError{err}
@@ -43,28 +40,90 @@ func runChat(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	tr := &http3.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
+	tr := chatTransport(pool)
 	defer tr.Close()
+	client := &http.Client{Transport: tr}
 
-	req := chatRequest{
-		Model:         *model,
-		Messages:      []chatMessage{{Role: "user", Content: prompt}},
-		MaxTokens:     *maxTokens,
-		Temperature:   *temperature,
-		Stream:        true,
-		StreamOptions: &streamOptions{IncludeUsage: true},
+	// ask sends the conversation so far and streams the answer to stdout.
+	ask := func(messages []chatMessage) (string, error) {
+		req := chatRequest{
+			Model:         *model,
+			Messages:      messages,
+			MaxTokens:     *maxTokens,
+			Temperature:   *temperature,
+			Stream:        true,
+			StreamOptions: &streamOptions{IncludeUsage: true},
+		}
+		if *seed >= 0 {
+			req.Seed = seed
+		}
+		var answer strings.Builder
+		st, err := streamChat(ctx, client, endpoint, &req, io.MultiWriter(stdout, &answer))
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(stdout, "\n")
+		fmt.Fprintf(stderr, "[%s · time to first token %s · %d tokens · %.0f tokens/s · finish_reason %s · prompt %d tokens]\n",
+			st.proto, st.ttft.Round(10*time.Microsecond), st.tokens, st.tokensPerSecond(), st.finishReason, st.promptTokens)
+		return answer.String(), nil
 	}
-	if *seed >= 0 {
-		req.Seed = seed
-	}
-	st, err := streamChat(ctx, &http.Client{Transport: tr}, endpoint, &req, stdout)
-	if err != nil {
+
+	if prompt := fs.Arg(0); prompt != "" {
+		_, err := ask([]chatMessage{{Role: "user", Content: prompt}})
 		return err
 	}
-	fmt.Fprintf(stdout, "\n")
-	fmt.Fprintf(stderr, "[%s · time to first token %s · %d tokens · %.0f tokens/s · finish_reason %s]\n",
-		st.proto, st.ttft.Round(10*time.Microsecond), st.tokens, st.tokensPerSecond(), st.finishReason)
-	return nil
+	return chatInteractive(ctx, stdin, stderr, ask)
+}
+
+// chatInteractive holds a conversation: each line read is a user turn, sent
+// with every turn before it over the same HTTP/3 connection. "/reset" starts
+// over; end of input ends it.
+func chatInteractive(ctx context.Context, stdin io.Reader, stderr io.Writer, ask func([]chatMessage) (string, error)) error {
+	fmt.Fprintln(stderr, "h3infer chat: one message per line; /reset starts over; Ctrl-D ends.")
+	var messages []chatMessage
+	sc := bufio.NewScanner(stdin)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for {
+		fmt.Fprint(stderr, "> ")
+		if !sc.Scan() {
+			fmt.Fprintln(stderr)
+			return sc.Err()
+		}
+		line := strings.TrimSpace(sc.Text())
+		switch line {
+		case "":
+			continue
+		case "/reset":
+			messages = nil
+			fmt.Fprintln(stderr, "[conversation cleared]")
+			continue
+		}
+		messages = append(messages, chatMessage{Role: "user", Content: line})
+		answer, err := ask(messages)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			// One failed turn need not end the conversation; it is dropped
+			// so the next turn is not sent after an unanswered one.
+			messages = messages[:len(messages)-1]
+			fmt.Fprintf(stderr, "error: %v\n", err)
+			continue
+		}
+		messages = append(messages, chatMessage{Role: "assistant", Content: answer})
+	}
+}
+
+// chatTransport is the one HTTP/3 client transport chat uses for all its
+// turns, so a conversation stays on one QUIC connection.
+//
+// 0-RTT seam: resuming is the 0-RTT issue's to add, here and only here.
+// Once the gateway accepts early data (the tlsbind policy), this gives the
+// TLS config a ClientSessionCache that outlives the process and lets turns
+// leave in early data with the single-use proof that policy asks for;
+// runChat and chatInteractive stay as they are.
+func chatTransport(pool *x509.CertPool) *http3.Transport {
+	return &http3.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
 }
 
 // chatEndpoint accepts a base URL or a full chat completions URL.
@@ -106,6 +165,7 @@ type chatChunk struct {
 		FinishReason *string `json:"finish_reason"`
 	} `json:"choices"`
 	Usage *struct {
+		PromptTokens     int `json:"prompt_tokens"`
 		CompletionTokens int `json:"completion_tokens"`
 	} `json:"usage"`
 	Error *apiError `json:"error"`
@@ -123,6 +183,7 @@ type chatStats struct {
 	ttft         time.Duration // request sent to first content
 	decode       time.Duration // first content to last content
 	tokens       int
+	promptTokens int // the whole conversation sent, as the model counts it
 	finishReason string
 }
 
@@ -200,6 +261,7 @@ func streamChat(ctx context.Context, client *http.Client, endpoint string, cr *c
 		}
 		if c.Usage != nil {
 			st.tokens = c.Usage.CompletionTokens
+			st.promptTokens = c.Usage.PromptTokens
 		}
 	}
 	if err := sc.Err(); err != nil {

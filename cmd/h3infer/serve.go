@@ -267,8 +267,8 @@ func printNextSteps(w io.Writer, addr, adminAddr string, dev *certs.Dev) {
 	if dev != nil {
 		fmt.Fprintf(&b, "\nOver TCP with curl:\n")
 		fmt.Fprintf(&b, "  curl --cacert %s %s/v1/models\n", dev.CAFile, base)
-		fmt.Fprintf(&b, "\nChromium over HTTP/3 (see README):\n")
-		fmt.Fprintf(&b, "  chromium --user-data-dir=$(mktemp -d) --enable-quic --origin-to-force-quic-on=%s --ignore-certificate-errors-spki-list=%s '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1 , EXCLUDE localhost' %s/v1/models\n",
+		fmt.Fprintf(&b, "\nThe chat page in Chromium over HTTP/3 (see README):\n")
+		fmt.Fprintf(&b, "  chromium --user-data-dir=$(mktemp -d) --enable-quic --origin-to-force-quic-on=%s --ignore-certificate-errors-spki-list=%s '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1 , EXCLUDE localhost' %s/\n",
 			net.JoinHostPort(host, port), dev.SPKI, base)
 	}
 	fmt.Fprintln(&b)

@@ -36,6 +36,8 @@ var forbidden = map[string]struct{ direct, anywhere []string }{
 	},
 	"h3infer/tlsbind": {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
 	"h3infer/certs":   {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
+	// The chat page talks to the gateway only through the public API.
+	"h3infer/web": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/backend", "net/http"}},
 }
 
 func TestImportGraph(t *testing.T) {

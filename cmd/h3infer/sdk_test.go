@@ -1,0 +1,150 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+)
+
+// TestOfficialSDKs points OpenAI's own client libraries, unmodified, at the
+// real server: whatever they cannot parse is a gateway bug.
+func TestOfficialSDKs(t *testing.T) {
+	s := startServer(t)
+	const maxTokens = 40
+	want := greedyChat(t, s, []map[string]string{{"role": "user", "content": testPrompt}}, maxTokens)
+
+	t.Run("go over HTTP/3", func(t *testing.T) {
+		ctx := context.Background()
+		client := openai.NewClient(
+			option.WithBaseURL(s.base+"/v1/"),
+			option.WithHTTPClient(s.h3Client(t)),
+			option.WithAPIKey("unused"),
+			option.WithMaxRetries(0),
+		)
+		params := openai.ChatCompletionNewParams{
+			Model:       "demo",
+			Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage(testPrompt)},
+			MaxTokens:   openai.Int(maxTokens),
+			Temperature: openai.Float(0),
+		}
+
+		models, err := client.Models.List(ctx)
+		if err != nil {
+			t.Fatalf("Models.List: %v", err)
+		}
+		if len(models.Data) != 1 || models.Data[0].ID != "demo" {
+			t.Errorf("models %+v, want just demo", models.Data)
+		}
+
+		var resp *http.Response
+		full, err := client.Chat.Completions.New(ctx, params, option.WithResponseInto(&resp))
+		if err != nil {
+			t.Fatalf("Chat.Completions.New: %v", err)
+		}
+		if resp.ProtoMajor != 3 {
+			t.Errorf("answered over %s, want HTTP/3", resp.Proto)
+		}
+		if len(full.Choices) != 1 || full.Choices[0].Message.Content != want.text || full.Choices[0].FinishReason != want.finish {
+			t.Errorf("non-streamed choices %+v; want text %q, finish %q", full.Choices, want.text, want.finish)
+		}
+		if full.Usage.CompletionTokens != int64(want.tokens) || full.Usage.TotalTokens != full.Usage.PromptTokens+full.Usage.CompletionTokens {
+			t.Errorf("usage %+v, want %d completion tokens and a consistent total", full.Usage, want.tokens)
+		}
+
+		params.StreamOptions = openai.ChatCompletionStreamOptionsParam{IncludeUsage: openai.Bool(true)}
+		stream := client.Chat.Completions.NewStreaming(ctx, params)
+		var acc openai.ChatCompletionAccumulator
+		chunks := 0
+		for stream.Next() {
+			chunks++
+			acc.AddChunk(stream.Current())
+		}
+		if err := stream.Err(); err != nil {
+			t.Fatalf("streaming: %v", err)
+		}
+		stream.Close()
+		if chunks < 3 {
+			t.Errorf("%d chunks; tokens should arrive as separate events", chunks)
+		}
+		if len(acc.Choices) != 1 || acc.Choices[0].Message.Content != want.text || acc.Choices[0].FinishReason != want.finish {
+			t.Errorf("streamed choices %+v; want text %q, finish %q", acc.Choices, want.text, want.finish)
+		}
+		if acc.Usage.CompletionTokens != int64(want.tokens) {
+			t.Errorf("streamed usage %+v, want %d completion tokens", acc.Usage, want.tokens)
+		}
+
+		text, err := client.Completions.New(ctx, openai.CompletionNewParams{
+			Model:       "demo",
+			Prompt:      openai.CompletionNewParamsPromptUnion{OfString: openai.String(testPrompt)},
+			MaxTokens:   openai.Int(maxTokens),
+			Temperature: openai.Float(0),
+		})
+		if err != nil {
+			t.Fatalf("Completions.New: %v", err)
+		}
+		if len(text.Choices) != 1 || strings.TrimSpace(text.Choices[0].Text) == "" {
+			t.Errorf("text completion choices %+v; want one with text", text.Choices)
+		}
+
+		// An error must come back as the SDK's typed error, status and all.
+		_, err = client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{
+			Model:    "no-such-model",
+			Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(testPrompt)},
+		})
+		var apiErr *openai.Error
+		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusNotFound || apiErr.Message == "" {
+			t.Errorf("unknown model: error %v, want a 404 *openai.Error with a message", err)
+		}
+	})
+
+	t.Run("npm over TCP", func(t *testing.T) {
+		out := runNode(t, "sdk.mjs", map[string]any{"url": s.base, "prompt": testPrompt, "maxTokens": maxTokens},
+			"NODE_EXTRA_CA_CERTS="+s.caFile)
+		type usage struct {
+			CompletionTokens int `json:"completion_tokens"`
+			TotalTokens      int `json:"total_tokens"`
+			PromptTokens     int `json:"prompt_tokens"`
+		}
+		var got struct {
+			Models []string `json:"models"`
+			AltSvc string   `json:"altSvc"`
+			Full   struct {
+				Text, Finish, Object string
+				Usage                usage
+			} `json:"full"`
+			Stream struct {
+				Text, Finish string
+				Chunks       int
+				Usage        *usage
+			} `json:"stream"`
+			Text struct{ Text, Finish string } `json:"text"`
+		}
+		if err := json.Unmarshal(out, &got); err != nil {
+			t.Fatalf("sdk.mjs printed %q: %v", out, err)
+		}
+		if len(got.Models) != 1 || got.Models[0] != "demo" {
+			t.Errorf("models %v, want [demo]", got.Models)
+		}
+		if !strings.Contains(got.AltSvc, `h3=":`) {
+			t.Errorf("Alt-Svc %q over TCP, want h3 advertised", got.AltSvc)
+		}
+		if got.Full.Text != want.text || got.Full.Finish != want.finish || got.Full.Object != "chat.completion" || got.Full.Usage.CompletionTokens != want.tokens {
+			t.Errorf("non-streamed %+v; want text %q, finish %q, %d tokens", got.Full, want.text, want.finish, want.tokens)
+		}
+		if got.Stream.Text != want.text || got.Stream.Finish != want.finish || got.Stream.Chunks < 3 {
+			t.Errorf("streamed %q (finish %q, %d chunks); want %q, %q, several chunks", got.Stream.Text, got.Stream.Finish, got.Stream.Chunks, want.text, want.finish)
+		}
+		if got.Stream.Usage == nil || got.Stream.Usage.CompletionTokens != want.tokens {
+			t.Errorf("streamed usage %+v, want %d completion tokens", got.Stream.Usage, want.tokens)
+		}
+		if strings.TrimSpace(got.Text.Text) == "" {
+			t.Errorf("text completion %+v; want text", got.Text)
+		}
+	})
+}

@@ -1,0 +1,39 @@
+// Talks to the gateway with the official openai npm package, unmodified, over
+// HTTPS/TCP; Node trusts the dev CA through NODE_EXTRA_CA_CERTS. Prints JSON
+// for sdk_test.go to judge.
+//
+// Usage: NODE_EXTRA_CA_CERTS=ca.pem node sdk.mjs '{"url":..., "prompt":..., "maxTokens":N}'
+import OpenAI from 'openai';
+
+const cfg = JSON.parse(process.argv[2]);
+const client = new OpenAI({ baseURL: cfg.url + '/v1', apiKey: cfg.apiKey || 'unused', maxRetries: 0 });
+const params = {
+  model: 'demo',
+  messages: [{ role: 'user', content: cfg.prompt }],
+  max_tokens: cfg.maxTokens,
+  temperature: 0,
+};
+const out = {};
+
+const models = await client.models.list();
+out.models = models.data.map((m) => m.id);
+
+const { data: full, response } = await client.chat.completions.create(params).withResponse();
+out.full = { text: full.choices[0].message.content, finish: full.choices[0].finish_reason, usage: full.usage, object: full.object };
+out.altSvc = response.headers.get('alt-svc');
+
+const stream = await client.chat.completions.create({ ...params, stream: true, stream_options: { include_usage: true } });
+out.stream = { text: '', chunks: 0, finish: null, usage: null };
+for await (const chunk of stream) {
+  out.stream.chunks++;
+  for (const c of chunk.choices) {
+    out.stream.text += c.delta.content || '';
+    if (c.finish_reason) out.stream.finish = c.finish_reason;
+  }
+  if (chunk.usage) out.stream.usage = chunk.usage;
+}
+
+const text = await client.completions.create({ model: 'demo', prompt: cfg.prompt, max_tokens: cfg.maxTokens, temperature: 0 });
+out.text = { text: text.choices[0].text, finish: text.choices[0].finish_reason };
+
+process.stdout.write(JSON.stringify(out) + '\n');
