@@ -19,14 +19,14 @@ import (
 // routes is the API, served identically over HTTP/3 and TCP.
 func (g *Gateway) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("/v1/chat/completions", g.guard("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
 		g.serveCompletion(w, r, kindChat)
-	})
-	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
+	}))
+	mux.HandleFunc("/v1/completions", g.guard("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
 		g.serveCompletion(w, r, kindText)
-	})
-	mux.HandleFunc("/v1/models", g.serveModels)
-	mux.HandleFunc("/v1/models/{model...}", g.serveModel)
+	}))
+	mux.HandleFunc("/v1/models", g.guard("/v1/models", g.serveModels))
+	mux.HandleFunc("/v1/models/{model...}", g.guard("/v1/models/", g.serveModel))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errRouteNotFound)
 	})
@@ -76,11 +76,17 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	}
 
 	ctx := r.Context()
-	st, err := g.sched.Submit(ctx, &scheduler.Request{
+	sr := &scheduler.Request{
 		Urgency:  urgencyOf(r.Header),
 		Deadline: start.Add(g.cfg.QueueTimeout),
 		Job:      req.job,
-	})
+	}
+	// The token names the tenant and caps the urgency (auth.go).
+	if err := identify(ctx, req.model, &sr.Tenant, &sr.Urgency); err != nil {
+		writeError(w, err)
+		return
+	}
+	st, err := g.sched.Submit(ctx, sr)
 	if err != nil {
 		writeError(w, err)
 		return

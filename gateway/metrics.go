@@ -13,6 +13,10 @@ type metrics struct {
 	inFlight prometheus.Gauge
 	ttft     *prometheus.HistogramVec
 	tokens   prometheus.Counter
+
+	early        *prometheus.CounterVec
+	binding      *prometheus.CounterVec
+	authFailures *prometheus.CounterVec
 }
 
 // newMetrics registers the gateway's metrics. Every label is bounded: routes
@@ -37,8 +41,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "h3infer_stream_tokens_total",
 			Help: "Tokens received from workers for completion requests.",
 		}),
+		early: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_early_data_requests_total",
+			Help: "Requests that arrived before the handshake completed (or marked Early-Data: 1), by outcome: accepted, waited, rejected, replay_blocked.",
+		}, []string{"outcome"}),
+		binding: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_token_binding_total",
+			Help: "Exporter-bound token proofs checked, by result: ok, failed.",
+		}, []string{"result"}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_auth_failures_total",
+			Help: "Requests refused for their bearer token, by reason.",
+		}, []string{"reason"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.tokens} {
+	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.tokens, m.early, m.binding, m.authFailures} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}
