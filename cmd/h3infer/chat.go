@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -12,18 +11,21 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/quic-go/quic-go/http3"
-
 	"h3infer/certs"
+	"h3infer/client"
 )
 
 func runChat(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("chat", flag.ContinueOnError)
 	base := fs.String("url", "https://127.0.0.1:8443", "gateway URL")
-	caFile := fs.String("ca", ".h3infer/certs/ca.pem", "CA certificate that signed the gateway's certificate")
+	caFile := fs.String("ca", "", "CA certificate that signed the gateway's certificate (default STATE_DIR/certs/ca.pem)")
+	stateDir := fs.String("state-dir", ".h3infer", "state directory of a local serve: its CA and dev token")
+	token := fs.String("token", "", "credential from `h3infer token issue` (default: $H3INFER_TOKEN, else STATE_DIR/tokens/dev.token)")
 	model := fs.String("model", "demo", "model name")
 	maxTokens := fs.Int("max-tokens", 64, "tokens to generate at most")
 	temperature := fs.Float64("temperature", 0, "sampling temperature (0: greedy)")
@@ -39,12 +41,22 @@ func runChat(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return usageError{err}
 	}
+	if *caFile == "" {
+		*caFile = filepath.Join(*stateDir, "certs", certs.CAFile)
+	}
 	pool, err := certs.LoadPool(*caFile)
 	if err != nil {
 		return err
 	}
-	tr := &http3.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
-	defer tr.Close()
+	cred, err := chatCredential(*token, *stateDir)
+	if err != nil {
+		return err
+	}
+	cl, err := client.New(client.Config{TLS: &tls.Config{RootCAs: pool}, Credential: cred})
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
 
 	req := chatRequest{
 		Model:         *model,
@@ -57,7 +69,7 @@ func runChat(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *seed >= 0 {
 		req.Seed = seed
 	}
-	st, err := streamChat(ctx, &http.Client{Transport: tr}, endpoint, &req, stdout)
+	st, err := streamChat(ctx, cl, endpoint, &req, stdout)
 	if err != nil {
 		return err
 	}
@@ -65,6 +77,22 @@ func runChat(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fmt.Fprintf(stderr, "[%s · time to first token %s · %d tokens · %.0f tokens/s · finish_reason %s]\n",
 		st.proto, st.ttft.Round(10*time.Microsecond), st.tokens, st.tokensPerSecond(), st.finishReason)
 	return nil
+}
+
+// chatCredential picks the credential: the flag, then H3INFER_TOKEN, then
+// the development token a local serve wrote.
+func chatCredential(flagValue, stateDir string) (string, error) {
+	if flagValue != "" {
+		return flagValue, nil
+	}
+	if v := os.Getenv("H3INFER_TOKEN"); v != "" {
+		return v, nil
+	}
+	b, err := os.ReadFile(devTokenFile(stateDir))
+	if err != nil {
+		return "", fmt.Errorf("no credential: pass --token, set H3INFER_TOKEN or run serve with --state-dir %s: %w", stateDir, err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }
 
 // chatEndpoint accepts a base URL or a full chat completions URL.
@@ -120,6 +148,7 @@ type apiError struct {
 // chatStats is what one streamed completion measured.
 type chatStats struct {
 	proto        string
+	early        bool          // served in 0-RTT
 	ttft         time.Duration // request sent to first content
 	decode       time.Duration // first content to last content
 	tokens       int
@@ -136,24 +165,21 @@ func (s chatStats) tokensPerSecond() float64 {
 
 // streamChat posts a streaming chat request and copies content to out as it
 // arrives.
-func streamChat(ctx context.Context, client *http.Client, endpoint string, cr *chatRequest, out io.Writer) (chatStats, error) {
+func streamChat(ctx context.Context, cl *client.Client, endpoint string, cr *chatRequest, out io.Writer) (chatStats, error) {
 	var st chatStats
 	body, err := json.Marshal(cr)
 	if err != nil {
 		return st, err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, bytes.NewReader(body))
-	if err != nil {
-		return st, err
-	}
-	req.Header.Set("Content-Type", "application/json")
 	start := time.Now()
-	resp, err := client.Do(req)
+	res, err := cl.Do(ctx, http.MethodPost, endpoint, http.Header{"Content-Type": {"application/json"}}, body)
 	if err != nil {
 		return st, fmt.Errorf("POST %s: %w", endpoint, err)
 	}
+	resp := res.Response
 	defer resp.Body.Close()
 	st.proto = resp.Proto
+	st.early = res.Early
 	if resp.StatusCode != http.StatusOK {
 		var e struct {
 			Error apiError `json:"error"`
