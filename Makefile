@@ -25,8 +25,9 @@ ort: $(ONNXRUNTIME_LIB)
 $(ORT_BUNDLED):
 	@scripts/fetch-onnxruntime.sh "$(ORT_VERSION)" "$(ORT_TARBALL_SHA)" "$(ORT_LIB_SHA)" "$(ORT_DIR)"
 
-# Starts the gateway and two workers on the demo model; creates certificates
-# and the model under .h3infer on first start.
+# Starts the gateway and two workers on the demo model; creates certificates,
+# the model and a dev token (printed; `h3infer chat` reads it from
+# .h3infer/tokens/dev.token) under .h3infer on first start.
 run: ort build
 	bin/h3infer serve $(ARGS)
 
@@ -64,7 +65,7 @@ bench-urgency: ort
 # Each fuzz target for FUZZTIME (default 20s).
 FUZZTIME ?= 20s
 fuzz:
-	@for pkg in ./transport/ ./backend/ ./gateway/; do \
+	@for pkg in ./transport/ ./backend/ ./gateway/ ./tlsbind/; do \
 		for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
 			echo "fuzz $$pkg $$t"; \
 			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \

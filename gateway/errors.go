@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"h3infer/scheduler"
+	"h3infer/tlsbind"
 	"h3infer/transport"
 )
 
@@ -68,10 +69,11 @@ var (
 // apiError is what the client receives: a status, optional headers and the
 // OpenAI error object.
 type apiError struct {
-	status     int
-	retryAfter time.Duration // sets Retry-After when > 0
-	allow      string        // sets Allow when not ""
-	body       errorObject
+	status       int
+	retryAfter   time.Duration // sets Retry-After when > 0
+	allow        string        // sets Allow when not ""
+	authenticate string        // sets WWW-Authenticate when not ""
+	body         errorObject
 }
 
 type errorObject struct {
@@ -113,9 +115,36 @@ func apiErrorOf(err error) apiError {
 		tenantLimit *scheduler.TenantLimitError
 		worker      *workerFailure
 	)
+	// RFC 6750 section 3: the challenge names the realm and why.
+	challenge := func(e apiError, code string) apiError {
+		e.authenticate = `Bearer realm="h3infer"`
+		if code != "" {
+			e.authenticate += fmt.Sprintf(`, error=%q, error_description=%q`, code, e.body.Message)
+		}
+		return e
+	}
 	switch {
 	case errors.Is(err, context.Canceled):
 		return apiError{status: statusClientClosed}
+	case errors.Is(err, tlsbind.ErrNoToken):
+		return challenge(mk(http.StatusUnauthorized, invalidRequest, "", "missing_token",
+			"an Authorization: Bearer token is required"), "")
+	case errors.Is(err, tlsbind.ErrNoBinding), errors.Is(err, tlsbind.ErrBadBinding):
+		return challenge(mk(http.StatusUnauthorized, invalidRequest, "", "binding_failed", err.Error()), "invalid_token")
+	case errors.Is(err, tlsbind.ErrMalformed), errors.Is(err, tlsbind.ErrSecretSent),
+		errors.Is(err, tlsbind.ErrUnknownKey), errors.Is(err, tlsbind.ErrBadSignature),
+		errors.Is(err, tlsbind.ErrExpired), errors.Is(err, tlsbind.ErrNotYetValid),
+		errors.Is(err, tlsbind.ErrWrongAudience):
+		return challenge(mk(http.StatusUnauthorized, invalidRequest, "", "invalid_token", err.Error()), "invalid_token")
+	case errors.Is(err, errNoScope):
+		// RFC 6750: a valid token without the right scope is 403.
+		return challenge(mk(http.StatusForbidden, invalidRequest, "model", "model_not_allowed", err.Error()), "insufficient_scope")
+	case errors.Is(err, tlsbind.ErrReplayed):
+		return mk(http.StatusTooEarly, invalidRequest, "", "replayed", err.Error())
+	case errors.Is(err, tlsbind.ErrBadProof), errors.Is(err, tlsbind.ErrStaleProof):
+		return mk(http.StatusTooEarly, invalidRequest, "", "early_proof_rejected", err.Error()+"; retry after the handshake")
+	case errors.Is(err, errTooEarly):
+		return mk(http.StatusTooEarly, invalidRequest, "", "too_early", err.Error())
 	case errors.As(err, &invalid):
 		return mk(http.StatusBadRequest, invalidRequest, invalid.param, invalid.code, invalid.message)
 	case errors.As(err, &tooLarge):
@@ -198,6 +227,9 @@ func writeError(w http.ResponseWriter, err error) int {
 	}
 	if e.allow != "" {
 		h.Set("Allow", e.allow)
+	}
+	if e.authenticate != "" {
+		h.Set("WWW-Authenticate", e.authenticate)
 	}
 	w.WriteHeader(e.status)
 	body, _ := json.Marshal(struct {

@@ -17,6 +17,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"h3infer/scheduler"
+	"h3infer/tlsbind"
 	"h3infer/transport"
 )
 
@@ -79,13 +80,20 @@ type Config struct {
 	MaxDeadline time.Duration
 	// Tenant names the tenant a request belongs to; the scheduler shares
 	// workers between tenants by weight. nil: every request belongs to
-	// scheduler.DefaultTenant. Authentication fills this in.
+	// scheduler.DefaultTenant. Default: the tenant the request's token names
+	// (scheduler.DefaultTenant without auth).
 	Tenant func(*http.Request) string
 	// Coalesce shapes how the SSE writer batches tokens by urgency.
 	Coalesce CoalesceConfig
 	// Registry receives the gateway's metrics and is served on /metrics.
 	// Default: a registry of the gateway's own.
 	Registry *prometheus.Registry
+	// Auth configures tokens and the 0-RTT guard; auth is on by default.
+	Auth AuthConfig
+	// QUICKeys, when set, are shared with other instances so that each
+	// accepts the others' address tokens and stateless resets. Default:
+	// random per start.
+	QUICKeys *QUICKeys
 }
 
 // Defaults for Config's zero values.
@@ -170,6 +178,14 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if log == nil {
 		errs = append(errs, errors.New("gateway: logger is nil"))
 	}
+	if !cfg.Auth.Disabled && cfg.Auth.Tokens == nil {
+		errs = append(errs, errors.New("gateway.auth: a token verifier is required unless auth is disabled"))
+	}
+	for path, p := range cfg.Auth.EarlyData {
+		if _, err := tlsbind.ParseEarlyPolicy(string(p)); err != nil {
+			errs = append(errs, fmt.Errorf("gateway.early_data[%q]: %w", path, err))
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
@@ -189,7 +205,7 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		return nil, fmt.Errorf("gateway.deadline: must be at most max_deadline (%s), got %s", cfg.MaxDeadline, cfg.QueueTimeout)
 	}
 	if cfg.Tenant == nil {
-		cfg.Tenant = func(*http.Request) string { return scheduler.DefaultTenant }
+		cfg.Tenant = tokenTenant
 	}
 	if cfg.Registry == nil {
 		cfg.Registry = prometheus.NewRegistry()
@@ -198,14 +214,18 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if err != nil {
 		return nil, err
 	}
-	return &Gateway{
+	g := &Gateway{
 		cfg:     cfg,
 		sched:   sched,
 		catalog: cat,
 		log:     log,
 		metrics: m,
 		created: time.Now().Unix(),
-	}, nil
+	}
+	if err := defaultAuth(&g.cfg.Auth, g); err != nil {
+		return nil, err
+	}
+	return g, nil
 }
 
 // Start opens the UDP, TCP and admin sockets and serves them in goroutines
@@ -236,9 +256,18 @@ func (g *Gateway) Start() error {
 	g.admin = adminLn.Addr().String()
 
 	g.quicTr = &quic.Transport{Conn: udp}
-	quicLn, err := g.quicTr.ListenEarly(http3.ConfigureTLSConfig(g.cfg.TLS), &quic.Config{
-		// 0-RTT stays off until the early-data policy guards it.
-		Allow0RTT: false,
+	if k := g.cfg.QUICKeys; k != nil {
+		tg, sr := quic.TokenGeneratorKey(k.TokenGenerator), quic.StatelessResetKey(k.StatelessReset)
+		g.quicTr.TokenGeneratorKey, g.quicTr.StatelessResetKey = &tg, &sr
+	}
+	quicTLS := g.cfg.TLS.Clone()
+	if t := g.cfg.Auth.Tickets; t != nil {
+		t.Install(quicTLS)
+	}
+	quicLn, err := g.quicTr.ListenEarly(http3.ConfigureTLSConfig(quicTLS), &quic.Config{
+		// 0-RTT needs the guard: without auth there are no early proofs
+		// and no single-use tickets.
+		Allow0RTT: !g.cfg.Auth.Disabled && !g.cfg.Auth.Disable0RTT,
 	})
 	if err != nil {
 		g.quicTr.Close()

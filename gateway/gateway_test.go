@@ -28,6 +28,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"h3infer/scheduler"
+	"h3infer/tlsbind"
 	"h3infer/transport"
 )
 
@@ -159,23 +160,29 @@ type harness struct {
 	clients map[string]*http.Client // by protocol label
 	base    string                  // https://host:port
 	admin   string                  // http://host:port
+	ring    *tlsbind.KeyRing        // signs the harness's tokens
+	cred    string                  // credential the clients present
+	pool    *x509.CertPool
 }
 
 func newHarness(t testing.TB, mutate func(*Config)) *harness {
 	t.Helper()
 	before := runtime.NumGoroutine()
 	cert, pool := selfSigned(t)
+	ring, verifier := testKeys(t)
 	cfg := Config{
 		Listen:       "127.0.0.1:0",
 		Admin:        "127.0.0.1:0",
 		TLS:          &tls.Config{Certificates: []tls.Certificate{cert}},
 		MaxBodyBytes: 4096,
 		Registry:     prometheus.NewRegistry(),
+		Auth:         AuthConfig{Tokens: verifier},
 	}
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	h := &harness{sched: &fakeScheduler{}, catalog: &fakeCatalog{}}
+	h := &harness{sched: &fakeScheduler{}, catalog: &fakeCatalog{}, ring: ring, pool: pool}
+	h.cred = h.issue(t, tlsbind.Claims{Tenant: "tenant-a"})
 	h.catalog.ready.Store(true)
 	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
 		return append(tokens("Hel", "", "lo"), done(transport.FinishStop, 5, 3)), nil
@@ -194,10 +201,11 @@ func newHarness(t testing.TB, mutate func(*Config)) *harness {
 	h3tr := &http3.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
 	h2tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}
 	h1tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, NextProtos: []string{"http/1.1"}}}
+	bearer := bearerOfCredential(t, h.cred)
 	h.clients = map[string]*http.Client{
-		"h3":       {Transport: h3tr},
-		"h2":       {Transport: h2tr},
-		"http/1.1": {Transport: h1tr},
+		"h3":       {Transport: withBearer(bearer, h3tr)},
+		"h2":       {Transport: withBearer(bearer, h2tr)},
+		"http/1.1": {Transport: withBearer(bearer, h1tr)},
 	}
 	t.Cleanup(func() {
 		h3tr.Close()

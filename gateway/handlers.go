@@ -26,14 +26,14 @@ func (g *Gateway) routes() (http.Handler, error) {
 	if err := routePage(mux); err != nil {
 		return nil, err
 	}
-	mux.HandleFunc("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("/v1/chat/completions", g.guard("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
 		g.serveCompletion(w, r, kindChat)
-	})
-	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
+	}))
+	mux.HandleFunc("/v1/completions", g.guard("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
 		g.serveCompletion(w, r, kindText)
-	})
-	mux.HandleFunc("/v1/models", g.serveModels)
-	mux.HandleFunc("/v1/models/{model...}", g.serveModel)
+	}))
+	mux.HandleFunc("/v1/models", g.guard("/v1/models", g.serveModels))
+	mux.HandleFunc("/v1/models/{model...}", g.guard("/v1/models/", g.serveModel))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errRouteNotFound)
 	})
@@ -96,6 +96,11 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		DefaultUrgency: !prio.hasUrgency,
 		Deadline:       deadline,
 		Job:            req.job,
+	}
+	// The token limits the models and caps the urgency (auth.go).
+	if err := identify(ctx, req.model, sreq); err != nil {
+		writeError(w, err)
+		return
 	}
 	st, err := g.sched.Submit(ctx, sreq)
 	if err != nil {

@@ -15,6 +15,10 @@ type metrics struct {
 	tokens   prometheus.Counter
 	writes   *prometheus.HistogramVec
 	quic     *quicStats
+
+	early        *prometheus.CounterVec
+	binding      *prometheus.CounterVec
+	authFailures *prometheus.CounterVec
 }
 
 // newMetrics registers the gateway's metrics. Every label is bounded: routes
@@ -45,8 +49,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
 		}, []string{"urgency"}),
 		quic: newQUICStats(),
+		early: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_early_data_requests_total",
+			Help: "Requests that arrived before the handshake completed (or marked Early-Data: 1), by outcome: accepted, waited, rejected, replay_blocked.",
+		}, []string{"outcome"}),
+		binding: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_token_binding_total",
+			Help: "Exporter-bound token proofs checked, by result: ok, failed.",
+		}, []string{"result"}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_auth_failures_total",
+			Help: "Requests refused for their bearer token, by reason.",
+		}, []string{"reason"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.tokens, m.writes, m.quic} {
+	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.tokens, m.writes, m.quic, m.early, m.binding, m.authFailures} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}

@@ -422,6 +422,8 @@ func TestSchedulerTenantUrgency(t *testing.T) {
 		"above the ceiling capped":  {Request{Tenant: "batch", Urgency: 0}, 4},
 		"unknown tenant is default": {Request{Tenant: "nobody", DefaultUrgency: true}, DefaultUrgency},
 		"default tenant may ask 0":  {Request{Urgency: 0}, 0},
+		"request ceiling (a token)": {Request{Urgency: 1, UrgencyCeiling: 3}, 3},
+		"the stricter ceiling wins": {Request{Tenant: "batch", Urgency: 0, UrgencyCeiling: 2}, 4},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {

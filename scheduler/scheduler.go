@@ -103,6 +103,9 @@ type Request struct {
 	Urgency uint8
 	// DefaultUrgency says the client named no urgency.
 	DefaultUrgency bool
+	// UrgencyCeiling is a ceiling of this request's own on top of its
+	// tenant's (its token's, say): the most urgent level it may have.
+	UrgencyCeiling uint8
 	Deadline       time.Time // latest time the request may start; zero means none
 	Job            transport.Submit
 }
@@ -295,7 +298,7 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
 	if r.DefaultUrgency {
 		r.Urgency = t.DefaultUrgency
 	}
-	r.Urgency = min(max(r.Urgency, t.UrgencyCeiling), Levels-1)
+	r.Urgency = min(max(r.Urgency, t.UrgencyCeiling, r.UrgencyCeiling), Levels-1)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("scheduler: submit: %w", err)
 	}

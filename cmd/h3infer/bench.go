@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -19,6 +20,7 @@ import (
 	"h3infer/certs"
 	"h3infer/internal/loadgen"
 	"h3infer/internal/loadgen/bareserver"
+	"h3infer/tlsbind"
 )
 
 // runBench is `h3infer bench`: load against a gateway (and, with
@@ -48,7 +50,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	bareListen := fs.String("bare-listen", "", "serve the comparison server on host:port instead of loading anything")
 	bareInterval := fs.Duration("bare-interval", 0, "comparison server: time between tokens of one stream (0: as fast as possible)")
 	bareZeroRTT := fs.Bool("bare-0rtt", true, "comparison server: accept 0-RTT early data")
-	stateDir := fs.String("state-dir", ".h3infer", "comparison server: directory holding the development certificates")
+	stateDir := fs.String("state-dir", ".h3infer", "directory holding the development certificates (comparison server) and the dev token")
+	token := fs.String("token", "", "credential or bearer token (default: $H3INFER_TOKEN, else STATE_DIR/tokens/dev.token when present)")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -96,6 +99,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		return err
 	}
 	cfg.TLS = &tls.Config{RootCAs: pool}
+	if cfg.Bearer, err = benchBearer(*token, *stateDir); err != nil {
+		return err
+	}
 
 	showBar := *progress && isTerminal(stderr)
 	var results []*loadgen.Result
@@ -222,4 +228,25 @@ func progressBar(w io.Writer, name string) func(loadgen.Progress) {
 			fmt.Fprint(w, "\r\033[K")
 		}
 	}
+}
+
+// benchBearer picks the bearer token a bench run presents, as chat picks its
+// credential; a server without auth needs none, so a missing dev token is no
+// error.
+func benchBearer(flagValue, stateDir string) (string, error) {
+	cred, err := chatCredential(flagValue, stateDir)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return "", nil
+		}
+		return "", err
+	}
+	if strings.Count(cred, ".") == 3 {
+		return cred, nil // a bearer token alone
+	}
+	bearer, _, err := tlsbind.SplitCredential(cred)
+	if err != nil {
+		return "", fmt.Errorf("--token: %w", err)
+	}
+	return bearer, nil
 }

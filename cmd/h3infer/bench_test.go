@@ -59,7 +59,7 @@ func runBenchCmd(t *testing.T, args ...string) (string, benchJSON) {
 func TestBenchDemoModel(t *testing.T) {
 	s := startServer(t)
 	for _, proto := range []string{"h3", "h2", "h1"} {
-		table, res := runBenchCmd(t, "--url", s.base, "--ca", s.caFile, "--proto", proto,
+		table, res := runBenchCmd(t, "--url", s.base, "--ca", s.caFile, "--state-dir", s.stateDir, "--proto", proto,
 			"--concurrency", "2", "--requests", "6", "--output-tokens", "8", "--urgency", "0:1,5:1")
 		if len(res.Runs) != 1 {
 			t.Fatalf("%s: got %d runs, want 1", proto, len(res.Runs))
@@ -138,7 +138,7 @@ func TestBenchSyntheticAgainstBare(t *testing.T) {
 	s := startServer(t, "--config", cfg)
 	bare := startBare(t, s.stateDir)
 	plots := filepath.Join(t.TempDir(), "plot")
-	table, res := runBenchCmd(t, "--url", s.base, "--baseline-url", bare, "--ca", s.caFile,
+	table, res := runBenchCmd(t, "--url", s.base, "--baseline-url", bare, "--ca", s.caFile, "--state-dir", s.stateDir,
 		"--concurrency", "1,8", "--requests", "24", "--output-tokens", "5-20", "--plot", plots)
 	if len(res.Runs) != 4 {
 		t.Fatalf("got %d runs, want 4 (two levels, two servers)\n%s", len(res.Runs), table)

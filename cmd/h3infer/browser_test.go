@@ -141,7 +141,7 @@ func TestBrowserChatPage(t *testing.T) {
 	start := time.Now()
 	out := runNode(t, "browser.mjs", map[string]any{
 		"chromium": browser, "url": s.base, "spki": strings.TrimSpace(string(spki)),
-		"turns": turns, "maxTokens": maxTokens, "screenshot": shot,
+		"turns": turns, "maxTokens": maxTokens, "screenshot": shot, "token": s.bearer(t),
 	})
 	t.Logf("browser session took %s", time.Since(start).Round(time.Millisecond))
 	var got struct {
@@ -240,7 +240,7 @@ func TestChatInteractive(t *testing.T) {
 		wantPrompt = append(wantPrompt, strconv.Itoa(a.promptTokens))
 	}
 
-	cmd := exec.Command(buildBinary(t), "chat", "--url", s.base, "--ca", s.caFile, "--max-tokens", strconv.Itoa(maxTokens))
+	cmd := exec.Command(buildBinary(t), "chat", "--url", s.base, "--state-dir", s.stateDir, "--max-tokens", strconv.Itoa(maxTokens))
 	cmd.Stdin = strings.NewReader(strings.Join(turns, "\n") + "\n")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

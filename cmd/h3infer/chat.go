@@ -2,10 +2,8 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -13,18 +11,21 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/quic-go/quic-go/http3"
-
 	"h3infer/certs"
+	"h3infer/client"
 )
 
 func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("chat", flag.ContinueOnError)
 	base := fs.String("url", "https://127.0.0.1:8443", "gateway URL")
-	caFile := fs.String("ca", ".h3infer/certs/ca.pem", "CA certificate that signed the gateway's certificate")
+	caFile := fs.String("ca", "", "CA certificate that signed the gateway's certificate (default STATE_DIR/certs/ca.pem)")
+	stateDir := fs.String("state-dir", ".h3infer", "state directory of a local serve: its CA and dev token")
+	token := fs.String("token", "", "credential from `h3infer token issue` (default: $H3INFER_TOKEN, else STATE_DIR/tokens/dev.token)")
 	model := fs.String("model", "demo", "model name")
 	maxTokens := fs.Int("max-tokens", 64, "tokens to generate at most")
 	temperature := fs.Float64("temperature", 0, "sampling temperature (0: greedy)")
@@ -36,13 +37,22 @@ func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	if err != nil {
 		return usageError{err}
 	}
+	if *caFile == "" {
+		*caFile = filepath.Join(*stateDir, "certs", certs.CAFile)
+	}
 	pool, err := certs.LoadPool(*caFile)
 	if err != nil {
 		return err
 	}
-	tr := chatTransport(pool)
-	defer tr.Close()
-	client := &http.Client{Transport: tr}
+	cred, err := chatCredential(*token, *stateDir)
+	if err != nil {
+		return err
+	}
+	cl, err := client.New(client.Config{TLS: &tls.Config{RootCAs: pool}, Credential: cred})
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
 
 	// ask sends the conversation so far and streams the answer to stdout.
 	ask := func(messages []chatMessage) (string, error) {
@@ -58,13 +68,17 @@ func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 			req.Seed = seed
 		}
 		var answer strings.Builder
-		st, err := streamChat(ctx, client, endpoint, &req, io.MultiWriter(stdout, &answer))
+		st, err := streamChat(ctx, cl, endpoint, &req, io.MultiWriter(stdout, &answer))
 		if err != nil {
 			return "", err
 		}
 		fmt.Fprintf(stdout, "\n")
+		proto := st.proto
+		if st.early {
+			proto += " (0-RTT)"
+		}
 		fmt.Fprintf(stderr, "[%s · time to first token %s · %d tokens · %.0f tokens/s · finish_reason %s · prompt %d tokens]\n",
-			st.proto, st.ttft.Round(10*time.Microsecond), st.tokens, st.tokensPerSecond(), st.finishReason, st.promptTokens)
+			proto, st.ttft.Round(10*time.Microsecond), st.tokens, st.tokensPerSecond(), st.finishReason, st.promptTokens)
 		return answer.String(), nil
 	}
 
@@ -114,16 +128,20 @@ func chatInteractive(ctx context.Context, stdin io.Reader, stderr io.Writer, ask
 	}
 }
 
-// chatTransport is the one HTTP/3 client transport chat uses for all its
-// turns, so a conversation stays on one QUIC connection.
-//
-// 0-RTT seam: resuming is the 0-RTT issue's to add, here and only here.
-// Once the gateway accepts early data (the tlsbind policy), this gives the
-// TLS config a ClientSessionCache that outlives the process and lets turns
-// leave in early data with the single-use proof that policy asks for;
-// runChat and chatInteractive stay as they are.
-func chatTransport(pool *x509.CertPool) *http3.Transport {
-	return &http3.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
+// chatCredential picks the credential: the flag, then H3INFER_TOKEN, then
+// the development token a local serve wrote.
+func chatCredential(flagValue, stateDir string) (string, error) {
+	if flagValue != "" {
+		return flagValue, nil
+	}
+	if v := os.Getenv("H3INFER_TOKEN"); v != "" {
+		return v, nil
+	}
+	b, err := os.ReadFile(devTokenFile(stateDir))
+	if err != nil {
+		return "", fmt.Errorf("no credential: pass --token, set H3INFER_TOKEN or run serve with --state-dir %s: %w", stateDir, err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }
 
 // chatEndpoint accepts a base URL or a full chat completions URL.
@@ -180,6 +198,7 @@ type apiError struct {
 // chatStats is what one streamed completion measured.
 type chatStats struct {
 	proto        string
+	early        bool          // served in 0-RTT
 	ttft         time.Duration // request sent to first content
 	decode       time.Duration // first content to last content
 	tokens       int
@@ -197,24 +216,21 @@ func (s chatStats) tokensPerSecond() float64 {
 
 // streamChat posts a streaming chat request and copies content to out as it
 // arrives.
-func streamChat(ctx context.Context, client *http.Client, endpoint string, cr *chatRequest, out io.Writer) (chatStats, error) {
+func streamChat(ctx context.Context, cl *client.Client, endpoint string, cr *chatRequest, out io.Writer) (chatStats, error) {
 	var st chatStats
 	body, err := json.Marshal(cr)
 	if err != nil {
 		return st, err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, bytes.NewReader(body))
-	if err != nil {
-		return st, err
-	}
-	req.Header.Set("Content-Type", "application/json")
 	start := time.Now()
-	resp, err := client.Do(req)
+	res, err := cl.Do(ctx, http.MethodPost, endpoint, http.Header{"Content-Type": {"application/json"}}, body)
 	if err != nil {
 		return st, fmt.Errorf("POST %s: %w", endpoint, err)
 	}
+	resp := res.Response
 	defer resp.Body.Close()
 	st.proto = resp.Proto
+	st.early = res.Early
 	if resp.StatusCode != http.StatusOK {
 		var e struct {
 			Error apiError `json:"error"`

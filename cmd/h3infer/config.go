@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"h3infer/backend"
+	"h3infer/tlsbind"
 )
 
 // Config is the one typed configuration file of `h3infer serve` (JSON). It
@@ -36,6 +37,8 @@ type Config struct {
 	Workers   WorkersConfig   `json:"workers"`
 	Scheduler SchedulerConfig `json:"scheduler"`
 	Gateway   GatewayConfig   `json:"gateway"`
+	Auth      AuthConfig      `json:"auth"`
+	ZeroRTT   ZeroRTTConfig   `json:"zero_rtt"`
 	// Models to serve. Empty: the demo model under the name "demo", written
 	// into <state_dir>/models/demo/1 when missing.
 	Models []ModelConfig `json:"models"`
@@ -131,6 +134,40 @@ type CoalesceConfig struct {
 	MaxAckDelay Duration `json:"max_ack_delay"`
 	// MaxBuffer flushes early at this many bytes. Default 4096.
 	MaxBuffer int `json:"max_buffer"`
+}
+
+// AuthConfig configures bearer tokens (docs/AUTH.md).
+type AuthConfig struct {
+	// Disabled serves without tokens. Default false: auth is on.
+	Disabled bool `json:"disabled"`
+	// Audience tokens must name. Default "h3infer".
+	Audience string `json:"audience"`
+	// KeysFile holds the token signing keys. Default
+	// <state_dir>/tokens/keys.json, created when missing.
+	KeysFile string `json:"keys_file"`
+}
+
+// ZeroRTTConfig configures 0-RTT and its replay protection.
+type ZeroRTTConfig struct {
+	// Disabled turns 0-RTT off. Default false.
+	Disabled bool `json:"disabled"`
+	// Instance names this gateway in its session tickets. Default "local".
+	Instance string `json:"instance"`
+	// TrustedInstances may issue tickets that carry 0-RTT here.
+	TrustedInstances []string `json:"trusted_instances"`
+	// MaxTicketAge bounds a ticket's age for 0-RTT. Default "24h".
+	MaxTicketAge Duration `json:"max_ticket_age"`
+	// Window is the early proofs' freshness window. Default "10s".
+	Window Duration `json:"window"`
+	// SessionKeysFile holds the ticket, token-generator and stateless-reset
+	// keys shared by instances. Default <state_dir>/session-keys.json.
+	SessionKeysFile string `json:"session_keys_file"`
+	// StrikeRegister is "memory" (one instance) or "redis". Default "memory".
+	StrikeRegister string `json:"strike_register"`
+	// RedisAddr is host:port of Redis for strike_register "redis".
+	RedisAddr string `json:"redis_addr"`
+	// Routes maps a route path to serve, proof, wait or reject.
+	Routes map[string]string `json:"routes"`
 }
 
 // ModelConfig names one model directory (model.onnx, tokenizer.json,
@@ -244,6 +281,17 @@ func (c Config) withDefaults() Config {
 		c.Gateway.MaxBodyBytes = 1 << 20
 	}
 	defInt(&c.Gateway.DefaultMaxTokens, 256)
+	def(&c.Auth.Audience, "h3infer")
+	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
+	def(&c.ZeroRTT.Instance, "local")
+	if c.ZeroRTT.MaxTicketAge == 0 {
+		c.ZeroRTT.MaxTicketAge = Duration(24 * time.Hour)
+	}
+	if c.ZeroRTT.Window == 0 {
+		c.ZeroRTT.Window = Duration(10 * time.Second)
+	}
+	def(&c.ZeroRTT.SessionKeysFile, filepath.Join(c.StateDir, "session-keys.json"))
+	def(&c.ZeroRTT.StrikeRegister, "memory")
 	return c
 }
 
@@ -340,6 +388,26 @@ func (c Config) validate() error {
 	}
 	if co.MaxBuffer < 1 {
 		bad("gateway.coalesce.max_buffer", "must be > 0, got %d", co.MaxBuffer)
+	}
+	if c.ZeroRTT.MaxTicketAge < 0 {
+		bad("zero_rtt.max_ticket_age", "must be positive, got %s", time.Duration(c.ZeroRTT.MaxTicketAge))
+	}
+	if w := time.Duration(c.ZeroRTT.Window); w < 100*time.Millisecond || w > 5*time.Minute {
+		bad("zero_rtt.window", "must be 100ms..5m, got %s", w)
+	}
+	switch c.ZeroRTT.StrikeRegister {
+	case "memory":
+	case "redis":
+		if _, _, err := net.SplitHostPort(c.ZeroRTT.RedisAddr); err != nil {
+			bad("zero_rtt.redis_addr", "want host:port with strike_register \"redis\", got %q", c.ZeroRTT.RedisAddr)
+		}
+	default:
+		bad("zero_rtt.strike_register", "want memory or redis, got %q", c.ZeroRTT.StrikeRegister)
+	}
+	for path, p := range c.ZeroRTT.Routes {
+		if _, err := tlsbind.ParseEarlyPolicy(p); err != nil {
+			bad(fmt.Sprintf("zero_rtt.routes[%q]", path), "%v", err)
+		}
 	}
 	seen := map[string]bool{}
 	for i, m := range c.Models {

@@ -24,6 +24,7 @@ import (
 
 	"h3infer/backend"
 	"h3infer/certs"
+	"h3infer/tlsbind"
 	"h3infer/transport"
 )
 
@@ -227,7 +228,7 @@ func (s *server) h3Client(t testing.TB) *http.Client {
 	}
 	tr := &http3.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
 	t.Cleanup(func() { tr.Close() })
-	return &http.Client{Transport: tr, Timeout: 60 * time.Second}
+	return &http.Client{Transport: s.withBearer(t, tr), Timeout: 60 * time.Second}
 }
 
 func (s *server) h2Client(t *testing.T) *http.Client {
@@ -238,7 +239,7 @@ func (s *server) h2Client(t *testing.T) *http.Client {
 	}
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}
 	t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr, Timeout: 60 * time.Second}
+	return &http.Client{Transport: s.withBearer(t, tr), Timeout: 60 * time.Second}
 }
 
 // sseChunk is the part of an OpenAI chunk the tests read.
@@ -442,7 +443,8 @@ func TestChatCommand(t *testing.T) {
 	want, _ := inProcess(t, s, &transport.Submit{
 		Model: "demo", Messages: []transport.ChatMessage{{Role: "user", Content: testPrompt}}, MaxTokens: 64,
 	})
-	cmd := exec.Command(buildBinary(t), "chat", "--url", s.base, "--ca", s.caFile, testPrompt)
+	// chat finds the CA and the dev token in the state dir by itself.
+	cmd := exec.Command(buildBinary(t), "chat", "--url", s.base, "--state-dir", s.stateDir, testPrompt)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
@@ -640,4 +642,35 @@ func TestCertsAndGenmodelCommands(t *testing.T) {
 	if out, err := exec.Command(bin, "serve", "--workers", "100", "--listen", "nonsense").CombinedOutput(); err == nil || !strings.Contains(string(out), "workers.count") || !strings.Contains(string(out), "listen:") {
 		t.Errorf("serve with a bad listen address and 100 workers should fail naming both keys; got %v:\n%s", err, out)
 	}
+}
+
+// bearer is the bearer part of the dev token serve wrote into its state dir.
+func (s *server) bearer(t testing.TB) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(s.stateDir, "tokens", "dev.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bearer, _, err := tlsbind.SplitCredential(string(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bearer
+}
+
+// withBearer presents the dev token on every request.
+func (s *server) withBearer(t testing.TB, next http.RoundTripper) http.RoundTripper {
+	t.Helper()
+	return bearerTransport{bearer: s.bearer(t), next: next}
+}
+
+type bearerTransport struct {
+	bearer string
+	next   http.RoundTripper
+}
+
+func (b bearerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set("Authorization", "Bearer "+b.bearer)
+	return b.next.RoundTrip(r)
 }

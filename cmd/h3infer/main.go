@@ -22,10 +22,12 @@ const usage = `h3infer: a QUIC/HTTP3 edge inference gateway
 
 Usage:
   h3infer serve    [--config FILE] [--listen ADDR] [--admin ADDR] [--state-dir DIR] [--workers N]
-  h3infer chat     [--url URL] [--ca FILE] [--model NAME] ["prompt"]  (no prompt: a conversation on stdin)
+  h3infer chat     [--url URL] [--ca FILE] [--state-dir DIR] [--token CRED] [--model NAME] ["prompt"]  (no prompt: a conversation on stdin)
   h3infer bench    [--url URL] [--proto h3|h2|h1] [--concurrency N,N..] [--rate R] [--requests N] [--duration D]
                    [--baseline-url URL] [--new-conn] [--0rtt] [--json FILE] [--plot PREFIX]
   h3infer bench    --bare-listen ADDR   (the comparison server)
+  h3infer token    issue --tenant NAME [--state-dir DIR] [--models a,b] [--ttl 24h] [--bind optional|required] [--urgency-ceiling N]
+  h3infer token    rotate [--state-dir DIR] [--keep 720h]
   h3infer certs init [--state-dir DIR] [--name NAME]... [--force]
   h3infer genmodel --out DIR [--layers N --heads N --hidden N --context N --random --seed N]
   h3infer worker   (started by serve, never by hand)
@@ -58,6 +60,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runChat(ctx, rest, os.Stdin, stdout, stderr)
 	case "certs":
 		err = runCerts(rest, stdout)
+	case "token":
+		err = runToken(rest, stdout)
 	case "genmodel":
 		err = runGenmodel(rest, stdout)
 	case "help", "-h", "--help":

@@ -24,7 +24,7 @@ func TestOfficialSDKs(t *testing.T) {
 		client := openai.NewClient(
 			option.WithBaseURL(s.base+"/v1/"),
 			option.WithHTTPClient(s.h3Client(t)),
-			option.WithAPIKey("unused"),
+			option.WithAPIKey(s.bearer(t)),
 			option.WithMaxRetries(0),
 		)
 		params := openai.ChatCompletionNewParams{
@@ -104,7 +104,7 @@ func TestOfficialSDKs(t *testing.T) {
 	})
 
 	t.Run("npm over TCP", func(t *testing.T) {
-		out := runNode(t, "sdk.mjs", map[string]any{"url": s.base, "prompt": testPrompt, "maxTokens": maxTokens},
+		out := runNode(t, "sdk.mjs", map[string]any{"url": s.base, "prompt": testPrompt, "maxTokens": maxTokens, "apiKey": s.bearer(t)},
 			"NODE_EXTRA_CA_CERTS="+s.caFile)
 		type usage struct {
 			CompletionTokens int `json:"completion_tokens"`

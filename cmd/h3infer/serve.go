@@ -22,6 +22,7 @@ import (
 	"h3infer/gateway"
 	"h3infer/internal/onnxgen"
 	"h3infer/scheduler"
+	"h3infer/tlsbind"
 )
 
 // shutdownGrace bounds how long in-flight streams may run after SIGTERM.
@@ -80,6 +81,12 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	auth, quicKeys, devToken, closeAuth, err := authSetup(cfg, tlsCfg, reg, log)
+	if err != nil {
+		return err
+	}
+	defer closeAuth()
 
 	pool, err := backend.NewPool(backend.PoolConfig{
 		Workers:    cfg.Workers.Count,
@@ -145,6 +152,8 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 			MaxBuffer:   cfg.Gateway.Coalesce.MaxBuffer,
 		},
 		Registry: reg,
+		Auth:     auth,
+		QUICKeys: quicKeys,
 	}, gateway.FromScheduler(sched), pool, log)
 	if err != nil {
 		return err
@@ -162,7 +171,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	readyErr := pool.WaitReady(ctx)
 	if readyErr == nil {
 		log.Info("ready", "models", len(models))
-		printNextSteps(stdout, gw.Addr(), gw.AdminAddr(), dev)
+		printNextSteps(stdout, gw.Addr(), gw.AdminAddr(), dev, devToken, cfg.StateDir)
 	}
 	<-ctx.Done()
 	log.Info("shutting down", "grace", shutdownGrace)
@@ -245,7 +254,7 @@ func onnxRuntimeLib(configured, exe string) string {
 	return "libonnxruntime.so.1"
 }
 
-func printNextSteps(w io.Writer, addr, adminAddr string, dev *certs.Dev) {
+func printNextSteps(w io.Writer, addr, adminAddr string, dev *certs.Dev, devToken, stateDir string) {
 	host, port, _ := net.SplitHostPort(addr)
 	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
 		host = "127.0.0.1"
@@ -262,11 +271,18 @@ func printNextSteps(w io.Writer, addr, adminAddr string, dev *certs.Dev) {
 		fmt.Fprintf(&b, "  Leaf SPKI pin (for Chromium):          %s\n", dev.SPKI)
 		caFlag = " --ca " + dev.CAFile
 	}
+	authFlag := ""
+	if devToken != "" {
+		bearer, _, _ := tlsbind.SplitCredential(devToken)
+		fmt.Fprintf(&b, "  Dev token (chat reads it from %s):\n    %s\n", devTokenFile(stateDir), devToken)
+		fmt.Fprintf(&b, "  Its bearer part (for curl and browsers): %s\n", bearer)
+		authFlag = fmt.Sprintf(" -H 'Authorization: Bearer %s'", bearer)
+	}
 	fmt.Fprintf(&b, "\nStream a completion over HTTP/3:\n")
-	fmt.Fprintf(&b, "  %s chat --url %s%s \"The gateway\"\n", self, base, caFlag)
+	fmt.Fprintf(&b, "  %s chat --url %s --state-dir %s%s \"The gateway\"\n", self, base, stateDir, caFlag)
 	if dev != nil {
 		fmt.Fprintf(&b, "\nOver TCP with curl:\n")
-		fmt.Fprintf(&b, "  curl --cacert %s %s/v1/models\n", dev.CAFile, base)
+		fmt.Fprintf(&b, "  curl --cacert %s%s %s/v1/models\n", dev.CAFile, authFlag, base)
 		fmt.Fprintf(&b, "\nThe chat page in Chromium over HTTP/3 (see README):\n")
 		fmt.Fprintf(&b, "  chromium --user-data-dir=$(mktemp -d) --enable-quic --origin-to-force-quic-on=%s --ignore-certificate-errors-spki-list=%s '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1 , EXCLUDE localhost' %s/\n",
 			net.JoinHostPort(host, port), dev.SPKI, base)

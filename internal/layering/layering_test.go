@@ -38,6 +38,11 @@ var forbidden = map[string]struct{ direct, anywhere []string }{
 	"h3infer/certs":   {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
 	// The chat page talks to the gateway only through the public API.
 	"h3infer/web": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/backend", "net/http"}},
+	// The client is what apps embed: it carries nothing of the server.
+	"h3infer/client": {
+		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler", "h3infer/certs"},
+		anywhere: []string{"github.com/yalue/onnxruntime_go", "github.com/redis/go-redis/v9"},
+	},
 }
 
 func TestImportGraph(t *testing.T) {

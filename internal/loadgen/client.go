@@ -185,6 +185,9 @@ func (c *client) do(ctx context.Context, promptWords, maxTokens, urgency int) Sa
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "text/event-stream")
+	if c.cfg.Bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+c.cfg.Bearer)
+	}
 	if urgency >= 0 {
 		req.Header.Set("Priority", fmt.Sprintf("u=%d", urgency))
 	}

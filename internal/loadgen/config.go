@@ -27,6 +27,9 @@ type Config struct {
 	Proto string
 	// Model is the model field of every request. Default "demo".
 	Model string
+	// Bearer, when set, is sent as "Authorization: Bearer ..." on every
+	// request.
+	Bearer string
 	// TLS is the client's TLS configuration (roots, server name); nil means
 	// the system roots. Its ClientSessionCache is replaced per run.
 	TLS *tls.Config

@@ -3,7 +3,7 @@
 // the gateway, runs this script and judges the result.
 //
 // Usage: node browser.mjs '{"chromium":..., "url":..., "spki":..., "turns":[...],
-//                           "maxTokens":N, "screenshot":PATH}'
+//                           "maxTokens":N, "screenshot":PATH, "token":BEARER}'
 import { chromium } from 'playwright-core';
 
 const cfg = JSON.parse(process.argv[2]);
@@ -28,6 +28,10 @@ try {
   const context = await browser.newContext({
     viewport: { width: 400, height: 760 }, deviceScaleFactor: 2, isMobile: true, hasTouch: true,
   });
+  // The token a user once typed into Settings lives in localStorage.
+  if (cfg.token) {
+    await context.addInitScript((t) => localStorage.setItem('h3infer.token', t), cfg.token);
+  }
   const page = await context.newPage();
   page.setDefaultTimeout(30000);
   page.on('pageerror', (e) => out.pageErrors.push(String(e)));

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"h3infer/certs"
+	"h3infer/gateway"
+	"h3infer/tlsbind"
+	"h3infer/tlsbind/strikeredis"
+)
+
+// authSetup builds the gateway's token verifier and 0-RTT guard, loads the
+// shared session keys into tlsCfg, and returns the development credential
+// (empty with auth disabled) and a function that releases what it opened.
+func authSetup(cfg Config, tlsCfg *tls.Config, reg prometheus.Registerer, log *slog.Logger) (gateway.AuthConfig, *gateway.QUICKeys, string, func(), error) {
+	none := func() {}
+	auth := gateway.AuthConfig{Disabled: cfg.Auth.Disabled, Disable0RTT: cfg.ZeroRTT.Disabled}
+	if cfg.Auth.Disabled {
+		return auth, nil, "", none, nil
+	}
+	ring, err := tlsbind.EnsureKeyRing(cfg.Auth.KeysFile, time.Now())
+	if err != nil {
+		return auth, nil, "", none, err
+	}
+	if auth.Tokens, err = tlsbind.NewVerifier(ring, cfg.Auth.Audience); err != nil {
+		return auth, nil, "", none, err
+	}
+	var dev string
+	if cfg.Auth.Audience == tlsbind.DefaultAudience {
+		if dev, err = ensureDevToken(cfg.StateDir, ring, auth.Tokens); err != nil {
+			return auth, nil, "", none, err
+		}
+	}
+
+	keys, err := certs.EnsureSessionKeys(cfg.ZeroRTT.SessionKeysFile)
+	if err != nil {
+		return auth, nil, "", none, err
+	}
+	keys.Apply(tlsCfg)
+	qk := &gateway.QUICKeys{TokenGenerator: keys.TokenGeneratorKey, StatelessReset: keys.StatelessResetKey}
+
+	var strikes tlsbind.StrikeRegister = tlsbind.NewMemoryStrikes()
+	closeFn := none
+	if cfg.ZeroRTT.StrikeRegister == "redis" {
+		rc := redis.NewClient(&redis.Options{Addr: cfg.ZeroRTT.RedisAddr})
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := rc.Ping(ctx).Err()
+		cancel()
+		if err != nil {
+			rc.Close()
+			return auth, nil, "", none, fmt.Errorf("zero_rtt.redis_addr %s: %w", cfg.ZeroRTT.RedisAddr, err)
+		}
+		strikes = strikeredis.New(rc, "")
+		closeFn = func() { rc.Close() }
+	}
+	window := time.Duration(cfg.ZeroRTT.Window)
+	if auth.Replay, err = tlsbind.NewReplayGuard(strikes, window); err != nil {
+		closeFn()
+		return auth, nil, "", none, err
+	}
+	auth.Tickets, err = tlsbind.NewTickets(tlsbind.TicketConfig{
+		Instance:    cfg.ZeroRTT.Instance,
+		Trusted:     cfg.ZeroRTT.TrustedInstances,
+		MaxEarlyAge: time.Duration(cfg.ZeroRTT.MaxTicketAge),
+		Strikes:     strikes,
+		Window:      window,
+		Registerer:  reg,
+	}, log)
+	if err != nil {
+		closeFn()
+		return auth, nil, "", none, err
+	}
+	if len(cfg.ZeroRTT.Routes) > 0 {
+		auth.EarlyData = map[string]tlsbind.EarlyPolicy{}
+		for path, p := range cfg.ZeroRTT.Routes {
+			auth.EarlyData[path] = tlsbind.EarlyPolicy(p)
+		}
+	}
+	return auth, qk, dev, closeFn, nil
+}

@@ -1,0 +1,283 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/quic-go/quic-go"
+
+	"h3infer/scheduler"
+	"h3infer/tlsbind"
+)
+
+// AuthConfig configures tokens, connection binding and the 0-RTT guard.
+type AuthConfig struct {
+	// Disabled serves every request without a token. Auth is on unless this
+	// is set.
+	Disabled bool
+	// Tokens verifies bearer tokens. Required unless Disabled.
+	Tokens *tlsbind.Verifier
+	// Replay checks early proofs. Default: an in-memory strike register
+	// with tlsbind.DefaultWindow.
+	Replay *tlsbind.ReplayGuard
+	// Tickets makes 0-RTT tickets single-use. Default: this instance
+	// alone, sharing Replay's in-memory register.
+	Tickets *tlsbind.Tickets
+	// Disable0RTT turns 0-RTT off on the QUIC listener.
+	Disable0RTT bool
+	// EarlyData maps a route path to its policy for early requests;
+	// unlisted routes get defaultEarlyPolicy.
+	EarlyData map[string]tlsbind.EarlyPolicy
+}
+
+// QUICKeys are quic.Transport secrets shared between instances.
+type QUICKeys struct {
+	TokenGenerator [32]byte
+	StatelessReset [32]byte
+}
+
+// EarlyDataHeader says on a response that the gateway served its request
+// before the TLS handshake completed.
+const EarlyDataHeader = "H3infer-Early-Data"
+
+// defaultEarlyPolicy: safe reads are served early, inference waits unless
+// it carries a proof.
+func defaultEarlyPolicy(path string) tlsbind.EarlyPolicy {
+	switch path {
+	case "/v1/chat/completions", "/v1/completions":
+		return tlsbind.EarlyProofOrWait
+	}
+	return tlsbind.EarlyServe
+}
+
+// Errors of the guard; apiErrorOf maps them.
+var (
+	errTooEarly = errors.New("this request may not be served in early data; retry after the handshake")
+	errNoScope  = errors.New("the token does not allow this model")
+)
+
+type tokenKey struct{}
+
+// tokenOf is the verified token of a request, nil with auth disabled.
+func tokenOf(ctx context.Context) *tlsbind.Token {
+	t, _ := ctx.Value(tokenKey{}).(*tlsbind.Token)
+	return t
+}
+
+// identify applies the token to a request bound for the scheduler: the
+// tenant it names, urgency no higher than its ceiling, and its models.
+func identify(ctx context.Context, model string, r *scheduler.Request) error {
+	t := tokenOf(ctx)
+	if t == nil {
+		return nil
+	}
+	if !t.AllowsModel(model) {
+		return errNoScope
+	}
+	if c := t.UrgencyCeiling; c != nil {
+		r.UrgencyCeiling = *c
+	}
+	return nil
+}
+
+// tokenTenant is the default Config.Tenant: the tenant the request's token
+// names, or the scheduler's default tenant when auth is off.
+func tokenTenant(r *http.Request) string {
+	if t := tokenOf(r.Context()); t != nil && t.Tenant != "" {
+		return t.Tenant
+	}
+	return scheduler.DefaultTenant
+}
+
+// guard authenticates a request and applies the route's early-data policy
+// before next runs.
+func (g *Gateway) guard(path string, next http.HandlerFunc) http.HandlerFunc {
+	policy, ok := g.cfg.Auth.EarlyData[path]
+	if !ok {
+		policy = defaultEarlyPolicy(path)
+	}
+	return func(w http.ResponseWriter, r *http.Request) {
+		if g.cfg.Auth.Disabled {
+			next(w, r)
+			return
+		}
+		tok, err := g.cfg.Auth.Tokens.Verify(bearerOf(r))
+		if err != nil {
+			g.metrics.authFailures.WithLabelValues(authReason(err)).Inc()
+			writeError(w, err)
+			return
+		}
+		conn := quicConn(r.Context())
+		early := conn != nil && !handshakeDone(conn)
+		// An intermediary that forwarded early data says so (RFC 8470);
+		// we cannot wait on a handshake we are not party to.
+		viaProxy := r.Header.Get("Early-Data") == "1"
+		if early || viaProxy {
+			served, err := g.earlyGate(w, r, policy, tok, conn, viaProxy)
+			if err != nil {
+				writeError(w, err)
+				return
+			}
+			early = served
+		}
+		if early {
+			w.Header().Set(EarlyDataHeader, "1")
+		} else if err := g.checkBinding(r, conn, tok); err != nil {
+			writeError(w, err)
+			return
+		}
+		next(w, r.WithContext(context.WithValue(r.Context(), tokenKey{}, tok)))
+	}
+}
+
+// earlyGate decides an early request's fate. It reports whether the
+// request is served as early data; false means the handshake completed
+// while it waited.
+func (g *Gateway) earlyGate(w http.ResponseWriter, r *http.Request, policy tlsbind.EarlyPolicy, tok *tlsbind.Token, conn *quic.Conn, viaProxy bool) (bool, error) {
+	outcome := g.metrics.early
+	switch proof := r.Header.Get(tlsbind.EarlyProofHeader); {
+	case policy == tlsbind.EarlyServe:
+		outcome.WithLabelValues("accepted").Inc()
+		return true, nil
+	case policy == tlsbind.EarlyProofOrWait && proof != "":
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.cfg.MaxBodyBytes))
+		if err != nil {
+			return false, err
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		if err := g.cfg.Auth.Replay.Check(r.Context(), tok.Secret, proof, r.Method, r.URL.Path, body); err != nil {
+			if errors.Is(err, tlsbind.ErrReplayed) {
+				outcome.WithLabelValues("replay_blocked").Inc()
+			} else {
+				outcome.WithLabelValues("rejected").Inc()
+			}
+			return false, err
+		}
+		outcome.WithLabelValues("accepted").Inc()
+		return true, nil
+	case policy == tlsbind.EarlyReject || viaProxy || conn == nil:
+		outcome.WithLabelValues("rejected").Inc()
+		return false, errTooEarly
+	case tok.Bind == tlsbind.BindRequired:
+		// Its headers cannot carry a binding proof (the client has no
+		// exporter yet), so waiting would only end in 401: let the
+		// client retry in 1-RTT instead.
+		outcome.WithLabelValues("rejected").Inc()
+		return false, errTooEarly
+	}
+	outcome.WithLabelValues("waited").Inc()
+	select {
+	case <-conn.HandshakeComplete():
+		return false, nil
+	case <-r.Context().Done():
+		return false, r.Context().Err()
+	}
+}
+
+// checkBinding verifies the exporter-bound proof of a 1-RTT request; a
+// token marked bind=required must carry one.
+func (g *Gateway) checkBinding(r *http.Request, conn *quic.Conn, tok *tlsbind.Token) error {
+	header := r.Header.Get(tlsbind.BindingHeader)
+	if header == "" && tok.Bind != tlsbind.BindRequired {
+		return nil
+	}
+	exporter, err := exporterOf(r, conn)
+	if err == nil {
+		err = tlsbind.VerifyBinding(tok.Secret, exporter, header)
+	}
+	if err != nil {
+		g.metrics.binding.WithLabelValues("failed").Inc()
+		if !errors.Is(err, tlsbind.ErrNoBinding) {
+			err = tlsbind.ErrBadBinding
+		}
+		return err
+	}
+	g.metrics.binding.WithLabelValues("ok").Inc()
+	return nil
+}
+
+// exporterOf computes the connection's RFC 9266 exporter value.
+func exporterOf(r *http.Request, conn *quic.Conn) ([]byte, error) {
+	if conn != nil {
+		cs := conn.ConnectionState().TLS
+		return cs.ExportKeyingMaterial(tlsbind.ExporterLabel, nil, tlsbind.ExporterLen)
+	}
+	if r.TLS == nil {
+		return nil, errors.New("no TLS connection")
+	}
+	return r.TLS.ExportKeyingMaterial(tlsbind.ExporterLabel, nil, tlsbind.ExporterLen)
+}
+
+func handshakeDone(c *quic.Conn) bool {
+	select {
+	case <-c.HandshakeComplete():
+		return true
+	default:
+		return false
+	}
+}
+
+func bearerOf(r *http.Request) string {
+	h := r.Header.Get("Authorization")
+	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
+		return strings.TrimSpace(h[7:])
+	}
+	return ""
+}
+
+// authReason is a bounded label for h3infer_auth_failures_total.
+func authReason(err error) string {
+	for _, c := range []struct {
+		err    error
+		reason string
+	}{
+		{tlsbind.ErrNoToken, "missing"},
+		{tlsbind.ErrExpired, "expired"},
+		{tlsbind.ErrNotYetValid, "not_yet_valid"},
+		{tlsbind.ErrWrongAudience, "audience"},
+		{tlsbind.ErrUnknownKey, "unknown_key"},
+		{tlsbind.ErrBadSignature, "signature"},
+	} {
+		if errors.Is(err, c.err) {
+			return c.reason
+		}
+	}
+	return "malformed"
+}
+
+// defaultAuth fills the guard's defaults: an in-memory strike register
+// shared by proofs and tickets.
+func defaultAuth(a *AuthConfig, g *Gateway) error {
+	if a.Disabled {
+		return nil
+	}
+	var mem *tlsbind.MemoryStrikes
+	if a.Replay == nil {
+		mem = tlsbind.NewMemoryStrikes()
+		rg, err := tlsbind.NewReplayGuard(mem, 0)
+		if err != nil {
+			return err
+		}
+		a.Replay = rg
+	}
+	if a.Tickets == nil {
+		if mem == nil {
+			return errors.New("gateway.auth: tickets must be set when the replay guard is")
+		}
+		t, err := tlsbind.NewTickets(tlsbind.TicketConfig{
+			Instance:   "local",
+			Strikes:    mem,
+			Window:     a.Replay.Window(),
+			Registerer: g.cfg.Registry,
+		}, g.log)
+		if err != nil {
+			return err
+		}
+		a.Tickets = t
+	}
+	return nil
+}

@@ -1,0 +1,414 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
+	"h3infer/client"
+	"h3infer/internal/udprelay"
+	"h3infer/tlsbind"
+)
+
+func testKeys(t testing.TB) (*tlsbind.KeyRing, *tlsbind.Verifier) {
+	t.Helper()
+	ring, err := tlsbind.EnsureKeyRing(t.TempDir()+"/keys.json", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := tlsbind.NewVerifier(ring, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ring, v
+}
+
+// issue signs claims valid for an hour unless they say otherwise.
+func (h *harness) issue(t testing.TB, c tlsbind.Claims) string {
+	t.Helper()
+	now := time.Now()
+	if c.Audience == "" {
+		c.Audience = tlsbind.DefaultAudience
+	}
+	if c.Expires == 0 {
+		c.IssuedAt, c.NotBefore, c.Expires = now.Unix(), now.Unix()-1, now.Add(time.Hour).Unix()
+	}
+	cred, err := h.ring.Issue(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cred
+}
+
+func bearerOfCredential(t testing.TB, cred string) string {
+	t.Helper()
+	b, _, err := tlsbind.SplitCredential(cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// withBearer adds Authorization to requests that do not set it.
+func withBearer(bearer string, next http.RoundTripper) http.RoundTripper {
+	return roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if _, set := r.Header["Authorization"]; !set {
+			r = r.Clone(r.Context())
+			r.Header.Set("Authorization", "Bearer "+bearer)
+		}
+		return next.RoundTrip(r)
+	})
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+func (h *harness) client(t *testing.T, cred string, dialAddr string) *client.Client {
+	t.Helper()
+	c, err := client.New(client.Config{TLS: &tls.Config{RootCAs: h.pool}, Credential: cred, DialAddr: dialAddr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func errorCode(t *testing.T, resp *http.Response) string {
+	t.Helper()
+	var e struct {
+		Error errorObject `json:"error"`
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if err := json.Unmarshal(b, &e); err != nil {
+		t.Fatalf("error body %q: %v", b, err)
+	}
+	return deref(e.Error.Code)
+}
+
+func TestTokenRefusals(t *testing.T) {
+	h := newHarness(t, nil)
+	now := time.Now()
+	other, _ := testKeys(t)
+	otherCred, err := other.Issue(tlsbind.Claims{Tenant: "x", Audience: tlsbind.DefaultAudience, Expires: now.Add(time.Hour).Unix()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := bearerOfCredential(t, h.cred)
+	f := strings.Split(good, ".")
+	cases := map[string]struct {
+		auth   string
+		status int
+		code   string
+	}{
+		"missing":           {"", 401, "missing_token"},
+		"not bearer":        {"Basic abc", 401, "missing_token"},
+		"garbage":           {"Bearer nonsense", 401, "invalid_token"},
+		"expired":           {"Bearer " + bearerOfCredential(t, h.issue(t, tlsbind.Claims{Tenant: "a", IssuedAt: now.Add(-2 * time.Hour).Unix(), Expires: now.Add(-time.Hour).Unix()})), 401, "invalid_token"},
+		"not yet valid":     {"Bearer " + bearerOfCredential(t, h.issue(t, tlsbind.Claims{Tenant: "a", NotBefore: now.Add(time.Hour).Unix(), Expires: now.Add(2 * time.Hour).Unix()})), 401, "invalid_token"},
+		"wrong audience":    {"Bearer " + bearerOfCredential(t, h.issue(t, tlsbind.Claims{Tenant: "a", Audience: "elsewhere"})), 401, "invalid_token"},
+		"unknown key id":    {"Bearer " + bearerOfCredential(t, otherCred), 401, "invalid_token"},
+		"bad signature":     {"Bearer " + f[0] + "." + f[1] + "." + f[2] + "." + strings.Repeat("A", len(f[3])), 401, "invalid_token"},
+		"secret sent":       {"Bearer " + h.cred, 401, "invalid_token"},
+		"model not allowed": {"Bearer " + bearerOfCredential(t, h.issue(t, tlsbind.Claims{Tenant: "a", Models: []string{"other"}})), 403, "model_not_allowed"},
+		"valid":             {"Bearer " + good, 200, ""},
+	}
+	for name, tc := range cases {
+		for _, proto := range []string{"h3", "h2"} {
+			t.Run(name+"/"+proto, func(t *testing.T) {
+				resp := h.post(t, proto, "/v1/chat/completions", chat(""), "Authorization", tc.auth)
+				if tc.auth == "" {
+					req, _ := http.NewRequest(http.MethodPost, h.base+"/v1/chat/completions", strings.NewReader(chat("")))
+					req.Header["Authorization"] = []string{""}
+					resp = h.do(t, proto, req)
+				}
+				if resp.StatusCode != tc.status {
+					t.Fatalf("status %d, want %d", resp.StatusCode, tc.status)
+				}
+				if tc.status == 200 {
+					return
+				}
+				if got := errorCode(t, resp); got != tc.code {
+					t.Errorf("code %q, want %q", got, tc.code)
+				}
+				if wa := resp.Header.Get("WWW-Authenticate"); !strings.HasPrefix(wa, `Bearer realm="h3infer"`) {
+					t.Errorf("WWW-Authenticate %q, want a Bearer challenge", wa)
+				}
+			})
+		}
+	}
+}
+
+func TestTokenNamesTenantAndCapsUrgency(t *testing.T) {
+	h := newHarness(t, nil)
+	ceiling := uint8(4)
+	cred := h.issue(t, tlsbind.Claims{Tenant: "acme", UrgencyCeiling: &ceiling})
+	resp := h.post(t, "h3", "/v1/chat/completions", chat(""), "Authorization", "Bearer "+bearerOfCredential(t, cred), "Priority", "u=1")
+	io.Copy(io.Discard, resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	r, _ := h.sched.last()
+	// The scheduler applies the ceiling together with the tenant's own.
+	if r.Tenant != "acme" || r.UrgencyCeiling != 4 || r.Urgency != 1 {
+		t.Errorf("scheduler got tenant %q urgency %d ceiling %d, want acme, 1 as asked and ceiling 4", r.Tenant, r.Urgency, r.UrgencyCeiling)
+	}
+}
+
+// rawH3 opens an HTTP/3 connection without the client package, waiting
+// for the handshake.
+func (h *harness) rawH3(t *testing.T) (*quic.Conn, *http3.ClientConn) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	qc, err := quic.DialAddr(ctx, h.gw.Addr(), &tls.Config{RootCAs: h.pool, NextProtos: []string{http3.NextProtoH3}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &http3.Transport{}
+	t.Cleanup(func() { qc.CloseWithError(0, ""); tr.Close() })
+	return qc, tr.NewClientConn(qc)
+}
+
+func TestBinding(t *testing.T) {
+	h := newHarness(t, nil)
+	cred := h.issue(t, tlsbind.Claims{Tenant: "native", Bind: tlsbind.BindRequired})
+	bearer, secret, err := tlsbind.SplitCredential(cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qa, ca := h.rawH3(t)
+	_, cb := h.rawH3(t)
+	cs := qa.ConnectionState().TLS
+	expA, err := cs.ExportKeyingMaterial(tlsbind.ExporterLabel, nil, tlsbind.ExporterLen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proofA := tlsbind.BindingProof(secret, expA)
+	send := func(cc *http3.ClientConn, proof string) *http.Response {
+		req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+		req.Header.Set("Authorization", "Bearer "+bearer)
+		if proof != "" {
+			req.Header.Set(tlsbind.BindingHeader, proof)
+		}
+		resp, err := cc.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	if resp := send(ca, proofA); resp.StatusCode != 200 {
+		t.Errorf("valid proof on its own connection: %d, want 200", resp.StatusCode)
+	}
+	if resp := send(cb, proofA); resp.StatusCode != 401 || errorCode(t, resp) != "binding_failed" {
+		t.Errorf("proof lifted onto another connection: %d, want 401 binding_failed", resp.StatusCode)
+	}
+	if resp := send(cb, ""); resp.StatusCode != 401 || errorCode(t, resp) != "binding_failed" {
+		t.Errorf("bind=required without proof: %d, want 401 binding_failed", resp.StatusCode)
+	}
+	// The client package binds by itself.
+	c := h.client(t, cred, "")
+	res, err := c.Do(context.Background(), http.MethodPost, h.base+"/v1/chat/completions", nil, []byte(chat("")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Errorf("client package with bind=required: %d, want 200", res.StatusCode)
+	}
+	ok, failed := h.counter(t, "h3infer_token_binding_total", "ok"), h.counter(t, "h3infer_token_binding_total", "failed")
+	if ok != 2 || failed != 2 {
+		t.Errorf("binding metrics ok=%v failed=%v, want 2 and 2", ok, failed)
+	}
+}
+
+// counter reads one labelled counter from the gateway's registry.
+func (h *harness) counter(t *testing.T, name, label string) float64 {
+	t.Helper()
+	mfs, err := h.gw.cfg.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetValue() == label {
+					sum += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return sum
+}
+
+// resumeThroughRelay makes a first connection to get a ticket, then returns
+// a client whose next connection goes through a relay that holds back the
+// client's Handshake packets, so the gateway sees the request early.
+const holdHandshake = 500 * time.Millisecond
+
+func zeroRTTSetup(t *testing.T, h *harness, cred string) (*client.Client, *udprelay.Relay) {
+	t.Helper()
+	relay, err := udprelay.New(h.gw.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := h.client(t, cred, relay.Addr())
+	t.Cleanup(func() {
+		// Let the held Handshake packets and then the client's
+		// CONNECTION_CLOSE through before the relay goes, or the gateway
+		// waits out the idle timeout at shutdown.
+		relay.HoldHandshake(0)
+		time.Sleep(holdHandshake + 200*time.Millisecond)
+		c.CloseConnections()
+		time.Sleep(200 * time.Millisecond)
+		relay.Close()
+	})
+	res, err := c.Do(context.Background(), http.MethodGet, h.base+"/v1/models", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	if res.Early {
+		t.Fatal("the first connection cannot be early")
+	}
+	// The ticket arrives after the handshake; give it a moment to land.
+	time.Sleep(200 * time.Millisecond)
+	c.CloseConnections()
+	relay.HoldHandshake(holdHandshake)
+	return c, relay
+}
+
+// shortWindow gives the gateway a 2 s freshness window, so that the
+// in-memory register's warm-up passes quickly.
+func shortWindow(t *testing.T) func(*Config) {
+	return func(c *Config) {
+		// A short window: the in-memory register refuses 0-RTT for one
+		// window after start-up.
+		strikes := tlsbind.NewMemoryStrikes()
+		rg, err := tlsbind.NewReplayGuard(strikes, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tk, err := tlsbind.NewTickets(tlsbind.TicketConfig{Instance: "a", Strikes: strikes, Window: 2 * time.Second, Registerer: c.Registry}, discardLog())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Auth.Replay, c.Auth.Tickets = rg, tk
+	}
+}
+
+func TestZeroRTTInferenceServedBeforeHandshake(t *testing.T) {
+	h := newHarness(t, shortWindow(t))
+	time.Sleep(2100 * time.Millisecond)
+	c, _ := zeroRTTSetup(t, h, h.cred)
+	res, err := c.Do(context.Background(), http.MethodPost, h.base+"/v1/chat/completions", nil, []byte(chat("")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 || !res.Early || res.Retried {
+		t.Fatalf("resumed inference: status %d early %v retried %v, want 200 served early\n%s", res.StatusCode, res.Early, res.Retried, body)
+	}
+	if got := h.counter(t, "h3infer_early_data_requests_total", "accepted"); got != 1 {
+		t.Errorf("early accepted = %v, want 1", got)
+	}
+	if got := h.counter(t, "h3infer_session_tickets_total", tlsbind.TicketEarlyAllowed); got != 1 {
+		t.Errorf("tickets allowed early = %v, want 1", got)
+	}
+}
+
+func TestZeroRTTDeclinedWhileWarmingUp(t *testing.T) {
+	h := newHarness(t, nil)
+	// Right after start-up the in-memory register declines 0-RTT; the
+	// client retries in 1-RTT and still gets its answer.
+	c, _ := zeroRTTSetup(t, h, h.cred)
+	res, err := c.Do(context.Background(), http.MethodPost, h.base+"/v1/chat/completions", nil, []byte(chat("")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 || res.Early || !res.Retried {
+		t.Fatalf("status %d early %v retried %v, want 200 after a 1-RTT retry", res.StatusCode, res.Early, res.Retried)
+	}
+	if got := h.counter(t, "h3infer_session_tickets_total", tlsbind.TicketWarmingUp); got < 1 {
+		t.Errorf("tickets declined while warming up = %v, want at least 1", got)
+	}
+}
+
+func TestEarlyDataHeaderFromIntermediary(t *testing.T) {
+	h := newHarness(t, nil)
+	resp := h.post(t, "h2", "/v1/chat/completions", chat(""), "Early-Data", "1")
+	if resp.StatusCode != http.StatusTooEarly || errorCode(t, resp) != "too_early" {
+		t.Errorf("inference marked Early-Data: 1 without proof: %d, want 425", resp.StatusCode)
+	}
+	req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+	req.Header.Set("Early-Data", "1")
+	if resp := h.do(t, "h2", req); resp.StatusCode != 200 || resp.Header.Get(EarlyDataHeader) != "1" {
+		t.Errorf("GET /v1/models marked Early-Data: 1: %d, want 200 served early", resp.StatusCode)
+	}
+	// With a proof it is served, once.
+	bearer, secret, _ := tlsbind.SplitCredential(h.cred)
+	body := chat("")
+	proof, err := tlsbind.NewEarlyProof(secret, time.Now(), http.MethodPost, "/v1/chat/completions", []byte(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []int{200, http.StatusTooEarly} {
+		resp := h.post(t, "h2", "/v1/chat/completions", body, "Early-Data", "1", tlsbind.EarlyProofHeader, proof, "Authorization", "Bearer "+bearer)
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != want {
+			t.Errorf("proofed early request #%d: %d, want %d", i+1, resp.StatusCode, want)
+		}
+	}
+	if got := h.counter(t, "h3infer_early_data_requests_total", "replay_blocked"); got != 1 {
+		t.Errorf("replay_blocked = %v, want 1", got)
+	}
+	if got := h.counter(t, "h3infer_early_data_requests_total", "rejected"); got != 1 {
+		t.Errorf("rejected = %v, want 1", got)
+	}
+}
+
+func chat(extra string) string {
+	return `{"model":"demo","messages":[{"role":"user","content":"hi"}]` + extra + `}`
+}
+
+func discardLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestZeroRTTRejectPolicyRetriesIn1RTT(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		shortWindow(t)(c)
+		c.Auth.EarlyData = map[string]tlsbind.EarlyPolicy{"/v1/chat/completions": tlsbind.EarlyReject}
+	})
+	time.Sleep(2100 * time.Millisecond)
+	c, _ := zeroRTTSetup(t, h, h.cred)
+	res, err := c.Do(context.Background(), http.MethodPost, h.base+"/v1/chat/completions", nil, []byte(chat("")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 || res.Early || !res.Retried {
+		t.Fatalf("status %d early %v retried %v, want 200 after a 425 and a 1-RTT retry", res.StatusCode, res.Early, res.Retried)
+	}
+	if got := h.counter(t, "h3infer_early_data_requests_total", "rejected"); got != 1 {
+		t.Errorf("early rejected = %v, want 1", got)
+	}
+}

@@ -1,0 +1,171 @@
+// Package udprelay is a UDP relay for tests: it sits between one QUIC
+// client and a server on loopback, records what the client sends, can hold
+// back the client's Handshake packets (so that the server sees its 0-RTT
+// requests before the handshake completes), and replays recorded datagrams
+// from a fresh address, as an attacker on the path would.
+package udprelay
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"time"
+)
+
+// Relay forwards datagrams between clients and one server address.
+type Relay struct {
+	ln     *net.UDPConn
+	server *net.UDPAddr
+
+	mu        sync.Mutex
+	holdHS    time.Duration
+	recording bool
+	recorded  [][]byte
+	upstreams map[string]*net.UDPConn
+	wg        sync.WaitGroup
+	closed    bool
+}
+
+// New listens on 127.0.0.1 and relays to server.
+func New(server string) (*Relay, error) {
+	sa, err := net.ResolveUDPAddr("udp", server)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return nil, err
+	}
+	r := &Relay{ln: ln, server: sa, upstreams: map[string]*net.UDPConn{}}
+	r.wg.Go(r.readClients)
+	return r, nil
+}
+
+// Addr is where clients should send.
+func (r *Relay) Addr() string { return r.ln.LocalAddr().String() }
+
+// HoldHandshake delays every client datagram that starts with a QUIC v1
+// Handshake packet by d (0 turns it off).
+func (r *Relay) HoldHandshake(d time.Duration) {
+	r.mu.Lock()
+	r.holdHS = d
+	r.mu.Unlock()
+}
+
+// Record starts recording client datagrams afresh.
+func (r *Relay) Record() {
+	r.mu.Lock()
+	r.recording, r.recorded = true, nil
+	r.mu.Unlock()
+}
+
+// Recorded returns the datagrams recorded since Record.
+func (r *Relay) Recorded() [][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([][]byte(nil), r.recorded...)
+}
+
+func isHandshake(b []byte) bool {
+	// Long header (0x80) with type 2 in bits 4-5 (RFC 9000 section 17.2).
+	return len(b) > 0 && b[0]&0x80 != 0 && (b[0]>>4)&0x3 == 2
+}
+
+func (r *Relay) readClients() {
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := r.ln.ReadFromUDP(buf)
+		if err != nil {
+			return
+		}
+		b := append([]byte(nil), buf[:n]...)
+		up, err := r.upstream(from)
+		if err != nil {
+			return
+		}
+		r.mu.Lock()
+		if r.recording {
+			r.recorded = append(r.recorded, b)
+		}
+		hold := r.holdHS
+		r.mu.Unlock()
+		if hold > 0 && isHandshake(b) {
+			r.wg.Go(func() {
+				time.Sleep(hold)
+				up.Write(b)
+			})
+			continue
+		}
+		up.Write(b)
+	}
+}
+
+// upstream is the relay's socket towards the server for one client.
+func (r *Relay) upstream(client *net.UDPAddr) (*net.UDPConn, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, errors.New("relay closed")
+	}
+	if up := r.upstreams[client.String()]; up != nil {
+		return up, nil
+	}
+	up, err := net.DialUDP("udp", nil, r.server)
+	if err != nil {
+		return nil, err
+	}
+	r.upstreams[client.String()] = up
+	r.wg.Go(func() {
+		buf := make([]byte, 65536)
+		for {
+			n, err := up.Read(buf)
+			if err != nil {
+				return
+			}
+			r.ln.WriteToUDP(buf[:n], client)
+		}
+	})
+	return up, nil
+}
+
+// Replay sends datagrams to target from a new socket, as an attacker
+// would, and drains what comes back for linger so the server sees a live
+// peer.
+func Replay(target string, datagrams [][]byte, linger time.Duration) error {
+	ta, err := net.ResolveUDPAddr("udp", target)
+	if err != nil {
+		return err
+	}
+	c, err := net.DialUDP("udp", nil, ta)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	for _, d := range datagrams {
+		if _, err := c.Write(d); err != nil {
+			return err
+		}
+	}
+	c.SetReadDeadline(time.Now().Add(linger))
+	buf := make([]byte, 65536)
+	for {
+		if _, err := c.Read(buf); err != nil {
+			return nil
+		}
+	}
+}
+
+// Close stops the relay and waits for its goroutines.
+func (r *Relay) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	ups := r.upstreams
+	r.upstreams = nil
+	r.mu.Unlock()
+	err := r.ln.Close()
+	for _, up := range ups {
+		up.Close()
+	}
+	r.wg.Wait()
+	return err
+}

@@ -1,0 +1,90 @@
+package tlsbind
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// EarlyPolicy says what the gateway does with a request that arrives
+// before the handshake completes (0-RTT), or through an intermediary that
+// marked it Early-Data: 1 (RFC 8470).
+type EarlyPolicy string
+
+const (
+	// EarlyServe serves it at once: for safe reads.
+	EarlyServe EarlyPolicy = "serve"
+	// EarlyProofOrWait serves it at once when it carries a valid,
+	// unused early proof, and otherwise waits for the handshake.
+	EarlyProofOrWait EarlyPolicy = "proof"
+	// EarlyWait holds it until the handshake completes.
+	EarlyWait EarlyPolicy = "wait"
+	// EarlyReject answers 425 Too Early.
+	EarlyReject EarlyPolicy = "reject"
+)
+
+// ParseEarlyPolicy accepts the four policy names.
+func ParseEarlyPolicy(s string) (EarlyPolicy, error) {
+	switch p := EarlyPolicy(s); p {
+	case EarlyServe, EarlyProofOrWait, EarlyWait, EarlyReject:
+		return p, nil
+	}
+	return "", fmt.Errorf("want serve, proof, wait or reject, got %q", s)
+}
+
+// DefaultWindow is how far an early proof's time may be from the server's
+// clock, and how long its nonce is remembered.
+const DefaultWindow = 10 * time.Second
+
+// ReplayGuard checks early proofs: MAC, freshness and single use.
+type ReplayGuard struct {
+	strikes StrikeRegister
+	window  time.Duration
+	now     func() time.Time
+}
+
+// NewReplayGuard checks proofs within window (default DefaultWindow) and
+// records their nonces in strikes.
+func NewReplayGuard(strikes StrikeRegister, window time.Duration) (*ReplayGuard, error) {
+	if strikes == nil {
+		return nil, errors.New("replay guard: strike register is nil")
+	}
+	if window < 0 {
+		return nil, fmt.Errorf("replay guard: window must be positive, got %s", window)
+	}
+	if window == 0 {
+		window = DefaultWindow
+	}
+	return &ReplayGuard{strikes: strikes, window: window, now: time.Now}, nil
+}
+
+// Window is the freshness window.
+func (g *ReplayGuard) Window() time.Duration { return g.window }
+
+// Check verifies an early proof header for a request and spends its nonce.
+// Errors: ErrBadProof, ErrStaleProof, ErrReplayed, or a strike register
+// failure (which must fail closed).
+func (g *ReplayGuard) Check(ctx context.Context, secret []byte, header, method, path string, body []byte) error {
+	p, err := ParseEarlyProof(header)
+	if err != nil {
+		return err
+	}
+	if err := p.Verify(secret, method, path, body); err != nil {
+		return err
+	}
+	if d := g.now().Sub(p.Time); d > g.window || d < -g.window {
+		return ErrStaleProof
+	}
+	// Remember the nonce for twice the window: a proof stamped up to one
+	// window in the future stays valid that much longer.
+	first, err := g.strikes.Strike(ctx, "proof:"+hex.EncodeToString(p.Nonce[:]), 2*g.window)
+	if err != nil {
+		return err
+	}
+	if !first {
+		return ErrReplayed
+	}
+	return nil
+}

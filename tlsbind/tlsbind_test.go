@@ -1,0 +1,250 @@
+package tlsbind
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+func testRing(t testing.TB) *KeyRing {
+	t.Helper()
+	r, err := EnsureKeyRing(t.TempDir()+"/keys.json", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func claims(now time.Time) Claims {
+	return Claims{Tenant: "t", Audience: DefaultAudience, IssuedAt: now.Unix(), NotBefore: now.Unix() - 1, Expires: now.Add(time.Hour).Unix()}
+}
+
+func TestVerify(t *testing.T) {
+	ring := testRing(t)
+	v, err := NewVerifier(ring, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	issue := func(c Claims) string {
+		cred, err := ring.Issue(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _, err := SplitCredential(cred)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	good := issue(claims(now))
+	expired := claims(now)
+	expired.Expires = now.Add(-time.Second).Unix()
+	early := claims(now)
+	early.NotBefore = now.Add(time.Hour).Unix()
+	aud := claims(now)
+	aud.Audience = "other"
+	other := testRing(t)
+	foreignCred, _ := other.Issue(claims(now))
+	foreign, _, _ := SplitCredential(foreignCred)
+	f := strings.Split(good, ".")
+	tampered := f[0] + "." + f[1] + "." + b64.EncodeToString([]byte(`{"sub":"admin","aud":"h3infer","exp":9999999999,"bind":"optional"}`)) + "." + f[3]
+	cases := map[string]struct {
+		token string
+		want  error
+	}{
+		"valid":           {good, nil},
+		"empty":           {"", ErrNoToken},
+		"expired":         {issue(expired), ErrExpired},
+		"not yet valid":   {issue(early), ErrNotYetValid},
+		"wrong audience":  {issue(aud), ErrWrongAudience},
+		"unknown key id":  {foreign, ErrUnknownKey},
+		"tampered claims": {tampered, ErrBadSignature},
+		"secret included": {good + ".AAAA", ErrSecretSent},
+		"three fields":    {"h3t1.a.b", ErrMalformed},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			tok, err := v.Verify(tc.token)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+			if tc.want == nil && (tok.Tenant != "t" || len(tok.Secret) != sha256.Size) {
+				t.Errorf("token %+v", tok)
+			}
+		})
+	}
+}
+
+func TestSecretMatchesClient(t *testing.T) {
+	ring := testRing(t)
+	cred, _ := ring.Issue(claims(time.Now()))
+	bearer, secret, err := SplitCredential(cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, _ := NewVerifier(ring, "")
+	tok, err := v.Verify(bearer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(tok.Secret) != string(secret) {
+		t.Error("the gateway derives a different secret from the one the client holds")
+	}
+}
+
+func TestRotationKeepsOldKeyUntilItExpires(t *testing.T) {
+	ring := testRing(t)
+	now := time.Now()
+	cred, _ := ring.Issue(claims(now))
+	bearer, _, _ := SplitCredential(cred)
+	if err := ring.Rotate(now, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	v, _ := NewVerifier(ring, "")
+	if _, err := v.Verify(bearer); err != nil {
+		t.Fatalf("token signed by the previous key: %v", err)
+	}
+	v.now = func() time.Time { return now.Add(2 * time.Hour) }
+	if _, err := v.Verify(bearer); !errors.Is(err, ErrUnknownKey) {
+		t.Fatalf("after the old key's verify window: %v, want ErrUnknownKey", err)
+	}
+	fresh, _ := ring.Issue(claims(now))
+	if !strings.Contains(fresh, "."+ring.Keys[0].ID+".") {
+		t.Error("new tokens are not signed by the new key")
+	}
+}
+
+func TestBindingProof(t *testing.T) {
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	expA, expB := []byte("exporter-of-connection-A........"), []byte("exporter-of-connection-B........")
+	p := BindingProof(secret, expA)
+	if err := VerifyBinding(secret, expA, p); err != nil {
+		t.Errorf("own connection: %v", err)
+	}
+	if err := VerifyBinding(secret, expB, p); !errors.Is(err, ErrBadBinding) {
+		t.Errorf("other connection: %v, want ErrBadBinding", err)
+	}
+	if err := VerifyBinding(secret, expA, ""); !errors.Is(err, ErrNoBinding) {
+		t.Errorf("no proof: %v, want ErrNoBinding", err)
+	}
+}
+
+func TestReplayGuard(t *testing.T) {
+	g, err := NewReplayGuard(NewMemoryStrikes(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	ctx := context.Background()
+	body := []byte(`{"model":"demo"}`)
+	p, _ := NewEarlyProof(secret, time.Now(), "POST", "/v1/chat/completions", body)
+	if err := g.Check(ctx, secret, p, "POST", "/v1/chat/completions", body); err != nil {
+		t.Fatalf("first use: %v", err)
+	}
+	if err := g.Check(ctx, secret, p, "POST", "/v1/chat/completions", body); !errors.Is(err, ErrReplayed) {
+		t.Fatalf("second use: %v, want ErrReplayed", err)
+	}
+	p2, _ := NewEarlyProof(secret, time.Now(), "POST", "/v1/chat/completions", body)
+	if err := g.Check(ctx, secret, p2, "POST", "/v1/chat/completions", []byte(`{"model":"other"}`)); !errors.Is(err, ErrBadProof) {
+		t.Fatalf("other body: %v, want ErrBadProof", err)
+	}
+	stale, _ := NewEarlyProof(secret, time.Now().Add(-time.Minute), "POST", "/v1/chat/completions", body)
+	if err := g.Check(ctx, secret, stale, "POST", "/v1/chat/completions", body); !errors.Is(err, ErrStaleProof) {
+		t.Fatalf("stale: %v, want ErrStaleProof", err)
+	}
+}
+
+func TestTicketDecisions(t *testing.T) {
+	mem := NewMemoryStrikes()
+	tk, err := NewTickets(TicketConfig{Instance: "a", Trusted: []string{"b"}, Strikes: mem, Window: time.Second, MaxEarlyAge: time.Hour}, discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	tk.started = now.Add(-time.Minute)
+	tk.now = func() time.Time { return now }
+	mark := func(instance string, issued time.Time, id byte) [][]byte {
+		other := &Tickets{cfg: TicketConfig{Instance: instance}}
+		return [][]byte{[]byte("quic-go entry"), other.mark([16]byte{id}, issued)}
+	}
+	cases := []struct {
+		name  string
+		extra [][]byte
+		want  string
+	}{
+		{"fresh own", mark("a", now, 1), TicketEarlyAllowed},
+		{"used again", mark("a", now, 1), TicketReused},
+		{"trusted peer", mark("b", now, 2), TicketEarlyAllowed},
+		{"foreign", mark("c", now, 3), TicketForeign},
+		{"too old", mark("a", now.Add(-2*time.Hour), 4), TicketTooOld},
+		{"unmarked", [][]byte{[]byte("x")}, TicketUnmarked},
+	}
+	for _, tc := range cases {
+		if got := tk.decide(tc.extra); got != tc.want {
+			t.Errorf("%s: got %s, want %s", tc.name, got, tc.want)
+		}
+	}
+	tk.started = now
+	if got := tk.decide(mark("a", now, 9)); got != TicketWarmingUp {
+		t.Errorf("right after start with a memory register: got %s, want %s", got, TicketWarmingUp)
+	}
+}
+
+func FuzzParseEarlyProof(f *testing.F) {
+	p, _ := NewEarlyProof([]byte("k"), time.UnixMilli(1700000000000), "POST", "/v1/completions", nil)
+	for _, s := range []string{p, "", "e1...", "e1.AAAAAAAAAAAAAAAAAAAAAA.1.AAAA", "e1.x.-1.y"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		p, err := ParseEarlyProof(s)
+		if err != nil {
+			return
+		}
+		// What parses must print back to something that parses the same.
+		q, err := ParseEarlyProof(p.String())
+		if err != nil || q != p {
+			t.Fatalf("%q parsed to %+v, which round-trips to %+v (%v)", s, p, q, err)
+		}
+	})
+}
+
+func FuzzVerifyToken(f *testing.F) {
+	ring := &KeyRing{Keys: []SigningKey{{ID: "k1", Secret: make([]byte, 32)}}}
+	cred, _ := ring.Issue(Claims{Tenant: "t", Audience: DefaultAudience, Expires: 4102444800})
+	bearer, _, _ := SplitCredential(cred)
+	for _, s := range []string{bearer, cred, "", "h3t1", "h3t1.k1..", "h3t1.k1.e30.AAAA"} {
+		f.Add(s)
+	}
+	v, _ := NewVerifier(ring, "")
+	f.Fuzz(func(t *testing.T, s string) {
+		tok, err := v.Verify(s)
+		if err == nil && s != bearer {
+			// Only the issued token (or a re-encoding the MAC still
+			// covers, which base64url without padding does not allow)
+			// may verify.
+			t.Fatalf("%q verified as %+v", s, tok.Claims)
+		}
+		SplitCredential(s)
+	})
+}
+
+func TestMemoryStrikesExpire(t *testing.T) {
+	m := NewMemoryStrikes()
+	now := time.Now()
+	m.now = func() time.Time { return now }
+	ctx := context.Background()
+	if first, _ := m.Strike(ctx, "x", time.Second); !first {
+		t.Fatal("first strike refused")
+	}
+	if first, _ := m.Strike(ctx, "x", time.Second); first {
+		t.Fatal("second strike accepted")
+	}
+	now = now.Add(2 * time.Second)
+	if first, _ := m.Strike(ctx, "x", time.Second); !first {
+		t.Fatal("strike after expiry refused")
+	}
+}
