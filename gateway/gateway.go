@@ -15,6 +15,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"h3infer/scheduler"
 	"h3infer/transport"
@@ -76,6 +78,21 @@ type Config struct {
 	// Registry receives the gateway's metrics and is served on /metrics.
 	// Default: a registry of the gateway's own.
 	Registry *prometheus.Registry
+	// TracerProvider makes the request spans. Default: a no-op provider, so
+	// tracing costs nothing.
+	TracerProvider trace.TracerProvider
+	// RateLimits limits each tenant. Default: no limits.
+	RateLimits RateLimits
+	// TenantOf names the tenant a request belongs to; the auth layer sets
+	// it. Default: every request is DefaultTenant.
+	TenantOf func(*http.Request) string
+	// AdminToken, when set, is required as "Authorization: Bearer <token>"
+	// on every admin route but /healthz and /readyz. It is required when
+	// Admin is not a loopback address.
+	AdminToken string
+	// Status, when set, is served as JSON under "status" on /debug/state:
+	// the wiring reports workers and queues there.
+	Status func() any
 }
 
 // Defaults for Config's zero values.
@@ -102,6 +119,8 @@ type Gateway struct {
 	catalog Catalog
 	log     *slog.Logger
 	metrics *metrics
+	tracer  trace.Tracer
+	limits  *limiter
 	created int64 // unix seconds, reported as every model's creation time
 
 	mu       sync.Mutex
@@ -153,6 +172,12 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if log == nil {
 		errs = append(errs, errors.New("gateway: logger is nil"))
 	}
+	if err := validateRateLimits(cfg.RateLimits); err != nil {
+		errs = append(errs, err)
+	}
+	if host, _, err := net.SplitHostPort(cfg.Admin); err == nil && !isLoopback(host) && cfg.AdminToken == "" {
+		errs = append(errs, fmt.Errorf("gateway.admin: %q is not a loopback address; set admin_token to expose it", cfg.Admin))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
@@ -168,6 +193,12 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if cfg.Registry == nil {
 		cfg.Registry = prometheus.NewRegistry()
 	}
+	if cfg.TracerProvider == nil {
+		cfg.TracerProvider = noop.NewTracerProvider()
+	}
+	if cfg.TenantOf == nil {
+		cfg.TenantOf = func(*http.Request) string { return DefaultTenant }
+	}
 	m, err := newMetrics(cfg.Registry)
 	if err != nil {
 		return nil, err
@@ -178,6 +209,8 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		catalog: cat,
 		log:     log,
 		metrics: m,
+		tracer:  cfg.TracerProvider.Tracer(tracerName),
+		limits:  newLimiter(cfg.RateLimits),
 		created: time.Now().Unix(),
 	}, nil
 }
@@ -222,7 +255,7 @@ func (g *Gateway) Start() error {
 	api := g.routes()
 	g.h3 = &http3.Server{
 		Handler:     g.instrument(api),
-		ConnContext: withQUICConn,
+		ConnContext: g.connContext,
 		Logger:      g.log,
 	}
 	tcpTLS := g.cfg.TLS.Clone()
@@ -360,10 +393,22 @@ func advertiseH3(altSvc string, next http.Handler) http.Handler {
 
 type quicConnKey struct{}
 
-// withQUICConn stashes the connection for handlers: the 0-RTT policy needs
-// to know whether the handshake has completed when a request arrives.
-func withQUICConn(ctx context.Context, c *quic.Conn) context.Context {
+// connContext stashes the connection for handlers: the 0-RTT policy needs
+// to know whether the handshake has completed when a request arrives. It
+// also starts the connection's metrics.
+func (g *Gateway) connContext(ctx context.Context, c *quic.Conn) context.Context {
+	g.metrics.quic.track(c)
 	return context.WithValue(ctx, quicConnKey{}, c)
+}
+
+// isLoopback reports whether host names only this machine. An empty host
+// listens on every address, which is not loopback.
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // quicConn returns the HTTP/3 connection a request came on, or nil over TCP.
