@@ -11,7 +11,19 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
 	"h3infer/transport"
+)
+
+// Span names of the worker's two phases of a request.
+const (
+	phasePrefill = "prefill"
+	phaseDecode  = "decode"
 )
 
 // ModelSpec names a model directory a worker serves and the name it is
@@ -42,6 +54,11 @@ type WorkerConfig struct {
 	// StatsInterval is how often the worker reports its counters; 0 means
 	// 100ms.
 	StatsInterval time.Duration
+	// TracerProvider makes the prefill and decode spans, children of the
+	// gateway's span named by each Submit's TraceParent. It is not part of
+	// the command line: the worker process builds it from the OTEL_*
+	// environment it inherits. nil means no tracing.
+	TracerProvider trace.TracerProvider
 }
 
 // Defaults of WorkerConfig.
@@ -142,7 +159,12 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 	if err := InitRuntime(cfg.ORTLib); err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
+	tp := cfg.TracerProvider
+	if tp == nil {
+		tp = noop.NewTracerProvider()
+	}
 	w := &workerLoop{
+		tracer: tp.Tracer("h3infer/backend"),
 		end:    end,
 		slots:  cfg.Slots,
 		models: map[string]*Model{},
@@ -221,8 +243,12 @@ func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- erro
 
 // running is one admitted request.
 type running struct {
-	id  uint64
-	gen *generation
+	id    uint64
+	gen   *generation
+	model string
+	ctx   context.Context // carries the gateway's span, when traced
+	span  trace.Span      // prefill until the first token, then decode
+	phase string
 }
 
 // workerLoop is the generation loop's state; only serve's goroutine
@@ -235,6 +261,7 @@ type workerLoop struct {
 	byID   map[uint64]*running
 	stats  transport.Stats
 	log    *slog.Logger
+	tracer trace.Tracer
 }
 
 func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-chan error, every time.Duration) error {
@@ -316,6 +343,8 @@ func (w *workerLoop) step(r *running) error {
 	tok, done, err := r.gen.step()
 	if err != nil {
 		w.log.Error("generation failed", "request_id", r.id, "err", err)
+		r.span.RecordError(err)
+		r.span.SetStatus(codes.Error, "generation failed")
 		w.remove(r)
 		w.stats.SequencesFinished++
 		return w.end.SendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "generation failed: " + err.Error()})
@@ -324,8 +353,20 @@ func (w *workerLoop) step(r *running) error {
 	if err := w.end.SendToken(r.id, tok); err != nil {
 		return err
 	}
+	if r.phase == phasePrefill {
+		// The first step ran the whole prompt and sampled the first token.
+		r.span.End()
+		r.phase = phaseDecode
+		if done == nil {
+			_, r.span = w.tracer.Start(r.ctx, phaseDecode)
+		}
+	}
 	if done == nil {
 		return nil
+	}
+	if r.span.IsRecording() {
+		r.span.SetAttributes(attribute.Int("h3infer.completion_tokens", int(done.CompletionTokens)),
+			attribute.String("h3infer.finish_reason", done.FinishReason))
 	}
 	w.remove(r)
 	w.stats.SequencesFinished++
@@ -341,6 +382,7 @@ func (w *workerLoop) handle(in inbound) error {
 	case transport.FrameCancel:
 		// The gateway has already forgotten the call, so nothing is sent.
 		if r := w.byID[in.id]; r != nil {
+			r.span.AddEvent("cancelled")
 			w.remove(r)
 			w.stats.SequencesCancelled++
 		}
@@ -376,7 +418,16 @@ func (w *workerLoop) admit(in inbound) error {
 		w.log.Error("start generation", "request_id", in.id, "err", err)
 		return reject(transport.CodeInternal, err.Error())
 	}
-	r := &running{id: in.id, gen: gen}
+	r := &running{id: in.id, gen: gen, model: in.submit.Model, ctx: context.Background(), phase: phasePrefill}
+	if tp := in.submit.TraceParent; tp != "" {
+		r.ctx = propagation.TraceContext{}.Extract(r.ctx, propagation.MapCarrier{"traceparent": tp})
+	}
+	_, r.span = w.tracer.Start(r.ctx, phasePrefill)
+	if r.span.IsRecording() {
+		r.span.SetAttributes(attribute.Int64("h3infer.request_id", int64(in.id)),
+			attribute.String("h3infer.model", in.submit.Model),
+			attribute.Int("h3infer.prompt_tokens", len(gen.prompt)))
+	}
 	w.active = append(w.active, r)
 	w.byID[in.id] = r
 	w.stats.SequencesStarted++
@@ -391,6 +442,7 @@ func (w *workerLoop) remove(r *running) {
 			break
 		}
 	}
+	r.span.End()
 	r.gen.close()
 }
 
@@ -401,6 +453,8 @@ func (w *workerLoop) sendStats() error {
 
 func (w *workerLoop) closeAll() {
 	for _, r := range w.active {
+		r.span.AddEvent("worker stopped")
+		r.span.End()
 		r.gen.close()
 	}
 	w.active, w.byID = nil, nil
