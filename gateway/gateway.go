@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -202,6 +204,13 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	m, err := newMetrics(cfg.Registry)
 	if err != nil {
 		return nil, err
+	}
+	// Refusal counters start at 0 for every tenant label they can have, so
+	// that rate() sees the first refusal.
+	for _, tenant := range append([]string{DefaultTenant, "other"}, slices.Sorted(maps.Keys(cfg.RateLimits.Tenants))...) {
+		for _, kind := range []string{limitRequests, limitTokens, limitConcurrency} {
+			m.refusals.WithLabelValues(tenant, kind)
+		}
 	}
 	return &Gateway{
 		cfg:     cfg,

@@ -57,6 +57,13 @@ type RateLimits struct {
 // DefaultTenant is the tenant of requests that carry no identity.
 const DefaultTenant = "default"
 
+// The limit label values of h3infer_rate_limit_refusals_total.
+const (
+	limitRequests    = "requests"
+	limitTokens      = "tokens"
+	limitConcurrency = "concurrency"
+)
+
 // rateLimited is a request refused, or a stream cut off, by a limit.
 type rateLimited struct {
 	tenant     string
@@ -168,7 +175,7 @@ func (l *limiter) admit(ctx context.Context, tenant string, h http.Header) (*adm
 		l.mu.Lock()
 		if l.running[tenant] >= lim.MaxConcurrent {
 			l.mu.Unlock()
-			return nil, &rateLimited{tenant: tenant, limit: "concurrency", retryAfter: time.Second}
+			return nil, &rateLimited{tenant: tenant, limit: limitConcurrency, retryAfter: time.Second}
 		}
 		l.running[tenant]++
 		a.held = true
@@ -186,7 +193,7 @@ func (l *limiter) admit(ctx context.Context, tenant string, h http.Header) (*adm
 		state := fmt.Sprintf(`"requests";r=%d;t=%d`, d.Remaining, ceilSeconds(d.Reset))
 		if !d.OK {
 			a.release()
-			return nil, &rateLimited{tenant: tenant, limit: "requests", retryAfter: d.Wait, policy: policy, state: state}
+			return nil, &rateLimited{tenant: tenant, limit: limitRequests, retryAfter: d.Wait, policy: policy, state: state}
 		}
 		h.Set("RateLimit-Policy", policy)
 		h.Set("RateLimit", state)
@@ -221,7 +228,7 @@ func (a *admission) debitTokens(ctx context.Context, n int) error {
 		return fmt.Errorf("rate limit store: %w", err)
 	}
 	if !d.OK {
-		return &rateLimited{tenant: a.tenant, limit: "tokens", retryAfter: d.Wait}
+		return &rateLimited{tenant: a.tenant, limit: limitTokens, retryAfter: d.Wait}
 	}
 	if d.Wait <= 0 {
 		return nil

@@ -10,7 +10,9 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"regexp"
 	"sort"
 	"strings"
 	"sync"
@@ -114,6 +116,48 @@ func TestEndToEndMetricsAfterTraffic(t *testing.T) {
 		"h3infer_inter_token_latency_seconds_count", "h3infer_inter_token_latency_seconds_sum",
 		"h3infer_stream_tokens_total ", "h3infer_worker_tokens_generated_total", "h3infer_quic_"))
 	promtool(t, text)
+	checkDeployFiles(t, text)
+}
+
+// checkDeployFiles holds deploy/ to the real exposition: every metric the
+// Grafana dashboard queries exists, and the scrape config is valid.
+func checkDeployFiles(t *testing.T, exposition string) {
+	t.Helper()
+	raw, err := os.ReadFile("../../deploy/grafana/h3infer.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title   string `json:"title"`
+			Targets []struct {
+				Expr string `json:"expr"`
+			} `json:"targets"`
+		} `json:"panels"`
+	}
+	if err := json.Unmarshal(raw, &dash); err != nil {
+		t.Fatalf("dashboard: %v", err)
+	}
+	name := regexp.MustCompile(`h3infer_[a-z0-9_]+`)
+	for _, p := range dash.Panels {
+		for _, tg := range p.Targets {
+			for _, m := range name.FindAllString(tg.Expr, -1) {
+				family := m
+				for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+					if f, ok := strings.CutSuffix(m, suffix); ok && strings.Contains(exposition, "# TYPE "+f+" histogram") {
+						family = f
+					}
+				}
+				if !strings.Contains(exposition, "# TYPE "+family+" ") {
+					t.Errorf("dashboard panel %q queries %s, which /metrics does not expose", p.Title, m)
+				}
+			}
+		}
+	}
+	out, err := exec.Command("promtool", "check", "config", "../../deploy/prometheus.yml").CombinedOutput()
+	if err != nil {
+		t.Errorf("promtool check config deploy/prometheus.yml: %v\n%s", err, out)
+	}
 }
 
 func jsonBody(v any) ([]byte, error) { return json.Marshal(v) }
