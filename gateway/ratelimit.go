@@ -160,6 +160,7 @@ type admission struct {
 	tenant string
 	limit  TenantLimit
 	held   bool // holds a concurrency slot
+	tokKey string
 }
 
 // admit checks the concurrency cap and the request rate. On success it sets
@@ -223,7 +224,10 @@ func (a *admission) debitTokens(ctx context.Context, n int) error {
 		return nil
 	}
 	bucket := ratelimit.Limit{Rate: a.limit.OutputTokensPerSecond, Burst: a.limit.OutputTokenBurst}
-	d, err := a.l.store.Take(ctx, "tok:"+a.tenant, bucket, n, !a.l.cfg.CutOff)
+	if a.tokKey == "" {
+		a.tokKey = "tok:" + a.tenant // built once per request, not per token
+	}
+	d, err := a.l.store.Take(ctx, a.tokKey, bucket, n, !a.l.cfg.CutOff)
 	if err != nil {
 		return fmt.Errorf("rate limit store: %w", err)
 	}
