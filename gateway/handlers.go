@@ -289,10 +289,18 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflig
 		if len(b) == 0 {
 			return true
 		}
-		if _, err := w.Write(b); err != nil {
+		_, err := w.Write(b)
+		if err == nil {
+			err = rc.Flush()
+		}
+		if err != nil {
+			// The client went away or stopped reading; the deferred
+			// Close cancels the worker's sequence.
+			trace.SpanFromContext(ctx).AddEvent("cancelled",
+				trace.WithAttributes(attribute.String("reason", "writing to the client failed: "+err.Error())))
 			return false
 		}
-		return rc.Flush() == nil
+		return true
 	}
 	if !send(enc.opening()) {
 		return

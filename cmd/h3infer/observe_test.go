@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -368,6 +369,43 @@ func TestEndToEndTraceAcrossRing(t *testing.T) {
 		t.Error("decode started before prefill ended")
 	}
 	t.Logf("span tree:\n%s", tree(recv.trace(traceID), parentID))
+
+	// A client that leaves mid-stream: the gateway's span and the worker's
+	// decode span both say the request was cancelled.
+	cancelTrace, _ := hex.DecodeString("5cf92f3577b34da6a3ce929d0e0e4737")
+	ctx, cancel := context.WithCancel(context.Background())
+	b, _ = jsonBody(map[string]any{"model": "demo", "prompt": testPrompt, "max_tokens": 1000, "stream": true})
+	req, _ = http.NewRequestWithContext(ctx, http.MethodPost, s.base+"/v1/completions", bytes.NewReader(b))
+	req.Header.Set("traceparent", "00-5cf92f3577b34da6a3ce929d0e0e4737-00f067aa0ba902b7-01")
+	resp, err = s.h3Client(t).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	resp.Body.Close()
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		var serverCancelled, workerCancelled bool
+		for _, sp := range recv.trace(cancelTrace) {
+			switch {
+			case sp.service == "h3infer" && sp.span.Kind == tracepb.Span_SPAN_KIND_SERVER:
+				serverCancelled = hasEvent(sp.span, "cancelled")
+			case sp.service == "h3infer-worker" && sp.span.Name == "decode":
+				workerCancelled = hasEvent(sp.span, "cancelled")
+			}
+		}
+		if serverCancelled && workerCancelled {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("cancelled request: server span cancelled=%v, worker decode cancelled=%v; spans %v",
+				serverCancelled, workerCancelled, names(recv.trace(cancelTrace)))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func hasEvent(sp *tracepb.Span, name string) bool {
