@@ -111,7 +111,6 @@ func BenchmarkCoalescing(b *testing.B) {
 	}
 }
 
-
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func pct(ds []time.Duration, p int) time.Duration {

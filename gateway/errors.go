@@ -71,6 +71,7 @@ type apiError struct {
 	status     int
 	retryAfter time.Duration // sets Retry-After when > 0
 	allow      string        // sets Allow when not ""
+	limited    *rateLimited  // sets the RateLimit headers
 	body       errorObject
 }
 
@@ -112,6 +113,7 @@ func apiErrorOf(err error) apiError {
 		overload    *scheduler.OverloadError
 		tenantLimit *scheduler.TenantLimitError
 		worker      *workerFailure
+		limited     *rateLimited
 	)
 	switch {
 	case errors.Is(err, context.Canceled):
@@ -136,6 +138,12 @@ func apiErrorOf(err error) apiError {
 		return e
 	case errors.Is(err, errRouteNotFound):
 		return mk(http.StatusNotFound, invalidRequest, "", "not_found", "no such route")
+	case errors.As(err, &limited):
+		e := mk(http.StatusTooManyRequests, "rate_limit_error", "", "rate_limit_exceeded",
+			fmt.Sprintf("rate limit reached for %s; retry later", limited.limit))
+		e.retryAfter = max(limited.retryAfter, time.Second)
+		e.limited = limited
+		return e
 	case errors.As(err, &overload):
 		e := mk(http.StatusServiceUnavailable, serverError, "", "overloaded",
 			"the server is overloaded; retry later")
@@ -198,6 +206,9 @@ func writeError(w http.ResponseWriter, err error) int {
 	}
 	if e.allow != "" {
 		h.Set("Allow", e.allow)
+	}
+	if e.limited != nil {
+		rateLimitHeaders(h, e.limited)
 	}
 	w.WriteHeader(e.status)
 	body, _ := json.Marshal(struct {

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -15,6 +17,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"h3infer/scheduler"
 	"h3infer/transport"
@@ -77,15 +81,28 @@ type Config struct {
 	// MaxDeadline caps the deadline a client may ask for in the
 	// X-Request-Timeout header. Default 5m.
 	MaxDeadline time.Duration
-	// Tenant names the tenant a request belongs to; the scheduler shares
-	// workers between tenants by weight. nil: every request belongs to
-	// scheduler.DefaultTenant. Authentication fills this in.
+	// Tenant names the tenant a request belongs to: the scheduler shares
+	// workers between tenants by weight, and RateLimits applies per tenant.
+	// nil: every request belongs to scheduler.DefaultTenant.
+	// Authentication fills this in.
 	Tenant func(*http.Request) string
 	// Coalesce shapes how the SSE writer batches tokens by urgency.
 	Coalesce CoalesceConfig
 	// Registry receives the gateway's metrics and is served on /metrics.
 	// Default: a registry of the gateway's own.
 	Registry *prometheus.Registry
+	// TracerProvider makes the request spans. Default: a no-op provider, so
+	// tracing costs nothing.
+	TracerProvider trace.TracerProvider
+	// RateLimits limits each tenant. Default: no limits.
+	RateLimits RateLimits
+	// AdminToken, when set, is required as "Authorization: Bearer <token>"
+	// on every admin route but /healthz and /readyz. It is required when
+	// Admin is not a loopback address.
+	AdminToken string
+	// Status, when set, is served as JSON under "status" on /debug/state:
+	// the wiring reports workers and queues there.
+	Status func() any
 }
 
 // Defaults for Config's zero values.
@@ -113,6 +130,8 @@ type Gateway struct {
 	catalog Catalog
 	log     *slog.Logger
 	metrics *metrics
+	tracer  trace.Tracer
+	limits  *limiter
 	created int64 // unix seconds, reported as every model's creation time
 
 	mu       sync.Mutex
@@ -170,6 +189,12 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if log == nil {
 		errs = append(errs, errors.New("gateway: logger is nil"))
 	}
+	if err := validateRateLimits(cfg.RateLimits); err != nil {
+		errs = append(errs, err)
+	}
+	if host, _, err := net.SplitHostPort(cfg.Admin); err == nil && !isLoopback(host) && cfg.AdminToken == "" {
+		errs = append(errs, fmt.Errorf("gateway.admin: %q is not a loopback address; set admin_token to expose it", cfg.Admin))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
@@ -194,9 +219,19 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if cfg.Registry == nil {
 		cfg.Registry = prometheus.NewRegistry()
 	}
+	if cfg.TracerProvider == nil {
+		cfg.TracerProvider = noop.NewTracerProvider()
+	}
 	m, err := newMetrics(cfg.Registry)
 	if err != nil {
 		return nil, err
+	}
+	// Refusal counters start at 0 for every tenant label they can have, so
+	// that rate() sees the first refusal.
+	for _, tenant := range append([]string{scheduler.DefaultTenant, "other"}, slices.Sorted(maps.Keys(cfg.RateLimits.Tenants))...) {
+		for _, kind := range []string{limitRequests, limitTokens, limitConcurrency} {
+			m.refusals.WithLabelValues(tenant, kind)
+		}
 	}
 	return &Gateway{
 		cfg:     cfg,
@@ -204,6 +239,8 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		catalog: cat,
 		log:     log,
 		metrics: m,
+		tracer:  cfg.TracerProvider.Tracer(tracerName),
+		limits:  newLimiter(cfg.RateLimits),
 		created: time.Now().Unix(),
 	}, nil
 }
@@ -388,10 +425,20 @@ type quicConnKey struct{}
 
 // connContext stashes the connection for handlers (the 0-RTT policy needs to
 // know whether the handshake has completed when a request arrives) and
-// counts its packets for metrics.
+// starts the connection's metrics.
 func (g *Gateway) connContext(ctx context.Context, c *quic.Conn) context.Context {
 	g.metrics.quic.track(c)
 	return context.WithValue(ctx, quicConnKey{}, c)
+}
+
+// isLoopback reports whether host names only this machine. An empty host
+// listens on every address, which is not loopback.
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // quicConn returns the HTTP/3 connection a request came on, or nil over TCP.
