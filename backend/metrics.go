@@ -12,7 +12,7 @@ import (
 type poolCollector struct {
 	p                                   *Pool
 	tokens, started, finished, canceled *prometheus.Desc
-	restarts, ready                     *prometheus.Desc
+	restarts, ready, active             *prometheus.Desc
 }
 
 func newPoolCollector(p *Pool) *poolCollector {
@@ -27,11 +27,12 @@ func newPoolCollector(p *Pool) *poolCollector {
 		canceled: d("h3infer_worker_sequences_cancelled_total", "Sequences dropped because the gateway cancelled them."),
 		restarts: d("h3infer_worker_restarts_total", "Times the worker process was restarted."),
 		ready:    d("h3infer_worker_ready", "1 while the worker process is ready to take requests."),
+		active:   d("h3infer_worker_in_flight_sequences", "Sequences the worker is generating, as of its latest report."),
 	}
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready} {
+	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready, c.active} {
 		ch <- d
 	}
 }
@@ -53,5 +54,6 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 			r = 1
 		}
 		ch <- prometheus.MustNewConstMetric(c.ready, prometheus.GaugeValue, r, id)
+		ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(s.Active), id)
 	}
 }

@@ -44,6 +44,10 @@ type PoolConfig struct {
 	StopGrace time.Duration
 	// Registerer, when set, receives the pool's metrics.
 	Registerer prometheus.Registerer
+	// Env is added to the environment workers inherit, as KEY=VALUE; the
+	// wiring passes tracing settings this way so that workers export their
+	// own spans.
+	Env []string
 }
 
 // Defaults of PoolConfig.
@@ -375,6 +379,9 @@ func (p *Pool) launch(w *Worker) (*process, error) {
 	args := append([]string{"worker"}, p.cfg.Worker.Args()...)
 	cmd := exec.Command(p.cfg.Executable, args...)
 	cmd.ExtraFiles = []*os.File{seg.File()}
+	if len(p.cfg.Env) > 0 {
+		cmd.Env = append(os.Environ(), p.cfg.Env...)
+	}
 	pr := &process{
 		cmd:    cmd,
 		seg:    seg,

@@ -13,7 +13,19 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
 	"h3infer/transport"
+)
+
+// Span names of the worker's two phases of a request.
+const (
+	phasePrefill = "prefill"
+	phaseDecode  = "decode"
 )
 
 // ModelSpec names a model directory a worker serves and the name it is
@@ -52,6 +64,11 @@ type WorkerConfig struct {
 	// StatsInterval is how often the worker reports its counters; 0 means
 	// 100ms.
 	StatsInterval time.Duration
+	// TracerProvider makes the prefill and decode spans, children of the
+	// gateway's span named by each Submit's TraceParent. It is not part of
+	// the command line: the worker process builds it from the OTEL_*
+	// environment it inherits. nil means no tracing.
+	TracerProvider trace.TracerProvider
 }
 
 // Defaults of WorkerConfig.
@@ -190,6 +207,9 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 			"kv_bytes_per_token", m.kvBytesPerToken())
 	}
 	w := newWorkerLoop(end, cfg.Slots, cfg.KVCacheBytes, models, log)
+	if cfg.TracerProvider != nil {
+		w.tracer = cfg.TracerProvider.Tracer(tracerName)
+	}
 	defer w.closeAll()
 	if err := end.SendReady(ready); err != nil {
 		return closedOK(fmt.Errorf("worker: send ready: %w", err))
@@ -267,6 +287,10 @@ type running struct {
 	arrival uint64 // admission order, breaking ties of urgency
 	gen     *generation
 	batch   *batch // its model's batch
+
+	ctx   context.Context // carries the gateway's span, when traced
+	span  trace.Span      // prefill from admission to the first token, then decode
+	phase string
 }
 
 // workerLoop is the generation loop's state; only serve's goroutine
@@ -291,7 +315,11 @@ type workerLoop struct {
 	arrivals uint64
 	stats    transport.Stats
 	log      *slog.Logger
+	tracer   trace.Tracer
 }
+
+// tracerName is the instrumentation scope of the worker's spans.
+const tracerName = "h3infer/backend"
 
 // maxPrefillTokens bounds the prompt tokens prefilled between two decode
 // steps, so that a burst of arrivals delays the running sequences' next
@@ -299,7 +327,8 @@ type workerLoop struct {
 const maxPrefillTokens = 1024
 
 func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]*Model, log *slog.Logger) *workerLoop {
-	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{}, byGen: map[*generation]*running{}, log: log}
+	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{}, byGen: map[*generation]*running{}, log: log,
+		tracer: noop.NewTracerProvider().Tracer(tracerName)}
 	names := make([]string, 0, len(models))
 	for name := range models {
 		names = append(names, name)
@@ -412,9 +441,14 @@ func (w *workerLoop) start() error {
 			return nil
 		}
 		w.pending = w.pending[1:]
+		// The span began at admission; the time before this event is the
+		// wait for KV room and for the sequences ahead of it.
+		r.span.AddEvent("prefill_started")
 		kv, err := r.gen.prefill()
 		if err != nil {
 			w.log.Error("prefill failed", "request_id", r.id, "err", err)
+			r.span.RecordError(err)
+			r.span.SetStatus(codes.Error, "prefill failed")
 			w.forget(r)
 			w.stats.SequencesFinished++
 			if err := w.end.SendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "prefill failed: " + err.Error()}); err != nil {
@@ -461,8 +495,25 @@ func (w *workerLoop) emit(r *running) error {
 	if err := w.end.SendToken(r.id, tok); err != nil {
 		return err
 	}
+	if r.phase == phasePrefill {
+		// The prefill sampled the first token; from here the sequence
+		// advances one token per decode step of its batch.
+		r.span.End()
+		r.phase = phaseDecode
+		if done == nil {
+			_, r.span = w.tracer.Start(r.ctx, phaseDecode)
+			if r.span.IsRecording() {
+				r.span.SetAttributes(attribute.Int64("h3infer.request_id", int64(r.id)),
+					attribute.Int("h3infer.batch_rows", len(r.batch.rows)))
+			}
+		}
+	}
 	if done == nil {
 		return nil
+	}
+	if r.span.IsRecording() {
+		r.span.SetAttributes(attribute.Int("h3infer.completion_tokens", int(done.CompletionTokens)),
+			attribute.String("h3infer.finish_reason", done.FinishReason))
 	}
 	w.forget(r)
 	w.stats.SequencesFinished++
@@ -478,6 +529,8 @@ func (w *workerLoop) failBatch(b *batch, err error) error {
 		if r == nil {
 			continue
 		}
+		r.span.RecordError(err)
+		r.span.SetStatus(codes.Error, "decode step failed")
 		w.forget(r)
 		w.stats.SequencesFinished++
 		if err := w.end.SendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "generation failed: " + err.Error()}); err != nil {
@@ -497,6 +550,7 @@ func (w *workerLoop) handle(in inbound) error {
 	case transport.FrameCancel:
 		// The gateway has already forgotten the call, so nothing is sent.
 		if r := w.byID[in.id]; r != nil {
+			r.span.AddEvent("cancelled")
 			w.forget(r)
 			w.stats.SequencesCancelled++
 		}
@@ -538,7 +592,18 @@ func (w *workerLoop) admit(in inbound) error {
 			gen.reserve(), need, w.kvBudget))
 	}
 	w.arrivals++
-	r := &running{id: in.id, urgency: in.submit.Urgency, arrival: w.arrivals, gen: gen}
+	r := &running{id: in.id, urgency: in.submit.Urgency, arrival: w.arrivals, gen: gen,
+		ctx: context.Background(), phase: phasePrefill}
+	if tp := in.submit.TraceParent; tp != "" {
+		r.ctx = propagation.TraceContext{}.Extract(r.ctx, propagation.MapCarrier{"traceparent": tp})
+	}
+	_, r.span = w.tracer.Start(r.ctx, phasePrefill)
+	if r.span.IsRecording() {
+		r.span.SetAttributes(attribute.Int64("h3infer.request_id", int64(in.id)),
+			attribute.String("h3infer.model", in.submit.Model),
+			attribute.Int("h3infer.prompt_tokens", len(gen.prompt)),
+			attribute.Int("h3infer.urgency", int(in.submit.Urgency)))
+	}
 	for _, b := range w.batches {
 		if b.m == m {
 			r.batch = b
@@ -564,6 +629,7 @@ func (w *workerLoop) admit(in inbound) error {
 func (w *workerLoop) forget(r *running) {
 	delete(w.byID, r.id)
 	delete(w.byGen, r.gen)
+	r.span.End()
 	if r.gen.row >= 0 {
 		r.batch.leave(r.gen)
 		return
@@ -580,6 +646,10 @@ func (w *workerLoop) sendStats() error {
 
 // closeAll drops every sequence; the models are closed by RunWorker.
 func (w *workerLoop) closeAll() {
+	for _, r := range w.byID {
+		r.span.AddEvent("worker stopped")
+		r.span.End()
+	}
 	for _, b := range w.batches {
 		b.close()
 	}

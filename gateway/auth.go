@@ -68,20 +68,21 @@ func tokenOf(ctx context.Context) *tlsbind.Token {
 	return t
 }
 
-// identify applies the token to a request bound for the scheduler: the
-// tenant it names, urgency no higher than its ceiling, and its models.
-func identify(ctx context.Context, model string, r *scheduler.Request) error {
+// identify checks that the request's token allows the model and returns
+// the token's urgency ceiling (0: none) for the scheduler to apply. The
+// token's tenant reaches the scheduler through Config.Tenant (tokenTenant).
+func identify(ctx context.Context, model string) (urgencyCeiling uint8, err error) {
 	t := tokenOf(ctx)
 	if t == nil {
-		return nil
+		return 0, nil
 	}
 	if !t.AllowsModel(model) {
-		return errNoScope
+		return 0, errNoScope
 	}
 	if c := t.UrgencyCeiling; c != nil {
-		r.UrgencyCeiling = *c
+		return *c, nil
 	}
-	return nil
+	return 0, nil
 }
 
 // tokenTenant is the default Config.Tenant: the tenant the request's token

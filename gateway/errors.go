@@ -73,6 +73,7 @@ type apiError struct {
 	retryAfter   time.Duration // sets Retry-After when > 0
 	allow        string        // sets Allow when not ""
 	authenticate string        // sets WWW-Authenticate when not ""
+	limited      *rateLimited  // sets the RateLimit headers
 	body         errorObject
 }
 
@@ -114,6 +115,7 @@ func apiErrorOf(err error) apiError {
 		overload    *scheduler.OverloadError
 		tenantLimit *scheduler.TenantLimitError
 		worker      *workerFailure
+		limited     *rateLimited
 	)
 	// RFC 6750 section 3: the challenge names the realm and why.
 	challenge := func(e apiError, code string) apiError {
@@ -165,6 +167,12 @@ func apiErrorOf(err error) apiError {
 		return e
 	case errors.Is(err, errRouteNotFound):
 		return mk(http.StatusNotFound, invalidRequest, "", "not_found", "no such route")
+	case errors.As(err, &limited):
+		e := mk(http.StatusTooManyRequests, "rate_limit_error", "", "rate_limit_exceeded",
+			fmt.Sprintf("rate limit reached for %s; retry later", limited.limit))
+		e.retryAfter = max(limited.retryAfter, time.Second)
+		e.limited = limited
+		return e
 	case errors.As(err, &overload):
 		e := mk(http.StatusServiceUnavailable, serverError, "", "overloaded",
 			"the server is overloaded; retry later")
@@ -230,6 +238,9 @@ func writeError(w http.ResponseWriter, err error) int {
 	}
 	if e.authenticate != "" {
 		h.Set("WWW-Authenticate", e.authenticate)
+	}
+	if e.limited != nil {
+		rateLimitHeaders(h, e.limited)
 	}
 	w.WriteHeader(e.status)
 	body, _ := json.Marshal(struct {

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -15,6 +17,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
@@ -78,10 +82,10 @@ type Config struct {
 	// MaxDeadline caps the deadline a client may ask for in the
 	// X-Request-Timeout header. Default 5m.
 	MaxDeadline time.Duration
-	// Tenant names the tenant a request belongs to; the scheduler shares
-	// workers between tenants by weight. nil: every request belongs to
-	// scheduler.DefaultTenant. Default: the tenant the request's token names
-	// (scheduler.DefaultTenant without auth).
+	// Tenant names the tenant a request belongs to: the scheduler shares
+	// workers between tenants by weight, and RateLimits applies per tenant.
+	// Default: the tenant the request's token names (scheduler.DefaultTenant
+	// without auth).
 	Tenant func(*http.Request) string
 	// Coalesce shapes how the SSE writer batches tokens by urgency.
 	Coalesce CoalesceConfig
@@ -94,6 +98,18 @@ type Config struct {
 	// accepts the others' address tokens and stateless resets. Default:
 	// random per start.
 	QUICKeys *QUICKeys
+	// TracerProvider makes the request spans. Default: a no-op provider, so
+	// tracing costs nothing.
+	TracerProvider trace.TracerProvider
+	// RateLimits limits each tenant. Default: no limits.
+	RateLimits RateLimits
+	// AdminToken, when set, is required as "Authorization: Bearer <token>"
+	// on every admin route but /healthz and /readyz. It is required when
+	// Admin is not a loopback address.
+	AdminToken string
+	// Status, when set, is served as JSON under "status" on /debug/state:
+	// the wiring reports workers and queues there.
+	Status func() any
 }
 
 // Defaults for Config's zero values.
@@ -121,6 +137,8 @@ type Gateway struct {
 	catalog Catalog
 	log     *slog.Logger
 	metrics *metrics
+	tracer  trace.Tracer
+	limits  *limiter
 	created int64 // unix seconds, reported as every model's creation time
 
 	mu       sync.Mutex
@@ -186,6 +204,12 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 			errs = append(errs, fmt.Errorf("gateway.early_data[%q]: %w", path, err))
 		}
 	}
+	if err := validateRateLimits(cfg.RateLimits); err != nil {
+		errs = append(errs, err)
+	}
+	if host, _, err := net.SplitHostPort(cfg.Admin); err == nil && !isLoopback(host) && cfg.AdminToken == "" {
+		errs = append(errs, fmt.Errorf("gateway.admin: %q is not a loopback address; set admin_token to expose it", cfg.Admin))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
@@ -210,9 +234,19 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if cfg.Registry == nil {
 		cfg.Registry = prometheus.NewRegistry()
 	}
+	if cfg.TracerProvider == nil {
+		cfg.TracerProvider = noop.NewTracerProvider()
+	}
 	m, err := newMetrics(cfg.Registry)
 	if err != nil {
 		return nil, err
+	}
+	// Refusal counters start at 0 for every tenant label they can have, so
+	// that rate() sees the first refusal.
+	for _, tenant := range append([]string{scheduler.DefaultTenant, "other"}, slices.Sorted(maps.Keys(cfg.RateLimits.Tenants))...) {
+		for _, kind := range []string{limitRequests, limitTokens, limitConcurrency} {
+			m.refusals.WithLabelValues(tenant, kind)
+		}
 	}
 	g := &Gateway{
 		cfg:     cfg,
@@ -220,6 +254,8 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		catalog: cat,
 		log:     log,
 		metrics: m,
+		tracer:  cfg.TracerProvider.Tracer(tracerName),
+		limits:  newLimiter(cfg.RateLimits),
 		created: time.Now().Unix(),
 	}
 	if err := defaultAuth(&g.cfg.Auth, g); err != nil {
@@ -420,10 +456,20 @@ type quicConnKey struct{}
 
 // connContext stashes the connection for handlers (the 0-RTT policy needs to
 // know whether the handshake has completed when a request arrives) and
-// counts its packets for metrics.
+// starts the connection's metrics.
 func (g *Gateway) connContext(ctx context.Context, c *quic.Conn) context.Context {
 	g.metrics.quic.track(c)
 	return context.WithValue(ctx, quicConnKey{}, c)
+}
+
+// isLoopback reports whether host names only this machine. An empty host
+// listens on every address, which is not loopback.
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // quicConn returns the HTTP/3 connection a request came on, or nil over TCP.

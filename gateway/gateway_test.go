@@ -158,11 +158,13 @@ type harness struct {
 	sched   *fakeScheduler
 	catalog *fakeCatalog
 	clients map[string]*http.Client // by protocol label
-	base    string                  // https://host:port
-	admin   string                  // http://host:port
-	ring    *tlsbind.KeyRing        // signs the harness's tokens
-	cred    string                  // credential the clients present
-	pool    *x509.CertPool
+	// closeClients closes the clients' connections (idempotent).
+	closeClients func()
+	base         string           // https://host:port
+	admin        string           // http://host:port
+	ring         *tlsbind.KeyRing // signs the harness's tokens
+	cred         string           // credential the clients present
+	pool         *x509.CertPool
 }
 
 func newHarness(t testing.TB, mutate func(*Config)) *harness {
@@ -207,10 +209,13 @@ func newHarness(t testing.TB, mutate func(*Config)) *harness {
 		"h2":       {Transport: withBearer(bearer, h2tr)},
 		"http/1.1": {Transport: withBearer(bearer, h1tr)},
 	}
-	t.Cleanup(func() {
+	h.closeClients = func() {
 		h3tr.Close()
 		h2tr.CloseIdleConnections()
 		h1tr.CloseIdleConnections()
+	}
+	t.Cleanup(func() {
+		h.closeClients()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := gw.Shutdown(ctx); err != nil {
@@ -841,7 +846,12 @@ func TestMetrics(t *testing.T) {
 		`h3infer_http_requests_total{protocol="http/1.1",route="/v1/models",status="200"} 1`,
 		`h3infer_http_requests_total{protocol="h3",route="/v1/chat/completions",status="200"} 1`,
 		`h3infer_http_requests_total{protocol="h3",route="/v1/chat/completions",status="404"} 1`,
-		`h3infer_time_to_first_token_seconds_count{model="demo"} 1`,
+		`h3infer_time_to_first_token_seconds_count{model="demo",urgency="3"} 1`,
+		// Three token events: the first gives TTFT, the two after it an
+		// inter-token gap each.
+		`h3infer_inter_token_latency_seconds_count{model="demo",urgency="3"} 2`,
+		`h3infer_queue_wait_seconds_count{model="demo",urgency="3"} 1`,
+		`h3infer_request_duration_seconds_count{model="demo",urgency="3"} 1`,
 		`h3infer_stream_tokens_total 3`,
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -876,6 +886,17 @@ func TestMetrics(t *testing.T) {
 	if !strings.Contains(text, "h3infer_http_in_flight_requests 0") {
 		t.Errorf("in-flight gauge is not back to 0")
 	}
+	// Two HTTP/3 requests went over the harness's QUIC connection.
+	if v := sampleValue(t, text, "h3infer_quic_connections_total"); v < 1 {
+		t.Errorf("h3infer_quic_connections_total = %v, want >= 1", v)
+	}
+	if v := sampleValue(t, text, "h3infer_quic_packets_sent_total"); v < 4 {
+		t.Errorf("h3infer_quic_packets_sent_total = %v, want >= 4", v)
+	}
+	if v := sampleValue(t, text, "h3infer_quic_packets_received_total"); v < 4 {
+		t.Errorf("h3infer_quic_packets_received_total = %v, want >= 4", v)
+	}
+	promtoolCheck(t, text)
 }
 
 func TestSamePortOnUDPAndTCP(t *testing.T) {

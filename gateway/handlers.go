@@ -2,11 +2,13 @@ package gateway
 
 import (
 	"context"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -14,6 +16,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"h3infer/scheduler"
 	"h3infer/transport"
@@ -52,8 +57,45 @@ func (g *Gateway) adminRoutes() http.Handler {
 		}
 		io.WriteString(w, "ok\n")
 	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(g.cfg.Registry, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", g.adminAuth(promhttp.HandlerFor(g.cfg.Registry, promhttp.HandlerOpts{})))
+	mux.Handle("GET /debug/state", g.adminAuth(http.HandlerFunc(g.serveState)))
+	mux.Handle("/debug/pprof/", g.adminAuth(http.HandlerFunc(pprof.Index)))
+	mux.Handle("/debug/pprof/cmdline", g.adminAuth(http.HandlerFunc(pprof.Cmdline)))
+	mux.Handle("/debug/pprof/profile", g.adminAuth(http.HandlerFunc(pprof.Profile)))
+	mux.Handle("/debug/pprof/symbol", g.adminAuth(http.HandlerFunc(pprof.Symbol)))
+	mux.Handle("/debug/pprof/trace", g.adminAuth(http.HandlerFunc(pprof.Trace)))
 	return mux
+}
+
+// adminAuth demands the admin token when one is configured. Health and
+// readiness stay open so that load balancers need no secret.
+func (g *Gateway) adminAuth(next http.Handler) http.Handler {
+	if g.cfg.AdminToken == "" {
+		return next
+	}
+	want := []byte("Bearer " + g.cfg.AdminToken)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="h3infer-admin"`)
+			http.Error(w, "admin token required", http.StatusUnauthorized)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// serveState is the operator's JSON view: models, readiness, and whatever
+// Config.Status reports about workers and queues.
+func (g *Gateway) serveState(w http.ResponseWriter, r *http.Request) {
+	state := struct {
+		Ready  bool                  `json:"ready"`
+		Models []transport.ModelInfo `json:"models"`
+		Status any                   `json:"status,omitempty"`
+	}{Ready: g.catalog.Ready(), Models: g.catalog.Models()}
+	if g.cfg.Status != nil {
+		state.Status = g.cfg.Status()
+	}
+	writeJSON(w, state)
 }
 
 // serveCompletion runs one chat or text completion. It commits the response
@@ -77,6 +119,11 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	if err == nil {
 		err = g.checkModel(req.model)
 	}
+	var ceiling uint8
+	if err == nil {
+		// The token limits the models and caps the urgency (auth.go).
+		ceiling, err = identify(r.Context(), req.model)
+	}
 	if err != nil {
 		writeError(w, err)
 		return
@@ -90,43 +137,123 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	}
 	ctx, cancel := context.WithDeadlineCause(r.Context(), deadline, errDeadlinePassed)
 	defer cancel()
+	run := &inflight{req: req, labels: [2]string{req.model, urgencyLabel(prio.urgency)}, last: start}
+	defer func() {
+		g.metrics.duration.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(start))
+		span := trace.SpanFromContext(ctx)
+		if span.IsRecording() {
+			span.SetAttributes(attribute.Int("h3infer.completion_tokens", run.tokens))
+			if !run.first.IsZero() {
+				span.SetAttributes(attribute.Float64("h3infer.time_to_first_token_s", run.first.Sub(start).Seconds()))
+			}
+		}
+	}()
+
+	tenant := g.cfg.Tenant(r)
+	adm, err := g.limits.admit(ctx, tenant, w.Header())
+	if err != nil {
+		if lim, ok := errors.AsType[*rateLimited](err); ok {
+			g.refused(ctx, lim)
+			writeError(w, err)
+			return
+		}
+		g.log.Warn("rate limit not checked; admitting", "tenant", tenant, "err", err)
+	}
+	defer adm.release()
+	run.adm = adm
+
+	job := req.job
+	job.TraceParent = traceParent(ctx)
+	qctx, qspan := g.tracer.Start(ctx, "admission")
 	sreq := &scheduler.Request{
-		Tenant:         g.cfg.Tenant(r),
+		Tenant:         tenant,
 		Urgency:        prio.urgency,
 		DefaultUrgency: !prio.hasUrgency,
+		UrgencyCeiling: ceiling,
 		Deadline:       deadline,
-		Job:            req.job,
+		Job:            job,
 	}
-	// The token limits the models and caps the urgency (auth.go).
-	if err := identify(ctx, req.model, sreq); err != nil {
+	st, err := g.sched.Submit(qctx, sreq)
+	// The tenant's default and ceiling may have changed what was asked;
+	// the stream's priority and the metrics follow what was applied.
+	prio.urgency = sreq.Urgency
+	run.labels[1] = urgencyLabel(prio.urgency)
+	g.metrics.queueWait.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(start))
+	if err != nil {
+		err = deadlineCause(ctx, err)
+		qspan.RecordError(err)
+		qspan.SetStatus(codes.Error, "not admitted")
+		qspan.End()
 		writeError(w, err)
 		return
 	}
-	st, err := g.sched.Submit(ctx, sreq)
-	if err != nil {
-		writeError(w, deadlineCause(ctx, err))
-		return
+	qspan.End()
+	if span := trace.SpanFromContext(ctx); span.IsRecording() {
+		attrs := []attribute.KeyValue{
+			attribute.Int64("h3infer.request_id", int64(st.ID())),
+			attribute.String("h3infer.tenant", tenant),
+			attribute.Int("h3infer.urgency", int(prio.urgency)),
+		}
+		if wk, ok := st.(interface{ WorkerID() int }); ok {
+			attrs = append(attrs, attribute.Int("h3infer.worker", wk.WorkerID()))
+		}
+		span.AddEvent("dispatched", trace.WithAttributes(attrs...))
 	}
 	// Closing cancels the worker's sequence if the client left early.
 	defer st.Close()
-	// The tenant's default and ceiling may have changed what was asked.
-	prio.urgency = sreq.Urgency
+	run.st = st
 
-	ev, err := g.next(ctx, st, req)
+	ev, err := g.next(ctx, run)
 	if err != nil {
-		if ctx.Err() == nil {
+		err = deadlineCause(ctx, err)
+		if !errors.Is(err, context.Canceled) {
 			g.log.Debug("request failed before its first token", "request_id", st.ID(), "err", err)
 		}
-		writeError(w, deadlineCause(ctx, err))
+		failed(ctx, err)
+		writeError(w, err)
 		return
 	}
-	g.metrics.ttft.WithLabelValues(req.model).Observe(time.Since(start).Seconds())
 	enc := newEncoder(kind, req.model, start.Unix())
 	if req.stream {
-		g.stream(ctx, w, st, req, enc, ev, prio)
+		g.stream(ctx, w, run, enc, ev, prio)
 		return
 	}
-	g.collect(ctx, w, st, req, enc, ev)
+	g.collect(ctx, w, run, enc, ev)
+}
+
+// urgencyLabel is the metric label of an urgency, 0..7.
+func urgencyLabel(u uint8) string { return strconv.Itoa(int(u)) }
+
+// inflight is one completion request's state while it streams.
+type inflight struct {
+	req         *completion
+	st          TokenStream
+	adm         *admission
+	labels      [2]string // model, urgency
+	first, last time.Time // arrival of the first and latest token events
+	tokens      int
+}
+
+// refused counts a rate-limit refusal and marks the trace.
+func (g *Gateway) refused(ctx context.Context, lim *rateLimited) {
+	g.metrics.refusals.WithLabelValues(g.limits.tenantLabel(lim.tenant), lim.limit).Inc()
+	trace.SpanFromContext(ctx).AddEvent("rate_limited", trace.WithAttributes(attribute.String("h3infer.limit", lim.limit)))
+}
+
+// failed marks the request's span with why it ended early. err is what
+// deadlineCause made of it: a passed deadline is a failure, only the
+// client leaving is a cancellation.
+func failed(ctx context.Context, err error) {
+	span := trace.SpanFromContext(ctx)
+	if !span.IsRecording() {
+		return
+	}
+	if errors.Is(err, context.Canceled) {
+		span.AddEvent("cancelled", trace.WithAttributes(attribute.String("reason", "client closed the request")))
+		return
+	}
+	span.AddEvent("failed", trace.WithAttributes(attribute.String("error", err.Error())))
+	span.SetStatus(codes.Error, err.Error())
 }
 
 // deadlineHeader lets a client shorten or lengthen its deadline up to
@@ -178,45 +305,126 @@ func (g *Gateway) checkModel(name string) error {
 
 // next waits for the stream's next event and turns a worker error, the
 // client leaving or a stream that ends without a result into an error.
-func (g *Gateway) next(ctx context.Context, st TokenStream, req *completion) (transport.Event, error) {
-	select {
-	case ev, ok := <-st.Events():
-		return g.event(ev, ok, req)
-	case <-ctx.Done():
-		return transport.Event{}, ctx.Err()
+func (g *Gateway) next(ctx context.Context, run *inflight) (transport.Event, error) {
+	return g.nextHolding(ctx, run, nil)
+}
+
+// nextHolding is next for a stream whose coalescer c may hold bytes: they go
+// out when their window ends, while the next event is awaited. c may be nil.
+func (g *Gateway) nextHolding(ctx context.Context, run *inflight, c *coalescer) (transport.Event, error) {
+	for {
+		var due <-chan time.Time
+		if c != nil {
+			due = c.C()
+		}
+		select {
+		case ev, ok := <-run.st.Events():
+			return g.event(ctx, run, ev, ok, c)
+		case <-due:
+			if err := c.flush(); err != nil {
+				return transport.Event{}, err
+			}
+		case <-ctx.Done():
+			return transport.Event{}, ctx.Err()
+		}
 	}
 }
 
-// event checks one received event.
-func (g *Gateway) event(ev transport.Event, ok bool, req *completion) (transport.Event, error) {
+// event checks one received event. For a token it records the timings and
+// debits the tenant's output-token limit, pacing the stream when the
+// tenant is over its rate.
+func (g *Gateway) event(ctx context.Context, run *inflight, ev transport.Event, ok bool, c *coalescer) (transport.Event, error) {
 	switch {
 	case !ok:
 		return ev, errNoResult
 	case ev.Err != nil:
-		return ev, &workerFailure{err: *ev.Err, promptParam: req.kind.promptParam()}
-	case ev.Done == nil:
-		g.metrics.tokens.Add(float64(ev.Token.Count))
+		return ev, &workerFailure{err: *ev.Err, promptParam: run.req.kind.promptParam()}
+	case ev.Done != nil:
+		return ev, nil
+	}
+	now := time.Now()
+	if run.first.IsZero() {
+		run.first = now
+		g.metrics.ttft.WithLabelValues(run.labels[:]...).Observe(now.Sub(run.last).Seconds())
+	} else {
+		g.metrics.interToken.WithLabelValues(run.labels[:]...).Observe(now.Sub(run.last).Seconds())
+	}
+	run.last = now
+	n := int(ev.Token.Count)
+	run.tokens += n
+	g.metrics.tokens.Add(float64(n))
+	wait, err := run.adm.debitTokens(ctx, n)
+	if err != nil {
+		if lim, ok := errors.AsType[*rateLimited](err); ok {
+			g.refused(ctx, lim)
+			return ev, err
+		}
+		if ctx.Err() != nil {
+			return ev, ctx.Err()
+		}
+		g.log.Warn("output tokens not debited", "request_id", run.st.ID(), "err", err)
+	}
+	if err := pace(ctx, wait, c); err != nil {
+		return ev, err
 	}
 	return ev, nil
+}
+
+// pace waits out a tenant's output-token debt. Bytes the coalescer c holds
+// still go out when their window ends; c may be nil.
+func pace(ctx context.Context, wait time.Duration, c *coalescer) error {
+	if wait <= 0 {
+		return nil
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		var due <-chan time.Time
+		if c != nil {
+			due = c.C()
+		}
+		select {
+		case <-t.C:
+			return nil
+		case <-due:
+			if err := c.flush(); err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // stream writes the answer as server-sent events. Over HTTP/3 the response
 // stream gets the request's QUIC priority, and tokens are coalesced by
 // urgency (coalesce.go); the first token, the end and errors go at once.
-func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, st TokenStream, req *completion, enc *encoder, ev transport.Event, prio priority) {
+func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event, prio priority) {
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	w.WriteHeader(http.StatusOK)
-	out, finish, err := sseOutput(w, prio)
+	write, finish, err := sseOutput(w, prio)
 	if err != nil {
-		g.log.Warn("stream: take over the HTTP/3 stream", "request_id", st.ID(), "err", err)
+		g.log.Warn("stream: take over the HTTP/3 stream", "request_id", run.st.ID(), "err", err)
 		return
+	}
+	cut := false
+	out := func(b []byte) error {
+		err := write(b)
+		if err != nil && !cut {
+			// The client went away or stopped reading; the deferred
+			// Close cancels the worker's sequence.
+			cut = true
+			trace.SpanFromContext(ctx).AddEvent("cancelled",
+				trace.WithAttributes(attribute.String("reason", "writing to the client failed: "+err.Error())))
+		}
+		return err
 	}
 	c := newCoalescer(g.cfg.Coalesce.window(prio.urgency), g.cfg.Coalesce.MaxBuffer, out)
 	defer func() {
 		c.stop()
-		g.metrics.writes.WithLabelValues(strconv.Itoa(int(prio.urgency))).Observe(float64(c.writes))
+		g.metrics.writes.WithLabelValues(urgencyLabel(prio.urgency)).Observe(float64(c.writes))
 	}()
 	clean := false
 	defer func() { finish(clean) }()
@@ -233,7 +441,7 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, st TokenStr
 	first := true
 	for {
 		if done := ev.Done; done != nil {
-			if send(enc.finish(finishReason(done)), false) && req.includeUsage {
+			if send(enc.finish(finishReason(done)), false) && run.req.includeUsage {
 				send(enc.usage(usageOf(done)), false)
 			}
 			clean = send(sseDone, true)
@@ -246,30 +454,14 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, st TokenStr
 			first = false
 		}
 		var err error
-		if ev, err = g.nextHolding(ctx, st, req, c); err != nil {
+		if ev, err = g.nextHolding(ctx, run, c); err != nil {
 			err = deadlineCause(ctx, err)
+			failed(ctx, err)
 			if !errors.Is(err, context.Canceled) {
-				g.log.Warn("stream failed", "request_id", st.ID(), "err", err)
+				g.log.Warn("stream failed", "request_id", run.st.ID(), "err", err)
 				clean = send(errorEvent(err), true)
 			}
 			return
-		}
-	}
-}
-
-// nextHolding is next for a stream whose coalescer may hold bytes: they go
-// out when their window ends, while the next event is awaited.
-func (g *Gateway) nextHolding(ctx context.Context, st TokenStream, req *completion, c *coalescer) (transport.Event, error) {
-	for {
-		select {
-		case ev, ok := <-st.Events():
-			return g.event(ev, ok, req)
-		case <-c.C():
-			if err := c.flush(); err != nil {
-				return transport.Event{}, err
-			}
-		case <-ctx.Done():
-			return transport.Event{}, ctx.Err()
 		}
 	}
 }
@@ -318,12 +510,14 @@ func sseOutput(w http.ResponseWriter, prio priority) (out func([]byte) error, fi
 }
 
 // collect gathers the whole answer and writes it as one JSON object.
-func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, st TokenStream, req *completion, enc *encoder, ev transport.Event) {
+func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event) {
 	var text strings.Builder
 	for ev.Done == nil {
 		text.WriteString(ev.Token.Text)
 		var err error
-		if ev, err = g.next(ctx, st, req); err != nil {
+		if ev, err = g.next(ctx, run); err != nil {
+			err = deadlineCause(ctx, err)
+			failed(ctx, err)
 			writeError(w, err)
 			return
 		}

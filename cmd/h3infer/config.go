@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"h3infer/backend"
@@ -22,9 +23,13 @@ type Config struct {
 	// Listen is the host:port for HTTP/3 (UDP) and HTTP/1.1+2 (TCP) on one
 	// port number. Default 127.0.0.1:8443.
 	Listen string `json:"listen"`
-	// Admin is the plain-HTTP host:port for /healthz, /readyz and /metrics.
-	// Default 127.0.0.1:9090.
+	// Admin is the plain-HTTP host:port for /healthz, /readyz, /metrics,
+	// /debug/state and /debug/pprof/. Default 127.0.0.1:9090. A
+	// non-loopback address requires AdminToken.
 	Admin string `json:"admin"`
+	// AdminToken, when set, is required as a bearer token on every admin
+	// route but /healthz and /readyz. Default: none.
+	AdminToken string `json:"admin_token"`
 	// StateDir holds development certificates and the demo model.
 	// Default .h3infer under the working directory.
 	StateDir string `json:"state_dir"`
@@ -39,6 +44,9 @@ type Config struct {
 	Gateway   GatewayConfig   `json:"gateway"`
 	Auth      AuthConfig      `json:"auth"`
 	ZeroRTT   ZeroRTTConfig   `json:"zero_rtt"`
+	Tracing   TracingConfig   `json:"tracing"`
+	// RateLimits limits each tenant. Default: no limits.
+	RateLimits RateLimitsConfig `json:"rate_limits"`
 	// Models to serve. Empty: the demo model under the name "demo", written
 	// into <state_dir>/models/demo/1 when missing.
 	Models []ModelConfig `json:"models"`
@@ -170,6 +178,41 @@ type ZeroRTTConfig struct {
 	Routes map[string]string `json:"routes"`
 }
 
+// TracingConfig turns on OpenTelemetry export. The standard OTEL_*
+// environment variables work as well and configure the rest (headers,
+// sampler, batching); with neither, tracing is off.
+type TracingConfig struct {
+	// OTLPEndpoint is the OTLP/HTTP traces URL, such as
+	// "http://127.0.0.1:4318/v1/traces". Default: none.
+	OTLPEndpoint string `json:"otlp_endpoint"`
+}
+
+// RateLimitsConfig is gateway.RateLimits as a file.
+type RateLimitsConfig struct {
+	Default TenantLimitConfig            `json:"default"`
+	Tenants map[string]TenantLimitConfig `json:"tenants"`
+	// CutOff ends a stream over its output-token rate with an error
+	// instead of pacing it. Default false.
+	CutOff bool `json:"cut_off"`
+	// Store is "local" (each instance alone) or "redis" (one budget shared
+	// by every instance using the same Redis). Default "local".
+	Store string `json:"store"`
+	// RedisAddr is host:port, or the path of a Unix socket, of the Redis
+	// server when Store is "redis".
+	RedisAddr string `json:"redis_addr"`
+	// RedisPrefix starts every key the limits write. Default "h3infer:rl:".
+	RedisPrefix string `json:"redis_prefix"`
+}
+
+// TenantLimitConfig is one tenant's limits; 0 means no limit of that kind.
+type TenantLimitConfig struct {
+	RequestsPerSecond     float64 `json:"requests_per_second"`
+	RequestBurst          int     `json:"request_burst"`
+	OutputTokensPerSecond float64 `json:"output_tokens_per_second"`
+	OutputTokenBurst      int     `json:"output_token_burst"`
+	MaxConcurrent         int     `json:"max_concurrent"`
+}
+
 // ModelConfig names one model directory (model.onnx, tokenizer.json,
 // model.json).
 type ModelConfig struct {
@@ -292,6 +335,8 @@ func (c Config) withDefaults() Config {
 	}
 	def(&c.ZeroRTT.SessionKeysFile, filepath.Join(c.StateDir, "session-keys.json"))
 	def(&c.ZeroRTT.StrikeRegister, "memory")
+	def(&c.RateLimits.Store, "local")
+	def(&c.RateLimits.RedisPrefix, "h3infer:rl:")
 	return c
 }
 
@@ -409,6 +454,21 @@ func (c Config) validate() error {
 			bad(fmt.Sprintf("zero_rtt.routes[%q]", path), "%v", err)
 		}
 	}
+	switch c.RateLimits.Store {
+	case "local":
+	case "redis":
+		if c.RateLimits.RedisAddr == "" {
+			bad("rate_limits.redis_addr", "required when rate_limits.store is \"redis\"")
+		}
+	default:
+		bad("rate_limits.store", "want \"local\" or \"redis\", got %q", c.RateLimits.Store)
+	}
+	if host, _, err := net.SplitHostPort(c.Admin); err == nil && c.AdminToken == "" && !isLoopbackHost(host) {
+		bad("admin", "%q is not a loopback address; set admin_token to expose the admin listener", c.Admin)
+	}
+	if e := c.Tracing.OTLPEndpoint; e != "" && !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") {
+		bad("tracing.otlp_endpoint", "want an http:// or https:// URL, got %q", e)
+	}
 	seen := map[string]bool{}
 	for i, m := range c.Models {
 		key := fmt.Sprintf("models[%d]", i)
@@ -429,6 +489,14 @@ func (c Config) validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func isLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 func hasPortZero(addr string) bool {

@@ -5,7 +5,75 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"h3infer/gateway"
 )
+
+func writeConfig(t *testing.T, text string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestObservabilityConfig(t *testing.T) {
+	c, err := loadConfig(writeConfig(t, `{
+		"admin": "0.0.0.0:9090",
+		"admin_token": "tok",
+		"tracing": {"otlp_endpoint": "http://127.0.0.1:4318/v1/traces"},
+		"rate_limits": {
+			"default": {"requests_per_second": 5, "request_burst": 10, "output_tokens_per_second": 200, "max_concurrent": 4},
+			"tenants": {"gold": {"requests_per_second": 50}},
+			"cut_off": true,
+			"store": "redis",
+			"redis_addr": "127.0.0.1:6379"
+		}
+	}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c = c.withDefaults()
+	if err := c.validate(); err != nil {
+		t.Fatalf("valid config refused: %v", err)
+	}
+	if c.RateLimits.RedisPrefix != "h3infer:rl:" {
+		t.Errorf("redis_prefix default %q", c.RateLimits.RedisPrefix)
+	}
+	rl, closeLimits, err := rateLimits(c.RateLimits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeLimits()
+	want := gateway.TenantLimit{RequestsPerSecond: 5, RequestBurst: 10, OutputTokensPerSecond: 200, MaxConcurrent: 4}
+	if rl.Default != want || rl.Tenants["gold"].RequestsPerSecond != 50 || !rl.CutOff || rl.Store == nil {
+		t.Errorf("rate limits = %+v", rl)
+	}
+}
+
+func TestObservabilityConfigErrors(t *testing.T) {
+	for name, tc := range map[string]struct{ file, want string }{
+		"admin exposed without token": {`{"admin": "0.0.0.0:9090"}`, "admin:"},
+		"unknown store":               {`{"rate_limits": {"store": "memcached"}}`, "rate_limits.store"},
+		"redis without address":       {`{"rate_limits": {"store": "redis"}}`, "rate_limits.redis_addr"},
+		"endpoint not a URL":          {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c, err := loadConfig(writeConfig(t, tc.file))
+			if err == nil {
+				err = c.withDefaults().validate()
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("err %v, want one naming %s", err, tc.want)
+			}
+		})
+	}
+	// Unknown keys are errors, here as everywhere in the file.
+	if _, err := loadConfig(writeConfig(t, `{"rate_limits": {"default": {"rps": 1}}}`)); err == nil {
+		t.Error("unknown key rate_limits.default.rps accepted")
+	}
+}
 
 func TestUrgencyConfig(t *testing.T) {
 	tests := map[string]struct {

@@ -11,16 +11,19 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/redis/go-redis/v9"
 
 	"h3infer/backend"
 	"h3infer/certs"
 	"h3infer/gateway"
 	"h3infer/internal/onnxgen"
+	"h3infer/ratelimit"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
 )
@@ -79,6 +82,27 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		return fmt.Errorf("find own executable for workers: %w", err)
 	}
 
+	tp, stopTracing, err := newTracerProvider(ctx, "h3infer", cfg.Tracing.OTLPEndpoint)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), tracingFlushTimeout)
+		defer cancel()
+		if err := stopTracing(sctx); err != nil {
+			log.Warn("tracing: flush on exit", "err", err)
+		}
+	}()
+	var workerEnv []string
+	if cfg.Tracing.OTLPEndpoint != "" {
+		workerEnv = append(workerEnv, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="+cfg.Tracing.OTLPEndpoint)
+	}
+	limits, closeLimits, err := rateLimits(cfg.RateLimits)
+	if err != nil {
+		return err
+	}
+	defer closeLimits()
+
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
@@ -100,6 +124,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		},
 		RingSize:   cfg.Workers.RingBytes,
 		Registerer: reg,
+		Env:        workerEnv,
 	}, log)
 	if err != nil {
 		return err
@@ -125,16 +150,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	if err != nil {
 		return err
 	}
-	reg.MustRegister(
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "h3infer_scheduler_queued_requests",
-			Help: "Requests waiting for a worker slot.",
-		}, func() float64 { return float64(sched.Stats().Queued) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "h3infer_scheduler_running_requests",
-			Help: "Worker slots in use.",
-		}, func() float64 { return float64(sched.Stats().Running) }),
-	)
+	reg.MustRegister(newSchedulerCollector(sched))
 	gw, err := gateway.New(gateway.Config{
 		Listen:           cfg.Listen,
 		Admin:            cfg.Admin,
@@ -151,9 +167,13 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 			MaxAckDelay: time.Duration(cfg.Gateway.Coalesce.MaxAckDelay),
 			MaxBuffer:   cfg.Gateway.Coalesce.MaxBuffer,
 		},
-		Registry: reg,
-		Auth:     auth,
-		QUICKeys: quicKeys,
+		Registry:       reg,
+		TracerProvider: tp,
+		RateLimits:     limits,
+		AdminToken:     cfg.AdminToken,
+		Status:         func() any { return adminStatus(pool, sched) },
+		Auth:           auth,
+		QUICKeys:       quicKeys,
 	}, gateway.FromScheduler(sched), pool, log)
 	if err != nil {
 		return err
@@ -289,6 +309,95 @@ func printNextSteps(w io.Writer, addr, adminAddr string, dev *certs.Dev, devToke
 	}
 	fmt.Fprintln(&b)
 	io.WriteString(w, b.String())
+}
+
+// tracingFlushTimeout bounds the export of the last spans at exit.
+const tracingFlushTimeout = 5 * time.Second
+
+// rateLimits turns the config into gateway.RateLimits, connecting to Redis
+// when the limits are shared. The returned function closes the client.
+func rateLimits(c RateLimitsConfig) (gateway.RateLimits, func(), error) {
+	conv := func(t TenantLimitConfig) gateway.TenantLimit {
+		return gateway.TenantLimit{
+			RequestsPerSecond:     t.RequestsPerSecond,
+			RequestBurst:          t.RequestBurst,
+			OutputTokensPerSecond: t.OutputTokensPerSecond,
+			OutputTokenBurst:      t.OutputTokenBurst,
+			MaxConcurrent:         t.MaxConcurrent,
+		}
+	}
+	rl := gateway.RateLimits{Default: conv(c.Default), CutOff: c.CutOff}
+	if len(c.Tenants) > 0 {
+		rl.Tenants = map[string]gateway.TenantLimit{}
+		for name, t := range c.Tenants {
+			rl.Tenants[name] = conv(t)
+		}
+	}
+	if c.Store != "redis" {
+		return rl, func() {}, nil
+	}
+	opts := &redis.Options{Addr: c.RedisAddr}
+	if strings.HasPrefix(c.RedisAddr, "/") {
+		opts.Network = "unix"
+	}
+	client := redis.NewClient(opts)
+	rl.Store = ratelimit.NewRedis(client, c.RedisPrefix)
+	return rl, func() { client.Close() }, nil
+}
+
+// workerStatus is one worker in the admin JSON view.
+type workerStatus struct {
+	ID    int  `json:"id"`
+	Ready bool `json:"ready"`
+	Slots int  `json:"slots"`
+}
+
+// adminStatus is the workers and queue part of /debug/state.
+func adminStatus(pool *backend.Pool, sched *scheduler.Scheduler) any {
+	var ws []workerStatus
+	for _, w := range pool.Workers() {
+		ws = append(ws, workerStatus{ID: w.ID(), Ready: w.Ready(), Slots: w.Slots()})
+	}
+	st := sched.Stats()
+	return struct {
+		Workers         []workerStatus        `json:"workers"`
+		Queued          int                   `json:"queued"`
+		QueuedByUrgency [scheduler.Levels]int `json:"queued_by_urgency"`
+		Running         int                   `json:"running"`
+	}{ws, st.Queued, st.QueuedByUrgency, st.Running}
+}
+
+// schedulerCollector exports the scheduler's queues at scrape time, from
+// one Stats snapshot so that depth and running agree. The queue depth is
+// the scheduler's own count by urgency: it sees aging, tenant limits and
+// requests that leave the queue, which a count kept around Submit in the
+// gateway would only approximate.
+type schedulerCollector struct {
+	sched          *scheduler.Scheduler
+	depth, running *prometheus.Desc
+}
+
+func newSchedulerCollector(s *scheduler.Scheduler) *schedulerCollector {
+	return &schedulerCollector{
+		sched: s,
+		depth: prometheus.NewDesc("h3infer_queue_depth",
+			"Completion requests waiting for a worker slot, by the urgency they were given.", []string{"urgency"}, nil),
+		running: prometheus.NewDesc("h3infer_scheduler_running_requests",
+			"Worker slots in use.", nil, nil),
+	}
+}
+
+func (c *schedulerCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.depth
+	ch <- c.running
+}
+
+func (c *schedulerCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.sched.Stats()
+	for u, n := range st.QueuedByUrgency {
+		ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(n), strconv.Itoa(u))
+	}
+	ch <- prometheus.MustNewConstMetric(c.running, prometheus.GaugeValue, float64(st.Running))
 }
 
 // poolWorkers adapts backend.Pool to the scheduler's WorkerSet.

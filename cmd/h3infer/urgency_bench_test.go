@@ -68,10 +68,10 @@ func priorityIsolation(b *testing.B, s *server) {
 				}
 			})
 		}
-		waitForMetric(b, s, "h3infer_scheduler_queued_requests", 32)
+		waitForMetric(b, s, "h3infer_queue_depth", 32)
 		loaded := trickle("u=0", 40)
 		noPriority := trickle("u=6", 8)
-		queued := metric(b, s, "h3infer_scheduler_queued_requests")
+		queued := metric(b, s, "h3infer_queue_depth")
 		cancel()
 		wg.Wait()
 

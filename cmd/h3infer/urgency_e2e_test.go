@@ -78,7 +78,8 @@ func TestEndToEndUrgentBeforeQueuedBulk(t *testing.T) {
 			mu.Unlock()
 		})
 	}
-	waitForMetric(t, s, "h3infer_scheduler_queued_requests", 6)
+	// The scheduler's own queues feed the gauge, by the urgency given.
+	waitForMetric(t, s, `h3infer_queue_depth{urgency="6"}`, 6)
 	sent := time.Now()
 	urgentAt, err := firstToken(t, ctx, c, url, "u=0", 8)
 	if err != nil {

@@ -20,7 +20,20 @@ func runWorker(ctx context.Context, args []string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	return backend.RunWorker(ctx, cfg, log)
+	// The pool passes tracing settings in the environment, so a worker
+	// exports its own spans exactly when its gateway does.
+	tp, shutdown, err := newTracerProvider(ctx, "h3infer-worker", "")
+	if err != nil {
+		return err
+	}
+	cfg.TracerProvider = tp
+	err = backend.RunWorker(ctx, cfg, log)
+	sctx, cancel := context.WithTimeout(context.Background(), tracingFlushTimeout)
+	defer cancel()
+	if serr := shutdown(sctx); serr != nil {
+		log.Warn("tracing: flush on exit", "err", serr)
+	}
+	return err
 }
 
 // parseWorkerFlags reads the worker command line into a

@@ -34,6 +34,10 @@ var forbidden = map[string]struct{ direct, anywhere []string }{
 		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/cmd/h3infer"},
 		anywhere: []string{"github.com/quic-go/quic-go"},
 	},
+	"h3infer/ratelimit": {
+		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler", "h3infer/cmd/h3infer"},
+		anywhere: []string{"github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go"},
+	},
 	"h3infer/tlsbind": {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
 	"h3infer/certs":   {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
 	// The chat page talks to the gateway only through the public API.

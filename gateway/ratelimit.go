@@ -1,0 +1,254 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"sync"
+	"time"
+
+	"h3infer/ratelimit"
+	"h3infer/scheduler"
+)
+
+// LimitStore keeps the token buckets behind rate limits: ratelimit.Local for
+// one instance, ratelimit.Redis for limits shared by several.
+type LimitStore interface {
+	Take(ctx context.Context, key string, lim ratelimit.Limit, cost int, force bool) (ratelimit.Decision, error)
+}
+
+// TenantLimit is one tenant's limits. A zero field means no limit of that
+// kind.
+type TenantLimit struct {
+	// RequestsPerSecond admits completion requests at this rate, with bursts
+	// of RequestBurst (default: the rate rounded up).
+	RequestsPerSecond float64
+	RequestBurst      int
+	// OutputTokensPerSecond debits generated tokens as they stream, with
+	// bursts of OutputTokenBurst (default: the rate rounded up). A stream
+	// that runs over is paced, or cut off when RateLimits.CutOff is set.
+	OutputTokensPerSecond float64
+	OutputTokenBurst      int
+	// MaxConcurrent caps the tenant's completions running at once on this
+	// instance.
+	MaxConcurrent int
+}
+
+func (l TenantLimit) any() bool {
+	return l.RequestsPerSecond > 0 || l.OutputTokensPerSecond > 0 || l.MaxConcurrent > 0
+}
+
+// RateLimits configures per-tenant limits. The zero value limits nothing.
+type RateLimits struct {
+	// Default applies to every tenant not listed in Tenants.
+	Default TenantLimit
+	// Tenants overrides Default per tenant name (as Config.Tenant names
+	// them). The names listed here are also the only tenant label values
+	// metrics use besides scheduler.DefaultTenant.
+	Tenants map[string]TenantLimit
+	// CutOff ends a stream that runs over its output-token rate with a
+	// rate_limit_exceeded error instead of pacing it.
+	CutOff bool
+	// Store keeps the buckets. Default: a ratelimit.Local of the gateway's
+	// own.
+	Store LimitStore
+}
+
+// The limit label values of h3infer_rate_limit_refusals_total.
+const (
+	limitRequests    = "requests"
+	limitTokens      = "tokens"
+	limitConcurrency = "concurrency"
+)
+
+// rateLimited is a request refused, or a stream cut off, by a limit.
+type rateLimited struct {
+	tenant     string
+	limit      string // "requests", "tokens" or "concurrency"
+	retryAfter time.Duration
+	policy     string // RateLimit-Policy value, "" when none applies
+	state      string // RateLimit value
+}
+
+func (e *rateLimited) Error() string {
+	return fmt.Sprintf("tenant %s: %s rate limit exceeded", e.tenant, e.limit)
+}
+
+func validateRateLimits(rl RateLimits) error {
+	var errs []error
+	check := func(key string, l TenantLimit) {
+		if l.RequestsPerSecond < 0 || math.IsNaN(l.RequestsPerSecond) || math.IsInf(l.RequestsPerSecond, 0) {
+			errs = append(errs, fmt.Errorf("%s.requests_per_second: must be a finite number >= 0, got %v", key, l.RequestsPerSecond))
+		}
+		if l.RequestBurst < 0 {
+			errs = append(errs, fmt.Errorf("%s.request_burst: must be >= 0, got %d", key, l.RequestBurst))
+		}
+		if l.OutputTokensPerSecond < 0 || math.IsNaN(l.OutputTokensPerSecond) || math.IsInf(l.OutputTokensPerSecond, 0) {
+			errs = append(errs, fmt.Errorf("%s.output_tokens_per_second: must be a finite number >= 0, got %v", key, l.OutputTokensPerSecond))
+		}
+		if l.OutputTokenBurst < 0 {
+			errs = append(errs, fmt.Errorf("%s.output_token_burst: must be >= 0, got %d", key, l.OutputTokenBurst))
+		}
+		if l.MaxConcurrent < 0 {
+			errs = append(errs, fmt.Errorf("%s.max_concurrent: must be >= 0, got %d", key, l.MaxConcurrent))
+		}
+	}
+	check("rate_limits.default", rl.Default)
+	for name, l := range rl.Tenants {
+		if name == "" {
+			errs = append(errs, errors.New("rate_limits.tenants: a tenant name must not be empty"))
+		}
+		check("rate_limits.tenants."+name, l)
+	}
+	return errors.Join(errs...)
+}
+
+// limiter applies RateLimits. Concurrency is counted in this process; the
+// rate buckets live in the store.
+type limiter struct {
+	cfg   RateLimits
+	store LimitStore
+
+	mu      sync.Mutex
+	running map[string]int // tenant → completions running
+}
+
+func newLimiter(cfg RateLimits) *limiter {
+	withBurst := func(l TenantLimit) TenantLimit {
+		if l.RequestBurst == 0 {
+			l.RequestBurst = int(math.Ceil(l.RequestsPerSecond))
+		}
+		if l.OutputTokenBurst == 0 {
+			l.OutputTokenBurst = int(math.Ceil(l.OutputTokensPerSecond))
+		}
+		return l
+	}
+	cfg.Default = withBurst(cfg.Default)
+	tenants := make(map[string]TenantLimit, len(cfg.Tenants))
+	for k, v := range cfg.Tenants {
+		tenants[k] = withBurst(v)
+	}
+	cfg.Tenants = tenants
+	store := cfg.Store
+	if store == nil {
+		store = ratelimit.NewLocal()
+	}
+	return &limiter{cfg: cfg, store: store, running: map[string]int{}}
+}
+
+func (l *limiter) limitOf(tenant string) TenantLimit {
+	if t, ok := l.cfg.Tenants[tenant]; ok {
+		return t
+	}
+	return l.cfg.Default
+}
+
+// tenantLabel bounds the metric label to the configured tenants.
+func (l *limiter) tenantLabel(tenant string) string {
+	if _, ok := l.cfg.Tenants[tenant]; ok || tenant == scheduler.DefaultTenant {
+		return tenant
+	}
+	return "other"
+}
+
+// admission is one admitted request's hold on its tenant's limits.
+type admission struct {
+	l      *limiter
+	tenant string
+	limit  TenantLimit
+	held   bool // holds a concurrency slot
+	tokKey string
+}
+
+// admit checks the concurrency cap and the request rate. On success it sets
+// the RateLimit headers of the request policy on h and the caller must call
+// release when the request ends.
+func (l *limiter) admit(ctx context.Context, tenant string, h http.Header) (*admission, error) {
+	lim := l.limitOf(tenant)
+	a := &admission{l: l, tenant: tenant, limit: lim}
+	if !lim.any() {
+		return a, nil
+	}
+	if lim.MaxConcurrent > 0 {
+		l.mu.Lock()
+		if l.running[tenant] >= lim.MaxConcurrent {
+			l.mu.Unlock()
+			return nil, &rateLimited{tenant: tenant, limit: limitConcurrency, retryAfter: time.Second}
+		}
+		l.running[tenant]++
+		a.held = true
+		l.mu.Unlock()
+	}
+	if lim.RequestsPerSecond > 0 {
+		bucket := ratelimit.Limit{Rate: lim.RequestsPerSecond, Burst: lim.RequestBurst}
+		d, err := l.store.Take(ctx, "req:"+tenant, bucket, 1, false)
+		if err != nil {
+			// A limit store that is down must not take the service with
+			// it: admit, and let the caller log.
+			return a, fmt.Errorf("rate limit store: %w", err)
+		}
+		policy := fmt.Sprintf(`"requests";q=%d;w=%d`, lim.RequestBurst, ceilSeconds(secondsFor(lim.RequestBurst, lim.RequestsPerSecond)))
+		state := fmt.Sprintf(`"requests";r=%d;t=%d`, d.Remaining, ceilSeconds(d.Reset))
+		if !d.OK {
+			a.release()
+			return nil, &rateLimited{tenant: tenant, limit: limitRequests, retryAfter: d.Wait, policy: policy, state: state}
+		}
+		h.Set("RateLimit-Policy", policy)
+		h.Set("RateLimit", state)
+	}
+	return a, nil
+}
+
+func (a *admission) release() {
+	if !a.held {
+		return
+	}
+	a.held = false
+	a.l.mu.Lock()
+	defer a.l.mu.Unlock()
+	if n := a.l.running[a.tenant] - 1; n > 0 {
+		a.l.running[a.tenant] = n
+	} else {
+		delete(a.l.running, a.tenant)
+	}
+}
+
+// debitTokens charges n generated tokens to the tenant. Pacing, it returns
+// how long the stream must wait out its debt (the caller waits, so that a
+// coalescing stream keeps flushing meanwhile); cutting off, it returns a
+// *rateLimited once the tenant is over its rate.
+func (a *admission) debitTokens(ctx context.Context, n int) (time.Duration, error) {
+	if a.limit.OutputTokensPerSecond <= 0 || n <= 0 {
+		return 0, nil
+	}
+	bucket := ratelimit.Limit{Rate: a.limit.OutputTokensPerSecond, Burst: a.limit.OutputTokenBurst}
+	if a.tokKey == "" {
+		a.tokKey = "tok:" + a.tenant // built once per request, not per token
+	}
+	d, err := a.l.store.Take(ctx, a.tokKey, bucket, n, !a.l.cfg.CutOff)
+	if err != nil {
+		return 0, fmt.Errorf("rate limit store: %w", err)
+	}
+	if !d.OK {
+		return 0, &rateLimited{tenant: a.tenant, limit: limitTokens, retryAfter: d.Wait}
+	}
+	return d.Wait, nil
+}
+
+func secondsFor(units int, rate float64) time.Duration {
+	return time.Duration(float64(units) / rate * float64(time.Second))
+}
+
+func ceilSeconds(d time.Duration) int {
+	return int(math.Ceil(d.Seconds()))
+}
+
+// rateLimitHeaders is used by writeError for refusals.
+func rateLimitHeaders(h http.Header, e *rateLimited) {
+	if e.policy != "" {
+		h.Set("RateLimit-Policy", e.policy)
+		h.Set("RateLimit", e.state)
+	}
+}

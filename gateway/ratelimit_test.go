@@ -1,0 +1,220 @@
+package gateway
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"h3infer/internal/redistest"
+	"h3infer/ratelimit"
+	"h3infer/scheduler"
+	"h3infer/transport"
+)
+
+func scrape(t *testing.T, h *harness) string {
+	t.Helper()
+	r, err := http.Get(h.admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	b, _ := io.ReadAll(r.Body)
+	return string(b)
+}
+
+// checkRefusal asserts a 429 in the OpenAI error shape with Retry-After.
+func checkRefusal(t *testing.T, resp *http.Response, wantPolicy string) {
+	t.Helper()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("status %d, want 429; body %s", resp.StatusCode, body)
+	}
+	if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err != nil || s < 1 {
+		t.Errorf("Retry-After %q, want whole seconds >= 1", resp.Header.Get("Retry-After"))
+	}
+	if got := resp.Header.Get("RateLimit-Policy"); got != wantPolicy {
+		t.Errorf("RateLimit-Policy %q, want %q", got, wantPolicy)
+	}
+	var e struct {
+		Error struct {
+			Type string  `json:"type"`
+			Code *string `json:"code"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(body, &e); err != nil || e.Error.Code == nil || *e.Error.Code != "rate_limit_exceeded" {
+		t.Errorf("body %s: want an OpenAI error with code rate_limit_exceeded", body)
+	}
+}
+
+func TestRequestRateLimitPerTenant(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.RateLimits = RateLimits{
+			Default: TenantLimit{RequestsPerSecond: 0.25, RequestBurst: 2},
+			Tenants: map[string]TenantLimit{"gold": {}},
+		}
+		c.Tenant = func(r *http.Request) string {
+			if v := r.Header.Get("X-Tenant"); v != "" {
+				return v
+			}
+			return scheduler.DefaultTenant
+		}
+	})
+	for i := range 2 {
+		resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("request %d: status %d", i, resp.StatusCode)
+		}
+		if got, want := resp.Header.Get("RateLimit"), `"requests";r=`+strconv.Itoa(1-i)+`;t=`; !strings.HasPrefix(got, want) {
+			t.Errorf("request %d: RateLimit %q, want prefix %q", i, got, want)
+		}
+	}
+	checkRefusal(t, h.post(t, "h2", "/v1/chat/completions", chatStream), `"requests";q=2;w=8`)
+	// A tenant with its own (empty) limits is not held back by the default's.
+	for range 3 {
+		resp := h.post(t, "h3", "/v1/chat/completions", chatStream, "X-Tenant", "gold")
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("gold tenant: status %d", resp.StatusCode)
+		}
+	}
+	// An unlisted tenant has the default limits, its own bucket, and the
+	// label "other".
+	for range 2 {
+		io.Copy(io.Discard, h.post(t, "h3", "/v1/chat/completions", chatStream, "X-Tenant", "t-123").Body)
+	}
+	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStream, "X-Tenant", "t-123"), `"requests";q=2;w=8`)
+	text := scrape(t, h)
+	for _, want := range []string{
+		`h3infer_rate_limit_refusals_total{limit="requests",tenant="default"} 1`,
+		`h3infer_rate_limit_refusals_total{limit="requests",tenant="other"} 1`,
+		`h3infer_http_requests_total{protocol="h2",route="/v1/chat/completions",status="429"} 1`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	promtoolCheck(t, text)
+}
+
+// longAnswer is a finished stream of n one-token events.
+func longAnswer(n int) []transport.Event {
+	var texts []string
+	for range n {
+		texts = append(texts, "x")
+	}
+	return append(tokens(texts...), done(transport.FinishLength, 3, uint32(n)))
+}
+
+func TestOutputTokensPaced(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.RateLimits.Default = TenantLimit{OutputTokensPerSecond: 20, OutputTokenBurst: 1}
+	})
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return longAnswer(11), nil })
+	start := time.Now()
+	resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
+	events := sseEvents(t, resp.Body)
+	elapsed := time.Since(start)
+	// The burst covers the first token; the other ten owe 50ms each. This
+	// is a lower bound, which load can only lengthen.
+	if elapsed < 500*time.Millisecond {
+		t.Errorf("11 tokens at 20/s streamed in %v, want >= 500ms", elapsed)
+	}
+	if last := events[len(events)-1]; last != "[DONE]" {
+		t.Errorf("paced stream ended with %q, want [DONE]", last)
+	}
+}
+
+func TestOutputTokensCutOff(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.RateLimits = RateLimits{Default: TenantLimit{OutputTokensPerSecond: 0.1, OutputTokenBurst: 3}, CutOff: true}
+	})
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return longAnswer(10), nil })
+	resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
+	events := sseEvents(t, resp.Body)
+	last := events[len(events)-1]
+	if !strings.Contains(last, "rate_limit_exceeded") {
+		t.Fatalf("cut-off stream ended with %q, want a rate_limit_exceeded error event", last)
+	}
+	// Opening chunk plus the three tokens of the burst, then the error.
+	if len(events) != 5 {
+		t.Errorf("got %d events, want 5: %q", len(events), events)
+	}
+	// Non-streamed, the bucket is already empty: a 429 after the first
+	// token.
+	resp = h.post(t, "h2", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}]}`)
+	checkRefusal(t, resp, "")
+	// The harness's token names a tenant the limits do not list: "other".
+	if !strings.Contains(scrape(t, h), `h3infer_rate_limit_refusals_total{limit="tokens",tenant="other"} 2`) {
+		t.Error("token refusals not counted")
+	}
+}
+
+func TestConcurrencyCap(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.RateLimits.Default = TenantLimit{MaxConcurrent: 1}
+	})
+	// The first request's stream stays open: a worker still generating.
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return tokens("a"), nil })
+	first := h.post(t, "h3", "/v1/chat/completions", chatStream)
+	if first.StatusCode != http.StatusOK {
+		t.Fatalf("first: status %d", first.StatusCode)
+	}
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return longAnswer(2), nil })
+	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStream), "")
+	// Ending the first frees the slot.
+	_, st := h.sched.last()
+	st.events <- done(transport.FinishStop, 1, 1)
+	close(st.events)
+	io.Copy(io.Discard, first.Body)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode == http.StatusOK {
+			break
+		}
+		// The handler releases its slot just after the client has read
+		// the end of the stream.
+		if time.Now().After(deadline) {
+			t.Fatalf("slot never freed: status %d", resp.StatusCode)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.Contains(scrape(t, h), `h3infer_rate_limit_refusals_total{limit="concurrency",tenant="default"}`) {
+		t.Error("concurrency refusals not counted")
+	}
+}
+
+// TestRedisSharedLimit runs two gateway instances against one real Redis:
+// the request budget is global, not per instance.
+func TestRedisSharedLimit(t *testing.T) {
+	client := redistest.Start(t)
+	limits := func(c *Config) {
+		c.RateLimits = RateLimits{
+			Default: TenantLimit{RequestsPerSecond: 0.1, RequestBurst: 3},
+			Store:   ratelimit.NewRedis(client, "h3infer:rl:"),
+		}
+	}
+	a, b := newHarness(t, limits), newHarness(t, limits)
+	// Each harness checks for leaks against what ran when it started, so
+	// close every client connection before either looks.
+	t.Cleanup(func() {
+		a.closeClients()
+		b.closeClients()
+		client.Close()
+	})
+	for i, h := range []*harness{a, b, a} {
+		resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("request %d: status %d", i, resp.StatusCode)
+		}
+	}
+	checkRefusal(t, b.post(t, "h3", "/v1/chat/completions", chatStream), `"requests";q=3;w=30`)
+	checkRefusal(t, a.post(t, "h2", "/v1/chat/completions", chatStream), `"requests";q=3;w=30`)
+}
