@@ -53,6 +53,9 @@ func (g *Gateway) adminRoutes() http.Handler {
 		io.WriteString(w, "ok\n")
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.cfg.Registry, promhttp.HandlerOpts{}))
+	if g.cfg.ModelAdmin != nil {
+		g.modelAdminRoutes(mux)
+	}
 	return mux
 }
 
@@ -102,6 +105,22 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		writeError(w, err)
 		return
 	}
+	// failed before the first token, for the per-version metrics.
+	failed := true
+	if g.cfg.Router != nil {
+		key := req.user
+		if key == "" {
+			key = sreq.Tenant
+		}
+		target, ver, done, err := g.cfg.Router.Route(req.model, key, r.Header.Get(VersionHeader))
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		defer func() { done(failed) }()
+		sreq.Job.Model = target
+		w.Header().Set(VersionHeader, ver)
+	}
 	st, err := g.sched.Submit(ctx, sreq)
 	if err != nil {
 		writeError(w, deadlineCause(ctx, err))
@@ -120,6 +139,7 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		writeError(w, deadlineCause(ctx, err))
 		return
 	}
+	failed = false
 	g.metrics.ttft.WithLabelValues(req.model).Observe(time.Since(start).Seconds())
 	enc := newEncoder(kind, req.model, start.Unix())
 	if req.stream {

@@ -42,6 +42,27 @@ type Config struct {
 	// Models to serve. Empty: the demo model under the name "demo", written
 	// into <state_dir>/models/demo/1 when missing.
 	Models []ModelConfig `json:"models"`
+	// ModelRepository is the versioned model repository the gateway
+	// watches. Default: <state_dir>/models when models is empty.
+	ModelRepository ModelRepositoryConfig `json:"model_repository"`
+}
+
+// ModelRepositoryConfig is the repository of versioned models,
+// dir/NAME/VERSION/ (see docs/MODELS.md).
+type ModelRepositoryConfig struct {
+	// Dir is the repository's root. Default: <state_dir>/models when no
+	// models are listed, else none.
+	Dir string `json:"dir"`
+	// Poll is how often the repository is read for new versions.
+	// Default 2s.
+	Poll Duration `json:"poll"`
+	// AutoPromote switches to a new, higher version as soon as it has
+	// loaded and passed its checks; false leaves that to the admin API.
+	// Default true.
+	AutoPromote *bool `json:"auto_promote"`
+	// DrainTimeout bounds how long a retired version waits for its
+	// requests before it is unloaded anyway. Default 5m.
+	DrainTimeout Duration `json:"drain_timeout"`
 }
 
 // TLSConfig names a certificate to serve. Both empty: the development CA and
@@ -292,6 +313,18 @@ func (c Config) withDefaults() Config {
 	}
 	def(&c.ZeroRTT.SessionKeysFile, filepath.Join(c.StateDir, "session-keys.json"))
 	def(&c.ZeroRTT.StrikeRegister, "memory")
+	if c.ModelRepository.Dir == "" && len(c.Models) == 0 {
+		c.ModelRepository.Dir = filepath.Join(c.StateDir, "models")
+	}
+	if c.ModelRepository.Poll == 0 {
+		c.ModelRepository.Poll = Duration(2 * time.Second)
+	}
+	if c.ModelRepository.AutoPromote == nil {
+		c.ModelRepository.AutoPromote = new(true)
+	}
+	if c.ModelRepository.DrainTimeout == 0 {
+		c.ModelRepository.DrainTimeout = Duration(5 * time.Minute)
+	}
 	return c
 }
 
@@ -408,6 +441,12 @@ func (c Config) validate() error {
 		if _, err := tlsbind.ParseEarlyPolicy(p); err != nil {
 			bad(fmt.Sprintf("zero_rtt.routes[%q]", path), "%v", err)
 		}
+	}
+	if c.ModelRepository.Poll < 0 {
+		bad("model_repository.poll", "must be > 0, got %s", time.Duration(c.ModelRepository.Poll))
+	}
+	if c.ModelRepository.DrainTimeout < 0 {
+		bad("model_repository.drain_timeout", "must be > 0, got %s", time.Duration(c.ModelRepository.DrainTimeout))
 	}
 	seen := map[string]bool{}
 	for i, m := range c.Models {
