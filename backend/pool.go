@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -75,6 +76,10 @@ type Pool struct {
 	started bool
 	closed  bool
 	changed chan struct{} // closed and replaced whenever a worker's readiness changes
+	models  []ModelSpec   // what a starting process loads; LoadModel and UnloadModel change it
+
+	controlMu  sync.Mutex // one LoadModel or UnloadModel at a time
+	controlSeq uint64     // under controlMu
 
 	closing   chan struct{}
 	closeOnce sync.Once
@@ -138,7 +143,7 @@ func NewPool(cfg PoolConfig, log *slog.Logger) (*Pool, error) {
 		}
 		cfg.Executable = exe
 	}
-	p := &Pool{cfg: cfg, log: log, changed: make(chan struct{}), closing: make(chan struct{})}
+	p := &Pool{cfg: cfg, log: log, changed: make(chan struct{}), closing: make(chan struct{}), models: slices.Clone(cfg.Worker.Models)}
 	for i := range cfg.Workers {
 		p.workers = append(p.workers, &Worker{id: i, pool: p})
 	}
@@ -376,7 +381,11 @@ func (p *Pool) launch(w *Worker) (*process, error) {
 	if err != nil {
 		return nil, fmt.Errorf("worker %d: create ring: %w", w.id, err)
 	}
-	args := append([]string{"worker"}, p.cfg.Worker.Args()...)
+	wc := p.cfg.Worker
+	p.mu.Lock()
+	wc.Models = slices.Clone(p.models)
+	p.mu.Unlock()
+	args := append([]string{"worker"}, wc.Args()...)
 	cmd := exec.Command(p.cfg.Executable, args...)
 	cmd.ExtraFiles = []*os.File{seg.File()}
 	if len(p.cfg.Env) > 0 {

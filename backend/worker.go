@@ -210,6 +210,7 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 	if cfg.TracerProvider != nil {
 		w.tracer = cfg.TracerProvider.Tracer(tracerName)
 	}
+	w.loadOpts = ModelOptions{IntraOpThreads: cfg.IntraOpThreads}
 	defer w.closeAll()
 	if err := end.SendReady(ready); err != nil {
 		return closedOK(fmt.Errorf("worker: send ready: %w", err))
@@ -219,12 +220,14 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 	inbox := make(chan inbound, 64)
 	recvErr := make(chan error, 1)
 	stopRecv := make(chan struct{})
+	w.inbox, w.stop = inbox, stopRecv
 	var wg sync.WaitGroup
 	wg.Go(func() { receive(end, inbox, recvErr, stopRecv) })
 	defer func() {
 		end.Close() // wakes a Recv sleeping on the ring
 		close(stopRecv)
 		wg.Wait()
+		w.loaders.Wait() // a loader that could not hand its model over closed it
 	}()
 	return closedOK(w.serve(ctx, inbox, recvErr, cfg.StatsInterval))
 }
@@ -241,10 +244,14 @@ func closedOK(err error) error {
 // inbound is one frame from the gateway, decoded by the receive goroutine
 // because Recv reuses the payload's storage.
 type inbound struct {
-	typ    transport.FrameType
-	id     uint64
-	submit transport.Submit
-	err    error
+	typ     transport.FrameType
+	id      uint64
+	submit  transport.Submit
+	control transport.Control
+	err     error
+	// loaded is set, with typ 0, by a loader goroutine handing the loop
+	// the outcome of a ControlLoad.
+	loaded *loadOutcome
 }
 
 // receive runs Recv until the ring closes or stop is closed. A blocking
@@ -259,8 +266,11 @@ func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- erro
 			return
 		}
 		in := inbound{typ: f.Type, id: f.ID}
-		if f.Type == transport.FrameSubmit {
+		switch f.Type {
+		case transport.FrameSubmit:
 			in.submit, in.err = transport.DecodeSubmit(f.Payload)
+		case transport.FrameControl:
+			in.control, in.err = transport.DecodeControl(f.Payload)
 		}
 		select {
 		case inbox <- in:
@@ -316,6 +326,16 @@ type workerLoop struct {
 	stats    transport.Stats
 	log      *slog.Logger
 	tracer   trace.Tracer
+
+	// Versions come and go while the loop runs (control.go): loaders run
+	// beside the loop and hand their model back through inbox; draining
+	// models take no new requests and close once their last sequence ends.
+	loadOpts ModelOptions
+	inbox    chan<- inbound
+	stop     <-chan struct{}
+	loaders  sync.WaitGroup
+	loading  map[string]bool
+	draining map[*Model]bool
 }
 
 // tracerName is the instrumentation scope of the worker's spans.
@@ -327,8 +347,8 @@ const tracerName = "h3infer/backend"
 const maxPrefillTokens = 1024
 
 func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]*Model, log *slog.Logger) *workerLoop {
-	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{}, byGen: map[*generation]*running{}, log: log,
-		tracer: noop.NewTracerProvider().Tracer(tracerName)}
+	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{}, byGen: map[*generation]*running{},
+		loading: map[string]bool{}, draining: map[*Model]bool{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName)}
 	names := make([]string, 0, len(models))
 	for name := range models {
 		names = append(names, name)
@@ -411,6 +431,7 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 			}
 		}
 	}
+	w.reap()
 	return nil
 }
 
@@ -554,6 +575,12 @@ func (w *workerLoop) handle(in inbound) error {
 			w.forget(r)
 			w.stats.SequencesCancelled++
 		}
+	case transport.FrameControl:
+		return w.control(in)
+	case 0:
+		if in.loaded != nil {
+			return w.loaded(in.loaded)
+		}
 	case transport.FrameHeartbeat:
 	default:
 		w.log.Warn("unexpected frame from gateway", "frame", in.typ.String(), "request_id", in.id)
@@ -644,7 +671,8 @@ func (w *workerLoop) sendStats() error {
 	return w.end.SendStats(w.stats)
 }
 
-// closeAll drops every sequence; the models are closed by RunWorker.
+// closeAll drops every sequence; the models are closed by RunWorker,
+// draining ones here.
 func (w *workerLoop) closeAll() {
 	for _, r := range w.byID {
 		r.span.AddEvent("worker stopped")
@@ -653,5 +681,11 @@ func (w *workerLoop) closeAll() {
 	for _, b := range w.batches {
 		b.close()
 	}
+	for m := range w.draining {
+		if err := m.Close(); err != nil {
+			w.log.Warn("close model", "model", m.name, "err", err)
+		}
+	}
+	w.draining = nil
 	w.pending, w.byID, w.byGen = nil, nil, nil
 }

@@ -116,6 +116,12 @@ func apiErrorOf(err error) apiError {
 		tenantLimit *scheduler.TenantLimitError
 		worker      *workerFailure
 		limited     *rateLimited
+		// A Router's or ModelAdmin's refusal of a model or version that
+		// does not exist says so with NotFound.
+		missingVersion interface {
+			error
+			NotFound() bool
+		}
 	)
 	// RFC 6750 section 3: the challenge names the realm and why.
 	challenge := func(e apiError, code string) apiError {
@@ -161,6 +167,8 @@ func apiErrorOf(err error) apiError {
 			fmt.Sprintf("%s: expected %s, got JSON %s", param, jsonType.Type, jsonType.Value))
 	case errors.As(err, &unknown):
 		return mk(http.StatusNotFound, invalidRequest, "model", transport.CodeModelNotFound, unknown.Error())
+	case errors.As(err, &missingVersion) && missingVersion.NotFound():
+		return mk(http.StatusNotFound, invalidRequest, "model", transport.CodeModelNotFound, missingVersion.Error())
 	case errors.As(err, &method):
 		e := mk(http.StatusMethodNotAllowed, invalidRequest, "", "method_not_allowed", method.Error())
 		e.allow = method.allow

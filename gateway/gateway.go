@@ -52,6 +52,26 @@ func (a schedulerAdapter) Submit(ctx context.Context, r *scheduler.Request) (Tok
 	return st, nil
 }
 
+// Router picks the version of a model that serves one request (see
+// backend.Registry): the version pinned by the client, else a weighted,
+// sticky split by key. target is the name the workers know the version by;
+// done must be called when the request ends.
+type Router interface {
+	Route(model, key, pin string) (target, version string, done func(failed bool), err error)
+}
+
+// ModelAdmin changes which model versions are loaded and routed; the admin
+// listener serves it under /admin/models. Errors with a NotFound() bool
+// method that returns true become 404, other errors 409.
+type ModelAdmin interface {
+	ModelStatus() any
+	LoadVersion(ctx context.Context, model, version string) error
+	UnloadVersion(ctx context.Context, model, version string) error
+	Promote(ctx context.Context, model, version string) error
+	Canary(ctx context.Context, model, version string, percent float64) error
+	Rollback(ctx context.Context, model string) error
+}
+
 // Catalog says which models the workers serve and whether any worker is up.
 type Catalog interface {
 	Models() []transport.ModelInfo
@@ -94,6 +114,11 @@ type Config struct {
 	Registry *prometheus.Registry
 	// Auth configures tokens and the 0-RTT guard; auth is on by default.
 	Auth AuthConfig
+	// Router, when set, maps each request's model to a version. nil: the
+	// model name goes to the workers as it is.
+	Router Router
+	// ModelAdmin, when set, is served on the admin listener.
+	ModelAdmin ModelAdmin
 	// QUICKeys, when set, are shared with other instances so that each
 	// accepts the others' address tokens and stateless resets. Default:
 	// random per start.

@@ -64,6 +64,9 @@ func (g *Gateway) adminRoutes() http.Handler {
 	mux.Handle("/debug/pprof/profile", g.adminAuth(http.HandlerFunc(pprof.Profile)))
 	mux.Handle("/debug/pprof/symbol", g.adminAuth(http.HandlerFunc(pprof.Symbol)))
 	mux.Handle("/debug/pprof/trace", g.adminAuth(http.HandlerFunc(pprof.Trace)))
+	if g.cfg.ModelAdmin != nil {
+		g.modelAdminRoutes(mux)
+	}
 	return mux
 }
 
@@ -164,6 +167,23 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 
 	job := req.job
 	job.TraceParent = traceParent(ctx)
+	// versionFailed says whether the routed version failed the request
+	// before its first token, for the per-version metrics.
+	versionFailed := true
+	if g.cfg.Router != nil {
+		key := req.user
+		if key == "" {
+			key = tenant
+		}
+		target, ver, done, err := g.cfg.Router.Route(req.model, key, r.Header.Get(VersionHeader))
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		defer func() { done(versionFailed) }()
+		job.Model = target
+		w.Header().Set(VersionHeader, ver)
+	}
 	qctx, qspan := g.tracer.Start(ctx, "admission")
 	sreq := &scheduler.Request{
 		Tenant:         tenant,
@@ -213,6 +233,8 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		writeError(w, err)
 		return
 	}
+	// The first token arrived: the version served the request.
+	versionFailed = false
 	enc := newEncoder(kind, req.model, start.Unix())
 	if req.stream {
 		g.stream(ctx, w, run, enc, ev, prio)

@@ -27,7 +27,7 @@ func (k apiKind) promptParam() string {
 }
 
 // completionRequest is the OpenAI request body. Fields OpenAI accepts that
-// h3infer does not act on (user, logit_bias, ...) are ignored, as OpenAI
+// h3infer does not act on (logit_bias, ...) are ignored, as OpenAI
 // ignores unknown ones.
 type completionRequest struct {
 	Model               string          `json:"model"`
@@ -44,6 +44,8 @@ type completionRequest struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 	N *int64 `json:"n"`
+	// User is OpenAI's end-user id; h3infer keys sticky canary splits by it.
+	User string `json:"user"`
 }
 
 type chatMessage struct {
@@ -63,6 +65,7 @@ type completion struct {
 	model        string
 	stream       bool
 	includeUsage bool
+	user         string
 	job          transport.Submit
 }
 
@@ -77,7 +80,7 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 	if err := json.Unmarshal(body, &req); err != nil {
 		return nil, fmt.Errorf("decode request: %w", err)
 	}
-	c := &completion{kind: kind, model: req.Model, stream: req.Stream}
+	c := &completion{kind: kind, model: req.Model, stream: req.Stream, user: req.User}
 	if req.Model == "" {
 		return nil, invalidf("model", "model: required")
 	}

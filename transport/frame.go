@@ -11,7 +11,7 @@ import (
 type FrameType uint8
 
 // Frame types. Values are part of the wire format between a gateway and
-// worker built from the same source; 9 is kept for FrameControl.
+// worker built from the same source.
 const (
 	FrameSubmit    FrameType = 1 // gateway → worker: Submit
 	FrameCancel    FrameType = 2 // gateway → worker: empty payload
@@ -21,8 +21,12 @@ const (
 	FrameHeartbeat FrameType = 6 // either way, ID 0: empty payload
 	FrameReady     FrameType = 7 // worker → gateway, ID 0: Ready
 	FrameStats     FrameType = 8 // worker → gateway, ID 0: Stats
+	// FrameControl asks a worker to load or unload a model; the worker
+	// answers on the same ID with FrameDone (FinishReason "ok") or
+	// FrameError, so a control request is a Call like any other.
+	FrameControl FrameType = 9 // gateway → worker: Control
 
-	maxFrameType = FrameStats
+	maxFrameType = FrameControl
 )
 
 var frameTypeNames = [...]string{
@@ -34,6 +38,7 @@ var frameTypeNames = [...]string{
 	FrameHeartbeat: "heartbeat",
 	FrameReady:     "ready",
 	FrameStats:     "stats",
+	FrameControl:   "control",
 }
 
 func (t FrameType) String() string {
@@ -392,4 +397,26 @@ func DecodeStats(p []byte) (Stats, error) {
 		return Stats{}, err
 	}
 	return s, nil
+}
+
+// AppendControl appends the encoding of c to b.
+func AppendControl(b []byte, c *Control) []byte {
+	b = append(b, byte(c.Op))
+	b = appendString(b, c.Name)
+	return appendString(b, c.Dir)
+}
+
+// DecodeControl decodes a FrameControl payload.
+func DecodeControl(p []byte) (Control, error) {
+	d := decoder{p: p, what: "control"}
+	c := Control{Op: ControlOp(d.byte("op"))}
+	if d.err == nil && (c.Op == 0 || c.Op > maxControlOp) {
+		d.fail("unknown op %d", c.Op)
+	}
+	c.Name = d.string("name")
+	c.Dir = d.string("dir")
+	if err := d.finish(); err != nil {
+		return Control{}, err
+	}
+	return c, nil
 }

@@ -288,3 +288,44 @@ func FuzzDecodeStats(f *testing.F) {
 		}
 	})
 }
+
+func TestControlRoundTrip(t *testing.T) {
+	for name, c := range map[string]Control{
+		"load":   {Op: ControlLoad, Name: "demo@2", Dir: "/srv/models/demo/2"},
+		"unload": {Op: ControlUnload, Name: "demo@1"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			got, err := DecodeControl(AppendControl(nil, &c))
+			if err != nil || got != c {
+				t.Errorf("got %+v, %v; want %+v", got, err, c)
+			}
+		})
+	}
+	for name, p := range map[string][]byte{
+		"empty":      nil,
+		"unknown op": AppendControl(nil, &Control{Op: 7, Name: "x"}),
+		"zero op":    AppendControl(nil, &Control{Name: "x"}),
+		"trailing":   append(AppendControl(nil, &Control{Op: ControlUnload, Name: "x"}), 0),
+		"truncated":  AppendControl(nil, &Control{Op: ControlLoad, Name: "demo", Dir: "/d"})[:5],
+	} {
+		if _, err := DecodeControl(p); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: got %v, want ErrMalformed", name, err)
+		}
+	}
+}
+
+func FuzzDecodeControl(f *testing.F) {
+	f.Add(AppendControl(nil, &Control{Op: ControlLoad, Name: "demo@2", Dir: "/srv/models/demo/2"}))
+	f.Add(AppendControl(nil, &Control{Op: ControlUnload, Name: "demo@1"}))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		c, err := DecodeControl(p)
+		if err != nil {
+			return
+		}
+		b := AppendControl(nil, &c)
+		c2, err := DecodeControl(b)
+		if err != nil || c2 != c {
+			t.Fatalf("re-decoded %+v, %v; want %+v", c2, err, c)
+		}
+	})
+}

@@ -134,6 +134,17 @@ func (c *Call) Cancel() {
 // by another open call. Open blocks while the request ring is full, and is
 // safe for concurrent use.
 func (g *GatewayEnd) Open(id uint64, s *Submit) (*Call, error) {
+	return g.open(id, FrameSubmit, func(b []byte) []byte { return AppendSubmit(b, s) })
+}
+
+// Control sends a control request under id, which must not be in use; the
+// call ends with Done (FinishOK) or Error once the worker has acted on it.
+// Control requests share the id space of Open's calls.
+func (g *GatewayEnd) Control(id uint64, c *Control) (*Call, error) {
+	return g.open(id, FrameControl, func(b []byte) []byte { return AppendControl(b, c) })
+}
+
+func (g *GatewayEnd) open(id uint64, typ FrameType, encode func([]byte) []byte) (*Call, error) {
 	c := &Call{id: id, g: g, events: make(chan Event, g.callBuffer+1)}
 	g.callsMu.Lock()
 	switch {
@@ -150,8 +161,8 @@ func (g *GatewayEnd) Open(id uint64, s *Submit) (*Call, error) {
 	g.callsMu.Unlock()
 
 	g.sendMu.Lock()
-	g.sendBuf = AppendSubmit(g.sendBuf[:0], s)
-	err := g.seg.send(requestRing, FrameSubmit, id, g.sendBuf)
+	g.sendBuf = encode(g.sendBuf[:0])
+	err := g.seg.send(requestRing, typ, id, g.sendBuf)
 	g.sendMu.Unlock()
 	if err != nil {
 		c.mu.Lock()

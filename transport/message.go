@@ -84,3 +84,30 @@ type Stats struct {
 	SequencesCancelled uint64
 	Active             uint32
 }
+
+// ControlOp says what a Control asks of a worker.
+type ControlOp uint8
+
+// Control operations.
+const (
+	// ControlLoad loads the model in Dir under Name beside the models
+	// already served, warms it up and, when Dir holds golden.json, checks
+	// its answer.
+	ControlLoad ControlOp = 1
+	// ControlUnload stops admitting requests for Name and closes the model
+	// once its running sequences have finished.
+	ControlUnload ControlOp = 2
+
+	maxControlOp = ControlUnload
+)
+
+// Control is a request to change the models a worker serves. The worker
+// answers with Done (FinishReason FinishOK) or Error on the frame's ID.
+type Control struct {
+	Op   ControlOp
+	Name string // the name requests use, "model@version" for versions
+	Dir  string // the model directory, for ControlLoad
+}
+
+// FinishOK is the FinishReason of a successful control request.
+const FinishOK = "ok"

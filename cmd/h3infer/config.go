@@ -50,6 +50,27 @@ type Config struct {
 	// Models to serve. Empty: the demo model under the name "demo", written
 	// into <state_dir>/models/demo/1 when missing.
 	Models []ModelConfig `json:"models"`
+	// ModelRepository is the versioned model repository the gateway
+	// watches. Default: <state_dir>/models when models is empty.
+	ModelRepository ModelRepositoryConfig `json:"model_repository"`
+}
+
+// ModelRepositoryConfig is the repository of versioned models,
+// dir/NAME/VERSION/ (see docs/MODELS.md).
+type ModelRepositoryConfig struct {
+	// Dir is the repository's root. Default: <state_dir>/models when no
+	// models are listed, else none.
+	Dir string `json:"dir"`
+	// Poll is how often the repository is read for new versions.
+	// Default 2s.
+	Poll Duration `json:"poll"`
+	// AutoPromote switches to a new, higher version as soon as it has
+	// loaded and passed its checks; false leaves that to the admin API.
+	// Default true.
+	AutoPromote *bool `json:"auto_promote"`
+	// DrainTimeout bounds how long a retired version waits for its
+	// requests before it is unloaded anyway. Default 5m.
+	DrainTimeout Duration `json:"drain_timeout"`
 }
 
 // TLSConfig names a certificate to serve. Both empty: the development CA and
@@ -337,6 +358,18 @@ func (c Config) withDefaults() Config {
 	def(&c.ZeroRTT.StrikeRegister, "memory")
 	def(&c.RateLimits.Store, "local")
 	def(&c.RateLimits.RedisPrefix, "h3infer:rl:")
+	if c.ModelRepository.Dir == "" && len(c.Models) == 0 {
+		c.ModelRepository.Dir = filepath.Join(c.StateDir, "models")
+	}
+	if c.ModelRepository.Poll == 0 {
+		c.ModelRepository.Poll = Duration(2 * time.Second)
+	}
+	if c.ModelRepository.AutoPromote == nil {
+		c.ModelRepository.AutoPromote = new(true)
+	}
+	if c.ModelRepository.DrainTimeout == 0 {
+		c.ModelRepository.DrainTimeout = Duration(5 * time.Minute)
+	}
 	return c
 }
 
@@ -468,6 +501,12 @@ func (c Config) validate() error {
 	}
 	if e := c.Tracing.OTLPEndpoint; e != "" && !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") {
 		bad("tracing.otlp_endpoint", "want an http:// or https:// URL, got %q", e)
+	}
+	if c.ModelRepository.Poll < 0 {
+		bad("model_repository.poll", "must be > 0, got %s", time.Duration(c.ModelRepository.Poll))
+	}
+	if c.ModelRepository.DrainTimeout < 0 {
+		bad("model_repository.drain_timeout", "must be > 0, got %s", time.Duration(c.ModelRepository.DrainTimeout))
 	}
 	seen := map[string]bool{}
 	for i, m := range c.Models {

@@ -29,6 +29,7 @@ Usage:
   h3infer token    issue --tenant NAME [--state-dir DIR] [--models a,b] [--ttl 24h] [--bind optional|required] [--urgency-ceiling N]
   h3infer token    rotate [--state-dir DIR] [--keep 720h]
   h3infer certs init [--state-dir DIR] [--name NAME]... [--force]
+  h3infer models   [--admin ADDR] list | load|unload|promote MODEL VERSION | canary MODEL VERSION PERCENT | rollback MODEL
   h3infer genmodel --out DIR [--layers N --heads N --hidden N --context N --random --seed N]
   h3infer worker   (started by serve, never by hand)
 
@@ -64,6 +65,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runToken(rest, stdout)
 	case "genmodel":
 		err = runGenmodel(rest, stdout)
+	case "models":
+		err = runModels(ctx, rest, stdout)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,6 +27,7 @@ import (
 	"h3infer/ratelimit"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
+	"h3infer/transport"
 )
 
 // shutdownGrace bounds how long in-flight streams may run after SIGTERM.
@@ -73,8 +75,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	if err != nil {
 		return err
 	}
-	models, err := modelSpecs(cfg, log)
-	if err != nil {
+	if err := ensureDemo(cfg, log); err != nil {
 		return err
 	}
 	exe, err := os.Executable()
@@ -112,7 +113,27 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	}
 	defer closeAuth()
 
-	pool, err := backend.NewPool(backend.PoolConfig{
+	var static []backend.ModelSpec
+	for _, m := range cfg.Models {
+		static = append(static, backend.ModelSpec{Name: m.Name, Dir: m.Dir})
+	}
+	var pool *backend.Pool
+	registry, err := backend.NewRegistry(backend.RegistryConfig{
+		Root:         cfg.ModelRepository.Dir,
+		Static:       static,
+		Poll:         time.Duration(cfg.ModelRepository.Poll),
+		AutoPromote:  *cfg.ModelRepository.AutoPromote,
+		DrainTimeout: time.Duration(cfg.ModelRepository.DrainTimeout),
+		Registerer:   reg,
+	}, poolLoader{&pool}, log)
+	if err != nil {
+		return err
+	}
+	models, err := registry.Initial()
+	if err != nil {
+		return err
+	}
+	pool, err = backend.NewPool(backend.PoolConfig{
 		Workers:    cfg.Workers.Count,
 		Executable: exe,
 		Worker: backend.WorkerConfig{
@@ -174,7 +195,9 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		Status:         func() any { return adminStatus(pool, sched) },
 		Auth:           auth,
 		QUICKeys:       quicKeys,
-	}, gateway.FromScheduler(sched), pool, log)
+		Router:         registry,
+		ModelAdmin:     registry,
+	}, gateway.FromScheduler(sched), registry, log)
 	if err != nil {
 		return err
 	}
@@ -193,6 +216,8 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		log.Info("ready", "models", len(models))
 		printNextSteps(stdout, gw.Addr(), gw.AdminAddr(), dev, devToken, cfg.StateDir)
 	}
+	var watch sync.WaitGroup
+	watch.Go(func() { registry.Watch(ctx) })
 	<-ctx.Done()
 	log.Info("shutting down", "grace", shutdownGrace)
 
@@ -200,6 +225,8 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
 	err = gw.Shutdown(sctx)
+	registry.Close()
+	watch.Wait()
 	sched.Close()
 	if cerr := pool.Close(); cerr != nil {
 		err = errors.Join(err, cerr)
@@ -232,31 +259,40 @@ func serverTLS(cfg Config) (*tls.Config, *certs.Dev, error) {
 	return &tls.Config{Certificates: []tls.Certificate{kp}, MinVersion: tls.VersionTLS12}, dev, nil
 }
 
-// modelSpecs returns the configured models, or the demo model, written into
-// the state dir the first time.
-func modelSpecs(cfg Config, log *slog.Logger) ([]backend.ModelSpec, error) {
-	var specs []backend.ModelSpec
-	for _, m := range cfg.Models {
-		specs = append(specs, backend.ModelSpec{Name: m.Name, Dir: m.Dir})
+// ensureDemo writes the demo model as version 1 of "demo" into the default
+// repository, <state_dir>/models, when that repository is in use and holds
+// no model yet.
+func ensureDemo(cfg Config, log *slog.Logger) error {
+	if len(cfg.Models) > 0 || cfg.ModelRepository.Dir != filepath.Join(cfg.StateDir, "models") {
+		return nil
 	}
-	if len(specs) > 0 {
-		return specs, nil
+	entries, err := os.ReadDir(cfg.ModelRepository.Dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("model repository: %w", err)
 	}
-	dir := filepath.Join(cfg.StateDir, "models", "demo", "1")
-	if _, err := os.Stat(filepath.Join(dir, "model.onnx")); errors.Is(err, os.ErrNotExist) {
-		if err := onnxgen.Write(dir, onnxgen.DefaultOptions()); err != nil {
-			return nil, fmt.Errorf("write demo model: %w", err)
-		}
-		log.Info("wrote demo model", "dir", dir)
-	} else if err != nil {
-		return nil, fmt.Errorf("demo model: %w", err)
+	if len(entries) > 0 {
+		return nil
 	}
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		return nil, err
+	dir := filepath.Join(cfg.ModelRepository.Dir, "demo", "1")
+	if err := onnxgen.Write(dir, onnxgen.DefaultOptions()); err != nil {
+		return fmt.Errorf("write demo model: %w", err)
 	}
-	return []backend.ModelSpec{{Name: "demo", Dir: abs}}, nil
+	log.Info("wrote demo model", "dir", dir)
+	return nil
 }
+
+// poolLoader lets the registry, made before the pool whose first models
+// it chooses, reach the pool once it exists.
+type poolLoader struct{ pool **backend.Pool }
+
+func (p poolLoader) LoadModel(ctx context.Context, s backend.ModelSpec) error {
+	return (*p.pool).LoadModel(ctx, s)
+}
+func (p poolLoader) UnloadModel(ctx context.Context, name string) error {
+	return (*p.pool).UnloadModel(ctx, name)
+}
+func (p poolLoader) Models() []transport.ModelInfo { return (*p.pool).Models() }
+func (p poolLoader) Ready() bool                   { return (*p.pool).Ready() }
 
 // onnxRuntimeLib picks the ONNX Runtime library: the configured path (which
 // ONNXRUNTIME_LIB has already overridden), else the one `make` fetched next
@@ -415,5 +451,8 @@ func (p poolWorkers) Workers() []scheduler.Worker {
 var (
 	_ scheduler.WorkerSet = poolWorkers{}
 	_ scheduler.Worker    = (*backend.Worker)(nil)
-	_ gateway.Catalog     = (*backend.Pool)(nil)
+	_ gateway.Catalog     = (*backend.Registry)(nil)
+	_ gateway.Router      = (*backend.Registry)(nil)
+	_ gateway.ModelAdmin  = (*backend.Registry)(nil)
+	_ backend.ModelLoader = (*backend.Pool)(nil)
 )

@@ -1,0 +1,150 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sync"
+
+	"h3infer/transport"
+)
+
+// controlIDBase marks the ids of control requests, keeping them apart from
+// the scheduler's request ids, which count up from 1.
+const controlIDBase = 1 << 63
+
+// LoadModel loads spec in every worker beside the models they serve and
+// returns once all of them have loaded, warmed up and checked it; only then
+// do requests for spec.Name reach a worker. If any worker refuses it, the
+// others drop it again and the error says why; the models served before
+// are untouched. A worker that is restarting meanwhile loads it when it
+// starts. Requests keep flowing throughout.
+func (p *Pool) LoadModel(ctx context.Context, spec ModelSpec) error {
+	if spec.Name == "" || spec.Dir == "" {
+		return fmt.Errorf("pool: load model: name and dir are required, got %q %q", spec.Name, spec.Dir)
+	}
+	// Refusing a bad model.json here saves every worker the attempt.
+	cfg, err := readModelConfig(filepath.Join(spec.Dir, modelConfigFile))
+	if err != nil {
+		return fmt.Errorf("load model %s from %s: %w", spec.Name, spec.Dir, err)
+	}
+	info := transport.ModelInfo{Name: spec.Name, ContextLength: uint32(cfg.ContextLength)}
+
+	p.controlMu.Lock()
+	defer p.controlMu.Unlock()
+	p.mu.Lock()
+	if slices.ContainsFunc(p.models, func(m ModelSpec) bool { return m.Name == spec.Name }) {
+		p.mu.Unlock()
+		return fmt.Errorf("load model %s: already loaded", spec.Name)
+	}
+	p.models = append(p.models, spec)
+	p.mu.Unlock()
+
+	var (
+		mu     sync.Mutex
+		loaded []*Worker
+		errs   []error
+		wg     sync.WaitGroup
+	)
+	for _, w := range p.workers {
+		wg.Go(func() {
+			err := p.control(ctx, w, &transport.Control{Op: transport.ControlLoad, Name: spec.Name, Dir: spec.Dir})
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case errors.Is(err, ErrWorkerNotReady):
+				// It loads the model from its arguments when it starts.
+			case err != nil:
+				errs = append(errs, fmt.Errorf("worker %d: %w", w.id, err))
+			default:
+				loaded = append(loaded, w)
+			}
+		})
+	}
+	wg.Wait()
+	if len(errs) == 0 {
+		for _, w := range loaded {
+			w.mu.Lock()
+			w.models = append(w.models, info)
+			w.mu.Unlock()
+		}
+		p.notify()
+		return nil
+	}
+	p.mu.Lock()
+	p.models = slices.DeleteFunc(p.models, func(m ModelSpec) bool { return m.Name == spec.Name })
+	p.mu.Unlock()
+	for _, w := range loaded {
+		if err := p.control(context.WithoutCancel(ctx), w, &transport.Control{Op: transport.ControlUnload, Name: spec.Name}); err != nil && !errors.Is(err, ErrWorkerNotReady) {
+			p.log.Warn("undo load", "worker", w.id, "model", spec.Name, "err", err)
+		}
+	}
+	return fmt.Errorf("load model %s from %s: %w", spec.Name, spec.Dir, errors.Join(errs...))
+}
+
+// UnloadModel stops every worker serving name. Sequences already running
+// on it finish; requests sent afterwards fail with model_not_found, so the
+// caller must have stopped routing to it and let its requests drain first.
+func (p *Pool) UnloadModel(ctx context.Context, name string) error {
+	p.controlMu.Lock()
+	defer p.controlMu.Unlock()
+	p.mu.Lock()
+	n := len(p.models)
+	p.models = slices.DeleteFunc(p.models, func(m ModelSpec) bool { return m.Name == name })
+	found := len(p.models) != n
+	p.mu.Unlock()
+	if !found {
+		return fmt.Errorf("unload model %s: not loaded", name)
+	}
+	var errs []error
+	for _, w := range p.workers {
+		w.mu.Lock()
+		w.models = slices.DeleteFunc(w.models, func(m transport.ModelInfo) bool { return m.Name == name })
+		w.mu.Unlock()
+		err := p.control(ctx, w, &transport.Control{Op: transport.ControlUnload, Name: name})
+		if err != nil && !errors.Is(err, ErrWorkerNotReady) {
+			errs = append(errs, fmt.Errorf("worker %d: %w", w.id, err))
+		}
+	}
+	p.notify()
+	if len(errs) > 0 {
+		return fmt.Errorf("unload model %s: %w", name, errors.Join(errs...))
+	}
+	return nil
+}
+
+// control sends c to w and waits for its answer. The caller holds
+// controlMu.
+func (p *Pool) control(ctx context.Context, w *Worker, c *transport.Control) error {
+	w.mu.Lock()
+	end, ready := w.end, w.ready
+	w.mu.Unlock()
+	if !ready || end == nil {
+		return ErrWorkerNotReady
+	}
+	p.controlSeq++
+	call, err := end.Control(controlIDBase|p.controlSeq, c)
+	if err != nil {
+		return err
+	}
+	select {
+	case ev, ok := <-call.Events():
+		switch {
+		case !ok:
+			return errors.New("worker ended the control request without an answer")
+		case ev.Err != nil:
+			return fmt.Errorf("%s", ev.Err.Message)
+		case ev.Done == nil:
+			call.Cancel()
+			return errors.New("worker answered a control request with a token")
+		}
+		return nil
+	case <-ctx.Done():
+		// The worker still finishes what it started; an unwanted load is
+		// undone by the caller.
+		call.Cancel()
+		return ctx.Err()
+	}
+}
