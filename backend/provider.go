@@ -1,0 +1,175 @@
+package backend
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	ort "github.com/yalue/onnxruntime_go"
+)
+
+// Provider is the ONNX Runtime execution provider a model runs on.
+type Provider string
+
+// Providers. The zero value is ProviderCPU.
+const (
+	ProviderCPU Provider = "cpu"
+	// ProviderCUDA runs on an NVIDIA GPU and fails to load when the
+	// provider or the CUDA libraries it needs are missing.
+	ProviderCUDA Provider = "cuda"
+	// ProviderTensorRT runs through TensorRT, with CUDA for what TensorRT
+	// does not take; it needs the CUDA provider's libraries too.
+	ProviderTensorRT Provider = "tensorrt"
+	// ProviderAuto uses CUDA when it loads and otherwise the CPU, with a
+	// warning saying which library was missing.
+	ProviderAuto Provider = "auto"
+)
+
+// ParseProvider reads a provider name; "" is cpu.
+func ParseProvider(s string) (Provider, error) {
+	switch p := Provider(s); p {
+	case "":
+		return ProviderCPU, nil
+	case ProviderCPU, ProviderCUDA, ProviderTensorRT, ProviderAuto:
+		return p, nil
+	}
+	return "", fmt.Errorf("want cpu, cuda, tensorrt or auto, got %q", s)
+}
+
+// onGPU reports whether p places a session on a GPU when it loads.
+func (p Provider) onGPU() bool { return p == ProviderCUDA || p == ProviderTensorRT }
+
+// Libraries of the GPU providers. ONNX Runtime looks for its provider
+// libraries next to libonnxruntime.so; the CUDA and cuDNN libraries come
+// from the host, through the dynamic loader's search path.
+const (
+	libProvidersShared   = "libonnxruntime_providers_shared.so"
+	libProvidersCUDA     = "libonnxruntime_providers_cuda.so"
+	libProvidersTensorRT = "libonnxruntime_providers_tensorrt.so"
+	// libCUDART is the CUDA runtime the provider set of ORT 1.29 links
+	// against (CUDA 13); the worker also uses it to copy a device cache.
+	libCUDART = "libcudart.so.13"
+	// libCUDNN is loaded by the CUDA provider only when a graph needs it,
+	// so the loader does not name it when the provider loads; probing it
+	// here turns a failure deep inside the first run into one at start.
+	libCUDNN = "libcudnn.so.9"
+)
+
+// MissingLibraryError says which shared library a provider could not load.
+// ONNX Runtime reports this only in its own log, so the worker finds it
+// itself by asking the dynamic loader.
+type MissingLibraryError struct {
+	Provider Provider
+	Library  string // the library that failed to load
+	Reason   string // the loader's message, which names the missing file
+}
+
+func (e *MissingLibraryError) Error() string {
+	return fmt.Sprintf("provider %s: cannot load %s: %s (docs/GPU.md lists what the host must provide; make ort-cuda fetches the provider set)", e.Provider, e.Library, e.Reason)
+}
+
+// probeProvider checks, before any session is made, that every library p
+// needs loads: the provider libraries next to ortLib (their own NEEDED
+// CUDA libraries come with them, so the loader's message names the first
+// one missing) and cuDNN.
+func probeProvider(p Provider, ortLib string) error {
+	if !p.onGPU() {
+		return nil
+	}
+	dir := filepath.Dir(ortLib)
+	libs := []string{libProvidersShared, libProvidersCUDA}
+	if p == ProviderTensorRT {
+		libs = append(libs, libProvidersTensorRT)
+	}
+	for _, lib := range libs {
+		path := filepath.Join(dir, lib)
+		if _, err := os.Stat(path); err != nil {
+			return &MissingLibraryError{Provider: p, Library: lib, Reason: fmt.Sprintf("not found next to %s", filepath.Base(ortLib))}
+		}
+		if err := dlopenError(path); err != nil {
+			return &MissingLibraryError{Provider: p, Library: lib, Reason: err.Error()}
+		}
+	}
+	for _, lib := range []string{libCUDART, libCUDNN} {
+		if err := dlopenError(lib); err != nil {
+			return &MissingLibraryError{Provider: p, Library: lib, Reason: err.Error()}
+		}
+	}
+	return nil
+}
+
+// placement is where LoadModel put a session and how.
+type placement struct {
+	provider Provider // cpu, cuda or tensorrt: what the session runs on
+	device   int
+}
+
+// appendProvider adds p's execution provider to so. The CPU provider
+// needs nothing; ONNX Runtime always has it and falls back to it per node.
+func appendProvider(so *ort.SessionOptions, p Provider, device int, gpuMemLimit int64) error {
+	if !p.onGPU() {
+		return nil
+	}
+	cuda, err := ort.NewCUDAProviderOptions()
+	if err != nil {
+		return fmt.Errorf("cuda provider options: %w", err)
+	}
+	defer cuda.Destroy()
+	opts := map[string]string{"device_id": strconv.Itoa(device)}
+	if gpuMemLimit > 0 {
+		// The limit bounds the provider's arena, which holds the weights'
+		// working set and the device-resident KV cache.
+		opts["gpu_mem_limit"] = strconv.FormatInt(gpuMemLimit, 10)
+	}
+	if err := cuda.Update(opts); err != nil {
+		return fmt.Errorf("cuda provider options %v: %w", opts, err)
+	}
+	if p == ProviderTensorRT {
+		trt, err := ort.NewTensorRTProviderOptions()
+		if err != nil {
+			return fmt.Errorf("tensorrt provider options: %w", err)
+		}
+		defer trt.Destroy()
+		if err := trt.Update(map[string]string{"device_id": strconv.Itoa(device)}); err != nil {
+			return fmt.Errorf("tensorrt provider options: %w", err)
+		}
+		if err := so.AppendExecutionProviderTensorRT(trt); err != nil {
+			return fmt.Errorf("append tensorrt provider: %w", err)
+		}
+	}
+	if err := so.AppendExecutionProviderCUDA(cuda); err != nil {
+		return fmt.Errorf("append cuda provider: %w", err)
+	}
+	return nil
+}
+
+// choosePlacement resolves opts.Provider for a session: it probes the
+// libraries of a GPU provider and, for auto, falls back to the CPU with a
+// warning when they do not load. A GPU provider named outright fails.
+func choosePlacement(opts ModelOptions, log *slog.Logger) (placement, error) {
+	p := opts.Provider
+	if p == "" {
+		p = ProviderCPU
+	}
+	want := p
+	if p == ProviderAuto {
+		want = ProviderCUDA
+	}
+	if err := probeProvider(want, opts.ORTLib); err != nil {
+		if p != ProviderAuto {
+			return placement{}, err
+		}
+		if log != nil {
+			log.Warn("cuda unavailable, model runs on the cpu", "model", opts.Name, "err", err)
+		}
+		return placement{provider: ProviderCPU}, nil
+	}
+	return placement{provider: want, device: opts.DeviceID}, nil
+}
+
+// errNoLibrary is returned when a GPU provider is asked for without the
+// path of the runtime library, next to which its providers must sit.
+var errNoLibrary = errors.New("a GPU provider needs ModelOptions.ORTLib, the library its providers sit next to")
