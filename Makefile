@@ -11,7 +11,13 @@ ORT_BUNDLED    := $(ORT_DIR)/libonnxruntime.so.1
 ONNXRUNTIME_LIB ?= $(ORT_BUNDLED)
 export ONNXRUNTIME_LIB
 
-.PHONY: all build run test bench bench-urgency fuzz ort js screenshot clean
+# The GPU runtime (docs/GPU.md): ONNX Runtime 1.29.0 with its CUDA and
+# TensorRT providers in one folder; point onnxruntime_lib (or
+# ONNXRUNTIME_LIB) at $(ORT_CUDA_LIB) to serve models on a GPU.
+ORT_CUDA_DIR := $(CURDIR)/.cache/onnxruntime/1.29.0-cuda
+ORT_CUDA_LIB := $(ORT_CUDA_DIR)/libonnxruntime.so.1
+
+.PHONY: all build run test bench bench-urgency bench-gpu fuzz ort ort-cuda js screenshot clean
 
 all: build
 
@@ -24,6 +30,11 @@ ort: $(ONNXRUNTIME_LIB)
 
 $(ORT_BUNDLED):
 	@scripts/fetch-onnxruntime.sh "$(ORT_VERSION)" "$(ORT_TARBALL_SHA)" "$(ORT_LIB_SHA)" "$(ORT_DIR)"
+
+ort-cuda: $(ORT_CUDA_LIB)
+
+$(ORT_CUDA_LIB):
+	@scripts/fetch-onnxruntime-cuda.sh "$(ORT_CUDA_DIR)"
 
 # Starts the gateway and two workers on the demo model; creates certificates,
 # the model and a dev token (printed; `h3infer chat` reads it from

@@ -158,7 +158,7 @@ func (m *Model) createSession(dir string, opts ModelOptions, place placement) er
 		return fmt.Errorf("load model %s: session options: %w", dir, err)
 	}
 	defer so.Destroy()
-	if err := appendProvider(so, place.provider, place.device, opts.GPUMemoryBytes); err != nil {
+	if err := appendProvider(so, place.provider, place.device, opts.GPUMemoryBytes, opts.ORTLib); err != nil {
 		return fmt.Errorf("load model %s: %w", dir, err)
 	}
 	threads := opts.IntraOpThreads

@@ -29,6 +29,11 @@ enum {
 	h3_BindInput = 136,
 	h3_BindOutputToDevice = 138,
 	h3_GetBoundOutputValues = 140,
+	h3_CreateEnv = 3,
+	h3_ReleaseEnv = 92,
+	h3_GetEpDevices = 303,
+	h3_SessionOptionsAppendExecutionProvider_V2 = 304,
+	h3_EpDevice_EpName = 312,
 };
 
 typedef void *h3_status;
@@ -122,6 +127,36 @@ static char *h3_tensor(const void *const *api, void *v, void **data, int64_t *di
 	if (!e && *ndims > 8) e = strdup("tensor has more than 8 dimensions");
 	if (!e) e = h3_status_text(api, ((h3_status (*)(const void *, int64_t *, size_t))api[h3_GetDimensions])(info, dims, *ndims));
 	((void (*)(void *))api[h3_ReleaseTensorTypeAndShapeInfo])(info);
+	return e;
+}
+
+// h3_ep_devices counts the devices the environment offers for the
+// execution provider ep_name and, when so is set and the ordinal-th one
+// exists, appends that device's provider to the session options. CreateEnv
+// returns the process's one environment, which onnxruntime_go made, with
+// one more reference that ReleaseEnv drops again.
+static char *h3_ep_devices(const void *const *api, const char *ep_name, void *so, int ordinal,
+		const char *const *keys, const char *const *vals, size_t nopts, size_t *count) {
+	void *env = NULL;
+	char *e = h3_status_text(api, ((h3_status (*)(int, const char *, void **))api[h3_CreateEnv])(3, "h3infer", &env));
+	if (e) return e;
+	const void *const *devs = NULL;
+	size_t n = 0;
+	*count = 0;
+	e = h3_status_text(api, ((h3_status (*)(const void *, const void *const **, size_t *))api[h3_GetEpDevices])(env, &devs, &n));
+	const void *pick = NULL;
+	for (size_t i = 0; !e && i < n; i++) {
+		const char *name = ((const char *(*)(const void *))api[h3_EpDevice_EpName])(devs[i]);
+		if (name != NULL && strcmp(name, ep_name) == 0) {
+			if ((int)*count == ordinal) pick = devs[i];
+			(*count)++;
+		}
+	}
+	if (!e && so != NULL && pick != NULL) {
+		e = h3_status_text(api, ((h3_status (*)(void *, void *, const void *const *, size_t, const char *const *, const char *const *, size_t))
+			api[h3_SessionOptionsAppendExecutionProvider_V2])(so, env, &pick, 1, keys, vals, nopts));
+	}
+	((void (*)(void *))api[h3_ReleaseEnv])(env);
 	return e;
 }
 
@@ -224,6 +259,44 @@ func (a *ortAPI) releaseMemoryInfo(m memoryInfo) {
 
 // tab is the table as the C helpers take it.
 func (a *ortAPI) tab() *unsafe.Pointer { return a.api }
+
+// epDevices counts the devices registered for the execution provider
+// named ep (such as "CUDAExecutionProvider").
+func (a *ortAPI) epDevices(ep string) (int, error) {
+	cname := C.CString(ep)
+	defer C.free(unsafe.Pointer(cname))
+	var n C.size_t
+	if err := cErr(C.h3_ep_devices(a.tab(), cname, nil, 0, nil, nil, 0, &n)); err != nil {
+		return 0, err
+	}
+	return int(n), nil
+}
+
+// appendEPDevice appends provider ep on its ordinal-th device to so, with
+// the provider's options; it reports how many devices ep has, so that a
+// missing ordinal can be told apart from a failure.
+func (a *ortAPI) appendEPDevice(so *ort.SessionOptions, ep string, ordinal int, opts map[string]string) (int, error) {
+	cname := C.CString(ep)
+	defer C.free(unsafe.Pointer(cname))
+	// The option strings live in C memory: C reads arrays of them.
+	keys := C.malloc(C.size_t(len(opts)+1) * C.size_t(unsafe.Sizeof(uintptr(0))))
+	vals := C.malloc(C.size_t(len(opts)+1) * C.size_t(unsafe.Sizeof(uintptr(0))))
+	defer C.free(keys)
+	defer C.free(vals)
+	ks := unsafe.Slice((**C.char)(keys), len(opts)+1)
+	vs := unsafe.Slice((**C.char)(vals), len(opts)+1)
+	i := 0
+	for k, v := range opts {
+		ks[i], vs[i] = C.CString(k), C.CString(v)
+		defer C.free(unsafe.Pointer(ks[i]))
+		defer C.free(unsafe.Pointer(vs[i]))
+		i++
+	}
+	so_ := *(*unsafe.Pointer)(unsafe.Pointer(so)) // the OrtSessionOptions under onnxruntime_go's SessionOptions, its one field in v1.27
+	var n C.size_t
+	err := cErr(C.h3_ep_devices(a.tab(), cname, so_, C.int(ordinal), (**C.char)(keys), (**C.char)(vals), C.size_t(len(opts)), &n))
+	return int(n), err
+}
 
 // rawValue is an OrtValue the runtime allocated, possibly in device
 // memory; release it exactly once.

@@ -58,6 +58,11 @@ const (
 	libCUDNN = "libcudnn.so.9"
 )
 
+// ortCUDAVersion is the folder under .cache/onnxruntime where make ort-cuda
+// puts the ONNX Runtime release that matches the provider set: the core
+// library and the providers must come from the same release.
+const ortCUDAVersion = "1.29.0-cuda"
+
 // MissingLibraryError says which shared library a provider could not load.
 // ONNX Runtime reports this only in its own log, so the worker finds it
 // itself by asking the dynamic loader.
@@ -107,22 +112,86 @@ type placement struct {
 	device   int
 }
 
+// cudaEP is the name the CUDA provider's devices carry in ONNX Runtime.
+const cudaEP = "CUDAExecutionProvider"
+
 // appendProvider adds p's execution provider to so. The CPU provider
 // needs nothing; ONNX Runtime always has it and falls back to it per node.
-func appendProvider(so *ort.SessionOptions, p Provider, device int, gpuMemLimit int64) error {
+//
+// CUDA goes through the plugin interface of ONNX Runtime 1.23 and later:
+// the provider library is registered with the environment and the session
+// takes one of the devices it offers. That is the only way the core
+// library of the fetched 1.29 set (built without CUDA) runs CUDA; its
+// older entry point answers "not enabled in this build". A core library
+// built with CUDA whose provider lacks the plugin interface takes the
+// older entry point instead.
+func appendProvider(so *ort.SessionOptions, p Provider, device int, gpuMemLimit int64, ortLib string) error {
 	if !p.onGPU() {
 		return nil
 	}
+	opts := map[string]string{}
+	if gpuMemLimit > 0 {
+		// The limit bounds the provider's arena, which holds the weights'
+		// working set and the device-resident KV cache.
+		opts["gpu_mem_limit"] = strconv.FormatInt(gpuMemLimit, 10)
+	}
+	if p == ProviderCUDA {
+		pluginErr := appendCUDAPlugin(so, device, opts, ortLib)
+		if pluginErr == nil {
+			return nil
+		}
+		if errors.Is(pluginErr, errNoDevice) {
+			return pluginErr
+		}
+		if err := appendLegacy(so, p, device, opts); err != nil {
+			return fmt.Errorf("cuda provider: %w; as a plugin: %w", err, pluginErr)
+		}
+		return nil
+	}
+	return appendLegacy(so, p, device, opts)
+}
+
+// errNoDevice is a CUDA provider that loaded but offers no such device.
+var errNoDevice = errors.New("no such CUDA device")
+
+func appendCUDAPlugin(so *ort.SessionOptions, device int, opts map[string]string, ortLib string) error {
+	api, err := loadORTAPI(ortLib)
+	if err != nil {
+		return err
+	}
+	n, err := api.epDevices(cudaEP)
+	if err != nil {
+		return fmt.Errorf("list devices: %w", err)
+	}
+	if n == 0 {
+		// Registration is for the whole process; a worker's first CUDA
+		// model does it.
+		path := filepath.Join(filepath.Dir(ortLib), libProvidersCUDA)
+		if err := ort.RegisterExecutionProviderLibrary("CUDA", path); err != nil {
+			return fmt.Errorf("register %s: %w", path, err)
+		}
+	}
+	n, err = api.appendEPDevice(so, cudaEP, device, opts)
+	if err != nil {
+		return fmt.Errorf("append cuda device %d: %w", device, err)
+	}
+	if device >= n {
+		return fmt.Errorf("%w: device_id %d, but the CUDA provider sees %d devices", errNoDevice, device, n)
+	}
+	return nil
+}
+
+// appendLegacy uses the provider entry points of ONNX Runtime builds
+// compiled with CUDA or TensorRT.
+func appendLegacy(so *ort.SessionOptions, p Provider, device int, extra map[string]string) error {
 	cuda, err := ort.NewCUDAProviderOptions()
 	if err != nil {
 		return fmt.Errorf("cuda provider options: %w", err)
 	}
 	defer cuda.Destroy()
 	opts := map[string]string{"device_id": strconv.Itoa(device)}
-	if gpuMemLimit > 0 {
-		// The limit bounds the provider's arena, which holds the weights'
-		// working set and the device-resident KV cache.
-		opts["gpu_mem_limit"] = strconv.FormatInt(gpuMemLimit, 10)
+	for k, v := range extra {
+		opts[k] = v
 	}
 	if err := cuda.Update(opts); err != nil {
 		return fmt.Errorf("cuda provider options %v: %w", opts, err)

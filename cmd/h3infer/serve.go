@@ -97,6 +97,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 			Slots:          cfg.Workers.Slots,
 			KVCacheBytes:   cfg.Workers.KVCacheBytes,
 			IntraOpThreads: cfg.Workers.IntraOpThreads,
+			GPUMemoryBytes: cfg.Workers.GPUMemoryBytes,
 		},
 		RingSize:   cfg.Workers.RingBytes,
 		Registerer: reg,
@@ -217,7 +218,8 @@ func serverTLS(cfg Config) (*tls.Config, *certs.Dev, error) {
 func modelSpecs(cfg Config, log *slog.Logger) ([]backend.ModelSpec, error) {
 	var specs []backend.ModelSpec
 	for _, m := range cfg.Models {
-		specs = append(specs, backend.ModelSpec{Name: m.Name, Dir: m.Dir})
+		p, _ := backend.ParseProvider(m.Provider) // validated
+		specs = append(specs, backend.ModelSpec{Name: m.Name, Dir: m.Dir, Provider: p, DeviceID: m.DeviceID, DeviceKV: m.DeviceKV})
 	}
 	if len(specs) > 0 {
 		return specs, nil
