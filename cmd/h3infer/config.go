@@ -191,7 +191,9 @@ type ModelConfig struct {
 }
 
 // onGPU reports whether the model asks for a GPU provider.
-func (m ModelConfig) onGPU() bool { return m.Provider != "" && m.Provider != string(backend.ProviderCPU) }
+func (m ModelConfig) onGPU() bool {
+	return m.Provider != "" && m.Provider != string(backend.ProviderCPU)
+}
 
 // Duration is a time.Duration written as a string such as "800ms".
 type Duration time.Duration

@@ -14,7 +14,7 @@ func TestWorkerArgsRoundTrip(t *testing.T) {
 	on, off := true, false
 	for name, cfg := range map[string]backend.WorkerConfig{
 		"full": {
-			RingFD:         3,
+			RingFD: 3,
 			Models: []backend.ModelSpec{{Name: "demo", Dir: "/m/demo/1"}, {Name: "b", Dir: "/m/b=2"},
 				{Name: "g", Dir: "/m/g", Provider: backend.ProviderCUDA, DeviceID: 1, DeviceKV: &off},
 				{Name: "t", Dir: "/m/t", Provider: backend.ProviderTensorRT}, {Name: "a", Dir: "/m/a", Provider: backend.ProviderAuto, DeviceKV: &on}},
