@@ -76,6 +76,14 @@ func (e *MissingLibraryError) Error() string {
 	return fmt.Sprintf("provider %s: cannot load %s: %s (docs/GPU.md lists what the host must provide; make ort-cuda fetches the provider set)", e.Provider, e.Library, e.Reason)
 }
 
+// ProbeProvider checks that the libraries provider p needs load from the
+// folder of the runtime library ortLib and the loader's search path,
+// without initializing ONNX Runtime; the gateway calls it before starting
+// workers, so that a GPU model that cannot load stops serve at once with
+// the missing library's name instead of restarting workers. auto and cpu
+// always pass.
+func ProbeProvider(p Provider, ortLib string) error { return probeProvider(p, ortLib) }
+
 // probeProvider checks, before any session is made, that every library p
 // needs loads: the provider libraries next to ortLib (their own NEEDED
 // CUDA libraries come with them, so the loader's message names the first

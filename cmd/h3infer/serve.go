@@ -78,6 +78,14 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	if err != nil {
 		return fmt.Errorf("find own executable for workers: %w", err)
 	}
+	ortLibPath := onnxRuntimeLib(cfg.ONNXRuntimeLib, exe)
+	for i, m := range models {
+		// A GPU provider asked for outright fails here, naming what is
+		// missing, rather than in workers restarting forever.
+		if err := backend.ProbeProvider(m.Provider, ortLibPath); err != nil {
+			return fmt.Errorf("models[%d] (%s): %w", i, m.Name, err)
+		}
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -93,7 +101,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		Executable: exe,
 		Worker: backend.WorkerConfig{
 			Models:         models,
-			ORTLib:         onnxRuntimeLib(cfg.ONNXRuntimeLib, exe),
+			ORTLib:         ortLibPath,
 			Slots:          cfg.Workers.Slots,
 			KVCacheBytes:   cfg.Workers.KVCacheBytes,
 			IntraOpThreads: cfg.Workers.IntraOpThreads,
