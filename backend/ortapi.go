@@ -292,9 +292,11 @@ func (a *ortAPI) appendEPDevice(so *ort.SessionOptions, ep string, ordinal int, 
 		defer C.free(unsafe.Pointer(vs[i]))
 		i++
 	}
-	so_ := *(*unsafe.Pointer)(unsafe.Pointer(so)) // the OrtSessionOptions under onnxruntime_go's SessionOptions, its one field in v1.27
+	// The OrtSessionOptions under onnxruntime_go's SessionOptions, its one
+	// field in v1.27.
+	cso := *(*unsafe.Pointer)(unsafe.Pointer(so))
 	var n C.size_t
-	err := cErr(C.h3_ep_devices(a.tab(), cname, so_, C.int(ordinal), (**C.char)(keys), (**C.char)(vals), C.size_t(len(opts)), &n))
+	err := cErr(C.h3_ep_devices(a.tab(), cname, cso, C.int(ordinal), (**C.char)(keys), (**C.char)(vals), C.size_t(len(opts)), &n))
 	return int(n), err
 }
 
