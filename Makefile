@@ -11,7 +11,13 @@ ORT_BUNDLED    := $(ORT_DIR)/libonnxruntime.so.1
 ONNXRUNTIME_LIB ?= $(ORT_BUNDLED)
 export ONNXRUNTIME_LIB
 
-.PHONY: all build run test bench bench-urgency fuzz ort js screenshot clean
+# The GPU runtime (docs/GPU.md): ONNX Runtime 1.29.0 with its CUDA and
+# TensorRT providers in one folder; point onnxruntime_lib (or
+# ONNXRUNTIME_LIB) at $(ORT_CUDA_LIB) to serve models on a GPU.
+ORT_CUDA_DIR := $(CURDIR)/.cache/onnxruntime/1.29.0-cuda
+ORT_CUDA_LIB := $(ORT_CUDA_DIR)/libonnxruntime.so.1
+
+.PHONY: all build run test bench bench-urgency bench-gpu bench-providers test-ort-cuda fuzz ort ort-cuda js screenshot clean
 
 all: build
 
@@ -24,6 +30,11 @@ ort: $(ONNXRUNTIME_LIB)
 
 $(ORT_BUNDLED):
 	@scripts/fetch-onnxruntime.sh "$(ORT_VERSION)" "$(ORT_TARBALL_SHA)" "$(ORT_LIB_SHA)" "$(ORT_DIR)"
+
+ort-cuda: $(ORT_CUDA_LIB)
+
+$(ORT_CUDA_LIB):
+	@scripts/fetch-onnxruntime-cuda.sh "$(ORT_CUDA_DIR)"
 
 # Starts the gateway and two workers on the demo model; creates certificates,
 # the model and a dev token (printed; `h3infer chat` reads it from
@@ -54,6 +65,21 @@ bench: ort build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./backend/ ./internal/onnxgen/
 	scripts/bench.sh
 	scripts/bench-netem.sh
+
+# The GPU section of docs/BENCHMARKS.md: a hidden-1024 model at concurrency
+# 1 and 32, cpu against cuda, KV cache in host against device memory. Needs
+# an NVIDIA GPU and the CUDA libraries docs/GPU.md lists.
+bench-gpu: ort-cuda
+	ONNXRUNTIME_LIB=$(ORT_CUDA_LIB) H3INFER_BENCH_PROVIDERS=cpu,cuda $(GO) test -run '^$$' -bench Providers -benchtime 1x ./backend/
+
+# The CPU columns of the same benchmark, on any machine.
+bench-providers: ort
+	$(GO) test -run '^$$' -bench Providers -benchtime 1x ./backend/
+
+# The backend's tests on the 1.29 core library of the GPU set, with the CPU
+# provider: checks that release works with onnxruntime_go where no GPU is.
+test-ort-cuda: ort-cuda
+	ONNXRUNTIME_LIB=$(ORT_CUDA_LIB) $(GO) test -count=1 ./backend/
 
 # The urgency figures in docs/BENCHMARKS.md: fairness, coalescing, and
 # priority isolation through the real binary (about a minute).

@@ -33,6 +33,15 @@ type batch struct {
 
 	ids, pos, mask []int64
 	logits         []float32
+
+	// With a device-resident cache (Model.dev, devicekv.go): the present
+	// outputs of the last step, which hold the cache while the batch keeps
+	// its shape; empty when buf[cur] holds it.
+	onDevice []rawValue
+	binding  *ort.IoBinding
+	// broken is a failure to move the cache off the device; the next step
+	// returns it, which fails the batch's sequences.
+	broken error
 }
 
 func (m *Model) newBatch() *batch {
@@ -63,6 +72,7 @@ func grow(s []float32, n int, keep bool) []float32 {
 // join adds g as a new row with kv, its prefill cache laid out
 // [heads, g.n, head_dim] per past input.
 func (b *batch) join(g *generation, kv [][]float32) {
+	b.toHost()
 	if g.n > b.cols {
 		b.relayout(g.n)
 	}
@@ -91,6 +101,7 @@ func (b *batch) leave(g *generation) {
 	if r < 0 || r > last || b.rows[r] != g {
 		return
 	}
+	b.toHost()
 	g.row = -1
 	if r != last {
 		size := b.rowFloats(b.cols)
@@ -105,6 +116,8 @@ func (b *batch) leave(g *generation) {
 	b.rows = b.rows[:last]
 	if len(b.rows) == 0 {
 		// Give the memory back; an idle worker should not hold its peak.
+		b.dropDevice()
+		b.broken = nil
 		b.cols = 0
 		for i := range b.buf {
 			clear(b.buf[i])
@@ -117,6 +130,14 @@ func (b *batch) leave(g *generation) {
 	}
 	if widest < b.cols {
 		b.relayout(widest)
+	}
+}
+
+// toHost brings a device-resident cache into buf[cur] before the batch
+// changes shape.
+func (b *batch) toHost() {
+	if err := b.download(); err != nil && b.broken == nil {
+		b.broken = err
 	}
 }
 
@@ -150,22 +171,17 @@ func (b *batch) step() error {
 	if rows == 0 {
 		return nil
 	}
+	if b.broken != nil {
+		err := b.broken
+		b.broken = nil
+		return err
+	}
+	if b.m.dev != nil {
+		return b.stepBound()
+	}
 	m := b.m
 	cols := b.cols + 1
-	b.ids = b.ids[:0]
-	b.pos = b.pos[:0]
-	b.mask = b.mask[:0]
-	for _, g := range b.rows {
-		b.ids = append(b.ids, int64(g.last))
-		b.pos = append(b.pos, int64(g.n))
-		for c := range cols {
-			if c >= b.cols-g.n {
-				b.mask = append(b.mask, 1)
-			} else {
-				b.mask = append(b.mask, 0)
-			}
-		}
-	}
+	b.stepInputs(cols)
 	var vs values
 	defer vs.destroy()
 	inputs := make([]ort.Value, 0, m.inputLen)
@@ -229,6 +245,24 @@ func (b *batch) step() error {
 	return nil
 }
 
+// stepInputs fills ids, pos and mask for a step to cols columns.
+func (b *batch) stepInputs(cols int) {
+	b.ids = b.ids[:0]
+	b.pos = b.pos[:0]
+	b.mask = b.mask[:0]
+	for _, g := range b.rows {
+		b.ids = append(b.ids, int64(g.last))
+		b.pos = append(b.pos, int64(g.n))
+		for c := range cols {
+			if c >= b.cols-g.n {
+				b.mask = append(b.mask, 1)
+			} else {
+				b.mask = append(b.mask, 0)
+			}
+		}
+	}
+}
+
 // kvBytesPerToken is the KV cache one token of one sequence takes.
 func (m *Model) kvBytesPerToken() int64 { return 2 * int64(m.layers) * m.heads * m.headDim * 4 }
 
@@ -247,5 +281,11 @@ func (b *batch) close() {
 	b.cols = 0
 	for i := range b.buf {
 		clear(b.buf[i])
+	}
+	b.dropDevice()
+	b.broken = nil
+	if b.binding != nil {
+		b.binding.Destroy()
+		b.binding = nil
 	}
 }

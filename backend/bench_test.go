@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -62,6 +63,70 @@ func BenchmarkWorkerConcurrency(b *testing.B) {
 				})
 			}
 		})
+	}
+}
+
+// BenchmarkProviders measures a generated model of hidden size 1024 (4
+// layers, 16 heads) at concurrency 1 and 32 on each execution provider
+// named in H3INFER_BENCH_PROVIDERS (default "cpu"; "cpu,cuda" on a GPU
+// host, with ONNXRUNTIME_LIB pointing at the set make ort-cuda fetches),
+// each with the KV cache in host memory (kv=host, the runtime's inputs and
+// outputs in Go memory) and kept in the provider's memory through IO
+// binding (kv=device). Every column reports tokens/s, time to first token
+// and inter-token latency, and its tokens/s as a multiple of cpu kv=host at
+// the same concurrency, measured in the same run (x_cpu_host).
+//
+//	go test -run '^$' -bench Providers -benchtime 1x ./backend/
+func BenchmarkProviders(b *testing.B) {
+	needModel(b)
+	window := 4 * time.Second
+	if v := os.Getenv("H3INFER_BENCH_WINDOW"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			b.Fatalf("H3INFER_BENCH_WINDOW: %v", err)
+		}
+		window = d
+	}
+	providers := []string{"cpu"}
+	if v := os.Getenv("H3INFER_BENCH_PROVIDERS"); v != "" {
+		providers = strings.Split(v, ",")
+	}
+	dir := filepath.Join(b.TempDir(), "h1024l4")
+	if err := onnxgen.Write(dir, onnxgen.Options{Random: true, Layers: 4, Heads: 16, Hidden: 1024, Seed: 1}); err != nil {
+		b.Fatal(err)
+	}
+	base := map[int]float64{} // concurrency -> cpu kv=host tokens/s
+	var ids atomic.Uint64
+	for _, name := range providers {
+		p, err := ParseProvider(name)
+		if err != nil {
+			b.Fatalf("H3INFER_BENCH_PROVIDERS: %v", err)
+		}
+		for _, onDevice := range []bool{false, true} {
+			kv := map[bool]string{false: "host", true: "device"}[onDevice]
+			b.Run(fmt.Sprintf("provider=%s/kv=%s", p, kv), func(b *testing.B) {
+				rw := startRingWorkerSpec(b, 32, ModelSpec{Name: "demo", Dir: dir, Provider: p, DeviceKV: &onDevice}, 0)
+				for _, c := range []int{1, 32} {
+					b.Run(fmt.Sprintf("c=%d", c), func(b *testing.B) {
+						var r loadResult
+						for b.Loop() {
+							r = runLoad(b, rw.end, &ids, c, window)
+						}
+						tps := float64(r.tokens) / r.elapsed.Seconds()
+						if p == ProviderCPU && !onDevice {
+							base[c] = tps
+						}
+						b.ReportMetric(tps, "tok/s")
+						b.ReportMetric(ms(percentile(r.ttft, 50)), "ttft_p50_ms")
+						b.ReportMetric(ms(percentile(r.ttft, 99)), "ttft_p99_ms")
+						b.ReportMetric(ms(percentile(r.itl, 50)), "itl_p50_ms")
+						if base[c] > 0 {
+							b.ReportMetric(tps/base[c], "x_cpu_host")
+						}
+					})
+				}
+			})
+		}
 	}
 }
 

@@ -28,3 +28,9 @@ func RequireLongForTest(t *testing.T, m *Model, s *transport.Submit) { requireLo
 
 // LoggerForTest logs warnings and errors to t.
 func LoggerForTest(t testing.TB) *slog.Logger { return testLogger(t) }
+
+// GPUMemoryErrorForTest is the error opening NVML gives on this host.
+func GPUMemoryErrorForTest() error {
+	_, err := openGPUMemory()
+	return err
+}

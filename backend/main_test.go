@@ -103,6 +103,35 @@ func testWorkerMain(args []string) int {
 	fs.Int64Var(&cfg.KVCacheBytes, "kv-cache-bytes", 0, "")
 	fs.IntVar(&cfg.IntraOpThreads, "intra-op-threads", 0, "")
 	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, "")
+	fs.Int64Var(&cfg.GPUMemoryBytes, "gpu-memory-bytes", 0, "")
+	spec := func(name string) *ModelSpec {
+		for i := range cfg.Models {
+			if cfg.Models[i].Name == name {
+				return &cfg.Models[i]
+			}
+		}
+		return nil
+	}
+	fs.Func("provider", "", func(v string) error {
+		name, place, _ := strings.Cut(v, "=")
+		s := spec(name)
+		if s == nil {
+			return fmt.Errorf("no model %q", name)
+		}
+		var err error
+		s.Provider, s.DeviceID, err = ParsePlacement(place)
+		return err
+	})
+	fs.Func("device-kv", "", func(v string) error {
+		name, on, _ := strings.Cut(v, "=")
+		s := spec(name)
+		if s == nil {
+			return fmt.Errorf("no model %q", name)
+		}
+		b := on == "true"
+		s.DeviceKV = &b
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}

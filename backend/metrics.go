@@ -13,6 +13,7 @@ type poolCollector struct {
 	p                                   *Pool
 	tokens, started, finished, canceled *prometheus.Desc
 	restarts, ready, active             *prometheus.Desc
+	gpuMemory                           *prometheus.Desc
 }
 
 func newPoolCollector(p *Pool) *poolCollector {
@@ -28,11 +29,14 @@ func newPoolCollector(p *Pool) *poolCollector {
 		restarts: d("h3infer_worker_restarts_total", "Times the worker process was restarted."),
 		ready:    d("h3infer_worker_ready", "1 while the worker process is ready to take requests."),
 		active:   d("h3infer_worker_in_flight_sequences", "Sequences the worker is generating, as of its latest report."),
+		gpuMemory: prometheus.NewDesc("h3infer_worker_gpu_memory_bytes",
+			"Device memory the worker process holds on a GPU, as the NVIDIA driver reports it. Absent without a GPU.",
+			[]string{"worker", "device"}, nil),
 	}
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready, c.active} {
+	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready, c.active, c.gpuMemory} {
 		ch <- d
 	}
 }
@@ -55,5 +59,31 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(c.ready, prometheus.GaugeValue, r, id)
 		ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(s.Active), id)
+	}
+	c.collectGPU(ch)
+}
+
+// collectGPU reports each worker's device memory, read at scrape time
+// from the driver by process id.
+func (c *poolCollector) collectGPU(ch chan<- prometheus.Metric) {
+	if c.p.gpu == nil {
+		return
+	}
+	pids := map[int]bool{}
+	byPID := map[int]int{} // pid -> worker id
+	for _, w := range c.p.workers {
+		if pid := w.currentPID(); pid != 0 {
+			pids[pid] = true
+			byPID[pid] = w.id
+		}
+	}
+	mem, err := c.p.gpu.byProcess(pids)
+	if err != nil {
+		c.p.log.Warn("read gpu memory", "err", err)
+	}
+	for pid, devs := range mem {
+		for dev, bytes := range devs {
+			ch <- prometheus.MustNewConstMetric(c.gpuMemory, prometheus.GaugeValue, float64(bytes), strconv.Itoa(byPID[pid]), strconv.Itoa(dev))
+		}
 	}
 }

@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -22,6 +23,24 @@ type ModelOptions struct {
 	// session; 0 means 1, which measured as fast as more on small hosts and
 	// leaves cores to the other sequences and the gateway.
 	IntraOpThreads int
+
+	// Provider is the execution provider; "" is cpu. A GPU provider needs
+	// ORTLib, next to which its libraries sit (provider.go).
+	Provider Provider
+	// DeviceID is the GPU a cuda or tensorrt session runs on.
+	DeviceID int
+	// ORTLib is the path of the loaded libonnxruntime.so.
+	ORTLib string
+	// GPUMemoryBytes bounds the provider's device memory arena; 0 means
+	// no bound of ours.
+	GPUMemoryBytes int64
+	// DeviceKV keeps the KV cache in the provider's memory between decode
+	// steps, through ONNX Runtime IO binding; nil means on exactly when
+	// the session runs on a GPU. On the CPU it runs the same code with
+	// host memory, which is how tests check it.
+	DeviceKV *bool
+	// Log receives the warning when auto falls back to the CPU.
+	Log *slog.Logger
 }
 
 // Model is one loaded model: its ONNX Runtime session, tokenizer and
@@ -38,6 +57,11 @@ type Model struct {
 	heads        int64
 	headDim      int64
 	vocab        int64 // logits width; 0 when the model leaves it symbolic
+
+	place    placement
+	inNames  []string
+	outNames []string
+	dev      *deviceKV // nil: the cache lives in Go memory (batch.buf)
 
 	eos       int
 	stopIDs   map[int]bool // eos and stop_tokens
@@ -92,39 +116,84 @@ func LoadModel(dir string, opts ModelOptions) (*Model, error) {
 		return nil, fmt.Errorf("load model %s: %w", dir, errors.Join(errs...))
 	}
 
+	if opts.Provider != "" && opts.Provider != ProviderCPU && opts.ORTLib == "" {
+		return nil, fmt.Errorf("load model %s: provider %s: %w", dir, opts.Provider, errNoLibrary)
+	}
+	place, err := choosePlacement(opts, opts.Log)
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	if err := m.createSession(dir, opts, place); err != nil {
+		if opts.Provider != ProviderAuto || !place.provider.onGPU() {
+			return nil, err
+		}
+		// The libraries loaded but the device did not (no GPU, a driver
+		// too old): auto means the CPU then.
+		if opts.Log != nil {
+			opts.Log.Warn("cuda session failed, model runs on the cpu", "model", m.name, "err", err)
+		}
+		place = placement{provider: ProviderCPU}
+		if err := m.createSession(dir, opts, place); err != nil {
+			return nil, err
+		}
+	}
+	m.place = place
+	deviceKV := place.provider.onGPU()
+	if opts.DeviceKV != nil {
+		deviceKV = *opts.DeviceKV
+	}
+	if deviceKV {
+		if m.dev, err = newDeviceKV(m, opts.ORTLib, place); err != nil {
+			m.session.Destroy()
+			return nil, fmt.Errorf("load model %s: device-resident KV cache: %w", dir, err)
+		}
+	}
+	return m, nil
+}
+
+// createSession makes the model's session on place.
+func (m *Model) createSession(dir string, opts ModelOptions, place placement) error {
 	so, err := ort.NewSessionOptions()
 	if err != nil {
-		return nil, fmt.Errorf("load model %s: session options: %w", dir, err)
+		return fmt.Errorf("load model %s: session options: %w", dir, err)
 	}
 	defer so.Destroy()
+	if err := appendProvider(so, place.provider, place.device, opts.GPUMemoryBytes, opts.ORTLib); err != nil {
+		return fmt.Errorf("load model %s: %w", dir, err)
+	}
 	threads := opts.IntraOpThreads
 	if threads == 0 {
 		threads = 1
 	}
 	if err := so.SetIntraOpNumThreads(threads); err != nil {
-		return nil, fmt.Errorf("load model %s: set intra-op threads: %w", dir, err)
+		return fmt.Errorf("load model %s: set intra-op threads: %w", dir, err)
 	}
 	if err := so.SetInterOpNumThreads(1); err != nil {
-		return nil, fmt.Errorf("load model %s: set inter-op threads: %w", dir, err)
+		return fmt.Errorf("load model %s: set inter-op threads: %w", dir, err)
 	}
 	path := filepath.Join(dir, modelFile)
-	ins, outs, err := ort.GetInputOutputInfoWithOptions(path, so)
+	if m.inNames == nil {
+		// Inspecting the graph needs no provider; done once, so that a
+		// fallback to the CPU does not check the signature twice.
+		ins, outs, err := ort.GetInputOutputInfo(path)
+		if err != nil {
+			return fmt.Errorf("load model %s: inspect %s: %w", dir, modelFile, err)
+		}
+		inNames, outNames, err := m.bindSignature(ins, outs)
+		if err != nil {
+			return fmt.Errorf("load model %s: %s: %w", dir, modelFile, err)
+		}
+		if err := m.checkConfigShape(); err != nil {
+			return fmt.Errorf("load model %s: %w", dir, err)
+		}
+		m.inNames, m.outNames = inNames, outNames
+		m.inputLen, m.outputLen = len(inNames), len(outNames)
+	}
+	m.session, err = ort.NewDynamicAdvancedSession(path, m.inNames, m.outNames, so)
 	if err != nil {
-		return nil, fmt.Errorf("load model %s: inspect %s: %w", dir, modelFile, err)
+		return fmt.Errorf("load model %s: create session on %s: %w", dir, place.provider, err)
 	}
-	inNames, outNames, err := m.bindSignature(ins, outs)
-	if err != nil {
-		return nil, fmt.Errorf("load model %s: %s: %w", dir, modelFile, err)
-	}
-	if err := m.checkConfigShape(); err != nil {
-		return nil, fmt.Errorf("load model %s: %w", dir, err)
-	}
-	m.inputLen, m.outputLen = len(inNames), len(outNames)
-	m.session, err = ort.NewDynamicAdvancedSession(path, inNames, outNames, so)
-	if err != nil {
-		return nil, fmt.Errorf("load model %s: create session: %w", dir, err)
-	}
-	return m, nil
+	return nil
 }
 
 // bindSignature checks the graph's inputs and outputs and returns them in
@@ -266,6 +335,14 @@ func pastLayer(name string) (int, bool) {
 	return n, true
 }
 
+// Provider is the execution provider the model's session runs on, after
+// any fallback of auto.
+func (m *Model) Provider() Provider { return m.place.provider }
+
+// DeviceKV reports whether the model keeps its KV cache in the provider's
+// memory between decode steps.
+func (m *Model) DeviceKV() bool { return m.dev != nil }
+
 // Info describes the model as workers announce it.
 func (m *Model) Info() transport.ModelInfo {
 	return transport.ModelInfo{Name: m.name, ContextLength: uint32(m.cfg.ContextLength)}
@@ -274,6 +351,7 @@ func (m *Model) Info() transport.ModelInfo {
 // Close releases the ONNX Runtime session. Sequences of the model must be
 // finished first.
 func (m *Model) Close() error {
+	m.dev.close()
 	if err := m.session.Destroy(); err != nil {
 		return fmt.Errorf("model %s: destroy session: %w", m.name, err)
 	}

@@ -71,6 +71,9 @@ type Pool struct {
 	log     *slog.Logger
 	workers []*Worker
 	metrics *poolCollector
+	// gpu reads the workers' device memory; nil when no model asks for a
+	// GPU or the host has no NVIDIA driver, and then the metric is absent.
+	gpu *gpuMemory
 
 	mu      sync.Mutex
 	started bool
@@ -146,6 +149,15 @@ func NewPool(cfg PoolConfig, log *slog.Logger) (*Pool, error) {
 	p := &Pool{cfg: cfg, log: log, changed: make(chan struct{}), closing: make(chan struct{}), models: slices.Clone(cfg.Worker.Models)}
 	for i := range cfg.Workers {
 		p.workers = append(p.workers, &Worker{id: i, pool: p})
+	}
+	for _, m := range cfg.Worker.Models {
+		if m.Provider == ProviderCUDA || m.Provider == ProviderTensorRT || m.Provider == ProviderAuto {
+			var err error
+			if p.gpu, err = openGPUMemory(); err != nil {
+				log.Info("no gpu memory metrics", "err", err)
+			}
+			break
+		}
 	}
 	p.metrics = newPoolCollector(p)
 	if cfg.Registerer != nil {

@@ -185,7 +185,9 @@ func (r *Registry) Initial() ([]ModelSpec, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var specs []ModelSpec
-	add := func(name, ver, dir string, static bool) error {
+	// add registers a version; placement carries a static model's provider
+	// settings (repository versions run on the default provider).
+	add := func(name, ver, dir string, static bool, placement ModelSpec) error {
 		if !static {
 			if _, err := readModelConfig(filepath.Join(dir, modelConfigFile)); err != nil {
 				return fmt.Errorf("model %s version %s: %w", name, ver, err)
@@ -198,12 +200,12 @@ func (r *Registry) Initial() ([]ModelSpec, error) {
 		f := &family{name: name, versions: map[string]*version{ver: v}, primary: ver, failed: map[string]string{}, seen: map[string]string{}, tried: map[string]string{}, static: static}
 		r.models[name] = f
 		r.setWeights(f)
-		specs = append(specs, ModelSpec{Name: v.target, Dir: dir})
+		specs = append(specs, ModelSpec{Name: v.target, Dir: dir, Provider: placement.Provider, DeviceID: placement.DeviceID, DeviceKV: placement.DeviceKV})
 		return nil
 	}
 	var errs []error
 	for _, s := range r.cfg.Static {
-		errs = append(errs, add(s.Name, "1", s.Dir, true))
+		errs = append(errs, add(s.Name, "1", s.Dir, true, s))
 	}
 	if r.cfg.Root != "" {
 		repo, err := scanRepository(r.cfg.Root)
@@ -220,7 +222,7 @@ func (r *Registry) Initial() ([]ModelSpec, error) {
 				continue
 			}
 			top := vers[len(vers)-1]
-			errs = append(errs, add(name, top.ver, top.dir, false))
+			errs = append(errs, add(name, top.ver, top.dir, false, ModelSpec{}))
 			r.models[name].seen[top.ver] = top.sig
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -33,6 +34,13 @@ const (
 type ModelSpec struct {
 	Name string
 	Dir  string
+	// Provider is the execution provider; "" is cpu.
+	Provider Provider
+	// DeviceID is the GPU of a cuda or tensorrt model.
+	DeviceID int
+	// DeviceKV keeps the KV cache in the provider's memory between steps;
+	// nil means on exactly when the model runs on a GPU.
+	DeviceKV *bool
 }
 
 // WorkerConfig configures one worker process. Zero values mean the
@@ -69,6 +77,10 @@ type WorkerConfig struct {
 	// the command line: the worker process builds it from the OTEL_*
 	// environment it inherits. nil means no tracing.
 	TracerProvider trace.TracerProvider
+	// GPUMemoryBytes bounds the device memory of the worker's GPU models,
+	// split evenly among the models on each device (the CUDA provider's
+	// arena limit); 0 means no bound of ours.
+	GPUMemoryBytes int64
 }
 
 // Defaults of WorkerConfig.
@@ -84,6 +96,12 @@ func (c WorkerConfig) Args() []string {
 	args := []string{"--ring-fd=" + strconv.Itoa(c.RingFD)}
 	for _, m := range c.Models {
 		args = append(args, "--model="+m.Name+"="+m.Dir)
+		if m.Provider != "" || m.DeviceID != 0 {
+			args = append(args, "--provider="+m.Name+"="+FormatPlacement(m.Provider, m.DeviceID))
+		}
+		if m.DeviceKV != nil {
+			args = append(args, "--device-kv="+m.Name+"="+strconv.FormatBool(*m.DeviceKV))
+		}
 	}
 	if c.ORTLib != "" {
 		args = append(args, "--onnxruntime-lib="+c.ORTLib)
@@ -99,6 +117,9 @@ func (c WorkerConfig) Args() []string {
 	}
 	if c.StatsInterval != 0 {
 		args = append(args, "--stats-interval="+c.StatsInterval.String())
+	}
+	if c.GPUMemoryBytes != 0 {
+		args = append(args, "--gpu-memory-bytes="+strconv.FormatInt(c.GPUMemoryBytes, 10))
 	}
 	return args
 }
@@ -121,6 +142,15 @@ func (c WorkerConfig) Validate() error {
 			errs = append(errs, fmt.Errorf("model[%d]: name %q used twice", i, m.Name))
 		}
 		seen[m.Name] = true
+		if _, err := ParseProvider(string(m.Provider)); err != nil {
+			errs = append(errs, fmt.Errorf("provider of model %q: %w", m.Name, err))
+		}
+		if m.DeviceID < 0 {
+			errs = append(errs, fmt.Errorf("provider of model %q: device id must be >= 0, got %d", m.Name, m.DeviceID))
+		}
+	}
+	if c.GPUMemoryBytes < 0 {
+		errs = append(errs, fmt.Errorf("gpu-memory-bytes: must be >= 0, got %d", c.GPUMemoryBytes))
 	}
 	if c.Slots < 0 {
 		errs = append(errs, fmt.Errorf("slots: must be >= 0, got %d", c.Slots))
@@ -148,6 +178,52 @@ func (c WorkerConfig) withDefaults() WorkerConfig {
 		c.KVCacheBytes = DefaultKVCacheBytes
 	}
 	return c
+}
+
+// modelOptions are the options LoadModel gets for spec: the GPU memory
+// budget is split evenly among the models that may run on spec's device.
+func (c WorkerConfig) modelOptions(spec ModelSpec, log *slog.Logger) ModelOptions {
+	o := ModelOptions{Name: spec.Name, IntraOpThreads: c.IntraOpThreads, Provider: spec.Provider, DeviceID: spec.DeviceID,
+		ORTLib: c.ORTLib, DeviceKV: spec.DeviceKV, Log: log}
+	if c.GPUMemoryBytes > 0 && spec.Provider != "" && spec.Provider != ProviderCPU {
+		share := 0
+		for _, m := range c.Models {
+			if m.Provider != "" && m.Provider != ProviderCPU && m.DeviceID == spec.DeviceID {
+				share++
+			}
+		}
+		o.GPUMemoryBytes = c.GPUMemoryBytes / int64(share)
+	}
+	return o
+}
+
+// FormatPlacement writes a provider and device as the worker's --provider
+// flag takes them: "cuda:1", or the provider alone for device 0.
+func FormatPlacement(p Provider, device int) string {
+	if p == "" {
+		p = ProviderCPU
+	}
+	if device == 0 {
+		return string(p)
+	}
+	return string(p) + ":" + strconv.Itoa(device)
+}
+
+// ParsePlacement reads what FormatPlacement writes.
+func ParsePlacement(s string) (Provider, int, error) {
+	name, dev, hasDev := strings.Cut(s, ":")
+	p, err := ParseProvider(name)
+	if err != nil {
+		return "", 0, err
+	}
+	if !hasDev {
+		return p, 0, nil
+	}
+	d, err := strconv.Atoi(dev)
+	if err != nil || d < 0 {
+		return "", 0, fmt.Errorf("device: want a number >= 0, got %q", dev)
+	}
+	return p, d, nil
 }
 
 // RunWorker is the worker process: it maps the ring from cfg.RingFD, loads
@@ -197,14 +273,14 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 	}()
 	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: uint32(cfg.Slots)}
 	for _, spec := range cfg.Models {
-		m, err := LoadModel(spec.Dir, ModelOptions{Name: spec.Name, IntraOpThreads: cfg.IntraOpThreads})
+		m, err := LoadModel(spec.Dir, cfg.modelOptions(spec, log))
 		if err != nil {
 			return fmt.Errorf("worker: %w", err)
 		}
 		models[spec.Name] = m
 		ready.Models = append(ready.Models, m.Info())
 		log.Info("model loaded", "model", spec.Name, "dir", spec.Dir, "context_length", m.cfg.ContextLength, "layers", m.layers,
-			"kv_bytes_per_token", m.kvBytesPerToken())
+			"kv_bytes_per_token", m.kvBytesPerToken(), "provider", string(m.Provider()), "device", m.place.device, "device_kv", m.DeviceKV())
 	}
 	w := newWorkerLoop(end, cfg.Slots, cfg.KVCacheBytes, models, log)
 	if cfg.TracerProvider != nil {

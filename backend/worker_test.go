@@ -31,6 +31,13 @@ func startRingWorker(t *testing.T, slots int) *ringWorker {
 // startRingWorkerWith serves the model in dir under the name "demo".
 func startRingWorkerWith(t testing.TB, slots int, dir string, kvBudget int64) *ringWorker {
 	t.Helper()
+	return startRingWorkerSpec(t, slots, ModelSpec{Name: "demo", Dir: dir}, kvBudget)
+}
+
+// startRingWorkerSpec is startRingWorkerWith for a model spec of its own
+// (provider, device-resident cache).
+func startRingWorkerSpec(t testing.TB, slots int, spec ModelSpec, kvBudget int64) *ringWorker {
+	t.Helper()
 	seg, err := transport.NewSegment(0)
 	if err != nil {
 		t.Fatal(err)
@@ -52,7 +59,7 @@ func startRingWorkerWith(t testing.TB, slots int, dir string, kvBudget int64) *r
 	ctx, cancel := context.WithCancel(context.Background())
 	cfg := WorkerConfig{
 		RingFD:        fd,
-		Models:        []ModelSpec{{Name: "demo", Dir: dir}},
+		Models:        []ModelSpec{spec},
 		ORTLib:        testORTLib,
 		Slots:         slots,
 		KVCacheBytes:  kvBudget,

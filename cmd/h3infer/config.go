@@ -93,6 +93,10 @@ type WorkersConfig struct {
 	KVCacheBytes int64 `json:"kv_cache_bytes"`
 	// IntraOpThreads per ONNX Runtime session. Default 1.
 	IntraOpThreads int `json:"intra_op_threads"`
+	// GPUMemoryBytes bounds the device memory of one worker's GPU models,
+	// split evenly among the models on a device. Default 0: no bound of
+	// ours (the CUDA provider takes what it needs).
+	GPUMemoryBytes int64 `json:"gpu_memory_bytes"`
 	// RingBytes is the size of each shared-memory ring. Default 1 MiB; a
 	// power of two between 64 KiB and 1 GiB.
 	RingBytes int `json:"ring_bytes"`
@@ -239,6 +243,20 @@ type TenantLimitConfig struct {
 type ModelConfig struct {
 	Name string `json:"name"`
 	Dir  string `json:"dir"`
+	// Provider is the ONNX Runtime execution provider: cpu, cuda, tensorrt
+	// or auto (cuda when its libraries and a device load, else cpu with a
+	// warning). Default cpu. docs/GPU.md.
+	Provider string `json:"provider"`
+	// DeviceID is the GPU of a cuda, tensorrt or auto model. Default 0.
+	DeviceID int `json:"device_id"`
+	// DeviceKV keeps the KV cache in the provider's memory between decode
+	// steps (IO binding). Default: true on a GPU, false on the cpu.
+	DeviceKV *bool `json:"device_kv"`
+}
+
+// onGPU reports whether the model asks for a GPU provider.
+func (m ModelConfig) onGPU() bool {
+	return m.Provider != "" && m.Provider != string(backend.ProviderCPU)
 }
 
 // Duration is a time.Duration written as a string such as "800ms".
@@ -297,7 +315,15 @@ func (c Config) withDefaults() Config {
 	def(&c.Listen, "127.0.0.1:8443")
 	def(&c.Admin, "127.0.0.1:9090")
 	def(&c.StateDir, ".h3infer")
-	defInt(&c.Workers.Count, 2)
+	// One worker per GPU: a worker's sessions share its device, and a
+	// second process on the same GPU only splits its memory.
+	workers := 2
+	for _, m := range c.Models {
+		if m.onGPU() {
+			workers = 1
+		}
+	}
+	defInt(&c.Workers.Count, workers)
 	defInt(&c.Workers.Slots, 4)
 	defInt(&c.Workers.IntraOpThreads, 1)
 	if c.Workers.KVCacheBytes == 0 {
@@ -390,6 +416,9 @@ func (c Config) validate() error {
 	}
 	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
 		bad("tls", "cert_file and key_file go together, got cert_file=%q key_file=%q", c.TLS.CertFile, c.TLS.KeyFile)
+	}
+	if c.Workers.GPUMemoryBytes < 0 {
+		bad("workers.gpu_memory_bytes", "must be >= 0, got %d", c.Workers.GPUMemoryBytes)
 	}
 	if c.Workers.Count < 1 || c.Workers.Count > 64 {
 		bad("workers.count", "must be 1..64, got %d", c.Workers.Count)
@@ -525,6 +554,14 @@ func (c Config) validate() error {
 			bad(key+".dir", "must not be empty")
 		} else if _, err := os.Stat(filepath.Join(m.Dir, "model.onnx")); err != nil {
 			bad(key+".dir", "no model.onnx: %v", err)
+		}
+		if _, err := backend.ParseProvider(m.Provider); err != nil {
+			bad(key+".provider", "%v", err)
+		}
+		if m.DeviceID < 0 {
+			bad(key+".device_id", "must be >= 0, got %d", m.DeviceID)
+		} else if m.DeviceID != 0 && !m.onGPU() {
+			bad(key+".device_id", "set to %d, but provider %q runs on no GPU", m.DeviceID, m.Provider)
 		}
 	}
 	return errors.Join(errs...)

@@ -674,3 +674,46 @@ func (b bearerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	r.Header.Set("Authorization", "Bearer "+b.bearer)
 	return b.next.RoundTrip(r)
 }
+
+// gpuConfig writes a config serving a fresh demo model with provider.
+func gpuConfig(t *testing.T, provider string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if out, err := exec.Command(buildBinary(t), "genmodel", "--out", dir).CombinedOutput(); err != nil {
+		t.Fatalf("genmodel: %v\n%s", err, out)
+	}
+	path := filepath.Join(t.TempDir(), "config.json")
+	cfg := fmt.Sprintf(`{"models": [{"name": "demo", "dir": %q, "provider": %q}]}`, dir, provider)
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// On a host without CUDA, provider cuda stops serve before it listens,
+// naming the library that is missing; auto serves on the CPU.
+func TestServeGPUProviderWithoutGPU(t *testing.T) {
+	// serve must fail at start; the bound keeps a regression from hanging.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, buildBinary(t), "serve", "--config", gpuConfig(t, "cuda"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-dir", t.TempDir())
+	cmd.Env = append(os.Environ(), "ONNXRUNTIME_LIB="+ortLib(t))
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "libonnxruntime_providers_shared.so") || !strings.Contains(string(out), "models[0] (demo)") {
+		t.Errorf("serve with provider cuda and no provider libraries: %v, want a failure naming the library and the model:\n%s", err, out)
+	}
+	if strings.Contains(string(out), "listening") {
+		t.Errorf("serve listened before failing:\n%s", out)
+	}
+
+	s := startServer(t, "--config", gpuConfig(t, "auto"))
+	resp := postJSON(t, context.Background(), s.h3Client(t), s.base+"/v1/chat/completions", chatBody(8, false))
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), `"completion_tokens":8`) {
+		t.Errorf("auto on a host without CUDA: %s %s", resp.Status, b)
+	}
+	if !strings.Contains(s.stderr.String(), "model runs on the cpu") {
+		t.Errorf("no fallback warning in the log:\n%s", s.stderr)
+	}
+}

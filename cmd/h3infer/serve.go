@@ -82,6 +82,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	if err != nil {
 		return fmt.Errorf("find own executable for workers: %w", err)
 	}
+	ortLibPath := onnxRuntimeLib(cfg.ONNXRuntimeLib, exe)
 
 	tp, stopTracing, err := newTracerProvider(ctx, "h3infer", cfg.Tracing.OTLPEndpoint)
 	if err != nil {
@@ -115,7 +116,8 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 
 	var static []backend.ModelSpec
 	for _, m := range cfg.Models {
-		static = append(static, backend.ModelSpec{Name: m.Name, Dir: m.Dir})
+		p, _ := backend.ParseProvider(m.Provider) // validated
+		static = append(static, backend.ModelSpec{Name: m.Name, Dir: m.Dir, Provider: p, DeviceID: m.DeviceID, DeviceKV: m.DeviceKV})
 	}
 	var pool *backend.Pool
 	registry, err := backend.NewRegistry(backend.RegistryConfig{
@@ -133,15 +135,23 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	if err != nil {
 		return err
 	}
+	for i, m := range models {
+		// A GPU provider asked for outright fails here, naming what is
+		// missing, rather than in workers restarting forever.
+		if err := backend.ProbeProvider(m.Provider, ortLibPath); err != nil {
+			return fmt.Errorf("models[%d] (%s): %w", i, m.Name, err)
+		}
+	}
 	pool, err = backend.NewPool(backend.PoolConfig{
 		Workers:    cfg.Workers.Count,
 		Executable: exe,
 		Worker: backend.WorkerConfig{
 			Models:         models,
-			ORTLib:         onnxRuntimeLib(cfg.ONNXRuntimeLib, exe),
+			ORTLib:         ortLibPath,
 			Slots:          cfg.Workers.Slots,
 			KVCacheBytes:   cfg.Workers.KVCacheBytes,
 			IntraOpThreads: cfg.Workers.IntraOpThreads,
+			GPUMemoryBytes: cfg.Workers.GPUMemoryBytes,
 		},
 		RingSize:   cfg.Workers.RingBytes,
 		Registerer: reg,

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 
 	"h3infer/backend"
@@ -57,6 +58,40 @@ func parseWorkerFlags(args []string) (backend.WorkerConfig, error) {
 	fs.Int64Var(&cfg.KVCacheBytes, "kv-cache-bytes", 0, fmt.Sprintf("KV-cache memory budget of the running sequences (0: %d)", backend.DefaultKVCacheBytes))
 	fs.IntVar(&cfg.IntraOpThreads, "intra-op-threads", 0, "ONNX Runtime intra-op threads per model (0: 1)")
 	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, fmt.Sprintf("how often to report counters (0: %s)", backend.DefaultStatsInterval))
+	fs.Int64Var(&cfg.GPUMemoryBytes, "gpu-memory-bytes", 0, "device memory budget of the worker's GPU models (0: none)")
+	// Per-model settings name a model given by an earlier --model.
+	spec := func(v string) (*backend.ModelSpec, string, error) {
+		name, val, ok := strings.Cut(v, "=")
+		if !ok {
+			return nil, "", fmt.Errorf("want NAME=VALUE, got %q", v)
+		}
+		for i := range cfg.Models {
+			if cfg.Models[i].Name == name {
+				return &cfg.Models[i], val, nil
+			}
+		}
+		return nil, "", fmt.Errorf("no --model named %q before it", name)
+	}
+	fs.Func("provider", "a model's execution provider, as NAME=cpu|cuda[:DEVICE]|tensorrt[:DEVICE]|auto[:DEVICE]", func(v string) error {
+		s, val, err := spec(v)
+		if err != nil {
+			return err
+		}
+		s.Provider, s.DeviceID, err = backend.ParsePlacement(val)
+		return err
+	})
+	fs.Func("device-kv", "whether a model keeps its KV cache on the device between steps, as NAME=true|false", func(v string) error {
+		s, val, err := spec(v)
+		if err != nil {
+			return err
+		}
+		on, err := strconv.ParseBool(val)
+		if err != nil {
+			return err
+		}
+		s.DeviceKV = &on
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return backend.WorkerConfig{}, usageError{err}
 	}
