@@ -90,6 +90,12 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	}
 	ctx, cancel := context.WithDeadlineCause(r.Context(), deadline, errDeadlinePassed)
 	defer cancel()
+	// At the end of a shutdown's grace the request ends with an error
+	// saying so, rather than being cut off with its connection.
+	ctx, cancelAbort := context.WithCancelCause(ctx)
+	defer cancelAbort(nil)
+	stopAbort := context.AfterFunc(g.aborting, func() { cancelAbort(context.Cause(g.aborting)) })
+	defer stopAbort()
 	sreq := &scheduler.Request{
 		Tenant:         g.cfg.Tenant(r),
 		Urgency:        prio.urgency,
@@ -158,6 +164,10 @@ func (g *Gateway) deadlineOf(h http.Header, start time.Time) (time.Time, error) 
 func deadlineCause(ctx context.Context, err error) error {
 	if errors.Is(err, context.DeadlineExceeded) && errors.Is(context.Cause(ctx), errDeadlinePassed) {
 		return errDeadlinePassed
+	}
+	// Likewise a request ended by the shutdown is not a client that left.
+	if errors.Is(err, context.Canceled) && errors.Is(context.Cause(ctx), errShuttingDown) {
+		return errShuttingDown
 	}
 	return err
 }
@@ -324,7 +334,7 @@ func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, st TokenSt
 		text.WriteString(ev.Token.Text)
 		var err error
 		if ev, err = g.next(ctx, st, req); err != nil {
-			writeError(w, err)
+			writeError(w, deadlineCause(ctx, err))
 			return
 		}
 	}
