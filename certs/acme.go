@@ -31,6 +31,9 @@ type ACMEConfig struct {
 	// RootCAs verifies the directory's HTTPS certificate, for a private
 	// ACME server. nil: the system roots.
 	RootCAs *x509.CertPool
+	// Transport, when set, carries the requests to the CA instead of one
+	// built from RootCAs.
+	Transport http.RoundTripper
 }
 
 // ACME obtains and renews certificates as handshakes ask for them. It
@@ -67,7 +70,10 @@ func NewACME(cfg ACMEConfig) (*ACME, error) {
 		return nil, err
 	}
 	client := &acme.Client{DirectoryURL: cfg.DirectoryURL}
-	if cfg.RootCAs != nil {
+	switch {
+	case cfg.Transport != nil:
+		client.HTTPClient = &http.Client{Timeout: acmeTimeout, Transport: cfg.Transport}
+	case cfg.RootCAs != nil:
 		client.HTTPClient = &http.Client{
 			Timeout:   acmeTimeout,
 			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: cfg.RootCAs}},
