@@ -55,13 +55,7 @@ func EnsureSessionKeys(path string) (*SessionKeys, error) {
 	if err == nil || !errors.Is(err, os.ErrNotExist) {
 		return k, err
 	}
-	k = &SessionKeys{}
-	for _, b := range [][]byte{k.TokenGeneratorKey[:], k.StatelessResetKey[:]} {
-		if _, err := rand.Read(b); err != nil {
-			return nil, err
-		}
-	}
-	if err := k.Rotate(time.Now()); err != nil {
+	if k, err = NewSessionKeys(time.Now()); err != nil {
 		return nil, err
 	}
 	return k, k.Save(path)

@@ -75,7 +75,14 @@ func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { retu
 
 func (h *harness) client(t *testing.T, cred string, dialAddr string) *client.Client {
 	t.Helper()
-	c, err := client.New(client.Config{TLS: &tls.Config{RootCAs: h.pool}, Credential: cred, DialAddr: dialAddr})
+	return h.clientWithCache(t, cred, dialAddr, nil)
+}
+
+// clientWithCache is client with a session cache of the test's own (nil:
+// the client's default).
+func (h *harness) clientWithCache(t *testing.T, cred, dialAddr string, cache tls.ClientSessionCache) *client.Client {
+	t.Helper()
+	c, err := client.New(client.Config{TLS: &tls.Config{RootCAs: h.pool, ClientSessionCache: cache}, Credential: cred, DialAddr: dialAddr})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -267,7 +274,8 @@ func zeroRTTSetup(t *testing.T, h *harness, cred string) (*client.Client, *udpre
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := h.client(t, cred, relay.Addr())
+	tickets := &ticketSignal{ClientSessionCache: tls.NewLRUClientSessionCache(16), got: make(chan struct{}, 1)}
+	c := h.clientWithCache(t, cred, relay.Addr(), tickets)
 	t.Cleanup(func() {
 		// Let the held Handshake packets and then the client's
 		// CONNECTION_CLOSE through before the relay goes, or the gateway
@@ -287,8 +295,12 @@ func zeroRTTSetup(t *testing.T, h *harness, cred string) (*client.Client, *udpre
 	if res.Early {
 		t.Fatal("the first connection cannot be early")
 	}
-	// The ticket arrives after the handshake; give it a moment to land.
-	time.Sleep(200 * time.Millisecond)
+	// The ticket arrives after the handshake, in its own time under load.
+	select {
+	case <-tickets.got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no session ticket within 10s of the first request")
+	}
 	c.CloseConnections()
 	relay.HoldHandshake(holdHandshake)
 	return c, relay
@@ -410,5 +422,21 @@ func TestZeroRTTRejectPolicyRetriesIn1RTT(t *testing.T) {
 	}
 	if got := h.counter(t, "h3infer_early_data_requests_total", "rejected"); got != 1 {
 		t.Errorf("early rejected = %v, want 1", got)
+	}
+}
+
+// ticketSignal is a session cache that says when a ticket has been stored.
+type ticketSignal struct {
+	tls.ClientSessionCache
+	got chan struct{}
+}
+
+func (c *ticketSignal) Put(key string, cs *tls.ClientSessionState) {
+	c.ClientSessionCache.Put(key, cs)
+	if cs != nil {
+		select {
+		case c.got <- struct{}{}:
+		default:
+		}
 	}
 }

@@ -64,6 +64,9 @@ var (
 	// errDeadlinePassed is the cause of a request context whose deadline
 	// (default or X-Request-Timeout) passed.
 	errDeadlinePassed = errors.New("the request's deadline passed")
+	// errShuttingDown ends the requests still running when a shutdown's
+	// grace period is over.
+	errShuttingDown = errors.New("the server is shutting down")
 )
 
 // apiError is what the client receives: a status, optional headers and the
@@ -196,7 +199,7 @@ func apiErrorOf(err error) apiError {
 			"no model worker is ready yet; retry shortly")
 		e.retryAfter = scheduler.DefaultRetryAfter
 		return e
-	case errors.Is(err, scheduler.ErrClosed):
+	case errors.Is(err, scheduler.ErrClosed), errors.Is(err, errShuttingDown):
 		return mk(http.StatusServiceUnavailable, serverError, "", "shutting_down", "the server is shutting down")
 	case errors.As(err, &tenantLimit):
 		e := mk(http.StatusTooManyRequests, "rate_limit_error", "", "tenant_queue_full",

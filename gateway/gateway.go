@@ -135,6 +135,10 @@ type Config struct {
 	// Status, when set, is served as JSON under "status" on /debug/state:
 	// the wiring reports workers and queues there.
 	Status func() any
+	// TCPProtos are ALPN protocols the TCP listener offers besides h2 and
+	// http/1.1: certs.ACMEALPN when TLS's certificate source answers ACME's
+	// tls-alpn-01 challenge. The certificate source must handle them.
+	TCPProtos []string
 }
 
 // Defaults for Config's zero values.
@@ -152,6 +156,9 @@ const (
 	defaultPriorityUrgency  = 3
 	maxPriorityUrgency      = 7
 	shutdownListenerTimeout = time.Second
+	// abortCutoff is how long streams ended at the close of the shutdown
+	// grace have to send their error event before connections are closed.
+	abortCutoff = 2 * time.Second
 )
 
 // Gateway serves the API on one port over HTTP/3 and TCP, and the admin
@@ -177,6 +184,16 @@ type Gateway struct {
 	tcp      *http.Server
 	adminSrv *http.Server
 	serving  sync.WaitGroup
+
+	// ticketKeys only holds the session-ticket keys: both listeners
+	// encrypt and decrypt tickets through it, so SetSessionTicketKeys
+	// reaches the configs that quic-go and net/http cloned at start.
+	ticketKeys *tls.Config
+	// aborting is cancelled, with cause errShuttingDown, when the
+	// shutdown grace ends: the streams still running then end with an
+	// error event instead of being cut off.
+	aborting context.Context
+	abort    context.CancelCauseFunc
 }
 
 // New validates cfg and builds a gateway; Start opens its sockets.
@@ -282,7 +299,11 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		tracer:  cfg.TracerProvider.Tracer(tracerName),
 		limits:  newLimiter(cfg.RateLimits),
 		created: time.Now().Unix(),
+		// A clone keeps the keys the caller set on cfg.TLS (or its
+		// automatic ones).
+		ticketKeys: cfg.TLS.Clone(),
 	}
+	g.aborting, g.abort = context.WithCancelCause(context.Background())
 	if err := defaultAuth(&g.cfg.Auth, g); err != nil {
 		return nil, err
 	}
@@ -322,9 +343,7 @@ func (g *Gateway) Start() error {
 		g.quicTr.TokenGeneratorKey, g.quicTr.StatelessResetKey = &tg, &sr
 	}
 	quicTLS := g.cfg.TLS.Clone()
-	if t := g.cfg.Auth.Tickets; t != nil {
-		t.Install(quicTLS)
-	}
+	g.installTickets(quicTLS)
 	quicLn, err := g.quicTr.ListenEarly(http3.ConfigureTLSConfig(quicTLS), &quic.Config{
 		// 0-RTT needs the guard: without auth there are no early proofs
 		// and no single-use tickets.
@@ -345,7 +364,8 @@ func (g *Gateway) Start() error {
 		Logger:      g.log,
 	}
 	tcpTLS := g.cfg.TLS.Clone()
-	tcpTLS.NextProtos = []string{"h2", "http/1.1"}
+	g.installTickets(tcpTLS)
+	tcpTLS.NextProtos = append([]string{"h2", "http/1.1"}, g.cfg.TCPProtos...)
 	altSvc := fmt.Sprintf(`h3=":%d"; ma=%d`, port, altSvcMaxAge)
 	g.tcp = &http.Server{
 		Handler:           g.instrument(advertiseH3(altSvc, api)),
@@ -383,6 +403,25 @@ func (g *Gateway) Start() error {
 	g.started = true
 	g.log.Info("gateway listening", "addr", g.addr, "admin", g.admin)
 	return nil
+}
+
+// installTickets makes c encrypt and decrypt session tickets with the keys
+// held by g.ticketKeys, through the single-use ticket guard when auth has
+// one.
+func (g *Gateway) installTickets(c *tls.Config) {
+	if t := g.cfg.Auth.Tickets; t != nil {
+		t.Install(g.ticketKeys)
+		c.WrapSession, c.UnwrapSession = g.ticketKeys.WrapSession, g.ticketKeys.UnwrapSession
+		return
+	}
+	c.WrapSession, c.UnwrapSession = g.ticketKeys.EncryptTicket, g.ticketKeys.DecryptTicket
+}
+
+// SetSessionTicketKeys replaces the session-ticket keys of both listeners:
+// the first encrypts new tickets, all of them decrypt. Connections already
+// open are not touched.
+func (g *Gateway) SetSessionTicketKeys(keys [][32]byte) {
+	g.ticketKeys.SetSessionTicketKeys(keys)
 }
 
 // listenPair binds UDP and TCP on the same port. With port 0 the kernel picks
@@ -427,9 +466,10 @@ func (g *Gateway) AdminAddr() string {
 	return g.admin
 }
 
-// Shutdown stops accepting, sends GOAWAY on HTTP/3 and HTTP/2 connections,
-// waits within ctx for running handlers, then closes everything. Streams
-// still running when ctx ends are cut off.
+// Shutdown stops accepting, sends GOAWAY on HTTP/3 and HTTP/2 connections
+// and lets running handlers finish within ctx. When ctx ends, streams still
+// running get an error event saying the server is shutting down and end;
+// whatever is still open abortCutoff later is cut off.
 func (g *Gateway) Shutdown(ctx context.Context) error {
 	g.mu.Lock()
 	if !g.started {
@@ -441,14 +481,38 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	quicLn, quicTr, udp := g.quicLn, g.quicTr, g.udp
 	g.mu.Unlock()
 
-	var wg sync.WaitGroup
+	// The servers wait past ctx for the handlers that end their streams
+	// with an error event; hard bounds that wait.
+	hard, cancelHard := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelHard()
+	drained := make(chan struct{})
+	var watcher sync.WaitGroup
+	watcher.Go(func() {
+		select {
+		case <-drained:
+			return
+		case <-ctx.Done():
+		}
+		g.log.Warn("shutdown grace over; ending the streams still running")
+		g.abort(errShuttingDown)
+		t := time.NewTimer(abortCutoff)
+		defer t.Stop()
+		select {
+		case <-drained:
+		case <-t.C:
+			cancelHard()
+		}
+	})
+	var servers sync.WaitGroup
 	var h3Err, tcpErr error
-	wg.Go(func() { h3Err = h3.Shutdown(ctx) })
-	wg.Go(func() { tcpErr = tcp.Shutdown(ctx) })
-	wg.Wait()
+	servers.Go(func() { h3Err = h3.Shutdown(hard) })
+	servers.Go(func() { tcpErr = tcp.Shutdown(hard) })
+	servers.Wait()
+	close(drained)
+	watcher.Wait()
 	if tcpErr != nil {
-		// Handlers outlived ctx: cut the rest off. (http3.Server.Shutdown
-		// does this itself.)
+		// Handlers outlived the cutoff: cut the rest off. (http3.Server's
+		// Shutdown does this itself.)
 		tcpErr = errors.Join(tcpErr, tcp.Close())
 	}
 	// Admin has only short requests; its own bound keeps a stuck scrape from

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
 	"h3infer/scheduler"
@@ -913,7 +914,53 @@ func TestSamePortOnUDPAndTCP(t *testing.T) {
 	}
 }
 
-func TestShutdownWaitsForStreams(t *testing.T) {
+func TestShutdownEndsStreamsWithAnErrorEvent(t *testing.T) {
+	for _, proto := range protocols {
+		t.Run(proto, func(t *testing.T) {
+			h := newHarness(t, nil)
+			h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+				return tokens("busy"), nil // never done
+			})
+			resp := h.post(t, proto, "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`)
+			br := bufio.NewReader(resp.Body)
+			if _, err := br.ReadString('\n'); err != nil {
+				t.Fatal(err)
+			}
+			_, st := h.sched.last()
+			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			defer cancel()
+			shut := make(chan error, 1)
+			go func() { shut <- h.gw.Shutdown(ctx) }()
+			events := sseEvents(t, br)
+			if len(events) == 0 || !strings.Contains(events[len(events)-1], `"shutting_down"`) {
+				t.Errorf("stream ended with %q, want an error event with code shutting_down", events)
+			}
+			for _, e := range events {
+				if e == "[DONE]" {
+					t.Error("a stream cut short by shutdown claims [DONE]")
+				}
+			}
+			select {
+			case err := <-shut:
+				if err != nil {
+					t.Errorf("Shutdown after every stream ended: %v", err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("Shutdown did not return")
+			}
+			select {
+			case <-st.closed:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the ended stream was not closed")
+			}
+			if err := h.gw.Shutdown(context.Background()); err != nil {
+				t.Errorf("second Shutdown: %v", err)
+			}
+		})
+	}
+}
+
+func TestShutdownLetsStreamsFinishWithinGrace(t *testing.T) {
 	h := newHarness(t, nil)
 	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
 		return tokens("busy"), nil
@@ -924,19 +971,22 @@ func TestShutdownWaitsForStreams(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, st := h.sched.last()
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	err := h.gw.Shutdown(ctx)
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("Shutdown with a stream still running: %v, want DeadlineExceeded", err)
+	shut := make(chan error, 1)
+	go func() { shut <- h.gw.Shutdown(context.Background()) }()
+	// Shutdown has begun (GOAWAY) while the stream still runs.
+	time.Sleep(100 * time.Millisecond)
+	st.events <- done(transport.FinishStop, 2, 1)
+	events := sseEvents(t, br)
+	if len(events) == 0 || events[len(events)-1] != "[DONE]" {
+		t.Errorf("stream ended with %q, want it to complete with [DONE]", events)
 	}
 	select {
-	case <-st.closed:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the cut-off stream was not closed")
-	}
-	if err := h.gw.Shutdown(context.Background()); err != nil {
-		t.Errorf("second Shutdown: %v", err)
+	case err := <-shut:
+		if err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Shutdown did not return once the stream completed")
 	}
 }
 
@@ -950,5 +1000,78 @@ func TestNewValidates(t *testing.T) {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}
+	}
+}
+
+// resumes opens a QUIC connection with cache and reports whether the TLS
+// session was resumed. It waits a moment before closing so that the
+// server's ticket, sent after the handshake, lands in cache.
+func resumes(t *testing.T, h *harness, addr string, cache tls.ClientSessionCache) bool {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conf := &tls.Config{RootCAs: h.pool, ServerName: "127.0.0.1", ClientSessionCache: cache, NextProtos: []string{http3.NextProtoH3}}
+	conn, err := quic.DialAddr(ctx, addr, conf, nil)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	defer conn.CloseWithError(0, "")
+	time.Sleep(100 * time.Millisecond)
+	return conn.ConnectionState().TLS.DidResume
+}
+
+func key(b byte) [32]byte {
+	var k [32]byte
+	k[0] = b
+	return k
+}
+
+func TestTicketsSurviveOneRotation(t *testing.T) {
+	h := newHarness(t, nil)
+	h.gw.SetSessionTicketKeys([][32]byte{key(1)})
+	cache := tls.NewLRUClientSessionCache(8)
+	if resumes(t, h, h.gw.Addr(), cache) {
+		t.Fatal("first connection resumed")
+	}
+	// Rotation: a new key first, the old one kept for decryption.
+	h.gw.SetSessionTicketKeys([][32]byte{key(2), key(1)})
+	old := tls.NewLRUClientSessionCache(8)
+	if !resumes(t, h, h.gw.Addr(), cache) {
+		t.Error("a ticket issued before the rotation did not resume")
+	}
+	// That connection got a ticket under key 2; one under key 1 only is
+	// gone once key 1 is dropped.
+	if resumes(t, h, h.gw.Addr(), old) {
+		t.Fatal("an empty cache resumed")
+	}
+	h.gw.SetSessionTicketKeys([][32]byte{key(3), key(2)})
+	if !resumes(t, h, h.gw.Addr(), cache) {
+		t.Error("a ticket under the previous key did not resume")
+	}
+	h.gw.SetSessionTicketKeys([][32]byte{key(4)})
+	if resumes(t, h, h.gw.Addr(), old) {
+		t.Error("a ticket whose key was dropped still resumed")
+	}
+}
+
+func TestInstancesSharingKeysResumeEachOthersTickets(t *testing.T) {
+	a := newHarness(t, nil)
+	// Instances behind one name serve the same certificate and accept the
+	// same tokens.
+	b := newHarness(t, func(c *Config) { c.TLS = a.gw.cfg.TLS.Clone(); c.Auth = a.gw.cfg.Auth })
+	shared := [][32]byte{key(7)}
+	a.gw.SetSessionTicketKeys(shared)
+	b.gw.SetSessionTicketKeys(shared)
+	cache := tls.NewLRUClientSessionCache(8)
+	if resumes(t, a, a.gw.Addr(), cache) {
+		t.Fatal("first connection resumed")
+	}
+	if !resumes(t, a, b.gw.Addr(), cache) {
+		t.Error("a ticket from instance a did not resume on instance b sharing its keys")
+	}
+	lone := newHarness(t, func(c *Config) { c.TLS = a.gw.cfg.TLS.Clone(); c.Auth = a.gw.cfg.Auth })
+	lone.gw.SetSessionTicketKeys([][32]byte{key(8)})
+	if resumes(t, a, lone.gw.Addr(), cache) {
+		t.Error("an instance with other keys resumed the ticket")
 	}
 }

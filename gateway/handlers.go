@@ -140,6 +140,13 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	}
 	ctx, cancel := context.WithDeadlineCause(r.Context(), deadline, errDeadlinePassed)
 	defer cancel()
+	// At the end of a shutdown's grace the request ends with an error
+	// saying so, rather than being cut off with its connection.
+	ctx, cancelAbort := context.WithCancelCause(ctx)
+	defer cancelAbort(nil)
+	stopAbort := context.AfterFunc(g.aborting, func() { cancelAbort(context.Cause(g.aborting)) })
+	defer stopAbort()
+
 	run := &inflight{req: req, labels: [2]string{req.model, urgencyLabel(prio.urgency)}, last: start}
 	defer func() {
 		g.metrics.duration.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(start))
@@ -307,6 +314,10 @@ func (g *Gateway) deadlineOf(h http.Header, start time.Time) (time.Time, error) 
 func deadlineCause(ctx context.Context, err error) error {
 	if errors.Is(err, context.DeadlineExceeded) && errors.Is(context.Cause(ctx), errDeadlinePassed) {
 		return errDeadlinePassed
+	}
+	// Likewise a request ended by the shutdown is not a client that left.
+	if errors.Is(err, context.Canceled) && errors.Is(context.Cause(ctx), errShuttingDown) {
+		return errShuttingDown
 	}
 	return err
 }

@@ -142,13 +142,13 @@ func (realClock) AfterFunc(d time.Duration, f func()) func() bool {
 // described on queue: urgency, aging, tenant share, arrival.
 type Scheduler struct {
 	cfg     Config
-	tenants map[string]Tenant
 	workers WorkerSet
 	log     *slog.Logger
 	open    func(w Worker, id uint64, job *transport.Submit) (call, error)
 	clock   clock
 
 	mu      sync.Mutex
+	tenants map[string]Tenant // replaced whole by SetTenants
 	nextID  uint64
 	inUse   map[Worker]int
 	running int
@@ -197,33 +197,8 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	if cfg.Aging < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.aging: must be >= 0, got %s", cfg.Aging))
 	}
-	tenants := map[string]Tenant{
-		DefaultTenant: {Name: DefaultTenant, Weight: 1, DefaultUrgency: DefaultUrgency},
-	}
-	listed := map[string]bool{}
-	for i, t := range cfg.Tenants {
-		key := fmt.Sprintf("scheduler.tenants[%d]", i)
-		switch {
-		case t.Name == "":
-			errs = append(errs, fmt.Errorf("%s.name: must not be empty", key))
-		case listed[t.Name]:
-			errs = append(errs, fmt.Errorf("%s.name: %q is listed twice", key, t.Name))
-		}
-		listed[t.Name] = true
-		if t.Weight < 1 {
-			errs = append(errs, fmt.Errorf("%s.weight: must be >= 1, got %d", key, t.Weight))
-		}
-		if t.DefaultUrgency >= Levels {
-			errs = append(errs, fmt.Errorf("%s.default_urgency: must be 0..7, got %d", key, t.DefaultUrgency))
-		}
-		if t.UrgencyCeiling > t.DefaultUrgency {
-			errs = append(errs, fmt.Errorf("%s.urgency_ceiling: must be 0..default_urgency (%d), got %d", key, t.DefaultUrgency, t.UrgencyCeiling))
-		}
-		if t.MaxQueue < 0 {
-			errs = append(errs, fmt.Errorf("%s.max_queue: must be >= 0, got %d", key, t.MaxQueue))
-		}
-		tenants[t.Name] = t
-	}
+	tenants, terrs := tenantTable(cfg.Tenants)
+	errs = append(errs, terrs...)
 	if workers == nil {
 		errs = append(errs, errors.New("scheduler: worker set is nil"))
 	}
@@ -273,8 +248,60 @@ func openWorker(w Worker, id uint64, job *transport.Submit) (call, error) {
 	return c, nil
 }
 
+// tenantTable checks a tenant list and indexes it by name, with
+// DefaultTenant present even when not listed.
+func tenantTable(list []Tenant) (map[string]Tenant, []error) {
+	var errs []error
+	tenants := map[string]Tenant{
+		DefaultTenant: {Name: DefaultTenant, Weight: 1, DefaultUrgency: DefaultUrgency},
+	}
+	listed := map[string]bool{}
+	for i, t := range list {
+		key := fmt.Sprintf("scheduler.tenants[%d]", i)
+		switch {
+		case t.Name == "":
+			errs = append(errs, fmt.Errorf("%s.name: must not be empty", key))
+		case listed[t.Name]:
+			errs = append(errs, fmt.Errorf("%s.name: %q is listed twice", key, t.Name))
+		}
+		listed[t.Name] = true
+		if t.Weight < 1 {
+			errs = append(errs, fmt.Errorf("%s.weight: must be >= 1, got %d", key, t.Weight))
+		}
+		if t.DefaultUrgency >= Levels {
+			errs = append(errs, fmt.Errorf("%s.default_urgency: must be 0..7, got %d", key, t.DefaultUrgency))
+		}
+		if t.UrgencyCeiling > t.DefaultUrgency {
+			errs = append(errs, fmt.Errorf("%s.urgency_ceiling: must be 0..default_urgency (%d), got %d", key, t.DefaultUrgency, t.UrgencyCeiling))
+		}
+		if t.MaxQueue < 0 {
+			errs = append(errs, fmt.Errorf("%s.max_queue: must be >= 0, got %d", key, t.MaxQueue))
+		}
+		tenants[t.Name] = t
+	}
+	return tenants, errs
+}
+
+// SetTenants replaces the tenant list while requests run: requests
+// submitted from now on get the new shares, urgencies and bounds; queued
+// ones keep the weight they were queued with. An invalid list changes
+// nothing.
+func (s *Scheduler) SetTenants(list []Tenant) error {
+	tenants, errs := tenantTable(list)
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.tenants = tenants
+	s.mu.Unlock()
+	s.log.Info("scheduler tenants replaced", "tenants", len(list))
+	return nil
+}
+
 // tenant returns the settings that apply to name.
 func (s *Scheduler) tenant(name string) Tenant {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if t, ok := s.tenants[name]; ok {
 		return t
 	}

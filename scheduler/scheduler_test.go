@@ -496,3 +496,33 @@ func TestConcurrentSubmitClose(t *testing.T) {
 		t.Errorf("stats at rest = %+v, want zero", got)
 	}
 }
+
+func TestSetTenantsAppliesToNewRequests(t *testing.T) {
+	w := newFakeWorker(1, 4)
+	s, _ := newTestScheduler(t, Config{Tenants: []Tenant{{Name: "a", Weight: 1, DefaultUrgency: 5}}}, w)
+	urgency := func() uint8 {
+		t.Helper()
+		r := &Request{Tenant: "a", DefaultUrgency: true}
+		st, err := s.Submit(context.Background(), r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st.Close()
+		return r.Urgency
+	}
+	if got := urgency(); got != 5 {
+		t.Fatalf("before: urgency %d, want 5", got)
+	}
+	if err := s.SetTenants([]Tenant{{Name: "a", Weight: 0}}); err == nil || !strings.Contains(err.Error(), "scheduler.tenants[0].weight") {
+		t.Errorf("SetTenants with weight 0: %v, want an error naming the key", err)
+	}
+	if got := urgency(); got != 5 {
+		t.Errorf("after a refused list: urgency %d, want the old 5", got)
+	}
+	if err := s.SetTenants([]Tenant{{Name: "a", Weight: 3, DefaultUrgency: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := urgency(); got != 1 {
+		t.Errorf("after SetTenants: urgency %d, want 1", got)
+	}
+}

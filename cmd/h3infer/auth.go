@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"time"
@@ -10,41 +9,34 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
-	"h3infer/certs"
 	"h3infer/gateway"
 	"h3infer/tlsbind"
 	"h3infer/tlsbind/strikeredis"
 )
 
-// authSetup builds the gateway's token verifier and 0-RTT guard, loads the
-// shared session keys into tlsCfg, and returns the development credential
-// (empty with auth disabled) and a function that releases what it opened.
-func authSetup(cfg Config, tlsCfg *tls.Config, reg prometheus.Registerer, log *slog.Logger) (gateway.AuthConfig, *gateway.QUICKeys, string, func(), error) {
+// authSetup builds the gateway's token verifier and 0-RTT guard, and
+// returns the development credential (empty with auth disabled) and a
+// function that releases what it opened. The session keys the 0-RTT tickets
+// rely on are set up by sessionKeyStore.
+func authSetup(cfg Config, reg prometheus.Registerer, log *slog.Logger) (gateway.AuthConfig, string, func(), error) {
 	none := func() {}
 	auth := gateway.AuthConfig{Disabled: cfg.Auth.Disabled, Disable0RTT: cfg.ZeroRTT.Disabled}
 	if cfg.Auth.Disabled {
-		return auth, nil, "", none, nil
+		return auth, "", none, nil
 	}
 	ring, err := tlsbind.EnsureKeyRing(cfg.Auth.KeysFile, time.Now())
 	if err != nil {
-		return auth, nil, "", none, err
+		return auth, "", none, err
 	}
 	if auth.Tokens, err = tlsbind.NewVerifier(ring, cfg.Auth.Audience); err != nil {
-		return auth, nil, "", none, err
+		return auth, "", none, err
 	}
 	var dev string
 	if cfg.Auth.Audience == tlsbind.DefaultAudience {
 		if dev, err = ensureDevToken(cfg.StateDir, ring, auth.Tokens); err != nil {
-			return auth, nil, "", none, err
+			return auth, "", none, err
 		}
 	}
-
-	keys, err := certs.EnsureSessionKeys(cfg.ZeroRTT.SessionKeysFile)
-	if err != nil {
-		return auth, nil, "", none, err
-	}
-	keys.Apply(tlsCfg)
-	qk := &gateway.QUICKeys{TokenGenerator: keys.TokenGeneratorKey, StatelessReset: keys.StatelessResetKey}
 
 	var strikes tlsbind.StrikeRegister = tlsbind.NewMemoryStrikes()
 	closeFn := none
@@ -55,7 +47,7 @@ func authSetup(cfg Config, tlsCfg *tls.Config, reg prometheus.Registerer, log *s
 		cancel()
 		if err != nil {
 			rc.Close()
-			return auth, nil, "", none, fmt.Errorf("zero_rtt.redis_addr %s: %w", cfg.ZeroRTT.RedisAddr, err)
+			return auth, "", none, fmt.Errorf("zero_rtt.redis_addr %s: %w", cfg.ZeroRTT.RedisAddr, err)
 		}
 		strikes = strikeredis.New(rc, "")
 		closeFn = func() { rc.Close() }
@@ -63,7 +55,7 @@ func authSetup(cfg Config, tlsCfg *tls.Config, reg prometheus.Registerer, log *s
 	window := time.Duration(cfg.ZeroRTT.Window)
 	if auth.Replay, err = tlsbind.NewReplayGuard(strikes, window); err != nil {
 		closeFn()
-		return auth, nil, "", none, err
+		return auth, "", none, err
 	}
 	auth.Tickets, err = tlsbind.NewTickets(tlsbind.TicketConfig{
 		Instance:    cfg.ZeroRTT.Instance,
@@ -75,7 +67,7 @@ func authSetup(cfg Config, tlsCfg *tls.Config, reg prometheus.Registerer, log *s
 	}, log)
 	if err != nil {
 		closeFn()
-		return auth, nil, "", none, err
+		return auth, "", none, err
 	}
 	if len(cfg.ZeroRTT.Routes) > 0 {
 		auth.EarlyData = map[string]tlsbind.EarlyPolicy{}
@@ -83,5 +75,5 @@ func authSetup(cfg Config, tlsCfg *tls.Config, reg prometheus.Registerer, log *s
 			auth.EarlyData[path] = tlsbind.EarlyPolicy(p)
 		}
 	}
-	return auth, qk, dev, closeFn, nil
+	return auth, dev, closeFn, nil
 }

@@ -74,10 +74,34 @@ type ModelRepositoryConfig struct {
 }
 
 // TLSConfig names a certificate to serve. Both empty: the development CA and
-// leaf under <state_dir>/certs, created when missing.
+// leaf under <state_dir>/certs, created when missing. Either way the files
+// are watched and reloaded when they change, and on SIGHUP.
 type TLSConfig struct {
 	CertFile string `json:"cert_file"`
 	KeyFile  string `json:"key_file"`
+	// WatchInterval is how often the files are checked for changes.
+	// Default "5s".
+	WatchInterval Duration `json:"watch_interval"`
+	// ACME obtains certificates for public names from an ACME CA; other
+	// names keep the certificate above.
+	ACME ACMEConfig `json:"acme"`
+}
+
+// ACMEConfig turns on ACME (tls-alpn-01 on the listen port, which must be
+// reachable on 443 from the CA) for the listed hosts.
+type ACMEConfig struct {
+	// Hosts are public DNS names. Empty: ACME is off.
+	Hosts []string `json:"hosts"`
+	// DirectoryURL of the CA. Default: autocert's default public CA.
+	DirectoryURL string `json:"directory_url"`
+	// Email is the account contact, optional.
+	Email string `json:"email"`
+	// CacheDir keeps the account key and certificates. Default
+	// <state_dir>/acme.
+	CacheDir string `json:"cache_dir"`
+	// CAFile is a PEM bundle to trust for the directory's HTTPS, for a
+	// private CA. Default: the system roots.
+	CAFile string `json:"ca_file"`
 }
 
 // WorkersConfig sizes the worker processes.
@@ -150,6 +174,9 @@ type GatewayConfig struct {
 	// MaxDeadline caps X-Request-Timeout. Default "5m".
 	MaxDeadline Duration       `json:"max_deadline"`
 	Coalesce    CoalesceConfig `json:"coalesce"`
+	// ShutdownGrace is how long streams in flight may run after SIGTERM;
+	// those still running then end with an error event. Default "10s".
+	ShutdownGrace Duration `json:"shutdown_grace"`
 }
 
 // CoalesceConfig shapes how the SSE writer batches tokens by urgency.
@@ -195,9 +222,17 @@ type ZeroRTTConfig struct {
 	// SessionKeysFile holds the ticket, token-generator and stateless-reset
 	// keys shared by instances. Default <state_dir>/session-keys.json.
 	SessionKeysFile string `json:"session_keys_file"`
+	// SessionKeysStore is "file" (session_keys_file) or "redis"
+	// (redis_addr). Default "file".
+	SessionKeysStore string `json:"session_keys_store"`
+	// TicketKeyRotation is the age at which the ticket key is replaced;
+	// the previous one still decrypts until the next rotation. Default
+	// "12h".
+	TicketKeyRotation Duration `json:"ticket_key_rotation"`
 	// StrikeRegister is "memory" (one instance) or "redis". Default "memory".
 	StrikeRegister string `json:"strike_register"`
-	// RedisAddr is host:port of Redis for strike_register "redis".
+	// RedisAddr is host:port of Redis for strike_register "redis" and
+	// session_keys_store "redis".
 	RedisAddr string `json:"redis_addr"`
 	// Routes maps a route path to serve, proof, wait or reject.
 	Routes map[string]string `json:"routes"`
@@ -395,6 +430,20 @@ func (c Config) withDefaults() Config {
 	}
 	if c.ModelRepository.DrainTimeout == 0 {
 		c.ModelRepository.DrainTimeout = Duration(5 * time.Minute)
+
+	}
+	def(&c.ZeroRTT.SessionKeysStore, "file")
+	if c.ZeroRTT.TicketKeyRotation == 0 {
+		c.ZeroRTT.TicketKeyRotation = Duration(12 * time.Hour)
+	}
+	if c.TLS.WatchInterval == 0 {
+		c.TLS.WatchInterval = Duration(5 * time.Second)
+	}
+	if len(c.TLS.ACME.Hosts) > 0 {
+		def(&c.TLS.ACME.CacheDir, filepath.Join(c.StateDir, "acme"))
+	}
+	if c.Gateway.ShutdownGrace == 0 {
+		c.Gateway.ShutdownGrace = Duration(10 * time.Second)
 	}
 	return c
 }
@@ -510,6 +559,32 @@ func (c Config) validate() error {
 		}
 	default:
 		bad("zero_rtt.strike_register", "want memory or redis, got %q", c.ZeroRTT.StrikeRegister)
+	}
+	switch c.ZeroRTT.SessionKeysStore {
+	case "file":
+	case "redis":
+		if _, _, err := net.SplitHostPort(c.ZeroRTT.RedisAddr); err != nil {
+			bad("zero_rtt.redis_addr", "want host:port with session_keys_store \"redis\", got %q", c.ZeroRTT.RedisAddr)
+		}
+	default:
+		bad("zero_rtt.session_keys_store", "want file or redis, got %q", c.ZeroRTT.SessionKeysStore)
+	}
+	if r := time.Duration(c.ZeroRTT.TicketKeyRotation); r < time.Second || r > 7*24*time.Hour {
+		bad("zero_rtt.ticket_key_rotation", "must be 1s..168h, got %s", r)
+	}
+	if w := time.Duration(c.TLS.WatchInterval); w < 10*time.Millisecond || w > time.Hour {
+		bad("tls.watch_interval", "must be 10ms..1h, got %s", w)
+	}
+	for i, h := range c.TLS.ACME.Hosts {
+		if !strings.Contains(strings.Trim(h, "."), ".") || net.ParseIP(h) != nil {
+			bad(fmt.Sprintf("tls.acme.hosts[%d]", i), "want a public DNS name, got %q", h)
+		}
+	}
+	if len(c.TLS.ACME.Hosts) == 0 && (c.TLS.ACME.DirectoryURL != "" || c.TLS.ACME.CAFile != "" || c.TLS.ACME.Email != "") {
+		bad("tls.acme.hosts", "must name at least one host when other tls.acme keys are set")
+	}
+	if g := time.Duration(c.Gateway.ShutdownGrace); g < 0 || g > 10*time.Minute {
+		bad("gateway.shutdown_grace", "must be 0..10m, got %s", g)
 	}
 	for path, p := range c.ZeroRTT.Routes {
 		if _, err := tlsbind.ParseEarlyPolicy(p); err != nil {

@@ -10,10 +10,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,9 +32,6 @@ import (
 	"h3infer/transport"
 )
 
-// shutdownGrace bounds how long in-flight streams may run after SIGTERM.
-const shutdownGrace = 10 * time.Second
-
 func runServe(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	configPath := fs.String("config", "", "config file (JSON); see docs/CONFIG.md")
@@ -43,38 +42,53 @@ func runServe(ctx context.Context, args []string, stdout io.Writer, log *slog.Lo
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
-	cfg, err := loadConfig(*configPath)
+	// load reads the file again on SIGHUP, with the same flags winning.
+	load := func() (Config, error) {
+		cfg, err := loadConfig(*configPath)
+		if err != nil {
+			return cfg, err
+		}
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "listen":
+				cfg.Listen = *listen
+			case "admin":
+				cfg.Admin = *admin
+			case "state-dir":
+				cfg.StateDir = *stateDir
+			case "workers":
+				cfg.Workers.Count = *workers
+			}
+		})
+		if v := os.Getenv("ONNXRUNTIME_LIB"); v != "" {
+			cfg.ONNXRuntimeLib = v
+		}
+		cfg = cfg.withDefaults()
+		if err := cfg.validate(); err != nil {
+			return cfg, fmt.Errorf("invalid configuration:\n%w", err)
+		}
+		return cfg, nil
+	}
+	cfg, err := load()
 	if err != nil {
 		return err
 	}
-	// Flags win over the file.
-	fs.Visit(func(f *flag.Flag) {
-		switch f.Name {
-		case "listen":
-			cfg.Listen = *listen
-		case "admin":
-			cfg.Admin = *admin
-		case "state-dir":
-			cfg.StateDir = *stateDir
-		case "workers":
-			cfg.Workers.Count = *workers
-		}
-	})
-	if v := os.Getenv("ONNXRUNTIME_LIB"); v != "" {
-		cfg.ONNXRuntimeLib = v
-	}
-	cfg = cfg.withDefaults()
-	if err := cfg.validate(); err != nil {
-		return fmt.Errorf("invalid configuration:\n%w", err)
-	}
-	return serve(ctx, cfg, stdout, log)
+	return serve(ctx, cfg, load, stdout, log)
 }
 
-func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) error {
-	tlsCfg, dev, err := serverTLS(cfg)
+func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout io.Writer, log *slog.Logger) error {
+	// Registered before anything else so that a SIGHUP during start-up is
+	// handled once ready instead of killing the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	src, err := newCertSource(cfg, log)
 	if err != nil {
 		return err
 	}
+	tlsCfg := &tls.Config{GetCertificate: src.getCertificate, MinVersion: tls.VersionTLS12}
+	dev := src.dev
 	if err := ensureDemo(cfg, log); err != nil {
 		return err
 	}
@@ -108,7 +122,20 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	auth, quicKeys, devToken, closeAuth, err := authSetup(cfg, tlsCfg, reg, log)
+	keyStore, closeKeys, err := sessionKeyStore(cfg)
+	if err != nil {
+		return err
+	}
+	defer closeKeys()
+	every := time.Duration(cfg.ZeroRTT.TicketKeyRotation)
+	keys, err := keyStore.Current(ctx, time.Now(), every)
+	if err != nil {
+		return err
+	}
+	tlsCfg.SetSessionTicketKeys(keys.TicketKeys)
+	quicKeys := &gateway.QUICKeys{TokenGenerator: keys.TokenGeneratorKey, StatelessReset: keys.StatelessResetKey}
+
+	auth, devToken, closeAuth, err := authSetup(cfg, reg, log)
 	if err != nil {
 		return err
 	}
@@ -160,23 +187,13 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 	if err != nil {
 		return err
 	}
-	var tenants []scheduler.Tenant
-	for _, t := range cfg.Scheduler.Tenants {
-		tenants = append(tenants, scheduler.Tenant{
-			Name:           t.Name,
-			Weight:         t.Weight,
-			DefaultUrgency: uint8(*t.DefaultUrgency),
-			UrgencyCeiling: uint8(*t.UrgencyCeiling),
-			MaxQueue:       t.MaxQueue,
-		})
-	}
 	sched, err := scheduler.New(scheduler.Config{
 		MaxQueue:      cfg.Scheduler.MaxQueue,
 		RetryAfter:    time.Duration(cfg.Scheduler.RetryAfter),
 		Aging:         time.Duration(cfg.Scheduler.Aging),
 		UrgentMax:     uint8(cfg.Scheduler.UrgentMax),
 		UrgentReserve: cfg.Scheduler.UrgentReserve,
-		Tenants:       tenants,
+		Tenants:       schedulerTenants(cfg),
 	}, poolWorkers{pool}, log)
 	if err != nil {
 		return err
@@ -207,10 +224,28 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		QUICKeys:       quicKeys,
 		Router:         registry,
 		ModelAdmin:     registry,
+		TCPProtos:      src.tcpProtos(),
 	}, gateway.FromScheduler(sched), registry, log)
 	if err != nil {
 		return err
 	}
+	rotator, _, err := certs.NewRotator(ctx, certs.RotatorConfig{
+		Store: keyStore,
+		Every: every,
+		Apply: func(k *certs.SessionKeys) { gw.SetSessionTicketKeys(k.TicketKeys) },
+	}, log)
+	if err != nil {
+		return err
+	}
+	// The watchers stop last, after the workers.
+	watch, stopWatch := context.WithCancel(context.Background())
+	var watchers sync.WaitGroup
+	defer func() {
+		stopWatch()
+		watchers.Wait()
+	}()
+	watchers.Go(func() { src.reloader.Watch(watch, time.Duration(cfg.TLS.WatchInterval)) })
+	watchers.Go(func() { rotator.Run(watch) })
 
 	if err := pool.Start(ctx); err != nil {
 		return err
@@ -226,47 +261,36 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		log.Info("ready", "models", len(models))
 		printNextSteps(stdout, gw.Addr(), gw.AdminAddr(), dev, devToken, cfg.StateDir)
 	}
-	var watch sync.WaitGroup
-	watch.Go(func() { registry.Watch(ctx) })
-	<-ctx.Done()
-	log.Info("shutting down", "grace", shutdownGrace)
+	var regWatch sync.WaitGroup
+	regWatch.Go(func() { registry.Watch(ctx) })
+	for running := true; running; {
+		select {
+		case <-ctx.Done():
+			running = false
+		case <-hup:
+			cfg = reloadConfig(cfg, load, sched, src, log)
+		}
+	}
+	grace := time.Duration(cfg.Gateway.ShutdownGrace)
+	log.Info("draining", "grace", grace)
 
 	// Stop accepting and let streams finish, then stop what fed them.
-	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	// Connections a client kept open past the grace are not a failure of
+	// ours: they are logged, and the exit status stays 0.
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
-	err = gw.Shutdown(sctx)
-	registry.Close()
-	watch.Wait()
-	sched.Close()
-	if cerr := pool.Close(); cerr != nil {
-		err = errors.Join(err, cerr)
+	if err := gw.Shutdown(sctx); err != nil {
+		log.Warn("gateway shutdown incomplete", "err", err)
 	}
+	registry.Close()
+	regWatch.Wait()
+	sched.Close()
+	err = pool.Close()
+	log.Info("drained")
 	if readyErr != nil && !errors.Is(readyErr, context.Canceled) {
 		err = errors.Join(err, readyErr)
 	}
 	return err
-}
-
-// serverTLS loads the configured certificate or makes sure the development
-// CA and leaf exist under the state dir.
-func serverTLS(cfg Config) (*tls.Config, *certs.Dev, error) {
-	var (
-		kp  tls.Certificate
-		dev *certs.Dev
-		err error
-	)
-	if cfg.TLS.CertFile != "" {
-		kp, err = certs.LoadKeyPair(cfg.TLS.CertFile, cfg.TLS.KeyFile)
-	} else {
-		dev, err = certs.EnsureDev(filepath.Join(cfg.StateDir, "certs"), certs.DevOptions{})
-		if err == nil {
-			kp, err = certs.LoadKeyPair(dev.CertFile, dev.KeyFile)
-		}
-	}
-	if err != nil {
-		return nil, nil, err
-	}
-	return &tls.Config{Certificates: []tls.Certificate{kp}, MinVersion: tls.VersionTLS12}, dev, nil
 }
 
 // ensureDemo writes the demo model as version 1 of "demo" into the default

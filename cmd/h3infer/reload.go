@@ -1,0 +1,181 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"h3infer/certs"
+	"h3infer/certs/keysredis"
+	"h3infer/scheduler"
+)
+
+// certSource is where serve's certificates come from: a key pair from files
+// (the configured one or the development leaf), reloaded when the files
+// change and on SIGHUP, and ACME for public names when configured.
+type certSource struct {
+	reloader *certs.Reloader
+	acme     *certs.ACME
+	dev      *certs.Dev // nil when the configured files are served
+	get      func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+}
+
+func newCertSource(cfg Config, log *slog.Logger) (*certSource, error) {
+	certFile, keyFile, dev, err := certFiles(cfg)
+	if err != nil {
+		return nil, err
+	}
+	r, err := certs.NewReloader(certFile, keyFile, log)
+	if err != nil {
+		return nil, err
+	}
+	src := &certSource{reloader: r, dev: dev}
+	if a := cfg.TLS.ACME; len(a.Hosts) > 0 {
+		acfg := certs.ACMEConfig{Hosts: a.Hosts, DirectoryURL: a.DirectoryURL, Email: a.Email, CacheDir: a.CacheDir}
+		if a.CAFile != "" {
+			if acfg.RootCAs, err = certs.LoadPool(a.CAFile); err != nil {
+				return nil, fmt.Errorf("tls.acme.ca_file: %w", err)
+			}
+		}
+		if src.acme, err = certs.NewACME(acfg); err != nil {
+			return nil, err
+		}
+		log.Info("acme enabled", "hosts", strings.Join(a.Hosts, ","), "directory", a.DirectoryURL)
+	}
+	src.get = certs.CertificateSource(src.acme, r.GetCertificate)
+	return src, nil
+}
+
+func (s *certSource) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	return s.get(hello)
+}
+
+// tcpProtos are the extra ALPN protocols the TCP listener must offer.
+func (s *certSource) tcpProtos() []string {
+	if s.acme == nil {
+		return nil
+	}
+	return []string{certs.ACMEALPN}
+}
+
+// certFiles names the pair to serve: the configured files, or the
+// development leaf, created when missing.
+func certFiles(cfg Config) (certFile, keyFile string, dev *certs.Dev, err error) {
+	if cfg.TLS.CertFile != "" {
+		return cfg.TLS.CertFile, cfg.TLS.KeyFile, nil, nil
+	}
+	dev, err = certs.EnsureDev(filepath.Join(cfg.StateDir, "certs"), certs.DevOptions{})
+	if err != nil {
+		return "", "", nil, err
+	}
+	return dev.CertFile, dev.KeyFile, dev, nil
+}
+
+// sessionKeyStore opens the store the instances share session keys
+// through, and returns what closes it.
+func sessionKeyStore(cfg Config) (certs.KeyStore, func(), error) {
+	if cfg.ZeroRTT.SessionKeysStore != "redis" {
+		return certs.FileStore{Path: cfg.ZeroRTT.SessionKeysFile}, func() {}, nil
+	}
+	rc := redis.NewClient(&redis.Options{Addr: cfg.ZeroRTT.RedisAddr})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	err := rc.Ping(ctx).Err()
+	cancel()
+	if err != nil {
+		rc.Close()
+		return nil, nil, fmt.Errorf("zero_rtt.redis_addr %s: %w", cfg.ZeroRTT.RedisAddr, err)
+	}
+	return keysredis.New(rc, ""), func() { rc.Close() }, nil
+}
+
+// schedulerTenants converts the configured tenants (defaults applied).
+func schedulerTenants(cfg Config) []scheduler.Tenant {
+	var out []scheduler.Tenant
+	for _, t := range cfg.Scheduler.Tenants {
+		out = append(out, scheduler.Tenant{
+			Name:           t.Name,
+			Weight:         t.Weight,
+			DefaultUrgency: uint8(*t.DefaultUrgency),
+			UrgencyCeiling: uint8(*t.UrgencyCeiling),
+			MaxQueue:       t.MaxQueue,
+		})
+	}
+	return out
+}
+
+// tenantSetter is the part of the scheduler a reload changes.
+type tenantSetter interface {
+	SetTenants([]scheduler.Tenant) error
+}
+
+// reloadConfig reads the configuration again (SIGHUP) and applies what can
+// change while serving: the tenants, the certificate files (read again even
+// when their names did not change) and the shutdown grace. A new
+// configuration that does not validate, or whose certificate does not load,
+// is refused as a whole and the running one stays. Other changes are
+// reported as needing a restart and not applied. It returns the
+// configuration now in force.
+func reloadConfig(old Config, load func() (Config, error), sched tenantSetter, src *certSource, log *slog.Logger) Config {
+	refuse := func(err error) Config {
+		log.Error("config reload refused; the running configuration stays", "err", err)
+		return old
+	}
+	next, err := load()
+	if err != nil {
+		return refuse(err)
+	}
+	certFile, keyFile, _, err := certFiles(next)
+	if err != nil {
+		return refuse(err)
+	}
+	// Loading the pair is the one step that can fail, so it goes first;
+	// a failure leaves the old pair in service.
+	if err := src.reloader.SetFiles(certFile, keyFile); err != nil {
+		return refuse(err)
+	}
+	if err := sched.SetTenants(schedulerTenants(next)); err != nil {
+		// validate checked the same rules; this would be a bug.
+		return refuse(err)
+	}
+	applied := old
+	applied.TLS.CertFile, applied.TLS.KeyFile = next.TLS.CertFile, next.TLS.KeyFile
+	applied.Scheduler.Tenants = next.Scheduler.Tenants
+	applied.Gateway.ShutdownGrace = next.Gateway.ShutdownGrace
+	restart := changedKeys(applied, next)
+	log.Info("config reloaded", "tenants", len(next.Scheduler.Tenants), "cert_file", certFile,
+		"shutdown_grace", time.Duration(next.Gateway.ShutdownGrace), "needs_restart", strings.Join(restart, ","))
+	return applied
+}
+
+// changedKeys lists the JSON keys whose values differ between a and b,
+// one level into sections ("workers.count", "models").
+func changedKeys(a, b Config) []string {
+	var out []string
+	var walk func(prefix string, va, vb reflect.Value)
+	walk = func(prefix string, va, vb reflect.Value) {
+		t := va.Type()
+		for i := range t.NumField() {
+			name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+			fa, fb := va.Field(i), vb.Field(i)
+			if fa.Kind() == reflect.Struct && prefix == "" {
+				walk(name+".", fa, fb)
+				continue
+			}
+			ja, _ := json.Marshal(fa.Interface())
+			jb, _ := json.Marshal(fb.Interface())
+			if string(ja) != string(jb) {
+				out = append(out, prefix+name)
+			}
+		}
+	}
+	walk("", reflect.ValueOf(a), reflect.ValueOf(b))
+	return out
+}
