@@ -19,7 +19,8 @@ import (
 // caused it. Position ids count a row's own tokens, so padding changes no
 // row's positions.
 //
-// The cache lives in Go memory, two buffers per past input: the step reads
+// The cache lives in Go memory as bytes of the model's own element type
+// (float32, float16 or bfloat16), two buffers per past input: the step reads
 // past from one and has the runtime write present, one column wider, into
 // the other, which becomes the next past. Nothing is copied per step
 // beyond what the model's own concatenation does.
@@ -28,11 +29,12 @@ type batch struct {
 	rows []*generation
 	cols int
 
-	buf [2][][]float32 // [which][past input], laid out [rows, heads, cols, head_dim]
-	cur int            // buf[cur] holds the cache
+	buf [2][][]byte // [which][past input], laid out [rows, heads, cols, head_dim]
+	cur int         // buf[cur] holds the cache
 
 	ids, pos, mask []int64
-	logits         []float32
+	logits         []float32 // float32 logits of a step
+	rawLogits      []byte    // half-precision logits of a step
 
 	// With a device-resident cache (Model.dev, devicekv.go): the present
 	// outputs of the last step, which hold the cache while the batch keeps
@@ -47,22 +49,25 @@ type batch struct {
 func (m *Model) newBatch() *batch {
 	b := &batch{m: m}
 	for i := range b.buf {
-		b.buf[i] = make([][]float32, 2*m.layers)
+		b.buf[i] = make([][]byte, 2*m.layers)
 	}
 	return b
 }
 
-// rowFloats is the length of one row of one past input at cols columns.
-func (b *batch) rowFloats(cols int) int { return int(b.m.heads*b.m.headDim) * cols }
+// rowBytes is the size of one row of one past input at cols columns.
+func (b *batch) rowBytes(cols int) int { return int(b.m.heads*b.m.headDim*b.m.kvSize) * cols }
 
-// grow returns s with room for n floats, keeping its contents when keep is
-// set. Growth carries an eighth in hand so that a cache gaining a column a
-// step reallocates rarely, without holding much beyond what it needs.
-func grow(s []float32, n int, keep bool) []float32 {
+// posBytes is the size of one head's entry for one position.
+func (b *batch) posBytes() int { return int(b.m.headDim * b.m.kvSize) }
+
+// grow returns s with room for n elements, keeping its contents when keep
+// is set. Growth carries an eighth in hand so that a cache gaining a column
+// a step reallocates rarely, without holding much beyond what it needs.
+func grow[T any](s []T, n int, keep bool) []T {
 	if cap(s) >= n {
 		return s[:n]
 	}
-	t := make([]float32, n, n+n/8+1024)
+	t := make([]T, n, n+n/8+1024)
 	if keep {
 		copy(t, s)
 	}
@@ -71,19 +76,19 @@ func grow(s []float32, n int, keep bool) []float32 {
 
 // join adds g as a new row with kv, its prefill cache laid out
 // [heads, g.n, head_dim] per past input.
-func (b *batch) join(g *generation, kv [][]float32) {
+func (b *batch) join(g *generation, kv [][]byte) {
 	b.toHost()
 	if g.n > b.cols {
 		b.relayout(g.n)
 	}
 	r := len(b.rows)
-	hd := int(b.m.headDim)
+	hd := b.posBytes()
 	heads := int(b.m.heads)
 	pad := b.cols - g.n
 	for k, src := range kv {
-		dst := grow(b.buf[b.cur][k], (r+1)*b.rowFloats(b.cols), true)
+		dst := grow(b.buf[b.cur][k], (r+1)*b.rowBytes(b.cols), true)
 		b.buf[b.cur][k] = dst
-		row := dst[r*b.rowFloats(b.cols):]
+		row := dst[r*b.rowBytes(b.cols):]
 		for h := range heads {
 			line := row[h*b.cols*hd : (h+1)*b.cols*hd]
 			clear(line[:pad*hd])
@@ -104,7 +109,7 @@ func (b *batch) leave(g *generation) {
 	b.toHost()
 	g.row = -1
 	if r != last {
-		size := b.rowFloats(b.cols)
+		size := b.rowBytes(b.cols)
 		for k := range b.buf[b.cur] {
 			s := b.buf[b.cur][k]
 			copy(s[r*size:(r+1)*size], s[last*size:(last+1)*size])
@@ -144,12 +149,12 @@ func (b *batch) toHost() {
 // relayout rewrites the cache with cols columns, each row keeping its
 // tokens at the right end. cols must be at least every row's n.
 func (b *batch) relayout(cols int) {
-	hd := int(b.m.headDim)
+	hd := b.posBytes()
 	heads := int(b.m.heads)
 	next := 1 - b.cur
 	for k := range b.buf[b.cur] {
 		src := b.buf[b.cur][k]
-		dst := grow(b.buf[next][k], len(b.rows)*b.rowFloats(cols), false)
+		dst := grow(b.buf[next][k], len(b.rows)*b.rowBytes(cols), false)
 		for r, g := range b.rows {
 			for h := range heads {
 				from := src[((r*heads+h)*b.cols+b.cols-g.n)*hd : ((r*heads+h)*b.cols+b.cols)*hd]
@@ -199,14 +204,21 @@ func (b *batch) step() error {
 	}
 	past := ort.NewShape(int64(rows), m.heads, int64(b.cols), m.headDim)
 	for k := range b.buf[b.cur] {
-		if err := vs.add(&inputs, past, b.buf[b.cur][k][:rows*b.rowFloats(b.cols)]); err != nil {
+		if err := vs.addRaw(&inputs, past, b.buf[b.cur][k][:rows*b.rowBytes(b.cols)], m.kvType); err != nil {
 			return fmt.Errorf("model %s: step: past %d: %w", m.name, k, err)
 		}
 	}
 	outputs := make([]ort.Value, 0, m.outputLen)
 	if m.vocab > 0 {
-		b.logits = grow(b.logits, rows*int(m.vocab), false)
-		if err := vs.add(&outputs, ort.NewShape(int64(rows), 1, m.vocab), b.logits); err != nil {
+		var err error
+		if m.logitsType == ort.TensorElementDataTypeFloat {
+			b.logits = grow(b.logits, rows*int(m.vocab), false)
+			err = vs.add(&outputs, ort.NewShape(int64(rows), 1, m.vocab), b.logits)
+		} else {
+			b.rawLogits = grow(b.rawLogits, rows*int(m.vocab)*2, false)
+			err = vs.addRaw(&outputs, ort.NewShape(int64(rows), 1, m.vocab), b.rawLogits, m.logitsType)
+		}
+		if err != nil {
 			return fmt.Errorf("model %s: step: logits: %w", m.name, err)
 		}
 	} else {
@@ -215,8 +227,8 @@ func (b *batch) step() error {
 	next := 1 - b.cur
 	present := ort.NewShape(int64(rows), m.heads, int64(cols), m.headDim)
 	for k := range b.buf[next] {
-		b.buf[next][k] = grow(b.buf[next][k], rows*b.rowFloats(cols), false)
-		if err := vs.add(&outputs, present, b.buf[next][k]); err != nil {
+		b.buf[next][k] = grow(b.buf[next][k], rows*b.rowBytes(cols), false)
+		if err := vs.addRaw(&outputs, present, b.buf[next][k], m.kvType); err != nil {
 			return fmt.Errorf("model %s: step: present %d: %w", m.name, k, err)
 		}
 	}
@@ -235,6 +247,16 @@ func (b *batch) step() error {
 			return fmt.Errorf("model %s: logits: want float32 [%d, 1, vocab], got %T %v", m.name, rows, outputs[0], shape)
 		}
 		all = t.GetData()
+	}
+	if m.logitsType != ort.TensorElementDataTypeFloat {
+		vocab := int(m.vocab)
+		for r, g := range b.rows {
+			g.logits = grow(g.logits, vocab, false)
+			widen(g.logits, b.rawLogits[r*vocab*2:], m.logitsType == ort.TensorElementDataTypeBFloat16)
+			g.n++
+		}
+		b.cur, b.cols = next, cols
+		return nil
 	}
 	vocab := len(all) / rows
 	for r, g := range b.rows {
@@ -264,7 +286,7 @@ func (b *batch) stepInputs(cols int) {
 }
 
 // kvBytesPerToken is the KV cache one token of one sequence takes.
-func (m *Model) kvBytesPerToken() int64 { return 2 * int64(m.layers) * m.heads * m.headDim * 4 }
+func (m *Model) kvBytesPerToken() int64 { return 2 * int64(m.layers) * m.heads * m.headDim * m.kvSize }
 
 // kvBytes bounds the memory of this batch's cache, both buffers, if it
 // held rows sequences up to longest tokens each.

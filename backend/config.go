@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 )
 
 // modelConfig is model.json, the file that sits next to model.onnx and
@@ -64,7 +65,7 @@ func parseModelConfig(data []byte) (modelConfig, error) {
 	if c.ChatTemplate == "" {
 		c.ChatTemplate = TemplatePlain
 	} else if !validTemplate(c.ChatTemplate) {
-		errs = append(errs, fmt.Errorf("chat_template: must be %q or %q, got %q", TemplatePlain, TemplateChatML, c.ChatTemplate))
+		errs = append(errs, fmt.Errorf("chat_template: must be one of %s, got %q", strings.Join(templateNames(), ", "), c.ChatTemplate))
 	}
 	for i, s := range c.StopTokens {
 		if s == "" {

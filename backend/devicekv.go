@@ -2,6 +2,7 @@ package backend
 
 import (
 	"fmt"
+	"unsafe"
 
 	ort "github.com/yalue/onnxruntime_go"
 )
@@ -31,6 +32,11 @@ type deviceKV struct {
 func newDeviceKV(m *Model, ortLib string, place placement) (*deviceKV, error) {
 	if ortLib == "" {
 		return nil, errNoLibrary
+	}
+	// Logits are read in place from host memory as float32; a model with
+	// half-precision logits keeps its cache in Go memory.
+	if m.logitsType != ort.TensorElementDataTypeFloat {
+		return nil, fmt.Errorf("logits of element type %d: the device-resident cache needs float32 logits", m.logitsType)
 	}
 	api, err := loadORTAPI(ortLib)
 	if err != nil {
@@ -71,14 +77,14 @@ func (b *batch) download() error {
 	}
 	d := b.m.dev
 	defer b.dropDevice()
-	n := len(b.rows) * b.rowFloats(b.cols)
+	n := len(b.rows) * b.rowBytes(b.cols)
 	for k, v := range b.onDevice {
 		data, shape, err := d.api.tensor(v)
 		if err != nil {
 			return fmt.Errorf("model %s: read device cache %d: %w", b.m.name, k, err)
 		}
-		if got := ort.Shape(shape).FlattenedSize(); got != int64(n) {
-			return fmt.Errorf("model %s: device cache %d has shape %v, want %d floats", b.m.name, k, shape, n)
+		if got := ort.Shape(shape).FlattenedSize() * b.m.kvSize; got != int64(n) {
+			return fmt.Errorf("model %s: device cache %d has shape %v, want %d bytes", b.m.name, k, shape, n)
 		}
 		b.buf[b.cur][k] = grow(b.buf[b.cur][k], n, false)
 		if err := toHost(d.cuda, b.buf[b.cur][k], data); err != nil {
@@ -133,7 +139,7 @@ func (b *batch) stepBound() error {
 		// buffers uploads them once.
 		shape := ort.NewShape(int64(rows), m.heads, int64(b.cols), m.headDim)
 		for k := range b.buf[b.cur] {
-			if err := vs.add(&host, shape, b.buf[b.cur][k][:rows*b.rowFloats(b.cols)]); err != nil {
+			if err := vs.addRaw(&host, shape, b.buf[b.cur][k][:rows*b.rowBytes(b.cols)], m.kvType); err != nil {
 				return fmt.Errorf("model %s: step: past %d: %w", m.name, k, err)
 			}
 		}
@@ -178,10 +184,7 @@ func (b *batch) stepBound() error {
 	vocab := int(shape[2])
 	// The logits are in host memory (pinned under CUDA): read in place.
 	b.logits = grow(b.logits, rows*vocab, false)
-	if err := toHost(nil, b.logits, data); err != nil {
-		d.api.release(outs[1:]...)
-		return err
-	}
+	copy(b.logits, unsafe.Slice((*float32)(data), rows*vocab))
 	b.dropDevice()
 	b.onDevice = outs[1:]
 	for r, g := range b.rows {

@@ -86,10 +86,10 @@ func (m *Model) newGeneration(s *transport.Submit) (*generation, error) {
 
 // prefill runs the prompt alone and leaves its logits for next. It returns
 // the prompt's KV cache for batch.join.
-func (g *generation) prefill() ([][]float32, error) { return g.prefill0(g.prompt) }
+func (g *generation) prefill() ([][]byte, error) { return g.prefill0(g.prompt) }
 
 // prefill0 prefills ids as the sequence's whole context.
-func (g *generation) prefill0(ids []int) ([][]float32, error) {
+func (g *generation) prefill0(ids []int) ([][]byte, error) {
 	logits, kv, err := g.m.prefill(ids)
 	if err != nil {
 		return nil, err

@@ -62,6 +62,12 @@ type Model struct {
 	inNames  []string
 	outNames []string
 	dev      *deviceKV // nil: the cache lives in Go memory (batch.buf)
+	// The KV cache is moved as bytes in the graph's own element type
+	// (float32, float16 or bfloat16), never converted; logits of a
+	// half-precision type are widened to float32 for sampling.
+	kvType     ort.TensorElementDataType
+	kvSize     int64 // bytes per cache element
+	logitsType ort.TensorElementDataType
 
 	eos       int
 	stopIDs   map[int]bool // eos and stop_tokens
@@ -111,6 +117,18 @@ func LoadModel(dir string, opts ModelOptions) (*Model, error) {
 		} else {
 			errs = append(errs, fmt.Errorf("%s: stop_tokens[%d]: %q is not a token of %s", modelConfigFile, i, s, tokenizerFile))
 		}
+	}
+	// The template's markers must be tokens, or they would reach the model
+	// spelled out as characters; the token that ends its turns stops
+	// generation, as the model's own eos does.
+	tmpl, _ := lookupTemplate(cfg.ChatTemplate) // readModelConfig checked the name
+	for _, mark := range tmpl.markers {
+		if !tok.isAdded(mark) {
+			errs = append(errs, fmt.Errorf("%s: chat_template: %q writes %q, which is not among the added tokens of %s", modelConfigFile, cfg.ChatTemplate, mark, tokenizerFile))
+		}
+	}
+	if id, ok := tok.tokenID(tmpl.endOfTurn); ok && tmpl.endOfTurn != "" {
+		m.stopIDs[id] = true
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("load model %s: %w", dir, errors.Join(errs...))
@@ -235,10 +253,22 @@ func (m *Model) bindSignature(ins, outs []ort.InputOutputInfo) ([]string, []stri
 	}
 	if lg, ok := outByName["logits"]; !ok {
 		errs = append(errs, errors.New("output \"logits\": missing"))
-	} else if lg.DataType != ort.TensorElementDataTypeFloat {
-		errs = append(errs, fmt.Errorf("output \"logits\": must be float32, got %s", lg.DataType))
-	} else if d := lg.Dimensions; len(d) == 3 && d[2] > 0 {
-		m.vocab = d[2]
+	} else if _, ok := floatSize(lg.DataType); !ok {
+		errs = append(errs, fmt.Errorf("output \"logits\": must be float32, float16 or bfloat16, got %s", lg.DataType))
+	} else {
+		m.logitsType = lg.DataType
+		if d := lg.Dimensions; len(d) == 3 && d[2] > 0 {
+			m.vocab = d[2]
+		} else if lg.DataType != ort.TensorElementDataTypeFloat {
+			// Half-precision outputs must be preallocated: onnxruntime_go
+			// copies a runtime-allocated one of these types by element
+			// count, not bytes, losing half of it.
+			if m.cfg.VocabSize <= 0 {
+				errs = append(errs, fmt.Errorf("output \"logits\": %s with a symbolic vocabulary dimension needs vocab_size in %s", lg.DataType, modelConfigFile))
+			} else {
+				m.vocab = int64(m.cfg.VocabSize)
+			}
+		}
 	}
 	if len(errs) > 0 {
 		return nil, nil, errors.Join(errs...)
@@ -257,8 +287,10 @@ func (m *Model) bindSignature(ins, outs []ort.InputOutputInfo) ([]string, []stri
 				continue
 			}
 			outName := fmt.Sprintf("present.%d.%s", layer, kind)
-			if _, ok := outByName[outName]; !ok {
+			if out, ok := outByName[outName]; !ok {
 				errs = append(errs, fmt.Errorf("output %q: missing", outName))
+			} else if out.DataType != in.DataType {
+				errs = append(errs, fmt.Errorf("output %q: is %s but %q is %s; the cache must keep one type", outName, out.DataType, in.Name, in.DataType))
 			}
 			if err := m.checkKV(in); err != nil {
 				errs = append(errs, err)
@@ -296,15 +328,18 @@ func (m *Model) checkConfigShape() error {
 	return errors.Join(errs...)
 }
 
-// checkKV reads heads and head_dim from a past_key_values input shaped
-// [batch, heads, past, head_dim]; both must be fixed and equal across
-// layers.
+// checkKV reads heads, head_dim and the element type from a
+// past_key_values input shaped [batch, heads, past, head_dim]; all three
+// must be fixed and equal across layers.
 func (m *Model) checkKV(in ort.InputOutputInfo) error {
-	if in.DataType == ort.TensorElementDataTypeFloat16 {
-		return fmt.Errorf("input %q: float16 KV caches are not supported yet", in.Name)
+	size, ok := floatSize(in.DataType)
+	if !ok {
+		return fmt.Errorf("input %q: must be float32, float16 or bfloat16, got %s", in.Name, in.DataType)
 	}
-	if in.DataType != ort.TensorElementDataTypeFloat {
-		return fmt.Errorf("input %q: must be float32, got %s", in.Name, in.DataType)
+	if m.kvSize == 0 {
+		m.kvType, m.kvSize = in.DataType, size
+	} else if in.DataType != m.kvType {
+		return fmt.Errorf("input %q: is %s but layer 0's cache is %s", in.Name, in.DataType, m.kvType)
 	}
 	d := in.Dimensions
 	if len(d) != 4 || d[1] <= 0 || d[3] <= 0 {
@@ -316,6 +351,18 @@ func (m *Model) checkKV(in ort.InputOutputInfo) error {
 		return fmt.Errorf("input %q: shape %v differs from layer 0's heads %d, head_dim %d", in.Name, d, m.heads, m.headDim)
 	}
 	return nil
+}
+
+// floatSize is the size in bytes of the floating-point element types a
+// model's cache and logits may have.
+func floatSize(t ort.TensorElementDataType) (int64, bool) {
+	switch t {
+	case ort.TensorElementDataTypeFloat:
+		return 4, true
+	case ort.TensorElementDataTypeFloat16, ort.TensorElementDataTypeBFloat16:
+		return 2, true
+	}
+	return 0, false
 }
 
 // pastLayer parses "past_key_values.N.key" or ".value" and returns N.

@@ -238,6 +238,10 @@ func TestLoadModelErrors(t *testing.T) {
 		"missing onnx":    {func(t *testing.T, dir string) { os.Remove(filepath.Join(dir, modelFile)) }, modelFile},
 		"bad tokenizer":   {func(t *testing.T, dir string) { os.WriteFile(filepath.Join(dir, tokenizerFile), []byte("{}"), 0o644) }, "model.type"},
 		"missing context": {editConfig(`"context_length"`, `"context_len"`), "context_len"},
+		// The demo tokenizer has no <|im_start|>: chatml prompts would
+		// reach the model spelled out, so the load is refused.
+		"template markers": {editConfig(`"chat_template": "plain"`, `"chat_template": "chatml"`), `"<|im_start|>", which is not among the added tokens`},
+		"unknown template": {editConfig(`"chat_template": "plain"`, `"chat_template": "jinja"`), "chat_template: must be one of plain, chatml, llama3"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -293,5 +297,25 @@ func benchmarkDecodeStep(b *testing.B, m *Model, past int) {
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(steps*rows), "ns/token")
 		})
+	}
+}
+
+// The token that ends a chat template's turns stops generation, as eos does.
+func TestTemplateEndOfTurnStops(t *testing.T) {
+	needModel(t)
+	dir := t.TempDir()
+	if err := onnxgen.Write(dir, onnxgen.Options{ChatTemplate: TemplateLlama3,
+		SpecialTokens: []string{"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadModel(dir, ModelOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	eot, _ := m.tok.tokenID("<|eot_id|>")
+	header, _ := m.tok.tokenID("<|start_header_id|>")
+	if !m.stopIDs[eot] || m.stopIDs[header] {
+		t.Errorf("stop ids %v: want <|eot_id|> (%d) and not <|start_header_id|> (%d)", m.stopIDs, eot, header)
 	}
 }

@@ -385,17 +385,17 @@ func loadCUDARuntime(soname string) (*cudaRuntime, error) {
 	return &cudaRuntime{memcpy: fn}, nil
 }
 
-// toHost copies n float32 from src, in memory the runtime allocated (on the
-// device when cuda is set), to dst.
-func toHost(cuda *cudaRuntime, dst []float32, src unsafe.Pointer) error {
+// toHost copies len(dst) bytes from src, in memory the runtime allocated
+// (on the device when cuda is set), to dst.
+func toHost(cuda *cudaRuntime, dst []byte, src unsafe.Pointer) error {
 	if len(dst) == 0 {
 		return nil
 	}
 	if cuda == nil {
-		copy(dst, unsafe.Slice((*float32)(src), len(dst)))
+		copy(dst, unsafe.Slice((*byte)(src), len(dst)))
 		return nil
 	}
-	if rc := C.h3_call_memcpy(cuda.memcpy, unsafe.Pointer(&dst[0]), src, C.size_t(4*len(dst))); rc != 0 {
+	if rc := C.h3_call_memcpy(cuda.memcpy, unsafe.Pointer(&dst[0]), src, C.size_t(len(dst))); rc != 0 {
 		return fmt.Errorf("cudaMemcpy to host: CUDA error %d", int(rc))
 	}
 	return nil

@@ -22,7 +22,7 @@ import (
 //
 // Outputs are preallocated in Go memory: letting onnxruntime_go allocate
 // them copies every output once more.
-func (m *Model) prefill(ids []int) (logits []float32, kv [][]float32, err error) {
+func (m *Model) prefill(ids []int) (logits []float32, kv [][]byte, err error) {
 	if len(ids) == 0 {
 		return nil, nil, errors.New("prefill: no tokens")
 	}
@@ -50,26 +50,34 @@ func (m *Model) prefill(ids []int) (logits []float32, kv [][]float32, err error)
 	}
 	empty := ort.NewShape(1, m.heads, 0, m.headDim)
 	for range 2 * m.layers {
-		if err := vs.add(&inputs, empty, []float32{}); err != nil {
+		if err := vs.addRaw(&inputs, empty, nil, m.kvType); err != nil {
 			return nil, nil, fmt.Errorf("model %s: prefill: empty cache: %w", m.name, err)
 		}
 	}
 
 	outputs := make([]ort.Value, 0, m.outputLen)
 	var all []float32
+	var raw []byte // half-precision logits
 	if m.vocab > 0 {
-		all = make([]float32, n*m.vocab)
-		if err := vs.add(&outputs, ort.NewShape(1, n, m.vocab), all); err != nil {
+		var err error
+		if m.logitsType == ort.TensorElementDataTypeFloat {
+			all = make([]float32, n*m.vocab)
+			err = vs.add(&outputs, ort.NewShape(1, n, m.vocab), all)
+		} else {
+			raw = make([]byte, n*m.vocab*2)
+			err = vs.addRaw(&outputs, ort.NewShape(1, n, m.vocab), raw, m.logitsType)
+		}
+		if err != nil {
 			return nil, nil, fmt.Errorf("model %s: prefill: logits: %w", m.name, err)
 		}
 	} else {
 		outputs = append(outputs, nil) // width unknown until the run
 	}
-	kv = make([][]float32, 2*m.layers)
+	kv = make([][]byte, 2*m.layers)
 	present := ort.NewShape(1, m.heads, n, m.headDim)
 	for i := range kv {
-		kv[i] = make([]float32, present.FlattenedSize())
-		if err := vs.add(&outputs, present, kv[i]); err != nil {
+		kv[i] = make([]byte, present.FlattenedSize()*m.kvSize)
+		if err := vs.addRaw(&outputs, present, kv[i], m.kvType); err != nil {
 			return nil, nil, fmt.Errorf("model %s: prefill: present %d: %w", m.name, i, err)
 		}
 	}
@@ -87,6 +95,11 @@ func (m *Model) prefill(ids []int) (logits []float32, kv [][]float32, err error)
 			return nil, nil, fmt.Errorf("model %s: logits: want float32 [1, %d, vocab], got %T %v", m.name, n, outputs[0], shape)
 		}
 		all = t.GetData()
+	}
+	if raw != nil {
+		logits = make([]float32, m.vocab)
+		widen(logits, raw[(n-1)*m.vocab*2:], m.logitsType == ort.TensorElementDataTypeBFloat16)
+		return logits, kv, nil
 	}
 	vocab := len(all) / int(n)
 	logits = make([]float32, vocab)
@@ -117,6 +130,24 @@ func (vs *values) add(list *[]ort.Value, shape ort.Shape, data any) error {
 		return add(vs, list, shape, d)
 	}
 	return fmt.Errorf("tensor of %T is not supported", data)
+}
+
+// addRaw makes a tensor of element type typ viewing data, the tensor's
+// bytes, and appends it to list. It is how caches and half-precision
+// values reach the runtime.
+func (vs *values) addRaw(list *[]ort.Value, shape ort.Shape, data []byte, typ ort.TensorElementDataType) error {
+	if len(data) == 0 {
+		// onnxruntime_go refuses an empty byte slice even for a shape with
+		// no elements (an empty cache); the runtime reads none of it.
+		data = make([]byte, 8)
+	}
+	t, err := ort.NewCustomDataTensor(shape, data, typ)
+	if err != nil {
+		return err
+	}
+	vs.owned = append(vs.owned, t)
+	*list = append(*list, t)
+	return nil
 }
 
 func (vs *values) destroy() {

@@ -234,6 +234,17 @@ func (t *tokenizer) tokenID(s string) (int, bool) {
 	return id, ok
 }
 
+// isAdded reports whether s is an added token's content, which encode
+// turns into that one token wherever it appears.
+func (t *tokenizer) isAdded(s string) bool {
+	for _, a := range t.added {
+		if a.content == s {
+			return true
+		}
+	}
+	return false
+}
+
 // encode turns text into token ids.
 func (t *tokenizer) encode(text string) []int {
 	var ids []int

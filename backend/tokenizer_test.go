@@ -2,10 +2,13 @@ package backend
 
 import (
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"h3infer/internal/onnxgen"
 )
 
 func testTokenizer(t testing.TB) *tokenizer {
@@ -179,5 +182,45 @@ func BenchmarkEncode(b *testing.B) {
 	b.SetBytes(int64(len(text)))
 	for b.Loop() {
 		tok.encode(text)
+	}
+}
+
+// A tokenizer with real merges, learned from the demo corpus by onnxgen:
+// encoding applies them (far fewer tokens than bytes), decoding restores
+// the bytes, added tokens stay whole, and every merged token is one the
+// merges can build.
+func TestLearnedMerges(t *testing.T) {
+	dir := t.TempDir()
+	if err := onnxgen.Write(dir, onnxgen.Options{Merges: 400, SpecialTokens: []string{"<|im_start|>", "<|im_end|>"}}); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := loadTokenizer(filepath.Join(dir, tokenizerFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The corpus is short: learning stops when no pair repeats.
+	if len(tok.ranks) < 200 {
+		t.Fatalf("%d merges, want at least 200", len(tok.ranks))
+	}
+	text := "The gateway sits at the edge of the network, close to the people who send it questions."
+	ids := tok.encode(text)
+	if got := string(tok.decode(ids)); got != text {
+		t.Errorf("round trip: %q", got)
+	}
+	if len(ids) > len(text)/2 {
+		t.Errorf("%d tokens for %d bytes: merges were not applied", len(ids), len(text))
+	}
+	// Common words of the corpus are single tokens, with their space.
+	for _, w := range []string{" the", "The", " gateway"} {
+		if got := tok.encode(w); len(got) != 1 {
+			t.Errorf("%q encodes to %d tokens %v, want 1", w, len(got), got)
+		}
+	}
+	chat := "<|im_start|>user\nthe gateway<|im_end|>"
+	ids = tok.encode(chat)
+	start, _ := tok.tokenID("<|im_start|>")
+	end, _ := tok.tokenID("<|im_end|>")
+	if ids[0] != start || ids[len(ids)-1] != end || string(tok.decode(ids)) != chat {
+		t.Errorf("added tokens: %v", ids)
 	}
 }

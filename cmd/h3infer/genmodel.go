@@ -18,13 +18,24 @@ func runGenmodel(args []string, stdout io.Writer) error {
 	hidden := fs.Int("hidden", def.Hidden, "hidden size (with --random)")
 	context := fs.Int("context", def.Context, "context length in tokens")
 	seed := fs.Int64("seed", def.Seed, "weight seed (with --random)")
+	noPos := fs.Bool("no-position-ids", false, "leave position_ids out of the graph (GPT-2 style export)")
+	kvType := fs.String("kv-type", "float32", "KV cache element type: float32, float16 or bfloat16")
+	logitsType := fs.String("logits-type", "float32", "logits element type: float32, float16 or bfloat16")
+	merges := fs.Int("merges", 0, "byte-level BPE merges to learn from the corpus for tokenizer.json")
+	chat := fs.String("chat-template", "plain", "model.json chat_template; its special tokens must be given with --special-token")
+	var special []string
+	fs.Func("special-token", "add a special token to tokenizer.json (repeatable)", func(v string) error {
+		special = append(special, v)
+		return nil
+	})
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	if *out == "" {
 		return usagef("--out is required")
 	}
-	opts := onnxgen.Options{Layers: *layers, Heads: *heads, Hidden: *hidden, Context: *context, Seed: *seed, Random: *random}
+	opts := onnxgen.Options{Layers: *layers, Heads: *heads, Hidden: *hidden, Context: *context, Seed: *seed, Random: *random,
+		NoPositionIDs: *noPos, KVType: *kvType, LogitsType: *logitsType, Merges: *merges, ChatTemplate: *chat, SpecialTokens: special}
 	if err := onnxgen.Write(*out, opts); err != nil {
 		return err
 	}

@@ -284,9 +284,10 @@ func codeRanks(toks []int) (map[int]int, error) {
 }
 
 // demoShape is the fixed architecture of the demo model at a context length.
-func demoShape(context, units int) shape {
+// vocab exceeds demoVocab only by tokens the demo treats as unknown.
+func demoShape(context, units, vocab int) shape {
 	return shape{
-		vocab:   demoVocab,
+		vocab:   vocab,
 		layers:  demoLayers,
 		heads:   demoHeads,
 		hidden:  demoHidden,
@@ -296,9 +297,10 @@ func demoShape(context, units int) shape {
 	}
 }
 
-// demoWeights builds the n-gram transformer for the given context length.
-func demoWeights(context int) (shape, *weights, error) {
-	toks := corpusTokens(corpus)
+// demoWeights builds the n-gram transformer of text for the given context
+// length and vocabulary size (at least demoVocab).
+func demoWeights(context int, text string, vocab int) (shape, *weights, error) {
+	toks := corpusTokens(text)
 	ranks, err := codeRanks(toks)
 	if err != nil {
 		return shape{}, nil, err
@@ -317,7 +319,7 @@ func demoWeights(context int) (shape, *weights, error) {
 		return shape{}, nil, fmt.Errorf("context %d needs %d rotary pairs, the demo has %d", context, pairs, demoHeadDim/2)
 	}
 	units := pruneContexts(st)
-	s := demoShape(context, len(units))
+	s := demoShape(context, len(units), vocab)
 	w := newWeights(s)
 
 	freqs := make([]float64, demoHeadDim/2)
@@ -326,7 +328,7 @@ func demoWeights(context int) (shape, *weights, error) {
 	}
 	w.setRotary(s, freqs)
 
-	for t := 0; t < demoVocab; t++ {
+	for t := 0; t < vocab; t++ {
 		row := w.embed[t*demoHidden:]
 		row[0] = demoBias
 		for b, c := range tokenCode(ranks[t]) {
@@ -394,11 +396,11 @@ func demoWeights(context int) (shape, *weights, error) {
 	// lm_head: the bias dim carries order-0 log-probs (and a low floor for
 	// tokens the corpus never produces); logit dims map to their tokens.
 	sf := normScale(demoOrder)
-	for v := 0; v < demoVocab; v++ {
+	for v := 0; v < vocab; v++ {
 		lp := demoUnseen
 		if i, ok := st.index[v]; ok {
 			lp = st.base[i]
-			w.lmHead[(demoLogitBase+i)*demoVocab+v] = float32(1 / sf)
+			w.lmHead[(demoLogitBase+i)*vocab+v] = float32(1 / sf)
 		}
 		w.lmHead[v] = float32(lp / (demoBias * sf))
 	}

@@ -15,6 +15,10 @@ type shape struct {
 	headDim int
 	mlp     int // hidden units of each layer's feed-forward block (a layer may shrink its own)
 	context int // rows of the rotary tables: the largest position id + 1
+
+	noPositions bool  // derive positions from attention_mask instead of a position_ids input
+	kvType      int32 // element type of past and present; dtypeFloat when zero
+	logitsType  int32 // element type of logits; dtypeFloat when zero
 }
 
 // layerWeights holds one pre-norm block: RMSNorm, attention with rotary
@@ -174,7 +178,9 @@ func (b *builder) rmsNorm(x, gain, eps string) string {
 //	logits = RMSNorm(x)·lm_head
 //
 // Rotary tables are gathered by position_ids, so positions come from the
-// caller, as left padding needs. Keys are cached after rotation, as exported
+// caller, as left padding needs (or, without position_ids, from the
+// attention mask's running count). A cache narrower than float32 is stored
+// cast and widened for the attention. Keys are cached after rotation, as exported
 // LLMs do, and present = concat(past, new) along the position axis. A query
 // sees key j when j <= past+i (causal within the new tokens) and
 // attention_mask[j] is 1.
@@ -186,23 +192,39 @@ func buildGraph(s shape, w *weights) graph {
 
 	batch, seq, past, total := dim{param: "batch_size"}, dim{param: "sequence_length"},
 		dim{param: "past_sequence_length"}, dim{param: "total_sequence_length"}
+	kvType, logitsType := s.kvType, s.logitsType
+	if kvType == 0 {
+		kvType = dtypeFloat
+	}
+	if logitsType == 0 {
+		logitsType = dtypeFloat
+	}
 	b.g.inputs = []valueInfo{
 		{name: InputIDs, dtype: dtypeInt64, shape: []dim{batch, seq}},
 		{name: AttentionMask, dtype: dtypeInt64, shape: []dim{batch, total}},
-		{name: PositionIDs, dtype: dtypeInt64, shape: []dim{batch, seq}},
+	}
+	if !s.noPositions {
+		b.g.inputs = append(b.g.inputs, valueInfo{name: PositionIDs, dtype: dtypeInt64, shape: []dim{batch, seq}})
 	}
 	b.g.outputs = []valueInfo{
-		{name: Logits, dtype: dtypeFloat, shape: []dim{batch, seq, {value: int64(s.vocab)}}},
+		{name: Logits, dtype: logitsType, shape: []dim{batch, seq, {value: int64(s.vocab)}}},
 	}
 	for l := 0; l < s.layers; l++ {
 		cache := []dim{batch, {value: int64(s.heads)}, past, {value: hd}}
 		present := []dim{batch, {value: int64(s.heads)}, total, {value: hd}}
 		b.g.inputs = append(b.g.inputs,
-			valueInfo{name: PastKey(l), dtype: dtypeFloat, shape: cache},
-			valueInfo{name: PastValue(l), dtype: dtypeFloat, shape: cache})
+			valueInfo{name: PastKey(l), dtype: kvType, shape: cache},
+			valueInfo{name: PastValue(l), dtype: kvType, shape: cache})
 		b.g.outputs = append(b.g.outputs,
-			valueInfo{name: PresentKey(l), dtype: dtypeFloat, shape: present},
-			valueInfo{name: PresentValue(l), dtype: dtypeFloat, shape: present})
+			valueInfo{name: PresentKey(l), dtype: kvType, shape: present},
+			valueInfo{name: PresentValue(l), dtype: kvType, shape: present})
+	}
+	// cast converts x to type to, or returns it when no cast is needed.
+	cast := func(x string, from, to int32) string {
+		if from == to {
+			return x
+		}
+		return b.op("Cast", []string{x}, intAttr("to", int64(to)))
 	}
 
 	// Shared constants.
@@ -234,8 +256,19 @@ func buildGraph(s shape, w *weights) graph {
 	// Rotary factors [batch, 1, seq, head_dim], shared by all layers.
 	cosT := b.floats("rope_cos", w.ropeCos, int64(s.context), hd)
 	sinT := b.floats("rope_sin", w.ropeSin, int64(s.context), hd)
-	cos := b.op("Unsqueeze", []string{b.op("Gather", []string{cosT, PositionIDs}), axis1})
-	sin := b.op("Unsqueeze", []string{b.op("Gather", []string{sinT, PositionIDs}), axis1})
+	positions := PositionIDs
+	if s.noPositions {
+		// A token's position is the number of real tokens before it: the
+		// cumulative sum of attention_mask minus one, over the new tokens'
+		// columns. (Padding columns get -1 or repeat a position, but they
+		// are never queries: new tokens are always real.)
+		seq1 := b.op("Shape", []string{InputIDs}, intAttr("start", 1), intAttr("end", 2))
+		total1 := b.op("Shape", []string{AttentionMask}, intAttr("start", 1), intAttr("end", 2))
+		counted := b.op("Sub", []string{b.op("CumSum", []string{AttentionMask, b.ints("cumsum_axis", []int64{1})}), one})
+		positions = b.op("Slice", []string{counted, b.op("Sub", []string{total1, seq1}), total1, axis1})
+	}
+	cos := b.op("Unsqueeze", []string{b.op("Gather", []string{cosT, positions}), axis1})
+	sin := b.op("Unsqueeze", []string{b.op("Gather", []string{sinT, positions}), axis1})
 	rope := func(x string) string {
 		rotated := b.op("MatMul", []string{x, rotHalf})
 		return b.op("Add", []string{b.op("Mul", []string{x, cos}), b.op("Mul", []string{rotated, sin})})
@@ -252,14 +285,16 @@ func buildGraph(s shape, w *weights) graph {
 		q := rope(heads(b.op("MatMul", []string{n, b.floats(p+"wq", lw.wq, hid, hid)})))
 		k := rope(heads(b.op("MatMul", []string{n, b.floats(p+"wk", lw.wk, hid, hid)})))
 		v := heads(b.op("MatMul", []string{n, b.floats(p+"wv", lw.wv, hid, hid)}))
-		b.opTo(PresentKey(l), "Concat", []string{PastKey(l), k}, intAttr("axis", 2))
-		b.opTo(PresentValue(l), "Concat", []string{PastValue(l), v}, intAttr("axis", 2))
+		b.opTo(PresentKey(l), "Concat", []string{PastKey(l), cast(k, dtypeFloat, kvType)}, intAttr("axis", 2))
+		b.opTo(PresentValue(l), "Concat", []string{PastValue(l), cast(v, dtypeFloat, kvType)}, intAttr("axis", 2))
+		keys := cast(PresentKey(l), kvType, dtypeFloat)
+		vals := cast(PresentValue(l), kvType, dtypeFloat)
 
-		kT := b.op("Transpose", []string{PresentKey(l)}, intsAttr("perm", 0, 1, 3, 2))
+		kT := b.op("Transpose", []string{keys}, intsAttr("perm", 0, 1, 3, 2))
 		scores := b.op("Mul", []string{b.op("MatMul", []string{q, kT}), scale})
 		scores = b.op("Add", []string{scores, maskBias})
 		probs := b.op("Softmax", []string{scores}, intAttr("axis", -1))
-		ctx := b.op("MatMul", []string{probs, PresentValue(l)})
+		ctx := b.op("MatMul", []string{probs, vals})
 		ctx = b.op("Reshape", []string{b.op("Transpose", []string{ctx}, intsAttr("perm", 0, 2, 1, 3)), mergeHeads})
 		x = b.op("Add", []string{x, b.op("MatMul", []string{ctx, b.floats(p+"wo", lw.wo, hid, hid)})})
 
@@ -271,7 +306,12 @@ func buildGraph(s shape, w *weights) graph {
 		x = b.op("Add", []string{x, out})
 	}
 	n := b.rmsNorm(x, b.floats("final_norm", w.finalNorm, hid), eps)
-	b.opTo(Logits, "MatMul", []string{n, b.floats("lm_head", w.lmHead, hid, int64(s.vocab))})
+	lmHead := b.floats("lm_head", w.lmHead, hid, int64(s.vocab))
+	if logitsType == dtypeFloat {
+		b.opTo(Logits, "MatMul", []string{n, lmHead})
+	} else {
+		b.opTo(Logits, "Cast", []string{b.op("MatMul", []string{n, lmHead})}, intAttr("to", int64(logitsType)))
+	}
 	return b.g
 }
 

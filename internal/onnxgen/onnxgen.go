@@ -75,6 +75,34 @@ type Options struct {
 	// produces the demo n-gram model, whose Layers, Heads, Hidden and Vocab
 	// are fixed at the defaults; only Context may change (16 to 65536).
 	Random bool
+
+	// The options below vary the export's shape the way real exports vary,
+	// so that the backend can be tested against each.
+
+	// NoPositionIDs leaves position_ids out of the graph, as GPT-2 style
+	// exports do; the graph then takes each new token's position from the
+	// running count of attention_mask (its cumulative sum minus one), which
+	// equals what the backend would pass, so the text does not change.
+	NoPositionIDs bool
+	// KVType is the element type of the past_key_values inputs and present
+	// outputs: "" or "float32", "float16" or "bfloat16". A narrow cache is
+	// cast around the attention, as half-precision exports do.
+	KVType string
+	// LogitsType is the element type of logits, with the same choices.
+	LogitsType string
+	// Merges is how many byte-level BPE merges to learn from the corpus for
+	// tokenizer.json (fewer when no pair repeats). Merged tokens follow
+	// <|endoftext|>. The demo model reads them as unknown tokens and never
+	// produces them; random models may produce any id.
+	Merges int
+	// Corpus replaces the demo model's embedded text (and is the text
+	// merges are learned from). It may use at most 64 distinct bytes.
+	Corpus string
+	// SpecialTokens are added to tokenizer.json as special tokens after the
+	// merged tokens, such as the markers of a chat template.
+	SpecialTokens []string
+	// ChatTemplate is model.json's chat_template; empty means "plain".
+	ChatTemplate string
 }
 
 // DefaultOptions returns the demo model's options.
@@ -132,12 +160,34 @@ func (o Options) validate() error {
 		check(o.Hidden == demoHidden, "hidden: the demo model has %d, got %d (set Random for other shapes)", demoHidden, o.Hidden)
 		check(o.Vocab == demoVocab, "vocab: the demo model has %d, got %d (set Random for other shapes)", demoVocab, o.Vocab)
 	}
+	for _, f := range []struct{ key, v string }{{"kv_type", o.KVType}, {"logits_type", o.LogitsType}} {
+		_, ok := floatType(f.v)
+		check(ok, "%s: must be \"float32\", \"float16\" or \"bfloat16\", got %q", f.key, f.v)
+	}
+	check(o.Merges >= 0 && o.Merges <= maxVocab, "merges: must be in [0, %d], got %d", maxVocab, o.Merges)
+	for i, t := range o.SpecialTokens {
+		check(t != "", "special_tokens[%d]: must not be empty", i)
+	}
 	if len(errs) == 0 && o.Random {
 		if n := randomShape(o).bytes(); n > maxFileBytes {
 			errs = append(errs, fmt.Errorf("model would take about %d MiB, more than the %d MiB limit", n>>20, maxFileBytes>>20))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// floatType maps the element type names Options accepts to TensorProto
+// data types.
+func floatType(name string) (int32, bool) {
+	switch name {
+	case "", "float32":
+		return dtypeFloat, true
+	case "float16":
+		return dtypeFloat16, true
+	case "bfloat16":
+		return dtypeBFloat16, true
+	}
+	return 0, false
 }
 
 // Config is model.json, the description h3infer's backend reads next to
@@ -177,16 +227,32 @@ func Write(dir string, opts Options) error {
 		w    *weights
 		name = "demo"
 		doc  = "h3infer demo: character n-gram statistics of a short text, as a transformer"
+		text = corpus
 	)
+	if o.Corpus != "" {
+		text = o.Corpus
+	}
+	spec := tokenizerSpec{special: o.SpecialTokens}
+	if o.Merges > 0 {
+		spec.merges, spec.symbols = learnMerges(text, o.Merges)
+	}
 	if o.Random {
+		o.Vocab = max(o.Vocab, spec.size())
 		s, w = randomWeights(o)
 		name = "random"
 		doc = fmt.Sprintf("h3infer random model, seed %d", o.Seed)
 	} else {
 		var err error
-		if s, w, err = demoWeights(o.Context); err != nil {
+		if s, w, err = demoWeights(o.Context, text, spec.size()); err != nil {
 			return fmt.Errorf("onnxgen: demo weights: %w", err)
 		}
+	}
+	s.noPositions = o.NoPositionIDs
+	s.kvType, _ = floatType(o.KVType)
+	s.logitsType, _ = floatType(o.LogitsType)
+	chat := o.ChatTemplate
+	if chat == "" {
+		chat = "plain"
 	}
 	m := model{
 		producer: "h3infer-onnxgen",
@@ -199,7 +265,7 @@ func Write(dir string, opts Options) error {
 		Name:          name,
 		ContextLength: s.context,
 		EOSToken:      EndOfText,
-		ChatTemplate:  "plain",
+		ChatTemplate:  chat,
 		StopTokens:    []string{EndOfText},
 		VocabSize:     s.vocab,
 		NumLayers:     s.layers,
@@ -210,7 +276,7 @@ func Write(dir string, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("onnxgen: encode %s: %w", ConfigFile, err)
 	}
-	tok, err := tokenizerJSON(s.vocab)
+	tok, err := tokenizerJSON(spec, s.vocab)
 	if err != nil {
 		return fmt.Errorf("onnxgen: %w", err)
 	}

@@ -382,3 +382,45 @@ func newFloatTensor(tb testing.TB, dims ...int64) *ort.Tensor[float32] {
 	}
 	return t
 }
+
+func TestShapeOptionsRefused(t *testing.T) {
+	for name, o := range map[string]Options{
+		"kv type":       {KVType: "float64"},
+		"logits type":   {LogitsType: "int8"},
+		"merges":        {Merges: -1},
+		"empty special": {SpecialTokens: []string{""}},
+	} {
+		if err := Write(t.TempDir(), o); err == nil {
+			t.Errorf("%s: accepted %+v", name, o)
+		}
+	}
+}
+
+func TestLearnMerges(t *testing.T) {
+	text := "low lower lowest low low newer newest"
+	merges, symbols := learnMerges(text, 50)
+	again, _ := learnMerges(text, 50)
+	if fmt.Sprint(merges) != fmt.Sprint(again) {
+		t.Fatal("merges differ between runs")
+	}
+	// "lo" and "ow" are the most frequent pairs (5 each); at a tie the
+	// smaller pair goes first.
+	if len(merges) == 0 || merges[0] != [2]string{"l", "o"} {
+		t.Errorf("first merge %v, want [l o]", merges[:min(1, len(merges))])
+	}
+	seen := map[string]bool{}
+	for _, s := range symbols {
+		if seen[s] {
+			t.Errorf("symbol %q listed twice", s)
+		}
+		seen[s] = true
+	}
+	for i, m := range merges {
+		if !seen[m[0]+m[1]] {
+			t.Errorf("merge %d %v makes %q, not among the symbols", i, m, m[0]+m[1])
+		}
+	}
+	if !seen["Ġlow"] {
+		t.Errorf("symbols %q lack \"Ġlow\"", symbols)
+	}
+}

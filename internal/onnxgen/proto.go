@@ -91,9 +91,11 @@ const (
 
 // TensorProto.DataType values.
 const (
-	dtypeFloat int32 = 1
-	dtypeInt64 int32 = 7
-	dtypeBool  int32 = 9
+	dtypeFloat    int32 = 1
+	dtypeInt64    int32 = 7
+	dtypeBool     int32 = 9
+	dtypeFloat16  int32 = 10
+	dtypeBFloat16 int32 = 16
 )
 
 // tensor is a dense initializer or constant. raw holds the little-endian

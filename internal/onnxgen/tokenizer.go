@@ -11,8 +11,8 @@ import (
 const EndOfText = "<|endoftext|>"
 
 // tokenizerFile is the Hugging Face tokenizer.json layout for a byte-level
-// BPE tokenizer. With no merges every byte is its own token, and token id b
-// is byte b.
+// BPE tokenizer. Token id b is byte b; merged tokens, when merges were
+// learned, follow <|endoftext|>.
 type tokenizerFile struct {
 	Version       string          `json:"version"`
 	Truncation    *struct{}       `json:"truncation"`
@@ -98,20 +98,42 @@ func printableByte(b byte) bool {
 	return ('!' <= b && b <= '~') || (0xA1 <= b && b <= 0xAC) || (0xAE <= b)
 }
 
+// tokenizerSpec is what a tokenizer holds beyond the 256 byte tokens and
+// <|endoftext|>: learned merges with the symbols they create (ids from
+// endOfText+1 on), then extra special tokens.
+type tokenizerSpec struct {
+	merges  [][2]string
+	symbols []string
+	special []string
+}
+
+// size is the number of token ids the spec defines.
+func (t tokenizerSpec) size() int { return endOfText + 1 + len(t.symbols) + len(t.special) }
+
 // tokenizerJSON renders the tokenizer for a model of the given vocabulary
-// size. Ids past the end-of-text token (random models with a larger vocab)
-// become reserved special tokens so that tokenizer and logits agree.
-func tokenizerJSON(vocab int) ([]byte, error) {
+// size, at least spec.size(). Ids past the spec's tokens (random models with
+// a larger vocab) become reserved special tokens so that tokenizer and
+// logits agree.
+func tokenizerJSON(spec tokenizerSpec, vocab int) ([]byte, error) {
 	vocabEntries := make(orderedVocab, 256)
 	for b := range 256 {
 		vocabEntries[b] = string(ByteToUnicode(byte(b)))
 	}
 	added := []addedToken{{ID: endOfText, Content: EndOfText, Special: true}}
-	for id := endOfText + 1; id < vocab; id++ {
-		added = append(added, addedToken{ID: id, Content: fmt.Sprintf("<|reserved_%d|>", id), Special: true})
+	vocabEntries = append(vocabEntries, EndOfText)
+	vocabEntries = append(vocabEntries, spec.symbols...)
+	for _, s := range spec.special {
+		added = append(added, addedToken{ID: len(vocabEntries), Content: s, Special: true})
+		vocabEntries = append(vocabEntries, s)
 	}
-	for _, a := range added {
-		vocabEntries = append(vocabEntries, a.Content)
+	for id := len(vocabEntries); id < vocab; id++ {
+		s := fmt.Sprintf("<|reserved_%d|>", id)
+		added = append(added, addedToken{ID: id, Content: s, Special: true})
+		vocabEntries = append(vocabEntries, s)
+	}
+	merges := make([]string, len(spec.merges))
+	for i, m := range spec.merges {
+		merges[i] = m[0] + " " + m[1]
 	}
 	byteLevel := byteLevelConfig{Type: "ByteLevel", TrimOffsets: true, UseRegex: true}
 	f := tokenizerFile{
@@ -123,7 +145,7 @@ func tokenizerJSON(vocab int) ([]byte, error) {
 		Model: bpeModel{
 			Type:   "BPE",
 			Vocab:  vocabEntries,
-			Merges: []string{},
+			Merges: merges,
 		},
 	}
 	out, err := marshalJSON(f)
