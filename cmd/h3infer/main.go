@@ -64,6 +64,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runToken(rest, stdout)
 	case "genmodel":
 		err = runGenmodel(rest, stdout)
+	case "netemu":
+		err = runNetemu(ctx, rest, stdout, log)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0
