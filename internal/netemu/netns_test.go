@@ -49,6 +49,12 @@ func TestLinkAcrossNamespaces(t *testing.T) {
 		a.Close()
 		t.Fatal(err)
 	}
+	// Carrier comes on when a device is attached, but the kernel starts
+	// passing its packets (and reports it UP) only once its link watcher
+	// runs, up to a second later; until then it drops them.
+	for _, ns := range []string{nsA, nsB} {
+		waitUp(t, ns, "emu0")
+	}
 	if _, err := OpenTUN("/run/netns/"+nsA, "nosuch0"); err == nil {
 		t.Error("OpenTUN attached to a device that does not exist")
 	}
@@ -137,4 +143,22 @@ func inNetns(t *testing.T, name string, f func()) {
 	if err := <-errc; err != nil {
 		t.Fatalf("enter netns %s: %v", name, err)
 	}
+}
+
+// waitUp waits until dev in namespace ns is operationally up.
+func waitUp(t *testing.T, ns, dev string) {
+	t.Helper()
+	var out []byte
+	for range 100 {
+		var err error
+		out, err = exec.Command("ip", "-n", ns, "-o", "link", "show", "dev", dev).Output()
+		if err != nil {
+			t.Fatalf("ip link show %s in %s: %v", dev, ns, err)
+		}
+		if strings.Contains(string(out), "state UP") {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s in %s never came up: %s", dev, ns, out)
 }
