@@ -59,7 +59,8 @@ test: ort js
 	$(GO) test -race -count=1 -timeout 20m ./...
 
 # Go benchmarks, then the h3infer bench scenarios (docs/BENCHMARKS.md):
-# gateway overhead against the bare server, and netem network conditions
+# gateway overhead against the bare server, and network conditions (netem,
+# or the userspace link emulator where the kernel lacks it)
 # in namespaces of its own (root).
 bench: ort build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./backend/ ./internal/onnxgen/

@@ -42,7 +42,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	output := fs.String("output-tokens", "64", "max_tokens per request: N, MIN-MAX or exp:MEAN")
 	urgency := fs.String("urgency", "", "urgency mix sent as the Priority header, such as 0:1,3:8,7:1 (default: no header)")
 	newConn := fs.Bool("new-conn", false, "open a new connection for every request (handshake included in TTFT)")
-	zeroRTT := fs.Bool("0rtt", false, "with --new-conn: resume TLS sessions and send h3 requests as 0-RTT early data where the server allows it")
+	zeroRTT := fs.Bool("0rtt", false, "with --new-conn: resume TLS sessions; over h3 with a credential that has its secret, send each completion in 0-RTT with an early proof")
 	timeout := fs.Duration("timeout", loadgen.DefaultTimeout, "bound on one request")
 	jsonOut := fs.String("json", "", "write every run as JSON to this file")
 	plotOut := fs.String("plot", "", "write PNG plots as PREFIX-cdf.png (latency CDFs) and PREFIX-ttft.png (TTFT against concurrency)")
@@ -99,7 +99,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		return err
 	}
 	cfg.TLS = &tls.Config{RootCAs: pool}
-	if cfg.Bearer, err = benchBearer(*token, *stateDir); err != nil {
+	if cfg.Bearer, cfg.Credential, err = benchCredential(*token, *stateDir); err != nil {
 		return err
 	}
 
@@ -230,23 +230,24 @@ func progressBar(w io.Writer, name string) func(loadgen.Progress) {
 	}
 }
 
-// benchBearer picks the bearer token a bench run presents, as chat picks its
-// credential; a server without auth needs none, so a missing dev token is no
-// error.
-func benchBearer(flagValue, stateDir string) (string, error) {
+// benchCredential picks the credential a bench run presents, as chat picks
+// its own: the bearer token, and the full credential when it carries the
+// secret that 0-RTT proofs need. A server without auth needs none, so a
+// missing dev token is no error.
+func benchCredential(flagValue, stateDir string) (bearer, credential string, err error) {
 	cred, err := chatCredential(flagValue, stateDir)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return "", nil
+			return "", "", nil
 		}
-		return "", err
+		return "", "", err
 	}
 	if strings.Count(cred, ".") == 3 {
-		return cred, nil // a bearer token alone
+		return cred, "", nil // a bearer token alone
 	}
-	bearer, _, err := tlsbind.SplitCredential(cred)
+	bearer, _, err = tlsbind.SplitCredential(cred)
 	if err != nil {
-		return "", fmt.Errorf("--token: %w", err)
+		return "", "", fmt.Errorf("--token: %w", err)
 	}
-	return bearer, nil
+	return bearer, cred, nil
 }

@@ -67,6 +67,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runGenmodel(rest, stdout)
 	case "models":
 		err = runModels(ctx, rest, stdout)
+	case "netemu":
+		err = runNetemu(ctx, rest, stdout, log)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

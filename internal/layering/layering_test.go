@@ -42,6 +42,8 @@ var forbidden = map[string]struct{ direct, anywhere []string }{
 	"h3infer/certs":   {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
 	// The chat page talks to the gateway only through the public API.
 	"h3infer/web": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/backend", "net/http"}},
+	// The link emulator is bench tooling that stands alone.
+	"h3infer/internal/netemu": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/backend", "h3infer/client", "net/http", "github.com/quic-go/quic-go"}},
 	// The client is what apps embed: it carries nothing of the server.
 	"h3infer/client": {
 		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler", "h3infer/certs"},

@@ -46,6 +46,11 @@ type Sample struct {
 	// Tokens is the completion tokens the server reported in usage, else
 	// the content events counted.
 	Tokens int `json:"tokens"`
+	// Early reports a request the gateway served in 0-RTT, before the
+	// handshake completed; Retried one whose 0-RTT attempt was refused
+	// and sent again in 1-RTT (both only through package client).
+	Early   bool `json:"early,omitempty"`
+	Retried bool `json:"retried,omitempty"`
 	// Err is empty for a request that streamed to [DONE], else its kind.
 	Err    string `json:"err,omitempty"`
 	Detail string `json:"-"`
@@ -59,7 +64,10 @@ type client struct {
 	host     string // host:port for dialing
 	tls      *tls.Config
 	shared   *http.Client
-	closers  []func()
+	// early holds one h3infer client per concurrent slot when requests go
+	// in 0-RTT (Config.usesEarlyClient).
+	early   chan *earlyClient
+	closers []func()
 }
 
 func newClient(cfg Config) (*client, error) {
@@ -89,6 +97,17 @@ func newClient(cfg Config) (*client, error) {
 		base.NextProtos = []string{"http/1.1"}
 	}
 	c.tls = base
+	if cfg.usesEarlyClient() {
+		if c.early, err = newEarlyClients(cfg, base); err != nil {
+			return nil, err
+		}
+		c.closers = append(c.closers, func() {
+			for range cfg.Concurrency {
+				(<-c.early).cl.Close()
+			}
+		})
+		return c, nil
+	}
 	if !cfg.NewConnection {
 		rt := c.transport()
 		c.shared = &http.Client{Transport: rt}
@@ -103,7 +122,9 @@ func (c *client) transport() http.RoundTripper {
 	case ProtoH3:
 		return &http3.Transport{TLSClientConfig: c.tls, QUICConfig: quicConfig()}
 	case ProtoH2:
-		return &http.Transport{TLSClientConfig: c.tls, ForceAttemptHTTP2: true, MaxIdleConnsPerHost: c.cfg.Concurrency}
+		// One connection, as h3 uses: without the bound, requests that
+		// start together each dial their own before the first is up.
+		return &http.Transport{TLSClientConfig: c.tls, ForceAttemptHTTP2: true, MaxIdleConnsPerHost: c.cfg.Concurrency, MaxConnsPerHost: 1}
 	default:
 		return &http.Transport{
 			TLSClientConfig:     c.tls,
@@ -165,9 +186,8 @@ func promptOf(n int) string {
 	return b.String()
 }
 
-// do sends one streamed chat completion and measures it.
-func (c *client) do(ctx context.Context, promptWords, maxTokens, urgency int) Sample {
-	s := Sample{Urgency: urgency}
+// payload is a request body.
+func (c *client) payload(promptWords, maxTokens int) []byte {
 	body := chatRequest{
 		Model:     c.cfg.Model,
 		Messages:  []chatMessage{{Role: "user", Content: promptOf(promptWords)}},
@@ -176,9 +196,18 @@ func (c *client) do(ctx context.Context, promptWords, maxTokens, urgency int) Sa
 	}
 	body.StreamOptions.IncludeUsage = true
 	payload, _ := json.Marshal(body)
+	return payload
+}
+
+// do sends one streamed chat completion and measures it.
+func (c *client) do(ctx context.Context, promptWords, maxTokens, urgency int) Sample {
+	if c.early != nil {
+		return c.doEarly(ctx, promptWords, maxTokens, urgency)
+	}
+	s := Sample{Urgency: urgency}
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.endpoint, bytes.NewReader(payload))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.endpoint, bytes.NewReader(c.payload(promptWords, maxTokens)))
 	if err != nil {
 		s.Err, s.Detail = ErrProtocol, err.Error()
 		return s
@@ -214,25 +243,31 @@ func (c *client) do(ctx context.Context, promptWords, maxTokens, urgency int) Sa
 		return s
 	}
 	defer resp.Body.Close()
+	c.finish(ctx, resp, start, &s)
+	return s
+}
+
+// finish checks a response and reads its stream into s.
+func (c *client) finish(ctx context.Context, resp *http.Response, start time.Time, s *Sample) {
 	if want := map[string]int{ProtoH3: 3, ProtoH2: 2, ProtoH1: 1}[c.cfg.Proto]; resp.ProtoMajor != want {
 		s.Err, s.Detail = ErrProtocol, "negotiated "+resp.Proto
-		return s
+		return
 	}
 	if resp.StatusCode != http.StatusOK {
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 		s.E2E = time.Since(start)
 		s.Err, s.Detail = fmt.Sprintf("status_%d", resp.StatusCode), resp.Status
-		return s
+		return
 	}
-	readStream(ctx, resp.Body, start, &s)
-	return s
+	readStream(ctx, resp.Body, start, s)
 }
 
 // doH3NewConn sends req on a connection of its own, dialed with early
 // data enabled so that a resumed session can use 0-RTT. quic-go's client
 // sends only GET and HEAD as early data and holds a POST until the
-// handshake completes, so a completion gains resumption (no certificate
-// chain) but not yet the saved round trip; see docs/BENCHMARKS.md.
+// handshake completes, so here a completion gains resumption (no
+// certificate chain) but not the saved round trip; doEarly is the path
+// that sends the POST early.
 func (c *client) doH3NewConn(ctx context.Context, req *http.Request) (*http.Response, func(), error) {
 	conn, err := quic.DialAddrEarly(ctx, c.host, c.tls, quicConfig())
 	if err != nil {

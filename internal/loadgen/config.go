@@ -55,12 +55,20 @@ type Config struct {
 	// NewConnection opens a fresh connection for every request, so each
 	// time to first token includes the handshake.
 	NewConnection bool
-	// ZeroRTT keeps TLS session tickets between connections and, over h3,
-	// dials with early data enabled, so resumed connections skip the
-	// certificate chain. quic-go's client sends only GET and HEAD as early
-	// data, so a completion POST still waits for the handshake. Without it
-	// every new connection does a full handshake.
+	// ZeroRTT keeps TLS session tickets between connections, so a new
+	// connection resumes. Over h3 with Credential set, requests go through
+	// h3infer's client package, which sends the completion POST in 0-RTT
+	// with a single-use early proof; the run first sends one unmeasured
+	// request per concurrent slot to obtain a ticket, and every Sample says
+	// whether it was served early. Without Credential (or over h2/h1) only
+	// the handshake is shortened: quic-go's own client sends only GET and
+	// HEAD as early data. Without ZeroRTT every new connection does a full
+	// handshake.
 	ZeroRTT bool
+	// Credential is the full credential `h3infer token issue` prints
+	// (bearer and secret); the secret keys the early proofs. It replaces
+	// Bearer where it is used.
+	Credential string
 	// Timeout bounds one request. Default 60s.
 	Timeout time.Duration
 }

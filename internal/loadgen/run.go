@@ -34,6 +34,11 @@ func Run(ctx context.Context, cfg Config, onProgress func(Progress)) (*Result, e
 		return nil, err
 	}
 	defer c.close()
+	if c.early != nil {
+		if err := c.primeEarly(ctx); err != nil {
+			return nil, err
+		}
+	}
 
 	r := &runner{cfg: cfg, client: c, start: time.Now()}
 	if cfg.Duration > 0 {

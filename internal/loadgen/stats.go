@@ -54,22 +54,26 @@ func summarize(d []time.Duration) Percentiles {
 
 // Result is a finished run: its settings, summaries and raw latencies.
 type Result struct {
-	Label       string         `json:"label,omitempty"`
-	Proto       string         `json:"proto"`
-	Concurrency int            `json:"concurrency"`
-	Rate        float64        `json:"rate,omitempty"`
-	NewConn     bool           `json:"new_connection"`
-	ZeroRTT     bool           `json:"zero_rtt"`
-	Requests    int            `json:"requests"`
-	OK          int            `json:"ok"`
-	Errors      map[string]int `json:"errors"`
-	Wall        time.Duration  `json:"wall_ns"`
-	Tokens      int            `json:"tokens"`
-	TokensPerS  float64        `json:"tokens_per_s"`
-	RequestsPS  float64        `json:"requests_per_s"`
-	TTFT        Percentiles    `json:"ttft"`
-	ITL         Percentiles    `json:"itl"`
-	E2E         Percentiles    `json:"e2e"`
+	Label       string  `json:"label,omitempty"`
+	Proto       string  `json:"proto"`
+	Concurrency int     `json:"concurrency"`
+	Rate        float64 `json:"rate,omitempty"`
+	NewConn     bool    `json:"new_connection"`
+	ZeroRTT     bool    `json:"zero_rtt"`
+	Requests    int     `json:"requests"`
+	OK          int     `json:"ok"`
+	// Early and Retried count successful requests served in 0-RTT, and
+	// those whose 0-RTT was refused and sent again in 1-RTT.
+	Early      int            `json:"early"`
+	Retried    int            `json:"retried"`
+	Errors     map[string]int `json:"errors"`
+	Wall       time.Duration  `json:"wall_ns"`
+	Tokens     int            `json:"tokens"`
+	TokensPerS float64        `json:"tokens_per_s"`
+	RequestsPS float64        `json:"requests_per_s"`
+	TTFT       Percentiles    `json:"ttft"`
+	ITL        Percentiles    `json:"itl"`
+	E2E        Percentiles    `json:"e2e"`
 
 	// Sorted raw latencies of successful requests, for plots.
 	TTFTs []time.Duration `json:"-"`
@@ -103,6 +107,12 @@ func newResult(cfg Config, samples []Sample, wall time.Duration) *Result {
 			continue
 		}
 		r.OK++
+		if s.Early {
+			r.Early++
+		}
+		if s.Retried {
+			r.Retried++
+		}
 		r.Tokens += s.Tokens
 		r.TTFTs = append(r.TTFTs, s.TTFT)
 		r.E2Es = append(r.E2Es, s.E2E)
@@ -148,6 +158,9 @@ func (r *Result) WriteTable(w io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(w, "throughput: %.1f tokens/s, %.2f requests/s (%d tokens)\n", r.TokensPerS, r.RequestsPS, r.Tokens)
+	if r.ZeroRTT {
+		fmt.Fprintf(w, "0-RTT: %d of %d ok requests served early, %d retried in 1-RTT\n", r.Early, r.OK, r.Retried)
+	}
 	if len(r.Errors) == 0 {
 		_, err := fmt.Fprintln(w, "errors: none")
 		return err
