@@ -181,7 +181,7 @@ func (g *GatewayEnd) Close() {
 // futex sleeps block the thread), takes every frame off the response ring as
 // soon as it is published, and hands it to its call without blocking. It
 // returns after Close, or after the worker closed its end, having ended every
-// open call with a CodeInternal error; the error wraps ErrClosed, or
+// open call with a CodeWorkerLost error; the error wraps ErrClosed, or
 // ErrCorrupt if the worker broke the ring. Run may be called once.
 func (g *GatewayEnd) Run() error {
 	if !g.running.CompareAndSwap(false, true) {
@@ -356,7 +356,7 @@ func (g *GatewayEnd) endAll(reason string) {
 	}
 	g.callsMu.Unlock()
 	for _, c := range open {
-		c.end(&Error{Code: CodeInternal, Message: reason})
+		c.end(&Error{Code: CodeWorkerLost, Message: reason})
 	}
 }
 
