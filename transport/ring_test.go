@@ -3,10 +3,10 @@
 package transport
 
 import (
-	"math/rand/v2"
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"runtime"
 	"strings"

@@ -93,7 +93,7 @@ type Segment struct {
 	// (a blocked Recv holds it while asleep), Close takes it for writing only
 	// after waking every sleeper, then unmaps. Without it an unmap under a
 	// sleeping peer goroutine would turn into a fault instead of ErrClosed.
-	mu    sync.RWMutex
+	mu        sync.RWMutex
 	mem       []byte // nil once closed
 	rings     [2]ring
 	heartbeat *atomic.Uint64
