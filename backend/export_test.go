@@ -28,3 +28,7 @@ func RequireLongForTest(t *testing.T, m *Model, s *transport.Submit) { requireLo
 
 // LoggerForTest logs warnings and errors to t.
 func LoggerForTest(t testing.TB) *slog.Logger { return testLogger(t) }
+
+// MisbehaveEnvForTest makes the test worker process misbehave; see
+// testMisbehaveEnv.
+const MisbehaveEnvForTest = testMisbehaveEnv

@@ -13,6 +13,7 @@ type poolCollector struct {
 	p                                   *Pool
 	tokens, started, finished, canceled *prometheus.Desc
 	restarts, ready                     *prometheus.Desc
+	hangs, corrupt, stalled             *prometheus.Desc
 }
 
 func newPoolCollector(p *Pool) *poolCollector {
@@ -27,11 +28,14 @@ func newPoolCollector(p *Pool) *poolCollector {
 		canceled: d("h3infer_worker_sequences_cancelled_total", "Sequences dropped because the gateway cancelled them."),
 		restarts: d("h3infer_worker_restarts_total", "Times the worker process was restarted."),
 		ready:    d("h3infer_worker_ready", "1 while the worker process is ready to take requests."),
+		hangs:    d("h3infer_worker_hangs_total", "Worker processes killed because their heartbeat stalled."),
+		corrupt:  d("h3infer_worker_ring_failures_total", "Worker processes killed because they left their ring corrupt."),
+		stalled:  d("h3infer_worker_heartbeat_stalled_seconds", "How long the ready worker's heartbeat has stood still, as of the last check."),
 	}
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready} {
+	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready, c.hangs, c.corrupt, c.stalled} {
 		ch <- d
 	}
 }
@@ -53,5 +57,11 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 			r = 1
 		}
 		ch <- prometheus.MustNewConstMetric(c.ready, prometheus.GaugeValue, r, id)
+		w.mu.Lock()
+		hangs, corrupt, stalled := w.hangs, w.corrupt, w.stalled
+		w.mu.Unlock()
+		counter(c.hangs, hangs)
+		counter(c.corrupt, corrupt)
+		ch <- prometheus.MustNewConstMetric(c.stalled, prometheus.GaugeValue, stalled.Seconds(), id)
 	}
 }

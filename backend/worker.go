@@ -241,6 +241,7 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 	ticker := time.NewTicker(every)
 	defer ticker.Stop()
 	for {
+		w.end.Beat() // the gateway's hang detection watches this
 		if len(w.active) == 0 {
 			select {
 			case in := <-inbox:
