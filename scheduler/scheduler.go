@@ -154,14 +154,12 @@ func openWorker(w Worker, id uint64, job *transport.Submit) (call, error) {
 	return c, nil
 }
 
-// Submit assigns the request an id and dispatches it to the least loaded
+// dispatch assigns the request an id and opens it on the least loaded
 // ready worker with a free slot. When none is free it queues the request
 // behind those already waiting and blocks until it is dispatched, ctx is
 // done, its deadline passes or the scheduler closes. A full queue fails at
-// once with an *OverloadError.
-//
-// The caller must Close the returned Stream.
-func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
+// once with an *OverloadError. Submit (stream.go) wraps it.
+func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) {
 	if r == nil {
 		return nil, errors.New("scheduler: submit: nil request")
 	}
@@ -210,7 +208,7 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
 		s.release(worker)
 		return nil, fmt.Errorf("scheduler: worker %d: open request %d: %w", worker.ID(), id, err)
 	}
-	return &Stream{id: id, worker: worker, call: c, sched: s}, nil
+	return &attempt{id: id, worker: worker, call: c}, nil
 }
 
 // wait blocks a queued request until it is granted a slot or gives up. A
@@ -343,34 +341,4 @@ func (s *Scheduler) Close() {
 	s.mu.Unlock()
 	s.stopOnce.Do(func() { close(s.stop) })
 	<-s.done
-}
-
-// Stream is one dispatched request: its events come from the worker that
-// runs it.
-type Stream struct {
-	id     uint64
-	worker Worker
-	call   call
-	sched  *Scheduler
-	once   sync.Once
-}
-
-// ID is the request id the scheduler assigned; it names the sequence on the
-// worker's ring and in logs.
-func (st *Stream) ID() uint64 { return st.id }
-
-// WorkerID names the worker running the request.
-func (st *Stream) WorkerID() int { return st.worker.ID() }
-
-// Events delivers the worker's tokens and, last, its done or error event.
-func (st *Stream) Events() <-chan transport.Event { return st.call.Events() }
-
-// Close cancels the request if it is still running, frees its worker slot
-// and dispatches the next queued request. It is safe to call more than once
-// and from any goroutine.
-func (st *Stream) Close() {
-	st.once.Do(func() {
-		st.call.Cancel()
-		st.sched.release(st.worker)
-	})
 }
