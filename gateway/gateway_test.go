@@ -109,6 +109,10 @@ func (c *fakeCatalog) Models() []transport.ModelInfo {
 
 func (c *fakeCatalog) Ready() bool { return c.ready.Load() }
 
+func (c *fakeCatalog) WorkerStates() []WorkerState {
+	return []WorkerState{{ID: 0, PID: 4242, State: "ready", Slots: 4}, {ID: 1, State: "restarting", Restarts: 3, LastExit: "signal: killed"}}
+}
+
 func tokens(texts ...string) []transport.Event {
 	var evs []transport.Event
 	for _, t := range texts {
@@ -935,5 +939,23 @@ func TestUrgencyOf(t *testing.T) {
 				t.Errorf("got %d, want %d", got, tc.want)
 			}
 		})
+	}
+}
+
+func TestWorkersEndpoint(t *testing.T) {
+	h := newHarness(t, nil)
+	resp, err := http.Get(h.admin + "/workers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got struct {
+		Workers []WorkerState `json:"workers"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 200 || len(got.Workers) != 2 || got.Workers[0].PID != 4242 || got.Workers[1].State != "restarting" || got.Workers[1].Restarts != 3 {
+		t.Errorf("got %d %+v, want the catalog's two workers", resp.StatusCode, got)
 	}
 }

@@ -46,6 +46,15 @@ func (g *Gateway) adminRoutes() http.Handler {
 		io.WriteString(w, "ok\n")
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.cfg.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /workers", func(w http.ResponseWriter, r *http.Request) {
+		states := g.catalog.WorkerStates()
+		if states == nil {
+			states = []WorkerState{}
+		}
+		writeJSON(w, struct {
+			Workers []WorkerState `json:"workers"`
+		}{states})
+	})
 	return mux
 }
 
@@ -128,6 +137,7 @@ func (g *Gateway) next(ctx context.Context, st TokenStream, req *completion) (tr
 		case !ok:
 			return ev, errNoResult
 		case ev.Err != nil:
+			g.metrics.streamErrors.WithLabelValues(errorCodeLabel(ev.Err.Code)).Inc()
 			return ev, &workerFailure{err: *ev.Err, promptParam: req.kind.promptParam()}
 		case ev.Done == nil:
 			g.metrics.tokens.Add(float64(ev.Token.Count))

@@ -6,6 +6,8 @@ import (
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"h3infer/transport"
 )
 
 type metrics struct {
@@ -13,6 +15,10 @@ type metrics struct {
 	inFlight prometheus.Gauge
 	ttft     *prometheus.HistogramVec
 	tokens   prometheus.Counter
+	// streamErrors counts requests that ended with a worker-side error
+	// event after admission, by code: overflow (the client could not keep
+	// up and the request was cancelled), worker_lost, and the rest.
+	streamErrors *prometheus.CounterVec
 }
 
 // newMetrics registers the gateway's metrics. Every label is bounded: routes
@@ -37,8 +43,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "h3infer_stream_tokens_total",
 			Help: "Tokens received from workers for completion requests.",
 		}),
+		streamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_stream_errors_total",
+			Help: "Completion requests that ended with an error event, by code (overflow: the client fell behind and the request was cancelled).",
+		}, []string{"code"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.tokens} {
+	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.tokens, m.streamErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}
@@ -106,3 +116,14 @@ func (s *statusRecorder) Write(b []byte) (int, error) {
 }
 
 func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+// errorCodeLabel keeps the stream error label bounded to the codes the
+// transport defines.
+func errorCodeLabel(code string) string {
+	switch code {
+	case transport.CodeOverflow, transport.CodeWorkerLost, transport.CodeInternal, transport.CodeCancelled,
+		transport.CodeContextLength, transport.CodeModelNotFound, transport.CodeInvalidRequest:
+		return code
+	}
+	return "other"
+}

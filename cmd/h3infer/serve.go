@@ -90,8 +90,10 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 			Slots:          cfg.Workers.Slots,
 			IntraOpThreads: cfg.Workers.IntraOpThreads,
 		},
-		RingSize:   cfg.Workers.RingBytes,
-		Registerer: reg,
+		RingSize:    cfg.Workers.RingBytes,
+		CallBuffer:  cfg.Workers.CallBuffer,
+		HangTimeout: time.Duration(cfg.Workers.HangTimeout),
+		Registerer:  reg,
 	}, log)
 	if err != nil {
 		return err
@@ -110,7 +112,7 @@ func serve(ctx context.Context, cfg Config, stdout io.Writer, log *slog.Logger) 
 		MaxBodyBytes:     cfg.Gateway.MaxBodyBytes,
 		DefaultMaxTokens: cfg.Gateway.DefaultMaxTokens,
 		Registry:         reg,
-	}, gateway.FromScheduler(sched), pool, log)
+	}, gateway.FromScheduler(sched), poolCatalog{pool}, log)
 	if err != nil {
 		return err
 	}
@@ -252,8 +254,28 @@ func (p poolWorkers) Workers() []scheduler.Worker {
 	return out
 }
 
+// poolCatalog adapts backend.Pool to the gateway's Catalog.
+type poolCatalog struct{ *backend.Pool }
+
+func (p poolCatalog) WorkerStates() []gateway.WorkerState {
+	st := p.Status()
+	out := make([]gateway.WorkerState, len(st))
+	for i, w := range st {
+		out[i] = gateway.WorkerState{
+			ID:                      w.ID,
+			PID:                     w.PID,
+			State:                   w.State,
+			Slots:                   w.Slots,
+			Restarts:                w.Restarts,
+			LastExit:                w.LastExit,
+			HeartbeatStalledSeconds: w.HeartbeatStalled.Seconds(),
+		}
+	}
+	return out
+}
+
 var (
 	_ scheduler.WorkerSet = poolWorkers{}
 	_ scheduler.Worker    = (*backend.Worker)(nil)
-	_ gateway.Catalog     = (*backend.Pool)(nil)
+	_ gateway.Catalog     = poolCatalog{}
 )
