@@ -31,8 +31,25 @@ func TestHelperProcess(t *testing.T) {
 		return
 	}
 	f := os.NewFile(3, "peer")
-	if mode == "uds-echo" {
+	switch mode {
+	case "uds-echo":
 		if err := udsEcho(f); err != nil {
+			t.Fatal(err)
+		}
+		return
+	case "uds-stream", "uds-sink":
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if mode == "uds-stream" {
+			err = udsStream(c)
+		} else {
+			err = udsSink(c)
+		}
+		if err != nil {
 			t.Fatal(err)
 		}
 		return
@@ -49,6 +66,12 @@ func TestHelperProcess(t *testing.T) {
 		err = fakeWorker(seg)
 	case "garbage":
 		err = garbageWorker(seg)
+	case "stream":
+		err = ringStream(seg)
+	case "sink":
+		err = ringSink(seg)
+	case "tokens":
+		err = tokenWorker(seg)
 	default:
 		err = fmt.Errorf("unknown helper mode %q", mode)
 	}
