@@ -110,6 +110,10 @@ func (c *fakeCatalog) Models() []transport.ModelInfo {
 
 func (c *fakeCatalog) Ready() bool { return c.ready.Load() }
 
+func (c *fakeCatalog) WorkerStates() []WorkerState {
+	return []WorkerState{{ID: 0, PID: 4242, State: "ready", Slots: 4}, {ID: 1, State: "restarting", Restarts: 3, LastExit: "signal: killed"}}
+}
+
 func tokens(texts ...string) []transport.Event {
 	var evs []transport.Event
 	for _, t := range texts {
@@ -950,5 +954,25 @@ func TestNewValidates(t *testing.T) {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}
+	}
+}
+
+// TestStateShowsWorkers: /debug/state carries each worker process's
+// supervision state from the catalog, beside readiness and models.
+func TestStateShowsWorkers(t *testing.T) {
+	h := newHarness(t, nil)
+	resp, err := http.Get(h.admin + "/debug/state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got struct {
+		Workers []WorkerState `json:"workers"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 200 || len(got.Workers) != 2 || got.Workers[0].PID != 4242 || got.Workers[1].State != "restarting" || got.Workers[1].Restarts != 3 {
+		t.Errorf("got %d %+v, want the catalog's two workers", resp.StatusCode, got)
 	}
 }
