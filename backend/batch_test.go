@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"h3infer/internal/onnxgen"
@@ -23,6 +24,7 @@ type recorder struct {
 	// onToken, when set, runs in the loop's goroutine after each token is
 	// recorded; tests use it to act at an exact point of the stream.
 	onToken func(id uint64)
+	beats   atomic.Uint64 // heartbeats the loop has counted
 }
 
 func newRecorder() *recorder {
@@ -65,6 +67,8 @@ func (r *recorder) SendError(id uint64, e transport.Error) error {
 }
 
 func (r *recorder) SendStats(transport.Stats) error { return nil }
+
+func (r *recorder) Beat() { r.beats.Add(1) }
 
 func (r *recorder) textOf(id uint64) string {
 	r.mu.Lock()

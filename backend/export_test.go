@@ -34,3 +34,7 @@ func GPUMemoryErrorForTest() error {
 	_, err := openGPUMemory()
 	return err
 }
+
+// MisbehaveEnvForTest makes the test worker process misbehave; see
+// testMisbehaveEnv.
+const MisbehaveEnvForTest = testMisbehaveEnv

@@ -2,8 +2,16 @@ package backend
 
 import (
 	"context"
+	"encoding/binary"
+	"math/rand/v2"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
 	"flag"
 	"fmt"
+	"h3infer/transport"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -21,6 +29,12 @@ import (
 // real processes run the real RunWorker without a separately built
 // h3infer.
 const testWorkerEnv = "H3INFER_BACKEND_TEST_WORKER"
+
+// testMisbehaveEnv makes the test worker process misbehave instead of
+// serving: "hang" says it is ready and then never beats its heartbeat,
+// "garbage" says it is ready and then publishes random bytes on its
+// response ring.
+const testMisbehaveEnv = "H3INFER_BACKEND_TEST_MISBEHAVE"
 
 // Set by TestMain for the whole binary: the demo model is written once,
 // and ONNX Runtime can be initialized only once per process.
@@ -138,6 +152,13 @@ func testWorkerMain(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if mode := os.Getenv(testMisbehaveEnv); mode != "" {
+		if err := misbehave(ctx, mode, cfg.RingFD); err != nil {
+			log.Error("misbehaving worker failed", "err", err)
+			return 1
+		}
+		return 0
+	}
 	if err := RunWorker(ctx, cfg, log); err != nil {
 		log.Error("worker failed", "err", err)
 		return 1
@@ -155,4 +176,70 @@ type tWriter struct{ t testing.TB }
 func (w tWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(b), "\n"))
 	return len(b), nil
+}
+
+// misbehave plays a broken worker on the ring at fd. It returns when ctx
+// ends (the pool's SIGTERM) or the process is killed.
+func misbehave(ctx context.Context, mode string, fd int) error {
+	f := os.NewFile(uintptr(fd), "ring")
+	seg, err := transport.OpenSegment(f)
+	if err != nil {
+		return err
+	}
+	defer seg.Close()
+	end := transport.NewWorkerEnd(seg)
+	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []transport.ModelInfo{{Name: "demo", ContextLength: 64}}}
+	if err := end.SendReady(ready); err != nil {
+		return err
+	}
+	switch mode {
+	case "hang":
+	case "garbage":
+		if err := scribble(fd, seg.RingSize()); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("unknown misbehaviour %q", mode)
+	}
+	<-ctx.Done()
+	return nil
+}
+
+// scribble publishes 512 random bytes on the response ring through a
+// mapping of its own, bypassing the transport's writer. The offsets are the
+// segment layout documented in transport/segment.go: the response ring's
+// tail on line 6, its data-waiting futex word on line 7 (128-byte lines), its
+// data after the 4096-byte header and the request ring.
+func scribble(fd, ringSize int) error {
+	const (
+		line        = 128
+		tailOff     = 6 * line
+		waitingOff  = 7 * line
+		headerBytes = 4096
+	)
+	mem, err := unix.Mmap(fd, 0, headerBytes+2*ringSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return err
+	}
+	defer unix.Munmap(mem)
+	tail := (*atomic.Uint64)(unsafe.Pointer(&mem[tailOff]))
+	waiting := (*atomic.Uint32)(unsafe.Pointer(&mem[waitingOff]))
+	data := mem[headerBytes+ringSize:]
+	t := tail.Load()
+	off := int(t) & (ringSize - 1)
+	if off+512 > ringSize {
+		return fmt.Errorf("no room for garbage at offset %d", off)
+	}
+	rng := rand.New(rand.NewPCG(uint64(os.Getpid()), 9))
+	for i := range 512 {
+		data[off+i] = byte(rng.Uint32())
+	}
+	binary.LittleEndian.PutUint32(data[off:], 100) // in bounds: only the checks can tell
+	tail.Store(t + 512)
+	waiting.Store(0)
+	_, _, errno := unix.Syscall6(unix.SYS_FUTEX, uintptr(unsafe.Pointer(waiting)), 1 /* FUTEX_WAKE, shared */, 1, 0, 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
 }

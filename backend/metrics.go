@@ -13,6 +13,7 @@ type poolCollector struct {
 	p                                   *Pool
 	tokens, started, finished, canceled *prometheus.Desc
 	restarts, ready, active             *prometheus.Desc
+	hangs, corrupt, stalled             *prometheus.Desc
 	gpuMemory                           *prometheus.Desc
 }
 
@@ -29,6 +30,9 @@ func newPoolCollector(p *Pool) *poolCollector {
 		restarts: d("h3infer_worker_restarts_total", "Times the worker process was restarted."),
 		ready:    d("h3infer_worker_ready", "1 while the worker process is ready to take requests."),
 		active:   d("h3infer_worker_in_flight_sequences", "Sequences the worker is generating, as of its latest report."),
+		hangs:    d("h3infer_worker_hangs_total", "Worker processes killed because their heartbeat stalled."),
+		corrupt:  d("h3infer_worker_ring_failures_total", "Worker processes killed because they left their ring corrupt."),
+		stalled:  d("h3infer_worker_heartbeat_stalled_seconds", "How long the ready worker's heartbeat has stood still, as of the last check."),
 		gpuMemory: prometheus.NewDesc("h3infer_worker_gpu_memory_bytes",
 			"Device memory the worker process holds on a GPU, as the NVIDIA driver reports it. Absent without a GPU.",
 			[]string{"worker", "device"}, nil),
@@ -36,7 +40,7 @@ func newPoolCollector(p *Pool) *poolCollector {
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready, c.active, c.gpuMemory} {
+	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready, c.active, c.hangs, c.corrupt, c.stalled, c.gpuMemory} {
 		ch <- d
 	}
 }
@@ -59,6 +63,12 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(c.ready, prometheus.GaugeValue, r, id)
 		ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(s.Active), id)
+		w.mu.Lock()
+		hangs, corrupt, stalled := w.hangs, w.corrupt, w.stalled
+		w.mu.Unlock()
+		counter(c.hangs, hangs)
+		counter(c.corrupt, corrupt)
+		ch <- prometheus.MustNewConstMetric(c.stalled, prometheus.GaugeValue, stalled.Seconds(), id)
 	}
 	c.collectGPU(ch)
 }

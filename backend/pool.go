@@ -43,6 +43,13 @@ type PoolConfig struct {
 	// StopGrace is how long Close waits for a worker to exit after asking
 	// it to before killing it; 0 means 5s.
 	StopGrace time.Duration
+	// HangTimeout is how long a ready worker's heartbeat may stand still
+	// before the worker is killed as hung and restarted; 0 means 10s.
+	HangTimeout time.Duration
+	// CallBuffer bounds the unread events of one request; a request whose
+	// client falls further behind is cancelled. 0 means the transport
+	// default.
+	CallBuffer int
 	// Registerer, when set, receives the pool's metrics.
 	Registerer prometheus.Registerer
 	// Env is added to the environment workers inherit, as KEY=VALUE; the
@@ -57,6 +64,15 @@ const (
 	DefaultRestartBackoff = 200 * time.Millisecond
 	MaxRestartBackoff     = 10 * time.Second
 	DefaultStopGrace      = 5 * time.Second
+	DefaultHangTimeout    = 10 * time.Second
+)
+
+// Worker states, as Status and the admin listener report them.
+const (
+	StateStarting   = "starting"   // process started, model loading
+	StateReady      = "ready"      // taking requests
+	StateRestarting = "restarting" // process gone, waiting out the backoff
+	StateStopped    = "stopped"    // the pool is closing
 )
 
 // workerFD is the descriptor the ring has in the child: the first of
@@ -104,6 +120,24 @@ type Worker struct {
 	stats    transport.Stats // latest report of the running process
 	base     transport.Stats // totals of the processes that exited
 	restarts uint64
+	state    string
+	lastExit string // why the last process ended, "" before any did
+	hangs    uint64 // processes killed for a stalled heartbeat
+	corrupt  uint64 // processes killed for breaking their ring
+	stalled  time.Duration
+}
+
+// WorkerStatus is a snapshot of one worker slot for the admin listener.
+type WorkerStatus struct {
+	ID       int
+	PID      int // 0 while no process runs
+	State    string
+	Slots    int
+	Restarts uint64
+	LastExit string
+	// HeartbeatStalled is how long the running worker's heartbeat has
+	// stood still, as of the last check.
+	HeartbeatStalled time.Duration
 }
 
 // NewPool checks cfg and prepares a pool; Start starts the processes.
@@ -117,6 +151,12 @@ func NewPool(cfg PoolConfig, log *slog.Logger) (*Pool, error) {
 	}
 	if cfg.StopGrace < 0 {
 		errs = append(errs, fmt.Errorf("stop_grace: must be >= 0, got %s", cfg.StopGrace))
+	}
+	if cfg.HangTimeout < 0 {
+		errs = append(errs, fmt.Errorf("hang_timeout: must be >= 0, got %s", cfg.HangTimeout))
+	}
+	if cfg.CallBuffer < 0 {
+		errs = append(errs, fmt.Errorf("call_buffer: must be >= 0, got %d", cfg.CallBuffer))
 	}
 	if cfg.RingSize < 0 {
 		errs = append(errs, fmt.Errorf("ring_size: must be >= 0, got %d", cfg.RingSize))
@@ -139,6 +179,9 @@ func NewPool(cfg PoolConfig, log *slog.Logger) (*Pool, error) {
 	if cfg.StopGrace == 0 {
 		cfg.StopGrace = DefaultStopGrace
 	}
+	if cfg.HangTimeout == 0 {
+		cfg.HangTimeout = DefaultHangTimeout
+	}
 	if cfg.Executable == "" {
 		exe, err := os.Executable()
 		if err != nil {
@@ -148,7 +191,7 @@ func NewPool(cfg PoolConfig, log *slog.Logger) (*Pool, error) {
 	}
 	p := &Pool{cfg: cfg, log: log, changed: make(chan struct{}), closing: make(chan struct{}), models: slices.Clone(cfg.Worker.Models)}
 	for i := range cfg.Workers {
-		p.workers = append(p.workers, &Worker{id: i, pool: p})
+		p.workers = append(p.workers, &Worker{id: i, pool: p, state: StateStarting})
 	}
 	for _, m := range cfg.Worker.Models {
 		if m.Provider == ProviderCUDA || m.Provider == ProviderTensorRT || m.Provider == ProviderAuto {
@@ -212,6 +255,25 @@ func (p *Pool) Start(ctx context.Context) error {
 
 // Workers returns one handle per worker index, the same across restarts.
 func (p *Pool) Workers() []*Worker { return append([]*Worker(nil), p.workers...) }
+
+// Status reports every worker slot's state, in index order.
+func (p *Pool) Status() []WorkerStatus {
+	out := make([]WorkerStatus, 0, len(p.workers))
+	for _, w := range p.workers {
+		w.mu.Lock()
+		out = append(out, WorkerStatus{
+			ID:               w.id,
+			PID:              w.pid,
+			State:            w.state,
+			Slots:            w.slots,
+			Restarts:         w.restarts,
+			LastExit:         w.lastExit,
+			HeartbeatStalled: w.stalled,
+		})
+		w.mu.Unlock()
+	}
+	return out
+}
 
 // Ready reports whether every worker has sent Ready.
 func (p *Pool) Ready() bool {
@@ -293,11 +355,14 @@ func (p *Pool) notifyLocked() {
 // ID returns the worker's index in the pool.
 func (w *Worker) ID() int { return w.id }
 
-// Ready reports whether the worker's current process has sent Ready.
+// Ready reports whether the worker's current process has sent Ready and
+// its ring still works. A ring that failed (a corrupt frame) fails its
+// calls before the supervisor has killed the process; the closed end
+// keeps the scheduler from re-dispatching those calls to the same worker.
 func (w *Worker) Ready() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.ready
+	return w.ready && w.end != nil && !w.end.Closed()
 }
 
 // Slots is how many sequences the worker runs at once, as its last Ready
@@ -362,15 +427,18 @@ func (p *Pool) supervise(w *Worker, started chan<- error) {
 		}
 		select {
 		case <-p.closing:
+			w.setState(StateStopped)
 			return
 		default:
 		}
 		w.mu.Lock()
 		w.restarts++
+		w.state = StateRestarting
 		w.mu.Unlock()
 		p.log.Info("restarting worker", "worker", w.id, "backoff", backoff)
 		select {
 		case <-p.closing:
+			w.setState(StateStopped)
 			return
 		case <-time.After(backoff):
 		}
@@ -414,7 +482,8 @@ func (p *Pool) launch(w *Worker) (*process, error) {
 	// the gateway stops them in its shutdown order.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	pr.end = transport.NewGatewayEnd(seg, transport.GatewayEndConfig{
-		OnReady: func(r transport.Ready) { w.setReady(r) },
+		CallBuffer: p.cfg.CallBuffer,
+		OnReady:    func(r transport.Ready) { w.setReady(r) },
 		OnStats: func(s transport.Stats) {
 			w.mu.Lock()
 			w.stats = s
@@ -427,15 +496,22 @@ func (p *Pool) launch(w *Worker) (*process, error) {
 		return nil, fmt.Errorf("worker %d: start %s: %w", w.id, p.cfg.Executable, err)
 	}
 	w.mu.Lock()
-	w.end, w.pid = pr.end, cmd.Process.Pid
+	w.end, w.pid, w.state, w.stalled = pr.end, cmd.Process.Pid, StateStarting, 0
 	w.mu.Unlock()
 	p.log.Info("worker started", "worker", w.id, "pid", cmd.Process.Pid)
 	return pr, nil
 }
 
+func (w *Worker) setState(state string) {
+	w.mu.Lock()
+	w.state = state
+	w.mu.Unlock()
+}
+
 func (w *Worker) setReady(r transport.Ready) {
 	w.mu.Lock()
 	w.ready = true
+	w.state = StateReady
 	w.slots = int(r.Slots)
 	w.models = append([]transport.ModelInfo(nil), r.Models...)
 	w.mu.Unlock()
@@ -446,19 +522,32 @@ func (w *Worker) setReady(r transport.Ready) {
 // watch serves pr until its process exits and cleans up after it: open
 // calls end with an error event the moment the process is gone. It asks
 // the process to stop when the pool closes or when the worker closes its
-// ring without exiting, and kills it after the grace. It reports whether
-// the process ever became ready.
+// ring without exiting, and kills it after the grace. It kills it at once
+// when the ring turns out corrupt or the heartbeat stalls past
+// HangTimeout. It reports whether the process ever became ready.
 func (p *Pool) watch(w *Worker, pr *process) bool {
 	runDone := make(chan struct{})
+	var runErr error // read only after runDone is closed
 	var run sync.WaitGroup
 	run.Go(func() {
 		defer close(runDone)
-		if err := pr.end.Run(); err != nil && !errors.Is(err, transport.ErrClosed) {
-			p.log.Warn("worker ring failed", "worker", w.id, "err", err)
-		}
+		runErr = pr.end.Run()
 	})
 	exited := make(chan error, 1)
 	run.Go(func() { exited <- pr.cmd.Wait() })
+
+	// A stalled heartbeat is looked for a few times per HangTimeout, so a
+	// hang is caught within about 1.25 of it.
+	beat := pr.end.HeartbeatWatch()
+	hangCheck := time.NewTicker(p.cfg.HangTimeout / 4)
+	defer hangCheck.Stop()
+	var killedFor string
+	killNow := func(why string) {
+		if err := pr.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			p.log.Warn("kill worker", "worker", w.id, "err", err)
+		}
+		killedFor = why
+	}
 
 	var kill <-chan time.Time
 	closing, ended := p.closing, runDone
@@ -468,6 +557,22 @@ wait:
 		select {
 		case waitErr = <-exited:
 			break wait
+		case now := <-hangCheck.C:
+			if !w.Ready() {
+				continue // loading a model is allowed to take long
+			}
+			stalled := beat.Stalled(now)
+			w.mu.Lock()
+			w.stalled = stalled
+			w.mu.Unlock()
+			if stalled > p.cfg.HangTimeout {
+				p.log.Error("worker heartbeat stalled; killing it", "worker", w.id, "pid", pr.cmd.Process.Pid, "stalled", stalled)
+				w.mu.Lock()
+				w.hangs++
+				w.mu.Unlock()
+				killNow(fmt.Sprintf("killed: heartbeat stalled for %s", stalled.Round(time.Millisecond)))
+				hangCheck.Stop()
+			}
 		case <-closing:
 			closing = nil
 			pr.end.Close()
@@ -476,8 +581,18 @@ wait:
 			}
 			kill = time.After(p.cfg.StopGrace)
 		case <-ended:
-			// The worker closed its ring; a healthy one exits right after.
 			ended = nil
+			if runErr != nil && !errors.Is(runErr, transport.ErrClosed) {
+				// A worker that breaks its ring cannot be trusted with
+				// another frame: no grace.
+				p.log.Error("worker ring failed; killing the worker", "worker", w.id, "pid", pr.cmd.Process.Pid, "err", runErr)
+				w.mu.Lock()
+				w.corrupt++
+				w.mu.Unlock()
+				killNow(fmt.Sprintf("killed: %v", runErr))
+				continue
+			}
+			// The worker closed its ring; a healthy one exits right after.
 			if kill == nil {
 				kill = time.After(p.cfg.StopGrace)
 			}
@@ -493,7 +608,11 @@ wait:
 	// fail also sees the worker gone.
 	w.mu.Lock()
 	wasReady := w.ready
-	w.end, w.pid, w.ready = nil, 0, false
+	w.end, w.pid, w.ready, w.stalled = nil, 0, false, 0
+	w.lastExit = fmt.Sprint(waitErr)
+	if killedFor != "" {
+		w.lastExit = killedFor
+	}
 	w.mu.Unlock()
 	p.notify()
 	pr.end.Close()

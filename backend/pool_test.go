@@ -280,3 +280,75 @@ func TestPoolConfigErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestPoolKillsBrokenWorkers: a worker that stops beating its heartbeat, or
+// that writes garbage into its ring, is killed and restarted, and the
+// request it held ends with worker_lost; the gateway process carries on.
+func TestPoolKillsBrokenWorkers(t *testing.T) {
+	tests := map[string]struct {
+		metric string
+		exit   string
+	}{
+		"hang":    {metric: "h3infer_worker_hangs_total", exit: "heartbeat stalled"},
+		"garbage": {metric: "h3infer_worker_ring_failures_total", exit: "ring corrupt"},
+	}
+	for mode, tt := range tests {
+		t.Run(mode, func(t *testing.T) {
+			dir, lib := backend.DemoModelForTest(t)
+			t.Setenv(backend.WorkerEnvForTest, "1")
+			t.Setenv(backend.MisbehaveEnvForTest, mode)
+			exe, err := os.Executable()
+			if err != nil {
+				t.Fatal(err)
+			}
+			goroutines := runtime.NumGoroutine()
+			reg := prometheus.NewRegistry()
+			p, err := backend.NewPool(backend.PoolConfig{
+				Workers:        1,
+				Executable:     exe,
+				Worker:         backend.WorkerConfig{Models: []backend.ModelSpec{{Name: "demo", Dir: dir}}, ORTLib: lib},
+				RestartBackoff: 20 * time.Millisecond,
+				HangTimeout:    400 * time.Millisecond,
+				Registerer:     reg,
+			}, backend.LoggerForTest(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Start(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			w := p.Workers()[0]
+			waitFor(t, "the worker to be ready", w.Ready)
+			firstPID := w.PID()
+			if mode == "hang" {
+				// A request held by a hung worker must not hang with it.
+				c, err := w.Open(1, &transport.Submit{Model: "demo", Prompt: "x", MaxTokens: 4})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r := drain(t, c); r.err == nil || r.err.Code != transport.CodeWorkerLost {
+					t.Errorf("request on the hung worker: got %+v, want a worker_lost error", r)
+				}
+			}
+			waitFor(t, "a kill and a restart", func() bool {
+				return metric(t, reg, tt.metric, "0") >= 1 && metric(t, reg, "h3infer_worker_restarts_total", "0") >= 1
+			})
+			waitFor(t, "a new process", func() bool { pid := w.PID(); return pid != 0 && pid != firstPID })
+			if processAlive(firstPID) {
+				t.Errorf("broken worker %d still runs", firstPID)
+			}
+			st := p.Status()[0]
+			if !strings.Contains(st.LastExit, tt.exit) || st.Restarts < 1 {
+				t.Errorf("status %+v: want restarts >= 1 and last exit mentioning %q", st, tt.exit)
+			}
+			if err := p.Close(); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "the pool's goroutines to end", func() bool { return runtime.NumGoroutine() <= goroutines })
+		})
+	}
+}
+
+func processAlive(pid int) bool {
+	return syscall.Kill(pid, 0) == nil
+}

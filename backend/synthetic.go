@@ -157,6 +157,10 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		// The pool kills a worker whose heartbeat stands still. Every pass
+		// beats: idle, the stats ticker wakes the loop at least every
+		// stats interval; busy, each token's wake-up does.
+		end.Beat()
 		// Emit every due token, then sleep until the next is due or a
 		// frame arrives.
 		now := time.Now()

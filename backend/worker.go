@@ -363,6 +363,8 @@ type sender interface {
 	SendDone(id uint64, d transport.Done) error
 	SendError(id uint64, e transport.Error) error
 	SendStats(s transport.Stats) error
+	// Beat counts the heartbeat the pool's hang detection watches.
+	Beat()
 }
 
 // running is one admitted request: waiting for room in its model's batch
@@ -440,6 +442,10 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 	ticker := time.NewTicker(every)
 	defer ticker.Stop()
 	for {
+		// The gateway's hang detection watches this. Idle, the loop passes
+		// here at least every stats interval (the ticker below); busy, once
+		// per decode round.
+		w.end.Beat()
 		if len(w.byID) == 0 {
 			select {
 			case in := <-inbox:

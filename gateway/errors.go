@@ -221,6 +221,11 @@ func apiErrorOf(err error) apiError {
 			return mk(http.StatusBadRequest, invalidRequest, "", "invalid_request", worker.err.Message)
 		case transport.CodeCancelled:
 			return mk(http.StatusServiceUnavailable, serverError, "", transport.CodeCancelled, "the model worker stopped the request")
+		case transport.CodeWorkerLost:
+			e := mk(http.StatusServiceUnavailable, serverError, "", transport.CodeWorkerLost,
+				"the model worker serving this request stopped; retry")
+			e.retryAfter = scheduler.DefaultRetryAfter
+			return e
 		case transport.CodeOverflow:
 			// The gateway fell behind its own client's stream.
 			return mk(http.StatusServiceUnavailable, serverError, "", "overloaded", "the response stream fell behind")

@@ -72,10 +72,25 @@ type ModelAdmin interface {
 	Rollback(ctx context.Context, model string) error
 }
 
-// Catalog says which models the workers serve and whether any worker is up.
+// Catalog says which models the workers serve, whether any worker is up,
+// and each worker process's state for the admin listener's /debug/state.
 type Catalog interface {
 	Models() []transport.ModelInfo
 	Ready() bool
+	WorkerStates() []WorkerState
+}
+
+// WorkerState is one worker process slot as /debug/state shows it.
+type WorkerState struct {
+	ID       int    `json:"id"`
+	PID      int    `json:"pid"`   // 0 while no process runs
+	State    string `json:"state"` // starting, ready, restarting, stopped
+	Slots    int    `json:"slots"`
+	Restarts uint64 `json:"restarts"`
+	LastExit string `json:"last_exit,omitempty"`
+	// HeartbeatStalledSeconds is how long the worker's loop has not
+	// ticked its heartbeat, as of the supervisor's last check.
+	HeartbeatStalledSeconds float64 `json:"heartbeat_stalled_seconds"`
 }
 
 // Config configures a Gateway. Zero values mean the documented defaults.
@@ -85,7 +100,8 @@ type Config struct {
 	// Port 0 picks a port free on both. Default 127.0.0.1:8443.
 	Listen string
 	// Admin is the host:port of the plain-HTTP admin listener (/healthz,
-	// /readyz, /metrics). Port 0 picks a free port. Default 127.0.0.1:9090.
+	// /readyz, /metrics, /debug/state, /debug/pprof/). Port 0 picks a free
+	// port. Default 127.0.0.1:9090.
 	Admin string
 	// TLS holds the certificates. Required. The gateway clones it and sets
 	// NextProtos per listener.
@@ -133,7 +149,7 @@ type Config struct {
 	// Admin is not a loopback address.
 	AdminToken string
 	// Status, when set, is served as JSON under "status" on /debug/state:
-	// the wiring reports workers and queues there.
+	// the wiring reports queues there. Workers come from the Catalog.
 	Status func() any
 	// TCPProtos are ALPN protocols the TCP listener offers besides h2 and
 	// http/1.1: certs.ACMEALPN when TLS's certificate source answers ACME's

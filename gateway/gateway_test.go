@@ -111,6 +111,10 @@ func (c *fakeCatalog) Models() []transport.ModelInfo {
 
 func (c *fakeCatalog) Ready() bool { return c.ready.Load() }
 
+func (c *fakeCatalog) WorkerStates() []WorkerState {
+	return []WorkerState{{ID: 0, PID: 4242, State: "ready", Slots: 4}, {ID: 1, State: "restarting", Restarts: 3, LastExit: "signal: killed"}}
+}
+
 func tokens(texts ...string) []transport.Event {
 	var evs []transport.Event
 	for _, t := range texts {
@@ -1004,19 +1008,24 @@ func TestNewValidates(t *testing.T) {
 }
 
 // resumes opens a QUIC connection with cache and reports whether the TLS
-// session was resumed. It waits a moment before closing so that the
-// server's ticket, sent after the handshake, lands in cache.
+// session was resumed. Before closing it waits for the server's ticket,
+// sent after the handshake, to land in cache.
 func resumes(t *testing.T, h *harness, addr string, cache tls.ClientSessionCache) bool {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	conf := &tls.Config{RootCAs: h.pool, ServerName: "127.0.0.1", ClientSessionCache: cache, NextProtos: []string{http3.NextProtoH3}}
+	tickets := &ticketSignal{ClientSessionCache: cache, got: make(chan struct{}, 1)}
+	conf := &tls.Config{RootCAs: h.pool, ServerName: "127.0.0.1", ClientSessionCache: tickets, NextProtos: []string{http3.NextProtoH3}}
 	conn, err := quic.DialAddr(ctx, addr, conf, nil)
 	if err != nil {
 		t.Fatalf("dial %s: %v", addr, err)
 	}
 	defer conn.CloseWithError(0, "")
-	time.Sleep(100 * time.Millisecond)
+	select {
+	case <-tickets.got:
+	case <-ctx.Done():
+		t.Fatalf("no session ticket from %s", addr)
+	}
 	return conn.ConnectionState().TLS.DidResume
 }
 
@@ -1073,5 +1082,25 @@ func TestInstancesSharingKeysResumeEachOthersTickets(t *testing.T) {
 	lone.gw.SetSessionTicketKeys([][32]byte{key(8)})
 	if resumes(t, a, lone.gw.Addr(), cache) {
 		t.Error("an instance with other keys resumed the ticket")
+	}
+}
+
+// TestStateShowsWorkers: /debug/state carries each worker process's
+// supervision state from the catalog, beside readiness and models.
+func TestStateShowsWorkers(t *testing.T) {
+	h := newHarness(t, nil)
+	resp, err := http.Get(h.admin + "/debug/state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got struct {
+		Workers []WorkerState `json:"workers"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 200 || len(got.Workers) != 2 || got.Workers[0].PID != 4242 || got.Workers[1].State != "restarting" || got.Workers[1].Restarts != 3 {
+		t.Errorf("got %d %+v, want the catalog's two workers", resp.StatusCode, got)
 	}
 }

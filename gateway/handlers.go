@@ -87,14 +87,19 @@ func (g *Gateway) adminAuth(next http.Handler) http.Handler {
 	})
 }
 
-// serveState is the operator's JSON view: models, readiness, and whatever
-// Config.Status reports about workers and queues.
+// serveState is the operator's JSON view: models, readiness, each worker
+// process's supervision state, and whatever Config.Status reports about
+// queues.
 func (g *Gateway) serveState(w http.ResponseWriter, r *http.Request) {
 	state := struct {
-		Ready  bool                  `json:"ready"`
-		Models []transport.ModelInfo `json:"models"`
-		Status any                   `json:"status,omitempty"`
-	}{Ready: g.catalog.Ready(), Models: g.catalog.Models()}
+		Ready   bool                  `json:"ready"`
+		Models  []transport.ModelInfo `json:"models"`
+		Workers []WorkerState         `json:"workers"`
+		Status  any                   `json:"status,omitempty"`
+	}{Ready: g.catalog.Ready(), Models: g.catalog.Models(), Workers: g.catalog.WorkerStates()}
+	if state.Workers == nil {
+		state.Workers = []WorkerState{}
+	}
 	if g.cfg.Status != nil {
 		state.Status = g.cfg.Status()
 	}
@@ -371,6 +376,7 @@ func (g *Gateway) event(ctx context.Context, run *inflight, ev transport.Event, 
 	case !ok:
 		return ev, errNoResult
 	case ev.Err != nil:
+		g.metrics.streamErrors.WithLabelValues(errorCodeLabel(ev.Err.Code)).Inc()
 		return ev, &workerFailure{err: *ev.Err, promptParam: run.req.kind.promptParam()}
 	case ev.Done != nil:
 		return ev, nil

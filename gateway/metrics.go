@@ -10,6 +10,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
+
+	"h3infer/transport"
 )
 
 // The gateway's metrics. Every label is bounded: routes are the mux's
@@ -33,6 +35,10 @@ type metrics struct {
 	early        *prometheus.CounterVec
 	binding      *prometheus.CounterVec
 	authFailures *prometheus.CounterVec
+	// streamErrors counts requests that ended with a worker-side error
+	// event after admission, by code: overflow (the client could not keep
+	// up and the request was cancelled), worker_lost, and the rest.
+	streamErrors *prometheus.CounterVec
 }
 
 // latencyBuckets spans a decode step (tens of µs) to a long completion.
@@ -96,9 +102,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "h3infer_auth_failures_total",
 			Help: "Requests refused for their bearer token, by reason.",
 		}, []string{"reason"}),
+		streamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_stream_errors_total",
+			Help: "Completion requests that ended with an error event, by code (overflow: the client fell behind and the request was cancelled).",
+		}, []string{"code"}),
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.interToken, m.duration,
-		m.queueWait, m.tokens, m.writes, m.refusals, m.quic, m.early, m.binding, m.authFailures} {
+		m.queueWait, m.tokens, m.writes, m.refusals, m.quic, m.early, m.binding, m.authFailures, m.streamErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}
@@ -264,3 +274,14 @@ func (q *quicCollector) Collect(ch chan<- prometheus.Metric) {
 
 // sinceSeconds is the metric value of a duration.
 func sinceSeconds(t time.Time) float64 { return time.Since(t).Seconds() }
+
+// errorCodeLabel keeps the stream error label bounded to the codes the
+// transport defines.
+func errorCodeLabel(code string) string {
+	switch code {
+	case transport.CodeOverflow, transport.CodeWorkerLost, transport.CodeInternal, transport.CodeCancelled,
+		transport.CodeContextLength, transport.CodeModelNotFound, transport.CodeInvalidRequest:
+		return code
+	}
+	return "other"
+}

@@ -285,7 +285,7 @@ func TestSchedulerDispatchesByUrgency(t *testing.T) {
 		if r.err != nil {
 			t.Fatal(r.err)
 		}
-		order = append(order, r.st.call.(*fakeCall).job.Urgency)
+		order = append(order, r.st.current().call.(*fakeCall).job.Urgency)
 		prev = r.st
 	}
 	prev.Close()
@@ -433,7 +433,7 @@ func TestSchedulerTenantUrgency(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer st.Close()
-			if got := st.call.(*fakeCall).job.Urgency; got != tc.want || r.Urgency != tc.want {
+			if got := st.current().call.(*fakeCall).job.Urgency; got != tc.want || r.Urgency != tc.want {
 				t.Errorf("worker got urgency %d, request says %d, want %d", got, r.Urgency, tc.want)
 			}
 		})
@@ -458,7 +458,7 @@ func TestSchedulerCancelFromEveryState(t *testing.T) {
 	switch {
 	case r.err == nil:
 		r.st.Close() // the grant won: it runs and is closed (cancelled) while running
-		if c := r.st.call.(*fakeCall); c.cancelled.Load() != 1 {
+		if c := r.st.current().call.(*fakeCall); c.cancelled.Load() != 1 {
 			t.Errorf("closing a running stream cancelled it %d times, want 1", c.cancelled.Load())
 		}
 	case errors.Is(r.err, ErrDeadline):

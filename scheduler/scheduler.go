@@ -308,16 +308,14 @@ func (s *Scheduler) tenant(name string) Tenant {
 	return s.tenants[DefaultTenant]
 }
 
-// Submit assigns the request an id and dispatches it to the least loaded
+// dispatch assigns the request an id and opens it on the least loaded
 // ready worker with a free slot. When none is free it queues the request
 // and blocks until it is dispatched, ctx is done, its deadline passes or the
 // scheduler closes; whichever ends the wait removes it from the queue. A
 // tenant over its own bound fails at once with a *TenantLimitError, a full
-// queue with an *OverloadError.
-//
-// Submit sets r.Urgency to the urgency it applied. The caller must Close
-// the returned Stream.
-func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
+// queue with an *OverloadError. It sets r.Urgency to the urgency it
+// applied. Submit (stream.go) wraps it.
+func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) {
 	if r == nil {
 		return nil, errors.New("scheduler: submit: nil request")
 	}
@@ -389,7 +387,7 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
 		s.release(worker)
 		return nil, fmt.Errorf("scheduler: worker %d: open request %d: %w", worker.ID(), id, err)
 	}
-	return &Stream{id: id, worker: worker, call: c, sched: s}, nil
+	return &attempt{id: id, worker: worker, call: c}, nil
 }
 
 // wait blocks a queued request until it is granted a slot or gives up. The
@@ -536,34 +534,4 @@ func (s *Scheduler) Close() {
 	s.mu.Unlock()
 	s.stopOnce.Do(func() { close(s.stop) })
 	<-s.done
-}
-
-// Stream is one dispatched request: its events come from the worker that
-// runs it.
-type Stream struct {
-	id     uint64
-	worker Worker
-	call   call
-	sched  *Scheduler
-	once   sync.Once
-}
-
-// ID is the request id the scheduler assigned; it names the sequence on the
-// worker's ring and in logs.
-func (st *Stream) ID() uint64 { return st.id }
-
-// WorkerID names the worker running the request.
-func (st *Stream) WorkerID() int { return st.worker.ID() }
-
-// Events delivers the worker's tokens and, last, its done or error event.
-func (st *Stream) Events() <-chan transport.Event { return st.call.Events() }
-
-// Close cancels the request if it is still running, frees its worker slot
-// and dispatches the next queued request. It is safe to call more than once
-// and from any goroutine.
-func (st *Stream) Close() {
-	st.once.Do(func() {
-		st.call.Cancel()
-		st.sched.release(st.worker)
-	})
 }

@@ -210,7 +210,7 @@ func TestSubmitCopiesUrgencyAndAssignsIDs(t *testing.T) {
 	if a.ID() == b.ID() {
 		t.Errorf("both streams have id %d", a.ID())
 	}
-	job := a.call.(*fakeCall).job
+	job := a.current().call.(*fakeCall).job
 	if job.Urgency != 1 || job.Model != "m" {
 		t.Errorf("worker got urgency %d model %q, want 1 and %q", job.Urgency, job.Model, "m")
 	}
@@ -401,7 +401,7 @@ func TestStreamCloseIsIdempotent(t *testing.T) {
 		wg.Go(st.Close)
 	}
 	wg.Wait()
-	if n := st.call.(*fakeCall).cancelled.Load(); n != 1 {
+	if n := st.current().call.(*fakeCall).cancelled.Load(); n != 1 {
 		t.Errorf("call cancelled %d times, want 1", n)
 	}
 	if got := s.Stats().Running; got != 0 {

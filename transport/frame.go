@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"math"
 )
 
@@ -60,18 +61,71 @@ type Frame struct {
 //
 //	0  length   uint32 little-endian, payload bytes
 //	4  type     uint8
-//	5  reserved 3 bytes, zero
+//	5  magic    uint8, frameMagic: the frame format's version
+//	6  reserved 2 bytes, zero
 //	8  id       uint64 little-endian
-const frameHeaderSize = 16
+//	16 check    uint32 little-endian, CRC-32C of bytes 0-15 and the payload
+//	20 reserved 4 bytes, zero
+//
+// The ring's shared memory is writable by the worker, so every frame the
+// gateway reads is checked as if a stranger wrote it: a crashed or buggy
+// worker that leaves half a record, or scribbles over the ring, is caught by
+// the magic, the length bounds or the checksum, and the ring is declared
+// corrupt instead of being misread. CRC-32C runs in hardware on amd64 and
+// arm64 (about 20 ns for a 64-byte frame here), cheap beside the doorbell.
+const (
+	frameHeaderSize = 24
+	frameMagic      = 0xb3
+	checkedHeader   = 16 // bytes of the header the check covers
+)
+
+// castagnoli is the CRC-32C table; crc32 uses the CPU's instruction with it.
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // ErrMalformed is wrapped by every decoding error.
 var ErrMalformed = errors.New("transport: malformed")
 
+// putFrameHeader writes the header without its check; sealFrame adds it once
+// the payload follows the header.
 func putFrameHeader(b []byte, length uint32, typ FrameType, id uint64) {
 	_ = b[frameHeaderSize-1]
 	binary.LittleEndian.PutUint32(b, length)
-	b[4], b[5], b[6], b[7] = byte(typ), 0, 0, 0
+	b[4], b[5], b[6], b[7] = byte(typ), frameMagic, 0, 0
 	binary.LittleEndian.PutUint64(b[8:], id)
+	binary.LittleEndian.PutUint64(b[16:], 0)
+}
+
+// frameCheck is the CRC-32C of a header's first 16 bytes and the payload.
+func frameCheck(h, payload []byte) uint32 {
+	return crc32.Update(crc32.Checksum(h[:checkedHeader], castagnoli), castagnoli, payload)
+}
+
+// sealFrame stores the check of header h and its payload.
+func sealFrame(h, payload []byte) {
+	binary.LittleEndian.PutUint32(h[checkedHeader:], frameCheck(h, payload))
+}
+
+// checkFrameHeader validates everything in header h but the check, which
+// needs the payload; length is its payload size.
+func checkFrameHeader(h []byte) error {
+	typ := FrameType(h[4])
+	switch {
+	case h[5] != frameMagic:
+		return fmt.Errorf("%w frame: magic %#x, want %#x", ErrMalformed, h[5], frameMagic)
+	case typ == 0 || typ > maxFrameType:
+		return fmt.Errorf("%w frame: unknown type %d", ErrMalformed, h[4])
+	case h[6]|h[7]|h[20]|h[21]|h[22]|h[23] != 0:
+		return fmt.Errorf("%w frame: reserved header bytes set", ErrMalformed)
+	}
+	return nil
+}
+
+// verifyFrame compares header h's check with its payload's.
+func verifyFrame(h, payload []byte) error {
+	if got, want := frameCheck(h, payload), binary.LittleEndian.Uint32(h[checkedHeader:]); got != want {
+		return fmt.Errorf("%w frame: checksum %#08x, header says %#08x", ErrMalformed, got, want)
+	}
+	return nil
 }
 
 // AppendFrame appends f's header and payload to b, unpadded: the form used on
@@ -82,6 +136,7 @@ func AppendFrame(b []byte, f Frame) ([]byte, error) {
 	}
 	var h [frameHeaderSize]byte
 	putFrameHeader(h[:], uint32(len(f.Payload)), f.Type, f.ID)
+	sealFrame(h[:], f.Payload)
 	b = append(b, h[:]...)
 	return append(b, f.Payload...), nil
 }
@@ -92,20 +147,19 @@ func DecodeFrame(p []byte) (Frame, int, error) {
 	if len(p) < frameHeaderSize {
 		return Frame{}, 0, fmt.Errorf("%w frame: %d bytes, header needs %d", ErrMalformed, len(p), frameHeaderSize)
 	}
+	if err := checkFrameHeader(p); err != nil {
+		return Frame{}, 0, err
+	}
 	length := binary.LittleEndian.Uint32(p)
-	typ := FrameType(p[4])
-	if typ == 0 || typ > maxFrameType {
-		return Frame{}, 0, fmt.Errorf("%w frame: unknown type %d", ErrMalformed, p[4])
-	}
-	if p[5]|p[6]|p[7] != 0 {
-		return Frame{}, 0, fmt.Errorf("%w frame: reserved header bytes set", ErrMalformed)
-	}
 	if uint64(length) > uint64(len(p)-frameHeaderSize) {
 		return Frame{}, 0, fmt.Errorf("%w frame: payload of %d bytes, %d present", ErrMalformed, length, len(p)-frameHeaderSize)
 	}
 	end := frameHeaderSize + int(length)
+	if err := verifyFrame(p, p[frameHeaderSize:end]); err != nil {
+		return Frame{}, 0, err
+	}
 	return Frame{
-		Type:    typ,
+		Type:    FrameType(p[4]),
 		ID:      binary.LittleEndian.Uint64(p[8:]),
 		Payload: p[frameHeaderSize:end:end],
 	}, end, nil

@@ -131,11 +131,17 @@ func TestDecodeRejects(t *testing.T) {
 		"error trailing":           {func(p []byte) error { _, err := DecodeError(p); return err }, []byte{0, 0, 0}},
 		"ready count too big":      {func(p []byte) error { _, err := DecodeReady(p); return err }, []byte{1, 1, 5, 0, 0}},
 		"stats truncated":          {func(p []byte) error { _, err := DecodeStats(p); return err }, []byte{1, 2, 3}},
-		"frame short":              {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, make([]byte, 15)},
-		"frame type 0":             {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, make([]byte, 16)},
-		"frame unknown type":       {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, append([]byte{0, 0, 0, 0, 99}, make([]byte, 11)...)},
-		"frame reserved":           {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, append([]byte{0, 0, 0, 0, 1, 1}, make([]byte, 10)...)},
-		"frame payload too long":   {func(p []byte) error { _, _, err := DecodeFrame(p); return err }, append([]byte{1, 0, 0, 0, 1}, make([]byte, 11)...)},
+		"frame short":              {decodeFrame, make([]byte, frameHeaderSize-1)},
+		"frame type 0":             {decodeFrame, mutateFrame(func(b []byte) { b[4] = 0 })},
+		"frame unknown type":       {decodeFrame, mutateFrame(func(b []byte) { b[4] = 99 })},
+		"frame bad magic":          {decodeFrame, mutateFrame(func(b []byte) { b[5] = 0 })},
+		"frame reserved":           {decodeFrame, mutateFrame(func(b []byte) { b[6] = 1 })},
+		"frame reserved after crc": {decodeFrame, mutateFrame(func(b []byte) { b[23] = 1 })},
+		"frame payload too long":   {decodeFrame, mutateFrame(func(b []byte) { b[0]++ })},
+		"frame payload flipped":    {decodeFrame, mutateFrame(func(b []byte) { b[frameHeaderSize] ^= 1 })},
+		"frame id flipped":         {decodeFrame, mutateFrame(func(b []byte) { b[8] ^= 1 })},
+		"frame check flipped":      {decodeFrame, mutateFrame(func(b []byte) { b[16] ^= 1 })},
+		"control frame flipped":    {decodeFrame, mutateControlFrame(func(b []byte) { b[len(b)-1] ^= 1 })},
 	}
 	for name, tt := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -145,6 +151,32 @@ func TestDecodeRejects(t *testing.T) {
 			}
 		})
 	}
+}
+
+func decodeFrame(p []byte) error { _, _, err := DecodeFrame(p); return err }
+
+// mutateFrame returns a valid token frame changed by f.
+func mutateFrame(f func([]byte)) []byte {
+	b, err := AppendFrame(nil, Frame{Type: FrameToken, ID: 9, Payload: AppendToken(nil, &Token{Count: 1, Text: "hi"})})
+	if err != nil {
+		panic(err)
+	}
+	f(b)
+	return b
+}
+
+// mutateControlFrame returns a valid control frame changed by f: the
+// check covers the model-version messages as it covers the token stream.
+func mutateControlFrame(f func([]byte)) []byte {
+	b, err := AppendFrame(nil, Frame{Type: FrameControl, ID: 3, Payload: AppendControl(nil, &Control{Op: ControlLoad, Name: "demo@2", Dir: "/d"})})
+	if err != nil {
+		panic(err)
+	}
+	if _, _, err := DecodeFrame(b); err != nil {
+		panic(err)
+	}
+	f(b)
+	return b
 }
 
 func TestRandomSubmitRoundTrip(t *testing.T) {
@@ -183,7 +215,8 @@ func TestRandomSubmitRoundTrip(t *testing.T) {
 // compared through their encoding, so NaN floats compare equal to themselves.
 
 func FuzzDecodeFrame(f *testing.F) {
-	for _, fr := range []Frame{{Type: FrameToken, ID: 7, Payload: []byte("hi")}, {Type: FrameCancel, ID: 1}} {
+	control := AppendControl(nil, &Control{Op: ControlUnload, Name: "demo@1"})
+	for _, fr := range []Frame{{Type: FrameToken, ID: 7, Payload: []byte("hi")}, {Type: FrameCancel, ID: 1}, {Type: FrameControl, ID: 3, Payload: control}} {
 		b, _ := AppendFrame(nil, fr)
 		f.Add(b)
 	}

@@ -188,11 +188,23 @@ func (g *GatewayEnd) Close() {
 	})
 }
 
+// Closed reports whether Close has been called, by the owner or by Run as
+// it ends. Run closes the endpoint before it fails the open calls, so
+// whoever sees a call fail with CodeWorkerLost also sees Closed.
+func (g *GatewayEnd) Closed() bool {
+	select {
+	case <-g.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // Run is the receive loop. It holds its OS thread for its whole life (its
 // futex sleeps block the thread), takes every frame off the response ring as
 // soon as it is published, and hands it to its call without blocking. It
 // returns after Close, or after the worker closed its end, having ended every
-// open call with a CodeInternal error; the error wraps ErrClosed, or
+// open call with a CodeWorkerLost error; the error wraps ErrClosed, or
 // ErrCorrupt if the worker broke the ring. Run may be called once.
 func (g *GatewayEnd) Run() error {
 	if !g.running.CompareAndSwap(false, true) {
@@ -367,7 +379,7 @@ func (g *GatewayEnd) endAll(reason string) {
 	}
 	g.callsMu.Unlock()
 	for _, c := range open {
-		c.end(&Error{Code: CodeInternal, Message: reason})
+		c.end(&Error{Code: CodeWorkerLost, Message: reason})
 	}
 }
 

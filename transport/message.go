@@ -54,6 +54,10 @@ const (
 	CodeInvalidRequest = "invalid_request"
 	CodeInternal       = "internal_error"
 	CodeCancelled      = "cancelled"
+	// CodeWorkerLost ends a call whose worker process died or whose ring
+	// failed. The gateway makes it, never a worker; a request that gets it
+	// before any other event never started and may run elsewhere.
+	CodeWorkerLost = "worker_lost"
 )
 
 // Error ends a request with a failure.

@@ -4,6 +4,7 @@ package transport
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -30,8 +31,25 @@ func TestHelperProcess(t *testing.T) {
 		return
 	}
 	f := os.NewFile(3, "peer")
-	if mode == "uds-echo" {
+	switch mode {
+	case "uds-echo":
 		if err := udsEcho(f); err != nil {
+			t.Fatal(err)
+		}
+		return
+	case "uds-stream", "uds-sink":
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if mode == "uds-stream" {
+			err = udsStream(c)
+		} else {
+			err = udsSink(c)
+		}
+		if err != nil {
 			t.Fatal(err)
 		}
 		return
@@ -46,11 +64,46 @@ func TestHelperProcess(t *testing.T) {
 		err = ringEcho(seg)
 	case "worker":
 		err = fakeWorker(seg)
+	case "garbage":
+		err = garbageWorker(seg)
+	case "stream":
+		err = ringStream(seg)
+	case "sink":
+		err = ringSink(seg)
+	case "tokens":
+		err = tokenWorker(seg)
 	default:
 		err = fmt.Errorf("unknown helper mode %q", mode)
 	}
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// garbageWorker says it is ready, then answers the first submit by writing
+// random bytes into its response ring and publishing them, as a worker with
+// a wild pointer might; it then waits for the gateway to close the ring.
+func garbageWorker(seg *Segment) error {
+	w := NewWorkerEnd(seg)
+	if err := w.SendReady(Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []ModelInfo{{Name: "demo", ContextLength: 2048}}}); err != nil {
+		return err
+	}
+	if _, err := w.Recv(); err != nil {
+		return err
+	}
+	r := &seg.rings[responseRing]
+	off := r.prodTail & r.mask
+	rng := rand.New(rand.NewPCG(uint64(os.Getpid()), 3))
+	for i := range uint64(512) {
+		r.data[off+i] = byte(rng.Uint32())
+	}
+	// A length in bounds, so only the frame checks can tell.
+	binary.LittleEndian.PutUint32(r.data[off:], 100)
+	r.publish(r.prodTail + 512)
+	for {
+		if _, err := w.Recv(); err != nil {
+			return nil
+		}
 	}
 }
 
@@ -533,10 +586,49 @@ func TestGatewayWorkerExited(t *testing.T) {
 	h.cmd.Wait()
 	h.g.Close()
 	_, last, _ := collect(t, c)
-	if last.Err == nil || last.Err.Code != CodeInternal || !strings.Contains(last.Err.Message, "worker exited") {
-		t.Errorf("got last event %+v, want internal error \"worker exited\"", last)
+	if last.Err == nil || last.Err.Code != CodeWorkerLost || !strings.Contains(last.Err.Message, "worker exited") {
+		t.Errorf("got last event %+v, want worker_lost \"worker exited\"", last)
 	}
 	if _, err := h.g.Open(2, &Submit{Prompt: "x"}); !errors.Is(err, ErrClosed) {
 		t.Errorf("Open after close: got %v, want ErrClosed", err)
 	}
+}
+
+// TestGatewayCorruptRing: a worker that scribbles over its ring fails every
+// call with worker_lost and makes Run report ErrCorrupt; the gateway side
+// neither crashes nor misreads the garbage as a frame.
+func TestGatewayCorruptRing(t *testing.T) {
+	checkGoroutines(t)
+	seg, err := NewSegment(64 << 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer seg.Close()
+	ready := make(chan Ready, 1)
+	g := NewGatewayEnd(seg, GatewayEndConfig{OnReady: func(r Ready) { ready <- r }})
+	cmd := startHelper(t, "garbage", seg.File())
+	runErr := make(chan error, 1)
+	go func() { runErr <- g.Run() }()
+	select {
+	case <-ready:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no ready frame")
+	}
+	c, err := g.Open(1, &Submit{Prompt: "hello"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, last, n := collect(t, c)
+	if n != 1 || last.Err == nil || last.Err.Code != CodeWorkerLost {
+		t.Errorf("got %d events ending in %+v, want only a worker_lost error", n, last)
+	}
+	select {
+	case err := <-runErr:
+		if !errors.Is(err, ErrCorrupt) {
+			t.Errorf("Run returned %v, want ErrCorrupt", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return after the ring went corrupt")
+	}
+	waitHelper(t, cmd)
 }

@@ -15,22 +15,24 @@ import (
 //
 // # Records
 //
-// Each frame is one record: the 16-byte frame header (see frame.go) followed
-// by the payload, padded to a multiple of 16 bytes. head and tail are byte
+// Each frame is one record: the 24-byte frame header (see frame.go) followed
+// by the payload, padded to a multiple of 16 bytes. The consumer checks every
+// record's magic, bounds and CRC-32C before it hands the frame on; a record
+// that fails is ErrCorrupt, which ends the segment. head and tail are byte
 // counts that only grow (2^64 bytes would take centuries to wrap); the offset
 // in the ring is the count masked by size-1.
 //
 // # Wraparound: a skip marker, not a split copy
 //
 // A record never straddles the end of the ring. When it would, the producer
-// writes a skip marker (a header whose length is skipMarker) in the space left
+// writes a skip marker (a length word of skipMarker) in the space left
 // before the end and starts the record at offset 0. Records stay contiguous,
 // so the consumer decodes each header with plain loads and copies a payload
 // with a single copy, and a corrupt length from the peer is caught by a bounds
 // check rather than by arithmetic on two pieces. The cost is the unused tail
 // of the ring at each wrap. Because records are multiples of 16 bytes, the
-// space left before the end is always a multiple of 16, so a full header
-// always fits there. Any record up to the whole ring still fits: the producer
+// space left before the end is always a multiple of 16, so a skip marker's
+// length word always fits there. Any record up to the whole ring still fits: the producer
 // publishes the skip marker first, then waits for the ring to drain to
 // offset 0.
 //
@@ -110,15 +112,21 @@ func (r *ring) send(typ FrameType, id uint64, payload []byte) error {
 		if err := r.waitSpace(left); err != nil {
 			return err
 		}
-		putFrameHeader(r.data[off:], skipMarker, 0, 0)
+		// Only the length: the space left may be a single 16-byte unit,
+		// shorter than a header.
+		binary.LittleEndian.PutUint32(r.data[off:], skipMarker)
 		r.publish(r.prodTail + left)
 		off = 0
 	}
 	if err := r.waitSpace(n); err != nil {
 		return err
 	}
-	putFrameHeader(r.data[off:], uint32(len(payload)), typ, id)
+	h := r.data[off : off+frameHeaderSize]
+	putFrameHeader(h, uint32(len(payload)), typ, id)
 	copy(r.data[off+frameHeaderSize:], payload)
+	// The check is computed from the caller's copy, not read back from
+	// shared memory.
+	sealFrame(h, payload)
 	r.publish(r.prodTail + n)
 	return nil
 }
@@ -184,11 +192,10 @@ func (r *ring) recv(buf []byte) (Frame, error) {
 		avail := r.consTail - r.consHead
 		off := r.consHead & r.mask
 		left := r.size - off
-		if avail > r.size || avail < frameHeaderSize || off%recordAlign != 0 {
+		if avail > r.size || avail < recordAlign || off%recordAlign != 0 {
 			return Frame{}, fmt.Errorf("%w: %d bytes published at offset %d", ErrCorrupt, avail, off)
 		}
-		h := r.data[off : off+frameHeaderSize]
-		length := binary.LittleEndian.Uint32(h)
+		length := binary.LittleEndian.Uint32(r.data[off:])
 		if length == skipMarker {
 			if left > avail {
 				return Frame{}, fmt.Errorf("%w: skip of %d bytes with %d published", ErrCorrupt, left, avail)
@@ -200,8 +207,22 @@ func (r *ring) recv(buf []byte) (Frame, error) {
 		if n > avail || n > left {
 			return Frame{}, fmt.Errorf("%w: record of %d bytes at offset %d with %d published", ErrCorrupt, n, off, avail)
 		}
+		// The peer can still write the shared bytes, so the header and the
+		// payload are copied out first and only the copies are checked and
+		// used.
+		var h [frameHeaderSize]byte
+		copy(h[:], r.data[off:off+frameHeaderSize])
+		if binary.LittleEndian.Uint32(h[:]) != length {
+			return Frame{}, fmt.Errorf("%w: record at offset %d changed while read", ErrCorrupt, off)
+		}
+		if err := checkFrameHeader(h[:]); err != nil {
+			return Frame{}, fmt.Errorf("%w: at offset %d: %w", ErrCorrupt, off, err)
+		}
 		f := Frame{Type: FrameType(h[4]), ID: binary.LittleEndian.Uint64(h[8:])}
 		f.Payload = append(buf[:0], r.data[off+frameHeaderSize:off+frameHeaderSize+uint64(length)]...)
+		if err := verifyFrame(h[:], f.Payload); err != nil {
+			return Frame{}, fmt.Errorf("%w: at offset %d: %w", ErrCorrupt, off, err)
+		}
 		r.consume(r.consHead + n)
 		return f, nil
 	}

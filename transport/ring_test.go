@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"runtime"
 	"strings"
@@ -236,7 +237,7 @@ func TestRingTooLarge(t *testing.T) {
 func TestRingFullBlocksProducer(t *testing.T) {
 	checkGoroutines(t)
 	gw, wk := newPair(t, MinRingSize)
-	const payload = 1008 // 1024-byte records: four fill the ring
+	const payload = 1024 - frameHeaderSize // 1024-byte records: four fill the ring
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	sent := make(chan error, 1)
@@ -302,7 +303,7 @@ func TestCloseWakesBlocked(t *testing.T) {
 			gw, wk := newPair(t, MinRingSize)
 			// Fill the gateway's request ring so its next send blocks.
 			for gw.rings[requestRing].tail.Load() < MinRingSize {
-				if err := gw.send(requestRing, FrameToken, 1, make([]byte, 1008)); err != nil {
+				if err := gw.send(requestRing, FrameToken, 1, make([]byte, MinRingSize/4-frameHeaderSize)); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -367,6 +368,27 @@ func TestRingCorruptByPeer(t *testing.T) {
 			putFrameHeader(r.data, skipMarker, 0, 0)
 			r.tail.Store(16)
 		},
+		"checksum mismatch": func(r *ring) {
+			payload := []byte("a token")
+			putFrameHeader(r.data, uint32(len(payload)), FrameToken, 1)
+			sealFrame(r.data, payload)
+			copy(r.data[frameHeaderSize:], "a tokem")
+			r.tail.Store(recordSize(len(payload)))
+		},
+		"bad magic": func(r *ring) {
+			putFrameHeader(r.data, 0, FrameHeartbeat, 0)
+			sealFrame(r.data, nil)
+			r.data[5] = 0x33
+			r.tail.Store(recordSize(0))
+		},
+		"random bytes": func(r *ring) {
+			rng := rand.New(rand.NewPCG(1, 2))
+			for i := range 256 {
+				r.data[i] = byte(rng.Uint32())
+			}
+			r.data[0], r.data[1], r.data[2], r.data[3] = 40, 0, 0, 0 // in bounds, so the check must catch it
+			r.tail.Store(256)
+		},
 	}
 	for name, corrupt := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -376,5 +398,29 @@ func TestRingCorruptByPeer(t *testing.T) {
 				t.Errorf("got %v, want ErrCorrupt", err)
 			}
 		})
+	}
+}
+
+func TestHeartbeatWatch(t *testing.T) {
+	gwSeg, wkSeg := newPair(t, MinRingSize)
+	w := NewWorkerEnd(wkSeg)
+	watch := NewGatewayEnd(gwSeg, GatewayEndConfig{}).HeartbeatWatch()
+	t0 := time.Unix(1000, 0)
+	if got := watch.Stalled(t0); got != 0 {
+		t.Errorf("first reading: got %v, want 0", got)
+	}
+	if got := watch.Stalled(t0.Add(3 * time.Second)); got != 3*time.Second {
+		t.Errorf("no beat for 3s: got %v, want 3s", got)
+	}
+	w.Beat()
+	if got := watch.Stalled(t0.Add(4 * time.Second)); got != 0 {
+		t.Errorf("after a beat: got %v, want 0", got)
+	}
+	if got := watch.Stalled(t0.Add(6 * time.Second)); got != 2*time.Second {
+		t.Errorf("2s after the beat: got %v, want 2s", got)
+	}
+	gwSeg.Close()
+	if got := watch.Stalled(t0.Add(time.Hour)); got != 0 {
+		t.Errorf("closed segment: got %v, want 0", got)
 	}
 }

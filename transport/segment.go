@@ -45,6 +45,7 @@ const (
 //	24     closed   uint32 (set by whichever side closes first)
 //	line 1..4      request ring:  head, tail, dataWaiting, spaceWaiting
 //	line 5..8      response ring: head, tail, dataWaiting, spaceWaiting
+//	line 9         heartbeat uint64, counted up by the worker's loop
 //
 // Every index and futex word has a line of its own so the producer's tail
 // stores and the consumer's head stores never bounce one cache line between
@@ -52,7 +53,7 @@ const (
 // prefetcher pulls lines in pairs and would recreate the false sharing.
 const (
 	segmentMagic   = 0x0031_6d68_7369_3368 // "h3ishm1\x00" little-endian
-	segmentVersion = 1
+	segmentVersion = 2
 	headerSize     = 4096
 	lineSize       = 128
 
@@ -61,6 +62,8 @@ const (
 	offHeader   = 12
 	offRingSize = 16
 	offClosed   = 24
+
+	offHeartbeat = lineSize * 9
 
 	ringLines       = 4
 	lineHead        = 0
@@ -90,9 +93,10 @@ type Segment struct {
 	// (a blocked Recv holds it while asleep), Close takes it for writing only
 	// after waking every sleeper, then unmaps. Without it an unmap under a
 	// sleeping peer goroutine would turn into a fault instead of ErrClosed.
-	mu    sync.RWMutex
-	mem   []byte // nil once closed
-	rings [2]ring
+	mu        sync.RWMutex
+	mem       []byte // nil once closed
+	rings     [2]ring
+	heartbeat *atomic.Uint64
 }
 
 // NewSegment creates a sealed memfd of the right size, maps it, and writes
@@ -193,7 +197,7 @@ func checkHeader(mem []byte) (uint64, error) {
 }
 
 func newSegment(f *os.File, mem []byte, ringSize int) *Segment {
-	s := &Segment{file: f, ringSize: ringSize, mem: mem}
+	s := &Segment{file: f, ringSize: ringSize, mem: mem, heartbeat: word64(mem, offHeartbeat)}
 	closed := word32(mem, offClosed)
 	for i := range s.rings {
 		ctl := lineSize * (1 + i*ringLines)
@@ -305,4 +309,22 @@ func (s *Segment) recv(i int, buf []byte) (Frame, error) {
 	}
 	defer s.release()
 	return s.rings[i].recv(buf)
+}
+
+// beat counts the worker's heartbeat up by one.
+func (s *Segment) beat() {
+	if !s.acquire() {
+		return
+	}
+	defer s.release()
+	s.heartbeat.Add(1)
+}
+
+// beats reads the heartbeat counter; ok is false once the segment is closed.
+func (s *Segment) beats() (n uint64, ok bool) {
+	if !s.acquire() {
+		return 0, false
+	}
+	defer s.release()
+	return s.heartbeat.Load(), true
 }

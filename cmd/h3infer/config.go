@@ -124,6 +124,12 @@ type WorkersConfig struct {
 	// RingBytes is the size of each shared-memory ring. Default 1 MiB; a
 	// power of two between 64 KiB and 1 GiB.
 	RingBytes int `json:"ring_bytes"`
+	// CallBuffer is how many unread events one request may hold in the
+	// gateway before it is cancelled as too slow. Default 1024.
+	CallBuffer int `json:"call_buffer"`
+	// HangTimeout is how long a ready worker's heartbeat may stand still
+	// before the worker is killed and restarted. Default "10s".
+	HangTimeout Duration `json:"hang_timeout"`
 }
 
 // SchedulerConfig bounds admission.
@@ -365,6 +371,10 @@ func (c Config) withDefaults() Config {
 		c.Workers.KVCacheBytes = 1 << 30
 	}
 	defInt(&c.Workers.RingBytes, 1<<20)
+	defInt(&c.Workers.CallBuffer, 1024)
+	if c.Workers.HangTimeout == 0 {
+		c.Workers.HangTimeout = Duration(10 * time.Second)
+	}
 	defInt(&c.Scheduler.MaxQueue, 256)
 	if c.Scheduler.RetryAfter == 0 {
 		c.Scheduler.RetryAfter = Duration(time.Second)
@@ -483,6 +493,12 @@ func (c Config) validate() error {
 	}
 	if r := c.Workers.RingBytes; r < 64<<10 || r > 1<<30 || r&(r-1) != 0 {
 		bad("workers.ring_bytes", "must be a power of two from 65536 to 1073741824, got %d", r)
+	}
+	if c.Workers.CallBuffer < 1 || c.Workers.CallBuffer > 1<<20 {
+		bad("workers.call_buffer", "must be 1..1048576, got %d", c.Workers.CallBuffer)
+	}
+	if c.Workers.HangTimeout < Duration(100*time.Millisecond) {
+		bad("workers.hang_timeout", "must be at least 100ms, got %s", time.Duration(c.Workers.HangTimeout))
 	}
 	if c.Scheduler.MaxQueue < 1 {
 		bad("scheduler.max_queue", "must be > 0, got %d", c.Scheduler.MaxQueue)

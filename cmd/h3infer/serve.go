@@ -180,9 +180,11 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 			IntraOpThreads: cfg.Workers.IntraOpThreads,
 			GPUMemoryBytes: cfg.Workers.GPUMemoryBytes,
 		},
-		RingSize:   cfg.Workers.RingBytes,
-		Registerer: reg,
-		Env:        workerEnv,
+		RingSize:    cfg.Workers.RingBytes,
+		CallBuffer:  cfg.Workers.CallBuffer,
+		HangTimeout: time.Duration(cfg.Workers.HangTimeout),
+		Registerer:  reg,
+		Env:         workerEnv,
 	}, log)
 	if err != nil {
 		return err
@@ -219,13 +221,13 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		TracerProvider: tp,
 		RateLimits:     limits,
 		AdminToken:     cfg.AdminToken,
-		Status:         func() any { return adminStatus(pool, sched) },
+		Status:         func() any { return adminStatus(sched) },
 		Auth:           auth,
 		QUICKeys:       quicKeys,
 		Router:         registry,
 		ModelAdmin:     registry,
 		TCPProtos:      src.tcpProtos(),
-	}, gateway.FromScheduler(sched), registry, log)
+	}, gateway.FromScheduler(sched), catalog{registry, pool}, log)
 	if err != nil {
 		return err
 	}
@@ -415,26 +417,15 @@ func rateLimits(c RateLimitsConfig) (gateway.RateLimits, func(), error) {
 	return rl, func() { client.Close() }, nil
 }
 
-// workerStatus is one worker in the admin JSON view.
-type workerStatus struct {
-	ID    int  `json:"id"`
-	Ready bool `json:"ready"`
-	Slots int  `json:"slots"`
-}
-
-// adminStatus is the workers and queue part of /debug/state.
-func adminStatus(pool *backend.Pool, sched *scheduler.Scheduler) any {
-	var ws []workerStatus
-	for _, w := range pool.Workers() {
-		ws = append(ws, workerStatus{ID: w.ID(), Ready: w.Ready(), Slots: w.Slots()})
-	}
+// adminStatus is the queue part of /debug/state; the workers part comes
+// from the catalog.
+func adminStatus(sched *scheduler.Scheduler) any {
 	st := sched.Stats()
 	return struct {
-		Workers         []workerStatus        `json:"workers"`
 		Queued          int                   `json:"queued"`
 		QueuedByUrgency [scheduler.Levels]int `json:"queued_by_urgency"`
 		Running         int                   `json:"running"`
-	}{ws, st.Queued, st.QueuedByUrgency, st.Running}
+	}{st.Queued, st.QueuedByUrgency, st.Running}
 }
 
 // schedulerCollector exports the scheduler's queues at scrape time, from
@@ -482,10 +473,35 @@ func (p poolWorkers) Workers() []scheduler.Worker {
 	return out
 }
 
+// catalog is the gateway's Catalog: the registry says which models are
+// served and whether any worker is up, the pool how each worker process
+// is doing.
+type catalog struct {
+	*backend.Registry
+	pool *backend.Pool
+}
+
+func (c catalog) WorkerStates() []gateway.WorkerState {
+	st := c.pool.Status()
+	out := make([]gateway.WorkerState, len(st))
+	for i, w := range st {
+		out[i] = gateway.WorkerState{
+			ID:                      w.ID,
+			PID:                     w.PID,
+			State:                   w.State,
+			Slots:                   w.Slots,
+			Restarts:                w.Restarts,
+			LastExit:                w.LastExit,
+			HeartbeatStalledSeconds: w.HeartbeatStalled.Seconds(),
+		}
+	}
+	return out
+}
+
 var (
 	_ scheduler.WorkerSet = poolWorkers{}
 	_ scheduler.Worker    = (*backend.Worker)(nil)
-	_ gateway.Catalog     = (*backend.Registry)(nil)
+	_ gateway.Catalog     = catalog{}
 	_ gateway.Router      = (*backend.Registry)(nil)
 	_ gateway.ModelAdmin  = (*backend.Registry)(nil)
 	_ backend.ModelLoader = (*backend.Pool)(nil)

@@ -1,0 +1,189 @@
+package scheduler
+
+import (
+	"context"
+	"sync"
+
+	"h3infer/transport"
+)
+
+// maxRedispatch bounds how often one request moves to another worker after
+// its worker died before it started. A request that itself kills workers
+// (a poison prompt) must not take the whole pool down one by one.
+const maxRedispatch = 2
+
+// attempt is one dispatch of a request: the worker slot it holds and the
+// call on that worker's ring.
+type attempt struct {
+	id     uint64
+	worker Worker
+	call   call
+}
+
+// Submit assigns the request an id and dispatches it to the least loaded
+// ready worker with a free slot. When none is free it queues the request
+// and blocks until it is dispatched, ctx is done, its deadline passes or the
+// scheduler closes; whichever ends the wait removes it from the queue. A
+// tenant over its own bound fails at once with a *TenantLimitError, a full
+// queue with an *OverloadError.
+//
+// A request whose worker dies before the request produced any event (it
+// was waiting in the worker's batch, or prefilling) is dispatched again, to
+// another worker when one is free, up to maxRedispatch times: the caller
+// never learns of it. It queues anew, behind the requests of its urgency
+// already waiting, on the terms above; if it is not admitted the stream
+// ends with the worker_lost error. Once an event has been handed on, a
+// dying worker ends the stream with the transport's worker_lost error event.
+//
+// Submit sets r.Urgency to the urgency it applied. ctx bounds the request's
+// whole life, the wait for a re-dispatch included. The caller must Close
+// the returned Stream.
+func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
+	a, err := s.dispatch(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	// The copy carries the urgency dispatch applied, so a re-dispatch
+	// competes at the same level.
+	st := &Stream{sched: s, req: *r, cur: a, slotHeld: true, out: make(chan transport.Event), stop: make(chan struct{})}
+	// Re-dispatch waits on the same terms as the first dispatch: it gives
+	// up when the client leaves or the stream is closed.
+	st.ctx, st.cancel = context.WithCancel(ctx)
+	st.wg.Go(st.forward)
+	return st, nil
+}
+
+// Stream is one dispatched request: its events come from the worker that
+// runs it.
+//
+// Events pass through a goroutine of the Stream, which is what lets it
+// swap a dead worker's call for a new one under a channel the consumer
+// already holds. The hand-off is unbuffered, so the bound on unread events
+// stays the transport call's: a consumer that stops reading still overflows
+// its call and gets cancelled. The cost is one goroutine hand-off per
+// event. Only the first event is ever intercepted, but a consumer ranges
+// over one channel from start to end and a Go channel cannot be rewound,
+// so whatever inspects the first event must pass on the rest as well.
+//
+// Forwarding ends on Close, not when the request's context ends: a
+// consumer that sees its context end decides itself what that means (a
+// passed deadline is not a stream that ended without a result).
+type Stream struct {
+	sched  *Scheduler
+	req    Request
+	ctx    context.Context // bounds a re-dispatch's wait
+	cancel context.CancelFunc
+	out    chan transport.Event // closed after the terminal event
+	stop   chan struct{}        // closed by Close
+	wg     sync.WaitGroup       // forward
+
+	mu       sync.Mutex
+	cur      *attempt
+	slotHeld bool // cur.worker's slot is still reserved for this stream
+	moves    int  // re-dispatches so far
+	once     sync.Once
+}
+
+func (st *Stream) current() *attempt {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.cur
+}
+
+// ID is the request id the scheduler assigned; it names the sequence on the
+// worker's ring and in logs. It changes when the request is re-dispatched.
+func (st *Stream) ID() uint64 { return st.current().id }
+
+// WorkerID names the worker running the request.
+func (st *Stream) WorkerID() int { return st.current().worker.ID() }
+
+// Events delivers the worker's tokens and, last, its done or error event;
+// the channel is closed after it.
+func (st *Stream) Events() <-chan transport.Event { return st.out }
+
+// forward hands on the request's events until the terminal one or Close.
+// Until the first event has gone out, an event saying the worker died
+// makes it dispatch the request again instead.
+func (st *Stream) forward() {
+	defer close(st.out)
+	started := false
+	a := st.current()
+	for {
+		var (
+			ev transport.Event
+			ok bool
+		)
+		select {
+		case ev, ok = <-a.call.Events():
+		case <-st.stop:
+			return
+		}
+		if !ok {
+			return // ended without a result: the consumer sees the close
+		}
+		if !started && ev.Err != nil && ev.Err.Code == transport.CodeWorkerLost && st.moves < maxRedispatch {
+			if next := st.redispatch(a, ev.Err); next != nil {
+				a = next
+				continue
+			}
+		}
+		started = true
+		select {
+		case st.out <- ev:
+		case <-st.stop:
+			return
+		}
+		if ev.Done != nil || ev.Err != nil {
+			return
+		}
+	}
+}
+
+// redispatch frees the dead worker's slot and submits the request anew. It
+// returns nil, keeping the old attempt, when no worker takes the request
+// before the stream's context or the request's deadline ends.
+func (st *Stream) redispatch(old *attempt, lost *transport.Error) *attempt {
+	s := st.sched
+	// The slot goes back first: with every other slot busy the request must
+	// not wait on its own. The dead worker cannot take it again, because the
+	// pool marks a worker not ready before its calls fail.
+	st.mu.Lock()
+	st.slotHeld = false
+	st.mu.Unlock()
+	s.release(old.worker)
+	next, err := s.dispatch(st.ctx, &st.req)
+	if err != nil {
+		if st.ctx.Err() == nil {
+			s.log.Warn("request lost its worker and could not be dispatched again",
+				"request_id", old.id, "worker", old.worker.ID(), "err", err)
+		}
+		return nil
+	}
+	st.mu.Lock()
+	st.cur, st.slotHeld = next, true
+	st.moves++
+	st.mu.Unlock()
+	s.log.Info("request re-dispatched after its worker died before it started",
+		"request_id", old.id, "new_request_id", next.id, "from_worker", old.worker.ID(),
+		"to_worker", next.worker.ID(), "reason", lost.Message)
+	return next
+}
+
+// Close cancels the request if it is still running, frees its worker slot
+// and dispatches the next queued request. It is safe to call more than once
+// and from any goroutine.
+func (st *Stream) Close() {
+	st.once.Do(func() {
+		st.cancel()
+		close(st.stop)
+		st.wg.Wait()
+		st.mu.Lock()
+		a, held := st.cur, st.slotHeld
+		st.slotHeld = false
+		st.mu.Unlock()
+		a.call.Cancel()
+		if held {
+			st.sched.release(a.worker)
+		}
+	})
+}

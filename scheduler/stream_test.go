@@ -1,0 +1,148 @@
+package scheduler
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"h3infer/transport"
+)
+
+func lostEvent() transport.Event {
+	return transport.Event{Err: &transport.Error{Code: transport.CodeWorkerLost, Message: "worker exited"}}
+}
+
+// recvEvent reads one event from st or fails after a generous bound.
+func recvEvent(t *testing.T, st *Stream) (transport.Event, bool) {
+	t.Helper()
+	select {
+	case ev, ok := <-st.Events():
+		return ev, ok
+	case <-time.After(5 * time.Second):
+		t.Fatal("no event within 5s")
+		return transport.Event{}, false
+	}
+}
+
+// TestRedispatchBeforeStart: a request whose worker dies before it sent
+// anything runs on another worker, and the consumer sees only the new
+// worker's answer.
+func TestRedispatchBeforeStart(t *testing.T) {
+	a, b := newFakeWorker(1, 1), newFakeWorker(2, 1)
+	s, _ := newTestScheduler(t, Config{}, a, b)
+	st, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Model: "m", Prompt: "p"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	first := st.current()
+	if first.worker != a {
+		t.Fatalf("dispatched to worker %d, want 1", first.worker.ID())
+	}
+	a.ready.Store(false) // as the pool does before the dead worker's calls fail
+	first.call.(*fakeCall).events <- lostEvent()
+	waitFor(t, "the re-dispatch", func() bool { return st.current() != first })
+	next := st.current()
+	if next.worker != b || next.call.(*fakeCall).job.Prompt != "p" {
+		t.Fatalf("re-dispatched to worker %d with job %+v, want worker 2 with the same job", next.worker.ID(), next.call.(*fakeCall).job)
+	}
+	go func() {
+		c := next.call.(*fakeCall)
+		c.events <- transport.Event{Token: transport.Token{Count: 1, Text: "hi"}}
+		c.events <- transport.Event{Done: &transport.Done{FinishReason: transport.FinishStop}}
+		close(c.events)
+	}()
+	if ev, _ := recvEvent(t, st); ev.Token.Text != "hi" {
+		t.Errorf("first event %+v, want the token from worker 2", ev)
+	}
+	if ev, _ := recvEvent(t, st); ev.Done == nil {
+		t.Errorf("second event %+v, want done", ev)
+	}
+	if _, ok := recvEvent(t, st); ok {
+		t.Error("events not closed after done")
+	}
+	// The dead worker's slot was given back.
+	if got := s.Stats().Running; got != 1 {
+		t.Errorf("running = %d, want 1", got)
+	}
+}
+
+// TestLostAfterStartIsAnError: once a token went out, a dying worker ends
+// the stream with an explicit worker_lost error, never a silent end.
+func TestLostAfterStartIsAnError(t *testing.T) {
+	a, b := newFakeWorker(1, 1), newFakeWorker(2, 1)
+	s, _ := newTestScheduler(t, Config{}, a, b)
+	st, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Model: "m"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c := st.current().call.(*fakeCall)
+	go func() {
+		c.events <- transport.Event{Token: transport.Token{Count: 1, Text: "par"}}
+		c.events <- lostEvent()
+		close(c.events)
+	}()
+	if ev, _ := recvEvent(t, st); ev.Token.Text != "par" {
+		t.Fatalf("got %+v, want the token", ev)
+	}
+	if ev, _ := recvEvent(t, st); ev.Err == nil || ev.Err.Code != transport.CodeWorkerLost {
+		t.Errorf("got %+v, want the worker_lost error", ev)
+	}
+	if len(b.openedIDs()) != 0 {
+		t.Errorf("a started request was re-dispatched to worker 2")
+	}
+}
+
+// TestRedispatchBounded: a request that keeps losing its worker gives up
+// after maxRedispatch moves and reports the loss.
+func TestRedispatchBounded(t *testing.T) {
+	a := newFakeWorker(1, 1)
+	s, _ := newTestScheduler(t, Config{}, a)
+	st, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Model: "m"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	// The worker comes back at once each time, as a fast restart would.
+	for i := range maxRedispatch + 1 {
+		cur := st.current()
+		cur.call.(*fakeCall).events <- lostEvent()
+		if i < maxRedispatch {
+			waitFor(t, "the re-dispatch", func() bool { return st.current() != cur })
+		}
+	}
+	if ev, _ := recvEvent(t, st); ev.Err == nil || ev.Err.Code != transport.CodeWorkerLost {
+		t.Errorf("got %+v, want worker_lost after %d moves", ev, maxRedispatch)
+	}
+	if n := len(a.openedIDs()); n != maxRedispatch+1 {
+		t.Errorf("opened %d times, want %d", n, maxRedispatch+1)
+	}
+}
+
+// TestStreamEndsOnCloseNotContext: the request's context ending does not
+// close the stream under its consumer, which would read as a stream that
+// ended without a result; the consumer decides what its context means, and
+// Close ends the forwarding.
+func TestStreamEndsOnCloseNotContext(t *testing.T) {
+	a := newFakeWorker(1, 1)
+	s, _ := newTestScheduler(t, Config{}, a)
+	ctx, cancel := context.WithCancel(context.Background())
+	st, err := s.Submit(ctx, &Request{Job: transport.Submit{Model: "m"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	c := st.current().call.(*fakeCall)
+	c.events <- transport.Event{Token: transport.Token{Count: 1, Text: "late"}}
+	if ev, ok := recvEvent(t, st); !ok || ev.Token.Text != "late" {
+		t.Errorf("got %+v (open %v), want the token sent after the context ended", ev, ok)
+	}
+	st.Close()
+	if _, ok := recvEvent(t, st); ok {
+		t.Error("events not closed after Close")
+	}
+	if got := s.Stats().Running; got != 0 {
+		t.Errorf("running = %d after Close, want 0", got)
+	}
+}
