@@ -2,53 +2,15 @@ package keysredis
 
 import (
 	"context"
-	"fmt"
-	"io"
-	"net"
-	"os/exec"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
+	"h3infer/internal/redistest"
 )
 
-// startRedis runs a real redis-server on a free loopback port for the test.
-func startRedis(t *testing.T) *redis.Client {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatalf("redis-server is not installed (.ci/run installs it): %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	cmd := exec.Command(bin, "--bind", "127.0.0.1", "--port", fmt.Sprint(port), "--dir", t.TempDir(), "--save", "", "--appendonly", "no")
-	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	rc := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", port)})
-	t.Cleanup(func() {
-		rc.Close()
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	deadline := time.Now().Add(20 * time.Second)
-	for rc.Ping(context.Background()).Err() != nil {
-		if time.Now().After(deadline) {
-			t.Fatal("redis-server did not answer within 20s")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return rc
-}
-
 func TestStoreSharesAndRotatesOnce(t *testing.T) {
-	rc := startRedis(t)
+	rc := redistest.Start(t)
 	ctx := context.Background()
 	a, b := New(rc, ""), New(rc, "")
 	t0 := time.Now()

@@ -6,59 +6,18 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"h3infer/certs"
 	"h3infer/client"
+	"h3infer/internal/redistest"
 	"h3infer/internal/udprelay"
 )
-
-// startRedis runs Debian's redis-server on a free loopback port with its
-// own directory, and stops it when the test ends.
-func startRedis(t *testing.T) string {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatalf("redis-server is not installed (.ci/run installs it): %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	dir := t.TempDir()
-	cmd := exec.Command(bin, "--bind", "127.0.0.1", "--port", fmt.Sprint(port), "--dir", dir,
-		"--save", "", "--appendonly", "no", "--protected-mode", "yes")
-	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	rc := redis.NewClient(&redis.Options{Addr: addr})
-	defer rc.Close()
-	deadline := time.Now().Add(20 * time.Second)
-	for rc.Ping(context.Background()).Err() != nil {
-		if time.Now().After(deadline) {
-			t.Fatalf("redis-server on %s did not answer within 20s", addr)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return addr
-}
 
 // labelled reads one sample, name{labels}, from a server's metrics.
 func labelled(t *testing.T, s *server, sample string) float64 {
@@ -86,7 +45,7 @@ func labelled(t *testing.T, s *server, sample string) float64 {
 // inference exactly once.
 func TestReplayedZeroRTTRunsOnce(t *testing.T) {
 	ortLib(t)
-	redisAddr := startRedis(t)
+	redisAddr := redistest.StartTCP(t)
 	shared := t.TempDir()
 	dev, err := certs.EnsureDev(filepath.Join(shared, "certs"), certs.DevOptions{})
 	if err != nil {
@@ -172,6 +131,11 @@ func TestReplayedZeroRTTRunsOnce(t *testing.T) {
 	}
 	recorded := relay.Recorded()
 	relay.HoldHandshake(0)
+	// Workers report their counters every stats interval: wait for the
+	// report that covers the request.
+	for deadline := time.Now().Add(5 * time.Second); started() < 1 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+	}
 	if n := started(); n != 1 {
 		t.Fatalf("after the real request the workers started %v sequences, want 1", n)
 	}

@@ -2,50 +2,16 @@ package strikeredis
 
 import (
 	"context"
-	"fmt"
-	"io"
-	"net"
-	"os/exec"
 	"testing"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"h3infer/internal/redistest"
 )
 
-// startRedis runs Debian's redis-server on a free loopback port in its own
-// directory and stops it when the test ends.
-func startRedis(t *testing.T) string {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatalf("redis-server is not installed (.ci/run installs it): %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	cmd := exec.Command(bin, "--bind", "127.0.0.1", "--port", fmt.Sprint(port), "--dir", t.TempDir(), "--save", "", "--appendonly", "no")
-	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	rc := redis.NewClient(&redis.Options{Addr: addr})
-	defer rc.Close()
-	for deadline := time.Now().Add(20 * time.Second); rc.Ping(context.Background()).Err() != nil; {
-		if time.Now().After(deadline) {
-			t.Fatalf("redis-server on %s did not answer", addr)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return addr
-}
-
 func TestRedisStrikesSharedBetweenInstances(t *testing.T) {
-	addr := startRedis(t)
+	addr := redistest.StartTCP(t)
 	c1, c2 := redis.NewClient(&redis.Options{Addr: addr}), redis.NewClient(&redis.Options{Addr: addr})
 	defer c1.Close()
 	defer c2.Close()
