@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
@@ -20,7 +21,7 @@ import (
 	"h3infer/client"
 )
 
-func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, log *slog.Logger) error {
 	fs := flag.NewFlagSet("chat", flag.ContinueOnError)
 	base := fs.String("url", "https://127.0.0.1:8443", "gateway URL")
 	caFile := fs.String("ca", "", "CA certificate that signed the gateway's certificate (default STATE_DIR/certs/ca.pem)")
@@ -30,6 +31,7 @@ func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	maxTokens := fs.Int("max-tokens", 64, "tokens to generate at most")
 	temperature := fs.Float64("temperature", 0, "sampling temperature (0: greedy)")
 	seed := fs.Int64("seed", -1, "sampling seed (-1: none)")
+	sessionFile := fs.String("session-cache", "", "file keeping TLS session tickets between runs, so a run resumes and sends in 0-RTT (default STATE_DIR/"+chatSessionFile+"; \"off\": none)")
 	if err := parseFlags(fs, args, 1); err != nil {
 		return err
 	}
@@ -48,11 +50,31 @@ func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	if err != nil {
 		return err
 	}
-	cl, err := client.New(client.Config{TLS: &tls.Config{RootCAs: pool}, Credential: cred})
+	tlsConf := &tls.Config{RootCAs: pool}
+	if *sessionFile == "" {
+		*sessionFile = filepath.Join(*stateDir, chatSessionFile)
+	}
+	var sessions *client.SessionCache
+	if *sessionFile != "off" {
+		sessions = client.OpenSessionCache(*sessionFile, 0, log)
+		tlsConf.ClientSessionCache = sessions
+	}
+	cl, err := client.New(client.Config{TLS: tlsConf, Credential: cred})
 	if err != nil {
 		return err
 	}
 	defer cl.Close()
+	if sessions != nil {
+		// Any ticket this run receives is newer than the one it started
+		// with, which a 0-RTT request has spent. The server may send it
+		// after the last token, so wait for it, briefly, before exiting.
+		gen := sessions.Generation()
+		defer func() {
+			if !sessions.WaitNewer(ctx, gen, chatTicketWait) {
+				log.Debug("no new session ticket before exit; the next run does a full handshake or resumes without 0-RTT")
+			}
+		}()
+	}
 
 	// ask sends the conversation so far and streams the answer to stdout.
 	ask := func(messages []chatMessage) (string, error) {
@@ -88,6 +110,14 @@ func runChat(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	}
 	return chatInteractive(ctx, stdin, stderr, ask)
 }
+
+// chatSessionFile is where chat keeps session tickets, in the state dir:
+// next to the CA and credential it already reads there, one per user.
+const chatSessionFile = "client-sessions.json"
+
+// chatTicketWait bounds how long chat waits, before it exits, for the
+// session ticket the next run resumes with.
+const chatTicketWait = 2 * time.Second
 
 // chatInteractive holds a conversation: each line read is a user turn, sent
 // with every turn before it over the same HTTP/3 connection. "/reset" starts

@@ -717,3 +717,71 @@ func TestServeGPUProviderWithoutGPU(t *testing.T) {
 		t.Errorf("no fallback warning in the log:\n%s", s.stderr)
 	}
 }
+
+// TestChatResumesIn0RTT runs `h3infer chat` twice with one state dir: the
+// first run does a full handshake and keeps the ticket it receives in the
+// session cache file; the second, a new process, resumes from that file
+// and sends its request in 0-RTT, which the gateway serves early.
+func TestChatResumesIn0RTT(t *testing.T) {
+	// A short freshness window: the in-memory strike register refuses
+	// 0-RTT for one window after start.
+	cfg := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(cfg, []byte(`{"zero_rtt": {"window": "1s"}}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s := startServer(t, "--config", cfg)
+	started := time.Now()
+	chat := func() string {
+		t.Helper()
+		cmd := exec.Command(buildBinary(t), "chat", "--url", s.base, "--state-dir", s.stateDir, "--max-tokens", "8", testPrompt)
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("h3infer chat: %v\n%s", err, stderr.String())
+		}
+		t.Logf("h3infer chat: %s", strings.TrimSpace(stderr.String()))
+		return stderr.String()
+	}
+	if first := chat(); strings.Contains(first, "0-RTT") {
+		t.Errorf("first run, without a ticket, says 0-RTT: %q", first)
+	}
+	file := filepath.Join(s.stateDir, "client-sessions.json")
+	fi, err := os.Stat(file)
+	if err != nil {
+		t.Fatalf("first run left no session cache: %v", err)
+	}
+	if mode := fi.Mode().Perm(); mode != 0o600 {
+		t.Errorf("session cache mode %v, want 0600", mode)
+	}
+	if d := time.Until(started.Add(1500 * time.Millisecond)); d > 0 {
+		time.Sleep(d) // past the warm-up window
+	}
+	before := earlyAccepted(t, s)
+	if second := chat(); !strings.Contains(second, "HTTP/3.0 (0-RTT)") {
+		t.Errorf("second run's summary %q does not say 0-RTT", second)
+	}
+	if got := earlyAccepted(t, s); got != before+1 {
+		t.Errorf("early_data_requests_total{outcome=accepted} went from %v to %v, want one more", before, got)
+	}
+	// The second run spent its ticket and kept the next one: a third run
+	// is early too.
+	if third := chat(); !strings.Contains(third, "(0-RTT)") {
+		t.Errorf("third run's summary %q does not say 0-RTT", third)
+	}
+}
+
+// earlyAccepted reads h3infer_early_data_requests_total{outcome="accepted"}.
+func earlyAccepted(t *testing.T, s *server) float64 {
+	t.Helper()
+	for _, l := range strings.Split(scrape(t, s), "\n") {
+		if strings.HasPrefix(l, "h3infer_early_data_requests_total{") && strings.Contains(l, `outcome="accepted"`) {
+			f := strings.Fields(l)
+			v, err := strconv.ParseFloat(f[len(f)-1], 64)
+			if err != nil {
+				t.Fatalf("metric line %q: %v", l, err)
+			}
+			return v
+		}
+	}
+	return 0
+}

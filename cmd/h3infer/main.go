@@ -22,7 +22,7 @@ const usage = `h3infer: a QUIC/HTTP3 edge inference gateway
 
 Usage:
   h3infer serve    [--config FILE] [--listen ADDR] [--admin ADDR] [--state-dir DIR] [--workers N]
-  h3infer chat     [--url URL] [--ca FILE] [--state-dir DIR] [--token CRED] [--model NAME] ["prompt"]  (no prompt: a conversation on stdin)
+  h3infer chat     [--url URL] [--ca FILE] [--state-dir DIR] [--token CRED] [--model NAME] [--session-cache FILE|off] ["prompt"]  (no prompt: a conversation on stdin)
   h3infer bench    [--url URL] [--proto h3|h2|h1] [--concurrency N,N..] [--rate R] [--requests N] [--duration D]
                    [--baseline-url URL] [--new-conn] [--0rtt] [--json FILE] [--plot PREFIX]
   h3infer bench    --bare-listen ADDR   (the comparison server)
@@ -58,7 +58,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "bench":
 		err = runBench(ctx, rest, stdout, stderr, log)
 	case "chat":
-		err = runChat(ctx, rest, os.Stdin, stdout, stderr)
+		err = runChat(ctx, rest, os.Stdin, stdout, stderr, log)
 	case "certs":
 		err = runCerts(rest, stdout)
 	case "token":
