@@ -66,6 +66,7 @@ bench: ort build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./backend/ ./internal/onnxgen/
 	scripts/bench.sh
 	scripts/bench-netem.sh
+	scripts/bench-memory.sh
 
 # The GPU section of docs/BENCHMARKS.md: a hidden-1024 model at concurrency
 # 1 and 32, cpu against cuda, KV cache in host against device memory. Needs

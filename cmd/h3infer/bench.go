@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -52,11 +53,34 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	bareZeroRTT := fs.Bool("bare-0rtt", true, "comparison server: accept 0-RTT early data")
 	stateDir := fs.String("state-dir", ".h3infer", "directory holding the development certificates (comparison server) and the dev token")
 	token := fs.String("token", "", "credential or bearer token (default: $H3INFER_TOKEN, else STATE_DIR/tokens/dev.token when present)")
+	memPID := fs.Int("mem-pid", 0, "memory run instead of load: read this server process's resident memory (/proc/PID/status) before and while holding --mem-conns idle h3 connections and --mem-streams streams")
+	memConns := fs.String("mem-conns", "1000,10000", "memory run: ascending counts of idle h3 connections to hold, all over one UDP socket")
+	memStreams := fs.Int("mem-streams", 1000, "memory run: streamed completions held open over the last level's connections (0: none)")
+	memTokens := fs.Int("mem-stream-tokens", loadgen.DefaultStreamTokens, "memory run: max_tokens of each stream; at the server's pace it must outlast the reading")
+	memSettle := fs.Duration("mem-settle", 2*time.Second, "memory run: wait before the memory is read at each step")
+	memParallel := fs.Int("mem-parallel", 32, "memory run: handshakes and stream starts in flight at once")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	if *bareListen != "" {
 		return serveBare(ctx, *bareListen, *stateDir, *bareInterval, *bareZeroRTT, stdout, log)
+	}
+	if *memPID != 0 {
+		mc := loadgen.MemoryConfig{
+			URL: *url, Model: *model, PID: *memPID, Streams: *memStreams, StreamTokens: *memTokens,
+			Parallel: *memParallel, Settle: *memSettle,
+		}
+		for f := range strings.SplitSeq(*memConns, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				return usageError{fmt.Errorf("mem-conns: want a list of numbers, got %q", *memConns)}
+			}
+			mc.Conns = append(mc.Conns, n)
+		}
+		if err := mc.Validate(); err != nil {
+			return usageError{err}
+		}
+		return runMemory(ctx, mc, *caFile, *token, *stateDir, *jsonOut, stdout)
 	}
 
 	var errs []error
@@ -149,6 +173,38 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		if err := writeFile(*plotOut+"-ttft.png", func(w io.Writer) error { return loadgen.PlotTTFT(w, results) }); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// runMemory is `h3infer bench --mem-pid`: the server's memory with idle
+// connections and running streams, bytes per connection and per stream
+// against the baseline read at the start of the same run.
+func runMemory(ctx context.Context, mc loadgen.MemoryConfig, caFile, token, stateDir, jsonOut string, stdout io.Writer) error {
+	pool, err := certs.LoadPool(caFile)
+	if err != nil {
+		return err
+	}
+	mc.TLS = &tls.Config{RootCAs: pool}
+	if mc.Bearer, _, err = benchCredential(token, stateDir); err != nil {
+		return err
+	}
+	res, err := loadgen.RunMemory(ctx, mc)
+	if err != nil {
+		if res != nil {
+			res.WriteTable(stdout) // the steps done before it failed
+		}
+		return err
+	}
+	if err := res.WriteTable(stdout); err != nil {
+		return err
+	}
+	if jsonOut != "" {
+		return writeFile(jsonOut, func(w io.Writer) error {
+			enc := json.NewEncoder(w)
+			enc.SetIndent("", "  ")
+			return enc.Encode(res)
+		})
 	}
 	return nil
 }

@@ -204,3 +204,57 @@ func TestBenchZeroRTT(t *testing.T) {
 		t.Errorf("1-RTT run: %d ok, %d early; want 6 ok, none early\n%s", r.OK, r.Early, table)
 	}
 }
+
+// TestBenchMemory runs a small memory run against a real gateway: every
+// connection completes its handshake and stays open, every stream runs
+// while the gateway's memory is read, and the figures are that process's
+// resident set.
+func TestBenchMemory(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "synthetic.json")
+	// A token per 100ms: 100 tokens outlast the reading by far.
+	if err := os.WriteFile(cfg, []byte(`{"workers": {"slots": 8}, "models": [{"name": "demo", "dir": "synthetic:100ms"}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s := startServer(t, "--config", cfg)
+	out := filepath.Join(t.TempDir(), "memory.json")
+	cmd := exec.Command(buildBinary(t), "bench", "--url", s.base, "--ca", s.caFile, "--state-dir", s.stateDir,
+		"--mem-pid", fmt.Sprint(s.cmd.Process.Pid), "--mem-conns", "3,12", "--mem-streams", "6",
+		"--mem-stream-tokens", "100", "--mem-settle", "100ms", "--json", out)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("bench --mem-pid: %v\n%s\n%s", err, stdout.String(), stderr.String())
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res struct {
+		PID      int   `json:"pid"`
+		Baseline int64 `json:"baseline_rss_bytes"`
+		Steps    []struct {
+			Conns, Alive, Streams int
+			RSS                   int64 `json:"rss_bytes"`
+		} `json:"steps"`
+	}
+	if err := json.Unmarshal(b, &res); err != nil {
+		t.Fatalf("memory JSON: %v\n%s", err, b)
+	}
+	if res.PID != s.cmd.Process.Pid || res.Baseline < 1<<20 || len(res.Steps) != 3 {
+		t.Fatalf("got pid %d, baseline %d bytes, %d steps; want pid %d, a baseline over 1 MiB, 3 steps\n%s", res.PID, res.Baseline, len(res.Steps), s.cmd.Process.Pid, b)
+	}
+	for i, want := range []struct{ conns, streams int }{{3, 0}, {12, 0}, {12, 6}} {
+		st := res.Steps[i]
+		if st.Conns != want.conns || st.Alive != want.conns || st.Streams != want.streams || st.RSS < 1<<20 {
+			t.Errorf("step %d: %d conns (%d open), %d streams, rss %d; want %d open conns, %d streams, rss over 1 MiB", i, st.Conns, st.Alive, st.Streams, st.RSS, want.conns, want.streams)
+		}
+	}
+	// The streams really ran on the workers, and were still running when
+	// the run ended them.
+	waitForMetric(t, s, "h3infer_worker_sequences_cancelled_total", 6)
+	for _, want := range []string{"baseline", "12 idle h3 connections (12 open)", "6 active streams on 12 conns", "per stream"} {
+		if !strings.Contains(stdout.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, stdout.String())
+		}
+	}
+}
