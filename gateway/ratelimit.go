@@ -76,6 +76,10 @@ func (e *rateLimited) Error() string {
 	return fmt.Sprintf("tenant %s: %s rate limit exceeded", e.tenant, e.limit)
 }
 
+// Validate reports every problem with rl, each naming its config key, so
+// that a configuration can be checked before it is applied.
+func (rl RateLimits) Validate() error { return validateRateLimits(rl) }
+
 func validateRateLimits(rl RateLimits) error {
 	var errs []error
 	check := func(key string, l TenantLimit) {
