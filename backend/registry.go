@@ -67,6 +67,7 @@ type ModelLoader interface {
 // holds its version until it ends, and a version leaves the workers only
 // when the last request routed to it has ended.
 type Registry struct {
+	// cfg's Poll, AutoPromote and DrainTimeout change under mu (SetPolicy).
 	cfg    RegistryConfig
 	loader ModelLoader
 	log    *slog.Logger
@@ -80,9 +81,10 @@ type Registry struct {
 	mu     sync.Mutex
 	models map[string]*family
 
-	closing   chan struct{}
-	closeOnce sync.Once
-	wg        sync.WaitGroup // retirements
+	pollChanged chan struct{} // SetPolicy changed Poll; Watch resets its ticker
+	closing     chan struct{}
+	closeOnce   sync.Once
+	wg          sync.WaitGroup // retirements
 }
 
 // family is the versions of one model name.
@@ -137,23 +139,12 @@ func Target(model, ver string) string { return model + "@" + ver }
 // NewRegistry makes a registry over loader. Call Initial before the
 // workers start to learn what they load first.
 func NewRegistry(cfg RegistryConfig, loader ModelLoader, log *slog.Logger) (*Registry, error) {
-	var errs []error
-	if cfg.Poll < 0 {
-		errs = append(errs, fmt.Errorf("model_repository.poll: must be >= 0, got %s", cfg.Poll))
+	p, err := Policy{Poll: cfg.Poll, AutoPromote: cfg.AutoPromote, DrainTimeout: cfg.DrainTimeout}.withDefaults()
+	if err != nil {
+		return nil, err
 	}
-	if cfg.DrainTimeout < 0 {
-		errs = append(errs, fmt.Errorf("model_repository.drain_timeout: must be >= 0, got %s", cfg.DrainTimeout))
-	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
-	if cfg.Poll == 0 {
-		cfg.Poll = DefaultRepositoryPoll
-	}
-	if cfg.DrainTimeout == 0 {
-		cfg.DrainTimeout = DefaultDrainTimeout
-	}
-	r := &Registry{cfg: cfg, loader: loader, log: log, models: map[string]*family{}, closing: make(chan struct{}),
+	cfg.Poll, cfg.DrainTimeout = p.Poll, p.DrainTimeout
+	r := &Registry{cfg: cfg, loader: loader, log: log, models: map[string]*family{}, closing: make(chan struct{}), pollChanged: make(chan struct{}, 1),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "h3infer_model_version_requests_total",
 			Help: "Requests routed to each loaded model version, by outcome (ok or error).",

@@ -241,9 +241,10 @@ func (r *Registry) retire(f *family, ver string) {
 	if v.inflight == 0 {
 		close(v.drained)
 	}
+	drain := r.cfg.DrainTimeout // r.mu held; SetPolicy changes it under r.mu
 	r.wg.Go(func() {
 		defer close(v.gone)
-		timer := time.NewTimer(r.cfg.DrainTimeout)
+		timer := time.NewTimer(drain)
 		defer timer.Stop()
 		select {
 		case <-v.drained:
@@ -277,7 +278,10 @@ func (r *Registry) Watch(ctx context.Context) {
 	if r.cfg.Root == "" {
 		return
 	}
-	t := time.NewTicker(r.cfg.Poll)
+	r.mu.Lock()
+	every := r.cfg.Poll
+	r.mu.Unlock()
+	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		select {
@@ -285,6 +289,12 @@ func (r *Registry) Watch(ctx context.Context) {
 			return
 		case <-r.closing:
 			return
+		case <-r.pollChanged:
+			r.mu.Lock()
+			every = r.cfg.Poll
+			r.mu.Unlock()
+			t.Reset(every)
+			continue
 		case <-t.C:
 		}
 		if err := r.poll(ctx); err != nil {
@@ -316,7 +326,7 @@ func (r *Registry) poll(ctx context.Context) error {
 		act := stable && f.tried[top.ver] != top.sig && f.versions[top.ver] == nil && !f.static
 		if act && f.primary != "" {
 			cur, _ := strconv.ParseUint(f.primary, 10, 32)
-			act = r.cfg.AutoPromote && top.num > cur
+			act = r.cfg.AutoPromote && top.num > cur // r.mu held
 		}
 		r.mu.Unlock()
 		if !act {
@@ -328,6 +338,56 @@ func (r *Registry) poll(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Policy is the part of RegistryConfig that can change while serving
+// (SetPolicy); zero values mean the documented defaults.
+type Policy struct {
+	Poll         time.Duration
+	AutoPromote  bool
+	DrainTimeout time.Duration
+}
+
+// SetPolicy changes how often Watch reads the repository, whether it
+// promotes new versions by itself, and how long retired versions drain.
+// A version already draining keeps the timeout it started with. A policy
+// that does not validate is refused and the current one stays.
+func (r *Registry) SetPolicy(p Policy) error {
+	p, err := p.withDefaults()
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	changed := r.cfg.Poll != p.Poll
+	r.cfg.Poll, r.cfg.AutoPromote, r.cfg.DrainTimeout = p.Poll, p.AutoPromote, p.DrainTimeout
+	r.mu.Unlock()
+	if changed {
+		select {
+		case r.pollChanged <- struct{}{}:
+		default: // a change already pending; Watch reads the latest
+		}
+	}
+	return nil
+}
+
+func (p Policy) withDefaults() (Policy, error) {
+	var errs []error
+	if p.Poll < 0 {
+		errs = append(errs, fmt.Errorf("model_repository.poll: must be >= 0, got %s", p.Poll))
+	}
+	if p.DrainTimeout < 0 {
+		errs = append(errs, fmt.Errorf("model_repository.drain_timeout: must be >= 0, got %s", p.DrainTimeout))
+	}
+	if len(errs) > 0 {
+		return p, errors.Join(errs...)
+	}
+	if p.Poll == 0 {
+		p.Poll = DefaultRepositoryPoll
+	}
+	if p.DrainTimeout == 0 {
+		p.DrainTimeout = DefaultDrainTimeout
+	}
+	return p, nil
 }
 
 // Close stops Watch and the retirements waiting for requests to drain.

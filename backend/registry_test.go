@@ -8,8 +8,10 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"h3infer/transport"
 )
@@ -202,5 +204,61 @@ func waitRouteGone(r *Registry, ver string) (string, string, func(bool), error) 
 		if retired {
 			return r.Route("m", "", ver)
 		}
+	}
+}
+
+// TestSetPolicy changes a running Watch's poll interval and auto-promotion:
+// a new version waits while auto-promotion is off and becomes the primary
+// once it is turned on; an invalid policy is refused.
+func TestSetPolicy(t *testing.T) {
+	r, _ := testRegistry(t, "1")
+	if err := r.SetPolicy(Policy{Poll: -time.Second}); err == nil || !strings.Contains(err.Error(), "model_repository.poll") {
+		t.Fatalf("invalid policy: err %v, want one naming model_repository.poll", err)
+	}
+	// Watch starts on an hour's interval: seeing version 2 below shows
+	// that the new interval reached a Watch already waiting on the old.
+	if err := r.SetPolicy(Policy{Poll: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	var wg sync.WaitGroup
+	wg.Go(func() { r.Watch(ctx) })
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	if err := r.SetPolicy(Policy{Poll: 10 * time.Millisecond}); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(r.cfg.Root, "m", "2")
+	os.MkdirAll(dir, 0o755)
+	os.WriteFile(filepath.Join(dir, modelConfigFile), []byte(`{"name":"m","context_length":64,"eos_token":"<eos>"}`), 0o644)
+	os.WriteFile(filepath.Join(dir, tokenizerFile), []byte(`{}`), 0o644)
+	os.WriteFile(filepath.Join(dir, modelFile), []byte(`x`), 0o644)
+	// Polls see version 2; without auto-promotion it waits for the admin
+	// API.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		r.mu.Lock()
+		seen := r.models["m"].seen["2"] != ""
+		r.mu.Unlock()
+		if seen {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the new poll interval never reached Watch: version 2 not seen")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // more polls, which must not promote
+	if got := route(t, r, "", ""); got != "1" {
+		t.Fatalf("auto_promote off: primary %s, want 1", got)
+	}
+	if err := r.SetPolicy(Policy{Poll: 10 * time.Millisecond, AutoPromote: true}); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for route(t, r, "", "") != "2" {
+		if time.Now().After(deadline) {
+			t.Fatal("auto_promote turned on: version 2 never became the primary")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -186,7 +187,9 @@ type Gateway struct {
 	log     *slog.Logger
 	metrics *metrics
 	tracer  trace.Tracer
-	limits  *limiter
+	// limits is swapped whole by SetRateLimits; a request loads it once
+	// and keeps what it loaded.
+	limits  atomic.Pointer[limiter]
 	created int64 // unix seconds, reported as every model's creation time
 
 	mu       sync.Mutex
@@ -299,13 +302,7 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if err != nil {
 		return nil, err
 	}
-	// Refusal counters start at 0 for every tenant label they can have, so
-	// that rate() sees the first refusal.
-	for _, tenant := range append([]string{scheduler.DefaultTenant, "other"}, slices.Sorted(maps.Keys(cfg.RateLimits.Tenants))...) {
-		for _, kind := range []string{limitRequests, limitTokens, limitConcurrency} {
-			m.refusals.WithLabelValues(tenant, kind)
-		}
-	}
+	initRefusals(m, cfg.RateLimits)
 	g := &Gateway{
 		cfg:     cfg,
 		sched:   sched,
@@ -313,12 +310,12 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		log:     log,
 		metrics: m,
 		tracer:  cfg.TracerProvider.Tracer(tracerName),
-		limits:  newLimiter(cfg.RateLimits),
 		created: time.Now().Unix(),
 		// A clone keeps the keys the caller set on cfg.TLS (or its
 		// automatic ones).
 		ticketKeys: cfg.TLS.Clone(),
 	}
+	g.limits.Store(newLimiter(cfg.RateLimits, nil))
 	g.aborting, g.abort = context.WithCancelCause(context.Background())
 	if err := defaultAuth(&g.cfg.Auth, g); err != nil {
 		return nil, err
@@ -431,6 +428,31 @@ func (g *Gateway) installTickets(c *tls.Config) {
 		return
 	}
 	c.WrapSession, c.UnwrapSession = g.ticketKeys.EncryptTicket, g.ticketKeys.DecryptTicket
+}
+
+// initRefusals starts the refusal counters at 0 for every tenant label they
+// can have, so that rate() sees the first refusal.
+func initRefusals(m *metrics, rl RateLimits) {
+	for _, tenant := range append([]string{scheduler.DefaultTenant, "other"}, slices.Sorted(maps.Keys(rl.Tenants))...) {
+		for _, kind := range []string{limitRequests, limitTokens, limitConcurrency} {
+			m.refusals.WithLabelValues(tenant, kind)
+		}
+	}
+}
+
+// SetRateLimits replaces the rate limits while serving. Limits that do not
+// validate are refused and the current ones stay. The swap is atomic:
+// requests admitted before it keep the limits they were admitted under
+// (their output-token pacing included) until they end; later ones see the
+// new limits. With rl.Store nil the current store is kept, and with it what
+// the buckets hold; concurrency counts always carry over.
+func (g *Gateway) SetRateLimits(rl RateLimits) error {
+	if err := validateRateLimits(rl); err != nil {
+		return err
+	}
+	initRefusals(g.metrics, rl)
+	g.limits.Store(newLimiter(rl, g.limits.Load()))
+	return nil
 }
 
 // SetSessionTicketKeys replaces the session-ticket keys of both listeners:

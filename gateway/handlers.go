@@ -165,7 +165,7 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	}()
 
 	tenant := g.cfg.Tenant(r)
-	adm, err := g.limits.admit(ctx, tenant, w.Header())
+	adm, err := g.limits.Load().admit(ctx, tenant, w.Header())
 	if err != nil {
 		if lim, ok := errors.AsType[*rateLimited](err); ok {
 			g.refused(ctx, lim)
@@ -270,7 +270,7 @@ type inflight struct {
 
 // refused counts a rate-limit refusal and marks the trace.
 func (g *Gateway) refused(ctx context.Context, lim *rateLimited) {
-	g.metrics.refusals.WithLabelValues(g.limits.tenantLabel(lim.tenant), lim.limit).Inc()
+	g.metrics.refusals.WithLabelValues(g.limits.Load().tenantLabel(lim.tenant), lim.limit).Inc()
 	trace.SpanFromContext(ctx).AddEvent("rate_limited", trace.WithAttributes(attribute.String("h3infer.limit", lim.limit)))
 }
 

@@ -76,6 +76,10 @@ func (e *rateLimited) Error() string {
 	return fmt.Sprintf("tenant %s: %s rate limit exceeded", e.tenant, e.limit)
 }
 
+// Validate reports every problem with rl, each naming its config key, so
+// that a configuration can be checked before it is applied.
+func (rl RateLimits) Validate() error { return validateRateLimits(rl) }
+
 func validateRateLimits(rl RateLimits) error {
 	var errs []error
 	check := func(key string, l TenantLimit) {
@@ -105,17 +109,28 @@ func validateRateLimits(rl RateLimits) error {
 	return errors.Join(errs...)
 }
 
-// limiter applies RateLimits. Concurrency is counted in this process; the
-// rate buckets live in the store.
+// limiter applies one RateLimits. It is immutable once built except for the
+// counts it shares: SetRateLimits swaps in a new limiter, and a request
+// keeps the one it was admitted by until it ends. Concurrency is counted in
+// this process; the rate buckets live in the store.
 type limiter struct {
-	cfg   RateLimits
-	store LimitStore
-
-	mu      sync.Mutex
-	running map[string]int // tenant → completions running
+	cfg     RateLimits
+	store   LimitStore
+	running *running
 }
 
-func newLimiter(cfg RateLimits) *limiter {
+// running counts each tenant's completions in progress. The limiters a
+// reload swaps share one, so that a new max_concurrent counts the requests
+// the old limits admitted.
+type running struct {
+	mu sync.Mutex
+	n  map[string]int // tenant → completions running
+}
+
+// newLimiter builds the limiter for cfg. prev, when not nil, is the limiter
+// it replaces: its concurrency counts carry over, and so does its store when
+// cfg names none, so that the buckets keep what they hold.
+func newLimiter(cfg RateLimits, prev *limiter) *limiter {
 	withBurst := func(l TenantLimit) TenantLimit {
 		if l.RequestBurst == 0 {
 			l.RequestBurst = int(math.Ceil(l.RequestsPerSecond))
@@ -132,10 +147,17 @@ func newLimiter(cfg RateLimits) *limiter {
 	}
 	cfg.Tenants = tenants
 	store := cfg.Store
+	run := &running{n: map[string]int{}}
+	if prev != nil {
+		run = prev.running
+		if store == nil {
+			store = prev.store
+		}
+	}
 	if store == nil {
 		store = ratelimit.NewLocal()
 	}
-	return &limiter{cfg: cfg, store: store, running: map[string]int{}}
+	return &limiter{cfg: cfg, store: store, running: run}
 }
 
 func (l *limiter) limitOf(tenant string) TenantLimit {
@@ -172,14 +194,15 @@ func (l *limiter) admit(ctx context.Context, tenant string, h http.Header) (*adm
 		return a, nil
 	}
 	if lim.MaxConcurrent > 0 {
-		l.mu.Lock()
-		if l.running[tenant] >= lim.MaxConcurrent {
-			l.mu.Unlock()
+		r := l.running
+		r.mu.Lock()
+		if r.n[tenant] >= lim.MaxConcurrent {
+			r.mu.Unlock()
 			return nil, &rateLimited{tenant: tenant, limit: limitConcurrency, retryAfter: time.Second}
 		}
-		l.running[tenant]++
+		r.n[tenant]++
 		a.held = true
-		l.mu.Unlock()
+		r.mu.Unlock()
 	}
 	if lim.RequestsPerSecond > 0 {
 		bucket := ratelimit.Limit{Rate: lim.RequestsPerSecond, Burst: lim.RequestBurst}
@@ -206,12 +229,13 @@ func (a *admission) release() {
 		return
 	}
 	a.held = false
-	a.l.mu.Lock()
-	defer a.l.mu.Unlock()
-	if n := a.l.running[a.tenant] - 1; n > 0 {
-		a.l.running[a.tenant] = n
+	r := a.l.running
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if n := r.n[a.tenant] - 1; n > 0 {
+		r.n[a.tenant] = n
 	} else {
-		delete(a.l.running, a.tenant)
+		delete(r.n, a.tenant)
 	}
 }
 

@@ -218,3 +218,61 @@ func TestRedisSharedLimit(t *testing.T) {
 	checkRefusal(t, b.post(t, "h3", "/v1/chat/completions", chatStream), `"requests";q=3;w=30`)
 	checkRefusal(t, a.post(t, "h2", "/v1/chat/completions", chatStream), `"requests";q=3;w=30`)
 }
+
+// TestSetRateLimits changes the limits of a running gateway: invalid limits
+// are refused and the old ones stay, new limits apply to the next request,
+// and a completion admitted before the swap still counts against the new
+// concurrency cap until it ends.
+func TestSetRateLimits(t *testing.T) {
+	h := newHarness(t, nil)
+	ok := func(what string) {
+		t.Helper()
+		resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: status %d, want 200", what, resp.StatusCode)
+		}
+	}
+	ok("no limits")
+	if err := h.gw.SetRateLimits(RateLimits{Default: TenantLimit{RequestsPerSecond: -1}}); err == nil || !strings.Contains(err.Error(), "rate_limits.default.requests_per_second") {
+		t.Fatalf("invalid limits: err %v, want one naming rate_limits.default.requests_per_second", err)
+	}
+	ok("after refused limits")
+
+	if err := h.gw.SetRateLimits(RateLimits{Default: TenantLimit{RequestsPerSecond: 0.01, RequestBurst: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	ok("first under new limits")
+	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStream), `"requests";q=1;w=100`)
+
+	// A stream admitted under a concurrency cap of 1 stays open across a
+	// swap to new limits with the same cap: it still holds the slot.
+	if err := h.gw.SetRateLimits(RateLimits{Default: TenantLimit{MaxConcurrent: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return tokens("a"), nil })
+	first := h.post(t, "h3", "/v1/chat/completions", chatStream)
+	if first.StatusCode != http.StatusOK {
+		t.Fatalf("held stream: status %d", first.StatusCode)
+	}
+	if err := h.gw.SetRateLimits(RateLimits{Default: TenantLimit{MaxConcurrent: 1}, Tenants: map[string]TenantLimit{"gold": {}}}); err != nil {
+		t.Fatal(err)
+	}
+	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return longAnswer(2), nil })
+	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStream), "")
+	_, st := h.sched.last()
+	st.events <- done(transport.FinishStop, 1, 1)
+	close(st.events)
+	io.Copy(io.Discard, first.Body)
+
+	// Back to no limits: everything passes, the request bucket included.
+	if err := h.gw.SetRateLimits(RateLimits{}); err != nil {
+		t.Fatal(err)
+	}
+	ok("limits removed")
+	ok("limits removed, again")
+	// A tenant the new limits list gets its own label from the start.
+	if !strings.Contains(scrape(t, h), `h3infer_rate_limit_refusals_total{limit="requests",tenant="gold"} 0`) {
+		t.Error("refusal counter for a tenant added by a reload not initialised")
+	}
+}

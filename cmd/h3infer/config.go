@@ -607,6 +607,11 @@ func (c Config) validate() error {
 			bad(fmt.Sprintf("zero_rtt.routes[%q]", path), "%v", err)
 		}
 	}
+	// The gateway's own rules, checked here so that a reload with bad
+	// limits is refused before anything of it applies.
+	if err := limitsOf(c.RateLimits).Validate(); err != nil {
+		errs = append(errs, err)
+	}
 	switch c.RateLimits.Store {
 	case "local":
 	case "redis":

@@ -13,8 +13,10 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"h3infer/backend"
 	"h3infer/certs"
 	"h3infer/certs/keysredis"
+	"h3infer/gateway"
 	"h3infer/scheduler"
 )
 
@@ -116,14 +118,42 @@ type tenantSetter interface {
 	SetTenants([]scheduler.Tenant) error
 }
 
+// limitSetter is the part of the gateway a reload changes.
+type limitSetter interface {
+	SetRateLimits(gateway.RateLimits) error
+}
+
+// policySetter is the part of the model registry a reload changes.
+type policySetter interface {
+	SetPolicy(backend.Policy) error
+}
+
+// reloadTargets are what a reload applies a new configuration to.
+type reloadTargets struct {
+	sched  tenantSetter
+	limits limitSetter
+	models policySetter
+	certs  *certSource
+}
+
+// registryPolicy is the model_repository settings a reload can change.
+func registryPolicy(cfg Config) backend.Policy {
+	return backend.Policy{
+		Poll:         time.Duration(cfg.ModelRepository.Poll),
+		AutoPromote:  *cfg.ModelRepository.AutoPromote,
+		DrainTimeout: time.Duration(cfg.ModelRepository.DrainTimeout),
+	}
+}
+
 // reloadConfig reads the configuration again (SIGHUP) and applies what can
-// change while serving: the tenants, the certificate files (read again even
-// when their names did not change) and the shutdown grace. A new
-// configuration that does not validate, or whose certificate does not load,
-// is refused as a whole and the running one stays. Other changes are
-// reported as needing a restart and not applied. It returns the
-// configuration now in force.
-func reloadConfig(old Config, load func() (Config, error), sched tenantSetter, src *certSource, log *slog.Logger) Config {
+// change while serving: the tenants, the rate limits (not their store), the
+// model repository's poll, auto_promote and drain_timeout, the certificate
+// files (read again even when their names did not change) and the shutdown
+// grace. A new configuration that does not validate (rate limits included),
+// or whose certificate does not load, is refused as a whole and the running
+// one stays. Other changes are reported as needing a restart and not
+// applied. It returns the configuration now in force.
+func reloadConfig(old Config, load func() (Config, error), to reloadTargets, log *slog.Logger) Config {
 	refuse := func(err error) Config {
 		log.Error("config reload refused; the running configuration stays", "err", err)
 		return old
@@ -136,22 +166,40 @@ func reloadConfig(old Config, load func() (Config, error), sched tenantSetter, s
 	if err != nil {
 		return refuse(err)
 	}
-	// Loading the pair is the one step that can fail, so it goes first;
-	// a failure leaves the old pair in service.
-	if err := src.reloader.SetFiles(certFile, keyFile); err != nil {
+	// Loading the pair is the one step that can fail on a configuration
+	// that validated, so it goes first; a failure leaves everything as it
+	// was.
+	if err := to.certs.reloader.SetFiles(certFile, keyFile); err != nil {
 		return refuse(err)
 	}
-	if err := sched.SetTenants(schedulerTenants(next)); err != nil {
-		// validate checked the same rules; this would be a bug.
+	// validate checked the same rules as the setters below, so their
+	// errors would be bugs; they are still logged rather than ignored.
+	if err := to.sched.SetTenants(schedulerTenants(next)); err != nil {
 		return refuse(err)
 	}
 	applied := old
 	applied.TLS.CertFile, applied.TLS.KeyFile = next.TLS.CertFile, next.TLS.KeyFile
 	applied.Scheduler.Tenants = next.Scheduler.Tenants
 	applied.Gateway.ShutdownGrace = next.Gateway.ShutdownGrace
+	if err := to.limits.SetRateLimits(limitsOf(next.RateLimits)); err != nil {
+		log.Error("rate limits not reloaded", "err", err)
+	} else {
+		// The store and its Redis settings stay as started.
+		applied.RateLimits.Default = next.RateLimits.Default
+		applied.RateLimits.Tenants = next.RateLimits.Tenants
+		applied.RateLimits.CutOff = next.RateLimits.CutOff
+	}
+	if err := to.models.SetPolicy(registryPolicy(next)); err != nil {
+		log.Error("model repository policy not reloaded", "err", err)
+	} else {
+		applied.ModelRepository.Poll = next.ModelRepository.Poll
+		applied.ModelRepository.AutoPromote = next.ModelRepository.AutoPromote
+		applied.ModelRepository.DrainTimeout = next.ModelRepository.DrainTimeout
+	}
 	restart := changedKeys(applied, next)
-	log.Info("config reloaded", "tenants", len(next.Scheduler.Tenants), "cert_file", certFile,
-		"shutdown_grace", time.Duration(next.Gateway.ShutdownGrace), "needs_restart", strings.Join(restart, ","))
+	log.Info("config reloaded", "tenants", len(next.Scheduler.Tenants), "rate_limit_tenants", len(next.RateLimits.Tenants),
+		"cert_file", certFile, "shutdown_grace", time.Duration(next.Gateway.ShutdownGrace),
+		"needs_restart", strings.Join(restart, ","))
 	return applied
 }
 

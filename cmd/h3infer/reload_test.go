@@ -8,9 +8,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -283,5 +285,87 @@ func TestReloadsAndDrainDropNoStream(t *testing.T) {
 	}
 	if s.exitErr != nil && !errors.Is(s.exitErr, os.ErrProcessDone) {
 		t.Errorf("serve exited with %v, want 0\n%s", s.exitErr, s.stderr)
+	}
+}
+
+// TestReloadRateLimits changes a running gateway's rate limits with SIGHUP:
+// from none to a tiny request rate (the next requests get 429 with
+// Retry-After), an invalid limit refused with the old one kept, and back to
+// none. The model repository's auto_promote changes in the same reload and,
+// like the limits, is not reported as needing a restart.
+func TestReloadRateLimits(t *testing.T) {
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "h3infer.json")
+	cfg := map[string]any{
+		"models": []map[string]any{{"name": "demo", "dir": "synthetic:1ms"}},
+	}
+	writeConfigFile(t, cfgPath, cfg)
+	s := startServer(t, "--config", cfgPath)
+	c := s.h3Client(t)
+	post := func() *http.Response {
+		t.Helper()
+		body, _ := json.Marshal(chatBody(2, false))
+		resp, err := c.Post(s.base+"/v1/chat/completions", "application/json", strings.NewReader(string(body)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	want := func(what string, status int) *http.Response {
+		t.Helper()
+		resp := post()
+		if resp.StatusCode != status {
+			t.Fatalf("%s: status %d, want %d\n%s", what, resp.StatusCode, status, s.stderr)
+		}
+		return resp
+	}
+	for range 3 {
+		want("no limits", http.StatusOK)
+	}
+	reloads := 0
+	hup := func(wantLog string) {
+		t.Helper()
+		if wantLog == "config reloaded" {
+			reloads++
+		}
+		writeConfigFile(t, cfgPath, cfg)
+		s.cmd.Process.Signal(syscall.SIGHUP)
+	}
+
+	// One request per 100 s: the first passes, the next is refused.
+	cfg["rate_limits"] = map[string]any{"default": map[string]any{"requests_per_second": 0.01, "request_burst": 1}}
+	cfg["model_repository"] = map[string]any{"auto_promote": true}
+	hup("config reloaded")
+	waitLog(t, s, "config reloaded", reloads)
+	lines := strings.Split(s.stderr.String(), "\n")
+	for _, l := range lines {
+		if strings.Contains(l, "config reloaded") && (strings.Contains(l, "rate_limits") || strings.Contains(l, "model_repository")) {
+			t.Errorf("a live setting reported as needing a restart: %s", l)
+		}
+	}
+	want("first under the new limit", http.StatusOK)
+	resp := want("second under the new limit", http.StatusTooManyRequests)
+	if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err != nil || s < 1 {
+		t.Errorf("Retry-After %q, want whole seconds >= 1", resp.Header.Get("Retry-After"))
+	}
+
+	// An invalid limit: the whole reload is refused, naming the key, and
+	// the running limit stays.
+	cfg["rate_limits"] = map[string]any{"default": map[string]any{"requests_per_second": -1}}
+	hup("config reload refused")
+	waitLog(t, s, "config reload refused", 1)
+	if !strings.Contains(s.stderr.String(), "rate_limits.default.requests_per_second") {
+		t.Errorf("the refusal does not name the key at fault:\n%s", s.stderr)
+	}
+	want("after the refused reload", http.StatusTooManyRequests)
+
+	// Back to no limits.
+	delete(cfg, "rate_limits")
+	hup("config reloaded")
+	waitLog(t, s, "config reloaded", reloads)
+	for range 3 {
+		want("limits removed", http.StatusOK)
 	}
 }

@@ -270,7 +270,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		case <-ctx.Done():
 			running = false
 		case <-hup:
-			cfg = reloadConfig(cfg, load, sched, src, log)
+			cfg = reloadConfig(cfg, load, reloadTargets{sched: sched, limits: gw, models: registry, certs: src}, log)
 		}
 	}
 	grace := time.Duration(cfg.Gateway.ShutdownGrace)
@@ -389,6 +389,22 @@ const tracingFlushTimeout = 5 * time.Second
 // rateLimits turns the config into gateway.RateLimits, connecting to Redis
 // when the limits are shared. The returned function closes the client.
 func rateLimits(c RateLimitsConfig) (gateway.RateLimits, func(), error) {
+	rl := limitsOf(c)
+	if c.Store != "redis" {
+		return rl, func() {}, nil
+	}
+	opts := &redis.Options{Addr: c.RedisAddr}
+	if strings.HasPrefix(c.RedisAddr, "/") {
+		opts.Network = "unix"
+	}
+	client := redis.NewClient(opts)
+	rl.Store = ratelimit.NewRedis(client, c.RedisPrefix)
+	return rl, func() { client.Close() }, nil
+}
+
+// limitsOf converts the limits themselves, with no store: a reload keeps
+// the store the gateway started with.
+func limitsOf(c RateLimitsConfig) gateway.RateLimits {
 	conv := func(t TenantLimitConfig) gateway.TenantLimit {
 		return gateway.TenantLimit{
 			RequestsPerSecond:     t.RequestsPerSecond,
@@ -405,16 +421,7 @@ func rateLimits(c RateLimitsConfig) (gateway.RateLimits, func(), error) {
 			rl.Tenants[name] = conv(t)
 		}
 	}
-	if c.Store != "redis" {
-		return rl, func() {}, nil
-	}
-	opts := &redis.Options{Addr: c.RedisAddr}
-	if strings.HasPrefix(c.RedisAddr, "/") {
-		opts.Network = "unix"
-	}
-	client := redis.NewClient(opts)
-	rl.Store = ratelimit.NewRedis(client, c.RedisPrefix)
-	return rl, func() { client.Close() }, nil
+	return rl
 }
 
 // adminStatus is the queue part of /debug/state; the workers part comes
