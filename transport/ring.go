@@ -88,6 +88,7 @@ type ring struct {
 	// a producer waiting for space.
 	consHead, consTail, consWoke uint64
 	consHeader                   [frameHeaderSize]byte
+	batching                     bool // in recvBatch: consume defers the store of head
 }
 
 const (
@@ -242,7 +243,17 @@ func (r *ring) recvBatch(frames []Frame, buf []byte) ([]Frame, error) {
 	// The first payload starts at offset 0 of what may be a grown buffer;
 	// the later ones are appended only when they fit, so they share it.
 	buf = f.Payload
+	// The rest of the batch hands its space back with one store of head,
+	// at the end, or sooner if a quarter of the ring is taken.
+	r.batching = true
+	defer func() {
+		r.batching = false
+		r.releaseHead()
+	}()
 	for ok {
+		if r.consHead-r.head.Load() >= r.size/4 {
+			r.releaseHead()
+		}
 		f.Payload = f.Payload[:len(f.Payload):len(f.Payload)]
 		frames = append(frames, f)
 		if len(frames) == cap(frames) {
@@ -328,6 +339,17 @@ func (r *ring) next(dst []byte, wait bool) (f Frame, ok bool, err error) {
 // sleep again and cost a wake per frame.
 func (r *ring) consume(pos uint64) {
 	r.consHead = pos
+	if r.batching {
+		// recvBatch stores head once for the batch (releaseHead).
+		return
+	}
+	r.releaseHead()
+}
+
+// releaseHead stores consHead in head and wakes a producer waiting for
+// space if the rule above says so.
+func (r *ring) releaseHead() {
+	pos := r.consHead
 	r.head.Store(pos)
 	if r.spaceWaiting.Load() != 0 && (pos == r.consTail || pos-r.consWoke >= r.size/4) &&
 		r.spaceWaiting.CompareAndSwap(1, 0) {
