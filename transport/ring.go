@@ -80,11 +80,15 @@ type ring struct {
 	data                      []byte
 	size, mask                uint64
 
-	// Producer-private: the next write position and the last head seen, so
-	// that a producer with room to spare never touches the consumer's line.
-	prodTail, prodHead uint64
-	// Consumer-private, the mirror image.
-	consHead, consTail uint64
+	// Producer-private: the next write position, the last position
+	// published to tail, and the last head seen, so that a producer with
+	// room to spare never touches the consumer's line.
+	prodTail, pubTail, prodHead uint64
+	// Consumer-private, the mirror image, and where the consumer last woke
+	// a producer waiting for space.
+	consHead, consTail, consWoke uint64
+	consHeader                   [frameHeaderSize]byte
+	batching                     bool // in recvBatch: consume defers the store of head
 }
 
 const (
@@ -98,8 +102,41 @@ func recordSize(payload int) uint64 {
 	return (uint64(frameHeaderSize) + uint64(payload) + recordAlign - 1) &^ (recordAlign - 1)
 }
 
-// send copies one frame into the ring, sleeping while the ring is too full.
+// send copies one frame into the ring and publishes it, sleeping while the
+// ring is too full.
 func (r *ring) send(typ FrameType, id uint64, payload []byte) error {
+	if err := r.write(typ, id, payload); err != nil {
+		return err
+	}
+	r.flush()
+	return nil
+}
+
+// sendBatch copies frames into the ring and publishes them together: one
+// store of tail and at most one doorbell for the lot, where send pays both
+// per frame. A batch larger than a quarter of the ring is published in
+// parts as it is written, so the consumer drains the first part while the
+// producer writes the next.
+func (r *ring) sendBatch(frames []Frame) error {
+	for _, f := range frames {
+		if err := r.write(f.Type, f.ID, f.Payload); err != nil {
+			// Frames written before the failure are still delivered.
+			r.flush()
+			return err
+		}
+		if r.prodTail-r.pubTail >= r.size/4 {
+			r.flush()
+		}
+	}
+	r.flush()
+	return nil
+}
+
+// write copies one frame into the ring without publishing it; flush
+// publishes. waitSpace publishes whatever is pending before it sleeps, so
+// a producer never waits on space that only its own unpublished records
+// hold.
+func (r *ring) write(typ FrameType, id uint64, payload []byte) error {
 	n := recordSize(len(payload))
 	if n > r.size {
 		return fmt.Errorf("%w: payload %d bytes, ring %d bytes", ErrFrameTooLarge, len(payload), r.size)
@@ -115,7 +152,7 @@ func (r *ring) send(typ FrameType, id uint64, payload []byte) error {
 		// Only the length: the space left may be a single 16-byte unit,
 		// shorter than a header.
 		binary.LittleEndian.PutUint32(r.data[off:], skipMarker)
-		r.publish(r.prodTail + left)
+		r.prodTail += left
 		off = 0
 	}
 	if err := r.waitSpace(n); err != nil {
@@ -127,15 +164,18 @@ func (r *ring) send(typ FrameType, id uint64, payload []byte) error {
 	// The check is computed from the caller's copy, not read back from
 	// shared memory.
 	sealFrame(h, payload)
-	r.publish(r.prodTail + n)
+	r.prodTail += n
 	return nil
 }
 
-// publish makes everything written below pos visible to the consumer and
-// rings its doorbell if it sleeps.
-func (r *ring) publish(pos uint64) {
-	r.prodTail = pos
-	r.tail.Store(pos)
+// flush makes everything written so far visible to the consumer and rings
+// its doorbell if it sleeps.
+func (r *ring) flush() {
+	if r.pubTail == r.prodTail {
+		return
+	}
+	r.pubTail = r.prodTail
+	r.tail.Store(r.pubTail)
 	// The plain load keeps the hot path free of a locked instruction when the
 	// consumer is awake, which is the common case under load.
 	if r.dataWaiting.Load() != 0 && r.dataWaiting.CompareAndSwap(1, 0) {
@@ -148,6 +188,8 @@ func (r *ring) waitSpace(n uint64) error {
 	if r.size-(r.prodTail-r.prodHead) >= n {
 		return nil
 	}
+	// The consumer can only free what it can see.
+	r.flush()
 	locked := false
 	defer func() {
 		if locked {
@@ -183,57 +225,135 @@ func (r *ring) waitSpace(n uint64) error {
 // after the space is handed back to the producer. Frames already in the ring
 // are still delivered after a close; ErrClosed comes once the ring is empty.
 func (r *ring) recv(buf []byte) (Frame, error) {
+	f, _, err := r.next(buf[:0], true)
+	return f, err
+}
+
+// recvBatch appends to frames every frame already published, up to
+// cap(frames) of them, sleeping only while there is none. Payloads are
+// appended one after another to buf[:0] and alias it; the batch stops early
+// when the next payload would not fit in cap(buf), except for the first.
+// Taking all that is there in one call lets the caller pay the segment's
+// lock once per batch rather than per frame.
+func (r *ring) recvBatch(frames []Frame, buf []byte) ([]Frame, error) {
+	f, ok, err := r.next(buf[:0], true)
+	if err != nil {
+		return frames, err
+	}
+	// The first payload starts at offset 0 of what may be a grown buffer;
+	// the later ones are appended only when they fit, so they share it.
+	buf = f.Payload
+	// The rest of the batch hands its space back with one store of head,
+	// at the end, or sooner if a quarter of the ring is taken.
+	r.batching = true
+	defer func() {
+		r.batching = false
+		r.releaseHead()
+	}()
+	for ok {
+		if r.consHead-r.head.Load() >= r.size/4 {
+			r.releaseHead()
+		}
+		f.Payload = f.Payload[:len(f.Payload):len(f.Payload)]
+		frames = append(frames, f)
+		if len(frames) == cap(frames) {
+			break
+		}
+		f, ok, err = r.next(buf, false)
+		if err != nil {
+			// The frames before the bad record are sound; the error comes
+			// again on the next call.
+			return frames, nil
+		}
+		buf = buf[:len(buf)+len(f.Payload)]
+	}
+	return frames, nil
+}
+
+// next takes the next frame, appending its payload to dst. With wait it
+// sleeps until there is one; without, it reports ok false at once when the
+// ring is empty or the next payload would not fit in cap(dst).
+func (r *ring) next(dst []byte, wait bool) (f Frame, ok bool, err error) {
 	for {
 		if r.consTail == r.consHead {
-			if err := r.waitData(); err != nil {
-				return Frame{}, err
+			if !wait {
+				if r.consTail = r.tail.Load(); r.consTail == r.consHead {
+					return Frame{}, false, nil
+				}
+			} else if err := r.waitData(); err != nil {
+				return Frame{}, false, err
 			}
 		}
 		avail := r.consTail - r.consHead
 		off := r.consHead & r.mask
 		left := r.size - off
 		if avail > r.size || avail < recordAlign || off%recordAlign != 0 {
-			return Frame{}, fmt.Errorf("%w: %d bytes published at offset %d", ErrCorrupt, avail, off)
+			return Frame{}, false, fmt.Errorf("%w: %d bytes published at offset %d", ErrCorrupt, avail, off)
 		}
 		length := binary.LittleEndian.Uint32(r.data[off:])
 		if length == skipMarker {
 			if left > avail {
-				return Frame{}, fmt.Errorf("%w: skip of %d bytes with %d published", ErrCorrupt, left, avail)
+				return Frame{}, false, fmt.Errorf("%w: skip of %d bytes with %d published", ErrCorrupt, left, avail)
 			}
 			r.consume(r.consHead + left)
 			continue
 		}
 		n := recordSize(int(length))
 		if n > avail || n > left {
-			return Frame{}, fmt.Errorf("%w: record of %d bytes at offset %d with %d published", ErrCorrupt, n, off, avail)
+			return Frame{}, false, fmt.Errorf("%w: record of %d bytes at offset %d with %d published", ErrCorrupt, n, off, avail)
+		}
+		if !wait && uint64(len(dst))+uint64(length) > uint64(cap(dst)) {
+			return Frame{}, false, nil
 		}
 		// The peer can still write the shared bytes, so the header and the
 		// payload are copied out first and only the copies are checked and
-		// used.
-		var h [frameHeaderSize]byte
+		// used. The header goes to a field, not a local array, which the
+		// checksum call would move to the heap on every frame.
+		h := &r.consHeader
 		copy(h[:], r.data[off:off+frameHeaderSize])
 		if binary.LittleEndian.Uint32(h[:]) != length {
-			return Frame{}, fmt.Errorf("%w: record at offset %d changed while read", ErrCorrupt, off)
+			return Frame{}, false, fmt.Errorf("%w: record at offset %d changed while read", ErrCorrupt, off)
 		}
 		if err := checkFrameHeader(h[:]); err != nil {
-			return Frame{}, fmt.Errorf("%w: at offset %d: %w", ErrCorrupt, off, err)
+			return Frame{}, false, fmt.Errorf("%w: at offset %d: %w", ErrCorrupt, off, err)
 		}
-		f := Frame{Type: FrameType(h[4]), ID: binary.LittleEndian.Uint64(h[8:])}
-		f.Payload = append(buf[:0], r.data[off+frameHeaderSize:off+frameHeaderSize+uint64(length)]...)
+		f = Frame{Type: FrameType(h[4]), ID: binary.LittleEndian.Uint64(h[8:])}
+		start := len(dst)
+		dst = append(dst, r.data[off+frameHeaderSize:off+frameHeaderSize+uint64(length)]...)
+		f.Payload = dst[start:]
 		if err := verifyFrame(h[:], f.Payload); err != nil {
-			return Frame{}, fmt.Errorf("%w: at offset %d: %w", ErrCorrupt, off, err)
+			return Frame{}, false, fmt.Errorf("%w: at offset %d: %w", ErrCorrupt, off, err)
 		}
 		r.consume(r.consHead + n)
-		return f, nil
+		return f, true, nil
 	}
 }
 
 // consume hands the space below pos back to the producer and rings its
 // doorbell if it sleeps on a full ring.
+//
+// A producer sleeps on a full ring only after publishing everything it has
+// written, so the consumer wakes it once it has drained all it has seen, or
+// earlier once a quarter of the ring has been freed since the last wake.
+// Waking on every record instead would have a fast producer fill one slot,
+// sleep again and cost a wake per frame.
 func (r *ring) consume(pos uint64) {
 	r.consHead = pos
+	if r.batching {
+		// recvBatch stores head once for the batch (releaseHead).
+		return
+	}
+	r.releaseHead()
+}
+
+// releaseHead stores consHead in head and wakes a producer waiting for
+// space if the rule above says so.
+func (r *ring) releaseHead() {
+	pos := r.consHead
 	r.head.Store(pos)
-	if r.spaceWaiting.Load() != 0 && r.spaceWaiting.CompareAndSwap(1, 0) {
+	if r.spaceWaiting.Load() != 0 && (pos == r.consTail || pos-r.consWoke >= r.size/4) &&
+		r.spaceWaiting.CompareAndSwap(1, 0) {
+		r.consWoke = pos
 		futexWakeOne(r.spaceWaiting)
 	}
 }

@@ -424,3 +424,60 @@ func TestHeartbeatWatch(t *testing.T) {
 		t.Errorf("closed segment: got %v, want 0", got)
 	}
 }
+
+// TestRingBatch sends batches many times the ring's size with sendBatch,
+// so the producer must publish part of a batch and sleep for space in the
+// middle of it, and reads them with recvBatch through a buffer smaller than
+// a batch, across many wraparounds. Every frame arrives once, in order,
+// intact.
+func TestRingBatch(t *testing.T) {
+	checkGoroutines(t)
+	gw, wk := newPair(t, MinRingSize)
+	const batches, perBatch = 40, 50
+	sizes := []int{0, 1, 16, 100, 700, 1500}
+	want := func(i int) Frame {
+		return Frame{Type: FrameToken, ID: uint64(i), Payload: pattern(uint64(i), sizes[i%len(sizes)])}
+	}
+	sent := make(chan error, 1)
+	go func() {
+		frames := make([]Frame, 0, perBatch)
+		for b := range batches {
+			frames = frames[:0]
+			for j := range perBatch {
+				frames = append(frames, want(b*perBatch+j))
+			}
+			if err := gw.sendBatch(requestRing, frames); err != nil {
+				sent <- err
+				return
+			}
+		}
+		sent <- nil
+	}()
+	frames := make([]Frame, 0, 16)
+	buf := make([]byte, 0, 2048)
+	got, calls := 0, 0
+	for got < batches*perBatch {
+		fs, err := wk.recvBatch(requestRing, frames[:0], buf)
+		if err != nil {
+			t.Fatalf("recvBatch after %d frames: %v", got, err)
+		}
+		calls++
+		if len(fs) == 0 || len(fs) > cap(frames) {
+			t.Fatalf("recvBatch returned %d frames", len(fs))
+		}
+		for _, f := range fs {
+			w := want(got)
+			if f.Type != w.Type || f.ID != w.ID || !bytes.Equal(f.Payload, w.Payload) {
+				t.Fatalf("frame %d: got type %v id %d len %d, payload equal %v", got, f.Type, f.ID, len(f.Payload), bytes.Equal(f.Payload, w.Payload))
+			}
+			got++
+		}
+	}
+	if err := <-sent; err != nil {
+		t.Fatalf("sendBatch: %v", err)
+	}
+	if wraps := gw.rings[requestRing].tail.Load() / MinRingSize; wraps < 50 {
+		t.Errorf("ring wrapped %d times, want at least 50", wraps)
+	}
+	t.Logf("%d frames in %d recvBatch calls", got, calls)
+}

@@ -216,6 +216,7 @@ func newSegment(f *os.File, mem []byte, ringSize int) *Segment {
 		// off, so each side's private cursors come from the shared indices.
 		r := &s.rings[i]
 		r.prodTail = r.tail.Load()
+		r.pubTail = r.prodTail
 		r.prodHead = r.head.Load()
 		r.consHead = r.head.Load()
 		r.consTail = r.tail.Load()
@@ -302,6 +303,15 @@ func (s *Segment) send(i int, typ FrameType, id uint64, payload []byte) error {
 	return s.rings[i].send(typ, id, payload)
 }
 
+// sendBatch writes frames into ring i and publishes them together.
+func (s *Segment) sendBatch(i int, frames []Frame) error {
+	if !s.acquire() {
+		return ErrClosed
+	}
+	defer s.release()
+	return s.rings[i].sendBatch(frames)
+}
+
 // recv reads one frame from ring i, copying the payload into buf's storage.
 func (s *Segment) recv(i int, buf []byte) (Frame, error) {
 	if !s.acquire() {
@@ -309,6 +319,16 @@ func (s *Segment) recv(i int, buf []byte) (Frame, error) {
 	}
 	defer s.release()
 	return s.rings[i].recv(buf)
+}
+
+// recvBatch reads every frame already published on ring i, up to
+// cap(frames), sleeping only while there is none; see ring.recvBatch.
+func (s *Segment) recvBatch(i int, frames []Frame, buf []byte) ([]Frame, error) {
+	if !s.acquire() {
+		return frames, ErrClosed
+	}
+	defer s.release()
+	return s.rings[i].recvBatch(frames, buf)
 }
 
 // beat counts the worker's heartbeat up by one.

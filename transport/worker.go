@@ -18,8 +18,9 @@ type WorkerEnd struct {
 	recvMu  sync.Mutex
 	recvBuf []byte
 
-	sendMu  sync.Mutex // the response ring has one producer at a time
-	sendBuf []byte
+	sendMu     sync.Mutex // the response ring has one producer at a time
+	sendBuf    []byte
+	sendFrames []Frame // SendTokens' batch, reused
 }
 
 // NewWorkerEnd makes the worker's endpoint on seg.
@@ -57,6 +58,40 @@ func (w *WorkerEnd) SendToken(id uint64, t Token) error {
 	defer w.sendMu.Unlock()
 	w.sendBuf = AppendToken(w.sendBuf[:0], &t)
 	return w.send(FrameToken, id)
+}
+
+// TokenOut is one token for one request, an element of SendTokens' batch.
+type TokenOut struct {
+	ID    uint64
+	Token Token
+}
+
+// SendTokens sends one token frame per element, in order, and publishes
+// them together: one store of the ring's tail and at most one doorbell for
+// the batch, where a SendToken per element pays both every time. A decode
+// step that produced a token for each of several sequences sends them this
+// way. On an error the frames before the failing one may have been sent.
+func (w *WorkerEnd) SendTokens(ts []TokenOut) error {
+	w.sendMu.Lock()
+	defer w.sendMu.Unlock()
+	w.sendBuf = w.sendBuf[:0]
+	w.sendFrames = w.sendFrames[:0]
+	for i := range ts {
+		w.sendBuf = AppendToken(w.sendBuf, &ts[i].Token)
+		// For now Payload only carries the end offset in its length; the
+		// slices are cut once sendBuf has stopped growing.
+		w.sendFrames = append(w.sendFrames, Frame{Type: FrameToken, ID: ts[i].ID, Payload: w.sendBuf[:len(w.sendBuf)]})
+	}
+	start := 0
+	for i := range w.sendFrames {
+		end := len(w.sendFrames[i].Payload)
+		w.sendFrames[i].Payload = w.sendBuf[start:end:end]
+		start = end
+	}
+	if err := w.seg.sendBatch(responseRing, w.sendFrames); err != nil {
+		return fmt.Errorf("transport: worker send %d tokens: %w", len(ts), err)
+	}
+	return nil
 }
 
 // SendDone ends request id normally.

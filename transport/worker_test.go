@@ -4,6 +4,7 @@ package transport
 
 import (
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -47,5 +48,36 @@ func TestWorkerEndRecv(t *testing.T) {
 	}
 	if err := w.SendHeartbeat(); !errors.Is(err, ErrClosed) {
 		t.Errorf("send after Close: got %v, want ErrClosed", err)
+	}
+}
+
+// TestSendTokens checks that a batch arrives as one token frame per element,
+// in order, each with its own request id and text.
+func TestSendTokens(t *testing.T) {
+	checkGoroutines(t)
+	gw, wk := newPair(t, MinRingSize)
+	w := NewWorkerEnd(wk)
+	var batch []TokenOut
+	for i := range 40 {
+		batch = append(batch, TokenOut{ID: uint64(100 + i%7), Token: Token{Count: uint32(i), Text: strings.Repeat("x", i)}})
+	}
+	for round := range 3 {
+		// 40 frames of up to 72 bytes outgrow a 4 KiB ring, so each batch
+		// is published in parts while the reader below drains it.
+		done := make(chan error, 1)
+		go func() { done <- w.SendTokens(batch) }()
+		for i, want := range batch {
+			f, err := gw.recv(responseRing, nil)
+			if err != nil {
+				t.Fatalf("round %d frame %d: %v", round, i, err)
+			}
+			got, err := DecodeToken(f.Payload)
+			if f.Type != FrameToken || f.ID != want.ID || err != nil || got != want.Token {
+				t.Fatalf("round %d frame %d: got %v %d %+v (%v), want %d %+v", round, i, f.Type, f.ID, got, err, want.ID, want.Token)
+			}
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("SendTokens: %v", err)
+		}
 	}
 }
