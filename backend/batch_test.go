@@ -36,6 +36,15 @@ func newRecorder() *recorder {
 	}
 }
 
+func (r *recorder) SendTokens(ts []transport.TokenOut) error {
+	for _, t := range ts {
+		if err := r.SendToken(t.ID, t.Token); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (r *recorder) SendToken(id uint64, t transport.Token) error {
 	r.mu.Lock()
 	if r.text[id] == nil {

@@ -359,7 +359,7 @@ func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- erro
 // sender is what the loop sends on the ring; *transport.WorkerEnd in the
 // worker, a recorder in tests that need to see exactly which tokens left.
 type sender interface {
-	SendToken(id uint64, t transport.Token) error
+	SendTokens(ts []transport.TokenOut) error
 	SendDone(id uint64, d transport.Done) error
 	SendError(id uint64, e transport.Error) error
 	SendStats(s transport.Stats) error
@@ -392,18 +392,21 @@ type running struct {
 // Running sequences are never preempted: a sequence keeps its slot until
 // it finishes or is cancelled.
 type workerLoop struct {
-	end      sender
-	slots    int
-	kvBudget int64
-	models   map[string]*Model
-	batches  []*batch // one per model, in a fixed order
-	pending  []*running
-	byID     map[uint64]*running
-	byGen    map[*generation]*running
-	arrivals uint64
-	stats    transport.Stats
-	log      *slog.Logger
-	tracer   trace.Tracer
+	// outTokens are the token frames of the current step, sent in one
+	// publish (flushTokens) rather than one ring publish per sequence.
+	outTokens []transport.TokenOut
+	end       sender
+	slots     int
+	kvBudget  int64
+	models    map[string]*Model
+	batches   []*batch // one per model, in a fixed order
+	pending   []*running
+	byID      map[uint64]*running
+	byGen     map[*generation]*running
+	arrivals  uint64
+	stats     transport.Stats
+	log       *slog.Logger
+	tracer    trace.Tracer
 
 	// Versions come and go while the loop runs (control.go): loaders run
 	// beside the loop and hand their model back through inbox; draining
@@ -512,6 +515,9 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 				return err
 			}
 		}
+		if err := w.flushTokens(); err != nil {
+			return err
+		}
 	}
 	w.reap()
 	return nil
@@ -554,7 +560,7 @@ func (w *workerLoop) start() error {
 			r.span.SetStatus(codes.Error, "prefill failed")
 			w.forget(r)
 			w.stats.SequencesFinished++
-			if err := w.end.SendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "prefill failed: " + err.Error()}); err != nil {
+			if err := w.sendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "prefill failed: " + err.Error()}); err != nil {
 				return err
 			}
 			continue
@@ -562,6 +568,10 @@ func (w *workerLoop) start() error {
 		prefilled += len(r.gen.prompt)
 		r.batch.join(r.gen, kv)
 		if err := w.emit(r); err != nil {
+			return err
+		}
+		// The first token goes out now, not after the next prefill.
+		if err := w.flushTokens(); err != nil {
 			return err
 		}
 	}
@@ -595,9 +605,7 @@ func (w *workerLoop) emit(r *running) error {
 	}
 	tok, done := r.gen.next()
 	w.stats.TokensGenerated += uint64(tok.Count)
-	if err := w.end.SendToken(r.id, tok); err != nil {
-		return err
-	}
+	w.outTokens = append(w.outTokens, transport.TokenOut{ID: r.id, Token: tok})
 	if r.phase == phasePrefill {
 		// The prefill sampled the first token; from here the sequence
 		// advances one token per decode step of its batch.
@@ -620,7 +628,7 @@ func (w *workerLoop) emit(r *running) error {
 	}
 	w.forget(r)
 	w.stats.SequencesFinished++
-	return w.end.SendDone(r.id, *done)
+	return w.sendDone(r.id, *done)
 }
 
 // failBatch answers every sequence of a batch whose step failed with an
@@ -636,7 +644,7 @@ func (w *workerLoop) failBatch(b *batch, err error) error {
 		r.span.SetStatus(codes.Error, "decode step failed")
 		w.forget(r)
 		w.stats.SequencesFinished++
-		if err := w.end.SendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "generation failed: " + err.Error()}); err != nil {
+		if err := w.sendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "generation failed: " + err.Error()}); err != nil {
 			return err
 		}
 	}
@@ -672,7 +680,7 @@ func (w *workerLoop) handle(in inbound) error {
 
 func (w *workerLoop) admit(in inbound) error {
 	reject := func(code, msg string) error {
-		return w.end.SendError(in.id, transport.Error{Code: code, Message: msg})
+		return w.sendError(in.id, transport.Error{Code: code, Message: msg})
 	}
 	if in.err != nil {
 		return reject(transport.CodeInvalidRequest, "malformed submit: "+in.err.Error())
@@ -770,4 +778,31 @@ func (w *workerLoop) closeAll() {
 	}
 	w.draining = nil
 	w.pending, w.byID, w.byGen = nil, nil, nil
+}
+
+// flushTokens sends the queued token frames in one publish.
+func (w *workerLoop) flushTokens() error {
+	if len(w.outTokens) == 0 {
+		return nil
+	}
+	err := w.end.SendTokens(w.outTokens)
+	clear(w.outTokens)
+	w.outTokens = w.outTokens[:0]
+	return err
+}
+
+// sendDone and sendError end a request after the tokens queued before it,
+// so its frames stay in order.
+func (w *workerLoop) sendDone(id uint64, d transport.Done) error {
+	if err := w.flushTokens(); err != nil {
+		return err
+	}
+	return w.end.SendDone(id, d)
+}
+
+func (w *workerLoop) sendError(id uint64, e transport.Error) error {
+	if err := w.flushTokens(); err != nil {
+		return err
+	}
+	return w.end.SendError(id, e)
 }
