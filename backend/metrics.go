@@ -15,6 +15,7 @@ type poolCollector struct {
 	restarts, ready, active             *prometheus.Desc
 	hangs, corrupt, stalled             *prometheus.Desc
 	gpuMemory                           *prometheus.Desc
+	ringBytes, ringWakeups              *prometheus.Desc
 }
 
 func newPoolCollector(p *Pool) *poolCollector {
@@ -33,6 +34,10 @@ func newPoolCollector(p *Pool) *poolCollector {
 		hangs:    d("h3infer_worker_hangs_total", "Worker processes killed because their heartbeat stalled."),
 		corrupt:  d("h3infer_worker_ring_failures_total", "Worker processes killed because they left their ring corrupt."),
 		stalled:  d("h3infer_worker_heartbeat_stalled_seconds", "How long the ready worker's heartbeat has stood still, as of the last check."),
+		ringBytes: prometheus.NewDesc("h3infer_worker_ring_bytes",
+			"Bytes published and not yet consumed in the worker's shared-memory ring, by direction (to_worker, to_gateway).",
+			[]string{"worker", "direction"}, nil),
+		ringWakeups: d("h3infer_worker_ring_wakeups_total", "Doorbells the gateway rang on the worker's rings: futex wakes of a sleeping worker."),
 		gpuMemory: prometheus.NewDesc("h3infer_worker_gpu_memory_bytes",
 			"Device memory the worker process holds on a GPU, as the NVIDIA driver reports it. Absent without a GPU.",
 			[]string{"worker", "device"}, nil),
@@ -40,7 +45,7 @@ func newPoolCollector(p *Pool) *poolCollector {
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready, c.active, c.hangs, c.corrupt, c.stalled, c.gpuMemory} {
+	for _, d := range []*prometheus.Desc{c.tokens, c.started, c.finished, c.canceled, c.restarts, c.ready, c.active, c.hangs, c.corrupt, c.stalled, c.gpuMemory, c.ringBytes, c.ringWakeups} {
 		ch <- d
 	}
 }
@@ -69,6 +74,10 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.hangs, hangs)
 		counter(c.corrupt, corrupt)
 		ch <- prometheus.MustNewConstMetric(c.stalled, prometheus.GaugeValue, stalled.Seconds(), id)
+		rs := w.ringStats()
+		ch <- prometheus.MustNewConstMetric(c.ringBytes, prometheus.GaugeValue, float64(rs.ToWorkerBytes), id, "to_worker")
+		ch <- prometheus.MustNewConstMetric(c.ringBytes, prometheus.GaugeValue, float64(rs.ToGatewayBytes), id, "to_gateway")
+		counter(c.ringWakeups, rs.Wakeups)
 	}
 	c.collectGPU(ch)
 }

@@ -113,6 +113,8 @@ type Worker struct {
 
 	mu       sync.Mutex
 	end      *transport.GatewayEnd // nil while no process runs
+	seg      *transport.Segment    // the running process's rings; nil while none runs
+	wakeBase uint64                // gateway-side ring wake-ups of processes that exited
 	pid      int
 	ready    bool
 	slots    int
@@ -496,7 +498,7 @@ func (p *Pool) launch(w *Worker) (*process, error) {
 		return nil, fmt.Errorf("worker %d: start %s: %w", w.id, p.cfg.Executable, err)
 	}
 	w.mu.Lock()
-	w.end, w.pid, w.state, w.stalled = pr.end, cmd.Process.Pid, StateStarting, 0
+	w.end, w.seg, w.pid, w.state, w.stalled = pr.end, pr.seg, cmd.Process.Pid, StateStarting, 0
 	w.mu.Unlock()
 	p.log.Info("worker started", "worker", w.id, "pid", cmd.Process.Pid)
 	return pr, nil
@@ -608,7 +610,8 @@ wait:
 	// fail also sees the worker gone.
 	w.mu.Lock()
 	wasReady := w.ready
-	w.end, w.pid, w.ready, w.stalled = nil, 0, false, 0
+	w.wakeBase += pr.seg.Stats().Wakeups
+	w.end, w.seg, w.pid, w.ready, w.stalled = nil, nil, 0, false, 0
 	w.lastExit = fmt.Sprint(waitErr)
 	if killedFor != "" {
 		w.lastExit = killedFor
@@ -644,6 +647,19 @@ func addStats(a, b transport.Stats) transport.Stats {
 		SequencesFinished:  a.SequencesFinished + b.SequencesFinished,
 		SequencesCancelled: a.SequencesCancelled + b.SequencesCancelled,
 	}
+}
+
+// ringStats reads the running process's ring occupancy, with the wake-ups
+// counted over all its processes so far; zero occupancy while none runs.
+func (w *Worker) ringStats() transport.RingStats {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var st transport.RingStats
+	if w.seg != nil {
+		st = w.seg.Stats()
+	}
+	st.Wakeups += w.wakeBase
+	return st
 }
 
 // totals are the worker's counters over all its processes so far.

@@ -78,6 +78,9 @@ type ring struct {
 	dataWaiting, spaceWaiting *atomic.Uint32
 	closed                    *atomic.Uint32
 	data                      []byte
+	// wakes counts the futex wakes this process rang on this ring (its
+	// own side only; it lives in process memory, not in the mapping).
+	wakes atomic.Uint64
 	size, mask                uint64
 
 	// Producer-private: the next write position, the last position
@@ -179,6 +182,7 @@ func (r *ring) flush() {
 	// The plain load keeps the hot path free of a locked instruction when the
 	// consumer is awake, which is the common case under load.
 	if r.dataWaiting.Load() != 0 && r.dataWaiting.CompareAndSwap(1, 0) {
+		r.wakes.Add(1)
 		futexWakeOne(r.dataWaiting)
 	}
 }
@@ -354,6 +358,7 @@ func (r *ring) releaseHead() {
 	if r.spaceWaiting.Load() != 0 && (pos == r.consTail || pos-r.consWoke >= r.size/4) &&
 		r.spaceWaiting.CompareAndSwap(1, 0) {
 		r.consWoke = pos
+		r.wakes.Add(1)
 		futexWakeOne(r.spaceWaiting)
 	}
 }

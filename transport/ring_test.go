@@ -481,3 +481,51 @@ func TestRingBatch(t *testing.T) {
 	}
 	t.Logf("%d frames in %d recvBatch calls", got, calls)
 }
+
+// Stats reports what waits in each ring and counts the doorbells rung for a
+// sleeping consumer.
+func TestSegmentStats(t *testing.T) {
+	seg, err := NewSegment(MinRingSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer seg.Close()
+	if st := seg.Stats(); st != (RingStats{}) {
+		t.Fatalf("fresh segment: %+v, want zeros", st)
+	}
+	if err := seg.send(requestRing, FrameCancel, 7, make([]byte, 40)); err != nil {
+		t.Fatal(err)
+	}
+	st := seg.Stats()
+	if st.ToWorkerBytes == 0 || st.ToGatewayBytes != 0 {
+		t.Errorf("after one request frame: %+v, want bytes toward the worker only", st)
+	}
+	if st.Wakeups != 0 {
+		t.Errorf("no consumer slept, yet %d wake-ups were counted", st.Wakeups)
+	}
+	buf := make([]byte, MinRingSize)
+	if _, err := seg.recv(requestRing, buf); err != nil {
+		t.Fatal(err)
+	}
+	if st := seg.Stats(); st.ToWorkerBytes != 0 {
+		t.Errorf("after reading the frame: %+v, want the ring empty", st)
+	}
+	// A consumer that sleeps is woken by the next publish, once.
+	got := make(chan error, 1)
+	go func() {
+		_, err := seg.recv(requestRing, buf)
+		got <- err
+	}()
+	for seg.rings[requestRing].dataWaiting.Load() == 0 {
+		runtime.Gosched()
+	}
+	if err := seg.send(requestRing, FrameCancel, 8, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+	if st := seg.Stats(); st.Wakeups != 1 {
+		t.Errorf("one sleeping consumer woken: %d wake-ups counted, want 1", st.Wakeups)
+	}
+}

@@ -236,6 +236,27 @@ func word32(mem []byte, off int) *atomic.Uint32 {
 	return (*atomic.Uint32)(unsafe.Pointer(&mem[off]))
 }
 
+// RingStats is what one process sees of a segment's two rings.
+type RingStats struct {
+	// ToWorkerBytes and ToGatewayBytes are the bytes published and not yet
+	// consumed in each direction, record framing included.
+	ToWorkerBytes, ToGatewayBytes uint64
+	// Wakeups counts the doorbells this process rang: futex wakes of a
+	// consumer sleeping for data or a producer sleeping for space.
+	Wakeups uint64
+}
+
+// Stats reads the rings' occupancy from the mapping and this process's
+// wake-up count. It is safe to call at any time before Close.
+func (s *Segment) Stats() RingStats {
+	used := func(r *ring) uint64 { return r.tail.Load() - r.head.Load() }
+	return RingStats{
+		ToWorkerBytes:  used(&s.rings[requestRing]),
+		ToGatewayBytes: used(&s.rings[responseRing]),
+		Wakeups:        s.rings[0].wakes.Load() + s.rings[1].wakes.Load(),
+	}
+}
+
 // RingSize reports each ring's capacity in bytes.
 func (s *Segment) RingSize() int { return s.ringSize }
 

@@ -107,6 +107,21 @@ func TestEndToEndMetricsAfterTraffic(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// Idle workers sleep on their request ring, so each request rang at
+	// least one doorbell; once all is answered the rings are empty.
+	if got := sum(t, text, "h3infer_worker_ring_wakeups_total"); got < 1 {
+		t.Errorf("h3infer_worker_ring_wakeups_total = %v after traffic to sleeping workers, want > 0", got)
+	}
+	// Nothing is sent toward a worker once every request is answered (the
+	// other direction carries the workers' periodic reports).
+	for _, l := range strings.Split(text, "\n") {
+		if strings.HasPrefix(l, "h3infer_worker_ring_bytes{") && strings.Contains(l, `direction="to_worker"`) && !strings.HasSuffix(l, " 0") {
+			t.Errorf("%s with nothing in flight, want 0", l)
+		}
+	}
+	if !strings.Contains(text, `h3infer_worker_ring_bytes{direction="to_gateway",worker="0"}`) {
+		t.Errorf("h3infer_worker_ring_bytes has no to_gateway series for worker 0")
+	}
 	for _, name := range []string{"h3infer_quic_connections_total", "h3infer_quic_packets_sent_total", "h3infer_quic_packets_received_total"} {
 		if sum(t, text, name) < 1 {
 			t.Errorf("%s did not move", name)
