@@ -263,11 +263,16 @@ func (h *harness) counter(t *testing.T, name, label string) float64 {
 	return sum
 }
 
-// resumeThroughRelay makes a first connection to get a ticket, then returns
-// a client whose next connection goes through a relay that holds back the
-// client's Handshake packets, so the gateway sees the request early.
-const holdHandshake = 500 * time.Millisecond
+// holdHandshake is how long the relay in zeroRTTSetup holds back the
+// client's Handshake packets, so that the gateway handles the request
+// before the handshake completes. It must outlast the handler's start on a
+// loaded machine running the race detector: at 500 ms the handshake
+// sometimes completed first and the request was rightly served as 1-RTT.
+const holdHandshake = 2 * time.Second
 
+// zeroRTTSetup makes a first connection to get a ticket, then returns a
+// client whose next connection goes through a relay that holds back the
+// client's Handshake packets, so the gateway sees the request early.
 func zeroRTTSetup(t *testing.T, h *harness, cred string) (*client.Client, *udprelay.Relay) {
 	t.Helper()
 	relay, err := udprelay.New(h.gw.Addr())

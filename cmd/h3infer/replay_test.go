@@ -87,7 +87,10 @@ func TestReplayedZeroRTTRunsOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const hold = 500 * time.Millisecond
+	// Long enough that the gateway handles the request before the held
+	// handshake completes, even on a loaded machine (see gateway's
+	// holdHandshake).
+	const hold = 2 * time.Second
 	t.Cleanup(func() {
 		relay.HoldHandshake(0)
 		time.Sleep(hold + 200*time.Millisecond)
