@@ -86,7 +86,7 @@ func BenchmarkCoalescing(b *testing.B) {
 	paced := &pacedScheduler{n: n, interval: 2 * time.Millisecond}
 	h := newHarness(b, nil)
 	h.gw.sched = paced
-	tlsConf := h.clients["h3"].Transport.(*http3.Transport).TLSClientConfig
+	tlsConf := &tls.Config{RootCAs: h.pool}
 	for _, u := range []string{"0", "5"} {
 		b.Run("u="+u, func(b *testing.B) {
 			var dataPkts, ackPkts float64
@@ -146,6 +146,7 @@ func coalescedStream(b *testing.B, h *harness, tlsConf *tls.Config, paced *paced
 	before := conn.ConnectionStats()
 	req, _ := http.NewRequest(http.MethodPost, h.base+"/v1/chat/completions", strings.NewReader(chatStream))
 	req.Header.Set("Priority", "u="+u)
+	req.Header.Set("Authorization", "Bearer "+bearerOfCredential(b, h.cred))
 	resp, err := client.Do(req)
 	if err != nil {
 		b.Fatal(err)
