@@ -32,7 +32,7 @@ done
 for i in $(seq "$REPS"); do
 	echo "== scenario 1, repetition $i"
 	"$BIN" bench --url https://127.0.0.1:28443 --baseline-url https://127.0.0.1:28444 \
-		--ca "$state/certs/ca.pem" --concurrency 1,64,256 --requests 1024 --duration 15s \
+		--ca "$state/certs/ca.pem" --state-dir "$state" --concurrency 1,64,256 --requests 1024 --duration 15s \
 		--prompt-words 32 --output-tokens 64 --json "$OUT/overhead-$i.json" --plot "$OUT/overhead-$i" \
 		| tee "$OUT/overhead-$i.txt"
 done
