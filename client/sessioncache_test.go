@@ -1,3 +1,8 @@
+//go:build !race
+
+// These tests resume in 0-RTT in the test process; see the note in
+// gateway/zerortt_test.go on why they run without the race detector.
+
 package client
 
 import (

@@ -1,3 +1,8 @@
+//go:build !race
+
+// The replay test runs a 0-RTT client in the test process; see the note in
+// gateway/zerortt_test.go on why it runs without the race detector.
+
 package main
 
 import (

@@ -158,6 +158,20 @@ func TestReadStream(t *testing.T) {
 // TestRunAgainstBareServer drives the real bare server over every
 // protocol and connection mode and checks the counts, never the timing.
 func TestRunAgainstBareServer(t *testing.T) {
+	mix, _ := ParseUrgencyMix("0:1,3:1")
+	runAgainstBareServer(t, map[string]Config{
+		"h3 closed":    {Proto: ProtoH3, Concurrency: 4, Requests: 20, Urgency: mix},
+		"h2 closed":    {Proto: ProtoH2, Concurrency: 4, Requests: 20},
+		"h1 closed":    {Proto: ProtoH1, Concurrency: 4, Requests: 20},
+		"h3 open loop": {Proto: ProtoH3, Concurrency: 64, Rate: 400, Requests: 20},
+		"h3 new conn":  {Proto: ProtoH3, NewConnection: true, Requests: 6},
+	})
+}
+
+// runAgainstBareServer runs each configuration against a real bare server
+// on loopback and checks every request, token and gap was counted.
+func runAgainstBareServer(t *testing.T, cases map[string]Config) {
+	t.Helper()
 	dev, err := certs.EnsureDev(filepath.Join(t.TempDir(), "certs"), certs.DevOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -176,16 +190,7 @@ func TestRunAgainstBareServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	mix, _ := ParseUrgencyMix("0:1,3:1")
-	for name, cfg := range map[string]Config{
-		"h3 closed":       {Proto: ProtoH3, Concurrency: 4, Requests: 20, Urgency: mix},
-		"h2 closed":       {Proto: ProtoH2, Concurrency: 4, Requests: 20},
-		"h1 closed":       {Proto: ProtoH1, Concurrency: 4, Requests: 20},
-		"h3 open loop":    {Proto: ProtoH3, Concurrency: 64, Rate: 400, Requests: 20},
-		"h3 new conn":     {Proto: ProtoH3, NewConnection: true, Requests: 6},
-		"h3 new conn 0rt": {Proto: ProtoH3, NewConnection: true, ZeroRTT: true, Requests: 6},
-		"h2 new conn 0rt": {Proto: ProtoH2, NewConnection: true, ZeroRTT: true, Requests: 6},
-	} {
+	for name, cfg := range cases {
 		cfg.URL = "https://" + srv.Addr()
 		cfg.TLS = &tls.Config{RootCAs: pool}
 		cfg.OutputTokens = Dist{Kind: DistFixed, A: 7}
