@@ -80,8 +80,8 @@ type ring struct {
 	data                      []byte
 	// wakes counts the futex wakes this process rang on this ring (its
 	// own side only; it lives in process memory, not in the mapping).
-	wakes atomic.Uint64
-	size, mask                uint64
+	wakes      atomic.Uint64
+	size, mask uint64
 
 	// Producer-private: the next write position, the last position
 	// published to tail, and the last head seen, so that a producer with
