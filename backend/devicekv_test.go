@@ -130,30 +130,7 @@ func BenchmarkDecodeStepKV(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				bt := m.newBatch()
-				defer bt.close()
-				gens := make([]*generation, rows)
-				for i := range gens {
-					gens[i] = &generation{m: m, n: past, row: -1, last: 'e'}
-					bt.join(gens[i], cache)
-				}
-				steps := 0
-				for b.Loop() {
-					if bt.cols >= m.cfg.ContextLength-1 {
-						b.StopTimer()
-						for _, g := range gens {
-							bt.leave(g)
-							g.n = past
-							bt.join(g, cache)
-						}
-						b.StartTimer()
-					}
-					if err := bt.step(); err != nil {
-						b.Fatal(err)
-					}
-					steps++
-				}
-				perToken := float64(b.Elapsed().Nanoseconds()) / float64(steps*rows)
+				perToken := stepLoop(b, m, rows, past, cache)
 				b.ReportMetric(perToken, "ns/token")
 				if kv == "host" {
 					host = perToken

@@ -272,32 +272,39 @@ func benchmarkDecodeStep(b *testing.B, m *Model, past int) {
 	}
 	for _, rows := range []int{1, 8, 32, 64} {
 		b.Run(fmt.Sprintf("rows=%d", rows), func(b *testing.B) {
-			bt := m.newBatch()
-			defer bt.close()
-			gens := make([]*generation, rows)
-			for i := range gens {
-				gens[i] = &generation{m: m, n: past, row: -1, last: 'e'}
-				bt.join(gens[i], kv)
-			}
-			steps := 0
-			for b.Loop() {
-				if bt.cols >= m.cfg.ContextLength-1 {
-					b.StopTimer()
-					for _, g := range gens {
-						bt.leave(g)
-						g.n = past
-						bt.join(g, kv)
-					}
-					b.StartTimer()
-				}
-				if err := bt.step(); err != nil {
-					b.Fatal(err)
-				}
-				steps++
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(steps*rows), "ns/token")
+			b.ReportMetric(stepLoop(b, m, rows, past, kv), "ns/token")
 		})
 	}
+}
+
+// stepLoop runs decode steps of a batch of rows sequences whose caches
+// hold past tokens, starting over whenever the context fills, and returns
+// the time per generated token in nanoseconds.
+func stepLoop(b *testing.B, m *Model, rows, past int, kv [][]byte) float64 {
+	bt := m.newBatch()
+	defer bt.close()
+	gens := make([]*generation, rows)
+	for i := range gens {
+		gens[i] = &generation{m: m, n: past, row: -1, last: 'e'}
+		bt.join(gens[i], kv)
+	}
+	steps := 0
+	for b.Loop() {
+		if bt.cols >= m.cfg.ContextLength-1 {
+			b.StopTimer()
+			for _, g := range gens {
+				bt.leave(g)
+				g.n = past
+				bt.join(g, kv)
+			}
+			b.StartTimer()
+		}
+		if err := bt.step(); err != nil {
+			b.Fatal(err)
+		}
+		steps++
+	}
+	return float64(b.Elapsed().Nanoseconds()) / float64(steps*rows)
 }
 
 // The token that ends a chat template's turns stops generation, as eos does.
