@@ -24,10 +24,25 @@ import (
 // past from one and has the runtime write present, one column wider, into
 // the other, which becomes the next past. Nothing is copied per step
 // beyond what the model's own concatenation does.
+//
+// A model whose model.json says kv_cache "append" returns only the step's
+// new positions as present, and the batch keeps the cache itself (the
+// append layout). Rows are then right-padded in a buffer of cols columns,
+// its capacity: row r's tokens fill its first r.n columns, each step writes
+// the new column at r.n, and every column goes to the model as past with
+// the unused ones masked out. Nothing moves while rows grow, and the model
+// reads the cache where it lies instead of copying it into present, which
+// in the concat layout costs as much as the attention itself. Capacity
+// grows with headroom (appendRoom), so the cache is rewritten once in many
+// steps, and shrinks when the row that widened it leaves.
 type batch struct {
 	m    *Model
 	rows []*generation
 	cols int
+	// appendKV selects the append layout; fresh receives each step's new
+	// positions, [rows, heads, 1, head_dim] per past input.
+	appendKV bool
+	fresh    [][]byte
 
 	buf [2][][]byte // [which][past input], laid out [rows, heads, cols, head_dim]
 	cur int         // buf[cur] holds the cache
@@ -47,7 +62,10 @@ type batch struct {
 }
 
 func (m *Model) newBatch() *batch {
-	b := &batch{m: m}
+	b := &batch{m: m, appendKV: m.cfg.KVCache == kvAppend}
+	if b.appendKV {
+		b.fresh = make([][]byte, 2*m.layers)
+	}
 	for i := range b.buf {
 		b.buf[i] = make([][]byte, 2*m.layers)
 	}
@@ -78,13 +96,18 @@ func grow[T any](s []T, n int, keep bool) []T {
 // [heads, g.n, head_dim] per past input.
 func (b *batch) join(g *generation, kv [][]byte) {
 	b.toHost()
-	if g.n > b.cols {
+	if b.appendKV && g.n >= b.cols {
+		b.relayout(appendRoom(max(g.n, b.widest())))
+	} else if !b.appendKV && g.n > b.cols {
 		b.relayout(g.n)
 	}
 	r := len(b.rows)
 	hd := b.posBytes()
 	heads := int(b.m.heads)
 	pad := b.cols - g.n
+	if b.appendKV {
+		pad = 0 // tokens first; the columns after them are masked
+	}
 	for k, src := range kv {
 		dst := grow(b.buf[b.cur][k], (r+1)*b.rowBytes(b.cols), true)
 		b.buf[b.cur][k] = dst
@@ -129,14 +152,31 @@ func (b *batch) leave(g *generation) {
 		}
 		return
 	}
-	widest := 0
-	for _, x := range b.rows {
-		widest = max(widest, x.n)
-	}
-	if widest < b.cols {
+	widest := b.widest()
+	if b.appendKV && b.cols > appendRoom(widest)+appendHeadroom(widest) {
+		b.relayout(appendRoom(widest))
+	} else if !b.appendKV && widest < b.cols {
 		b.relayout(widest)
 	}
 }
+
+// widest is the longest row's length.
+func (b *batch) widest() int {
+	n := 0
+	for _, g := range b.rows {
+		n = max(n, g.n)
+	}
+	return n
+}
+
+// appendRoom is the capacity an append-layout cache takes for rows of up
+// to n tokens: room for the next token, and headroom so that the cache is
+// rewritten once in appendHeadroom steps, not at each.
+func appendRoom(n int) int { return n + 1 + appendHeadroom(n) }
+
+// appendHeadroom is an eighth of n, at least 16 columns: the unused
+// columns every step attends (masked) stay a small part of the work.
+func appendHeadroom(n int) int { return max(16, n/8) }
 
 // toHost brings a device-resident cache into buf[cur] before the batch
 // changes shape.
@@ -147,7 +187,8 @@ func (b *batch) toHost() {
 }
 
 // relayout rewrites the cache with cols columns, each row keeping its
-// tokens at the right end. cols must be at least every row's n.
+// tokens at the right end (at the left in the append layout). cols must be
+// at least every row's n.
 func (b *batch) relayout(cols int) {
 	hd := b.posBytes()
 	heads := int(b.m.heads)
@@ -157,8 +198,13 @@ func (b *batch) relayout(cols int) {
 		dst := grow(b.buf[next][k], len(b.rows)*b.rowBytes(cols), false)
 		for r, g := range b.rows {
 			for h := range heads {
-				from := src[((r*heads+h)*b.cols+b.cols-g.n)*hd : ((r*heads+h)*b.cols+b.cols)*hd]
 				line := dst[(r*heads+h)*cols*hd : (r*heads+h+1)*cols*hd]
+				if b.appendKV {
+					first := (r*heads + h) * b.cols * hd
+					copy(line, src[first:first+g.n*hd])
+					continue
+				}
+				from := src[((r*heads+h)*b.cols+b.cols-g.n)*hd : ((r*heads+h)*b.cols+b.cols)*hd]
 				pad := cols - g.n
 				clear(line[:pad*hd])
 				copy(line[pad*hd:], from)
@@ -185,7 +231,12 @@ func (b *batch) step() error {
 		return b.stepBound()
 	}
 	m := b.m
-	cols := b.cols + 1
+	if b.appendKV {
+		if w := b.widest(); w >= b.cols {
+			b.relayout(appendRoom(w))
+		}
+	}
+	cols := b.cols + 1 // attention_mask's width, past and new
 	b.stepInputs(cols)
 	var vs values
 	defer vs.destroy()
@@ -226,9 +277,15 @@ func (b *batch) step() error {
 	}
 	next := 1 - b.cur
 	present := ort.NewShape(int64(rows), m.heads, int64(cols), m.headDim)
-	for k := range b.buf[next] {
-		b.buf[next][k] = grow(b.buf[next][k], rows*b.rowBytes(cols), false)
-		if err := vs.addRaw(&outputs, present, b.buf[next][k], m.kvType); err != nil {
+	dst := b.buf[next]
+	if b.appendKV {
+		next, cols = b.cur, b.cols // the cache stays where it is
+		present = ort.NewShape(int64(rows), m.heads, 1, m.headDim)
+		dst = b.fresh
+	}
+	for k := range dst {
+		dst[k] = grow(dst[k], int(present.FlattenedSize()*m.kvSize), false)
+		if err := vs.addRaw(&outputs, present, dst[k], m.kvType); err != nil {
 			return fmt.Errorf("model %s: step: present %d: %w", m.name, k, err)
 		}
 	}
@@ -237,6 +294,9 @@ func (b *batch) step() error {
 			outputs[0].Destroy()
 		}
 		return fmt.Errorf("model %s: decode step of %d rows over %d columns: %w", m.name, rows, b.cols, err)
+	}
+	if b.appendKV {
+		b.keepFresh()
 	}
 	all := b.logits
 	if m.vocab == 0 {
@@ -267,7 +327,24 @@ func (b *batch) step() error {
 	return nil
 }
 
-// stepInputs fills ids, pos and mask for a step to cols columns.
+// keepFresh writes a step's new positions (b.fresh) into the append
+// layout's cache, each row's at its column n, before n counts them.
+func (b *batch) keepFresh() {
+	hd := b.posBytes()
+	heads := int(b.m.heads)
+	for k, src := range b.fresh {
+		cache := b.buf[b.cur][k]
+		for r, g := range b.rows {
+			for h := range heads {
+				line := (r*heads + h) * hd
+				copy(cache[((r*heads+h)*b.cols+g.n)*hd:], src[line:line+hd])
+			}
+		}
+	}
+}
+
+// stepInputs fills ids, pos and mask for a step to cols columns: the
+// cache's and the new token's.
 func (b *batch) stepInputs(cols int) {
 	b.ids = b.ids[:0]
 	b.pos = b.pos[:0]
@@ -276,6 +353,14 @@ func (b *batch) stepInputs(cols int) {
 		b.ids = append(b.ids, int64(g.last))
 		b.pos = append(b.pos, int64(g.n))
 		for c := range cols {
+			if b.appendKV {
+				var v int64
+				if c < g.n || c == b.cols {
+					v = 1
+				}
+				b.mask = append(b.mask, v)
+				continue
+			}
 			if c >= b.cols-g.n {
 				b.mask = append(b.mask, 1)
 			} else {
@@ -291,6 +376,9 @@ func (m *Model) kvBytesPerToken() int64 { return 2 * int64(m.layers) * m.heads *
 // kvBytes bounds the memory of this batch's cache, both buffers, if it
 // held rows sequences up to longest tokens each.
 func (m *Model) kvBytes(rows, longest int) int64 {
+	if m.cfg.KVCache == kvAppend {
+		longest = appendRoom(longest)
+	}
 	return 2 * int64(rows) * int64(longest) * m.kvBytesPerToken()
 }
 

@@ -300,7 +300,32 @@ func loadRandomModel(t testing.TB, o onnxgen.Options) *Model {
 // Rows of different lengths that join and leave a batch at different steps
 // get, at every step, the logits they get alone in a batch of one.
 func TestBatchRowsMatchAloneLogits(t *testing.T) {
-	m := loadRandomModel(t, onnxgen.Options{Layers: 2, Heads: 4, Hidden: 64, Context: 256, Seed: 7})
+	for _, layout := range []string{onnxgen.KVCacheConcat, onnxgen.KVCacheAppend} {
+		t.Run("kv_cache="+layout, func(t *testing.T) {
+			m := loadRandomModel(t, onnxgen.Options{Layers: 2, Heads: 4, Hidden: 64, Context: 256, Seed: 7, KVCache: layout})
+			testBatchRowsMatchAlone(t, m, nil)
+		})
+	}
+}
+
+// The append layout computes what the concat layout computes: the same
+// weights in either graph give each row the same logits at every step,
+// batched with rows that join and leave.
+func TestAppendLayoutMatchesConcat(t *testing.T) {
+	opts := onnxgen.Options{Layers: 2, Heads: 4, Hidden: 64, Context: 256, Seed: 7}
+	concat := loadRandomModel(t, opts)
+	opts.KVCache = onnxgen.KVCacheAppend
+	testBatchRowsMatchAlone(t, loadRandomModel(t, opts), concat)
+}
+
+// testBatchRowsMatchAlone runs rows of different lengths through one batch
+// of m, joining and leaving at different steps, and each alone in a batch
+// of its own, of ref when it is set (else of m); at every step their
+// logits must agree.
+func testBatchRowsMatchAlone(t *testing.T, m, ref *Model) {
+	if ref == nil {
+		ref = m
+	}
 	type pair struct {
 		batched, alone *generation
 		solo           *batch
@@ -311,10 +336,13 @@ func TestBatchRowsMatchAloneLogits(t *testing.T) {
 	var live []*pair
 	join := func(prompt string, steps int) {
 		ids := m.tok.encode(prompt)
-		p := &pair{solo: m.newBatch(), steps: steps}
+		p := &pair{solo: ref.newBatch(), steps: steps}
 		t.Cleanup(p.solo.close)
 		for _, g := range []**generation{&p.batched, &p.alone} {
 			*g = &generation{m: m, row: -1}
+			if g == &p.alone {
+				(*g).m = ref
+			}
 			kv, err := (*g).prefill0(ids)
 			if err != nil {
 				t.Fatal(err)

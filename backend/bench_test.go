@@ -20,7 +20,9 @@ import (
 // model and for a random model of hidden size 512 and 4 layers. Each
 // sub-benchmark runs a fixed window and reports aggregate tokens/s, time to
 // first token and inter-token latency (p50, p99), and its tokens/s as a
-// multiple of concurrency 1 measured in the same run (x_c1).
+// multiple of concurrency 1 measured in the same run (x_c1). The random
+// model runs in both cache layouts (batch.go): concat, the usual export,
+// and append, where the worker keeps the cache.
 //
 //	go test -run '^$' -bench WorkerConcurrency -benchtime 1x ./backend/
 func BenchmarkWorkerConcurrency(b *testing.B) {
@@ -33,11 +35,15 @@ func BenchmarkWorkerConcurrency(b *testing.B) {
 		}
 		window = d
 	}
-	large := filepath.Join(b.TempDir(), "h512l4")
-	if err := onnxgen.Write(large, onnxgen.Options{Random: true, Layers: 4, Heads: 8, Hidden: 512, Seed: 1}); err != nil {
-		b.Fatal(err)
+	models := []struct{ name, dir string }{{"demo", testModelDir}}
+	for _, layout := range []string{onnxgen.KVCacheConcat, onnxgen.KVCacheAppend} {
+		dir := filepath.Join(b.TempDir(), "h512l4-"+layout)
+		if err := onnxgen.Write(dir, onnxgen.Options{Random: true, Layers: 4, Heads: 8, Hidden: 512, Seed: 1, KVCache: layout}); err != nil {
+			b.Fatal(err)
+		}
+		models = append(models, struct{ name, dir string }{"h512l4/kv_cache=" + layout, dir})
 	}
-	for _, model := range []struct{ name, dir string }{{"demo", testModelDir}, {"h512l4", large}} {
+	for _, model := range models {
 		b.Run("model="+model.name, func(b *testing.B) {
 			rw := startRingWorkerWith(b, 64, model.dir, 0)
 			var base float64

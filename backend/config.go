@@ -18,6 +18,11 @@ type modelConfig struct {
 	EOSToken      string   `json:"eos_token"`
 	ChatTemplate  string   `json:"chat_template"`
 	StopTokens    []string `json:"stop_tokens"`
+	// KVCache is how the graph passes the cache: "concat" (the default,
+	// the usual export: present is past with the new positions appended)
+	// or "append" (present is the new positions alone, and past is the
+	// runtime's whole cache, padding masked out). See batch.go.
+	KVCache string `json:"kv_cache"`
 
 	// Optional facts about the graph; when set, LoadModel checks the
 	// graph agrees, which catches a model.json copied next to the wrong
@@ -27,6 +32,12 @@ type modelConfig struct {
 	NumHeads  int `json:"num_heads"`
 	HeadDim   int `json:"head_dim"`
 }
+
+// model.json kv_cache values.
+const (
+	kvConcat = "concat"
+	kvAppend = "append"
+)
 
 // readModelConfig decodes model.json strictly: unknown keys and trailing
 // data are errors, and every invalid value is reported, each naming its key.
@@ -66,6 +77,13 @@ func parseModelConfig(data []byte) (modelConfig, error) {
 		c.ChatTemplate = TemplatePlain
 	} else if !validTemplate(c.ChatTemplate) {
 		errs = append(errs, fmt.Errorf("chat_template: must be one of %s, got %q", strings.Join(templateNames(), ", "), c.ChatTemplate))
+	}
+	switch c.KVCache {
+	case "":
+		c.KVCache = kvConcat
+	case kvConcat, kvAppend:
+	default:
+		errs = append(errs, fmt.Errorf("kv_cache: must be %q or %q, got %q", kvConcat, kvAppend, c.KVCache))
 	}
 	for i, s := range c.StopTokens {
 		if s == "" {

@@ -156,9 +156,15 @@ func LoadModel(dir string, opts ModelOptions) (*Model, error) {
 		}
 	}
 	m.place = place
-	deviceKV := place.provider.onGPU()
+	deviceKV := place.provider.onGPU() && cfg.KVCache == kvConcat
 	if opts.DeviceKV != nil {
 		deviceKV = *opts.DeviceKV
+	}
+	if deviceKV && cfg.KVCache == kvAppend {
+		// The device-resident cache keeps each step's present as the next
+		// past, which an append graph's present is not.
+		m.session.Destroy()
+		return nil, fmt.Errorf("load model %s: device-resident KV cache: not available with %s kv_cache %q", dir, modelConfigFile, kvAppend)
 	}
 	if deviceKV {
 		if m.dev, err = newDeviceKV(m, opts.ORTLib, place); err != nil {

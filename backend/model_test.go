@@ -258,10 +258,12 @@ func TestLoadModelErrors(t *testing.T) {
 // beside the cost per step, so one run shows what batching buys.
 func BenchmarkDecodeStep(b *testing.B) {
 	b.Run("model=demo", func(b *testing.B) { benchmarkDecodeStep(b, loadTestModel(b), 512) })
-	b.Run("model=h512l4", func(b *testing.B) {
-		m := loadRandomModel(b, onnxgen.Options{Layers: 4, Heads: 8, Hidden: 512, Seed: 1})
-		benchmarkDecodeStep(b, m, 100)
-	})
+	for _, layout := range []string{onnxgen.KVCacheConcat, onnxgen.KVCacheAppend} {
+		b.Run("model=h512l4/kv_cache="+layout, func(b *testing.B) {
+			m := loadRandomModel(b, onnxgen.Options{Layers: 4, Heads: 8, Hidden: 512, Seed: 1, KVCache: layout})
+			benchmarkDecodeStep(b, m, 100)
+		})
+	}
 }
 
 func benchmarkDecodeStep(b *testing.B, m *Model, past int) {
@@ -290,7 +292,7 @@ func stepLoop(b *testing.B, m *Model, rows, past int, kv [][]byte) float64 {
 	}
 	steps := 0
 	for b.Loop() {
-		if bt.cols >= m.cfg.ContextLength-1 {
+		if bt.widest() >= m.cfg.ContextLength-1 {
 			b.StopTimer()
 			for _, g := range gens {
 				bt.leave(g)

@@ -21,6 +21,7 @@ func runGenmodel(args []string, stdout io.Writer) error {
 	noPos := fs.Bool("no-position-ids", false, "leave position_ids out of the graph (GPT-2 style export)")
 	kvType := fs.String("kv-type", "float32", "KV cache element type: float32, float16 or bfloat16")
 	logitsType := fs.String("logits-type", "float32", "logits element type: float32, float16 or bfloat16")
+	kvCache := fs.String("kv-cache", onnxgen.KVCacheConcat, "how present relates to past: concat (the usual export) or append (present holds only new positions; the runtime keeps the cache)")
 	merges := fs.Int("merges", 0, "byte-level BPE merges to learn from the corpus for tokenizer.json")
 	chat := fs.String("chat-template", "plain", "model.json chat_template; its special tokens must be given with --special-token")
 	var special []string
@@ -35,7 +36,7 @@ func runGenmodel(args []string, stdout io.Writer) error {
 		return usagef("--out is required")
 	}
 	opts := onnxgen.Options{Layers: *layers, Heads: *heads, Hidden: *hidden, Context: *context, Seed: *seed, Random: *random,
-		NoPositionIDs: *noPos, KVType: *kvType, LogitsType: *logitsType, Merges: *merges, ChatTemplate: *chat, SpecialTokens: special}
+		NoPositionIDs: *noPos, KVType: *kvType, LogitsType: *logitsType, KVCache: *kvCache, Merges: *merges, ChatTemplate: *chat, SpecialTokens: special}
 	if err := onnxgen.Write(*out, opts); err != nil {
 		return err
 	}

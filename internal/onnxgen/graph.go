@@ -19,6 +19,9 @@ type shape struct {
 	noPositions bool  // derive positions from attention_mask instead of a position_ids input
 	kvType      int32 // element type of past and present; dtypeFloat when zero
 	logitsType  int32 // element type of logits; dtypeFloat when zero
+	// appendKV makes present hold only the new positions; the caller keeps
+	// the cache and passes all of it as past (model.json kv_cache "append").
+	appendKV bool
 }
 
 // layerWeights holds one pre-norm block: RMSNorm, attention with rotary
@@ -181,9 +184,9 @@ func (b *builder) rmsNorm(x, gain, eps string) string {
 // caller, as left padding needs (or, without position_ids, from the
 // attention mask's running count). A cache narrower than float32 is stored
 // cast and widened for the attention. Keys are cached after rotation, as exported
-// LLMs do, and present = concat(past, new) along the position axis. A query
-// sees key j when j <= past+i (causal within the new tokens) and
-// attention_mask[j] is 1.
+// LLMs do, and present = concat(past, new) along the position axis, or,
+// with appendKV, present = new alone. A query sees key j when j <= past+i
+// (causal within the new tokens) and attention_mask[j] is 1.
 func buildGraph(s shape, w *weights) graph {
 	b := &builder{}
 	b.g.name = "h3infer_decoder"
@@ -212,6 +215,9 @@ func buildGraph(s shape, w *weights) graph {
 	for l := 0; l < s.layers; l++ {
 		cache := []dim{batch, {value: int64(s.heads)}, past, {value: hd}}
 		present := []dim{batch, {value: int64(s.heads)}, total, {value: hd}}
+		if s.appendKV {
+			present[2] = seq
+		}
 		b.g.inputs = append(b.g.inputs,
 			valueInfo{name: PastKey(l), dtype: kvType, shape: cache},
 			valueInfo{name: PastValue(l), dtype: kvType, shape: cache})
@@ -277,6 +283,48 @@ func buildGraph(s shape, w *weights) graph {
 		return b.op("Transpose", []string{b.op("Reshape", []string{x, splitHeads})}, intsAttr("perm", 0, 2, 1, 3))
 	}
 
+	swapLast := func(x string) string { return b.op("Transpose", []string{x}, intsAttr("perm", 0, 1, 3, 2)) }
+	// softmax turns raw scores [batch, heads, seq, total] into attention
+	// weights: scaled, masked, normalised over the keys.
+	softmax := func(scores string) string {
+		scores = b.op("Add", []string{b.op("Mul", []string{scores, scale}), maskBias})
+		return b.op("Softmax", []string{scores}, intAttr("axis", -1))
+	}
+	// appendAttention is a layer's attention when the cache is the
+	// caller's (s.appendKV): present holds only the new positions, and the
+	// past is read where it lies, never concatenated. Scores against the
+	// past and against the new keys are computed apart and joined (they
+	// are [seq, past] and [seq, seq], small beside the cache), and the
+	// weights are split again to meet the past and new values.
+	var pastCols, axis3, start, endOfAxis string
+	if s.appendKV {
+		pastCols = b.op("Shape", []string{PastKey(0)}, intAttr("start", 2), intAttr("end", 3))
+		axis3 = b.ints("axis_3", []int64{3}, 1)
+		start = b.ints("start_of_axis", []int64{0}, 1)
+		endOfAxis = b.ints("end_of_axis", []int64{math.MaxInt64}, 1)
+	}
+	appendAttention := func(l int, q, k, v string) string {
+		b.opTo(PresentKey(l), "Identity", []string{cast(k, dtypeFloat, kvType)})
+		b.opTo(PresentValue(l), "Identity", []string{cast(v, dtypeFloat, kvType)})
+		// The new positions are attended in the cache's element type, as
+		// they will be when they are past.
+		newK := cast(PresentKey(l), kvType, dtypeFloat)
+		newV := cast(PresentValue(l), kvType, dtypeFloat)
+		pastK := cast(PastKey(l), kvType, dtypeFloat)
+		pastV := cast(PastValue(l), kvType, dtypeFloat)
+		scores := b.op("Concat", []string{
+			b.op("MatMul", []string{q, swapLast(pastK)}),
+			b.op("MatMul", []string{q, swapLast(newK)}),
+		}, intAttr("axis", 3))
+		probs := softmax(scores)
+		onPast := b.op("Slice", []string{probs, start, pastCols, axis3})
+		onNew := b.op("Slice", []string{probs, pastCols, endOfAxis, axis3})
+		return b.op("Add", []string{
+			b.op("MatMul", []string{onPast, pastV}),
+			b.op("MatMul", []string{onNew, newV}),
+		})
+	}
+
 	embed := b.floats("embed_tokens", w.embed, int64(s.vocab), hid)
 	x := b.op("Gather", []string{embed, InputIDs})
 	for l, lw := range w.layers {
@@ -285,16 +333,17 @@ func buildGraph(s shape, w *weights) graph {
 		q := rope(heads(b.op("MatMul", []string{n, b.floats(p+"wq", lw.wq, hid, hid)})))
 		k := rope(heads(b.op("MatMul", []string{n, b.floats(p+"wk", lw.wk, hid, hid)})))
 		v := heads(b.op("MatMul", []string{n, b.floats(p+"wv", lw.wv, hid, hid)}))
-		b.opTo(PresentKey(l), "Concat", []string{PastKey(l), cast(k, dtypeFloat, kvType)}, intAttr("axis", 2))
-		b.opTo(PresentValue(l), "Concat", []string{PastValue(l), cast(v, dtypeFloat, kvType)}, intAttr("axis", 2))
-		keys := cast(PresentKey(l), kvType, dtypeFloat)
-		vals := cast(PresentValue(l), kvType, dtypeFloat)
-
-		kT := b.op("Transpose", []string{keys}, intsAttr("perm", 0, 1, 3, 2))
-		scores := b.op("Mul", []string{b.op("MatMul", []string{q, kT}), scale})
-		scores = b.op("Add", []string{scores, maskBias})
-		probs := b.op("Softmax", []string{scores}, intAttr("axis", -1))
-		ctx := b.op("MatMul", []string{probs, vals})
+		var ctx string
+		if s.appendKV {
+			ctx = appendAttention(l, q, k, v)
+		} else {
+			b.opTo(PresentKey(l), "Concat", []string{PastKey(l), cast(k, dtypeFloat, kvType)}, intAttr("axis", 2))
+			b.opTo(PresentValue(l), "Concat", []string{PastValue(l), cast(v, dtypeFloat, kvType)}, intAttr("axis", 2))
+			keys := cast(PresentKey(l), kvType, dtypeFloat)
+			vals := cast(PresentValue(l), kvType, dtypeFloat)
+			probs := softmax(b.op("MatMul", []string{q, swapLast(keys)}))
+			ctx = b.op("MatMul", []string{probs, vals})
+		}
 		ctx = b.op("Reshape", []string{b.op("Transpose", []string{ctx}, intsAttr("perm", 0, 2, 1, 3)), mergeHeads})
 		x = b.op("Add", []string{x, b.op("MatMul", []string{ctx, b.floats(p+"wo", lw.wo, hid, hid)})})
 

@@ -31,6 +31,12 @@ const (
 	ConfigFile    = "model.json"
 )
 
+// KV cache layouts (Options.KVCache, model.json kv_cache).
+const (
+	KVCacheConcat = "concat"
+	KVCacheAppend = "append"
+)
+
 // Defaults for zero Options fields. The layer, head and hidden defaults are
 // the demo model's fixed shape.
 const (
@@ -90,6 +96,13 @@ type Options struct {
 	KVType string
 	// LogitsType is the element type of logits, with the same choices.
 	LogitsType string
+	// KVCache is how the cache passes through the graph: "" or "concat",
+	// the usual export, where present is past and the new positions
+	// concatenated; or "append", where present holds only the new
+	// positions and past is the caller's whole cache, padding masked out,
+	// read where it lies (model.json kv_cache). Append spares every
+	// decode step a copy of the cache; see backend/batch.go.
+	KVCache string
 	// Merges is how many byte-level BPE merges to learn from the corpus for
 	// tokenizer.json (fewer when no pair repeats). Merged tokens follow
 	// <|endoftext|>. The demo model reads them as unknown tokens and never
@@ -164,6 +177,8 @@ func (o Options) validate() error {
 		_, ok := floatType(f.v)
 		check(ok, "%s: must be \"float32\", \"float16\" or \"bfloat16\", got %q", f.key, f.v)
 	}
+	check(o.KVCache == "" || o.KVCache == KVCacheConcat || o.KVCache == KVCacheAppend,
+		"kv_cache: must be %q or %q, got %q", KVCacheConcat, KVCacheAppend, o.KVCache)
 	check(o.Merges >= 0 && o.Merges <= maxVocab, "merges: must be in [0, %d], got %d", maxVocab, o.Merges)
 	for i, t := range o.SpecialTokens {
 		check(t != "", "special_tokens[%d]: must not be empty", i)
@@ -205,6 +220,9 @@ type Config struct {
 	ChatTemplate string `json:"chat_template"`
 	// StopTokens end generation when produced.
 	StopTokens []string `json:"stop_tokens"`
+	// KVCache is "append" when present holds only the new positions;
+	// absent for the usual concatenation.
+	KVCache string `json:"kv_cache,omitempty"`
 	// VocabSize is the last dimension of logits.
 	VocabSize int `json:"vocab_size"`
 	// NumLayers is the number of past_key_values.N / present.N pairs.
@@ -250,6 +268,7 @@ func Write(dir string, opts Options) error {
 	s.noPositions = o.NoPositionIDs
 	s.kvType, _ = floatType(o.KVType)
 	s.logitsType, _ = floatType(o.LogitsType)
+	s.appendKV = o.KVCache == KVCacheAppend
 	chat := o.ChatTemplate
 	if chat == "" {
 		chat = "plain"
@@ -267,6 +286,7 @@ func Write(dir string, opts Options) error {
 		EOSToken:      EndOfText,
 		ChatTemplate:  chat,
 		StopTokens:    []string{EndOfText},
+		KVCache:       map[bool]string{true: KVCacheAppend}[s.appendKV],
 		VocabSize:     s.vocab,
 		NumLayers:     s.layers,
 		NumHeads:      s.heads,
