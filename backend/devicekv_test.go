@@ -141,3 +141,29 @@ func BenchmarkDecodeStepKV(b *testing.B) {
 		}
 	}
 }
+
+// An append-layout model cannot keep its cache on the device (the bound
+// path feeds each present back as the next past), so asking for it is
+// refused at load rather than served wrong.
+func TestDeviceKVRefusesAppendLayout(t *testing.T) {
+	needModel(t)
+	dir := t.TempDir()
+	if err := onnxgen.Write(dir, onnxgen.Options{KVCache: onnxgen.KVCacheAppend}); err != nil {
+		t.Fatal(err)
+	}
+	on := true
+	if m, err := LoadModel(dir, ModelOptions{ORTLib: testORTLib, DeviceKV: &on}); err == nil {
+		m.Close()
+		t.Fatal("device-resident cache of an append-layout model loaded")
+	} else if !strings.Contains(err.Error(), `kv_cache "append"`) {
+		t.Errorf("error %q does not name kv_cache", err)
+	}
+	m, err := LoadModel(dir, ModelOptions{ORTLib: testORTLib})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if m.DeviceKV() {
+		t.Error("append-layout model keeps its cache on the device by default")
+	}
+}

@@ -30,6 +30,7 @@ type generation struct {
 	smp        *sampler
 	text       *textStream
 	limit      int // completion tokens allowed: max_tokens or the context left
+	ignoreEOS  bool
 	completion int
 	last       int // the token fed at the next step, once prefilled
 
@@ -74,13 +75,14 @@ func (m *Model) newGeneration(s *transport.Submit) (*generation, error) {
 		seed = rand.Uint64()
 	}
 	return &generation{
-		m:      m,
-		prompt: prompt,
-		smp:    newSampler(s.Temperature, s.TopP, seed),
-		text:   newTextStream(s.Stop),
-		limit:  limit,
-		last:   -1,
-		row:    -1,
+		m:         m,
+		prompt:    prompt,
+		smp:       newSampler(s.Temperature, s.TopP, seed),
+		text:      newTextStream(s.Stop),
+		limit:     limit,
+		ignoreEOS: s.IgnoreEOS,
+		last:      -1,
+		row:       -1,
 	}, nil
 }
 
@@ -104,11 +106,15 @@ func (g *generation) next() (transport.Token, *transport.Done) {
 	id := g.smp.sample(g.logits)
 	g.completion++
 	tok := transport.Token{Count: 1}
+	piece := g.m.tok.piece(id)
 	if g.m.stopIDs[id] {
-		tok.Text = g.text.flush()
-		return tok, g.done(transport.FinishStop)
+		if !g.ignoreEOS {
+			tok.Text = g.text.flush()
+			return tok, g.done(transport.FinishStop)
+		}
+		piece = nil // an end token carries no text of its own
 	}
-	text, stopped := g.text.push(g.m.tok.piece(id))
+	text, stopped := g.text.push(piece)
 	tok.Text = text
 	if stopped {
 		return tok, g.done(transport.FinishStop)

@@ -113,6 +113,31 @@ func TestGenerateMaxTokens(t *testing.T) {
 	}
 }
 
+// ignore_eos generates past the end token, up to max_tokens, and the text
+// before the end token is what stopped there.
+func TestGenerateIgnoreEOS(t *testing.T) {
+	m := loadTestModel(t)
+	s := transport.Submit{Prompt: "The gateway", MaxTokens: 400}
+	stopped, done, err := m.Generate(context.Background(), &s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.FinishReason != transport.FinishStop || done.CompletionTokens >= s.MaxTokens {
+		t.Fatalf("greedy %q ended %+v; the test needs a prompt whose text ends with eos", stopped, done)
+	}
+	s.IgnoreEOS = true
+	past, done, err := m.Generate(context.Background(), &s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.FinishReason != transport.FinishLength || done.CompletionTokens != s.MaxTokens {
+		t.Errorf("with ignore_eos: ended %+v, want length after %d tokens", done, s.MaxTokens)
+	}
+	if !strings.HasPrefix(past, stopped) || len(past) <= len(stopped) || strings.Contains(past, "<|endoftext|>") {
+		t.Errorf("with ignore_eos: %q, want more text after %q and no end token spelled out", past, stopped)
+	}
+}
+
 func TestGenerateStopSequence(t *testing.T) {
 	m := loadTestModel(t)
 	full, _, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The ", MaxTokens: 60})
@@ -232,12 +257,13 @@ func TestLoadModelErrors(t *testing.T) {
 		edit func(*testing.T, string)
 		want string
 	}{
-		"unknown key":     {editConfig(`"name"`, `"colour": "red", "name"`), `unknown field "colour"`},
-		"unknown eos":     {editConfig(`"eos_token": "`, `"eos_token": "nope`), "eos_token"},
-		"shape mismatch":  {editConfig(`"num_layers": 2`, `"num_layers": 3`), "num_layers: 3"},
-		"missing onnx":    {func(t *testing.T, dir string) { os.Remove(filepath.Join(dir, modelFile)) }, modelFile},
-		"bad tokenizer":   {func(t *testing.T, dir string) { os.WriteFile(filepath.Join(dir, tokenizerFile), []byte("{}"), 0o644) }, "model.type"},
-		"missing context": {editConfig(`"context_length"`, `"context_len"`), "context_len"},
+		"unknown key":      {editConfig(`"name"`, `"colour": "red", "name"`), `unknown field "colour"`},
+		"unknown eos":      {editConfig(`"eos_token": "`, `"eos_token": "nope`), "eos_token"},
+		"shape mismatch":   {editConfig(`"num_layers": 2`, `"num_layers": 3`), "num_layers: 3"},
+		"missing onnx":     {func(t *testing.T, dir string) { os.Remove(filepath.Join(dir, modelFile)) }, modelFile},
+		"bad tokenizer":    {func(t *testing.T, dir string) { os.WriteFile(filepath.Join(dir, tokenizerFile), []byte("{}"), 0o644) }, "model.type"},
+		"missing context":  {editConfig(`"context_length"`, `"context_len"`), "context_len"},
+		"unknown kv_cache": {editConfig(`"name"`, `"kv_cache": "paged", "name"`), `kv_cache: must be "concat" or "append", got "paged"`},
 		// The demo tokenizer has no <|im_start|>: chatml prompts would
 		// reach the model spelled out, so the load is refused.
 		"template markers": {editConfig(`"chat_template": "plain"`, `"chat_template": "chatml"`), `"<|im_start|>", which is not among the added tokens`},

@@ -80,6 +80,12 @@ func shapeFixtures() []shapeFixture {
 		name: "bpe-random", opts: onnxgen.Options{Random: true, Merges: 300, Layers: 2, Heads: 2, Hidden: 64, Context: 512, Seed: 5, KVType: "float16"},
 		positions: true, kv: f16, logits: f32, submits: defaultSubmits("Batching keeps ", false),
 	}, {
+		name: "append-kv", opts: onnxgen.Options{KVCache: onnxgen.KVCacheAppend},
+		positions: true, kv: f32, logits: f32, submits: defaultSubmits("The gateway ", true),
+	}, {
+		name: "append-kv-float16-no-position-ids", opts: onnxgen.Options{KVCache: onnxgen.KVCacheAppend, KVType: "float16", NoPositionIDs: true},
+		kv: f16, logits: f32, submits: defaultSubmits("Each step ", true),
+	}, {
 		name: "utf8", opts: onnxgen.Options{Corpus: utf8Corpus, Merges: 40, NoPositionIDs: true, KVType: "float16"},
 		kv: f16, logits: f32, submits: defaultSubmits("Grüße aus ", false),
 		check: func(t *testing.T, texts []string) {

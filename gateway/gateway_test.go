@@ -472,11 +472,11 @@ func TestSubmittedJob(t *testing.T) {
 			},
 		},
 		"sampling params": {
-			body:     `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":9,"max_completion_tokens":12,"temperature":0,"top_p":0.5,"seed":42,"stop":"\n","n":1}`,
+			body:     `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":9,"max_completion_tokens":12,"temperature":0,"top_p":0.5,"seed":42,"stop":"\n","n":1,"ignore_eos":true}`,
 			priority: "u=1, i",
 			check: func(t *testing.T, r scheduler.Request) {
 				j := r.Job
-				if j.MaxTokens != 12 || j.Temperature != 0 || j.TopP != 0.5 || !j.HasSeed || j.Seed != 42 || len(j.Stop) != 1 || j.Stop[0] != "\n" {
+				if j.MaxTokens != 12 || j.Temperature != 0 || j.TopP != 0.5 || !j.HasSeed || j.Seed != 42 || len(j.Stop) != 1 || j.Stop[0] != "\n" || !j.IgnoreEOS {
 					t.Errorf("job %+v", j)
 				}
 				if r.Urgency != 1 {

@@ -38,9 +38,13 @@ type completionRequest struct {
 	Temperature         *float64        `json:"temperature"`
 	TopP                *float64        `json:"top_p"`
 	Seed                *int64          `json:"seed"`
-	Stop                json.RawMessage `json:"stop"`
-	Stream              bool            `json:"stream"`
-	StreamOptions       *struct {
+	// IgnoreEOS generates up to max_tokens past the model's end tokens,
+	// for benchmarks that need fixed output lengths (a common extension
+	// of OpenAI-compatible servers). Stop strings still apply.
+	IgnoreEOS     bool            `json:"ignore_eos"`
+	Stop          json.RawMessage `json:"stop"`
+	Stream        bool            `json:"stream"`
+	StreamOptions *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 	N *int64 `json:"n"`
@@ -130,6 +134,7 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 	if req.Seed != nil {
 		c.job.Seed, c.job.HasSeed = uint64(*req.Seed), true
 	}
+	c.job.IgnoreEOS = req.IgnoreEOS
 	if req.N != nil && *req.N != 1 {
 		return nil, invalidf("n", "n: only 1 choice per request is supported, got %d", *req.N)
 	}

@@ -279,8 +279,9 @@ func (d *decoder) finish() error {
 
 // Submit flag bits.
 const (
-	submitHasSeed = 1 << 0
-	submitFlags   = submitHasSeed
+	submitHasSeed   = 1 << 0
+	submitIgnoreEOS = 1 << 1
+	submitFlags     = submitHasSeed | submitIgnoreEOS
 )
 
 // AppendSubmit appends the encoding of s to b.
@@ -288,6 +289,9 @@ func AppendSubmit(b []byte, s *Submit) []byte {
 	var flags byte
 	if s.HasSeed {
 		flags |= submitHasSeed
+	}
+	if s.IgnoreEOS {
+		flags |= submitIgnoreEOS
 	}
 	b = append(b, flags)
 	b = appendString(b, s.Model)
@@ -318,6 +322,7 @@ func DecodeSubmit(p []byte) (Submit, error) {
 		d.fail("unknown flags %#x", flags)
 	}
 	s.HasSeed = flags&submitHasSeed != 0
+	s.IgnoreEOS = flags&submitIgnoreEOS != 0
 	s.Model = d.string("model")
 	s.Prompt = d.string("prompt")
 	if n := d.count("messages", 2); n > 0 {

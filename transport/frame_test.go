@@ -21,7 +21,7 @@ func sampleSubmits() map[string]Submit {
 				{Role: "user", Content: "héllo, wörld ✓"},
 				{Role: "assistant", Content: ""},
 			},
-			Seed: 1<<63 + 5, HasSeed: true,
+			Seed: 1<<63 + 5, HasSeed: true, IgnoreEOS: true,
 			Stop:        []string{"\n\n", "END", ""},
 			Urgency:     0,
 			TraceParent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -191,7 +191,7 @@ func TestRandomSubmitRoundTrip(t *testing.T) {
 	for i := range 2000 {
 		want := Submit{
 			Model: str(), Prompt: str(), MaxTokens: rng.Uint32(),
-			Temperature: rng.Float32() * 2, TopP: rng.Float32(), Seed: rng.Uint64(), HasSeed: rng.IntN(2) == 0,
+			Temperature: rng.Float32() * 2, TopP: rng.Float32(), Seed: rng.Uint64(), HasSeed: rng.IntN(2) == 0, IgnoreEOS: rng.IntN(2) == 0,
 			Urgency: uint8(rng.IntN(8)), TraceParent: str(),
 		}
 		for range rng.IntN(4) {

@@ -22,6 +22,11 @@ type Submit struct {
 	Seed        uint64
 	HasSeed     bool
 	Stop        []string
+	// IgnoreEOS keeps generating past the model's end tokens (eos_token,
+	// stop_tokens, a template's end of turn) up to MaxTokens, so that a
+	// benchmark's output lengths are the ones it asked for. Stop strings
+	// still apply.
+	IgnoreEOS   bool
 	Urgency     uint8 // RFC 9218 urgency, 0 most urgent
 	TraceParent string
 }

@@ -42,6 +42,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	prompt := fs.String("prompt-words", "32", "prompt length in words: N, MIN-MAX or exp:MEAN")
 	output := fs.String("output-tokens", "64", "max_tokens per request: N, MIN-MAX or exp:MEAN")
 	urgency := fs.String("urgency", "", "urgency mix sent as the Priority header, such as 0:1,3:8,7:1 (default: no header)")
+	ignoreEOS := fs.Bool("ignore-eos", false, "send ignore_eos: the server generates each request's max_tokens even past the model's end token")
 	newConn := fs.Bool("new-conn", false, "open a new connection for every request (handshake included in TTFT)")
 	zeroRTT := fs.Bool("0rtt", false, "with --new-conn: resume TLS sessions; over h3 with a credential that has its secret, send each completion in 0-RTT with an early proof")
 	timeout := fs.Duration("timeout", loadgen.DefaultTimeout, "bound on one request")
@@ -86,7 +87,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	var errs []error
 	cfg := loadgen.Config{
 		URL: *url, Proto: *proto, Model: *model, Rate: *rate, Requests: *requests,
-		Duration: *duration, NewConnection: *newConn, ZeroRTT: *zeroRTT, Timeout: *timeout,
+		Duration: *duration, NewConnection: *newConn, ZeroRTT: *zeroRTT, IgnoreEOS: *ignoreEOS, Timeout: *timeout,
 	}
 	var err error
 	if cfg.PromptWords, err = loadgen.ParseDist(*prompt); err != nil {

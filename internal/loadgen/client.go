@@ -162,6 +162,7 @@ type chatRequest struct {
 	Model         string        `json:"model"`
 	Messages      []chatMessage `json:"messages"`
 	MaxTokens     int           `json:"max_tokens"`
+	IgnoreEOS     bool          `json:"ignore_eos,omitempty"`
 	Stream        bool          `json:"stream"`
 	StreamOptions struct {
 		IncludeUsage bool `json:"include_usage"`
@@ -192,6 +193,7 @@ func (c *client) payload(promptWords, maxTokens int) []byte {
 		Model:     c.cfg.Model,
 		Messages:  []chatMessage{{Role: "user", Content: promptOf(promptWords)}},
 		MaxTokens: maxTokens,
+		IgnoreEOS: c.cfg.IgnoreEOS,
 		Stream:    true,
 	}
 	body.StreamOptions.IncludeUsage = true

@@ -49,6 +49,10 @@ type Config struct {
 	// words) and max_tokens. Defaults: fixed 32 and fixed 64.
 	PromptWords  Dist
 	OutputTokens Dist
+	// IgnoreEOS asks the server to generate every request's max_tokens,
+	// past the model's end tokens (the ignore_eos extension h3infer
+	// accepts), so that OutputTokens is the distribution served.
+	IgnoreEOS bool
 	// Urgency draws each request's RFC 9218 urgency (the Priority header);
 	// nil sends no Priority header.
 	Urgency *UrgencyMix

@@ -386,6 +386,7 @@ func newFloatTensor(tb testing.TB, dims ...int64) *ort.Tensor[float32] {
 func TestShapeOptionsRefused(t *testing.T) {
 	for name, o := range map[string]Options{
 		"kv type":       {KVType: "float64"},
+		"kv cache":      {KVCache: "paged"},
 		"logits type":   {LogitsType: "int8"},
 		"merges":        {Merges: -1},
 		"empty special": {SpecialTokens: []string{""}},
