@@ -142,8 +142,9 @@ type loadResult struct {
 	ttft, itl []time.Duration
 }
 
-// runLoad runs c clients for window; each sends a 64-token request with a
-// prompt of its own length as soon as its previous one ends.
+// runLoad runs c clients for window; each sends a 64-token request
+// (ignore_eos) with a prompt of its own length as soon as its previous one
+// ends.
 func runLoad(b *testing.B, end *transport.GatewayEnd, ids *atomic.Uint64, c int, window time.Duration) loadResult {
 	var (
 		mu  sync.Mutex
@@ -156,7 +157,9 @@ func runLoad(b *testing.B, end *transport.GatewayEnd, ids *atomic.Uint64, c int,
 		wg.Go(func() {
 			prompt := "The gateway hands each request to a worker. "[:10+client%30]
 			for time.Now().Before(stop) {
-				s := &transport.Submit{Model: "demo", Prompt: prompt, MaxTokens: 64, Temperature: 1, Seed: uint64(client), HasSeed: true}
+				// IgnoreEOS: every request is the 64 tokens it asks for, as
+				// the random model draws its end token early and often.
+				s := &transport.Submit{Model: "demo", Prompt: prompt, MaxTokens: 64, Temperature: 1, Seed: uint64(client), HasSeed: true, IgnoreEOS: true}
 				opened := time.Now()
 				call, err := end.Open(ids.Add(1), s)
 				if err != nil {
