@@ -195,22 +195,28 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 		switch {
 		case len(active) == 0:
 		case !next.After(time.Now()):
-			// Something is due already: only take in what is waiting.
-			select {
-			case in := <-inbox:
-				if err := handle(in); err != nil {
+			// Something is due already: only take in what is waiting, all
+			// of it, as the real loop drains its inbox every round. Taking
+			// one frame per pass held a burst of submits back a whole pass
+			// over the running sequences each.
+			for waiting := true; waiting; {
+				select {
+				case in := <-inbox:
+					if err := handle(in); err != nil {
+						return closedOK(err)
+					}
+				case err := <-recvErr:
 					return closedOK(err)
+				case <-ticker.C:
+					stats.Active = uint32(len(active))
+					if err := end.SendStats(stats); err != nil {
+						return closedOK(err)
+					}
+				case <-ctx.Done():
+					return nil
+				default:
+					waiting = false
 				}
-			case err := <-recvErr:
-				return closedOK(err)
-			case <-ticker.C:
-				stats.Active = uint32(len(active))
-				if err := end.SendStats(stats); err != nil {
-					return closedOK(err)
-				}
-			case <-ctx.Done():
-				return nil
-			default:
 			}
 			continue
 		default:

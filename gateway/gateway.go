@@ -112,6 +112,13 @@ type Config struct {
 	// DefaultMaxTokens caps generation when a request names no max_tokens.
 	// Default 256.
 	DefaultMaxTokens int
+	// MaxStreams is how many requests one client connection may have in
+	// flight at once: the HTTP/3 bidirectional stream limit and HTTP/2's
+	// concurrent streams. quic-go's own default of 100 made a client that
+	// multiplexes more completions over one connection (a frontend, a
+	// load generator) queue the rest on its side, where neither the
+	// scheduler nor urgency can see them. Default 1024.
+	MaxStreams int
 	// QueueTimeout is each request's default deadline, counted from its
 	// arrival: a request still queued then gets 504, one still streaming
 	// gets an error event. Default 30s.
@@ -164,6 +171,7 @@ const (
 	DefaultAdmin            = "127.0.0.1:9090"
 	DefaultMaxBodyBytes     = 1 << 20
 	DefaultMaxTokens        = 256
+	DefaultMaxStreams       = 1024
 	DefaultQueueTimeout     = 30 * time.Second
 	DefaultMaxDeadline      = 5 * time.Minute
 	altSvcMaxAge            = 86400
@@ -177,6 +185,10 @@ const (
 	// grace have to send their error event before connections are closed.
 	abortCutoff = 2 * time.Second
 )
+
+// maxStreamsLimit bounds gateway.max_streams: each open stream may cost
+// the gateway a handler goroutine and its buffers.
+const maxStreamsLimit = 1 << 16
 
 // Gateway serves the API on one port over HTTP/3 and TCP, and the admin
 // endpoints on another.
@@ -226,6 +238,9 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	}
 	if cfg.DefaultMaxTokens < 0 {
 		errs = append(errs, fmt.Errorf("gateway.default_max_tokens: must be >= 0, got %d", cfg.DefaultMaxTokens))
+	}
+	if cfg.MaxStreams < 0 || cfg.MaxStreams > maxStreamsLimit {
+		errs = append(errs, fmt.Errorf("gateway.max_streams: must be 0..%d, got %d", maxStreamsLimit, cfg.MaxStreams))
 	}
 	if cfg.QueueTimeout < 0 {
 		errs = append(errs, fmt.Errorf("gateway.queue_timeout: must be >= 0, got %s", cfg.QueueTimeout))
@@ -279,6 +294,9 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	}
 	if cfg.DefaultMaxTokens == 0 {
 		cfg.DefaultMaxTokens = DefaultMaxTokens
+	}
+	if cfg.MaxStreams == 0 {
+		cfg.MaxStreams = DefaultMaxStreams
 	}
 	if cfg.QueueTimeout == 0 {
 		cfg.QueueTimeout = DefaultQueueTimeout
@@ -360,7 +378,8 @@ func (g *Gateway) Start() error {
 	quicLn, err := g.quicTr.ListenEarly(http3.ConfigureTLSConfig(quicTLS), &quic.Config{
 		// 0-RTT needs the guard: without auth there are no early proofs
 		// and no single-use tickets.
-		Allow0RTT: !g.cfg.Auth.Disabled && !g.cfg.Auth.Disable0RTT,
+		Allow0RTT:          !g.cfg.Auth.Disabled && !g.cfg.Auth.Disable0RTT,
+		MaxIncomingStreams: int64(g.cfg.MaxStreams),
 	})
 	if err != nil {
 		g.quicTr.Close()
@@ -385,6 +404,7 @@ func (g *Gateway) Start() error {
 		TLSConfig:         tcpTLS,
 		ReadHeaderTimeout: readHeaderTimeout,
 		IdleTimeout:       idleTimeout,
+		HTTP2:             &http.HTTP2Config{MaxConcurrentStreams: g.cfg.MaxStreams},
 		ErrorLog:          slog.NewLogLogger(g.log.Handler(), slog.LevelDebug),
 	}
 	g.adminSrv = &http.Server{

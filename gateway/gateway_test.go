@@ -1104,3 +1104,32 @@ func TestStateShowsWorkers(t *testing.T) {
 		t.Errorf("got %d %+v, want the catalog's two workers", resp.StatusCode, got)
 	}
 }
+
+// TestMaxStreams checks the stream limit a client connection is granted:
+// the configured one, and by default far more than quic-go's 100, so that a
+// client multiplexing many completions over one connection does not queue
+// them on its side.
+func TestMaxStreams(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		set  int
+		want int
+	}{{"default", 0, DefaultMaxStreams}, {"configured", 150, 150}} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(c *Config) { c.MaxStreams = tc.set })
+			qc, _ := h.rawH3(t)
+			opened := 0
+			for ; opened <= tc.want; opened++ {
+				if _, err := qc.OpenStream(); err != nil {
+					if !errors.Is(err, &quic.StreamLimitReachedError{}) {
+						t.Fatalf("stream %d: %v", opened+1, err)
+					}
+					break
+				}
+			}
+			if opened != tc.want {
+				t.Errorf("opened %d streams at once, want %d", opened, tc.want)
+			}
+		})
+	}
+}

@@ -518,7 +518,7 @@ func sseOutput(w http.ResponseWriter, prio priority) (out func([]byte) error, fi
 			if err != nil {
 				return nil, nil, err
 			}
-			str.SetPriority(int8(prio.urgency), prio.incremental)
+			str.SetPriority(int8(prio.urgency), prio.streamIncremental())
 			out = func(b []byte) error {
 				_, err := str.Write(b)
 				return err

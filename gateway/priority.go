@@ -7,9 +7,21 @@ import (
 
 // priority is an RFC 9218 priority signal.
 type priority struct {
-	urgency     uint8
-	incremental bool
-	hasUrgency  bool // the client named an urgency; otherwise the tenant default applies
+	urgency        uint8
+	incremental    bool
+	hasUrgency     bool // the client named an urgency; otherwise the tenant default applies
+	hasIncremental bool // the client said i one way or the other
+}
+
+// streamIncremental is the incremental flag of a streamed (SSE) response:
+// what the client said, else true. RFC 9218's default of false tells
+// quic-go to send same-urgency streams one after the other, each to its
+// end, which is right for a file the client cannot use until it is whole
+// and wrong for tokens read as they come: under load a new stream's first
+// token waited for every older stream to finish. RFC 9218 lets a server
+// weigh what it knows of the response where the client said nothing.
+func (p priority) streamIncremental() bool {
+	return p.incremental || !p.hasIncremental
 }
 
 // parsePriority reads the Priority request header, a Structured Fields
@@ -35,9 +47,9 @@ func parsePriority(h http.Header) priority {
 			case "i":
 				switch {
 				case !hasValue, value == "?1":
-					p.incremental = true
+					p.incremental, p.hasIncremental = true, true
 				case value == "?0":
-					p.incremental = false
+					p.incremental, p.hasIncremental = false, true
 				}
 			}
 		}

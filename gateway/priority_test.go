@@ -13,18 +13,18 @@ func TestParsePriority(t *testing.T) {
 	}{
 		"absent":                {nil, priority{urgency: 3}},
 		"urgent":                {[]string{"u=0"}, priority{urgency: 0, hasUrgency: true}},
-		"incremental bare":      {[]string{"u=5, i"}, priority{urgency: 5, incremental: true, hasUrgency: true}},
-		"incremental true":      {[]string{"i=?1,u=6"}, priority{urgency: 6, incremental: true, hasUrgency: true}},
-		"incremental false":     {[]string{"i, i=?0"}, priority{urgency: 3}},
+		"incremental bare":      {[]string{"u=5, i"}, priority{urgency: 5, incremental: true, hasUrgency: true, hasIncremental: true}},
+		"incremental true":      {[]string{"i=?1,u=6"}, priority{urgency: 6, incremental: true, hasUrgency: true, hasIncremental: true}},
+		"incremental false":     {[]string{"i, i=?0"}, priority{urgency: 3, hasIncremental: true}},
 		"out of range ignored":  {[]string{"u=9"}, priority{urgency: 3}},
 		"negative ignored":      {[]string{"u=-1"}, priority{urgency: 3}},
 		"not a number":          {[]string{"u=x"}, priority{urgency: 3}},
 		"leading zeros":         {[]string{"u=07"}, priority{urgency: 7, hasUrgency: true}},
 		"decimal ignored":       {[]string{"u=1.0"}, priority{urgency: 3}},
 		"last wins":             {[]string{"u=1", "u=5"}, priority{urgency: 5, hasUrgency: true}},
-		"parameters ignored":    {[]string{"u=2;foo=bar, i;x"}, priority{urgency: 2, incremental: true, hasUrgency: true}},
+		"parameters ignored":    {[]string{"u=2;foo=bar, i;x"}, priority{urgency: 2, incremental: true, hasUrgency: true, hasIncremental: true}},
 		"unknown keys ignored":  {[]string{"x=1, u=4, y"}, priority{urgency: 4, hasUrgency: true}},
-		"whitespace tolerated":  {[]string{"  u=1 ,\ti  "}, priority{urgency: 1, incremental: true, hasUrgency: true}},
+		"whitespace tolerated":  {[]string{"  u=1 ,\ti  "}, priority{urgency: 1, incremental: true, hasUrgency: true, hasIncremental: true}},
 		"i with a token value":  {[]string{"i=yes"}, priority{urgency: 3}},
 		"u without a value":     {[]string{"u"}, priority{urgency: 3}},
 		"empty members skipped": {[]string{",,u=6,,"}, priority{urgency: 6, hasUrgency: true}},
@@ -66,4 +66,19 @@ func FuzzParsePriority(f *testing.F) {
 			t.Fatalf("%q: parsed %+v, its String %q parses to %+v", v, p, p.String(), back)
 		}
 	})
+}
+
+// TestStreamIncremental: token streams are sent incrementally unless the
+// client asked for i=?0; RFC 9218's default of false would make quic-go
+// send same-urgency streams one after the other.
+func TestStreamIncremental(t *testing.T) {
+	for header, want := range map[string]bool{"": true, "u=1": true, "u=5, i": true, "i=?1": true, "i=?0": false, "u=2, i=?0": false} {
+		h := http.Header{}
+		if header != "" {
+			h.Set("Priority", header)
+		}
+		if got := parsePriority(h).streamIncremental(); got != want {
+			t.Errorf("Priority %q: incremental %v, want %v", header, got, want)
+		}
+	}
 }

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/json"
 
@@ -80,7 +81,16 @@ type fullResponse struct {
 type encoder struct {
 	kind apiKind
 	env  envelope // Object holds the streamed chunk's object name
+	// A token's event is the same bytes each time but for its text:
+	// tokenHead, the text as a JSON string, tokenTail. Rendering them once
+	// spares a reflective json.Marshal per token, which was the gateway's
+	// largest single cost when streaming.
+	tokenHead, tokenTail []byte
 }
+
+// textMark stands for a token's text while the token event's fixed parts
+// are rendered.
+const textMark = "\x00"
 
 func newEncoder(kind apiKind, model string, created int64) *encoder {
 	e := &encoder{kind: kind, env: envelope{ID: "cmpl-" + rand.Text(), Object: "text_completion", Created: created, Model: model}}
@@ -88,6 +98,12 @@ func newEncoder(kind apiKind, model string, created int64) *encoder {
 		e.env.ID = "chatcmpl-" + rand.Text()
 		e.env.Object = "chat.completion.chunk"
 	}
+	whole := e.tokenSlow(textMark)
+	mark, _ := json.Marshal(textMark)
+	// The text is the last string of the event: the envelope's fields come
+	// first.
+	i := bytes.LastIndex(whole, mark)
+	e.tokenHead, e.tokenTail = whole[:i], whole[i+len(mark):]
 	return e
 }
 
@@ -101,7 +117,33 @@ func (e *encoder) opening() []byte {
 	return e.chunk([]chatChunkChoice{{Delta: chatDelta{Role: "assistant", Content: &empty}}}, nil)
 }
 
+// token renders one token's event: the fixed parts around the text, the
+// text itself escaped as encoding/json would (jsonString).
 func (e *encoder) token(text string) []byte {
+	out := make([]byte, 0, len(e.tokenHead)+len(text)+len(e.tokenTail)+8)
+	out = append(out, e.tokenHead...)
+	out = appendJSONString(out, text)
+	return append(out, e.tokenTail...)
+}
+
+// appendJSONString appends s as encoding/json writes a string. Tokens are
+// almost always plain printable ASCII, which needs no escaping; anything
+// else goes through encoding/json itself, so the two never differ.
+func appendJSONString(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			q, _ := json.Marshal(s)
+			return append(b, q...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
+}
+
+// tokenSlow renders a token's event the reflective way; newEncoder cuts
+// it into the fixed parts token uses.
+func (e *encoder) tokenSlow(text string) []byte {
 	if e.kind == kindChat {
 		return e.chunk([]chatChunkChoice{{Delta: chatDelta{Content: &text}}}, nil)
 	}

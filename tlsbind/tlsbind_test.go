@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -247,4 +248,89 @@ func TestMemoryStrikesExpire(t *testing.T) {
 	if first, _ := m.Strike(ctx, "x", time.Second); !first {
 		t.Fatal("strike after expiry refused")
 	}
+}
+
+// TestVerifyRemembersOnlyWhatStillHolds: a token verified once answers
+// from the cache, but expiry, a replaced key and the bound on the cache
+// are honoured exactly as by a full check.
+func TestVerifyRemembersOnlyWhatStillHolds(t *testing.T) {
+	ring := testRing(t)
+	v, _ := NewVerifier(ring, "")
+	now := time.Now()
+	v.now = func() time.Time { return now }
+	cred, _ := ring.Issue(claims(now))
+	bearer, _, _ := SplitCredential(cred)
+	first, err := v.Verify(bearer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(v.verified) != 1 {
+		t.Fatalf("%d tokens remembered after one verified, want 1", len(v.verified))
+	}
+	first.Secret[0] ^= 0xff // callers own what they get
+	first.Tenant = "changed"
+	second, err := v.Verify(bearer)
+	if err != nil || second.Tenant != "t" || second.Secret[0] == first.Secret[0] {
+		t.Fatalf("second verify: %v, %+v: a caller's change leaked into the cache", err, second)
+	}
+
+	v.now = func() time.Time { return now.Add(2 * time.Hour) }
+	if _, err := v.Verify(bearer); !errors.Is(err, ErrExpired) {
+		t.Fatalf("after expiry: %v, want ErrExpired", err)
+	}
+	v.now = func() time.Time { return now }
+
+	// The same key id with another secret: the remembered signature no
+	// longer counts.
+	ring.Keys[0].Secret = append([]byte(nil), ring.Keys[0].Secret...)
+	ring.Keys[0].Secret[0] ^= 0xff
+	if _, err := v.Verify(bearer); !errors.Is(err, ErrBadSignature) {
+		t.Fatalf("after the key's secret changed: %v, want ErrBadSignature", err)
+	}
+
+	// Forged tokens are never remembered; the cache stays bounded.
+	f := strings.Split(bearer, ".")
+	forged := f[0] + "." + f[1] + "." + f[2] + "." + b64.EncodeToString(make([]byte, sha256.Size))
+	v.Verify(forged)
+	if _, ok := v.verified[forged]; ok {
+		t.Error("a token with a bad signature was remembered")
+	}
+	for i := range maxVerified + 10 {
+		c := claims(now)
+		c.Tenant = fmt.Sprint("t", i)
+		cr, _ := ring.Issue(c)
+		b, _, _ := SplitCredential(cr)
+		if _, err := v.Verify(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(v.verified); n > maxVerified {
+		t.Errorf("%d tokens remembered, bound is %d", n, maxVerified)
+	}
+}
+
+// BenchmarkVerify: a token's first check against the same token again,
+// in one run.
+func BenchmarkVerify(b *testing.B) {
+	ring := testRing(b)
+	v, _ := NewVerifier(ring, "")
+	cred, _ := ring.Issue(claims(time.Now()))
+	bearer, _, _ := SplitCredential(cred)
+	b.Run("first", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			clear(v.verified)
+			if _, err := v.Verify(bearer); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("again", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := v.Verify(bearer); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -271,7 +272,29 @@ type Verifier struct {
 	ring     *KeyRing
 	audience string
 	now      func() time.Time
+
+	// verified remembers what checking a token's signature and decoding
+	// its claims found, by the exact token string, so that a client
+	// sending the same token on every request pays for the HMACs and the
+	// JSON once. Each use still checks the key (present, unretired, the
+	// same secret), the audience and the validity period afresh, so a hit
+	// answers exactly as a full check would. Only tokens whose signature
+	// verified get in, so the map holds what the key's owner issued; it is
+	// emptied when it reaches maxVerified entries.
+	mu       sync.Mutex
+	verified map[string]*verifiedToken
 }
+
+// verifiedToken is a token whose signature checked out under key.
+type verifiedToken struct {
+	claims Claims
+	keyID  string
+	key    []byte // the signing key's secret it verified under
+	secret []byte
+}
+
+// maxVerified bounds Verifier.verified.
+const maxVerified = 4096
 
 // NewVerifier checks tokens signed by ring's keys for audience (default
 // DefaultAudience).
@@ -282,7 +305,7 @@ func NewVerifier(ring *KeyRing, audience string) (*Verifier, error) {
 	if audience == "" {
 		audience = DefaultAudience
 	}
-	return &Verifier{ring: ring, audience: audience, now: time.Now}, nil
+	return &Verifier{ring: ring, audience: audience, now: time.Now, verified: map[string]*verifiedToken{}}, nil
 }
 
 // parsedToken is a token's fields before any check.
@@ -325,11 +348,55 @@ func (v *Verifier) Verify(bearer string) (*Token, error) {
 	if bearer == "" {
 		return nil, ErrNoToken
 	}
+	now := v.now()
+	v.mu.Lock()
+	vt := v.verified[bearer]
+	v.mu.Unlock()
+	if vt != nil {
+		// The key must still verify tokens now, with the same secret.
+		if k := v.ring.find(vt.keyID, now); k == nil || !bytes.Equal(k.Secret, vt.key) {
+			vt = nil
+		}
+	}
+	if vt == nil {
+		var err error
+		if vt, err = v.verify(bearer, now); err != nil {
+			return nil, err
+		}
+		v.mu.Lock()
+		if len(v.verified) >= maxVerified {
+			clear(v.verified)
+		}
+		v.verified[bearer] = vt
+		v.mu.Unlock()
+	}
+	c := vt.claims
+	switch {
+	case c.Audience != v.audience:
+		return nil, fmt.Errorf("%w %q", ErrWrongAudience, c.Audience)
+	case now.Unix() >= c.Expires:
+		return nil, ErrExpired
+	case now.Unix() < c.NotBefore:
+		return nil, ErrNotYetValid
+	case c.Tenant == "" || (c.Bind != BindOptional && c.Bind != BindRequired):
+		return nil, fmt.Errorf("%w: claims lack a tenant or a bind mode", ErrMalformed)
+	}
+	// A copy each time: callers own what they get.
+	c.Models = slices.Clone(c.Models)
+	if c.UrgencyCeiling != nil {
+		u := *c.UrgencyCeiling
+		c.UrgencyCeiling = &u
+	}
+	return &Token{Claims: c, KeyID: vt.keyID, Secret: slices.Clone(vt.secret)}, nil
+}
+
+// verify does the costly part of Verify: the form, the key id, the
+// signature and the claims' encoding.
+func (v *Verifier) verify(bearer string, now time.Time) (*verifiedToken, error) {
 	p, err := parseToken(bearer)
 	if err != nil {
 		return nil, err
 	}
-	now := v.now()
 	k := v.ring.find(p.keyID, now)
 	if k == nil {
 		return nil, fmt.Errorf("%w %q", ErrUnknownKey, p.keyID)
@@ -341,15 +408,5 @@ func (v *Verifier) Verify(bearer string) (*Token, error) {
 	if err := json.Unmarshal(p.claims, &c); err != nil {
 		return nil, fmt.Errorf("%w: claims: %v", ErrMalformed, err)
 	}
-	switch {
-	case c.Audience != v.audience:
-		return nil, fmt.Errorf("%w %q", ErrWrongAudience, c.Audience)
-	case now.Unix() >= c.Expires:
-		return nil, ErrExpired
-	case now.Unix() < c.NotBefore:
-		return nil, ErrNotYetValid
-	case c.Tenant == "" || (c.Bind != BindOptional && c.Bind != BindRequired):
-		return nil, fmt.Errorf("%w: claims lack a tenant or a bind mode", ErrMalformed)
-	}
-	return &Token{Claims: c, KeyID: k.ID, Secret: secretOf(k.Secret, p.mac)}, nil
+	return &verifiedToken{claims: c, keyID: k.ID, key: slices.Clone(k.Secret), secret: secretOf(k.Secret, p.mac)}, nil
 }

@@ -175,6 +175,10 @@ type GatewayConfig struct {
 	MaxBodyBytes int64 `json:"max_body_bytes"`
 	// DefaultMaxTokens applies when a request names no max_tokens. Default 256.
 	DefaultMaxTokens int `json:"default_max_tokens"`
+	// MaxStreams is how many requests one client connection may have in
+	// flight at once (HTTP/3 streams, HTTP/2 concurrent streams). Default
+	// 1024.
+	MaxStreams int `json:"max_streams"`
 	// Deadline is each request's default deadline. Default "30s".
 	Deadline Duration `json:"deadline"`
 	// MaxDeadline caps X-Request-Timeout. Default "5m".
@@ -416,6 +420,7 @@ func (c Config) withDefaults() Config {
 		c.Gateway.MaxBodyBytes = 1 << 20
 	}
 	defInt(&c.Gateway.DefaultMaxTokens, 256)
+	defInt(&c.Gateway.MaxStreams, 1024)
 	def(&c.Auth.Audience, "h3infer")
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
 	def(&c.ZeroRTT.Instance, "local")
@@ -511,6 +516,9 @@ func (c Config) validate() error {
 	}
 	if c.Gateway.DefaultMaxTokens < 1 {
 		bad("gateway.default_max_tokens", "must be > 0, got %d", c.Gateway.DefaultMaxTokens)
+	}
+	if c.Gateway.MaxStreams < 1 || c.Gateway.MaxStreams > 65536 {
+		bad("gateway.max_streams", "must be 1..65536, got %d", c.Gateway.MaxStreams)
 	}
 	if c.Scheduler.Aging < 0 {
 		bad("scheduler.aging", "must be positive, got %s", time.Duration(c.Scheduler.Aging))

@@ -207,6 +207,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		TLS:              tlsCfg,
 		MaxBodyBytes:     cfg.Gateway.MaxBodyBytes,
 		DefaultMaxTokens: cfg.Gateway.DefaultMaxTokens,
+		MaxStreams:       cfg.Gateway.MaxStreams,
 		QueueTimeout:     time.Duration(cfg.Gateway.Deadline),
 		MaxDeadline:      time.Duration(cfg.Gateway.MaxDeadline),
 		Coalesce: gateway.CoalesceConfig{
