@@ -81,6 +81,16 @@ type WorkerConfig struct {
 	// split evenly among the models on each device (the CUDA provider's
 	// arena limit); 0 means no bound of ours.
 	GPUMemoryBytes int64
+	// Nice is the Linux nice value, 0..MaxNice, of the thread that runs
+	// bulk work (decode steps of batches without an urgent sequence,
+	// prefills of requests that are not urgent): it yields contended CPUs
+	// to the gateway and to urgent work, which the loop's own thread runs
+	// at the process's priority, alongside a bulk step (nice.go). 0 runs
+	// everything on the loop's thread, one thing at a time.
+	Nice int
+	// UrgentBelow makes requests with an urgency below it urgent for
+	// Nice; 0 means 3 (u=0..2, the scheduler's default urgent_max 2).
+	UrgentBelow int
 }
 
 // Defaults of WorkerConfig.
@@ -88,6 +98,7 @@ const (
 	DefaultSlots         = 4
 	DefaultKVCacheBytes  = 1 << 30
 	DefaultStatsInterval = 100 * time.Millisecond
+	DefaultUrgentBelow   = 3
 )
 
 // Args is the command line, after the `worker` subcommand, that gives a
@@ -120,6 +131,12 @@ func (c WorkerConfig) Args() []string {
 	}
 	if c.GPUMemoryBytes != 0 {
 		args = append(args, "--gpu-memory-bytes="+strconv.FormatInt(c.GPUMemoryBytes, 10))
+	}
+	if c.Nice != 0 {
+		args = append(args, "--nice="+strconv.Itoa(c.Nice))
+	}
+	if c.UrgentBelow != 0 {
+		args = append(args, "--urgent-below="+strconv.Itoa(c.UrgentBelow))
 	}
 	return args
 }
@@ -164,6 +181,12 @@ func (c WorkerConfig) Validate() error {
 	if c.StatsInterval < 0 {
 		errs = append(errs, fmt.Errorf("stats-interval: must be >= 0, got %s", c.StatsInterval))
 	}
+	if c.Nice < 0 || c.Nice > MaxNice {
+		errs = append(errs, fmt.Errorf("nice: must be 0..%d, got %d", MaxNice, c.Nice))
+	}
+	if c.UrgentBelow < 0 || c.UrgentBelow > 8 {
+		errs = append(errs, fmt.Errorf("urgent-below: must be 0..8, got %d", c.UrgentBelow))
+	}
 	return errors.Join(errs...)
 }
 
@@ -176,6 +199,9 @@ func (c WorkerConfig) withDefaults() WorkerConfig {
 	}
 	if c.KVCacheBytes == 0 {
 		c.KVCacheBytes = DefaultKVCacheBytes
+	}
+	if c.UrgentBelow == 0 {
+		c.UrgentBelow = DefaultUrgentBelow
 	}
 	return c
 }
@@ -287,6 +313,7 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 		w.tracer = cfg.TracerProvider.Tracer(tracerName)
 	}
 	w.loadOpts = ModelOptions{IntraOpThreads: cfg.IntraOpThreads}
+	w.urgentBelow = cfg.UrgentBelow
 	defer w.closeAll()
 	if err := end.SendReady(ready); err != nil {
 		return closedOK(fmt.Errorf("worker: send ready: %w", err))
@@ -305,6 +332,12 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 		wg.Wait()
 		w.loaders.Wait() // a loader that could not hand its model over closed it
 	}()
+	if cfg.Nice > 0 {
+		if w.bulk, err = newLane(cfg.Nice); err != nil {
+			return fmt.Errorf("worker: bulk lane: %w", err)
+		}
+		defer w.bulk.close()
+	}
 	return closedOK(w.serve(ctx, inbox, recvErr, cfg.StatsInterval))
 }
 
@@ -382,7 +415,8 @@ type running struct {
 }
 
 // workerLoop is the generation loop's state; only serve's goroutine
-// touches it.
+// touches it, except the batch or sequence whose bulk work runs on the bulk
+// lane meanwhile (aside).
 //
 // Slots and the KV-cache budget bound the batch. The scheduler sends a
 // worker at most Slots requests at once, so admission only ever waits for
@@ -417,6 +451,25 @@ type workerLoop struct {
 	loaders  sync.WaitGroup
 	loading  map[string]bool
 	draining map[*Model]bool
+
+	// urgentBelow: a request with a smaller urgency is urgent. bulk, when
+	// set, runs bulk work at a lower priority than the loop's thread
+	// (nice.go); nil runs all of it on the loop's thread.
+	urgentBelow int
+	bulk        *lane
+	// While a bulk step runs aside, prefilled holds the urgent requests
+	// prefilled meanwhile, to join their batch once the step is done,
+	// and held the frames other than submits, to act on then.
+	prefilled  []*prefilledRun
+	held       []inbound
+	prefilling *running // a bulk request whose prefill runs aside
+}
+
+// prefilledRun is an urgent request prefilled beside a bulk step, waiting
+// to join its batch.
+type prefilledRun struct {
+	r  *running
+	kv [][]byte
 }
 
 // tracerName is the instrumentation scope of the worker's spans.
@@ -429,7 +482,8 @@ const maxPrefillTokens = 1024
 
 func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]*Model, log *slog.Logger) *workerLoop {
 	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{}, byGen: map[*generation]*running{},
-		loading: map[string]bool{}, draining: map[*Model]bool{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName)}
+		loading: map[string]bool{}, draining: map[*Model]bool{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName),
+		urgentBelow: DefaultUrgentBelow}
 	names := make([]string, 0, len(models))
 	for name := range models {
 		names = append(names, name)
@@ -491,17 +545,28 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 // round is one step boundary: take in frames, start waiting sequences
 // that fit, then advance every batch by one token.
 func (w *workerLoop) round(inbox <-chan inbound) error {
+	// After a failed step, requests prefilled beside it still join.
+	w.joinPrefilled()
 	if err := w.drain(inbox); err != nil {
 		return err
 	}
-	if err := w.start(); err != nil {
+	if err := w.start(inbox); err != nil {
 		return err
 	}
+	// Urgent requests that started beside a bulk prefill join before the
+	// step.
+	w.joinPrefilled()
 	for _, b := range w.batches {
 		if len(b.rows) == 0 {
 			continue
 		}
-		if err := b.step(); err != nil {
+		var err error
+		if w.bulk == nil || w.carriesUrgent(b) {
+			err = b.step()
+		} else if aerr := w.aside(inbox, func() { err = b.step() }); aerr != nil {
+			return aerr
+		}
+		if err != nil {
 			return w.failBatch(b, err)
 		}
 		// Cancels that arrived during the step drop their rows before the
@@ -518,6 +583,7 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 		if err := w.flushTokens(); err != nil {
 			return err
 		}
+		w.joinPrefilled()
 	}
 	w.reap()
 	return nil
@@ -527,6 +593,9 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 func (w *workerLoop) byRow(g *generation) *running { return w.byGen[g] }
 
 func (w *workerLoop) drain(inbox <-chan inbound) error {
+	if err := w.handleHeld(); err != nil {
+		return err
+	}
 	for {
 		select {
 		case in := <-inbox:
@@ -542,7 +611,7 @@ func (w *workerLoop) drain(inbox <-chan inbound) error {
 // start moves waiting requests into their batches, most urgent first,
 // while the KV budget allows, prefilling each alone and sending its first
 // token.
-func (w *workerLoop) start() error {
+func (w *workerLoop) start(inbox <-chan inbound) error {
 	prefilled := 0
 	for len(w.pending) > 0 && prefilled < maxPrefillTokens {
 		r := w.pending[0]
@@ -553,14 +622,22 @@ func (w *workerLoop) start() error {
 		// The span began at admission; the time before this event is the
 		// wait for KV room and for the sequences ahead of it.
 		r.span.AddEvent("prefill_started")
-		kv, err := r.gen.prefill()
+		var kv [][]byte
+		var err error
+		if w.bulk == nil || w.isUrgent(r) {
+			kv, err = r.gen.prefill()
+		} else {
+			// Counted against the KV budget while urgent requests
+			// start beside it.
+			w.prefilling = r
+			aerr := w.aside(inbox, func() { kv, err = r.gen.prefill() })
+			w.prefilling = nil
+			if aerr != nil {
+				return aerr
+			}
+		}
 		if err != nil {
-			w.log.Error("prefill failed", "request_id", r.id, "err", err)
-			r.span.RecordError(err)
-			r.span.SetStatus(codes.Error, "prefill failed")
-			w.forget(r)
-			w.stats.SequencesFinished++
-			if err := w.sendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "prefill failed: " + err.Error()}); err != nil {
+			if err := w.prefillFailed(r, err); err != nil {
 				return err
 			}
 			continue
@@ -578,6 +655,111 @@ func (w *workerLoop) start() error {
 	return nil
 }
 
+// prefillFailed answers r with the error of its prefill and drops it.
+func (w *workerLoop) prefillFailed(r *running, err error) error {
+	w.log.Error("prefill failed", "request_id", r.id, "err", err)
+	r.span.RecordError(err)
+	r.span.SetStatus(codes.Error, "prefill failed")
+	w.forget(r)
+	w.stats.SequencesFinished++
+	return w.sendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "prefill failed: " + err.Error()})
+}
+
+// isUrgent says whether r's work runs on the loop's thread, at the
+// process's priority, rather than on the bulk lane.
+func (w *workerLoop) isUrgent(r *running) bool {
+	return r != nil && int(r.urgency) < w.urgentBelow
+}
+
+// carriesUrgent says whether a step of b advances an urgent sequence: the
+// step is shared, so the whole batch then runs on the loop's thread.
+func (w *workerLoop) carriesUrgent(b *batch) bool {
+	return slices.ContainsFunc(b.rows, func(g *generation) bool { return w.isUrgent(w.byRow(g)) })
+}
+
+// aside runs bulk work f (a step, or a prefill) on the bulk lane and,
+// until it returns, serves what arrives: a submit is admitted, and urgent
+// requests at the head of the waiting order are prefilled on the loop's
+// thread and send their first token at once; they join their batch after
+// the step (joinPrefilled), which is why f must touch nothing but its own
+// batch or sequence. Other frames (cancels, control) are held for
+// handleHeld, so nothing changes a batch while it steps. A ring failure is
+// returned only after f has returned.
+func (w *workerLoop) aside(inbox <-chan inbound, f func()) error {
+	w.bulk.work <- f
+	var failed error
+	for {
+		select {
+		case <-w.bulk.done:
+			return failed
+		case in := <-inbox:
+			if failed != nil {
+				continue
+			}
+			if in.typ != transport.FrameSubmit {
+				w.held = append(w.held, in)
+				continue
+			}
+			if err := w.admit(in); err != nil {
+				failed = err
+				continue
+			}
+			failed = w.startUrgent()
+		}
+	}
+}
+
+// startUrgent prefills the urgent requests at the head of the waiting
+// order that fit, while a bulk step runs aside, and sends their first
+// tokens.
+func (w *workerLoop) startUrgent() error {
+	for len(w.pending) > 0 && w.isUrgent(w.pending[0]) && w.fits(w.pending[0]) {
+		r := w.pending[0]
+		w.pending = w.pending[1:]
+		r.span.AddEvent("prefill_started")
+		kv, err := r.gen.prefill()
+		if err != nil {
+			if err := w.prefillFailed(r, err); err != nil {
+				return err
+			}
+			continue
+		}
+		// Listed before emit, so that forget finds it if the first token
+		// is also the last.
+		w.prefilled = append(w.prefilled, &prefilledRun{r: r, kv: kv})
+		if err := w.emit(r); err != nil {
+			return err
+		}
+		if err := w.flushTokens(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// joinPrefilled adds the requests prefilled beside a step to their
+// batches.
+func (w *workerLoop) joinPrefilled() {
+	for _, p := range w.prefilled {
+		p.r.batch.join(p.r.gen, p.kv)
+	}
+	clear(w.prefilled)
+	w.prefilled = w.prefilled[:0]
+}
+
+// handleHeld acts on the frames held while a step ran aside, in order.
+func (w *workerLoop) handleHeld() error {
+	for len(w.held) > 0 {
+		in := w.held[0]
+		w.held = w.held[1:]
+		if err := w.handle(in); err != nil {
+			return err
+		}
+	}
+	w.held = nil
+	return nil
+}
+
 // fits reports whether r can join its batch within the KV budget: every
 // batch is counted as if each of its rows grew to the longest reservation
 // among them, which bounds the padded cache the batch can reach.
@@ -587,6 +769,16 @@ func (w *workerLoop) fits(r *running) bool {
 		rows, longest := len(b.rows), 0
 		for _, g := range b.rows {
 			longest = max(longest, g.reserve())
+		}
+		for _, p := range w.prefilled {
+			if p.r.batch == b {
+				rows++
+				longest = max(longest, p.r.gen.reserve())
+			}
+		}
+		if p := w.prefilling; p != nil && p.batch == b {
+			rows++
+			longest = max(longest, p.gen.reserve())
 		}
 		if b == r.batch {
 			rows++
@@ -754,6 +946,7 @@ func (w *workerLoop) forget(r *running) {
 	if i := slices.Index(w.pending, r); i >= 0 {
 		w.pending = slices.Delete(w.pending, i, i+1)
 	}
+	w.prefilled = slices.DeleteFunc(w.prefilled, func(p *prefilledRun) bool { return p.r == r })
 }
 
 func (w *workerLoop) sendStats() error {
@@ -777,7 +970,7 @@ func (w *workerLoop) closeAll() {
 		}
 	}
 	w.draining = nil
-	w.pending, w.byID, w.byGen = nil, nil, nil
+	w.pending, w.byID, w.byGen, w.prefilled, w.held = nil, nil, nil, nil, nil
 }
 
 // flushTokens sends the queued token frames in one publish.

@@ -130,6 +130,11 @@ type WorkersConfig struct {
 	// HangTimeout is how long a ready worker's heartbeat may stand still
 	// before the worker is killed and restarted. Default "10s".
 	HangTimeout Duration `json:"hang_timeout"`
+	// Nice is the Linux nice value the worker processes run at, 0..19:
+	// above the gateway's, so that where workers and gateway share CPUs
+	// the gateway's admission and first-token path is not queued behind
+	// model compute. Default 10; 0 runs them at the gateway's priority.
+	Nice *int `json:"nice"`
 }
 
 // SchedulerConfig bounds admission.
@@ -144,8 +149,9 @@ type SchedulerConfig struct {
 	// UrgentMax is the largest urgency that may use reserved slots. Default 2.
 	UrgentMax int `json:"urgent_max"`
 	// UrgentReserve is how many slots per worker only urgent requests may
-	// take. Default 0.
-	UrgentReserve int `json:"urgent_reserve"`
+	// take, so that an urgent request need not wait for a bulk one to
+	// finish. Default 1 (0 when workers.slots is 1); 0 turns it off.
+	UrgentReserve *int `json:"urgent_reserve"`
 	// Tenants and their shares. Without any, every request belongs to the
 	// tenant "default" (weight 1, default urgency 3, ceiling 0).
 	Tenants []TenantConfig `json:"tenants"`
@@ -345,6 +351,11 @@ func loadConfig(path string) (Config, error) {
 	return c, nil
 }
 
+// defaultWorkerNice is workers.nice's default: on the 2-CPU machine of
+// docs/BENCHMARKS.md ("Urgency") it kept the gateway's path for urgent
+// requests from queueing behind model compute.
+const defaultWorkerNice = 10
+
 // withDefaults fills zero values with the documented defaults.
 func (c Config) withDefaults() Config {
 	def := func(v *string, d string) {
@@ -378,6 +389,14 @@ func (c Config) withDefaults() Config {
 	defInt(&c.Workers.CallBuffer, 1024)
 	if c.Workers.HangTimeout == 0 {
 		c.Workers.HangTimeout = Duration(10 * time.Second)
+	}
+	if c.Workers.Nice == nil {
+		c.Workers.Nice = new(defaultWorkerNice)
+	}
+	if c.Scheduler.UrgentReserve == nil {
+		// A worker always keeps one slot for everyone, so a single-slot
+		// worker has none to reserve.
+		c.Scheduler.UrgentReserve = new(max(0, min(1, c.Workers.Slots-1)))
 	}
 	defInt(&c.Scheduler.MaxQueue, 256)
 	if c.Scheduler.RetryAfter == 0 {
@@ -526,7 +545,10 @@ func (c Config) validate() error {
 	if u := c.Scheduler.UrgentMax; u < 0 || u > 7 {
 		bad("scheduler.urgent_max", "must be 0..7, got %d", u)
 	}
-	if r := c.Scheduler.UrgentReserve; r < 0 || r >= c.Workers.Slots && r > 0 {
+	if n := *c.Workers.Nice; n < 0 || n > backend.MaxNice {
+		bad("workers.nice", "must be 0..%d, got %d", backend.MaxNice, n)
+	}
+	if r := *c.Scheduler.UrgentReserve; r < 0 || r >= c.Workers.Slots && r > 0 {
 		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
 	}
 	tenants := map[string]bool{}

@@ -93,9 +93,13 @@ func TestUrgencyConfig(t *testing.T) {
 			json: `{"gateway": {"coalesce": {"window": "30ms", "bulk_window": "40ms"}}}`,
 			want: []string{"gateway.coalesce.window", "gateway.coalesce.bulk_window"},
 		},
-		"deadline beyond its ceiling": {json: `{"gateway": {"deadline": "10m"}}`, want: []string{"gateway.deadline"}},
-		"reserve takes every slot":    {json: `{"workers": {"slots": 2}, "scheduler": {"urgent_reserve": 2}}`, want: []string{"scheduler.urgent_reserve"}},
-		"bulk_min not above urgent":   {json: `{"gateway": {"coalesce": {"urgent_max": 4, "bulk_min": 3}}}`, want: []string{"gateway.coalesce.bulk_min"}},
+		"deadline beyond its ceiling":  {json: `{"gateway": {"deadline": "10m"}}`, want: []string{"gateway.deadline"}},
+		"reserve takes every slot":     {json: `{"workers": {"slots": 2}, "scheduler": {"urgent_reserve": 2}}`, want: []string{"scheduler.urgent_reserve"}},
+		"single slot, default reserve": {json: `{"workers": {"slots": 1}}`},
+		"reserve and nice off":         {json: `{"workers": {"nice": 0}, "scheduler": {"urgent_reserve": 0}}`},
+		"nice out of range":            {json: `{"workers": {"nice": 20}}`, want: []string{"workers.nice"}},
+		"negative nice":                {json: `{"workers": {"nice": -1}}`, want: []string{"workers.nice"}},
+		"bulk_min not above urgent":    {json: `{"gateway": {"coalesce": {"urgent_max": 4, "bulk_min": 3}}}`, want: []string{"gateway.coalesce.bulk_min"}},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -172,6 +176,37 @@ func TestProviderConfig(t *testing.T) {
 				if !strings.Contains(err.Error(), key+":") {
 					t.Errorf("error does not name %s:\n%v", key, err)
 				}
+			}
+		})
+	}
+}
+
+// An urgent slot and lower-priority bulk work are on unless turned off;
+// a single-slot worker has no slot to reserve.
+func TestUrgencyDefaults(t *testing.T) {
+	for name, tc := range map[string]struct {
+		json          string
+		reserve, nice int
+	}{
+		"defaults":    {json: `{}`, reserve: 1, nice: defaultWorkerNice},
+		"single slot": {json: `{"workers": {"slots": 1}}`, reserve: 0, nice: defaultWorkerNice},
+		"off":         {json: `{"workers": {"nice": 0}, "scheduler": {"urgent_reserve": 0}}`, reserve: 0, nice: 0},
+		"set":         {json: `{"workers": {"nice": 3}, "scheduler": {"urgent_reserve": 2}}`, reserve: 2, nice: 3},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c, err := loadConfig(writeConfig(t, tc.json))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c = c.withDefaults()
+			if err := c.validate(); err != nil {
+				t.Fatal(err)
+			}
+			if got := *c.Scheduler.UrgentReserve; got != tc.reserve {
+				t.Errorf("scheduler.urgent_reserve = %d, want %d", got, tc.reserve)
+			}
+			if got := *c.Workers.Nice; got != tc.nice {
+				t.Errorf("workers.nice = %d, want %d", got, tc.nice)
 			}
 		})
 	}

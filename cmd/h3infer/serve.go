@@ -82,6 +82,8 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	// One per worker's response-ring receiver (procs.go).
+	addProcs(cfg.Workers.Count)
 
 	src, err := newCertSource(cfg, log)
 	if err != nil {
@@ -179,6 +181,8 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 			KVCacheBytes:   cfg.Workers.KVCacheBytes,
 			IntraOpThreads: cfg.Workers.IntraOpThreads,
 			GPUMemoryBytes: cfg.Workers.GPUMemoryBytes,
+			Nice:           *cfg.Workers.Nice,
+			UrgentBelow:    cfg.Scheduler.UrgentMax + 1,
 		},
 		RingSize:    cfg.Workers.RingBytes,
 		CallBuffer:  cfg.Workers.CallBuffer,
@@ -194,7 +198,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		RetryAfter:    time.Duration(cfg.Scheduler.RetryAfter),
 		Aging:         time.Duration(cfg.Scheduler.Aging),
 		UrgentMax:     uint8(cfg.Scheduler.UrgentMax),
-		UrgentReserve: cfg.Scheduler.UrgentReserve,
+		UrgentReserve: *cfg.Scheduler.UrgentReserve,
 		Tenants:       schedulerTenants(cfg),
 	}, poolWorkers{pool}, log)
 	if err != nil {

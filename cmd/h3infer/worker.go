@@ -28,6 +28,13 @@ func runWorker(ctx context.Context, args []string, log *slog.Logger) error {
 		return err
 	}
 	cfg.TracerProvider = tp
+	// The ring's receive loop, and the bulk lane when there is one
+	// (procs.go).
+	procs := 1
+	if cfg.Nice > 0 {
+		procs++
+	}
+	addProcs(procs)
 	err = backend.RunWorker(ctx, cfg, log)
 	sctx, cancel := context.WithTimeout(context.Background(), tracingFlushTimeout)
 	defer cancel()
@@ -59,6 +66,8 @@ func parseWorkerFlags(args []string) (backend.WorkerConfig, error) {
 	fs.IntVar(&cfg.IntraOpThreads, "intra-op-threads", 0, "ONNX Runtime intra-op threads per model (0: 1)")
 	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, fmt.Sprintf("how often to report counters (0: %s)", backend.DefaultStatsInterval))
 	fs.Int64Var(&cfg.GPUMemoryBytes, "gpu-memory-bytes", 0, "device memory budget of the worker's GPU models (0: none)")
+	fs.IntVar(&cfg.Nice, "nice", 0, fmt.Sprintf("nice value of the thread running bulk work, 0..%d (0: everything at the process's priority)", backend.MaxNice))
+	fs.IntVar(&cfg.UrgentBelow, "urgent-below", 0, fmt.Sprintf("urgencies below this are urgent work (0: %d)", backend.DefaultUrgentBelow))
 	// Per-model settings name a model given by an earlier --model.
 	spec := func(v string) (*backend.ModelSpec, string, error) {
 		name, val, ok := strings.Cut(v, "=")

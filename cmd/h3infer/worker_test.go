@@ -24,6 +24,8 @@ func TestWorkerArgsRoundTrip(t *testing.T) {
 			KVCacheBytes:   3 << 30,
 			IntraOpThreads: 2,
 			StatsInterval:  250 * time.Millisecond,
+			Nice:           7,
+			UrgentBelow:    2,
 		},
 		"defaults": {RingFD: 3, Models: []backend.ModelSpec{{Name: "demo", Dir: "/d"}}, ORTLib: "/l.so"},
 	} {
@@ -50,6 +52,8 @@ func TestWorkerFlagsRejectBadInput(t *testing.T) {
 		{"--provider", "demo=cuda", "--model", "demo=/d", "--onnxruntime-lib", "/l.so"},
 		{"--model", "demo=/d", "--device-kv", "demo=maybe", "--onnxruntime-lib", "/l.so"},
 		{"--model", "demo=/d", "--gpu-memory-bytes", "-1", "--onnxruntime-lib", "/l.so"},
+		{"--model", "demo=/d", "--nice", "20", "--onnxruntime-lib", "/l.so"},
+		{"--model", "demo=/d", "--urgent-below", "9", "--onnxruntime-lib", "/l.so"},
 	} {
 		if _, err := parseWorkerFlags(args); err == nil {
 			t.Errorf("parseWorkerFlags(%q) accepted bad input", args)

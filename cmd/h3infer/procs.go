@@ -1,0 +1,28 @@
+package main
+
+import "runtime"
+
+// addProcs raises GOMAXPROCS by n, one for each goroutine of the process
+// that spends its life locked to a thread asleep in a futex wait or busy in
+// a long cgo call: the ring receivers (transport.GatewayEnd.Run in the
+// gateway, one per worker; the worker's receive loop) and a worker's bulk
+// lane (backend, nice.go).
+//
+// A thread blocked in a system call or a cgo call keeps its P until the
+// runtime's monitor thread takes it back, and that monitor polls less and
+// less often (down to every 10 ms) while it finds nothing to take. With
+// GOMAXPROCS at the CPU count, sleeping receivers could hold every P: a
+// goroutine they had just woken (a handler waiting for its first token, the
+// worker's loop waiting for a submit) and the network poller (a new request)
+// then waited for the monitor. Measured with `go test -bench
+// PriorityIsolation ./cmd/h3infer/` (docs/BENCHMARKS.md, "Urgency"), that
+// wait was most of the loaded tail of an urgent request's time to first
+// token. The extra Ps do not add CPU work: they only let runnable
+// goroutines run while those threads sleep.
+//
+// GOMAXPROCS set in the environment is the base it adds to.
+func addProcs(n int) {
+	if n > 0 {
+		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + n)
+	}
+}
