@@ -16,8 +16,13 @@ import (
 const CodeOverflow = "overflow"
 
 // DefaultCallBuffer is the number of events a call buffers when
-// GatewayEndConfig.CallBuffer is 0.
-const DefaultCallBuffer = 1024
+// GatewayEndConfig.CallBuffer is 0. The buffer is allocated whole when the
+// call opens (40 bytes an event): at 1024 that was a 41 KB allocation on
+// every request's path to its first token, measured at about 20 µs of it,
+// for room a consumer needs only while its response stream cannot take
+// tokens (the client's flow-control window is full, or a rate limit paces
+// it).
+const DefaultCallBuffer = 256
 
 // GatewayEndConfig configures a GatewayEnd. The zero value is usable.
 type GatewayEndConfig struct {

@@ -371,6 +371,7 @@ func (r *ring) waitData() error {
 			runtime.UnlockOSThread()
 		}
 	}()
+	yielded := false
 	for {
 		r.consTail = r.tail.Load()
 		if r.consTail != r.consHead {
@@ -378,6 +379,18 @@ func (r *ring) waitData() error {
 		}
 		if r.closed.Load() != 0 {
 			return ErrClosed
+		}
+		if !yielded {
+			// Yield once before sleeping. What this goroutine just handed
+			// on (a call's events, a worker's inbox) readied its consumer
+			// on this thread's P, and the futex sleep below keeps that P
+			// until the runtime's monitor takes it back: the consumer would
+			// wait for another thread to be woken to steal it. Yielding
+			// runs it here first (measured at c=1 in h3infer bench: the
+			// gateway's submit-to-first-token fell from ~172 to ~128 µs).
+			yielded = true
+			runtime.Gosched()
+			continue
 		}
 		if !locked {
 			runtime.LockOSThread()

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"h3infer/transport"
 	"net"
 	"os"
 	"path/filepath"
@@ -125,7 +126,7 @@ type WorkersConfig struct {
 	// power of two between 64 KiB and 1 GiB.
 	RingBytes int `json:"ring_bytes"`
 	// CallBuffer is how many unread events one request may hold in the
-	// gateway before it is cancelled as too slow. Default 1024.
+	// gateway before it is cancelled as too slow. Default 256.
 	CallBuffer int `json:"call_buffer"`
 	// HangTimeout is how long a ready worker's heartbeat may stand still
 	// before the worker is killed and restarted. Default "10s".
@@ -386,7 +387,7 @@ func (c Config) withDefaults() Config {
 		c.Workers.KVCacheBytes = 1 << 30
 	}
 	defInt(&c.Workers.RingBytes, 1<<20)
-	defInt(&c.Workers.CallBuffer, 1024)
+	defInt(&c.Workers.CallBuffer, transport.DefaultCallBuffer)
 	if c.Workers.HangTimeout == 0 {
 		c.Workers.HangTimeout = Duration(10 * time.Second)
 	}
