@@ -186,6 +186,15 @@ type GatewayConfig struct {
 	// flight at once (HTTP/3 streams, HTTP/2 concurrent streams). Default
 	// 1024.
 	MaxStreams int `json:"max_streams"`
+	// GCPercent is the gateway process's garbage-collection target
+	// (GOGC): the heap may grow this many percent over what is live before
+	// a collection. Default 400; GOGC in the environment wins.
+	GCPercent int `json:"gc_percent"`
+	// MemoryLimitBytes is a soft limit on the gateway process's memory
+	// (GOMEMLIMIT): near it the collector runs as often as it must,
+	// whatever gc_percent says. Default 0: none; GOMEMLIMIT in the
+	// environment wins.
+	MemoryLimitBytes int64 `json:"memory_limit_bytes"`
 	// Deadline is each request's default deadline. Default "30s".
 	Deadline Duration `json:"deadline"`
 	// MaxDeadline caps X-Request-Timeout. Default "5m".
@@ -441,6 +450,7 @@ func (c Config) withDefaults() Config {
 	}
 	defInt(&c.Gateway.DefaultMaxTokens, 256)
 	defInt(&c.Gateway.MaxStreams, 1024)
+	defInt(&c.Gateway.GCPercent, 400)
 	def(&c.Auth.Audience, "h3infer")
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
 	def(&c.ZeroRTT.Instance, "local")
@@ -536,6 +546,12 @@ func (c Config) validate() error {
 	}
 	if c.Gateway.DefaultMaxTokens < 1 {
 		bad("gateway.default_max_tokens", "must be > 0, got %d", c.Gateway.DefaultMaxTokens)
+	}
+	if c.Gateway.GCPercent < 25 || c.Gateway.GCPercent > 10000 {
+		bad("gateway.gc_percent", "must be 25..10000, got %d", c.Gateway.GCPercent)
+	}
+	if c.Gateway.MemoryLimitBytes < 0 {
+		bad("gateway.memory_limit_bytes", "must be >= 0, got %d", c.Gateway.MemoryLimitBytes)
 	}
 	if c.Gateway.MaxStreams < 1 || c.Gateway.MaxStreams > 65536 {
 		bad("gateway.max_streams", "must be 1..65536, got %d", c.Gateway.MaxStreams)

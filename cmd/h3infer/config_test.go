@@ -211,3 +211,29 @@ func TestUrgencyDefaults(t *testing.T) {
 		})
 	}
 }
+
+// The gateway's garbage-collection settings default to gc_percent 400 and
+// no memory limit, and out-of-range values name their key.
+func TestGCConfig(t *testing.T) {
+	c, err := loadConfig(writeConfig(t, `{}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c = c.withDefaults(); c.Gateway.GCPercent != 400 || c.Gateway.MemoryLimitBytes != 0 {
+		t.Errorf("defaults gc_percent %d, memory_limit_bytes %d; want 400 and 0", c.Gateway.GCPercent, c.Gateway.MemoryLimitBytes)
+	}
+	for name, tc := range map[string]struct{ file, want string }{
+		"gc too low":     {`{"gateway": {"gc_percent": 10}}`, "gateway.gc_percent"},
+		"negative limit": {`{"gateway": {"memory_limit_bytes": -1}}`, "gateway.memory_limit_bytes"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c, err := loadConfig(writeConfig(t, tc.file))
+			if err == nil {
+				err = c.withDefaults().validate()
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("err %v, want one naming %s", err, tc.want)
+			}
+		})
+	}
+}

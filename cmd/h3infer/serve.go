@@ -84,6 +84,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	defer signal.Stop(hup)
 	// One per worker's response-ring receiver (procs.go).
 	addProcs(cfg.Workers.Count)
+	setGC(cfg.Gateway, log)
 
 	src, err := newCertSource(cfg, log)
 	if err != nil {
