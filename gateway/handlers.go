@@ -443,13 +443,30 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflig
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	w.WriteHeader(http.StatusOK)
-	write, finish, err := sseOutput(w, prio)
-	if err != nil {
-		g.log.Warn("stream: take over the HTTP/3 stream", "request_id", run.st.ID(), "err", err)
-		return
+	// The response header goes out with the first bytes of the body, not
+	// ahead of them: taking over the HTTP/3 stream flushes the header, and
+	// done apart from the first write it went in a packet of its own,
+	// which the client had to take before the first token.
+	var (
+		write  func([]byte) error
+		finish = func(bool) {}
+	)
+	open := func() error {
+		var err error
+		if write, finish, err = sseOutput(w, prio); err != nil {
+			finish = func(bool) {}
+			g.log.Warn("stream: take over the HTTP/3 stream", "request_id", run.st.ID(), "err", err)
+		}
+		return err
 	}
 	cut := false
 	out := func(b []byte) error {
+		if write == nil {
+			if err := open(); err != nil {
+				cut = true
+				return err
+			}
+		}
 		err := write(b)
 		if err != nil && !cut {
 			// The client went away or stopped reading; the deferred
@@ -466,7 +483,7 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflig
 		g.metrics.writes.WithLabelValues(urgencyLabel(prio.urgency)).Observe(float64(c.writes))
 	}()
 	clean := false
-	defer func() { finish(clean) }()
+	defer func() { finish(clean) }() // finish as it is when the stream ends
 
 	send := func(b []byte, now bool) bool {
 		if len(b) == 0 {
