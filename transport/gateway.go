@@ -107,11 +107,9 @@ type Call struct {
 
 	// mu orders delivery against Cancel: once ended is set, nothing more is
 	// sent on events, and the channel is closed exactly once.
-	mu    sync.Mutex
-	ended bool
-	// started is set once a token has been delivered.
-	started bool
-	events  chan Event
+	mu     sync.Mutex
+	ended  bool
+	events chan Event
 }
 
 // ID returns the request id the call was opened with.
@@ -344,17 +342,8 @@ func (c *Call) deliver(ev Event) {
 		c.g.queueCancel(c.id)
 		return
 	}
-	first := !c.started
-	c.started = true
 	c.events <- ev
 	c.mu.Unlock()
-	if first {
-		// A request's first token is its time to first token: let its
-		// consumer, just readied on this thread's P, carry it on to the
-		// client now, ahead of the tokens of running requests still
-		// waiting in the ring behind it.
-		runtime.Gosched()
-	}
 }
 
 // end delivers a terminal error unless the call has ended, and reports
