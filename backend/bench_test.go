@@ -27,14 +27,7 @@ import (
 //	go test -run '^$' -bench WorkerConcurrency -benchtime 1x ./backend/
 func BenchmarkWorkerConcurrency(b *testing.B) {
 	needModel(b)
-	window := 4 * time.Second
-	if v := os.Getenv("H3INFER_BENCH_WINDOW"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil {
-			b.Fatalf("H3INFER_BENCH_WINDOW: %v", err)
-		}
-		window = d
-	}
+	window := benchWindow(b)
 	models := []struct{ name, dir string }{{"demo", testModelDir}}
 	for _, layout := range []string{onnxgen.KVCacheConcat, onnxgen.KVCacheAppend} {
 		dir := filepath.Join(b.TempDir(), "h512l4-"+layout)
@@ -85,14 +78,7 @@ func BenchmarkWorkerConcurrency(b *testing.B) {
 //	go test -run '^$' -bench Providers -benchtime 1x ./backend/
 func BenchmarkProviders(b *testing.B) {
 	needModel(b)
-	window := 4 * time.Second
-	if v := os.Getenv("H3INFER_BENCH_WINDOW"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil {
-			b.Fatalf("H3INFER_BENCH_WINDOW: %v", err)
-		}
-		window = d
-	}
+	window := benchWindow(b)
 	providers := []string{"cpu"}
 	if v := os.Getenv("H3INFER_BENCH_PROVIDERS"); v != "" {
 		providers = strings.Split(v, ",")
@@ -134,6 +120,20 @@ func BenchmarkProviders(b *testing.B) {
 			})
 		}
 	}
+}
+
+// benchWindow is how long each load level runs: 4 s, or
+// H3INFER_BENCH_WINDOW.
+func benchWindow(b *testing.B) time.Duration {
+	v := os.Getenv("H3INFER_BENCH_WINDOW")
+	if v == "" {
+		return 4 * time.Second
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		b.Fatalf("H3INFER_BENCH_WINDOW: %v", err)
+	}
+	return d
 }
 
 type loadResult struct {

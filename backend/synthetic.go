@@ -152,6 +152,22 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 		}
 		return nil
 	}
+	// drain handles every frame already waiting, without blocking.
+	drain := func() error {
+		for {
+			select {
+			case in := <-inbox:
+				if err := handle(in); err != nil {
+					return err
+				}
+			default:
+				return nil
+			}
+		}
+	}
+	// due is always ready: the wake of a pass with a token already due.
+	due := make(chan time.Time)
+	close(due)
 	ticker := time.NewTicker(cfg.StatsInterval)
 	defer ticker.Stop()
 	timer := time.NewTimer(time.Hour)
@@ -195,30 +211,14 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 		switch {
 		case len(active) == 0:
 		case !next.After(time.Now()):
-			// Something is due already: only take in what is waiting, all
-			// of it, as the real loop drains its inbox every round. Taking
-			// one frame per pass held a burst of submits back a whole pass
-			// over the running sequences each.
-			for waiting := true; waiting; {
-				select {
-				case in := <-inbox:
-					if err := handle(in); err != nil {
-						return closedOK(err)
-					}
-				case err := <-recvErr:
-					return closedOK(err)
-				case <-ticker.C:
-					stats.Active = uint32(len(active))
-					if err := end.SendStats(stats); err != nil {
-						return closedOK(err)
-					}
-				case <-ctx.Done():
-					return nil
-				default:
-					waiting = false
-				}
+			// Something is due already: take in all that is waiting, as
+			// the real loop drains its inbox every round (taking one frame
+			// per pass held a burst of submits back a whole pass each),
+			// then serve the rest without blocking.
+			if err := drain(); err != nil {
+				return closedOK(err)
 			}
-			continue
+			wake = due
 		default:
 			timer.Reset(time.Until(next))
 			wake = timer.C
@@ -226,6 +226,9 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 		select {
 		case in := <-inbox:
 			if err := handle(in); err != nil {
+				return closedOK(err)
+			}
+			if err := drain(); err != nil {
 				return closedOK(err)
 			}
 		case <-wake:
