@@ -38,11 +38,12 @@ const (
 // the request was started, connection set-up included.
 type Sample struct {
 	// Start is when the request started, from the start of the run.
-	Start   time.Duration   `json:"start_ns"`
-	Urgency int             `json:"urgency"`
-	TTFT    time.Duration   `json:"ttft_ns"`
-	E2E     time.Duration   `json:"e2e_ns"`
-	ITL     []time.Duration `json:"-"`
+	Start   time.Duration `json:"start_ns"`
+	Urgency int           `json:"urgency"`
+	// TTFT is zero for a completion that ended without content.
+	TTFT time.Duration   `json:"ttft_ns"`
+	E2E  time.Duration   `json:"e2e_ns"`
+	ITL  []time.Duration `json:"-"`
 	// Tokens is the completion tokens the server reported in usage, else
 	// the content events counted.
 	Tokens int `json:"tokens"`
@@ -299,6 +300,7 @@ type event struct {
 		Delta struct {
 			Content *string `json:"content"`
 		} `json:"delta"`
+		FinishReason *string `json:"finish_reason"`
 	} `json:"choices"`
 	Usage *struct {
 		CompletionTokens int `json:"completion_tokens"`
@@ -313,7 +315,7 @@ type event struct {
 func readStream(ctx context.Context, body io.Reader, start time.Time, s *Sample) {
 	r := bufio.NewReaderSize(body, 16<<10)
 	var last time.Time
-	events, usage := 0, -1
+	events, usage, finished := 0, -1, false
 	for {
 		line, err := r.ReadSlice('\n')
 		if err != nil {
@@ -339,8 +341,11 @@ func readStream(ctx context.Context, body io.Reader, start time.Time, s *Sample)
 			if usage >= 0 {
 				s.Tokens = usage
 			}
-			if events == 0 && s.Err == "" {
-				s.Err, s.Detail = ErrProtocol, "no content before [DONE]"
+			// A model may end at once (its end token first): a finish
+			// reason with no content is an answer, but [DONE] with
+			// neither is not.
+			if events == 0 && !finished && s.Err == "" {
+				s.Err, s.Detail = ErrProtocol, "no content or finish reason before [DONE]"
 			}
 			return
 		}
@@ -357,6 +362,9 @@ func readStream(ctx context.Context, body io.Reader, start time.Time, s *Sample)
 			usage = ev.Usage.CompletionTokens
 		}
 		for _, ch := range ev.Choices {
+			if ch.FinishReason != nil && *ch.FinishReason != "" {
+				finished = true
+			}
 			if ch.Delta.Content == nil || *ch.Delta.Content == "" {
 				continue // the role announcement and the finish chunk
 			}

@@ -51,25 +51,26 @@ func TestNewResult(t *testing.T) {
 		{Err: "status_503", Detail: "503 Service Unavailable"},
 		{Err: ErrTimeout},
 		{Err: "status_503"},
+		{E2E: 5 * time.Millisecond}, // ended at once: no first token
 	}
 	r := newResult(Config{Proto: ProtoH3, Concurrency: 3}, samples, 2*time.Second)
-	if r.Requests != 5 || r.OK != 2 || r.ErrorCount() != 3 {
-		t.Errorf("got %d requests, %d ok, %d errors; want 5, 2, 3", r.Requests, r.OK, r.ErrorCount())
+	if r.Requests != 6 || r.OK != 3 || r.ErrorCount() != 3 {
+		t.Errorf("got %d requests, %d ok, %d errors; want 6, 3, 3", r.Requests, r.OK, r.ErrorCount())
 	}
 	if r.Errors["status_503"] != 2 || r.Errors[ErrTimeout] != 1 {
 		t.Errorf("errors by kind: got %v", r.Errors)
 	}
-	if r.Tokens != 6 || r.TokensPerS != 3 || r.RequestsPS != 1 {
-		t.Errorf("got %d tokens, %v tokens/s, %v requests/s; want 6, 3, 1", r.Tokens, r.TokensPerS, r.RequestsPS)
+	if r.Tokens != 6 || r.TokensPerS != 3 || r.RequestsPS != 1.5 {
+		t.Errorf("got %d tokens, %v tokens/s, %v requests/s; want 6, 3, 1.5", r.Tokens, r.TokensPerS, r.RequestsPS)
 	}
-	if r.ITL.Count != 4 || r.TTFT.Count != 2 || r.TTFT.Max != 4*time.Millisecond {
+	if r.ITL.Count != 4 || r.TTFT.Count != 2 || r.TTFT.Max != 4*time.Millisecond || r.E2E.Count != 3 {
 		t.Errorf("got ITL %+v TTFT %+v", r.ITL, r.TTFT)
 	}
 	var b strings.Builder
 	if err := r.WriteTable(&b); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"5 requests, 2 ok, 3 errors", "errors: status_503 2, timeout 1", "3.0 tokens/s", "503 Service Unavailable"} {
+	for _, want := range []string{"6 requests, 3 ok, 3 errors", "errors: status_503 2, timeout 1", "3.0 tokens/s", "503 Service Unavailable"} {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, b.String())
 		}
@@ -135,6 +136,7 @@ func TestReadStream(t *testing.T) {
 		body       string
 		err        string
 		tokens, it int
+		noContent  bool
 	}{
 		"usage": {body: "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n" +
 			"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n" +
@@ -142,14 +144,20 @@ func TestReadStream(t *testing.T) {
 			"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n" +
 			"data: {\"choices\":[],\"usage\":{\"completion_tokens\":3}}\n\n" +
 			"data: [DONE]\n\n", tokens: 3, it: 1},
-		"counted": {body: "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n", tokens: 1},
-		"cut off": {body: "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", err: ErrNoDone},
-		"error":   {body: "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"error\":{\"message\":\"worker died\"}}\n\n", err: ErrServerEvent},
-		"empty":   {body: "data: [DONE]\n\n", err: ErrProtocol},
+		"counted":   {body: "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n", tokens: 1},
+		"cut off":   {body: "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", err: ErrNoDone},
+		"error":     {body: "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"error\":{\"message\":\"worker died\"}}\n\n", err: ErrServerEvent},
+		"empty":     {body: "data: [DONE]\n\n", err: ErrProtocol},
+		"role only": {body: "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\ndata: [DONE]\n\n", err: ErrProtocol},
+		// The model's end token came first: an answer, with no first token.
+		"stopped at once": {body: "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n" +
+			"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n" +
+			"data: {\"choices\":[],\"usage\":{\"completion_tokens\":1}}\n\n" +
+			"data: [DONE]\n\n", tokens: 1, noContent: true},
 	} {
 		var s Sample
 		readStream(context.Background(), strings.NewReader(c.body), time.Now(), &s)
-		if s.Err != c.err || (c.err == "" && (s.Tokens != c.tokens || len(s.ITL) != c.it || s.TTFT <= 0 || s.E2E < s.TTFT)) {
+		if s.Err != c.err || (c.err == "" && (s.Tokens != c.tokens || len(s.ITL) != c.it || (s.TTFT > 0) == c.noContent || s.E2E < s.TTFT || s.E2E <= 0)) {
 			t.Errorf("%s: got %+v, want err %q, %d tokens, %d gaps", name, s, c.err, c.tokens, c.it)
 		}
 	}

@@ -114,7 +114,9 @@ func newResult(cfg Config, samples []Sample, wall time.Duration) *Result {
 			r.Retried++
 		}
 		r.Tokens += s.Tokens
-		r.TTFTs = append(r.TTFTs, s.TTFT)
+		if s.TTFT > 0 { // an empty completion has no first token
+			r.TTFTs = append(r.TTFTs, s.TTFT)
+		}
 		r.E2Es = append(r.E2Es, s.E2E)
 		r.ITLs = append(r.ITLs, s.ITL...)
 	}
