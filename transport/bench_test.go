@@ -38,9 +38,23 @@ var sizes = []struct {
 // BenchmarkRoundTrip measures one message to the peer and its echo back.
 func BenchmarkRoundTrip(b *testing.B) {
 	for _, sz := range sizes {
-		b.Run("ring/"+sz.name, func(b *testing.B) { benchRingRoundTrip(b, sz.n) })
-		b.Run("uds/"+sz.name, func(b *testing.B) { benchUDSRoundTrip(b, sz.n) })
+		b.Run("ring/"+sz.name, func(b *testing.B) { benchRingRoundTrip(b, sz.n, 0) })
+		b.Run("uds/"+sz.name, func(b *testing.B) { benchUDSRoundTrip(b, sz.n, 0) })
 	}
+}
+
+// idleGap is the pause before each message in RoundTripAfterIdle: long
+// enough for both processes to go to sleep and their CPUs to go idle, as
+// between the requests of a lone client.
+const idleGap = 500 * time.Microsecond
+
+// BenchmarkRoundTripAfterIdle is RoundTrip with both sides idle before
+// each message, so that every message wakes a sleeping peer, the way the
+// submit and the first token of a request at concurrency 1 do. The pause
+// itself is not timed.
+func BenchmarkRoundTripAfterIdle(b *testing.B) {
+	b.Run("ring/64B", func(b *testing.B) { benchRingRoundTrip(b, 64, idleGap) })
+	b.Run("uds/64B", func(b *testing.B) { benchUDSRoundTrip(b, 64, idleGap) })
 }
 
 // BenchmarkStream100 measures one request answered by 100 small messages,
@@ -105,12 +119,17 @@ func startUDSPeer(b *testing.B, mode string) net.Conn {
 	return c
 }
 
-func benchRingRoundTrip(b *testing.B, size int) {
+func benchRingRoundTrip(b *testing.B, size int, gap time.Duration) {
 	seg := startRingPeer(b, "echo")
 	payload := pattern(1, size)
 	buf := make([]byte, 0, size)
 	var lat []time.Duration
 	for b.Loop() {
+		if gap > 0 {
+			b.StopTimer()
+			time.Sleep(gap)
+			b.StartTimer()
+		}
 		start := time.Now()
 		if err := seg.send(requestRing, FrameToken, 1, payload); err != nil {
 			b.Fatal(err)
@@ -125,7 +144,7 @@ func benchRingRoundTrip(b *testing.B, size int) {
 	reportLatency(b, lat)
 }
 
-func benchUDSRoundTrip(b *testing.B, size int) {
+func benchUDSRoundTrip(b *testing.B, size int, gap time.Duration) {
 	c := startUDSPeer(b, "uds-echo")
 	msg, err := AppendFrame(nil, Frame{Type: FrameToken, ID: 1, Payload: pattern(1, size)})
 	if err != nil {
@@ -134,6 +153,11 @@ func benchUDSRoundTrip(b *testing.B, size int) {
 	in := make([]byte, len(msg))
 	var lat []time.Duration
 	for b.Loop() {
+		if gap > 0 {
+			b.StopTimer()
+			time.Sleep(gap)
+			b.StartTimer()
+		}
 		start := time.Now()
 		if _, err := c.Write(msg); err != nil {
 			b.Fatal(err)
