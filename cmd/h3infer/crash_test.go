@@ -280,8 +280,7 @@ func TestEndToEndSlowClientDoesNotStallWorker(t *testing.T) {
 	slow := &http.Client{Transport: s.withBearer(t, slowTr)}
 	cancelledBefore := metric(t, s, "h3infer_worker_sequences_cancelled_total")
 
-	resp := postJSON(t, context.Background(), slow, s.base+"/v1/completions",
-		map[string]any{"model": "demo", "prompt": testPrompt, "max_tokens": 1000, "stream": true})
+	resp := postJSON(t, context.Background(), slow, s.base+"/v1/completions", longStreamBody())
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("slow client: status %s", resp.Status)
 	}

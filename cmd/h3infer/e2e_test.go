@@ -372,6 +372,15 @@ func chatBody(maxTokens int, stream bool) map[string]any {
 	return b
 }
 
+// longStreamBody asks for a streamed completion that runs its whole 1000
+// tokens, for tests that cancel or stall a stream midway and so need it
+// still running then. Without ignore_eos the demo model, sampled at the
+// default temperature, draws its end token within the first 40 tokens in
+// about 2% of requests, and the stream ends before the test acts.
+func longStreamBody() map[string]any {
+	return map[string]any{"model": "demo", "prompt": testPrompt, "max_tokens": 1000, "stream": true, "ignore_eos": true}
+}
+
 func TestEndToEndStreamingChat(t *testing.T) {
 	s := startServer(t)
 	const maxTokens = 48
@@ -590,7 +599,7 @@ func TestEndToEndDisconnectCancelsWorker(t *testing.T) {
 
 	// Ask for as much as the context allows, read a little, then hang up.
 	ctx, cancel := context.WithCancel(context.Background())
-	resp := postJSON(t, ctx, c, s.base+"/v1/completions", map[string]any{"model": "demo", "prompt": testPrompt, "max_tokens": 1000, "stream": true})
+	resp := postJSON(t, ctx, c, s.base+"/v1/completions", longStreamBody())
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("status %s", resp.Status)
 	}

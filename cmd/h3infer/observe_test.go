@@ -389,7 +389,7 @@ func TestEndToEndTraceAcrossRing(t *testing.T) {
 	// decode span both say the request was cancelled.
 	cancelTrace, _ := hex.DecodeString("5cf92f3577b34da6a3ce929d0e0e4737")
 	ctx, cancel := context.WithCancel(context.Background())
-	b, _ = jsonBody(map[string]any{"model": "demo", "prompt": testPrompt, "max_tokens": 1000, "stream": true})
+	b, _ = jsonBody(longStreamBody())
 	req, _ = http.NewRequestWithContext(ctx, http.MethodPost, s.base+"/v1/completions", bytes.NewReader(b))
 	req.Header.Set("traceparent", "00-5cf92f3577b34da6a3ce929d0e0e4737-00f067aa0ba902b7-01")
 	resp, err = s.h3Client(t).Do(req)
