@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -363,11 +362,11 @@ type inbound struct {
 	loaded *loadOutcome
 }
 
-// receive runs Recv until the ring closes or stop is closed. A blocking
-// futex wait ties up an OS thread, so it keeps its own.
+// receive runs Recv until the ring closes or stop is closed. It does not
+// lock its thread: Recv holds the thread only while it sleeps, and a
+// locked receiver handed the loop it had just readied to another thread,
+// which the kernel had to wake first (transport's GatewayEnd.Run says more).
 func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- error, stop <-chan struct{}) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
 	for {
 		f, err := end.Recv()
 		if err != nil {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"runtime"
 	"sync"
 	"sync/atomic"
 )
@@ -215,9 +214,12 @@ func (g *GatewayEnd) Run() error {
 	if !g.running.CompareAndSwap(false, true) {
 		return errors.New("transport: GatewayEnd.Run called twice")
 	}
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-
+	// The loop does not hold its thread between sleeps (the ring's sleep
+	// does, while it lasts). A goroutine locked to its thread hands its
+	// processor to another thread whenever it blocks or yields, so the
+	// consumer it had just readied with a token ran only after the kernel
+	// woke that thread: 31 µs at the median at concurrency 1, against
+	// 0.7 µs unlocked, where it runs on this thread as the loop yields.
 	var wg sync.WaitGroup
 	wg.Go(g.sendCancels)
 

@@ -71,8 +71,10 @@ import (
 // sleep when the flag is no longer 1, so no sleeper misses a close.
 //
 // The futex sleep blocks an OS thread. The waiting code holds
-// runtime.LockOSThread while it sleeps so the goroutine returns on the thread
-// the kernel wakes, without a hand-off to another thread.
+// runtime.LockOSThread while it sleeps, and only then: a goroutine that
+// stays locked after it wakes hands its processor to another thread each
+// time it blocks, and whatever it readied waits for the kernel to wake that
+// thread.
 type ring struct {
 	head, tail                *atomic.Uint64
 	dataWaiting, spaceWaiting *atomic.Uint32
