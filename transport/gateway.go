@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sync"
 	"sync/atomic"
 )
@@ -109,6 +110,9 @@ type Call struct {
 	mu     sync.Mutex
 	ended  bool
 	events chan Event
+	// handOff says the reader yields its thread after the call's first
+	// token (see deliver); it is cleared once that token is delivered.
+	handOff bool
 }
 
 // ID returns the request id the call was opened with.
@@ -138,18 +142,32 @@ func (c *Call) Cancel() {
 // by another open call. Open blocks while the request ring is full, and is
 // safe for concurrent use.
 func (g *GatewayEnd) Open(id uint64, s *Submit) (*Call, error) {
-	return g.open(id, FrameSubmit, func(b []byte) []byte { return AppendSubmit(b, s) })
+	return g.open(id, FrameSubmit, s.Urgency <= HandOffUrgency, func(b []byte) []byte { return AppendSubmit(b, s) })
 }
+
+// HandOffUrgency is the least urgent level, RFC 9218's default of 3, whose
+// first token the receive loop hands on at once. Delivering an event
+// readies the call's consumer on the receive loop's own processor, where
+// it waits until the loop has taken every frame queued in the ring behind
+// it (the tokens of running requests) or another thread steals it. For a
+// request at this urgency or above, the loop yields right after its first
+// token, so the consumer carries it on to the client at once (h3infer
+// bench at concurrency 1: time to first token 559 -> 511 us). Less
+// urgent requests (u 4..7, background work by the client's own word)
+// never make it yield: a loop that yielded after every bulk stream's first
+// token queued behind the bulk goroutines it had readied, and urgent
+// tokens waited behind them (docs/BENCHMARKS.md, "Urgency").
+const HandOffUrgency = 3
 
 // Control sends a control request under id, which must not be in use; the
 // call ends with Done (FinishOK) or Error once the worker has acted on it.
 // Control requests share the id space of Open's calls.
 func (g *GatewayEnd) Control(id uint64, c *Control) (*Call, error) {
-	return g.open(id, FrameControl, func(b []byte) []byte { return AppendControl(b, c) })
+	return g.open(id, FrameControl, false, func(b []byte) []byte { return AppendControl(b, c) })
 }
 
-func (g *GatewayEnd) open(id uint64, typ FrameType, encode func([]byte) []byte) (*Call, error) {
-	c := &Call{id: id, g: g, events: make(chan Event, g.callBuffer+1)}
+func (g *GatewayEnd) open(id uint64, typ FrameType, handOff bool, encode func([]byte) []byte) (*Call, error) {
+	c := &Call{id: id, g: g, events: make(chan Event, g.callBuffer+1), handOff: handOff}
 	g.callsMu.Lock()
 	switch {
 	case g.ended:
@@ -345,7 +363,12 @@ func (c *Call) deliver(ev Event) {
 		return
 	}
 	c.events <- ev
+	yield := c.handOff
+	c.handOff = false
 	c.mu.Unlock()
+	if yield {
+		runtime.Gosched() // see HandOffUrgency
+	}
 }
 
 // end delivers a terminal error unless the call has ended, and reports

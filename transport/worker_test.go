@@ -81,3 +81,35 @@ func TestSendTokens(t *testing.T) {
 		}
 	}
 }
+
+// TestHandOffByUrgency checks which calls make the receive loop yield
+// after their first token: requests at RFC 9218's default urgency or more
+// urgent, never less urgent ones or control calls, and only once.
+func TestHandOffByUrgency(t *testing.T) {
+	checkGoroutines(t)
+	gwSeg, _ := newPair(t, 64<<10)
+	g := NewGatewayEnd(gwSeg, GatewayEndConfig{})
+	defer g.Close()
+	for u := range uint8(8) {
+		c, err := g.Open(uint64(u)+1, &Submit{Model: "demo", Prompt: "hi", Urgency: u})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := u <= HandOffUrgency; c.handOff != want {
+			t.Errorf("urgency %d: handOff %v, want %v", u, c.handOff, want)
+		}
+		if u == 0 {
+			c.deliver(Event{Token: Token{Count: 1, Text: "a"}})
+			if c.handOff {
+				t.Error("handOff still set after the first token")
+			}
+		}
+	}
+	c, err := g.Control(100, &Control{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.handOff {
+		t.Error("a control call hands off")
+	}
+}
