@@ -3,11 +3,15 @@
 # workers serve the synthetic model (no model cost) and the bare quic-go
 # comparison server run side by side on loopback; one `h3infer bench` run
 # loads both at each concurrency level and prints the ratios. Repeated
-# REPS times; docs/BENCHMARKS.md quotes the medians.
+# REPS times; docs/BENCHMARKS.md quotes the medians. CONC and REQUESTS
+# change the levels and the requests per level (scripts/bench-ab.sh runs
+# this script with one level).
 set -euo pipefail
 BIN=${BIN:-bin/h3infer}
 REPS=${REPS:-3}
 OUT=${OUT:-bench-out}
+CONC=${CONC:-1,64,256}
+REQUESTS=${REQUESTS:-1024}
 mkdir -p "$OUT"
 state=$(mktemp -d)
 pids=()
@@ -32,7 +36,7 @@ done
 for i in $(seq "$REPS"); do
 	echo "== scenario 1, repetition $i"
 	"$BIN" bench --url https://127.0.0.1:28443 --baseline-url https://127.0.0.1:28444 \
-		--ca "$state/certs/ca.pem" --state-dir "$state" --concurrency 1,64,256 --requests 1024 --duration 15s \
+		--ca "$state/certs/ca.pem" --state-dir "$state" --concurrency "$CONC" --requests "$REQUESTS" --duration 15s \
 		--prompt-words 32 --output-tokens 64 --json "$OUT/overhead-$i.json" --plot "$OUT/overhead-$i" \
 		| tee "$OUT/overhead-$i.txt"
 done
