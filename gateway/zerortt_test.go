@@ -75,28 +75,37 @@ func zeroRTTSetup(t *testing.T, h *harness, cred string) (*client.Client, *udpre
 	return c, relay
 }
 
-// shortWindow gives the gateway a 2 s freshness window, so that the
-// in-memory register's warm-up passes quickly.
-func shortWindow(t *testing.T) func(*Config) {
-	return func(c *Config) {
-		// A short window: the in-memory register refuses 0-RTT for one
-		// window after start-up.
+// testWindow is the freshness window of warmHarness's gateway: short, so
+// that the in-memory register's warm-up passes quickly.
+const testWindow = 2 * time.Second
+
+// warmHarness starts a gateway with a testWindow freshness window (then
+// applies extra, if any) and waits out the in-memory register's warm-up,
+// during which it declines 0-RTT for one window after start-up. The
+// warm-up is wall-clock time with nothing to poll, hence the sleep.
+func warmHarness(t *testing.T, extra func(*Config)) *harness {
+	t.Helper()
+	h := newHarness(t, func(c *Config) {
 		strikes := tlsbind.NewMemoryStrikes()
-		rg, err := tlsbind.NewReplayGuard(strikes, 2*time.Second)
+		rg, err := tlsbind.NewReplayGuard(strikes, testWindow)
 		if err != nil {
 			t.Fatal(err)
 		}
-		tk, err := tlsbind.NewTickets(tlsbind.TicketConfig{Instance: "a", Strikes: strikes, Window: 2 * time.Second, Registerer: c.Registry}, discardLog())
+		tk, err := tlsbind.NewTickets(tlsbind.TicketConfig{Instance: "a", Strikes: strikes, Window: testWindow, Registerer: c.Registry}, discardLog())
 		if err != nil {
 			t.Fatal(err)
 		}
 		c.Auth.Replay, c.Auth.Tickets = rg, tk
-	}
+		if extra != nil {
+			extra(c)
+		}
+	})
+	time.Sleep(testWindow + 100*time.Millisecond)
+	return h
 }
 
 func TestZeroRTTInferenceServedBeforeHandshake(t *testing.T) {
-	h := newHarness(t, shortWindow(t))
-	time.Sleep(2100 * time.Millisecond)
+	h := warmHarness(t, nil)
 	c, _ := zeroRTTSetup(t, h, h.cred)
 	res, err := c.Do(context.Background(), http.MethodPost, h.base+"/v1/chat/completions", nil, []byte(chat("")))
 	if err != nil {
@@ -135,11 +144,9 @@ func TestZeroRTTDeclinedWhileWarmingUp(t *testing.T) {
 }
 
 func TestZeroRTTRejectPolicyRetriesIn1RTT(t *testing.T) {
-	h := newHarness(t, func(c *Config) {
-		shortWindow(t)(c)
+	h := warmHarness(t, func(c *Config) {
 		c.Auth.EarlyData = map[string]tlsbind.EarlyPolicy{"/v1/chat/completions": tlsbind.EarlyReject}
 	})
-	time.Sleep(2100 * time.Millisecond)
 	c, _ := zeroRTTSetup(t, h, h.cred)
 	res, err := c.Do(context.Background(), http.MethodPost, h.base+"/v1/chat/completions", nil, []byte(chat("")))
 	if err != nil {
