@@ -49,8 +49,7 @@ func zeroRTTSetup(t *testing.T, h *harness, cred string) (*client.Client, *udpre
 		// Let the held Handshake packets and then the client's
 		// CONNECTION_CLOSE through before the relay goes, or the gateway
 		// waits out the idle timeout at shutdown.
-		relay.HoldHandshake(0)
-		time.Sleep(holdHandshake + 200*time.Millisecond)
+		relay.Release()
 		c.CloseConnections()
 		time.Sleep(200 * time.Millisecond)
 		relay.Close()

@@ -97,8 +97,7 @@ func TestReplayedZeroRTTRunsOnce(t *testing.T) {
 	// holdHandshake).
 	const hold = 2 * time.Second
 	t.Cleanup(func() {
-		relay.HoldHandshake(0)
-		time.Sleep(hold + 200*time.Millisecond)
+		relay.Release()
 		cl.Close()
 		time.Sleep(200 * time.Millisecond)
 		relay.Close()

@@ -24,6 +24,10 @@ type Relay struct {
 	upstreams map[string]*net.UDPConn
 	wg        sync.WaitGroup
 	closed    bool
+
+	held        sync.WaitGroup // datagrams being held back
+	release     chan struct{}  // closed by Release: held datagrams go now
+	releaseOnce sync.Once
 }
 
 // New listens on 127.0.0.1 and relays to server.
@@ -36,7 +40,7 @@ func New(server string) (*Relay, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Relay{ln: ln, server: sa, upstreams: map[string]*net.UDPConn{}}
+	r := &Relay{ln: ln, server: sa, upstreams: map[string]*net.UDPConn{}, release: make(chan struct{})}
 	r.wg.Go(r.readClients)
 	return r, nil
 }
@@ -50,6 +54,16 @@ func (r *Relay) HoldHandshake(d time.Duration) {
 	r.mu.Lock()
 	r.holdHS = d
 	r.mu.Unlock()
+}
+
+// Release stops holding Handshake packets and sends the ones held back now,
+// returning once they are written. A test calls it before closing its
+// client, so that the connection can finish and close cleanly rather than
+// leave the server to wait out its idle timeout.
+func (r *Relay) Release() {
+	r.HoldHandshake(0)
+	r.releaseOnce.Do(func() { close(r.release) })
+	r.held.Wait()
 }
 
 // Record starts recording client datagrams afresh.
@@ -88,10 +102,23 @@ func (r *Relay) readClients() {
 			r.recorded = append(r.recorded, b)
 		}
 		hold := r.holdHS
-		r.mu.Unlock()
 		if hold > 0 && isHandshake(b) {
+			// Counted under mu: Release turns holding off under mu
+			// before it waits, so no count can start after its wait.
+			r.held.Add(1)
+		} else {
+			hold = 0
+		}
+		r.mu.Unlock()
+		if hold > 0 {
 			r.wg.Go(func() {
-				time.Sleep(hold)
+				defer r.held.Done()
+				t := time.NewTimer(hold)
+				defer t.Stop()
+				select {
+				case <-t.C:
+				case <-r.release:
+				}
 				up.Write(b)
 			})
 			continue
