@@ -32,7 +32,9 @@ func TestGatewayProtocolViolations(t *testing.T) {
 			want: ErrProtocol,
 		},
 		"submit from the worker": {
-			send: func(w *WorkerEnd) error { return w.seg.send(responseRing, FrameSubmit, 5, AppendSubmit(nil, &Submit{})) },
+			send: func(w *WorkerEnd) error {
+				return w.seg.send(responseRing, FrameSubmit, 5, AppendSubmit(nil, &Submit{}))
+			},
 			want: ErrProtocol,
 		},
 		"late token for a cancelled request": {
