@@ -48,8 +48,7 @@ func FuzzVerifyBinding(f *testing.F) {
 // FuzzEarlyProofReplay spends one early proof and then offers the guard an
 // arbitrary header for an arbitrary request: nothing may pass, since the
 // only proof the fuzzer can make verify is a spelling of the spent one, and
-// each spelling must map to the same strike. Seeds: respellings below plus
-// testdata/fuzz/FuzzEarlyProofReplay.
+// each spelling must map to the same strike. Seeds: respellings below.
 func FuzzEarlyProofReplay(f *testing.F) {
 	secret := []byte("fuzz-secret")
 	issued := EarlyProof{Nonce: [nonceLen]byte{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}, Time: time.UnixMilli(1700000000000)}

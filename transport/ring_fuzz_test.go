@@ -36,7 +36,7 @@ func hostileRing(data []byte, head, tail uint64) *ring {
 // return frames that are whole and checked, or ErrCorrupt; it must not
 // panic, read outside the ring, move its cursor past the published tail,
 // or loop. Seeds: a few well-formed rings below and
-// testdata/fuzz/FuzzRingRecv.
+// testdata/fuzz/FuzzRingRecv (hostile indices and lengths).
 func FuzzRingRecv(f *testing.F) {
 	for _, seed := range ringSeeds() {
 		f.Add(seed.data, seed.head, seed.tail)
