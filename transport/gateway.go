@@ -251,7 +251,8 @@ func (g *GatewayEnd) Closed() bool {
 // soon as it is published, and hands it to its call without blocking. It
 // returns after Close, or after the worker closed its end, having ended every
 // open call with a CodeWorkerLost error; the error wraps ErrClosed, or
-// ErrCorrupt if the worker broke the ring. Run may be called once.
+// ErrCorrupt if the worker broke the ring, or ErrProtocol if it sent a
+// frame no sound worker sends. Run may be called once.
 func (g *GatewayEnd) Run() error {
 	if !g.running.CompareAndSwap(false, true) {
 		return errors.New("transport: GatewayEnd.Run called twice")
