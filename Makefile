@@ -107,7 +107,7 @@ fuzz:
 	@$(MAKE) --no-print-directory fuzz-run FUZZ_FOR=$(FUZZTIME)
 
 # The same for FUZZTIME_SHORT each, a bounded pass `make test` ends with
-# (23 targets here: a minute or two once their binaries are built).
+# (20 targets here: a minute or two once their binaries are built).
 FUZZTIME_SHORT ?= 2s
 fuzz-short:
 	@$(MAKE) --no-print-directory fuzz-run FUZZ_FOR=$(FUZZTIME_SHORT)
