@@ -17,7 +17,7 @@ export ONNXRUNTIME_LIB
 ORT_CUDA_DIR := $(CURDIR)/.cache/onnxruntime/1.29.0-cuda
 ORT_CUDA_LIB := $(ORT_CUDA_DIR)/libonnxruntime.so.1
 
-.PHONY: all build run test bench bench-urgency bench-gpu bench-providers test-ort-cuda fuzz ort ort-cuda js screenshot clean
+.PHONY: all build run test bench bench-urgency bench-gpu bench-providers test-ort-cuda fuzz fuzz-short fuzz-run ort ort-cuda js screenshot clean
 
 all: build
 
@@ -62,6 +62,9 @@ test: ort js
 	# tests that run a 0-RTT client in the test process are built only
 	# without the race detector (files tagged !race) and run here.
 	$(GO) test -count=1 -timeout 10m -run 'ZeroRTT|SessionCache' ./gateway/ ./client/ ./internal/loadgen/ ./cmd/h3infer/
+	# Every decoder and parser's fuzz target, briefly: the suite above runs
+	# only their seeds.
+	$(MAKE) --no-print-directory fuzz-short
 
 # Go benchmarks, then the h3infer bench scenarios (docs/BENCHMARKS.md):
 # gateway overhead against the bare server, and network conditions (netem,
@@ -95,15 +98,28 @@ bench-urgency: ort
 	$(GO) test -run '^$$' -bench Coalescing -benchtime 5x ./gateway/
 	$(GO) test -run '^$$' -bench PriorityIsolation -benchtime 1x ./cmd/h3infer/
 
-# Each fuzz target for FUZZTIME (default 20s).
+# Each fuzz target of every package for FUZZTIME (default 20s). The targets
+# are found, not listed, so a new Fuzz function is fuzzed without an edit
+# here; a package that does not build fails the run rather than dropping
+# out of it.
 FUZZTIME ?= 20s
 fuzz:
-	@for pkg in ./transport/ ./backend/ ./gateway/ ./tlsbind/; do \
-		for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
-			echo "fuzz $$pkg $$t"; \
-			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
-		done; \
-	done
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_FOR=$(FUZZTIME)
+
+# The same for FUZZTIME_SHORT each, a bounded pass `make test` ends with
+# (20 targets here: a minute or two once their binaries are built).
+FUZZTIME_SHORT ?= 2s
+fuzz-short:
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_FOR=$(FUZZTIME_SHORT)
+
+fuzz-run:
+	@set -o pipefail; \
+	targets=$$($(GO) test -list '^Fuzz' ./... | awk '/^Fuzz/ { name[++n] = $$1; next } /^ok/ { for (i = 1; i <= n; i++) print $$2, name[i]; n = 0 }') || exit 1; \
+	[ -n "$$targets" ] || { echo "no fuzz targets found" >&2; exit 1; }; \
+	while read -r pkg t; do \
+		echo "fuzz $$pkg $$t for $(FUZZ_FOR)"; \
+		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_FOR) $$pkg || exit 1; \
+	done <<< "$$targets"
 
 # Retakes docs/screenshot.png, the README's picture, with the browser test.
 screenshot: ort js

@@ -38,3 +38,15 @@ func GPUMemoryErrorForTest() error {
 // MisbehaveEnvForTest makes the test worker process misbehave; see
 // testMisbehaveEnv.
 const MisbehaveEnvForTest = testMisbehaveEnv
+
+// HostileOnceEnvForTest names the file that makes the first test worker
+// process to claim it hostile; see testHostileOnceEnv.
+const HostileOnceEnvForTest = testHostileOnceEnv
+
+// Hostile modes of the test worker process.
+const (
+	HostilePastEndForTest   = hostilePastEnd
+	HostileBadCheckForTest  = hostileBadCheck
+	HostileUnknownIDForTest = hostileUnknownID
+	HostileFloodForTest     = hostileFlood
+)

@@ -3,6 +3,8 @@ package backend
 import (
 	"context"
 	"encoding/binary"
+	"errors"
+	"hash/crc32"
 	"math/rand/v2"
 	"sync/atomic"
 	"unsafe"
@@ -35,6 +37,11 @@ const testWorkerEnv = "H3INFER_BACKEND_TEST_WORKER"
 // "garbage" says it is ready and then publishes random bytes on its
 // response ring.
 const testMisbehaveEnv = "H3INFER_BACKEND_TEST_MISBEHAVE"
+
+// testHostileOnceEnv names a file holding a hostile mode (see hostile).
+// The first worker process to remove the file plays that mode; every
+// later one, the replacements included, serves normally.
+const testHostileOnceEnv = "H3INFER_BACKEND_TEST_HOSTILE_ONCE"
 
 // Set by TestMain for the whole binary: the demo model is written once,
 // and ONNX Runtime can be initialized only once per process.
@@ -152,6 +159,17 @@ func testWorkerMain(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if path := os.Getenv(testHostileOnceEnv); path != "" {
+		// Reading and then removing claims the file: of two processes that
+		// read it, only one removes it.
+		if mode, err := os.ReadFile(path); err == nil && os.Remove(path) == nil {
+			if err := hostile(ctx, string(mode), cfg.RingFD); err != nil {
+				log.Error("hostile worker failed", "err", err)
+				return 1
+			}
+			return 0
+		}
+	}
 	if mode := os.Getenv(testMisbehaveEnv); mode != "" {
 		if err := misbehave(ctx, mode, cfg.RingFD); err != nil {
 			log.Error("misbehaving worker failed", "err", err)
@@ -236,6 +254,137 @@ func scribble(fd, ringSize int) error {
 	}
 	binary.LittleEndian.PutUint32(data[off:], 100) // in bounds: only the checks can tell
 	tail.Store(t + 512)
+	waiting.Store(0)
+	_, _, errno := unix.Syscall6(unix.SYS_FUTEX, uintptr(unsafe.Pointer(waiting)), 1 /* FUTEX_WAKE, shared */, 1, 0, 0, 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+// Hostile modes: each says it is ready, waits for a submit, sends one good
+// token for it, and then breaks the protocol in its own way.
+const (
+	// hostilePastEnd publishes a record whose length runs past the end of
+	// the ring.
+	hostilePastEnd = "length-past-end"
+	// hostileBadCheck publishes a token frame for the open request whose
+	// payload does not match its CRC-32C.
+	hostileBadCheck = "bad-checksum"
+	// hostileUnknownID sends well-formed tokens for a request that was
+	// never opened.
+	hostileUnknownID = "unknown-id"
+	// hostileFlood floods the ring with well-formed worker-level frames
+	// (heartbeat and stats) as fast as it takes them, and never answers
+	// the request nor beats its heartbeat.
+	hostileFlood = "flood"
+)
+
+// hostile plays a compromised worker on the ring at fd. It returns when
+// ctx ends (the pool's SIGTERM), or the process is killed.
+func hostile(ctx context.Context, mode string, fd int) error {
+	seg, err := transport.OpenSegment(os.NewFile(uintptr(fd), "ring"))
+	if err != nil {
+		return err
+	}
+	defer seg.Close()
+	end := transport.NewWorkerEnd(seg)
+	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []transport.ModelInfo{{Name: "demo", ContextLength: 64}}}
+	if err := end.SendReady(ready); err != nil {
+		return err
+	}
+	var id uint64
+	for {
+		f, err := end.Recv()
+		if err != nil {
+			return err
+		}
+		if f.Type == transport.FrameSubmit {
+			id = f.ID
+			break
+		}
+	}
+	if err := end.SendToken(id, transport.Token{Count: 1, Text: "hostile "}); err != nil {
+		return err
+	}
+	switch mode {
+	case hostilePastEnd:
+		err = publishRaw(fd, seg.RingSize(), func(rec []byte) int {
+			putHeader(rec, uint32(seg.RingSize()), transport.FrameToken, id)
+			return 32
+		})
+	case hostileBadCheck:
+		err = publishRaw(fd, seg.RingSize(), func(rec []byte) int {
+			payload := transport.AppendToken(nil, &transport.Token{Count: 1, Text: "forged"})
+			putHeader(rec, uint32(len(payload)), transport.FrameToken, id)
+			copy(rec[24:], payload)
+			check := crc32.Update(crc32.Checksum(rec[:16], castagnoli), castagnoli, payload)
+			binary.LittleEndian.PutUint32(rec[16:], check)
+			rec[24+len(payload)-1] ^= 1 // after the check, as a torn write would
+			return (24 + len(payload) + 15) &^ 15
+		})
+	case hostileUnknownID:
+		for i := range uint64(100) {
+			if err = end.SendToken(id+1000+i, transport.Token{Count: 1, Text: "stray "}); err != nil {
+				break
+			}
+		}
+	case hostileFlood:
+		// Until the gateway closes the ring or kills the process.
+		for ctx.Err() == nil && err == nil {
+			if err = end.SendHeartbeat(); err == nil {
+				err = end.SendStats(transport.Stats{TokensGenerated: 1 << 40, Active: 1})
+			}
+		}
+		if errors.Is(err, transport.ErrClosed) {
+			err = nil
+		}
+	default:
+		err = fmt.Errorf("unknown hostile mode %q", mode)
+	}
+	if err != nil && !errors.Is(err, transport.ErrClosed) {
+		return err
+	}
+	<-ctx.Done()
+	return nil
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// putHeader writes a frame header as transport/frame.go lays it out, with
+// a zero check: length, type, magic 0xb3, id.
+func putHeader(b []byte, length uint32, typ transport.FrameType, id uint64) {
+	clear(b[:24])
+	binary.LittleEndian.PutUint32(b, length)
+	b[4], b[5] = byte(typ), 0xb3
+	binary.LittleEndian.PutUint64(b[8:], id)
+}
+
+// publishRaw lets write fill the response ring at its tail, through a
+// mapping of its own that bypasses the transport's writer, and publishes
+// the bytes it reports; see scribble for the offsets.
+func publishRaw(fd, ringSize int, write func(rec []byte) int) error {
+	const (
+		line        = 128
+		tailOff     = 6 * line
+		waitingOff  = 7 * line
+		headerBytes = 4096
+	)
+	mem, err := unix.Mmap(fd, 0, headerBytes+2*ringSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return err
+	}
+	defer unix.Munmap(mem)
+	tail := (*atomic.Uint64)(unsafe.Pointer(&mem[tailOff]))
+	waiting := (*atomic.Uint32)(unsafe.Pointer(&mem[waitingOff]))
+	data := mem[headerBytes+ringSize:]
+	t := tail.Load()
+	off := int(t) & (ringSize - 1)
+	if off+512 > ringSize {
+		return fmt.Errorf("no room for a record at offset %d", off)
+	}
+	n := write(data[off : off+512])
+	tail.Store(t + uint64(n))
 	waiting.Store(0)
 	_, _, errno := unix.Syscall6(unix.SYS_FUTEX, uintptr(unsafe.Pointer(waiting)), 1 /* FUTEX_WAKE, shared */, 1, 0, 0, 0)
 	if errno != 0 {

@@ -32,7 +32,7 @@ func newPoolCollector(p *Pool) *poolCollector {
 		ready:    d("h3infer_worker_ready", "1 while the worker process is ready to take requests."),
 		active:   d("h3infer_worker_in_flight_sequences", "Sequences the worker is generating, as of its latest report."),
 		hangs:    d("h3infer_worker_hangs_total", "Worker processes killed because their heartbeat stalled."),
-		corrupt:  d("h3infer_worker_ring_failures_total", "Worker processes killed because they left their ring corrupt."),
+		corrupt:  d("h3infer_worker_ring_failures_total", "Worker processes killed because they left their ring corrupt or broke its protocol."),
 		stalled:  d("h3infer_worker_heartbeat_stalled_seconds", "How long the ready worker's heartbeat has stood still, as of the last check."),
 		ringBytes: prometheus.NewDesc("h3infer_worker_ring_bytes",
 			"Bytes published and not yet consumed in the worker's shared-memory ring, by direction (to_worker, to_gateway).",

@@ -15,6 +15,20 @@ import (
 // gateway itself makes it; no worker sends it.
 const CodeOverflow = "overflow"
 
+// ErrProtocol reports a worker that sent frames a sound worker never
+// sends: a frame for a request that is not open and was not just
+// abandoned, or a frame only the gateway sends. Like ErrCorrupt, the
+// worker cannot be trusted after it.
+var ErrProtocol = errors.New("transport: worker broke the protocol")
+
+// maxAbandoned bounds the ids of calls the gateway ended before their
+// worker did (cancelled, overflowed, malformed) that it still accepts
+// frames for. The worker may have written a few frames for such a call
+// before it read the cancel, and it sends nothing for it afterwards, so the
+// oldest ids are dropped to make room: a frame for a call that many calls
+// ago is not a late frame any more.
+const maxAbandoned = 4096
+
 // DefaultCallBuffer is the number of events a call buffers when
 // GatewayEndConfig.CallBuffer is 0. The buffer is allocated whole when the
 // call opens (40 bytes an event): at 1024 that was a 41 KB allocation on
@@ -60,6 +74,13 @@ type GatewayEnd struct {
 	callsMu sync.Mutex
 	calls   map[uint64]*Call
 	ended   bool // Run has ended every call; Open refuses
+	// abandoned holds the ids of calls ended here before the worker ended
+	// them, each with its place in abandonedOrder, the ring of the last
+	// maxAbandoned such ids; late frames for them are dropped, frames for
+	// any other id that is not open are a protocol error.
+	abandoned      map[uint64]uint64
+	abandonedOrder []uint64
+	abandonedSeq   uint64
 
 	cancelMu   sync.Mutex
 	cancels    []uint64
@@ -80,6 +101,7 @@ func NewGatewayEnd(seg *Segment, cfg GatewayEndConfig) *GatewayEnd {
 		onStats:    cfg.OnStats,
 		log:        cfg.Log,
 		calls:      make(map[uint64]*Call),
+		abandoned:  make(map[uint64]uint64),
 		cancelKick: make(chan struct{}, 1),
 		done:       make(chan struct{}),
 	}
@@ -134,7 +156,7 @@ func (c *Call) Cancel() {
 	c.ended = true
 	close(c.events)
 	c.mu.Unlock()
-	c.g.forget(c.id)
+	c.g.abandon(c.id)
 	c.g.queueCancel(c.id)
 }
 
@@ -178,8 +200,10 @@ func (g *GatewayEnd) open(id uint64, typ FrameType, handOff bool, encode func([]
 		return nil, fmt.Errorf("transport: open request %d: id already in use", id)
 	}
 	// Registered before the submit goes out, so a fast worker's first token
-	// finds the call.
+	// finds the call. Late frames of an abandoned call under the same id
+	// now go to this one, as they did before ids were checked.
 	g.calls[id] = c
+	delete(g.abandoned, id)
 	g.callsMu.Unlock()
 
 	g.sendMu.Lock()
@@ -227,7 +251,8 @@ func (g *GatewayEnd) Closed() bool {
 // soon as it is published, and hands it to its call without blocking. It
 // returns after Close, or after the worker closed its end, having ended every
 // open call with a CodeWorkerLost error; the error wraps ErrClosed, or
-// ErrCorrupt if the worker broke the ring. Run may be called once.
+// ErrCorrupt if the worker broke the ring, or ErrProtocol if it sent a
+// frame no sound worker sends. Run may be called once.
 func (g *GatewayEnd) Run() error {
 	if !g.running.CompareAndSwap(false, true) {
 		return errors.New("transport: GatewayEnd.Run called twice")
@@ -250,7 +275,9 @@ func (g *GatewayEnd) Run() error {
 			break
 		}
 		buf = f.Payload[:0]
-		g.dispatch(f)
+		if err = g.dispatch(f); err != nil {
+			break
+		}
 	}
 	reason := "worker exited"
 	if !errors.Is(err, ErrClosed) {
@@ -263,46 +290,48 @@ func (g *GatewayEnd) Run() error {
 	return err
 }
 
-func (g *GatewayEnd) dispatch(f Frame) {
+// dispatch hands f to its call. It returns an error wrapping ErrProtocol
+// for a frame no sound worker sends, which ends Run.
+func (g *GatewayEnd) dispatch(f Frame) error {
 	switch f.Type {
 	case FrameToken:
-		c := g.lookup(f.ID)
+		c, err := g.target(f)
 		if c == nil {
-			return // late frame after a cancel or an overflow
+			return err
 		}
 		t, err := DecodeToken(f.Payload)
 		if err != nil {
 			g.malformed(c, f, err)
-			return
+			return nil
 		}
 		c.deliver(Event{Token: t})
 	case FrameDone:
-		c := g.lookup(f.ID)
+		c, err := g.target(f)
 		if c == nil {
-			return
+			return err
 		}
 		d, err := DecodeDone(f.Payload)
 		if err != nil {
 			g.malformed(c, f, err)
-			return
+			return nil
 		}
 		c.deliver(Event{Done: &d})
 	case FrameError:
-		c := g.lookup(f.ID)
+		c, err := g.target(f)
 		if c == nil {
-			return
+			return err
 		}
 		e, err := DecodeError(f.Payload)
 		if err != nil {
 			g.malformed(c, f, err)
-			return
+			return nil
 		}
 		c.deliver(Event{Err: &e})
 	case FrameReady:
 		r, err := DecodeReady(f.Payload)
 		if err != nil {
 			g.log.Warn("dropped malformed frame from worker", "frame", f.Type.String(), "err", err)
-			return
+			return nil
 		}
 		if g.onReady != nil {
 			g.onReady(r)
@@ -311,7 +340,7 @@ func (g *GatewayEnd) dispatch(f Frame) {
 		s, err := DecodeStats(f.Payload)
 		if err != nil {
 			g.log.Warn("dropped malformed frame from worker", "frame", f.Type.String(), "err", err)
-			return
+			return nil
 		}
 		if g.onStats != nil {
 			g.onStats(s)
@@ -320,8 +349,29 @@ func (g *GatewayEnd) dispatch(f Frame) {
 		// Its arrival is the whole message; liveness is the supervisor's
 		// business, which watches the process itself.
 	default:
-		g.log.Warn("dropped unexpected frame from worker", "frame", f.Type.String(), "request_id", f.ID)
+		// Submit, cancel and control go the other way.
+		return fmt.Errorf("%w: %s frame for request %d", ErrProtocol, f.Type, f.ID)
 	}
+	return nil
+}
+
+// target finds the open call a request frame is for. A late frame for an
+// abandoned call yields neither a call nor an error; a frame for an id
+// that is neither yields an error wrapping ErrProtocol.
+func (g *GatewayEnd) target(f Frame) (*Call, error) {
+	g.callsMu.Lock()
+	defer g.callsMu.Unlock()
+	if c := g.calls[f.ID]; c != nil {
+		return c, nil
+	}
+	if _, ok := g.abandoned[f.ID]; ok {
+		if f.Type != FrameToken {
+			// The worker ended it too: nothing more can come for it.
+			delete(g.abandoned, f.ID)
+		}
+		return nil, nil
+	}
+	return nil, fmt.Errorf("%w: %s frame for request %d, which is not open", ErrProtocol, f.Type, f.ID)
 }
 
 // malformed fails a call whose frame did not decode and tells the worker to
@@ -329,6 +379,7 @@ func (g *GatewayEnd) dispatch(f Frame) {
 func (g *GatewayEnd) malformed(c *Call, f Frame, err error) {
 	g.log.Warn("malformed frame from worker", "frame", f.Type.String(), "request_id", f.ID, "err", err)
 	if c.end(&Error{Code: CodeInternal, Message: "malformed " + f.Type.String() + " frame from worker"}) {
+		g.abandon(c.id)
 		g.queueCancel(c.id)
 	}
 }
@@ -358,7 +409,7 @@ func (c *Call) deliver(ev Event) {
 		}}
 		close(c.events)
 		c.mu.Unlock()
-		c.g.forget(c.id)
+		c.g.abandon(c.id)
 		c.g.queueCancel(c.id)
 		return
 	}
@@ -387,16 +438,30 @@ func (c *Call) end(e *Error) bool {
 	return true
 }
 
-func (g *GatewayEnd) lookup(id uint64) *Call {
-	g.callsMu.Lock()
-	defer g.callsMu.Unlock()
-	return g.calls[id]
-}
-
 func (g *GatewayEnd) forget(id uint64) {
 	g.callsMu.Lock()
 	delete(g.calls, id)
 	g.callsMu.Unlock()
+}
+
+// abandon forgets call id, which ended here before its worker ended it,
+// and keeps accepting the frames the worker may still send for it. Both
+// happen under one lock, so the receive loop never sees the id as neither
+// open nor abandoned.
+func (g *GatewayEnd) abandon(id uint64) {
+	g.callsMu.Lock()
+	defer g.callsMu.Unlock()
+	delete(g.calls, id)
+	if g.abandonedOrder == nil {
+		g.abandonedOrder = make([]uint64, maxAbandoned)
+	}
+	slot := g.abandonedSeq % maxAbandoned
+	if old := g.abandonedOrder[slot]; g.abandonedSeq >= maxAbandoned && g.abandoned[old] == g.abandonedSeq-maxAbandoned {
+		delete(g.abandoned, old)
+	}
+	g.abandonedOrder[slot] = id
+	g.abandoned[id] = g.abandonedSeq
+	g.abandonedSeq++
 }
 
 // endAll fails every open call and stops Open from adding more.
