@@ -30,8 +30,13 @@ type Options struct {
 	TLS *TLSFiles
 }
 
-// User is one ACL user with every right on every key.
-type User struct{ Name, Password string }
+// User is one ACL user.
+type User struct {
+	Name, Password string
+	// Rules are ACL rules as ACL SETUSER takes them, one per element.
+	// Default: every command on every key and channel.
+	Rules []string
+}
 
 // TLSFiles are PEM files for redis-server's TLS port. Clients are not asked
 // for certificates.
@@ -121,7 +126,11 @@ func StartServer(t testing.TB, opts Options) *Server {
 		args = append(args, "--port", fmt.Sprint(port))
 	}
 	for _, u := range opts.Users {
-		args = append(args, "--user", u.Name, "on", ">"+u.Password, "~*", "&*", "+@all")
+		rules := u.Rules
+		if len(rules) == 0 {
+			rules = []string{"~*", "&*", "+@all"}
+		}
+		args = append(append(args, "--user", u.Name, "on", ">"+u.Password), rules...)
 	}
 	if len(opts.Users) > 0 {
 		args = append(args, "--user", "default", "off")
