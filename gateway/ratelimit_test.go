@@ -225,8 +225,9 @@ func TestRedisSharedLimit(t *testing.T) {
 // TestRedisDownFallsBackToLocalLimits stops the shared store's Redis in
 // the middle of a test: the limits must still hold, decided by this
 // instance alone, where a store error used to admit every request. The
-// requests within the limit still pass, and the metrics count the store
-// errors and the fallback's decisions.
+// requests within the limit still pass, the metrics count the store
+// errors and the fallback's decisions, and once Redis is back the limits
+// are decided there again.
 func TestRedisDownFallsBackToLocalLimits(t *testing.T) {
 	srv := redistest.StartServer(t, redistest.Options{})
 	client := redis.NewClient(&redis.Options{Addr: srv.Addr, MaxRetries: -1})
@@ -272,10 +273,27 @@ func TestRedisDownFallsBackToLocalLimits(t *testing.T) {
 			t.Errorf("metrics lack %s", want)
 		}
 	}
-	if n := metricValue(t, text, "h3infer_rate_limit_store_errors_total"); n < 2 {
-		t.Errorf("store errors counted: %v, want >= 2 (one when Redis went, one on the retry)", n)
+	errs := metricValue(t, text, "h3infer_rate_limit_store_errors_total")
+	if errs < 2 {
+		t.Errorf("store errors counted: %v, want >= 2 (one when Redis went, one on the retry)", errs)
 	}
 	promtoolCheck(t, text)
+
+	// Redis comes back (empty): after store_retry the limits are decided
+	// there again, with a fresh bucket, and the fallback stops counting.
+	srv.Restart(t)
+	time.Sleep(60 * time.Millisecond)
+	ok(3)
+	if keys, err := client.Keys(context.Background(), "h3infer:rl:req:*").Result(); err != nil || len(keys) != 1 {
+		t.Fatalf("after Redis came back the request left no bucket there: %v, %v", keys, err)
+	}
+	text = scrape(t, h)
+	if n := metricValue(t, text, "h3infer_rate_limit_store_errors_total"); n != errs {
+		t.Errorf("store errors went from %v to %v with Redis back", errs, n)
+	}
+	if !strings.Contains(text, `h3infer_rate_limit_fallback_decisions_total{result="admitted"} 2`) {
+		t.Errorf("the fallback decided with Redis back")
+	}
 }
 
 // metricValue is the value of an unlabelled metric in an exposition.

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -53,6 +54,20 @@ type Server struct {
 	cmd    *exec.Cmd
 	exited chan struct{}
 	once   sync.Once
+	// args and probe start it again (Restart).
+	args  []string
+	probe *redis.Options
+	dir   string
+}
+
+// Restart starts a stopped server again on the same address, empty (it
+// keeps no data on disk), and waits until it answers.
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	s.Stop()
+	n := run(t, s.dir, s.opts, s.probe, s.args...)
+	s.PID, s.cmd, s.exited, s.once = n.PID, n.cmd, n.exited, sync.Once{}
+	t.Cleanup(s.Stop)
 }
 
 // URL is a redis:// or rediss:// URL for the server, logged in as user
@@ -136,8 +151,9 @@ func StartServer(t testing.TB, opts Options) *Server {
 		args = append(args, "--user", "default", "off")
 		probe.Username, probe.Password = opts.Users[0].Name, opts.Users[0].Password
 	}
-	s := run(t, t.TempDir(), opts, probe, args...)
-	s.Addr = addr
+	dir := t.TempDir()
+	s := run(t, dir, opts, probe, args...)
+	s.Addr, s.args, s.probe, s.dir = addr, args, probe, dir
 	return s
 }
 
@@ -149,7 +165,7 @@ func run(t testing.TB, dir string, opts Options, probe *redis.Options, args ...s
 	if err != nil {
 		t.Fatalf("redis-server not found (apt-get install redis-server): %v", err)
 	}
-	args = append(args, "--dir", dir, "--save", "", "--appendonly", "no",
+	args = append(slices.Clip(args), "--dir", dir, "--save", "", "--appendonly", "no",
 		"--loglevel", "warning", "--logfile", filepath.Join(dir, "redis.log"))
 	cmd := exec.Command(bin, args...)
 	if err := cmd.Start(); err != nil {
