@@ -333,7 +333,7 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		// automatic ones).
 		ticketKeys: cfg.TLS.Clone(),
 	}
-	g.limits.Store(newLimiter(cfg.RateLimits, nil))
+	g.limits.Store(newLimiter(cfg.RateLimits, nil, m, log))
 	g.aborting, g.abort = context.WithCancelCause(context.Background())
 	if err := defaultAuth(&g.cfg.Auth, g); err != nil {
 		return nil, err
@@ -471,7 +471,7 @@ func (g *Gateway) SetRateLimits(rl RateLimits) error {
 		return err
 	}
 	initRefusals(g.metrics, rl)
-	g.limits.Store(newLimiter(rl, g.limits.Load()))
+	g.limits.Store(newLimiter(rl, g.limits.Load(), g.metrics, g.log))
 	return nil
 }
 

@@ -32,6 +32,11 @@ type metrics struct {
 	refusals   *prometheus.CounterVec
 	quic       *quicCollector
 
+	// limitStoreErrors counts failed calls to a shared rate-limit store,
+	// limitFallback the decisions the local fallback made meanwhile.
+	limitStoreErrors prometheus.Counter
+	limitFallback    *prometheus.CounterVec
+
 	early        *prometheus.CounterVec
 	binding      *prometheus.CounterVec
 	authFailures *prometheus.CounterVec
@@ -89,6 +94,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "h3infer_rate_limit_refusals_total",
 			Help: "Requests refused or cut off by a rate limit, by tenant and limit (requests, tokens, concurrency).",
 		}, []string{"tenant", "limit"}),
+		limitStoreErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "h3infer_rate_limit_store_errors_total",
+			Help: "Calls to the shared rate-limit store (Redis) that failed; the local fallback decided instead.",
+		}),
+		limitFallback: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_rate_limit_fallback_decisions_total",
+			Help: "Rate-limit decisions made by this instance alone while the shared store failed, by result: admitted, refused.",
+		}, []string{"result"}),
 		quic: newQUICCollector(),
 		early: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "h3infer_early_data_requests_total",
@@ -108,7 +121,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"code"}),
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.interToken, m.duration,
-		m.queueWait, m.tokens, m.writes, m.refusals, m.quic, m.early, m.binding, m.authFailures, m.streamErrors} {
+		m.queueWait, m.tokens, m.writes, m.refusals, m.limitStoreErrors, m.limitFallback, m.quic, m.early, m.binding, m.authFailures, m.streamErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}

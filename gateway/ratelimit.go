@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"h3infer/ratelimit"
 	"h3infer/scheduler"
@@ -52,9 +55,18 @@ type RateLimits struct {
 	// rate_limit_exceeded error instead of pacing it.
 	CutOff bool
 	// Store keeps the buckets. Default: a ratelimit.Local of the gateway's
-	// own.
+	// own. When a Store other than a ratelimit.Local fails, the gateway
+	// decides with a local store of its own under the same limits (per
+	// instance, then) rather than admit everything, and tries Store again
+	// after StoreRetry.
 	Store LimitStore
+	// StoreRetry is how long the local fallback decides after Store
+	// failed. Default 1s.
+	StoreRetry time.Duration
 }
+
+// defaultStoreRetry is RateLimits.StoreRetry's default.
+const defaultStoreRetry = time.Second
 
 // The limit label values of h3infer_rate_limit_refusals_total.
 const (
@@ -117,6 +129,74 @@ type limiter struct {
 	cfg     RateLimits
 	store   LimitStore
 	running *running
+	// fallback decides while store fails; nil when store is local.
+	fallback *storeFallback
+}
+
+// storeFallback stands in for a shared limit store that fails: a local
+// store with the same limits, so that the limits still hold on each
+// instance (a tenant may get up to one budget per instance meanwhile)
+// instead of vanishing. After a failure the shared store is left alone for
+// retry, so that a store that is down costs one failed call per retry
+// rather than one per request.
+type storeFallback struct {
+	local     *ratelimit.Local
+	retry     time.Duration
+	errors    prometheus.Counter
+	decisions *prometheus.CounterVec // by result: admitted, refused
+	log       *slog.Logger
+
+	mu      sync.Mutex
+	failing bool
+	nextTry time.Time
+}
+
+func newStoreFallback(retry time.Duration, m *metrics, log *slog.Logger) *storeFallback {
+	if retry <= 0 {
+		retry = defaultStoreRetry
+	}
+	return &storeFallback{local: ratelimit.NewLocal(), retry: retry, errors: m.limitStoreErrors, decisions: m.limitFallback, log: log}
+}
+
+// take asks store, or the local store while store is failing.
+func (f *storeFallback) take(ctx context.Context, store LimitStore, key string, lim ratelimit.Limit, cost int, force bool) (ratelimit.Decision, error) {
+	f.mu.Lock()
+	skip := f.failing && time.Now().Before(f.nextTry)
+	f.mu.Unlock()
+	if !skip {
+		d, err := store.Take(ctx, key, lim, cost, force)
+		if err == nil {
+			f.mu.Lock()
+			if f.failing {
+				f.failing = false
+				f.log.Info("rate limit store is back; limits are shared again")
+			}
+			f.mu.Unlock()
+			return d, nil
+		}
+		if ctx.Err() != nil {
+			// The request went away; that says nothing of the store.
+			return d, err
+		}
+		f.errors.Inc()
+		f.mu.Lock()
+		if !f.failing {
+			f.log.Warn("rate limit store failed; each instance applies the limits alone until it is back", "err", err, "retry", f.retry)
+		}
+		f.failing = true
+		f.nextTry = time.Now().Add(f.retry)
+		f.mu.Unlock()
+	}
+	d, err := f.local.Take(ctx, key, lim, cost, force)
+	if err != nil {
+		return d, err
+	}
+	result := "refused"
+	if d.OK {
+		result = "admitted"
+	}
+	f.decisions.WithLabelValues(result).Inc()
+	return d, nil
 }
 
 // running counts each tenant's completions in progress. The limiters a
@@ -128,9 +208,10 @@ type running struct {
 }
 
 // newLimiter builds the limiter for cfg. prev, when not nil, is the limiter
-// it replaces: its concurrency counts carry over, and so does its store when
-// cfg names none, so that the buckets keep what they hold.
-func newLimiter(cfg RateLimits, prev *limiter) *limiter {
+// it replaces: its concurrency counts carry over, and so do its store and
+// fallback when cfg names no store, so that the buckets keep what they
+// hold.
+func newLimiter(cfg RateLimits, prev *limiter, m *metrics, log *slog.Logger) *limiter {
 	withBurst := func(l TenantLimit) TenantLimit {
 		if l.RequestBurst == 0 {
 			l.RequestBurst = int(math.Ceil(l.RequestsPerSecond))
@@ -146,18 +227,29 @@ func newLimiter(cfg RateLimits, prev *limiter) *limiter {
 		tenants[k] = withBurst(v)
 	}
 	cfg.Tenants = tenants
-	store := cfg.Store
-	run := &running{n: map[string]int{}}
+	l := &limiter{cfg: cfg, store: cfg.Store, running: &running{n: map[string]int{}}}
 	if prev != nil {
-		run = prev.running
-		if store == nil {
-			store = prev.store
+		l.running = prev.running
+		if l.store == nil {
+			l.store, l.fallback = prev.store, prev.fallback
+			return l
 		}
 	}
-	if store == nil {
-		store = ratelimit.NewLocal()
+	if l.store == nil {
+		l.store = ratelimit.NewLocal()
 	}
-	return &limiter{cfg: cfg, store: store, running: run}
+	if _, local := l.store.(*ratelimit.Local); !local {
+		l.fallback = newStoreFallback(cfg.StoreRetry, m, log)
+	}
+	return l
+}
+
+// take debits the store, or the fallback while the store fails.
+func (l *limiter) take(ctx context.Context, key string, lim ratelimit.Limit, cost int, force bool) (ratelimit.Decision, error) {
+	if l.fallback == nil {
+		return l.store.Take(ctx, key, lim, cost, force)
+	}
+	return l.fallback.take(ctx, l.store, key, lim, cost, force)
 }
 
 func (l *limiter) limitOf(tenant string) TenantLimit {
@@ -206,10 +298,11 @@ func (l *limiter) admit(ctx context.Context, tenant string, h http.Header) (*adm
 	}
 	if lim.RequestsPerSecond > 0 {
 		bucket := ratelimit.Limit{Rate: lim.RequestsPerSecond, Burst: lim.RequestBurst}
-		d, err := l.store.Take(ctx, "req:"+tenant, bucket, 1, false)
+		d, err := l.take(ctx, "req:"+tenant, bucket, 1, false)
 		if err != nil {
-			// A limit store that is down must not take the service with
-			// it: admit, and let the caller log.
+			// Only a request whose context ended gets here (the
+			// fallback answers when the store fails): admit, and let
+			// the caller log.
 			return a, fmt.Errorf("rate limit store: %w", err)
 		}
 		policy := fmt.Sprintf(`"requests";q=%d;w=%d`, lim.RequestBurst, ceilSeconds(secondsFor(lim.RequestBurst, lim.RequestsPerSecond)))
@@ -251,7 +344,7 @@ func (a *admission) debitTokens(ctx context.Context, n int) (time.Duration, erro
 	if a.tokKey == "" {
 		a.tokKey = "tok:" + a.tenant // built once per request, not per token
 	}
-	d, err := a.l.store.Take(ctx, a.tokKey, bucket, n, !a.l.cfg.CutOff)
+	d, err := a.l.take(ctx, a.tokKey, bucket, n, !a.l.cfg.CutOff)
 	if err != nil {
 		return 0, fmt.Errorf("rate limit store: %w", err)
 	}

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"h3infer/internal/redistest"
 	"h3infer/ratelimit"
@@ -217,6 +220,96 @@ func TestRedisSharedLimit(t *testing.T) {
 	}
 	checkRefusal(t, b.post(t, "h3", "/v1/chat/completions", chatStream), `"requests";q=3;w=30`)
 	checkRefusal(t, a.post(t, "h2", "/v1/chat/completions", chatStream), `"requests";q=3;w=30`)
+}
+
+// TestRedisDownFallsBackToLocalLimits stops the shared store's Redis in
+// the middle of a test: the limits must still hold, decided by this
+// instance alone, where a store error used to admit every request. The
+// requests within the limit still pass, the metrics count the store
+// errors and the fallback's decisions, and once Redis is back the limits
+// are decided there again.
+func TestRedisDownFallsBackToLocalLimits(t *testing.T) {
+	srv := redistest.StartServer(t, redistest.Options{})
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr, MaxRetries: -1})
+	h := newHarness(t, func(c *Config) {
+		c.RateLimits = RateLimits{
+			Default:    TenantLimit{RequestsPerSecond: 0.1, RequestBurst: 2},
+			Store:      ratelimit.NewRedis(client, "h3infer:rl:"),
+			StoreRetry: 50 * time.Millisecond,
+		}
+	})
+	t.Cleanup(func() {
+		h.closeClients()
+		client.Close()
+	})
+	ok := func(i int) {
+		t.Helper()
+		resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("request %d: status %d, want 200", i, resp.StatusCode)
+		}
+	}
+	ok(0) // through Redis
+	if keys, err := client.Keys(context.Background(), "h3infer:rl:req:*").Result(); err != nil || len(keys) != 1 {
+		t.Fatalf("the first request left no bucket in Redis: %v, %v", keys, err)
+	}
+	srv.Stop()
+
+	// The local bucket starts full: the burst passes, the next is refused.
+	ok(1)
+	ok(2)
+	checkRefusal(t, h.post(t, "h2", "/v1/chat/completions", chatStream), `"requests";q=2;w=20`)
+	time.Sleep(60 * time.Millisecond) // past store_retry: Redis is tried again, and fails again
+	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStream), `"requests";q=2;w=20`)
+
+	text := scrape(t, h)
+	for _, want := range []string{
+		`h3infer_rate_limit_fallback_decisions_total{result="admitted"} 2`,
+		`h3infer_rate_limit_fallback_decisions_total{result="refused"} 2`,
+		`h3infer_rate_limit_refusals_total{limit="requests",tenant="other"} 2`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	errs := metricValue(t, text, "h3infer_rate_limit_store_errors_total")
+	if errs < 2 {
+		t.Errorf("store errors counted: %v, want >= 2 (one when Redis went, one on the retry)", errs)
+	}
+	promtoolCheck(t, text)
+
+	// Redis comes back (empty): after store_retry the limits are decided
+	// there again, with a fresh bucket, and the fallback stops counting.
+	srv.Restart(t)
+	time.Sleep(60 * time.Millisecond)
+	ok(3)
+	if keys, err := client.Keys(context.Background(), "h3infer:rl:req:*").Result(); err != nil || len(keys) != 1 {
+		t.Fatalf("after Redis came back the request left no bucket there: %v, %v", keys, err)
+	}
+	text = scrape(t, h)
+	if n := metricValue(t, text, "h3infer_rate_limit_store_errors_total"); n != errs {
+		t.Errorf("store errors went from %v to %v with Redis back", errs, n)
+	}
+	if !strings.Contains(text, `h3infer_rate_limit_fallback_decisions_total{result="admitted"} 2`) {
+		t.Errorf("the fallback decided with Redis back")
+	}
+}
+
+// metricValue is the value of an unlabelled metric in an exposition.
+func metricValue(t *testing.T, text, name string) float64 {
+	t.Helper()
+	for line := range strings.Lines(text) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
 }
 
 // TestSetRateLimits changes the limits of a running gateway: invalid limits

@@ -22,22 +22,32 @@ const DefaultKey = "h3infer:session-keys"
 // our read and our write.
 const maxAttempts = 8
 
-// Store is a certs.KeyStore on one Redis key holding the keys as JSON.
-// Creation and rotation run in WATCH/MULTI transactions, so when several
-// instances are due at once one rotates and the others read its result.
+// Store is a certs.KeyStore on one Redis key holding the keys as JSON,
+// sealed with AES-256-GCM under a key that never goes to Redis: whoever can
+// read Redis cannot decrypt tickets or forge resets with what is there, and
+// whoever can write it cannot make an instance adopt keys of their own (an
+// instance refuses a value it cannot open, see ErrUnsealed). Creation and
+// rotation run in WATCH/MULTI transactions, so when several instances are
+// due at once one rotates and the others read its result.
 type Store struct {
 	client *redis.Client
 	key    string
+	seal   *sealer
 }
 
 var _ certs.KeyStore = (*Store)(nil)
 
-// New uses client and key (DefaultKey when empty).
-func New(client *redis.Client, key string) *Store {
+// New uses client and key (DefaultKey when empty), sealing with sealKey
+// (SealKeySize bytes; see EnsureSealKey).
+func New(client *redis.Client, key string, sealKey []byte) (*Store, error) {
 	if key == "" {
 		key = DefaultKey
 	}
-	return &Store{client: client, key: key}
+	s, err := newSealer(sealKey, key)
+	if err != nil {
+		return nil, fmt.Errorf("session keys: %w", err)
+	}
+	return &Store{client: client, key: key, seal: s}, nil
 }
 
 // Current implements certs.KeyStore.
@@ -54,8 +64,12 @@ func (s *Store) Current(ctx context.Context, now time.Time, every time.Duration)
 		case err != nil:
 			return err
 		default:
+			plain, err := s.seal.open(b)
+			if err != nil {
+				return fmt.Errorf("redis key %s: %w", s.key, err)
+			}
 			k = new(certs.SessionKeys)
-			if err := json.Unmarshal(b, k); err != nil {
+			if err := json.Unmarshal(plain, k); err != nil {
 				return fmt.Errorf("decode %s: %w", s.key, err)
 			}
 			if len(k.TicketKeys) == 0 {
@@ -69,7 +83,11 @@ func (s *Store) Current(ctx context.Context, now time.Time, every time.Duration)
 				return err
 			}
 		}
-		nb, err := json.Marshal(k)
+		plain, err := json.Marshal(k)
+		if err != nil {
+			return err
+		}
+		nb, err := s.seal.seal(plain)
 		if err != nil {
 			return err
 		}

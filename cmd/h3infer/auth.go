@@ -1,13 +1,10 @@
 package main
 
 import (
-	"context"
-	"fmt"
 	"log/slog"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/redis/go-redis/v9"
 
 	"h3infer/gateway"
 	"h3infer/tlsbind"
@@ -41,13 +38,9 @@ func authSetup(cfg Config, reg prometheus.Registerer, log *slog.Logger) (gateway
 	var strikes tlsbind.StrikeRegister = tlsbind.NewMemoryStrikes()
 	closeFn := none
 	if cfg.ZeroRTT.StrikeRegister == "redis" {
-		rc := redis.NewClient(&redis.Options{Addr: cfg.ZeroRTT.RedisAddr})
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := rc.Ping(ctx).Err()
-		cancel()
+		rc, err := openRedis(cfg, "zero_rtt")
 		if err != nil {
-			rc.Close()
-			return auth, "", none, fmt.Errorf("zero_rtt.redis_addr %s: %w", cfg.ZeroRTT.RedisAddr, err)
+			return auth, "", none, err
 		}
 		strikes = strikeredis.New(rc, "")
 		closeFn = func() { rc.Close() }

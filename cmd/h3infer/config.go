@@ -48,6 +48,10 @@ type Config struct {
 	Tracing   TracingConfig   `json:"tracing"`
 	// RateLimits limits each tenant. Default: no limits.
 	RateLimits RateLimitsConfig `json:"rate_limits"`
+	// Redis is the server instances share state through, for every use
+	// (zero_rtt's strike register and session keys, rate_limits) that
+	// names no redis_addr of its own.
+	Redis RedisConfig `json:"redis"`
 	// Models to serve. Empty: the demo model under the name "demo", written
 	// into <state_dir>/models/demo/1 when missing.
 	Models []ModelConfig `json:"models"`
@@ -249,19 +253,37 @@ type ZeroRTTConfig struct {
 	// keys shared by instances. Default <state_dir>/session-keys.json.
 	SessionKeysFile string `json:"session_keys_file"`
 	// SessionKeysStore is "file" (session_keys_file) or "redis"
-	// (redis_addr). Default "file".
+	// (redis_addr, else redis.url). Default "file".
 	SessionKeysStore string `json:"session_keys_store"`
+	// SessionKeysSealFile holds the key that seals the session keys in
+	// Redis (AES-256-GCM; 32 bytes in base64, mode 0600). Every instance
+	// sharing the Redis needs the same file. Default
+	// <state_dir>/session-keys.seal, created when missing.
+	SessionKeysSealFile string `json:"session_keys_seal_file"`
 	// TicketKeyRotation is the age at which the ticket key is replaced;
 	// the previous one still decrypts until the next rotation. Default
 	// "12h".
 	TicketKeyRotation Duration `json:"ticket_key_rotation"`
 	// StrikeRegister is "memory" (one instance) or "redis". Default "memory".
 	StrikeRegister string `json:"strike_register"`
-	// RedisAddr is host:port of Redis for strike_register "redis" and
-	// session_keys_store "redis".
+	// RedisAddr is the Redis of strike_register "redis" and
+	// session_keys_store "redis", in any form redis.url takes. Default:
+	// redis.url.
 	RedisAddr string `json:"redis_addr"`
 	// Routes maps a route path to serve, proof, wait or reject.
 	Routes map[string]string `json:"routes"`
+}
+
+// RedisConfig says how to reach Redis (docs/CONFIG.md, "Redis").
+type RedisConfig struct {
+	// URL is redis://[user:password@]host:port[/db], rediss://... for
+	// TLS, unix:///path/to/socket, a bare host:port or a socket path.
+	// Default: none.
+	URL string `json:"url"`
+	// CAFile is a PEM bundle trusted for rediss:// connections, those of
+	// redis.url and of the sections' own redis_addr alike. Default: the
+	// system roots.
+	CAFile string `json:"ca_file"`
 }
 
 // TracingConfig turns on OpenTelemetry export. The standard OTEL_*
@@ -283,11 +305,15 @@ type RateLimitsConfig struct {
 	// Store is "local" (each instance alone) or "redis" (one budget shared
 	// by every instance using the same Redis). Default "local".
 	Store string `json:"store"`
-	// RedisAddr is host:port, or the path of a Unix socket, of the Redis
-	// server when Store is "redis".
+	// RedisAddr is the Redis of store "redis", in any form redis.url
+	// takes. Default: redis.url.
 	RedisAddr string `json:"redis_addr"`
 	// RedisPrefix starts every key the limits write. Default "h3infer:rl:".
 	RedisPrefix string `json:"redis_prefix"`
+	// StoreRetry is how long, after the shared store failed, each instance
+	// decides alone with the same limits before it tries the store again.
+	// Default "1s"; 10ms..1m.
+	StoreRetry Duration `json:"store_retry"`
 }
 
 // TenantLimitConfig is one tenant's limits; 0 means no limit of that kind.
@@ -461,9 +487,13 @@ func (c Config) withDefaults() Config {
 		c.ZeroRTT.Window = Duration(10 * time.Second)
 	}
 	def(&c.ZeroRTT.SessionKeysFile, filepath.Join(c.StateDir, "session-keys.json"))
+	def(&c.ZeroRTT.SessionKeysSealFile, filepath.Join(c.StateDir, "session-keys.seal"))
 	def(&c.ZeroRTT.StrikeRegister, "memory")
 	def(&c.RateLimits.Store, "local")
 	def(&c.RateLimits.RedisPrefix, "h3infer:rl:")
+	if c.RateLimits.StoreRetry == 0 {
+		c.RateLimits.StoreRetry = Duration(time.Second)
+	}
 	if c.ModelRepository.Dir == "" && len(c.Models) == 0 {
 		c.ModelRepository.Dir = filepath.Join(c.StateDir, "models")
 	}
@@ -614,24 +644,13 @@ func (c Config) validate() error {
 	if w := time.Duration(c.ZeroRTT.Window); w < 100*time.Millisecond || w > 5*time.Minute {
 		bad("zero_rtt.window", "must be 100ms..5m, got %s", w)
 	}
-	switch c.ZeroRTT.StrikeRegister {
-	case "memory":
-	case "redis":
-		if _, _, err := net.SplitHostPort(c.ZeroRTT.RedisAddr); err != nil {
-			bad("zero_rtt.redis_addr", "want host:port with strike_register \"redis\", got %q", c.ZeroRTT.RedisAddr)
-		}
-	default:
-		bad("zero_rtt.strike_register", "want memory or redis, got %q", c.ZeroRTT.StrikeRegister)
+	if s := c.ZeroRTT.StrikeRegister; s != "memory" && s != "redis" {
+		bad("zero_rtt.strike_register", "want memory or redis, got %q", s)
 	}
-	switch c.ZeroRTT.SessionKeysStore {
-	case "file":
-	case "redis":
-		if _, _, err := net.SplitHostPort(c.ZeroRTT.RedisAddr); err != nil {
-			bad("zero_rtt.redis_addr", "want host:port with session_keys_store \"redis\", got %q", c.ZeroRTT.RedisAddr)
-		}
-	default:
-		bad("zero_rtt.session_keys_store", "want file or redis, got %q", c.ZeroRTT.SessionKeysStore)
+	if s := c.ZeroRTT.SessionKeysStore; s != "file" && s != "redis" {
+		bad("zero_rtt.session_keys_store", "want file or redis, got %q", s)
 	}
+	c.validateRedis(bad)
 	if r := time.Duration(c.ZeroRTT.TicketKeyRotation); r < time.Second || r > 7*24*time.Hour {
 		bad("zero_rtt.ticket_key_rotation", "must be 1s..168h, got %s", r)
 	}
@@ -659,14 +678,11 @@ func (c Config) validate() error {
 	if err := limitsOf(c.RateLimits).Validate(); err != nil {
 		errs = append(errs, err)
 	}
-	switch c.RateLimits.Store {
-	case "local":
-	case "redis":
-		if c.RateLimits.RedisAddr == "" {
-			bad("rate_limits.redis_addr", "required when rate_limits.store is \"redis\"")
-		}
-	default:
-		bad("rate_limits.store", "want \"local\" or \"redis\", got %q", c.RateLimits.Store)
+	if s := c.RateLimits.Store; s != "local" && s != "redis" {
+		bad("rate_limits.store", "want \"local\" or \"redis\", got %q", s)
+	}
+	if r := time.Duration(c.RateLimits.StoreRetry); r < 10*time.Millisecond || r > time.Minute {
+		bad("rate_limits.store_retry", "must be 10ms..1m, got %s", r)
 	}
 	if host, _, err := net.SplitHostPort(c.Admin); err == nil && c.AdminToken == "" && !isLoopbackHost(host) {
 		bad("admin", "%q is not a loopback address; set admin_token to expose the admin listener", c.Admin)

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"h3infer/gateway"
+	"h3infer/internal/redistest"
 )
 
 func writeConfig(t *testing.T, text string) string {
@@ -20,6 +21,7 @@ func writeConfig(t *testing.T, text string) string {
 }
 
 func TestObservabilityConfig(t *testing.T) {
+	redisAddr := redistest.StartTCP(t)
 	c, err := loadConfig(writeConfig(t, `{
 		"admin": "0.0.0.0:9090",
 		"admin_token": "tok",
@@ -29,7 +31,7 @@ func TestObservabilityConfig(t *testing.T) {
 			"tenants": {"gold": {"requests_per_second": 50}},
 			"cut_off": true,
 			"store": "redis",
-			"redis_addr": "127.0.0.1:6379"
+			"redis_addr": "`+redisAddr+`"
 		}
 	}`))
 	if err != nil {
@@ -42,7 +44,7 @@ func TestObservabilityConfig(t *testing.T) {
 	if c.RateLimits.RedisPrefix != "h3infer:rl:" {
 		t.Errorf("redis_prefix default %q", c.RateLimits.RedisPrefix)
 	}
-	rl, closeLimits, err := rateLimits(c.RateLimits)
+	rl, closeLimits, err := rateLimits(c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,6 +77,12 @@ func TestObservabilityConfigErrors(t *testing.T) {
 		"admin exposed without token": {`{"admin": "0.0.0.0:9090"}`, "admin:"},
 		"unknown store":               {`{"rate_limits": {"store": "memcached"}}`, "rate_limits.store"},
 		"redis without address":       {`{"rate_limits": {"store": "redis"}}`, "rate_limits.redis_addr"},
+		"bad redis URL scheme":        {`{"redis": {"url": "http://u:hunter2@h:1"}, "rate_limits": {"store": "redis"}}`, "redis.url"},
+		"bad redis URL db":            {`{"redis": {"url": "redis://u:hunter2@h:1/x"}, "zero_rtt": {"strike_register": "redis"}}`, "redis.url"},
+		"bad zero_rtt address":        {`{"zero_rtt": {"session_keys_store": "redis", "redis_addr": "nohost"}}`, "zero_rtt.redis_addr"},
+		"strikes without address":     {`{"zero_rtt": {"strike_register": "redis"}}`, "zero_rtt.redis_addr"},
+		"CA without TLS":              {`{"redis": {"url": "redis://h:1", "ca_file": "/etc/hosts"}, "rate_limits": {"store": "redis"}}`, "redis.ca_file"},
+		"store_retry too short":       {`{"rate_limits": {"store_retry": "1ms"}}`, "rate_limits.store_retry"},
 		"endpoint not a URL":          {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
 	})
 	// Unknown keys are errors, here as everywhere in the file.
@@ -233,4 +241,29 @@ func TestGCConfig(t *testing.T) {
 		"gc too low":     {`{"gateway": {"gc_percent": 10}}`, "gateway.gc_percent"},
 		"negative limit": {`{"gateway": {"memory_limit_bytes": -1}}`, "gateway.memory_limit_bytes"},
 	})
+}
+
+// TestRedisErrorsHidePassword: a Redis URL carries a password, and neither
+// a config error nor a connection error may show it.
+func TestRedisErrorsHidePassword(t *testing.T) {
+	for _, url := range []string{
+		"redis://gw:hunter2@127.0.0.1:notaport/0",
+		"redis://gw:hunter2@127.0.0.1:6379/x",
+		"rediss://gw:hunter2@[::1/0",
+		"redis://gw:hunter2@127.0.0.1:6379/0?bogus=1",
+		"redis://gw:hunter2@127.0.0.1:1/0", // valid; nothing listens
+	} {
+		c := Config{Redis: RedisConfig{URL: url}, RateLimits: RateLimitsConfig{Store: "redis"}}.withDefaults()
+		err := c.validate()
+		if err == nil {
+			_, err = openRedis(c, "rate_limits")
+		}
+		if err == nil {
+			t.Errorf("%s: no error", url)
+		} else if strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("error shows the password: %v", err)
+		} else if !strings.Contains(err.Error(), "redis.url") {
+			t.Errorf("error names no key: %v", err)
+		}
+	}
 }

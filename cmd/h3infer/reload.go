@@ -4,14 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 
 	"h3infer/backend"
 	"h3infer/certs"
@@ -87,15 +86,37 @@ func sessionKeyStore(cfg Config) (certs.KeyStore, func(), error) {
 	if cfg.ZeroRTT.SessionKeysStore != "redis" {
 		return certs.FileStore{Path: cfg.ZeroRTT.SessionKeysFile}, func() {}, nil
 	}
-	rc := redis.NewClient(&redis.Options{Addr: cfg.ZeroRTT.RedisAddr})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	err := rc.Ping(ctx).Err()
-	cancel()
+	seal, err := keysredis.EnsureSealKey(cfg.ZeroRTT.SessionKeysSealFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("zero_rtt.session_keys_seal_file: %w", err)
+	}
+	rc, err := openRedis(cfg, "zero_rtt")
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := keysredis.New(rc, "", seal)
 	if err != nil {
 		rc.Close()
-		return nil, nil, fmt.Errorf("zero_rtt.redis_addr %s: %w", cfg.ZeroRTT.RedisAddr, err)
+		return nil, nil, err
 	}
-	return keysredis.New(rc, ""), func() { rc.Close() }, nil
+	return sealedKeyStore{st, cfg.ZeroRTT.SessionKeysSealFile}, func() { rc.Close() }, nil
+}
+
+// sealedKeyStore names the config key to look at when the keys in Redis
+// cannot be opened: at start-up that stops the instance, later the
+// rotator logs it and keeps the keys in use.
+type sealedKeyStore struct {
+	*keysredis.Store
+	sealFile string
+}
+
+func (s sealedKeyStore) Current(ctx context.Context, now time.Time, every time.Duration) (*certs.SessionKeys, error) {
+	k, err := s.Store.Current(ctx, now, every)
+	if errors.Is(err, keysredis.ErrUnsealed) {
+		err = fmt.Errorf("zero_rtt.session_keys_seal_file %s: %w; every instance sharing this Redis needs a copy of the same seal key file (to start over with fresh session keys instead, delete the Redis key %s)",
+			s.sealFile, err, keysredis.DefaultKey)
+	}
+	return k, err
 }
 
 // schedulerTenants converts the configured tenants (defaults applied).

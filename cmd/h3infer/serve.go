@@ -20,7 +20,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/redis/go-redis/v9"
 
 	"h3infer/backend"
 	"h3infer/certs"
@@ -116,7 +115,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	if cfg.Tracing.OTLPEndpoint != "" {
 		workerEnv = append(workerEnv, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="+cfg.Tracing.OTLPEndpoint)
 	}
-	limits, closeLimits, err := rateLimits(cfg.RateLimits)
+	limits, closeLimits, err := rateLimits(cfg)
 	if err != nil {
 		return err
 	}
@@ -394,16 +393,16 @@ const tracingFlushTimeout = 5 * time.Second
 
 // rateLimits turns the config into gateway.RateLimits, connecting to Redis
 // when the limits are shared. The returned function closes the client.
-func rateLimits(c RateLimitsConfig) (gateway.RateLimits, func(), error) {
+func rateLimits(cfg Config) (gateway.RateLimits, func(), error) {
+	c := cfg.RateLimits
 	rl := limitsOf(c)
 	if c.Store != "redis" {
 		return rl, func() {}, nil
 	}
-	opts := &redis.Options{Addr: c.RedisAddr}
-	if strings.HasPrefix(c.RedisAddr, "/") {
-		opts.Network = "unix"
+	client, err := openRedis(cfg, "rate_limits")
+	if err != nil {
+		return rl, nil, err
 	}
-	client := redis.NewClient(opts)
 	rl.Store = ratelimit.NewRedis(client, c.RedisPrefix)
 	return rl, func() { client.Close() }, nil
 }
@@ -420,7 +419,7 @@ func limitsOf(c RateLimitsConfig) gateway.RateLimits {
 			MaxConcurrent:         t.MaxConcurrent,
 		}
 	}
-	rl := gateway.RateLimits{Default: conv(c.Default), CutOff: c.CutOff}
+	rl := gateway.RateLimits{Default: conv(c.Default), CutOff: c.CutOff, StoreRetry: time.Duration(c.StoreRetry)}
 	if len(c.Tenants) > 0 {
 		rl.Tenants = map[string]gateway.TenantLimit{}
 		for name, t := range c.Tenants {
