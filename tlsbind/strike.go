@@ -34,12 +34,14 @@ type MemoryStrikes struct {
 	seed   maphash.Seed
 	shards [memoryShards]memoryShard
 	now    func() time.Time
+	// epoch makes expiries small integers on the monotonic clock.
+	epoch time.Time
 }
 
 type memoryShard struct {
 	mu     sync.Mutex
-	seen   map[string]time.Time // key → expiry
-	queues []*expiryQueue       // one per TTL, in order of first use
+	seen   map[string]int64 // key → expiry, nanoseconds since epoch
+	queues []*expiryQueue   // one per TTL, in order of first use
 }
 
 // expiryQueue holds a shard's entries of one TTL in order of expiry,
@@ -52,14 +54,14 @@ type expiryQueue struct {
 
 type strikeEntry struct {
 	key string
-	exp time.Time
+	exp int64
 }
 
 // NewMemoryStrikes makes an empty in-memory register.
 func NewMemoryStrikes() *MemoryStrikes {
-	m := &MemoryStrikes{seed: maphash.MakeSeed(), now: time.Now}
+	m := &MemoryStrikes{seed: maphash.MakeSeed(), now: time.Now, epoch: time.Now()}
 	for i := range m.shards {
-		m.shards[i].seen = make(map[string]time.Time)
+		m.shards[i].seen = make(map[string]int64)
 	}
 	return m
 }
@@ -67,27 +69,27 @@ func NewMemoryStrikes() *MemoryStrikes {
 // Strike implements StrikeRegister.
 func (m *MemoryStrikes) Strike(_ context.Context, key string, ttl time.Duration) (bool, error) {
 	s := &m.shards[maphash.String(m.seed, key)%memoryShards]
-	now := m.now()
+	now := int64(m.now().Sub(m.epoch))
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.expire(now)
-	if exp, ok := s.seen[key]; ok && !now.After(exp) {
+	if exp, ok := s.seen[key]; ok && now <= exp {
 		return false, nil
 	}
-	exp := now.Add(ttl)
+	exp := now + int64(ttl)
 	s.seen[key] = exp
 	s.queue(ttl).push(strikeEntry{key: key, exp: exp})
 	return true, nil
 }
 
 // expire forgets the entries that expired before now.
-func (s *memoryShard) expire(now time.Time) {
+func (s *memoryShard) expire(now int64) {
 	for _, q := range s.queues {
-		for q.head < len(q.entries) && now.After(q.entries[q.head].exp) {
+		for q.head < len(q.entries) && now > q.entries[q.head].exp {
 			e := q.entries[q.head]
 			// The key may have been struck again since, with a later
 			// expiry that its newer queue entry stands for.
-			if exp, ok := s.seen[e.key]; ok && exp.Equal(e.exp) {
+			if exp, ok := s.seen[e.key]; ok && exp == e.exp {
 				delete(s.seen, e.key)
 			}
 			q.entries[q.head] = strikeEntry{}
