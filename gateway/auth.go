@@ -24,8 +24,8 @@ type AuthConfig struct {
 	// Replay checks early proofs. Default: an in-memory strike register
 	// with tlsbind.DefaultWindow.
 	Replay *tlsbind.ReplayGuard
-	// Tickets makes 0-RTT tickets single-use. Default: this instance
-	// alone, sharing Replay's in-memory register.
+	// Tickets makes 0-RTT tickets single-use. Default: this process
+	// alone (a name of its own), sharing Replay's in-memory register.
 	Tickets *tlsbind.Tickets
 	// Disable0RTT turns 0-RTT off on the QUIC listener.
 	Disable0RTT bool
@@ -270,7 +270,6 @@ func defaultAuth(a *AuthConfig, g *Gateway) error {
 			return errors.New("gateway.auth: tickets must be set when the replay guard is")
 		}
 		t, err := tlsbind.NewTickets(tlsbind.TicketConfig{
-			Instance:   "local",
 			Strikes:    mem,
 			Window:     a.Replay.Window(),
 			Registerer: g.cfg.Registry,

@@ -263,7 +263,22 @@ func (h *harness) counter(t *testing.T, name, label string) float64 {
 }
 
 func TestEarlyDataHeaderFromIntermediary(t *testing.T) {
-	h := newHarness(t, nil)
+	// A short window: a fresh in-memory register refuses early proofs for
+	// two windows after start-up.
+	const window = time.Second
+	h := newHarness(t, func(c *Config) {
+		strikes := tlsbind.NewMemoryStrikes()
+		rg, err := tlsbind.NewReplayGuard(strikes, window)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tk, err := tlsbind.NewTickets(tlsbind.TicketConfig{Strikes: strikes, Window: window, Registerer: c.Registry}, discardLog())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Auth.Replay, c.Auth.Tickets = rg, tk
+	})
+	time.Sleep(tlsbind.WarmUp(window) + 100*time.Millisecond)
 	resp := h.post(t, "h2", "/v1/chat/completions", chat(""), "Early-Data", "1")
 	if resp.StatusCode != http.StatusTooEarly || errorCode(t, resp) != "too_early" {
 		t.Errorf("inference marked Early-Data: 1 without proof: %d, want 425", resp.StatusCode)

@@ -80,7 +80,7 @@ const testWindow = 2 * time.Second
 
 // warmHarness starts a gateway with a testWindow freshness window (then
 // applies extra, if any) and waits out the in-memory register's warm-up,
-// during which it declines 0-RTT for one window after start-up. The
+// during which it declines 0-RTT for two windows after start-up. The
 // warm-up is wall-clock time with nothing to poll, hence the sleep.
 func warmHarness(t *testing.T, extra func(*Config)) *harness {
 	t.Helper()
@@ -99,7 +99,7 @@ func warmHarness(t *testing.T, extra func(*Config)) *harness {
 			extra(c)
 		}
 	})
-	time.Sleep(testWindow + 100*time.Millisecond)
+	time.Sleep(tlsbind.WarmUp(testWindow) + 100*time.Millisecond)
 	return h
 }
 

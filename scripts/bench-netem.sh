@@ -100,9 +100,9 @@ JSON
 ip netns exec "$SRV" "$BIN" serve --config "$state/cfg.json" >"$OUT/netem-serve.log" 2>&1 & spid=$!
 for _ in $(seq 100); do grep -q "is ready" "$OUT/netem-serve.log" && break; kill -0 "$spid" 2>/dev/null || break; sleep 0.2; done
 grep -q "is ready" "$OUT/netem-serve.log" || { echo "bench-netem: gateway did not start" >&2; cat "$OUT/netem-serve.log" >&2; exit 1; }
-# The in-memory strike register declines 0-RTT for one freshness window
+# The in-memory strike register declines 0-RTT for two freshness windows
 # (zero_rtt.window, 10s) after start-up.
-sleep 11
+sleep 21
 
 bench() {
 	ip netns exec "$CLI" "$BIN" bench --url "https://$SRV_IP:8443" --ca "$state/certs/ca.pem" --state-dir "$state" "$@"

@@ -38,10 +38,25 @@ func ParseEarlyPolicy(s string) (EarlyPolicy, error) {
 // clock, and how long its nonce is remembered.
 const DefaultWindow = 10 * time.Second
 
+// WarmUp is how long after start-up a register that is not durable
+// refuses 0-RTT, tickets and early proofs alike, for a freshness window:
+// twice the window. A proof is accepted while its stamp is within one
+// window of the clock and may be stamped up to one window ahead, so one
+// spent just before a restart stays acceptable for up to two windows after
+// it, and only the register that died knew it was spent (RFC 8446
+// section 8).
+func WarmUp(window time.Duration) time.Duration { return 2 * window }
+
+// ErrWarmingUp refuses early proofs while a register that is not durable
+// is younger than WarmUp. It is an ErrStaleProof: the client retries after
+// the handshake.
+var ErrWarmingUp = fmt.Errorf("%w: this instance's strike register started too recently to know which proofs were spent", ErrStaleProof)
+
 // ReplayGuard checks early proofs: MAC, freshness and single use.
 type ReplayGuard struct {
 	strikes StrikeRegister
 	window  time.Duration
+	started time.Time
 	now     func() time.Time
 }
 
@@ -57,15 +72,15 @@ func NewReplayGuard(strikes StrikeRegister, window time.Duration) (*ReplayGuard,
 	if window == 0 {
 		window = DefaultWindow
 	}
-	return &ReplayGuard{strikes: strikes, window: window, now: time.Now}, nil
+	return &ReplayGuard{strikes: strikes, window: window, started: time.Now(), now: time.Now}, nil
 }
 
 // Window is the freshness window.
 func (g *ReplayGuard) Window() time.Duration { return g.window }
 
 // Check verifies an early proof header for a request and spends its nonce.
-// Errors: ErrBadProof, ErrStaleProof, ErrReplayed, or a strike register
-// failure (which must fail closed).
+// Errors: ErrBadProof, ErrStaleProof (ErrWarmingUp among them),
+// ErrReplayed, or a strike register failure (which must fail closed).
 func (g *ReplayGuard) Check(ctx context.Context, secret []byte, header, method, path string, body []byte) error {
 	p, err := ParseEarlyProof(header)
 	if err != nil {
@@ -74,7 +89,11 @@ func (g *ReplayGuard) Check(ctx context.Context, secret []byte, header, method, 
 	if err := p.Verify(secret, method, path, body); err != nil {
 		return err
 	}
-	if d := g.now().Sub(p.Time); d > g.window || d < -g.window {
+	now := g.now()
+	if !g.strikes.Durable() && now.Sub(g.started) < WarmUp(g.window) {
+		return ErrWarmingUp
+	}
+	if d := now.Sub(p.Time); d > g.window || d < -g.window {
 		return ErrStaleProof
 	}
 	// Remember the nonce for twice the window: a proof stamped up to one

@@ -27,7 +27,13 @@ const DefaultMaxEarlyAge = 24 * time.Hour
 
 // TicketConfig configures Tickets.
 type TicketConfig struct {
-	// Instance names this gateway in the tickets it issues. Required.
+	// Instance names this gateway in the tickets it issues; tickets
+	// naming another instance resume but carry no 0-RTT. Default: a random
+	// name made by NewTickets, so that 0-RTT is only accepted on tickets
+	// this Tickets issued, whose use its register has seen (none from
+	// another process sharing the ticket keys, none from before a
+	// restart). A name shared with other instances, or listed in their
+	// Trusted, is safe only when they all use one durable Strikes.
 	Instance string
 	// Trusted lists the instances whose tickets may carry 0-RTT here;
 	// Instance is always trusted.
@@ -37,7 +43,8 @@ type TicketConfig struct {
 	// Strikes records tickets used once for 0-RTT. Required.
 	Strikes StrikeRegister
 	// Window is the freshness window: with a register that is not durable,
-	// all 0-RTT is declined for this long after start-up. Default DefaultWindow.
+	// all 0-RTT is declined for WarmUp(Window) after start-up. Default
+	// DefaultWindow.
 	Window time.Duration
 	// Registerer receives h3infer_session_tickets_total. Optional.
 	Registerer prometheus.Registerer
@@ -68,8 +75,8 @@ const (
 // NewTickets validates cfg.
 func NewTickets(cfg TicketConfig, log *slog.Logger) (*Tickets, error) {
 	var errs []error
-	if cfg.Instance == "" || len(cfg.Instance) > 255 {
-		errs = append(errs, fmt.Errorf("tickets: instance must be 1..255 bytes, got %q", cfg.Instance))
+	if len(cfg.Instance) > 255 {
+		errs = append(errs, fmt.Errorf("tickets: instance must be at most 255 bytes, got %d", len(cfg.Instance)))
 	}
 	if cfg.Strikes == nil {
 		errs = append(errs, errors.New("tickets: strike register is nil"))
@@ -89,6 +96,13 @@ func NewTickets(cfg TicketConfig, log *slog.Logger) (*Tickets, error) {
 	if cfg.Window == 0 {
 		cfg.Window = DefaultWindow
 	}
+	if cfg.Instance == "" {
+		var id [8]byte
+		if _, err := rand.Read(id[:]); err != nil {
+			return nil, fmt.Errorf("tickets: instance name: %w", err)
+		}
+		cfg.Instance = "h3infer-" + hex.EncodeToString(id[:])
+	}
 	t := &Tickets{cfg: cfg, log: log, started: time.Now(), now: time.Now,
 		outcome: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "h3infer_session_tickets_total",
@@ -102,6 +116,9 @@ func NewTickets(cfg TicketConfig, log *slog.Logger) (*Tickets, error) {
 	}
 	return t, nil
 }
+
+// Instance is the name this gateway writes into its tickets.
+func (t *Tickets) Instance() string { return t.cfg.Instance }
 
 // Install sets c's WrapSession and UnwrapSession. It uses c's own ticket
 // keys (tls.Config.SetSessionTicketKeys) for the encryption, so set those
@@ -181,10 +198,11 @@ func (t *Tickets) decide(extra [][]byte) string {
 		return TicketForeign
 	case now.Sub(m.issued) > t.cfg.MaxEarlyAge:
 		return TicketTooOld
-	case !t.cfg.Strikes.Durable() && now.Sub(t.started) < t.cfg.Window:
+	case !t.cfg.Strikes.Durable() && now.Sub(t.started) < WarmUp(t.cfg.Window):
 		// What the register remembered died with the last process
 		// (RFC 8446 section 8): a ticket used before the restart could be
-		// used again now.
+		// used again now, with an early proof made for that use still
+		// fresh.
 		return TicketWarmingUp
 	}
 	// Tickets live far longer than the window; remember them as long as

@@ -139,6 +139,7 @@ func TestReplayGuard(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	g.started = time.Now().Add(-time.Hour) // past the warm-up
 	secret := []byte("0123456789abcdef0123456789abcdef")
 	ctx := context.Background()
 	body := []byte(`{"model":"demo"}`)
@@ -189,9 +190,106 @@ func TestTicketDecisions(t *testing.T) {
 			t.Errorf("%s: got %s, want %s", tc.name, got, tc.want)
 		}
 	}
-	tk.started = now
-	if got := tk.decide(mark("a", now, 9)); got != TicketWarmingUp {
-		t.Errorf("right after start with a memory register: got %s, want %s", got, TicketWarmingUp)
+	// A proof spent before a restart stays fresh for up to two windows.
+	for _, age := range []time.Duration{0, time.Second, 2*time.Second - time.Millisecond} {
+		tk.started = now.Add(-age)
+		if got := tk.decide(mark("a", now, 9)); got != TicketWarmingUp {
+			t.Errorf("%s after start with a memory register: got %s, want %s", age, got, TicketWarmingUp)
+		}
+	}
+	tk.started = now.Add(-2 * time.Second)
+	if got := tk.decide(mark("a", now, 9)); got != TicketEarlyAllowed {
+		t.Errorf("two windows after start: got %s, want %s", got, TicketEarlyAllowed)
+	}
+}
+
+// TestTicketsDefaultInstanceIsOwn: without a configured name every Tickets
+// names itself, so two processes sharing ticket keys (or one process
+// before and after a restart) decline each other's tickets for 0-RTT.
+func TestTicketsDefaultInstanceIsOwn(t *testing.T) {
+	newTickets := func() *Tickets {
+		tk, err := NewTickets(TicketConfig{Strikes: NewMemoryStrikes(), Window: time.Second}, discard())
+		if err != nil {
+			t.Fatal(err)
+		}
+		tk.started = time.Now().Add(-time.Minute)
+		return tk
+	}
+	a, b := newTickets(), newTickets()
+	if a.Instance() == "" || a.Instance() == b.Instance() {
+		t.Fatalf("default instance names %q and %q, want two distinct names", a.Instance(), b.Instance())
+	}
+	ticket := [][]byte{a.mark([16]byte{1}, time.Now())}
+	if got := b.decide(ticket); got != TicketForeign {
+		t.Errorf("a's ticket at b: got %s, want %s", got, TicketForeign)
+	}
+	if got := a.decide(ticket); got != TicketEarlyAllowed {
+		t.Errorf("a's ticket at a: got %s, want %s", got, TicketEarlyAllowed)
+	}
+}
+
+// durableMemory is a MemoryStrikes that claims to outlive the process, as
+// a shared register does.
+type durableMemory struct{ *MemoryStrikes }
+
+func (durableMemory) Durable() bool { return true }
+
+// TestReplayGuardAfterRestart: a proof spent just before a restart, stamped
+// as far ahead as the window allows, must not be accepted by the new
+// process's empty memory register at any time; proofs are refused for two
+// windows after start, and a fresh one is accepted after that.
+func TestReplayGuardAfterRestart(t *testing.T) {
+	const window = 10 * time.Second
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	body := []byte(`{"model":"demo"}`)
+	ctx := context.Background()
+	restart := time.Now()
+	guard := func(strikes StrikeRegister, started time.Time, now *time.Time) *ReplayGuard {
+		g, err := NewReplayGuard(strikes, window)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.started = started
+		g.now = func() time.Time { return *now }
+		return g
+	}
+	check := func(g *ReplayGuard, p string) error {
+		return g.Check(ctx, secret, p, "POST", "/v1/chat/completions", body)
+	}
+
+	now := restart.Add(-time.Millisecond)
+	before := guard(NewMemoryStrikes(), restart.Add(-time.Hour), &now)
+	spent, _ := NewEarlyProof(secret, now.Add(window-time.Millisecond), "POST", "/v1/chat/completions", body)
+	if err := check(before, spent); err != nil {
+		t.Fatalf("before the restart: %v", err)
+	}
+
+	after := guard(NewMemoryStrikes(), restart, &now)
+	for _, at := range []time.Duration{0, 400 * time.Millisecond, window, 2*window - time.Millisecond} {
+		now = restart.Add(at)
+		if err := check(after, spent); !errors.Is(err, ErrWarmingUp) || !errors.Is(err, ErrStaleProof) {
+			t.Errorf("the spent proof %s after the restart: %v, want ErrWarmingUp (an ErrStaleProof)", at, err)
+		}
+		fresh, _ := NewEarlyProof(secret, now, "POST", "/v1/chat/completions", body)
+		if err := check(after, fresh); !errors.Is(err, ErrWarmingUp) {
+			t.Errorf("a fresh proof %s after the restart: %v, want ErrWarmingUp", at, err)
+		}
+	}
+	now = restart.Add(WarmUp(window))
+	if err := check(after, spent); !errors.Is(err, ErrStaleProof) || errors.Is(err, ErrWarmingUp) {
+		t.Errorf("the spent proof two windows after the restart: %v, want ErrStaleProof", err)
+	}
+	fresh, _ := NewEarlyProof(secret, now, "POST", "/v1/chat/completions", body)
+	if err := check(after, fresh); err != nil {
+		t.Errorf("a fresh proof two windows after the restart: %v, want it accepted", err)
+	}
+
+	// A register that outlives the process knows what was spent: no wait.
+	now = restart
+	shared := guard(durableMemory{NewMemoryStrikes()}, restart, &now)
+	fresh, _ = NewEarlyProof(secret, now, "POST", "/v1/chat/completions", body)
+	if err := check(shared, fresh); err != nil {
+		t.Errorf("a fresh proof right after start with a durable register: %v, want it accepted", err)
 	}
 }
 

@@ -62,6 +62,10 @@ func authSetup(cfg Config, reg prometheus.Registerer, log *slog.Logger) (gateway
 		closeFn()
 		return auth, "", none, err
 	}
+	if !cfg.ZeroRTT.Disabled {
+		log.Info("0-RTT tickets", "instance", auth.Tickets.Instance(), "trusted_instances", cfg.ZeroRTT.TrustedInstances,
+			"strike_register", cfg.ZeroRTT.StrikeRegister, "warm_up", tlsbind.WarmUp(window).String())
+	}
 	if len(cfg.ZeroRTT.Routes) > 0 {
 		auth.EarlyData = map[string]tlsbind.EarlyPolicy{}
 		for path, p := range cfg.ZeroRTT.Routes {

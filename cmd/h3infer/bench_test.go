@@ -178,12 +178,12 @@ func TestBenchSyntheticAgainstBare(t *testing.T) {
 func TestBenchZeroRTT(t *testing.T) {
 	cfg := filepath.Join(t.TempDir(), "synthetic.json")
 	// A short freshness window: after start-up the in-memory strike
-	// register declines 0-RTT for one window.
+	// register declines 0-RTT for two windows.
 	if err := os.WriteFile(cfg, []byte(`{"zero_rtt": {"window": "300ms"}, "models": [{"name": "demo", "dir": "synthetic"}]}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	s := startServer(t, "--config", cfg)
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(800 * time.Millisecond)
 	common := []string{"--url", s.base, "--ca", s.caFile, "--state-dir", s.stateDir, "--new-conn", "--requests", "6", "--output-tokens", "4"}
 	table, res := runBenchCmd(t, append(common, "--0rtt")...)
 	if len(res.Runs) != 1 {

@@ -241,9 +241,15 @@ type AuthConfig struct {
 type ZeroRTTConfig struct {
 	// Disabled turns 0-RTT off. Default false.
 	Disabled bool `json:"disabled"`
-	// Instance names this gateway in its session tickets. Default "local".
+	// Instance names this gateway in its session tickets; a ticket that
+	// names another instance resumes but carries no 0-RTT. Default: a
+	// random name made at each start, so that 0-RTT is only accepted on
+	// tickets this process issued, which its own strike register saw
+	// used. A fixed name (shared by several instances, or kept across
+	// restarts) needs strike_register "redis".
 	Instance string `json:"instance"`
-	// TrustedInstances may issue tickets that carry 0-RTT here.
+	// TrustedInstances may issue tickets that carry 0-RTT here. Default
+	// none; needs strike_register "redis".
 	TrustedInstances []string `json:"trusted_instances"`
 	// MaxTicketAge bounds a ticket's age for 0-RTT. Default "24h".
 	MaxTicketAge Duration `json:"max_ticket_age"`
@@ -479,7 +485,6 @@ func (c Config) withDefaults() Config {
 	defInt(&c.Gateway.GCPercent, 400)
 	def(&c.Auth.Audience, "h3infer")
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
-	def(&c.ZeroRTT.Instance, "local")
 	if c.ZeroRTT.MaxTicketAge == 0 {
 		c.ZeroRTT.MaxTicketAge = Duration(24 * time.Hour)
 	}
@@ -647,6 +652,7 @@ func (c Config) validate() error {
 	if s := c.ZeroRTT.StrikeRegister; s != "memory" && s != "redis" {
 		bad("zero_rtt.strike_register", "want memory or redis, got %q", s)
 	}
+	c.validateInstances(bad)
 	if s := c.ZeroRTT.SessionKeysStore; s != "file" && s != "redis" {
 		bad("zero_rtt.session_keys_store", "want file or redis, got %q", s)
 	}
@@ -724,6 +730,38 @@ func (c Config) validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// validateInstances refuses instance names that would let a ticket carry
+// 0-RTT at a server whose strike register never saw it used. Instances
+// that share ticket keys (the session keys file or Redis) resume each
+// other's tickets; RFC 8446 section 8 holds only if every server that
+// accepts one in 0-RTT consults the same register. With a per-process
+// register that is one process, which the default name (random at each
+// start) guarantees; a fixed or trusted name says several processes (other
+// instances, or this one after a restart) accept each other's tickets, so
+// it needs the shared register. An error, not 0-RTT quietly turned off:
+// the operator asked for 0-RTT across instances and should learn at once
+// that it needs Redis.
+func (c Config) validateInstances(bad func(key, format string, args ...any)) {
+	z := c.ZeroRTT
+	if len(z.Instance) > 255 {
+		bad("zero_rtt.instance", "must be at most 255 bytes, got %d", len(z.Instance))
+	}
+	for i, name := range z.TrustedInstances {
+		if name == "" || len(name) > 255 {
+			bad(fmt.Sprintf("zero_rtt.trusted_instances[%d]", i), "must be 1..255 bytes, got %q", name)
+		}
+	}
+	if z.StrikeRegister != "memory" || z.Disabled || c.Auth.Disabled {
+		return
+	}
+	if z.Instance != "" {
+		bad("zero_rtt.instance", "a fixed name (%q) lets other instances, and this one after a restart, accept its tickets in 0-RTT, which needs one strike register for all: set strike_register \"redis\", or leave instance unset for a name of its own at each start", z.Instance)
+	}
+	if len(z.TrustedInstances) > 0 {
+		bad("zero_rtt.trusted_instances", "trusting %q for 0-RTT needs a strike register they share: set strike_register \"redis\", or leave trusted_instances empty", z.TrustedInstances)
+	}
 }
 
 func isLoopbackHost(host string) bool {

@@ -267,3 +267,31 @@ func TestRedisErrorsHidePassword(t *testing.T) {
 		}
 	}
 }
+
+// TestInstanceNamesNeedSharedStrikeRegister: a configuration in which several
+// processes would accept each other's tickets in 0-RTT while each keeps
+// its own strike register is refused, naming the key; the same names with
+// the shared register, and the defaults, are accepted.
+func TestInstanceNamesNeedSharedStrikeRegister(t *testing.T) {
+	checkConfigErrors(t, map[string]struct{ file, want string }{
+		"fixed name, memory register":  {`{"zero_rtt": {"instance": "edge"}}`, "zero_rtt.instance:"},
+		"trusted peers, memory":        {`{"zero_rtt": {"instance": "a", "trusted_instances": ["b"], "strike_register": "memory"}}`, "zero_rtt.trusted_instances:"},
+		"trusted peers without a name": {`{"zero_rtt": {"trusted_instances": ["b"]}}`, "zero_rtt.trusted_instances:"},
+		"empty trusted name":           {`{"zero_rtt": {"trusted_instances": [""], "strike_register": "redis", "redis_addr": "127.0.0.1:6379"}}`, "zero_rtt.trusted_instances[0]:"},
+		"name too long":                {`{"zero_rtt": {"instance": "` + strings.Repeat("x", 256) + `", "strike_register": "redis", "redis_addr": "127.0.0.1:6379"}}`, "zero_rtt.instance:"},
+	})
+	for name, file := range map[string]string{
+		"defaults":                  `{}`,
+		"shared register":           `{"zero_rtt": {"instance": "a", "trusted_instances": ["b"], "strike_register": "redis", "redis_addr": "127.0.0.1:6379"}}`,
+		"one name, shared register": `{"zero_rtt": {"instance": "edge", "strike_register": "redis", "redis_addr": "127.0.0.1:6379"}}`,
+		"0-RTT off":                 `{"zero_rtt": {"disabled": true, "instance": "edge"}}`,
+	} {
+		c, err := loadConfig(writeConfig(t, file))
+		if err == nil {
+			err = c.withDefaults().validate()
+		}
+		if err != nil {
+			t.Errorf("%s: refused: %v", name, err)
+		}
+	}
+}

@@ -733,7 +733,7 @@ func TestServeGPUProviderWithoutGPU(t *testing.T) {
 // and sends its request in 0-RTT, which the gateway serves early.
 func TestChatResumesIn0RTT(t *testing.T) {
 	// A short freshness window: the in-memory strike register refuses
-	// 0-RTT for one window after start.
+	// 0-RTT for two windows after start.
 	cfg := filepath.Join(t.TempDir(), "config.json")
 	if err := os.WriteFile(cfg, []byte(`{"zero_rtt": {"window": "1s"}}`), 0o644); err != nil {
 		t.Fatal(err)
@@ -753,7 +753,7 @@ func TestChatResumesIn0RTT(t *testing.T) {
 	}
 	// Tickets issued during the warm-up window carry no 0-RTT, so even the
 	// first run waits it out.
-	if d := time.Until(started.Add(1500 * time.Millisecond)); d > 0 {
+	if d := time.Until(started.Add(2500 * time.Millisecond)); d > 0 {
 		time.Sleep(d)
 	}
 	if first := chat(); strings.Contains(first, "0-RTT") {
