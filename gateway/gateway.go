@@ -592,8 +592,10 @@ func (g *Gateway) AdminAddr() string {
 	return g.admin
 }
 
-// Shutdown stops accepting, sends GOAWAY on HTTP/3 and HTTP/2 connections
-// and lets running handlers finish within ctx. When ctx ends, streams still
+// Shutdown stops accepting, sends GOAWAY on HTTP/2 connections, rejects
+// new HTTP/3 streams (H3_REQUEST_REJECTED; see h3conn.go for why no
+// GOAWAY) and lets running handlers finish within ctx, closing each HTTP/3
+// connection with H3_NO_ERROR once its handlers are done. When ctx ends, streams still
 // running get an error event saying the server is shutting down and end;
 // whatever is still open abortCutoff later is cut off.
 func (g *Gateway) Shutdown(ctx context.Context) error {
