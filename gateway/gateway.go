@@ -254,6 +254,7 @@ type Gateway struct {
 	h3Grace, h3Close       context.Context
 	h3GraceEnd, h3CloseAll context.CancelFunc
 	h3Conns                sync.WaitGroup // serveH3Conn
+	h3Accepted             chan struct{}  // closed when serveH3 returns
 }
 
 // New validates cfg and builds a gateway; Start opens its sockets.
@@ -398,6 +399,7 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	g.aborting, g.abort = context.WithCancelCause(context.Background())
 	g.h3Close, g.h3CloseAll = context.WithCancel(context.Background())
 	g.h3Grace, g.h3GraceEnd = context.WithCancel(g.h3Close)
+	g.h3Accepted = make(chan struct{})
 	if err := defaultAuth(&g.cfg.Auth, g); err != nil {
 		return nil, err
 	}

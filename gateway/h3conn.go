@@ -102,6 +102,7 @@ func (g *Gateway) quicConnContext(ctx context.Context, info *quic.ClientInfo) (c
 
 // serveH3 accepts connections until the grace context ends.
 func (g *Gateway) serveH3(ln *quic.EarlyListener) {
+	defer close(g.h3Accepted)
 	for {
 		conn, err := ln.Accept(g.h3Grace)
 		if err != nil {
@@ -260,6 +261,8 @@ func clearHeaderDeadline(next http.Handler) http.Handler {
 // what is left with H3_NO_ERROR.
 func (g *Gateway) shutdownH3(ctx context.Context) error {
 	g.h3GraceEnd()
+	// No connection is added to h3Conns once the accept loop is over.
+	<-g.h3Accepted
 	done := make(chan struct{})
 	go func() {
 		g.h3Conns.Wait()
