@@ -131,6 +131,7 @@ func (g *Gateway) guard(path string, next http.HandlerFunc) http.HandlerFunc {
 			writeError(w, err)
 			return
 		}
+		markAuthenticated(r.Context())
 		next(w, r.WithContext(context.WithValue(r.Context(), tokenKey{}, tok)))
 	}
 }

@@ -119,6 +119,26 @@ type Config struct {
 	// load generator) queue the rest on its side, where neither the
 	// scheduler nor urgency can see them. Default 1024.
 	MaxStreams int
+	// PreauthStreams is how many requests an HTTP/3 connection may have
+	// in handlers until one of its requests has passed the auth guard;
+	// MaxStreams applies after (and from the start with auth disabled).
+	// More streams wait in quic-go, costing no goroutine. A browser opens
+	// at most about 100 at once. 1..MaxStreams; default 100 or MaxStreams
+	// if lower.
+	PreauthStreams int
+	// HeaderTimeout is how long a request may take to send its headers,
+	// over HTTP/3 (per stream; a late one is reset) and over TCP (per
+	// connection, net/http's ReadHeaderTimeout). Default 10s.
+	HeaderTimeout time.Duration
+	// MaxConnections bounds the client connections of both listeners
+	// together, HTTP/3 handshakes in progress included; past it a QUIC
+	// connection is refused before its handshake (CONNECTION_REFUSED) and
+	// a TCP one closed on accept. Default: DefaultMaxConnections().
+	MaxConnections int
+	// MaxConnectionsPerSource bounds the connections of one source (an
+	// IPv4 address, an IPv6 /64), counted once the address is proven.
+	// Default DefaultMaxConnectionsPerSource.
+	MaxConnectionsPerSource int
 	// QueueTimeout is each request's default deadline, counted from its
 	// arrival: a request still queued then gets 504, one still streaming
 	// gets an error event. Default 30s.
@@ -172,10 +192,12 @@ const (
 	DefaultMaxBodyBytes     = 1 << 20
 	DefaultMaxTokens        = 256
 	DefaultMaxStreams       = 1024
+	DefaultPreauthStreams   = 100
+	DefaultHeaderTimeout    = 10 * time.Second
 	DefaultQueueTimeout     = 30 * time.Second
 	DefaultMaxDeadline      = 5 * time.Minute
 	altSvcMaxAge            = 86400
-	readHeaderTimeout       = 10 * time.Second
+	adminHeaderTimeout      = 10 * time.Second
 	idleTimeout             = 2 * time.Minute
 	portAttempts            = 32
 	defaultPriorityUrgency  = 3
@@ -225,6 +247,14 @@ type Gateway struct {
 	// error event instead of being cut off.
 	aborting context.Context
 	abort    context.CancelCauseFunc
+
+	conns *connLimiter
+	// h3Grace ends when Shutdown begins: HTTP/3 connections stop taking
+	// new streams. h3Close ends when the grace is over: they close.
+	h3Grace, h3Close       context.Context
+	h3GraceEnd, h3CloseAll context.CancelFunc
+	h3Conns                sync.WaitGroup // serveH3Conn
+	h3Accepted             chan struct{}  // closed when serveH3 returns
 }
 
 // New validates cfg and builds a gateway; Start opens its sockets.
@@ -241,6 +271,18 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	}
 	if cfg.MaxStreams < 0 || cfg.MaxStreams > maxStreamsLimit {
 		errs = append(errs, fmt.Errorf("gateway.max_streams: must be 0..%d, got %d", maxStreamsLimit, cfg.MaxStreams))
+	}
+	if cfg.PreauthStreams < 0 || cfg.PreauthStreams > maxStreamsLimit {
+		errs = append(errs, fmt.Errorf("gateway.preauth_streams: must be 0..%d, got %d", maxStreamsLimit, cfg.PreauthStreams))
+	}
+	if cfg.HeaderTimeout < 0 {
+		errs = append(errs, fmt.Errorf("gateway.header_timeout: must be >= 0, got %s", cfg.HeaderTimeout))
+	}
+	if cfg.MaxConnections < 0 {
+		errs = append(errs, fmt.Errorf("gateway.max_connections: must be >= 0, got %d", cfg.MaxConnections))
+	}
+	if cfg.MaxConnectionsPerSource < 0 {
+		errs = append(errs, fmt.Errorf("gateway.max_connections_per_source: must be >= 0, got %d", cfg.MaxConnectionsPerSource))
 	}
 	if cfg.QueueTimeout < 0 {
 		errs = append(errs, fmt.Errorf("gateway.queue_timeout: must be >= 0, got %s", cfg.QueueTimeout))
@@ -298,6 +340,21 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if cfg.MaxStreams == 0 {
 		cfg.MaxStreams = DefaultMaxStreams
 	}
+	if cfg.PreauthStreams == 0 {
+		cfg.PreauthStreams = min(DefaultPreauthStreams, cfg.MaxStreams)
+	}
+	if cfg.PreauthStreams > cfg.MaxStreams {
+		return nil, fmt.Errorf("gateway.preauth_streams: must be at most max_streams (%d), got %d", cfg.MaxStreams, cfg.PreauthStreams)
+	}
+	if cfg.HeaderTimeout == 0 {
+		cfg.HeaderTimeout = DefaultHeaderTimeout
+	}
+	if cfg.MaxConnections == 0 {
+		cfg.MaxConnections = DefaultMaxConnections()
+	}
+	if cfg.MaxConnectionsPerSource == 0 {
+		cfg.MaxConnectionsPerSource = DefaultMaxConnectionsPerSource
+	}
 	if cfg.QueueTimeout == 0 {
 		cfg.QueueTimeout = DefaultQueueTimeout
 	}
@@ -321,7 +378,12 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		return nil, err
 	}
 	initRefusals(m, cfg.RateLimits)
+	conns, err := newConnLimiter(cfg.MaxConnections, cfg.MaxConnectionsPerSource, cfg.Registry)
+	if err != nil {
+		return nil, err
+	}
 	g := &Gateway{
+		conns:   conns,
 		cfg:     cfg,
 		sched:   sched,
 		catalog: cat,
@@ -335,6 +397,9 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	}
 	g.limits.Store(newLimiter(cfg.RateLimits, nil, m, log))
 	g.aborting, g.abort = context.WithCancelCause(context.Background())
+	g.h3Close, g.h3CloseAll = context.WithCancel(context.Background())
+	g.h3Grace, g.h3GraceEnd = context.WithCancel(g.h3Close)
+	g.h3Accepted = make(chan struct{})
 	if err := defaultAuth(&g.cfg.Auth, g); err != nil {
 		return nil, err
 	}
@@ -368,7 +433,13 @@ func (g *Gateway) Start() error {
 	g.addr = net.JoinHostPort(host, strconv.Itoa(port))
 	g.admin = adminLn.Addr().String()
 
-	g.quicTr = &quic.Transport{Conn: udp}
+	g.quicTr = &quic.Transport{
+		Conn:        udp,
+		ConnContext: g.quicConnContext,
+		// A source at its limit proves its address with a Retry before it
+		// is refused, so that a spoofed one cannot lock its owner out.
+		VerifySourceAddress: func(a net.Addr) bool { return g.conns.busy(sourceOf(a)) },
+	}
 	if k := g.cfg.QUICKeys; k != nil {
 		tg, sr := quic.TokenGeneratorKey(k.TokenGenerator), quic.StatelessResetKey(k.StatelessReset)
 		g.quicTr.TokenGeneratorKey, g.quicTr.StatelessResetKey = &tg, &sr
@@ -378,8 +449,9 @@ func (g *Gateway) Start() error {
 	quicLn, err := g.quicTr.ListenEarly(http3.ConfigureTLSConfig(quicTLS), &quic.Config{
 		// 0-RTT needs the guard: without auth there are no early proofs
 		// and no single-use tickets.
-		Allow0RTT:          !g.cfg.Auth.Disabled && !g.cfg.Auth.Disable0RTT,
-		MaxIncomingStreams: int64(g.cfg.MaxStreams),
+		Allow0RTT:             !g.cfg.Auth.Disabled && !g.cfg.Auth.Disable0RTT,
+		MaxIncomingStreams:    int64(g.cfg.MaxStreams),
+		MaxIncomingUniStreams: maxIncomingUniStreams,
 	})
 	if err != nil {
 		g.quicTr.Close()
@@ -391,7 +463,7 @@ func (g *Gateway) Start() error {
 	g.udp, g.quicLn = udp, quicLn
 
 	g.h3 = &http3.Server{
-		Handler:     g.instrument(api),
+		Handler:     clearHeaderDeadline(g.instrument(api)),
 		ConnContext: g.connContext,
 		Logger:      g.log,
 	}
@@ -402,28 +474,26 @@ func (g *Gateway) Start() error {
 	g.tcp = &http.Server{
 		Handler:           g.instrument(advertiseH3(altSvc, api)),
 		TLSConfig:         tcpTLS,
-		ReadHeaderTimeout: readHeaderTimeout,
+		ReadHeaderTimeout: g.cfg.HeaderTimeout,
 		IdleTimeout:       idleTimeout,
 		HTTP2:             &http.HTTP2Config{MaxConcurrentStreams: g.cfg.MaxStreams},
 		ErrorLog:          slog.NewLogLogger(g.log.Handler(), slog.LevelDebug),
 	}
 	g.adminSrv = &http.Server{
 		Handler:           g.adminRoutes(),
-		ReadHeaderTimeout: readHeaderTimeout,
+		ReadHeaderTimeout: adminHeaderTimeout,
 		ErrorLog:          slog.NewLogLogger(g.log.Handler(), slog.LevelDebug),
 	}
 
 	g.serving.Add(3)
 	go func() {
 		defer g.serving.Done()
-		if err := g.h3.ServeListener(quicLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			g.log.Error("http3 listener stopped", "addr", g.addr, "err", err)
-		}
+		g.serveH3(quicLn)
 	}()
 	go func() {
 		defer g.serving.Done()
 		// ServeTLS with empty file names uses the certificates in TLSConfig.
-		if err := g.tcp.ServeTLS(tcp, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := g.tcp.ServeTLS(limitListener{Listener: tcp, l: g.conns}, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			g.log.Error("tcp listener stopped", "addr", g.addr, "err", err)
 		}
 	}()
@@ -524,8 +594,10 @@ func (g *Gateway) AdminAddr() string {
 	return g.admin
 }
 
-// Shutdown stops accepting, sends GOAWAY on HTTP/3 and HTTP/2 connections
-// and lets running handlers finish within ctx. When ctx ends, streams still
+// Shutdown stops accepting, sends GOAWAY on HTTP/2 connections, rejects
+// new HTTP/3 streams (H3_REQUEST_REJECTED; see h3conn.go for why no
+// GOAWAY) and lets running handlers finish within ctx, closing each HTTP/3
+// connection with H3_NO_ERROR once its handlers are done. When ctx ends, streams still
 // running get an error event saying the server is shutting down and end;
 // whatever is still open abortCutoff later is cut off.
 func (g *Gateway) Shutdown(ctx context.Context) error {
@@ -535,7 +607,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	g.started = false
-	h3, tcp, adminSrv := g.h3, g.tcp, g.adminSrv
+	tcp, adminSrv := g.tcp, g.adminSrv
 	quicLn, quicTr, udp := g.quicLn, g.quicTr, g.udp
 	g.mu.Unlock()
 
@@ -563,14 +635,14 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	})
 	var servers sync.WaitGroup
 	var h3Err, tcpErr error
-	servers.Go(func() { h3Err = h3.Shutdown(hard) })
+	servers.Go(func() { h3Err = g.shutdownH3(hard) })
 	servers.Go(func() { tcpErr = tcp.Shutdown(hard) })
 	servers.Wait()
 	close(drained)
 	watcher.Wait()
 	if tcpErr != nil {
-		// Handlers outlived the cutoff: cut the rest off. (http3.Server's
-		// Shutdown does this itself.)
+		// Handlers outlived the cutoff: cut the rest off. (shutdownH3
+		// does this itself.)
 		tcpErr = errors.Join(tcpErr, tcp.Close())
 	}
 	// Admin has only short requests; its own bound keeps a stuck scrape from

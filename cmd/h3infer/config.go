@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"h3infer/backend"
+	"h3infer/gateway"
 	"h3infer/tlsbind"
 )
 
@@ -190,6 +191,28 @@ type GatewayConfig struct {
 	// flight at once (HTTP/3 streams, HTTP/2 concurrent streams). Default
 	// 1024.
 	MaxStreams int `json:"max_streams"`
+	// PreauthStreams is how many requests an HTTP/3 connection may have
+	// in handlers until one of its requests has passed authentication;
+	// max_streams applies after (and from the start with auth disabled).
+	// Streams past it wait in the QUIC stack without a goroutine. A
+	// browser opens at most about 100 at once. Default 100, or
+	// max_streams when that is lower.
+	PreauthStreams int `json:"preauth_streams"`
+	// HeaderTimeout is how long a request may take to send its headers:
+	// per stream over HTTP/3 (a late stream is reset), per connection
+	// over TCP. Default "10s".
+	HeaderTimeout Duration `json:"header_timeout"`
+	// MaxConnections bounds client connections over both listeners
+	// together; past it new ones are refused. Default: sized for the
+	// machine, a quarter of its memory at 2 MiB per connection (the most
+	// one that has not authenticated can hold at preauth_streams),
+	// 256..65536: 512 with 4 GiB, 8192 with 64 GiB.
+	MaxConnections int `json:"max_connections"`
+	// MaxConnectionsPerSource bounds the connections of one source
+	// address (IPv4 address, IPv6 /64), counted once the address is
+	// proven. Default 64: a browser uses one connection per origin, and
+	// a carrier-grade NAT address may front dozens of users at once.
+	MaxConnectionsPerSource int `json:"max_connections_per_source"`
 	// GCPercent is the gateway process's garbage-collection target
 	// (GOGC): the heap may grow this many percent over what is live before
 	// a collection. Default 400; GOGC in the environment wins.
@@ -482,6 +505,12 @@ func (c Config) withDefaults() Config {
 	}
 	defInt(&c.Gateway.DefaultMaxTokens, 256)
 	defInt(&c.Gateway.MaxStreams, 1024)
+	defInt(&c.Gateway.PreauthStreams, min(gateway.DefaultPreauthStreams, c.Gateway.MaxStreams))
+	if c.Gateway.HeaderTimeout == 0 {
+		c.Gateway.HeaderTimeout = Duration(gateway.DefaultHeaderTimeout)
+	}
+	defInt(&c.Gateway.MaxConnections, gateway.DefaultMaxConnections())
+	defInt(&c.Gateway.MaxConnectionsPerSource, gateway.DefaultMaxConnectionsPerSource)
 	defInt(&c.Gateway.GCPercent, 400)
 	def(&c.Auth.Audience, "h3infer")
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
@@ -590,6 +619,18 @@ func (c Config) validate() error {
 	}
 	if c.Gateway.MaxStreams < 1 || c.Gateway.MaxStreams > 65536 {
 		bad("gateway.max_streams", "must be 1..65536, got %d", c.Gateway.MaxStreams)
+	}
+	if c.Gateway.PreauthStreams < 1 || c.Gateway.PreauthStreams > c.Gateway.MaxStreams {
+		bad("gateway.preauth_streams", "must be 1..max_streams (%d), got %d", c.Gateway.MaxStreams, c.Gateway.PreauthStreams)
+	}
+	if c.Gateway.HeaderTimeout < 0 {
+		bad("gateway.header_timeout", "must be positive, got %s", time.Duration(c.Gateway.HeaderTimeout))
+	}
+	if c.Gateway.MaxConnections < 1 {
+		bad("gateway.max_connections", "must be > 0, got %d", c.Gateway.MaxConnections)
+	}
+	if c.Gateway.MaxConnectionsPerSource < 1 || c.Gateway.MaxConnectionsPerSource > c.Gateway.MaxConnections {
+		bad("gateway.max_connections_per_source", "must be 1..max_connections (%d), got %d", c.Gateway.MaxConnections, c.Gateway.MaxConnectionsPerSource)
 	}
 	if c.Scheduler.Aging < 0 {
 		bad("scheduler.aging", "must be positive, got %s", time.Duration(c.Scheduler.Aging))

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"h3infer/gateway"
 	"h3infer/internal/redistest"
@@ -294,4 +295,24 @@ func TestInstanceNamesNeedSharedStrikeRegister(t *testing.T) {
 			t.Errorf("%s: refused: %v", name, err)
 		}
 	}
+}
+
+func TestConnectionLimitConfig(t *testing.T) {
+	c, err := loadConfig(writeConfig(t, `{"gateway": {"max_streams": 50}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c = c.withDefaults()
+	g := c.Gateway
+	if g.PreauthStreams != 50 || time.Duration(g.HeaderTimeout) != 10*time.Second ||
+		g.MaxConnections != gateway.DefaultMaxConnections() || g.MaxConnectionsPerSource != 64 {
+		t.Errorf("defaults preauth_streams %d, header_timeout %s, max_connections %d, max_connections_per_source %d; want 50 (max_streams), 10s, %d, 64",
+			g.PreauthStreams, time.Duration(g.HeaderTimeout), g.MaxConnections, g.MaxConnectionsPerSource, gateway.DefaultMaxConnections())
+	}
+	checkConfigErrors(t, map[string]struct{ file, want string }{
+		"preauth over max_streams": {`{"gateway": {"max_streams": 10, "preauth_streams": 11}}`, "gateway.preauth_streams"},
+		"negative header timeout":  {`{"gateway": {"header_timeout": "-1s"}}`, "gateway.header_timeout"},
+		"negative connections":     {`{"gateway": {"max_connections": -1}}`, "gateway.max_connections"},
+		"per source over total":    {`{"gateway": {"max_connections": 10, "max_connections_per_source": 11}}`, "gateway.max_connections_per_source"},
+	})
 }

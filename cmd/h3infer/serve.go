@@ -206,14 +206,18 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	}
 	reg.MustRegister(newSchedulerCollector(sched))
 	gw, err := gateway.New(gateway.Config{
-		Listen:           cfg.Listen,
-		Admin:            cfg.Admin,
-		TLS:              tlsCfg,
-		MaxBodyBytes:     cfg.Gateway.MaxBodyBytes,
-		DefaultMaxTokens: cfg.Gateway.DefaultMaxTokens,
-		MaxStreams:       cfg.Gateway.MaxStreams,
-		QueueTimeout:     time.Duration(cfg.Gateway.Deadline),
-		MaxDeadline:      time.Duration(cfg.Gateway.MaxDeadline),
+		Listen:                  cfg.Listen,
+		Admin:                   cfg.Admin,
+		TLS:                     tlsCfg,
+		MaxBodyBytes:            cfg.Gateway.MaxBodyBytes,
+		DefaultMaxTokens:        cfg.Gateway.DefaultMaxTokens,
+		MaxStreams:              cfg.Gateway.MaxStreams,
+		PreauthStreams:          cfg.Gateway.PreauthStreams,
+		HeaderTimeout:           time.Duration(cfg.Gateway.HeaderTimeout),
+		MaxConnections:          cfg.Gateway.MaxConnections,
+		MaxConnectionsPerSource: cfg.Gateway.MaxConnectionsPerSource,
+		QueueTimeout:            time.Duration(cfg.Gateway.Deadline),
+		MaxDeadline:             time.Duration(cfg.Gateway.MaxDeadline),
 		Coalesce: gateway.CoalesceConfig{
 			UrgentMax:   uint8(cfg.Gateway.Coalesce.UrgentMax),
 			Window:      time.Duration(cfg.Gateway.Coalesce.Window),

@@ -1,0 +1,102 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+)
+
+// slowStream opens a request stream that sends two bytes of a HEADERS
+// frame and nothing more.
+func slowStream(t *testing.T, qc *quic.Conn) *quic.Stream {
+	t.Helper()
+	str, err := qc.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := str.Write([]byte{0x01, 0x40}); err != nil {
+		t.Fatal(err)
+	}
+	return str
+}
+
+func TestHeaderTimeoutResetsStream(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.HeaderTimeout = 200 * time.Millisecond })
+	qc, _ := h.rawH3(t)
+	str := slowStream(t, qc)
+	str.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err := io.ReadAll(str)
+	se, ok := errors.AsType[*quic.StreamError](err)
+	if !ok || se.ErrorCode != quic.StreamErrorCode(http3.ErrCodeRequestIncomplete) {
+		t.Fatalf("slow stream ended with %v, want a reset with H3_REQUEST_INCOMPLETE", err)
+	}
+}
+
+// TestPreauthStreamCap: until a request on it has authenticated, a
+// connection gets PreauthStreams requests in handlers; then MaxStreams.
+func TestPreauthStreamCap(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.PreauthStreams = 2
+		c.MaxStreams = 20
+		c.HeaderTimeout = time.Minute
+	})
+	qc, cc := h.rawH3(t)
+	get := func(ctx context.Context, bearer string) (*http.Response, error) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, h.base+"/v1/models", nil)
+		if bearer != "" {
+			req.Header.Set("Authorization", "Bearer "+bearer)
+		}
+		resp, err := cc.RoundTrip(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		return resp, err
+	}
+	first := slowStream(t, qc)
+	slowStream(t, qc)
+
+	// Both handlers are taken: an unauthenticated request waits in quic-go.
+	answered := make(chan int, 1)
+	go func() {
+		resp, err := get(context.Background(), "")
+		if err != nil {
+			answered <- -1
+			return
+		}
+		answered <- resp.StatusCode
+	}()
+	select {
+	case code := <-answered:
+		t.Fatalf("request answered (%d) while the pre-auth cap was full", code)
+	case <-time.After(200 * time.Millisecond):
+	}
+	first.CancelWrite(0)
+	select {
+	case code := <-answered:
+		if code != http.StatusUnauthorized {
+			t.Errorf("request without a token: %d, want 401", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("request not served after a handler freed up")
+	}
+
+	bearer := bearerOfCredential(t, h.cred)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if resp, err := get(ctx, bearer); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("authenticated request: %v %v", resp, err)
+	}
+	for range 10 {
+		slowStream(t, qc)
+	}
+	// Eleven slow streams now hold handlers, far past the pre-auth cap.
+	if resp, err := get(ctx, bearer); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("request after authentication, past the pre-auth cap: %v %v", resp, err)
+	}
+}
