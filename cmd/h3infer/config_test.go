@@ -72,10 +72,11 @@ func checkConfigErrors(t *testing.T, cases map[string]struct{ file, want string 
 
 func TestObservabilityConfigErrors(t *testing.T) {
 	checkConfigErrors(t, map[string]struct{ file, want string }{
-		"admin exposed without token": {`{"admin": "0.0.0.0:9090"}`, "admin:"},
-		"unknown store":               {`{"rate_limits": {"store": "memcached"}}`, "rate_limits.store"},
-		"redis without address":       {`{"rate_limits": {"store": "redis"}}`, "rate_limits.redis_addr"},
-		"endpoint not a URL":          {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
+		"admin host with port":  {`{"admin_hosts": ["gw1.internal:9090"]}`, "admin_hosts[0]"},
+		"empty admin host":      {`{"admin_hosts": ["gw1", ""]}`, "admin_hosts[1]"},
+		"unknown store":         {`{"rate_limits": {"store": "memcached"}}`, "rate_limits.store"},
+		"redis without address": {`{"rate_limits": {"store": "redis"}}`, "rate_limits.redis_addr"},
+		"endpoint not a URL":    {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
 	})
 	// Unknown keys are errors, here as everywhere in the file.
 	if _, err := loadConfig(writeConfig(t, `{"rate_limits": {"default": {"rps": 1}}}`)); err == nil {
