@@ -360,8 +360,8 @@ func onnxRuntimeLib(configured, exe string) string {
 	return "libonnxruntime.so.1"
 }
 
-// printNextSteps tells a person what to run next. It prints no admin
-// token: that stays in its file.
+// printNextSteps tells a person what to run next. It prints no secret:
+// the credential's secret part and the admin token stay in their files.
 func printNextSteps(w io.Writer, addr, adminAddr, adminTokFile string, dev *certs.Dev, devToken, stateDir string) {
 	host, port, _ := net.SplitHostPort(addr)
 	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
@@ -385,7 +385,7 @@ func printNextSteps(w io.Writer, addr, adminAddr, adminTokFile string, dev *cert
 	authFlag := ""
 	if devToken != "" {
 		bearer, _, _ := tlsbind.SplitCredential(devToken)
-		fmt.Fprintf(&b, "  Dev token (chat reads it from %s):\n    %s\n", devTokenFile(stateDir), devToken)
+		fmt.Fprintf(&b, "  Dev credential (chat reads it here):   %s\n", devTokenFile(stateDir))
 		fmt.Fprintf(&b, "  Its bearer part (for curl and browsers): %s\n", bearer)
 		authFlag = fmt.Sprintf(" -H 'Authorization: Bearer %s'", bearer)
 	}
