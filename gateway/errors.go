@@ -56,6 +56,29 @@ func (e *workerFailure) Error() string {
 	return fmt.Sprintf("worker: %s: %s", e.err.Code, e.err.Message)
 }
 
+// adminMisdirected is an admin request whose Host names another server:
+// what a DNS-rebinding page sends.
+type adminMisdirected struct{ host string }
+
+func (e *adminMisdirected) Error() string {
+	return fmt.Sprintf("the admin listener does not answer to host %q", e.host)
+}
+
+// adminCrossOrigin is an admin request a browser marked as sent by a page
+// of another origin.
+type adminCrossOrigin struct{ from string }
+
+func (e *adminCrossOrigin) Error() string {
+	return fmt.Sprintf("the admin listener refuses cross-origin requests (%s)", e.from)
+}
+
+// unsupportedMediaType is a request body of a type the route does not take.
+type unsupportedMediaType struct{ got, want string }
+
+func (e *unsupportedMediaType) Error() string {
+	return fmt.Sprintf("Content-Type must be %s, got %q", e.want, e.got)
+}
+
 // Sentinels for failures that carry nothing more.
 var (
 	errRouteNotFound = errors.New("no such route")
@@ -67,6 +90,8 @@ var (
 	// errShuttingDown ends the requests still running when a shutdown's
 	// grace period is over.
 	errShuttingDown = errors.New("the server is shutting down")
+	// errAdminToken is an admin request without the configured admin token.
+	errAdminToken = errors.New("admin token required")
 )
 
 // apiError is what the client receives: a status, optional headers and the
@@ -119,6 +144,9 @@ func apiErrorOf(err error) apiError {
 		tenantLimit *scheduler.TenantLimitError
 		worker      *workerFailure
 		limited     *rateLimited
+		misdirected *adminMisdirected
+		crossOrigin *adminCrossOrigin
+		mediaType   *unsupportedMediaType
 		// A Router's or ModelAdmin's refusal of a model or version that
 		// does not exist says so with NotFound.
 		missingVersion interface {
@@ -156,6 +184,18 @@ func apiErrorOf(err error) apiError {
 		return mk(http.StatusTooEarly, invalidRequest, "", "early_proof_rejected", err.Error()+"; retry after the handshake")
 	case errors.Is(err, errTooEarly):
 		return mk(http.StatusTooEarly, invalidRequest, "", "too_early", err.Error())
+	case errors.Is(err, errAdminToken):
+		e := mk(http.StatusUnauthorized, invalidRequest, "", "admin_token_required", err.Error())
+		e.authenticate = `Bearer realm="h3infer-admin"`
+		return e
+	case errors.As(err, &misdirected):
+		// RFC 9110 section 15.5.20: this server will not answer for that
+		// authority.
+		return mk(http.StatusMisdirectedRequest, invalidRequest, "", "misdirected_request", misdirected.Error())
+	case errors.As(err, &crossOrigin):
+		return mk(http.StatusForbidden, invalidRequest, "", "cross_origin", crossOrigin.Error())
+	case errors.As(err, &mediaType):
+		return mk(http.StatusUnsupportedMediaType, invalidRequest, "", "unsupported_media_type", mediaType.Error())
 	case errors.As(err, &invalid):
 		return mk(http.StatusBadRequest, invalidRequest, invalid.param, invalid.code, invalid.message)
 	case errors.As(err, &tooLarge):

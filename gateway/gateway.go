@@ -102,8 +102,17 @@ type Config struct {
 	Listen string
 	// Admin is the host:port of the plain-HTTP admin listener (/healthz,
 	// /readyz, /metrics, /debug/state, /debug/pprof/). Port 0 picks a free
-	// port. Default 127.0.0.1:9090.
+	// port. Default 127.0.0.1:9090. The listener answers only requests
+	// whose Host is this address, the address bound, localhost or a
+	// loopback IP with its port (any IP with its port when bound to the
+	// unspecified address), or one of AdminHosts; it refuses requests a
+	// browser marks as cross-origin, and POSTs under /admin/ that are not
+	// application/json.
 	Admin string
+	// AdminHosts are further host names the admin listener answers to, on
+	// any port: the names a scraper or operator reaches it by. Default:
+	// none.
+	AdminHosts []string
 	// TLS holds the certificates. Required. The gateway clones it and sets
 	// NextProtos per listener.
 	TLS *tls.Config

@@ -67,7 +67,10 @@ func (g *Gateway) adminRoutes() http.Handler {
 	if g.cfg.ModelAdmin != nil {
 		g.modelAdminRoutes(mux)
 	}
-	return mux
+	guard := newAdminGuard(g.cfg.Admin, g.admin, g.cfg.AdminHosts, func(reason string) {
+		g.metrics.adminRefusals.WithLabelValues(reason).Inc()
+	})
+	return guard.wrap(mux)
 }
 
 // adminAuth demands the admin token when one is configured. Health and
@@ -79,8 +82,8 @@ func (g *Gateway) adminAuth(next http.Handler) http.Handler {
 	want := []byte("Bearer " + g.cfg.AdminToken)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="h3infer-admin"`)
-			http.Error(w, "admin token required", http.StatusUnauthorized)
+			g.metrics.adminRefusals.WithLabelValues("token").Inc()
+			writeError(w, errAdminToken)
 			return
 		}
 		next.ServeHTTP(w, r)

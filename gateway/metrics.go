@@ -44,6 +44,8 @@ type metrics struct {
 	// event after admission, by code: overflow (the client could not keep
 	// up and the request was cancelled), worker_lost, and the rest.
 	streamErrors *prometheus.CounterVec
+	// adminRefusals counts admin requests refused before any route ran.
+	adminRefusals *prometheus.CounterVec
 }
 
 // latencyBuckets spans a decode step (tens of µs) to a long completion.
@@ -119,9 +121,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "h3infer_stream_errors_total",
 			Help: "Completion requests that ended with an error event, by code (overflow: the client fell behind and the request was cancelled).",
 		}, []string{"code"}),
+		adminRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "h3infer_admin_refusals_total",
+			Help: "Admin listener requests refused, by reason: host (a Host that is not the listener's, as after DNS rebinding), origin (sent by a page of another origin), content_type (a state change not sent as JSON), token (no or a wrong admin token).",
+		}, []string{"reason"}),
+	}
+	for _, r := range []string{"host", "origin", "content_type", "token"} {
+		m.adminRefusals.WithLabelValues(r)
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.interToken, m.duration,
-		m.queueWait, m.tokens, m.writes, m.refusals, m.limitStoreErrors, m.limitFallback, m.quic, m.early, m.binding, m.authFailures, m.streamErrors} {
+		m.queueWait, m.tokens, m.writes, m.refusals, m.limitStoreErrors, m.limitFallback, m.quic, m.early, m.binding, m.authFailures, m.streamErrors, m.adminRefusals} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}

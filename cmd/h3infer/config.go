@@ -26,11 +26,18 @@ type Config struct {
 	// port number. Default 127.0.0.1:8443.
 	Listen string `json:"listen"`
 	// Admin is the plain-HTTP host:port for /healthz, /readyz, /metrics,
-	// /debug/state and /debug/pprof/. Default 127.0.0.1:9090. A
-	// non-loopback address requires AdminToken.
+	// /debug/state, /debug/pprof/ and /admin/models. Default
+	// 127.0.0.1:9090. It answers only to its own address, localhost or a
+	// loopback IP with its port (any IP literal with its port when it
+	// listens on every address) and AdminHosts.
 	Admin string `json:"admin"`
+	// AdminHosts are further host names the admin listener answers to (on
+	// any port), for scrapers that reach it by name. Default: none.
+	AdminHosts []string `json:"admin_hosts"`
 	// AdminToken, when set, is required as a bearer token on every admin
-	// route but /healthz and /readyz. Default: none.
+	// route but /healthz and /readyz. Default: none on a loopback admin
+	// address; on any other, serve generates one into
+	// <state_dir>/tokens/admin.token (mode 0600) and keeps it.
 	AdminToken string `json:"admin_token"`
 	// StateDir holds development certificates and the demo model.
 	// Default .h3infer under the working directory.
@@ -731,8 +738,10 @@ func (c Config) validate() error {
 	if r := time.Duration(c.RateLimits.StoreRetry); r < 10*time.Millisecond || r > time.Minute {
 		bad("rate_limits.store_retry", "must be 10ms..1m, got %s", r)
 	}
-	if host, _, err := net.SplitHostPort(c.Admin); err == nil && c.AdminToken == "" && !isLoopbackHost(host) {
-		bad("admin", "%q is not a loopback address; set admin_token to expose the admin listener", c.Admin)
+	for i, h := range c.AdminHosts {
+		if h == "" || strings.ContainsAny(h, ":/[] ") {
+			bad(fmt.Sprintf("admin_hosts[%d]", i), "want a host name without port, got %q", h)
+		}
 	}
 	if e := c.Tracing.OTLPEndpoint; e != "" && !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") {
 		bad("tracing.otlp_endpoint", "want an http:// or https:// URL, got %q", e)

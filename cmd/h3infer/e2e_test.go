@@ -79,6 +79,7 @@ type server struct {
 	admin    string // http://127.0.0.1:PORT
 	stateDir string
 	caFile   string
+	stdout   *lockedBuffer // what serve printed, line by line
 	stderr   *lockedBuffer
 	exited   chan struct{}
 	exitErr  error
@@ -103,7 +104,7 @@ func startServer(t testing.TB, extra ...string) *server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &server{cmd: cmd, stateDir: state, caFile: filepath.Join(state, "certs", certs.CAFile), stderr: new(lockedBuffer), exited: make(chan struct{})}
+	s := &server{cmd: cmd, stateDir: state, caFile: filepath.Join(state, "certs", certs.CAFile), stdout: new(lockedBuffer), stderr: new(lockedBuffer), exited: make(chan struct{})}
 	cmd.Stderr = s.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -113,6 +114,7 @@ func startServer(t testing.TB, extra ...string) *server {
 		defer close(lines)
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
+			s.stdout.Write(append(sc.Bytes(), '\n'))
 			lines <- sc.Text()
 		}
 	}()
@@ -665,6 +667,52 @@ func (s *server) bearer(t testing.TB) string {
 		t.Fatal(err)
 	}
 	return bearer
+}
+
+// TestServePrintsNoSecret: serve used to print the whole dev credential,
+// secret part included, where terminal scrollback and CI logs keep it.
+// Now it prints the bearer part and the file's path only.
+func TestServePrintsNoSecret(t *testing.T) {
+	s := startServer(t)
+	b, err := os.ReadFile(devTokenFile(s.stateDir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cred := strings.TrimSpace(string(b))
+	bearer, _, err := tlsbind.SplitCredential(cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := cred[len(bearer)+1:]
+	// The next steps go out in one write; their last line names chromium.
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(s.stdout.String(), "--user-data-dir") && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	out := s.stdout.String()
+	if !strings.Contains(out, "Bearer "+bearer) || !strings.Contains(out, devTokenFile(s.stateDir)) {
+		t.Fatalf("stdout lacks the bearer part or the credential's path:\n%s", out)
+	}
+	if strings.Contains(out, secret) {
+		t.Errorf("stdout shows the credential's secret part:\n%s", out)
+	}
+	// What it printed is enough for curl: the bearer part alone is accepted.
+	req, _ := http.NewRequest(http.MethodGet, s.base+"/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer "+bearer)
+	pool, err := certs.LoadPool(s.caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 30 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /v1/models with the printed bearer: %s, want 200", resp.Status)
+	}
 }
 
 // withBearer presents the dev token on every request.

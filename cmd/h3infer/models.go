@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -23,7 +25,8 @@ func runModels(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("models", flag.ContinueOnError)
 	admin := fs.String("admin", "127.0.0.1:9090", "host:port of the gateway's admin listener")
 	timeout := fs.Duration("timeout", 10*time.Minute, "how long to wait for a load to finish")
-	adminToken := fs.String("admin-token", "", "the gateway's admin_token, when it has one (default $H3INFER_ADMIN_TOKEN)")
+	adminTok := fs.String("admin-token", "", "the gateway's admin token, when it has one (default $H3INFER_ADMIN_TOKEN, else the one serve generated in DIR/tokens/admin.token)")
+	stateDir := fs.String("state-dir", ".h3infer", "the gateway's state directory, where serve keeps a generated admin token")
 	fs.Usage = func() { fmt.Fprintln(fs.Output(), modelsUsage); fs.PrintDefaults() }
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -75,17 +78,29 @@ func runModels(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		b, _ := json.Marshal(body)
 		req, err = http.NewRequestWithContext(ctx, http.MethodPost, base+"/"+a[1], bytes.NewReader(b))
+		if err == nil {
+			// The admin listener takes state changes only as JSON.
+			req.Header.Set("Content-Type", "application/json")
+		}
 	default:
 		return usageError{fmt.Errorf("unknown verb %q:\n%s", a[0], modelsUsage)}
 	}
 	if err != nil {
 		return err
 	}
-	if *adminToken == "" {
-		*adminToken = os.Getenv("H3INFER_ADMIN_TOKEN")
+	if *adminTok == "" {
+		*adminTok = os.Getenv("H3INFER_ADMIN_TOKEN")
 	}
-	if *adminToken != "" {
-		req.Header.Set("Authorization", "Bearer "+*adminToken)
+	if *adminTok == "" {
+		// Present only when serve generated it for a non-loopback listener.
+		if b, err := os.ReadFile(adminTokenFile(*stateDir)); err == nil {
+			*adminTok = strings.TrimSpace(string(b))
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("admin token: %w", err)
+		}
+	}
+	if *adminTok != "" {
+		req.Header.Set("Authorization", "Bearer "+*adminTok)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -97,9 +112,18 @@ func runModels(ctx context.Context, args []string, stdout io.Writer) error {
 		return fmt.Errorf("admin API: read answer: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		var e struct{ Error string }
-		if json.Unmarshal(out, &e) == nil && e.Error != "" {
-			return fmt.Errorf("%s (HTTP %d)", e.Error, resp.StatusCode)
+		// Model admin errors are {"error": message}; the listener's own
+		// refusals are the API's {"error": {"message": ...}}.
+		var e struct{ Error json.RawMessage }
+		if json.Unmarshal(out, &e) == nil && len(e.Error) > 0 {
+			var msg string
+			var obj struct{ Message string }
+			if json.Unmarshal(e.Error, &msg) == nil && msg != "" {
+				return fmt.Errorf("%s (HTTP %d)", msg, resp.StatusCode)
+			}
+			if json.Unmarshal(e.Error, &obj) == nil && obj.Message != "" {
+				return fmt.Errorf("%s (HTTP %d)", obj.Message, resp.StatusCode)
+			}
 		}
 		return fmt.Errorf("admin API: HTTP %d: %s", resp.StatusCode, out)
 	}

@@ -205,9 +205,17 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		return err
 	}
 	reg.MustRegister(newSchedulerCollector(sched))
+	adminTok, adminTokFile, err := adminToken(cfg)
+	if err != nil {
+		return err
+	}
+	if adminTokFile != "" {
+		log.Info("admin listener is not on loopback: it demands the admin token", "file", adminTokFile)
+	}
 	gw, err := gateway.New(gateway.Config{
 		Listen:                  cfg.Listen,
 		Admin:                   cfg.Admin,
+		AdminHosts:              cfg.AdminHosts,
 		TLS:                     tlsCfg,
 		MaxBodyBytes:            cfg.Gateway.MaxBodyBytes,
 		DefaultMaxTokens:        cfg.Gateway.DefaultMaxTokens,
@@ -229,7 +237,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		Registry:       reg,
 		TracerProvider: tp,
 		RateLimits:     limits,
-		AdminToken:     cfg.AdminToken,
+		AdminToken:     adminTok,
 		Status:         func() any { return adminStatus(sched) },
 		Auth:           auth,
 		QUICKeys:       quicKeys,
@@ -270,7 +278,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	readyErr := pool.WaitReady(ctx)
 	if readyErr == nil {
 		log.Info("ready", "models", len(models))
-		printNextSteps(stdout, gw.Addr(), gw.AdminAddr(), dev, devToken, cfg.StateDir)
+		printNextSteps(stdout, gw.Addr(), gw.AdminAddr(), adminTokFile, dev, devToken, cfg.StateDir)
 	}
 	var regWatch sync.WaitGroup
 	regWatch.Go(func() { registry.Watch(ctx) })
@@ -355,7 +363,9 @@ func onnxRuntimeLib(configured, exe string) string {
 	return "libonnxruntime.so.1"
 }
 
-func printNextSteps(w io.Writer, addr, adminAddr string, dev *certs.Dev, devToken, stateDir string) {
+// printNextSteps tells a person what to run next. It prints no secret:
+// the credential's secret part and the admin token stay in their files.
+func printNextSteps(w io.Writer, addr, adminAddr, adminTokFile string, dev *certs.Dev, devToken, stateDir string) {
 	host, port, _ := net.SplitHostPort(addr)
 	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
 		host = "127.0.0.1"
@@ -366,6 +376,9 @@ func printNextSteps(w io.Writer, addr, adminAddr string, dev *certs.Dev, devToke
 	fmt.Fprintf(&b, "\nh3infer is ready.\n")
 	fmt.Fprintf(&b, "  URL (HTTP/3 on UDP, HTTP/1.1+2 on TCP): %s/\n", base)
 	fmt.Fprintf(&b, "  Admin (healthz, readyz, metrics):      http://%s/\n", adminAddr)
+	if adminTokFile != "" {
+		fmt.Fprintf(&b, "  Admin token (not on loopback) in:     %s\n", adminTokFile)
+	}
 	caFlag := ""
 	if dev != nil {
 		fmt.Fprintf(&b, "  CA certificate:                        %s\n", dev.CAFile)
@@ -375,7 +388,7 @@ func printNextSteps(w io.Writer, addr, adminAddr string, dev *certs.Dev, devToke
 	authFlag := ""
 	if devToken != "" {
 		bearer, _, _ := tlsbind.SplitCredential(devToken)
-		fmt.Fprintf(&b, "  Dev token (chat reads it from %s):\n    %s\n", devTokenFile(stateDir), devToken)
+		fmt.Fprintf(&b, "  Dev credential (chat reads it here):   %s\n", devTokenFile(stateDir))
 		fmt.Fprintf(&b, "  Its bearer part (for curl and browsers): %s\n", bearer)
 		authFlag = fmt.Sprintf(" -H 'Authorization: Bearer %s'", bearer)
 	}
