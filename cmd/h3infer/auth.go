@@ -75,5 +75,13 @@ func authSetup(cfg Config, reg prometheus.Registerer, log *slog.Logger) (gateway
 			auth.EarlyData[path] = tlsbind.EarlyPolicy(p)
 		}
 	}
+	for _, s := range cfg.ZeroRTT.TrustedProxies {
+		p, err := parseTrustedProxy(s)
+		if err != nil {
+			closeFn()
+			return auth, "", none, fmt.Errorf("zero_rtt.trusted_proxies: %w", err)
+		}
+		auth.TrustedProxies = append(auth.TrustedProxies, p)
+	}
 	return auth, dev, closeFn, nil
 }
