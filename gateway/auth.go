@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 
 	"github.com/quic-go/quic-go"
@@ -29,9 +32,16 @@ type AuthConfig struct {
 	Tickets *tlsbind.Tickets
 	// Disable0RTT turns 0-RTT off on the QUIC listener.
 	Disable0RTT bool
-	// EarlyData maps a route path to its policy for early requests;
-	// unlisted routes get defaultEarlyPolicy.
+	// EarlyData maps a route path (one of EarlyDataRoutes) to its policy
+	// for early requests; unlisted routes get defaultEarlyPolicy.
 	EarlyData map[string]tlsbind.EarlyPolicy
+	// TrustedProxies are the peers whose Early-Data: 1 header (RFC 8470)
+	// is believed: intermediaries that terminate TLS, forward early data
+	// and say so. They are matched against the connection's own peer
+	// address, never against a header. From any other peer the header is
+	// ignored and counted; a direct client's early data is known from its
+	// connection alone. Default: none.
+	TrustedProxies []netip.Prefix
 }
 
 // QUICKeys are quic.Transport secrets shared between instances.
@@ -58,6 +68,9 @@ func defaultEarlyPolicy(path string) tlsbind.EarlyPolicy {
 var (
 	errTooEarly = errors.New("this request may not be served in early data; retry after the handshake")
 	errNoScope  = errors.New("the token does not allow this model")
+	// errProxiedBinding: an intermediary terminated the client's TLS, so
+	// the exporter the gateway sees is the intermediary's.
+	errProxiedBinding = fmt.Errorf("%w: it cannot be verified through an intermediary", tlsbind.ErrNoBinding)
 )
 
 type tokenKey struct{}
@@ -114,9 +127,7 @@ func (g *Gateway) guard(path string, next http.HandlerFunc) http.HandlerFunc {
 		}
 		conn := quicConn(r.Context())
 		early := conn != nil && !handshakeDone(conn)
-		// An intermediary that forwarded early data says so (RFC 8470);
-		// we cannot wait on a handshake we are not party to.
-		viaProxy := r.Header.Get("Early-Data") == "1"
+		viaProxy := g.earlyDataHeader(r, conn)
 		if early || viaProxy {
 			served, err := g.earlyGate(w, r, policy, tok, conn, viaProxy)
 			if err != nil {
@@ -136,16 +147,87 @@ func (g *Gateway) guard(path string, next http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
+// earlyDataHeader reports whether a configured intermediary marked the
+// request Early-Data: 1 (RFC 8470): it forwarded early data, and the
+// gateway cannot wait on a handshake it is not party to. From any other
+// peer the header is only a client's say-so, which would let it choose the
+// early path: it is counted and removed.
+func (g *Gateway) earlyDataHeader(r *http.Request, conn *quic.Conn) bool {
+	if _, ok := r.Header["Early-Data"]; !ok {
+		return false
+	}
+	if !g.trustedPeer(r, conn) {
+		g.metrics.earlyHeaderIgnored.Inc()
+		r.Header.Del("Early-Data")
+		return false
+	}
+	return r.Header.Get("Early-Data") == "1"
+}
+
+// trustedPeer reports whether the connection's peer is in
+// AuthConfig.TrustedProxies.
+func (g *Gateway) trustedPeer(r *http.Request, conn *quic.Conn) bool {
+	if len(g.cfg.Auth.TrustedProxies) == 0 {
+		return false
+	}
+	var peer netip.Addr
+	if conn != nil {
+		ua, ok := conn.RemoteAddr().(*net.UDPAddr)
+		if !ok {
+			return false
+		}
+		peer = ua.AddrPort().Addr()
+	} else {
+		// Set by net/http from the accepted TCP connection.
+		ap, err := netip.ParseAddrPort(r.RemoteAddr)
+		if err != nil {
+			return false
+		}
+		peer = ap.Addr()
+	}
+	peer = peer.Unmap().WithZone("")
+	for _, p := range g.cfg.Auth.TrustedProxies {
+		if p.Contains(peer) {
+			return true
+		}
+	}
+	return false
+}
+
 // earlyGate decides an early request's fate. It reports whether the
 // request is served as early data; false means the handshake completed
 // while it waited.
+//
+// A bind=required token is served early only on a direct connection with
+// a valid, unused early proof, on a route whose policy serves early
+// requests (serve or proof). The proof is keyed by the token's secret like
+// the binding proof it stands in for, so whoever lifted the bearer token
+// alone cannot make one; everything else is refused.
 func (g *Gateway) earlyGate(w http.ResponseWriter, r *http.Request, policy tlsbind.EarlyPolicy, tok *tlsbind.Token, conn *quic.Conn, viaProxy bool) (bool, error) {
 	outcome := g.metrics.early
-	switch proof := r.Header.Get(tlsbind.EarlyProofHeader); {
-	case policy == tlsbind.EarlyServe:
+	proof := r.Header.Get(tlsbind.EarlyProofHeader)
+	bound := tok.Bind == tlsbind.BindRequired
+	switch {
+	case bound && viaProxy:
+		// 401, not 425: after a 425 the intermediary would retry once its
+		// client's handshake completed, and the retry would still carry
+		// a proof for the client's connection to the intermediary, which
+		// the exporter of the intermediary's connection here can never
+		// match. Refusing now says what is wrong; a bind=required token
+		// cannot be used through an intermediary that terminates TLS.
+		outcome.WithLabelValues("rejected").Inc()
+		g.metrics.binding.WithLabelValues("failed").Inc()
+		return false, errProxiedBinding
+	case bound && (proof == "" || policy == tlsbind.EarlyWait || policy == tlsbind.EarlyReject):
+		// Its headers cannot carry a binding proof (the client has no
+		// exporter yet), and waiting would only end in 401: 425 lets
+		// the client retry in 1-RTT with its proof.
+		outcome.WithLabelValues("rejected").Inc()
+		return false, errTooEarly
+	case policy == tlsbind.EarlyServe && !bound:
 		outcome.WithLabelValues("accepted").Inc()
 		return true, nil
-	case policy == tlsbind.EarlyProofOrWait && proof != "":
+	case proof != "" && (policy == tlsbind.EarlyProofOrWait || policy == tlsbind.EarlyServe):
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.cfg.MaxBodyBytes))
 		if err != nil {
 			return false, err
@@ -162,12 +244,6 @@ func (g *Gateway) earlyGate(w http.ResponseWriter, r *http.Request, policy tlsbi
 		outcome.WithLabelValues("accepted").Inc()
 		return true, nil
 	case policy == tlsbind.EarlyReject || viaProxy || conn == nil:
-		outcome.WithLabelValues("rejected").Inc()
-		return false, errTooEarly
-	case tok.Bind == tlsbind.BindRequired:
-		// Its headers cannot carry a binding proof (the client has no
-		// exporter yet), so waiting would only end in 401: let the
-		// client retry in 1-RTT instead.
 		outcome.WithLabelValues("rejected").Inc()
 		return false, errTooEarly
 	}

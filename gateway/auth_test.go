@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -239,7 +240,8 @@ func TestBinding(t *testing.T) {
 	}
 }
 
-// counter reads one labelled counter from the gateway's registry.
+// counter reads one labelled counter from the gateway's registry; an
+// empty label sums the whole family.
 func (h *harness) counter(t *testing.T, name, label string) float64 {
 	t.Helper()
 	mfs, err := h.gw.cfg.Registry.Gather()
@@ -252,6 +254,9 @@ func (h *harness) counter(t *testing.T, name, label string) float64 {
 			continue
 		}
 		for _, m := range mf.GetMetric() {
+			if label == "" {
+				sum += m.GetCounter().GetValue()
+			}
 			for _, l := range m.GetLabel() {
 				if l.GetValue() == label {
 					sum += m.GetCounter().GetValue()
@@ -262,6 +267,89 @@ func (h *harness) counter(t *testing.T, name, label string) float64 {
 	return sum
 }
 
+// boundGET sends GET /v1/models with the bearer of cred (a bind=required
+// token) on its own HTTP/3 connection, with the connection's binding proof
+// when bind is set, and the extra header pairs.
+func (h *harness) boundGET(t *testing.T, cred string, bind bool, header ...string) *http.Response {
+	t.Helper()
+	bearer, secret, err := tlsbind.SplitCredential(cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qc, cc := h.rawH3(t)
+	req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer "+bearer)
+	if bind {
+		cs := qc.ConnectionState().TLS
+		exp, err := cs.ExportKeyingMaterial(tlsbind.ExporterLabel, nil, tlsbind.ExporterLen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set(tlsbind.BindingHeader, tlsbind.BindingProof(secret, exp))
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := cc.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+// TestEarlyDataHeaderFromClient: a client that sends Early-Data: 1 itself
+// gets nothing for it. It used to skip the binding check of a bind=required
+// token, which made a lifted one usable without its secret.
+func TestEarlyDataHeaderFromClient(t *testing.T) {
+	for name, proxies := range map[string][]netip.Prefix{
+		"no trusted proxies":       nil,
+		"peer outside the proxies": {netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("::1/128")},
+	} {
+		t.Run(name, func(t *testing.T) {
+			h := newHarness(t, func(c *Config) {
+				c.Auth.TrustedProxies = proxies
+				c.Auth.EarlyData = map[string]tlsbind.EarlyPolicy{"/v1/chat/completions": tlsbind.EarlyServe}
+			})
+			bound := h.issue(t, tlsbind.Claims{Tenant: "native", Bind: tlsbind.BindRequired})
+			bearer := "Bearer " + bearerOfCredential(t, bound)
+			for _, proto := range []string{"h3", "h2"} {
+				req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+				req.Header.Set("Authorization", bearer)
+				req.Header.Set("Early-Data", "1")
+				if resp := h.do(t, proto, req); resp.StatusCode != 401 || errorCode(t, resp) != "binding_failed" {
+					t.Errorf("%s: lifted bind=required token, GET /v1/models with Early-Data: 1: %d, want 401 binding_failed", proto, resp.StatusCode)
+				}
+				resp := h.post(t, proto, "/v1/chat/completions", chat(""), "Authorization", bearer, "Early-Data", "1")
+				if resp.StatusCode != 401 || errorCode(t, resp) != "binding_failed" {
+					t.Errorf("%s: lifted bind=required token, completion (policy serve) with Early-Data: 1: %d, want 401 binding_failed", proto, resp.StatusCode)
+				}
+				// A bind=optional token is served as an ordinary 1-RTT
+				// request: not marked early.
+				req, _ = http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+				req.Header.Set("Early-Data", "1")
+				if resp := h.do(t, proto, req); resp.StatusCode != 200 || resp.Header.Get(EarlyDataHeader) != "" {
+					t.Errorf("%s: bind=optional with Early-Data: 1: %d early=%q, want 200 not early", proto, resp.StatusCode, resp.Header.Get(EarlyDataHeader))
+				}
+			}
+			// The token's holder, binding its connection, still gets in,
+			// header or not.
+			if resp := h.boundGET(t, bound, true, "Early-Data", "1"); resp.StatusCode != 200 {
+				t.Errorf("bind=required with its binding proof and Early-Data: 1: %d, want 200", resp.StatusCode)
+			}
+			if got := h.counter(t, "h3infer_early_data_header_ignored_total", ""); got != 7 {
+				t.Errorf("ignored Early-Data headers = %v, want 7", got)
+			}
+			if got := h.counter(t, "h3infer_early_data_requests_total", "accepted"); got != 0 {
+				t.Errorf("early accepted = %v, want 0", got)
+			}
+		})
+	}
+}
+
+// TestEarlyDataHeaderFromIntermediary: a configured intermediary's
+// Early-Data: 1 is believed (RFC 8470), but a bind=required token cannot be
+// verified through it and is refused.
 func TestEarlyDataHeaderFromIntermediary(t *testing.T) {
 	// A short window: a fresh in-memory register refuses early proofs for
 	// two windows after start-up.
@@ -277,16 +365,19 @@ func TestEarlyDataHeaderFromIntermediary(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.Auth.Replay, c.Auth.Tickets = rg, tk
+		c.Auth.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
 	})
 	time.Sleep(tlsbind.WarmUp(window) + 100*time.Millisecond)
 	resp := h.post(t, "h2", "/v1/chat/completions", chat(""), "Early-Data", "1")
 	if resp.StatusCode != http.StatusTooEarly || errorCode(t, resp) != "too_early" {
 		t.Errorf("inference marked Early-Data: 1 without proof: %d, want 425", resp.StatusCode)
 	}
-	req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
-	req.Header.Set("Early-Data", "1")
-	if resp := h.do(t, "h2", req); resp.StatusCode != 200 || resp.Header.Get(EarlyDataHeader) != "1" {
-		t.Errorf("GET /v1/models marked Early-Data: 1: %d, want 200 served early", resp.StatusCode)
+	for _, proto := range []string{"h2", "h3"} {
+		req, _ := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+		req.Header.Set("Early-Data", "1")
+		if resp := h.do(t, proto, req); resp.StatusCode != 200 || resp.Header.Get(EarlyDataHeader) != "1" {
+			t.Errorf("%s: GET /v1/models marked Early-Data: 1: %d, want 200 served early", proto, resp.StatusCode)
+		}
 	}
 	// With a proof it is served, once.
 	bearer, secret, _ := tlsbind.SplitCredential(h.cred)
@@ -307,6 +398,29 @@ func TestEarlyDataHeaderFromIntermediary(t *testing.T) {
 	}
 	if got := h.counter(t, "h3infer_early_data_requests_total", "rejected"); got != 1 {
 		t.Errorf("rejected = %v, want 1", got)
+	}
+
+	// The exporter here is the intermediary's connection's, so no proof
+	// can bind a bind=required token: refused with or without one, and
+	// with an early proof too.
+	bound := h.issue(t, tlsbind.Claims{Tenant: "native", Bind: tlsbind.BindRequired})
+	_, boundSecret, _ := tlsbind.SplitCredential(bound)
+	early, _ := tlsbind.NewEarlyProof(boundSecret, time.Now(), http.MethodGet, "/v1/models", nil)
+	for name, resp := range map[string]*http.Response{
+		"no proof":      h.boundGET(t, bound, false, "Early-Data", "1"),
+		"binding proof": h.boundGET(t, bound, true, "Early-Data", "1"),
+		"early proof":   h.boundGET(t, bound, false, "Early-Data", "1", tlsbind.EarlyProofHeader, early),
+	} {
+		if resp.StatusCode != 401 || errorCode(t, resp) != "binding_failed" {
+			t.Errorf("bind=required through the intermediary, %s: %d, want 401 binding_failed", name, resp.StatusCode)
+		}
+	}
+	// Without the header (a 1-RTT request on its own connection) it works.
+	if resp := h.boundGET(t, bound, true); resp.StatusCode != 200 {
+		t.Errorf("bind=required with its binding proof, not early: %d, want 200", resp.StatusCode)
+	}
+	if got := h.counter(t, "h3infer_early_data_header_ignored_total", ""); got != 0 {
+		t.Errorf("ignored Early-Data headers = %v, want 0 from a trusted peer", got)
 	}
 }
 

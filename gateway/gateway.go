@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -326,9 +327,18 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if !cfg.Auth.Disabled && cfg.Auth.Tokens == nil {
 		errs = append(errs, errors.New("gateway.auth: a token verifier is required unless auth is disabled"))
 	}
-	for path, p := range cfg.Auth.EarlyData {
-		if _, err := tlsbind.ParseEarlyPolicy(string(p)); err != nil {
+	routes := EarlyDataRoutes()
+	for _, path := range slices.Sorted(maps.Keys(cfg.Auth.EarlyData)) {
+		if !slices.Contains(routes, path) {
+			errs = append(errs, fmt.Errorf("gateway.early_data[%q]: not a route; routes are %s", path, strings.Join(routes, ", ")))
+		}
+		if _, err := tlsbind.ParseEarlyPolicy(string(cfg.Auth.EarlyData[path])); err != nil {
 			errs = append(errs, fmt.Errorf("gateway.early_data[%q]: %w", path, err))
+		}
+	}
+	for i, p := range cfg.Auth.TrustedProxies {
+		if !p.IsValid() || p != p.Masked() {
+			errs = append(errs, fmt.Errorf("gateway.auth.trusted_proxies[%d]: want a valid, masked prefix, got %s", i, p))
 		}
 	}
 	if err := validateRateLimits(cfg.RateLimits); err != nil {

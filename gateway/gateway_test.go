@@ -17,6 +17,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/netip"
 	"runtime"
 	"strings"
 	"sync"
@@ -996,11 +997,16 @@ func TestShutdownLetsStreamsFinishWithinGrace(t *testing.T) {
 
 func TestNewValidates(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	_, err := New(Config{MaxBodyBytes: -1, Listen: "nonsense"}, nil, nil, log)
+	_, err := New(Config{MaxBodyBytes: -1, Listen: "nonsense", Auth: AuthConfig{
+		EarlyData:      map[string]tlsbind.EarlyPolicy{"/v1/chat/completion": tlsbind.EarlyServe, "/v1/models": "sometimes"},
+		TrustedProxies: []netip.Prefix{{}, netip.MustParsePrefix("10.0.0.1/8")},
+	}}, nil, nil, log)
 	if err == nil {
 		t.Fatal("New accepted a config without TLS")
 	}
-	for _, want := range []string{"gateway.tls", "gateway.max_body_bytes", "gateway.listen", "scheduler", "catalog"} {
+	for _, want := range []string{"gateway.tls", "gateway.max_body_bytes", "gateway.listen", "scheduler", "catalog",
+		`gateway.early_data["/v1/chat/completion"]: not a route; routes are /v1/chat/completions, /v1/completions, /v1/models, /v1/models/`,
+		`gateway.early_data["/v1/models"]: want serve`, "gateway.auth.trusted_proxies[0]", "gateway.auth.trusted_proxies[1]"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}

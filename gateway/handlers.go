@@ -24,6 +24,38 @@ import (
 	"h3infer/transport"
 )
 
+// apiRoute is one token-guarded route: path names it in
+// AuthConfig.EarlyData (zero_rtt.routes), pattern is what the mux matches.
+type apiRoute struct {
+	path, pattern string
+	serve         func(*Gateway, http.ResponseWriter, *http.Request)
+}
+
+// apiRouteTable is the token-guarded API. routes serves it and
+// EarlyDataRoutes names it, so the two cannot drift apart.
+func apiRouteTable() []apiRoute {
+	return []apiRoute{
+		{"/v1/chat/completions", "/v1/chat/completions", func(g *Gateway, w http.ResponseWriter, r *http.Request) {
+			g.serveCompletion(w, r, kindChat)
+		}},
+		{"/v1/completions", "/v1/completions", func(g *Gateway, w http.ResponseWriter, r *http.Request) {
+			g.serveCompletion(w, r, kindText)
+		}},
+		{"/v1/models", "/v1/models", (*Gateway).serveModels},
+		{"/v1/models/", "/v1/models/{model...}", (*Gateway).serveModel},
+	}
+}
+
+// EarlyDataRoutes lists the route paths AuthConfig.EarlyData may name,
+// in the order the API serves them.
+func EarlyDataRoutes() []string {
+	var paths []string
+	for _, rt := range apiRouteTable() {
+		paths = append(paths, rt.path)
+	}
+	return paths
+}
+
 // routes is the API and the chat page, served identically over HTTP/3 and
 // TCP.
 func (g *Gateway) routes() (http.Handler, error) {
@@ -31,14 +63,11 @@ func (g *Gateway) routes() (http.Handler, error) {
 	if err := routePage(mux); err != nil {
 		return nil, err
 	}
-	mux.HandleFunc("/v1/chat/completions", g.guard("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) {
-		g.serveCompletion(w, r, kindChat)
-	}))
-	mux.HandleFunc("/v1/completions", g.guard("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
-		g.serveCompletion(w, r, kindText)
-	}))
-	mux.HandleFunc("/v1/models", g.guard("/v1/models", g.serveModels))
-	mux.HandleFunc("/v1/models/{model...}", g.guard("/v1/models/", g.serveModel))
+	for _, rt := range apiRouteTable() {
+		mux.HandleFunc(rt.pattern, g.guard(rt.path, func(w http.ResponseWriter, r *http.Request) {
+			rt.serve(g, w, r)
+		}))
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errRouteNotFound)
 	})

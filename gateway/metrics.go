@@ -37,9 +37,12 @@ type metrics struct {
 	limitStoreErrors prometheus.Counter
 	limitFallback    *prometheus.CounterVec
 
-	early        *prometheus.CounterVec
-	binding      *prometheus.CounterVec
-	authFailures *prometheus.CounterVec
+	early   *prometheus.CounterVec
+	binding *prometheus.CounterVec
+	// earlyHeaderIgnored counts Early-Data headers from peers that are
+	// not configured intermediaries.
+	earlyHeaderIgnored prometheus.Counter
+	authFailures       *prometheus.CounterVec
 	// streamErrors counts requests that ended with a worker-side error
 	// event after admission, by code: overflow (the client could not keep
 	// up and the request was cancelled), worker_lost, and the rest.
@@ -113,6 +116,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "h3infer_token_binding_total",
 			Help: "Exporter-bound token proofs checked, by result: ok, failed.",
 		}, []string{"result"}),
+		earlyHeaderIgnored: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "h3infer_early_data_header_ignored_total",
+			Help: "Requests whose Early-Data header was ignored because their peer is not in zero_rtt.trusted_proxies.",
+		}),
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "h3infer_auth_failures_total",
 			Help: "Requests refused for their bearer token, by reason.",
@@ -130,7 +137,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.adminRefusals.WithLabelValues(r)
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.interToken, m.duration,
-		m.queueWait, m.tokens, m.writes, m.refusals, m.limitStoreErrors, m.limitFallback, m.quic, m.early, m.binding, m.authFailures, m.streamErrors, m.adminRefusals} {
+		m.queueWait, m.tokens, m.writes, m.refusals, m.limitStoreErrors, m.limitFallback, m.quic, m.early, m.binding, m.earlyHeaderIgnored, m.authFailures, m.streamErrors, m.adminRefusals} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}

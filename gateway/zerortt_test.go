@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
 	"h3infer/client"
 	"h3infer/internal/udprelay"
 	"h3infer/tlsbind"
@@ -181,4 +184,76 @@ func (h *harness) ticketDecisions(t *testing.T) string {
 		}
 	}
 	return strings.Join(out, " ")
+}
+
+// TestZeroRTTBoundToken: a bind=required token in real 0-RTT without an
+// early proof gets 425 even on a route whose policy serves early requests
+// (its binding proof needs the exporter, which the client has only after
+// the handshake); the client package, proving its secret with an early
+// proof, is served.
+func TestZeroRTTBoundToken(t *testing.T) {
+	h := warmHarness(t, func(c *Config) {
+		c.Auth.EarlyData = map[string]tlsbind.EarlyPolicy{"/v1/chat/completions": tlsbind.EarlyServe}
+	})
+	bound := h.issue(t, tlsbind.Claims{Tenant: "native", Bind: tlsbind.BindRequired})
+
+	// A GET in 0-RTT with the bearer token alone, as whoever lifted it
+	// off a log would send it.
+	relay, err := udprelay.New(h.gw.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tickets := &ticketSignal{ClientSessionCache: tls.NewLRUClientSessionCache(4), got: make(chan struct{}, 1)}
+	conf := &tls.Config{RootCAs: h.pool, ClientSessionCache: tickets, NextProtos: []string{http3.NextProtoH3}}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	first, err := quic.DialAddr(ctx, relay.Addr(), conf, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-tickets.got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no session ticket within 10s of the handshake")
+	}
+	first.CloseWithError(0, "")
+	relay.HoldHandshake(holdHandshake)
+	qc, err := quic.DialAddrEarly(ctx, relay.Addr(), conf, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &http3.Transport{}
+	t.Cleanup(func() {
+		relay.Release()
+		qc.CloseWithError(0, "")
+		tr.Close()
+		time.Sleep(200 * time.Millisecond)
+		relay.Close()
+	})
+	req, _ := http.NewRequestWithContext(ctx, http3.MethodGet0RTT, h.base+"/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer "+bearerOfCredential(t, bound))
+	resp, err := tr.NewClientConn(qc).RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	code := errorCode(t, resp)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTooEarly || code != "too_early" {
+		t.Fatalf("bind=required GET in 0-RTT without a proof: %d %s, want 425 too_early (ticket decisions: %s)", resp.StatusCode, code, h.ticketDecisions(t))
+	}
+	if got := h.counter(t, "h3infer_early_data_requests_total", "rejected"); got != 1 {
+		t.Errorf("early rejected = %v, want 1", got)
+	}
+
+	// The holder of the credential, beside it.
+	c, _ := zeroRTTSetup(t, h, bound)
+	res, err := c.Do(context.Background(), http.MethodPost, h.base+"/v1/chat/completions", nil, []byte(chat("")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 || !res.Early {
+		t.Fatalf("client package with bind=required: status %d early %v retried %v, want 200 served early with its early proof (ticket decisions: %s)\n%s", res.StatusCode, res.Early, res.Retried, h.ticketDecisions(t), body)
+	}
 }

@@ -51,7 +51,7 @@ func VerifyBinding(secret, exporter []byte, header string) error {
 	if len(header) > maxProofLen {
 		return ErrBadBinding
 	}
-	got, err := b64.DecodeString(header)
+	got, err := decodeB64(header)
 	if err != nil || !hmac.Equal(got, macOf(secret, []byte(bindingLabel), exporter)) {
 		return ErrBadBinding
 	}
@@ -107,15 +107,16 @@ func ParseEarlyProof(s string) (EarlyProof, error) {
 	if len(f) != 4 || f[0] != earlyVersion {
 		return p, fmt.Errorf("%w: want %s.<nonce>.<unix ms>.<mac>", ErrBadProof, earlyVersion)
 	}
-	nonce, err := b64.DecodeString(f[1])
+	nonce, err := decodeB64(f[1])
 	if err != nil || len(nonce) != nonceLen {
 		return p, fmt.Errorf("%w: nonce", ErrBadProof)
 	}
+	// One spelling: no sign, no leading zeros.
 	ms, err := strconv.ParseInt(f[2], 10, 64)
-	if err != nil || ms <= 0 || f[2][0] == '+' {
+	if err != nil || ms <= 0 || strconv.FormatInt(ms, 10) != f[2] {
 		return p, fmt.Errorf("%w: time", ErrBadProof)
 	}
-	mac, err := b64.DecodeString(f[3])
+	mac, err := decodeB64(f[3])
 	if err != nil || len(mac) != sha256.Size {
 		return p, fmt.Errorf("%w: mac", ErrBadProof)
 	}

@@ -295,7 +295,10 @@ func TestReplayGuardAfterRestart(t *testing.T) {
 
 func FuzzParseEarlyProof(f *testing.F) {
 	p, _ := NewEarlyProof([]byte("k"), time.UnixMilli(1700000000000), "POST", "/v1/completions", nil)
-	for _, s := range []string{p, "", "e1...", "e1.AAAAAAAAAAAAAAAAAAAAAA.1.AAAA", "e1.x.-1.y"} {
+	for _, s := range []string{p, "", "e1...", "e1.AAAAAAAAAAAAAAAAAAAAAA.1.AAAA", "e1.x.-1.y", "e1.AAAAAAAAAAAAAAAAAAAAAB.01.AAAA"} {
+		f.Add(s)
+	}
+	for _, s := range otherSpellings(p) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
@@ -303,10 +306,9 @@ func FuzzParseEarlyProof(f *testing.F) {
 		if err != nil {
 			return
 		}
-		// What parses must print back to something that parses the same.
-		q, err := ParseEarlyProof(p.String())
-		if err != nil || q != p {
-			t.Fatalf("%q parsed to %+v, which round-trips to %+v (%v)", s, p, q, err)
+		// A proof has one spelling: what parses prints back to itself.
+		if p.String() != s {
+			t.Fatalf("%q parsed to %+v, which prints as %q", s, p, p.String())
 		}
 	})
 }
@@ -315,20 +317,119 @@ func FuzzVerifyToken(f *testing.F) {
 	ring := &KeyRing{Keys: []SigningKey{{ID: "k1", Secret: make([]byte, 32)}}}
 	cred, _ := ring.Issue(Claims{Tenant: "t", Audience: DefaultAudience, Expires: 4102444800})
 	bearer, _, _ := SplitCredential(cred)
-	for _, s := range []string{bearer, cred, "", "h3t1", "h3t1.k1..", "h3t1.k1.e30.AAAA"} {
+	for _, s := range append([]string{bearer, cred, "", "h3t1", "h3t1.k1..", "h3t1.k1.e30.AAAA"}, otherSpellings(bearer)...) {
 		f.Add(s)
 	}
 	v, _ := NewVerifier(ring, "")
 	f.Fuzz(func(t *testing.T, s string) {
 		tok, err := v.Verify(s)
-		if err == nil && s != bearer {
-			// Only the issued token (or a re-encoding the MAC still
-			// covers, which base64url without padding does not allow)
-			// may verify.
-			t.Fatalf("%q verified as %+v", s, tok.Claims)
+		if err == nil {
+			// A token has one spelling: each field that verified
+			// decodes and re-encodes to exactly what was sent.
+			f := strings.Split(s, ".")
+			claims, _ := b64.DecodeString(f[2])
+			mac, _ := b64.DecodeString(f[3])
+			if again := strings.Join([]string{f[0], f[1], b64.EncodeToString(claims), b64.EncodeToString(mac)}, "."); again != s {
+				t.Fatalf("%q verified, but re-encodes to %q", s, again)
+			}
+			// And only the issued token verifies.
+			if s != bearer {
+				t.Fatalf("%q verified as %+v", s, tok.Claims)
+			}
 		}
 		SplitCredential(s)
 	})
+}
+
+// otherSpellings returns s with its last character replaced by every other
+// base64url character that the lenient decoder maps to the same bytes:
+// the character's unused low bits differ.
+func otherSpellings(s string) []string {
+	const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+	i := strings.LastIndexByte(s, '.') + 1
+	want, err := b64.DecodeString(s[i:])
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, c := range alphabet {
+		other := s[:len(s)-1] + string(c)
+		if other == s {
+			continue
+		}
+		if got, err := b64.DecodeString(other[i:]); err == nil && string(got) == string(want) {
+			out = append(out, other)
+		}
+	}
+	return out
+}
+
+// TestOneSpelling: changing the last character of a token's MAC, a binding
+// proof or an early proof to one that the lenient decoder reads as the
+// same bytes is refused, while the original verifies.
+func TestOneSpelling(t *testing.T) {
+	ring := testRing(t)
+	v, _ := NewVerifier(ring, "")
+	cred, err := ring.Issue(claims(time.Now()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bearer, secret, err := SplitCredential(cred)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Verify(bearer); err != nil {
+		t.Fatalf("the issued token: %v", err)
+	}
+	// An HMAC-SHA256 in unpadded base64url is 43 characters carrying 258
+	// bits, so each MAC has 3 other lenient spellings.
+	spellings := otherSpellings(bearer)
+	if len(spellings) != 3 {
+		t.Fatalf("%d other spellings of the MAC, want 3", len(spellings))
+	}
+	for _, s := range spellings {
+		if _, err := v.Verify(s); !errors.Is(err, ErrMalformed) {
+			t.Errorf("token with its MAC respelled: %v, want ErrMalformed", err)
+		}
+	}
+	for _, s := range otherSpellings(cred) {
+		if _, _, err := SplitCredential(s); !errors.Is(err, ErrMalformed) {
+			t.Errorf("credential with its secret respelled: %v, want ErrMalformed", err)
+		}
+	}
+
+	exp := []byte("exporter-of-connection-A........")
+	binding := BindingProof(secret, exp)
+	if err := VerifyBinding(secret, exp, binding); err != nil {
+		t.Fatalf("binding proof: %v", err)
+	}
+	for _, s := range otherSpellings("." + binding) {
+		if err := VerifyBinding(secret, exp, s[1:]); !errors.Is(err, ErrBadBinding) {
+			t.Errorf("binding proof respelled: %v, want ErrBadBinding", err)
+		}
+	}
+
+	g, err := NewReplayGuard(NewMemoryStrikes(), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.started = time.Now().Add(-time.Hour) // past the warm-up
+	body := []byte(`{"model":"demo"}`)
+	proof, _ := NewEarlyProof(secret, time.Now(), "POST", "/v1/chat/completions", body)
+	f := strings.Split(proof, ".")
+	respelled := otherSpellings(proof)
+	for _, n := range otherSpellings("." + f[1]) {
+		respelled = append(respelled, strings.Join([]string{f[0], n[1:], f[2], f[3]}, "."))
+	}
+	respelled = append(respelled, strings.Join([]string{f[0], f[1], "0" + f[2], f[3]}, "."))
+	for _, s := range respelled {
+		if err := g.Check(context.Background(), secret, s, "POST", "/v1/chat/completions", body); !errors.Is(err, ErrBadProof) {
+			t.Errorf("early proof respelled as %q: %v, want ErrBadProof", s, err)
+		}
+	}
+	if err := g.Check(context.Background(), secret, proof, "POST", "/v1/chat/completions", body); err != nil {
+		t.Errorf("the early proof itself: %v", err)
+	}
 }
 
 func TestMemoryStrikesExpire(t *testing.T) {

@@ -40,6 +40,24 @@ const (
 
 var b64 = base64.RawURLEncoding
 
+// errNotCanonical: the field decodes, but is not how b64 spells its bytes.
+var errNotCanonical = errors.New("not canonical base64url")
+
+// decodeB64 decodes a base64url field of a token or proof, accepting only
+// the one spelling b64 encodes its bytes to. The decoder alone lets the
+// unused low bits of the last character vary and skips CR and LF, so one
+// token would have several spellings that all verify.
+func decodeB64(s string) ([]byte, error) {
+	b, err := b64.DecodeString(s)
+	if err != nil {
+		return nil, err
+	}
+	if b64.EncodeToString(b) != s {
+		return nil, errNotCanonical
+	}
+	return b, nil
+}
+
 // Bind says whether a token must be bound to the connection it is used on.
 type Bind string
 
@@ -260,7 +278,7 @@ func SplitCredential(cred string) (bearer string, secret []byte, err error) {
 	if i < 0 || strings.Count(cred, ".") != 4 {
 		return "", nil, fmt.Errorf("credential: want five dot-separated fields: %w", ErrMalformed)
 	}
-	secret, err = b64.DecodeString(cred[i+1:])
+	secret, err = decodeB64(cred[i+1:])
 	if err != nil || len(secret) != sha256.Size {
 		return "", nil, fmt.Errorf("credential secret: %w", ErrMalformed)
 	}
@@ -331,11 +349,11 @@ func parseToken(s string) (parsedToken, error) {
 	case f[1] == "":
 		return p, fmt.Errorf("%w: empty key id", ErrMalformed)
 	}
-	claims, err := b64.DecodeString(f[2])
+	claims, err := decodeB64(f[2])
 	if err != nil {
 		return p, fmt.Errorf("%w: claims: %v", ErrMalformed, err)
 	}
-	mac, err := b64.DecodeString(f[3])
+	mac, err := decodeB64(f[3])
 	if err != nil || len(mac) != sha256.Size {
 		return p, fmt.Errorf("%w: signature is not a base64url HMAC-SHA256", ErrMalformed)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -71,6 +72,14 @@ func authSetup(cfg Config, reg prometheus.Registerer, log *slog.Logger) (gateway
 		for path, p := range cfg.ZeroRTT.Routes {
 			auth.EarlyData[path] = tlsbind.EarlyPolicy(p)
 		}
+	}
+	for _, s := range cfg.ZeroRTT.TrustedProxies {
+		p, err := parseTrustedProxy(s)
+		if err != nil {
+			closeFn()
+			return auth, "", none, fmt.Errorf("zero_rtt.trusted_proxies: %w", err)
+		}
+		auth.TrustedProxies = append(auth.TrustedProxies, p)
 	}
 	return auth, dev, closeFn, nil
 }

@@ -5,16 +5,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"h3infer/transport"
+	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
 	"h3infer/backend"
 	"h3infer/gateway"
 	"h3infer/tlsbind"
+	"h3infer/transport"
 )
 
 // Config is the one typed configuration file of `h3infer serve` (JSON). It
@@ -306,8 +309,42 @@ type ZeroRTTConfig struct {
 	// session_keys_store "redis", in any form redis.url takes. Default:
 	// redis.url.
 	RedisAddr string `json:"redis_addr"`
-	// Routes maps a route path to serve, proof, wait or reject.
+	// Routes maps a route path (one of gateway.EarlyDataRoutes:
+	// /v1/chat/completions, /v1/completions, /v1/models, /v1/models/) to
+	// serve, proof, wait or reject. Default: serve for the model routes,
+	// proof for the completion routes.
 	Routes map[string]string `json:"routes"`
+	// TrustedProxies are the intermediaries whose Early-Data: 1 header is
+	// believed, as CIDR prefixes ("10.0.0.0/8") or single addresses,
+	// matched against the connection's peer address. From any other peer
+	// the header is ignored. Default: none.
+	TrustedProxies []string `json:"trusted_proxies"`
+}
+
+// parseTrustedProxy reads one zero_rtt.trusted_proxies entry: a prefix in
+// its masked form, or a single address.
+func parseTrustedProxy(s string) (netip.Prefix, error) {
+	var p netip.Prefix
+	if strings.Contains(s, "/") {
+		var err error
+		if p, err = netip.ParsePrefix(s); err != nil {
+			return p, fmt.Errorf("want a CIDR prefix or an address, got %q", s)
+		}
+		if p != p.Masked() {
+			return p, fmt.Errorf("%q has host bits set; write %s", s, p.Masked())
+		}
+	} else {
+		a, err := netip.ParseAddr(s)
+		if err != nil || a.Zone() != "" {
+			return p, fmt.Errorf("want a CIDR prefix or an address, got %q", s)
+		}
+		p = netip.PrefixFrom(a, a.BitLen())
+	}
+	if p.Addr().Is4In6() {
+		// Peers are compared in their IPv4 form.
+		return p, fmt.Errorf("%q is an IPv4-mapped IPv6 address; write it as IPv4", s)
+	}
+	return p, nil
 }
 
 // RedisConfig says how to reach Redis (docs/CONFIG.md, "Redis").
@@ -722,9 +759,19 @@ func (c Config) validate() error {
 	if g := time.Duration(c.Gateway.ShutdownGrace); g < 0 || g > 10*time.Minute {
 		bad("gateway.shutdown_grace", "must be 0..10m, got %s", g)
 	}
-	for path, p := range c.ZeroRTT.Routes {
-		if _, err := tlsbind.ParseEarlyPolicy(p); err != nil {
-			bad(fmt.Sprintf("zero_rtt.routes[%q]", path), "%v", err)
+	routes := gateway.EarlyDataRoutes()
+	for _, path := range slices.Sorted(maps.Keys(c.ZeroRTT.Routes)) {
+		key := fmt.Sprintf("zero_rtt.routes[%q]", path)
+		if !slices.Contains(routes, path) {
+			bad(key, "not a route; routes are %s", strings.Join(routes, ", "))
+		}
+		if _, err := tlsbind.ParseEarlyPolicy(c.ZeroRTT.Routes[path]); err != nil {
+			bad(key, "%v", err)
+		}
+	}
+	for i, s := range c.ZeroRTT.TrustedProxies {
+		if _, err := parseTrustedProxy(s); err != nil {
+			bad(fmt.Sprintf("zero_rtt.trusted_proxies[%d]", i), "%v", err)
 		}
 	}
 	// The gateway's own rules, checked here so that a reload with bad

@@ -317,3 +317,25 @@ func TestConnectionLimitConfig(t *testing.T) {
 		"per source over total":    {`{"gateway": {"max_connections": 10, "max_connections_per_source": 11}}`, "gateway.max_connections_per_source"},
 	})
 }
+
+func TestZeroRTTConfigErrors(t *testing.T) {
+	checkConfigErrors(t, map[string]struct{ file, want string }{
+		"route that is not one": {`{"zero_rtt": {"routes": {"/v1/chat/completion": "serve"}}}`,
+			`zero_rtt.routes["/v1/chat/completion"]: not a route; routes are /v1/chat/completions, /v1/completions, /v1/models, /v1/models/`},
+		"unknown policy":         {`{"zero_rtt": {"routes": {"/v1/models": "sometimes"}}}`, `zero_rtt.routes["/v1/models"]: want serve`},
+		"proxy not an address":   {`{"zero_rtt": {"trusted_proxies": ["10.0.0.0/8", "proxy.internal"]}}`, "zero_rtt.trusted_proxies[1]"},
+		"proxy prefix host bits": {`{"zero_rtt": {"trusted_proxies": ["10.0.0.1/8"]}}`, "zero_rtt.trusted_proxies[0]: \"10.0.0.1/8\" has host bits set; write 10.0.0.0/8"},
+		"proxy prefix too long":  {`{"zero_rtt": {"trusted_proxies": ["10.0.0.0/33"]}}`, "zero_rtt.trusted_proxies[0]"},
+		"proxy IPv4-mapped":      {`{"zero_rtt": {"trusted_proxies": ["::ffff:10.0.0.1"]}}`, "zero_rtt.trusted_proxies[0]"},
+		"proxy with a zone":      {`{"zero_rtt": {"trusted_proxies": ["fe80::1%eth0"]}}`, "zero_rtt.trusted_proxies[0]"},
+		"proxies not a list":     {`{"zero_rtt": {"trusted_proxies": "10.0.0.0/8"}}`, "trusted_proxies"},
+	})
+	good := `{"zero_rtt": {"routes": {"/v1/chat/completions": "serve", "/v1/models/": "reject"}, "trusted_proxies": ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1"]}}`
+	c, err := loadConfig(writeConfig(t, good))
+	if err == nil {
+		err = c.withDefaults().validate()
+	}
+	if err != nil {
+		t.Errorf("valid zero_rtt config refused: %v", err)
+	}
+}
