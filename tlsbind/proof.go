@@ -25,6 +25,8 @@ const (
 	earlyVersion = "e1"
 	nonceLen     = 16
 	maxProofLen  = 256
+	// maxMethodLen keeps the method's length exact in the MAC's 16 bits.
+	maxMethodLen = 0xffff
 )
 
 // Why a proof was refused.
@@ -73,6 +75,9 @@ type EarlyProof struct {
 // NewEarlyProof makes the header value for one request.
 func NewEarlyProof(secret []byte, now time.Time, method, path string, body []byte) (string, error) {
 	var p EarlyProof
+	if len(method) > maxMethodLen {
+		return "", fmt.Errorf("%w: method longer than %d bytes", ErrBadProof, maxMethodLen)
+	}
 	if _, err := rand.Read(p.Nonce[:]); err != nil {
 		return "", err
 	}
@@ -85,7 +90,9 @@ func (p *EarlyProof) mac(secret []byte, method, path string, body []byte) []byte
 	var ts [8]byte
 	binary.BigEndian.PutUint64(ts[:], uint64(p.Time.UnixMilli()))
 	bodyHash := sha256.Sum256(body)
-	// Lengths keep method and path from sliding into each other.
+	// Lengths keep method and path from sliding into each other. The
+	// method's is exact (NewEarlyProof and Verify refuse longer ones); the
+	// path's may saturate, since only the fixed-size body hash follows it.
 	var lens [4]byte
 	binary.BigEndian.PutUint16(lens[:2], uint16(len(method)))
 	binary.BigEndian.PutUint16(lens[2:], uint16(min(len(path), 0xffff)))
@@ -128,6 +135,9 @@ func ParseEarlyProof(s string) (EarlyProof, error) {
 
 // Verify checks the MAC for this request.
 func (p *EarlyProof) Verify(secret []byte, method, path string, body []byte) error {
+	if len(method) > maxMethodLen {
+		return ErrBadProof
+	}
 	if !hmac.Equal(p.MAC[:], p.mac(secret, method, path, body)) {
 		return ErrBadProof
 	}

@@ -533,3 +533,33 @@ func BenchmarkVerify(b *testing.B) {
 		}
 	})
 }
+
+// TestEarlyProofMethodCannotSlideIntoPath: the MAC writes the method's
+// length in 16 bits, so a proof made for one (method, path) must not verify
+// for another split of the same bytes with a method of 64 KiB or more.
+func TestEarlyProofMethodCannotSlideIntoPath(t *testing.T) {
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	long := strings.Repeat("M", 0x10000)
+	if _, err := NewEarlyProof(secret, time.Now(), long+"X", "/p", nil); !errors.Is(err, ErrBadProof) {
+		t.Errorf("proof for a %d-byte method: %v, want ErrBadProof", len(long)+1, err)
+	}
+	// With 16-bit lengths, ("", path) and (path[:64 KiB], path[64 KiB:])
+	// write the same bytes under the same lengths once both paths are
+	// 64 KiB or longer (the path's length saturates): the proof for the
+	// first would verify for the second.
+	path := "/" + strings.Repeat("p", 0x20000)
+	h, err := NewEarlyProof(secret, time.Now(), "", path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := ParseEarlyProof(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Verify(secret, path[:0x10000], path[0x10000:], nil); !errors.Is(err, ErrBadProof) {
+		t.Errorf("proof moved from the path into a 64 KiB method verified: %v", err)
+	}
+	if err := p.Verify(secret, "", path, nil); err != nil {
+		t.Errorf("the proof's own request: %v", err)
+	}
+}
