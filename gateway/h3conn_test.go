@@ -100,3 +100,28 @@ func TestPreauthStreamCap(t *testing.T) {
 		t.Fatalf("request after authentication, past the pre-auth cap: %v %v", resp, err)
 	}
 }
+
+// TestHeaderTimeoutSparesTheBody: the deadline covers the headers only. A
+// request whose headers arrive at once and whose body comes after several
+// header timeouts is served, as over TCP, where ReadHeaderTimeout bounds
+// the headers alone.
+func TestHeaderTimeoutSparesTheBody(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	h := newHarness(t, func(c *Config) { c.HeaderTimeout = timeout })
+	body, w := io.Pipe()
+	go func() {
+		time.Sleep(3 * timeout)
+		io.WriteString(w, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":false}`)
+		w.Close()
+	}()
+	req, err := http.NewRequest(http.MethodPost, h.base+"/v1/chat/completions", body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp := h.do(t, "h3", req)
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("late body: status %d %s, want 200", resp.StatusCode, b)
+	}
+}
