@@ -26,10 +26,13 @@ stop() {
 }
 trap 'stop; rm -rf "$state"' EXIT
 "$BIN" certs init --state-dir "$state" >/dev/null
+# Every connection comes from 127.0.0.1, and the run holds more than the
+# default bounds allow (gateway.max_connections_per_source 64,
+# gateway.max_connections sized from memory): the config lifts both.
 cat >"$state/memory.json" <<JSON
 {"listen": "127.0.0.1:28643", "admin": "127.0.0.1:29290", "state_dir": "$state",
  "workers": {"count": 2, "slots": 512}, "scheduler": {"max_queue": 2048},
- "gateway": {"deadline": "2m"},
+ "gateway": {"deadline": "2m", "max_connections": 250000, "max_connections_per_source": 250000},
  "models": [{"name": "demo", "dir": "synthetic:100ms"}]}
 JSON
 start() {
