@@ -224,42 +224,16 @@ func misbehave(ctx context.Context, mode string, fd int) error {
 }
 
 // scribble publishes 512 random bytes on the response ring through a
-// mapping of its own, bypassing the transport's writer. The offsets are the
-// segment layout documented in transport/segment.go: the response ring's
-// tail on line 6, its data-waiting futex word on line 7 (128-byte lines), its
-// data after the 4096-byte header and the request ring.
+// mapping of its own, bypassing the transport's writer (see publishRaw).
 func scribble(fd, ringSize int) error {
-	const (
-		line        = 128
-		tailOff     = 6 * line
-		waitingOff  = 7 * line
-		headerBytes = 4096
-	)
-	mem, err := unix.Mmap(fd, 0, headerBytes+2*ringSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		return err
-	}
-	defer unix.Munmap(mem)
-	tail := (*atomic.Uint64)(unsafe.Pointer(&mem[tailOff]))
-	waiting := (*atomic.Uint32)(unsafe.Pointer(&mem[waitingOff]))
-	data := mem[headerBytes+ringSize:]
-	t := tail.Load()
-	off := int(t) & (ringSize - 1)
-	if off+512 > ringSize {
-		return fmt.Errorf("no room for garbage at offset %d", off)
-	}
-	rng := rand.New(rand.NewPCG(uint64(os.Getpid()), 9))
-	for i := range 512 {
-		data[off+i] = byte(rng.Uint32())
-	}
-	binary.LittleEndian.PutUint32(data[off:], 100) // in bounds: only the checks can tell
-	tail.Store(t + 512)
-	waiting.Store(0)
-	_, _, errno := unix.Syscall6(unix.SYS_FUTEX, uintptr(unsafe.Pointer(waiting)), 1 /* FUTEX_WAKE, shared */, 1, 0, 0, 0)
-	if errno != 0 {
-		return errno
-	}
-	return nil
+	return publishRaw(fd, ringSize, func(rec []byte) int {
+		rng := rand.New(rand.NewPCG(uint64(os.Getpid()), 9))
+		for i := range rec {
+			rec[i] = byte(rng.Uint32())
+		}
+		binary.LittleEndian.PutUint32(rec, 100) // in bounds: only the checks can tell
+		return len(rec)
+	})
 }
 
 // Hostile modes: each says it is ready, waits for a submit, sends one good
@@ -360,9 +334,12 @@ func putHeader(b []byte, length uint32, typ transport.FrameType, id uint64) {
 	binary.LittleEndian.PutUint64(b[8:], id)
 }
 
-// publishRaw lets write fill the response ring at its tail, through a
-// mapping of its own that bypasses the transport's writer, and publishes
-// the bytes it reports; see scribble for the offsets.
+// publishRaw lets write fill up to 512 bytes of the response ring at its
+// tail, through a mapping of its own that bypasses the transport's writer,
+// and publishes the bytes it reports. The offsets are the segment layout
+// documented in transport/segment.go: the response ring's tail on line 6,
+// its data-waiting futex word on line 7 (128-byte lines), its data after
+// the 4096-byte header and the request ring.
 func publishRaw(fd, ringSize int, write func(rec []byte) int) error {
 	const (
 		line        = 128
