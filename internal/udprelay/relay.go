@@ -80,9 +80,64 @@ func (r *Relay) Recorded() [][]byte {
 	return append([][]byte(nil), r.recorded...)
 }
 
+// isHandshake reports whether a datagram carries a QUIC v1 Handshake
+// packet: a long header (0x80) with type 2 in bits 4-5 (RFC 9000 section
+// 17.2). A client may coalesce its Finished behind an Initial that
+// acknowledges the server's (section 12.2), so every long-header packet of
+// the datagram is looked at, not only the first; neither the type bits nor
+// the Length field are under header protection.
 func isHandshake(b []byte) bool {
-	// Long header (0x80) with type 2 in bits 4-5 (RFC 9000 section 17.2).
-	return len(b) > 0 && b[0]&0x80 != 0 && (b[0]>>4)&0x3 == 2
+	for len(b) > 0 && b[0]&0x80 != 0 {
+		typ := (b[0] >> 4) & 0x3
+		if typ == 2 {
+			return true
+		}
+		if typ == 3 { // Retry: no Length, nothing coalesced behind it
+			return false
+		}
+		// Version, then the connection IDs, each after its length byte.
+		rest := b[1:]
+		if len(rest) < 5 {
+			return false
+		}
+		rest = rest[4:]
+		for range 2 {
+			if len(rest) < 1 || len(rest) < 1+int(rest[0]) {
+				return false
+			}
+			rest = rest[1+int(rest[0]):]
+		}
+		if typ == 0 { // Initial: a token before the Length
+			n, l := quicvarint(rest)
+			if l == 0 || uint64(len(rest)-l) < n {
+				return false
+			}
+			rest = rest[l+int(n):]
+		}
+		n, l := quicvarint(rest)
+		if l == 0 || uint64(len(rest)-l) < n {
+			return false
+		}
+		b = rest[l+int(n):]
+	}
+	return false
+}
+
+// quicvarint decodes a variable-length integer (RFC 9000 section 16); l is
+// 0 when b is too short.
+func quicvarint(b []byte) (v uint64, l int) {
+	if len(b) == 0 {
+		return 0, 0
+	}
+	l = 1 << (b[0] >> 6)
+	if len(b) < l {
+		return 0, 0
+	}
+	v = uint64(b[0] & 0x3f)
+	for _, c := range b[1:l] {
+		v = v<<8 | uint64(c)
+	}
+	return v, l
 }
 
 func (r *Relay) readClients() {
