@@ -53,14 +53,17 @@ const (
 
 // connLimiter bounds the connections of both listeners, in total and per
 // source. Every connection takes a slot in the total when it arrives. Its
-// source is counted once its address is proven (a TCP handshake, a QUIC
-// address-validation token or Retry, or a completed QUIC handshake): a
-// source counted on an unproven address could be spoofed to lock its owner
-// out. A map entry exists only while its source holds a connection, so the
+// source is counted once its address is proven by a completed handshake
+// (TCP or QUIC): a source counted on an unproven address, or on a QUIC
+// address token (sent in the clear, so replayable from a spoofed address),
+// could be made to lock its owner out. A map entry exists only while its source holds a connection, so the
 // map is bounded by the total.
 type connLimiter struct {
 	maxTotal, maxPerSource int
 	refused                *prometheus.CounterVec // by listener and reason
+	// closedUnauthenticated counts connections closed at
+	// Config.AuthTimeout, by listener.
+	closedUnauthenticated *prometheus.CounterVec
 
 	mu       sync.Mutex
 	total    int
@@ -77,13 +80,20 @@ func newConnLimiter(maxTotal, maxPerSource int, reg prometheus.Registerer) (*con
 			Help: "Connections refused at gateway.max_connections (reason total) or gateway.max_connections_per_source (reason source), by listener (quic, tcp).",
 		}, []string{"listener", "reason"}),
 	}
+	l.closedUnauthenticated = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "h3infer_connections_closed_unauthenticated_total",
+		Help: "Connections closed because none of their requests passed authentication within gateway.auth_timeout, by listener (quic, tcp).",
+	}, []string{"listener"})
 	for _, ln := range []string{"quic", "tcp"} {
 		for _, r := range []string{refusedTotal, refusedSource} {
 			l.refused.WithLabelValues(ln, r)
 		}
+		l.closedUnauthenticated.WithLabelValues(ln)
 	}
-	if err := reg.Register(l.refused); err != nil {
-		return nil, fmt.Errorf("gateway: register metrics: %w", err)
+	for _, c := range []prometheus.Collector{l.refused, l.closedUnauthenticated} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("gateway: register metrics: %w", err)
+		}
 	}
 	return l, nil
 }

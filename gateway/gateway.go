@@ -140,6 +140,12 @@ type Config struct {
 	// over HTTP/3 (per stream; a late one is reset) and over TCP (per
 	// connection, net/http's ReadHeaderTimeout). Default 10s.
 	HeaderTimeout time.Duration
+	// AuthTimeout is how long a client connection (HTTP/3 or TCP) may
+	// stay open without one of its requests passing the auth guard; then
+	// it is closed. Without it, connections that never authenticate and
+	// keep themselves alive would hold MaxConnections' slots for good.
+	// No deadline with auth disabled. Default 30s.
+	AuthTimeout time.Duration
 	// MaxConnections bounds the client connections of both listeners
 	// together, HTTP/3 handshakes in progress included; past it a QUIC
 	// connection is refused before its handshake (CONNECTION_REFUSED) and
@@ -197,13 +203,19 @@ type Config struct {
 
 // Defaults for Config's zero values.
 const (
-	DefaultListen           = "127.0.0.1:8443"
-	DefaultAdmin            = "127.0.0.1:9090"
-	DefaultMaxBodyBytes     = 1 << 20
-	DefaultMaxTokens        = 256
-	DefaultMaxStreams       = 1024
-	DefaultPreauthStreams   = 100
-	DefaultHeaderTimeout    = 10 * time.Second
+	DefaultListen         = "127.0.0.1:8443"
+	DefaultAdmin          = "127.0.0.1:9090"
+	DefaultMaxBodyBytes   = 1 << 20
+	DefaultMaxTokens      = 256
+	DefaultMaxStreams     = 1024
+	DefaultPreauthStreams = 100
+	DefaultHeaderTimeout  = 10 * time.Second
+	DefaultAuthTimeout    = 30 * time.Second
+	// maxHeaderBytes bounds a request's header block on both listeners
+	// (net/http and quic-go default to 1 MiB): an API request's headers
+	// are a few hundred bytes, and 100 streams of a connection that has
+	// not authenticated may each buffer this much until HeaderTimeout.
+	maxHeaderBytes          = 64 << 10
 	DefaultQueueTimeout     = 30 * time.Second
 	DefaultMaxDeadline      = 5 * time.Minute
 	altSvcMaxAge            = 86400
@@ -236,17 +248,23 @@ type Gateway struct {
 	limits  atomic.Pointer[limiter]
 	created int64 // unix seconds, reported as every model's creation time
 
-	mu       sync.Mutex
-	started  bool
-	addr     string
-	admin    string
-	udp      net.PacketConn
-	quicTr   *quic.Transport
-	quicLn   *quic.EarlyListener
-	h3       *http3.Server
-	tcp      *http.Server
-	adminSrv *http.Server
-	serving  sync.WaitGroup
+	mu      sync.Mutex
+	started bool
+	// stopped is set by Shutdown: the HTTP/3 loop's contexts are spent,
+	// so a gateway is started once.
+	stopped bool
+	// tcpAuthTimers holds each open TCP connection's AuthTimeout timer,
+	// by connection, until the connection closes.
+	tcpAuthTimers sync.Map
+	addr          string
+	admin         string
+	udp           net.PacketConn
+	quicTr        *quic.Transport
+	quicLn        *quic.EarlyListener
+	h3            *http3.Server
+	tcp           *http.Server
+	adminSrv      *http.Server
+	serving       sync.WaitGroup
 
 	// ticketKeys only holds the session-ticket keys: both listeners
 	// encrypt and decrypt tickets through it, so SetSessionTicketKeys
@@ -287,6 +305,9 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	}
 	if cfg.HeaderTimeout < 0 {
 		errs = append(errs, fmt.Errorf("gateway.header_timeout: must be >= 0, got %s", cfg.HeaderTimeout))
+	}
+	if cfg.AuthTimeout < 0 {
+		errs = append(errs, fmt.Errorf("gateway.auth_timeout: must be >= 0, got %s", cfg.AuthTimeout))
 	}
 	if cfg.MaxConnections < 0 {
 		errs = append(errs, fmt.Errorf("gateway.max_connections: must be >= 0, got %d", cfg.MaxConnections))
@@ -368,6 +389,9 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if cfg.HeaderTimeout == 0 {
 		cfg.HeaderTimeout = DefaultHeaderTimeout
 	}
+	if cfg.AuthTimeout == 0 {
+		cfg.AuthTimeout = DefaultAuthTimeout
+	}
 	if cfg.MaxConnections == 0 {
 		cfg.MaxConnections = DefaultMaxConnections()
 	}
@@ -430,7 +454,7 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 func (g *Gateway) Start() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.started {
+	if g.started || g.stopped {
 		return errors.New("gateway: already started")
 	}
 	api, err := g.routes()
@@ -482,9 +506,10 @@ func (g *Gateway) Start() error {
 	g.udp, g.quicLn = udp, quicLn
 
 	g.h3 = &http3.Server{
-		Handler:     clearHeaderDeadline(g.instrument(api)),
-		ConnContext: g.connContext,
-		Logger:      g.log,
+		Handler:        clearHeaderDeadline(g.instrument(api)),
+		ConnContext:    g.connContext,
+		MaxHeaderBytes: maxHeaderBytes,
+		Logger:         g.log,
 	}
 	tcpTLS := g.cfg.TLS.Clone()
 	g.installTickets(tcpTLS)
@@ -494,7 +519,10 @@ func (g *Gateway) Start() error {
 		Handler:           g.instrument(advertiseH3(altSvc, api)),
 		TLSConfig:         tcpTLS,
 		ReadHeaderTimeout: g.cfg.HeaderTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		IdleTimeout:       idleTimeout,
+		ConnContext:       g.tcpConnContext,
+		ConnState:         g.tcpConnState,
 		HTTP2:             &http.HTTP2Config{MaxConcurrentStreams: g.cfg.MaxStreams},
 		ErrorLog:          slog.NewLogLogger(g.log.Handler(), slog.LevelDebug),
 	}
@@ -626,6 +654,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	g.started = false
+	g.stopped = true
 	tcp, adminSrv := g.tcp, g.adminSrv
 	quicLn, quicTr, udp := g.quicLn, g.quicTr, g.udp
 	g.mu.Unlock()

@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -90,7 +91,12 @@ func markAuthenticated(ctx context.Context) {
 // gate, which every context of the connection inherits. The slot is
 // released when the connection ends, handshake failures included.
 func (g *Gateway) quicConnContext(ctx context.Context, info *quic.ClientInfo) (context.Context, error) {
-	slot, reason := g.conns.open("quic", sourceOf(info.RemoteAddr), info.AddrVerified)
+	// Not counted against its source yet even when the address is
+	// verified: a NEW_TOKEN token travels in the clear and is good for a
+	// day, so whoever saw one could replay it from the owner's spoofed
+	// address to fill the owner's quota with handshakes that never end.
+	// The completed handshake proves the address (serveH3Conn).
+	slot, reason := g.conns.open("quic", sourceOf(info.RemoteAddr), false)
 	if slot == nil {
 		return nil, errors.New("connection limit reached: " + reason)
 	}
@@ -98,6 +104,34 @@ func (g *Gateway) quicConnContext(ctx context.Context, info *quic.ClientInfo) (c
 	gate := &connGate{slot: slot, wake: make(chan struct{}, 1)}
 	gate.authed.Store(g.cfg.Auth.Disabled)
 	return context.WithValue(ctx, connGateKey{}, gate), nil
+}
+
+// tcpConnContext gives a TCP connection the gate that markAuthenticated
+// sets, and closes the connection if none of its requests has passed the
+// guard within AuthTimeout.
+func (g *Gateway) tcpConnContext(ctx context.Context, c net.Conn) context.Context {
+	if g.cfg.Auth.Disabled {
+		return ctx
+	}
+	gate := &connGate{}
+	g.tcpAuthTimers.Store(c, time.AfterFunc(g.cfg.AuthTimeout, func() {
+		if !gate.authed.Load() {
+			g.conns.closedUnauthenticated.WithLabelValues("tcp").Inc()
+			c.Close()
+		}
+	}))
+	return context.WithValue(ctx, connGateKey{}, gate)
+}
+
+// tcpConnState stops a TCP connection's authentication deadline when the
+// connection ends, so the deadline never fires for a connection gone.
+func (g *Gateway) tcpConnState(c net.Conn, s http.ConnState) {
+	if s != http.StateClosed && s != http.StateHijacked {
+		return
+	}
+	if t, ok := g.tcpAuthTimers.LoadAndDelete(c); ok {
+		t.(*time.Timer).Stop()
+	}
 }
 
 // serveH3 accepts connections until the grace context ends.
@@ -128,6 +162,18 @@ func (g *Gateway) serveH3Conn(conn *quic.Conn, gate *connGate) {
 		g.log.Debug("http3 connection setup failed", "err", err)
 		conn.CloseWithError(h3InternalError, "")
 		return
+	}
+	if !gate.authed.Load() {
+		// A connection that never authenticates would otherwise hold its
+		// slot for as long as its peer keeps it alive with PINGs: enough
+		// of them would fill max_connections for everyone.
+		t := time.AfterFunc(g.cfg.AuthTimeout, func() {
+			if !gate.authed.Load() {
+				g.conns.closedUnauthenticated.WithLabelValues("quic").Inc()
+				hc.CloseWithError(h3NoError, "no authenticated request")
+			}
+		})
+		defer t.Stop()
 	}
 	var wg sync.WaitGroup
 	defer wg.Wait()

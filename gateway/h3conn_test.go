@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net/http"
@@ -123,5 +124,73 @@ func TestHeaderTimeoutSparesTheBody(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("late body: status %d %s, want 200", resp.StatusCode, b)
+	}
+}
+
+// TestAuthTimeoutClosesUnauthenticated: a connection none of whose
+// requests authenticates is closed after AuthTimeout, over QUIC and over
+// TCP, long before any idle timeout, while a connection that has
+// authenticated outlives it.
+func TestAuthTimeoutClosesUnauthenticated(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	h := newHarness(t, func(c *Config) { c.AuthTimeout = timeout })
+
+	idle, _ := h.rawH3(t)
+	authed, ac := h.rawH3(t)
+	req, err := http.NewRequest(http.MethodGet, h.base+"/v1/models", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+bearerOfCredential(t, h.cred))
+	resp, err := ac.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("authenticated request: status %d", resp.StatusCode)
+	}
+
+	tcp, err := tls.Dial("tcp", h.gw.Addr(), &tls.Config{RootCAs: h.pool, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tcp.Close()
+	tcp.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := tcp.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Errorf("unauthenticated TCP connection: read %v, want EOF once it is closed", err)
+	}
+
+	select {
+	case <-idle.Context().Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("unauthenticated QUIC connection still open 10s after an auth timeout of 300ms")
+	}
+	if appErr, ok := errors.AsType[*quic.ApplicationError](context.Cause(idle.Context())); !ok || !appErr.Remote {
+		t.Errorf("unauthenticated QUIC connection ended with %v, want the gateway's CONNECTION_CLOSE", context.Cause(idle.Context()))
+	}
+	if err := authed.Context().Err(); err != nil {
+		t.Errorf("authenticated connection closed: %v", context.Cause(authed.Context()))
+	}
+	for _, ln := range []string{"quic", "tcp"} {
+		if got := h.counter(t, "h3infer_connections_closed_unauthenticated_total", ln); got != 1 {
+			t.Errorf("closed unauthenticated %s = %v, want 1", ln, got)
+		}
+	}
+}
+
+// TestStartAfterShutdownRefused: the HTTP/3 loop's contexts end with the
+// first Shutdown, so a second Start is refused rather than serving a dead
+// loop.
+func TestStartAfterShutdownRefused(t *testing.T) {
+	h := newHarness(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := h.gw.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.gw.Start(); err == nil {
+		t.Fatal("Start after Shutdown succeeded")
 	}
 }

@@ -212,6 +212,11 @@ type GatewayConfig struct {
 	// per stream over HTTP/3 (a late stream is reset), per connection
 	// over TCP. Default "10s".
 	HeaderTimeout Duration `json:"header_timeout"`
+	// AuthTimeout is how long a client connection may stay open without
+	// one of its requests passing authentication; then it is closed, so
+	// that connections which never authenticate cannot hold
+	// max_connections for good. Ignored with auth disabled. Default "30s".
+	AuthTimeout Duration `json:"auth_timeout"`
 	// MaxConnections bounds client connections over both listeners
 	// together; past it new ones are refused. Default: sized for the
 	// machine, a quarter of its memory at 2 MiB per connection (the most
@@ -553,6 +558,9 @@ func (c Config) withDefaults() Config {
 	if c.Gateway.HeaderTimeout == 0 {
 		c.Gateway.HeaderTimeout = Duration(gateway.DefaultHeaderTimeout)
 	}
+	if c.Gateway.AuthTimeout == 0 {
+		c.Gateway.AuthTimeout = Duration(gateway.DefaultAuthTimeout)
+	}
 	defInt(&c.Gateway.MaxConnections, gateway.DefaultMaxConnections())
 	defInt(&c.Gateway.MaxConnectionsPerSource, gateway.DefaultMaxConnectionsPerSource)
 	defInt(&c.Gateway.GCPercent, 400)
@@ -669,6 +677,9 @@ func (c Config) validate() error {
 	}
 	if c.Gateway.HeaderTimeout < 0 {
 		bad("gateway.header_timeout", "must be positive, got %s", time.Duration(c.Gateway.HeaderTimeout))
+	}
+	if c.Gateway.AuthTimeout < 0 {
+		bad("gateway.auth_timeout", "must be positive, got %s", time.Duration(c.Gateway.AuthTimeout))
 	}
 	if c.Gateway.MaxConnections < 1 {
 		bad("gateway.max_connections", "must be > 0, got %d", c.Gateway.MaxConnections)

@@ -313,6 +313,7 @@ func TestConnectionLimitConfig(t *testing.T) {
 	checkConfigErrors(t, map[string]struct{ file, want string }{
 		"preauth over max_streams": {`{"gateway": {"max_streams": 10, "preauth_streams": 11}}`, "gateway.preauth_streams"},
 		"negative header timeout":  {`{"gateway": {"header_timeout": "-1s"}}`, "gateway.header_timeout"},
+		"negative auth timeout":    {`{"gateway": {"auth_timeout": "-1s"}}`, "gateway.auth_timeout"},
 		"negative connections":     {`{"gateway": {"max_connections": -1}}`, "gateway.max_connections"},
 		"per source over total":    {`{"gateway": {"max_connections": 10, "max_connections_per_source": 11}}`, "gateway.max_connections_per_source"},
 	})

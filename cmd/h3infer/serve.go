@@ -222,6 +222,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		MaxStreams:              cfg.Gateway.MaxStreams,
 		PreauthStreams:          cfg.Gateway.PreauthStreams,
 		HeaderTimeout:           time.Duration(cfg.Gateway.HeaderTimeout),
+		AuthTimeout:             time.Duration(cfg.Gateway.AuthTimeout),
 		MaxConnections:          cfg.Gateway.MaxConnections,
 		MaxConnectionsPerSource: cfg.Gateway.MaxConnectionsPerSource,
 		QueueTimeout:            time.Duration(cfg.Gateway.Deadline),
