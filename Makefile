@@ -112,13 +112,27 @@ FUZZTIME_SHORT ?= 2s
 fuzz-short:
 	@$(MAKE) --no-print-directory fuzz-run FUZZ_FOR=$(FUZZTIME_SHORT)
 
+# Go 1.26's fuzz coordinator can fail a target with a bare "context
+# deadline exceeded" when -fuzztime ends while a worker is mid-input (Go
+# issue 75804, fixed in 1.27), with no failing input. A real failure always
+# writes its input under the package's testdata/fuzz/TARGET/, so a failed
+# run counts only when it wrote one, or when it failed in any other way.
 fuzz-run:
 	@set -o pipefail; \
 	targets=$$($(GO) test -list '^Fuzz' ./... | awk '/^Fuzz/ { name[++n] = $$1; next } /^ok/ { for (i = 1; i <= n; i++) print $$2, name[i]; n = 0 }') || exit 1; \
 	[ -n "$$targets" ] || { echo "no fuzz targets found" >&2; exit 1; }; \
+	log=$$(mktemp); trap 'rm -f "$$log"' EXIT; \
 	while read -r pkg t; do \
 		echo "fuzz $$pkg $$t for $(FUZZ_FOR)"; \
-		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_FOR) $$pkg || exit 1; \
+		corpus=$$($(GO) list -f '{{.Dir}}' $$pkg)/testdata/fuzz/$$t; \
+		before=$$(ls "$$corpus" 2>/dev/null | wc -l); \
+		if $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZ_FOR) $$pkg 2>&1 | tee "$$log"; then continue; fi; \
+		after=$$(ls "$$corpus" 2>/dev/null | wc -l); \
+		if [ "$$after" = "$$before" ] && grep -q '^    context deadline exceeded$$' "$$log" && ! grep -q 'Failing input written' "$$log"; then \
+			echo "fuzz $$pkg $$t: stopped by Go's fuzztime deadline race (go.dev/issue/75804), no failing input; not a failure"; \
+			continue; \
+		fi; \
+		exit 1; \
 	done <<< "$$targets"
 
 # Retakes docs/screenshot.png, the README's picture, with the browser test.
