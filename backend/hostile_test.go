@@ -1,15 +1,12 @@
 package backend_test
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"h3infer/backend"
 	"h3infer/transport"
@@ -37,10 +34,6 @@ func TestPoolDropsHostileWorker(t *testing.T) {
 		"flood of frames":                 {mode: backend.HostileFloodForTest, metric: "h3infer_worker_hangs_total", exit: "heartbeat stalled"},
 	}
 	dir, lib := backend.DemoModelForTest(t)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	t.Setenv(backend.WorkerEnvForTest, "1")
 	for name, tt := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -50,21 +43,7 @@ func TestPoolDropsHostileWorker(t *testing.T) {
 			}
 			t.Setenv(backend.HostileOnceEnvForTest, claim)
 			goroutines := runtime.NumGoroutine()
-			reg := prometheus.NewRegistry()
-			p, err := backend.NewPool(backend.PoolConfig{
-				Workers:        1,
-				Executable:     exe,
-				Worker:         backend.WorkerConfig{Models: []backend.ModelSpec{{Name: "demo", Dir: dir}}, ORTLib: lib},
-				RestartBackoff: 20 * time.Millisecond,
-				HangTimeout:    500 * time.Millisecond,
-				Registerer:     reg,
-			}, backend.LoggerForTest(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := p.Start(context.Background()); err != nil {
-				t.Fatal(err)
-			}
+			p, reg := startTestBinaryPool(t, dir, lib, 500*time.Millisecond)
 			closed := false
 			defer func() {
 				if !closed {

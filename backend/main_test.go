@@ -196,20 +196,30 @@ func (w tWriter) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
+// attachReady opens the ring at fd as the worker end and says it is ready
+// with one slot for "demo", as the broken workers below do first.
+func attachReady(fd int) (*transport.Segment, *transport.WorkerEnd, error) {
+	seg, err := transport.OpenSegment(os.NewFile(uintptr(fd), "ring"))
+	if err != nil {
+		return nil, nil, err
+	}
+	end := transport.NewWorkerEnd(seg)
+	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []transport.ModelInfo{{Name: "demo", ContextLength: 64}}}
+	if err := end.SendReady(ready); err != nil {
+		seg.Close()
+		return nil, nil, err
+	}
+	return seg, end, nil
+}
+
 // misbehave plays a broken worker on the ring at fd. It returns when ctx
 // ends (the pool's SIGTERM) or the process is killed.
 func misbehave(ctx context.Context, mode string, fd int) error {
-	f := os.NewFile(uintptr(fd), "ring")
-	seg, err := transport.OpenSegment(f)
+	seg, _, err := attachReady(fd)
 	if err != nil {
 		return err
 	}
 	defer seg.Close()
-	end := transport.NewWorkerEnd(seg)
-	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []transport.ModelInfo{{Name: "demo", ContextLength: 64}}}
-	if err := end.SendReady(ready); err != nil {
-		return err
-	}
 	switch mode {
 	case "hang":
 	case "garbage":
@@ -257,16 +267,11 @@ const (
 // hostile plays a compromised worker on the ring at fd. It returns when
 // ctx ends (the pool's SIGTERM), or the process is killed.
 func hostile(ctx context.Context, mode string, fd int) error {
-	seg, err := transport.OpenSegment(os.NewFile(uintptr(fd), "ring"))
+	seg, end, err := attachReady(fd)
 	if err != nil {
 		return err
 	}
 	defer seg.Close()
-	end := transport.NewWorkerEnd(seg)
-	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []transport.ModelInfo{{Name: "demo", ContextLength: 64}}}
-	if err := end.SendReady(ready); err != nil {
-		return err
-	}
 	var id uint64
 	for {
 		f, err := end.Recv()

@@ -297,26 +297,8 @@ func TestPoolKillsBrokenWorkers(t *testing.T) {
 			dir, lib := backend.DemoModelForTest(t)
 			t.Setenv(backend.WorkerEnvForTest, "1")
 			t.Setenv(backend.MisbehaveEnvForTest, mode)
-			exe, err := os.Executable()
-			if err != nil {
-				t.Fatal(err)
-			}
 			goroutines := runtime.NumGoroutine()
-			reg := prometheus.NewRegistry()
-			p, err := backend.NewPool(backend.PoolConfig{
-				Workers:        1,
-				Executable:     exe,
-				Worker:         backend.WorkerConfig{Models: []backend.ModelSpec{{Name: "demo", Dir: dir}}, ORTLib: lib},
-				RestartBackoff: 20 * time.Millisecond,
-				HangTimeout:    400 * time.Millisecond,
-				Registerer:     reg,
-			}, backend.LoggerForTest(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := p.Start(context.Background()); err != nil {
-				t.Fatal(err)
-			}
+			p, reg := startTestBinaryPool(t, dir, lib, 400*time.Millisecond)
 			w := p.Workers()[0]
 			waitFor(t, "the worker to be ready", w.Ready)
 			firstPID := w.PID()
@@ -351,4 +333,31 @@ func TestPoolKillsBrokenWorkers(t *testing.T) {
 
 func processAlive(pid int) bool {
 	return syscall.Kill(pid, 0) == nil
+}
+
+// startTestBinaryPool starts a pool of one worker whose process is this
+// test binary (TestMain plays the worker the environment asks for), with a
+// quick restart and the given hang timeout. The caller closes the pool.
+func startTestBinaryPool(t *testing.T, dir, lib string, hang time.Duration) (*backend.Pool, *prometheus.Registry) {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	p, err := backend.NewPool(backend.PoolConfig{
+		Workers:        1,
+		Executable:     exe,
+		Worker:         backend.WorkerConfig{Models: []backend.ModelSpec{{Name: "demo", Dir: dir}}, ORTLib: lib},
+		RestartBackoff: 20 * time.Millisecond,
+		HangTimeout:    hang,
+		Registerer:     reg,
+	}, backend.LoggerForTest(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return p, reg
 }
