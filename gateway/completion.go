@@ -2,20 +2,13 @@ package gateway
 
 import (
 	"context"
-	"crypto/subtle"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"net/http"
-	"net/http/pprof"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"github.com/quic-go/quic-go"
-	"github.com/quic-go/quic-go/http3"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
@@ -24,119 +17,10 @@ import (
 	"h3infer/transport"
 )
 
-// apiRoute is one token-guarded route: path names it in
-// AuthConfig.EarlyData (zero_rtt.routes), pattern is what the mux matches.
-type apiRoute struct {
-	path, pattern string
-	serve         func(*Gateway, http.ResponseWriter, *http.Request)
-}
-
-// apiRouteTable is the token-guarded API. routes serves it and
-// EarlyDataRoutes names it, so the two cannot drift apart.
-func apiRouteTable() []apiRoute {
-	return []apiRoute{
-		{"/v1/chat/completions", "/v1/chat/completions", func(g *Gateway, w http.ResponseWriter, r *http.Request) {
-			g.serveCompletion(w, r, kindChat)
-		}},
-		{"/v1/completions", "/v1/completions", func(g *Gateway, w http.ResponseWriter, r *http.Request) {
-			g.serveCompletion(w, r, kindText)
-		}},
-		{"/v1/models", "/v1/models", (*Gateway).serveModels},
-		{"/v1/models/", "/v1/models/{model...}", (*Gateway).serveModel},
-	}
-}
-
-// EarlyDataRoutes lists the route paths AuthConfig.EarlyData may name,
-// in the order the API serves them.
-func EarlyDataRoutes() []string {
-	var paths []string
-	for _, rt := range apiRouteTable() {
-		paths = append(paths, rt.path)
-	}
-	return paths
-}
-
-// routes is the API and the chat page, served identically over HTTP/3 and
-// TCP.
-func (g *Gateway) routes() (http.Handler, error) {
-	mux := http.NewServeMux()
-	if err := routePage(mux); err != nil {
-		return nil, err
-	}
-	for _, rt := range apiRouteTable() {
-		mux.HandleFunc(rt.pattern, g.guard(rt.path, func(w http.ResponseWriter, r *http.Request) {
-			rt.serve(g, w, r)
-		}))
-	}
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, errRouteNotFound)
-	})
-	return mux, nil
-}
-
-func (g *Gateway) adminRoutes() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, "ok\n")
-	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		if !g.catalog.Ready() {
-			http.Error(w, "no model worker is ready", http.StatusServiceUnavailable)
-			return
-		}
-		io.WriteString(w, "ok\n")
-	})
-	mux.Handle("GET /metrics", g.adminAuth(promhttp.HandlerFor(g.cfg.Registry, promhttp.HandlerOpts{})))
-	mux.Handle("GET /debug/state", g.adminAuth(http.HandlerFunc(g.serveState)))
-	mux.Handle("/debug/pprof/", g.adminAuth(http.HandlerFunc(pprof.Index)))
-	mux.Handle("/debug/pprof/cmdline", g.adminAuth(http.HandlerFunc(pprof.Cmdline)))
-	mux.Handle("/debug/pprof/profile", g.adminAuth(http.HandlerFunc(pprof.Profile)))
-	mux.Handle("/debug/pprof/symbol", g.adminAuth(http.HandlerFunc(pprof.Symbol)))
-	mux.Handle("/debug/pprof/trace", g.adminAuth(http.HandlerFunc(pprof.Trace)))
-	if g.cfg.ModelAdmin != nil {
-		g.modelAdminRoutes(mux)
-	}
-	guard := newAdminGuard(g.cfg.Admin, g.admin, g.cfg.AdminHosts, func(reason string) {
-		g.metrics.adminRefusals.WithLabelValues(reason).Inc()
-	})
-	return guard.wrap(mux)
-}
-
-// adminAuth demands the admin token when one is configured. Health and
-// readiness stay open so that load balancers need no secret.
-func (g *Gateway) adminAuth(next http.Handler) http.Handler {
-	if g.cfg.AdminToken == "" {
-		return next
-	}
-	want := []byte("Bearer " + g.cfg.AdminToken)
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
-			g.metrics.adminRefusals.WithLabelValues("token").Inc()
-			writeError(w, errAdminToken)
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-// serveState is the operator's JSON view: models, readiness, each worker
-// process's supervision state, and whatever Config.Status reports about
-// queues.
-func (g *Gateway) serveState(w http.ResponseWriter, r *http.Request) {
-	state := struct {
-		Ready   bool                  `json:"ready"`
-		Models  []transport.ModelInfo `json:"models"`
-		Workers []WorkerState         `json:"workers"`
-		Status  any                   `json:"status,omitempty"`
-	}{Ready: g.catalog.Ready(), Models: g.catalog.Models(), Workers: g.catalog.WorkerStates()}
-	if state.Workers == nil {
-		state.Workers = []WorkerState{}
-	}
-	if g.cfg.Status != nil {
-		state.Status = g.cfg.Status()
-	}
-	writeJSON(w, state)
-}
+// The completion routes, POST /v1/chat/completions and /v1/completions:
+// parsing and admitting a request, submitting it to the scheduler, waiting
+// for the worker's events with the tenant's output-token pacing, and
+// answering with one JSON object or a stream of server-sent events.
 
 // serveCompletion runs one chat or text completion. It commits the response
 // status only after the worker's first event, so that a request the worker
@@ -554,49 +438,6 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflig
 	}
 }
 
-// sseOutput returns how the stream writes one flushed chunk and how it
-// ends. Over HTTP/3 it takes the stream over from http3's response writer
-// (after the header went out) to set the stream's QUIC priority, which the
-// ResponseWriter API has no way to do; quic-go keeps applying the client's
-// PRIORITY_UPDATE frames to the stream afterwards. Each Write there is one
-// DATA frame. Over TCP each chunk is written and flushed.
-func sseOutput(w http.ResponseWriter, prio priority) (out func([]byte) error, finish func(clean bool), err error) {
-	for rw := w; rw != nil; {
-		if hs, ok := rw.(http3.HTTPStreamer); ok {
-			str, err := hs.HTTPStream()
-			if err != nil {
-				return nil, nil, err
-			}
-			str.SetPriority(int8(prio.urgency), prio.streamIncremental())
-			out = func(b []byte) error {
-				_, err := str.Write(b)
-				return err
-			}
-			finish = func(clean bool) {
-				if clean {
-					str.Close()
-					return
-				}
-				str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
-			}
-			return out, finish, nil
-		}
-		u, ok := rw.(interface{ Unwrap() http.ResponseWriter })
-		if !ok {
-			break
-		}
-		rw = u.Unwrap()
-	}
-	rc := http.NewResponseController(w)
-	out = func(b []byte) error {
-		if _, err := w.Write(b); err != nil {
-			return err
-		}
-		return rc.Flush()
-	}
-	return out, func(bool) {}, nil
-}
-
 // collect gathers the whole answer and writes it as one JSON object.
 func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event) {
 	var text strings.Builder
@@ -619,55 +460,4 @@ func finishReason(d *transport.Done) string {
 		return transport.FinishStop
 	}
 	return d.FinishReason
-}
-
-type modelObject struct {
-	ID      string `json:"id"`
-	Object  string `json:"object"`
-	Created int64  `json:"created"`
-	OwnedBy string `json:"owned_by"`
-}
-
-func (g *Gateway) modelObject(m transport.ModelInfo) modelObject {
-	return modelObject{ID: m.Name, Object: "model", Created: g.created, OwnedBy: "h3infer"}
-}
-
-func (g *Gateway) serveModels(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		writeError(w, &methodNotAllowed{method: r.Method, allow: "GET, HEAD"})
-		return
-	}
-	list := struct {
-		Object string        `json:"object"`
-		Data   []modelObject `json:"data"`
-	}{Object: "list", Data: []modelObject{}}
-	for _, m := range g.catalog.Models() {
-		list.Data = append(list.Data, g.modelObject(m))
-	}
-	writeJSON(w, list)
-}
-
-func (g *Gateway) serveModel(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		writeError(w, &methodNotAllowed{method: r.Method, allow: "GET, HEAD"})
-		return
-	}
-	name := r.PathValue("model")
-	for _, m := range g.catalog.Models() {
-		if m.Name == name {
-			writeJSON(w, g.modelObject(m))
-			return
-		}
-	}
-	writeError(w, &unknownModel{model: name})
-}
-
-func writeJSON(w http.ResponseWriter, v any) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		writeError(w, fmt.Errorf("encode response: %w", err))
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Write(append(b, '\n'))
 }

@@ -1,0 +1,51 @@
+package gateway
+
+import (
+	"net/http"
+
+	"h3infer/transport"
+)
+
+// The models endpoints, GET /v1/models and GET /v1/models/{model}: the
+// models the workers serve, in OpenAI's model object shape.
+
+type modelObject struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+func (g *Gateway) modelObject(m transport.ModelInfo) modelObject {
+	return modelObject{ID: m.Name, Object: "model", Created: g.created, OwnedBy: "h3infer"}
+}
+
+func (g *Gateway) serveModels(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		writeError(w, &methodNotAllowed{method: r.Method, allow: "GET, HEAD"})
+		return
+	}
+	list := struct {
+		Object string        `json:"object"`
+		Data   []modelObject `json:"data"`
+	}{Object: "list", Data: []modelObject{}}
+	for _, m := range g.catalog.Models() {
+		list.Data = append(list.Data, g.modelObject(m))
+	}
+	writeJSON(w, list)
+}
+
+func (g *Gateway) serveModel(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		writeError(w, &methodNotAllowed{method: r.Method, allow: "GET, HEAD"})
+		return
+	}
+	name := r.PathValue("model")
+	for _, m := range g.catalog.Models() {
+		if m.Name == name {
+			writeJSON(w, g.modelObject(m))
+			return
+		}
+	}
+	writeError(w, &unknownModel{model: name})
+}
