@@ -263,19 +263,20 @@ func (g *Gateway) next(ctx context.Context, run *inflight) (transport.Event, err
 	return g.nextHolding(ctx, run, nil)
 }
 
-// nextHolding is next for a stream whose coalescer c may hold bytes: they go
-// out when their window ends, while the next event is awaited. c may be nil.
-func (g *Gateway) nextHolding(ctx context.Context, run *inflight, c *coalescer) (transport.Event, error) {
+// nextHolding is next for a stream whose SSE writer sw may hold bytes: they
+// go out when their window ends, while the next event is awaited. sw may be
+// nil.
+func (g *Gateway) nextHolding(ctx context.Context, run *inflight, sw *sseWriter) (transport.Event, error) {
 	for {
 		var due <-chan time.Time
-		if c != nil {
-			due = c.C()
+		if sw != nil {
+			due = sw.due()
 		}
 		select {
 		case ev, ok := <-run.st.Events():
-			return g.event(ctx, run, ev, ok, c)
+			return g.event(ctx, run, ev, ok, sw)
 		case <-due:
-			if err := c.flush(); err != nil {
+			if err := sw.Flush(); err != nil {
 				return transport.Event{}, err
 			}
 		case <-ctx.Done():
@@ -287,7 +288,7 @@ func (g *Gateway) nextHolding(ctx context.Context, run *inflight, c *coalescer) 
 // event checks one received event. For a token it records the timings and
 // debits the tenant's output-token limit, pacing the stream when the
 // tenant is over its rate.
-func (g *Gateway) event(ctx context.Context, run *inflight, ev transport.Event, ok bool, c *coalescer) (transport.Event, error) {
+func (g *Gateway) event(ctx context.Context, run *inflight, ev transport.Event, ok bool, sw *sseWriter) (transport.Event, error) {
 	switch {
 	case !ok:
 		return ev, errNoResult
@@ -319,15 +320,15 @@ func (g *Gateway) event(ctx context.Context, run *inflight, ev transport.Event, 
 		}
 		g.log.Warn("output tokens not debited", "request_id", run.st.ID(), "err", err)
 	}
-	if err := pace(ctx, wait, c); err != nil {
+	if err := pace(ctx, wait, sw); err != nil {
 		return ev, err
 	}
 	return ev, nil
 }
 
-// pace waits out a tenant's output-token debt. Bytes the coalescer c holds
-// still go out when their window ends; c may be nil.
-func pace(ctx context.Context, wait time.Duration, c *coalescer) error {
+// pace waits out a tenant's output-token debt. Bytes the SSE writer sw
+// holds still go out when their window ends; sw may be nil.
+func pace(ctx context.Context, wait time.Duration, sw *sseWriter) error {
 	if wait <= 0 {
 		return nil
 	}
@@ -335,14 +336,14 @@ func pace(ctx context.Context, wait time.Duration, c *coalescer) error {
 	defer t.Stop()
 	for {
 		var due <-chan time.Time
-		if c != nil {
-			due = c.C()
+		if sw != nil {
+			due = sw.due()
 		}
 		select {
 		case <-t.C:
 			return nil
 		case <-due:
-			if err := c.flush(); err != nil {
+			if err := sw.Flush(); err != nil {
 				return err
 			}
 		case <-ctx.Done():
@@ -355,87 +356,59 @@ func pace(ctx context.Context, wait time.Duration, c *coalescer) error {
 // stream gets the request's QUIC priority, and tokens are coalesced by
 // urgency (coalesce.go); the first token, the end and errors go at once.
 func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event, prio priority) {
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	w.WriteHeader(http.StatusOK)
-	// The response header goes out with the first bytes of the body, not
-	// ahead of them: taking over the HTTP/3 stream flushes the header, and
-	// done apart from the first write it went in a packet of its own,
-	// which the client had to take before the first token.
-	var (
-		write  func([]byte) error
-		finish = func(bool) {}
-	)
-	open := func() error {
-		var err error
-		if write, finish, err = sseOutput(w, prio); err != nil {
-			finish = func(bool) {}
-			g.log.Warn("stream: take over the HTTP/3 stream", "request_id", run.st.ID(), "err", err)
-		}
-		return err
+	sw := g.newSSEWriter(ctx, w, prio, run.st.ID())
+	if g.relay(ctx, sw, run, enc, ev) {
+		sw.Close()
+	} else {
+		sw.Abort()
 	}
-	cut := false
-	out := func(b []byte) error {
-		if write == nil {
-			if err := open(); err != nil {
-				cut = true
-				return err
-			}
-		}
-		err := write(b)
-		if err != nil && !cut {
-			// The client went away or stopped reading; the deferred
-			// Close cancels the worker's sequence.
-			cut = true
-			trace.SpanFromContext(ctx).AddEvent("cancelled",
-				trace.WithAttributes(attribute.String("reason", "writing to the client failed: "+err.Error())))
-		}
-		return err
-	}
-	c := newCoalescer(g.cfg.Coalesce.window(prio.urgency), g.cfg.Coalesce.MaxBuffer, out)
-	defer func() {
-		c.stop()
-		g.metrics.writes.WithLabelValues(urgencyLabel(prio.urgency)).Observe(float64(c.writes))
-	}()
-	clean := false
-	defer func() { finish(clean) }() // finish as it is when the stream ends
+	g.metrics.writes.WithLabelValues(urgencyLabel(prio.urgency)).Observe(float64(sw.writes()))
+}
 
-	send := func(b []byte, now bool) bool {
-		if len(b) == 0 {
-			return !now || c.flush() == nil
-		}
-		return c.add(b, now) == nil
-	}
-	if !send(enc.opening(), false) {
-		return
+// relay writes ev and the events after it to sw, and reports whether the
+// stream may end cleanly: its last event, [DONE] or an error event, was
+// written.
+func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *encoder, ev transport.Event) bool {
+	if sw.Write(enc.opening()) != nil {
+		return false
 	}
 	first := true
-	for {
-		if done := ev.Done; done != nil {
-			if send(enc.finish(finishReason(done)), false) && run.req.includeUsage {
-				send(enc.usage(usageOf(done)), false)
-			}
-			clean = send(sseDone, true)
-			return
-		}
+	for ev.Done == nil {
 		if ev.Token.Text != "" {
-			if !send(enc.token(ev.Token.Text), first) {
-				return
+			if sw.Write(enc.token(ev.Token.Text)) != nil {
+				return false
 			}
-			first = false
+			if first {
+				if sw.Flush() != nil {
+					return false
+				}
+				first = false
+			}
 		}
 		var err error
-		if ev, err = g.nextHolding(ctx, run, c); err != nil {
-			err = deadlineCause(ctx, err)
-			failed(ctx, err)
-			if !errors.Is(err, context.Canceled) {
-				g.log.Warn("stream failed", "request_id", run.st.ID(), "err", err)
-				clean = send(errorEvent(err), true)
-			}
-			return
+		if ev, err = g.nextHolding(ctx, run, sw); err != nil {
+			return g.streamFailed(ctx, sw, run, err)
 		}
 	}
+	// [DONE] is written even if an event before it failed, and decides
+	// how the stream ends.
+	if sw.Write(enc.finish(finishReason(ev.Done))) == nil && run.req.includeUsage {
+		sw.Write(enc.usage(usageOf(ev.Done)))
+	}
+	return sw.Write(sseDone) == nil
+}
+
+// streamFailed marks on the span why the events stopped and, unless the
+// client left, logs it and writes the error event that ends the stream,
+// reporting whether that write succeeded.
+func (g *Gateway) streamFailed(ctx context.Context, sw *sseWriter, run *inflight, err error) bool {
+	err = deadlineCause(ctx, err)
+	failed(ctx, err)
+	if errors.Is(err, context.Canceled) {
+		return false
+	}
+	g.log.Warn("stream failed", "request_id", run.st.ID(), "err", err)
+	return sw.Write(errorEvent(err)) == nil
 }
 
 // collect gathers the whole answer and writes it as one JSON object.

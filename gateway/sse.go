@@ -1,41 +1,138 @@
 package gateway
 
 import (
+	"context"
+	"log/slog"
 	"net/http"
+	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
-// The SSE writer: how a streamed completion's bytes reach the client over
-// HTTP/3, with the request's QUIC priority, and over TCP.
+// The SSE writer: how a streamed completion's bytes reach the client,
+// coalesced by urgency, over HTTP/3 with the request's QUIC priority and
+// over TCP.
 
-// sseOutput returns how the stream writes one flushed chunk and how it
-// ends. Over HTTP/3 it takes the stream over from http3's response writer
-// (after the header went out) to set the stream's QUIC priority, which the
-// ResponseWriter API has no way to do; quic-go keeps applying the client's
-// PRIORITY_UPDATE frames to the stream afterwards. Each Write there is one
-// DATA frame. Over TCP each chunk is written and flushed.
-func sseOutput(w http.ResponseWriter, prio priority) (out func([]byte) error, finish func(clean bool), err error) {
-	for rw := w; rw != nil; {
+// sseWriter writes one response's server-sent events. Write queues an
+// event, which goes out when the stream's coalescing window ends
+// (coalesce.go); Flush sends what is queued now. The stream ends with
+// Close once its last event is written, or with Abort when it is cut
+// short. An sseWriter is owned by the handler's goroutine: whoever waits
+// for the next token selects on due and calls Flush when it fires.
+type sseWriter struct {
+	w    http.ResponseWriter
+	prio priority
+	held *coalescer // its out is send
+	// Set by open, on the first write:
+	opened bool
+	str    *http3.Stream            // over HTTP/3, taken over from w
+	rc     *http.ResponseController // over TCP
+	// cut is set by the first write that fails: the client went away or
+	// stopped reading.
+	cut bool
+	// For the log line and span event a failed write leaves.
+	log       *slog.Logger
+	requestID uint64
+	span      trace.Span
+}
+
+// newSSEWriter commits the response header of an event stream. The header
+// goes out with the first bytes of the body, not ahead of them: taking over
+// the HTTP/3 stream flushes the header, and done apart from the first write
+// it went in a packet of its own, which the client had to take before the
+// first token.
+func (g *Gateway) newSSEWriter(ctx context.Context, w http.ResponseWriter, prio priority, requestID uint64) *sseWriter {
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	sw := &sseWriter{w: w, prio: prio, log: g.log, requestID: requestID, span: trace.SpanFromContext(ctx)}
+	sw.held = newCoalescer(g.cfg.Coalesce.window(prio.urgency), g.cfg.Coalesce.MaxBuffer, sw.send)
+	return sw
+}
+
+// Write queues one event. An urgent stream, or one whose buffer is full,
+// writes at once.
+func (sw *sseWriter) Write(event []byte) error {
+	if len(event) == 0 {
+		return nil
+	}
+	return sw.held.add(event, false)
+}
+
+// Flush writes what is queued, if anything.
+func (sw *sseWriter) Flush() error { return sw.held.flush() }
+
+// due fires when the queued bytes are due; nil while none are queued.
+func (sw *sseWriter) due() <-chan time.Time { return sw.held.C() }
+
+// writes is how many writes reached the transport (or failed there).
+func (sw *sseWriter) writes() int { return sw.held.writes }
+
+// Close writes what is queued and ends the stream cleanly. If that write
+// fails, the stream ends as Abort ends it.
+func (sw *sseWriter) Close() error {
+	err := sw.held.flush()
+	sw.end(err == nil)
+	return err
+}
+
+// Abort ends the stream short. Over HTTP/3 its sending side is reset
+// (H3_REQUEST_CANCELLED), so the client sees the answer cut off rather
+// than ended; over TCP the response ends when the handler returns.
+func (sw *sseWriter) Abort() { sw.end(false) }
+
+func (sw *sseWriter) end(clean bool) {
+	sw.held.stop()
+	switch {
+	case sw.str == nil:
+	case clean:
+		sw.str.Close()
+	default:
+		sw.str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+	}
+}
+
+// send is the coalescer's output: one write, flushed to the transport.
+// Only cut remembers a failure: the next write tries again, and opens
+// again if open failed.
+func (sw *sseWriter) send(b []byte) error {
+	if !sw.opened {
+		if err := sw.open(); err != nil {
+			sw.cut = true
+			sw.log.Warn("stream: take over the HTTP/3 stream", "request_id", sw.requestID, "err", err)
+			return err
+		}
+	}
+	err := sw.write(b)
+	if err != nil && !sw.cut {
+		// The handler's deferred Close of the token stream cancels the
+		// worker's sequence.
+		sw.cut = true
+		sw.span.AddEvent("cancelled",
+			trace.WithAttributes(attribute.String("reason", "writing to the client failed: "+err.Error())))
+	}
+	return err
+}
+
+// open readies the transport. Over HTTP/3 it takes the stream over from
+// http3's response writer (which sends the header) to set the stream's
+// QUIC priority, which the ResponseWriter API has no way to do; quic-go
+// keeps applying the client's PRIORITY_UPDATE frames to the stream
+// afterwards.
+func (sw *sseWriter) open() error {
+	for rw := sw.w; rw != nil; {
 		if hs, ok := rw.(http3.HTTPStreamer); ok {
 			str, err := hs.HTTPStream()
 			if err != nil {
-				return nil, nil, err
-			}
-			str.SetPriority(int8(prio.urgency), prio.streamIncremental())
-			out = func(b []byte) error {
-				_, err := str.Write(b)
 				return err
 			}
-			finish = func(clean bool) {
-				if clean {
-					str.Close()
-					return
-				}
-				str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
-			}
-			return out, finish, nil
+			str.SetPriority(int8(sw.prio.urgency), sw.prio.streamIncremental())
+			sw.str, sw.opened = str, true
+			return nil
 		}
 		u, ok := rw.(interface{ Unwrap() http.ResponseWriter })
 		if !ok {
@@ -43,12 +140,19 @@ func sseOutput(w http.ResponseWriter, prio priority) (out func([]byte) error, fi
 		}
 		rw = u.Unwrap()
 	}
-	rc := http.NewResponseController(w)
-	out = func(b []byte) error {
-		if _, err := w.Write(b); err != nil {
-			return err
-		}
-		return rc.Flush()
+	sw.rc, sw.opened = http.NewResponseController(sw.w), true
+	return nil
+}
+
+// write sends b: over HTTP/3 as one DATA frame, over TCP written and
+// flushed.
+func (sw *sseWriter) write(b []byte) error {
+	if sw.str != nil {
+		_, err := sw.str.Write(b)
+		return err
 	}
-	return out, func(bool) {}, nil
+	if _, err := sw.w.Write(b); err != nil {
+		return err
+	}
+	return sw.rc.Flush()
 }
