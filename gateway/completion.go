@@ -22,44 +22,19 @@ import (
 // for the worker's events with the tenant's output-token pacing, and
 // answering with one JSON object or a stream of server-sent events.
 
-// serveCompletion runs one chat or text completion. It commits the response
-// status only after the worker's first event, so that a request the worker
-// refuses (too long for the context, say) still gets a proper status.
+// serveCompletion runs one chat or text completion in steps: parse the
+// request, admit it under the tenant's rate limits, route it to a model
+// version, submit it to the scheduler, wait for the worker's first event,
+// respond. It commits the response status only after that first event, so
+// that a request the worker refuses (too long for the context, say) still
+// gets a proper status.
 func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind apiKind) {
-	start := time.Now()
-	if r.Method != http.MethodPost {
-		writeError(w, &methodNotAllowed{method: r.Method, allow: http.MethodPost})
-		return
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.cfg.MaxBodyBytes))
-	if err != nil {
-		if _, tooLarge := errors.AsType[*http.MaxBytesError](err); !tooLarge && r.Context().Err() == nil {
-			err = invalidf("", "reading the request body: %v", err)
-		}
+	run := &inflight{start: time.Now()}
+	if err := g.parseRequest(w, r, kind, run); err != nil {
 		writeError(w, err)
 		return
 	}
-	req, err := parseCompletion(body, kind, g.cfg.DefaultMaxTokens)
-	if err == nil {
-		err = g.checkModel(req.model)
-	}
-	var ceiling uint8
-	if err == nil {
-		// The token limits the models and caps the urgency (auth.go).
-		ceiling, err = identify(r.Context(), req.model)
-	}
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-
-	prio := parsePriority(r.Header)
-	deadline, err := g.deadlineOf(r.Header, start)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	ctx, cancel := context.WithDeadlineCause(r.Context(), deadline, errDeadlinePassed)
+	ctx, cancel := context.WithDeadlineCause(r.Context(), run.deadline, errDeadlinePassed)
 	defer cancel()
 	// At the end of a shutdown's grace the request ends with an error
 	// saying so, rather than being cut off with its connection.
@@ -67,121 +42,219 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	defer cancelAbort(nil)
 	stopAbort := context.AfterFunc(g.aborting, func() { cancelAbort(context.Cause(g.aborting)) })
 	defer stopAbort()
+	defer g.finished(ctx, run)
 
-	run := &inflight{req: req, labels: [2]string{req.model, urgencyLabel(prio.urgency)}, last: start}
-	defer func() {
-		g.metrics.duration.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(start))
-		span := trace.SpanFromContext(ctx)
-		if span.IsRecording() {
-			span.SetAttributes(attribute.Int("h3infer.completion_tokens", run.tokens))
-			if !run.first.IsZero() {
-				span.SetAttributes(attribute.Float64("h3infer.time_to_first_token_s", run.first.Sub(start).Seconds()))
-			}
-		}
-	}()
-
-	tenant := g.cfg.Tenant(r)
-	adm, err := g.limits.Load().admit(ctx, tenant, w.Header())
-	if err != nil {
-		if lim, ok := errors.AsType[*rateLimited](err); ok {
-			g.refused(ctx, lim)
-			writeError(w, err)
-			return
-		}
-		g.log.Warn("rate limit not checked; admitting", "tenant", tenant, "err", err)
+	if err := g.admit(ctx, w, r, run); err != nil {
+		writeError(w, err)
+		return
 	}
-	defer adm.release()
-	run.adm = adm
+	defer run.adm.release()
 
-	job := req.job
-	job.TraceParent = traceParent(ctx)
+	model, done, err := g.route(w, r, run)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
 	// versionFailed says whether the routed version failed the request
 	// before its first token, for the per-version metrics.
 	versionFailed := true
-	if g.cfg.Router != nil {
-		key := req.user
-		if key == "" {
-			key = tenant
-		}
-		target, ver, done, err := g.cfg.Router.Route(req.model, key, r.Header.Get(VersionHeader))
-		if err != nil {
-			writeError(w, err)
-			return
-		}
-		defer func() { done(versionFailed) }()
-		job.Model = target
-		w.Header().Set(VersionHeader, ver)
+	defer func() { done(versionFailed) }()
+
+	if err := g.submit(ctx, run, model); err != nil {
+		writeError(w, err)
+		return
 	}
+	// Closing cancels the worker's sequence if the client left early.
+	defer run.st.Close()
+
+	ev, err := g.firstEvent(ctx, run)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	// The first token arrived: the version served the request.
+	versionFailed = false
+	g.respond(ctx, w, run, ev)
+}
+
+// urgencyLabel is the metric label of an urgency, 0..7.
+func urgencyLabel(u uint8) string { return strconv.Itoa(int(u)) }
+
+// inflight is one completion request as serveCompletion's steps hand it
+// on, from its arrival to its end.
+type inflight struct {
+	req      *completion
+	start    time.Time // arrival
+	deadline time.Time // when it must have finished
+	// prio is what the client asked for until submit, then what the
+	// scheduler applied: the tenant's default and ceiling may change the
+	// urgency.
+	prio        priority
+	ceiling     uint8 // the highest urgency the caller's token allows
+	tenant      string
+	adm         *admission
+	st          TokenStream
+	labels      [2]string // model, urgency
+	first, last time.Time // arrival of the first and latest token events
+	tokens      int
+}
+
+// parseRequest reads and checks the request into run: its method, its
+// body within MaxBodyBytes, the model, what the caller's token allows, and
+// the Priority and deadline headers.
+func (g *Gateway) parseRequest(w http.ResponseWriter, r *http.Request, kind apiKind, run *inflight) error {
+	if r.Method != http.MethodPost {
+		return &methodNotAllowed{method: r.Method, allow: http.MethodPost}
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.cfg.MaxBodyBytes))
+	if err != nil {
+		if _, tooLarge := errors.AsType[*http.MaxBytesError](err); !tooLarge && r.Context().Err() == nil {
+			err = invalidf("", "reading the request body: %v", err)
+		}
+		return err
+	}
+	req, err := parseCompletion(body, kind, g.cfg.DefaultMaxTokens)
+	if err != nil {
+		return err
+	}
+	if err := g.checkModel(req.model); err != nil {
+		return err
+	}
+	// The token limits the models and caps the urgency (auth.go).
+	ceiling, err := identify(r.Context(), req.model)
+	if err != nil {
+		return err
+	}
+	prio := parsePriority(r.Header)
+	deadline, err := g.deadlineOf(r.Header, run.start)
+	if err != nil {
+		return err
+	}
+	run.req, run.deadline, run.prio, run.ceiling = req, deadline, prio, ceiling
+	run.labels = [2]string{req.model, urgencyLabel(prio.urgency)}
+	run.last = run.start
+	return nil
+}
+
+// finished records the request's duration and, on its span, the tokens it
+// received and its time to first token.
+func (g *Gateway) finished(ctx context.Context, run *inflight) {
+	g.metrics.duration.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(run.start))
+	span := trace.SpanFromContext(ctx)
+	if span.IsRecording() {
+		span.SetAttributes(attribute.Int("h3infer.completion_tokens", run.tokens))
+		if !run.first.IsZero() {
+			span.SetAttributes(attribute.Float64("h3infer.time_to_first_token_s", run.first.Sub(run.start).Seconds()))
+		}
+	}
+}
+
+// admit names the request's tenant and checks the tenant's rate limits.
+// When the limit store cannot answer, the request is admitted. The caller
+// releases run.adm when the request ends.
+func (g *Gateway) admit(ctx context.Context, w http.ResponseWriter, r *http.Request, run *inflight) error {
+	run.tenant = g.cfg.Tenant(r)
+	adm, err := g.limits.Load().admit(ctx, run.tenant, w.Header())
+	if err != nil {
+		if lim, ok := errors.AsType[*rateLimited](err); ok {
+			g.refused(ctx, lim)
+			return err
+		}
+		g.log.Warn("rate limit not checked; admitting", "tenant", run.tenant, "err", err)
+	}
+	run.adm = adm
+	return nil
+}
+
+// route names the model the workers serve the request with: the version
+// the Router picks, named in the response header, or without a Router the
+// model asked for. done must be called when the request ends.
+func (g *Gateway) route(w http.ResponseWriter, r *http.Request, run *inflight) (model string, done func(failed bool), err error) {
+	if g.cfg.Router == nil {
+		return run.req.job.Model, func(bool) {}, nil
+	}
+	key := run.req.user
+	if key == "" {
+		key = run.tenant
+	}
+	target, ver, done, err := g.cfg.Router.Route(run.req.model, key, r.Header.Get(VersionHeader))
+	if err != nil {
+		return "", nil, err
+	}
+	w.Header().Set(VersionHeader, ver)
+	return target, done, nil
+}
+
+// submit queues the request with the scheduler, under an admission span,
+// and sets run.st to the dispatched stream. The scheduler applies the
+// tenant's default urgency and ceiling; run's priority and metric labels
+// follow what it applied.
+func (g *Gateway) submit(ctx context.Context, run *inflight, model string) error {
+	job := run.req.job
+	job.Model = model
+	job.TraceParent = traceParent(ctx)
 	qctx, qspan := g.tracer.Start(ctx, "admission")
 	sreq := &scheduler.Request{
-		Tenant:         tenant,
-		Urgency:        prio.urgency,
-		DefaultUrgency: !prio.hasUrgency,
-		UrgencyCeiling: ceiling,
-		Deadline:       deadline,
+		Tenant:         run.tenant,
+		Urgency:        run.prio.urgency,
+		DefaultUrgency: !run.prio.hasUrgency,
+		UrgencyCeiling: run.ceiling,
+		Deadline:       run.deadline,
 		Job:            job,
 	}
 	st, err := g.sched.Submit(qctx, sreq)
-	// The tenant's default and ceiling may have changed what was asked;
-	// the stream's priority and the metrics follow what was applied.
-	prio.urgency = sreq.Urgency
-	run.labels[1] = urgencyLabel(prio.urgency)
-	g.metrics.queueWait.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(start))
+	run.prio.urgency = sreq.Urgency
+	run.labels[1] = urgencyLabel(run.prio.urgency)
+	g.metrics.queueWait.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(run.start))
 	if err != nil {
 		err = deadlineCause(ctx, err)
 		qspan.RecordError(err)
 		qspan.SetStatus(codes.Error, "not admitted")
 		qspan.End()
-		writeError(w, err)
-		return
+		return err
 	}
 	qspan.End()
 	if span := trace.SpanFromContext(ctx); span.IsRecording() {
 		attrs := []attribute.KeyValue{
 			attribute.Int64("h3infer.request_id", int64(st.ID())),
-			attribute.String("h3infer.tenant", tenant),
-			attribute.Int("h3infer.urgency", int(prio.urgency)),
+			attribute.String("h3infer.tenant", run.tenant),
+			attribute.Int("h3infer.urgency", int(run.prio.urgency)),
 		}
 		if wk, ok := st.(interface{ WorkerID() int }); ok {
 			attrs = append(attrs, attribute.Int("h3infer.worker", wk.WorkerID()))
 		}
 		span.AddEvent("dispatched", trace.WithAttributes(attrs...))
 	}
-	// Closing cancels the worker's sequence if the client left early.
-	defer st.Close()
 	run.st = st
+	return nil
+}
 
+// firstEvent waits for the worker's first event: a token, or the end of an
+// answer without one. The response status is not committed yet, so an
+// error here gets its own.
+func (g *Gateway) firstEvent(ctx context.Context, run *inflight) (transport.Event, error) {
 	ev, err := g.next(ctx, run)
 	if err != nil {
 		err = deadlineCause(ctx, err)
 		if !errors.Is(err, context.Canceled) {
-			g.log.Debug("request failed before its first token", "request_id", st.ID(), "err", err)
+			g.log.Debug("request failed before its first token", "request_id", run.st.ID(), "err", err)
 		}
 		failed(ctx, err)
-		writeError(w, err)
-		return
+		return ev, err
 	}
-	// The first token arrived: the version served the request.
-	versionFailed = false
-	enc := newEncoder(kind, req.model, start.Unix())
-	if req.stream {
-		g.stream(ctx, w, run, enc, ev, prio)
+	return ev, nil
+}
+
+// respond answers with the completion from its first event ev on: as
+// server-sent events when the client asked for a stream, else as one JSON
+// object.
+func (g *Gateway) respond(ctx context.Context, w http.ResponseWriter, run *inflight, ev transport.Event) {
+	enc := newEncoder(run.req.kind, run.req.model, run.start.Unix())
+	if run.req.stream {
+		g.stream(ctx, w, run, enc, ev)
 		return
 	}
 	g.collect(ctx, w, run, enc, ev)
-}
-
-// urgencyLabel is the metric label of an urgency, 0..7.
-func urgencyLabel(u uint8) string { return strconv.Itoa(int(u)) }
-
-// inflight is one completion request's state while it streams.
-type inflight struct {
-	req         *completion
-	st          TokenStream
-	adm         *admission
-	labels      [2]string // model, urgency
-	first, last time.Time // arrival of the first and latest token events
-	tokens      int
 }
 
 // refused counts a rate-limit refusal and marks the trace.
@@ -355,14 +428,14 @@ func pace(ctx context.Context, wait time.Duration, sw *sseWriter) error {
 // stream writes the answer as server-sent events. Over HTTP/3 the response
 // stream gets the request's QUIC priority, and tokens are coalesced by
 // urgency (coalesce.go); the first token, the end and errors go at once.
-func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event, prio priority) {
-	sw := g.newSSEWriter(ctx, w, prio, run.st.ID())
+func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event) {
+	sw := g.newSSEWriter(ctx, w, run.prio, run.st.ID())
 	if g.relay(ctx, sw, run, enc, ev) {
 		sw.Close()
 	} else {
 		sw.Abort()
 	}
-	g.metrics.writes.WithLabelValues(urgencyLabel(prio.urgency)).Observe(float64(sw.writes()))
+	g.metrics.writes.WithLabelValues(urgencyLabel(run.prio.urgency)).Observe(float64(sw.writes()))
 }
 
 // relay writes ev and the events after it to sw, and reports whether the
