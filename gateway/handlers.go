@@ -20,8 +20,9 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
+	"h3infer/infer"
+	"h3infer/priority"
 	"h3infer/scheduler"
-	"h3infer/transport"
 )
 
 // apiRoute is one token-guarded route: path names it in
@@ -124,10 +125,10 @@ func (g *Gateway) adminAuth(next http.Handler) http.Handler {
 // queues.
 func (g *Gateway) serveState(w http.ResponseWriter, r *http.Request) {
 	state := struct {
-		Ready   bool                  `json:"ready"`
-		Models  []transport.ModelInfo `json:"models"`
-		Workers []WorkerState         `json:"workers"`
-		Status  any                   `json:"status,omitempty"`
+		Ready   bool              `json:"ready"`
+		Models  []infer.ModelInfo `json:"models"`
+		Workers []WorkerState     `json:"workers"`
+		Status  any               `json:"status,omitempty"`
 	}{Ready: g.catalog.Ready(), Models: g.catalog.Models(), Workers: g.catalog.WorkerStates()}
 	if state.Workers == nil {
 		state.Workers = []WorkerState{}
@@ -159,7 +160,7 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	if err == nil {
 		err = g.checkModel(req.model)
 	}
-	var ceiling uint8
+	var ceiling priority.Urgency
 	if err == nil {
 		// The token limits the models and caps the urgency (auth.go).
 		ceiling, err = identify(r.Context(), req.model)
@@ -169,7 +170,7 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		return
 	}
 
-	prio := parsePriority(r.Header)
+	prio := priority.Parse(r.Header.Values("Priority"))
 	deadline, err := g.deadlineOf(r.Header, start)
 	if err != nil {
 		writeError(w, err)
@@ -184,7 +185,7 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	stopAbort := context.AfterFunc(g.aborting, func() { cancelAbort(context.Cause(g.aborting)) })
 	defer stopAbort()
 
-	run := &inflight{req: req, labels: [2]string{req.model, urgencyLabel(prio.urgency)}, last: start}
+	run := &inflight{req: req, labels: [2]string{req.model, urgencyLabel(prio.Urgency)}, last: start}
 	defer func() {
 		g.metrics.duration.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(start))
 		span := trace.SpanFromContext(ctx)
@@ -231,17 +232,17 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	qctx, qspan := g.tracer.Start(ctx, "admission")
 	sreq := &scheduler.Request{
 		Tenant:         tenant,
-		Urgency:        prio.urgency,
-		DefaultUrgency: !prio.hasUrgency,
+		Urgency:        prio.Urgency,
+		DefaultUrgency: !prio.HasUrgency,
 		UrgencyCeiling: ceiling,
 		Deadline:       deadline,
 		Job:            job,
 	}
-	st, err := g.sched.Submit(qctx, sreq)
+	st, decided, err := g.sched.Submit(qctx, sreq)
 	// The tenant's default and ceiling may have changed what was asked;
 	// the stream's priority and the metrics follow what was applied.
-	prio.urgency = sreq.Urgency
-	run.labels[1] = urgencyLabel(prio.urgency)
+	prio.Urgency = decided.Urgency
+	run.labels[1] = urgencyLabel(prio.Urgency)
 	g.metrics.queueWait.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(start))
 	if err != nil {
 		err = deadlineCause(ctx, err)
@@ -256,7 +257,7 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		attrs := []attribute.KeyValue{
 			attribute.Int64("h3infer.request_id", int64(st.ID())),
 			attribute.String("h3infer.tenant", tenant),
-			attribute.Int("h3infer.urgency", int(prio.urgency)),
+			attribute.Int("h3infer.urgency", int(prio.Urgency)),
 		}
 		if wk, ok := st.(interface{ WorkerID() int }); ok {
 			attrs = append(attrs, attribute.Int("h3infer.worker", wk.WorkerID()))
@@ -281,14 +282,14 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	versionFailed = false
 	enc := newEncoder(kind, req.model, start.Unix())
 	if req.stream {
-		g.stream(ctx, w, run, enc, ev, prio)
+		g.stream(ctx, w, run, enc, ev, prio, decided.Class)
 		return
 	}
 	g.collect(ctx, w, run, enc, ev)
 }
 
 // urgencyLabel is the metric label of an urgency, 0..7.
-func urgencyLabel(u uint8) string { return strconv.Itoa(int(u)) }
+func urgencyLabel(u priority.Urgency) string { return strconv.Itoa(int(u)) }
 
 // inflight is one completion request's state while it streams.
 type inflight struct {
@@ -375,13 +376,13 @@ func (g *Gateway) checkModel(name string) error {
 
 // next waits for the stream's next event and turns a worker error, the
 // client leaving or a stream that ends without a result into an error.
-func (g *Gateway) next(ctx context.Context, run *inflight) (transport.Event, error) {
+func (g *Gateway) next(ctx context.Context, run *inflight) (infer.Event, error) {
 	return g.nextHolding(ctx, run, nil)
 }
 
 // nextHolding is next for a stream whose coalescer c may hold bytes: they go
 // out when their window ends, while the next event is awaited. c may be nil.
-func (g *Gateway) nextHolding(ctx context.Context, run *inflight, c *coalescer) (transport.Event, error) {
+func (g *Gateway) nextHolding(ctx context.Context, run *inflight, c *coalescer) (infer.Event, error) {
 	for {
 		var due <-chan time.Time
 		if c != nil {
@@ -392,10 +393,10 @@ func (g *Gateway) nextHolding(ctx context.Context, run *inflight, c *coalescer) 
 			return g.event(ctx, run, ev, ok, c)
 		case <-due:
 			if err := c.flush(); err != nil {
-				return transport.Event{}, err
+				return infer.Event{}, err
 			}
 		case <-ctx.Done():
-			return transport.Event{}, ctx.Err()
+			return infer.Event{}, ctx.Err()
 		}
 	}
 }
@@ -403,7 +404,7 @@ func (g *Gateway) nextHolding(ctx context.Context, run *inflight, c *coalescer) 
 // event checks one received event. For a token it records the timings and
 // debits the tenant's output-token limit, pacing the stream when the
 // tenant is over its rate.
-func (g *Gateway) event(ctx context.Context, run *inflight, ev transport.Event, ok bool, c *coalescer) (transport.Event, error) {
+func (g *Gateway) event(ctx context.Context, run *inflight, ev infer.Event, ok bool, c *coalescer) (infer.Event, error) {
 	switch {
 	case !ok:
 		return ev, errNoResult
@@ -470,7 +471,7 @@ func pace(ctx context.Context, wait time.Duration, c *coalescer) error {
 // stream writes the answer as server-sent events. Over HTTP/3 the response
 // stream gets the request's QUIC priority, and tokens are coalesced by
 // urgency (coalesce.go); the first token, the end and errors go at once.
-func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event, prio priority) {
+func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev infer.Event, prio priority.Signal, class priority.Class) {
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
@@ -509,10 +510,10 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflig
 		}
 		return err
 	}
-	c := newCoalescer(g.cfg.Coalesce.window(prio.urgency), g.cfg.Coalesce.MaxBuffer, out)
+	c := newCoalescer(g.cfg.Coalesce.window(class), g.cfg.Coalesce.MaxBuffer, out)
 	defer func() {
 		c.stop()
-		g.metrics.writes.WithLabelValues(urgencyLabel(prio.urgency)).Observe(float64(c.writes))
+		g.metrics.writes.WithLabelValues(urgencyLabel(prio.Urgency)).Observe(float64(c.writes))
 	}()
 	clean := false
 	defer func() { finish(clean) }() // finish as it is when the stream ends
@@ -560,14 +561,14 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflig
 // ResponseWriter API has no way to do; quic-go keeps applying the client's
 // PRIORITY_UPDATE frames to the stream afterwards. Each Write there is one
 // DATA frame. Over TCP each chunk is written and flushed.
-func sseOutput(w http.ResponseWriter, prio priority) (out func([]byte) error, finish func(clean bool), err error) {
+func sseOutput(w http.ResponseWriter, prio priority.Signal) (out func([]byte) error, finish func(clean bool), err error) {
 	for rw := w; rw != nil; {
 		if hs, ok := rw.(http3.HTTPStreamer); ok {
 			str, err := hs.HTTPStream()
 			if err != nil {
 				return nil, nil, err
 			}
-			str.SetPriority(int8(prio.urgency), prio.streamIncremental())
+			str.SetPriority(int8(prio.Urgency), streamIncremental(prio))
 			out = func(b []byte) error {
 				_, err := str.Write(b)
 				return err
@@ -598,7 +599,7 @@ func sseOutput(w http.ResponseWriter, prio priority) (out func([]byte) error, fi
 }
 
 // collect gathers the whole answer and writes it as one JSON object.
-func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event) {
+func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev infer.Event) {
 	var text strings.Builder
 	for ev.Done == nil {
 		text.WriteString(ev.Token.Text)
@@ -614,9 +615,9 @@ func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *infli
 	w.Write(enc.complete(text.String(), finishReason(ev.Done), usageOf(ev.Done)))
 }
 
-func finishReason(d *transport.Done) string {
+func finishReason(d *infer.Done) string {
 	if d.FinishReason == "" {
-		return transport.FinishStop
+		return infer.FinishStop
 	}
 	return d.FinishReason
 }
@@ -628,7 +629,7 @@ type modelObject struct {
 	OwnedBy string `json:"owned_by"`
 }
 
-func (g *Gateway) modelObject(m transport.ModelInfo) modelObject {
+func (g *Gateway) modelObject(m infer.ModelInfo) modelObject {
 	return modelObject{ID: m.Name, Object: "model", Created: g.created, OwnedBy: "h3infer"}
 }
 

@@ -8,7 +8,8 @@ import (
 	"sync"
 	"time"
 
-	"h3infer/transport"
+	"h3infer/infer"
+	"h3infer/priority"
 )
 
 // Worker is what the scheduler dispatches to. backend.Worker implements it;
@@ -22,7 +23,7 @@ type Worker interface {
 	ID() int
 	Ready() bool
 	Slots() int
-	Open(id uint64, s *transport.Submit) (*transport.Call, error)
+	Open(id uint64, r *infer.Request) (infer.Call, error)
 }
 
 // WorkerSet lists the current workers. cmd/h3infer adapts backend.Pool.
@@ -42,11 +43,12 @@ type Config struct {
 	// urgency level higher (see queue for the rule and its bound). Default
 	// 2s; a request of urgency 7 thus competes at urgency 0 after 14s.
 	Aging time.Duration
-	// UrgentMax is the largest urgency that may use reserved slots.
-	// Default 2.
-	UrgentMax uint8
-	// UrgentReserve is how many slots on each worker only requests of
-	// urgency 0..UrgentMax (effective, so aged requests too) may take, so
+	// Classes says which urgencies are urgent, normal and bulk; the class
+	// Submit derives from it travels with the request to every later stage.
+	// The zero value means priority.DefaultClasses.
+	Classes priority.Classes
+	// UrgentReserve is how many slots on each worker only urgent requests
+	// (by their effective urgency, so aged requests too) may take, so
 	// that an urgent request does not wait for a bulk one to finish. Each
 	// worker keeps at least one slot for everyone. Default 0: none.
 	UrgentReserve int
@@ -64,11 +66,11 @@ type Tenant struct {
 	// same urgency, in tokens asked for. Must be >= 1.
 	Weight int
 	// DefaultUrgency applies when a request names none. 0..7.
-	DefaultUrgency uint8
+	DefaultUrgency priority.Urgency
 	// UrgencyCeiling is the most urgent level the tenant may claim: a
 	// request asking for a smaller urgency value gets this one. 0..7, at
 	// most DefaultUrgency.
-	UrgencyCeiling uint8
+	UrgencyCeiling priority.Urgency
 	// MaxQueue bounds the tenant's queued requests; one more is refused
 	// with a *TenantLimitError. 0: only the global bound applies.
 	MaxQueue int
@@ -79,10 +81,7 @@ const (
 	DefaultMaxQueue   = 256
 	DefaultRetryAfter = time.Second
 	DefaultAging      = 2 * time.Second
-	DefaultUrgentMax  = 2
 	DefaultTenant     = "default"
-	// DefaultUrgency is RFC 9218's default urgency.
-	DefaultUrgency = 3
 )
 
 // defaultCost is the fairness cost of a request that names no max_tokens.
@@ -97,31 +96,24 @@ const pollInterval = 50 * time.Millisecond
 type Request struct {
 	Tenant string // "" is DefaultTenant
 	// Urgency is the RFC 9218 urgency the client asked for, 0 most urgent.
-	// Submit replaces it with the urgency it applied (the tenant's default
-	// when DefaultUrgency is set, never more urgent than the tenant's
-	// ceiling) and copies that into Job.
-	Urgency uint8
+	// Submit applies the tenant's default when DefaultUrgency is set and
+	// never grants more urgency than the ceilings allow; the Stream says
+	// what it applied, and Job travels on with it and its class.
+	Urgency priority.Urgency
 	// DefaultUrgency says the client named no urgency.
 	DefaultUrgency bool
 	// UrgencyCeiling is a ceiling of this request's own on top of its
 	// tenant's (its token's, say): the most urgent level it may have.
-	UrgencyCeiling uint8
+	UrgencyCeiling priority.Urgency
 	Deadline       time.Time // latest time the request may start; zero means none
-	Job            transport.Submit
+	Job            infer.Request
 }
 
 // Stats is a snapshot for metrics.
 type Stats struct {
-	Queued          int         // requests waiting for a slot
-	Running         int         // slots in use across all worker handles
-	QueuedByUrgency [Levels]int // waiting requests by the urgency they were given
-}
-
-// call is the part of *transport.Call the scheduler uses. It is a seam so
-// that the scheduler's tests can dispatch without shared memory.
-type call interface {
-	Events() <-chan transport.Event
-	Cancel()
+	Queued          int                  // requests waiting for a slot
+	Running         int                  // slots in use across all worker handles
+	QueuedByUrgency [priority.Levels]int // waiting requests by the urgency they were given
 }
 
 // clock is the scheduler's time source, a seam for tests with a fake clock.
@@ -144,7 +136,6 @@ type Scheduler struct {
 	cfg     Config
 	workers WorkerSet
 	log     *slog.Logger
-	open    func(w Worker, id uint64, job *transport.Submit) (call, error)
 	clock   clock
 
 	mu      sync.Mutex
@@ -164,7 +155,7 @@ type Scheduler struct {
 // lock) sends exactly one grant on wake.
 type waiter struct {
 	tenant   string
-	urgency  uint8
+	urgency  priority.Urgency
 	weight   float64
 	cost     float64
 	enqueued time.Time
@@ -188,9 +179,8 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	if cfg.RetryAfter < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.retry_after: must be >= 0, got %s", cfg.RetryAfter))
 	}
-	if cfg.UrgentMax >= Levels {
-		errs = append(errs, fmt.Errorf("scheduler.urgent_max: must be 0..7, got %d", cfg.UrgentMax))
-	}
+	cfg.Classes = cfg.Classes.OrDefault()
+	errs = append(errs, cfg.Classes.Validate("priority")...)
 	if cfg.UrgentReserve < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.urgent_reserve: must be >= 0, got %d", cfg.UrgentReserve))
 	}
@@ -217,15 +207,11 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	if cfg.Aging == 0 {
 		cfg.Aging = DefaultAging
 	}
-	if cfg.UrgentMax == 0 {
-		cfg.UrgentMax = DefaultUrgentMax
-	}
 	s := &Scheduler{
 		cfg:     cfg,
 		tenants: tenants,
 		workers: workers,
 		log:     log,
-		open:    openWorker,
 		clock:   realClock{},
 		inUse:   make(map[Worker]int),
 		queue:   newQueue(cfg.Aging),
@@ -236,13 +222,12 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	return s, nil
 }
 
-func openWorker(w Worker, id uint64, job *transport.Submit) (call, error) {
+func openWorker(w Worker, id uint64, job *infer.Request) (infer.Call, error) {
 	c, err := w.Open(id, job)
 	if err != nil {
 		return nil, err
 	}
 	if c == nil {
-		// A nil *transport.Call in the interface would look non-nil.
 		return nil, errors.New("worker returned no call")
 	}
 	return c, nil
@@ -253,7 +238,7 @@ func openWorker(w Worker, id uint64, job *transport.Submit) (call, error) {
 func tenantTable(list []Tenant) (map[string]Tenant, []error) {
 	var errs []error
 	tenants := map[string]Tenant{
-		DefaultTenant: {Name: DefaultTenant, Weight: 1, DefaultUrgency: DefaultUrgency},
+		DefaultTenant: {Name: DefaultTenant, Weight: 1, DefaultUrgency: priority.Default},
 	}
 	listed := map[string]bool{}
 	for i, t := range list {
@@ -268,7 +253,7 @@ func tenantTable(list []Tenant) (map[string]Tenant, []error) {
 		if t.Weight < 1 {
 			errs = append(errs, fmt.Errorf("%s.weight: must be >= 1, got %d", key, t.Weight))
 		}
-		if t.DefaultUrgency >= Levels {
+		if !t.DefaultUrgency.Valid() {
 			errs = append(errs, fmt.Errorf("%s.default_urgency: must be 0..7, got %d", key, t.DefaultUrgency))
 		}
 		if t.UrgencyCeiling > t.DefaultUrgency {
@@ -313,17 +298,10 @@ func (s *Scheduler) tenant(name string) Tenant {
 // and blocks until it is dispatched, ctx is done, its deadline passes or the
 // scheduler closes; whichever ends the wait removes it from the queue. A
 // tenant over its own bound fails at once with a *TenantLimitError, a full
-// queue with an *OverloadError. It sets r.Urgency to the urgency it
+// queue with an *OverloadError. r.Job's Urgency and Class are those it
 // applied. Submit (stream.go) wraps it.
 func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) {
-	if r == nil {
-		return nil, errors.New("scheduler: submit: nil request")
-	}
 	t := s.tenant(r.Tenant)
-	if r.DefaultUrgency {
-		r.Urgency = t.DefaultUrgency
-	}
-	r.Urgency = min(max(r.Urgency, t.UrgencyCeiling, r.UrgencyCeiling), Levels-1)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("scheduler: submit: %w", err)
 	}
@@ -340,7 +318,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 	id := s.nextID
 	var worker Worker
 	if s.queue.len() == 0 {
-		worker = s.reserveLocked(int(r.Urgency))
+		worker = s.reserveLocked(r.Job.Urgency)
 	}
 	var w *waiter
 	if worker == nil {
@@ -360,7 +338,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 		}
 		w = &waiter{
 			tenant:   t.Name,
-			urgency:  r.Urgency,
+			urgency:  r.Job.Urgency,
 			weight:   float64(t.Weight),
 			cost:     cost,
 			enqueued: now,
@@ -380,9 +358,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 			return nil, fmt.Errorf("scheduler: request %d: %w", id, err)
 		}
 	}
-	job := r.Job
-	job.Urgency = r.Urgency
-	c, err := s.open(worker, id, &job)
+	c, err := openWorker(worker, id, &r.Job)
 	if err != nil {
 		s.release(worker)
 		return nil, fmt.Errorf("scheduler: worker %d: open request %d: %w", worker.ID(), id, err)
@@ -431,9 +407,9 @@ func (s *Scheduler) fail(w *waiter, err error) bool {
 // reserveLocked takes a slot for a request of effective urgency level on the
 // ready worker with the lowest share of its slots in use, or returns nil
 // when every slot it may use is taken.
-func (s *Scheduler) reserveLocked(level int) Worker {
+func (s *Scheduler) reserveLocked(level priority.Urgency) Worker {
 	reserve := 0
-	if level > int(s.cfg.UrgentMax) {
+	if s.cfg.Classes.Of(level) != priority.Urgent {
 		reserve = s.cfg.UrgentReserve
 	}
 	var best Worker
@@ -480,7 +456,7 @@ func (s *Scheduler) dispatchLocked() {
 	for s.queue.len() > 0 {
 		var worker Worker
 		w := s.queue.pop(s.clock.Now(), func(level int) bool {
-			worker = s.reserveLocked(level)
+			worker = s.reserveLocked(priority.Urgency(level))
 			return worker != nil
 		})
 		if w == nil {

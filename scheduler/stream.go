@@ -2,9 +2,11 @@ package scheduler
 
 import (
 	"context"
+	"errors"
 	"sync"
 
-	"h3infer/transport"
+	"h3infer/infer"
+	"h3infer/priority"
 )
 
 // maxRedispatch bounds how often one request moves to another worker after
@@ -17,7 +19,7 @@ const maxRedispatch = 2
 type attempt struct {
 	id     uint64
 	worker Worker
-	call   call
+	call   infer.Call
 }
 
 // Submit assigns the request an id and dispatches it to the least loaded
@@ -35,22 +37,35 @@ type attempt struct {
 // ends with the worker_lost error. Once an event has been handed on, a
 // dying worker ends the stream with the transport's worker_lost error event.
 //
-// Submit sets r.Urgency to the urgency it applied. ctx bounds the request's
-// whole life, the wait for a re-dispatch included. The caller must Close
-// the returned Stream.
-func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, error) {
-	a, err := s.dispatch(ctx, r)
-	if err != nil {
-		return nil, err
+// Submit does not modify r. It returns the Admission it decided, also
+// when it refused the request, and the request the worker gets carries
+// the same urgency and class. ctx bounds the request's whole life, the
+// wait for a re-dispatch included. The caller must Close the returned
+// Stream.
+func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, Admission, error) {
+	if r == nil {
+		return nil, Admission{}, errors.New("scheduler: submit: nil request")
 	}
-	// The copy carries the urgency dispatch applied, so a re-dispatch
-	// competes at the same level.
-	st := &Stream{sched: s, req: *r, cur: a, slotHeld: true, out: make(chan transport.Event), stop: make(chan struct{})}
+	// The copy carries what admit decided, so a re-dispatch competes at
+	// the same level.
+	req := s.admit(*r)
+	adm := Admission{Urgency: req.Job.Urgency, Class: req.Job.Class}
+	a, err := s.dispatch(ctx, &req)
+	if err != nil {
+		return nil, adm, err
+	}
+	st := &Stream{sched: s, req: req, cur: a, slotHeld: true, out: make(chan infer.Event), stop: make(chan struct{})}
 	// Re-dispatch waits on the same terms as the first dispatch: it gives
 	// up when the client leaves or the stream is closed.
 	st.ctx, st.cancel = context.WithCancel(ctx)
 	st.wg.Go(st.forward)
-	return st, nil
+	return st, adm, nil
+}
+
+// Admission is what Submit decided about a request's priority.
+type Admission struct {
+	Urgency priority.Urgency
+	Class   priority.Class
 }
 
 // Stream is one dispatched request: its events come from the worker that
@@ -73,9 +88,9 @@ type Stream struct {
 	req    Request
 	ctx    context.Context // bounds a re-dispatch's wait
 	cancel context.CancelFunc
-	out    chan transport.Event // closed after the terminal event
-	stop   chan struct{}        // closed by Close
-	wg     sync.WaitGroup       // forward
+	out    chan infer.Event // closed after the terminal event
+	stop   chan struct{}    // closed by Close
+	wg     sync.WaitGroup   // forward
 
 	mu       sync.Mutex
 	cur      *attempt
@@ -90,6 +105,20 @@ func (st *Stream) current() *attempt {
 	return st.cur
 }
 
+// admit decides r's urgency and class: the tenant's default urgency when
+// the client named none, never more urgent than the tenant's ceiling or
+// the request's own, and the class that urgency falls in.
+func (s *Scheduler) admit(r Request) Request {
+	t := s.tenant(r.Tenant)
+	u := r.Urgency
+	if r.DefaultUrgency {
+		u = t.DefaultUrgency
+	}
+	u = min(max(u, t.UrgencyCeiling, r.UrgencyCeiling), priority.Least)
+	r.Job.Urgency, r.Job.Class = u, s.cfg.Classes.Of(u)
+	return r
+}
+
 // ID is the request id the scheduler assigned; it names the sequence on the
 // worker's ring and in logs. It changes when the request is re-dispatched.
 func (st *Stream) ID() uint64 { return st.current().id }
@@ -99,7 +128,7 @@ func (st *Stream) WorkerID() int { return st.current().worker.ID() }
 
 // Events delivers the worker's tokens and, last, its done or error event;
 // the channel is closed after it.
-func (st *Stream) Events() <-chan transport.Event { return st.out }
+func (st *Stream) Events() <-chan infer.Event { return st.out }
 
 // forward hands on the request's events until the terminal one or Close.
 // Until the first event has gone out, an event saying the worker died
@@ -110,7 +139,7 @@ func (st *Stream) forward() {
 	a := st.current()
 	for {
 		var (
-			ev transport.Event
+			ev infer.Event
 			ok bool
 		)
 		select {
@@ -121,7 +150,7 @@ func (st *Stream) forward() {
 		if !ok {
 			return // ended without a result: the consumer sees the close
 		}
-		if !started && ev.Err != nil && ev.Err.Code == transport.CodeWorkerLost && st.moves < maxRedispatch {
+		if !started && ev.Err != nil && ev.Err.Code == infer.CodeWorkerLost && st.moves < maxRedispatch {
 			if next := st.redispatch(a, ev.Err); next != nil {
 				a = next
 				continue
@@ -142,7 +171,7 @@ func (st *Stream) forward() {
 // redispatch frees the dead worker's slot and submits the request anew. It
 // returns nil, keeping the old attempt, when no worker takes the request
 // before the stream's context or the request's deadline ends.
-func (st *Stream) redispatch(old *attempt, lost *transport.Error) *attempt {
+func (st *Stream) redispatch(old *attempt, lost *infer.Error) *attempt {
 	s := st.sched
 	// The slot goes back first: with every other slot busy the request must
 	// not wait on its own. The dead worker cannot take it again, because the
