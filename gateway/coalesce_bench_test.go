@@ -36,7 +36,7 @@ type pacedStream struct {
 	once   sync.Once
 }
 
-func (p *pacedScheduler) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, scheduler.Admission, error) {
+func (p *pacedScheduler) Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error) {
 	st := &pacedStream{events: make(chan infer.Event, p.n+1), stop: make(chan struct{})}
 	p.mu.Lock()
 	p.made = make([]time.Time, p.n)

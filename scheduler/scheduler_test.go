@@ -79,13 +79,13 @@ func (c *fakeCall) Cancel() {
 
 type fakeSet struct {
 	mu      sync.Mutex
-	workers []Worker
+	workers []Backend
 }
 
-func (s *fakeSet) Workers() []Worker {
+func (s *fakeSet) Backends() []Backend {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]Worker(nil), s.workers...)
+	return append([]Backend(nil), s.workers...)
 }
 
 func (s *fakeSet) set(ws ...*fakeWorker) {
@@ -125,7 +125,7 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 }
 
 type result struct {
-	st  *Stream
+	st  *Dispatch
 	err error
 }
 
@@ -209,7 +209,7 @@ func TestSubmitCopiesUrgencyAndAssignsIDs(t *testing.T) {
 	if job.Urgency != 1 || job.Model != "m" {
 		t.Errorf("worker got urgency %d model %q, want 1 and %q", job.Urgency, job.Model, "m")
 	}
-	if got := a.WorkerID(); got != 1 {
+	if got := a.BackendID(); got != 1 {
 		t.Errorf("WorkerID = %d, want 1", got)
 	}
 }
