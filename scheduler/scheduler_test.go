@@ -444,7 +444,7 @@ func TestNewValidates(t *testing.T) {
 	if err == nil {
 		t.Fatal("New accepted a negative queue, negative retry and nil worker set")
 	}
-	for _, want := range []string{"scheduler.max_queue", "scheduler.retry_after", "worker set"} {
+	for _, want := range []string{"scheduler.max_queue", "scheduler.retry_after", "backend set"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}
