@@ -442,7 +442,7 @@ func TestNewValidates(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	_, err := New(Config{MaxQueue: -1, RetryAfter: -time.Second}, nil, log)
 	if err == nil {
-		t.Fatal("New accepted a negative queue, negative retry and nil worker set")
+		t.Fatal("New accepted a negative queue, negative retry and nil backend set")
 	}
 	for _, want := range []string{"scheduler.max_queue", "scheduler.retry_after", "backend set"} {
 		if !strings.Contains(err.Error(), want) {
