@@ -8,7 +8,9 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"h3infer/infer"
 	"h3infer/internal/onnxgen"
+	"h3infer/priority"
 	"h3infer/transport"
 )
 
@@ -18,8 +20,8 @@ type recorder struct {
 	mu     sync.Mutex
 	text   map[uint64]*strings.Builder
 	tokens map[uint64]int
-	done   map[uint64]transport.Done
-	errs   map[uint64]transport.Error
+	done   map[uint64]infer.Done
+	errs   map[uint64]infer.Error
 	order  []uint64 // request id of every token frame, in sending order
 	// onToken, when set, runs in the loop's goroutine after each token is
 	// recorded; tests use it to act at an exact point of the stream.
@@ -31,8 +33,8 @@ func newRecorder() *recorder {
 	return &recorder{
 		text:   map[uint64]*strings.Builder{},
 		tokens: map[uint64]int{},
-		done:   map[uint64]transport.Done{},
-		errs:   map[uint64]transport.Error{},
+		done:   map[uint64]infer.Done{},
+		errs:   map[uint64]infer.Error{},
 	}
 }
 
@@ -45,7 +47,7 @@ func (r *recorder) SendTokens(ts []transport.TokenOut) error {
 	return nil
 }
 
-func (r *recorder) SendToken(id uint64, t transport.Token) error {
+func (r *recorder) SendToken(id uint64, t infer.Token) error {
 	r.mu.Lock()
 	if r.text[id] == nil {
 		r.text[id] = &strings.Builder{}
@@ -61,14 +63,14 @@ func (r *recorder) SendToken(id uint64, t transport.Token) error {
 	return nil
 }
 
-func (r *recorder) SendDone(id uint64, d transport.Done) error {
+func (r *recorder) SendDone(id uint64, d infer.Done) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.done[id] = d
 	return nil
 }
 
-func (r *recorder) SendError(id uint64, e transport.Error) error {
+func (r *recorder) SendError(id uint64, e infer.Error) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.errs[id] = e
@@ -98,7 +100,7 @@ func testLoop(t *testing.T, slots int, kvBudget int64) (*workerLoop, *recorder, 
 	return w, rec, make(chan inbound, 64)
 }
 
-func submit(id uint64, s transport.Submit) inbound {
+func submit(id uint64, s infer.Request) inbound {
 	return inbound{typ: transport.FrameSubmit, id: id, submit: s}
 }
 
@@ -118,14 +120,14 @@ func runUntilIdle(t *testing.T, w *workerLoop, inbox chan inbound, limit int) {
 
 // batchSubmits are prompts of different lengths, greedy and seeded
 // sampling, with and without stop strings.
-func batchSubmits() []transport.Submit {
+func batchSubmits() []infer.Request {
 	long := strings.Repeat("The gateway hands requests to workers. ", 12)
-	return []transport.Submit{
+	return []infer.Request{
 		{Model: "demo", Prompt: "The ", MaxTokens: 60},
 		{Model: "demo", Prompt: long, MaxTokens: 80},
 		{Model: "demo", Prompt: "A worker ", MaxTokens: 70, Temperature: 0.9, TopP: 0.9, Seed: 5, HasSeed: true},
 		{Model: "demo", Prompt: "Q", MaxTokens: 40, Temperature: 1.2, Seed: 11, HasSeed: true},
-		{Model: "demo", Messages: []transport.ChatMessage{{Role: "user", Content: "tokens and batches"}}, MaxTokens: 50},
+		{Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "tokens and batches"}}, MaxTokens: 50},
 		{Model: "demo", Prompt: long[:150], MaxTokens: 90, Temperature: 0.7, TopP: 0.5, Seed: 99, HasSeed: true, Stop: []string{"e t"}},
 		{Model: "demo", Prompt: "In", MaxTokens: 100},
 		{Model: "demo", Prompt: "streams ", MaxTokens: 30, Temperature: 1, Seed: 3, HasSeed: true},
@@ -138,7 +140,7 @@ func TestBatchedMatchesAlone(t *testing.T) {
 	m := loadTestModel(t)
 	subs := batchSubmits()
 	want := make([]string, len(subs))
-	wantDone := make([]transport.Done, len(subs))
+	wantDone := make([]infer.Done, len(subs))
 	for i := range subs {
 		var err error
 		if want[i], wantDone[i], err = m.Generate(context.Background(), &subs[i]); err != nil {
@@ -184,10 +186,10 @@ func TestBatchedMatchesAlone(t *testing.T) {
 // request at the next step.
 func TestCancelWithinOneStep(t *testing.T) {
 	w, rec, inbox := testLoop(t, 2, DefaultKVCacheBytes)
-	long := transport.Submit{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 1, HasSeed: true}
+	long := infer.Request{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 1, HasSeed: true}
 	requireLong(t, loadTestModel(t), &long)
 	inbox <- submit(1, long)
-	inbox <- submit(2, transport.Submit{Model: "demo", Prompt: "A ", MaxTokens: 200})
+	inbox <- submit(2, infer.Request{Model: "demo", Prompt: "A ", MaxTokens: 200})
 	// The cancel lands in the inbox just after request 1's fifth token was
 	// sent, that is during the step that computes its sixth.
 	const before = 5
@@ -210,7 +212,7 @@ func TestCancelWithinOneStep(t *testing.T) {
 		t.Fatalf("after cancel: %d rows, request 1 known %v", len(w.batches[0].rows), w.byID[1] != nil)
 	}
 	// The freed slot takes a new request, which runs beside request 2.
-	inbox <- submit(3, transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: 5})
+	inbox <- submit(3, infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 5})
 	if err := w.round(inbox); err != nil {
 		t.Fatal(err)
 	}
@@ -230,8 +232,8 @@ func TestCancelWithinOneStep(t *testing.T) {
 // arrival order within an urgency, and a running sequence keeps its place.
 func TestUrgentTakesNextFreeSlot(t *testing.T) {
 	m := loadTestModel(t)
-	s := func(u uint8, tokens uint32) transport.Submit {
-		return transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: tokens, Urgency: u}
+	s := func(u priority.Urgency, tokens uint32) infer.Request {
+		return infer.Request{Model: "demo", Prompt: "The ", MaxTokens: tokens, Urgency: u, Class: priority.DefaultClasses.Of(u)}
 	}
 	// Room for exactly two rows of 4 + 40 tokens.
 	budget := m.kvBytes(2, 4+40)
@@ -247,7 +249,7 @@ func TestUrgentTakesNextFreeSlot(t *testing.T) {
 	// Arrival order 3..7 with urgencies 7, 6, 0, 3, 0.
 	for _, q := range []struct {
 		id uint64
-		u  uint8
+		u  priority.Urgency
 	}{{3, 7}, {4, 6}, {5, 0}, {6, 3}, {7, 0}} {
 		inbox <- submit(q.id, s(q.u, 40))
 	}
@@ -271,9 +273,9 @@ func TestUrgentTakesNextFreeSlot(t *testing.T) {
 func TestRequestOverKVBudgetRefused(t *testing.T) {
 	m := loadTestModel(t)
 	w, rec, inbox := testLoop(t, 4, m.kvBytes(1, 100))
-	inbox <- submit(1, transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: 500})
+	inbox <- submit(1, infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 500})
 	runUntilIdle(t, w, inbox, 10)
-	if e := rec.errs[1]; e.Code != transport.CodeInvalidRequest || !strings.Contains(e.Message, "budget") {
+	if e := rec.errs[1]; e.Code != infer.CodeInvalidRequest || !strings.Contains(e.Message, "budget") {
 		t.Errorf("got %+v, want a budget error", e)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/infer"
 	"h3infer/internal/onnxgen"
 	"h3infer/transport"
 )
@@ -159,7 +160,7 @@ func runLoad(b *testing.B, end *transport.GatewayEnd, ids *atomic.Uint64, c int,
 			for time.Now().Before(stop) {
 				// IgnoreEOS: every request is the 64 tokens it asks for, as
 				// the random model draws its end token early and often.
-				s := &transport.Submit{Model: "demo", Prompt: prompt, MaxTokens: 64, Temperature: 1, Seed: uint64(client), HasSeed: true, IgnoreEOS: true}
+				s := &infer.Request{Model: "demo", Prompt: prompt, MaxTokens: 64, Temperature: 1, Seed: uint64(client), HasSeed: true, IgnoreEOS: true}
 				opened := time.Now()
 				call, err := end.Open(ids.Add(1), s)
 				if err != nil {

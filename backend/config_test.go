@@ -2,9 +2,10 @@ package backend
 
 import (
 	"errors"
-	"h3infer/transport"
 	"strings"
 	"testing"
+
+	"h3infer/infer"
 )
 
 func TestParseModelConfig(t *testing.T) {
@@ -53,10 +54,10 @@ func FuzzParseModelConfig(f *testing.F) {
 }
 
 func TestTemplates(t *testing.T) {
-	msgs := func(pairs ...string) []transport.ChatMessage {
-		var tm []transport.ChatMessage
+	msgs := func(pairs ...string) []infer.ChatMessage {
+		var tm []infer.ChatMessage
 		for i := 0; i < len(pairs); i += 2 {
-			tm = append(tm, transport.ChatMessage{Role: pairs[i], Content: pairs[i+1]})
+			tm = append(tm, infer.ChatMessage{Role: pairs[i], Content: pairs[i+1]})
 		}
 		return tm
 	}
@@ -64,7 +65,7 @@ func TestTemplates(t *testing.T) {
 	turns := msgs("system", "Be brief.", "user", "Hi", "assistant", "Hello.", "user", "Bye")
 	tests := []struct {
 		name string
-		msgs []transport.ChatMessage
+		msgs []infer.ChatMessage
 		want string
 	}{
 		{TemplatePlain, sysUser, "Be brief.\nHi\n"},
@@ -98,13 +99,13 @@ func TestTemplates(t *testing.T) {
 		t.Error("unknown template accepted")
 	}
 	// [INST] formats cannot express these conversations.
-	for name, m := range map[string][]transport.ChatMessage{
+	for name, m := range map[string][]infer.ChatMessage{
 		"two users":        msgs("user", "a", "user", "b"),
 		"ends with answer": msgs("user", "a", "assistant", "b"),
 		"starts with bot":  msgs("assistant", "a", "user", "b"),
 	} {
 		_, err := applyTemplate(TemplateLlama2, m)
-		if re, ok := errors.AsType[*RequestError](err); !ok || re.Code != transport.CodeInvalidRequest {
+		if re, ok := errors.AsType[*RequestError](err); !ok || re.Code != infer.CodeInvalidRequest {
 			t.Errorf("%s: got %v, want an invalid request", name, err)
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"h3infer/infer"
 	"h3infer/transport"
 )
 
@@ -89,14 +90,14 @@ func (m *Model) check(ctx context.Context, dir string) error {
 	defer cancel()
 	// Warm-up: a prefill and a few batched steps touch every kernel a
 	// request will use.
-	warm := &transport.Submit{Prompt: "Hello", MaxTokens: 4, HasSeed: true}
+	warm := &infer.Request{Prompt: "Hello", MaxTokens: 4, HasSeed: true}
 	if _, _, err := m.Generate(ctx, warm); err != nil {
 		return fmt.Errorf("warm-up: %w", err)
 	}
 	if g == nil {
 		return nil
 	}
-	got, _, err := m.Generate(ctx, &transport.Submit{Prompt: g.Prompt, MaxTokens: uint32(g.MaxTokens), HasSeed: true})
+	got, _, err := m.Generate(ctx, &infer.Request{Prompt: g.Prompt, MaxTokens: uint32(g.MaxTokens), HasSeed: true})
 	if err != nil {
 		return fmt.Errorf("golden check: %w", err)
 	}
@@ -120,22 +121,22 @@ type loadOutcome struct {
 // session is built and warmed up.
 func (w *workerLoop) control(in inbound) error {
 	fail := func(code, msg string) error {
-		return w.end.SendError(in.id, transport.Error{Code: code, Message: msg})
+		return w.end.SendError(in.id, infer.Error{Code: code, Message: msg})
 	}
 	if in.err != nil {
-		return fail(transport.CodeInvalidRequest, "malformed control: "+in.err.Error())
+		return fail(infer.CodeInvalidRequest, "malformed control: "+in.err.Error())
 	}
 	c := in.control
 	switch c.Op {
 	case transport.ControlLoad:
 		if c.Name == "" || c.Dir == "" {
-			return fail(transport.CodeInvalidRequest, "load: name and dir are required")
+			return fail(infer.CodeInvalidRequest, "load: name and dir are required")
 		}
 		if w.models[c.Name] != nil || w.loading[c.Name] {
-			return fail(transport.CodeInvalidRequest, fmt.Sprintf("load: model %q is already served or loading", c.Name))
+			return fail(infer.CodeInvalidRequest, fmt.Sprintf("load: model %q is already served or loading", c.Name))
 		}
 		if w.inbox == nil {
-			return fail(transport.CodeInternal, "load: this worker cannot load models")
+			return fail(infer.CodeInternal, "load: this worker cannot load models")
 		}
 		w.loading[c.Name] = true
 		opts := w.loadOpts
@@ -155,16 +156,16 @@ func (w *workerLoop) control(in inbound) error {
 	case transport.ControlUnload:
 		m := w.models[c.Name]
 		if m == nil {
-			return fail(transport.CodeModelNotFound, fmt.Sprintf("unload: model %q is not served by this worker", c.Name))
+			return fail(infer.CodeModelNotFound, fmt.Sprintf("unload: model %q is not served by this worker", c.Name))
 		}
 		// Requests already admitted finish; new ones find no such model.
 		delete(w.models, c.Name)
 		w.draining[m] = true
 		w.log.Info("model unloading", "model", c.Name)
 		w.reap()
-		return w.end.SendDone(in.id, transport.Done{FinishReason: transport.FinishOK})
+		return w.end.SendDone(in.id, infer.Done{FinishReason: transport.FinishOK})
 	}
-	return fail(transport.CodeInvalidRequest, fmt.Sprintf("unknown control op %d", c.Op))
+	return fail(infer.CodeInvalidRequest, fmt.Sprintf("unknown control op %d", c.Op))
 }
 
 // loaded installs a model a loader prepared, or reports why it could not.
@@ -172,12 +173,12 @@ func (w *workerLoop) loaded(r *loadOutcome) error {
 	delete(w.loading, r.name)
 	if r.err != nil {
 		w.log.Error("model load failed", "model", r.name, "dir", r.dir, "err", r.err)
-		return w.end.SendError(r.id, transport.Error{Code: transport.CodeInvalidRequest, Message: r.err.Error()})
+		return w.end.SendError(r.id, infer.Error{Code: infer.CodeInvalidRequest, Message: r.err.Error()})
 	}
 	w.models[r.name] = r.m
 	w.batches = append(w.batches, r.m.newBatch())
 	w.log.Info("model loaded", "model", r.name, "dir", r.dir, "context_length", r.m.cfg.ContextLength, "layers", r.m.layers)
-	return w.end.SendDone(r.id, transport.Done{FinishReason: transport.FinishOK})
+	return w.end.SendDone(r.id, infer.Done{FinishReason: transport.FinishOK})
 }
 
 // reap closes draining models whose last sequence has ended.

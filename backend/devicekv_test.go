@@ -5,13 +5,13 @@ import (
 	"strings"
 	"testing"
 
+	"h3infer/infer"
 	"h3infer/internal/onnxgen"
-	"h3infer/transport"
 )
 
 // runSubmits drives a worker loop over m with subs, some arriving while
 // others run, and returns each request's text and done frame.
-func runSubmits(t *testing.T, m *Model, subs []transport.Submit) ([]string, []transport.Done, int) {
+func runSubmits(t *testing.T, m *Model, subs []infer.Request) ([]string, []infer.Done, int) {
 	t.Helper()
 	rec := newRecorder()
 	w := newWorkerLoop(rec, len(subs), DefaultKVCacheBytes, map[string]*Model{"demo": m}, testLogger(t))
@@ -32,7 +32,7 @@ func runSubmits(t *testing.T, m *Model, subs []transport.Submit) ([]string, []tr
 	}
 	runUntilIdle(t, w, inbox, 2000)
 	texts := make([]string, len(subs))
-	dones := make([]transport.Done, len(subs))
+	dones := make([]infer.Done, len(subs))
 	for i := range subs {
 		if e, ok := rec.errs[uint64(i)]; ok {
 			t.Fatalf("request %d: error %+v", i, e)

@@ -4,7 +4,7 @@ import (
 	"log/slog"
 	"testing"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // PID is the pid of the worker's running process, 0 if none, so that
@@ -24,7 +24,7 @@ func DemoModelForTest(t testing.TB) (dir, ortLib string) {
 }
 
 // RequireLongForTest fails t unless s makes a long generation on m.
-func RequireLongForTest(t *testing.T, m *Model, s *transport.Submit) { requireLong(t, m, s) }
+func RequireLongForTest(t *testing.T, m *Model, s *infer.Request) { requireLong(t, m, s) }
 
 // LoggerForTest logs warnings and errors to t.
 func LoggerForTest(t testing.TB) *slog.Logger { return testLogger(t) }

@@ -7,7 +7,7 @@ import (
 	"math/rand/v2"
 	"strings"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // RequestError is a request that cannot be served as asked. Code is one of
@@ -39,15 +39,15 @@ type generation struct {
 	logits []float32 // of the latest forward pass, sampled by next
 }
 
-func (m *Model) newGeneration(s *transport.Submit) (*generation, error) {
+func (m *Model) newGeneration(s *infer.Request) (*generation, error) {
 	if s.Prompt != "" && len(s.Messages) > 0 {
-		return nil, &RequestError{transport.CodeInvalidRequest, "set either a prompt or messages, not both"}
+		return nil, &RequestError{infer.CodeInvalidRequest, "set either a prompt or messages, not both"}
 	}
 	if t := s.Temperature; t < 0 || math.IsNaN(float64(t)) || math.IsInf(float64(t), 0) {
-		return nil, &RequestError{transport.CodeInvalidRequest, fmt.Sprintf("temperature must be >= 0, got %v", t)}
+		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf("temperature must be >= 0, got %v", t)}
 	}
 	if p := s.TopP; !(p >= 0 && p <= 1) {
-		return nil, &RequestError{transport.CodeInvalidRequest, fmt.Sprintf("top_p must be in [0, 1], got %v", p)}
+		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf("top_p must be in [0, 1], got %v", p)}
 	}
 	text := s.Prompt
 	if len(s.Messages) > 0 {
@@ -58,11 +58,11 @@ func (m *Model) newGeneration(s *transport.Submit) (*generation, error) {
 	}
 	prompt := m.tok.encode(text)
 	if len(prompt) == 0 {
-		return nil, &RequestError{transport.CodeInvalidRequest, "the prompt is empty"}
+		return nil, &RequestError{infer.CodeInvalidRequest, "the prompt is empty"}
 	}
 	ctxLen := m.cfg.ContextLength
 	if len(prompt) >= ctxLen {
-		return nil, &RequestError{transport.CodeContextLength, fmt.Sprintf(
+		return nil, &RequestError{infer.CodeContextLength, fmt.Sprintf(
 			"the prompt has %d tokens but model %s has a context length of %d tokens, which leaves no room for a completion",
 			len(prompt), m.name, ctxLen)}
 	}
@@ -102,26 +102,26 @@ func (g *generation) prefill0(ids []int) ([][]byte, error) {
 
 // next samples one token from the latest logits. It returns the text that
 // token releases, and a non-nil Done when the request is finished.
-func (g *generation) next() (transport.Token, *transport.Done) {
+func (g *generation) next() (infer.Token, *infer.Done) {
 	id := g.smp.sample(g.logits)
 	g.completion++
-	tok := transport.Token{Count: 1}
+	tok := infer.Token{Count: 1}
 	piece := g.m.tok.piece(id)
 	if g.m.stopIDs[id] {
 		if !g.ignoreEOS {
 			tok.Text = g.text.flush()
-			return tok, g.done(transport.FinishStop)
+			return tok, g.done(infer.FinishStop)
 		}
 		piece = nil // an end token carries no text of its own
 	}
 	text, stopped := g.text.push(piece)
 	tok.Text = text
 	if stopped {
-		return tok, g.done(transport.FinishStop)
+		return tok, g.done(infer.FinishStop)
 	}
 	if g.completion >= g.limit {
 		tok.Text += g.text.flush()
-		return tok, g.done(transport.FinishLength)
+		return tok, g.done(infer.FinishLength)
 	}
 	g.last = id
 	return tok, nil
@@ -130,8 +130,8 @@ func (g *generation) next() (transport.Token, *transport.Done) {
 // reserve is how many tokens the sequence's cache can grow to.
 func (g *generation) reserve() int { return len(g.prompt) + g.limit }
 
-func (g *generation) done(reason string) *transport.Done {
-	return &transport.Done{
+func (g *generation) done(reason string) *infer.Done {
+	return &infer.Done{
 		FinishReason:     reason,
 		PromptTokens:     uint32(len(g.prompt)),
 		CompletionTokens: uint32(g.completion),
@@ -142,20 +142,20 @@ func (g *generation) done(reason string) *transport.Done {
 // Submit (s.Model is not consulted), and returns the whole text. It exists
 // so that tests can check that the ring carries the tokens a model really
 // produced. Errors the request caused are *RequestError.
-func (m *Model) Generate(ctx context.Context, s *transport.Submit) (string, transport.Done, error) {
+func (m *Model) Generate(ctx context.Context, s *infer.Request) (string, infer.Done, error) {
 	g, err := m.newGeneration(s)
 	if err != nil {
-		return "", transport.Done{}, err
+		return "", infer.Done{}, err
 	}
 	if err := ctx.Err(); err != nil {
-		return "", transport.Done{}, fmt.Errorf("generate: %w", err)
+		return "", infer.Done{}, fmt.Errorf("generate: %w", err)
 	}
 	b := m.newBatch()
 	defer b.close()
 	var out strings.Builder
 	kv, err := g.prefill()
 	if err != nil {
-		return "", transport.Done{}, err
+		return "", infer.Done{}, err
 	}
 	for {
 		tok, done := g.next()
@@ -168,10 +168,10 @@ func (m *Model) Generate(ctx context.Context, s *transport.Submit) (string, tran
 			kv = nil
 		}
 		if err := ctx.Err(); err != nil {
-			return out.String(), transport.Done{}, fmt.Errorf("generate: %w", err)
+			return out.String(), infer.Done{}, fmt.Errorf("generate: %w", err)
 		}
 		if err := b.step(); err != nil {
-			return out.String(), transport.Done{}, err
+			return out.String(), infer.Done{}, err
 		}
 	}
 }

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"h3infer/backend"
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // TestPoolDropsHostileWorker: a worker process that writes garbage into
@@ -54,12 +54,12 @@ func TestPoolDropsHostileWorker(t *testing.T) {
 			waitFor(t, "the hostile worker to be ready", w.Ready)
 			hostilePID := w.PID()
 
-			c, err := w.Open(1, &transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: 8})
+			c, err := w.Open(1, &infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 8})
 			if err != nil {
 				t.Fatal(err)
 			}
 			got := drain(t, c)
-			if got.text != "hostile " || got.done != nil || got.err == nil || got.err.Code != transport.CodeWorkerLost {
+			if got.text != "hostile " || got.done != nil || got.err == nil || got.err.Code != infer.CodeWorkerLost {
 				t.Errorf("call on the hostile worker: got text %q, done %+v, error %+v; want its one token, then a worker_lost error", got.text, got.done, got.err)
 			}
 			if _, err := os.Stat(claim); !os.IsNotExist(err) {
@@ -78,7 +78,7 @@ func TestPoolDropsHostileWorker(t *testing.T) {
 				t.Errorf("hostile worker %d was not reaped", hostilePID)
 			}
 
-			c2, err := w.Open(2, &transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: 5})
+			c2, err := w.Open(2, &infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 5})
 			if err != nil {
 				t.Fatal(err)
 			}

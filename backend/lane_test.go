@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/infer"
+	"h3infer/priority"
 	"h3infer/transport"
 )
 
@@ -91,9 +93,9 @@ func TestUrgentFirstTokenBesideBulkStep(t *testing.T) {
 	m := loadTestModel(t)
 	subs := batchSubmits()[:4]
 	for i := range subs {
-		subs[i].Urgency = 6
+		subs[i].Urgency, subs[i].Class = 6, priority.Bulk
 	}
-	urgent := transport.Submit{Model: "demo", Prompt: "An urgent ", MaxTokens: 20, Urgency: 0}
+	urgent := infer.Request{Model: "demo", Prompt: "An urgent ", MaxTokens: 20, Urgency: 0, Class: priority.Urgent}
 	const urgentID, cancelID = 100, 1
 	w, rec, inbox := testLoop(t, 8, DefaultKVCacheBytes)
 	var gate func(func())
@@ -144,7 +146,7 @@ func TestUrgentFirstTokenBesideBulkStep(t *testing.T) {
 	}
 	runUntilIdle(t, w, inbox, 1000)
 
-	check := func(id uint64, s transport.Submit) {
+	check := func(id uint64, s infer.Request) {
 		t.Helper()
 		wantText, wantDone, err := m.Generate(context.Background(), &s)
 		if err != nil {

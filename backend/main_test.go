@@ -13,7 +13,6 @@ import (
 
 	"flag"
 	"fmt"
-	"h3infer/transport"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -22,6 +21,9 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"h3infer/infer"
+	"h3infer/transport"
 
 	"h3infer/internal/onnxgen"
 )
@@ -204,7 +206,7 @@ func attachReady(fd int) (*transport.Segment, *transport.WorkerEnd, error) {
 		return nil, nil, err
 	}
 	end := transport.NewWorkerEnd(seg)
-	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []transport.ModelInfo{{Name: "demo", ContextLength: 64}}}
+	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []infer.ModelInfo{{Name: "demo", ContextLength: 64}}}
 	if err := end.SendReady(ready); err != nil {
 		seg.Close()
 		return nil, nil, err
@@ -283,7 +285,7 @@ func hostile(ctx context.Context, mode string, fd int) error {
 			break
 		}
 	}
-	if err := end.SendToken(id, transport.Token{Count: 1, Text: "hostile "}); err != nil {
+	if err := end.SendToken(id, infer.Token{Count: 1, Text: "hostile "}); err != nil {
 		return err
 	}
 	switch mode {
@@ -294,7 +296,7 @@ func hostile(ctx context.Context, mode string, fd int) error {
 		})
 	case hostileBadCheck:
 		err = publishRaw(fd, seg.RingSize(), func(rec []byte) int {
-			payload := transport.AppendToken(nil, &transport.Token{Count: 1, Text: "forged"})
+			payload := transport.AppendToken(nil, &infer.Token{Count: 1, Text: "forged"})
 			putHeader(rec, uint32(len(payload)), transport.FrameToken, id)
 			copy(rec[24:], payload)
 			check := crc32.Update(crc32.Checksum(rec[:16], castagnoli), castagnoli, payload)
@@ -304,7 +306,7 @@ func hostile(ctx context.Context, mode string, fd int) error {
 		})
 	case hostileUnknownID:
 		for i := range uint64(100) {
-			if err = end.SendToken(id+1000+i, transport.Token{Count: 1, Text: "stray "}); err != nil {
+			if err = end.SendToken(id+1000+i, infer.Token{Count: 1, Text: "stray "}); err != nil {
 				break
 			}
 		}

@@ -9,9 +9,9 @@ import (
 	"strconv"
 	"strings"
 
-	ort "github.com/yalue/onnxruntime_go"
+	"h3infer/infer"
 
-	"h3infer/transport"
+	ort "github.com/yalue/onnxruntime_go"
 )
 
 // ModelOptions tunes how LoadModel serves a model directory.
@@ -397,8 +397,8 @@ func (m *Model) Provider() Provider { return m.place.provider }
 func (m *Model) DeviceKV() bool { return m.dev != nil }
 
 // Info describes the model as workers announce it.
-func (m *Model) Info() transport.ModelInfo {
-	return transport.ModelInfo{Name: m.name, ContextLength: uint32(m.cfg.ContextLength)}
+func (m *Model) Info() infer.ModelInfo {
+	return infer.ModelInfo{Name: m.name, ContextLength: uint32(m.cfg.ContextLength)}
 }
 
 // Close releases the ONNX Runtime session. Sequences of the model must be

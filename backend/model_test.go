@@ -10,8 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"h3infer/infer"
 	"h3infer/internal/onnxgen"
-	"h3infer/transport"
 )
 
 func TestKVCacheMatchesRecompute(t *testing.T) {
@@ -70,10 +70,10 @@ func TestContextLength(t *testing.T) {
 	}
 	defer m.Close()
 
-	_, _, err = m.Generate(context.Background(), &transport.Submit{Prompt: strings.Repeat("a", 16)})
+	_, _, err = m.Generate(context.Background(), &infer.Request{Prompt: strings.Repeat("a", 16)})
 	re, ok := errors.AsType[*RequestError](err)
-	if !ok || re.Code != transport.CodeContextLength {
-		t.Fatalf("got %v, want a %s error", err, transport.CodeContextLength)
+	if !ok || re.Code != infer.CodeContextLength {
+		t.Fatalf("got %v, want a %s error", err, infer.CodeContextLength)
 	}
 	for _, want := range []string{"16 tokens", "context length of 16"} {
 		if !strings.Contains(re.Message, want) {
@@ -82,15 +82,15 @@ func TestContextLength(t *testing.T) {
 	}
 
 	// 15 tokens leave room for exactly one.
-	_, done, err := m.Generate(context.Background(), &transport.Submit{Prompt: strings.Repeat("a", 15)})
+	_, done, err := m.Generate(context.Background(), &infer.Request{Prompt: strings.Repeat("a", 15)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if done.CompletionTokens != 1 || done.FinishReason != transport.FinishLength && done.FinishReason != transport.FinishStop {
+	if done.CompletionTokens != 1 || done.FinishReason != infer.FinishLength && done.FinishReason != infer.FinishStop {
 		t.Errorf("done = %+v, want one completion token", done)
 	}
 	// Without max_tokens the context is the limit.
-	_, done, err = m.Generate(context.Background(), &transport.Submit{Prompt: "Th", Temperature: 0})
+	_, done, err = m.Generate(context.Background(), &infer.Request{Prompt: "Th", Temperature: 0})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,11 +101,11 @@ func TestContextLength(t *testing.T) {
 
 func TestGenerateMaxTokens(t *testing.T) {
 	m := loadTestModel(t)
-	text, done, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The ", MaxTokens: 7})
+	text, done, err := m.Generate(context.Background(), &infer.Request{Prompt: "The ", MaxTokens: 7})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if done.FinishReason != transport.FinishLength || done.CompletionTokens != 7 || done.PromptTokens != 4 {
+	if done.FinishReason != infer.FinishLength || done.CompletionTokens != 7 || done.PromptTokens != 4 {
 		t.Errorf("done = %+v, want length after 7 tokens of a 4-token prompt", done)
 	}
 	if len(text) == 0 {
@@ -117,12 +117,12 @@ func TestGenerateMaxTokens(t *testing.T) {
 // before the end token is what stopped there.
 func TestGenerateIgnoreEOS(t *testing.T) {
 	m := loadTestModel(t)
-	s := transport.Submit{Prompt: "The gateway", MaxTokens: 400}
+	s := infer.Request{Prompt: "The gateway", MaxTokens: 400}
 	stopped, done, err := m.Generate(context.Background(), &s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if done.FinishReason != transport.FinishStop || done.CompletionTokens >= s.MaxTokens {
+	if done.FinishReason != infer.FinishStop || done.CompletionTokens >= s.MaxTokens {
 		t.Fatalf("greedy %q ended %+v; the test needs a prompt whose text ends with eos", stopped, done)
 	}
 	s.IgnoreEOS = true
@@ -130,7 +130,7 @@ func TestGenerateIgnoreEOS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if done.FinishReason != transport.FinishLength || done.CompletionTokens != s.MaxTokens {
+	if done.FinishReason != infer.FinishLength || done.CompletionTokens != s.MaxTokens {
 		t.Errorf("with ignore_eos: ended %+v, want length after %d tokens", done, s.MaxTokens)
 	}
 	if !strings.HasPrefix(past, stopped) || len(past) <= len(stopped) || strings.Contains(past, "<|endoftext|>") {
@@ -140,7 +140,7 @@ func TestGenerateIgnoreEOS(t *testing.T) {
 
 func TestGenerateStopSequence(t *testing.T) {
 	m := loadTestModel(t)
-	full, _, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The ", MaxTokens: 60})
+	full, _, err := m.Generate(context.Background(), &infer.Request{Prompt: "The ", MaxTokens: 60})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,11 +149,11 @@ func TestGenerateStopSequence(t *testing.T) {
 	}
 	stop := full[10:13]
 	want := full[:strings.Index(full, stop)]
-	got, done, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The ", MaxTokens: 60, Stop: []string{"zzzz", stop}})
+	got, done, err := m.Generate(context.Background(), &infer.Request{Prompt: "The ", MaxTokens: 60, Stop: []string{"zzzz", stop}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got != want || done.FinishReason != transport.FinishStop {
+	if got != want || done.FinishReason != infer.FinishStop {
 		t.Errorf("with stop %q got %q (%s), want %q (stop)", stop, got, done.FinishReason, want)
 	}
 }
@@ -162,7 +162,7 @@ func TestSeededSampling(t *testing.T) {
 	m := loadTestModel(t)
 	gen := func(seed uint64) string {
 		t.Helper()
-		text, _, err := m.Generate(context.Background(), &transport.Submit{
+		text, _, err := m.Generate(context.Background(), &infer.Request{
 			Prompt: "The ", MaxTokens: 40, Temperature: 1.5, TopP: 0.95, Seed: seed, HasSeed: true,
 		})
 		if err != nil {
@@ -187,13 +187,13 @@ func TestSeededSampling(t *testing.T) {
 
 func TestChatUsesTemplate(t *testing.T) {
 	m := loadTestModel(t)
-	chat, _, err := m.Generate(context.Background(), &transport.Submit{
-		Messages: []transport.ChatMessage{{Role: "user", Content: "The gateway"}}, MaxTokens: 20,
+	chat, _, err := m.Generate(context.Background(), &infer.Request{
+		Messages: []infer.ChatMessage{{Role: "user", Content: "The gateway"}}, MaxTokens: 20,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	plain, _, err := m.Generate(context.Background(), &transport.Submit{Prompt: "The gateway\n", MaxTokens: 20})
+	plain, _, err := m.Generate(context.Background(), &infer.Request{Prompt: "The gateway\n", MaxTokens: 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,18 +204,18 @@ func TestChatUsesTemplate(t *testing.T) {
 
 func TestInvalidRequests(t *testing.T) {
 	m := loadTestModel(t)
-	tests := map[string]transport.Submit{
+	tests := map[string]infer.Request{
 		"negative temperature": {Prompt: "x", Temperature: -1},
 		"top_p above 1":        {Prompt: "x", TopP: 1.5},
 		"nan top_p":            {Prompt: "x", TopP: float32(math.NaN())},
-		"prompt and messages":  {Prompt: "x", Messages: []transport.ChatMessage{{Role: "user", Content: "y"}}},
+		"prompt and messages":  {Prompt: "x", Messages: []infer.ChatMessage{{Role: "user", Content: "y"}}},
 		"empty prompt":         {},
 	}
 	for name, s := range tests {
 		t.Run(name, func(t *testing.T) {
 			_, _, err := m.Generate(context.Background(), &s)
-			if re, ok := errors.AsType[*RequestError](err); !ok || re.Code != transport.CodeInvalidRequest {
-				t.Errorf("got %v, want an %s error", err, transport.CodeInvalidRequest)
+			if re, ok := errors.AsType[*RequestError](err); !ok || re.Code != infer.CodeInvalidRequest {
+				t.Errorf("got %v, want an %s error", err, infer.CodeInvalidRequest)
 			}
 		})
 	}

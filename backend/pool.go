@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"h3infer/infer"
 	"h3infer/transport"
 )
 
@@ -118,7 +119,7 @@ type Worker struct {
 	pid      int
 	ready    bool
 	slots    int
-	models   []transport.ModelInfo
+	models   []infer.ModelInfo
 	stats    transport.Stats // latest report of the running process
 	base     transport.Stats // totals of the processes that exited
 	restarts uint64
@@ -308,8 +309,8 @@ func (p *Pool) WaitReady(ctx context.Context) error {
 }
 
 // Models lists the models the ready workers serve, each name once.
-func (p *Pool) Models() []transport.ModelInfo {
-	var out []transport.ModelInfo
+func (p *Pool) Models() []infer.ModelInfo {
+	var out []infer.ModelInfo
 	seen := map[string]bool{}
 	for _, w := range p.workers {
 		w.mu.Lock()
@@ -378,7 +379,7 @@ func (w *Worker) Slots() int {
 // Open sends s to the worker as request id. It fails with
 // ErrWorkerNotReady unless the worker is ready. If the process dies, the
 // call ends with an error event.
-func (w *Worker) Open(id uint64, s *transport.Submit) (*transport.Call, error) {
+func (w *Worker) Open(id uint64, s *infer.Request) (infer.Call, error) {
 	w.mu.Lock()
 	end, ready := w.end, w.ready
 	w.mu.Unlock()
@@ -515,7 +516,7 @@ func (w *Worker) setReady(r transport.Ready) {
 	w.ready = true
 	w.state = StateReady
 	w.slots = int(r.Slots)
-	w.models = append([]transport.ModelInfo(nil), r.Models...)
+	w.models = append([]infer.ModelInfo(nil), r.Models...)
 	w.mu.Unlock()
 	w.pool.log.Info("worker ready", "worker", w.id, "pid", r.PID, "slots", r.Slots)
 	w.pool.notify()

@@ -13,7 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"h3infer/backend"
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // metric reads one worker's sample of a pool metric.
@@ -55,11 +55,11 @@ func waitFor(t *testing.T, what string, ok func() bool) {
 
 type callResult struct {
 	text string
-	done *transport.Done
-	err  *transport.Error
+	done *infer.Done
+	err  *infer.Error
 }
 
-func drain(t *testing.T, c *transport.Call) callResult {
+func drain(t *testing.T, c infer.Call) callResult {
 	t.Helper()
 	var r callResult
 	var b strings.Builder
@@ -79,20 +79,20 @@ func drain(t *testing.T, c *transport.Call) callResult {
 				r.err = ev.Err
 			}
 		case <-timeout:
-			t.Fatalf("call %d did not end", c.ID())
+			t.Fatal("call did not end")
 		}
 	}
 }
 
-func firstToken(t *testing.T, c *transport.Call) {
+func firstToken(t *testing.T, c infer.Call) {
 	t.Helper()
 	select {
 	case ev := <-c.Events():
 		if ev.Done != nil || ev.Err != nil {
-			t.Fatalf("first event of call %d: %+v, want a token", c.ID(), ev)
+			t.Fatalf("first event: %+v, want a token", ev)
 		}
 	case <-time.After(30 * time.Second):
-		t.Fatalf("call %d: no token", c.ID())
+		t.Fatal("call sent no token")
 	}
 }
 
@@ -150,7 +150,7 @@ func TestPool(t *testing.T) {
 	}
 
 	t.Run("tokens match Generate", func(t *testing.T) {
-		submits := []*transport.Submit{
+		submits := []*infer.Request{
 			{Model: "demo", Prompt: "The gateway ", MaxTokens: 40},
 			{Model: "demo", Prompt: "The worker ", MaxTokens: 40, Temperature: 0.8, Seed: 9, HasSeed: true},
 		}
@@ -175,7 +175,7 @@ func TestPool(t *testing.T) {
 		wg.Wait()
 	})
 
-	long := &transport.Submit{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 3, HasSeed: true}
+	long := &infer.Request{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 3, HasSeed: true}
 	backend.RequireLongForTest(t, ref, long)
 
 	t.Run("cancel", func(t *testing.T) {
@@ -229,7 +229,7 @@ func TestPool(t *testing.T) {
 		if got := metric(t, reg, "h3infer_worker_tokens_generated_total", "1"); got < tokensBefore {
 			t.Errorf("tokens counter went back from %v to %v", tokensBefore, got)
 		}
-		c2, err := w.Open(32, &transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: 5})
+		c2, err := w.Open(32, &infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 5})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -304,11 +304,11 @@ func TestPoolKillsBrokenWorkers(t *testing.T) {
 			firstPID := w.PID()
 			if mode == "hang" {
 				// A request held by a hung worker must not hang with it.
-				c, err := w.Open(1, &transport.Submit{Model: "demo", Prompt: "x", MaxTokens: 4})
+				c, err := w.Open(1, &infer.Request{Model: "demo", Prompt: "x", MaxTokens: 4})
 				if err != nil {
 					t.Fatal(err)
 				}
-				if r := drain(t, c); r.err == nil || r.err.Code != transport.CodeWorkerLost {
+				if r := drain(t, c); r.err == nil || r.err.Code != infer.CodeWorkerLost {
 					t.Errorf("request on the hung worker: got %+v, want a worker_lost error", r)
 				}
 			}

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 
+	"h3infer/infer"
 	"h3infer/transport"
 )
 
@@ -30,7 +31,7 @@ func (p *Pool) LoadModel(ctx context.Context, spec ModelSpec) error {
 	if err != nil {
 		return fmt.Errorf("load model %s from %s: %w", spec.Name, spec.Dir, err)
 	}
-	info := transport.ModelInfo{Name: spec.Name, ContextLength: uint32(cfg.ContextLength)}
+	info := infer.ModelInfo{Name: spec.Name, ContextLength: uint32(cfg.ContextLength)}
 
 	p.controlMu.Lock()
 	defer p.controlMu.Unlock()
@@ -101,7 +102,7 @@ func (p *Pool) UnloadModel(ctx context.Context, name string) error {
 	var errs []error
 	for _, w := range p.workers {
 		w.mu.Lock()
-		w.models = slices.DeleteFunc(w.models, func(m transport.ModelInfo) bool { return m.Name == name })
+		w.models = slices.DeleteFunc(w.models, func(m infer.ModelInfo) bool { return m.Name == name })
 		w.mu.Unlock()
 		err := p.control(ctx, w, &transport.Control{Op: transport.ControlUnload, Name: name})
 		if err != nil && !errors.Is(err, ErrWorkerNotReady) {

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"testing"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // fakeProviderDir makes a folder laid out like a GPU provider set: the
@@ -104,7 +104,7 @@ func TestProviderAutoFallsBack(t *testing.T) {
 		t.Errorf("fallback warning does not name the missing library:\n%s", logs.String())
 	}
 	cpu := loadTestModel(t)
-	s := transport.Submit{Model: "demo", Prompt: "The gateway ", MaxTokens: 40}
+	s := infer.Request{Model: "demo", Prompt: "The gateway ", MaxTokens: 40}
 	got, _, err := m.Generate(context.Background(), &s)
 	if err != nil {
 		t.Fatal(err)

@@ -14,9 +14,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
+	"h3infer/infer"
 
-	"h3infer/transport"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // RegistryConfig configures a Registry. Zero values mean the documented
@@ -53,7 +53,7 @@ const (
 type ModelLoader interface {
 	LoadModel(ctx context.Context, spec ModelSpec) error
 	UnloadModel(ctx context.Context, name string) error
-	Models() []transport.ModelInfo
+	Models() []infer.ModelInfo
 	Ready() bool
 }
 
@@ -364,14 +364,14 @@ func (r *Registry) release(v *version, failed bool) {
 
 // Models lists every model whose primary the ready workers serve, with
 // the primary's facts, for /v1/models.
-func (r *Registry) Models() []transport.ModelInfo {
-	served := map[string]transport.ModelInfo{}
+func (r *Registry) Models() []infer.ModelInfo {
+	served := map[string]infer.ModelInfo{}
 	for _, m := range r.loader.Models() {
 		served[m.Name] = m
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var out []transport.ModelInfo
+	var out []infer.ModelInfo
 	for _, name := range sortedKeys(r.models) {
 		f := r.models[name]
 		if f.primary == "" {

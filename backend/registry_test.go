@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // fakeLoader records what the registry asks the workers to load; it fails
@@ -42,12 +42,12 @@ func (f *fakeLoader) UnloadModel(_ context.Context, name string) error {
 	return nil
 }
 
-func (f *fakeLoader) Models() []transport.ModelInfo {
+func (f *fakeLoader) Models() []infer.ModelInfo {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	var out []transport.ModelInfo
+	var out []infer.ModelInfo
 	for n := range f.loaded {
-		out = append(out, transport.ModelInfo{Name: n, ContextLength: 64})
+		out = append(out, infer.ModelInfo{Name: n, ContextLength: 64})
 	}
 	return out
 }

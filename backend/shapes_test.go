@@ -14,8 +14,8 @@ import (
 	ort "github.com/yalue/onnxruntime_go"
 
 	"h3infer/backend"
+	"h3infer/infer"
 	"h3infer/internal/onnxgen"
-	"h3infer/transport"
 )
 
 // utf8Corpus is demo text whose characters are mostly more than one byte
@@ -34,7 +34,7 @@ type shapeFixture struct {
 	positions bool                      // graph has position_ids
 	kv        ort.TensorElementDataType // cache element type
 	logits    ort.TensorElementDataType // logits element type
-	submits   func(model string) []transport.Submit
+	submits   func(model string) []infer.Request
 	check     func(t *testing.T, texts []string) // extra checks on the worker's texts
 }
 
@@ -44,15 +44,15 @@ func llama3Tokens() []string {
 	return []string{"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}
 }
 
-func defaultSubmits(prompt string, chat bool) func(model string) []transport.Submit {
-	return func(model string) []transport.Submit {
-		s := []transport.Submit{
+func defaultSubmits(prompt string, chat bool) func(model string) []infer.Request {
+	return func(model string) []infer.Request {
+		s := []infer.Request{
 			{Model: model, Prompt: prompt, MaxTokens: 48},
 			{Model: model, Prompt: prompt + "a", MaxTokens: 40, Temperature: 0.9, TopP: 0.95, Seed: 17, HasSeed: true},
 			{Model: model, Prompt: strings.Repeat(prompt, 3), MaxTokens: 36},
 		}
 		if chat {
-			s = append(s, transport.Submit{Model: model, MaxTokens: 32, Messages: []transport.ChatMessage{
+			s = append(s, infer.Request{Model: model, MaxTokens: 32, Messages: []infer.ChatMessage{
 				{Role: "system", Content: "Answer briefly."}, {Role: "user", Content: prompt}}})
 		}
 		return s
@@ -191,7 +191,7 @@ func TestExportShapesThroughWorker(t *testing.T) {
 				t.Fatalf("%d submits, worker has %d slots", len(subs), slots)
 			}
 			// All open before any is drained, so the worker batches them.
-			calls := make([]*transport.Call, len(subs))
+			calls := make([]infer.Call, len(subs))
 			for i := range subs {
 				id++
 				c, err := w.Open(id, &subs[i])
@@ -205,7 +205,7 @@ func TestExportShapesThroughWorker(t *testing.T) {
 			for i, c := range calls {
 				wg.Go(func() {
 					var chunks []string
-					var done *transport.Done
+					var done *infer.Done
 					timeout := time.After(60 * time.Second)
 				read:
 					for {
@@ -275,7 +275,7 @@ func TestNoPositionIDsMatchesDemo(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	s := &transport.Submit{Prompt: "The gateway ", MaxTokens: 120}
+	s := &infer.Request{Prompt: "The gateway ", MaxTokens: 120}
 	want, _, err := demo.Generate(context.Background(), s)
 	if err != nil {
 		t.Fatal(err)

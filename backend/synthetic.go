@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"h3infer/infer"
 	"h3infer/transport"
 )
 
@@ -83,7 +84,7 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 	for _, m := range cfg.Models {
 		iv, _, _ := ParseSynthetic(m.Dir) // checked by syntheticOnly
 		intervals[m.Name] = iv
-		ready.Models = append(ready.Models, transport.ModelInfo{Name: m.Name, ContextLength: syntheticContextLength})
+		ready.Models = append(ready.Models, infer.ModelInfo{Name: m.Name, ContextLength: syntheticContextLength})
 	}
 	if err := end.SendReady(ready); err != nil {
 		return closedOK(fmt.Errorf("worker: send ready: %w", err))
@@ -119,18 +120,18 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 		switch in.typ {
 		case transport.FrameSubmit:
 			reject := func(code, msg string) error {
-				return end.SendError(in.id, transport.Error{Code: code, Message: msg})
+				return end.SendError(in.id, infer.Error{Code: code, Message: msg})
 			}
 			iv, known := intervals[in.submit.Model]
 			switch {
 			case in.err != nil:
-				return reject(transport.CodeInvalidRequest, "malformed submit: "+in.err.Error())
+				return reject(infer.CodeInvalidRequest, "malformed submit: "+in.err.Error())
 			case byID[in.id] != nil:
-				return reject(transport.CodeInvalidRequest, fmt.Sprintf("request id %d is already running", in.id))
+				return reject(infer.CodeInvalidRequest, fmt.Sprintf("request id %d is already running", in.id))
 			case len(active) >= cfg.Slots:
-				return reject(transport.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", cfg.Slots))
+				return reject(infer.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", cfg.Slots))
 			case !known:
-				return reject(transport.CodeModelNotFound, fmt.Sprintf("model %q is not served by this worker", in.submit.Model))
+				return reject(infer.CodeModelNotFound, fmt.Sprintf("model %q is not served by this worker", in.submit.Model))
 			}
 			words := len(strings.Fields(in.submit.Prompt))
 			for _, m := range in.submit.Messages {
@@ -188,7 +189,7 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 				}
 				continue
 			}
-			if err := end.SendToken(s.id, transport.Token{Count: 1, Text: SyntheticToken}); err != nil {
+			if err := end.SendToken(s.id, infer.Token{Count: 1, Text: SyntheticToken}); err != nil {
 				return closedOK(err)
 			}
 			stats.TokensGenerated++
@@ -197,7 +198,7 @@ func runSynthetic(ctx context.Context, cfg WorkerConfig, end *transport.WorkerEn
 			if s.left == 0 {
 				remove(s)
 				stats.SequencesFinished++
-				if err := end.SendDone(s.id, transport.Done{FinishReason: transport.FinishLength, PromptTokens: s.prompt, CompletionTokens: s.sent}); err != nil {
+				if err := end.SendDone(s.id, infer.Done{FinishReason: infer.FinishLength, PromptTokens: s.prompt, CompletionTokens: s.sent}); err != nil {
 					return closedOK(err)
 				}
 				continue

@@ -5,7 +5,7 @@ import (
 	"slices"
 	"strings"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // Chat templates turn a conversation into the prompt text the model
@@ -52,7 +52,7 @@ const (
 type chatTemplate struct {
 	markers   []string
 	endOfTurn string
-	apply     func(b *strings.Builder, msgs []transport.ChatMessage) error
+	apply     func(b *strings.Builder, msgs []infer.ChatMessage) error
 }
 
 // templateNames lists the templates in the order docs and errors give them.
@@ -63,7 +63,7 @@ func templateNames() []string {
 func lookupTemplate(name string) (chatTemplate, bool) {
 	switch name {
 	case TemplatePlain:
-		return chatTemplate{apply: func(b *strings.Builder, msgs []transport.ChatMessage) error {
+		return chatTemplate{apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 			for _, m := range msgs {
 				b.WriteString(m.Content)
 				b.WriteByte('\n')
@@ -74,7 +74,7 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 		return chatTemplate{
 			markers:   []string{"<|im_start|>", "<|im_end|>"},
 			endOfTurn: "<|im_end|>",
-			apply: func(b *strings.Builder, msgs []transport.ChatMessage) error {
+			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|im_start|>%s\n%s<|im_end|>\n", m.Role, m.Content)
 				}
@@ -86,7 +86,7 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 		return chatTemplate{
 			markers:   []string{"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"},
 			endOfTurn: "<|eot_id|>",
-			apply: func(b *strings.Builder, msgs []transport.ChatMessage) error {
+			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				b.WriteString("<|begin_of_text|>")
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|start_header_id|>%s<|end_header_id|>\n\n%s<|eot_id|>", m.Role, strings.TrimSpace(m.Content))
@@ -99,7 +99,7 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 		return chatTemplate{
 			markers:   []string{"<s>", "</s>"},
 			endOfTurn: "</s>",
-			apply: func(b *strings.Builder, msgs []transport.ChatMessage) error {
+			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				return applyInst(b, msgs, name == TemplateLlama2)
 			},
 		}, true
@@ -107,7 +107,7 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 		return chatTemplate{
 			markers:   []string{"<bos>", "<start_of_turn>", "<end_of_turn>"},
 			endOfTurn: "<end_of_turn>",
-			apply: func(b *strings.Builder, msgs []transport.ChatMessage) error {
+			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				b.WriteString("<bos>")
 				for _, m := range foldSystem(msgs) {
 					role := m.Role
@@ -124,7 +124,7 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 		return chatTemplate{
 			markers:   []string{"<|user|>", "<|assistant|>", "<|end|>"},
 			endOfTurn: "<|end|>",
-			apply: func(b *strings.Builder, msgs []transport.ChatMessage) error {
+			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|%s|>\n%s<|end|>\n", m.Role, m.Content)
 				}
@@ -138,7 +138,7 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 		return chatTemplate{
 			markers:   []string{"</s>"},
 			endOfTurn: "</s>",
-			apply: func(b *strings.Builder, msgs []transport.ChatMessage) error {
+			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|%s|>\n%s</s>\n", m.Role, m.Content)
 				}
@@ -157,7 +157,7 @@ func validTemplate(name string) bool {
 
 // applyTemplate renders msgs. Errors are *RequestError: a conversation the
 // format cannot express is the request's fault.
-func applyTemplate(name string, msgs []transport.ChatMessage) (string, error) {
+func applyTemplate(name string, msgs []infer.ChatMessage) (string, error) {
 	t, ok := lookupTemplate(name)
 	if !ok {
 		return "", fmt.Errorf("unknown chat template %q", name)
@@ -171,7 +171,7 @@ func applyTemplate(name string, msgs []transport.ChatMessage) (string, error) {
 
 // foldSystem puts leading system messages in front of the first user
 // message, for formats without a system role.
-func foldSystem(msgs []transport.ChatMessage) []transport.ChatMessage {
+func foldSystem(msgs []infer.ChatMessage) []infer.ChatMessage {
 	var sys []string
 	i := 0
 	for ; i < len(msgs) && msgs[i].Role == "system"; i++ {
@@ -186,13 +186,13 @@ func foldSystem(msgs []transport.ChatMessage) []transport.ChatMessage {
 		rest[0].Content = prefix + "\n\n" + strings.TrimSpace(rest[0].Content)
 		return rest
 	}
-	return append([]transport.ChatMessage{{Role: "user", Content: prefix}}, rest...)
+	return append([]infer.ChatMessage{{Role: "user", Content: prefix}}, rest...)
 }
 
 // applyInst writes the [INST] format of Llama 2 (llama2 set: the system
 // message in <<SYS>>) or Mistral. Turns must alternate user, assistant,
 // ..., user after an optional system message, as both formats require.
-func applyInst(b *strings.Builder, msgs []transport.ChatMessage, llama2 bool) error {
+func applyInst(b *strings.Builder, msgs []infer.ChatMessage, llama2 bool) error {
 	var sys string
 	if len(msgs) > 0 && msgs[0].Role == "system" {
 		sys, msgs = strings.TrimSpace(msgs[0].Content), msgs[1:]
@@ -203,12 +203,12 @@ func applyInst(b *strings.Builder, msgs []transport.ChatMessage, llama2 bool) er
 			want = "assistant"
 		}
 		if m.Role != want {
-			return &RequestError{transport.CodeInvalidRequest, fmt.Sprintf(
+			return &RequestError{infer.CodeInvalidRequest, fmt.Sprintf(
 				"messages[%d]: this model's chat format needs turns to alternate user and assistant after an optional first system message, got %q where %q belongs", i, m.Role, want)}
 		}
 	}
 	if len(msgs)%2 == 0 {
-		return &RequestError{transport.CodeInvalidRequest, "this model's chat format needs the conversation to end with a user message"}
+		return &RequestError{infer.CodeInvalidRequest, "this model's chat format needs the conversation to end with a user message"}
 	}
 	if !llama2 {
 		b.WriteString("<s>")

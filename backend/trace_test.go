@@ -9,6 +9,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 
+	"h3infer/infer"
 	"h3infer/transport"
 )
 
@@ -56,9 +57,9 @@ func hasEvent(s sdktrace.ReadOnlySpan, name string) bool {
 // decode steps.
 func TestBatchedSequenceSpans(t *testing.T) {
 	w, rec, inbox, spans := tracedLoop(t, 4)
-	long := transport.Submit{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 1, HasSeed: true}
+	long := infer.Request{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 1, HasSeed: true}
 	requireLong(t, loadTestModel(t), &long)
-	subs := map[uint64]transport.Submit{
+	subs := map[uint64]infer.Request{
 		1: long,
 		2: {Model: "demo", Prompt: "A worker ", MaxTokens: 30},
 		3: {Model: "demo", Prompt: "In", MaxTokens: 20, Urgency: 1},
@@ -135,7 +136,7 @@ func TestBatchedSequenceSpans(t *testing.T) {
 // A worker that stops ends the spans of the sequences it drops.
 func TestCloseAllEndsSpans(t *testing.T) {
 	w, _, inbox, spans := tracedLoop(t, 2)
-	s := transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: 200}
+	s := infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 200}
 	_, s.TraceParent = gatewaySpan(9)
 	inbox <- submit(9, s)
 	for range 5 {

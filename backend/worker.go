@@ -19,6 +19,8 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
+	"h3infer/infer"
+	"h3infer/priority"
 	"h3infer/transport"
 )
 
@@ -86,10 +88,9 @@ type WorkerConfig struct {
 	// to the gateway and to urgent work, which the loop's own thread runs
 	// at the process's priority, alongside a bulk step (nice.go). 0 runs
 	// everything on the loop's thread, one thing at a time.
+	// Which requests are urgent is their class (infer.Request.Class),
+	// decided at admission.
 	Nice int
-	// UrgentBelow makes requests with an urgency below it urgent for
-	// Nice; 0 means 3 (u=0..2, the scheduler's default urgent_max 2).
-	UrgentBelow int
 }
 
 // Defaults of WorkerConfig.
@@ -97,7 +98,6 @@ const (
 	DefaultSlots         = 4
 	DefaultKVCacheBytes  = 1 << 30
 	DefaultStatsInterval = 100 * time.Millisecond
-	DefaultUrgentBelow   = 3
 )
 
 // Args is the command line, after the `worker` subcommand, that gives a
@@ -133,9 +133,6 @@ func (c WorkerConfig) Args() []string {
 	}
 	if c.Nice != 0 {
 		args = append(args, "--nice="+strconv.Itoa(c.Nice))
-	}
-	if c.UrgentBelow != 0 {
-		args = append(args, "--urgent-below="+strconv.Itoa(c.UrgentBelow))
 	}
 	return args
 }
@@ -183,9 +180,6 @@ func (c WorkerConfig) Validate() error {
 	if c.Nice < 0 || c.Nice > MaxNice {
 		errs = append(errs, fmt.Errorf("nice: must be 0..%d, got %d", MaxNice, c.Nice))
 	}
-	if c.UrgentBelow < 0 || c.UrgentBelow > 8 {
-		errs = append(errs, fmt.Errorf("urgent-below: must be 0..8, got %d", c.UrgentBelow))
-	}
 	return errors.Join(errs...)
 }
 
@@ -198,9 +192,6 @@ func (c WorkerConfig) withDefaults() WorkerConfig {
 	}
 	if c.KVCacheBytes == 0 {
 		c.KVCacheBytes = DefaultKVCacheBytes
-	}
-	if c.UrgentBelow == 0 {
-		c.UrgentBelow = DefaultUrgentBelow
 	}
 	return c
 }
@@ -312,7 +303,6 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 		w.tracer = cfg.TracerProvider.Tracer(tracerName)
 	}
 	w.loadOpts = ModelOptions{IntraOpThreads: cfg.IntraOpThreads}
-	w.urgentBelow = cfg.UrgentBelow
 	defer w.closeAll()
 	if err := end.SendReady(ready); err != nil {
 		return closedOK(fmt.Errorf("worker: send ready: %w", err))
@@ -354,7 +344,7 @@ func closedOK(err error) error {
 type inbound struct {
 	typ     transport.FrameType
 	id      uint64
-	submit  transport.Submit
+	submit  infer.Request
 	control transport.Control
 	err     error
 	// loaded is set, with typ 0, by a loader goroutine handing the loop
@@ -392,8 +382,8 @@ func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- erro
 // worker, a recorder in tests that need to see exactly which tokens left.
 type sender interface {
 	SendTokens(ts []transport.TokenOut) error
-	SendDone(id uint64, d transport.Done) error
-	SendError(id uint64, e transport.Error) error
+	SendDone(id uint64, d infer.Done) error
+	SendError(id uint64, e infer.Error) error
 	SendStats(s transport.Stats) error
 	// Beat counts the heartbeat the pool's hang detection watches.
 	Beat()
@@ -403,7 +393,8 @@ type sender interface {
 // (pending) or generating in it.
 type running struct {
 	id      uint64
-	urgency uint8
+	urgency priority.Urgency
+	class   priority.Class
 	arrival uint64 // admission order, breaking ties of urgency
 	gen     *generation
 	batch   *batch // its model's batch
@@ -451,11 +442,10 @@ type workerLoop struct {
 	loading  map[string]bool
 	draining map[*Model]bool
 
-	// urgentBelow: a request with a smaller urgency is urgent. bulk, when
-	// set, runs bulk work at a lower priority than the loop's thread
-	// (nice.go); nil runs all of it on the loop's thread.
-	urgentBelow int
-	bulk        *lane
+	// bulk, when set, runs the work of requests that are not urgent at a
+	// lower priority than the loop's thread (nice.go); nil runs all of it
+	// on the loop's thread.
+	bulk *lane
 	// While a bulk step runs aside, prefilled holds the urgent requests
 	// prefilled meanwhile, to join their batch once the step is done,
 	// and held the frames other than submits, to act on then.
@@ -481,8 +471,7 @@ const maxPrefillTokens = 1024
 
 func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]*Model, log *slog.Logger) *workerLoop {
 	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{}, byGen: map[*generation]*running{},
-		loading: map[string]bool{}, draining: map[*Model]bool{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName),
-		urgentBelow: DefaultUrgentBelow}
+		loading: map[string]bool{}, draining: map[*Model]bool{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName)}
 	names := make([]string, 0, len(models))
 	for name := range models {
 		names = append(names, name)
@@ -661,13 +650,13 @@ func (w *workerLoop) prefillFailed(r *running, err error) error {
 	r.span.SetStatus(codes.Error, "prefill failed")
 	w.forget(r)
 	w.stats.SequencesFinished++
-	return w.sendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "prefill failed: " + err.Error()})
+	return w.sendError(r.id, infer.Error{Code: infer.CodeInternal, Message: "prefill failed: " + err.Error()})
 }
 
 // isUrgent says whether r's work runs on the loop's thread, at the
 // process's priority, rather than on the bulk lane.
 func (w *workerLoop) isUrgent(r *running) bool {
-	return r != nil && int(r.urgency) < w.urgentBelow
+	return r != nil && r.class == priority.Urgent
 }
 
 // carriesUrgent says whether a step of b advances an urgent sequence: the
@@ -835,7 +824,7 @@ func (w *workerLoop) failBatch(b *batch, err error) error {
 		r.span.SetStatus(codes.Error, "decode step failed")
 		w.forget(r)
 		w.stats.SequencesFinished++
-		if err := w.sendError(r.id, transport.Error{Code: transport.CodeInternal, Message: "generation failed: " + err.Error()}); err != nil {
+		if err := w.sendError(r.id, infer.Error{Code: infer.CodeInternal, Message: "generation failed: " + err.Error()}); err != nil {
 			return err
 		}
 	}
@@ -871,20 +860,20 @@ func (w *workerLoop) handle(in inbound) error {
 
 func (w *workerLoop) admit(in inbound) error {
 	reject := func(code, msg string) error {
-		return w.sendError(in.id, transport.Error{Code: code, Message: msg})
+		return w.sendError(in.id, infer.Error{Code: code, Message: msg})
 	}
 	if in.err != nil {
-		return reject(transport.CodeInvalidRequest, "malformed submit: "+in.err.Error())
+		return reject(infer.CodeInvalidRequest, "malformed submit: "+in.err.Error())
 	}
 	if w.byID[in.id] != nil {
-		return reject(transport.CodeInvalidRequest, fmt.Sprintf("request id %d is already running", in.id))
+		return reject(infer.CodeInvalidRequest, fmt.Sprintf("request id %d is already running", in.id))
 	}
 	if len(w.byID) >= w.slots {
-		return reject(transport.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", w.slots))
+		return reject(infer.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", w.slots))
 	}
 	m := w.models[in.submit.Model]
 	if m == nil {
-		return reject(transport.CodeModelNotFound, fmt.Sprintf("model %q is not served by this worker", in.submit.Model))
+		return reject(infer.CodeModelNotFound, fmt.Sprintf("model %q is not served by this worker", in.submit.Model))
 	}
 	gen, err := m.newGeneration(&in.submit)
 	if err != nil {
@@ -892,15 +881,15 @@ func (w *workerLoop) admit(in inbound) error {
 			return reject(re.Code, re.Message)
 		}
 		w.log.Error("start generation", "request_id", in.id, "err", err)
-		return reject(transport.CodeInternal, err.Error())
+		return reject(infer.CodeInternal, err.Error())
 	}
 	if need := m.kvBytes(1, gen.reserve()); need > w.kvBudget {
-		return reject(transport.CodeInvalidRequest, fmt.Sprintf(
+		return reject(infer.CodeInvalidRequest, fmt.Sprintf(
 			"the request may reach %d tokens, whose KV cache (%d bytes) exceeds this worker's budget of %d bytes; ask for fewer max_tokens",
 			gen.reserve(), need, w.kvBudget))
 	}
 	w.arrivals++
-	r := &running{id: in.id, urgency: in.submit.Urgency, arrival: w.arrivals, gen: gen,
+	r := &running{id: in.id, urgency: in.submit.Urgency, class: in.submit.Class, arrival: w.arrivals, gen: gen,
 		ctx: context.Background(), phase: phasePrefill}
 	if tp := in.submit.TraceParent; tp != "" {
 		r.ctx = propagation.TraceContext{}.Extract(r.ctx, propagation.MapCarrier{"traceparent": tp})
@@ -985,14 +974,14 @@ func (w *workerLoop) flushTokens() error {
 
 // sendDone and sendError end a request after the tokens queued before it,
 // so its frames stay in order.
-func (w *workerLoop) sendDone(id uint64, d transport.Done) error {
+func (w *workerLoop) sendDone(id uint64, d infer.Done) error {
 	if err := w.flushTokens(); err != nil {
 		return err
 	}
 	return w.end.SendDone(id, d)
 }
 
-func (w *workerLoop) sendError(id uint64, e transport.Error) error {
+func (w *workerLoop) sendError(id uint64, e infer.Error) error {
 	if err := w.flushTokens(); err != nil {
 		return err
 	}

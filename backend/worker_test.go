@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/infer"
 	"h3infer/transport"
 )
 
@@ -115,8 +116,8 @@ func (rw *ringWorker) waitStats(t *testing.T, ok func(transport.Stats) bool) tra
 type result struct {
 	text   string
 	tokens uint32
-	done   *transport.Done
-	err    *transport.Error
+	done   *infer.Done
+	err    *infer.Error
 }
 
 func collect(t *testing.T, c *transport.Call) result {
@@ -149,10 +150,10 @@ func collect(t *testing.T, c *transport.Call) result {
 func TestWorkerMatchesGenerate(t *testing.T) {
 	rw := startRingWorker(t, 2)
 	m := loadTestModel(t)
-	submits := []*transport.Submit{
+	submits := []*infer.Request{
 		{Model: "demo", Prompt: "The gateway ", MaxTokens: 50},
 		{Model: "demo", Prompt: "A worker ", MaxTokens: 50, Temperature: 0.9, TopP: 0.9, Seed: 5, HasSeed: true, Stop: []string{"e t"}},
-		{Model: "demo", Messages: []transport.ChatMessage{{Role: "user", Content: "tokens"}}, MaxTokens: 30},
+		{Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "tokens"}}, MaxTokens: 30},
 	}
 	calls := make([]*transport.Call, len(submits))
 	for i, s := range submits {
@@ -194,12 +195,12 @@ func TestWorkerMatchesGenerate(t *testing.T) {
 func TestWorkerRequestErrors(t *testing.T) {
 	rw := startRingWorker(t, 2)
 	tests := map[string]struct {
-		s    transport.Submit
+		s    infer.Request
 		code string
 	}{
-		"unknown model":  {transport.Submit{Model: "gpt-9", Prompt: "x"}, transport.CodeModelNotFound},
-		"prompt too big": {transport.Submit{Model: "demo", Prompt: strings.Repeat("ab", 2048)}, transport.CodeContextLength},
-		"bad top_p":      {transport.Submit{Model: "demo", Prompt: "x", TopP: 3}, transport.CodeInvalidRequest},
+		"unknown model":  {infer.Request{Model: "gpt-9", Prompt: "x"}, infer.CodeModelNotFound},
+		"prompt too big": {infer.Request{Model: "demo", Prompt: strings.Repeat("ab", 2048)}, infer.CodeContextLength},
+		"bad top_p":      {infer.Request{Model: "demo", Prompt: "x", TopP: 3}, infer.CodeInvalidRequest},
 	}
 	id := uint64(100)
 	for name, tc := range tests {
@@ -218,7 +219,7 @@ func TestWorkerRequestErrors(t *testing.T) {
 
 func TestWorkerCancel(t *testing.T) {
 	rw := startRingWorker(t, 1)
-	long := &transport.Submit{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 1, HasSeed: true}
+	long := &infer.Request{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 1, HasSeed: true}
 	requireLong(t, loadTestModel(t), long)
 	c, err := rw.end.Open(1, long)
 	if err != nil {
@@ -238,7 +239,7 @@ func TestWorkerCancel(t *testing.T) {
 		t.Errorf("stats after cancel = %+v", s)
 	}
 	// The freed slot takes the next request.
-	c2, err := rw.end.Open(2, &transport.Submit{Model: "demo", Prompt: "The ", MaxTokens: 3})
+	c2, err := rw.end.Open(2, &infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -278,7 +279,7 @@ func TestWorkerExitsWhenRingCloses(t *testing.T) {
 
 // requireLong checks that s makes a long generation, so that a test can
 // act on it while it runs.
-func requireLong(t *testing.T, m *Model, s *transport.Submit) {
+func requireLong(t *testing.T, m *Model, s *infer.Request) {
 	t.Helper()
 	const enough = 500
 	capped := *s
@@ -287,7 +288,7 @@ func requireLong(t *testing.T, m *Model, s *transport.Submit) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if done.FinishReason != transport.FinishLength {
+	if done.FinishReason != infer.FinishLength {
 		t.Fatalf("precondition: %+v stops after %d tokens, want at least %d", s, done.CompletionTokens, enough)
 	}
 }

@@ -8,7 +8,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // The admin listener's routes: health and readiness for load balancers,
@@ -66,10 +66,10 @@ func (g *Gateway) adminAuth(next http.Handler) http.Handler {
 // queues.
 func (g *Gateway) serveState(w http.ResponseWriter, r *http.Request) {
 	state := struct {
-		Ready   bool                  `json:"ready"`
-		Models  []transport.ModelInfo `json:"models"`
-		Workers []WorkerState         `json:"workers"`
-		Status  any                   `json:"status,omitempty"`
+		Ready   bool              `json:"ready"`
+		Models  []infer.ModelInfo `json:"models"`
+		Workers []WorkerState     `json:"workers"`
+		Status  any               `json:"status,omitempty"`
 	}{Ready: g.catalog.Ready(), Models: g.catalog.Models(), Workers: g.catalog.WorkerStates()}
 	if state.Workers == nil {
 		state.Workers = []WorkerState{}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"h3infer/priority"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
 )
@@ -84,7 +85,7 @@ func tokenOf(ctx context.Context) *tlsbind.Token {
 // identify checks that the request's token allows the model and returns
 // the token's urgency ceiling (0: none) for the scheduler to apply. The
 // token's tenant reaches the scheduler through Config.Tenant (tokenTenant).
-func identify(ctx context.Context, model string) (urgencyCeiling uint8, err error) {
+func identify(ctx context.Context, model string) (urgencyCeiling priority.Urgency, err error) {
 	t := tokenOf(ctx)
 	if t == nil {
 		return 0, nil
@@ -93,7 +94,7 @@ func identify(ctx context.Context, model string) (urgencyCeiling uint8, err erro
 		return 0, errNoScope
 	}
 	if c := t.UrgencyCeiling; c != nil {
-		return *c, nil
+		return priority.Urgency(*c), nil
 	}
 	return 0, nil
 }

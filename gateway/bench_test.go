@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"h3infer/infer"
 	"h3infer/scheduler"
-	"h3infer/transport"
 )
 
 // BenchmarkChatStream measures one streamed chat completion of 32 tokens,
@@ -21,8 +21,8 @@ func BenchmarkChatStream(b *testing.B) {
 	for i := range words {
 		words[i] = fmt.Sprintf(" tok%d", i)
 	}
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
-		return append(tokens(words...), done(transport.FinishStop, 4, n)), nil
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+		return append(tokens(words...), done(infer.FinishStop, 4, n)), nil
 	})
 	const body = `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`
 	for _, proto := range []string{"h3", "h2"} {

@@ -3,6 +3,8 @@ package gateway
 import (
 	"fmt"
 	"time"
+
+	"h3infer/priority"
 )
 
 // Coalescing trades a few milliseconds of token latency for far fewer
@@ -11,17 +13,14 @@ import (
 // (docs/BENCHMARKS.md, "Urgency"), holding tokens for 10 ms cut packets and
 // ACKs about five-fold. Urgent streams keep one write per token.
 
-// CoalesceConfig says how long the SSE writer may hold tokens by urgency.
-// Zero values mean the documented defaults.
+// CoalesceConfig says how long the SSE writer may hold tokens, by the
+// request's class (priority.Classes). Zero values mean the documented
+// defaults.
 type CoalesceConfig struct {
-	// UrgentMax is the largest urgency that flushes every token. Default 2.
-	UrgentMax uint8
-	// Window applies to urgencies above UrgentMax up to BulkMin-1.
+	// Window applies to normal requests; urgent ones flush every token.
 	// Default 10ms.
 	Window time.Duration
-	// BulkMin is the smallest urgency that uses BulkWindow. Default 6.
-	BulkMin uint8
-	// BulkWindow applies to urgencies BulkMin..7. Default 25ms.
+	// BulkWindow applies to bulk requests. Default 25ms.
 	BulkWindow time.Duration
 	// MaxAckDelay bounds both windows: holding data longer than the peer
 	// delays its ACKs would hold the sender's congestion window hostage
@@ -38,9 +37,7 @@ type CoalesceConfig struct {
 
 // Defaults for CoalesceConfig's zero values.
 const (
-	DefaultCoalesceUrgentMax   = 2
 	DefaultCoalesceWindow      = 10 * time.Millisecond
-	DefaultCoalesceBulkMin     = 6
 	DefaultCoalesceBulkWindow  = 25 * time.Millisecond
 	DefaultCoalesceMaxAckDelay = 25 * time.Millisecond
 	DefaultCoalesceMaxBuffer   = 4096
@@ -53,14 +50,8 @@ func (c CoalesceConfig) withDefaults() (CoalesceConfig, []error) {
 	if c.Window < 0 || c.BulkWindow < 0 || c.MaxAckDelay < 0 || c.MaxBuffer < 0 {
 		errs = append(errs, fmt.Errorf("gateway.coalesce: durations and max_buffer must be >= 0"))
 	}
-	if c.UrgentMax == 0 {
-		c.UrgentMax = DefaultCoalesceUrgentMax
-	}
 	if c.Window == 0 {
 		c.Window = DefaultCoalesceWindow
-	}
-	if c.BulkMin == 0 {
-		c.BulkMin = DefaultCoalesceBulkMin
 	}
 	if c.BulkWindow == 0 {
 		c.BulkWindow = DefaultCoalesceBulkWindow
@@ -71,12 +62,6 @@ func (c CoalesceConfig) withDefaults() (CoalesceConfig, []error) {
 	if c.MaxBuffer == 0 {
 		c.MaxBuffer = DefaultCoalesceMaxBuffer
 	}
-	if c.UrgentMax > maxPriorityUrgency {
-		errs = append(errs, fmt.Errorf("gateway.coalesce.urgent_max: must be 0..7, got %d", c.UrgentMax))
-	}
-	if c.BulkMin <= c.UrgentMax || c.BulkMin > maxPriorityUrgency {
-		errs = append(errs, fmt.Errorf("gateway.coalesce.bulk_min: must be urgent_max+1..7, got %d", c.BulkMin))
-	}
 	if c.Window > c.MaxAckDelay {
 		errs = append(errs, fmt.Errorf("gateway.coalesce.window: must be at most max_ack_delay (%s), got %s", c.MaxAckDelay, c.Window))
 	}
@@ -86,15 +71,15 @@ func (c CoalesceConfig) withDefaults() (CoalesceConfig, []error) {
 	return c, errs
 }
 
-// window is how long a stream of urgency u may hold tokens.
-func (c CoalesceConfig) window(u uint8) time.Duration {
+// window is how long a stream of class class may hold tokens.
+func (c CoalesceConfig) window(class priority.Class) time.Duration {
 	switch {
-	case c.Disabled || u <= c.UrgentMax:
+	case c.Disabled || class == priority.Urgent:
 		return 0
-	case u < c.BulkMin:
-		return c.Window
+	case class == priority.Bulk:
+		return c.BulkWindow
 	}
-	return c.BulkWindow
+	return c.Window
 }
 
 // coalescer holds one stream's SSE bytes until its window ends, its buffer

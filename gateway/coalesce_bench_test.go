@@ -16,8 +16,8 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"h3infer/infer"
 	"h3infer/scheduler"
-	"h3infer/transport"
 )
 
 // pacedScheduler answers every request with n tokens produced every
@@ -30,14 +30,14 @@ type pacedScheduler struct {
 }
 
 type pacedStream struct {
-	events chan transport.Event
+	events chan infer.Event
 	stop   chan struct{}
 	done   sync.WaitGroup
 	once   sync.Once
 }
 
-func (p *pacedScheduler) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, error) {
-	st := &pacedStream{events: make(chan transport.Event, p.n+1), stop: make(chan struct{})}
+func (p *pacedScheduler) Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error) {
+	st := &pacedStream{events: make(chan infer.Event, p.n+1), stop: make(chan struct{})}
 	p.mu.Lock()
 	p.made = make([]time.Time, p.n)
 	p.mu.Unlock()
@@ -53,12 +53,12 @@ func (p *pacedScheduler) Submit(ctx context.Context, r *scheduler.Request) (Toke
 			p.mu.Lock()
 			p.made[i] = time.Now()
 			p.mu.Unlock()
-			// A 24-byte token, as in the measurements DESIGN.md quotes.
-			st.events <- transport.Event{Token: transport.Token{Count: 1, Text: fmt.Sprintf("tok%04d_%015d", i, 0)}}
+			// A 24-byte token, the size docs/BENCHMARKS.md ("Coalescing") measures.
+			st.events <- infer.Event{Token: infer.Token{Count: 1, Text: fmt.Sprintf("tok%04d_%015d", i, 0)}}
 		}
-		st.events <- done(transport.FinishLength, 2, uint32(p.n))
+		st.events <- done(infer.FinishLength, 2, uint32(p.n))
 	})
-	return st, nil
+	return st, fakeAdmission(r), nil
 }
 
 func (p *pacedScheduler) madeAt(i int) time.Time {
@@ -67,8 +67,8 @@ func (p *pacedScheduler) madeAt(i int) time.Time {
 	return p.made[i]
 }
 
-func (s *pacedStream) ID() uint64                     { return 1 }
-func (s *pacedStream) Events() <-chan transport.Event { return s.events }
+func (s *pacedStream) ID() uint64                 { return 1 }
+func (s *pacedStream) Events() <-chan infer.Event { return s.events }
 func (s *pacedStream) Close() {
 	s.once.Do(func() { close(s.stop) })
 	s.done.Wait()

@@ -13,8 +13,9 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
+	"h3infer/infer"
+	"h3infer/priority"
 	"h3infer/scheduler"
-	"h3infer/transport"
 )
 
 // The completion routes, POST /v1/chat/completions and /v1/completions:
@@ -78,7 +79,7 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 }
 
 // urgencyLabel is the metric label of an urgency, 0..7.
-func urgencyLabel(u uint8) string { return strconv.Itoa(int(u)) }
+func urgencyLabel(u priority.Urgency) string { return strconv.Itoa(int(u)) }
 
 // inflight is one completion request as serveCompletion's steps hand it
 // on, from its arrival to its end.
@@ -87,13 +88,14 @@ type inflight struct {
 	start    time.Time // arrival
 	deadline time.Time // when it must have finished
 	// prio is what the client asked for until submit, then what the
-	// scheduler applied: the tenant's default and ceiling may change the
-	// urgency.
-	prio        priority
-	ceiling     uint8 // the highest urgency the caller's token allows
+	// scheduler decided: the tenant's default and ceiling may change the
+	// urgency. class is the scheduler's too.
+	prio        priority.Signal
+	class       priority.Class
+	ceiling     priority.Urgency // the highest urgency the caller's token allows
 	tenant      string
 	adm         *admission
-	st          TokenStream
+	st          Dispatch
 	labels      [2]string // model, urgency
 	first, last time.Time // arrival of the first and latest token events
 	tokens      int
@@ -125,13 +127,13 @@ func (g *Gateway) parseRequest(w http.ResponseWriter, r *http.Request, kind apiK
 	if err != nil {
 		return err
 	}
-	prio := parsePriority(r.Header)
+	prio := priority.Parse(r.Header.Values("Priority"))
 	deadline, err := g.deadlineOf(r.Header, run.start)
 	if err != nil {
 		return err
 	}
 	run.req, run.deadline, run.prio, run.ceiling = req, deadline, prio, ceiling
-	run.labels = [2]string{req.model, urgencyLabel(prio.urgency)}
+	run.labels = [2]string{req.model, urgencyLabel(prio.Urgency)}
 	run.last = run.start
 	return nil
 }
@@ -186,9 +188,9 @@ func (g *Gateway) route(w http.ResponseWriter, r *http.Request, run *inflight) (
 }
 
 // submit queues the request with the scheduler, under an admission span,
-// and sets run.st to the dispatched stream. The scheduler applies the
-// tenant's default urgency and ceiling; run's priority and metric labels
-// follow what it applied.
+// and sets run.st to the dispatched stream. The scheduler decides the
+// urgency, applying the tenant's default and ceiling, and the class; run's
+// priority, class and metric labels follow what it decided.
 func (g *Gateway) submit(ctx context.Context, run *inflight, model string) error {
 	job := run.req.job
 	job.Model = model
@@ -196,15 +198,15 @@ func (g *Gateway) submit(ctx context.Context, run *inflight, model string) error
 	qctx, qspan := g.tracer.Start(ctx, "admission")
 	sreq := &scheduler.Request{
 		Tenant:         run.tenant,
-		Urgency:        run.prio.urgency,
-		DefaultUrgency: !run.prio.hasUrgency,
+		Urgency:        run.prio.Urgency,
+		DefaultUrgency: !run.prio.HasUrgency,
 		UrgencyCeiling: run.ceiling,
 		Deadline:       run.deadline,
 		Job:            job,
 	}
-	st, err := g.sched.Submit(qctx, sreq)
-	run.prio.urgency = sreq.Urgency
-	run.labels[1] = urgencyLabel(run.prio.urgency)
+	st, decided, err := g.sched.Submit(qctx, sreq)
+	run.prio.Urgency, run.class = decided.Urgency, decided.Class
+	run.labels[1] = urgencyLabel(run.prio.Urgency)
 	g.metrics.queueWait.WithLabelValues(run.labels[:]...).Observe(sinceSeconds(run.start))
 	if err != nil {
 		err = deadlineCause(ctx, err)
@@ -218,10 +220,10 @@ func (g *Gateway) submit(ctx context.Context, run *inflight, model string) error
 		attrs := []attribute.KeyValue{
 			attribute.Int64("h3infer.request_id", int64(st.ID())),
 			attribute.String("h3infer.tenant", run.tenant),
-			attribute.Int("h3infer.urgency", int(run.prio.urgency)),
+			attribute.Int("h3infer.urgency", int(run.prio.Urgency)),
 		}
-		if wk, ok := st.(interface{ WorkerID() int }); ok {
-			attrs = append(attrs, attribute.Int("h3infer.worker", wk.WorkerID()))
+		if wk, ok := st.(interface{ BackendID() int }); ok {
+			attrs = append(attrs, attribute.Int("h3infer.worker", wk.BackendID()))
 		}
 		span.AddEvent("dispatched", trace.WithAttributes(attrs...))
 	}
@@ -232,7 +234,7 @@ func (g *Gateway) submit(ctx context.Context, run *inflight, model string) error
 // firstEvent waits for the worker's first event: a token, or the end of an
 // answer without one. The response status is not committed yet, so an
 // error here gets its own.
-func (g *Gateway) firstEvent(ctx context.Context, run *inflight) (transport.Event, error) {
+func (g *Gateway) firstEvent(ctx context.Context, run *inflight) (infer.Event, error) {
 	ev, err := g.next(ctx, run)
 	if err != nil {
 		err = deadlineCause(ctx, err)
@@ -248,7 +250,7 @@ func (g *Gateway) firstEvent(ctx context.Context, run *inflight) (transport.Even
 // respond answers with the completion from its first event ev on: as
 // server-sent events when the client asked for a stream, else as one JSON
 // object.
-func (g *Gateway) respond(ctx context.Context, w http.ResponseWriter, run *inflight, ev transport.Event) {
+func (g *Gateway) respond(ctx context.Context, w http.ResponseWriter, run *inflight, ev infer.Event) {
 	enc := newEncoder(run.req.kind, run.req.model, run.start.Unix())
 	if run.req.stream {
 		g.stream(ctx, w, run, enc, ev)
@@ -332,14 +334,14 @@ func (g *Gateway) checkModel(name string) error {
 
 // next waits for the stream's next event and turns a worker error, the
 // client leaving or a stream that ends without a result into an error.
-func (g *Gateway) next(ctx context.Context, run *inflight) (transport.Event, error) {
+func (g *Gateway) next(ctx context.Context, run *inflight) (infer.Event, error) {
 	return g.nextHolding(ctx, run, nil)
 }
 
 // nextHolding is next for a stream whose SSE writer sw may hold bytes: they
 // go out when their window ends, while the next event is awaited. sw may be
 // nil.
-func (g *Gateway) nextHolding(ctx context.Context, run *inflight, sw *sseWriter) (transport.Event, error) {
+func (g *Gateway) nextHolding(ctx context.Context, run *inflight, sw *sseWriter) (infer.Event, error) {
 	for {
 		var due <-chan time.Time
 		if sw != nil {
@@ -350,10 +352,10 @@ func (g *Gateway) nextHolding(ctx context.Context, run *inflight, sw *sseWriter)
 			return g.event(ctx, run, ev, ok, sw)
 		case <-due:
 			if err := sw.Flush(); err != nil {
-				return transport.Event{}, err
+				return infer.Event{}, err
 			}
 		case <-ctx.Done():
-			return transport.Event{}, ctx.Err()
+			return infer.Event{}, ctx.Err()
 		}
 	}
 }
@@ -361,7 +363,7 @@ func (g *Gateway) nextHolding(ctx context.Context, run *inflight, sw *sseWriter)
 // event checks one received event. For a token it records the timings and
 // debits the tenant's output-token limit, pacing the stream when the
 // tenant is over its rate.
-func (g *Gateway) event(ctx context.Context, run *inflight, ev transport.Event, ok bool, sw *sseWriter) (transport.Event, error) {
+func (g *Gateway) event(ctx context.Context, run *inflight, ev infer.Event, ok bool, sw *sseWriter) (infer.Event, error) {
 	switch {
 	case !ok:
 		return ev, errNoResult
@@ -428,20 +430,20 @@ func pace(ctx context.Context, wait time.Duration, sw *sseWriter) error {
 // stream writes the answer as server-sent events. Over HTTP/3 the response
 // stream gets the request's QUIC priority, and tokens are coalesced by
 // urgency (coalesce.go); the first token, the end and errors go at once.
-func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event) {
-	sw := g.newSSEWriter(ctx, w, run.prio, run.st.ID())
+func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev infer.Event) {
+	sw := g.newSSEWriter(ctx, w, run.prio, run.class, run.st.ID())
 	if g.relay(ctx, sw, run, enc, ev) {
 		sw.Close()
 	} else {
 		sw.Abort()
 	}
-	g.metrics.writes.WithLabelValues(urgencyLabel(run.prio.urgency)).Observe(float64(sw.writes()))
+	g.metrics.writes.WithLabelValues(urgencyLabel(run.prio.Urgency)).Observe(float64(sw.writes()))
 }
 
 // relay writes ev and the events after it to sw, and reports whether the
 // stream may end cleanly: its last event, [DONE] or an error event, was
 // written.
-func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *encoder, ev transport.Event) bool {
+func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *encoder, ev infer.Event) bool {
 	if sw.Write(enc.opening()) != nil {
 		return false
 	}
@@ -485,7 +487,7 @@ func (g *Gateway) streamFailed(ctx context.Context, sw *sseWriter, run *inflight
 }
 
 // collect gathers the whole answer and writes it as one JSON object.
-func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev transport.Event) {
+func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev infer.Event) {
 	var text strings.Builder
 	for ev.Done == nil {
 		text.WriteString(ev.Token.Text)
@@ -501,9 +503,9 @@ func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *infli
 	w.Write(enc.complete(text.String(), finishReason(ev.Done), usageOf(ev.Done)))
 }
 
-func finishReason(d *transport.Done) string {
+func finishReason(d *infer.Done) string {
 	if d.FinishReason == "" {
-		return transport.FinishStop
+		return infer.FinishStop
 	}
 	return d.FinishReason
 }

@@ -10,9 +10,9 @@ import (
 	"strconv"
 	"time"
 
+	"h3infer/infer"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
-	"h3infer/transport"
 )
 
 // The gateway's own failures. Handlers return these (or errors from the
@@ -48,7 +48,7 @@ func (e *methodNotAllowed) Error() string {
 
 // workerFailure is an error event a worker sent for a request.
 type workerFailure struct {
-	err         transport.Error
+	err         infer.Error
 	promptParam string // "messages" or "prompt": what a context-length error is about
 }
 
@@ -209,9 +209,9 @@ func apiErrorOf(err error) apiError {
 		return mk(http.StatusBadRequest, invalidRequest, param, "invalid_type",
 			fmt.Sprintf("%s: expected %s, got JSON %s", param, jsonType.Type, jsonType.Value))
 	case errors.As(err, &unknown):
-		return mk(http.StatusNotFound, invalidRequest, "model", transport.CodeModelNotFound, unknown.Error())
+		return mk(http.StatusNotFound, invalidRequest, "model", infer.CodeModelNotFound, unknown.Error())
 	case errors.As(err, &missingVersion) && missingVersion.NotFound():
-		return mk(http.StatusNotFound, invalidRequest, "model", transport.CodeModelNotFound, missingVersion.Error())
+		return mk(http.StatusNotFound, invalidRequest, "model", infer.CodeModelNotFound, missingVersion.Error())
 	case errors.As(err, &method):
 		e := mk(http.StatusMethodNotAllowed, invalidRequest, "", "method_not_allowed", method.Error())
 		e.allow = method.allow
@@ -253,27 +253,27 @@ func apiErrorOf(err error) apiError {
 			"no model worker became free in time")
 	case errors.As(err, &worker):
 		switch worker.err.Code {
-		case transport.CodeContextLength:
-			return mk(http.StatusBadRequest, invalidRequest, worker.promptParam, transport.CodeContextLength, worker.err.Message)
-		case transport.CodeModelNotFound:
-			return mk(http.StatusNotFound, invalidRequest, "model", transport.CodeModelNotFound, worker.err.Message)
-		case transport.CodeInvalidRequest:
+		case infer.CodeContextLength:
+			return mk(http.StatusBadRequest, invalidRequest, worker.promptParam, infer.CodeContextLength, worker.err.Message)
+		case infer.CodeModelNotFound:
+			return mk(http.StatusNotFound, invalidRequest, "model", infer.CodeModelNotFound, worker.err.Message)
+		case infer.CodeInvalidRequest:
 			return mk(http.StatusBadRequest, invalidRequest, "", "invalid_request", worker.err.Message)
-		case transport.CodeCancelled:
-			return mk(http.StatusServiceUnavailable, serverError, "", transport.CodeCancelled, "the model worker stopped the request")
-		case transport.CodeWorkerLost:
-			e := mk(http.StatusServiceUnavailable, serverError, "", transport.CodeWorkerLost,
+		case infer.CodeCancelled:
+			return mk(http.StatusServiceUnavailable, serverError, "", infer.CodeCancelled, "the model worker stopped the request")
+		case infer.CodeWorkerLost:
+			e := mk(http.StatusServiceUnavailable, serverError, "", infer.CodeWorkerLost,
 				"the model worker serving this request stopped; retry")
 			e.retryAfter = scheduler.DefaultRetryAfter
 			return e
-		case transport.CodeOverflow:
+		case infer.CodeOverflow:
 			// The gateway fell behind its own client's stream.
 			return mk(http.StatusServiceUnavailable, serverError, "", "overloaded", "the response stream fell behind")
 		}
 		// Internal worker errors are not the client's business in detail.
-		return mk(http.StatusInternalServerError, serverError, "", transport.CodeInternal, "the model worker failed")
+		return mk(http.StatusInternalServerError, serverError, "", infer.CodeInternal, "the model worker failed")
 	}
-	return mk(http.StatusInternalServerError, serverError, "", transport.CodeInternal, "internal error")
+	return mk(http.StatusInternalServerError, serverError, "", infer.CodeInternal, "internal error")
 }
 
 // writeError answers a request with err unless the client has gone, and

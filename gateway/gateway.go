@@ -22,36 +22,36 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
+	"h3infer/infer"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
-	"h3infer/transport"
 )
 
-// TokenStream is one dispatched request as the gateway consumes it.
-// *scheduler.Stream satisfies it.
-type TokenStream interface {
+// Dispatch is one dispatched request as the gateway consumes it.
+// *scheduler.Dispatch satisfies it.
+type Dispatch interface {
 	ID() uint64
-	Events() <-chan transport.Event
+	Events() <-chan infer.Event
 	Close()
 }
 
 // Scheduler admits requests. FromScheduler adapts *scheduler.Scheduler.
 type Scheduler interface {
-	Submit(ctx context.Context, r *scheduler.Request) (TokenStream, error)
+	Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error)
 }
 
 // FromScheduler lets the gateway use s: Go does not treat a method returning
-// *scheduler.Stream as one returning TokenStream.
+// *scheduler.Dispatch as one returning Dispatch.
 func FromScheduler(s *scheduler.Scheduler) Scheduler { return schedulerAdapter{s} }
 
 type schedulerAdapter struct{ s *scheduler.Scheduler }
 
-func (a schedulerAdapter) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, error) {
-	st, err := a.s.Submit(ctx, r)
+func (a schedulerAdapter) Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error) {
+	st, adm, err := a.s.Submit(ctx, r)
 	if err != nil {
-		return nil, err
+		return nil, adm, err
 	}
-	return st, nil
+	return st, adm, nil
 }
 
 // Router picks the version of a model that serves one request (see
@@ -77,7 +77,7 @@ type ModelAdmin interface {
 // Catalog says which models the workers serve, whether any worker is up,
 // and each worker process's state for the admin listener's /debug/state.
 type Catalog interface {
-	Models() []transport.ModelInfo
+	Models() []infer.ModelInfo
 	Ready() bool
 	WorkerStates() []WorkerState
 }
@@ -222,8 +222,6 @@ const (
 	adminHeaderTimeout      = 10 * time.Second
 	idleTimeout             = 2 * time.Minute
 	portAttempts            = 32
-	defaultPriorityUrgency  = 3
-	maxPriorityUrgency      = 7
 	shutdownListenerTimeout = time.Second
 	// abortCutoff is how long streams ended at the close of the shutdown
 	// grace have to send their error event before connections are closed.

@@ -29,9 +29,10 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"h3infer/infer"
+	"h3infer/priority"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
-	"h3infer/transport"
 )
 
 // fakeStream replays scripted events. Like a transport call, its channel is
@@ -39,35 +40,42 @@ import (
 // worker still generating would.
 type fakeStream struct {
 	id     uint64
-	events chan transport.Event
+	events chan infer.Event
 	once   sync.Once
 	closed chan struct{}
 }
 
-func (s *fakeStream) ID() uint64                     { return s.id }
-func (s *fakeStream) Events() <-chan transport.Event { return s.events }
-func (s *fakeStream) Close()                         { s.once.Do(func() { close(s.closed) }) }
+func (s *fakeStream) ID() uint64                 { return s.id }
+func (s *fakeStream) Events() <-chan infer.Event { return s.events }
+func (s *fakeStream) Close()                     { s.once.Do(func() { close(s.closed) }) }
 
 // fakeScheduler answers every request with the script its test installed and
 // records what it was asked.
 type fakeScheduler struct {
 	mu      sync.Mutex
-	script  func(r *scheduler.Request) ([]transport.Event, error)
+	script  func(r *scheduler.Request) ([]infer.Event, error)
 	got     []scheduler.Request
 	streams []*fakeStream
 	nextID  atomic.Uint64
 	hangUp  atomic.Bool // close every stream's channel after its script, terminal or not
 }
 
-func (f *fakeScheduler) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, error) {
+// fakeAdmission decides as the scheduler does for a tenant with the
+// default settings: the urgency asked for, in its default class.
+func fakeAdmission(r *scheduler.Request) scheduler.Admission {
+	return scheduler.Admission{Urgency: r.Urgency, Class: priority.DefaultClasses.Of(r.Urgency)}
+}
+
+func (f *fakeScheduler) Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.got = append(f.got, *r)
+	adm := fakeAdmission(r)
 	evs, err := f.script(r)
 	if err != nil {
-		return nil, err
+		return nil, adm, err
 	}
-	st := &fakeStream{id: f.nextID.Add(1), events: make(chan transport.Event, len(evs)), closed: make(chan struct{})}
+	st := &fakeStream{id: f.nextID.Add(1), events: make(chan infer.Event, len(evs)), closed: make(chan struct{})}
 	terminal := false
 	for _, ev := range evs {
 		st.events <- ev
@@ -77,10 +85,10 @@ func (f *fakeScheduler) Submit(ctx context.Context, r *scheduler.Request) (Token
 		close(st.events)
 	}
 	f.streams = append(f.streams, st)
-	return st, nil
+	return st, adm, nil
 }
 
-func (f *fakeScheduler) setScript(s func(r *scheduler.Request) ([]transport.Event, error)) {
+func (f *fakeScheduler) setScript(s func(r *scheduler.Request) ([]infer.Event, error)) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.script = s
@@ -103,11 +111,11 @@ type fakeCatalog struct {
 	ready atomic.Bool
 }
 
-func (c *fakeCatalog) Models() []transport.ModelInfo {
+func (c *fakeCatalog) Models() []infer.ModelInfo {
 	if !c.ready.Load() {
 		return nil
 	}
-	return []transport.ModelInfo{{Name: "demo", ContextLength: 512}, {Name: "org/other", ContextLength: 512}}
+	return []infer.ModelInfo{{Name: "demo", ContextLength: 512}, {Name: "org/other", ContextLength: 512}}
 }
 
 func (c *fakeCatalog) Ready() bool { return c.ready.Load() }
@@ -116,16 +124,16 @@ func (c *fakeCatalog) WorkerStates() []WorkerState {
 	return []WorkerState{{ID: 0, PID: 4242, State: "ready", Slots: 4}, {ID: 1, State: "restarting", Restarts: 3, LastExit: "signal: killed"}}
 }
 
-func tokens(texts ...string) []transport.Event {
-	var evs []transport.Event
+func tokens(texts ...string) []infer.Event {
+	var evs []infer.Event
 	for _, t := range texts {
-		evs = append(evs, transport.Event{Token: transport.Token{Count: 1, Text: t}})
+		evs = append(evs, infer.Event{Token: infer.Token{Count: 1, Text: t}})
 	}
 	return evs
 }
 
-func done(reason string, prompt, completion uint32) transport.Event {
-	return transport.Event{Done: &transport.Done{FinishReason: reason, PromptTokens: prompt, CompletionTokens: completion}}
+func done(reason string, prompt, completion uint32) infer.Event {
+	return infer.Event{Done: &infer.Done{FinishReason: reason, PromptTokens: prompt, CompletionTokens: completion}}
 }
 
 // selfSigned makes a loopback certificate and a pool that trusts it.
@@ -192,8 +200,8 @@ func newHarness(t testing.TB, mutate func(*Config)) *harness {
 	h := &harness{sched: &fakeScheduler{}, catalog: &fakeCatalog{}, ring: ring, pool: pool}
 	h.cred = h.issue(t, tlsbind.Claims{Tenant: "tenant-a"})
 	h.catalog.ready.Store(true)
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
-		return append(tokens("Hel", "", "lo"), done(transport.FinishStop, 5, 3)), nil
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+		return append(tokens("Hel", "", "lo"), done(infer.FinishStop, 5, 3)), nil
 	})
 	gw, err := New(cfg, h.sched, h.catalog, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
@@ -396,8 +404,8 @@ func TestTextStreaming(t *testing.T) {
 
 func TestNonStreaming(t *testing.T) {
 	h := newHarness(t, nil)
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
-		return append(tokens("Hel", "", "lo"), done(transport.FinishLength, 5, 4)), nil
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+		return append(tokens("Hel", "", "lo"), done(infer.FinishLength, 5, 4)), nil
 	})
 	tests := map[string]struct {
 		path, body, object, idPrefix string
@@ -461,7 +469,7 @@ func TestSubmittedJob(t *testing.T) {
 			body: `{"model":"demo","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],"user":"ignored"}`,
 			check: func(t *testing.T, r scheduler.Request) {
 				j := r.Job
-				if j.Model != "demo" || len(j.Messages) != 2 || j.Messages[0] != (transport.ChatMessage{Role: "system", Content: "be brief"}) {
+				if j.Model != "demo" || len(j.Messages) != 2 || j.Messages[0] != (infer.ChatMessage{Role: "system", Content: "be brief"}) {
 					t.Errorf("job %+v", j)
 				}
 				if j.MaxTokens != 77 || j.Temperature != 1 || j.TopP != 1 || j.HasSeed || j.Stop != nil {
@@ -521,15 +529,15 @@ func TestErrorResponses(t *testing.T) {
 	chat := func(extra string) string {
 		return `{"model":"demo","messages":[{"role":"user","content":"hi"}]` + extra + `}`
 	}
-	failWith := func(err error, evs ...transport.Event) func(*scheduler.Request) ([]transport.Event, error) {
-		return func(*scheduler.Request) ([]transport.Event, error) { return evs, err }
+	failWith := func(err error, evs ...infer.Event) func(*scheduler.Request) ([]infer.Event, error) {
+		return func(*scheduler.Request) ([]infer.Event, error) { return evs, err }
 	}
-	workerErr := func(code, msg string) transport.Event {
-		return transport.Event{Err: &transport.Error{Code: code, Message: msg}}
+	workerErr := func(code, msg string) infer.Event {
+		return infer.Event{Err: &infer.Error{Code: code, Message: msg}}
 	}
 	tests := map[string]struct {
 		method, path, body string
-		script             func(*scheduler.Request) ([]transport.Event, error)
+		script             func(*scheduler.Request) ([]infer.Event, error)
 		status             int
 		code, param        string
 		header             map[string]string
@@ -556,17 +564,17 @@ func TestErrorResponses(t *testing.T) {
 		"wrong method":         {method: http.MethodGet, status: 405, code: "method_not_allowed", header: map[string]string{"Allow": "POST"}},
 		"unknown route":        {path: "/v1/embeddings", status: 404, code: "not_found"},
 		"context length": {
-			body: chat(""), script: failWith(nil, workerErr(transport.CodeContextLength, "prompt is 900 tokens; the context holds 512")),
+			body: chat(""), script: failWith(nil, workerErr(infer.CodeContextLength, "prompt is 900 tokens; the context holds 512")),
 			status: 400, code: "context_length_exceeded", param: "messages",
 		},
 		"context length, text route": {
 			path: "/v1/completions", body: `{"model":"demo","prompt":"x"}`,
-			script: failWith(nil, workerErr(transport.CodeContextLength, "too long")),
+			script: failWith(nil, workerErr(infer.CodeContextLength, "too long")),
 			status: 400, code: "context_length_exceeded", param: "prompt",
 		},
-		"worker model not found": {body: chat(""), script: failWith(nil, workerErr(transport.CodeModelNotFound, "unloaded")), status: 404, code: "model_not_found"},
-		"worker invalid request": {body: chat(""), script: failWith(nil, workerErr(transport.CodeInvalidRequest, "bad stop")), status: 400},
-		"worker internal":        {body: chat(""), script: failWith(nil, workerErr(transport.CodeInternal, "onnx: boom")), status: 500, code: "internal_error"},
+		"worker model not found": {body: chat(""), script: failWith(nil, workerErr(infer.CodeModelNotFound, "unloaded")), status: 404, code: "model_not_found"},
+		"worker invalid request": {body: chat(""), script: failWith(nil, workerErr(infer.CodeInvalidRequest, "bad stop")), status: 400},
+		"worker internal":        {body: chat(""), script: failWith(nil, workerErr(infer.CodeInternal, "onnx: boom")), status: 500, code: "internal_error"},
 		"overloaded": {
 			body: chat(""), script: failWith(fmt.Errorf("submit: %w", &scheduler.OverloadError{RetryAfter: 1500 * time.Millisecond})),
 			status: 503, code: "overloaded", header: map[string]string{"Retry-After": "2"},
@@ -589,7 +597,7 @@ func TestErrorResponses(t *testing.T) {
 			t.Run(name+"/"+proto, func(t *testing.T) {
 				script := tc.script
 				if script == nil {
-					script = func(*scheduler.Request) ([]transport.Event, error) {
+					script = func(*scheduler.Request) ([]infer.Event, error) {
 						return nil, errors.New("the scheduler must not be reached")
 					}
 				}
@@ -660,12 +668,12 @@ func deref(p *string) string {
 func TestStreamWithoutResult(t *testing.T) {
 	h := newHarness(t, nil)
 	h.sched.hangUp.Store(true)
-	for name, evs := range map[string][]transport.Event{
+	for name, evs := range map[string][]infer.Event{
 		"before any token": nil,
 		"after a token":    tokens("a"),
 	} {
 		t.Run(name, func(t *testing.T) {
-			h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return evs, nil })
+			h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return evs, nil })
 			resp := h.post(t, "h3", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`)
 			if len(evs) == 0 {
 				if resp.StatusCode != http.StatusInternalServerError {
@@ -683,8 +691,8 @@ func TestStreamWithoutResult(t *testing.T) {
 
 func TestErrorAfterStreamStarted(t *testing.T) {
 	h := newHarness(t, nil)
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
-		return append(tokens("par", "tial"), transport.Event{Err: &transport.Error{Code: transport.CodeInternal, Message: "worker died"}}), nil
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+		return append(tokens("par", "tial"), infer.Event{Err: &infer.Error{Code: infer.CodeInternal, Message: "worker died"}}), nil
 	})
 	for _, proto := range protocols {
 		t.Run(proto, func(t *testing.T) {
@@ -702,7 +710,7 @@ func TestErrorAfterStreamStarted(t *testing.T) {
 			if err := json.Unmarshal([]byte(events[3]), &last); err != nil || last.Error == nil {
 				t.Fatalf("last event %q is not an error object (%v)", events[3], err)
 			}
-			if last.Error.Code == nil || *last.Error.Code != transport.CodeInternal {
+			if last.Error.Code == nil || *last.Error.Code != infer.CodeInternal {
 				t.Errorf("error code %v", deref(last.Error.Code))
 			}
 		})
@@ -711,7 +719,7 @@ func TestErrorAfterStreamStarted(t *testing.T) {
 
 func TestClientDisconnectClosesStream(t *testing.T) {
 	h := newHarness(t, nil)
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
 		return tokens("first"), nil // and then nothing: the worker is still busy
 	})
 	for _, proto := range protocols {
@@ -923,7 +931,7 @@ func TestShutdownEndsStreamsWithAnErrorEvent(t *testing.T) {
 	for _, proto := range protocols {
 		t.Run(proto, func(t *testing.T) {
 			h := newHarness(t, nil)
-			h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+			h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
 				return tokens("busy"), nil // never done
 			})
 			resp := h.post(t, proto, "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`)
@@ -967,7 +975,7 @@ func TestShutdownEndsStreamsWithAnErrorEvent(t *testing.T) {
 
 func TestShutdownLetsStreamsFinishWithinGrace(t *testing.T) {
 	h := newHarness(t, nil)
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
 		return tokens("busy"), nil
 	})
 	resp := h.post(t, "h3", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`)
@@ -980,7 +988,7 @@ func TestShutdownLetsStreamsFinishWithinGrace(t *testing.T) {
 	go func() { shut <- h.gw.Shutdown(context.Background()) }()
 	// Shutdown has begun (GOAWAY) while the stream still runs.
 	time.Sleep(100 * time.Millisecond)
-	st.events <- done(transport.FinishStop, 2, 1)
+	st.events <- done(infer.FinishStop, 2, 1)
 	events := sseEvents(t, br)
 	if len(events) == 0 || events[len(events)-1] != "[DONE]" {
 		t.Errorf("stream ended with %q, want it to complete with [DONE]", events)

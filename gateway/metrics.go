@@ -8,10 +8,10 @@ import (
 	"sync"
 	"time"
 
+	"h3infer/infer"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
-
-	"h3infer/transport"
 )
 
 // The gateway's metrics. Every label is bounded: routes are the mux's
@@ -308,8 +308,8 @@ func sinceSeconds(t time.Time) float64 { return time.Since(t).Seconds() }
 // transport defines.
 func errorCodeLabel(code string) string {
 	switch code {
-	case transport.CodeOverflow, transport.CodeWorkerLost, transport.CodeInternal, transport.CodeCancelled,
-		transport.CodeContextLength, transport.CodeModelNotFound, transport.CodeInvalidRequest:
+	case infer.CodeOverflow, infer.CodeWorkerLost, infer.CodeInternal, infer.CodeCancelled,
+		infer.CodeContextLength, infer.CodeModelNotFound, infer.CodeInvalidRequest:
 		return code
 	}
 	return "other"

@@ -3,7 +3,7 @@ package gateway
 import (
 	"net/http"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // The models endpoints, GET /v1/models and GET /v1/models/{model}: the
@@ -16,7 +16,7 @@ type modelObject struct {
 	OwnedBy string `json:"owned_by"`
 }
 
-func (g *Gateway) modelObject(m transport.ModelInfo) modelObject {
+func (g *Gateway) modelObject(m infer.ModelInfo) modelObject {
 	return modelObject{ID: m.Name, Object: "model", Created: g.created, OwnedBy: "h3infer"}
 }
 

@@ -10,8 +10,8 @@ import (
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
+	"h3infer/infer"
 	"h3infer/scheduler"
-	"h3infer/transport"
 )
 
 // discard is a span exporter that drops what it is given, so the benchmark
@@ -60,8 +60,8 @@ func BenchmarkObservability(b *testing.B) {
 			h := newHarness(b, func(c *Config) {
 				c.TracerProvider, c.RateLimits = cfg.TracerProvider, cfg.RateLimits
 			})
-			h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
-				return append(tokens(words...), done(transport.FinishStop, 4, n)), nil
+			h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+				return append(tokens(words...), done(infer.FinishStop, 4, n)), nil
 			})
 			b.ReportAllocs()
 			for b.Loop() {

@@ -12,10 +12,10 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"h3infer/infer"
 	"h3infer/internal/redistest"
 	"h3infer/ratelimit"
 	"h3infer/scheduler"
-	"h3infer/transport"
 )
 
 func scrape(t *testing.T, h *harness) string {
@@ -105,19 +105,19 @@ func TestRequestRateLimitPerTenant(t *testing.T) {
 }
 
 // longAnswer is a finished stream of n one-token events.
-func longAnswer(n int) []transport.Event {
+func longAnswer(n int) []infer.Event {
 	var texts []string
 	for range n {
 		texts = append(texts, "x")
 	}
-	return append(tokens(texts...), done(transport.FinishLength, 3, uint32(n)))
+	return append(tokens(texts...), done(infer.FinishLength, 3, uint32(n)))
 }
 
 func TestOutputTokensPaced(t *testing.T) {
 	h := newHarness(t, func(c *Config) {
 		c.RateLimits.Default = TenantLimit{OutputTokensPerSecond: 20, OutputTokenBurst: 1}
 	})
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return longAnswer(11), nil })
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(11), nil })
 	start := time.Now()
 	resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
 	events := sseEvents(t, resp.Body)
@@ -136,7 +136,7 @@ func TestOutputTokensCutOff(t *testing.T) {
 	h := newHarness(t, func(c *Config) {
 		c.RateLimits = RateLimits{Default: TenantLimit{OutputTokensPerSecond: 0.1, OutputTokenBurst: 3}, CutOff: true}
 	})
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return longAnswer(10), nil })
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(10), nil })
 	resp := h.post(t, "h3", "/v1/chat/completions", chatStream)
 	events := sseEvents(t, resp.Body)
 	last := events[len(events)-1]
@@ -162,16 +162,16 @@ func TestConcurrencyCap(t *testing.T) {
 		c.RateLimits.Default = TenantLimit{MaxConcurrent: 1}
 	})
 	// The first request's stream stays open: a worker still generating.
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return tokens("a"), nil })
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return tokens("a"), nil })
 	first := h.post(t, "h3", "/v1/chat/completions", chatStream)
 	if first.StatusCode != http.StatusOK {
 		t.Fatalf("first: status %d", first.StatusCode)
 	}
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return longAnswer(2), nil })
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(2), nil })
 	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStream), "")
 	// Ending the first frees the slot.
 	_, st := h.sched.last()
-	st.events <- done(transport.FinishStop, 1, 1)
+	st.events <- done(infer.FinishStop, 1, 1)
 	close(st.events)
 	io.Copy(io.Discard, first.Body)
 	deadline := time.Now().Add(10 * time.Second)
@@ -343,7 +343,7 @@ func TestSetRateLimits(t *testing.T) {
 	if err := h.gw.SetRateLimits(RateLimits{Default: TenantLimit{MaxConcurrent: 1}}); err != nil {
 		t.Fatal(err)
 	}
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return tokens("a"), nil })
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return tokens("a"), nil })
 	first := h.post(t, "h3", "/v1/chat/completions", chatStream)
 	if first.StatusCode != http.StatusOK {
 		t.Fatalf("held stream: status %d", first.StatusCode)
@@ -351,10 +351,10 @@ func TestSetRateLimits(t *testing.T) {
 	if err := h.gw.SetRateLimits(RateLimits{Default: TenantLimit{MaxConcurrent: 1}, Tenants: map[string]TenantLimit{"gold": {}}}); err != nil {
 		t.Fatal(err)
 	}
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) { return longAnswer(2), nil })
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(2), nil })
 	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStream), "")
 	_, st := h.sched.last()
-	st.events <- done(transport.FinishStop, 1, 1)
+	st.events <- done(infer.FinishStop, 1, 1)
 	close(st.events)
 	io.Copy(io.Discard, first.Body)
 

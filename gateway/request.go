@@ -7,7 +7,7 @@ import (
 	"math"
 	"strings"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // apiKind tells the two completion routes apart.
@@ -70,7 +70,7 @@ type completion struct {
 	stream       bool
 	includeUsage bool
 	user         string
-	job          transport.Submit
+	job          infer.Request
 }
 
 const maxStopSequences = 4
@@ -152,11 +152,11 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 	return c, nil
 }
 
-func chatMessages(in []chatMessage) ([]transport.ChatMessage, error) {
+func chatMessages(in []chatMessage) ([]infer.ChatMessage, error) {
 	if len(in) == 0 {
 		return nil, invalidf("messages", "messages: at least one message is required")
 	}
-	out := make([]transport.ChatMessage, len(in))
+	out := make([]infer.ChatMessage, len(in))
 	for i, m := range in {
 		if !chatRoles[m.Role] {
 			return nil, invalidf(fmt.Sprintf("messages[%d].role", i),
@@ -166,7 +166,7 @@ func chatMessages(in []chatMessage) ([]transport.ChatMessage, error) {
 		if err != nil {
 			return nil, err
 		}
-		out[i] = transport.ChatMessage{Role: m.Role, Content: text}
+		out[i] = infer.ChatMessage{Role: m.Role, Content: text}
 	}
 	return out, nil
 }

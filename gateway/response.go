@@ -5,7 +5,8 @@ import (
 	"crypto/rand"
 	"encoding/json"
 
-	"h3infer/transport"
+	"h3infer/infer"
+	"h3infer/priority"
 )
 
 // The OpenAI response shapes, for both routes and both modes.
@@ -16,7 +17,7 @@ type usage struct {
 	TotalTokens      uint32 `json:"total_tokens"`
 }
 
-func usageOf(d *transport.Done) usage {
+func usageOf(d *infer.Done) usage {
 	return usage{
 		PromptTokens:     d.PromptTokens,
 		CompletionTokens: d.CompletionTokens,
@@ -187,4 +188,15 @@ func sseData(payload []byte) []byte {
 	out = append(out, "data: "...)
 	out = append(out, payload...)
 	return append(out, "\n\n"...)
+}
+
+// streamIncremental is the incremental flag of a streamed (SSE) response:
+// what the client said, else true. RFC 9218's default of false tells
+// quic-go to send same-urgency streams one after the other, each to its
+// end, which is right for a file the client cannot use until it is whole
+// and wrong for tokens read as they come: under load a new stream's first
+// token waited for every older stream to finish. RFC 9218 lets a server
+// weigh what it knows of the response where the client said nothing.
+func streamIncremental(p priority.Signal) bool {
+	return p.Incremental || !p.HasIncremental
 }

@@ -10,6 +10,8 @@ import (
 	"github.com/quic-go/quic-go/http3"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
+
+	"h3infer/priority"
 )
 
 // The SSE writer: how a streamed completion's bytes reach the client,
@@ -24,7 +26,7 @@ import (
 // for the next token selects on due and calls Flush when it fires.
 type sseWriter struct {
 	w    http.ResponseWriter
-	prio priority
+	prio priority.Signal
 	held *coalescer // its out is send
 	// Set by open, on the first write:
 	opened bool
@@ -39,18 +41,19 @@ type sseWriter struct {
 	span      trace.Span
 }
 
-// newSSEWriter commits the response header of an event stream. The header
+// newSSEWriter commits the response header of an event stream whose
+// request the scheduler put in class (coalesce.go). The header
 // goes out with the first bytes of the body, not ahead of them: taking over
 // the HTTP/3 stream flushes the header, and done apart from the first write
 // it went in a packet of its own, which the client had to take before the
 // first token.
-func (g *Gateway) newSSEWriter(ctx context.Context, w http.ResponseWriter, prio priority, requestID uint64) *sseWriter {
+func (g *Gateway) newSSEWriter(ctx context.Context, w http.ResponseWriter, prio priority.Signal, class priority.Class, requestID uint64) *sseWriter {
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	w.WriteHeader(http.StatusOK)
 	sw := &sseWriter{w: w, prio: prio, log: g.log, requestID: requestID, span: trace.SpanFromContext(ctx)}
-	sw.held = newCoalescer(g.cfg.Coalesce.window(prio.urgency), g.cfg.Coalesce.MaxBuffer, sw.send)
+	sw.held = newCoalescer(g.cfg.Coalesce.window(class), g.cfg.Coalesce.MaxBuffer, sw.send)
 	return sw
 }
 
@@ -130,7 +133,7 @@ func (sw *sseWriter) open() error {
 			if err != nil {
 				return err
 			}
-			str.SetPriority(int8(sw.prio.urgency), sw.prio.streamIncremental())
+			str.SetPriority(int8(sw.prio.Urgency), streamIncremental(sw.prio))
 			sw.str, sw.opened = str, true
 			return nil
 		}

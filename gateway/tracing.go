@@ -14,7 +14,7 @@ import (
 // Tracing: one server span per request, honouring an incoming W3C
 // traceparent; completion requests add an admission span and dispatch and
 // first-token events, and hand the trace context to the worker through
-// transport.Submit.TraceParent so that its prefill and decode spans become
+// infer.Request.TraceParent so that its prefill and decode spans become
 // children of the server span. With the default no-op provider every span
 // is non-recording and nothing is allocated for export.
 

@@ -10,8 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/infer"
+	"h3infer/priority"
 	"h3infer/scheduler"
-	"h3infer/transport"
 )
 
 const chatStream = `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true}`
@@ -22,7 +23,7 @@ func TestPriorityAndTenantReachScheduler(t *testing.T) {
 	})
 	tests := map[string]struct {
 		priority    string
-		wantUrgency uint8
+		wantUrgency priority.Urgency
 		wantDefault bool
 	}{
 		"no header":    {"", 3, true},
@@ -76,7 +77,7 @@ func TestDeadlineHeader(t *testing.T) {
 // worker's sequence is cancelled.
 func TestDeadlineDuringStream(t *testing.T) {
 	h := newHarness(t, nil)
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
 		return tokens("slow"), nil // and then nothing: the worker stalls
 	})
 	for _, proto := range protocols {
@@ -132,12 +133,12 @@ func dataWrites(t *testing.T, h *harness, urgency string) float64 {
 func TestCoalescingByUrgency(t *testing.T) {
 	h := newHarness(t, nil)
 	const n = 40
-	h.sched.setScript(func(*scheduler.Request) ([]transport.Event, error) {
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
 		var texts []string
 		for i := range n {
 			texts = append(texts, "t"+strconv.Itoa(i)+" ")
 		}
-		return append(tokens(texts...), done(transport.FinishLength, 2, n)), nil
+		return append(tokens(texts...), done(infer.FinishLength, 2, n)), nil
 	})
 	var bodies []string
 	for _, u := range []string{"0", "6"} {
@@ -235,8 +236,6 @@ func TestCoalesceConfigValidates(t *testing.T) {
 	}{
 		"window beyond ack delay":      {CoalesceConfig{Window: 30 * time.Millisecond}, "gateway.coalesce.window"},
 		"bulk window beyond ack delay": {CoalesceConfig{BulkWindow: 26 * time.Millisecond}, "gateway.coalesce.bulk_window"},
-		"bulk below urgent":            {CoalesceConfig{UrgentMax: 5, BulkMin: 4}, "gateway.coalesce.bulk_min"},
-		"urgent out of range":          {CoalesceConfig{UrgentMax: 9}, "gateway.coalesce.urgent_max"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -246,8 +245,13 @@ func TestCoalesceConfigValidates(t *testing.T) {
 			}
 		})
 	}
+	// The classes' bounds are checked where they live (priority); by the
+	// default classes, u=0..2 flush at once, 3..5 hold 10ms, 6..7 25ms.
 	c, errs := CoalesceConfig{}.withDefaults()
-	if len(errs) != 0 || c.window(0) != 0 || c.window(2) != 0 || c.window(3) != 10*time.Millisecond || c.window(5) != 10*time.Millisecond || c.window(6) != 25*time.Millisecond || c.window(7) != 25*time.Millisecond {
-		t.Errorf("defaults %+v (%v): windows by urgency are not 0/10ms/25ms", c, errs)
+	want := [priority.Levels]time.Duration{0, 0, 0, 10 * time.Millisecond, 10 * time.Millisecond, 10 * time.Millisecond, 25 * time.Millisecond, 25 * time.Millisecond}
+	for u := range priority.Urgency(priority.Levels) {
+		if got := c.window(priority.DefaultClasses.Of(u)); len(errs) != 0 || got != want[u] {
+			t.Errorf("defaults %+v (%v): u=%d holds %s, want %s", c, errs, u, got, want[u])
+		}
 	}
 }

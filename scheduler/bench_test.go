@@ -5,7 +5,7 @@ import (
 	"sync"
 	"testing"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
 // BenchmarkSubmitClose measures the scheduler's own cost per request: admit,
@@ -19,7 +19,7 @@ func BenchmarkSubmitClose(b *testing.B) {
 			s, _ := newTestScheduler(b, Config{MaxQueue: 1 << 16}, newFakeWorker(0, 8), newFakeWorker(1, 8))
 			req := &Request{}
 			run := func() {
-				st, err := s.Submit(context.Background(), req)
+				st, _, err := s.Submit(context.Background(), req)
 				if err != nil {
 					b.Error(err)
 					return
@@ -67,9 +67,9 @@ func fairnessRatio(b *testing.B, weightA int) float64 {
 		{Name: "b", Weight: 1, DefaultUrgency: 4},
 	}}
 	s, _ := newTestScheduler(b, cfg, newFakeWorker(0, 4), newFakeWorker(1, 4))
-	var holders []*Stream
+	var holders []*Dispatch
 	for range 8 {
-		st, err := s.Submit(context.Background(), &Request{})
+		st, _, err := s.Submit(context.Background(), &Request{})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -83,7 +83,7 @@ func fairnessRatio(b *testing.B, weightA int) float64 {
 	for _, tenant := range []string{"a", "b"} {
 		for range perTenant {
 			wg.Go(func() {
-				st, err := s.Submit(context.Background(), &Request{Tenant: tenant, DefaultUrgency: true, Job: transport.Submit{MaxTokens: maxTokens}})
+				st, _, err := s.Submit(context.Background(), &Request{Tenant: tenant, DefaultUrgency: true, Job: infer.Request{MaxTokens: maxTokens}})
 				if err != nil {
 					b.Error(err)
 					return

@@ -3,10 +3,9 @@ package scheduler
 import (
 	"slices"
 	"time"
-)
 
-// Levels is the number of RFC 9218 urgencies, 0 (most urgent) to 7.
-const Levels = 8
+	"h3infer/priority"
+)
 
 // queue orders waiting requests. It is a plain data structure: the
 // Scheduler's lock guards it and the caller passes the current time, so
@@ -32,9 +31,9 @@ const Levels = 8
 type queue struct {
 	aging  time.Duration
 	items  []*waiter // in arrival order
-	vtime  [Levels]float64
-	pass   [Levels]map[string]float64 // tenant virtual time per level
-	counts map[string]int             // queued per tenant
+	vtime  [priority.Levels]float64
+	pass   [priority.Levels]map[string]float64 // tenant virtual time per level
+	counts map[string]int                      // queued per tenant
 }
 
 func newQueue(aging time.Duration) *queue {
@@ -85,7 +84,7 @@ func (q *queue) pop(now time.Time, admit func(level int) bool) *waiter {
 	if len(q.items) == 0 {
 		return nil
 	}
-	best := Levels
+	best := priority.Levels
 	for _, w := range q.items {
 		best = min(best, q.level(w, now))
 	}
@@ -134,8 +133,8 @@ func (q *queue) drain() []*waiter {
 }
 
 // byUrgency counts queued requests by their requested urgency.
-func (q *queue) byUrgency() [Levels]int {
-	var n [Levels]int
+func (q *queue) byUrgency() [priority.Levels]int {
+	var n [priority.Levels]int
 	for _, w := range q.items {
 		n[w.urgency]++
 	}

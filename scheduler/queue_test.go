@@ -3,9 +3,13 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"reflect"
+	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"h3infer/priority"
 )
 
 // fakeClock is a manual clock: timers fire only when a test advances it.
@@ -77,7 +81,7 @@ func (c *fakeClock) pending() int {
 type item struct {
 	name    string
 	tenant  string
-	urgency uint8
+	urgency priority.Urgency
 	weight  float64
 	at      time.Duration // enqueued this long after the start
 }
@@ -240,14 +244,14 @@ func TestQueueUrgencyBeatsWeight(t *testing.T) {
 
 // fakeClockScheduler is a scheduler on a fake clock with one single-slot
 // worker already busy, so that every further request queues.
-func fakeClockScheduler(t *testing.T, cfg Config) (*Scheduler, *fakeClock, *fakeWorker, *Stream) {
+func fakeClockScheduler(t *testing.T, cfg Config) (*Scheduler, *fakeClock, *fakeWorker, *Dispatch) {
 	t.Helper()
 	w := newFakeWorker(0, 1)
 	s, _ := newTestScheduler(t, cfg, w)
 	clk := newFakeClock()
 	s.clock = clk
 	s.queue = newQueue(s.cfg.Aging)
-	busy, err := s.Submit(context.Background(), &Request{})
+	busy, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,14 +261,14 @@ func fakeClockScheduler(t *testing.T, cfg Config) (*Scheduler, *fakeClock, *fake
 func TestSchedulerDispatchesByUrgency(t *testing.T) {
 	s, _, w, busy := fakeClockScheduler(t, Config{})
 	var chans []<-chan result
-	for _, u := range []uint8{7, 3, 0, 5} {
+	for _, u := range []priority.Urgency{7, 3, 0, 5} {
 		chans = append(chans, submitAsync(t, s, context.Background(), &Request{Urgency: u}))
 	}
 	if got := s.Stats().QueuedByUrgency; got[0] != 1 || got[3] != 1 || got[5] != 1 || got[7] != 1 {
 		t.Errorf("QueuedByUrgency = %v", got)
 	}
 	prev := busy
-	var order []uint8
+	var order []priority.Urgency
 	for range chans {
 		prev.Close()
 		var r result
@@ -289,7 +293,7 @@ func TestSchedulerDispatchesByUrgency(t *testing.T) {
 		prev = r.st
 	}
 	prev.Close()
-	if want := []uint8{0, 3, 5, 7}; string(order) != string(want) {
+	if want := []priority.Urgency{0, 3, 5, 7}; !slices.Equal(order, want) {
 		t.Errorf("dispatch order by urgency %v, want %v", order, want)
 	}
 	if w.peak != 1 {
@@ -383,7 +387,7 @@ func TestSchedulerBounds(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	a1 := submitAsync(t, s, ctx, &Request{Tenant: "a"})
-	_, err := s.Submit(ctx, &Request{Tenant: "a"})
+	_, _, err := s.Submit(ctx, &Request{Tenant: "a"})
 	var tl *TenantLimitError
 	if !errors.Is(err, ErrTenantLimit) || !errors.As(err, &tl) || tl.Tenant != "a" || tl.RetryAfter != 2*time.Second || tl.Queued != 1 {
 		t.Errorf("tenant a over its bound: got %v, want a *TenantLimitError for a, 1 queued, retry 2s", err)
@@ -393,7 +397,7 @@ func TestSchedulerBounds(t *testing.T) {
 	}
 	b1 := submitAsync(t, s, ctx, &Request{Tenant: "b"})
 	b2 := submitAsync(t, s, ctx, &Request{Tenant: "b"})
-	_, err = s.Submit(ctx, &Request{Tenant: "b"})
+	_, _, err = s.Submit(ctx, &Request{Tenant: "b"})
 	var oe *OverloadError
 	if !errors.As(err, &oe) || oe.Queued != 3 || errors.Is(err, ErrTenantLimit) {
 		t.Errorf("global bound: got %v, want an *OverloadError with 3 queued", err)
@@ -415,12 +419,12 @@ func TestSchedulerTenantUrgency(t *testing.T) {
 	s, _ := newTestScheduler(t, cfg, newFakeWorker(0, 8))
 	tests := map[string]struct {
 		req  Request
-		want uint8
+		want priority.Urgency
 	}{
 		"tenant default":            {Request{Tenant: "batch", DefaultUrgency: true}, 6},
 		"below the ceiling kept":    {Request{Tenant: "batch", Urgency: 5}, 5},
 		"above the ceiling capped":  {Request{Tenant: "batch", Urgency: 0}, 4},
-		"unknown tenant is default": {Request{Tenant: "nobody", DefaultUrgency: true}, DefaultUrgency},
+		"unknown tenant is default": {Request{Tenant: "nobody", DefaultUrgency: true}, priority.Default},
 		"default tenant may ask 0":  {Request{Urgency: 0}, 0},
 		"request ceiling (a token)": {Request{Urgency: 1, UrgencyCeiling: 3}, 3},
 		"the stricter ceiling wins": {Request{Tenant: "batch", Urgency: 0, UrgencyCeiling: 2}, 4},
@@ -428,13 +432,16 @@ func TestSchedulerTenantUrgency(t *testing.T) {
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
 			r := tc.req
-			st, err := s.Submit(context.Background(), &r)
+			st, adm, err := s.Submit(context.Background(), &r)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer st.Close()
-			if got := st.current().call.(*fakeCall).job.Urgency; got != tc.want || r.Urgency != tc.want {
-				t.Errorf("worker got urgency %d, request says %d, want %d", got, r.Urgency, tc.want)
+			if got := st.current().call.(*fakeCall).job.Urgency; got != tc.want || adm.Urgency != tc.want {
+				t.Errorf("worker got urgency %d, admission says %d, want %d", got, adm.Urgency, tc.want)
+			}
+			if !reflect.DeepEqual(r, tc.req) {
+				t.Errorf("Submit changed its argument: %+v, was %+v", r, tc.req)
 			}
 		})
 	}
@@ -479,9 +486,9 @@ func TestSchedulerCancelFromEveryState(t *testing.T) {
 func TestUrgentReserve(t *testing.T) {
 	w := newFakeWorker(0, 3)
 	s, _ := newTestScheduler(t, Config{UrgentReserve: 1}, w)
-	var running []*Stream
+	var running []*Dispatch
 	for range 2 {
-		st, err := s.Submit(context.Background(), &Request{Urgency: 6})
+		st, _, err := s.Submit(context.Background(), &Request{Urgency: 6})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -490,7 +497,7 @@ func TestUrgentReserve(t *testing.T) {
 	// The third slot is kept for urgent work: bulk queues...
 	bulk := submitAsync(t, s, context.Background(), &Request{Urgency: 6})
 	// ...and an urgent request runs at once.
-	urgent, err := s.Submit(context.Background(), &Request{Urgency: 1})
+	urgent, _, err := s.Submit(context.Background(), &Request{Urgency: 1})
 	if err != nil {
 		t.Fatal(err)
 	}

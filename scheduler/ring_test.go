@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/infer"
 	"h3infer/transport"
 )
 
@@ -26,13 +27,17 @@ type ringWorker struct {
 func (w *ringWorker) ID() int     { return w.id }
 func (w *ringWorker) Ready() bool { return true }
 func (w *ringWorker) Slots() int  { return w.slots }
-func (w *ringWorker) Open(id uint64, s *transport.Submit) (*transport.Call, error) {
-	return w.end.Open(id, s)
+func (w *ringWorker) Open(id uint64, s *infer.Request) (infer.Call, error) {
+	c, err := w.end.Open(id, s)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
-type staticSet []Worker
+type staticSet []Backend
 
-func (s staticSet) Workers() []Worker { return s }
+func (s staticSet) Backends() []Backend { return s }
 
 // echoWorker answers each prompt word by word. A prompt starting with "hold"
 // sends one token and then waits for the gateway's cancel.
@@ -56,13 +61,13 @@ func echoWorker(t *testing.T, we *transport.WorkerEnd, cancelled chan<- uint64) 
 			}
 			words := strings.Fields(sub.Prompt)
 			if len(words) > 0 && words[0] == "hold" {
-				we.SendToken(f.ID, transport.Token{Count: 1, Text: "held"})
+				we.SendToken(f.ID, infer.Token{Count: 1, Text: "held"})
 				continue
 			}
 			for _, w := range words {
-				we.SendToken(f.ID, transport.Token{Count: 1, Text: w})
+				we.SendToken(f.ID, infer.Token{Count: 1, Text: w})
 			}
-			we.SendDone(f.ID, transport.Done{FinishReason: transport.FinishStop, PromptTokens: uint32(len(words)), CompletionTokens: uint32(len(words))})
+			we.SendDone(f.ID, infer.Done{FinishReason: infer.FinishStop, PromptTokens: uint32(len(words)), CompletionTokens: uint32(len(words))})
 		}
 	}
 }
@@ -89,7 +94,7 @@ func TestDispatchOverRealRing(t *testing.T) {
 		seg.Close()
 	})
 
-	collect := func(st *Stream) (string, *transport.Done) {
+	collect := func(st *Dispatch) (string, *infer.Done) {
 		var text []string
 		for ev := range st.Events() {
 			switch {
@@ -105,7 +110,7 @@ func TestDispatchOverRealRing(t *testing.T) {
 		return "", nil
 	}
 
-	st, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Model: "m", Prompt: "a b c"}})
+	st, _, err := s.Submit(context.Background(), &Request{Job: infer.Request{Model: "m", Prompt: "a b c"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +121,7 @@ func TestDispatchOverRealRing(t *testing.T) {
 
 	// A held request occupies the only slot; the next one queues until the
 	// held stream is closed, which must cancel it on the worker.
-	held, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Prompt: "hold"}})
+	held, _, err := s.Submit(context.Background(), &Request{Job: infer.Request{Prompt: "hold"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,7 +130,7 @@ func TestDispatchOverRealRing(t *testing.T) {
 	}
 	next := make(chan result, 1)
 	go func() {
-		st, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Prompt: "after"}})
+		st, _, err := s.Submit(context.Background(), &Request{Job: infer.Request{Prompt: "after"}})
 		next <- result{st, err}
 	}()
 	waitFor(t, "request to queue", func() bool { return s.Stats().Queued == 1 })

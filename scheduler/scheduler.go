@@ -8,26 +8,29 @@ import (
 	"sync"
 	"time"
 
-	"h3infer/transport"
+	"h3infer/infer"
+	"h3infer/priority"
 )
 
-// Worker is what the scheduler dispatches to. backend.Worker implements it;
-// cmd/h3infer wires the two together.
+// Backend is what the scheduler dispatches to: anything with a number of
+// slots that can turn an infer.Request into an infer.Call. A worker
+// process's handle is one; cmd/h3infer wires them in.
 //
 // Implementations must be comparable (pointer types in practice): the
 // scheduler keys its slot accounting on the handle's identity, so a restarted
 // worker process must appear as a new handle. The methods are called with the
 // scheduler's lock held and must not call back into the Scheduler.
-type Worker interface {
+type Backend interface {
 	ID() int
 	Ready() bool
 	Slots() int
-	Open(id uint64, s *transport.Submit) (*transport.Call, error)
+	Open(id uint64, r *infer.Request) (infer.Call, error)
 }
 
-// WorkerSet lists the current workers. cmd/h3infer adapts backend.Pool.
-type WorkerSet interface {
-	Workers() []Worker
+// BackendSet lists the current backends. cmd/h3infer adapts its pool of
+// worker processes.
+type BackendSet interface {
+	Backends() []Backend
 }
 
 // Config tunes the scheduler. Zero values mean the documented defaults.
@@ -42,11 +45,12 @@ type Config struct {
 	// urgency level higher (see queue for the rule and its bound). Default
 	// 2s; a request of urgency 7 thus competes at urgency 0 after 14s.
 	Aging time.Duration
-	// UrgentMax is the largest urgency that may use reserved slots.
-	// Default 2.
-	UrgentMax uint8
-	// UrgentReserve is how many slots on each worker only requests of
-	// urgency 0..UrgentMax (effective, so aged requests too) may take, so
+	// Classes says which urgencies are urgent, normal and bulk; the class
+	// Submit derives from it travels with the request to every later stage.
+	// The zero value means priority.DefaultClasses.
+	Classes priority.Classes
+	// UrgentReserve is how many slots on each worker only urgent requests
+	// (by their effective urgency, so aged requests too) may take, so
 	// that an urgent request does not wait for a bulk one to finish. Each
 	// worker keeps at least one slot for everyone. Default 0: none.
 	UrgentReserve int
@@ -64,11 +68,11 @@ type Tenant struct {
 	// same urgency, in tokens asked for. Must be >= 1.
 	Weight int
 	// DefaultUrgency applies when a request names none. 0..7.
-	DefaultUrgency uint8
+	DefaultUrgency priority.Urgency
 	// UrgencyCeiling is the most urgent level the tenant may claim: a
 	// request asking for a smaller urgency value gets this one. 0..7, at
 	// most DefaultUrgency.
-	UrgencyCeiling uint8
+	UrgencyCeiling priority.Urgency
 	// MaxQueue bounds the tenant's queued requests; one more is refused
 	// with a *TenantLimitError. 0: only the global bound applies.
 	MaxQueue int
@@ -79,10 +83,7 @@ const (
 	DefaultMaxQueue   = 256
 	DefaultRetryAfter = time.Second
 	DefaultAging      = 2 * time.Second
-	DefaultUrgentMax  = 2
 	DefaultTenant     = "default"
-	// DefaultUrgency is RFC 9218's default urgency.
-	DefaultUrgency = 3
 )
 
 // defaultCost is the fairness cost of a request that names no max_tokens.
@@ -97,31 +98,24 @@ const pollInterval = 50 * time.Millisecond
 type Request struct {
 	Tenant string // "" is DefaultTenant
 	// Urgency is the RFC 9218 urgency the client asked for, 0 most urgent.
-	// Submit replaces it with the urgency it applied (the tenant's default
-	// when DefaultUrgency is set, never more urgent than the tenant's
-	// ceiling) and copies that into Job.
-	Urgency uint8
+	// Submit applies the tenant's default when DefaultUrgency is set and
+	// never grants more urgency than the ceilings allow; the Dispatch says
+	// what it applied, and Job travels on with it and its class.
+	Urgency priority.Urgency
 	// DefaultUrgency says the client named no urgency.
 	DefaultUrgency bool
 	// UrgencyCeiling is a ceiling of this request's own on top of its
 	// tenant's (its token's, say): the most urgent level it may have.
-	UrgencyCeiling uint8
+	UrgencyCeiling priority.Urgency
 	Deadline       time.Time // latest time the request may start; zero means none
-	Job            transport.Submit
+	Job            infer.Request
 }
 
 // Stats is a snapshot for metrics.
 type Stats struct {
-	Queued          int         // requests waiting for a slot
-	Running         int         // slots in use across all worker handles
-	QueuedByUrgency [Levels]int // waiting requests by the urgency they were given
-}
-
-// call is the part of *transport.Call the scheduler uses. It is a seam so
-// that the scheduler's tests can dispatch without shared memory.
-type call interface {
-	Events() <-chan transport.Event
-	Cancel()
+	Queued          int                  // requests waiting for a slot
+	Running         int                  // slots in use across all worker handles
+	QueuedByUrgency [priority.Levels]int // waiting requests by the urgency they were given
 }
 
 // clock is the scheduler's time source, a seam for tests with a fake clock.
@@ -141,16 +135,15 @@ func (realClock) AfterFunc(d time.Duration, f func()) func() bool {
 // Scheduler admits requests and dispatches them to workers in the order
 // described on queue: urgency, aging, tenant share, arrival.
 type Scheduler struct {
-	cfg     Config
-	workers WorkerSet
-	log     *slog.Logger
-	open    func(w Worker, id uint64, job *transport.Submit) (call, error)
-	clock   clock
+	cfg      Config
+	backends BackendSet
+	log      *slog.Logger
+	clock    clock
 
 	mu      sync.Mutex
 	tenants map[string]Tenant // replaced whole by SetTenants
 	nextID  uint64
-	inUse   map[Worker]int
+	inUse   map[Backend]int
 	running int
 	queue   *queue
 	closed  bool
@@ -164,7 +157,7 @@ type Scheduler struct {
 // lock) sends exactly one grant on wake.
 type waiter struct {
 	tenant   string
-	urgency  uint8
+	urgency  priority.Urgency
 	weight   float64
 	cost     float64
 	enqueued time.Time
@@ -174,13 +167,13 @@ type waiter struct {
 
 // grant either hands a waiter a reserved slot on worker or fails it with err.
 type grant struct {
-	worker Worker
+	worker Backend
 	err    error
 }
 
-// New returns a scheduler over workers. It runs one goroutine, stopped by
+// New returns a scheduler over backends. It runs one goroutine, stopped by
 // Close, that retries queued requests as workers come back.
-func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
+func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) {
 	var errs []error
 	if cfg.MaxQueue < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.max_queue: must be >= 0, got %d", cfg.MaxQueue))
@@ -188,9 +181,8 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	if cfg.RetryAfter < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.retry_after: must be >= 0, got %s", cfg.RetryAfter))
 	}
-	if cfg.UrgentMax >= Levels {
-		errs = append(errs, fmt.Errorf("scheduler.urgent_max: must be 0..7, got %d", cfg.UrgentMax))
-	}
+	cfg.Classes = cfg.Classes.OrDefault()
+	errs = append(errs, cfg.Classes.Validate("priority")...)
 	if cfg.UrgentReserve < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.urgent_reserve: must be >= 0, got %d", cfg.UrgentReserve))
 	}
@@ -199,8 +191,8 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	}
 	tenants, terrs := tenantTable(cfg.Tenants)
 	errs = append(errs, terrs...)
-	if workers == nil {
-		errs = append(errs, errors.New("scheduler: worker set is nil"))
+	if backends == nil {
+		errs = append(errs, errors.New("scheduler: backend set is nil"))
 	}
 	if log == nil {
 		errs = append(errs, errors.New("scheduler: logger is nil"))
@@ -217,32 +209,27 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	if cfg.Aging == 0 {
 		cfg.Aging = DefaultAging
 	}
-	if cfg.UrgentMax == 0 {
-		cfg.UrgentMax = DefaultUrgentMax
-	}
 	s := &Scheduler{
-		cfg:     cfg,
-		tenants: tenants,
-		workers: workers,
-		log:     log,
-		open:    openWorker,
-		clock:   realClock{},
-		inUse:   make(map[Worker]int),
-		queue:   newQueue(cfg.Aging),
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
+		cfg:      cfg,
+		tenants:  tenants,
+		backends: backends,
+		log:      log,
+		clock:    realClock{},
+		inUse:    make(map[Backend]int),
+		queue:    newQueue(cfg.Aging),
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
 	}
 	go s.poll()
 	return s, nil
 }
 
-func openWorker(w Worker, id uint64, job *transport.Submit) (call, error) {
+func openBackend(w Backend, id uint64, job *infer.Request) (infer.Call, error) {
 	c, err := w.Open(id, job)
 	if err != nil {
 		return nil, err
 	}
 	if c == nil {
-		// A nil *transport.Call in the interface would look non-nil.
 		return nil, errors.New("worker returned no call")
 	}
 	return c, nil
@@ -253,7 +240,7 @@ func openWorker(w Worker, id uint64, job *transport.Submit) (call, error) {
 func tenantTable(list []Tenant) (map[string]Tenant, []error) {
 	var errs []error
 	tenants := map[string]Tenant{
-		DefaultTenant: {Name: DefaultTenant, Weight: 1, DefaultUrgency: DefaultUrgency},
+		DefaultTenant: {Name: DefaultTenant, Weight: 1, DefaultUrgency: priority.Default},
 	}
 	listed := map[string]bool{}
 	for i, t := range list {
@@ -268,7 +255,7 @@ func tenantTable(list []Tenant) (map[string]Tenant, []error) {
 		if t.Weight < 1 {
 			errs = append(errs, fmt.Errorf("%s.weight: must be >= 1, got %d", key, t.Weight))
 		}
-		if t.DefaultUrgency >= Levels {
+		if !t.DefaultUrgency.Valid() {
 			errs = append(errs, fmt.Errorf("%s.default_urgency: must be 0..7, got %d", key, t.DefaultUrgency))
 		}
 		if t.UrgencyCeiling > t.DefaultUrgency {
@@ -313,17 +300,10 @@ func (s *Scheduler) tenant(name string) Tenant {
 // and blocks until it is dispatched, ctx is done, its deadline passes or the
 // scheduler closes; whichever ends the wait removes it from the queue. A
 // tenant over its own bound fails at once with a *TenantLimitError, a full
-// queue with an *OverloadError. It sets r.Urgency to the urgency it
-// applied. Submit (stream.go) wraps it.
+// queue with an *OverloadError. r.Job's Urgency and Class are those it
+// applied. Submit (dispatch.go) wraps it.
 func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) {
-	if r == nil {
-		return nil, errors.New("scheduler: submit: nil request")
-	}
 	t := s.tenant(r.Tenant)
-	if r.DefaultUrgency {
-		r.Urgency = t.DefaultUrgency
-	}
-	r.Urgency = min(max(r.Urgency, t.UrgencyCeiling, r.UrgencyCeiling), Levels-1)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("scheduler: submit: %w", err)
 	}
@@ -338,9 +318,9 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 	}
 	s.nextID++
 	id := s.nextID
-	var worker Worker
+	var worker Backend
 	if s.queue.len() == 0 {
-		worker = s.reserveLocked(int(r.Urgency))
+		worker = s.reserveLocked(r.Job.Urgency)
 	}
 	var w *waiter
 	if worker == nil {
@@ -360,7 +340,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 		}
 		w = &waiter{
 			tenant:   t.Name,
-			urgency:  r.Urgency,
+			urgency:  r.Job.Urgency,
 			weight:   float64(t.Weight),
 			cost:     cost,
 			enqueued: now,
@@ -380,9 +360,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 			return nil, fmt.Errorf("scheduler: request %d: %w", id, err)
 		}
 	}
-	job := r.Job
-	job.Urgency = r.Urgency
-	c, err := s.open(worker, id, &job)
+	c, err := openBackend(worker, id, &r.Job)
 	if err != nil {
 		s.release(worker)
 		return nil, fmt.Errorf("scheduler: worker %d: open request %d: %w", worker.ID(), id, err)
@@ -393,7 +371,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 // wait blocks a queued request until it is granted a slot or gives up. The
 // deadline timer fails it from the queue like a grant would; a request
 // that gives up after a grant raced in returns the slot.
-func (s *Scheduler) wait(ctx context.Context, w *waiter, deadline time.Time) (Worker, error) {
+func (s *Scheduler) wait(ctx context.Context, w *waiter, deadline time.Time) (Backend, error) {
 	if !deadline.IsZero() {
 		stop := s.clock.AfterFunc(deadline.Sub(w.enqueued), func() { s.fail(w, ErrDeadline) })
 		defer stop()
@@ -431,14 +409,14 @@ func (s *Scheduler) fail(w *waiter, err error) bool {
 // reserveLocked takes a slot for a request of effective urgency level on the
 // ready worker with the lowest share of its slots in use, or returns nil
 // when every slot it may use is taken.
-func (s *Scheduler) reserveLocked(level int) Worker {
+func (s *Scheduler) reserveLocked(level priority.Urgency) Backend {
 	reserve := 0
-	if level > int(s.cfg.UrgentMax) {
+	if s.cfg.Classes.Of(level) != priority.Urgent {
 		reserve = s.cfg.UrgentReserve
 	}
-	var best Worker
+	var best Backend
 	bestUsed, bestSlots := 0, 1
-	for _, w := range s.workers.Workers() {
+	for _, w := range s.backends.Backends() {
 		if w == nil || !w.Ready() {
 			continue
 		}
@@ -463,7 +441,7 @@ func (s *Scheduler) reserveLocked(level int) Worker {
 }
 
 // release frees a slot on w and hands free slots to queued requests.
-func (s *Scheduler) release(w Worker) {
+func (s *Scheduler) release(w Backend) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if n := s.inUse[w] - 1; n > 0 {
@@ -478,9 +456,9 @@ func (s *Scheduler) release(w Worker) {
 // dispatchLocked grants free slots to queued requests in queue order.
 func (s *Scheduler) dispatchLocked() {
 	for s.queue.len() > 0 {
-		var worker Worker
+		var worker Backend
 		w := s.queue.pop(s.clock.Now(), func(level int) bool {
-			worker = s.reserveLocked(level)
+			worker = s.reserveLocked(priority.Urgency(level))
 			return worker != nil
 		})
 		if w == nil {
@@ -520,7 +498,7 @@ func (s *Scheduler) Stats() Stats {
 }
 
 // Close fails every queued request with ErrClosed and refuses new ones.
-// Streams already dispatched keep running until their owners close them.
+// Requests already dispatched keep running until their owners close them.
 func (s *Scheduler) Close() {
 	s.mu.Lock()
 	if !s.closed {

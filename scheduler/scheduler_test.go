@@ -13,7 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"h3infer/transport"
+	"h3infer/infer"
+	"h3infer/priority"
 )
 
 // fakeWorker is a worker handle whose readiness tests flip.
@@ -39,9 +40,17 @@ func (w *fakeWorker) ID() int     { return w.id }
 func (w *fakeWorker) Ready() bool { return w.ready.Load() }
 func (w *fakeWorker) Slots() int  { return w.slots }
 
-// Open is never reached: tests dispatch through the scheduler's call seam.
-func (w *fakeWorker) Open(uint64, *transport.Submit) (*transport.Call, error) {
-	return nil, errors.New("fake worker: open through the test seam")
+// Open starts a fake call that the test drives through its events.
+func (w *fakeWorker) Open(id uint64, job *infer.Request) (infer.Call, error) {
+	if w.fail.Load() {
+		return nil, errors.New("ring closed")
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.active++
+	w.peak = max(w.peak, w.active)
+	w.opened = append(w.opened, id)
+	return &fakeCall{worker: w, job: *job, events: make(chan infer.Event)}, nil
 }
 
 func (w *fakeWorker) openedIDs() []uint64 {
@@ -53,12 +62,12 @@ func (w *fakeWorker) openedIDs() []uint64 {
 // fakeCall stands in for a transport call and counts cancellations.
 type fakeCall struct {
 	worker    *fakeWorker
-	job       transport.Submit
-	events    chan transport.Event
+	job       infer.Request
+	events    chan infer.Event
 	cancelled atomic.Int32
 }
 
-func (c *fakeCall) Events() <-chan transport.Event { return c.events }
+func (c *fakeCall) Events() <-chan infer.Event { return c.events }
 
 func (c *fakeCall) Cancel() {
 	if c.cancelled.Add(1) == 1 {
@@ -70,13 +79,13 @@ func (c *fakeCall) Cancel() {
 
 type fakeSet struct {
 	mu      sync.Mutex
-	workers []Worker
+	workers []Backend
 }
 
-func (s *fakeSet) Workers() []Worker {
+func (s *fakeSet) Backends() []Backend {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]Worker(nil), s.workers...)
+	return append([]Backend(nil), s.workers...)
 }
 
 func (s *fakeSet) set(ws ...*fakeWorker) {
@@ -88,19 +97,6 @@ func (s *fakeSet) set(ws ...*fakeWorker) {
 	}
 }
 
-func fakeOpen(w Worker, id uint64, job *transport.Submit) (call, error) {
-	fw := w.(*fakeWorker)
-	if fw.fail.Load() {
-		return nil, errors.New("ring closed")
-	}
-	fw.mu.Lock()
-	defer fw.mu.Unlock()
-	fw.active++
-	fw.peak = max(fw.peak, fw.active)
-	fw.opened = append(fw.opened, id)
-	return &fakeCall{worker: fw, job: *job, events: make(chan transport.Event)}, nil
-}
-
 func newTestScheduler(t testing.TB, cfg Config, ws ...*fakeWorker) (*Scheduler, *fakeSet) {
 	t.Helper()
 	before := runtime.NumGoroutine()
@@ -110,7 +106,6 @@ func newTestScheduler(t testing.TB, cfg Config, ws ...*fakeWorker) (*Scheduler, 
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
-	s.open = fakeOpen
 	t.Cleanup(func() {
 		s.Close()
 		waitFor(t, "goroutines to exit", func() bool { return runtime.NumGoroutine() <= before })
@@ -130,7 +125,7 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 }
 
 type result struct {
-	st  *Stream
+	st  *Dispatch
 	err error
 }
 
@@ -141,7 +136,7 @@ func submitAsync(t *testing.T, s *Scheduler, ctx context.Context, r *Request) <-
 	queued := s.Stats().Queued
 	out := make(chan result, 1)
 	go func() {
-		st, err := s.Submit(ctx, r)
+		st, _, err := s.Submit(ctx, r)
 		out <- result{st, err}
 	}()
 	waitFor(t, "request to queue", func() bool { return s.Stats().Queued == queued+1 })
@@ -179,7 +174,7 @@ func TestSubmitPicksLeastLoaded(t *testing.T) {
 			}
 			s, _ := newTestScheduler(t, Config{}, ws...)
 			for i := range tc.submit {
-				st, err := s.Submit(context.Background(), &Request{})
+				st, _, err := s.Submit(context.Background(), &Request{})
 				if err != nil {
 					t.Fatalf("submit %d: %v", i, err)
 				}
@@ -197,12 +192,12 @@ func TestSubmitPicksLeastLoaded(t *testing.T) {
 func TestSubmitCopiesUrgencyAndAssignsIDs(t *testing.T) {
 	w := newFakeWorker(1, 2)
 	s, _ := newTestScheduler(t, Config{}, w)
-	a, err := s.Submit(context.Background(), &Request{Urgency: 1, Job: transport.Submit{Model: "m", Urgency: 7}})
+	a, _, err := s.Submit(context.Background(), &Request{Urgency: 1, Job: infer.Request{Model: "m", Urgency: 7}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	b, err := s.Submit(context.Background(), &Request{Urgency: 5})
+	b, _, err := s.Submit(context.Background(), &Request{Urgency: 5})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +209,7 @@ func TestSubmitCopiesUrgencyAndAssignsIDs(t *testing.T) {
 	if job.Urgency != 1 || job.Model != "m" {
 		t.Errorf("worker got urgency %d model %q, want 1 and %q", job.Urgency, job.Model, "m")
 	}
-	if got := a.WorkerID(); got != 1 {
+	if got := a.BackendID(); got != 1 {
 		t.Errorf("WorkerID = %d, want 1", got)
 	}
 }
@@ -222,7 +217,7 @@ func TestSubmitCopiesUrgencyAndAssignsIDs(t *testing.T) {
 func TestQueueFullIsOverloaded(t *testing.T) {
 	w := newFakeWorker(0, 1)
 	s, _ := newTestScheduler(t, Config{MaxQueue: 2, RetryAfter: 3 * time.Second}, w)
-	running, err := s.Submit(context.Background(), &Request{})
+	running, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +226,7 @@ func TestQueueFullIsOverloaded(t *testing.T) {
 	q1 := submitAsync(t, s, ctx, &Request{})
 	q2 := submitAsync(t, s, ctx, &Request{})
 
-	_, err = s.Submit(context.Background(), &Request{})
+	_, _, err = s.Submit(context.Background(), &Request{})
 	if !errors.Is(err, ErrOverloaded) {
 		t.Fatalf("got %v, want ErrOverloaded", err)
 	}
@@ -256,7 +251,7 @@ func TestQueueFullIsOverloaded(t *testing.T) {
 func TestQueueIsFIFO(t *testing.T) {
 	w := newFakeWorker(0, 1)
 	s, _ := newTestScheduler(t, Config{}, w)
-	first, err := s.Submit(context.Background(), &Request{})
+	first, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,20 +285,20 @@ func TestQueueIsFIFO(t *testing.T) {
 func TestDeadlineWhileQueued(t *testing.T) {
 	w := newFakeWorker(0, 1)
 	s, _ := newTestScheduler(t, Config{}, w)
-	running, err := s.Submit(context.Background(), &Request{})
+	running, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer running.Close()
 
-	_, err = s.Submit(context.Background(), &Request{Deadline: time.Now().Add(20 * time.Millisecond)})
+	_, _, err = s.Submit(context.Background(), &Request{Deadline: time.Now().Add(20 * time.Millisecond)})
 	if !errors.Is(err, ErrDeadline) {
 		t.Fatalf("got %v, want ErrDeadline", err)
 	}
 	if q := s.Stats().Queued; q != 0 {
 		t.Errorf("queue holds %d after the deadline, want 0", q)
 	}
-	_, err = s.Submit(context.Background(), &Request{Deadline: time.Now().Add(-time.Second)})
+	_, _, err = s.Submit(context.Background(), &Request{Deadline: time.Now().Add(-time.Second)})
 	if !errors.Is(err, ErrDeadline) {
 		t.Errorf("past deadline: got %v, want ErrDeadline", err)
 	}
@@ -312,7 +307,7 @@ func TestDeadlineWhileQueued(t *testing.T) {
 func TestCancelWhileQueuedLeavesQueue(t *testing.T) {
 	w := newFakeWorker(0, 1)
 	s, _ := newTestScheduler(t, Config{}, w)
-	running, err := s.Submit(context.Background(), &Request{})
+	running, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -355,7 +350,7 @@ func TestQueuedUntilWorkerReady(t *testing.T) {
 func TestRestartedWorkerIsANewHandle(t *testing.T) {
 	old := newFakeWorker(0, 1)
 	s, set := newTestScheduler(t, Config{}, old)
-	st, err := s.Submit(context.Background(), &Request{})
+	st, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -364,7 +359,7 @@ func TestRestartedWorkerIsANewHandle(t *testing.T) {
 	fresh := newFakeWorker(0, 1)
 	set.set(old, fresh)
 	s.WorkersChanged()
-	st2, err := s.Submit(context.Background(), &Request{})
+	st2, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -392,7 +387,7 @@ func TestRestartedWorkerIsANewHandle(t *testing.T) {
 func TestStreamCloseIsIdempotent(t *testing.T) {
 	w := newFakeWorker(0, 1)
 	s, _ := newTestScheduler(t, Config{}, w)
-	st, err := s.Submit(context.Background(), &Request{})
+	st, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -413,11 +408,11 @@ func TestOpenFailureFreesSlot(t *testing.T) {
 	w := newFakeWorker(3, 1)
 	s, _ := newTestScheduler(t, Config{}, w)
 	w.fail.Store(true)
-	if _, err := s.Submit(context.Background(), &Request{}); err == nil {
+	if _, _, err := s.Submit(context.Background(), &Request{}); err == nil {
 		t.Fatal("submit to a refusing worker succeeded")
 	}
 	w.fail.Store(false)
-	st, err := s.Submit(context.Background(), &Request{})
+	st, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatalf("slot was not freed after a failed open: %v", err)
 	}
@@ -427,7 +422,7 @@ func TestOpenFailureFreesSlot(t *testing.T) {
 func TestCloseFailsQueued(t *testing.T) {
 	w := newFakeWorker(0, 1)
 	s, _ := newTestScheduler(t, Config{}, w)
-	running, err := s.Submit(context.Background(), &Request{})
+	running, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -436,7 +431,7 @@ func TestCloseFailsQueued(t *testing.T) {
 	if r := recv(t, q); !errors.Is(r.err, ErrClosed) {
 		t.Errorf("queued: got %v, want ErrClosed", r.err)
 	}
-	if _, err := s.Submit(context.Background(), &Request{}); !errors.Is(err, ErrClosed) {
+	if _, _, err := s.Submit(context.Background(), &Request{}); !errors.Is(err, ErrClosed) {
 		t.Errorf("after close: got %v, want ErrClosed", err)
 	}
 	running.Close() // a stream outliving its scheduler still releases cleanly
@@ -447,9 +442,9 @@ func TestNewValidates(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	_, err := New(Config{MaxQueue: -1, RetryAfter: -time.Second}, nil, log)
 	if err == nil {
-		t.Fatal("New accepted a negative queue, negative retry and nil worker set")
+		t.Fatal("New accepted a negative queue, negative retry and nil backend set")
 	}
-	for _, want := range []string{"scheduler.max_queue", "scheduler.retry_after", "worker set"} {
+	for _, want := range []string{"scheduler.max_queue", "scheduler.retry_after", "backend set"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}
@@ -467,7 +462,7 @@ func TestConcurrentSubmitClose(t *testing.T) {
 		wg.Go(func() {
 			for i := range 50 {
 				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(1+(g+i)%3)*time.Millisecond)
-				st, err := s.Submit(ctx, &Request{Tenant: fmt.Sprint(g)})
+				st, _, err := s.Submit(ctx, &Request{Tenant: fmt.Sprint(g)})
 				cancel()
 				if err != nil {
 					if !errors.Is(err, context.DeadlineExceeded) {
@@ -500,15 +495,14 @@ func TestConcurrentSubmitClose(t *testing.T) {
 func TestSetTenantsAppliesToNewRequests(t *testing.T) {
 	w := newFakeWorker(1, 4)
 	s, _ := newTestScheduler(t, Config{Tenants: []Tenant{{Name: "a", Weight: 1, DefaultUrgency: 5}}}, w)
-	urgency := func() uint8 {
+	urgency := func() priority.Urgency {
 		t.Helper()
-		r := &Request{Tenant: "a", DefaultUrgency: true}
-		st, err := s.Submit(context.Background(), r)
+		st, adm, err := s.Submit(context.Background(), &Request{Tenant: "a", DefaultUrgency: true})
 		if err != nil {
 			t.Fatal(err)
 		}
 		st.Close()
-		return r.Urgency
+		return adm.Urgency
 	}
 	if got := urgency(); got != 5 {
 		t.Fatalf("before: urgency %d, want 5", got)

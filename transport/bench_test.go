@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/infer"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -417,7 +419,7 @@ func BenchmarkGatewayToken(b *testing.B) {
 	})
 	n := b.N
 	b.ResetTimer()
-	c, err := g.Open(1, &Submit{Prompt: strconv.Itoa(n)})
+	c, err := g.Open(1, &infer.Request{Prompt: strconv.Itoa(n)})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -457,13 +459,13 @@ func tokenWorker(seg *Segment) error {
 		if err != nil {
 			return err
 		}
-		tok := Token{Count: 1, Text: " token"}
+		tok := infer.Token{Count: 1, Text: " token"}
 		for range n {
 			if err := w.SendToken(f.ID, tok); err != nil {
 				return closedIsEnd(err)
 			}
 		}
-		if err := w.SendDone(f.ID, Done{FinishReason: FinishLength, CompletionTokens: uint32(n)}); err != nil {
+		if err := w.SendDone(f.ID, infer.Done{FinishReason: infer.FinishLength, CompletionTokens: uint32(n)}); err != nil {
 			return closedIsEnd(err)
 		}
 	}

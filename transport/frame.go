@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"hash/crc32"
 	"math"
+
+	"h3infer/infer"
+	"h3infer/priority"
 )
 
 // FrameType says what a frame's payload holds.
@@ -14,11 +17,11 @@ type FrameType uint8
 // Frame types. Values are part of the wire format between a gateway and
 // worker built from the same source.
 const (
-	FrameSubmit    FrameType = 1 // gateway → worker: Submit
+	FrameSubmit    FrameType = 1 // gateway → worker: infer.Request
 	FrameCancel    FrameType = 2 // gateway → worker: empty payload
-	FrameToken     FrameType = 3 // worker → gateway: Token
-	FrameDone      FrameType = 4 // worker → gateway: Done
-	FrameError     FrameType = 5 // worker → gateway: Error
+	FrameToken     FrameType = 3 // worker → gateway: infer.Token
+	FrameDone      FrameType = 4 // worker → gateway: infer.Done
+	FrameError     FrameType = 5 // worker → gateway: infer.Error
 	FrameHeartbeat FrameType = 6 // either way, ID 0: empty payload
 	FrameReady     FrameType = 7 // worker → gateway, ID 0: Ready
 	FrameStats     FrameType = 8 // worker → gateway, ID 0: Stats
@@ -285,7 +288,7 @@ const (
 )
 
 // AppendSubmit appends the encoding of s to b.
-func AppendSubmit(b []byte, s *Submit) []byte {
+func AppendSubmit(b []byte, s *infer.Request) []byte {
 	var flags byte
 	if s.HasSeed {
 		flags |= submitHasSeed
@@ -309,14 +312,14 @@ func AppendSubmit(b []byte, s *Submit) []byte {
 	for _, stop := range s.Stop {
 		b = appendString(b, stop)
 	}
-	b = append(b, s.Urgency)
+	b = append(b, byte(s.Urgency), byte(s.Class))
 	return appendString(b, s.TraceParent)
 }
 
 // DecodeSubmit decodes a FrameSubmit payload.
-func DecodeSubmit(p []byte) (Submit, error) {
+func DecodeSubmit(p []byte) (infer.Request, error) {
 	d := decoder{p: p, what: "submit"}
-	var s Submit
+	var s infer.Request
 	flags := d.byte("flags")
 	if flags&^submitFlags != 0 {
 		d.fail("unknown flags %#x", flags)
@@ -326,7 +329,7 @@ func DecodeSubmit(p []byte) (Submit, error) {
 	s.Model = d.string("model")
 	s.Prompt = d.string("prompt")
 	if n := d.count("messages", 2); n > 0 {
-		s.Messages = make([]ChatMessage, n)
+		s.Messages = make([]infer.ChatMessage, n)
 		for i := range s.Messages {
 			s.Messages[i].Role = d.string("message role")
 			s.Messages[i].Content = d.string("message content")
@@ -342,64 +345,71 @@ func DecodeSubmit(p []byte) (Submit, error) {
 			s.Stop[i] = d.string("stop")
 		}
 	}
-	s.Urgency = d.byte("urgency")
+	s.Urgency = priority.Urgency(d.byte("urgency"))
+	if !s.Urgency.Valid() {
+		d.fail("urgency %d out of range", s.Urgency)
+	}
+	s.Class = priority.Class(d.byte("class"))
+	if s.Class > priority.Bulk {
+		d.fail("unknown class %d", s.Class)
+	}
 	s.TraceParent = d.string("traceparent")
 	if err := d.finish(); err != nil {
-		return Submit{}, err
+		return infer.Request{}, err
 	}
 	return s, nil
 }
 
 // AppendToken appends the encoding of t to b. It does not allocate when b
 // has room.
-func AppendToken(b []byte, t *Token) []byte {
+func AppendToken(b []byte, t *infer.Token) []byte {
 	b = binary.AppendUvarint(b, uint64(t.Count))
 	return appendString(b, t.Text)
 }
 
 // DecodeToken decodes a FrameToken payload.
-func DecodeToken(p []byte) (Token, error) {
+func DecodeToken(p []byte) (infer.Token, error) {
 	d := decoder{p: p, what: "token"}
-	t := Token{Count: d.uint32("count"), Text: d.string("text")}
+	t := infer.Token{Count: d.uint32("count"), Text: d.string("text")}
 	if err := d.finish(); err != nil {
-		return Token{}, err
+		return infer.Token{}, err
 	}
 	return t, nil
 }
 
 // AppendDone appends the encoding of x to b.
-func AppendDone(b []byte, x *Done) []byte {
+func AppendDone(b []byte, x *infer.Done) []byte {
 	b = appendString(b, x.FinishReason)
 	b = binary.AppendUvarint(b, uint64(x.PromptTokens))
 	return binary.AppendUvarint(b, uint64(x.CompletionTokens))
 }
 
 // DecodeDone decodes a FrameDone payload.
-func DecodeDone(p []byte) (Done, error) {
+func DecodeDone(p []byte) (infer.Done, error) {
 	d := decoder{p: p, what: "done"}
-	x := Done{
+	x := infer.Done{
 		FinishReason:     d.string("finish_reason"),
 		PromptTokens:     d.uint32("prompt_tokens"),
 		CompletionTokens: d.uint32("completion_tokens"),
 	}
 	if err := d.finish(); err != nil {
-		return Done{}, err
+		return infer.Done{}, err
 	}
 	return x, nil
 }
 
 // AppendError appends the encoding of e to b.
-func AppendError(b []byte, e *Error) []byte {
+func AppendError(b []byte, e *infer.Error) []byte {
 	b = appendString(b, e.Code)
 	return appendString(b, e.Message)
 }
 
 // DecodeError decodes a FrameError payload.
-func DecodeError(p []byte) (Error, error) {
+func DecodeError(p []byte) (infer.Error, error) {
 	d := decoder{p: p, what: "error"}
-	e := Error{Code: d.string("code"), Message: d.string("message")}
+	e := infer.Error{Code: d.string("code"), Message: d.string("message")}
 	if err := d.finish(); err != nil {
-		return Error{}, err
+		return infer.Error{}, err
 	}
 	return e, nil
 }
@@ -421,7 +431,7 @@ func DecodeReady(p []byte) (Ready, error) {
 	d := decoder{p: p, what: "ready"}
 	r := Ready{PID: d.uint32("pid"), Slots: d.uint32("slots")}
 	if n := d.count("models", 2); n > 0 {
-		r.Models = make([]ModelInfo, n)
+		r.Models = make([]infer.ModelInfo, n)
 		for i := range r.Models {
 			r.Models[i].Name = d.string("model name")
 			r.Models[i].ContextLength = d.uint32("model context_length")

@@ -8,15 +8,18 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"h3infer/infer"
+	"h3infer/priority"
 )
 
-func sampleSubmits() map[string]Submit {
-	return map[string]Submit{
+func sampleSubmits() map[string]infer.Request {
+	return map[string]infer.Request{
 		"zero":   {},
 		"prompt": {Model: "demo", Prompt: "Once upon a time", MaxTokens: 64, Temperature: 0.7, TopP: 0.9, Urgency: 3},
 		"chat": {
 			Model: "demo",
-			Messages: []ChatMessage{
+			Messages: []infer.ChatMessage{
 				{Role: "system", Content: "Be brief."},
 				{Role: "user", Content: "héllo, wörld ✓"},
 				{Role: "assistant", Content: ""},
@@ -28,7 +31,7 @@ func sampleSubmits() map[string]Submit {
 		},
 		"extremes": {
 			Prompt: strings.Repeat("x", 70000), MaxTokens: math.MaxUint32,
-			Temperature: float32(math.Inf(1)), TopP: -0.0, Seed: math.MaxUint64, Urgency: 255,
+			Temperature: float32(math.Inf(1)), TopP: -0.0, Seed: math.MaxUint64, Urgency: priority.Least, Class: priority.Bulk,
 		},
 	}
 }
@@ -48,28 +51,28 @@ func TestSubmitRoundTrip(t *testing.T) {
 }
 
 func TestMessageRoundTrip(t *testing.T) {
-	tokens := []Token{{}, {Count: 1, Text: "hello"}, {Count: math.MaxUint32, Text: "\xe2\x9c"}}
+	tokens := []infer.Token{{}, {Count: 1, Text: "hello"}, {Count: math.MaxUint32, Text: "\xe2\x9c"}}
 	for _, want := range tokens {
 		got, err := DecodeToken(AppendToken(nil, &want))
 		if err != nil || got != want {
 			t.Errorf("token: got %+v, %v, want %+v", got, err, want)
 		}
 	}
-	dones := []Done{{}, {FinishReason: FinishStop, PromptTokens: 12, CompletionTokens: 345}, {FinishReason: FinishLength, PromptTokens: math.MaxUint32}}
+	dones := []infer.Done{{}, {FinishReason: infer.FinishStop, PromptTokens: 12, CompletionTokens: 345}, {FinishReason: infer.FinishLength, PromptTokens: math.MaxUint32}}
 	for _, want := range dones {
 		got, err := DecodeDone(AppendDone(nil, &want))
 		if err != nil || got != want {
 			t.Errorf("done: got %+v, %v, want %+v", got, err, want)
 		}
 	}
-	errs := []Error{{}, {Code: CodeContextLength, Message: "prompt is 5000 tokens, context is 2048"}}
+	errs := []infer.Error{{}, {Code: infer.CodeContextLength, Message: "prompt is 5000 tokens, context is 2048"}}
 	for _, want := range errs {
 		got, err := DecodeError(AppendError(nil, &want))
 		if err != nil || got != want {
 			t.Errorf("error: got %+v, %v, want %+v", got, err, want)
 		}
 	}
-	readies := []Ready{{}, {PID: 4242, Slots: 8, Models: []ModelInfo{{Name: "demo", ContextLength: 2048}, {Name: "", ContextLength: 0}}}}
+	readies := []Ready{{}, {PID: 4242, Slots: 8, Models: []infer.ModelInfo{{Name: "demo", ContextLength: 2048}, {Name: "", ContextLength: 0}}}}
 	for _, want := range readies {
 		got, err := DecodeReady(AppendReady(nil, &want))
 		if err != nil || !reflect.DeepEqual(got, want) {
@@ -114,7 +117,7 @@ func TestFrameRoundTrip(t *testing.T) {
 }
 
 func TestDecodeRejects(t *testing.T) {
-	valid := AppendSubmit(nil, &Submit{Model: "m", Prompt: "p", Stop: []string{"s"}})
+	valid := AppendSubmit(nil, &infer.Request{Model: "m", Prompt: "p", Stop: []string{"s"}})
 	tests := map[string]struct {
 		decode func([]byte) error
 		input  []byte
@@ -157,7 +160,7 @@ func decodeFrame(p []byte) error { _, _, err := DecodeFrame(p); return err }
 
 // mutateFrame returns a valid token frame changed by f.
 func mutateFrame(f func([]byte)) []byte {
-	b, err := AppendFrame(nil, Frame{Type: FrameToken, ID: 9, Payload: AppendToken(nil, &Token{Count: 1, Text: "hi"})})
+	b, err := AppendFrame(nil, Frame{Type: FrameToken, ID: 9, Payload: AppendToken(nil, &infer.Token{Count: 1, Text: "hi"})})
 	if err != nil {
 		panic(err)
 	}
@@ -189,13 +192,13 @@ func TestRandomSubmitRoundTrip(t *testing.T) {
 		return string(b)
 	}
 	for i := range 2000 {
-		want := Submit{
+		want := infer.Request{
 			Model: str(), Prompt: str(), MaxTokens: rng.Uint32(),
 			Temperature: rng.Float32() * 2, TopP: rng.Float32(), Seed: rng.Uint64(), HasSeed: rng.IntN(2) == 0, IgnoreEOS: rng.IntN(2) == 0,
-			Urgency: uint8(rng.IntN(8)), TraceParent: str(),
+			Urgency: priority.Urgency(rng.IntN(priority.Levels)), Class: priority.Class(rng.IntN(3)), TraceParent: str(),
 		}
 		for range rng.IntN(4) {
-			want.Messages = append(want.Messages, ChatMessage{Role: str(), Content: str()})
+			want.Messages = append(want.Messages, infer.ChatMessage{Role: str(), Content: str()})
 		}
 		for range rng.IntN(4) {
 			want.Stop = append(want.Stop, str())
@@ -258,7 +261,7 @@ func FuzzDecodeSubmit(f *testing.F) {
 }
 
 func FuzzDecodeToken(f *testing.F) {
-	f.Add(AppendToken(nil, &Token{Count: 3, Text: "abc"}))
+	f.Add(AppendToken(nil, &infer.Token{Count: 3, Text: "abc"}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		tok, err := DecodeToken(p)
 		if err != nil {
@@ -271,7 +274,7 @@ func FuzzDecodeToken(f *testing.F) {
 }
 
 func FuzzDecodeDone(f *testing.F) {
-	f.Add(AppendDone(nil, &Done{FinishReason: FinishLength, PromptTokens: 3, CompletionTokens: 300}))
+	f.Add(AppendDone(nil, &infer.Done{FinishReason: infer.FinishLength, PromptTokens: 3, CompletionTokens: 300}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		d, err := DecodeDone(p)
 		if err != nil {
@@ -284,7 +287,7 @@ func FuzzDecodeDone(f *testing.F) {
 }
 
 func FuzzDecodeError(f *testing.F) {
-	f.Add(AppendError(nil, &Error{Code: CodeModelNotFound, Message: "no model x"}))
+	f.Add(AppendError(nil, &infer.Error{Code: infer.CodeModelNotFound, Message: "no model x"}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		e, err := DecodeError(p)
 		if err != nil {
@@ -297,7 +300,7 @@ func FuzzDecodeError(f *testing.F) {
 }
 
 func FuzzDecodeReady(f *testing.F) {
-	f.Add(AppendReady(nil, &Ready{PID: 1, Slots: 2, Models: []ModelInfo{{Name: "demo", ContextLength: 2048}}}))
+	f.Add(AppendReady(nil, &Ready{PID: 1, Slots: 2, Models: []infer.ModelInfo{{Name: "demo", ContextLength: 2048}}}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		r, err := DecodeReady(p)
 		if err != nil {

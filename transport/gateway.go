@@ -9,11 +9,10 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
-)
 
-// CodeOverflow ends a call whose consumer fell CallBuffer events behind. The
-// gateway itself makes it; no worker sends it.
-const CodeOverflow = "overflow"
+	"h3infer/infer"
+	"h3infer/priority"
+)
 
 // ErrProtocol reports a worker that sent frames a sound worker never
 // sends: a frame for a request that is not open and was not just
@@ -31,11 +30,11 @@ const maxAbandoned = 4096
 
 // DefaultCallBuffer is the number of events a call buffers when
 // GatewayEndConfig.CallBuffer is 0. The buffer is allocated whole when the
-// call opens (40 bytes an event): at 1024 that was a 41 KB allocation on
-// every request's path to its first token, measured at about 20 µs of it,
-// for room a consumer needs only while its response stream cannot take
-// tokens (the client's flow-control window is full, or a rate limit paces
-// it).
+// call opens (40 bytes an event), on every request's path to its first
+// token, for room a consumer needs only while its response stream cannot
+// take tokens (the client's flow-control window is full, or a rate limit
+// paces it); so it is sized for those pauses, not for a whole answer
+// (docs/BENCHMARKS.md, "Where the time to first token went").
 const DefaultCallBuffer = 256
 
 // GatewayEndConfig configures a GatewayEnd. The zero value is usable.
@@ -114,14 +113,6 @@ func NewGatewayEnd(seg *Segment, cfg GatewayEndConfig) *GatewayEnd {
 	return g
 }
 
-// Event is one thing that happened to a call. Exactly one of the following
-// holds: Done != nil (finished), Err != nil (failed), or neither (Token).
-type Event struct {
-	Token Token
-	Done  *Done
-	Err   *Error
-}
-
 // Call is one request in flight on a GatewayEnd.
 type Call struct {
 	id uint64
@@ -131,7 +122,7 @@ type Call struct {
 	// sent on events, and the channel is closed exactly once.
 	mu     sync.Mutex
 	ended  bool
-	events chan Event
+	events chan infer.Event
 	// handOff says the reader yields its thread after the call's first
 	// token (see deliver); it is cleared once that token is delivered.
 	handOff bool
@@ -142,7 +133,7 @@ func (c *Call) ID() uint64 { return c.id }
 
 // Events returns the call's events. The channel is closed right after the
 // terminal event (Done or Err), or at once by Cancel.
-func (c *Call) Events() <-chan Event { return c.events }
+func (c *Call) Events() <-chan infer.Event { return c.events }
 
 // Cancel ends the call if it has not ended: the events channel is closed with
 // no further events and the worker is told to stop. It never blocks and is
@@ -163,23 +154,19 @@ func (c *Call) Cancel() {
 // Open registers a call under id and sends its submit. id must not be in use
 // by another open call. Open blocks while the request ring is full, and is
 // safe for concurrent use.
-func (g *GatewayEnd) Open(id uint64, s *Submit) (*Call, error) {
-	return g.open(id, FrameSubmit, s.Urgency <= HandOffUrgency, func(b []byte) []byte { return AppendSubmit(b, s) })
+//
+// The first token of a request that is not bulk is handed on at once:
+// delivering an event readies the call's consumer on the receive loop's
+// own processor, where it would wait until the loop has taken every frame
+// queued in the ring behind it (the tokens of running requests) or another
+// thread stole it, so the loop yields right after that token and the
+// consumer carries it on to the client. A bulk request never makes it
+// yield: a loop that yielded after every bulk stream's first token queued
+// behind the bulk goroutines it had readied, and urgent tokens waited
+// behind them (docs/BENCHMARKS.md, "Urgency").
+func (g *GatewayEnd) Open(id uint64, s *infer.Request) (*Call, error) {
+	return g.open(id, FrameSubmit, s.Class != priority.Bulk, func(b []byte) []byte { return AppendSubmit(b, s) })
 }
-
-// HandOffUrgency is the least urgent level, RFC 9218's default of 3, whose
-// first token the receive loop hands on at once. Delivering an event
-// readies the call's consumer on the receive loop's own processor, where
-// it waits until the loop has taken every frame queued in the ring behind
-// it (the tokens of running requests) or another thread steals it. For a
-// request at this urgency or above, the loop yields right after its first
-// token, so the consumer carries it on to the client at once (h3infer
-// bench at concurrency 1: time to first token 559 -> 511 us). Less
-// urgent requests (u 4..7, background work by the client's own word)
-// never make it yield: a loop that yielded after every bulk stream's first
-// token queued behind the bulk goroutines it had readied, and urgent
-// tokens waited behind them (docs/BENCHMARKS.md, "Urgency").
-const HandOffUrgency = 3
 
 // Control sends a control request under id, which must not be in use; the
 // call ends with Done (FinishOK) or Error once the worker has acted on it.
@@ -189,7 +176,7 @@ func (g *GatewayEnd) Control(id uint64, c *Control) (*Call, error) {
 }
 
 func (g *GatewayEnd) open(id uint64, typ FrameType, handOff bool, encode func([]byte) []byte) (*Call, error) {
-	c := &Call{id: id, g: g, events: make(chan Event, g.callBuffer+1), handOff: handOff}
+	c := &Call{id: id, g: g, events: make(chan infer.Event, g.callBuffer+1), handOff: handOff}
 	g.callsMu.Lock()
 	switch {
 	case g.ended:
@@ -260,9 +247,9 @@ func (g *GatewayEnd) Run() error {
 	// The loop does not hold its thread between sleeps (the ring's sleep
 	// does, while it lasts). A goroutine locked to its thread hands its
 	// processor to another thread whenever it blocks or yields, so the
-	// consumer it had just readied with a token ran only after the kernel
-	// woke that thread: 31 µs at the median at concurrency 1, against
-	// 0.7 µs unlocked, where it runs on this thread as the loop yields.
+	// consumer it had just readied with a token would run only once the
+	// kernel had woken that thread; unlocked, it runs on this thread as
+	// the loop yields.
 	var wg sync.WaitGroup
 	wg.Go(g.sendCancels)
 
@@ -304,7 +291,7 @@ func (g *GatewayEnd) dispatch(f Frame) error {
 			g.malformed(c, f, err)
 			return nil
 		}
-		c.deliver(Event{Token: t})
+		c.deliver(infer.Event{Token: t})
 	case FrameDone:
 		c, err := g.target(f)
 		if c == nil {
@@ -315,7 +302,7 @@ func (g *GatewayEnd) dispatch(f Frame) error {
 			g.malformed(c, f, err)
 			return nil
 		}
-		c.deliver(Event{Done: &d})
+		c.deliver(infer.Event{Done: &d})
 	case FrameError:
 		c, err := g.target(f)
 		if c == nil {
@@ -326,7 +313,7 @@ func (g *GatewayEnd) dispatch(f Frame) error {
 			g.malformed(c, f, err)
 			return nil
 		}
-		c.deliver(Event{Err: &e})
+		c.deliver(infer.Event{Err: &e})
 	case FrameReady:
 		r, err := DecodeReady(f.Payload)
 		if err != nil {
@@ -378,7 +365,7 @@ func (g *GatewayEnd) target(f Frame) (*Call, error) {
 // stop it: the stream can no longer be trusted to be complete.
 func (g *GatewayEnd) malformed(c *Call, f Frame, err error) {
 	g.log.Warn("malformed frame from worker", "frame", f.Type.String(), "request_id", f.ID, "err", err)
-	if c.end(&Error{Code: CodeInternal, Message: "malformed " + f.Type.String() + " frame from worker"}) {
+	if c.end(&infer.Error{Code: infer.CodeInternal, Message: "malformed " + f.Type.String() + " frame from worker"}) {
 		g.abandon(c.id)
 		g.queueCancel(c.id)
 	}
@@ -387,7 +374,7 @@ func (g *GatewayEnd) malformed(c *Call, f Frame, err error) {
 // deliver hands ev to the call without blocking. A terminal event always
 // fits: the channel has one slot more than CallBuffer and token events may
 // use only CallBuffer of them.
-func (c *Call) deliver(ev Event) {
+func (c *Call) deliver(ev infer.Event) {
 	c.mu.Lock()
 	if c.ended {
 		c.mu.Unlock()
@@ -403,8 +390,8 @@ func (c *Call) deliver(ev Event) {
 	}
 	if len(c.events) >= c.g.callBuffer {
 		c.ended = true
-		c.events <- Event{Err: &Error{
-			Code:    CodeOverflow,
+		c.events <- infer.Event{Err: &infer.Error{
+			Code:    infer.CodeOverflow,
 			Message: fmt.Sprintf("request %d: consumer fell %d events behind", c.id, c.g.callBuffer),
 		}}
 		close(c.events)
@@ -418,20 +405,20 @@ func (c *Call) deliver(ev Event) {
 	c.handOff = false
 	c.mu.Unlock()
 	if yield {
-		runtime.Gosched() // see HandOffUrgency
+		runtime.Gosched() // see Open
 	}
 }
 
 // end delivers a terminal error unless the call has ended, and reports
 // whether it did.
-func (c *Call) end(e *Error) bool {
+func (c *Call) end(e *infer.Error) bool {
 	c.mu.Lock()
 	if c.ended {
 		c.mu.Unlock()
 		return false
 	}
 	c.ended = true
-	c.events <- Event{Err: e}
+	c.events <- infer.Event{Err: e}
 	close(c.events)
 	c.mu.Unlock()
 	c.g.forget(c.id)
@@ -474,7 +461,7 @@ func (g *GatewayEnd) endAll(reason string) {
 	}
 	g.callsMu.Unlock()
 	for _, c := range open {
-		c.end(&Error{Code: CodeWorkerLost, Message: reason})
+		c.end(&infer.Error{Code: infer.CodeWorkerLost, Message: reason})
 	}
 }
 

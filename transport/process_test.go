@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"h3infer/infer"
 )
 
 // helperEnv names the peer role a re-executed test binary plays.
@@ -85,7 +87,7 @@ func TestHelperProcess(t *testing.T) {
 // a wild pointer might; it then waits for the gateway to close the ring.
 func garbageWorker(seg *Segment) error {
 	w := NewWorkerEnd(seg)
-	if err := w.SendReady(Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []ModelInfo{{Name: "demo", ContextLength: 2048}}}); err != nil {
+	if err := w.SendReady(Ready{PID: uint32(os.Getpid()), Slots: 1, Models: []infer.ModelInfo{{Name: "demo", ContextLength: 2048}}}); err != nil {
 		return err
 	}
 	if _, err := w.Recv(); err != nil {
@@ -175,7 +177,7 @@ func udsEcho(f *os.File) error {
 func fakeWorker(seg *Segment) error {
 	w := NewWorkerEnd(seg)
 	defer w.Close()
-	if err := w.SendReady(Ready{PID: uint32(os.Getpid()), Slots: 4, Models: []ModelInfo{{Name: "demo", ContextLength: 2048}}}); err != nil {
+	if err := w.SendReady(Ready{PID: uint32(os.Getpid()), Slots: 4, Models: []infer.ModelInfo{{Name: "demo", ContextLength: 2048}}}); err != nil {
 		return err
 	}
 	var (
@@ -237,7 +239,7 @@ func fakeWorker(seg *Segment) error {
 	}
 }
 
-func generate(w *WorkerEnd, id uint64, s *Submit, stop <-chan struct{}) {
+func generate(w *WorkerEnd, id uint64, s *infer.Request, stop <-chan struct{}) {
 	stopped := func() bool {
 		select {
 		case <-stop:
@@ -248,10 +250,10 @@ func generate(w *WorkerEnd, id uint64, s *Submit, stop <-chan struct{}) {
 	}
 	switch s.Prompt {
 	case "fail":
-		w.SendError(id, Error{Code: CodeInvalidRequest, Message: "fail requested"})
+		w.SendError(id, infer.Error{Code: infer.CodeInvalidRequest, Message: "fail requested"})
 	case "slow", "flood":
 		for i := 0; i < 1_000_000 && !stopped(); i++ {
-			if w.SendToken(id, Token{Count: 1, Text: "x"}) != nil {
+			if w.SendToken(id, infer.Token{Count: 1, Text: "x"}) != nil {
 				return
 			}
 			if s.Prompt == "slow" {
@@ -260,16 +262,16 @@ func generate(w *WorkerEnd, id uint64, s *Submit, stop <-chan struct{}) {
 		}
 	default:
 		words := strings.Fields(s.Prompt)
-		reason := FinishStop
+		reason := infer.FinishStop
 		if s.MaxTokens > 0 && int(s.MaxTokens) < len(words) {
-			words, reason = words[:s.MaxTokens], FinishLength
+			words, reason = words[:s.MaxTokens], infer.FinishLength
 		}
 		for _, word := range words {
-			if stopped() || w.SendToken(id, Token{Count: 1, Text: word + " "}) != nil {
+			if stopped() || w.SendToken(id, infer.Token{Count: 1, Text: word + " "}) != nil {
 				return
 			}
 		}
-		w.SendDone(id, Done{FinishReason: reason, PromptTokens: uint32(len(strings.Fields(s.Prompt))), CompletionTokens: uint32(len(words))})
+		w.SendDone(id, infer.Done{FinishReason: reason, PromptTokens: uint32(len(strings.Fields(s.Prompt))), CompletionTokens: uint32(len(words))})
 	}
 }
 
@@ -440,7 +442,7 @@ func (h *gatewayHarness) waitCancelled(t *testing.T, n uint64) {
 
 // collect reads a call's events until the channel closes. It may be called
 // from any goroutine.
-func collect(t *testing.T, c *Call) (text string, last Event, n int) {
+func collect(t *testing.T, c *Call) (text string, last infer.Event, n int) {
 	t.Helper()
 	timeout := time.After(10 * time.Second)
 	var sb strings.Builder
@@ -474,7 +476,7 @@ func TestGatewayWorker(t *testing.T) {
 				for j := range words {
 					words[j] = fmt.Sprintf("w%d.%d", i, j)
 				}
-				c, err := h.g.Open(1000+i, &Submit{Model: "demo", Prompt: strings.Join(words, " ")})
+				c, err := h.g.Open(1000+i, &infer.Request{Model: "demo", Prompt: strings.Join(words, " ")})
 				if err != nil {
 					t.Error(err)
 					return
@@ -483,7 +485,7 @@ func TestGatewayWorker(t *testing.T) {
 				if want := strings.Join(words, " ") + " "; text != want {
 					t.Errorf("call %d: got text %q, want %q", c.ID(), text, want)
 				}
-				if last.Done == nil || last.Done.FinishReason != FinishStop || last.Done.CompletionTokens != uint32(len(words)) {
+				if last.Done == nil || last.Done.FinishReason != infer.FinishStop || last.Done.CompletionTokens != uint32(len(words)) {
 					t.Errorf("call %d: got last event %+v, want done/stop with %d tokens", c.ID(), last, len(words))
 				}
 			})
@@ -492,23 +494,23 @@ func TestGatewayWorker(t *testing.T) {
 	})
 
 	t.Run("max tokens", func(t *testing.T) {
-		c, err := h.g.Open(1, &Submit{Prompt: "a b c d e", MaxTokens: 2})
+		c, err := h.g.Open(1, &infer.Request{Prompt: "a b c d e", MaxTokens: 2})
 		if err != nil {
 			t.Fatal(err)
 		}
 		text, last, _ := collect(t, c)
-		if text != "a b " || last.Done == nil || last.Done.FinishReason != FinishLength || last.Done.PromptTokens != 5 {
+		if text != "a b " || last.Done == nil || last.Done.FinishReason != infer.FinishLength || last.Done.PromptTokens != 5 {
 			t.Errorf("got %q, %+v; want \"a b \" ending in length", text, last.Done)
 		}
 	})
 
 	t.Run("duplicate id", func(t *testing.T) {
 		before := h.cancelled()
-		c, err := h.g.Open(2, &Submit{Prompt: "slow"})
+		c, err := h.g.Open(2, &infer.Request{Prompt: "slow"})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := h.g.Open(2, &Submit{Prompt: "x"}); err == nil {
+		if _, err := h.g.Open(2, &infer.Request{Prompt: "x"}); err == nil {
 			t.Error("second Open with a live id succeeded")
 		}
 		c.Cancel()
@@ -516,19 +518,19 @@ func TestGatewayWorker(t *testing.T) {
 	})
 
 	t.Run("error", func(t *testing.T) {
-		c, err := h.g.Open(3, &Submit{Prompt: "fail"})
+		c, err := h.g.Open(3, &infer.Request{Prompt: "fail"})
 		if err != nil {
 			t.Fatal(err)
 		}
 		_, last, n := collect(t, c)
-		if n != 1 || last.Err == nil || last.Err.Code != CodeInvalidRequest {
+		if n != 1 || last.Err == nil || last.Err.Code != infer.CodeInvalidRequest {
 			t.Errorf("got %d events ending %+v, want one invalid_request error", n, last)
 		}
 	})
 
 	t.Run("cancel", func(t *testing.T) {
 		before := h.cancelled()
-		c, err := h.g.Open(4, &Submit{Prompt: "slow"})
+		c, err := h.g.Open(4, &infer.Request{Prompt: "slow"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -543,7 +545,7 @@ func TestGatewayWorker(t *testing.T) {
 		}
 		h.waitCancelled(t, before+1)
 		// The id is free again once the call has ended.
-		c2, err := h.g.Open(4, &Submit{Prompt: "again"})
+		c2, err := h.g.Open(4, &infer.Request{Prompt: "again"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -554,14 +556,14 @@ func TestGatewayWorker(t *testing.T) {
 
 	t.Run("overflow", func(t *testing.T) {
 		before := h.cancelled()
-		c, err := h.g.Open(5, &Submit{Prompt: "flood"})
+		c, err := h.g.Open(5, &infer.Request{Prompt: "flood"})
 		if err != nil {
 			t.Fatal(err)
 		}
 		// Read nothing until the worker confirms the overflow cancel.
 		h.waitCancelled(t, before+1)
 		_, last, n := collect(t, c)
-		if last.Err == nil || last.Err.Code != CodeOverflow {
+		if last.Err == nil || last.Err.Code != infer.CodeOverflow {
 			t.Fatalf("got last event %+v, want an overflow error", last)
 		}
 		if n != 16+1 {
@@ -573,7 +575,7 @@ func TestGatewayWorker(t *testing.T) {
 func TestGatewayWorkerExited(t *testing.T) {
 	checkGoroutines(t)
 	h := startGateway(t, 0)
-	c, err := h.g.Open(1, &Submit{Prompt: "slow"})
+	c, err := h.g.Open(1, &infer.Request{Prompt: "slow"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -587,10 +589,10 @@ func TestGatewayWorkerExited(t *testing.T) {
 	h.cmd.Wait()
 	h.g.Close()
 	_, last, _ := collect(t, c)
-	if last.Err == nil || last.Err.Code != CodeWorkerLost || !strings.Contains(last.Err.Message, "worker exited") {
+	if last.Err == nil || last.Err.Code != infer.CodeWorkerLost || !strings.Contains(last.Err.Message, "worker exited") {
 		t.Errorf("got last event %+v, want worker_lost \"worker exited\"", last)
 	}
-	if _, err := h.g.Open(2, &Submit{Prompt: "x"}); !errors.Is(err, ErrClosed) {
+	if _, err := h.g.Open(2, &infer.Request{Prompt: "x"}); !errors.Is(err, ErrClosed) {
 		t.Errorf("Open after close: got %v, want ErrClosed", err)
 	}
 }
@@ -615,12 +617,12 @@ func TestGatewayCorruptRing(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("no ready frame")
 	}
-	c, err := g.Open(1, &Submit{Prompt: "hello"})
+	c, err := g.Open(1, &infer.Request{Prompt: "hello"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, last, n := collect(t, c)
-	if n != 1 || last.Err == nil || last.Err.Code != CodeWorkerLost {
+	if n != 1 || last.Err == nil || last.Err.Code != infer.CodeWorkerLost {
 		t.Errorf("got %d events ending in %+v, want only a worker_lost error", n, last)
 	}
 	select {

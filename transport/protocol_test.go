@@ -6,6 +6,8 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	"h3infer/infer"
 )
 
 // TestGatewayProtocolViolations: a worker that sends a well-formed frame
@@ -16,32 +18,32 @@ import (
 // quietly.
 func TestGatewayProtocolViolations(t *testing.T) {
 	tests := map[string]struct {
-		send func(w *WorkerEnd) error // after a call with id 1 has ended by its Done
+		send func(w *WorkerEnd) error // after a call with id 1 has ended by its infer.Done
 		want error                    // nil: the endpoint keeps working
 	}{
 		"token for a request never opened": {
-			send: func(w *WorkerEnd) error { return w.SendToken(99, Token{Count: 1, Text: "x"}) },
+			send: func(w *WorkerEnd) error { return w.SendToken(99, infer.Token{Count: 1, Text: "x"}) },
 			want: ErrProtocol,
 		},
 		"done for a request never opened": {
-			send: func(w *WorkerEnd) error { return w.SendDone(1<<63, Done{FinishReason: FinishStop}) },
+			send: func(w *WorkerEnd) error { return w.SendDone(1<<63, infer.Done{FinishReason: infer.FinishStop}) },
 			want: ErrProtocol,
 		},
 		"token after the request's done": {
-			send: func(w *WorkerEnd) error { return w.SendToken(1, Token{Count: 1, Text: "late"}) },
+			send: func(w *WorkerEnd) error { return w.SendToken(1, infer.Token{Count: 1, Text: "late"}) },
 			want: ErrProtocol,
 		},
 		"submit from the worker": {
 			send: func(w *WorkerEnd) error {
-				return w.seg.send(responseRing, FrameSubmit, 5, AppendSubmit(nil, &Submit{}))
+				return w.seg.send(responseRing, FrameSubmit, 5, AppendSubmit(nil, &infer.Request{}))
 			},
 			want: ErrProtocol,
 		},
 		"late token for a cancelled request": {
-			send: func(w *WorkerEnd) error { return w.SendToken(3, Token{Count: 1, Text: "late"}) },
+			send: func(w *WorkerEnd) error { return w.SendToken(3, infer.Token{Count: 1, Text: "late"}) },
 		},
 		"late done for a cancelled request": {
-			send: func(w *WorkerEnd) error { return w.SendDone(3, Done{FinishReason: FinishStop}) },
+			send: func(w *WorkerEnd) error { return w.SendDone(3, infer.Done{FinishReason: infer.FinishStop}) },
 		},
 	}
 	for name, tt := range tests {
@@ -61,14 +63,14 @@ func TestGatewayProtocolViolations(t *testing.T) {
 			// 2 is open while the frame under test arrives.
 			calls := make([]*Call, 4)
 			for _, id := range []uint64{1, 2, 3} {
-				c, err := g.Open(id, &Submit{Prompt: "p"})
+				c, err := g.Open(id, &infer.Request{Prompt: "p"})
 				if err != nil {
 					t.Fatal(err)
 				}
 				calls[id] = c
 			}
 			c1, c2, c3 := calls[1], calls[2], calls[3]
-			if err := w.SendDone(1, Done{FinishReason: FinishStop}); err != nil {
+			if err := w.SendDone(1, infer.Done{FinishReason: infer.FinishStop}); err != nil {
 				t.Fatal(err)
 			}
 			if _, last, _ := collect(t, c1); last.Done == nil {
@@ -80,7 +82,7 @@ func TestGatewayProtocolViolations(t *testing.T) {
 			}
 			if tt.want == nil {
 				// The endpoint still carries call 2 to its end.
-				if err := w.SendDone(2, Done{FinishReason: FinishStop}); err != nil {
+				if err := w.SendDone(2, infer.Done{FinishReason: infer.FinishStop}); err != nil {
 					t.Fatal(err)
 				}
 				if _, last, _ := collect(t, c2); last.Done == nil {
@@ -94,7 +96,7 @@ func TestGatewayProtocolViolations(t *testing.T) {
 				return
 			}
 			_, last, _ := collect(t, c2)
-			if last.Err == nil || last.Err.Code != CodeWorkerLost {
+			if last.Err == nil || last.Err.Code != infer.CodeWorkerLost {
 				t.Errorf("open call ended with %+v, want worker_lost", last)
 			}
 			select {

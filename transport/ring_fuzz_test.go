@@ -8,6 +8,8 @@ import (
 	"errors"
 	"testing"
 	"unsafe"
+
+	"h3infer/infer"
 )
 
 // fuzzRingSize is the ring the fuzz target reads: the smallest allowed, so
@@ -132,11 +134,11 @@ func ringSeeds() []ringSeed {
 		return ringSeed{data: bytes.Clone(r.data), head: r.head.Load(), tail: r.tail.Load()}
 	}
 	var seeds []ringSeed
-	tok := AppendToken(nil, &Token{Count: 1, Text: "hello"})
+	tok := AppendToken(nil, &infer.Token{Count: 1, Text: "hello"})
 	if err := r.sendBatch([]Frame{
-		{Type: FrameReady, Payload: AppendReady(nil, &Ready{PID: 1, Slots: 2, Models: []ModelInfo{{Name: "demo", ContextLength: 64}}})},
+		{Type: FrameReady, Payload: AppendReady(nil, &Ready{PID: 1, Slots: 2, Models: []infer.ModelInfo{{Name: "demo", ContextLength: 64}}})},
 		{Type: FrameToken, ID: 7, Payload: tok},
-		{Type: FrameDone, ID: 7, Payload: AppendDone(nil, &Done{FinishReason: FinishStop, CompletionTokens: 1})},
+		{Type: FrameDone, ID: 7, Payload: AppendDone(nil, &infer.Done{FinishReason: infer.FinishStop, CompletionTokens: 1})},
 		{Type: FrameHeartbeat},
 	}); err != nil {
 		panic(err)

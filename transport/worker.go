@@ -5,6 +5,8 @@ package transport
 import (
 	"fmt"
 	"sync"
+
+	"h3infer/infer"
 )
 
 // WorkerEnd is the worker process's side of a Segment: it receives submits
@@ -53,7 +55,7 @@ func (w *WorkerEnd) Recv() (Frame, error) {
 
 // SendToken sends tokens for request id. It does not allocate once the
 // endpoint's scratch buffer has grown to the largest token text.
-func (w *WorkerEnd) SendToken(id uint64, t Token) error {
+func (w *WorkerEnd) SendToken(id uint64, t infer.Token) error {
 	w.sendMu.Lock()
 	defer w.sendMu.Unlock()
 	w.sendBuf = AppendToken(w.sendBuf[:0], &t)
@@ -63,7 +65,7 @@ func (w *WorkerEnd) SendToken(id uint64, t Token) error {
 // TokenOut is one token for one request, an element of SendTokens' batch.
 type TokenOut struct {
 	ID    uint64
-	Token Token
+	Token infer.Token
 }
 
 // SendTokens sends one token frame per element, in order, and publishes
@@ -95,7 +97,7 @@ func (w *WorkerEnd) SendTokens(ts []TokenOut) error {
 }
 
 // SendDone ends request id normally.
-func (w *WorkerEnd) SendDone(id uint64, d Done) error {
+func (w *WorkerEnd) SendDone(id uint64, d infer.Done) error {
 	w.sendMu.Lock()
 	defer w.sendMu.Unlock()
 	w.sendBuf = AppendDone(w.sendBuf[:0], &d)
@@ -103,7 +105,7 @@ func (w *WorkerEnd) SendDone(id uint64, d Done) error {
 }
 
 // SendError ends request id with a failure.
-func (w *WorkerEnd) SendError(id uint64, e Error) error {
+func (w *WorkerEnd) SendError(id uint64, e infer.Error) error {
 	w.sendMu.Lock()
 	defer w.sendMu.Unlock()
 	w.sendBuf = AppendError(w.sendBuf[:0], &e)

@@ -6,6 +6,9 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"h3infer/infer"
+	"h3infer/priority"
 )
 
 func TestSendTokenDoesNotAllocate(t *testing.T) {
@@ -14,7 +17,7 @@ func TestSendTokenDoesNotAllocate(t *testing.T) {
 	}
 	_, wk := newPair(t, 64<<10)
 	w := NewWorkerEnd(wk)
-	tok := Token{Count: 1, Text: "hello"}
+	tok := infer.Token{Count: 1, Text: "hello"}
 	// 1000 records of 32 bytes fit in the ring, so nobody needs to drain it.
 	allocs := testing.AllocsPerRun(1000, func() {
 		if err := w.SendToken(7, tok); err != nil {
@@ -30,7 +33,7 @@ func TestWorkerEndRecv(t *testing.T) {
 	checkGoroutines(t)
 	gw, wk := newPair(t, MinRingSize)
 	w := NewWorkerEnd(wk)
-	want := Submit{Model: "demo", Prompt: "hi", Urgency: 1}
+	want := infer.Request{Model: "demo", Prompt: "hi", Urgency: 1}
 	if err := gw.send(requestRing, FrameSubmit, 42, AppendSubmit(nil, &want)); err != nil {
 		t.Fatal(err)
 	}
@@ -59,7 +62,7 @@ func TestSendTokens(t *testing.T) {
 	w := NewWorkerEnd(wk)
 	var batch []TokenOut
 	for i := range 40 {
-		batch = append(batch, TokenOut{ID: uint64(100 + i%7), Token: Token{Count: uint32(i), Text: strings.Repeat("x", i)}})
+		batch = append(batch, TokenOut{ID: uint64(100 + i%7), Token: infer.Token{Count: uint32(i), Text: strings.Repeat("x", i)}})
 	}
 	for round := range 3 {
 		// 40 frames of up to 72 bytes outgrow a 4 KiB ring, so each batch
@@ -82,24 +85,24 @@ func TestSendTokens(t *testing.T) {
 	}
 }
 
-// TestHandOffByUrgency checks which calls make the receive loop yield
-// after their first token: requests at RFC 9218's default urgency or more
-// urgent, never less urgent ones or control calls, and only once.
-func TestHandOffByUrgency(t *testing.T) {
+// TestHandOffByClass checks which calls make the receive loop yield after
+// their first token: urgent and normal requests, never bulk ones or
+// control calls, and only once.
+func TestHandOffByClass(t *testing.T) {
 	checkGoroutines(t)
 	gwSeg, _ := newPair(t, 64<<10)
 	g := NewGatewayEnd(gwSeg, GatewayEndConfig{})
 	defer g.Close()
-	for u := range uint8(8) {
-		c, err := g.Open(uint64(u)+1, &Submit{Model: "demo", Prompt: "hi", Urgency: u})
+	for i, class := range []priority.Class{priority.Urgent, priority.Normal, priority.Bulk} {
+		c, err := g.Open(uint64(i)+1, &infer.Request{Model: "demo", Prompt: "hi", Class: class})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := u <= HandOffUrgency; c.handOff != want {
-			t.Errorf("urgency %d: handOff %v, want %v", u, c.handOff, want)
+		if want := class != priority.Bulk; c.handOff != want {
+			t.Errorf("class %v: handOff %v, want %v", class, c.handOff, want)
 		}
-		if u == 0 {
-			c.deliver(Event{Token: Token{Count: 1, Text: "a"}})
+		if class == priority.Urgent {
+			c.deliver(infer.Event{Token: infer.Token{Count: 1, Text: "a"}})
 			if c.handOff {
 				t.Error("handOff still set after the first token")
 			}

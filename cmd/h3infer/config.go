@@ -16,6 +16,7 @@ import (
 
 	"h3infer/backend"
 	"h3infer/gateway"
+	"h3infer/priority"
 	"h3infer/tlsbind"
 	"h3infer/transport"
 )
@@ -50,13 +51,20 @@ type Config struct {
 	// fetched next to the binary, else the dynamic loader's search path.
 	ONNXRuntimeLib string `json:"onnxruntime_lib"`
 
-	TLS       TLSConfig       `json:"tls"`
-	Workers   WorkersConfig   `json:"workers"`
-	Scheduler SchedulerConfig `json:"scheduler"`
-	Gateway   GatewayConfig   `json:"gateway"`
-	Auth      AuthConfig      `json:"auth"`
-	ZeroRTT   ZeroRTTConfig   `json:"zero_rtt"`
-	Tracing   TracingConfig   `json:"tracing"`
+	TLS     TLSConfig     `json:"tls"`
+	Workers WorkersConfig `json:"workers"`
+	// Priority divides RFC 9218 urgencies into the classes every stage
+	// acts on: urgent (0..urgent_max) may take reserved slots, runs on the
+	// worker loop's own thread and flushes every token; bulk
+	// (bulk_min..7) holds its tokens longest and never makes the ring's
+	// reader yield; normal is in between. Default {"urgent_max": 2,
+	// "bulk_min": 6}; a key left out keeps its default.
+	Priority  *priority.Classes `json:"priority"`
+	Scheduler SchedulerConfig   `json:"scheduler"`
+	Gateway   GatewayConfig     `json:"gateway"`
+	Auth      AuthConfig        `json:"auth"`
+	ZeroRTT   ZeroRTTConfig     `json:"zero_rtt"`
+	Tracing   TracingConfig     `json:"tracing"`
 	// RateLimits limits each tenant. Default: no limits.
 	RateLimits RateLimitsConfig `json:"rate_limits"`
 	// Redis is the server instances share state through, for every use
@@ -162,8 +170,6 @@ type SchedulerConfig struct {
 	// Aging is how long a queued request waits before it competes one
 	// urgency level higher. Default "2s".
 	Aging Duration `json:"aging"`
-	// UrgentMax is the largest urgency that may use reserved slots. Default 2.
-	UrgentMax int `json:"urgent_max"`
 	// UrgentReserve is how many slots per worker only urgent requests may
 	// take, so that an urgent request need not wait for a bulk one to
 	// finish. Default 1 (0 when workers.slots is 1); 0 turns it off.
@@ -249,14 +255,10 @@ type GatewayConfig struct {
 
 // CoalesceConfig shapes how the SSE writer batches tokens by urgency.
 type CoalesceConfig struct {
-	// UrgentMax: urgencies 0..urgent_max flush every token. Default 2.
-	UrgentMax int `json:"urgent_max"`
-	// Window: urgencies above urgent_max and below bulk_min hold tokens
-	// this long. Default "10ms".
+	// Window: normal requests (see priority) hold tokens this long.
+	// Default "10ms".
 	Window Duration `json:"window"`
-	// BulkMin: urgencies bulk_min..7 use bulk_window. Default 6.
-	BulkMin int `json:"bulk_min"`
-	// BulkWindow. Default "25ms".
+	// BulkWindow: bulk requests hold tokens this long. Default "25ms".
 	BulkWindow Duration `json:"bulk_window"`
 	// MaxAckDelay bounds both windows. Default "25ms".
 	MaxAckDelay Duration `json:"max_ack_delay"`
@@ -450,6 +452,10 @@ func loadConfig(path string) (Config, error) {
 	if path == "" {
 		return c, nil
 	}
+	// A key the file leaves out of priority keeps its default; one it
+	// names, 0 included, is taken as written.
+	classes := priority.DefaultClasses
+	c.Priority = &classes
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return c, fmt.Errorf("config: %w", err)
@@ -519,7 +525,10 @@ func (c Config) withDefaults() Config {
 	if c.Scheduler.Aging == 0 {
 		c.Scheduler.Aging = Duration(2 * time.Second)
 	}
-	defInt(&c.Scheduler.UrgentMax, 2)
+	if c.Priority == nil {
+		classes := priority.DefaultClasses
+		c.Priority = &classes
+	}
 	for i := range c.Scheduler.Tenants {
 		t := &c.Scheduler.Tenants[i]
 		defInt(&t.Weight, 1)
@@ -537,8 +546,6 @@ func (c Config) withDefaults() Config {
 		c.Gateway.MaxDeadline = Duration(5 * time.Minute)
 	}
 	co := &c.Gateway.Coalesce
-	defInt(&co.UrgentMax, 2)
-	defInt(&co.BulkMin, 6)
 	defInt(&co.MaxBuffer, 4096)
 	if co.Window == 0 {
 		co.Window = Duration(10 * time.Millisecond)
@@ -690,9 +697,7 @@ func (c Config) validate() error {
 	if c.Scheduler.Aging < 0 {
 		bad("scheduler.aging", "must be positive, got %s", time.Duration(c.Scheduler.Aging))
 	}
-	if u := c.Scheduler.UrgentMax; u < 0 || u > 7 {
-		bad("scheduler.urgent_max", "must be 0..7, got %d", u)
-	}
+	errs = append(errs, c.Priority.Validate("priority")...)
 	if n := *c.Workers.Nice; n < 0 || n > backend.MaxNice {
 		bad("workers.nice", "must be 0..%d, got %d", backend.MaxNice, n)
 	}
@@ -725,12 +730,6 @@ func (c Config) validate() error {
 		bad("gateway.deadline", "must be positive and at most gateway.max_deadline (%s), got %s", time.Duration(c.Gateway.MaxDeadline), time.Duration(c.Gateway.Deadline))
 	}
 	co := c.Gateway.Coalesce
-	if co.UrgentMax < 0 || co.UrgentMax > 7 {
-		bad("gateway.coalesce.urgent_max", "must be 0..7, got %d", co.UrgentMax)
-	}
-	if co.BulkMin <= co.UrgentMax || co.BulkMin > 7 {
-		bad("gateway.coalesce.bulk_min", "must be urgent_max+1..7, got %d", co.BulkMin)
-	}
 	for key, d := range map[string]Duration{"gateway.coalesce.window": co.Window, "gateway.coalesce.bulk_window": co.BulkWindow} {
 		if d < 0 || d > co.MaxAckDelay {
 			bad(key, "must be positive and at most gateway.coalesce.max_ack_delay (%s), got %s", time.Duration(co.MaxAckDelay), time.Duration(d))

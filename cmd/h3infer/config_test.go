@@ -95,8 +95,9 @@ func TestObservabilityConfigErrors(t *testing.T) {
 
 func TestUrgencyConfig(t *testing.T) {
 	tests := map[string]struct {
-		json string
-		want []string // keys the errors must name; none: valid
+		json     string
+		want     []string // keys the errors must name; none: valid
+		wantLoad bool     // the file itself must be refused
 	}{
 		"defaults": {json: `{}`},
 		"tenants": {json: `{"scheduler": {"tenants": [
@@ -110,13 +111,16 @@ func TestUrgencyConfig(t *testing.T) {
 			json: `{"gateway": {"coalesce": {"window": "30ms", "bulk_window": "40ms"}}}`,
 			want: []string{"gateway.coalesce.window", "gateway.coalesce.bulk_window"},
 		},
-		"deadline beyond its ceiling":  {json: `{"gateway": {"deadline": "10m"}}`, want: []string{"gateway.deadline"}},
-		"reserve takes every slot":     {json: `{"workers": {"slots": 2}, "scheduler": {"urgent_reserve": 2}}`, want: []string{"scheduler.urgent_reserve"}},
-		"single slot, default reserve": {json: `{"workers": {"slots": 1}}`},
-		"reserve and nice off":         {json: `{"workers": {"nice": 0}, "scheduler": {"urgent_reserve": 0}}`},
-		"nice out of range":            {json: `{"workers": {"nice": 20}}`, want: []string{"workers.nice"}},
-		"negative nice":                {json: `{"workers": {"nice": -1}}`, want: []string{"workers.nice"}},
-		"bulk_min not above urgent":    {json: `{"gateway": {"coalesce": {"urgent_max": 4, "bulk_min": 3}}}`, want: []string{"gateway.coalesce.bulk_min"}},
+		"deadline beyond its ceiling":      {json: `{"gateway": {"deadline": "10m"}}`, want: []string{"gateway.deadline"}},
+		"reserve takes every slot":         {json: `{"workers": {"slots": 2}, "scheduler": {"urgent_reserve": 2}}`, want: []string{"scheduler.urgent_reserve"}},
+		"single slot, default reserve":     {json: `{"workers": {"slots": 1}}`},
+		"reserve and nice off":             {json: `{"workers": {"nice": 0}, "scheduler": {"urgent_reserve": 0}}`},
+		"nice out of range":                {json: `{"workers": {"nice": 20}}`, want: []string{"workers.nice"}},
+		"negative nice":                    {json: `{"workers": {"nice": -1}}`, want: []string{"workers.nice"}},
+		"bulk_min not above urgent":        {json: `{"priority": {"urgent_max": 4, "bulk_min": 3}}`, want: []string{"priority.bulk_min"}},
+		"bulk_min left at its default":     {json: `{"priority": {"urgent_max": 6}}`, want: []string{"priority.bulk_min"}},
+		"urgent_max 0 is taken as written": {json: `{"priority": {"urgent_max": 0}}`},
+		"the old coalescer key is gone":    {json: `{"gateway": {"coalesce": {"urgent_max": 2}}}`, wantLoad: true},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -125,6 +129,12 @@ func TestUrgencyConfig(t *testing.T) {
 				t.Fatal(err)
 			}
 			c, err := loadConfig(path)
+			if tc.wantLoad {
+				if err == nil {
+					t.Fatal("file with an unknown key accepted")
+				}
+				return
+			}
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -24,8 +24,8 @@ import (
 
 	"h3infer/backend"
 	"h3infer/certs"
+	"h3infer/infer"
 	"h3infer/tlsbind"
-	"h3infer/transport"
 )
 
 // The end-to-end tests build the real binary once and start it as users do.
@@ -340,7 +340,7 @@ func readStream(t *testing.T, resp *http.Response) streamResult {
 
 // inProcess runs the same model file the server serves directly in the test
 // process, without ring or worker.
-func inProcess(t *testing.T, s *server, sub *transport.Submit) (string, transport.Done) {
+func inProcess(t *testing.T, s *server, sub *infer.Request) (string, infer.Done) {
 	t.Helper()
 	if err := backend.InitRuntime(ortLib(t)); err != nil {
 		t.Fatal(err)
@@ -386,9 +386,9 @@ func longStreamBody() map[string]any {
 func TestEndToEndStreamingChat(t *testing.T) {
 	s := startServer(t)
 	const maxTokens = 48
-	want, wantDone := inProcess(t, s, &transport.Submit{
+	want, wantDone := inProcess(t, s, &infer.Request{
 		Model:     "demo",
-		Messages:  []transport.ChatMessage{{Role: "user", Content: testPrompt}},
+		Messages:  []infer.ChatMessage{{Role: "user", Content: testPrompt}},
 		MaxTokens: maxTokens,
 	})
 	if strings.TrimSpace(want) == "" {
@@ -451,8 +451,8 @@ func TestEndToEndStreamingChat(t *testing.T) {
 // The command README.md and `make run` print must work as printed.
 func TestChatCommand(t *testing.T) {
 	s := startServer(t)
-	want, _ := inProcess(t, s, &transport.Submit{
-		Model: "demo", Messages: []transport.ChatMessage{{Role: "user", Content: testPrompt}}, MaxTokens: 64,
+	want, _ := inProcess(t, s, &infer.Request{
+		Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: testPrompt}}, MaxTokens: 64,
 	})
 	// chat finds the CA and the dev token in the state dir by itself.
 	cmd := exec.Command(buildBinary(t), "chat", "--url", s.base, "--state-dir", s.stateDir, testPrompt)
@@ -511,8 +511,8 @@ func TestEndToEndNonStreamingAndSeed(t *testing.T) {
 	if texts[0] != texts[1] {
 		t.Errorf("same seed gave different text:\n%q\n%q", texts[0], texts[1])
 	}
-	want, _ := inProcess(t, s, &transport.Submit{
-		Model: "demo", Messages: []transport.ChatMessage{{Role: "user", Content: testPrompt}},
+	want, _ := inProcess(t, s, &infer.Request{
+		Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: testPrompt}},
 		MaxTokens: 24, Temperature: 0.9, Seed: 7, HasSeed: true,
 	})
 	if texts[0] != want {

@@ -14,10 +14,11 @@ import (
 // load the gateway allocates per token (events, SSE bytes), and with
 // GOGC 100 the collections' assists and background marking took CPU from
 // the goroutines serving an urgent request's first token at the worst
-// moments. Measured with `go test -bench PriorityIsolation ./cmd/h3infer/`
-// (docs/BENCHMARKS.md, "Urgency"): the loaded tail of u=0 time to first
-// token fell by about a third. The cost is a larger heap between
-// collections; memory_limit_bytes bounds it where that matters.
+// moments: they lengthened the loaded tail of an urgent request's time to
+// first token (`go test -bench PriorityIsolation ./cmd/h3infer/`; the
+// figures are in docs/BENCHMARKS.md, "Urgency"). The cost is a larger
+// heap between collections; memory_limit_bytes bounds it where that
+// matters.
 func setGC(cfg GatewayConfig, log *slog.Logger) {
 	if env := os.Getenv("GOGC"); env != "" {
 		log.Info("gateway.gc_percent not applied: GOGC is set", "GOGC", env)

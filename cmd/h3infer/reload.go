@@ -16,6 +16,7 @@ import (
 	"h3infer/certs"
 	"h3infer/certs/keysredis"
 	"h3infer/gateway"
+	"h3infer/priority"
 	"h3infer/scheduler"
 )
 
@@ -126,8 +127,8 @@ func schedulerTenants(cfg Config) []scheduler.Tenant {
 		out = append(out, scheduler.Tenant{
 			Name:           t.Name,
 			Weight:         t.Weight,
-			DefaultUrgency: uint8(*t.DefaultUrgency),
-			UrgencyCeiling: uint8(*t.UrgencyCeiling),
+			DefaultUrgency: priority.Urgency(*t.DefaultUrgency),
+			UrgencyCeiling: priority.Urgency(*t.UrgencyCeiling),
 			MaxQueue:       t.MaxQueue,
 		})
 	}

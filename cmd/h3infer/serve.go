@@ -24,11 +24,12 @@ import (
 	"h3infer/backend"
 	"h3infer/certs"
 	"h3infer/gateway"
+	"h3infer/infer"
 	"h3infer/internal/onnxgen"
+	"h3infer/priority"
 	"h3infer/ratelimit"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
-	"h3infer/transport"
 )
 
 func runServe(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
@@ -182,7 +183,6 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 			IntraOpThreads: cfg.Workers.IntraOpThreads,
 			GPUMemoryBytes: cfg.Workers.GPUMemoryBytes,
 			Nice:           *cfg.Workers.Nice,
-			UrgentBelow:    cfg.Scheduler.UrgentMax + 1,
 		},
 		RingSize:    cfg.Workers.RingBytes,
 		CallBuffer:  cfg.Workers.CallBuffer,
@@ -197,7 +197,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		MaxQueue:      cfg.Scheduler.MaxQueue,
 		RetryAfter:    time.Duration(cfg.Scheduler.RetryAfter),
 		Aging:         time.Duration(cfg.Scheduler.Aging),
-		UrgentMax:     uint8(cfg.Scheduler.UrgentMax),
+		Classes:       *cfg.Priority,
 		UrgentReserve: *cfg.Scheduler.UrgentReserve,
 		Tenants:       schedulerTenants(cfg),
 	}, poolWorkers{pool}, log)
@@ -228,9 +228,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		QueueTimeout:            time.Duration(cfg.Gateway.Deadline),
 		MaxDeadline:             time.Duration(cfg.Gateway.MaxDeadline),
 		Coalesce: gateway.CoalesceConfig{
-			UrgentMax:   uint8(cfg.Gateway.Coalesce.UrgentMax),
 			Window:      time.Duration(cfg.Gateway.Coalesce.Window),
-			BulkMin:     uint8(cfg.Gateway.Coalesce.BulkMin),
 			BulkWindow:  time.Duration(cfg.Gateway.Coalesce.BulkWindow),
 			MaxAckDelay: time.Duration(cfg.Gateway.Coalesce.MaxAckDelay),
 			MaxBuffer:   cfg.Gateway.Coalesce.MaxBuffer,
@@ -345,8 +343,8 @@ func (p poolLoader) LoadModel(ctx context.Context, s backend.ModelSpec) error {
 func (p poolLoader) UnloadModel(ctx context.Context, name string) error {
 	return (*p.pool).UnloadModel(ctx, name)
 }
-func (p poolLoader) Models() []transport.ModelInfo { return (*p.pool).Models() }
-func (p poolLoader) Ready() bool                   { return (*p.pool).Ready() }
+func (p poolLoader) Models() []infer.ModelInfo { return (*p.pool).Models() }
+func (p poolLoader) Ready() bool               { return (*p.pool).Ready() }
 
 // onnxRuntimeLib picks the ONNX Runtime library: the configured path (which
 // ONNXRUNTIME_LIB has already overridden), else the one `make` fetched next
@@ -452,9 +450,9 @@ func limitsOf(c RateLimitsConfig) gateway.RateLimits {
 func adminStatus(sched *scheduler.Scheduler) any {
 	st := sched.Stats()
 	return struct {
-		Queued          int                   `json:"queued"`
-		QueuedByUrgency [scheduler.Levels]int `json:"queued_by_urgency"`
-		Running         int                   `json:"running"`
+		Queued          int                  `json:"queued"`
+		QueuedByUrgency [priority.Levels]int `json:"queued_by_urgency"`
+		Running         int                  `json:"running"`
 	}{st.Queued, st.QueuedByUrgency, st.Running}
 }
 
@@ -491,12 +489,12 @@ func (c *schedulerCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.running, prometheus.GaugeValue, float64(st.Running))
 }
 
-// poolWorkers adapts backend.Pool to the scheduler's WorkerSet.
+// poolWorkers adapts backend.Pool to the scheduler's BackendSet.
 type poolWorkers struct{ pool *backend.Pool }
 
-func (p poolWorkers) Workers() []scheduler.Worker {
+func (p poolWorkers) Backends() []scheduler.Backend {
 	ws := p.pool.Workers()
-	out := make([]scheduler.Worker, len(ws))
+	out := make([]scheduler.Backend, len(ws))
 	for i, w := range ws {
 		out[i] = w
 	}
@@ -529,10 +527,10 @@ func (c catalog) WorkerStates() []gateway.WorkerState {
 }
 
 var (
-	_ scheduler.WorkerSet = poolWorkers{}
-	_ scheduler.Worker    = (*backend.Worker)(nil)
-	_ gateway.Catalog     = catalog{}
-	_ gateway.Router      = (*backend.Registry)(nil)
-	_ gateway.ModelAdmin  = (*backend.Registry)(nil)
-	_ backend.ModelLoader = (*backend.Pool)(nil)
+	_ scheduler.BackendSet = poolWorkers{}
+	_ scheduler.Backend    = (*backend.Worker)(nil)
+	_ gateway.Catalog      = catalog{}
+	_ gateway.Router       = (*backend.Registry)(nil)
+	_ gateway.ModelAdmin   = (*backend.Registry)(nil)
+	_ backend.ModelLoader  = (*backend.Pool)(nil)
 )

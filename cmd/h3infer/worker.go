@@ -67,7 +67,6 @@ func parseWorkerFlags(args []string) (backend.WorkerConfig, error) {
 	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, fmt.Sprintf("how often to report counters (0: %s)", backend.DefaultStatsInterval))
 	fs.Int64Var(&cfg.GPUMemoryBytes, "gpu-memory-bytes", 0, "device memory budget of the worker's GPU models (0: none)")
 	fs.IntVar(&cfg.Nice, "nice", 0, fmt.Sprintf("nice value of the thread running bulk work, 0..%d (0: everything at the process's priority)", backend.MaxNice))
-	fs.IntVar(&cfg.UrgentBelow, "urgent-below", 0, fmt.Sprintf("urgencies below this are urgent work (0: %d)", backend.DefaultUrgentBelow))
 	// Per-model settings name a model given by an earlier --model.
 	spec := func(v string) (*backend.ModelSpec, string, error) {
 		name, val, ok := strings.Cut(v, "=")

@@ -25,7 +25,6 @@ func TestWorkerArgsRoundTrip(t *testing.T) {
 			IntraOpThreads: 2,
 			StatsInterval:  250 * time.Millisecond,
 			Nice:           7,
-			UrgentBelow:    2,
 		},
 		"defaults": {RingFD: 3, Models: []backend.ModelSpec{{Name: "demo", Dir: "/d"}}, ORTLib: "/l.so"},
 	} {
@@ -53,7 +52,6 @@ func TestWorkerFlagsRejectBadInput(t *testing.T) {
 		{"--model", "demo=/d", "--device-kv", "demo=maybe", "--onnxruntime-lib", "/l.so"},
 		{"--model", "demo=/d", "--gpu-memory-bytes", "-1", "--onnxruntime-lib", "/l.so"},
 		{"--model", "demo=/d", "--nice", "20", "--onnxruntime-lib", "/l.so"},
-		{"--model", "demo=/d", "--urgent-below", "9", "--onnxruntime-lib", "/l.so"},
 	} {
 		if _, err := parseWorkerFlags(args); err == nil {
 			t.Errorf("parseWorkerFlags(%q) accepted bad input", args)

@@ -20,15 +20,17 @@ type pkg struct {
 var forbidden = map[string]struct{ direct, anywhere []string }{
 	"h3infer/scheduler": {
 		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/cmd/h3infer"},
-		anywhere: []string{"net/http", "github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go"},
+		anywhere: []string{"net/http", "github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go", "h3infer/transport"},
 	},
 	"h3infer/transport": {
 		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"},
 		anywhere: []string{"net/http", "github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go"},
 	},
+	// The gateway reaches backends only through the scheduler and the
+	// shared vocabulary: it knows no carrier.
 	"h3infer/gateway": {
 		direct:   []string{"h3infer/backend", "h3infer/cmd/h3infer"},
-		anywhere: []string{"github.com/yalue/onnxruntime_go"},
+		anywhere: []string{"github.com/yalue/onnxruntime_go", "h3infer/transport"},
 	},
 	"h3infer/backend": {
 		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/cmd/h3infer"},
@@ -51,6 +53,13 @@ var forbidden = map[string]struct{ direct, anywhere []string }{
 	},
 }
 
+// vocabulary lists the packages every other one speaks, and which of
+// h3infer's packages each may import: they are the leaves of the graph.
+var vocabulary = map[string][]string{
+	"h3infer/priority": nil,
+	"h3infer/infer":    {"h3infer/priority"},
+}
+
 func TestImportGraph(t *testing.T) {
 	out, err := exec.Command("go", "list", "-e", "-json", "h3infer/...").Output()
 	if err != nil {
@@ -69,7 +78,7 @@ func TestImportGraph(t *testing.T) {
 		rule := forbidden[p.ImportPath]
 		for _, bad := range rule.direct {
 			if slices.Contains(p.Imports, bad) {
-				t.Errorf("%s imports %s; DESIGN.md forbids that edge", p.ImportPath, bad)
+				t.Errorf("%s imports %s; ARCHITECTURE.md forbids that edge", p.ImportPath, bad)
 			}
 		}
 		for _, bad := range rule.anywhere {
@@ -80,9 +89,21 @@ func TestImportGraph(t *testing.T) {
 				}
 			}
 		}
+		if allowed, ok := vocabulary[p.ImportPath]; ok {
+			for _, d := range p.Imports {
+				if strings.HasPrefix(d, "h3infer/") && !slices.Contains(allowed, d) {
+					t.Errorf("%s imports %s; the vocabulary imports nothing of ours but %v", p.ImportPath, d, allowed)
+				}
+			}
+		}
 		// Only the command wires the top-level packages together.
 		if p.ImportPath != "h3infer/cmd/h3infer" && slices.Contains(p.Imports, "h3infer/gateway") {
 			t.Errorf("%s imports h3infer/gateway; only cmd/h3infer may", p.ImportPath)
+		}
+	}
+	for name := range vocabulary {
+		if !seen[name] {
+			t.Errorf("package %s is missing from the module; update this test with the layout", name)
 		}
 	}
 	for name := range forbidden {

@@ -5,22 +5,22 @@ import (
 	"testing"
 	"time"
 
-	"h3infer/transport"
+	"h3infer/infer"
 )
 
-func lostEvent() transport.Event {
-	return transport.Event{Err: &transport.Error{Code: transport.CodeWorkerLost, Message: "worker exited"}}
+func lostEvent() infer.Event {
+	return infer.Event{Err: &infer.Error{Code: infer.CodeWorkerLost, Message: "worker exited"}}
 }
 
 // recvEvent reads one event from st or fails after a generous bound.
-func recvEvent(t *testing.T, st *Stream) (transport.Event, bool) {
+func recvEvent(t *testing.T, st *Dispatch) (infer.Event, bool) {
 	t.Helper()
 	select {
 	case ev, ok := <-st.Events():
 		return ev, ok
 	case <-time.After(5 * time.Second):
 		t.Fatal("no event within 5s")
-		return transport.Event{}, false
+		return infer.Event{}, false
 	}
 }
 
@@ -30,7 +30,7 @@ func recvEvent(t *testing.T, st *Stream) (transport.Event, bool) {
 func TestRedispatchBeforeStart(t *testing.T) {
 	a, b := newFakeWorker(1, 1), newFakeWorker(2, 1)
 	s, _ := newTestScheduler(t, Config{}, a, b)
-	st, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Model: "m", Prompt: "p"}})
+	st, _, err := s.Submit(context.Background(), &Request{Job: infer.Request{Model: "m", Prompt: "p"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,8 +48,8 @@ func TestRedispatchBeforeStart(t *testing.T) {
 	}
 	go func() {
 		c := next.call.(*fakeCall)
-		c.events <- transport.Event{Token: transport.Token{Count: 1, Text: "hi"}}
-		c.events <- transport.Event{Done: &transport.Done{FinishReason: transport.FinishStop}}
+		c.events <- infer.Event{Token: infer.Token{Count: 1, Text: "hi"}}
+		c.events <- infer.Event{Done: &infer.Done{FinishReason: infer.FinishStop}}
 		close(c.events)
 	}()
 	if ev, _ := recvEvent(t, st); ev.Token.Text != "hi" {
@@ -72,21 +72,21 @@ func TestRedispatchBeforeStart(t *testing.T) {
 func TestLostAfterStartIsAnError(t *testing.T) {
 	a, b := newFakeWorker(1, 1), newFakeWorker(2, 1)
 	s, _ := newTestScheduler(t, Config{}, a, b)
-	st, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Model: "m"}})
+	st, _, err := s.Submit(context.Background(), &Request{Job: infer.Request{Model: "m"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
 	c := st.current().call.(*fakeCall)
 	go func() {
-		c.events <- transport.Event{Token: transport.Token{Count: 1, Text: "par"}}
+		c.events <- infer.Event{Token: infer.Token{Count: 1, Text: "par"}}
 		c.events <- lostEvent()
 		close(c.events)
 	}()
 	if ev, _ := recvEvent(t, st); ev.Token.Text != "par" {
 		t.Fatalf("got %+v, want the token", ev)
 	}
-	if ev, _ := recvEvent(t, st); ev.Err == nil || ev.Err.Code != transport.CodeWorkerLost {
+	if ev, _ := recvEvent(t, st); ev.Err == nil || ev.Err.Code != infer.CodeWorkerLost {
 		t.Errorf("got %+v, want the worker_lost error", ev)
 	}
 	if len(b.openedIDs()) != 0 {
@@ -99,7 +99,7 @@ func TestLostAfterStartIsAnError(t *testing.T) {
 func TestRedispatchBounded(t *testing.T) {
 	a := newFakeWorker(1, 1)
 	s, _ := newTestScheduler(t, Config{}, a)
-	st, err := s.Submit(context.Background(), &Request{Job: transport.Submit{Model: "m"}})
+	st, _, err := s.Submit(context.Background(), &Request{Job: infer.Request{Model: "m"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +112,7 @@ func TestRedispatchBounded(t *testing.T) {
 			waitFor(t, "the re-dispatch", func() bool { return st.current() != cur })
 		}
 	}
-	if ev, _ := recvEvent(t, st); ev.Err == nil || ev.Err.Code != transport.CodeWorkerLost {
+	if ev, _ := recvEvent(t, st); ev.Err == nil || ev.Err.Code != infer.CodeWorkerLost {
 		t.Errorf("got %+v, want worker_lost after %d moves", ev, maxRedispatch)
 	}
 	if n := len(a.openedIDs()); n != maxRedispatch+1 {
@@ -128,13 +128,13 @@ func TestStreamEndsOnCloseNotContext(t *testing.T) {
 	a := newFakeWorker(1, 1)
 	s, _ := newTestScheduler(t, Config{}, a)
 	ctx, cancel := context.WithCancel(context.Background())
-	st, err := s.Submit(ctx, &Request{Job: transport.Submit{Model: "m"}})
+	st, _, err := s.Submit(ctx, &Request{Job: infer.Request{Model: "m"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	cancel()
 	c := st.current().call.(*fakeCall)
-	c.events <- transport.Event{Token: transport.Token{Count: 1, Text: "late"}}
+	c.events <- infer.Event{Token: infer.Token{Count: 1, Text: "late"}}
 	if ev, ok := recvEvent(t, st); !ok || ev.Token.Text != "late" {
 		t.Errorf("got %+v (open %v), want the token sent after the context ended", ev, ok)
 	}

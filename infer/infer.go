@@ -1,0 +1,114 @@
+// Package infer is the vocabulary every part of h3infer speaks about one
+// inference: the request a backend runs, the events it answers with, the
+// error codes a client may see, and the models a backend serves.
+//
+// The scheduler, the gateway, the worker ring and any future backend meet
+// here, so a backend is anything that can turn a Request into a Call. The
+// package imports nothing of h3infer's but priority, the other half of the
+// vocabulary; how these values travel (the shared-memory frames of
+// transport, say) is the carrier's business.
+package infer
+
+import "h3infer/priority"
+
+// ChatMessage is one turn of a chat conversation.
+type ChatMessage struct {
+	Role    string
+	Content string
+}
+
+// Request asks a backend to generate for one prompt. Exactly one of Prompt
+// (a raw completion prompt) and Messages (a chat, formatted by the model's
+// chat template where the model runs) is set.
+type Request struct {
+	Model       string
+	Prompt      string
+	Messages    []ChatMessage
+	MaxTokens   uint32  // 0: up to the model's context
+	Temperature float32 // 0: greedy
+	TopP        float32 // 0 or 1: no nucleus cut
+	Seed        uint64
+	HasSeed     bool
+	Stop        []string
+	// IgnoreEOS keeps generating past the model's end tokens (eos_token,
+	// stop_tokens, a template's end of turn) up to MaxTokens, so that a
+	// benchmark's output lengths are the ones it asked for. Stop strings
+	// still apply.
+	IgnoreEOS bool
+	// Urgency is the RFC 9218 urgency the request runs at, and Class what
+	// that urgency means to every stage on the way (priority.Classes): both
+	// are decided once, at admission, and only read afterwards.
+	Urgency     priority.Urgency
+	Class       priority.Class
+	TraceParent string
+}
+
+// Token carries one or more generated tokens and the text they complete.
+// Text may be empty while the detokenizer holds back half a UTF-8 character
+// or a possible stop sequence; Count still says how many tokens were made.
+type Token struct {
+	Count uint32
+	Text  string
+}
+
+// Finish reasons, as the OpenAI API names them.
+const (
+	FinishStop   = "stop"
+	FinishLength = "length"
+)
+
+// Done ends a request normally.
+type Done struct {
+	FinishReason     string
+	PromptTokens     uint32
+	CompletionTokens uint32
+}
+
+// Error codes a backend ends a request with; the gateway maps each to an
+// HTTP status in one place (gateway/errors.go).
+const (
+	CodeContextLength  = "context_length_exceeded"
+	CodeModelNotFound  = "model_not_found"
+	CodeInvalidRequest = "invalid_request"
+	CodeInternal       = "internal_error"
+	CodeCancelled      = "cancelled"
+	// CodeWorkerLost ends a call whose backend died or whose carrier
+	// failed. The gateway's side makes it, never the backend; a request
+	// that gets it before any other event never started and may run
+	// elsewhere.
+	CodeWorkerLost = "worker_lost"
+	// CodeOverflow ends a call whose consumer fell behind the events its
+	// carrier buffers. The gateway's side makes it; no backend sends it.
+	CodeOverflow = "overflow"
+)
+
+// Error ends a request with a failure.
+type Error struct {
+	Code    string
+	Message string
+}
+
+// Event is one thing that happened to a call. Exactly one of the following
+// holds: Done != nil (finished), Err != nil (failed), or neither (Token).
+type Event struct {
+	Token Token
+	Done  *Done
+	Err   *Error
+}
+
+// Call is one request in flight on a backend.
+type Call interface {
+	// Events delivers the call's events. The channel is closed right after
+	// the terminal event (Done or Err), or at once by Cancel.
+	Events() <-chan Event
+	// Cancel ends the call if it has not ended: the events channel is
+	// closed with no further events and the backend is told to stop. It
+	// never blocks and is safe to call more than once, from any goroutine.
+	Cancel()
+}
+
+// ModelInfo describes one model a backend serves.
+type ModelInfo struct {
+	Name          string
+	ContextLength uint32
+}
