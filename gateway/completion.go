@@ -188,8 +188,8 @@ func (g *Gateway) route(w http.ResponseWriter, r *http.Request, run *inflight) (
 }
 
 // submit queues the request with the scheduler, under an admission span,
-// and sets run.st to the dispatched stream. The scheduler decides the
-// urgency, applying the tenant's default and ceiling, and the class; run's
+// and sets run.st to its Dispatch. The scheduler decides the urgency,
+// applying the tenant's default and ceiling, and the class; run's
 // priority, class and metric labels follow what it decided.
 func (g *Gateway) submit(ctx context.Context, run *inflight, model string) error {
 	job := run.req.job

@@ -15,8 +15,8 @@ import (
 )
 
 // The SSE writer: how a streamed completion's bytes reach the client,
-// coalesced by urgency, over HTTP/3 with the request's QUIC priority and
-// over TCP.
+// coalesced by the request's class, over HTTP/3 with the request's QUIC
+// priority and over TCP.
 
 // sseWriter writes one response's server-sent events. Write queues an
 // event, which goes out when the stream's coalescing window ends
@@ -42,11 +42,11 @@ type sseWriter struct {
 }
 
 // newSSEWriter commits the response header of an event stream whose
-// request the scheduler put in class (coalesce.go). The header
-// goes out with the first bytes of the body, not ahead of them: taking over
-// the HTTP/3 stream flushes the header, and done apart from the first write
-// it went in a packet of its own, which the client had to take before the
-// first token.
+// request the scheduler put in class, which sets the coalescing window
+// (coalesce.go). The header goes out with the first bytes of the body, not
+// ahead of them: taking over the HTTP/3 stream flushes the header, and done
+// apart from the first write it went in a packet of its own, which the
+// client had to take before the first token.
 func (g *Gateway) newSSEWriter(ctx context.Context, w http.ResponseWriter, prio priority.Signal, class priority.Class, requestID uint64) *sseWriter {
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
@@ -88,6 +88,8 @@ func (sw *sseWriter) Close() error {
 // than ended; over TCP the response ends when the handler returns.
 func (sw *sseWriter) Abort() { sw.end(false) }
 
+// end releases the coalescer's timer and ends the HTTP/3 stream, if it was
+// taken over.
 func (sw *sseWriter) end(clean bool) {
 	sw.held.stop()
 	switch {
@@ -112,7 +114,7 @@ func (sw *sseWriter) send(b []byte) error {
 	}
 	err := sw.write(b)
 	if err != nil && !sw.cut {
-		// The handler's deferred Close of the token stream cancels the
+		// The handler's deferred Close of the dispatch cancels the
 		// worker's sequence.
 		sw.cut = true
 		sw.span.AddEvent("cancelled",
