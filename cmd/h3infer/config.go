@@ -15,8 +15,10 @@ import (
 	"time"
 
 	"h3infer/backend"
+	"h3infer/config"
 	"h3infer/gateway"
 	"h3infer/priority"
+	"h3infer/scheduler"
 	"h3infer/tlsbind"
 	"h3infer/transport"
 )
@@ -60,7 +62,7 @@ type Config struct {
 	// reader yield; normal is in between. Default {"urgent_max": 2,
 	// "bulk_min": 6}; a key left out keeps its default.
 	Priority  *priority.Classes `json:"priority"`
-	Scheduler SchedulerConfig   `json:"scheduler"`
+	Scheduler scheduler.Config  `json:"scheduler"`
 	Gateway   GatewayConfig     `json:"gateway"`
 	Auth      AuthConfig        `json:"auth"`
 	ZeroRTT   ZeroRTTConfig     `json:"zero_rtt"`
@@ -87,14 +89,14 @@ type ModelRepositoryConfig struct {
 	Dir string `json:"dir"`
 	// Poll is how often the repository is read for new versions.
 	// Default 2s.
-	Poll Duration `json:"poll"`
+	Poll config.Duration `json:"poll"`
 	// AutoPromote switches to a new, higher version as soon as it has
 	// loaded and passed its checks; false leaves that to the admin API.
 	// Default true.
 	AutoPromote *bool `json:"auto_promote"`
 	// DrainTimeout bounds how long a retired version waits for its
 	// requests before it is unloaded anyway. Default 5m.
-	DrainTimeout Duration `json:"drain_timeout"`
+	DrainTimeout config.Duration `json:"drain_timeout"`
 }
 
 // TLSConfig names a certificate to serve. Both empty: the development CA and
@@ -105,7 +107,7 @@ type TLSConfig struct {
 	KeyFile  string `json:"key_file"`
 	// WatchInterval is how often the files are checked for changes.
 	// Default "5s".
-	WatchInterval Duration `json:"watch_interval"`
+	WatchInterval config.Duration `json:"watch_interval"`
 	// ACME obtains certificates for public names from an ACME CA; other
 	// names keep the certificate above.
 	ACME ACMEConfig `json:"acme"`
@@ -153,48 +155,12 @@ type WorkersConfig struct {
 	CallBuffer int `json:"call_buffer"`
 	// HangTimeout is how long a ready worker's heartbeat may stand still
 	// before the worker is killed and restarted. Default "10s".
-	HangTimeout Duration `json:"hang_timeout"`
+	HangTimeout config.Duration `json:"hang_timeout"`
 	// Nice is the Linux nice value the worker processes run at, 0..19:
 	// above the gateway's, so that where workers and gateway share CPUs
 	// the gateway's admission and first-token path is not queued behind
 	// model compute. Default 10; 0 runs them at the gateway's priority.
 	Nice *int `json:"nice"`
-}
-
-// SchedulerConfig bounds admission.
-type SchedulerConfig struct {
-	// MaxQueue is how many requests may wait for a worker slot. Default 256.
-	MaxQueue int `json:"max_queue"`
-	// RetryAfter is the advice sent with 503 and 429 answers. Default "1s".
-	RetryAfter Duration `json:"retry_after"`
-	// Aging is how long a queued request waits before it competes one
-	// urgency level higher. Default "2s".
-	Aging Duration `json:"aging"`
-	// UrgentReserve is how many slots per worker only urgent requests may
-	// take, so that an urgent request need not wait for a bulk one to
-	// finish. Default 1 (0 when workers.slots is 1); 0 turns it off.
-	UrgentReserve *int `json:"urgent_reserve"`
-	// Tenants and their shares. Without any, every request belongs to the
-	// tenant "default" (weight 1, default urgency 3, ceiling 0).
-	Tenants []TenantConfig `json:"tenants"`
-}
-
-// TenantConfig is one tenant's share of the workers.
-type TenantConfig struct {
-	Name string `json:"name"`
-	// Weight is the tenant's share among tenants queued at the same
-	// urgency, in tokens asked for. Default 1.
-	Weight int `json:"weight"`
-	// DefaultUrgency applies when a request has no Priority header.
-	// Default 3 (RFC 9218's default); 0..7.
-	DefaultUrgency *int `json:"default_urgency"`
-	// UrgencyCeiling is the most urgent level the tenant may claim; a
-	// request asking for more gets this. Default 0 (no limit); 0..7, at most
-	// default_urgency.
-	UrgencyCeiling *int `json:"urgency_ceiling"`
-	// MaxQueue bounds the tenant's queued requests; beyond it, 429. Default
-	// 0: only scheduler.max_queue applies.
-	MaxQueue int `json:"max_queue"`
 }
 
 // GatewayConfig shapes the HTTP side.
@@ -217,12 +183,12 @@ type GatewayConfig struct {
 	// HeaderTimeout is how long a request may take to send its headers:
 	// per stream over HTTP/3 (a late stream is reset), per connection
 	// over TCP. Default "10s".
-	HeaderTimeout Duration `json:"header_timeout"`
+	HeaderTimeout config.Duration `json:"header_timeout"`
 	// AuthTimeout is how long a client connection may stay open without
 	// one of its requests passing authentication; then it is closed, so
 	// that connections which never authenticate cannot hold
 	// max_connections for good. Ignored with auth disabled. Default "30s".
-	AuthTimeout Duration `json:"auth_timeout"`
+	AuthTimeout config.Duration `json:"auth_timeout"`
 	// MaxConnections bounds client connections over both listeners
 	// together; past it new ones are refused. Default: sized for the
 	// machine, a quarter of its memory at 2 MiB per connection (the most
@@ -244,24 +210,24 @@ type GatewayConfig struct {
 	// environment wins.
 	MemoryLimitBytes int64 `json:"memory_limit_bytes"`
 	// Deadline is each request's default deadline. Default "30s".
-	Deadline Duration `json:"deadline"`
+	Deadline config.Duration `json:"deadline"`
 	// MaxDeadline caps X-Request-Timeout. Default "5m".
-	MaxDeadline Duration       `json:"max_deadline"`
-	Coalesce    CoalesceConfig `json:"coalesce"`
+	MaxDeadline config.Duration `json:"max_deadline"`
+	Coalesce    CoalesceConfig  `json:"coalesce"`
 	// ShutdownGrace is how long streams in flight may run after SIGTERM;
 	// those still running then end with an error event. Default "10s".
-	ShutdownGrace Duration `json:"shutdown_grace"`
+	ShutdownGrace config.Duration `json:"shutdown_grace"`
 }
 
 // CoalesceConfig shapes how the SSE writer batches tokens by urgency.
 type CoalesceConfig struct {
 	// Window: normal requests (see priority) hold tokens this long.
 	// Default "10ms".
-	Window Duration `json:"window"`
+	Window config.Duration `json:"window"`
 	// BulkWindow: bulk requests hold tokens this long. Default "25ms".
-	BulkWindow Duration `json:"bulk_window"`
+	BulkWindow config.Duration `json:"bulk_window"`
 	// MaxAckDelay bounds both windows. Default "25ms".
-	MaxAckDelay Duration `json:"max_ack_delay"`
+	MaxAckDelay config.Duration `json:"max_ack_delay"`
 	// MaxBuffer flushes early at this many bytes. Default 4096.
 	MaxBuffer int `json:"max_buffer"`
 }
@@ -292,9 +258,9 @@ type ZeroRTTConfig struct {
 	// none; needs strike_register "redis".
 	TrustedInstances []string `json:"trusted_instances"`
 	// MaxTicketAge bounds a ticket's age for 0-RTT. Default "24h".
-	MaxTicketAge Duration `json:"max_ticket_age"`
+	MaxTicketAge config.Duration `json:"max_ticket_age"`
 	// Window is the early proofs' freshness window. Default "10s".
-	Window Duration `json:"window"`
+	Window config.Duration `json:"window"`
 	// SessionKeysFile holds the ticket, token-generator and stateless-reset
 	// keys shared by instances. Default <state_dir>/session-keys.json.
 	SessionKeysFile string `json:"session_keys_file"`
@@ -309,7 +275,7 @@ type ZeroRTTConfig struct {
 	// TicketKeyRotation is the age at which the ticket key is replaced;
 	// the previous one still decrypts until the next rotation. Default
 	// "12h".
-	TicketKeyRotation Duration `json:"ticket_key_rotation"`
+	TicketKeyRotation config.Duration `json:"ticket_key_rotation"`
 	// StrikeRegister is "memory" (one instance) or "redis". Default "memory".
 	StrikeRegister string `json:"strike_register"`
 	// RedisAddr is the Redis of strike_register "redis" and
@@ -393,7 +359,7 @@ type RateLimitsConfig struct {
 	// StoreRetry is how long, after the shared store failed, each instance
 	// decides alone with the same limits before it tries the store again.
 	// Default "1s"; 10ms..1m.
-	StoreRetry Duration `json:"store_retry"`
+	StoreRetry config.Duration `json:"store_retry"`
 }
 
 // TenantLimitConfig is one tenant's limits; 0 means no limit of that kind.
@@ -425,26 +391,6 @@ type ModelConfig struct {
 func (m ModelConfig) onGPU() bool {
 	return m.Provider != "" && m.Provider != string(backend.ProviderCPU)
 }
-
-// Duration is a time.Duration written as a string such as "800ms".
-type Duration time.Duration
-
-// UnmarshalJSON accepts Go duration strings.
-func (d *Duration) UnmarshalJSON(b []byte) error {
-	var s string
-	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("want a duration string such as \"800ms\": %w", err)
-	}
-	v, err := time.ParseDuration(s)
-	if err != nil {
-		return err
-	}
-	*d = Duration(v)
-	return nil
-}
-
-// MarshalJSON writes the duration as a string.
-func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
 
 // loadConfig reads a config file strictly; an empty path gives the defaults.
 func loadConfig(path string) (Config, error) {
@@ -508,7 +454,7 @@ func (c Config) withDefaults() Config {
 	defInt(&c.Workers.RingBytes, 1<<20)
 	defInt(&c.Workers.CallBuffer, transport.DefaultCallBuffer)
 	if c.Workers.HangTimeout == 0 {
-		c.Workers.HangTimeout = Duration(10 * time.Second)
+		c.Workers.HangTimeout = config.Duration(10 * time.Second)
 	}
 	if c.Workers.Nice == nil {
 		c.Workers.Nice = new(defaultWorkerNice)
@@ -516,45 +462,29 @@ func (c Config) withDefaults() Config {
 	if c.Scheduler.UrgentReserve == nil {
 		// A worker always keeps one slot for everyone, so a single-slot
 		// worker has none to reserve.
-		c.Scheduler.UrgentReserve = new(max(0, min(1, c.Workers.Slots-1)))
+		c.Scheduler.UrgentReserve = new(min(scheduler.DefaultUrgentReserve, max(0, c.Workers.Slots-1)))
 	}
-	defInt(&c.Scheduler.MaxQueue, 256)
-	if c.Scheduler.RetryAfter == 0 {
-		c.Scheduler.RetryAfter = Duration(time.Second)
-	}
-	if c.Scheduler.Aging == 0 {
-		c.Scheduler.Aging = Duration(2 * time.Second)
-	}
+	c.Scheduler = c.Scheduler.WithDefaults()
 	if c.Priority == nil {
 		classes := priority.DefaultClasses
 		c.Priority = &classes
 	}
-	for i := range c.Scheduler.Tenants {
-		t := &c.Scheduler.Tenants[i]
-		defInt(&t.Weight, 1)
-		if t.DefaultUrgency == nil {
-			t.DefaultUrgency = new(3)
-		}
-		if t.UrgencyCeiling == nil {
-			t.UrgencyCeiling = new(0)
-		}
-	}
 	if c.Gateway.Deadline == 0 {
-		c.Gateway.Deadline = Duration(30 * time.Second)
+		c.Gateway.Deadline = config.Duration(30 * time.Second)
 	}
 	if c.Gateway.MaxDeadline == 0 {
-		c.Gateway.MaxDeadline = Duration(5 * time.Minute)
+		c.Gateway.MaxDeadline = config.Duration(5 * time.Minute)
 	}
 	co := &c.Gateway.Coalesce
 	defInt(&co.MaxBuffer, 4096)
 	if co.Window == 0 {
-		co.Window = Duration(10 * time.Millisecond)
+		co.Window = config.Duration(10 * time.Millisecond)
 	}
 	if co.BulkWindow == 0 {
-		co.BulkWindow = Duration(25 * time.Millisecond)
+		co.BulkWindow = config.Duration(25 * time.Millisecond)
 	}
 	if co.MaxAckDelay == 0 {
-		co.MaxAckDelay = Duration(25 * time.Millisecond)
+		co.MaxAckDelay = config.Duration(25 * time.Millisecond)
 	}
 	if c.Gateway.MaxBodyBytes == 0 {
 		c.Gateway.MaxBodyBytes = 1 << 20
@@ -563,10 +493,10 @@ func (c Config) withDefaults() Config {
 	defInt(&c.Gateway.MaxStreams, 1024)
 	defInt(&c.Gateway.PreauthStreams, min(gateway.DefaultPreauthStreams, c.Gateway.MaxStreams))
 	if c.Gateway.HeaderTimeout == 0 {
-		c.Gateway.HeaderTimeout = Duration(gateway.DefaultHeaderTimeout)
+		c.Gateway.HeaderTimeout = config.Duration(gateway.DefaultHeaderTimeout)
 	}
 	if c.Gateway.AuthTimeout == 0 {
-		c.Gateway.AuthTimeout = Duration(gateway.DefaultAuthTimeout)
+		c.Gateway.AuthTimeout = config.Duration(gateway.DefaultAuthTimeout)
 	}
 	defInt(&c.Gateway.MaxConnections, gateway.DefaultMaxConnections())
 	defInt(&c.Gateway.MaxConnectionsPerSource, gateway.DefaultMaxConnectionsPerSource)
@@ -574,10 +504,10 @@ func (c Config) withDefaults() Config {
 	def(&c.Auth.Audience, "h3infer")
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
 	if c.ZeroRTT.MaxTicketAge == 0 {
-		c.ZeroRTT.MaxTicketAge = Duration(24 * time.Hour)
+		c.ZeroRTT.MaxTicketAge = config.Duration(24 * time.Hour)
 	}
 	if c.ZeroRTT.Window == 0 {
-		c.ZeroRTT.Window = Duration(10 * time.Second)
+		c.ZeroRTT.Window = config.Duration(10 * time.Second)
 	}
 	def(&c.ZeroRTT.SessionKeysFile, filepath.Join(c.StateDir, "session-keys.json"))
 	def(&c.ZeroRTT.SessionKeysSealFile, filepath.Join(c.StateDir, "session-keys.seal"))
@@ -585,33 +515,33 @@ func (c Config) withDefaults() Config {
 	def(&c.RateLimits.Store, "local")
 	def(&c.RateLimits.RedisPrefix, "h3infer:rl:")
 	if c.RateLimits.StoreRetry == 0 {
-		c.RateLimits.StoreRetry = Duration(time.Second)
+		c.RateLimits.StoreRetry = config.Duration(time.Second)
 	}
 	if c.ModelRepository.Dir == "" && len(c.Models) == 0 {
 		c.ModelRepository.Dir = filepath.Join(c.StateDir, "models")
 	}
 	if c.ModelRepository.Poll == 0 {
-		c.ModelRepository.Poll = Duration(2 * time.Second)
+		c.ModelRepository.Poll = config.Duration(2 * time.Second)
 	}
 	if c.ModelRepository.AutoPromote == nil {
 		c.ModelRepository.AutoPromote = new(true)
 	}
 	if c.ModelRepository.DrainTimeout == 0 {
-		c.ModelRepository.DrainTimeout = Duration(5 * time.Minute)
+		c.ModelRepository.DrainTimeout = config.Duration(5 * time.Minute)
 
 	}
 	def(&c.ZeroRTT.SessionKeysStore, "file")
 	if c.ZeroRTT.TicketKeyRotation == 0 {
-		c.ZeroRTT.TicketKeyRotation = Duration(12 * time.Hour)
+		c.ZeroRTT.TicketKeyRotation = config.Duration(12 * time.Hour)
 	}
 	if c.TLS.WatchInterval == 0 {
-		c.TLS.WatchInterval = Duration(5 * time.Second)
+		c.TLS.WatchInterval = config.Duration(5 * time.Second)
 	}
 	if len(c.TLS.ACME.Hosts) > 0 {
 		def(&c.TLS.ACME.CacheDir, filepath.Join(c.StateDir, "acme"))
 	}
 	if c.Gateway.ShutdownGrace == 0 {
-		c.Gateway.ShutdownGrace = Duration(10 * time.Second)
+		c.Gateway.ShutdownGrace = config.Duration(10 * time.Second)
 	}
 	return c
 }
@@ -655,15 +585,10 @@ func (c Config) validate() error {
 	if c.Workers.CallBuffer < 1 || c.Workers.CallBuffer > 1<<20 {
 		bad("workers.call_buffer", "must be 1..1048576, got %d", c.Workers.CallBuffer)
 	}
-	if c.Workers.HangTimeout < Duration(100*time.Millisecond) {
+	if c.Workers.HangTimeout < config.Duration(100*time.Millisecond) {
 		bad("workers.hang_timeout", "must be at least 100ms, got %s", time.Duration(c.Workers.HangTimeout))
 	}
-	if c.Scheduler.MaxQueue < 1 {
-		bad("scheduler.max_queue", "must be > 0, got %d", c.Scheduler.MaxQueue)
-	}
-	if c.Scheduler.RetryAfter < 0 {
-		bad("scheduler.retry_after", "must be positive, got %s", time.Duration(c.Scheduler.RetryAfter))
-	}
+	errs = append(errs, c.Scheduler.Validate())
 	if c.Gateway.MaxBodyBytes < 1024 {
 		bad("gateway.max_body_bytes", "must be at least 1024, got %d", c.Gateway.MaxBodyBytes)
 	}
@@ -694,43 +619,20 @@ func (c Config) validate() error {
 	if c.Gateway.MaxConnectionsPerSource < 1 || c.Gateway.MaxConnectionsPerSource > c.Gateway.MaxConnections {
 		bad("gateway.max_connections_per_source", "must be 1..max_connections (%d), got %d", c.Gateway.MaxConnections, c.Gateway.MaxConnectionsPerSource)
 	}
-	if c.Scheduler.Aging < 0 {
-		bad("scheduler.aging", "must be positive, got %s", time.Duration(c.Scheduler.Aging))
-	}
 	errs = append(errs, c.Priority.Validate("priority")...)
 	if n := *c.Workers.Nice; n < 0 || n > backend.MaxNice {
 		bad("workers.nice", "must be 0..%d, got %d", backend.MaxNice, n)
 	}
-	if r := *c.Scheduler.UrgentReserve; r < 0 || r >= c.Workers.Slots && r > 0 {
+	// The scheduler checks the rest; it learns the slots only from its
+	// workers.
+	if r := *c.Scheduler.UrgentReserve; r > 0 && r >= c.Workers.Slots {
 		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
-	}
-	tenants := map[string]bool{}
-	for i, t := range c.Scheduler.Tenants {
-		key := fmt.Sprintf("scheduler.tenants[%d]", i)
-		if t.Name == "" {
-			bad(key+".name", "must not be empty")
-		} else if tenants[t.Name] {
-			bad(key+".name", "%q is listed twice", t.Name)
-		}
-		tenants[t.Name] = true
-		if t.Weight < 1 || t.Weight > 1000 {
-			bad(key+".weight", "must be 1..1000, got %d", t.Weight)
-		}
-		if u := *t.DefaultUrgency; u < 0 || u > 7 {
-			bad(key+".default_urgency", "must be 0..7, got %d", u)
-		}
-		if u := *t.UrgencyCeiling; u < 0 || u > 7 || u > *t.DefaultUrgency {
-			bad(key+".urgency_ceiling", "must be 0..default_urgency (%d), got %d", *t.DefaultUrgency, u)
-		}
-		if t.MaxQueue < 0 {
-			bad(key+".max_queue", "must be >= 0, got %d", t.MaxQueue)
-		}
 	}
 	if c.Gateway.Deadline < 0 || c.Gateway.Deadline > c.Gateway.MaxDeadline {
 		bad("gateway.deadline", "must be positive and at most gateway.max_deadline (%s), got %s", time.Duration(c.Gateway.MaxDeadline), time.Duration(c.Gateway.Deadline))
 	}
 	co := c.Gateway.Coalesce
-	for key, d := range map[string]Duration{"gateway.coalesce.window": co.Window, "gateway.coalesce.bulk_window": co.BulkWindow} {
+	for key, d := range map[string]config.Duration{"gateway.coalesce.window": co.Window, "gateway.coalesce.bulk_window": co.BulkWindow} {
 		if d < 0 || d > co.MaxAckDelay {
 			bad(key, "must be positive and at most gateway.coalesce.max_ack_delay (%s), got %s", time.Duration(co.MaxAckDelay), time.Duration(d))
 		}

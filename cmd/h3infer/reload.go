@@ -16,7 +16,6 @@ import (
 	"h3infer/certs"
 	"h3infer/certs/keysredis"
 	"h3infer/gateway"
-	"h3infer/priority"
 	"h3infer/scheduler"
 )
 
@@ -120,21 +119,6 @@ func (s sealedKeyStore) Current(ctx context.Context, now time.Time, every time.D
 	return k, err
 }
 
-// schedulerTenants converts the configured tenants (defaults applied).
-func schedulerTenants(cfg Config) []scheduler.Tenant {
-	var out []scheduler.Tenant
-	for _, t := range cfg.Scheduler.Tenants {
-		out = append(out, scheduler.Tenant{
-			Name:           t.Name,
-			Weight:         t.Weight,
-			DefaultUrgency: priority.Urgency(*t.DefaultUrgency),
-			UrgencyCeiling: priority.Urgency(*t.UrgencyCeiling),
-			MaxQueue:       t.MaxQueue,
-		})
-	}
-	return out
-}
-
 // tenantSetter is the part of the scheduler a reload changes.
 type tenantSetter interface {
 	SetTenants([]scheduler.Tenant) error
@@ -196,7 +180,7 @@ func reloadConfig(old Config, load func() (Config, error), to reloadTargets, log
 	}
 	// validate checked the same rules as the setters below, so their
 	// errors would be bugs; they are still logged rather than ignored.
-	if err := to.sched.SetTenants(schedulerTenants(next)); err != nil {
+	if err := to.sched.SetTenants(next.Scheduler.Tenants); err != nil {
 		return refuse(err)
 	}
 	applied := old

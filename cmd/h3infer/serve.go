@@ -193,14 +193,9 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	if err != nil {
 		return err
 	}
-	sched, err := scheduler.New(scheduler.Config{
-		MaxQueue:      cfg.Scheduler.MaxQueue,
-		RetryAfter:    time.Duration(cfg.Scheduler.RetryAfter),
-		Aging:         time.Duration(cfg.Scheduler.Aging),
-		Classes:       *cfg.Priority,
-		UrgentReserve: *cfg.Scheduler.UrgentReserve,
-		Tenants:       schedulerTenants(cfg),
-	}, poolWorkers{pool}, log)
+	schedCfg := cfg.Scheduler
+	schedCfg.Classes = *cfg.Priority
+	sched, err := scheduler.New(schedCfg, poolWorkers{pool}, log)
 	if err != nil {
 		return err
 	}
