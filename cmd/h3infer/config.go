@@ -163,43 +163,12 @@ type WorkersConfig struct {
 	Nice *int `json:"nice"`
 }
 
-// GatewayConfig shapes the HTTP side.
+// GatewayConfig is the file's "gateway" section: the gateway's own
+// settings (gateway.Config, which checks and defaults them) and the Go
+// runtime settings of the process that serves it, which are the
+// command's to apply (procs.go).
 type GatewayConfig struct {
-	// MaxBodyBytes bounds a request body. Default 1048576.
-	MaxBodyBytes int64 `json:"max_body_bytes"`
-	// DefaultMaxTokens applies when a request names no max_tokens. Default 256.
-	DefaultMaxTokens int `json:"default_max_tokens"`
-	// MaxStreams is how many requests one client connection may have in
-	// flight at once (HTTP/3 streams, HTTP/2 concurrent streams). Default
-	// 1024.
-	MaxStreams int `json:"max_streams"`
-	// PreauthStreams is how many requests an HTTP/3 connection may have
-	// in handlers until one of its requests has passed authentication;
-	// max_streams applies after (and from the start with auth disabled).
-	// Streams past it wait in the QUIC stack without a goroutine. A
-	// browser opens at most about 100 at once. Default 100, or
-	// max_streams when that is lower.
-	PreauthStreams int `json:"preauth_streams"`
-	// HeaderTimeout is how long a request may take to send its headers:
-	// per stream over HTTP/3 (a late stream is reset), per connection
-	// over TCP. Default "10s".
-	HeaderTimeout config.Duration `json:"header_timeout"`
-	// AuthTimeout is how long a client connection may stay open without
-	// one of its requests passing authentication; then it is closed, so
-	// that connections which never authenticate cannot hold
-	// max_connections for good. Ignored with auth disabled. Default "30s".
-	AuthTimeout config.Duration `json:"auth_timeout"`
-	// MaxConnections bounds client connections over both listeners
-	// together; past it new ones are refused. Default: sized for the
-	// machine, a quarter of its memory at 2 MiB per connection (the most
-	// one that has not authenticated can hold at preauth_streams),
-	// 256..65536: 512 with 4 GiB, 8192 with 64 GiB.
-	MaxConnections int `json:"max_connections"`
-	// MaxConnectionsPerSource bounds the connections of one source
-	// address (IPv4 address, IPv6 /64), counted once the address is
-	// proven. Default 64: a browser uses one connection per origin, and
-	// a carrier-grade NAT address may front dozens of users at once.
-	MaxConnectionsPerSource int `json:"max_connections_per_source"`
+	gateway.Config
 	// GCPercent is the gateway process's garbage-collection target
 	// (GOGC): the heap may grow this many percent over what is live before
 	// a collection. Default 400; GOGC in the environment wins.
@@ -209,27 +178,6 @@ type GatewayConfig struct {
 	// whatever gc_percent says. Default 0: none; GOMEMLIMIT in the
 	// environment wins.
 	MemoryLimitBytes int64 `json:"memory_limit_bytes"`
-	// Deadline is each request's default deadline. Default "30s".
-	Deadline config.Duration `json:"deadline"`
-	// MaxDeadline caps X-Request-Timeout. Default "5m".
-	MaxDeadline config.Duration `json:"max_deadline"`
-	Coalesce    CoalesceConfig  `json:"coalesce"`
-	// ShutdownGrace is how long streams in flight may run after SIGTERM;
-	// those still running then end with an error event. Default "10s".
-	ShutdownGrace config.Duration `json:"shutdown_grace"`
-}
-
-// CoalesceConfig shapes how the SSE writer batches tokens by urgency.
-type CoalesceConfig struct {
-	// Window: normal requests (see priority) hold tokens this long.
-	// Default "10ms".
-	Window config.Duration `json:"window"`
-	// BulkWindow: bulk requests hold tokens this long. Default "25ms".
-	BulkWindow config.Duration `json:"bulk_window"`
-	// MaxAckDelay bounds both windows. Default "25ms".
-	MaxAckDelay config.Duration `json:"max_ack_delay"`
-	// MaxBuffer flushes early at this many bytes. Default 4096.
-	MaxBuffer int `json:"max_buffer"`
 }
 
 // AuthConfig configures bearer tokens (docs/AUTH.md).
@@ -341,13 +289,11 @@ type TracingConfig struct {
 	OTLPEndpoint string `json:"otlp_endpoint"`
 }
 
-// RateLimitsConfig is gateway.RateLimits as a file.
+// RateLimitsConfig is the file's rate_limits section: the limits
+// themselves (gateway.RateLimits, which checks them) and the store that
+// keeps their buckets, which the command opens.
 type RateLimitsConfig struct {
-	Default TenantLimitConfig            `json:"default"`
-	Tenants map[string]TenantLimitConfig `json:"tenants"`
-	// CutOff ends a stream over its output-token rate with an error
-	// instead of pacing it. Default false.
-	CutOff bool `json:"cut_off"`
+	gateway.RateLimits
 	// Store is "local" (each instance alone) or "redis" (one budget shared
 	// by every instance using the same Redis). Default "local".
 	Store string `json:"store"`
@@ -356,19 +302,6 @@ type RateLimitsConfig struct {
 	RedisAddr string `json:"redis_addr"`
 	// RedisPrefix starts every key the limits write. Default "h3infer:rl:".
 	RedisPrefix string `json:"redis_prefix"`
-	// StoreRetry is how long, after the shared store failed, each instance
-	// decides alone with the same limits before it tries the store again.
-	// Default "1s"; 10ms..1m.
-	StoreRetry config.Duration `json:"store_retry"`
-}
-
-// TenantLimitConfig is one tenant's limits; 0 means no limit of that kind.
-type TenantLimitConfig struct {
-	RequestsPerSecond     float64 `json:"requests_per_second"`
-	RequestBurst          int     `json:"request_burst"`
-	OutputTokensPerSecond float64 `json:"output_tokens_per_second"`
-	OutputTokenBurst      int     `json:"output_token_burst"`
-	MaxConcurrent         int     `json:"max_concurrent"`
 }
 
 // ModelConfig names one model directory (model.onnx, tokenizer.json,
@@ -434,8 +367,8 @@ func (c Config) withDefaults() Config {
 			*v = d
 		}
 	}
-	def(&c.Listen, "127.0.0.1:8443")
-	def(&c.Admin, "127.0.0.1:9090")
+	def(&c.Listen, gateway.DefaultListen)
+	def(&c.Admin, gateway.DefaultAdmin)
 	def(&c.StateDir, ".h3infer")
 	// One worker per GPU: a worker's sessions share its device, and a
 	// second process on the same GPU only splits its memory.
@@ -469,38 +402,10 @@ func (c Config) withDefaults() Config {
 		classes := priority.DefaultClasses
 		c.Priority = &classes
 	}
-	if c.Gateway.Deadline == 0 {
-		c.Gateway.Deadline = config.Duration(30 * time.Second)
-	}
-	if c.Gateway.MaxDeadline == 0 {
-		c.Gateway.MaxDeadline = config.Duration(5 * time.Minute)
-	}
-	co := &c.Gateway.Coalesce
-	defInt(&co.MaxBuffer, 4096)
-	if co.Window == 0 {
-		co.Window = config.Duration(10 * time.Millisecond)
-	}
-	if co.BulkWindow == 0 {
-		co.BulkWindow = config.Duration(25 * time.Millisecond)
-	}
-	if co.MaxAckDelay == 0 {
-		co.MaxAckDelay = config.Duration(25 * time.Millisecond)
-	}
-	if c.Gateway.MaxBodyBytes == 0 {
-		c.Gateway.MaxBodyBytes = 1 << 20
-	}
-	defInt(&c.Gateway.DefaultMaxTokens, 256)
-	defInt(&c.Gateway.MaxStreams, 1024)
-	defInt(&c.Gateway.PreauthStreams, min(gateway.DefaultPreauthStreams, c.Gateway.MaxStreams))
-	if c.Gateway.HeaderTimeout == 0 {
-		c.Gateway.HeaderTimeout = config.Duration(gateway.DefaultHeaderTimeout)
-	}
-	if c.Gateway.AuthTimeout == 0 {
-		c.Gateway.AuthTimeout = config.Duration(gateway.DefaultAuthTimeout)
-	}
-	defInt(&c.Gateway.MaxConnections, gateway.DefaultMaxConnections())
-	defInt(&c.Gateway.MaxConnectionsPerSource, gateway.DefaultMaxConnectionsPerSource)
-	defInt(&c.Gateway.GCPercent, 400)
+	// The file writes the gateway's addresses at its top level.
+	c.Gateway.Listen, c.Gateway.Admin, c.Gateway.AdminHosts = c.Listen, c.Admin, c.AdminHosts
+	c.Gateway.Config = c.Gateway.Config.WithDefaults()
+	defInt(&c.Gateway.GCPercent, defaultGCPercent)
 	def(&c.Auth.Audience, "h3infer")
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
 	if c.ZeroRTT.MaxTicketAge == 0 {
@@ -514,9 +419,7 @@ func (c Config) withDefaults() Config {
 	def(&c.ZeroRTT.StrikeRegister, "memory")
 	def(&c.RateLimits.Store, "local")
 	def(&c.RateLimits.RedisPrefix, "h3infer:rl:")
-	if c.RateLimits.StoreRetry == 0 {
-		c.RateLimits.StoreRetry = config.Duration(time.Second)
-	}
+	c.RateLimits.RateLimits = c.RateLimits.RateLimits.WithDefaults()
 	if c.ModelRepository.Dir == "" && len(c.Models) == 0 {
 		c.ModelRepository.Dir = filepath.Join(c.StateDir, "models")
 	}
@@ -539,9 +442,6 @@ func (c Config) withDefaults() Config {
 	}
 	if len(c.TLS.ACME.Hosts) > 0 {
 		def(&c.TLS.ACME.CacheDir, filepath.Join(c.StateDir, "acme"))
-	}
-	if c.Gateway.ShutdownGrace == 0 {
-		c.Gateway.ShutdownGrace = config.Duration(10 * time.Second)
 	}
 	return c
 }
@@ -589,35 +489,12 @@ func (c Config) validate() error {
 		bad("workers.hang_timeout", "must be at least 100ms, got %s", time.Duration(c.Workers.HangTimeout))
 	}
 	errs = append(errs, c.Scheduler.Validate())
-	if c.Gateway.MaxBodyBytes < 1024 {
-		bad("gateway.max_body_bytes", "must be at least 1024, got %d", c.Gateway.MaxBodyBytes)
-	}
-	if c.Gateway.DefaultMaxTokens < 1 {
-		bad("gateway.default_max_tokens", "must be > 0, got %d", c.Gateway.DefaultMaxTokens)
-	}
-	if c.Gateway.GCPercent < 25 || c.Gateway.GCPercent > 10000 {
-		bad("gateway.gc_percent", "must be 25..10000, got %d", c.Gateway.GCPercent)
+	errs = append(errs, c.Gateway.Validate())
+	if p := c.Gateway.GCPercent; p < minGCPercent || p > maxGCPercent {
+		bad("gateway.gc_percent", "must be %d..%d, got %d", minGCPercent, maxGCPercent, p)
 	}
 	if c.Gateway.MemoryLimitBytes < 0 {
 		bad("gateway.memory_limit_bytes", "must be >= 0, got %d", c.Gateway.MemoryLimitBytes)
-	}
-	if c.Gateway.MaxStreams < 1 || c.Gateway.MaxStreams > 65536 {
-		bad("gateway.max_streams", "must be 1..65536, got %d", c.Gateway.MaxStreams)
-	}
-	if c.Gateway.PreauthStreams < 1 || c.Gateway.PreauthStreams > c.Gateway.MaxStreams {
-		bad("gateway.preauth_streams", "must be 1..max_streams (%d), got %d", c.Gateway.MaxStreams, c.Gateway.PreauthStreams)
-	}
-	if c.Gateway.HeaderTimeout < 0 {
-		bad("gateway.header_timeout", "must be positive, got %s", time.Duration(c.Gateway.HeaderTimeout))
-	}
-	if c.Gateway.AuthTimeout < 0 {
-		bad("gateway.auth_timeout", "must be positive, got %s", time.Duration(c.Gateway.AuthTimeout))
-	}
-	if c.Gateway.MaxConnections < 1 {
-		bad("gateway.max_connections", "must be > 0, got %d", c.Gateway.MaxConnections)
-	}
-	if c.Gateway.MaxConnectionsPerSource < 1 || c.Gateway.MaxConnectionsPerSource > c.Gateway.MaxConnections {
-		bad("gateway.max_connections_per_source", "must be 1..max_connections (%d), got %d", c.Gateway.MaxConnections, c.Gateway.MaxConnectionsPerSource)
 	}
 	errs = append(errs, c.Priority.Validate("priority")...)
 	if n := *c.Workers.Nice; n < 0 || n > backend.MaxNice {
@@ -627,18 +504,6 @@ func (c Config) validate() error {
 	// workers.
 	if r := *c.Scheduler.UrgentReserve; r > 0 && r >= c.Workers.Slots {
 		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
-	}
-	if c.Gateway.Deadline < 0 || c.Gateway.Deadline > c.Gateway.MaxDeadline {
-		bad("gateway.deadline", "must be positive and at most gateway.max_deadline (%s), got %s", time.Duration(c.Gateway.MaxDeadline), time.Duration(c.Gateway.Deadline))
-	}
-	co := c.Gateway.Coalesce
-	for key, d := range map[string]config.Duration{"gateway.coalesce.window": co.Window, "gateway.coalesce.bulk_window": co.BulkWindow} {
-		if d < 0 || d > co.MaxAckDelay {
-			bad(key, "must be positive and at most gateway.coalesce.max_ack_delay (%s), got %s", time.Duration(co.MaxAckDelay), time.Duration(d))
-		}
-	}
-	if co.MaxBuffer < 1 {
-		bad("gateway.coalesce.max_buffer", "must be > 0, got %d", co.MaxBuffer)
 	}
 	if c.ZeroRTT.MaxTicketAge < 0 {
 		bad("zero_rtt.max_ticket_age", "must be positive, got %s", time.Duration(c.ZeroRTT.MaxTicketAge))
@@ -668,9 +533,6 @@ func (c Config) validate() error {
 	if len(c.TLS.ACME.Hosts) == 0 && (c.TLS.ACME.DirectoryURL != "" || c.TLS.ACME.CAFile != "" || c.TLS.ACME.Email != "") {
 		bad("tls.acme.hosts", "must name at least one host when other tls.acme keys are set")
 	}
-	if g := time.Duration(c.Gateway.ShutdownGrace); g < 0 || g > 10*time.Minute {
-		bad("gateway.shutdown_grace", "must be 0..10m, got %s", g)
-	}
 	routes := gateway.EarlyDataRoutes()
 	for _, path := range slices.Sorted(maps.Keys(c.ZeroRTT.Routes)) {
 		key := fmt.Sprintf("zero_rtt.routes[%q]", path)
@@ -686,16 +548,11 @@ func (c Config) validate() error {
 			bad(fmt.Sprintf("zero_rtt.trusted_proxies[%d]", i), "%v", err)
 		}
 	}
-	// The gateway's own rules, checked here so that a reload with bad
+	// Checked here as well as by SetRateLimits, so that a reload with bad
 	// limits is refused before anything of it applies.
-	if err := limitsOf(c.RateLimits).Validate(); err != nil {
-		errs = append(errs, err)
-	}
+	errs = append(errs, c.RateLimits.Validate())
 	if s := c.RateLimits.Store; s != "local" && s != "redis" {
 		bad("rate_limits.store", "want \"local\" or \"redis\", got %q", s)
-	}
-	if r := time.Duration(c.RateLimits.StoreRetry); r < 10*time.Millisecond || r > time.Minute {
-		bad("rate_limits.store_retry", "must be 10ms..1m, got %s", r)
 	}
 	for i, h := range c.AdminHosts {
 		if h == "" || strings.ContainsAny(h, ":/[] ") {

@@ -7,17 +7,22 @@ import (
 	"runtime/debug"
 )
 
+// defaultGCPercent is gateway.gc_percent's default, above Go's 100: under
+// load the gateway allocates per token (events, SSE bytes), and the
+// collections' assists and background marking take CPU from the
+// goroutines serving an urgent request's first token (docs/BENCHMARKS.md,
+// "Urgency"). The cost is a larger heap between collections;
+// memory_limit_bytes bounds it where that matters.
+const defaultGCPercent = 400
+
+// The range gateway.gc_percent accepts.
+const (
+	minGCPercent = 25
+	maxGCPercent = 10000
+)
+
 // setGC applies the gateway's garbage-collection settings unless the
 // environment sets them (GOGC, GOMEMLIMIT).
-//
-// The default collects less often than Go's (400 rather than 100): under
-// load the gateway allocates per token (events, SSE bytes), and with
-// GOGC 100 the collections' assists and background marking took CPU from
-// the goroutines serving an urgent request's first token at the worst
-// moments. Measured with `go test -bench PriorityIsolation ./cmd/h3infer/`
-// (docs/BENCHMARKS.md, "Urgency"): the loaded tail of u=0 time to first
-// token fell by about a third. The cost is a larger heap between
-// collections; memory_limit_bytes bounds it where that matters.
 func setGC(cfg GatewayConfig, log *slog.Logger) {
 	if env := os.Getenv("GOGC"); env != "" {
 		log.Info("gateway.gc_percent not applied: GOGC is set", "GOGC", env)

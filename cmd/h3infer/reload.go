@@ -187,7 +187,9 @@ func reloadConfig(old Config, load func() (Config, error), to reloadTargets, log
 	applied.TLS.CertFile, applied.TLS.KeyFile = next.TLS.CertFile, next.TLS.KeyFile
 	applied.Scheduler.Tenants = next.Scheduler.Tenants
 	applied.Gateway.ShutdownGrace = next.Gateway.ShutdownGrace
-	if err := to.limits.SetRateLimits(limitsOf(next.RateLimits)); err != nil {
+	// The file sets no Store, so the gateway keeps the one it started
+	// with.
+	if err := to.limits.SetRateLimits(next.RateLimits.RateLimits); err != nil {
 		log.Error("rate limits not reloaded", "err", err)
 	} else {
 		// The store and its Redis settings stay as started.
@@ -210,16 +212,26 @@ func reloadConfig(old Config, load func() (Config, error), to reloadTargets, log
 }
 
 // changedKeys lists the JSON keys whose values differ between a and b,
-// one level into sections ("workers.count", "models").
+// one level into sections ("workers.count", "models"). A struct embedded
+// in a section (the library's part of it, gateway.Config say) lends the
+// section its keys; fields the file does not write (json:"-") are not
+// keys.
 func changedKeys(a, b Config) []string {
 	var out []string
 	var walk func(prefix string, va, vb reflect.Value)
 	walk = func(prefix string, va, vb reflect.Value) {
 		t := va.Type()
 		for i := range t.NumField() {
-			name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
 			fa, fb := va.Field(i), vb.Field(i)
-			if fa.Kind() == reflect.Struct && prefix == "" {
+			switch {
+			case name == "-" || !f.IsExported():
+				continue
+			case f.Anonymous && fa.Kind() == reflect.Struct:
+				walk(prefix, fa, fb)
+				continue
+			case fa.Kind() == reflect.Struct && prefix == "":
 				walk(name+".", fa, fb)
 				continue
 			}
