@@ -3,6 +3,7 @@ package gateway
 import (
 	"bytes"
 	"encoding/json"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -74,5 +75,19 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if err := (RateLimits{StoreRetry: config.Duration(time.Millisecond)}).Validate(); err == nil || !strings.Contains(err.Error(), "rate_limits.store_retry:") {
 		t.Errorf("store_retry 1ms: %v, want an error naming the key", err)
+	}
+}
+
+// TestNewRefusesMappedProxy: peers are matched in their IPv4 form, so an
+// IPv4-mapped trusted proxy could never match and is refused, as the
+// configuration file's parse refuses it.
+func TestNewRefusesMappedProxy(t *testing.T) {
+	mapped := netip.MustParsePrefix("::ffff:10.0.0.0/104")
+	_, err := New(Config{Auth: AuthConfig{Disabled: true, TrustedProxies: []netip.Prefix{mapped}}}, nil, nil, discardLog())
+	if err == nil || !strings.Contains(err.Error(), "gateway.auth.trusted_proxies[0]") {
+		t.Errorf("New with %s: %v, want an error naming the key", mapped, err)
+	}
+	if _, err := ParseTrustedProxy("::ffff:10.0.0.1"); err == nil {
+		t.Error("ParseTrustedProxy accepted an IPv4-mapped address")
 	}
 }

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,7 +24,6 @@ import (
 	"h3infer/config"
 	"h3infer/infer"
 	"h3infer/scheduler"
-	"h3infer/tlsbind"
 )
 
 // TokenStream is one dispatched request as the gateway consumes it.
@@ -416,18 +414,10 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if !cfg.Auth.Disabled && cfg.Auth.Tokens == nil {
 		errs = append(errs, errors.New("gateway.auth: a token verifier is required unless auth is disabled"))
 	}
-	routes := EarlyDataRoutes()
-	for _, path := range slices.Sorted(maps.Keys(cfg.Auth.EarlyData)) {
-		if !slices.Contains(routes, path) {
-			errs = append(errs, fmt.Errorf("gateway.early_data[%q]: not a route; routes are %s", path, strings.Join(routes, ", ")))
-		}
-		if _, err := tlsbind.ParseEarlyPolicy(string(cfg.Auth.EarlyData[path])); err != nil {
-			errs = append(errs, fmt.Errorf("gateway.early_data[%q]: %w", path, err))
-		}
-	}
+	errs = append(errs, ValidateEarlyData("gateway.early_data", cfg.Auth.EarlyData)...)
 	for i, p := range cfg.Auth.TrustedProxies {
-		if !p.IsValid() || p != p.Masked() {
-			errs = append(errs, fmt.Errorf("gateway.auth.trusted_proxies[%d]: want a valid, masked prefix, got %s", i, p))
+		if !p.IsValid() || p != p.Masked() || p.Addr().Is4In6() {
+			errs = append(errs, fmt.Errorf("gateway.auth.trusted_proxies[%d]: want a valid, masked prefix that is not IPv4-mapped, got %s", i, p))
 		}
 	}
 	if err := validateRateLimits(cfg.RateLimits); err != nil {

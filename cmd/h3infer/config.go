@@ -5,12 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
@@ -191,24 +188,19 @@ type AuthConfig struct {
 	KeysFile string `json:"keys_file"`
 }
 
-// ZeroRTTConfig configures 0-RTT and its replay protection.
+// ZeroRTTConfig configures 0-RTT and its replay protection: the tickets'
+// own settings (tlsbind.TicketConfig: instance, trusted_instances,
+// max_ticket_age, window), and the stores, routes and peers the command
+// wires around them.
 type ZeroRTTConfig struct {
 	// Disabled turns 0-RTT off. Default false.
 	Disabled bool `json:"disabled"`
-	// Instance names this gateway in its session tickets; a ticket that
-	// names another instance resumes but carries no 0-RTT. Default: a
-	// random name made at each start, so that 0-RTT is only accepted on
-	// tickets this process issued, which its own strike register saw
-	// used. A fixed name (shared by several instances, or kept across
-	// restarts) needs strike_register "redis".
-	Instance string `json:"instance"`
-	// TrustedInstances may issue tickets that carry 0-RTT here. Default
-	// none; needs strike_register "redis".
-	TrustedInstances []string `json:"trusted_instances"`
-	// MaxTicketAge bounds a ticket's age for 0-RTT. Default "24h".
-	MaxTicketAge config.Duration `json:"max_ticket_age"`
-	// Window is the early proofs' freshness window. Default "10s".
-	Window config.Duration `json:"window"`
+	// The instance names default to a random name made at each start, so
+	// that 0-RTT is only accepted on tickets this process issued, which
+	// its own strike register saw used. A fixed name (shared by several
+	// instances, or kept across restarts) or a trusted one needs
+	// strike_register "redis" (validateInstances).
+	tlsbind.TicketConfig
 	// SessionKeysFile holds the ticket, token-generator and stateless-reset
 	// keys shared by instances. Default <state_dir>/session-keys.json.
 	SessionKeysFile string `json:"session_keys_file"`
@@ -234,38 +226,12 @@ type ZeroRTTConfig struct {
 	// /v1/chat/completions, /v1/completions, /v1/models, /v1/models/) to
 	// serve, proof, wait or reject. Default: serve for the model routes,
 	// proof for the completion routes.
-	Routes map[string]string `json:"routes"`
+	Routes map[string]tlsbind.EarlyPolicy `json:"routes"`
 	// TrustedProxies are the intermediaries whose Early-Data: 1 header is
 	// believed, as CIDR prefixes ("10.0.0.0/8") or single addresses,
 	// matched against the connection's peer address. From any other peer
 	// the header is ignored. Default: none.
 	TrustedProxies []string `json:"trusted_proxies"`
-}
-
-// parseTrustedProxy reads one zero_rtt.trusted_proxies entry: a prefix in
-// its masked form, or a single address.
-func parseTrustedProxy(s string) (netip.Prefix, error) {
-	var p netip.Prefix
-	if strings.Contains(s, "/") {
-		var err error
-		if p, err = netip.ParsePrefix(s); err != nil {
-			return p, fmt.Errorf("want a CIDR prefix or an address, got %q", s)
-		}
-		if p != p.Masked() {
-			return p, fmt.Errorf("%q has host bits set; write %s", s, p.Masked())
-		}
-	} else {
-		a, err := netip.ParseAddr(s)
-		if err != nil || a.Zone() != "" {
-			return p, fmt.Errorf("want a CIDR prefix or an address, got %q", s)
-		}
-		p = netip.PrefixFrom(a, a.BitLen())
-	}
-	if p.Addr().Is4In6() {
-		// Peers are compared in their IPv4 form.
-		return p, fmt.Errorf("%q is an IPv4-mapped IPv6 address; write it as IPv4", s)
-	}
-	return p, nil
 }
 
 // RedisConfig says how to reach Redis (docs/CONFIG.md, "Redis").
@@ -408,12 +374,7 @@ func (c Config) withDefaults() Config {
 	defInt(&c.Gateway.GCPercent, defaultGCPercent)
 	def(&c.Auth.Audience, "h3infer")
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
-	if c.ZeroRTT.MaxTicketAge == 0 {
-		c.ZeroRTT.MaxTicketAge = config.Duration(24 * time.Hour)
-	}
-	if c.ZeroRTT.Window == 0 {
-		c.ZeroRTT.Window = config.Duration(10 * time.Second)
-	}
+	c.ZeroRTT.TicketConfig = c.ZeroRTT.TicketConfig.WithDefaults()
 	def(&c.ZeroRTT.SessionKeysFile, filepath.Join(c.StateDir, "session-keys.json"))
 	def(&c.ZeroRTT.SessionKeysSealFile, filepath.Join(c.StateDir, "session-keys.seal"))
 	def(&c.ZeroRTT.StrikeRegister, "memory")
@@ -505,12 +466,7 @@ func (c Config) validate() error {
 	if r := *c.Scheduler.UrgentReserve; r > 0 && r >= c.Workers.Slots {
 		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
 	}
-	if c.ZeroRTT.MaxTicketAge < 0 {
-		bad("zero_rtt.max_ticket_age", "must be positive, got %s", time.Duration(c.ZeroRTT.MaxTicketAge))
-	}
-	if w := time.Duration(c.ZeroRTT.Window); w < 100*time.Millisecond || w > 5*time.Minute {
-		bad("zero_rtt.window", "must be 100ms..5m, got %s", w)
-	}
+	errs = append(errs, c.ZeroRTT.TicketConfig.Validate())
 	if s := c.ZeroRTT.StrikeRegister; s != "memory" && s != "redis" {
 		bad("zero_rtt.strike_register", "want memory or redis, got %q", s)
 	}
@@ -533,18 +489,9 @@ func (c Config) validate() error {
 	if len(c.TLS.ACME.Hosts) == 0 && (c.TLS.ACME.DirectoryURL != "" || c.TLS.ACME.CAFile != "" || c.TLS.ACME.Email != "") {
 		bad("tls.acme.hosts", "must name at least one host when other tls.acme keys are set")
 	}
-	routes := gateway.EarlyDataRoutes()
-	for _, path := range slices.Sorted(maps.Keys(c.ZeroRTT.Routes)) {
-		key := fmt.Sprintf("zero_rtt.routes[%q]", path)
-		if !slices.Contains(routes, path) {
-			bad(key, "not a route; routes are %s", strings.Join(routes, ", "))
-		}
-		if _, err := tlsbind.ParseEarlyPolicy(c.ZeroRTT.Routes[path]); err != nil {
-			bad(key, "%v", err)
-		}
-	}
+	errs = append(errs, gateway.ValidateEarlyData("zero_rtt.routes", c.ZeroRTT.Routes)...)
 	for i, s := range c.ZeroRTT.TrustedProxies {
-		if _, err := parseTrustedProxy(s); err != nil {
+		if _, err := gateway.ParseTrustedProxy(s); err != nil {
 			bad(fmt.Sprintf("zero_rtt.trusted_proxies[%d]", i), "%v", err)
 		}
 	}
@@ -611,22 +558,14 @@ func (c Config) validate() error {
 // that it needs Redis.
 func (c Config) validateInstances(bad func(key, format string, args ...any)) {
 	z := c.ZeroRTT
-	if len(z.Instance) > 255 {
-		bad("zero_rtt.instance", "must be at most 255 bytes, got %d", len(z.Instance))
-	}
-	for i, name := range z.TrustedInstances {
-		if name == "" || len(name) > 255 {
-			bad(fmt.Sprintf("zero_rtt.trusted_instances[%d]", i), "must be 1..255 bytes, got %q", name)
-		}
-	}
 	if z.StrikeRegister != "memory" || z.Disabled || c.Auth.Disabled {
 		return
 	}
 	if z.Instance != "" {
 		bad("zero_rtt.instance", "a fixed name (%q) lets other instances, and this one after a restart, accept its tickets in 0-RTT, which needs one strike register for all: set strike_register \"redis\", or leave instance unset for a name of its own at each start", z.Instance)
 	}
-	if len(z.TrustedInstances) > 0 {
-		bad("zero_rtt.trusted_instances", "trusting %q for 0-RTT needs a strike register they share: set strike_register \"redis\", or leave trusted_instances empty", z.TrustedInstances)
+	if len(z.Trusted) > 0 {
+		bad("zero_rtt.trusted_instances", "trusting %q for 0-RTT needs a strike register they share: set strike_register \"redis\", or leave trusted_instances empty", z.Trusted)
 	}
 }
 
