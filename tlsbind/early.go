@@ -51,7 +51,7 @@ const (
 // configuration file writes it under.
 func checkWindow(w time.Duration) error {
 	if w < MinWindow || w > MaxWindow {
-		return fmt.Errorf("zero_rtt.window: must be %s..%s, got %s", MinWindow, MaxWindow, w)
+		return fmt.Errorf("zero_rtt.window: must be 100ms..5m, got %s", w)
 	}
 	return nil
 }

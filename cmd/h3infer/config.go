@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"h3infer/backend"
+	"h3infer/certs"
 	"h3infer/config"
 	"h3infer/gateway"
 	"h3infer/priority"
@@ -50,8 +51,13 @@ type Config struct {
 	// fetched next to the binary, else the dynamic loader's search path.
 	ONNXRuntimeLib string `json:"onnxruntime_lib"`
 
-	TLS     TLSConfig     `json:"tls"`
-	Workers WorkersConfig `json:"workers"`
+	// TLS names the certificate to serve. Both files empty: the
+	// development CA and leaf under <state_dir>/certs, created when
+	// missing. Either way the files are watched and reloaded when they
+	// change, and on SIGHUP. ACME's cache_dir defaults to
+	// <state_dir>/acme.
+	TLS     certs.SourceConfig `json:"tls"`
+	Workers WorkersConfig      `json:"workers"`
 	// Priority divides RFC 9218 urgencies into the classes every stage
 	// acts on: urgent (0..urgent_max) may take reserved slots, runs on the
 	// worker loop's own thread and flushes every token; bulk
@@ -94,37 +100,6 @@ type ModelRepositoryConfig struct {
 	// DrainTimeout bounds how long a retired version waits for its
 	// requests before it is unloaded anyway. Default 5m.
 	DrainTimeout config.Duration `json:"drain_timeout"`
-}
-
-// TLSConfig names a certificate to serve. Both empty: the development CA and
-// leaf under <state_dir>/certs, created when missing. Either way the files
-// are watched and reloaded when they change, and on SIGHUP.
-type TLSConfig struct {
-	CertFile string `json:"cert_file"`
-	KeyFile  string `json:"key_file"`
-	// WatchInterval is how often the files are checked for changes.
-	// Default "5s".
-	WatchInterval config.Duration `json:"watch_interval"`
-	// ACME obtains certificates for public names from an ACME CA; other
-	// names keep the certificate above.
-	ACME ACMEConfig `json:"acme"`
-}
-
-// ACMEConfig turns on ACME (tls-alpn-01 on the listen port, which must be
-// reachable on 443 from the CA) for the listed hosts.
-type ACMEConfig struct {
-	// Hosts are public DNS names. Empty: ACME is off.
-	Hosts []string `json:"hosts"`
-	// DirectoryURL of the CA. Default: autocert's default public CA.
-	DirectoryURL string `json:"directory_url"`
-	// Email is the account contact, optional.
-	Email string `json:"email"`
-	// CacheDir keeps the account key and certificates. Default
-	// <state_dir>/acme.
-	CacheDir string `json:"cache_dir"`
-	// CAFile is a PEM bundle to trust for the directory's HTTPS, for a
-	// private CA. Default: the system roots.
-	CAFile string `json:"ca_file"`
 }
 
 // WorkersConfig sizes the worker processes.
@@ -398,9 +373,7 @@ func (c Config) withDefaults() Config {
 	if c.ZeroRTT.TicketKeyRotation == 0 {
 		c.ZeroRTT.TicketKeyRotation = config.Duration(12 * time.Hour)
 	}
-	if c.TLS.WatchInterval == 0 {
-		c.TLS.WatchInterval = config.Duration(5 * time.Second)
-	}
+	c.TLS = c.TLS.WithDefaults()
 	if len(c.TLS.ACME.Hosts) > 0 {
 		def(&c.TLS.ACME.CacheDir, filepath.Join(c.StateDir, "acme"))
 	}
@@ -422,9 +395,7 @@ func (c Config) validate() error {
 	if c.Listen == c.Admin && c.Listen != "" && !hasPortZero(c.Listen) {
 		bad("admin", "must differ from listen, both are %q", c.Listen)
 	}
-	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
-		bad("tls", "cert_file and key_file go together, got cert_file=%q key_file=%q", c.TLS.CertFile, c.TLS.KeyFile)
-	}
+	errs = append(errs, c.TLS.Validate())
 	if c.Workers.GPUMemoryBytes < 0 {
 		bad("workers.gpu_memory_bytes", "must be >= 0, got %d", c.Workers.GPUMemoryBytes)
 	}
@@ -477,17 +448,6 @@ func (c Config) validate() error {
 	c.validateRedis(bad)
 	if r := time.Duration(c.ZeroRTT.TicketKeyRotation); r < time.Second || r > 7*24*time.Hour {
 		bad("zero_rtt.ticket_key_rotation", "must be 1s..168h, got %s", r)
-	}
-	if w := time.Duration(c.TLS.WatchInterval); w < 10*time.Millisecond || w > time.Hour {
-		bad("tls.watch_interval", "must be 10ms..1h, got %s", w)
-	}
-	for i, h := range c.TLS.ACME.Hosts {
-		if !strings.Contains(strings.Trim(h, "."), ".") || net.ParseIP(h) != nil {
-			bad(fmt.Sprintf("tls.acme.hosts[%d]", i), "want a public DNS name, got %q", h)
-		}
-	}
-	if len(c.TLS.ACME.Hosts) == 0 && (c.TLS.ACME.DirectoryURL != "" || c.TLS.ACME.CAFile != "" || c.TLS.ACME.Email != "") {
-		bad("tls.acme.hosts", "must name at least one host when other tls.acme keys are set")
 	}
 	errs = append(errs, gateway.ValidateEarlyData("zero_rtt.routes", c.ZeroRTT.Routes)...)
 	for i, s := range c.ZeroRTT.TrustedProxies {

@@ -40,13 +40,7 @@ func newCertSource(cfg Config, log *slog.Logger) (*certSource, error) {
 	}
 	src := &certSource{reloader: r, dev: dev}
 	if a := cfg.TLS.ACME; len(a.Hosts) > 0 {
-		acfg := certs.ACMEConfig{Hosts: a.Hosts, DirectoryURL: a.DirectoryURL, Email: a.Email, CacheDir: a.CacheDir}
-		if a.CAFile != "" {
-			if acfg.RootCAs, err = certs.LoadPool(a.CAFile); err != nil {
-				return nil, fmt.Errorf("tls.acme.ca_file: %w", err)
-			}
-		}
-		if src.acme, err = certs.NewACME(acfg); err != nil {
+		if src.acme, err = certs.NewACME(a); err != nil {
 			return nil, err
 		}
 		log.Info("acme enabled", "hosts", strings.Join(a.Hosts, ","), "directory", a.DirectoryURL)
