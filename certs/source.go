@@ -30,9 +30,7 @@ type SourceConfig struct {
 // DefaultWatchInterval is SourceConfig.WatchInterval's default.
 const DefaultWatchInterval = 5 * time.Second
 
-// Bounds of SourceConfig.WatchInterval: each check stats two files, so
-// more often than MinWatchInterval is spinning, and a replaced pair should
-// not wait longer than MaxWatchInterval to be served.
+// The range SourceConfig.WatchInterval accepts.
 const (
 	MinWatchInterval = 10 * time.Millisecond
 	MaxWatchInterval = time.Hour

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"h3infer/config"
 )
 
 // TestSourceConfig: the tls section decodes into SourceConfig, its
@@ -44,5 +46,18 @@ func TestSourceConfig(t *testing.T) {
 	}
 	if _, err := decode(`{"acme": {"root_cas": []}}`); err == nil {
 		t.Error("a key the file does not write accepted")
+	}
+}
+
+func TestRotatorConfig(t *testing.T) {
+	var c RotatorConfig
+	if err := json.Unmarshal([]byte(`{"ticket_key_rotation": "6h"}`), &c); err != nil || time.Duration(c.Every) != 6*time.Hour {
+		t.Errorf("decoded %+v (%v), want every 6h", c, err)
+	}
+	if got := time.Duration(RotatorConfig{}.WithDefaults().Every); got != DefaultRotation {
+		t.Errorf("default rotation %s, want %s", got, DefaultRotation)
+	}
+	if err := (RotatorConfig{Every: config.Duration(time.Millisecond)}).Validate(); err == nil || !strings.Contains(err.Error(), "zero_rtt.ticket_key_rotation:") {
+		t.Errorf("rotation 1ms: %v, want an error naming the key", err)
 	}
 }

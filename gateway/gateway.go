@@ -244,14 +244,10 @@ const (
 // the gateway a handler goroutine and its buffers.
 const maxStreamsLimit = 1 << 16
 
-// minMaxBodyBytes is the least gateway.max_body_bytes: below it a chat
-// request of a few turns would not fit, which is a mistake in the
-// configuration rather than a policy.
+// minMaxBodyBytes is the least gateway.max_body_bytes accepted.
 const minMaxBodyBytes = 1024
 
-// maxShutdownGrace bounds gateway.shutdown_grace: a process manager that
-// waits longer than this for an exit is rare, and one that gives up first
-// kills the streams anyway.
+// maxShutdownGrace is the longest gateway.shutdown_grace accepted.
 const maxShutdownGrace = 10 * time.Minute
 
 // WithDefaults returns c with each zero value of its settings replaced by

@@ -75,9 +75,7 @@ const (
 	DefaultWeight        = 1
 )
 
-// MaxWeight bounds a tenant's weight: shares are counted in tokens asked
-// for, and a ratio beyond a thousand to one is a starved tenant, not a
-// share.
+// MaxWeight is the largest tenant weight accepted.
 const MaxWeight = 1000
 
 // WithDefaults returns c with every zero value replaced by its default.

@@ -170,10 +170,8 @@ type AuthConfig struct {
 type ZeroRTTConfig struct {
 	// Disabled turns 0-RTT off. Default false.
 	Disabled bool `json:"disabled"`
-	// The instance names default to a random name made at each start, so
-	// that 0-RTT is only accepted on tickets this process issued, which
-	// its own strike register saw used. A fixed name (shared by several
-	// instances, or kept across restarts) or a trusted one needs
+	// The tickets' own settings (instance, trusted_instances,
+	// max_ticket_age, window). A fixed or trusted instance name needs
 	// strike_register "redis" (validateInstances).
 	tlsbind.TicketConfig
 	// SessionKeysFile holds the ticket, token-generator and stateless-reset
@@ -187,10 +185,8 @@ type ZeroRTTConfig struct {
 	// sharing the Redis needs the same file. Default
 	// <state_dir>/session-keys.seal, created when missing.
 	SessionKeysSealFile string `json:"session_keys_seal_file"`
-	// TicketKeyRotation is the age at which the ticket key is replaced;
-	// the previous one still decrypts until the next rotation. Default
-	// "12h".
-	TicketKeyRotation config.Duration `json:"ticket_key_rotation"`
+	// The session keys' rotation (ticket_key_rotation).
+	certs.RotatorConfig
 	// StrikeRegister is "memory" (one instance) or "redis". Default "memory".
 	StrikeRegister string `json:"strike_register"`
 	// RedisAddr is the Redis of strike_register "redis" and
@@ -370,9 +366,7 @@ func (c Config) withDefaults() Config {
 
 	}
 	def(&c.ZeroRTT.SessionKeysStore, "file")
-	if c.ZeroRTT.TicketKeyRotation == 0 {
-		c.ZeroRTT.TicketKeyRotation = config.Duration(12 * time.Hour)
-	}
+	c.ZeroRTT.RotatorConfig = c.ZeroRTT.RotatorConfig.WithDefaults()
 	c.TLS = c.TLS.WithDefaults()
 	if len(c.TLS.ACME.Hosts) > 0 {
 		def(&c.TLS.ACME.CacheDir, filepath.Join(c.StateDir, "acme"))
@@ -446,9 +440,7 @@ func (c Config) validate() error {
 		bad("zero_rtt.session_keys_store", "want file or redis, got %q", s)
 	}
 	c.validateRedis(bad)
-	if r := time.Duration(c.ZeroRTT.TicketKeyRotation); r < time.Second || r > 7*24*time.Hour {
-		bad("zero_rtt.ticket_key_rotation", "must be 1s..168h, got %s", r)
-	}
+	errs = append(errs, c.ZeroRTT.RotatorConfig.Validate())
 	errs = append(errs, gateway.ValidateEarlyData("zero_rtt.routes", c.ZeroRTT.Routes)...)
 	for i, s := range c.ZeroRTT.TrustedProxies {
 		if _, err := gateway.ParseTrustedProxy(s); err != nil {

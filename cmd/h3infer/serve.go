@@ -130,8 +130,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		return err
 	}
 	defer closeKeys()
-	every := time.Duration(cfg.ZeroRTT.TicketKeyRotation)
-	keys, err := keyStore.Current(ctx, time.Now(), every)
+	keys, err := keyStore.Current(ctx, time.Now(), time.Duration(cfg.ZeroRTT.Every))
 	if err != nil {
 		return err
 	}
@@ -225,11 +224,10 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	if err != nil {
 		return err
 	}
-	rotator, _, err := certs.NewRotator(ctx, certs.RotatorConfig{
-		Store: keyStore,
-		Every: every,
-		Apply: func(k *certs.SessionKeys) { gw.SetSessionTicketKeys(k.TicketKeys) },
-	}, log)
+	rotation := cfg.ZeroRTT.RotatorConfig
+	rotation.Store = keyStore
+	rotation.Apply = func(k *certs.SessionKeys) { gw.SetSessionTicketKeys(k.TicketKeys) }
+	rotator, _, err := certs.NewRotator(ctx, rotation, log)
 	if err != nil {
 		return err
 	}
