@@ -91,3 +91,12 @@ func TestNewRefusesMappedProxy(t *testing.T) {
 		t.Error("ParseTrustedProxy accepted an IPv4-mapped address")
 	}
 }
+
+// TestNewRefusesAdminHostWithPort: admin host names match without their
+// port, so one written with a port could never match and is refused.
+func TestNewRefusesAdminHostWithPort(t *testing.T) {
+	_, err := New(Config{AdminHosts: []string{"gw1", "gw1.internal:9090"}, Auth: AuthConfig{Disabled: true}}, nil, nil, discardLog())
+	if err == nil || !strings.Contains(err.Error(), "gateway.admin_hosts[1]") || strings.Contains(err.Error(), "gateway.admin_hosts[0]") {
+		t.Errorf("New: %v, want an error naming gateway.admin_hosts[1] alone", err)
+	}
+}

@@ -398,6 +398,7 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if _, _, err := net.SplitHostPort(cfg.Admin); err != nil {
 		errs = append(errs, fmt.Errorf("gateway.admin: %w", err))
 	}
+	errs = append(errs, ValidateAdminHosts("gateway.admin_hosts", cfg.AdminHosts)...)
 	if sched == nil {
 		errs = append(errs, errors.New("gateway: scheduler is nil"))
 	}

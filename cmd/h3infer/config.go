@@ -156,7 +156,7 @@ type GatewayConfig struct {
 type AuthConfig struct {
 	// Disabled serves without tokens. Default false: auth is on.
 	Disabled bool `json:"disabled"`
-	// Audience tokens must name. Default "h3infer".
+	// Audience tokens must name. Default tlsbind.DefaultAudience, "h3infer".
 	Audience string `json:"audience"`
 	// KeysFile holds the token signing keys. Default
 	// <state_dir>/tokens/keys.json, created when missing.
@@ -343,7 +343,7 @@ func (c Config) withDefaults() Config {
 	c.Gateway.Listen, c.Gateway.Admin, c.Gateway.AdminHosts = c.Listen, c.Admin, c.AdminHosts
 	c.Gateway.Config = c.Gateway.Config.WithDefaults()
 	defInt(&c.Gateway.GCPercent, defaultGCPercent)
-	def(&c.Auth.Audience, "h3infer")
+	def(&c.Auth.Audience, tlsbind.DefaultAudience)
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
 	c.ZeroRTT.TicketConfig = c.ZeroRTT.TicketConfig.WithDefaults()
 	def(&c.ZeroRTT.SessionKeysFile, filepath.Join(c.StateDir, "session-keys.json"))
@@ -453,11 +453,7 @@ func (c Config) validate() error {
 	if s := c.RateLimits.Store; s != "local" && s != "redis" {
 		bad("rate_limits.store", "want \"local\" or \"redis\", got %q", s)
 	}
-	for i, h := range c.AdminHosts {
-		if h == "" || strings.ContainsAny(h, ":/[] ") {
-			bad(fmt.Sprintf("admin_hosts[%d]", i), "want a host name without port, got %q", h)
-		}
-	}
+	errs = append(errs, gateway.ValidateAdminHosts("admin_hosts", c.AdminHosts)...)
 	if e := c.Tracing.OTLPEndpoint; e != "" && !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") {
 		bad("tracing.otlp_endpoint", "want an http:// or https:// URL, got %q", e)
 	}
