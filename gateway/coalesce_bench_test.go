@@ -36,7 +36,7 @@ type pacedStream struct {
 	once   sync.Once
 }
 
-func (p *pacedScheduler) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, scheduler.Admission, error) {
+func (p *pacedScheduler) Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error) {
 	st := &pacedStream{events: make(chan infer.Event, p.n+1), stop: make(chan struct{})}
 	p.mu.Lock()
 	p.made = make([]time.Time, p.n)
@@ -53,7 +53,7 @@ func (p *pacedScheduler) Submit(ctx context.Context, r *scheduler.Request) (Toke
 			p.mu.Lock()
 			p.made[i] = time.Now()
 			p.mu.Unlock()
-			// A 24-byte token, as in the measurements DESIGN.md quotes.
+			// A 24-byte token, the size docs/BENCHMARKS.md ("Coalescing") measures.
 			st.events <- infer.Event{Token: infer.Token{Count: 1, Text: fmt.Sprintf("tok%04d_%015d", i, 0)}}
 		}
 		st.events <- done(infer.FinishLength, 2, uint32(p.n))

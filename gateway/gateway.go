@@ -26,9 +26,9 @@ import (
 	"h3infer/scheduler"
 )
 
-// TokenStream is one dispatched request as the gateway consumes it.
-// *scheduler.Stream satisfies it.
-type TokenStream interface {
+// Dispatch is one dispatched request as the gateway consumes it.
+// *scheduler.Dispatch satisfies it.
+type Dispatch interface {
 	ID() uint64
 	Events() <-chan infer.Event
 	Close()
@@ -36,16 +36,16 @@ type TokenStream interface {
 
 // Scheduler admits requests. FromScheduler adapts *scheduler.Scheduler.
 type Scheduler interface {
-	Submit(ctx context.Context, r *scheduler.Request) (TokenStream, scheduler.Admission, error)
+	Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error)
 }
 
 // FromScheduler lets the gateway use s: Go does not treat a method returning
-// *scheduler.Stream as one returning TokenStream.
+// *scheduler.Dispatch as one returning Dispatch.
 func FromScheduler(s *scheduler.Scheduler) Scheduler { return schedulerAdapter{s} }
 
 type schedulerAdapter struct{ s *scheduler.Scheduler }
 
-func (a schedulerAdapter) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, scheduler.Admission, error) {
+func (a schedulerAdapter) Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error) {
 	st, adm, err := a.s.Submit(ctx, r)
 	if err != nil {
 		return nil, adm, err

@@ -66,7 +66,7 @@ func fakeAdmission(r *scheduler.Request) scheduler.Admission {
 	return scheduler.Admission{Urgency: r.Urgency, Class: priority.DefaultClasses.Of(r.Urgency)}
 }
 
-func (f *fakeScheduler) Submit(ctx context.Context, r *scheduler.Request) (TokenStream, scheduler.Admission, error) {
+func (f *fakeScheduler) Submit(ctx context.Context, r *scheduler.Request) (Dispatch, scheduler.Admission, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.got = append(f.got, *r)

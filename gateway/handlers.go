@@ -259,8 +259,8 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 			attribute.String("h3infer.tenant", tenant),
 			attribute.Int("h3infer.urgency", int(prio.Urgency)),
 		}
-		if wk, ok := st.(interface{ WorkerID() int }); ok {
-			attrs = append(attrs, attribute.Int("h3infer.worker", wk.WorkerID()))
+		if wk, ok := st.(interface{ BackendID() int }); ok {
+			attrs = append(attrs, attribute.Int("h3infer.worker", wk.BackendID()))
 		}
 		span.AddEvent("dispatched", trace.WithAttributes(attrs...))
 	}
@@ -294,7 +294,7 @@ func urgencyLabel(u priority.Urgency) string { return strconv.Itoa(int(u)) }
 // inflight is one completion request's state while it streams.
 type inflight struct {
 	req         *completion
-	st          TokenStream
+	st          Dispatch
 	adm         *admission
 	labels      [2]string // model, urgency
 	first, last time.Time // arrival of the first and latest token events

@@ -67,7 +67,7 @@ func fairnessRatio(b *testing.B, weightA int) float64 {
 		{Name: "b", Weight: 1, DefaultUrgency: 4},
 	}}
 	s, _ := newTestScheduler(b, cfg, newFakeWorker(0, 4), newFakeWorker(1, 4))
-	var holders []*Stream
+	var holders []*Dispatch
 	for range 8 {
 		st, _, err := s.Submit(context.Background(), &Request{})
 		if err != nil {

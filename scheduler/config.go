@@ -99,9 +99,9 @@ func (c Config) WithDefaults() Config {
 // Validate reports every problem with c at once, each naming its key as
 // the configuration file writes it: "scheduler.max_queue: must be > 0,
 // got -1". Zero values stand for their defaults. The reserve's upper bound
-// depends on the workers' slots, which the scheduler learns only from its
-// workers; whoever knows them checks it (cmd/h3infer does, against
-// workers.slots).
+// depends on the backends' slots, which the scheduler learns only from the
+// backends themselves; whoever knows them checks it (cmd/h3infer does,
+// against workers.slots).
 func (c Config) Validate() error {
 	c = c.WithDefaults()
 	var errs []error

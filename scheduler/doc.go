@@ -5,6 +5,7 @@
 // the least loaded ready worker with a free slot. It owns slot accounting
 // per worker and the request ids that name a sequence on a worker's ring.
 //
-// It knows nothing about HTTP or QUIC, and reaches workers only through the
-// small Worker interface that cmd/h3infer satisfies with backend handles.
+// It knows nothing about HTTP or QUIC, nor how a backend runs a request:
+// it reaches backends only through the small Backend interface, and speaks
+// infer's vocabulary with them.
 package scheduler

@@ -245,7 +245,7 @@ func TestQueueUrgencyBeatsWeight(t *testing.T) {
 
 // fakeClockScheduler is a scheduler on a fake clock with one single-slot
 // worker already busy, so that every further request queues.
-func fakeClockScheduler(t *testing.T, cfg Config) (*Scheduler, *fakeClock, *fakeWorker, *Stream) {
+func fakeClockScheduler(t *testing.T, cfg Config) (*Scheduler, *fakeClock, *fakeWorker, *Dispatch) {
 	t.Helper()
 	w := newFakeWorker(0, 1)
 	s, _ := newTestScheduler(t, cfg, w)
@@ -487,7 +487,7 @@ func TestSchedulerCancelFromEveryState(t *testing.T) {
 func TestUrgentReserve(t *testing.T) {
 	w := newFakeWorker(0, 3)
 	s, _ := newTestScheduler(t, Config{UrgentReserve: new(1)}, w)
-	var running []*Stream
+	var running []*Dispatch
 	for range 2 {
 		st, _, err := s.Submit(context.Background(), &Request{Urgency: 6})
 		if err != nil {

@@ -35,9 +35,9 @@ func (w *ringWorker) Open(id uint64, s *infer.Request) (infer.Call, error) {
 	return c, nil
 }
 
-type staticSet []Worker
+type staticSet []Backend
 
-func (s staticSet) Workers() []Worker { return s }
+func (s staticSet) Backends() []Backend { return s }
 
 // echoWorker answers each prompt word by word. A prompt starting with "hold"
 // sends one token and then waits for the gateway's cancel.
@@ -94,7 +94,7 @@ func TestDispatchOverRealRing(t *testing.T) {
 		seg.Close()
 	})
 
-	collect := func(st *Stream) (string, *infer.Done) {
+	collect := func(st *Dispatch) (string, *infer.Done) {
 		var text []string
 		for ev := range st.Events() {
 			switch {

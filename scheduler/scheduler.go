@@ -12,23 +12,25 @@ import (
 	"h3infer/priority"
 )
 
-// Worker is what the scheduler dispatches to. backend.Worker implements it;
-// cmd/h3infer wires the two together.
+// Backend is what the scheduler dispatches to: anything with a number of
+// slots that can turn an infer.Request into an infer.Call. A worker
+// process's handle is one; cmd/h3infer wires them in.
 //
 // Implementations must be comparable (pointer types in practice): the
 // scheduler keys its slot accounting on the handle's identity, so a restarted
 // worker process must appear as a new handle. The methods are called with the
 // scheduler's lock held and must not call back into the Scheduler.
-type Worker interface {
+type Backend interface {
 	ID() int
 	Ready() bool
 	Slots() int
 	Open(id uint64, r *infer.Request) (infer.Call, error)
 }
 
-// WorkerSet lists the current workers. cmd/h3infer adapts backend.Pool.
-type WorkerSet interface {
-	Workers() []Worker
+// BackendSet lists the current backends. cmd/h3infer adapts its pool of
+// worker processes.
+type BackendSet interface {
+	Backends() []Backend
 }
 
 // defaultCost is the fairness cost of a request that names no max_tokens.
@@ -44,7 +46,7 @@ type Request struct {
 	Tenant string // "" is DefaultTenant
 	// Urgency is the RFC 9218 urgency the client asked for, 0 most urgent.
 	// Submit applies the tenant's default when DefaultUrgency is set and
-	// never grants more urgency than the ceilings allow; the Stream says
+	// never grants more urgency than the ceilings allow; the Dispatch says
 	// what it applied, and Job travels on with it and its class.
 	Urgency priority.Urgency
 	// DefaultUrgency says the client named no urgency.
@@ -80,15 +82,15 @@ func (realClock) AfterFunc(d time.Duration, f func()) func() bool {
 // Scheduler admits requests and dispatches them to workers in the order
 // described on queue: urgency, aging, tenant share, arrival.
 type Scheduler struct {
-	cfg     Config
-	workers WorkerSet
-	log     *slog.Logger
-	clock   clock
+	cfg      Config
+	backends BackendSet
+	log      *slog.Logger
+	clock    clock
 
 	mu      sync.Mutex
 	tenants map[string]Tenant // replaced whole by SetTenants
 	nextID  uint64
-	inUse   map[Worker]int
+	inUse   map[Backend]int
 	running int
 	queue   *queue
 	closed  bool
@@ -112,16 +114,16 @@ type waiter struct {
 
 // grant either hands a waiter a reserved slot on worker or fails it with err.
 type grant struct {
-	worker Worker
+	worker Backend
 	err    error
 }
 
-// New returns a scheduler over workers. It runs one goroutine, stopped by
+// New returns a scheduler over backends. It runs one goroutine, stopped by
 // Close, that retries queued requests as workers come back.
-func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
+func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) {
 	errs := []error{cfg.Validate()}
-	if workers == nil {
-		errs = append(errs, errors.New("scheduler: worker set is nil"))
+	if backends == nil {
+		errs = append(errs, errors.New("scheduler: backend set is nil"))
 	}
 	if log == nil {
 		errs = append(errs, errors.New("scheduler: logger is nil"))
@@ -132,21 +134,21 @@ func New(cfg Config, workers WorkerSet, log *slog.Logger) (*Scheduler, error) {
 	cfg = cfg.WithDefaults()
 	tenants, _ := tenantTable(cfg.Tenants) // checked by Validate
 	s := &Scheduler{
-		cfg:     cfg,
-		tenants: tenants,
-		workers: workers,
-		log:     log,
-		clock:   realClock{},
-		inUse:   make(map[Worker]int),
-		queue:   newQueue(time.Duration(cfg.Aging)),
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
+		cfg:      cfg,
+		tenants:  tenants,
+		backends: backends,
+		log:      log,
+		clock:    realClock{},
+		inUse:    make(map[Backend]int),
+		queue:    newQueue(time.Duration(cfg.Aging)),
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
 	}
 	go s.poll()
 	return s, nil
 }
 
-func openWorker(w Worker, id uint64, job *infer.Request) (infer.Call, error) {
+func openBackend(w Backend, id uint64, job *infer.Request) (infer.Call, error) {
 	c, err := w.Open(id, job)
 	if err != nil {
 		return nil, err
@@ -189,7 +191,7 @@ func (s *Scheduler) tenant(name string) Tenant {
 // scheduler closes; whichever ends the wait removes it from the queue. A
 // tenant over its own bound fails at once with a *TenantLimitError, a full
 // queue with an *OverloadError. r.Job's Urgency and Class are those it
-// applied. Submit (stream.go) wraps it.
+// applied. Submit (dispatch.go) wraps it.
 func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) {
 	t := s.tenant(r.Tenant)
 	if err := ctx.Err(); err != nil {
@@ -206,7 +208,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 	}
 	s.nextID++
 	id := s.nextID
-	var worker Worker
+	var worker Backend
 	if s.queue.len() == 0 {
 		worker = s.reserveLocked(r.Job.Urgency)
 	}
@@ -248,7 +250,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 			return nil, fmt.Errorf("scheduler: request %d: %w", id, err)
 		}
 	}
-	c, err := openWorker(worker, id, &r.Job)
+	c, err := openBackend(worker, id, &r.Job)
 	if err != nil {
 		s.release(worker)
 		return nil, fmt.Errorf("scheduler: worker %d: open request %d: %w", worker.ID(), id, err)
@@ -259,7 +261,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 // wait blocks a queued request until it is granted a slot or gives up. The
 // deadline timer fails it from the queue like a grant would; a request
 // that gives up after a grant raced in returns the slot.
-func (s *Scheduler) wait(ctx context.Context, w *waiter, deadline time.Time) (Worker, error) {
+func (s *Scheduler) wait(ctx context.Context, w *waiter, deadline time.Time) (Backend, error) {
 	if !deadline.IsZero() {
 		stop := s.clock.AfterFunc(deadline.Sub(w.enqueued), func() { s.fail(w, ErrDeadline) })
 		defer stop()
@@ -297,14 +299,14 @@ func (s *Scheduler) fail(w *waiter, err error) bool {
 // reserveLocked takes a slot for a request of effective urgency level on the
 // ready worker with the lowest share of its slots in use, or returns nil
 // when every slot it may use is taken.
-func (s *Scheduler) reserveLocked(level priority.Urgency) Worker {
+func (s *Scheduler) reserveLocked(level priority.Urgency) Backend {
 	reserve := 0
 	if s.cfg.Classes.Of(level) != priority.Urgent {
 		reserve = *s.cfg.UrgentReserve
 	}
-	var best Worker
+	var best Backend
 	bestUsed, bestSlots := 0, 1
-	for _, w := range s.workers.Workers() {
+	for _, w := range s.backends.Backends() {
 		if w == nil || !w.Ready() {
 			continue
 		}
@@ -329,7 +331,7 @@ func (s *Scheduler) reserveLocked(level priority.Urgency) Worker {
 }
 
 // release frees a slot on w and hands free slots to queued requests.
-func (s *Scheduler) release(w Worker) {
+func (s *Scheduler) release(w Backend) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if n := s.inUse[w] - 1; n > 0 {
@@ -344,7 +346,7 @@ func (s *Scheduler) release(w Worker) {
 // dispatchLocked grants free slots to queued requests in queue order.
 func (s *Scheduler) dispatchLocked() {
 	for s.queue.len() > 0 {
-		var worker Worker
+		var worker Backend
 		w := s.queue.pop(s.clock.Now(), func(level int) bool {
 			worker = s.reserveLocked(priority.Urgency(level))
 			return worker != nil
@@ -386,7 +388,7 @@ func (s *Scheduler) Stats() Stats {
 }
 
 // Close fails every queued request with ErrClosed and refuses new ones.
-// Streams already dispatched keep running until their owners close them.
+// Requests already dispatched keep running until their owners close them.
 func (s *Scheduler) Close() {
 	s.mu.Lock()
 	if !s.closed {

@@ -80,13 +80,13 @@ func (c *fakeCall) Cancel() {
 
 type fakeSet struct {
 	mu      sync.Mutex
-	workers []Worker
+	workers []Backend
 }
 
-func (s *fakeSet) Workers() []Worker {
+func (s *fakeSet) Backends() []Backend {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]Worker(nil), s.workers...)
+	return append([]Backend(nil), s.workers...)
 }
 
 func (s *fakeSet) set(ws ...*fakeWorker) {
@@ -131,7 +131,7 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 }
 
 type result struct {
-	st  *Stream
+	st  *Dispatch
 	err error
 }
 
@@ -215,7 +215,7 @@ func TestSubmitCopiesUrgencyAndAssignsIDs(t *testing.T) {
 	if job.Urgency != 1 || job.Model != "m" {
 		t.Errorf("worker got urgency %d model %q, want 1 and %q", job.Urgency, job.Model, "m")
 	}
-	if got := a.WorkerID(); got != 1 {
+	if got := a.BackendID(); got != 1 {
 		t.Errorf("WorkerID = %d, want 1", got)
 	}
 }
@@ -448,9 +448,9 @@ func TestNewValidates(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	_, err := New(Config{MaxQueue: -1, RetryAfter: config.Duration(-time.Second)}, nil, log)
 	if err == nil {
-		t.Fatal("New accepted a negative queue, negative retry and nil worker set")
+		t.Fatal("New accepted a negative queue, negative retry and nil backend set")
 	}
-	for _, want := range []string{"scheduler.max_queue", "scheduler.retry_after", "worker set"} {
+	for _, want := range []string{"scheduler.max_queue", "scheduler.retry_after", "backend set"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}

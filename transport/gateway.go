@@ -30,11 +30,11 @@ const maxAbandoned = 4096
 
 // DefaultCallBuffer is the number of events a call buffers when
 // GatewayEndConfig.CallBuffer is 0. The buffer is allocated whole when the
-// call opens (40 bytes an event): at 1024 that was a 41 KB allocation on
-// every request's path to its first token, measured at about 20 µs of it,
-// for room a consumer needs only while its response stream cannot take
-// tokens (the client's flow-control window is full, or a rate limit paces
-// it).
+// call opens (40 bytes an event), on every request's path to its first
+// token, for room a consumer needs only while its response stream cannot
+// take tokens (the client's flow-control window is full, or a rate limit
+// paces it); so it is sized for those pauses, not for a whole answer
+// (docs/BENCHMARKS.md, "Where the time to first token went").
 const DefaultCallBuffer = 256
 
 // GatewayEndConfig configures a GatewayEnd. The zero value is usable.
@@ -247,9 +247,9 @@ func (g *GatewayEnd) Run() error {
 	// The loop does not hold its thread between sleeps (the ring's sleep
 	// does, while it lasts). A goroutine locked to its thread hands its
 	// processor to another thread whenever it blocks or yields, so the
-	// consumer it had just readied with a token ran only after the kernel
-	// woke that thread: 31 µs at the median at concurrency 1, against
-	// 0.7 µs unlocked, where it runs on this thread as the loop yields.
+	// consumer it had just readied with a token would run only once the
+	// kernel had woken that thread; unlocked, it runs on this thread as
+	// the loop yields.
 	var wg sync.WaitGroup
 	wg.Go(g.sendCancels)
 

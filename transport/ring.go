@@ -388,8 +388,8 @@ func (r *ring) waitData() error {
 			// on this thread's P, and the futex sleep below keeps that P
 			// until the runtime's monitor takes it back: the consumer would
 			// wait for another thread to be woken to steal it. Yielding
-			// runs it here first (measured at c=1 in h3infer bench: the
-			// gateway's submit-to-first-token fell from ~172 to ~128 µs).
+			// runs it here first, without waiting for a thread to wake
+			// (docs/BENCHMARKS.md, "Where the time to first token went").
 			yielded = true
 			runtime.Gosched()
 			continue

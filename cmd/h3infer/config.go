@@ -427,7 +427,7 @@ func (c Config) validate() error {
 		bad("workers.nice", "must be 0..%d, got %d", backend.MaxNice, n)
 	}
 	// The scheduler checks the rest; it learns the slots only from its
-	// workers.
+	// backends.
 	if r := *c.Scheduler.UrgentReserve; r > 0 && r >= c.Workers.Slots {
 		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
 	}

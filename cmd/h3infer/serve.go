@@ -444,12 +444,12 @@ func (c *schedulerCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.running, prometheus.GaugeValue, float64(st.Running))
 }
 
-// poolWorkers adapts backend.Pool to the scheduler's WorkerSet.
+// poolWorkers adapts backend.Pool to the scheduler's BackendSet.
 type poolWorkers struct{ pool *backend.Pool }
 
-func (p poolWorkers) Workers() []scheduler.Worker {
+func (p poolWorkers) Backends() []scheduler.Backend {
 	ws := p.pool.Workers()
-	out := make([]scheduler.Worker, len(ws))
+	out := make([]scheduler.Backend, len(ws))
 	for i, w := range ws {
 		out[i] = w
 	}
@@ -482,10 +482,10 @@ func (c catalog) WorkerStates() []gateway.WorkerState {
 }
 
 var (
-	_ scheduler.WorkerSet = poolWorkers{}
-	_ scheduler.Worker    = (*backend.Worker)(nil)
-	_ gateway.Catalog     = catalog{}
-	_ gateway.Router      = (*backend.Registry)(nil)
-	_ gateway.ModelAdmin  = (*backend.Registry)(nil)
-	_ backend.ModelLoader = (*backend.Pool)(nil)
+	_ scheduler.BackendSet = poolWorkers{}
+	_ scheduler.Backend    = (*backend.Worker)(nil)
+	_ gateway.Catalog      = catalog{}
+	_ gateway.Router       = (*backend.Registry)(nil)
+	_ gateway.ModelAdmin   = (*backend.Registry)(nil)
+	_ backend.ModelLoader  = (*backend.Pool)(nil)
 )

@@ -1,3 +1,3 @@
 // Package layering holds only a test: the one that keeps h3infer's import
-// graph pointing one way, as the package table in DESIGN.md lays it out.
+// graph pointing one way, as ARCHITECTURE.md lays it out.
 package layering

@@ -81,7 +81,7 @@ func TestImportGraph(t *testing.T) {
 		rule := forbidden[p.ImportPath]
 		for _, bad := range rule.direct {
 			if slices.Contains(p.Imports, bad) {
-				t.Errorf("%s imports %s; DESIGN.md forbids that edge", p.ImportPath, bad)
+				t.Errorf("%s imports %s; ARCHITECTURE.md forbids that edge", p.ImportPath, bad)
 			}
 		}
 		for _, bad := range rule.anywhere {

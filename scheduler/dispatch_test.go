@@ -13,7 +13,7 @@ func lostEvent() infer.Event {
 }
 
 // recvEvent reads one event from st or fails after a generous bound.
-func recvEvent(t *testing.T, st *Stream) (infer.Event, bool) {
+func recvEvent(t *testing.T, st *Dispatch) (infer.Event, bool) {
 	t.Helper()
 	select {
 	case ev, ok := <-st.Events():

@@ -18,7 +18,7 @@ const maxRedispatch = 2
 // call on that worker's ring.
 type attempt struct {
 	id     uint64
-	worker Worker
+	worker Backend
 	call   infer.Call
 }
 
@@ -33,16 +33,16 @@ type attempt struct {
 // was waiting in the worker's batch, or prefilling) is dispatched again, to
 // another worker when one is free, up to maxRedispatch times: the caller
 // never learns of it. It queues anew, behind the requests of its urgency
-// already waiting, on the terms above; if it is not admitted the stream
+// already waiting, on the terms above; if it is not admitted the dispatch
 // ends with the worker_lost error. Once an event has been handed on, a
-// dying worker ends the stream with the transport's worker_lost error event.
+// dying worker ends the dispatch with the worker_lost error event.
 //
 // Submit does not modify r. It returns the Admission it decided, also
 // when it refused the request, and the request the worker gets carries
 // the same urgency and class. ctx bounds the request's whole life, the
 // wait for a re-dispatch included. The caller must Close the returned
-// Stream.
-func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, Admission, error) {
+// Dispatch.
+func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Dispatch, Admission, error) {
 	if r == nil {
 		return nil, Admission{}, errors.New("scheduler: submit: nil request")
 	}
@@ -54,12 +54,12 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Stream, Admission,
 	if err != nil {
 		return nil, adm, err
 	}
-	st := &Stream{sched: s, req: req, cur: a, slotHeld: true, out: make(chan infer.Event), stop: make(chan struct{})}
+	d := &Dispatch{sched: s, req: req, cur: a, slotHeld: true, out: make(chan infer.Event), stop: make(chan struct{})}
 	// Re-dispatch waits on the same terms as the first dispatch: it gives
-	// up when the client leaves or the stream is closed.
-	st.ctx, st.cancel = context.WithCancel(ctx)
-	st.wg.Go(st.forward)
-	return st, adm, nil
+	// up when the client leaves or the dispatch is closed.
+	d.ctx, d.cancel = context.WithCancel(ctx)
+	d.wg.Go(d.forward)
+	return d, adm, nil
 }
 
 // Admission is what Submit decided about a request's priority.
@@ -68,10 +68,10 @@ type Admission struct {
 	Class   priority.Class
 }
 
-// Stream is one dispatched request: its events come from the worker that
+// Dispatch is one dispatched request: its events come from the worker that
 // runs it.
 //
-// Events pass through a goroutine of the Stream, which is what lets it
+// Events pass through a goroutine of the Dispatch, which is what lets it
 // swap a dead worker's call for a new one under a channel the consumer
 // already holds. The hand-off is unbuffered, so the bound on unread events
 // stays the transport call's: a consumer that stops reading still overflows
@@ -82,8 +82,8 @@ type Admission struct {
 //
 // Forwarding ends on Close, not when the request's context ends: a
 // consumer that sees its context end decides itself what that means (a
-// passed deadline is not a stream that ended without a result).
-type Stream struct {
+// passed deadline is not a dispatch that ended without a result).
+type Dispatch struct {
 	sched  *Scheduler
 	req    Request
 	ctx    context.Context // bounds a re-dispatch's wait
@@ -94,15 +94,15 @@ type Stream struct {
 
 	mu       sync.Mutex
 	cur      *attempt
-	slotHeld bool // cur.worker's slot is still reserved for this stream
+	slotHeld bool // cur.worker's slot is still reserved for this dispatch
 	moves    int  // re-dispatches so far
 	once     sync.Once
 }
 
-func (st *Stream) current() *attempt {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	return st.cur
+func (d *Dispatch) current() *attempt {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cur
 }
 
 // admit decides r's urgency and class: the tenant's default urgency when
@@ -121,22 +121,22 @@ func (s *Scheduler) admit(r Request) Request {
 
 // ID is the request id the scheduler assigned; it names the sequence on the
 // worker's ring and in logs. It changes when the request is re-dispatched.
-func (st *Stream) ID() uint64 { return st.current().id }
+func (d *Dispatch) ID() uint64 { return d.current().id }
 
 // WorkerID names the worker running the request.
-func (st *Stream) WorkerID() int { return st.current().worker.ID() }
+func (d *Dispatch) BackendID() int { return d.current().worker.ID() }
 
 // Events delivers the worker's tokens and, last, its done or error event;
 // the channel is closed after it.
-func (st *Stream) Events() <-chan infer.Event { return st.out }
+func (d *Dispatch) Events() <-chan infer.Event { return d.out }
 
 // forward hands on the request's events until the terminal one or Close.
 // Until the first event has gone out, an event saying the worker died
 // makes it dispatch the request again instead.
-func (st *Stream) forward() {
-	defer close(st.out)
+func (d *Dispatch) forward() {
+	defer close(d.out)
 	started := false
-	a := st.current()
+	a := d.current()
 	for {
 		var (
 			ev infer.Event
@@ -144,22 +144,22 @@ func (st *Stream) forward() {
 		)
 		select {
 		case ev, ok = <-a.call.Events():
-		case <-st.stop:
+		case <-d.stop:
 			return
 		}
 		if !ok {
 			return // ended without a result: the consumer sees the close
 		}
-		if !started && ev.Err != nil && ev.Err.Code == infer.CodeWorkerLost && st.moves < maxRedispatch {
-			if next := st.redispatch(a, ev.Err); next != nil {
+		if !started && ev.Err != nil && ev.Err.Code == infer.CodeWorkerLost && d.moves < maxRedispatch {
+			if next := d.redispatch(a, ev.Err); next != nil {
 				a = next
 				continue
 			}
 		}
 		started = true
 		select {
-		case st.out <- ev:
-		case <-st.stop:
+		case d.out <- ev:
+		case <-d.stop:
 			return
 		}
 		if ev.Done != nil || ev.Err != nil {
@@ -170,28 +170,28 @@ func (st *Stream) forward() {
 
 // redispatch frees the dead worker's slot and submits the request anew. It
 // returns nil, keeping the old attempt, when no worker takes the request
-// before the stream's context or the request's deadline ends.
-func (st *Stream) redispatch(old *attempt, lost *infer.Error) *attempt {
-	s := st.sched
+// before the dispatch's context or the request's deadline ends.
+func (d *Dispatch) redispatch(old *attempt, lost *infer.Error) *attempt {
+	s := d.sched
 	// The slot goes back first: with every other slot busy the request must
 	// not wait on its own. The dead worker cannot take it again, because the
 	// pool marks a worker not ready before its calls fail.
-	st.mu.Lock()
-	st.slotHeld = false
-	st.mu.Unlock()
+	d.mu.Lock()
+	d.slotHeld = false
+	d.mu.Unlock()
 	s.release(old.worker)
-	next, err := s.dispatch(st.ctx, &st.req)
+	next, err := s.dispatch(d.ctx, &d.req)
 	if err != nil {
-		if st.ctx.Err() == nil {
+		if d.ctx.Err() == nil {
 			s.log.Warn("request lost its worker and could not be dispatched again",
 				"request_id", old.id, "worker", old.worker.ID(), "err", err)
 		}
 		return nil
 	}
-	st.mu.Lock()
-	st.cur, st.slotHeld = next, true
-	st.moves++
-	st.mu.Unlock()
+	d.mu.Lock()
+	d.cur, d.slotHeld = next, true
+	d.moves++
+	d.mu.Unlock()
 	s.log.Info("request re-dispatched after its worker died before it started",
 		"request_id", old.id, "new_request_id", next.id, "from_worker", old.worker.ID(),
 		"to_worker", next.worker.ID(), "reason", lost.Message)
@@ -201,18 +201,18 @@ func (st *Stream) redispatch(old *attempt, lost *infer.Error) *attempt {
 // Close cancels the request if it is still running, frees its worker slot
 // and dispatches the next queued request. It is safe to call more than once
 // and from any goroutine.
-func (st *Stream) Close() {
-	st.once.Do(func() {
-		st.cancel()
-		close(st.stop)
-		st.wg.Wait()
-		st.mu.Lock()
-		a, held := st.cur, st.slotHeld
-		st.slotHeld = false
-		st.mu.Unlock()
+func (d *Dispatch) Close() {
+	d.once.Do(func() {
+		d.cancel()
+		close(d.stop)
+		d.wg.Wait()
+		d.mu.Lock()
+		a, held := d.cur, d.slotHeld
+		d.slotHeld = false
+		d.mu.Unlock()
 		a.call.Cancel()
 		if held {
-			st.sched.release(a.worker)
+			d.sched.release(a.worker)
 		}
 	})
 }
