@@ -25,6 +25,14 @@ import (
 // is decoded strictly: an unknown key is an error. A zero value means the
 // documented default; an out-of-range value is an error, never clamped.
 // docs/CONFIG.md documents every key.
+//
+// A section, or the part of one, that a library owns decodes into that
+// library's own type (scheduler.Config, gateway.Config, certs.SourceConfig
+// and others), which carries its keys, its defaults (WithDefaults) and its
+// checks (Validate). What is left here is the command's: the top-level
+// keys, the stores and processes it opens, the defaults that follow from
+// another section (state_dir, workers.slots) and the checks across
+// sections.
 type Config struct {
 	// Listen is the host:port for HTTP/3 (UDP) and HTTP/1.1+2 (TCP) on one
 	// port number. Default 127.0.0.1:8443.
