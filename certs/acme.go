@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -15,25 +16,48 @@ import (
 )
 
 // ACMEConfig configures certificates obtained from an ACME CA for public
-// names.
+// names. The fields with json tags are the configuration file's tls.acme
+// section as it is written.
 type ACMEConfig struct {
 	// Hosts are the names to obtain certificates for; a handshake for any
-	// other name is not sent to the CA.
-	Hosts []string
+	// other name is not sent to the CA. Public DNS names: autocert refuses
+	// names without a dot and IP addresses. In a configuration file, none
+	// turns ACME off.
+	Hosts []string `json:"hosts"`
 	// DirectoryURL is the CA's ACME directory. Empty: autocert's default
 	// public CA.
-	DirectoryURL string
+	DirectoryURL string `json:"directory_url"`
 	// Email is the account's contact, optional.
-	Email string
+	Email string `json:"email"`
 	// CacheDir keeps the account key and the certificates across restarts
 	// (and lets instances on a shared volume share them). Required.
-	CacheDir string
-	// RootCAs verifies the directory's HTTPS certificate, for a private
-	// ACME server. nil: the system roots.
-	RootCAs *x509.CertPool
+	CacheDir string `json:"cache_dir"`
+	// CAFile is a PEM bundle of the roots that verify the directory's
+	// HTTPS certificate, for a private ACME server; NewACME reads it into
+	// RootCAs when RootCAs is nil. Empty: the system roots.
+	CAFile string `json:"ca_file"`
+	// RootCAs verifies the directory's HTTPS certificate. nil: CAFile's
+	// roots, else the system roots.
+	RootCAs *x509.CertPool `json:"-"`
 	// Transport, when set, carries the requests to the CA instead of one
 	// built from RootCAs.
-	Transport http.RoundTripper
+	Transport http.RoundTripper `json:"-"`
+}
+
+// Validate reports every problem with c as the configuration file's
+// tls.acme section at once, each naming its key. No hosts means ACME is
+// off, and then the keys that only shape it are a mistake.
+func (c ACMEConfig) Validate() error {
+	var errs []error
+	for i, h := range c.Hosts {
+		if !strings.Contains(strings.Trim(h, "."), ".") || net.ParseIP(h) != nil {
+			errs = append(errs, fmt.Errorf("tls.acme.hosts[%d]: want a public DNS name, got %q", i, h))
+		}
+	}
+	if len(c.Hosts) == 0 && (c.DirectoryURL != "" || c.CAFile != "" || c.Email != "") {
+		errs = append(errs, errors.New("tls.acme.hosts: must name at least one host when other tls.acme keys are set"))
+	}
+	return errors.Join(errs...)
 }
 
 // ACME obtains and renews certificates as handshakes ask for them. It
@@ -56,18 +80,21 @@ func NewACME(cfg ACMEConfig) (*ACME, error) {
 	var errs []error
 	if len(cfg.Hosts) == 0 {
 		errs = append(errs, errors.New("tls.acme.hosts: at least one name is required"))
-	}
-	for i, h := range cfg.Hosts {
-		// autocert refuses names without a dot and IP addresses.
-		if !strings.Contains(strings.Trim(h, "."), ".") {
-			errs = append(errs, fmt.Errorf("tls.acme.hosts[%d]: want a public DNS name, got %q", i, h))
-		}
+	} else {
+		errs = append(errs, cfg.Validate())
 	}
 	if cfg.CacheDir == "" {
 		errs = append(errs, errors.New("tls.acme.cache_dir: required"))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
+	}
+	if cfg.RootCAs == nil && cfg.CAFile != "" {
+		pool, err := LoadPool(cfg.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("tls.acme.ca_file: %w", err)
+		}
+		cfg.RootCAs = pool
 	}
 	client := &acme.Client{DirectoryURL: cfg.DirectoryURL}
 	switch {

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"h3infer/config"
 )
 
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -119,7 +121,7 @@ func TestRotatorAppliesNewKeys(t *testing.T) {
 	st := FileStore{Path: filepath.Join(t.TempDir(), "keys.json")}
 	var mu sync.Mutex
 	var applied [][32]byte
-	r, k, err := NewRotator(context.Background(), RotatorConfig{Store: st, Every: time.Hour, Apply: func(k *SessionKeys) {
+	r, k, err := NewRotator(context.Background(), RotatorConfig{Store: st, Every: config.Duration(time.Hour), Apply: func(k *SessionKeys) {
 		mu.Lock()
 		defer mu.Unlock()
 		applied = append(applied, k.TicketKeys[0])

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"h3infer/config"
 )
 
 // KeyStore holds the session keys that instances share. Current returns
@@ -72,19 +74,49 @@ func NewSessionKeys(now time.Time) (*SessionKeys, error) {
 	return k, nil
 }
 
-// RotatorConfig configures a Rotator.
+// RotatorConfig configures a Rotator. Every is the configuration file's
+// zero_rtt.ticket_key_rotation; the rest the caller wires.
 type RotatorConfig struct {
-	Store KeyStore
+	Store KeyStore `json:"-"`
 	// Every is how old the newest ticket key may grow before it is
 	// replaced; the one it replaces still decrypts until the next rotation,
-	// so a ticket stays valid for at least Every. Required.
-	Every time.Duration
+	// so a ticket stays valid for at least Every. 1s..168h; default
+	// DefaultRotation.
+	Every config.Duration `json:"ticket_key_rotation"`
 	// Check is how often the store is read, so that keys another instance
 	// rotated are picked up. Default: Every/10, at most one minute.
-	Check time.Duration
+	Check time.Duration `json:"-"`
 	// Apply installs keys in the servers. It is called only when they
 	// differ from the last ones applied.
-	Apply func(*SessionKeys)
+	Apply func(*SessionKeys) `json:"-"`
+}
+
+// DefaultRotation is RotatorConfig.Every's default: tickets resume for
+// half a day to a day.
+const DefaultRotation = 12 * time.Hour
+
+// The range RotatorConfig.Every accepts.
+const (
+	minRotation = time.Second
+	maxRotation = 7 * 24 * time.Hour
+)
+
+// WithDefaults returns c with Every's zero value replaced by its default.
+func (c RotatorConfig) WithDefaults() RotatorConfig {
+	if c.Every == 0 {
+		c.Every = config.Duration(DefaultRotation)
+	}
+	return c
+}
+
+// Validate reports a rotation out of its bounds under the configuration
+// file's key. Zero stands for the default. NewRotator checks the wiring
+// besides.
+func (c RotatorConfig) Validate() error {
+	if e := time.Duration(c.WithDefaults().Every); e < minRotation || e > maxRotation {
+		return fmt.Errorf("zero_rtt.ticket_key_rotation: must be 1s..168h, got %s", e)
+	}
+	return nil
 }
 
 // Rotator keeps the servers' session keys current with a KeyStore.
@@ -99,12 +131,9 @@ type Rotator struct {
 // NewRotator reads the store once and applies what it holds, so the
 // servers start with the shared keys.
 func NewRotator(ctx context.Context, cfg RotatorConfig, log *slog.Logger) (*Rotator, *SessionKeys, error) {
-	var errs []error
+	errs := []error{cfg.Validate()}
 	if cfg.Store == nil {
 		errs = append(errs, errors.New("session keys: store is nil"))
-	}
-	if cfg.Every <= 0 {
-		errs = append(errs, fmt.Errorf("session keys: rotation interval must be > 0, got %s", cfg.Every))
 	}
 	if cfg.Apply == nil {
 		errs = append(errs, errors.New("session keys: apply is nil"))
@@ -115,8 +144,9 @@ func NewRotator(ctx context.Context, cfg RotatorConfig, log *slog.Logger) (*Rota
 	if err := errors.Join(errs...); err != nil {
 		return nil, nil, err
 	}
+	cfg = cfg.WithDefaults()
 	if cfg.Check == 0 {
-		cfg.Check = min(cfg.Every/10, time.Minute)
+		cfg.Check = min(time.Duration(cfg.Every)/10, time.Minute)
 	}
 	r := &Rotator{cfg: cfg, log: log}
 	k, err := r.check(ctx, time.Now())
@@ -152,7 +182,7 @@ func (r *Rotator) RotateNow(ctx context.Context) error {
 }
 
 func (r *Rotator) check(ctx context.Context, now time.Time) (*SessionKeys, error) {
-	return r.load(ctx, now, r.cfg.Every)
+	return r.load(ctx, now, time.Duration(r.cfg.Every))
 }
 
 func (r *Rotator) load(ctx context.Context, now time.Time, every time.Duration) (*SessionKeys, error) {

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"fmt"
 	"mime"
 	"net"
 	"net/http"
@@ -27,6 +28,21 @@ type adminGuard struct {
 	// rebound name never arrives as an IP literal.
 	anyIP bool
 	count func(reason string)
+}
+
+// ValidateAdminHosts reports every entry of Config.AdminHosts that could
+// never match a Host header: names are compared without their port, so
+// one written with a port, a path or brackets names nothing. Each is
+// reported under key: the name the caller's configuration gives the list
+// (the file's top-level admin_hosts, say).
+func ValidateAdminHosts(key string, hosts []string) []error {
+	var errs []error
+	for i, h := range hosts {
+		if h == "" || strings.ContainsAny(h, ":/[] ") {
+			errs = append(errs, fmt.Errorf("%s[%d]: want a host name without port, got %q", key, i, h))
+		}
+	}
+	return errs
 }
 
 func newAdminGuard(configured, bound string, names []string, count func(string)) *adminGuard {

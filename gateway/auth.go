@@ -6,13 +6,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/quic-go/quic-go"
 
+	"h3infer/config"
 	"h3infer/priority"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
@@ -43,6 +46,50 @@ type AuthConfig struct {
 	// ignored and counted; a direct client's early data is known from its
 	// connection alone. Default: none.
 	TrustedProxies []netip.Prefix
+}
+
+// ValidateEarlyData reports every entry of policies that names no route
+// (EarlyDataRoutes) or no policy, each under key: the name the caller's
+// configuration gives the map (the file's zero_rtt.routes, say).
+func ValidateEarlyData(key string, policies map[string]tlsbind.EarlyPolicy) []error {
+	var errs []error
+	routes := EarlyDataRoutes()
+	for _, path := range slices.Sorted(maps.Keys(policies)) {
+		if !slices.Contains(routes, path) {
+			errs = append(errs, fmt.Errorf("%s[%q]: not a route; routes are %s", key, path, strings.Join(routes, ", ")))
+		}
+		if _, err := tlsbind.ParseEarlyPolicy(string(policies[path])); err != nil {
+			errs = append(errs, fmt.Errorf("%s[%q]: %w", key, path, err))
+		}
+	}
+	return errs
+}
+
+// ParseTrustedProxy reads one of AuthConfig.TrustedProxies as a
+// configuration file writes it: a prefix in its masked form
+// ("10.0.0.0/8"), or a single address.
+func ParseTrustedProxy(s string) (netip.Prefix, error) {
+	var p netip.Prefix
+	if strings.Contains(s, "/") {
+		var err error
+		if p, err = netip.ParsePrefix(s); err != nil {
+			return p, fmt.Errorf("want a CIDR prefix or an address, got %q", s)
+		}
+		if p != p.Masked() {
+			return p, fmt.Errorf("%q has host bits set; write %s", s, p.Masked())
+		}
+	} else {
+		a, err := netip.ParseAddr(s)
+		if err != nil || a.Zone() != "" {
+			return p, fmt.Errorf("want a CIDR prefix or an address, got %q", s)
+		}
+		p = netip.PrefixFrom(a, a.BitLen())
+	}
+	if p.Addr().Is4In6() {
+		// Peers are compared in their IPv4 form.
+		return p, fmt.Errorf("%q is an IPv4-mapped IPv6 address; write it as IPv4", s)
+	}
+	return p, nil
 }
 
 // QUICKeys are quic.Transport secrets shared between instances.
@@ -349,7 +396,7 @@ func defaultAuth(a *AuthConfig, g *Gateway) error {
 		}
 		t, err := tlsbind.NewTickets(tlsbind.TicketConfig{
 			Strikes:    mem,
-			Window:     a.Replay.Window(),
+			Window:     config.Duration(a.Replay.Window()),
 			Registerer: g.cfg.Registry,
 		}, g.log)
 		if err != nil {

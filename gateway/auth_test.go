@@ -16,6 +16,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"h3infer/client"
+	"h3infer/config"
 	"h3infer/tlsbind"
 )
 
@@ -360,7 +361,7 @@ func TestEarlyDataHeaderFromIntermediary(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		tk, err := tlsbind.NewTickets(tlsbind.TicketConfig{Strikes: strikes, Window: window, Registerer: c.Registry}, discardLog())
+		tk, err := tlsbind.NewTickets(tlsbind.TicketConfig{Strikes: strikes, Window: config.Duration(window), Registerer: c.Registry}, discardLog())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"time"
 
+	"h3infer/config"
 	"h3infer/priority"
 )
 
@@ -14,25 +15,26 @@ import (
 // ACKs about five-fold. Urgent streams keep one write per token.
 
 // CoalesceConfig says how long the SSE writer may hold tokens, by the
-// request's class (priority.Classes). Zero values mean the documented
+// request's class (priority.Classes). It is the configuration file's
+// gateway.coalesce as it is written; zero values mean the documented
 // defaults.
 type CoalesceConfig struct {
 	// Window applies to normal requests; urgent ones flush every token.
 	// Default 10ms.
-	Window time.Duration
+	Window config.Duration `json:"window"`
 	// BulkWindow applies to bulk requests. Default 25ms.
-	BulkWindow time.Duration
+	BulkWindow config.Duration `json:"bulk_window"`
 	// MaxAckDelay bounds both windows: holding data longer than the peer
 	// delays its ACKs would hold the sender's congestion window hostage
 	// for nothing. quic-go v0.65 does not tell the application the peer's
 	// max_ack_delay transport parameter, so this is RFC 9000's default,
 	// which Chromium and quic-go clients advertise or exceed. Default 25ms.
-	MaxAckDelay time.Duration
+	MaxAckDelay config.Duration `json:"max_ack_delay"`
 	// MaxBuffer flushes early once this many bytes are held. Default 4096.
-	MaxBuffer int
+	MaxBuffer int `json:"max_buffer"`
 	// Disabled flushes every token whatever the urgency (the baseline the
-	// benchmark compares against).
-	Disabled bool
+	// benchmark compares against). Not a setting of the file.
+	Disabled bool `json:"-"`
 }
 
 // Defaults for CoalesceConfig's zero values.
@@ -43,32 +45,43 @@ const (
 	DefaultCoalesceMaxBuffer   = 4096
 )
 
-// withDefaults validates c and fills its zero values; keys are named as in
-// the config file.
-func (c CoalesceConfig) withDefaults() (CoalesceConfig, []error) {
-	var errs []error
-	if c.Window < 0 || c.BulkWindow < 0 || c.MaxAckDelay < 0 || c.MaxBuffer < 0 {
-		errs = append(errs, fmt.Errorf("gateway.coalesce: durations and max_buffer must be >= 0"))
-	}
+// WithDefaults returns c with every zero value replaced by its default.
+func (c CoalesceConfig) WithDefaults() CoalesceConfig {
 	if c.Window == 0 {
-		c.Window = DefaultCoalesceWindow
+		c.Window = config.Duration(DefaultCoalesceWindow)
 	}
 	if c.BulkWindow == 0 {
-		c.BulkWindow = DefaultCoalesceBulkWindow
+		c.BulkWindow = config.Duration(DefaultCoalesceBulkWindow)
 	}
 	if c.MaxAckDelay == 0 {
-		c.MaxAckDelay = DefaultCoalesceMaxAckDelay
+		c.MaxAckDelay = config.Duration(DefaultCoalesceMaxAckDelay)
 	}
 	if c.MaxBuffer == 0 {
 		c.MaxBuffer = DefaultCoalesceMaxBuffer
 	}
-	if c.Window > c.MaxAckDelay {
-		errs = append(errs, fmt.Errorf("gateway.coalesce.window: must be at most max_ack_delay (%s), got %s", c.MaxAckDelay, c.Window))
+	return c
+}
+
+// validate reports every problem with c, defaults applied, each naming
+// its key as the configuration file writes it. Config.Validate reports
+// them with the rest of the gateway's.
+func (c CoalesceConfig) validate() []error {
+	var errs []error
+	if c.MaxAckDelay < 0 {
+		errs = append(errs, fmt.Errorf("gateway.coalesce.max_ack_delay: must be positive, got %s", c.MaxAckDelay))
 	}
-	if c.BulkWindow > c.MaxAckDelay {
-		errs = append(errs, fmt.Errorf("gateway.coalesce.bulk_window: must be at most max_ack_delay (%s), got %s", c.MaxAckDelay, c.BulkWindow))
+	for _, w := range []struct {
+		key string
+		d   config.Duration
+	}{{"window", c.Window}, {"bulk_window", c.BulkWindow}} {
+		if w.d < 0 || w.d > c.MaxAckDelay {
+			errs = append(errs, fmt.Errorf("gateway.coalesce.%s: must be positive and at most gateway.coalesce.max_ack_delay (%s), got %s", w.key, c.MaxAckDelay, w.d))
+		}
 	}
-	return c, errs
+	if c.MaxBuffer < 1 {
+		errs = append(errs, fmt.Errorf("gateway.coalesce.max_buffer: must be > 0, got %d", c.MaxBuffer))
+	}
+	return errs
 }
 
 // window is how long a stream of class class may hold tokens.
@@ -77,9 +90,9 @@ func (c CoalesceConfig) window(class priority.Class) time.Duration {
 	case c.Disabled || class == priority.Urgent:
 		return 0
 	case class == priority.Bulk:
-		return c.BulkWindow
+		return time.Duration(c.BulkWindow)
 	}
-	return c.Window
+	return time.Duration(c.Window)
 }
 
 // coalescer holds one stream's SSE bytes until its window ends, its buffer

@@ -289,7 +289,7 @@ const deadlineHeader = "X-Request-Timeout"
 func (g *Gateway) deadlineOf(h http.Header, start time.Time) (time.Time, error) {
 	v := h.Get(deadlineHeader)
 	if v == "" {
-		return start.Add(g.cfg.QueueTimeout), nil
+		return start.Add(time.Duration(g.cfg.QueueTimeout)), nil
 	}
 	d, err := time.ParseDuration(v)
 	if err != nil {
@@ -299,7 +299,7 @@ func (g *Gateway) deadlineOf(h http.Header, start time.Time) (time.Time, error) 
 		}
 		d = time.Duration(n) * time.Second
 	}
-	if d <= 0 || d > g.cfg.MaxDeadline {
+	if d <= 0 || d > time.Duration(g.cfg.MaxDeadline) {
 		return time.Time{}, invalidf("", "%s: must be above 0 and at most %s, got %s", deadlineHeader, g.cfg.MaxDeadline, d)
 	}
 	return start.Add(d), nil

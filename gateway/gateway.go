@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,9 +21,9 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
+	"h3infer/config"
 	"h3infer/infer"
 	"h3infer/scheduler"
-	"h3infer/tlsbind"
 )
 
 // Dispatch is one dispatched request as the gateway consumes it.
@@ -95,12 +94,15 @@ type WorkerState struct {
 	HeartbeatStalledSeconds float64 `json:"heartbeat_stalled_seconds"`
 }
 
-// Config configures a Gateway. Zero values mean the documented defaults.
+// Config configures a Gateway. Zero values mean the documented defaults
+// (WithDefaults). The fields with json tags are the configuration file's
+// "gateway" section as it is written; the rest the command that runs the
+// gateway wires in, from other sections or from what it built.
 type Config struct {
 	// Listen is the host:port served by HTTP/3 on UDP and by HTTP/1.1 and
 	// HTTP/2 on TCP, the same port for both so that Alt-Svc can name it.
 	// Port 0 picks a port free on both. Default 127.0.0.1:8443.
-	Listen string
+	Listen string `json:"-"`
 	// Admin is the host:port of the plain-HTTP admin listener (/healthz,
 	// /readyz, /metrics, /debug/state, /debug/pprof/). Port 0 picks a free
 	// port. Default 127.0.0.1:9090. The listener answers only requests
@@ -109,96 +111,105 @@ type Config struct {
 	// unspecified address), or one of AdminHosts; it refuses requests a
 	// browser marks as cross-origin, and POSTs under /admin/ that are not
 	// application/json.
-	Admin string
+	Admin string `json:"-"`
 	// AdminHosts are further host names the admin listener answers to, on
 	// any port: the names a scraper or operator reaches it by. Default:
 	// none.
-	AdminHosts []string
+	AdminHosts []string `json:"-"`
 	// TLS holds the certificates. Required. The gateway clones it and sets
 	// NextProtos per listener.
-	TLS *tls.Config
-	// MaxBodyBytes bounds a request body; a larger one gets 413. Default 1 MiB.
-	MaxBodyBytes int64
+	TLS *tls.Config `json:"-"`
+	// MaxBodyBytes bounds a request body; a larger one gets 413. At least
+	// 1024. Default 1 MiB.
+	MaxBodyBytes int64 `json:"max_body_bytes"`
 	// DefaultMaxTokens caps generation when a request names no max_tokens.
 	// Default 256.
-	DefaultMaxTokens int
+	DefaultMaxTokens int `json:"default_max_tokens"`
 	// MaxStreams is how many requests one client connection may have in
 	// flight at once: the HTTP/3 bidirectional stream limit and HTTP/2's
 	// concurrent streams. quic-go's own default of 100 made a client that
 	// multiplexes more completions over one connection (a frontend, a
 	// load generator) queue the rest on its side, where neither the
-	// scheduler nor urgency can see them. Default 1024.
-	MaxStreams int
+	// scheduler nor urgency can see them. 1..65536; default 1024.
+	MaxStreams int `json:"max_streams"`
 	// PreauthStreams is how many requests an HTTP/3 connection may have
 	// in handlers until one of its requests has passed the auth guard;
 	// MaxStreams applies after (and from the start with auth disabled).
 	// More streams wait in quic-go, costing no goroutine. A browser opens
 	// at most about 100 at once. 1..MaxStreams; default 100 or MaxStreams
 	// if lower.
-	PreauthStreams int
+	PreauthStreams int `json:"preauth_streams"`
 	// HeaderTimeout is how long a request may take to send its headers,
 	// over HTTP/3 (per stream; a late one is reset) and over TCP (per
 	// connection, net/http's ReadHeaderTimeout). Default 10s.
-	HeaderTimeout time.Duration
+	HeaderTimeout config.Duration `json:"header_timeout"`
 	// AuthTimeout is how long a client connection (HTTP/3 or TCP) may
 	// stay open without one of its requests passing the auth guard; then
 	// it is closed. Without it, connections that never authenticate and
 	// keep themselves alive would hold MaxConnections' slots for good.
 	// No deadline with auth disabled. Default 30s.
-	AuthTimeout time.Duration
+	AuthTimeout config.Duration `json:"auth_timeout"`
 	// MaxConnections bounds the client connections of both listeners
 	// together, HTTP/3 handshakes in progress included; past it a QUIC
 	// connection is refused before its handshake (CONNECTION_REFUSED) and
 	// a TCP one closed on accept. Default: DefaultMaxConnections().
-	MaxConnections int
+	MaxConnections int `json:"max_connections"`
 	// MaxConnectionsPerSource bounds the connections of one source (an
 	// IPv4 address, an IPv6 /64), counted once the address is proven.
-	// Default DefaultMaxConnectionsPerSource.
-	MaxConnectionsPerSource int
+	// 1..MaxConnections; default DefaultMaxConnectionsPerSource.
+	MaxConnectionsPerSource int `json:"max_connections_per_source"`
 	// QueueTimeout is each request's default deadline, counted from its
 	// arrival: a request still queued then gets 504, one still streaming
-	// gets an error event. Default 30s.
-	QueueTimeout time.Duration
+	// gets an error event. At most MaxDeadline; default 30s. The file
+	// calls it gateway.deadline.
+	QueueTimeout config.Duration `json:"deadline"`
 	// MaxDeadline caps the deadline a client may ask for in the
 	// X-Request-Timeout header. Default 5m.
-	MaxDeadline time.Duration
+	MaxDeadline config.Duration `json:"max_deadline"`
 	// Tenant names the tenant a request belongs to: the scheduler shares
 	// workers between tenants by weight, and RateLimits applies per tenant.
 	// Default: the tenant the request's token names (scheduler.DefaultTenant
 	// without auth).
-	Tenant func(*http.Request) string
+	Tenant func(*http.Request) string `json:"-"`
 	// Coalesce shapes how the SSE writer batches tokens by urgency.
-	Coalesce CoalesceConfig
+	Coalesce CoalesceConfig `json:"coalesce"`
+	// ShutdownGrace is how long streams in flight may run once shutdown
+	// begins; those still running then end with an error event. It is the
+	// deadline the caller gives Shutdown's context (and may change while
+	// serving, as cmd/h3infer does on SIGHUP), so the gateway only checks
+	// and defaults it. 0..10m; default 10s.
+	ShutdownGrace config.Duration `json:"shutdown_grace"`
 	// Registry receives the gateway's metrics and is served on /metrics.
 	// Default: a registry of the gateway's own.
-	Registry *prometheus.Registry
+	Registry *prometheus.Registry `json:"-"`
 	// Auth configures tokens and the 0-RTT guard; auth is on by default.
-	Auth AuthConfig
+	Auth AuthConfig `json:"-"`
 	// Router, when set, maps each request's model to a version. nil: the
 	// model name goes to the workers as it is.
-	Router Router
+	Router Router `json:"-"`
 	// ModelAdmin, when set, is served on the admin listener.
-	ModelAdmin ModelAdmin
+	ModelAdmin ModelAdmin `json:"-"`
 	// QUICKeys, when set, are shared with other instances so that each
 	// accepts the others' address tokens and stateless resets. Default:
 	// random per start.
-	QUICKeys *QUICKeys
+	QUICKeys *QUICKeys `json:"-"`
 	// TracerProvider makes the request spans. Default: a no-op provider, so
 	// tracing costs nothing.
-	TracerProvider trace.TracerProvider
-	// RateLimits limits each tenant. Default: no limits.
-	RateLimits RateLimits
+	TracerProvider trace.TracerProvider `json:"-"`
+	// RateLimits limits each tenant. Default: no limits. The file has it
+	// as a section of its own, rate_limits.
+	RateLimits RateLimits `json:"-"`
 	// AdminToken, when set, is required as "Authorization: Bearer <token>"
 	// on every admin route but /healthz and /readyz. It is required when
 	// Admin is not a loopback address.
-	AdminToken string
+	AdminToken string `json:"-"`
 	// Status, when set, is served as JSON under "status" on /debug/state:
 	// the wiring reports queues there. Workers come from the Catalog.
-	Status func() any
+	Status func() any `json:"-"`
 	// TCPProtos are ALPN protocols the TCP listener offers besides h2 and
 	// http/1.1: certs.ACMEALPN when TLS's certificate source answers ACME's
 	// tls-alpn-01 challenge. The certificate source must handle them.
-	TCPProtos []string
+	TCPProtos []string `json:"-"`
 }
 
 // Defaults for Config's zero values.
@@ -218,6 +229,7 @@ const (
 	maxHeaderBytes          = 64 << 10
 	DefaultQueueTimeout     = 30 * time.Second
 	DefaultMaxDeadline      = 5 * time.Minute
+	DefaultShutdownGrace    = 10 * time.Second
 	altSvcMaxAge            = 86400
 	adminHeaderTimeout      = 10 * time.Second
 	idleTimeout             = 2 * time.Minute
@@ -231,6 +243,96 @@ const (
 // maxStreamsLimit bounds gateway.max_streams: each open stream may cost
 // the gateway a handler goroutine and its buffers.
 const maxStreamsLimit = 1 << 16
+
+// minMaxBodyBytes is the least gateway.max_body_bytes accepted.
+const minMaxBodyBytes = 1024
+
+// maxShutdownGrace is the longest gateway.shutdown_grace accepted.
+const maxShutdownGrace = 10 * time.Minute
+
+// WithDefaults returns c with each zero value of its settings replaced by
+// its default. What New fills in from the wiring (Tenant, Registry,
+// TracerProvider, the auth guard) is left to New.
+func (c Config) WithDefaults() Config {
+	def := func(v *int, d int) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	defDuration := func(v *config.Duration, d time.Duration) {
+		if *v == 0 {
+			*v = config.Duration(d)
+		}
+	}
+	if c.Listen == "" {
+		c.Listen = DefaultListen
+	}
+	if c.Admin == "" {
+		c.Admin = DefaultAdmin
+	}
+	if c.MaxBodyBytes == 0 {
+		c.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	def(&c.DefaultMaxTokens, DefaultMaxTokens)
+	def(&c.MaxStreams, DefaultMaxStreams)
+	def(&c.PreauthStreams, min(DefaultPreauthStreams, c.MaxStreams))
+	defDuration(&c.HeaderTimeout, DefaultHeaderTimeout)
+	defDuration(&c.AuthTimeout, DefaultAuthTimeout)
+	def(&c.MaxConnections, DefaultMaxConnections())
+	def(&c.MaxConnectionsPerSource, DefaultMaxConnectionsPerSource)
+	defDuration(&c.QueueTimeout, DefaultQueueTimeout)
+	defDuration(&c.MaxDeadline, DefaultMaxDeadline)
+	defDuration(&c.ShutdownGrace, DefaultShutdownGrace)
+	c.Coalesce = c.Coalesce.WithDefaults()
+	return c
+}
+
+// Validate reports every problem with the settings of the configuration
+// file's "gateway" section at once, each naming its key as the file writes
+// it: "gateway.max_body_bytes: must be at least 1024, got 10". Zero values
+// stand for their defaults. New checks the wiring besides.
+func (c Config) Validate() error {
+	c = c.WithDefaults()
+	var errs []error
+	bad := func(key, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("gateway.%s: %s", key, fmt.Sprintf(format, a...)))
+	}
+	if c.MaxBodyBytes < minMaxBodyBytes {
+		bad("max_body_bytes", "must be at least %d, got %d", minMaxBodyBytes, c.MaxBodyBytes)
+	}
+	if c.DefaultMaxTokens < 1 {
+		bad("default_max_tokens", "must be > 0, got %d", c.DefaultMaxTokens)
+	}
+	if c.MaxStreams < 1 || c.MaxStreams > maxStreamsLimit {
+		bad("max_streams", "must be 1..%d, got %d", maxStreamsLimit, c.MaxStreams)
+	}
+	if c.PreauthStreams < 1 || c.PreauthStreams > c.MaxStreams {
+		bad("preauth_streams", "must be 1..max_streams (%d), got %d", c.MaxStreams, c.PreauthStreams)
+	}
+	if c.HeaderTimeout < 0 {
+		bad("header_timeout", "must be positive, got %s", c.HeaderTimeout)
+	}
+	if c.AuthTimeout < 0 {
+		bad("auth_timeout", "must be positive, got %s", c.AuthTimeout)
+	}
+	if c.MaxConnections < 1 {
+		bad("max_connections", "must be > 0, got %d", c.MaxConnections)
+	}
+	if c.MaxConnectionsPerSource < 1 || c.MaxConnectionsPerSource > c.MaxConnections {
+		bad("max_connections_per_source", "must be 1..max_connections (%d), got %d", c.MaxConnections, c.MaxConnectionsPerSource)
+	}
+	if c.MaxDeadline < 0 {
+		bad("max_deadline", "must be positive, got %s", c.MaxDeadline)
+	}
+	if c.QueueTimeout < 0 || c.QueueTimeout > c.MaxDeadline {
+		bad("deadline", "must be positive and at most gateway.max_deadline (%s), got %s", c.MaxDeadline, c.QueueTimeout)
+	}
+	if g := time.Duration(c.ShutdownGrace); g < 0 || g > maxShutdownGrace {
+		bad("shutdown_grace", "must be 0..10m, got %s", g)
+	}
+	errs = append(errs, c.Coalesce.validate()...)
+	return errors.Join(errs...)
+}
 
 // Gateway serves the API on one port over HTTP/3 and TCP, and the admin
 // endpoints on another.
@@ -285,48 +387,10 @@ type Gateway struct {
 
 // New validates cfg and builds a gateway; Start opens its sockets.
 func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, error) {
-	var errs []error
+	errs := []error{cfg.Validate()}
+	cfg = cfg.WithDefaults()
 	if cfg.TLS == nil || (len(cfg.TLS.Certificates) == 0 && cfg.TLS.GetCertificate == nil && cfg.TLS.GetConfigForClient == nil) {
 		errs = append(errs, errors.New("gateway.tls: a certificate is required"))
-	}
-	if cfg.MaxBodyBytes < 0 {
-		errs = append(errs, fmt.Errorf("gateway.max_body_bytes: must be >= 0, got %d", cfg.MaxBodyBytes))
-	}
-	if cfg.DefaultMaxTokens < 0 {
-		errs = append(errs, fmt.Errorf("gateway.default_max_tokens: must be >= 0, got %d", cfg.DefaultMaxTokens))
-	}
-	if cfg.MaxStreams < 0 || cfg.MaxStreams > maxStreamsLimit {
-		errs = append(errs, fmt.Errorf("gateway.max_streams: must be 0..%d, got %d", maxStreamsLimit, cfg.MaxStreams))
-	}
-	if cfg.PreauthStreams < 0 || cfg.PreauthStreams > maxStreamsLimit {
-		errs = append(errs, fmt.Errorf("gateway.preauth_streams: must be 0..%d, got %d", maxStreamsLimit, cfg.PreauthStreams))
-	}
-	if cfg.HeaderTimeout < 0 {
-		errs = append(errs, fmt.Errorf("gateway.header_timeout: must be >= 0, got %s", cfg.HeaderTimeout))
-	}
-	if cfg.AuthTimeout < 0 {
-		errs = append(errs, fmt.Errorf("gateway.auth_timeout: must be >= 0, got %s", cfg.AuthTimeout))
-	}
-	if cfg.MaxConnections < 0 {
-		errs = append(errs, fmt.Errorf("gateway.max_connections: must be >= 0, got %d", cfg.MaxConnections))
-	}
-	if cfg.MaxConnectionsPerSource < 0 {
-		errs = append(errs, fmt.Errorf("gateway.max_connections_per_source: must be >= 0, got %d", cfg.MaxConnectionsPerSource))
-	}
-	if cfg.QueueTimeout < 0 {
-		errs = append(errs, fmt.Errorf("gateway.queue_timeout: must be >= 0, got %s", cfg.QueueTimeout))
-	}
-	if cfg.MaxDeadline < 0 {
-		errs = append(errs, fmt.Errorf("gateway.max_deadline: must be >= 0, got %s", cfg.MaxDeadline))
-	}
-	var cerrs []error
-	cfg.Coalesce, cerrs = cfg.Coalesce.withDefaults()
-	errs = append(errs, cerrs...)
-	if cfg.Listen == "" {
-		cfg.Listen = DefaultListen
-	}
-	if cfg.Admin == "" {
-		cfg.Admin = DefaultAdmin
 	}
 	if _, _, err := net.SplitHostPort(cfg.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("gateway.listen: %w", err))
@@ -334,6 +398,7 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if _, _, err := net.SplitHostPort(cfg.Admin); err != nil {
 		errs = append(errs, fmt.Errorf("gateway.admin: %w", err))
 	}
+	errs = append(errs, ValidateAdminHosts("gateway.admin_hosts", cfg.AdminHosts)...)
 	if sched == nil {
 		errs = append(errs, errors.New("gateway: scheduler is nil"))
 	}
@@ -346,18 +411,10 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if !cfg.Auth.Disabled && cfg.Auth.Tokens == nil {
 		errs = append(errs, errors.New("gateway.auth: a token verifier is required unless auth is disabled"))
 	}
-	routes := EarlyDataRoutes()
-	for _, path := range slices.Sorted(maps.Keys(cfg.Auth.EarlyData)) {
-		if !slices.Contains(routes, path) {
-			errs = append(errs, fmt.Errorf("gateway.early_data[%q]: not a route; routes are %s", path, strings.Join(routes, ", ")))
-		}
-		if _, err := tlsbind.ParseEarlyPolicy(string(cfg.Auth.EarlyData[path])); err != nil {
-			errs = append(errs, fmt.Errorf("gateway.early_data[%q]: %w", path, err))
-		}
-	}
+	errs = append(errs, ValidateEarlyData("gateway.early_data", cfg.Auth.EarlyData)...)
 	for i, p := range cfg.Auth.TrustedProxies {
-		if !p.IsValid() || p != p.Masked() {
-			errs = append(errs, fmt.Errorf("gateway.auth.trusted_proxies[%d]: want a valid, masked prefix, got %s", i, p))
+		if !p.IsValid() || p != p.Masked() || p.Addr().Is4In6() {
+			errs = append(errs, fmt.Errorf("gateway.auth.trusted_proxies[%d]: want a valid, masked prefix that is not IPv4-mapped, got %s", i, p))
 		}
 	}
 	if err := validateRateLimits(cfg.RateLimits); err != nil {
@@ -368,42 +425,6 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
-	}
-	if cfg.MaxBodyBytes == 0 {
-		cfg.MaxBodyBytes = DefaultMaxBodyBytes
-	}
-	if cfg.DefaultMaxTokens == 0 {
-		cfg.DefaultMaxTokens = DefaultMaxTokens
-	}
-	if cfg.MaxStreams == 0 {
-		cfg.MaxStreams = DefaultMaxStreams
-	}
-	if cfg.PreauthStreams == 0 {
-		cfg.PreauthStreams = min(DefaultPreauthStreams, cfg.MaxStreams)
-	}
-	if cfg.PreauthStreams > cfg.MaxStreams {
-		return nil, fmt.Errorf("gateway.preauth_streams: must be at most max_streams (%d), got %d", cfg.MaxStreams, cfg.PreauthStreams)
-	}
-	if cfg.HeaderTimeout == 0 {
-		cfg.HeaderTimeout = DefaultHeaderTimeout
-	}
-	if cfg.AuthTimeout == 0 {
-		cfg.AuthTimeout = DefaultAuthTimeout
-	}
-	if cfg.MaxConnections == 0 {
-		cfg.MaxConnections = DefaultMaxConnections()
-	}
-	if cfg.MaxConnectionsPerSource == 0 {
-		cfg.MaxConnectionsPerSource = DefaultMaxConnectionsPerSource
-	}
-	if cfg.QueueTimeout == 0 {
-		cfg.QueueTimeout = DefaultQueueTimeout
-	}
-	if cfg.MaxDeadline == 0 {
-		cfg.MaxDeadline = DefaultMaxDeadline
-	}
-	if cfg.QueueTimeout > cfg.MaxDeadline {
-		return nil, fmt.Errorf("gateway.deadline: must be at most max_deadline (%s), got %s", cfg.MaxDeadline, cfg.QueueTimeout)
 	}
 	if cfg.Tenant == nil {
 		cfg.Tenant = tokenTenant
@@ -516,7 +537,7 @@ func (g *Gateway) Start() error {
 	g.tcp = &http.Server{
 		Handler:           g.instrument(advertiseH3(altSvc, api)),
 		TLSConfig:         tcpTLS,
-		ReadHeaderTimeout: g.cfg.HeaderTimeout,
+		ReadHeaderTimeout: time.Duration(g.cfg.HeaderTimeout),
 		MaxHeaderBytes:    maxHeaderBytes,
 		IdleTimeout:       idleTimeout,
 		ConnContext:       g.tcpConnContext,

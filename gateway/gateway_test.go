@@ -525,7 +525,7 @@ func TestSubmittedJob(t *testing.T) {
 }
 
 func TestErrorResponses(t *testing.T) {
-	h := newHarness(t, func(c *Config) { c.MaxBodyBytes = 512 })
+	h := newHarness(t, func(c *Config) { c.MaxBodyBytes = 1024 })
 	chat := func(extra string) string {
 		return `{"model":"demo","messages":[{"role":"user","content":"hi"}]` + extra + `}`
 	}
@@ -560,7 +560,7 @@ func TestErrorResponses(t *testing.T) {
 		"two prompts":          {path: "/v1/completions", body: `{"model":"demo","prompt":["a","b"]}`, status: 400, param: "prompt"},
 		"token prompt":         {path: "/v1/completions", body: `{"model":"demo","prompt":[1,2]}`, status: 400, param: "prompt"},
 		"unknown model":        {body: `{"model":"nope","messages":[{"role":"user","content":"hi"}]}`, status: 404, code: "model_not_found", param: "model"},
-		"body too large":       {body: chat(`,"user":"` + strings.Repeat("x", 600) + `"`), status: 413, code: "request_too_large"},
+		"body too large":       {body: chat(`,"user":"` + strings.Repeat("x", 1100) + `"`), status: 413, code: "request_too_large"},
 		"wrong method":         {method: http.MethodGet, status: 405, code: "method_not_allowed", header: map[string]string{"Allow": "POST"}},
 		"unknown route":        {path: "/v1/embeddings", status: 404, code: "not_found"},
 		"context length": {

@@ -114,7 +114,7 @@ func (g *Gateway) tcpConnContext(ctx context.Context, c net.Conn) context.Contex
 		return ctx
 	}
 	gate := &connGate{}
-	g.tcpAuthTimers.Store(c, time.AfterFunc(g.cfg.AuthTimeout, func() {
+	g.tcpAuthTimers.Store(c, time.AfterFunc(time.Duration(g.cfg.AuthTimeout), func() {
 		if !gate.authed.Load() {
 			g.conns.closedUnauthenticated.WithLabelValues("tcp").Inc()
 			c.Close()
@@ -167,7 +167,7 @@ func (g *Gateway) serveH3Conn(conn *quic.Conn, gate *connGate) {
 		// A connection that never authenticates would otherwise hold its
 		// slot for as long as its peer keeps it alive with PINGs: enough
 		// of them would fill max_connections for everyone.
-		t := time.AfterFunc(g.cfg.AuthTimeout, func() {
+		t := time.AfterFunc(time.Duration(g.cfg.AuthTimeout), func() {
 			if !gate.authed.Load() {
 				g.conns.closedUnauthenticated.WithLabelValues("quic").Inc()
 				hc.CloseWithError(h3NoError, "no authenticated request")
@@ -241,7 +241,7 @@ func (g *Gateway) serveH3Conn(conn *quic.Conn, gate *connGate) {
 			continue
 		}
 		// A stream that cannot have this deadline set is already reset.
-		_ = str.SetReadDeadline(time.Now().Add(g.cfg.HeaderTimeout))
+		_ = str.SetReadDeadline(time.Now().Add(time.Duration(g.cfg.HeaderTimeout)))
 		gate.active.Add(1)
 		handlers.Add(1)
 		wg.Go(func() {

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/config"
+
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 )
@@ -28,7 +30,7 @@ func slowStream(t *testing.T, qc *quic.Conn) *quic.Stream {
 }
 
 func TestHeaderTimeoutResetsStream(t *testing.T) {
-	h := newHarness(t, func(c *Config) { c.HeaderTimeout = 200 * time.Millisecond })
+	h := newHarness(t, func(c *Config) { c.HeaderTimeout = config.Duration(200 * time.Millisecond) })
 	qc, _ := h.rawH3(t)
 	str := slowStream(t, qc)
 	str.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -45,7 +47,7 @@ func TestPreauthStreamCap(t *testing.T) {
 	h := newHarness(t, func(c *Config) {
 		c.PreauthStreams = 2
 		c.MaxStreams = 20
-		c.HeaderTimeout = time.Minute
+		c.HeaderTimeout = config.Duration(time.Minute)
 	})
 	qc, cc := h.rawH3(t)
 	get := func(ctx context.Context, bearer string) (*http.Response, error) {
@@ -108,7 +110,7 @@ func TestPreauthStreamCap(t *testing.T) {
 // the headers alone.
 func TestHeaderTimeoutSparesTheBody(t *testing.T) {
 	const timeout = 200 * time.Millisecond
-	h := newHarness(t, func(c *Config) { c.HeaderTimeout = timeout })
+	h := newHarness(t, func(c *Config) { c.HeaderTimeout = config.Duration(timeout) })
 	body, w := io.Pipe()
 	go func() {
 		time.Sleep(3 * timeout)
@@ -133,7 +135,7 @@ func TestHeaderTimeoutSparesTheBody(t *testing.T) {
 // authenticated outlives it.
 func TestAuthTimeoutClosesUnauthenticated(t *testing.T) {
 	const timeout = 300 * time.Millisecond
-	h := newHarness(t, func(c *Config) { c.AuthTimeout = timeout })
+	h := newHarness(t, func(c *Config) { c.AuthTimeout = config.Duration(timeout) })
 
 	idle, _ := h.rawH3(t)
 	authed, ac := h.rawH3(t)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"h3infer/config"
 	"h3infer/ratelimit"
 	"h3infer/scheduler"
 )
@@ -22,21 +23,21 @@ type LimitStore interface {
 	Take(ctx context.Context, key string, lim ratelimit.Limit, cost int, force bool) (ratelimit.Decision, error)
 }
 
-// TenantLimit is one tenant's limits. A zero field means no limit of that
-// kind.
+// TenantLimit is one tenant's limits, as the configuration file writes
+// them. A zero field means no limit of that kind.
 type TenantLimit struct {
 	// RequestsPerSecond admits completion requests at this rate, with bursts
 	// of RequestBurst (default: the rate rounded up).
-	RequestsPerSecond float64
-	RequestBurst      int
+	RequestsPerSecond float64 `json:"requests_per_second"`
+	RequestBurst      int     `json:"request_burst"`
 	// OutputTokensPerSecond debits generated tokens as they stream, with
 	// bursts of OutputTokenBurst (default: the rate rounded up). A stream
 	// that runs over is paced, or cut off when RateLimits.CutOff is set.
-	OutputTokensPerSecond float64
-	OutputTokenBurst      int
+	OutputTokensPerSecond float64 `json:"output_tokens_per_second"`
+	OutputTokenBurst      int     `json:"output_token_burst"`
 	// MaxConcurrent caps the tenant's completions running at once on this
 	// instance.
-	MaxConcurrent int
+	MaxConcurrent int `json:"max_concurrent"`
 }
 
 func (l TenantLimit) any() bool {
@@ -44,29 +45,47 @@ func (l TenantLimit) any() bool {
 }
 
 // RateLimits configures per-tenant limits. The zero value limits nothing.
+// The fields with json tags are written as in the configuration file's
+// rate_limits section; which store keeps the buckets is the wiring's.
 type RateLimits struct {
 	// Default applies to every tenant not listed in Tenants.
-	Default TenantLimit
+	Default TenantLimit `json:"default"`
 	// Tenants overrides Default per tenant name (as Config.Tenant names
 	// them). The names listed here are also the only tenant label values
 	// metrics use besides scheduler.DefaultTenant.
-	Tenants map[string]TenantLimit
+	Tenants map[string]TenantLimit `json:"tenants"`
 	// CutOff ends a stream that runs over its output-token rate with a
 	// rate_limit_exceeded error instead of pacing it.
-	CutOff bool
+	CutOff bool `json:"cut_off"`
 	// Store keeps the buckets. Default: a ratelimit.Local of the gateway's
 	// own. When a Store other than a ratelimit.Local fails, the gateway
 	// decides with a local store of its own under the same limits (per
 	// instance, then) rather than admit everything, and tries Store again
 	// after StoreRetry.
-	Store LimitStore
+	Store LimitStore `json:"-"`
 	// StoreRetry is how long the local fallback decides after Store
-	// failed. Default 1s.
-	StoreRetry time.Duration
+	// failed. 10ms..1m; default 1s.
+	StoreRetry config.Duration `json:"store_retry"`
 }
 
-// defaultStoreRetry is RateLimits.StoreRetry's default.
-const defaultStoreRetry = time.Second
+// DefaultStoreRetry is RateLimits.StoreRetry's default.
+const DefaultStoreRetry = time.Second
+
+// Bounds of RateLimits.StoreRetry: shorter, a store that is down is
+// called for nearly every request anyway; longer, a store that is back
+// leaves each instance deciding alone for minutes.
+const (
+	minStoreRetry = 10 * time.Millisecond
+	maxStoreRetry = time.Minute
+)
+
+// WithDefaults returns rl with every zero value replaced by its default.
+func (rl RateLimits) WithDefaults() RateLimits {
+	if rl.StoreRetry == 0 {
+		rl.StoreRetry = config.Duration(DefaultStoreRetry)
+	}
+	return rl
+}
 
 // The limit label values of h3infer_rate_limit_refusals_total.
 const (
@@ -111,6 +130,9 @@ func validateRateLimits(rl RateLimits) error {
 			errs = append(errs, fmt.Errorf("%s.max_concurrent: must be >= 0, got %d", key, l.MaxConcurrent))
 		}
 	}
+	if r := time.Duration(rl.WithDefaults().StoreRetry); r < minStoreRetry || r > maxStoreRetry {
+		errs = append(errs, fmt.Errorf("rate_limits.store_retry: must be 10ms..1m, got %s", r))
+	}
 	check("rate_limits.default", rl.Default)
 	for name, l := range rl.Tenants {
 		if name == "" {
@@ -153,7 +175,7 @@ type storeFallback struct {
 
 func newStoreFallback(retry time.Duration, m *metrics, log *slog.Logger) *storeFallback {
 	if retry <= 0 {
-		retry = defaultStoreRetry
+		retry = DefaultStoreRetry
 	}
 	return &storeFallback{local: ratelimit.NewLocal(), retry: retry, errors: m.limitStoreErrors, decisions: m.limitFallback, log: log}
 }
@@ -239,7 +261,7 @@ func newLimiter(cfg RateLimits, prev *limiter, m *metrics, log *slog.Logger) *li
 		l.store = ratelimit.NewLocal()
 	}
 	if _, local := l.store.(*ratelimit.Local); !local {
-		l.fallback = newStoreFallback(cfg.StoreRetry, m, log)
+		l.fallback = newStoreFallback(time.Duration(cfg.StoreRetry), m, log)
 	}
 	return l
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"h3infer/config"
 	"h3infer/infer"
 	"h3infer/internal/redistest"
 	"h3infer/ratelimit"
@@ -235,7 +236,7 @@ func TestRedisDownFallsBackToLocalLimits(t *testing.T) {
 		c.RateLimits = RateLimits{
 			Default:    TenantLimit{RequestsPerSecond: 0.1, RequestBurst: 2},
 			Store:      ratelimit.NewRedis(client, "h3infer:rl:"),
-			StoreRetry: 50 * time.Millisecond,
+			StoreRetry: config.Duration(50 * time.Millisecond),
 		}
 	})
 	t.Cleanup(func() {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/config"
 	"h3infer/infer"
 	"h3infer/priority"
 	"h3infer/scheduler"
@@ -234,12 +235,12 @@ func TestCoalesceConfigValidates(t *testing.T) {
 		cfg  CoalesceConfig
 		want string
 	}{
-		"window beyond ack delay":      {CoalesceConfig{Window: 30 * time.Millisecond}, "gateway.coalesce.window"},
-		"bulk window beyond ack delay": {CoalesceConfig{BulkWindow: 26 * time.Millisecond}, "gateway.coalesce.bulk_window"},
+		"window beyond ack delay":      {CoalesceConfig{Window: config.Duration(30 * time.Millisecond)}, "gateway.coalesce.window"},
+		"bulk window beyond ack delay": {CoalesceConfig{BulkWindow: config.Duration(26 * time.Millisecond)}, "gateway.coalesce.bulk_window"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			_, errs := tc.cfg.withDefaults()
+			errs := tc.cfg.WithDefaults().validate()
 			if len(errs) == 0 || !strings.Contains(errs[0].Error(), tc.want) {
 				t.Errorf("errors %v, want one naming %s", errs, tc.want)
 			}
@@ -247,7 +248,8 @@ func TestCoalesceConfigValidates(t *testing.T) {
 	}
 	// The classes' bounds are checked where they live (priority); by the
 	// default classes, u=0..2 flush at once, 3..5 hold 10ms, 6..7 25ms.
-	c, errs := CoalesceConfig{}.withDefaults()
+	c := CoalesceConfig{}.WithDefaults()
+	errs := c.validate()
 	want := [priority.Levels]time.Duration{0, 0, 0, 10 * time.Millisecond, 10 * time.Millisecond, 10 * time.Millisecond, 25 * time.Millisecond, 25 * time.Millisecond}
 	for u := range priority.Urgency(priority.Levels) {
 		if got := c.window(priority.DefaultClasses.Of(u)); len(errs) != 0 || got != want[u] {

@@ -16,6 +16,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"h3infer/client"
+	"h3infer/config"
 	"h3infer/internal/udprelay"
 	"h3infer/tlsbind"
 )
@@ -93,7 +94,7 @@ func warmHarness(t *testing.T, extra func(*Config)) *harness {
 		if err != nil {
 			t.Fatal(err)
 		}
-		tk, err := tlsbind.NewTickets(tlsbind.TicketConfig{Instance: "a", Strikes: strikes, Window: testWindow, Registerer: c.Registry}, discardLog())
+		tk, err := tlsbind.NewTickets(tlsbind.TicketConfig{Instance: "a", Strikes: strikes, Window: config.Duration(testWindow), Registerer: c.Registry}, discardLog())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/config"
 	"h3infer/priority"
 )
 
@@ -250,7 +251,7 @@ func fakeClockScheduler(t *testing.T, cfg Config) (*Scheduler, *fakeClock, *fake
 	s, _ := newTestScheduler(t, cfg, w)
 	clk := newFakeClock()
 	s.clock = clk
-	s.queue = newQueue(s.cfg.Aging)
+	s.queue = newQueue(time.Duration(s.cfg.Aging))
 	busy, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
@@ -326,7 +327,7 @@ func recvAny(t *testing.T, chans []<-chan result) result {
 }
 
 func TestSchedulerAgingOnFakeClock(t *testing.T) {
-	s, clk, _, busy := fakeClockScheduler(t, Config{Aging: time.Second})
+	s, clk, _, busy := fakeClockScheduler(t, Config{Aging: config.Duration(time.Second)})
 	bulk := submitAsync(t, s, context.Background(), &Request{Urgency: 7})
 	clk.Advance(7 * time.Second)
 	urgent := submitAsync(t, s, context.Background(), &Request{Urgency: 0})
@@ -379,7 +380,7 @@ func TestSchedulerDeadlineOnFakeClock(t *testing.T) {
 }
 
 func TestSchedulerBounds(t *testing.T) {
-	cfg := Config{MaxQueue: 3, RetryAfter: 2 * time.Second, Tenants: []Tenant{
+	cfg := Config{MaxQueue: 3, RetryAfter: config.Duration(2 * time.Second), Tenants: []Tenant{
 		{Name: "a", Weight: 1, DefaultUrgency: 3, MaxQueue: 1},
 		{Name: "b", Weight: 1, DefaultUrgency: 3},
 	}}
@@ -485,7 +486,7 @@ func TestSchedulerCancelFromEveryState(t *testing.T) {
 
 func TestUrgentReserve(t *testing.T) {
 	w := newFakeWorker(0, 3)
-	s, _ := newTestScheduler(t, Config{UrgentReserve: 1}, w)
+	s, _ := newTestScheduler(t, Config{UrgentReserve: new(1)}, w)
 	var running []*Dispatch
 	for range 2 {
 		st, _, err := s.Submit(context.Background(), &Request{Urgency: 6})

@@ -33,59 +33,6 @@ type BackendSet interface {
 	Backends() []Backend
 }
 
-// Config tunes the scheduler. Zero values mean the documented defaults.
-type Config struct {
-	// MaxQueue bounds the requests waiting for a slot across all tenants;
-	// one more is refused with an *OverloadError. Default 256.
-	MaxQueue int
-	// RetryAfter is the advice carried by overload and tenant-limit errors.
-	// Default 1s.
-	RetryAfter time.Duration
-	// Aging is how long a queued request waits before it competes one
-	// urgency level higher (see queue for the rule and its bound). Default
-	// 2s; a request of urgency 7 thus competes at urgency 0 after 14s.
-	Aging time.Duration
-	// Classes says which urgencies are urgent, normal and bulk; the class
-	// Submit derives from it travels with the request to every later stage.
-	// The zero value means priority.DefaultClasses.
-	Classes priority.Classes
-	// UrgentReserve is how many slots on each worker only urgent requests
-	// (by their effective urgency, so aged requests too) may take, so
-	// that an urgent request does not wait for a bulk one to finish. Each
-	// worker keeps at least one slot for everyone. Default 0: none.
-	UrgentReserve int
-	// Tenants lists the tenants and their shares. A request naming a tenant
-	// not listed here is served as the tenant DefaultTenant, which exists
-	// even when not listed (weight 1, default urgency 3, no ceiling, no
-	// bound of its own).
-	Tenants []Tenant
-}
-
-// Tenant is one tenant's share of the scheduler.
-type Tenant struct {
-	Name string
-	// Weight is the tenant's share of service among tenants queued at the
-	// same urgency, in tokens asked for. Must be >= 1.
-	Weight int
-	// DefaultUrgency applies when a request names none. 0..7.
-	DefaultUrgency priority.Urgency
-	// UrgencyCeiling is the most urgent level the tenant may claim: a
-	// request asking for a smaller urgency value gets this one. 0..7, at
-	// most DefaultUrgency.
-	UrgencyCeiling priority.Urgency
-	// MaxQueue bounds the tenant's queued requests; one more is refused
-	// with a *TenantLimitError. 0: only the global bound applies.
-	MaxQueue int
-}
-
-// Defaults for Config's zero values.
-const (
-	DefaultMaxQueue   = 256
-	DefaultRetryAfter = time.Second
-	DefaultAging      = 2 * time.Second
-	DefaultTenant     = "default"
-)
-
 // defaultCost is the fairness cost of a request that names no max_tokens.
 const defaultCost = 256
 
@@ -174,23 +121,7 @@ type grant struct {
 // New returns a scheduler over backends. It runs one goroutine, stopped by
 // Close, that retries queued requests as workers come back.
 func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) {
-	var errs []error
-	if cfg.MaxQueue < 0 {
-		errs = append(errs, fmt.Errorf("scheduler.max_queue: must be >= 0, got %d", cfg.MaxQueue))
-	}
-	if cfg.RetryAfter < 0 {
-		errs = append(errs, fmt.Errorf("scheduler.retry_after: must be >= 0, got %s", cfg.RetryAfter))
-	}
-	cfg.Classes = cfg.Classes.OrDefault()
-	errs = append(errs, cfg.Classes.Validate("priority")...)
-	if cfg.UrgentReserve < 0 {
-		errs = append(errs, fmt.Errorf("scheduler.urgent_reserve: must be >= 0, got %d", cfg.UrgentReserve))
-	}
-	if cfg.Aging < 0 {
-		errs = append(errs, fmt.Errorf("scheduler.aging: must be >= 0, got %s", cfg.Aging))
-	}
-	tenants, terrs := tenantTable(cfg.Tenants)
-	errs = append(errs, terrs...)
+	errs := []error{cfg.Validate()}
 	if backends == nil {
 		errs = append(errs, errors.New("scheduler: backend set is nil"))
 	}
@@ -200,15 +131,8 @@ func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) 
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	if cfg.MaxQueue == 0 {
-		cfg.MaxQueue = DefaultMaxQueue
-	}
-	if cfg.RetryAfter == 0 {
-		cfg.RetryAfter = DefaultRetryAfter
-	}
-	if cfg.Aging == 0 {
-		cfg.Aging = DefaultAging
-	}
+	cfg = cfg.WithDefaults()
+	tenants, _ := tenantTable(cfg.Tenants) // checked by Validate
 	s := &Scheduler{
 		cfg:      cfg,
 		tenants:  tenants,
@@ -216,7 +140,7 @@ func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) 
 		log:      log,
 		clock:    realClock{},
 		inUse:    make(map[Backend]int),
-		queue:    newQueue(cfg.Aging),
+		queue:    newQueue(time.Duration(cfg.Aging)),
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
@@ -233,40 +157,6 @@ func openBackend(w Backend, id uint64, job *infer.Request) (infer.Call, error) {
 		return nil, errors.New("worker returned no call")
 	}
 	return c, nil
-}
-
-// tenantTable checks a tenant list and indexes it by name, with
-// DefaultTenant present even when not listed.
-func tenantTable(list []Tenant) (map[string]Tenant, []error) {
-	var errs []error
-	tenants := map[string]Tenant{
-		DefaultTenant: {Name: DefaultTenant, Weight: 1, DefaultUrgency: priority.Default},
-	}
-	listed := map[string]bool{}
-	for i, t := range list {
-		key := fmt.Sprintf("scheduler.tenants[%d]", i)
-		switch {
-		case t.Name == "":
-			errs = append(errs, fmt.Errorf("%s.name: must not be empty", key))
-		case listed[t.Name]:
-			errs = append(errs, fmt.Errorf("%s.name: %q is listed twice", key, t.Name))
-		}
-		listed[t.Name] = true
-		if t.Weight < 1 {
-			errs = append(errs, fmt.Errorf("%s.weight: must be >= 1, got %d", key, t.Weight))
-		}
-		if !t.DefaultUrgency.Valid() {
-			errs = append(errs, fmt.Errorf("%s.default_urgency: must be 0..7, got %d", key, t.DefaultUrgency))
-		}
-		if t.UrgencyCeiling > t.DefaultUrgency {
-			errs = append(errs, fmt.Errorf("%s.urgency_ceiling: must be 0..default_urgency (%d), got %d", key, t.DefaultUrgency, t.UrgencyCeiling))
-		}
-		if t.MaxQueue < 0 {
-			errs = append(errs, fmt.Errorf("%s.max_queue: must be >= 0, got %d", key, t.MaxQueue))
-		}
-		tenants[t.Name] = t
-	}
-	return tenants, errs
 }
 
 // SetTenants replaces the tenant list while requests run: requests
@@ -327,12 +217,12 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 		if t.MaxQueue > 0 && s.queue.tenantLen(t.Name) >= t.MaxQueue {
 			queued := s.queue.tenantLen(t.Name)
 			s.mu.Unlock()
-			return nil, &TenantLimitError{Tenant: t.Name, RetryAfter: s.cfg.RetryAfter, Queued: queued}
+			return nil, &TenantLimitError{Tenant: t.Name, RetryAfter: time.Duration(s.cfg.RetryAfter), Queued: queued}
 		}
 		if s.queue.len() >= s.cfg.MaxQueue {
 			queued := s.queue.len()
 			s.mu.Unlock()
-			return nil, &OverloadError{RetryAfter: s.cfg.RetryAfter, Queued: queued}
+			return nil, &OverloadError{RetryAfter: time.Duration(s.cfg.RetryAfter), Queued: queued}
 		}
 		cost := float64(r.Job.MaxTokens)
 		if cost == 0 {
@@ -412,7 +302,7 @@ func (s *Scheduler) fail(w *waiter, err error) bool {
 func (s *Scheduler) reserveLocked(level priority.Urgency) Backend {
 	reserve := 0
 	if s.cfg.Classes.Of(level) != priority.Urgent {
-		reserve = s.cfg.UrgentReserve
+		reserve = *s.cfg.UrgentReserve
 	}
 	var best Backend
 	bestUsed, bestSlots := 0, 1

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/config"
 	"h3infer/infer"
 	"h3infer/priority"
 )
@@ -102,6 +103,11 @@ func newTestScheduler(t testing.TB, cfg Config, ws ...*fakeWorker) (*Scheduler, 
 	before := runtime.NumGoroutine()
 	set := &fakeSet{}
 	set.set(ws...)
+	if cfg.UrgentReserve == nil {
+		// These tests watch the queue and the slots; the reserve is
+		// TestUrgentReserve's, so only a test that asks for one gets one.
+		cfg.UrgentReserve = new(0)
+	}
 	s, err := New(cfg, set, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatalf("New: %v", err)
@@ -216,7 +222,7 @@ func TestSubmitCopiesUrgencyAndAssignsIDs(t *testing.T) {
 
 func TestQueueFullIsOverloaded(t *testing.T) {
 	w := newFakeWorker(0, 1)
-	s, _ := newTestScheduler(t, Config{MaxQueue: 2, RetryAfter: 3 * time.Second}, w)
+	s, _ := newTestScheduler(t, Config{MaxQueue: 2, RetryAfter: config.Duration(3 * time.Second)}, w)
 	running, _, err := s.Submit(context.Background(), &Request{})
 	if err != nil {
 		t.Fatal(err)
@@ -440,7 +446,7 @@ func TestCloseFailsQueued(t *testing.T) {
 
 func TestNewValidates(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	_, err := New(Config{MaxQueue: -1, RetryAfter: -time.Second}, nil, log)
+	_, err := New(Config{MaxQueue: -1, RetryAfter: config.Duration(-time.Second)}, nil, log)
 	if err == nil {
 		t.Fatal("New accepted a negative queue, negative retry and nil backend set")
 	}

@@ -38,6 +38,24 @@ func ParseEarlyPolicy(s string) (EarlyPolicy, error) {
 // clock, and how long its nonce is remembered.
 const DefaultWindow = 10 * time.Second
 
+// Bounds of the window. Below MinWindow a client's clock skew alone
+// turns proofs stale; above MaxWindow the strike register holds every
+// nonce for minutes, and a restarted instance without a durable register
+// refuses 0-RTT for twice as long (WarmUp).
+const (
+	MinWindow = 100 * time.Millisecond
+	MaxWindow = 5 * time.Minute
+)
+
+// checkWindow applies the window's bounds, naming the key the
+// configuration file writes it under.
+func checkWindow(w time.Duration) error {
+	if w < MinWindow || w > MaxWindow {
+		return fmt.Errorf("zero_rtt.window: must be 100ms..5m, got %s", w)
+	}
+	return nil
+}
+
 // WarmUp is how long after start-up a register that is not durable
 // refuses 0-RTT, tickets and early proofs alike, for a freshness window:
 // twice the window. A proof is accepted while its stamp is within one
@@ -60,17 +78,17 @@ type ReplayGuard struct {
 	now     func() time.Time
 }
 
-// NewReplayGuard checks proofs within window (default DefaultWindow) and
-// records their nonces in strikes.
+// NewReplayGuard checks proofs within window (MinWindow..MaxWindow; 0
+// means DefaultWindow) and records their nonces in strikes.
 func NewReplayGuard(strikes StrikeRegister, window time.Duration) (*ReplayGuard, error) {
 	if strikes == nil {
 		return nil, errors.New("replay guard: strike register is nil")
 	}
-	if window < 0 {
-		return nil, fmt.Errorf("replay guard: window must be positive, got %s", window)
-	}
 	if window == 0 {
 		window = DefaultWindow
+	}
+	if err := checkWindow(window); err != nil {
+		return nil, fmt.Errorf("replay guard: %w", err)
 	}
 	return &ReplayGuard{strikes: strikes, window: window, started: time.Now(), now: time.Now}, nil
 }

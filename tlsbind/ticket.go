@@ -13,6 +13,8 @@ import (
 	"slices"
 	"time"
 
+	"h3infer/config"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -25,29 +27,73 @@ const ticketExtraPrefix = "h3infer ticket v1\x00"
 // age bound limits how long a stolen ticket is worth anything.
 const DefaultMaxEarlyAge = 24 * time.Hour
 
-// TicketConfig configures Tickets.
+// TicketConfig configures Tickets. The fields with json tags are the
+// configuration file's zero_rtt keys of those names, and zero values
+// mean the documented defaults (WithDefaults).
 type TicketConfig struct {
 	// Instance names this gateway in the tickets it issues; tickets
-	// naming another instance resume but carry no 0-RTT. Default: a random
-	// name made by NewTickets, so that 0-RTT is only accepted on tickets
-	// this Tickets issued, whose use its register has seen (none from
-	// another process sharing the ticket keys, none from before a
-	// restart). A name shared with other instances, or listed in their
-	// Trusted, is safe only when they all use one durable Strikes.
-	Instance string
+	// naming another instance resume but carry no 0-RTT. At most 255
+	// bytes. Default: a random name made by NewTickets, so that 0-RTT is
+	// only accepted on tickets this Tickets issued, whose use its register
+	// has seen (none from another process sharing the ticket keys, none
+	// from before a restart). A name shared with other instances, or
+	// listed in their Trusted, is safe only when they all use one durable
+	// Strikes.
+	Instance string `json:"instance"`
 	// Trusted lists the instances whose tickets may carry 0-RTT here;
-	// Instance is always trusted.
-	Trusted []string
-	// MaxEarlyAge bounds a ticket's age for 0-RTT. Default DefaultMaxEarlyAge.
-	MaxEarlyAge time.Duration
+	// Instance is always trusted. Each name is 1..255 bytes.
+	Trusted []string `json:"trusted_instances"`
+	// MaxEarlyAge bounds a ticket's age for 0-RTT. Default
+	// DefaultMaxEarlyAge.
+	MaxEarlyAge config.Duration `json:"max_ticket_age"`
 	// Strikes records tickets used once for 0-RTT. Required.
-	Strikes StrikeRegister
+	Strikes StrikeRegister `json:"-"`
 	// Window is the freshness window: with a register that is not durable,
-	// all 0-RTT is declined for WarmUp(Window) after start-up. Default
-	// DefaultWindow.
-	Window time.Duration
+	// all 0-RTT is declined for WarmUp(Window) after start-up. The same
+	// window the ReplayGuard checks proofs within; MinWindow..MaxWindow,
+	// default DefaultWindow.
+	Window config.Duration `json:"window"`
 	// Registerer receives h3infer_session_tickets_total. Optional.
-	Registerer prometheus.Registerer
+	Registerer prometheus.Registerer `json:"-"`
+}
+
+// maxInstanceName is the longest instance name: a ticket carries it after
+// a one-byte length.
+const maxInstanceName = 255
+
+// WithDefaults returns c with every zero value replaced by its default;
+// Instance stays empty, for NewTickets to make a name of its own.
+func (c TicketConfig) WithDefaults() TicketConfig {
+	if c.MaxEarlyAge == 0 {
+		c.MaxEarlyAge = config.Duration(DefaultMaxEarlyAge)
+	}
+	if c.Window == 0 {
+		c.Window = config.Duration(DefaultWindow)
+	}
+	return c
+}
+
+// Validate reports every problem with c's settings at once, each naming
+// its key as the configuration file writes it. Zero values stand for
+// their defaults. NewTickets checks the wiring besides.
+func (c TicketConfig) Validate() error {
+	c = c.WithDefaults()
+	var errs []error
+	if len(c.Instance) > maxInstanceName {
+		errs = append(errs, fmt.Errorf("zero_rtt.instance: must be at most %d bytes, got %d", maxInstanceName, len(c.Instance)))
+	}
+	for i, name := range c.Trusted {
+		if name == "" || len(name) > maxInstanceName {
+			errs = append(errs, fmt.Errorf("zero_rtt.trusted_instances[%d]: must be 1..%d bytes, got %q", i, maxInstanceName, name))
+		}
+	}
+	if c.MaxEarlyAge < 0 {
+		errs = append(errs, fmt.Errorf("zero_rtt.max_ticket_age: must be positive, got %s", c.MaxEarlyAge))
+	}
+	if err := checkWindow(time.Duration(c.Window)); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 // Tickets makes 0-RTT session tickets single-use and bounded in age and
@@ -74,15 +120,9 @@ const (
 
 // NewTickets validates cfg.
 func NewTickets(cfg TicketConfig, log *slog.Logger) (*Tickets, error) {
-	var errs []error
-	if len(cfg.Instance) > 255 {
-		errs = append(errs, fmt.Errorf("tickets: instance must be at most 255 bytes, got %d", len(cfg.Instance)))
-	}
+	errs := []error{cfg.Validate()}
 	if cfg.Strikes == nil {
 		errs = append(errs, errors.New("tickets: strike register is nil"))
-	}
-	if cfg.MaxEarlyAge < 0 || cfg.Window < 0 {
-		errs = append(errs, errors.New("tickets: durations must be positive"))
 	}
 	if log == nil {
 		errs = append(errs, errors.New("tickets: logger is nil"))
@@ -90,12 +130,7 @@ func NewTickets(cfg TicketConfig, log *slog.Logger) (*Tickets, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	if cfg.MaxEarlyAge == 0 {
-		cfg.MaxEarlyAge = DefaultMaxEarlyAge
-	}
-	if cfg.Window == 0 {
-		cfg.Window = DefaultWindow
-	}
+	cfg = cfg.WithDefaults()
 	if cfg.Instance == "" {
 		var id [8]byte
 		if _, err := rand.Read(id[:]); err != nil {
@@ -196,9 +231,9 @@ func (t *Tickets) decide(extra [][]byte) string {
 		return TicketUnmarked
 	case m.instance != t.cfg.Instance && !slices.Contains(t.cfg.Trusted, m.instance):
 		return TicketForeign
-	case now.Sub(m.issued) > t.cfg.MaxEarlyAge:
+	case now.Sub(m.issued) > time.Duration(t.cfg.MaxEarlyAge):
 		return TicketTooOld
-	case !t.cfg.Strikes.Durable() && now.Sub(t.started) < WarmUp(t.cfg.Window):
+	case !t.cfg.Strikes.Durable() && now.Sub(t.started) < WarmUp(time.Duration(t.cfg.Window)):
 		// What the register remembered died with the last process
 		// (RFC 8446 section 8): a ticket used before the restart could be
 		// used again now, with an early proof made for that use still
@@ -209,7 +244,7 @@ func (t *Tickets) decide(extra [][]byte) string {
 	// they may carry 0-RTT.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	first, err := t.cfg.Strikes.Strike(ctx, "ticket:"+hex.EncodeToString(m.id[:]), t.cfg.MaxEarlyAge)
+	first, err := t.cfg.Strikes.Strike(ctx, "ticket:"+hex.EncodeToString(m.id[:]), time.Duration(t.cfg.MaxEarlyAge))
 	if err != nil {
 		t.log.Warn("declining 0-RTT: strike register failed", "err", err)
 		return TicketRegisterFailed

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"h3infer/config"
 )
 
 func testRing(t testing.TB) *KeyRing {
@@ -162,7 +164,7 @@ func TestReplayGuard(t *testing.T) {
 
 func TestTicketDecisions(t *testing.T) {
 	mem := NewMemoryStrikes()
-	tk, err := NewTickets(TicketConfig{Instance: "a", Trusted: []string{"b"}, Strikes: mem, Window: time.Second, MaxEarlyAge: time.Hour}, discard())
+	tk, err := NewTickets(TicketConfig{Instance: "a", Trusted: []string{"b"}, Strikes: mem, Window: config.Duration(time.Second), MaxEarlyAge: config.Duration(time.Hour)}, discard())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,7 +210,7 @@ func TestTicketDecisions(t *testing.T) {
 // before and after a restart) decline each other's tickets for 0-RTT.
 func TestTicketsDefaultInstanceIsOwn(t *testing.T) {
 	newTickets := func() *Tickets {
-		tk, err := NewTickets(TicketConfig{Strikes: NewMemoryStrikes(), Window: time.Second}, discard())
+		tk, err := NewTickets(TicketConfig{Strikes: NewMemoryStrikes(), Window: config.Duration(time.Second)}, discard())
 		if err != nil {
 			t.Fatal(err)
 		}

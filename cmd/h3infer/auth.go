@@ -51,30 +51,20 @@ func authSetup(cfg Config, reg prometheus.Registerer, log *slog.Logger) (gateway
 		closeFn()
 		return auth, "", none, err
 	}
-	auth.Tickets, err = tlsbind.NewTickets(tlsbind.TicketConfig{
-		Instance:    cfg.ZeroRTT.Instance,
-		Trusted:     cfg.ZeroRTT.TrustedInstances,
-		MaxEarlyAge: time.Duration(cfg.ZeroRTT.MaxTicketAge),
-		Strikes:     strikes,
-		Window:      window,
-		Registerer:  reg,
-	}, log)
+	tickets := cfg.ZeroRTT.TicketConfig
+	tickets.Strikes, tickets.Registerer = strikes, reg
+	auth.Tickets, err = tlsbind.NewTickets(tickets, log)
 	if err != nil {
 		closeFn()
 		return auth, "", none, err
 	}
 	if !cfg.ZeroRTT.Disabled {
-		log.Info("0-RTT tickets", "instance", auth.Tickets.Instance(), "trusted_instances", cfg.ZeroRTT.TrustedInstances,
+		log.Info("0-RTT tickets", "instance", auth.Tickets.Instance(), "trusted_instances", cfg.ZeroRTT.Trusted,
 			"strike_register", cfg.ZeroRTT.StrikeRegister, "warm_up", tlsbind.WarmUp(window).String())
 	}
-	if len(cfg.ZeroRTT.Routes) > 0 {
-		auth.EarlyData = map[string]tlsbind.EarlyPolicy{}
-		for path, p := range cfg.ZeroRTT.Routes {
-			auth.EarlyData[path] = tlsbind.EarlyPolicy(p)
-		}
-	}
+	auth.EarlyData = cfg.ZeroRTT.Routes
 	for _, s := range cfg.ZeroRTT.TrustedProxies {
-		p, err := parseTrustedProxy(s)
+		p, err := gateway.ParseTrustedProxy(s)
 		if err != nil {
 			closeFn()
 			return auth, "", none, fmt.Errorf("zero_rtt.trusted_proxies: %w", err)

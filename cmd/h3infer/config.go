@@ -5,18 +5,18 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
 	"h3infer/backend"
+	"h3infer/certs"
+	"h3infer/config"
 	"h3infer/gateway"
 	"h3infer/priority"
+	"h3infer/scheduler"
 	"h3infer/tlsbind"
 	"h3infer/transport"
 )
@@ -25,6 +25,14 @@ import (
 // is decoded strictly: an unknown key is an error. A zero value means the
 // documented default; an out-of-range value is an error, never clamped.
 // docs/CONFIG.md documents every key.
+//
+// A section, or the part of one, that a library owns decodes into that
+// library's own type (scheduler.Config, gateway.Config, certs.SourceConfig
+// and others), which carries its keys, its defaults (WithDefaults) and its
+// checks (Validate). What is left here is the command's: the top-level
+// keys, the stores and processes it opens, the defaults that follow from
+// another section (state_dir, workers.slots) and the checks across
+// sections.
 type Config struct {
 	// Listen is the host:port for HTTP/3 (UDP) and HTTP/1.1+2 (TCP) on one
 	// port number. Default 127.0.0.1:8443.
@@ -51,8 +59,13 @@ type Config struct {
 	// fetched next to the binary, else the dynamic loader's search path.
 	ONNXRuntimeLib string `json:"onnxruntime_lib"`
 
-	TLS     TLSConfig     `json:"tls"`
-	Workers WorkersConfig `json:"workers"`
+	// TLS names the certificate to serve. Both files empty: the
+	// development CA and leaf under <state_dir>/certs, created when
+	// missing. Either way the files are watched and reloaded when they
+	// change, and on SIGHUP. ACME's cache_dir defaults to
+	// <state_dir>/acme.
+	TLS     certs.SourceConfig `json:"tls"`
+	Workers WorkersConfig      `json:"workers"`
 	// Priority divides RFC 9218 urgencies into the classes every stage
 	// acts on: urgent (0..urgent_max) may take reserved slots, runs on the
 	// worker loop's own thread and flushes every token; bulk
@@ -60,7 +73,7 @@ type Config struct {
 	// reader yield; normal is in between. Default {"urgent_max": 2,
 	// "bulk_min": 6}; a key left out keeps its default.
 	Priority  *priority.Classes `json:"priority"`
-	Scheduler SchedulerConfig   `json:"scheduler"`
+	Scheduler scheduler.Config  `json:"scheduler"`
 	Gateway   GatewayConfig     `json:"gateway"`
 	Auth      AuthConfig        `json:"auth"`
 	ZeroRTT   ZeroRTTConfig     `json:"zero_rtt"`
@@ -87,45 +100,14 @@ type ModelRepositoryConfig struct {
 	Dir string `json:"dir"`
 	// Poll is how often the repository is read for new versions.
 	// Default 2s.
-	Poll Duration `json:"poll"`
+	Poll config.Duration `json:"poll"`
 	// AutoPromote switches to a new, higher version as soon as it has
 	// loaded and passed its checks; false leaves that to the admin API.
 	// Default true.
 	AutoPromote *bool `json:"auto_promote"`
 	// DrainTimeout bounds how long a retired version waits for its
 	// requests before it is unloaded anyway. Default 5m.
-	DrainTimeout Duration `json:"drain_timeout"`
-}
-
-// TLSConfig names a certificate to serve. Both empty: the development CA and
-// leaf under <state_dir>/certs, created when missing. Either way the files
-// are watched and reloaded when they change, and on SIGHUP.
-type TLSConfig struct {
-	CertFile string `json:"cert_file"`
-	KeyFile  string `json:"key_file"`
-	// WatchInterval is how often the files are checked for changes.
-	// Default "5s".
-	WatchInterval Duration `json:"watch_interval"`
-	// ACME obtains certificates for public names from an ACME CA; other
-	// names keep the certificate above.
-	ACME ACMEConfig `json:"acme"`
-}
-
-// ACMEConfig turns on ACME (tls-alpn-01 on the listen port, which must be
-// reachable on 443 from the CA) for the listed hosts.
-type ACMEConfig struct {
-	// Hosts are public DNS names. Empty: ACME is off.
-	Hosts []string `json:"hosts"`
-	// DirectoryURL of the CA. Default: autocert's default public CA.
-	DirectoryURL string `json:"directory_url"`
-	// Email is the account contact, optional.
-	Email string `json:"email"`
-	// CacheDir keeps the account key and certificates. Default
-	// <state_dir>/acme.
-	CacheDir string `json:"cache_dir"`
-	// CAFile is a PEM bundle to trust for the directory's HTTPS, for a
-	// private CA. Default: the system roots.
-	CAFile string `json:"ca_file"`
+	DrainTimeout config.Duration `json:"drain_timeout"`
 }
 
 // WorkersConfig sizes the worker processes.
@@ -153,7 +135,7 @@ type WorkersConfig struct {
 	CallBuffer int `json:"call_buffer"`
 	// HangTimeout is how long a ready worker's heartbeat may stand still
 	// before the worker is killed and restarted. Default "10s".
-	HangTimeout Duration `json:"hang_timeout"`
+	HangTimeout config.Duration `json:"hang_timeout"`
 	// Nice is the Linux nice value the worker processes run at, 0..19:
 	// above the gateway's, so that where workers and gateway share CPUs
 	// the gateway's admission and first-token path is not queued behind
@@ -161,79 +143,12 @@ type WorkersConfig struct {
 	Nice *int `json:"nice"`
 }
 
-// SchedulerConfig bounds admission.
-type SchedulerConfig struct {
-	// MaxQueue is how many requests may wait for a worker slot. Default 256.
-	MaxQueue int `json:"max_queue"`
-	// RetryAfter is the advice sent with 503 and 429 answers. Default "1s".
-	RetryAfter Duration `json:"retry_after"`
-	// Aging is how long a queued request waits before it competes one
-	// urgency level higher. Default "2s".
-	Aging Duration `json:"aging"`
-	// UrgentReserve is how many slots per worker only urgent requests may
-	// take, so that an urgent request need not wait for a bulk one to
-	// finish. Default 1 (0 when workers.slots is 1); 0 turns it off.
-	UrgentReserve *int `json:"urgent_reserve"`
-	// Tenants and their shares. Without any, every request belongs to the
-	// tenant "default" (weight 1, default urgency 3, ceiling 0).
-	Tenants []TenantConfig `json:"tenants"`
-}
-
-// TenantConfig is one tenant's share of the workers.
-type TenantConfig struct {
-	Name string `json:"name"`
-	// Weight is the tenant's share among tenants queued at the same
-	// urgency, in tokens asked for. Default 1.
-	Weight int `json:"weight"`
-	// DefaultUrgency applies when a request has no Priority header.
-	// Default 3 (RFC 9218's default); 0..7.
-	DefaultUrgency *int `json:"default_urgency"`
-	// UrgencyCeiling is the most urgent level the tenant may claim; a
-	// request asking for more gets this. Default 0 (no limit); 0..7, at most
-	// default_urgency.
-	UrgencyCeiling *int `json:"urgency_ceiling"`
-	// MaxQueue bounds the tenant's queued requests; beyond it, 429. Default
-	// 0: only scheduler.max_queue applies.
-	MaxQueue int `json:"max_queue"`
-}
-
-// GatewayConfig shapes the HTTP side.
+// GatewayConfig is the file's "gateway" section: the gateway's own
+// settings (gateway.Config, which checks and defaults them) and the Go
+// runtime settings of the process that serves it, which are the
+// command's to apply (procs.go).
 type GatewayConfig struct {
-	// MaxBodyBytes bounds a request body. Default 1048576.
-	MaxBodyBytes int64 `json:"max_body_bytes"`
-	// DefaultMaxTokens applies when a request names no max_tokens. Default 256.
-	DefaultMaxTokens int `json:"default_max_tokens"`
-	// MaxStreams is how many requests one client connection may have in
-	// flight at once (HTTP/3 streams, HTTP/2 concurrent streams). Default
-	// 1024.
-	MaxStreams int `json:"max_streams"`
-	// PreauthStreams is how many requests an HTTP/3 connection may have
-	// in handlers until one of its requests has passed authentication;
-	// max_streams applies after (and from the start with auth disabled).
-	// Streams past it wait in the QUIC stack without a goroutine. A
-	// browser opens at most about 100 at once. Default 100, or
-	// max_streams when that is lower.
-	PreauthStreams int `json:"preauth_streams"`
-	// HeaderTimeout is how long a request may take to send its headers:
-	// per stream over HTTP/3 (a late stream is reset), per connection
-	// over TCP. Default "10s".
-	HeaderTimeout Duration `json:"header_timeout"`
-	// AuthTimeout is how long a client connection may stay open without
-	// one of its requests passing authentication; then it is closed, so
-	// that connections which never authenticate cannot hold
-	// max_connections for good. Ignored with auth disabled. Default "30s".
-	AuthTimeout Duration `json:"auth_timeout"`
-	// MaxConnections bounds client connections over both listeners
-	// together; past it new ones are refused. Default: sized for the
-	// machine, a quarter of its memory at 2 MiB per connection (the most
-	// one that has not authenticated can hold at preauth_streams),
-	// 256..65536: 512 with 4 GiB, 8192 with 64 GiB.
-	MaxConnections int `json:"max_connections"`
-	// MaxConnectionsPerSource bounds the connections of one source
-	// address (IPv4 address, IPv6 /64), counted once the address is
-	// proven. Default 64: a browser uses one connection per origin, and
-	// a carrier-grade NAT address may front dozens of users at once.
-	MaxConnectionsPerSource int `json:"max_connections_per_source"`
+	gateway.Config
 	// GCPercent is the gateway process's garbage-collection target
 	// (GOGC): the heap may grow this many percent over what is live before
 	// a collection. Default 400; GOGC in the environment wins.
@@ -243,58 +158,30 @@ type GatewayConfig struct {
 	// whatever gc_percent says. Default 0: none; GOMEMLIMIT in the
 	// environment wins.
 	MemoryLimitBytes int64 `json:"memory_limit_bytes"`
-	// Deadline is each request's default deadline. Default "30s".
-	Deadline Duration `json:"deadline"`
-	// MaxDeadline caps X-Request-Timeout. Default "5m".
-	MaxDeadline Duration       `json:"max_deadline"`
-	Coalesce    CoalesceConfig `json:"coalesce"`
-	// ShutdownGrace is how long streams in flight may run after SIGTERM;
-	// those still running then end with an error event. Default "10s".
-	ShutdownGrace Duration `json:"shutdown_grace"`
-}
-
-// CoalesceConfig shapes how the SSE writer batches tokens by urgency.
-type CoalesceConfig struct {
-	// Window: normal requests (see priority) hold tokens this long.
-	// Default "10ms".
-	Window Duration `json:"window"`
-	// BulkWindow: bulk requests hold tokens this long. Default "25ms".
-	BulkWindow Duration `json:"bulk_window"`
-	// MaxAckDelay bounds both windows. Default "25ms".
-	MaxAckDelay Duration `json:"max_ack_delay"`
-	// MaxBuffer flushes early at this many bytes. Default 4096.
-	MaxBuffer int `json:"max_buffer"`
 }
 
 // AuthConfig configures bearer tokens (docs/AUTH.md).
 type AuthConfig struct {
 	// Disabled serves without tokens. Default false: auth is on.
 	Disabled bool `json:"disabled"`
-	// Audience tokens must name. Default "h3infer".
+	// Audience tokens must name. Default tlsbind.DefaultAudience, "h3infer".
 	Audience string `json:"audience"`
 	// KeysFile holds the token signing keys. Default
 	// <state_dir>/tokens/keys.json, created when missing.
 	KeysFile string `json:"keys_file"`
 }
 
-// ZeroRTTConfig configures 0-RTT and its replay protection.
+// ZeroRTTConfig configures 0-RTT and its replay protection: the tickets'
+// own settings (tlsbind.TicketConfig: instance, trusted_instances,
+// max_ticket_age, window), and the stores, routes and peers the command
+// wires around them.
 type ZeroRTTConfig struct {
 	// Disabled turns 0-RTT off. Default false.
 	Disabled bool `json:"disabled"`
-	// Instance names this gateway in its session tickets; a ticket that
-	// names another instance resumes but carries no 0-RTT. Default: a
-	// random name made at each start, so that 0-RTT is only accepted on
-	// tickets this process issued, which its own strike register saw
-	// used. A fixed name (shared by several instances, or kept across
-	// restarts) needs strike_register "redis".
-	Instance string `json:"instance"`
-	// TrustedInstances may issue tickets that carry 0-RTT here. Default
-	// none; needs strike_register "redis".
-	TrustedInstances []string `json:"trusted_instances"`
-	// MaxTicketAge bounds a ticket's age for 0-RTT. Default "24h".
-	MaxTicketAge Duration `json:"max_ticket_age"`
-	// Window is the early proofs' freshness window. Default "10s".
-	Window Duration `json:"window"`
+	// The tickets' own settings (instance, trusted_instances,
+	// max_ticket_age, window). A fixed or trusted instance name needs
+	// strike_register "redis" (validateInstances).
+	tlsbind.TicketConfig
 	// SessionKeysFile holds the ticket, token-generator and stateless-reset
 	// keys shared by instances. Default <state_dir>/session-keys.json.
 	SessionKeysFile string `json:"session_keys_file"`
@@ -306,10 +193,8 @@ type ZeroRTTConfig struct {
 	// sharing the Redis needs the same file. Default
 	// <state_dir>/session-keys.seal, created when missing.
 	SessionKeysSealFile string `json:"session_keys_seal_file"`
-	// TicketKeyRotation is the age at which the ticket key is replaced;
-	// the previous one still decrypts until the next rotation. Default
-	// "12h".
-	TicketKeyRotation Duration `json:"ticket_key_rotation"`
+	// The session keys' rotation (ticket_key_rotation).
+	certs.RotatorConfig
 	// StrikeRegister is "memory" (one instance) or "redis". Default "memory".
 	StrikeRegister string `json:"strike_register"`
 	// RedisAddr is the Redis of strike_register "redis" and
@@ -320,38 +205,12 @@ type ZeroRTTConfig struct {
 	// /v1/chat/completions, /v1/completions, /v1/models, /v1/models/) to
 	// serve, proof, wait or reject. Default: serve for the model routes,
 	// proof for the completion routes.
-	Routes map[string]string `json:"routes"`
+	Routes map[string]tlsbind.EarlyPolicy `json:"routes"`
 	// TrustedProxies are the intermediaries whose Early-Data: 1 header is
 	// believed, as CIDR prefixes ("10.0.0.0/8") or single addresses,
 	// matched against the connection's peer address. From any other peer
 	// the header is ignored. Default: none.
 	TrustedProxies []string `json:"trusted_proxies"`
-}
-
-// parseTrustedProxy reads one zero_rtt.trusted_proxies entry: a prefix in
-// its masked form, or a single address.
-func parseTrustedProxy(s string) (netip.Prefix, error) {
-	var p netip.Prefix
-	if strings.Contains(s, "/") {
-		var err error
-		if p, err = netip.ParsePrefix(s); err != nil {
-			return p, fmt.Errorf("want a CIDR prefix or an address, got %q", s)
-		}
-		if p != p.Masked() {
-			return p, fmt.Errorf("%q has host bits set; write %s", s, p.Masked())
-		}
-	} else {
-		a, err := netip.ParseAddr(s)
-		if err != nil || a.Zone() != "" {
-			return p, fmt.Errorf("want a CIDR prefix or an address, got %q", s)
-		}
-		p = netip.PrefixFrom(a, a.BitLen())
-	}
-	if p.Addr().Is4In6() {
-		// Peers are compared in their IPv4 form.
-		return p, fmt.Errorf("%q is an IPv4-mapped IPv6 address; write it as IPv4", s)
-	}
-	return p, nil
 }
 
 // RedisConfig says how to reach Redis (docs/CONFIG.md, "Redis").
@@ -375,13 +234,11 @@ type TracingConfig struct {
 	OTLPEndpoint string `json:"otlp_endpoint"`
 }
 
-// RateLimitsConfig is gateway.RateLimits as a file.
+// RateLimitsConfig is the file's rate_limits section: the limits
+// themselves (gateway.RateLimits, which checks them) and the store that
+// keeps their buckets, which the command opens.
 type RateLimitsConfig struct {
-	Default TenantLimitConfig            `json:"default"`
-	Tenants map[string]TenantLimitConfig `json:"tenants"`
-	// CutOff ends a stream over its output-token rate with an error
-	// instead of pacing it. Default false.
-	CutOff bool `json:"cut_off"`
+	gateway.RateLimits
 	// Store is "local" (each instance alone) or "redis" (one budget shared
 	// by every instance using the same Redis). Default "local".
 	Store string `json:"store"`
@@ -390,19 +247,6 @@ type RateLimitsConfig struct {
 	RedisAddr string `json:"redis_addr"`
 	// RedisPrefix starts every key the limits write. Default "h3infer:rl:".
 	RedisPrefix string `json:"redis_prefix"`
-	// StoreRetry is how long, after the shared store failed, each instance
-	// decides alone with the same limits before it tries the store again.
-	// Default "1s"; 10ms..1m.
-	StoreRetry Duration `json:"store_retry"`
-}
-
-// TenantLimitConfig is one tenant's limits; 0 means no limit of that kind.
-type TenantLimitConfig struct {
-	RequestsPerSecond     float64 `json:"requests_per_second"`
-	RequestBurst          int     `json:"request_burst"`
-	OutputTokensPerSecond float64 `json:"output_tokens_per_second"`
-	OutputTokenBurst      int     `json:"output_token_burst"`
-	MaxConcurrent         int     `json:"max_concurrent"`
 }
 
 // ModelConfig names one model directory (model.onnx, tokenizer.json,
@@ -425,26 +269,6 @@ type ModelConfig struct {
 func (m ModelConfig) onGPU() bool {
 	return m.Provider != "" && m.Provider != string(backend.ProviderCPU)
 }
-
-// Duration is a time.Duration written as a string such as "800ms".
-type Duration time.Duration
-
-// UnmarshalJSON accepts Go duration strings.
-func (d *Duration) UnmarshalJSON(b []byte) error {
-	var s string
-	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("want a duration string such as \"800ms\": %w", err)
-	}
-	v, err := time.ParseDuration(s)
-	if err != nil {
-		return err
-	}
-	*d = Duration(v)
-	return nil
-}
-
-// MarshalJSON writes the duration as a string.
-func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
 
 // loadConfig reads a config file strictly; an empty path gives the defaults.
 func loadConfig(path string) (Config, error) {
@@ -488,8 +312,8 @@ func (c Config) withDefaults() Config {
 			*v = d
 		}
 	}
-	def(&c.Listen, "127.0.0.1:8443")
-	def(&c.Admin, "127.0.0.1:9090")
+	def(&c.Listen, gateway.DefaultListen)
+	def(&c.Admin, gateway.DefaultAdmin)
 	def(&c.StateDir, ".h3infer")
 	// One worker per GPU: a worker's sessions share its device, and a
 	// second process on the same GPU only splits its memory.
@@ -508,7 +332,7 @@ func (c Config) withDefaults() Config {
 	defInt(&c.Workers.RingBytes, 1<<20)
 	defInt(&c.Workers.CallBuffer, transport.DefaultCallBuffer)
 	if c.Workers.HangTimeout == 0 {
-		c.Workers.HangTimeout = Duration(10 * time.Second)
+		c.Workers.HangTimeout = config.Duration(10 * time.Second)
 	}
 	if c.Workers.Nice == nil {
 		c.Workers.Nice = new(defaultWorkerNice)
@@ -516,102 +340,44 @@ func (c Config) withDefaults() Config {
 	if c.Scheduler.UrgentReserve == nil {
 		// A worker always keeps one slot for everyone, so a single-slot
 		// worker has none to reserve.
-		c.Scheduler.UrgentReserve = new(max(0, min(1, c.Workers.Slots-1)))
+		c.Scheduler.UrgentReserve = new(min(scheduler.DefaultUrgentReserve, max(0, c.Workers.Slots-1)))
 	}
-	defInt(&c.Scheduler.MaxQueue, 256)
-	if c.Scheduler.RetryAfter == 0 {
-		c.Scheduler.RetryAfter = Duration(time.Second)
-	}
-	if c.Scheduler.Aging == 0 {
-		c.Scheduler.Aging = Duration(2 * time.Second)
-	}
+	c.Scheduler = c.Scheduler.WithDefaults()
 	if c.Priority == nil {
 		classes := priority.DefaultClasses
 		c.Priority = &classes
 	}
-	for i := range c.Scheduler.Tenants {
-		t := &c.Scheduler.Tenants[i]
-		defInt(&t.Weight, 1)
-		if t.DefaultUrgency == nil {
-			t.DefaultUrgency = new(3)
-		}
-		if t.UrgencyCeiling == nil {
-			t.UrgencyCeiling = new(0)
-		}
-	}
-	if c.Gateway.Deadline == 0 {
-		c.Gateway.Deadline = Duration(30 * time.Second)
-	}
-	if c.Gateway.MaxDeadline == 0 {
-		c.Gateway.MaxDeadline = Duration(5 * time.Minute)
-	}
-	co := &c.Gateway.Coalesce
-	defInt(&co.MaxBuffer, 4096)
-	if co.Window == 0 {
-		co.Window = Duration(10 * time.Millisecond)
-	}
-	if co.BulkWindow == 0 {
-		co.BulkWindow = Duration(25 * time.Millisecond)
-	}
-	if co.MaxAckDelay == 0 {
-		co.MaxAckDelay = Duration(25 * time.Millisecond)
-	}
-	if c.Gateway.MaxBodyBytes == 0 {
-		c.Gateway.MaxBodyBytes = 1 << 20
-	}
-	defInt(&c.Gateway.DefaultMaxTokens, 256)
-	defInt(&c.Gateway.MaxStreams, 1024)
-	defInt(&c.Gateway.PreauthStreams, min(gateway.DefaultPreauthStreams, c.Gateway.MaxStreams))
-	if c.Gateway.HeaderTimeout == 0 {
-		c.Gateway.HeaderTimeout = Duration(gateway.DefaultHeaderTimeout)
-	}
-	if c.Gateway.AuthTimeout == 0 {
-		c.Gateway.AuthTimeout = Duration(gateway.DefaultAuthTimeout)
-	}
-	defInt(&c.Gateway.MaxConnections, gateway.DefaultMaxConnections())
-	defInt(&c.Gateway.MaxConnectionsPerSource, gateway.DefaultMaxConnectionsPerSource)
-	defInt(&c.Gateway.GCPercent, 400)
-	def(&c.Auth.Audience, "h3infer")
+	// The file writes the gateway's addresses at its top level.
+	c.Gateway.Listen, c.Gateway.Admin, c.Gateway.AdminHosts = c.Listen, c.Admin, c.AdminHosts
+	c.Gateway.Config = c.Gateway.Config.WithDefaults()
+	defInt(&c.Gateway.GCPercent, defaultGCPercent)
+	def(&c.Auth.Audience, tlsbind.DefaultAudience)
 	def(&c.Auth.KeysFile, filepath.Join(c.StateDir, "tokens", "keys.json"))
-	if c.ZeroRTT.MaxTicketAge == 0 {
-		c.ZeroRTT.MaxTicketAge = Duration(24 * time.Hour)
-	}
-	if c.ZeroRTT.Window == 0 {
-		c.ZeroRTT.Window = Duration(10 * time.Second)
-	}
+	c.ZeroRTT.TicketConfig = c.ZeroRTT.TicketConfig.WithDefaults()
 	def(&c.ZeroRTT.SessionKeysFile, filepath.Join(c.StateDir, "session-keys.json"))
 	def(&c.ZeroRTT.SessionKeysSealFile, filepath.Join(c.StateDir, "session-keys.seal"))
 	def(&c.ZeroRTT.StrikeRegister, "memory")
 	def(&c.RateLimits.Store, "local")
 	def(&c.RateLimits.RedisPrefix, "h3infer:rl:")
-	if c.RateLimits.StoreRetry == 0 {
-		c.RateLimits.StoreRetry = Duration(time.Second)
-	}
+	c.RateLimits.RateLimits = c.RateLimits.RateLimits.WithDefaults()
 	if c.ModelRepository.Dir == "" && len(c.Models) == 0 {
 		c.ModelRepository.Dir = filepath.Join(c.StateDir, "models")
 	}
 	if c.ModelRepository.Poll == 0 {
-		c.ModelRepository.Poll = Duration(2 * time.Second)
+		c.ModelRepository.Poll = config.Duration(2 * time.Second)
 	}
 	if c.ModelRepository.AutoPromote == nil {
 		c.ModelRepository.AutoPromote = new(true)
 	}
 	if c.ModelRepository.DrainTimeout == 0 {
-		c.ModelRepository.DrainTimeout = Duration(5 * time.Minute)
+		c.ModelRepository.DrainTimeout = config.Duration(5 * time.Minute)
 
 	}
 	def(&c.ZeroRTT.SessionKeysStore, "file")
-	if c.ZeroRTT.TicketKeyRotation == 0 {
-		c.ZeroRTT.TicketKeyRotation = Duration(12 * time.Hour)
-	}
-	if c.TLS.WatchInterval == 0 {
-		c.TLS.WatchInterval = Duration(5 * time.Second)
-	}
+	c.ZeroRTT.RotatorConfig = c.ZeroRTT.RotatorConfig.WithDefaults()
+	c.TLS = c.TLS.WithDefaults()
 	if len(c.TLS.ACME.Hosts) > 0 {
 		def(&c.TLS.ACME.CacheDir, filepath.Join(c.StateDir, "acme"))
-	}
-	if c.Gateway.ShutdownGrace == 0 {
-		c.Gateway.ShutdownGrace = Duration(10 * time.Second)
 	}
 	return c
 }
@@ -631,9 +397,7 @@ func (c Config) validate() error {
 	if c.Listen == c.Admin && c.Listen != "" && !hasPortZero(c.Listen) {
 		bad("admin", "must differ from listen, both are %q", c.Listen)
 	}
-	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
-		bad("tls", "cert_file and key_file go together, got cert_file=%q key_file=%q", c.TLS.CertFile, c.TLS.KeyFile)
-	}
+	errs = append(errs, c.TLS.Validate())
 	if c.Workers.GPUMemoryBytes < 0 {
 		bad("workers.gpu_memory_bytes", "must be >= 0, got %d", c.Workers.GPUMemoryBytes)
 	}
@@ -655,95 +419,27 @@ func (c Config) validate() error {
 	if c.Workers.CallBuffer < 1 || c.Workers.CallBuffer > 1<<20 {
 		bad("workers.call_buffer", "must be 1..1048576, got %d", c.Workers.CallBuffer)
 	}
-	if c.Workers.HangTimeout < Duration(100*time.Millisecond) {
+	if c.Workers.HangTimeout < config.Duration(100*time.Millisecond) {
 		bad("workers.hang_timeout", "must be at least 100ms, got %s", time.Duration(c.Workers.HangTimeout))
 	}
-	if c.Scheduler.MaxQueue < 1 {
-		bad("scheduler.max_queue", "must be > 0, got %d", c.Scheduler.MaxQueue)
-	}
-	if c.Scheduler.RetryAfter < 0 {
-		bad("scheduler.retry_after", "must be positive, got %s", time.Duration(c.Scheduler.RetryAfter))
-	}
-	if c.Gateway.MaxBodyBytes < 1024 {
-		bad("gateway.max_body_bytes", "must be at least 1024, got %d", c.Gateway.MaxBodyBytes)
-	}
-	if c.Gateway.DefaultMaxTokens < 1 {
-		bad("gateway.default_max_tokens", "must be > 0, got %d", c.Gateway.DefaultMaxTokens)
-	}
-	if c.Gateway.GCPercent < 25 || c.Gateway.GCPercent > 10000 {
-		bad("gateway.gc_percent", "must be 25..10000, got %d", c.Gateway.GCPercent)
+	errs = append(errs, c.Scheduler.Validate())
+	errs = append(errs, c.Gateway.Validate())
+	if p := c.Gateway.GCPercent; p < minGCPercent || p > maxGCPercent {
+		bad("gateway.gc_percent", "must be %d..%d, got %d", minGCPercent, maxGCPercent, p)
 	}
 	if c.Gateway.MemoryLimitBytes < 0 {
 		bad("gateway.memory_limit_bytes", "must be >= 0, got %d", c.Gateway.MemoryLimitBytes)
-	}
-	if c.Gateway.MaxStreams < 1 || c.Gateway.MaxStreams > 65536 {
-		bad("gateway.max_streams", "must be 1..65536, got %d", c.Gateway.MaxStreams)
-	}
-	if c.Gateway.PreauthStreams < 1 || c.Gateway.PreauthStreams > c.Gateway.MaxStreams {
-		bad("gateway.preauth_streams", "must be 1..max_streams (%d), got %d", c.Gateway.MaxStreams, c.Gateway.PreauthStreams)
-	}
-	if c.Gateway.HeaderTimeout < 0 {
-		bad("gateway.header_timeout", "must be positive, got %s", time.Duration(c.Gateway.HeaderTimeout))
-	}
-	if c.Gateway.AuthTimeout < 0 {
-		bad("gateway.auth_timeout", "must be positive, got %s", time.Duration(c.Gateway.AuthTimeout))
-	}
-	if c.Gateway.MaxConnections < 1 {
-		bad("gateway.max_connections", "must be > 0, got %d", c.Gateway.MaxConnections)
-	}
-	if c.Gateway.MaxConnectionsPerSource < 1 || c.Gateway.MaxConnectionsPerSource > c.Gateway.MaxConnections {
-		bad("gateway.max_connections_per_source", "must be 1..max_connections (%d), got %d", c.Gateway.MaxConnections, c.Gateway.MaxConnectionsPerSource)
-	}
-	if c.Scheduler.Aging < 0 {
-		bad("scheduler.aging", "must be positive, got %s", time.Duration(c.Scheduler.Aging))
 	}
 	errs = append(errs, c.Priority.Validate("priority")...)
 	if n := *c.Workers.Nice; n < 0 || n > backend.MaxNice {
 		bad("workers.nice", "must be 0..%d, got %d", backend.MaxNice, n)
 	}
-	if r := *c.Scheduler.UrgentReserve; r < 0 || r >= c.Workers.Slots && r > 0 {
+	// The scheduler checks the rest; it learns the slots only from its
+	// backends.
+	if r := *c.Scheduler.UrgentReserve; r > 0 && r >= c.Workers.Slots {
 		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
 	}
-	tenants := map[string]bool{}
-	for i, t := range c.Scheduler.Tenants {
-		key := fmt.Sprintf("scheduler.tenants[%d]", i)
-		if t.Name == "" {
-			bad(key+".name", "must not be empty")
-		} else if tenants[t.Name] {
-			bad(key+".name", "%q is listed twice", t.Name)
-		}
-		tenants[t.Name] = true
-		if t.Weight < 1 || t.Weight > 1000 {
-			bad(key+".weight", "must be 1..1000, got %d", t.Weight)
-		}
-		if u := *t.DefaultUrgency; u < 0 || u > 7 {
-			bad(key+".default_urgency", "must be 0..7, got %d", u)
-		}
-		if u := *t.UrgencyCeiling; u < 0 || u > 7 || u > *t.DefaultUrgency {
-			bad(key+".urgency_ceiling", "must be 0..default_urgency (%d), got %d", *t.DefaultUrgency, u)
-		}
-		if t.MaxQueue < 0 {
-			bad(key+".max_queue", "must be >= 0, got %d", t.MaxQueue)
-		}
-	}
-	if c.Gateway.Deadline < 0 || c.Gateway.Deadline > c.Gateway.MaxDeadline {
-		bad("gateway.deadline", "must be positive and at most gateway.max_deadline (%s), got %s", time.Duration(c.Gateway.MaxDeadline), time.Duration(c.Gateway.Deadline))
-	}
-	co := c.Gateway.Coalesce
-	for key, d := range map[string]Duration{"gateway.coalesce.window": co.Window, "gateway.coalesce.bulk_window": co.BulkWindow} {
-		if d < 0 || d > co.MaxAckDelay {
-			bad(key, "must be positive and at most gateway.coalesce.max_ack_delay (%s), got %s", time.Duration(co.MaxAckDelay), time.Duration(d))
-		}
-	}
-	if co.MaxBuffer < 1 {
-		bad("gateway.coalesce.max_buffer", "must be > 0, got %d", co.MaxBuffer)
-	}
-	if c.ZeroRTT.MaxTicketAge < 0 {
-		bad("zero_rtt.max_ticket_age", "must be positive, got %s", time.Duration(c.ZeroRTT.MaxTicketAge))
-	}
-	if w := time.Duration(c.ZeroRTT.Window); w < 100*time.Millisecond || w > 5*time.Minute {
-		bad("zero_rtt.window", "must be 100ms..5m, got %s", w)
-	}
+	errs = append(errs, c.ZeroRTT.TicketConfig.Validate())
 	if s := c.ZeroRTT.StrikeRegister; s != "memory" && s != "redis" {
 		bad("zero_rtt.strike_register", "want memory or redis, got %q", s)
 	}
@@ -752,54 +448,20 @@ func (c Config) validate() error {
 		bad("zero_rtt.session_keys_store", "want file or redis, got %q", s)
 	}
 	c.validateRedis(bad)
-	if r := time.Duration(c.ZeroRTT.TicketKeyRotation); r < time.Second || r > 7*24*time.Hour {
-		bad("zero_rtt.ticket_key_rotation", "must be 1s..168h, got %s", r)
-	}
-	if w := time.Duration(c.TLS.WatchInterval); w < 10*time.Millisecond || w > time.Hour {
-		bad("tls.watch_interval", "must be 10ms..1h, got %s", w)
-	}
-	for i, h := range c.TLS.ACME.Hosts {
-		if !strings.Contains(strings.Trim(h, "."), ".") || net.ParseIP(h) != nil {
-			bad(fmt.Sprintf("tls.acme.hosts[%d]", i), "want a public DNS name, got %q", h)
-		}
-	}
-	if len(c.TLS.ACME.Hosts) == 0 && (c.TLS.ACME.DirectoryURL != "" || c.TLS.ACME.CAFile != "" || c.TLS.ACME.Email != "") {
-		bad("tls.acme.hosts", "must name at least one host when other tls.acme keys are set")
-	}
-	if g := time.Duration(c.Gateway.ShutdownGrace); g < 0 || g > 10*time.Minute {
-		bad("gateway.shutdown_grace", "must be 0..10m, got %s", g)
-	}
-	routes := gateway.EarlyDataRoutes()
-	for _, path := range slices.Sorted(maps.Keys(c.ZeroRTT.Routes)) {
-		key := fmt.Sprintf("zero_rtt.routes[%q]", path)
-		if !slices.Contains(routes, path) {
-			bad(key, "not a route; routes are %s", strings.Join(routes, ", "))
-		}
-		if _, err := tlsbind.ParseEarlyPolicy(c.ZeroRTT.Routes[path]); err != nil {
-			bad(key, "%v", err)
-		}
-	}
+	errs = append(errs, c.ZeroRTT.RotatorConfig.Validate())
+	errs = append(errs, gateway.ValidateEarlyData("zero_rtt.routes", c.ZeroRTT.Routes)...)
 	for i, s := range c.ZeroRTT.TrustedProxies {
-		if _, err := parseTrustedProxy(s); err != nil {
+		if _, err := gateway.ParseTrustedProxy(s); err != nil {
 			bad(fmt.Sprintf("zero_rtt.trusted_proxies[%d]", i), "%v", err)
 		}
 	}
-	// The gateway's own rules, checked here so that a reload with bad
+	// Checked here as well as by SetRateLimits, so that a reload with bad
 	// limits is refused before anything of it applies.
-	if err := limitsOf(c.RateLimits).Validate(); err != nil {
-		errs = append(errs, err)
-	}
+	errs = append(errs, c.RateLimits.Validate())
 	if s := c.RateLimits.Store; s != "local" && s != "redis" {
 		bad("rate_limits.store", "want \"local\" or \"redis\", got %q", s)
 	}
-	if r := time.Duration(c.RateLimits.StoreRetry); r < 10*time.Millisecond || r > time.Minute {
-		bad("rate_limits.store_retry", "must be 10ms..1m, got %s", r)
-	}
-	for i, h := range c.AdminHosts {
-		if h == "" || strings.ContainsAny(h, ":/[] ") {
-			bad(fmt.Sprintf("admin_hosts[%d]", i), "want a host name without port, got %q", h)
-		}
-	}
+	errs = append(errs, gateway.ValidateAdminHosts("admin_hosts", c.AdminHosts)...)
 	if e := c.Tracing.OTLPEndpoint; e != "" && !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") {
 		bad("tracing.otlp_endpoint", "want an http:// or https:// URL, got %q", e)
 	}
@@ -852,22 +514,14 @@ func (c Config) validate() error {
 // that it needs Redis.
 func (c Config) validateInstances(bad func(key, format string, args ...any)) {
 	z := c.ZeroRTT
-	if len(z.Instance) > 255 {
-		bad("zero_rtt.instance", "must be at most 255 bytes, got %d", len(z.Instance))
-	}
-	for i, name := range z.TrustedInstances {
-		if name == "" || len(name) > 255 {
-			bad(fmt.Sprintf("zero_rtt.trusted_instances[%d]", i), "must be 1..255 bytes, got %q", name)
-		}
-	}
 	if z.StrikeRegister != "memory" || z.Disabled || c.Auth.Disabled {
 		return
 	}
 	if z.Instance != "" {
 		bad("zero_rtt.instance", "a fixed name (%q) lets other instances, and this one after a restart, accept its tickets in 0-RTT, which needs one strike register for all: set strike_register \"redis\", or leave instance unset for a name of its own at each start", z.Instance)
 	}
-	if len(z.TrustedInstances) > 0 {
-		bad("zero_rtt.trusted_instances", "trusting %q for 0-RTT needs a strike register they share: set strike_register \"redis\", or leave trusted_instances empty", z.TrustedInstances)
+	if len(z.Trusted) > 0 {
+		bad("zero_rtt.trusted_instances", "trusting %q for 0-RTT needs a strike register they share: set strike_register \"redis\", or leave trusted_instances empty", z.Trusted)
 	}
 }
 

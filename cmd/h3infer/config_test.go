@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -348,5 +349,30 @@ func TestZeroRTTConfigErrors(t *testing.T) {
 	}
 	if err != nil {
 		t.Errorf("valid zero_rtt config refused: %v", err)
+	}
+}
+
+// TestChangedKeys: a reload names the keys that changed, those of the
+// part of a section a library owns included, and no others.
+func TestChangedKeys(t *testing.T) {
+	load := func(text string) Config {
+		t.Helper()
+		c, err := loadConfig(writeConfig(t, text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.withDefaults()
+	}
+	a := load(`{}`)
+	b := load(`{"listen": "127.0.0.1:1", "scheduler": {"max_queue": 3}, "gateway": {"max_streams": 500, "gc_percent": 100, "coalesce": {"window": "5ms"}},
+		"rate_limits": {"store_retry": "2s", "redis_prefix": "x:"}}`)
+	got := changedKeys(a, b)
+	slices.Sort(got)
+	want := []string{"gateway.coalesce", "gateway.gc_percent", "gateway.max_streams", "listen", "rate_limits.redis_prefix", "rate_limits.store_retry", "scheduler.max_queue"}
+	if !slices.Equal(got, want) {
+		t.Errorf("changed keys %q, want %q", got, want)
+	}
+	if got := changedKeys(a, load(`{}`)); len(got) != 0 {
+		t.Errorf("the same file read twice: changed keys %q", got)
 	}
 }

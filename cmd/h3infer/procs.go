@@ -7,18 +7,25 @@ import (
 	"runtime/debug"
 )
 
+// defaultGCPercent is gateway.gc_percent's default. It collects less
+// often than Go's (400 rather than 100): under load the gateway allocates
+// per token (events, SSE bytes), and with GOGC 100 the collections'
+// assists and background marking took CPU from the goroutines serving an
+// urgent request's first token at the worst moments: they lengthened the
+// loaded tail of an urgent request's time to first token (`go test -bench
+// PriorityIsolation ./cmd/h3infer/`; the figures are in
+// docs/BENCHMARKS.md, "Urgency"). The cost is a larger heap between
+// collections; memory_limit_bytes bounds it where that matters.
+const defaultGCPercent = 400
+
+// The range gateway.gc_percent accepts.
+const (
+	minGCPercent = 25
+	maxGCPercent = 10000
+)
+
 // setGC applies the gateway's garbage-collection settings unless the
 // environment sets them (GOGC, GOMEMLIMIT).
-//
-// The default collects less often than Go's (400 rather than 100): under
-// load the gateway allocates per token (events, SSE bytes), and with
-// GOGC 100 the collections' assists and background marking took CPU from
-// the goroutines serving an urgent request's first token at the worst
-// moments: they lengthened the loaded tail of an urgent request's time to
-// first token (`go test -bench PriorityIsolation ./cmd/h3infer/`; the
-// figures are in docs/BENCHMARKS.md, "Urgency"). The cost is a larger
-// heap between collections; memory_limit_bytes bounds it where that
-// matters.
 func setGC(cfg GatewayConfig, log *slog.Logger) {
 	if env := os.Getenv("GOGC"); env != "" {
 		log.Info("gateway.gc_percent not applied: GOGC is set", "GOGC", env)

@@ -16,7 +16,6 @@ import (
 	"h3infer/certs"
 	"h3infer/certs/keysredis"
 	"h3infer/gateway"
-	"h3infer/priority"
 	"h3infer/scheduler"
 )
 
@@ -41,13 +40,7 @@ func newCertSource(cfg Config, log *slog.Logger) (*certSource, error) {
 	}
 	src := &certSource{reloader: r, dev: dev}
 	if a := cfg.TLS.ACME; len(a.Hosts) > 0 {
-		acfg := certs.ACMEConfig{Hosts: a.Hosts, DirectoryURL: a.DirectoryURL, Email: a.Email, CacheDir: a.CacheDir}
-		if a.CAFile != "" {
-			if acfg.RootCAs, err = certs.LoadPool(a.CAFile); err != nil {
-				return nil, fmt.Errorf("tls.acme.ca_file: %w", err)
-			}
-		}
-		if src.acme, err = certs.NewACME(acfg); err != nil {
+		if src.acme, err = certs.NewACME(a); err != nil {
 			return nil, err
 		}
 		log.Info("acme enabled", "hosts", strings.Join(a.Hosts, ","), "directory", a.DirectoryURL)
@@ -120,21 +113,6 @@ func (s sealedKeyStore) Current(ctx context.Context, now time.Time, every time.D
 	return k, err
 }
 
-// schedulerTenants converts the configured tenants (defaults applied).
-func schedulerTenants(cfg Config) []scheduler.Tenant {
-	var out []scheduler.Tenant
-	for _, t := range cfg.Scheduler.Tenants {
-		out = append(out, scheduler.Tenant{
-			Name:           t.Name,
-			Weight:         t.Weight,
-			DefaultUrgency: priority.Urgency(*t.DefaultUrgency),
-			UrgencyCeiling: priority.Urgency(*t.UrgencyCeiling),
-			MaxQueue:       t.MaxQueue,
-		})
-	}
-	return out
-}
-
 // tenantSetter is the part of the scheduler a reload changes.
 type tenantSetter interface {
 	SetTenants([]scheduler.Tenant) error
@@ -196,14 +174,16 @@ func reloadConfig(old Config, load func() (Config, error), to reloadTargets, log
 	}
 	// validate checked the same rules as the setters below, so their
 	// errors would be bugs; they are still logged rather than ignored.
-	if err := to.sched.SetTenants(schedulerTenants(next)); err != nil {
+	if err := to.sched.SetTenants(next.Scheduler.Tenants); err != nil {
 		return refuse(err)
 	}
 	applied := old
 	applied.TLS.CertFile, applied.TLS.KeyFile = next.TLS.CertFile, next.TLS.KeyFile
 	applied.Scheduler.Tenants = next.Scheduler.Tenants
 	applied.Gateway.ShutdownGrace = next.Gateway.ShutdownGrace
-	if err := to.limits.SetRateLimits(limitsOf(next.RateLimits)); err != nil {
+	// The file sets no Store, so the gateway keeps the one it started
+	// with.
+	if err := to.limits.SetRateLimits(next.RateLimits.RateLimits); err != nil {
 		log.Error("rate limits not reloaded", "err", err)
 	} else {
 		// The store and its Redis settings stay as started.
@@ -226,16 +206,26 @@ func reloadConfig(old Config, load func() (Config, error), to reloadTargets, log
 }
 
 // changedKeys lists the JSON keys whose values differ between a and b,
-// one level into sections ("workers.count", "models").
+// one level into sections ("workers.count", "models"). A struct embedded
+// in a section (the library's part of it, gateway.Config say) lends the
+// section its keys; fields the file does not write (json:"-") are not
+// keys.
 func changedKeys(a, b Config) []string {
 	var out []string
 	var walk func(prefix string, va, vb reflect.Value)
 	walk = func(prefix string, va, vb reflect.Value) {
 		t := va.Type()
 		for i := range t.NumField() {
-			name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
 			fa, fb := va.Field(i), vb.Field(i)
-			if fa.Kind() == reflect.Struct && prefix == "" {
+			switch {
+			case name == "-" || !f.IsExported():
+				continue
+			case f.Anonymous && fa.Kind() == reflect.Struct:
+				walk(prefix, fa, fb)
+				continue
+			case fa.Kind() == reflect.Struct && prefix == "":
 				walk(name+".", fa, fb)
 				continue
 			}

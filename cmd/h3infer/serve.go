@@ -130,8 +130,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		return err
 	}
 	defer closeKeys()
-	every := time.Duration(cfg.ZeroRTT.TicketKeyRotation)
-	keys, err := keyStore.Current(ctx, time.Now(), every)
+	keys, err := keyStore.Current(ctx, time.Now(), time.Duration(cfg.ZeroRTT.Every))
 	if err != nil {
 		return err
 	}
@@ -193,14 +192,9 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	if err != nil {
 		return err
 	}
-	sched, err := scheduler.New(scheduler.Config{
-		MaxQueue:      cfg.Scheduler.MaxQueue,
-		RetryAfter:    time.Duration(cfg.Scheduler.RetryAfter),
-		Aging:         time.Duration(cfg.Scheduler.Aging),
-		Classes:       *cfg.Priority,
-		UrgentReserve: *cfg.Scheduler.UrgentReserve,
-		Tenants:       schedulerTenants(cfg),
-	}, poolWorkers{pool}, log)
+	schedCfg := cfg.Scheduler
+	schedCfg.Classes = *cfg.Priority
+	sched, err := scheduler.New(schedCfg, poolWorkers{pool}, log)
 	if err != nil {
 		return err
 	}
@@ -212,46 +206,28 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	if adminTokFile != "" {
 		log.Info("admin listener is not on loopback: it demands the admin token", "file", adminTokFile)
 	}
-	gw, err := gateway.New(gateway.Config{
-		Listen:                  cfg.Listen,
-		Admin:                   cfg.Admin,
-		AdminHosts:              cfg.AdminHosts,
-		TLS:                     tlsCfg,
-		MaxBodyBytes:            cfg.Gateway.MaxBodyBytes,
-		DefaultMaxTokens:        cfg.Gateway.DefaultMaxTokens,
-		MaxStreams:              cfg.Gateway.MaxStreams,
-		PreauthStreams:          cfg.Gateway.PreauthStreams,
-		HeaderTimeout:           time.Duration(cfg.Gateway.HeaderTimeout),
-		AuthTimeout:             time.Duration(cfg.Gateway.AuthTimeout),
-		MaxConnections:          cfg.Gateway.MaxConnections,
-		MaxConnectionsPerSource: cfg.Gateway.MaxConnectionsPerSource,
-		QueueTimeout:            time.Duration(cfg.Gateway.Deadline),
-		MaxDeadline:             time.Duration(cfg.Gateway.MaxDeadline),
-		Coalesce: gateway.CoalesceConfig{
-			Window:      time.Duration(cfg.Gateway.Coalesce.Window),
-			BulkWindow:  time.Duration(cfg.Gateway.Coalesce.BulkWindow),
-			MaxAckDelay: time.Duration(cfg.Gateway.Coalesce.MaxAckDelay),
-			MaxBuffer:   cfg.Gateway.Coalesce.MaxBuffer,
-		},
-		Registry:       reg,
-		TracerProvider: tp,
-		RateLimits:     limits,
-		AdminToken:     adminTok,
-		Status:         func() any { return adminStatus(sched) },
-		Auth:           auth,
-		QUICKeys:       quicKeys,
-		Router:         registry,
-		ModelAdmin:     registry,
-		TCPProtos:      src.tcpProtos(),
-	}, gateway.FromScheduler(sched), catalog{registry, pool}, log)
+	// The section as the file wrote it (with the addresses of its top
+	// level), and what only serve builds.
+	gwCfg := cfg.Gateway.Config
+	gwCfg.TLS = tlsCfg
+	gwCfg.Registry = reg
+	gwCfg.TracerProvider = tp
+	gwCfg.RateLimits = limits
+	gwCfg.AdminToken = adminTok
+	gwCfg.Status = func() any { return adminStatus(sched) }
+	gwCfg.Auth = auth
+	gwCfg.QUICKeys = quicKeys
+	gwCfg.Router = registry
+	gwCfg.ModelAdmin = registry
+	gwCfg.TCPProtos = src.tcpProtos()
+	gw, err := gateway.New(gwCfg, gateway.FromScheduler(sched), catalog{registry, pool}, log)
 	if err != nil {
 		return err
 	}
-	rotator, _, err := certs.NewRotator(ctx, certs.RotatorConfig{
-		Store: keyStore,
-		Every: every,
-		Apply: func(k *certs.SessionKeys) { gw.SetSessionTicketKeys(k.TicketKeys) },
-	}, log)
+	rotation := cfg.ZeroRTT.RotatorConfig
+	rotation.Store = keyStore
+	rotation.Apply = func(k *certs.SessionKeys) { gw.SetSessionTicketKeys(k.TicketKeys) }
+	rotator, _, err := certs.NewRotator(ctx, rotation, log)
 	if err != nil {
 		return err
 	}
@@ -407,11 +383,12 @@ func printNextSteps(w io.Writer, addr, adminAddr, adminTokFile string, dev *cert
 // tracingFlushTimeout bounds the export of the last spans at exit.
 const tracingFlushTimeout = 5 * time.Second
 
-// rateLimits turns the config into gateway.RateLimits, connecting to Redis
-// when the limits are shared. The returned function closes the client.
+// rateLimits is the configured limits with their store, connecting to
+// Redis when the limits are shared. The returned function closes the
+// client.
 func rateLimits(cfg Config) (gateway.RateLimits, func(), error) {
 	c := cfg.RateLimits
-	rl := limitsOf(c)
+	rl := c.RateLimits
 	if c.Store != "redis" {
 		return rl, func() {}, nil
 	}
@@ -421,28 +398,6 @@ func rateLimits(cfg Config) (gateway.RateLimits, func(), error) {
 	}
 	rl.Store = ratelimit.NewRedis(client, c.RedisPrefix)
 	return rl, func() { client.Close() }, nil
-}
-
-// limitsOf converts the limits themselves, with no store: a reload keeps
-// the store the gateway started with.
-func limitsOf(c RateLimitsConfig) gateway.RateLimits {
-	conv := func(t TenantLimitConfig) gateway.TenantLimit {
-		return gateway.TenantLimit{
-			RequestsPerSecond:     t.RequestsPerSecond,
-			RequestBurst:          t.RequestBurst,
-			OutputTokensPerSecond: t.OutputTokensPerSecond,
-			OutputTokenBurst:      t.OutputTokenBurst,
-			MaxConcurrent:         t.MaxConcurrent,
-		}
-	}
-	rl := gateway.RateLimits{Default: conv(c.Default), CutOff: c.CutOff, StoreRetry: time.Duration(c.StoreRetry)}
-	if len(c.Tenants) > 0 {
-		rl.Tenants = map[string]gateway.TenantLimit{}
-		for name, t := range c.Tenants {
-			rl.Tenants[name] = conv(t)
-		}
-	}
-	return rl
 }
 
 // adminStatus is the queue part of /debug/state; the workers part comes
