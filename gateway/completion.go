@@ -66,7 +66,7 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		return
 	}
 	// Closing cancels the worker's sequence if the client left early.
-	defer run.st.Close()
+	defer run.dispatch.Close()
 
 	ev, err := g.firstEvent(ctx, run)
 	if err != nil {
@@ -95,7 +95,7 @@ type inflight struct {
 	ceiling     priority.Urgency // the highest urgency the caller's token allows
 	tenant      string
 	adm         *admission
-	st          Dispatch
+	dispatch    Dispatch
 	labels      [2]string // model, urgency
 	first, last time.Time // arrival of the first and latest token events
 	tokens      int
@@ -188,7 +188,7 @@ func (g *Gateway) route(w http.ResponseWriter, r *http.Request, run *inflight) (
 }
 
 // submit queues the request with the scheduler, under an admission span,
-// and sets run.st to its Dispatch. The scheduler decides the urgency,
+// and sets run.dispatch to its Dispatch. The scheduler decides the urgency,
 // applying the tenant's default and ceiling, and the class; run's
 // priority, class and metric labels follow what it decided.
 func (g *Gateway) submit(ctx context.Context, run *inflight, model string) error {
@@ -227,7 +227,7 @@ func (g *Gateway) submit(ctx context.Context, run *inflight, model string) error
 		}
 		span.AddEvent("dispatched", trace.WithAttributes(attrs...))
 	}
-	run.st = st
+	run.dispatch = st
 	return nil
 }
 
@@ -239,7 +239,7 @@ func (g *Gateway) firstEvent(ctx context.Context, run *inflight) (infer.Event, e
 	if err != nil {
 		err = deadlineCause(ctx, err)
 		if !errors.Is(err, context.Canceled) {
-			g.log.Debug("request failed before its first token", "request_id", run.st.ID(), "err", err)
+			g.log.Debug("request failed before its first token", "request_id", run.dispatch.ID(), "err", err)
 		}
 		failed(ctx, err)
 		return ev, err
@@ -348,7 +348,7 @@ func (g *Gateway) nextHolding(ctx context.Context, run *inflight, sw *sseWriter)
 			due = sw.due()
 		}
 		select {
-		case ev, ok := <-run.st.Events():
+		case ev, ok := <-run.dispatch.Events():
 			return g.event(ctx, run, ev, ok, sw)
 		case <-due:
 			if err := sw.Flush(); err != nil {
@@ -393,7 +393,7 @@ func (g *Gateway) event(ctx context.Context, run *inflight, ev infer.Event, ok b
 		if ctx.Err() != nil {
 			return ev, ctx.Err()
 		}
-		g.log.Warn("output tokens not debited", "request_id", run.st.ID(), "err", err)
+		g.log.Warn("output tokens not debited", "request_id", run.dispatch.ID(), "err", err)
 	}
 	if err := pace(ctx, wait, sw); err != nil {
 		return ev, err
@@ -428,10 +428,10 @@ func pace(ctx context.Context, wait time.Duration, sw *sseWriter) error {
 }
 
 // stream writes the answer as server-sent events. Over HTTP/3 the response
-// stream gets the request's QUIC priority, and tokens are coalesced by
-// urgency (coalesce.go); the first token, the end and errors go at once.
+// stream gets the request's QUIC priority, and tokens are coalesced by the
+// request's class (coalesce.go); the first token, the end and errors go at once.
 func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev infer.Event) {
-	sw := g.newSSEWriter(ctx, w, run.prio, run.class, run.st.ID())
+	sw := g.newSSEWriter(ctx, w, run.prio, run.class, run.dispatch.ID())
 	if g.relay(ctx, sw, run, enc, ev) {
 		sw.Close()
 	} else {
@@ -482,7 +482,7 @@ func (g *Gateway) streamFailed(ctx context.Context, sw *sseWriter, run *inflight
 	if errors.Is(err, context.Canceled) {
 		return false
 	}
-	g.log.Warn("stream failed", "request_id", run.st.ID(), "err", err)
+	g.log.Warn("stream failed", "request_id", run.dispatch.ID(), "err", err)
 	return sw.Write(errorEvent(err)) == nil
 }
 

@@ -171,7 +171,7 @@ type Config struct {
 	// Default: the tenant the request's token names (scheduler.DefaultTenant
 	// without auth).
 	Tenant func(*http.Request) string `json:"-"`
-	// Coalesce shapes how the SSE writer batches tokens by urgency.
+	// Coalesce shapes how the SSE writer batches tokens by the request's class.
 	Coalesce CoalesceConfig `json:"coalesce"`
 	// ShutdownGrace is how long streams in flight may run once shutdown
 	// begins; those still running then end with an error event. It is the
