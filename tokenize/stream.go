@@ -1,35 +1,40 @@
-package backend
+package tokenize
 
 import (
 	"strings"
 	"unicode/utf8"
 )
 
-// textStream turns generated token bytes into text that is safe to send:
+// Stream turns generated token bytes into text that is safe to send:
 // it never emits half a UTF-8 character, and it holds back any tail that
 // could be the start of a stop string until the following text rules that
 // out. A stop string itself is never emitted.
-type textStream struct {
+type Stream struct {
 	stops   []string
 	partial []byte // an incomplete UTF-8 sequence at the end of the output
 	held    string // complete text that may begin a stop string
 	stopped bool
 }
 
-func newTextStream(stops []string) *textStream {
+func NewStream(stops []string) *Stream {
 	var nonEmpty []string
 	for _, s := range stops {
 		if s != "" {
 			nonEmpty = append(nonEmpty, s)
 		}
 	}
-	return &textStream{stops: nonEmpty}
+	return &Stream{stops: nonEmpty}
 }
 
-// push adds the bytes of one token and returns the text that can be sent
+// Push adds the bytes of one token and returns the text that can be sent
 // now. stop reports that a stop string was completed; the returned text is
 // then everything before it, and further pushes must not happen.
-func (s *textStream) push(b []byte) (text string, stop bool) {
+func (s *Stream) Push(b string) (text string, stop bool) {
+	// Most tokens of most requests: whole characters, nothing held back,
+	// no stop string to look for. The piece is the text, as it is.
+	if len(s.partial) == 0 && s.held == "" && len(s.stops) == 0 && utf8.ValidString(b) {
+		return b, false
+	}
 	s.partial = append(s.partial, b...)
 	cut := len(s.partial) - incompleteTail(s.partial)
 	// Invalid bytes can never become a character; they are replaced here
@@ -46,8 +51,8 @@ func (s *textStream) push(b []byte) (text string, stop bool) {
 	return pending[:len(pending)-keep], false
 }
 
-// flush ends the stream and returns whatever was held back.
-func (s *textStream) flush() string {
+// Flush ends the stream and returns whatever was held back.
+func (s *Stream) Flush() string {
 	if s.stopped {
 		return ""
 	}
@@ -57,7 +62,7 @@ func (s *textStream) flush() string {
 }
 
 // firstStop is the index of the earliest stop string in text, or -1.
-func (s *textStream) firstStop(text string) int {
+func (s *Stream) firstStop(text string) int {
 	first := -1
 	for _, stop := range s.stops {
 		if i := strings.Index(text, stop); i >= 0 && (first < 0 || i < first) {
@@ -69,7 +74,7 @@ func (s *textStream) firstStop(text string) int {
 
 // stopPrefixLen is the length of the longest suffix of text that is a
 // proper prefix of some stop string.
-func (s *textStream) stopPrefixLen(text string) int {
+func (s *Stream) stopPrefixLen(text string) int {
 	longest := 0
 	for _, stop := range s.stops {
 		for n := min(len(stop)-1, len(text)); n > longest; n-- {

@@ -1,4 +1,4 @@
-package backend
+package tokenize
 
 import (
 	"strings"
@@ -8,15 +8,15 @@ import (
 // streamAll pushes chunks and returns what was emitted per push, the
 // flushed tail, and whether a stop string ended the stream.
 func streamAll(stops []string, chunks ...string) (outs []string, tail string, stopped bool) {
-	ts := newTextStream(stops)
+	ts := NewStream(stops)
 	for _, c := range chunks {
-		out, stop := ts.push([]byte(c))
+		out, stop := ts.Push(c)
 		outs = append(outs, out)
 		if stop {
 			return outs, "", true
 		}
 	}
-	return outs, ts.flush(), false
+	return outs, ts.Flush(), false
 }
 
 func TestTextStream(t *testing.T) {

@@ -1,4 +1,4 @@
-package backend
+package tokenize
 
 import (
 	"fmt"
@@ -46,24 +46,26 @@ const (
 	TemplateZephyr = "zephyr"
 )
 
-// chatTemplate is one format: the special tokens it writes, which the
-// tokenizer must have as tokens (else they would reach the model as plain
-// characters), and the token that ends a turn, which stops generation.
-type chatTemplate struct {
-	markers   []string
-	endOfTurn string
+// Template is one format: the special tokens it writes (Markers), which
+// the model's tokenizer must have as tokens, else they would reach the
+// model as plain characters, and the token that ends a turn (EndOfTurn),
+// which stops generation as the model's end token does.
+type Template struct {
+	Markers   []string
+	EndOfTurn string
 	apply     func(b *strings.Builder, msgs []infer.ChatMessage) error
 }
 
-// templateNames lists the templates in the order docs and errors give them.
-func templateNames() []string {
+// TemplateNames lists the templates in the order docs and errors give them.
+func TemplateNames() []string {
 	return []string{TemplatePlain, TemplateChatML, TemplateLlama3, TemplateLlama2, TemplateMistral, TemplateGemma, TemplatePhi3, TemplateZephyr}
 }
 
-func lookupTemplate(name string) (chatTemplate, bool) {
+// LookupTemplate returns the template called name.
+func LookupTemplate(name string) (Template, bool) {
 	switch name {
 	case TemplatePlain:
-		return chatTemplate{apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
+		return Template{apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 			for _, m := range msgs {
 				b.WriteString(m.Content)
 				b.WriteByte('\n')
@@ -71,9 +73,9 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 			return nil
 		}}, true
 	case TemplateChatML:
-		return chatTemplate{
-			markers:   []string{"<|im_start|>", "<|im_end|>"},
-			endOfTurn: "<|im_end|>",
+		return Template{
+			Markers:   []string{"<|im_start|>", "<|im_end|>"},
+			EndOfTurn: "<|im_end|>",
 			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|im_start|>%s\n%s<|im_end|>\n", m.Role, m.Content)
@@ -83,9 +85,9 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 			},
 		}, true
 	case TemplateLlama3:
-		return chatTemplate{
-			markers:   []string{"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"},
-			endOfTurn: "<|eot_id|>",
+		return Template{
+			Markers:   []string{"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"},
+			EndOfTurn: "<|eot_id|>",
 			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				b.WriteString("<|begin_of_text|>")
 				for _, m := range msgs {
@@ -96,17 +98,17 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 			},
 		}, true
 	case TemplateLlama2, TemplateMistral:
-		return chatTemplate{
-			markers:   []string{"<s>", "</s>"},
-			endOfTurn: "</s>",
+		return Template{
+			Markers:   []string{"<s>", "</s>"},
+			EndOfTurn: "</s>",
 			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				return applyInst(b, msgs, name == TemplateLlama2)
 			},
 		}, true
 	case TemplateGemma:
-		return chatTemplate{
-			markers:   []string{"<bos>", "<start_of_turn>", "<end_of_turn>"},
-			endOfTurn: "<end_of_turn>",
+		return Template{
+			Markers:   []string{"<bos>", "<start_of_turn>", "<end_of_turn>"},
+			EndOfTurn: "<end_of_turn>",
 			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				b.WriteString("<bos>")
 				for _, m := range foldSystem(msgs) {
@@ -121,9 +123,9 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 			},
 		}, true
 	case TemplatePhi3:
-		return chatTemplate{
-			markers:   []string{"<|user|>", "<|assistant|>", "<|end|>"},
-			endOfTurn: "<|end|>",
+		return Template{
+			Markers:   []string{"<|user|>", "<|assistant|>", "<|end|>"},
+			EndOfTurn: "<|end|>",
 			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|%s|>\n%s<|end|>\n", m.Role, m.Content)
@@ -135,9 +137,9 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 	case TemplateZephyr:
 		// Zephyr's role tags are ordinary text to its tokenizer; only the
 		// end-of-sequence token is special.
-		return chatTemplate{
-			markers:   []string{"</s>"},
-			endOfTurn: "</s>",
+		return Template{
+			Markers:   []string{"</s>"},
+			EndOfTurn: "</s>",
 			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|%s|>\n%s</s>\n", m.Role, m.Content)
@@ -147,18 +149,19 @@ func lookupTemplate(name string) (chatTemplate, bool) {
 			},
 		}, true
 	}
-	return chatTemplate{}, false
+	return Template{}, false
 }
 
-func validTemplate(name string) bool {
-	_, ok := lookupTemplate(name)
-	return ok
-}
+// ConversationError is a conversation a template cannot express: the
+// request's fault, not the model's.
+type ConversationError struct{ Message string }
 
-// applyTemplate renders msgs. Errors are *RequestError: a conversation the
-// format cannot express is the request's fault.
-func applyTemplate(name string, msgs []infer.ChatMessage) (string, error) {
-	t, ok := lookupTemplate(name)
+func (e *ConversationError) Error() string { return e.Message }
+
+// Apply renders msgs with the template called name. A conversation the
+// format cannot express is a *ConversationError.
+func Apply(name string, msgs []infer.ChatMessage) (string, error) {
+	t, ok := LookupTemplate(name)
 	if !ok {
 		return "", fmt.Errorf("unknown chat template %q", name)
 	}
@@ -203,12 +206,12 @@ func applyInst(b *strings.Builder, msgs []infer.ChatMessage, llama2 bool) error 
 			want = "assistant"
 		}
 		if m.Role != want {
-			return &RequestError{infer.CodeInvalidRequest, fmt.Sprintf(
+			return &ConversationError{fmt.Sprintf(
 				"messages[%d]: this model's chat format needs turns to alternate user and assistant after an optional first system message, got %q where %q belongs", i, m.Role, want)}
 		}
 	}
 	if len(msgs)%2 == 0 {
-		return &RequestError{infer.CodeInvalidRequest, "this model's chat format needs the conversation to end with a user message"}
+		return &ConversationError{"this model's chat format needs the conversation to end with a user message"}
 	}
 	if !llama2 {
 		b.WriteString("<s>")

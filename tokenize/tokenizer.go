@@ -1,4 +1,4 @@
-package backend
+package tokenize
 
 import (
 	"encoding/json"
@@ -12,7 +12,7 @@ import (
 	"unicode/utf8"
 )
 
-// tokenizer is a byte-level BPE tokenizer read from a Hugging Face
+// Tokenizer is a byte-level BPE tokenizer read from a Hugging Face
 // tokenizer.json. It is immutable after loading and safe for concurrent use.
 //
 // Encoding first splits out added tokens (their content is matched verbatim
@@ -22,10 +22,10 @@ import (
 // merges symbol pairs by rank. Because every byte has a vocabulary entry
 // (checked at load), encoding never fails and decoding restores the exact
 // bytes.
-type tokenizer struct {
+type Tokenizer struct {
 	vocab   map[string]int
 	ranks   map[[2]string]int
-	pieces  [][]byte // token id -> the bytes it decodes to
+	pieces  []string // token id -> the bytes it decodes to
 	added   []addedToken
 	byteSym [256]string // byte -> its one-rune symbol in the vocabulary
 	split   bool        // pre-tokenize with the GPT-2 rule
@@ -63,20 +63,21 @@ type tokenizerJSON struct {
 // maxIDGap is how far token ids may run past the number of tokens.
 const maxIDGap = 1 << 16
 
-func loadTokenizer(path string) (*tokenizer, error) {
+// Load reads and parses the tokenizer.json at path.
+func Load(path string) (*Tokenizer, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read tokenizer: %w", err)
 	}
-	t, err := parseTokenizer(data)
+	t, err := Parse(data)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return t, nil
 }
 
-// parseTokenizer decodes and validates tokenizer.json content.
-func parseTokenizer(data []byte) (*tokenizer, error) {
+// Parse decodes and validates tokenizer.json content.
+func Parse(data []byte) (*Tokenizer, error) {
 	var f tokenizerJSON
 	if err := json.Unmarshal(data, &f); err != nil {
 		return nil, fmt.Errorf("decode tokenizer.json: %w", err)
@@ -88,7 +89,7 @@ func parseTokenizer(data []byte) (*tokenizer, error) {
 	if n := strings.TrimSpace(string(f.Normalizer)); n != "" && n != "null" {
 		errs = append(errs, errors.New("normalizer: must be null; normalizers are not supported"))
 	}
-	t := &tokenizer{vocab: f.Model.Vocab, ranks: make(map[[2]string]int, len(f.Model.Merges))}
+	t := &Tokenizer{vocab: f.Model.Vocab, ranks: make(map[[2]string]int, len(f.Model.Merges))}
 	switch {
 	case f.PreTokenizer == nil:
 		errs = append(errs, errors.New("pre_tokenizer: must be ByteLevel, got null"))
@@ -141,7 +142,8 @@ func parseTokenizer(data []byte) (*tokenizer, error) {
 			errs = append(errs, fmt.Errorf("model.vocab: missing the byte-level symbol %q for byte 0x%02x", string(r), b))
 		}
 	}
-	t.pieces = make([][]byte, maxID+1)
+	t.pieces = make([]string, maxID+1)
+	set := make([]bool, maxID+1) // ids given a piece so far
 	for tok, id := range t.vocab {
 		b := make([]byte, 0, len(tok))
 		for _, r := range tok {
@@ -152,18 +154,18 @@ func parseTokenizer(data []byte) (*tokenizer, error) {
 			}
 			b = append(b, c)
 		}
-		if t.pieces[id] != nil && string(t.pieces[id]) != string(b) {
+		if set[id] && t.pieces[id] != string(b) {
 			errs = append(errs, fmt.Errorf("model.vocab: id %d is used by two tokens", id))
 		}
-		t.pieces[id] = b
+		t.pieces[id], set[id] = string(b), true
 	}
 	for _, a := range t.added {
-		if p := t.pieces[a.id]; p != nil && string(p) != a.content {
+		if p := t.pieces[a.id]; set[a.id] && p != a.content {
 			if v, ok := t.vocab[a.content]; !ok || v != a.id {
 				errs = append(errs, fmt.Errorf("added_tokens: %q has id %d, which the vocabulary gives to another token", a.content, a.id))
 			}
 		}
-		t.pieces[a.id] = []byte(a.content)
+		t.pieces[a.id], set[a.id] = a.content, true
 	}
 	for i, raw := range f.Model.Merges {
 		pair, err := parseMerge(raw)
@@ -219,12 +221,12 @@ func byteAlphabet() [256]rune {
 	return m
 }
 
-// vocabSize is one past the largest token id.
-func (t *tokenizer) vocabSize() int { return len(t.pieces) }
+// VocabSize is one past the largest token id.
+func (t *Tokenizer) VocabSize() int { return len(t.pieces) }
 
-// tokenID returns the id of a token written as text: an added token's
+// TokenID returns the id of a token written as text: an added token's
 // content or a vocabulary entry.
-func (t *tokenizer) tokenID(s string) (int, bool) {
+func (t *Tokenizer) TokenID(s string) (int, bool) {
 	for _, a := range t.added {
 		if a.content == s {
 			return a.id, true
@@ -234,9 +236,9 @@ func (t *tokenizer) tokenID(s string) (int, bool) {
 	return id, ok
 }
 
-// isAdded reports whether s is an added token's content, which encode
+// IsAdded reports whether s is an added token's content, which Encode
 // turns into that one token wherever it appears.
-func (t *tokenizer) isAdded(s string) bool {
+func (t *Tokenizer) IsAdded(s string) bool {
 	for _, a := range t.added {
 		if a.content == s {
 			return true
@@ -245,8 +247,8 @@ func (t *tokenizer) isAdded(s string) bool {
 	return false
 }
 
-// encode turns text into token ids.
-func (t *tokenizer) encode(text string) []int {
+// Encode turns text into token ids.
+func (t *Tokenizer) Encode(text string) []int {
 	var ids []int
 	for text != "" {
 		pos, a := t.nextAdded(text)
@@ -261,7 +263,7 @@ func (t *tokenizer) encode(text string) []int {
 }
 
 // nextAdded finds the earliest added token in text, the longest at a tie.
-func (t *tokenizer) nextAdded(text string) (int, addedToken) {
+func (t *Tokenizer) nextAdded(text string) (int, addedToken) {
 	best, bestTok := -1, addedToken{}
 	for _, a := range t.added {
 		i := strings.Index(text, a.content)
@@ -272,7 +274,7 @@ func (t *tokenizer) nextAdded(text string) (int, addedToken) {
 	return best, bestTok
 }
 
-func (t *tokenizer) encodeOrdinary(text string, ids []int) []int {
+func (t *Tokenizer) encodeOrdinary(text string, ids []int) []int {
 	if !t.split {
 		return t.encodeWord(text, ids)
 	}
@@ -284,7 +286,7 @@ func (t *tokenizer) encodeOrdinary(text string, ids []int) []int {
 
 // encodeWord applies the merges to one pre-tokenized word: repeatedly merge
 // the adjacent pair with the lowest rank, leftmost first.
-func (t *tokenizer) encodeWord(w string, ids []int) []int {
+func (t *Tokenizer) encodeWord(w string, ids []int) []int {
 	if w == "" {
 		return ids
 	}
@@ -311,19 +313,21 @@ func (t *tokenizer) encodeWord(w string, ids []int) []int {
 	return ids
 }
 
-// decode returns the bytes of ids, added tokens included. Ids outside the
+// Decode returns the bytes of ids, added tokens included. Ids outside the
 // vocabulary (a model may pad its output layer) decode to nothing.
-func (t *tokenizer) decode(ids []int) []byte {
+func (t *Tokenizer) Decode(ids []int) []byte {
 	var b []byte
 	for _, id := range ids {
-		b = append(b, t.piece(id)...)
+		b = append(b, t.Piece(id)...)
 	}
 	return b
 }
 
-func (t *tokenizer) piece(id int) []byte {
+// Piece is the bytes token id decodes to, which need not be whole UTF-8
+// (Stream assembles them). Ids outside the vocabulary decode to nothing.
+func (t *Tokenizer) Piece(id int) string {
 	if id < 0 || id >= len(t.pieces) {
-		return nil
+		return ""
 	}
 	return t.pieces[id]
 }

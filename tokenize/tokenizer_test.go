@@ -1,4 +1,4 @@
-package backend
+package tokenize
 
 import (
 	"os"
@@ -11,9 +11,9 @@ import (
 	"h3infer/internal/onnxgen"
 )
 
-func testTokenizer(t testing.TB) *tokenizer {
+func testTokenizer(t testing.TB) *Tokenizer {
 	t.Helper()
-	tok, err := loadTokenizer("testdata/tokenizer.json")
+	tok, err := Load("testdata/tokenizer.json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +52,7 @@ func TestSplitWords(t *testing.T) {
 func TestEncode(t *testing.T) {
 	tok := testTokenizer(t)
 	id := func(s string) int {
-		v, ok := tok.tokenID(s)
+		v, ok := tok.TokenID(s)
 		if !ok {
 			t.Fatalf("no token %q", s)
 		}
@@ -71,7 +71,7 @@ func TestEncode(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			if got := tok.encode(tc.in); !slices.Equal(got, tc.want) {
+			if got := tok.Encode(tc.in); !slices.Equal(got, tc.want) {
 				t.Errorf("encode(%q) = %v, want %v", tc.in, got, tc.want)
 			}
 		})
@@ -80,12 +80,12 @@ func TestEncode(t *testing.T) {
 
 func TestMergeSpellings(t *testing.T) {
 	a := testTokenizer(t)
-	b, err := loadTokenizer("testdata/tokenizer-pair-merges.json")
+	b, err := Load("testdata/tokenizer-pair-merges.json")
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := "the and then\n\n  in there"
-	if got, want := b.encode(s), a.encode(s); !slices.Equal(got, want) {
+	if got, want := b.Encode(s), a.Encode(s); !slices.Equal(got, want) {
 		t.Errorf("pair merges give %v, string merges %v", got, want)
 	}
 }
@@ -113,7 +113,7 @@ func TestParseTokenizerErrors(t *testing.T) {
 			if data == string(base) {
 				t.Fatalf("test edit %q did not apply", tc.from)
 			}
-			_, err := parseTokenizer([]byte(data))
+			_, err := Parse([]byte(data))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got error %v, want one mentioning %q", err, tc.want)
 			}
@@ -133,22 +133,22 @@ func FuzzTokenizerRoundTrip(f *testing.F) {
 	}
 	tok := testTokenizer(f)
 	f.Fuzz(func(t *testing.T, s string) {
-		ids := tok.encode(s)
-		if got := string(tok.decode(ids)); got != s {
+		ids := tok.Encode(s)
+		if got := string(tok.Decode(ids)); got != s {
 			t.Fatalf("decode(encode(%q)) = %q", s, got)
 		}
 		// Streaming in token steps gives the same text when it is valid
 		// UTF-8; the stream only ever emits valid UTF-8.
-		ts := newTextStream(nil)
+		ts := NewStream(nil)
 		var b strings.Builder
 		for _, id := range ids {
-			out, _ := ts.push(tok.piece(id))
+			out, _ := ts.Push(tok.Piece(id))
 			if !utf8.ValidString(out) {
 				t.Fatalf("stream emitted invalid UTF-8 %q", out)
 			}
 			b.WriteString(out)
 		}
-		b.WriteString(ts.flush())
+		b.WriteString(ts.Flush())
 		if want := strings.ToValidUTF8(s, "\uFFFD"); utf8.ValidString(s) && b.String() != want {
 			t.Fatalf("streamed %q, want %q", b.String(), want)
 		}
@@ -165,12 +165,12 @@ func FuzzParseTokenizer(f *testing.F) {
 	}
 	f.Add([]byte(`{"model":{"type":"BPE"}}`), "x")
 	f.Fuzz(func(t *testing.T, data []byte, s string) {
-		tok, err := parseTokenizer(data)
+		tok, err := Parse(data)
 		if err != nil {
 			return
 		}
-		ids := tok.encode(s)
-		if got := string(tok.decode(ids)); got != s {
+		ids := tok.Encode(s)
+		if got := string(tok.Decode(ids)); got != s {
 			t.Fatalf("decode(encode(%q)) = %q", s, got)
 		}
 	})
@@ -181,7 +181,7 @@ func BenchmarkEncode(b *testing.B) {
 	text := strings.Repeat("The gateway streams tokens and the worker is near the model. ", 20)
 	b.SetBytes(int64(len(text)))
 	for b.Loop() {
-		tok.encode(text)
+		tok.Encode(text)
 	}
 }
 
@@ -194,7 +194,7 @@ func TestLearnedMerges(t *testing.T) {
 	if err := onnxgen.Write(dir, onnxgen.Options{Merges: 400, SpecialTokens: []string{"<|im_start|>", "<|im_end|>"}}); err != nil {
 		t.Fatal(err)
 	}
-	tok, err := loadTokenizer(filepath.Join(dir, tokenizerFile))
+	tok, err := Load(filepath.Join(dir, onnxgen.TokenizerFile))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -203,8 +203,8 @@ func TestLearnedMerges(t *testing.T) {
 		t.Fatalf("%d merges, want at least 200", len(tok.ranks))
 	}
 	text := "The gateway sits at the edge of the network, close to the people who send it questions."
-	ids := tok.encode(text)
-	if got := string(tok.decode(ids)); got != text {
+	ids := tok.Encode(text)
+	if got := string(tok.Decode(ids)); got != text {
 		t.Errorf("round trip: %q", got)
 	}
 	if len(ids) > len(text)/2 {
@@ -212,15 +212,15 @@ func TestLearnedMerges(t *testing.T) {
 	}
 	// Common words of the corpus are single tokens, with their space.
 	for _, w := range []string{" the", "The", " gateway"} {
-		if got := tok.encode(w); len(got) != 1 {
+		if got := tok.Encode(w); len(got) != 1 {
 			t.Errorf("%q encodes to %d tokens %v, want 1", w, len(got), got)
 		}
 	}
 	chat := "<|im_start|>user\nthe gateway<|im_end|>"
-	ids = tok.encode(chat)
-	start, _ := tok.tokenID("<|im_start|>")
-	end, _ := tok.tokenID("<|im_end|>")
-	if ids[0] != start || ids[len(ids)-1] != end || string(tok.decode(ids)) != chat {
+	ids = tok.Encode(chat)
+	start, _ := tok.TokenID("<|im_start|>")
+	end, _ := tok.TokenID("<|im_end|>")
+	if ids[0] != start || ids[len(ids)-1] != end || string(tok.Decode(ids)) != chat {
 		t.Errorf("added tokens: %v", ids)
 	}
 }
