@@ -1,4 +1,4 @@
-package backend
+package workerconf
 
 import (
 	"bytes"
@@ -7,12 +7,22 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
+
+	"h3infer/tokenize"
 )
 
-// modelConfig is model.json, the file that sits next to model.onnx and
+// Files of a model directory.
+const (
+	ModelConfigFile = "model.json"
+	TokenizerFile   = "tokenizer.json"
+	ModelFile       = "model.onnx"
+)
+
+// ModelConfig is model.json, the file that sits next to model.onnx and
 // tokenizer.json and says how to serve them.
-type modelConfig struct {
+type ModelConfig struct {
 	Name          string   `json:"name"`
 	ContextLength int      `json:"context_length"`
 	EOSToken      string   `json:"eos_token"`
@@ -21,10 +31,10 @@ type modelConfig struct {
 	// KVCache is how the graph passes the cache: "concat" (the default,
 	// the usual export: present is past with the new positions appended)
 	// or "append" (present is the new positions alone, and past is the
-	// runtime's whole cache, padding masked out). See batch.go.
+	// runtime's whole cache, padding masked out). See ort/batch.go.
 	KVCache string `json:"kv_cache"`
 
-	// Optional facts about the graph; when set, LoadModel checks the
+	// Optional facts about the graph; when set, ort.LoadModel checks the
 	// graph agrees, which catches a model.json copied next to the wrong
 	// model.onnx.
 	VocabSize int `json:"vocab_size"`
@@ -35,33 +45,35 @@ type modelConfig struct {
 
 // model.json kv_cache values.
 const (
-	kvConcat = "concat"
-	kvAppend = "append"
+	KVConcat = "concat"
+	KVAppend = "append"
 )
 
-// readModelConfig decodes model.json strictly: unknown keys and trailing
-// data are errors, and every invalid value is reported, each naming its key.
-func readModelConfig(path string) (modelConfig, error) {
+// ReadModelConfig decodes dir's model.json strictly: unknown keys and
+// trailing data are errors, and every invalid value is reported, each
+// naming its key.
+func ReadModelConfig(dir string) (ModelConfig, error) {
+	path := filepath.Join(dir, ModelConfigFile)
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return modelConfig{}, fmt.Errorf("read model config: %w", err)
+		return ModelConfig{}, fmt.Errorf("read model config: %w", err)
 	}
 	c, err := parseModelConfig(data)
 	if err != nil {
-		return modelConfig{}, fmt.Errorf("%s: %w", path, err)
+		return ModelConfig{}, fmt.Errorf("%s: %w", path, err)
 	}
 	return c, nil
 }
 
-func parseModelConfig(data []byte) (modelConfig, error) {
-	var c modelConfig
+func parseModelConfig(data []byte) (ModelConfig, error) {
+	var c ModelConfig
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&c); err != nil {
-		return modelConfig{}, fmt.Errorf("decode: %w", err)
+		return ModelConfig{}, fmt.Errorf("decode: %w", err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return modelConfig{}, errors.New("decode: trailing data after the JSON object")
+		return ModelConfig{}, errors.New("decode: trailing data after the JSON object")
 	}
 	var errs []error
 	if c.Name == "" {
@@ -74,16 +86,16 @@ func parseModelConfig(data []byte) (modelConfig, error) {
 		errs = append(errs, errors.New("eos_token: must not be empty"))
 	}
 	if c.ChatTemplate == "" {
-		c.ChatTemplate = TemplatePlain
-	} else if !validTemplate(c.ChatTemplate) {
-		errs = append(errs, fmt.Errorf("chat_template: must be one of %s, got %q", strings.Join(templateNames(), ", "), c.ChatTemplate))
+		c.ChatTemplate = tokenize.TemplatePlain
+	} else if _, ok := tokenize.LookupTemplate(c.ChatTemplate); !ok {
+		errs = append(errs, fmt.Errorf("chat_template: must be one of %s, got %q", strings.Join(tokenize.TemplateNames(), ", "), c.ChatTemplate))
 	}
 	switch c.KVCache {
 	case "":
-		c.KVCache = kvConcat
-	case kvConcat, kvAppend:
+		c.KVCache = KVConcat
+	case KVConcat, KVAppend:
 	default:
-		errs = append(errs, fmt.Errorf("kv_cache: must be %q or %q, got %q", kvConcat, kvAppend, c.KVCache))
+		errs = append(errs, fmt.Errorf("kv_cache: must be %q or %q, got %q", KVConcat, KVAppend, c.KVCache))
 	}
 	for i, s := range c.StopTokens {
 		if s == "" {
