@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"context"
@@ -9,9 +9,9 @@ import (
 	"testing"
 
 	"h3infer/infer"
-	"h3infer/internal/onnxgen"
 	"h3infer/priority"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // recorder is the ring side of a workerLoop driven in process: it keeps
@@ -93,9 +93,15 @@ func (r *recorder) textOf(id uint64) string {
 // testLoop is a workerLoop over the demo model with a recorder for a ring.
 func testLoop(t *testing.T, slots int, kvBudget int64) (*workerLoop, *recorder, chan inbound) {
 	t.Helper()
-	m := loadTestModel(t)
+	return testLoopOf(t, slots, kvBudget, loadTestModel(t))
+}
+
+// testLoopOf is a workerLoop over m, served as "demo", with a recorder for
+// a ring.
+func testLoopOf(t *testing.T, slots int, kvBudget int64, m Model) (*workerLoop, *recorder, chan inbound) {
+	t.Helper()
 	rec := newRecorder()
-	w := newWorkerLoop(rec, slots, kvBudget, map[string]*Model{"demo": m}, testLogger(t))
+	w := newWorkerLoop(rec, slots, kvBudget, map[string]Model{"demo": m}, testLogger(t))
 	t.Cleanup(w.closeAll)
 	return w, rec, make(chan inbound, 64)
 }
@@ -143,11 +149,11 @@ func TestBatchedMatchesAlone(t *testing.T) {
 	wantDone := make([]infer.Done, len(subs))
 	for i := range subs {
 		var err error
-		if want[i], wantDone[i], err = m.Generate(context.Background(), &subs[i]); err != nil {
+		if want[i], wantDone[i], err = Generate(context.Background(), m, &subs[i]); err != nil {
 			t.Fatal(err)
 		}
 	}
-	w, rec, inbox := testLoop(t, len(subs), DefaultKVCacheBytes)
+	w, rec, inbox := testLoop(t, len(subs), workerconf.DefaultKVCacheBytes)
 	// Three arrive together; the rest join one by one, a few steps apart,
 	// while the batch is running.
 	for i := range 3 {
@@ -176,8 +182,8 @@ func TestBatchedMatchesAlone(t *testing.T) {
 			t.Errorf("request %d %q:\nbatched %q %+v\nalone   %q %+v", i, subs[i].Prompt, got, rec.done[id], want[i], wantDone[i])
 		}
 	}
-	if b := w.batches[0]; len(b.rows) != 0 || b.cols != 0 {
-		t.Errorf("idle batch holds %d rows, %d columns", len(b.rows), b.cols)
+	if b := w.batches[0]; len(b.rows) != 0 {
+		t.Errorf("idle batch holds %d rows", len(b.rows))
 	}
 }
 
@@ -185,7 +191,7 @@ func TestBatchedMatchesAlone(t *testing.T) {
 // before that step's token is sent, and frees its slot for a waiting
 // request at the next step.
 func TestCancelWithinOneStep(t *testing.T) {
-	w, rec, inbox := testLoop(t, 2, DefaultKVCacheBytes)
+	w, rec, inbox := testLoop(t, 2, workerconf.DefaultKVCacheBytes)
 	long := infer.Request{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 1, HasSeed: true}
 	requireLong(t, loadTestModel(t), &long)
 	inbox <- submit(1, long)
@@ -236,7 +242,7 @@ func TestUrgentTakesNextFreeSlot(t *testing.T) {
 		return infer.Request{Model: "demo", Prompt: "The ", MaxTokens: tokens, Urgency: u, Class: priority.DefaultClasses.Of(u)}
 	}
 	// Room for exactly two rows of 4 + 40 tokens.
-	budget := m.kvBytes(2, 4+40)
+	budget := m.KVBytes(2, 4+40)
 	w, rec, inbox := testLoop(t, 8, budget)
 	inbox <- submit(1, s(6, 40))
 	inbox <- submit(2, s(6, 40))
@@ -272,134 +278,10 @@ func TestUrgentTakesNextFreeSlot(t *testing.T) {
 
 func TestRequestOverKVBudgetRefused(t *testing.T) {
 	m := loadTestModel(t)
-	w, rec, inbox := testLoop(t, 4, m.kvBytes(1, 100))
+	w, rec, inbox := testLoopOf(t, 4, m.KVBytes(1, 100), m)
 	inbox <- submit(1, infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 500})
 	runUntilIdle(t, w, inbox, 10)
 	if e := rec.errs[1]; e.Code != infer.CodeInvalidRequest || !strings.Contains(e.Message, "budget") {
 		t.Errorf("got %+v, want a budget error", e)
-	}
-}
-
-// loadRandomModel writes a small random-weight model into the test's
-// temporary directory. Its attention is diffuse, unlike the demo model's,
-// so a padding column that leaks into attention shows in the logits.
-func loadRandomModel(t testing.TB, o onnxgen.Options) *Model {
-	t.Helper()
-	needModel(t)
-	dir := t.TempDir()
-	o.Random = true
-	if err := onnxgen.Write(dir, o); err != nil {
-		t.Fatal(err)
-	}
-	m, err := LoadModel(dir, ModelOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
-}
-
-// Rows of different lengths that join and leave a batch at different steps
-// get, at every step, the logits they get alone in a batch of one.
-func TestBatchRowsMatchAloneLogits(t *testing.T) {
-	for _, layout := range []string{onnxgen.KVCacheConcat, onnxgen.KVCacheAppend} {
-		t.Run("kv_cache="+layout, func(t *testing.T) {
-			m := loadRandomModel(t, onnxgen.Options{Layers: 2, Heads: 4, Hidden: 64, Context: 256, Seed: 7, KVCache: layout})
-			testBatchRowsMatchAlone(t, m, nil)
-		})
-	}
-}
-
-// The append layout computes what the concat layout computes: the same
-// weights in either graph give each row the same logits at every step,
-// batched with rows that join and leave.
-func TestAppendLayoutMatchesConcat(t *testing.T) {
-	opts := onnxgen.Options{Layers: 2, Heads: 4, Hidden: 64, Context: 256, Seed: 7}
-	concat := loadRandomModel(t, opts)
-	opts.KVCache = onnxgen.KVCacheAppend
-	testBatchRowsMatchAlone(t, loadRandomModel(t, opts), concat)
-}
-
-// testBatchRowsMatchAlone runs rows of different lengths through one batch
-// of m, joining and leaving at different steps, and each alone in a batch
-// of its own, of ref when it is set (else of m); at every step their
-// logits must agree.
-func testBatchRowsMatchAlone(t *testing.T, m, ref *Model) {
-	if ref == nil {
-		ref = m
-	}
-	type pair struct {
-		batched, alone *generation
-		solo           *batch
-		steps          int // decode steps left
-	}
-	shared := m.newBatch()
-	defer shared.close()
-	var live []*pair
-	join := func(prompt string, steps int) {
-		ids := m.tok.encode(prompt)
-		p := &pair{solo: ref.newBatch(), steps: steps}
-		t.Cleanup(p.solo.close)
-		for _, g := range []**generation{&p.batched, &p.alone} {
-			*g = &generation{m: m, row: -1}
-			if g == &p.alone {
-				(*g).m = ref
-			}
-			kv, err := (*g).prefill0(ids)
-			if err != nil {
-				t.Fatal(err)
-			}
-			(*g).last = argmax((*g).logits)
-			if g == &p.batched {
-				shared.join(*g, kv)
-			} else {
-				p.solo.join(*g, kv)
-			}
-		}
-		live = append(live, p)
-	}
-	arrivals := map[int][]struct {
-		prompt string
-		steps  int
-	}{
-		0:  {{"The gateway", 30}, {"x", 12}},
-		3:  {{strings.Repeat("a long prompt ", 6), 10}},
-		5:  {{"mid", 25}},
-		14: {{"late arrival, longer than the rest so far: " + strings.Repeat("z", 60), 8}},
-	}
-	worst := 0.0
-	for step := 0; step < 40; step++ {
-		for _, a := range arrivals[step] {
-			join(a.prompt, a.steps)
-		}
-		if len(live) == 0 {
-			break
-		}
-		if err := shared.step(); err != nil {
-			t.Fatal(err)
-		}
-		var keep []*pair
-		for _, p := range live {
-			if err := p.solo.step(); err != nil {
-				t.Fatal(err)
-			}
-			d := maxAbsDiff(p.batched.logits, p.alone.logits)
-			worst = max(worst, d)
-			if d > 1e-4 {
-				t.Fatalf("step %d: a row's logits differ from its run alone by %g", step, d)
-			}
-			p.batched.last = argmax(p.batched.logits)
-			p.alone.last = p.batched.last
-			if p.steps--; p.steps == 0 {
-				shared.leave(p.batched)
-				continue
-			}
-			keep = append(keep, p)
-		}
-		live = keep
-	}
-	t.Logf("largest logit difference, batched against alone: %g", worst)
-	if len(shared.rows) != 0 || shared.cols != 0 {
-		t.Errorf("emptied batch keeps %d rows, %d columns", len(shared.rows), shared.cols)
 	}
 }

@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"fmt"
@@ -14,22 +14,24 @@ import (
 	"h3infer/infer"
 	"h3infer/internal/onnxgen"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // BenchmarkWorkerConcurrency loads one worker, over a real ring, with 1, 8,
-// 32 and 64 clients that each send requests back to back, for the demo
-// model and for a random model of hidden size 512 and 4 layers. Each
-// sub-benchmark runs a fixed window and reports aggregate tokens/s, time to
-// first token and inter-token latency (p50, p99), and its tokens/s as a
-// multiple of concurrency 1 measured in the same run (x_c1). The random
-// model runs in both cache layouts (batch.go): concat, the usual export,
-// and append, where the worker keeps the cache.
+// 32 and 64 clients that each send requests back to back, for the
+// synthetic model (the loop's own cost, no model's), the demo model and a
+// random model of hidden size 512 and 4 layers. Each sub-benchmark runs a
+// fixed window and reports aggregate tokens/s, time to first token and
+// inter-token latency (p50, p99), and its tokens/s as a multiple of
+// concurrency 1 measured in the same run (x_c1). The random model runs in
+// both cache layouts (ort/batch.go): concat, the usual export, and append,
+// where the worker keeps the cache.
 //
-//	go test -run '^$' -bench WorkerConcurrency -benchtime 1x ./backend/
+//	go test -run '^$' -bench WorkerConcurrency -benchtime 1x ./engine/
 func BenchmarkWorkerConcurrency(b *testing.B) {
 	needModel(b)
 	window := benchWindow(b)
-	models := []struct{ name, dir string }{{"demo", testModelDir}}
+	models := []struct{ name, dir string }{{"synthetic", workerconf.SyntheticDir}, {"demo", testModelDir}}
 	for _, layout := range []string{onnxgen.KVCacheConcat, onnxgen.KVCacheAppend} {
 		dir := filepath.Join(b.TempDir(), "h512l4-"+layout)
 		if err := onnxgen.Write(dir, onnxgen.Options{Random: true, Layers: 4, Heads: 8, Hidden: 512, Seed: 1, KVCache: layout}); err != nil {
@@ -76,7 +78,7 @@ func BenchmarkWorkerConcurrency(b *testing.B) {
 // and inter-token latency, and its tokens/s as a multiple of cpu kv=host at
 // the same concurrency, measured in the same run (x_cpu_host).
 //
-//	go test -run '^$' -bench Providers -benchtime 1x ./backend/
+//	go test -run '^$' -bench Providers -benchtime 1x ./engine/
 func BenchmarkProviders(b *testing.B) {
 	needModel(b)
 	window := benchWindow(b)
@@ -91,14 +93,14 @@ func BenchmarkProviders(b *testing.B) {
 	base := map[int]float64{} // concurrency -> cpu kv=host tokens/s
 	var ids atomic.Uint64
 	for _, name := range providers {
-		p, err := ParseProvider(name)
+		p, err := workerconf.ParseProvider(name)
 		if err != nil {
 			b.Fatalf("H3INFER_BENCH_PROVIDERS: %v", err)
 		}
 		for _, onDevice := range []bool{false, true} {
 			kv := map[bool]string{false: "host", true: "device"}[onDevice]
 			b.Run(fmt.Sprintf("provider=%s/kv=%s", p, kv), func(b *testing.B) {
-				rw := startRingWorkerSpec(b, 32, ModelSpec{Name: "demo", Dir: dir, Provider: p, DeviceKV: &onDevice}, 0)
+				rw := startRingWorkerSpec(b, 32, workerconf.Model{Name: "demo", Dir: dir, Provider: p, DeviceKV: &onDevice}, 0)
 				for _, c := range []int{1, 32} {
 					b.Run(fmt.Sprintf("c=%d", c), func(b *testing.B) {
 						var r loadResult
@@ -106,7 +108,7 @@ func BenchmarkProviders(b *testing.B) {
 							r = runLoad(b, rw.end, &ids, c, window)
 						}
 						tps := float64(r.tokens) / r.elapsed.Seconds()
-						if p == ProviderCPU && !onDevice {
+						if p == workerconf.ProviderCPU && !onDevice {
 							base[c] = tps
 						}
 						b.ReportMetric(tps, "tok/s")

@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"bytes"
@@ -15,6 +15,7 @@ import (
 
 	"h3infer/infer"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // goldenFile, when a model directory holds one, is a prompt and the text
@@ -65,23 +66,25 @@ func readGolden(dir string) (*golden, error) {
 // fit to take traffic.
 const warmUpTimeout = 2 * time.Minute
 
-// PrepareModel loads dir as LoadModel does, then runs it once so that the
-// first request does not pay for ONNX Runtime's lazy initialisation, and,
-// when dir holds golden.json, checks that greedy decoding of its prompt
-// gives its expected text. A model that fails any step is closed.
-func PrepareModel(ctx context.Context, dir string, opts ModelOptions) (*Model, error) {
-	m, err := LoadModel(dir, opts)
+// prepare opens spec as the worker's models are opened, then runs it once
+// so that the first request does not pay for the runtime's lazy
+// initialisation, and, when spec's directory holds golden.json, checks
+// that greedy decoding of its prompt gives its expected text. A model that
+// fails any step is closed.
+func prepare(ctx context.Context, open func(workerconf.Model) (Model, error), spec workerconf.Model) (Model, error) {
+	m, err := open(spec)
 	if err != nil {
 		return nil, err
 	}
-	if err := m.check(ctx, dir); err != nil {
+	if err := check(ctx, m, spec.Dir); err != nil {
 		m.Close()
-		return nil, fmt.Errorf("load model %s: %w", dir, err)
+		return nil, fmt.Errorf("load model %s: %w", spec.Dir, err)
 	}
 	return m, nil
 }
 
-func (m *Model) check(ctx context.Context, dir string) error {
+// check warms m up and runs the golden check of dir, if it has one.
+func check(ctx context.Context, m Model, dir string) error {
 	g, err := readGolden(dir)
 	if err != nil {
 		return err
@@ -91,13 +94,13 @@ func (m *Model) check(ctx context.Context, dir string) error {
 	// Warm-up: a prefill and a few batched steps touch every kernel a
 	// request will use.
 	warm := &infer.Request{Prompt: "Hello", MaxTokens: 4, HasSeed: true}
-	if _, _, err := m.Generate(ctx, warm); err != nil {
+	if _, _, err := Generate(ctx, m, warm); err != nil {
 		return fmt.Errorf("warm-up: %w", err)
 	}
 	if g == nil {
 		return nil
 	}
-	got, _, err := m.Generate(ctx, &infer.Request{Prompt: g.Prompt, MaxTokens: uint32(g.MaxTokens), HasSeed: true})
+	got, _, err := Generate(ctx, m, &infer.Request{Prompt: g.Prompt, MaxTokens: uint32(g.MaxTokens), HasSeed: true})
 	if err != nil {
 		return fmt.Errorf("golden check: %w", err)
 	}
@@ -112,7 +115,7 @@ type loadOutcome struct {
 	id   uint64
 	name string
 	dir  string
-	m    *Model
+	m    Model
 	err  error
 }
 
@@ -135,14 +138,12 @@ func (w *workerLoop) control(in inbound) error {
 		if w.models[c.Name] != nil || w.loading[c.Name] {
 			return fail(infer.CodeInvalidRequest, fmt.Sprintf("load: model %q is already served or loading", c.Name))
 		}
-		if w.inbox == nil {
+		if w.inbox == nil || w.open == nil {
 			return fail(infer.CodeInternal, "load: this worker cannot load models")
 		}
 		w.loading[c.Name] = true
-		opts := w.loadOpts
-		opts.Name = c.Name
 		w.loaders.Go(func() {
-			m, err := PrepareModel(context.Background(), c.Dir, opts)
+			m, err := prepare(context.Background(), w.open, workerconf.Model{Name: c.Name, Dir: c.Dir})
 			r := &loadOutcome{id: in.id, name: c.Name, dir: c.Dir, m: m, err: err}
 			select {
 			case w.inbox <- inbound{loaded: r}:
@@ -176,8 +177,8 @@ func (w *workerLoop) loaded(r *loadOutcome) error {
 		return w.end.SendError(r.id, infer.Error{Code: infer.CodeInvalidRequest, Message: r.err.Error()})
 	}
 	w.models[r.name] = r.m
-	w.batches = append(w.batches, r.m.newBatch())
-	w.log.Info("model loaded", "model", r.name, "dir", r.dir, "context_length", r.m.cfg.ContextLength, "layers", r.m.layers)
+	w.batches = append(w.batches, newBatch(r.name, r.m))
+	w.log.Info("model loaded", "model", r.name, "dir", r.dir, "context_length", r.m.Info().ContextLength)
 	return w.end.SendDone(r.id, infer.Done{FinishReason: transport.FinishOK})
 }
 
@@ -201,9 +202,10 @@ func (w *workerLoop) reap() {
 			w.batches = slices.DeleteFunc(w.batches, func(x *batch) bool { return x == b })
 		}
 		delete(w.draining, m)
+		name := m.Info().Name
 		if err := m.Close(); err != nil {
-			w.log.Warn("close model", "model", m.name, "err", err)
+			w.log.Warn("close model", "model", name, "err", err)
 		}
-		w.log.Info("model unloaded", "model", m.name)
+		w.log.Info("model unloaded", "model", name)
 	}
 }

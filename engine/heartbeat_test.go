@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"context"
@@ -9,6 +9,7 @@ import (
 
 	"h3infer/internal/onnxgen"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // TestLoopBeatsWhileIdleAndLoading: the pool kills a worker whose heartbeat
@@ -16,9 +17,10 @@ import (
 // must keep beating while a new model version is built and warmed up
 // beside it (control.go), however long that takes.
 func TestLoopBeatsWhileIdleAndLoading(t *testing.T) {
-	w, rec, inbox := testLoop(t, 2, DefaultKVCacheBytes)
+	w, rec, inbox := testLoop(t, 2, workerconf.DefaultKVCacheBytes)
 	stop := make(chan struct{})
 	w.inbox, w.stop = inbox, stop
+	w.open = ortLoad(workerconf.Settings{ORTLib: testORTLib}, testLogger(t))
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
 	go func() { served <- w.serve(ctx, inbox, make(chan error), 10*time.Millisecond) }()

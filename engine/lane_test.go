@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 	"h3infer/infer"
 	"h3infer/priority"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // threadNice is the nice value of the calling thread. The raw syscall
@@ -30,7 +31,7 @@ func TestLaneNiceIsItsOwn(t *testing.T) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	base := threadNice(t)
-	if base+3 > MaxNice {
+	if base+3 > workerconf.MaxNice {
 		t.Fatalf("test process already runs at nice %d", base)
 	}
 	l, err := newLane(base + 3)
@@ -97,9 +98,11 @@ func TestUrgentFirstTokenBesideBulkStep(t *testing.T) {
 	}
 	urgent := infer.Request{Model: "demo", Prompt: "An urgent ", MaxTokens: 20, Urgency: 0, Class: priority.Urgent}
 	const urgentID, cancelID = 100, 1
-	w, rec, inbox := testLoop(t, 8, DefaultKVCacheBytes)
+	w, rec, inbox := testLoop(t, 8, workerconf.DefaultKVCacheBytes)
 	var gate func(func())
 	w.bulk, gate = gatedLane(t)
+	// Every bulk step goes aside, however short it has been.
+	w.asideMin = 0
 
 	for i := range subs {
 		inbox <- submit(uint64(i), subs[i])
@@ -148,7 +151,7 @@ func TestUrgentFirstTokenBesideBulkStep(t *testing.T) {
 
 	check := func(id uint64, s infer.Request) {
 		t.Helper()
-		wantText, wantDone, err := m.Generate(context.Background(), &s)
+		wantText, wantDone, err := Generate(context.Background(), m, &s)
 		if err != nil {
 			t.Fatal(err)
 		}

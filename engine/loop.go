@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"cmp"
@@ -8,8 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +20,7 @@ import (
 	"h3infer/infer"
 	"h3infer/priority"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // Span names of the worker's two phases of a request.
@@ -30,256 +29,63 @@ const (
 	phaseDecode  = "decode"
 )
 
-// ModelSpec names a model directory a worker serves and the name it is
-// served under.
-type ModelSpec struct {
-	Name string
-	Dir  string
-	// Provider is the execution provider; "" is cpu.
-	Provider Provider
-	// DeviceID is the GPU of a cuda or tensorrt model.
-	DeviceID int
-	// DeviceKV keeps the KV cache in the provider's memory between steps;
-	// nil means on exactly when the model runs on a GPU.
-	DeviceKV *bool
-}
-
-// WorkerConfig configures one worker process. Zero values mean the
-// documented defaults.
-//
-// The same settings travel as the `h3infer worker` command line, which
-// Args writes and cmd/h3infer/worker.go parses; change both together.
-type WorkerConfig struct {
-	// RingFD is the file descriptor of the shared-memory segment the
-	// worker inherits; the Pool passes it as fd 3.
-	RingFD int
-	// Models are the models to load; at least one.
-	Models []ModelSpec
-	// ORTLib is the path of the ONNX Runtime shared library.
-	ORTLib string
-	// Slots is how many sequences the worker generates at once, the
-	// largest batch a decode step runs; 0 means 4. The scheduler sends a
-	// worker no more requests than this.
-	Slots int
-	// KVCacheBytes bounds the memory of the KV caches of the running
-	// sequences; 0 means 1 GiB. A sequence is counted at its full
-	// reservation (prompt plus max_tokens) and a batch at its padded shape
-	// in both of its buffers; see workerLoop.fits. Requests that do not fit
-	// wait, most urgent first.
-	KVCacheBytes int64
-	// IntraOpThreads is ONNX Runtime's intra-op thread count per model;
-	// 0 means 1.
-	IntraOpThreads int
-	// StatsInterval is how often the worker reports its counters; 0 means
-	// 100ms.
-	StatsInterval time.Duration
+// Config is what Run needs beyond the ring.
+type Config struct {
+	// Settings are the worker's, as the pool wrote them.
+	Settings workerconf.Settings
+	// Load loads a model directory the settings, or a later control
+	// request, name: ONNX Runtime's package in the h3infer binary. The
+	// synthetic model (workerconf.SyntheticDir) is built in and never
+	// loaded. A control request names only a name and a directory, so
+	// such a model runs on the CPU.
+	Load func(spec workerconf.Model) (Model, error)
 	// TracerProvider makes the prefill and decode spans, children of the
-	// gateway's span named by each Submit's TraceParent. It is not part of
-	// the command line: the worker process builds it from the OTEL_*
-	// environment it inherits. nil means no tracing.
+	// gateway's span named by each request's TraceParent; nil means no
+	// tracing.
 	TracerProvider trace.TracerProvider
-	// GPUMemoryBytes bounds the device memory of the worker's GPU models,
-	// split evenly among the models on each device (the CUDA provider's
-	// arena limit); 0 means no bound of ours.
-	GPUMemoryBytes int64
-	// Nice is the Linux nice value, 0..MaxNice, of the thread that runs
-	// bulk work (decode steps of batches without an urgent sequence,
-	// prefills of requests that are not urgent): it yields contended CPUs
-	// to the gateway and to urgent work, which the loop's own thread runs
-	// at the process's priority, alongside a bulk step (nice.go). 0 runs
-	// everything on the loop's thread, one thing at a time.
-	// Which requests are urgent is their class (infer.Request.Class),
-	// decided at admission.
-	Nice int
 }
 
-// Defaults of WorkerConfig.
-const (
-	DefaultSlots         = 4
-	DefaultKVCacheBytes  = 1 << 30
-	DefaultStatsInterval = 100 * time.Millisecond
-)
-
-// Args is the command line, after the `worker` subcommand, that gives a
-// worker process this configuration. cmd/h3infer/worker.go parses it.
-func (c WorkerConfig) Args() []string {
-	args := []string{"--ring-fd=" + strconv.Itoa(c.RingFD)}
-	for _, m := range c.Models {
-		args = append(args, "--model="+m.Name+"="+m.Dir)
-		if m.Provider != "" || m.DeviceID != 0 {
-			args = append(args, "--provider="+m.Name+"="+FormatPlacement(m.Provider, m.DeviceID))
-		}
-		if m.DeviceKV != nil {
-			args = append(args, "--device-kv="+m.Name+"="+strconv.FormatBool(*m.DeviceKV))
-		}
-	}
-	if c.ORTLib != "" {
-		args = append(args, "--onnxruntime-lib="+c.ORTLib)
-	}
-	if c.Slots != 0 {
-		args = append(args, "--slots="+strconv.Itoa(c.Slots))
-	}
-	if c.KVCacheBytes != 0 {
-		args = append(args, "--kv-cache-bytes="+strconv.FormatInt(c.KVCacheBytes, 10))
-	}
-	if c.IntraOpThreads != 0 {
-		args = append(args, "--intra-op-threads="+strconv.Itoa(c.IntraOpThreads))
-	}
-	if c.StatsInterval != 0 {
-		args = append(args, "--stats-interval="+c.StatsInterval.String())
-	}
-	if c.GPUMemoryBytes != 0 {
-		args = append(args, "--gpu-memory-bytes="+strconv.FormatInt(c.GPUMemoryBytes, 10))
-	}
-	if c.Nice != 0 {
-		args = append(args, "--nice="+strconv.Itoa(c.Nice))
-	}
-	return args
-}
-
-// Validate reports every invalid field at once, each naming its flag.
-func (c WorkerConfig) Validate() error {
-	var errs []error
-	if c.RingFD < 3 {
-		errs = append(errs, fmt.Errorf("ring-fd: must be >= 3 (0-2 are stdio), got %d", c.RingFD))
-	}
-	if len(c.Models) == 0 {
-		errs = append(errs, errors.New("model: at least one is required"))
-	}
-	seen := map[string]bool{}
-	for i, m := range c.Models {
-		switch {
-		case m.Name == "" || m.Dir == "":
-			errs = append(errs, fmt.Errorf("model[%d]: want name=dir, got name %q dir %q", i, m.Name, m.Dir))
-		case seen[m.Name]:
-			errs = append(errs, fmt.Errorf("model[%d]: name %q used twice", i, m.Name))
-		}
-		seen[m.Name] = true
-		if _, err := ParseProvider(string(m.Provider)); err != nil {
-			errs = append(errs, fmt.Errorf("provider of model %q: %w", m.Name, err))
-		}
-		if m.DeviceID < 0 {
-			errs = append(errs, fmt.Errorf("provider of model %q: device id must be >= 0, got %d", m.Name, m.DeviceID))
-		}
-	}
-	if c.GPUMemoryBytes < 0 {
-		errs = append(errs, fmt.Errorf("gpu-memory-bytes: must be >= 0, got %d", c.GPUMemoryBytes))
-	}
-	if c.Slots < 0 {
-		errs = append(errs, fmt.Errorf("slots: must be >= 0, got %d", c.Slots))
-	}
-	if c.KVCacheBytes < 0 {
-		errs = append(errs, fmt.Errorf("kv-cache-bytes: must be >= 0, got %d", c.KVCacheBytes))
-	}
-	if c.IntraOpThreads < 0 {
-		errs = append(errs, fmt.Errorf("intra-op-threads: must be >= 0, got %d", c.IntraOpThreads))
-	}
-	if c.StatsInterval < 0 {
-		errs = append(errs, fmt.Errorf("stats-interval: must be >= 0, got %s", c.StatsInterval))
-	}
-	if c.Nice < 0 || c.Nice > MaxNice {
-		errs = append(errs, fmt.Errorf("nice: must be 0..%d, got %d", MaxNice, c.Nice))
-	}
-	return errors.Join(errs...)
-}
-
-func (c WorkerConfig) withDefaults() WorkerConfig {
-	if c.Slots == 0 {
-		c.Slots = DefaultSlots
-	}
-	if c.StatsInterval == 0 {
-		c.StatsInterval = DefaultStatsInterval
-	}
-	if c.KVCacheBytes == 0 {
-		c.KVCacheBytes = DefaultKVCacheBytes
-	}
-	return c
-}
-
-// modelOptions are the options LoadModel gets for spec: the GPU memory
-// budget is split evenly among the models that may run on spec's device.
-func (c WorkerConfig) modelOptions(spec ModelSpec, log *slog.Logger) ModelOptions {
-	o := ModelOptions{Name: spec.Name, IntraOpThreads: c.IntraOpThreads, Provider: spec.Provider, DeviceID: spec.DeviceID,
-		ORTLib: c.ORTLib, DeviceKV: spec.DeviceKV, Log: log}
-	if c.GPUMemoryBytes > 0 && spec.Provider != "" && spec.Provider != ProviderCPU {
-		share := 0
-		for _, m := range c.Models {
-			if m.Provider != "" && m.Provider != ProviderCPU && m.DeviceID == spec.DeviceID {
-				share++
-			}
-		}
-		o.GPUMemoryBytes = c.GPUMemoryBytes / int64(share)
-	}
-	return o
-}
-
-// FormatPlacement writes a provider and device as the worker's --provider
-// flag takes them: "cuda:1", or the provider alone for device 0.
-func FormatPlacement(p Provider, device int) string {
-	if p == "" {
-		p = ProviderCPU
-	}
-	if device == 0 {
-		return string(p)
-	}
-	return string(p) + ":" + strconv.Itoa(device)
-}
-
-// ParsePlacement reads what FormatPlacement writes.
-func ParsePlacement(s string) (Provider, int, error) {
-	name, dev, hasDev := strings.Cut(s, ":")
-	p, err := ParseProvider(name)
-	if err != nil {
-		return "", 0, err
-	}
-	if !hasDev {
-		return p, 0, nil
-	}
-	d, err := strconv.Atoi(dev)
-	if err != nil || d < 0 {
-		return "", 0, fmt.Errorf("device: want a number >= 0, got %q", dev)
-	}
-	return p, d, nil
-}
-
-// RunWorker is the worker process: it maps the ring from cfg.RingFD, loads
-// the models, announces itself with Ready and then serves submits until
-// the ring closes (a clean exit, nil) or ctx ends. Up to cfg.Slots
+// Run is the worker process: it maps the ring from the descriptor ring,
+// loads the models, announces itself with Ready and then serves requests
+// until the ring closes (a clean exit, nil) or ctx ends. Up to Slots
 // sequences run at once, batched: each decode step advances all of a
-// model's running sequences by one token in one ONNX Runtime call.
+// model's running sequences by one token in one step of the model.
 //
-// The worker does not notice by itself that its parent died; the Pool
+// The worker does not notice by itself that its parent died; the pool
 // starts it with Pdeathsig so the kernel ends it.
-func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
-	if err := cfg.Validate(); err != nil {
-		return fmt.Errorf("worker config: %w", err)
+func Run(ctx context.Context, ring *os.File, cfg Config, log *slog.Logger) error {
+	if err := cfg.Settings.Validate(); err != nil {
+		ring.Close()
+		return fmt.Errorf("worker settings: %w", err)
 	}
-	cfg = cfg.withDefaults()
-	f := os.NewFile(uintptr(cfg.RingFD), "h3infer-ring")
-	if f == nil {
-		return fmt.Errorf("worker: ring fd %d is not open", cfg.RingFD)
+	if len(cfg.Settings.Models) == 0 {
+		ring.Close()
+		return errors.New("worker settings: models: at least one is required")
 	}
-	seg, err := transport.OpenSegment(f)
+	s := cfg.Settings.WithDefaults()
+	seg, err := transport.OpenSegment(ring)
 	if err != nil {
-		f.Close()
-		return fmt.Errorf("worker: open ring fd %d: %w", cfg.RingFD, err)
+		ring.Close()
+		return fmt.Errorf("worker: open ring: %w", err)
 	}
 	defer seg.Close()
 	end := transport.NewWorkerEnd(seg)
 	// Closing our end tells the gateway at once, whatever made us stop.
 	defer end.Close()
 
-	// Synthetic models (bench tooling) need no ONNX Runtime and have a loop
-	// of their own in synthetic.go.
-	if synth, err := syntheticOnly(cfg); err != nil {
-		return err
-	} else if synth {
-		return runSynthetic(ctx, cfg, end, log)
+	open := func(spec workerconf.Model) (Model, error) {
+		if iv, ok, err := workerconf.ParseSynthetic(spec.Dir); ok {
+			if err != nil {
+				return nil, err
+			}
+			return newSynthetic(spec.Name, iv), nil
+		}
+		if cfg.Load == nil {
+			return nil, fmt.Errorf("model %s: this worker loads no model directories", spec.Name)
+		}
+		return cfg.Load(spec)
 	}
-	if err := InitRuntime(cfg.ORTLib); err != nil {
-		return fmt.Errorf("worker: %w", err)
-	}
-	models := map[string]*Model{}
+	models := map[string]Model{}
 	defer func() {
 		for name, m := range models {
 			if err := m.Close(); err != nil {
@@ -287,27 +93,26 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 			}
 		}
 	}()
-	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: uint32(cfg.Slots)}
-	for _, spec := range cfg.Models {
-		m, err := LoadModel(spec.Dir, cfg.modelOptions(spec, log))
+	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: uint32(s.Slots)}
+	for _, spec := range s.Models {
+		m, err := open(spec)
 		if err != nil {
 			return fmt.Errorf("worker: %w", err)
 		}
 		models[spec.Name] = m
 		ready.Models = append(ready.Models, m.Info())
-		log.Info("model loaded", "model", spec.Name, "dir", spec.Dir, "context_length", m.cfg.ContextLength, "layers", m.layers,
-			"kv_bytes_per_token", m.kvBytesPerToken(), "provider", string(m.Provider()), "device", m.place.device, "device_kv", m.DeviceKV())
+		log.Info("model loaded", "model", spec.Name, "dir", spec.Dir, "context_length", m.Info().ContextLength)
 	}
-	w := newWorkerLoop(end, cfg.Slots, cfg.KVCacheBytes, models, log)
+	w := newWorkerLoop(end, s.Slots, s.KVCacheBytes, models, log)
 	if cfg.TracerProvider != nil {
 		w.tracer = cfg.TracerProvider.Tracer(tracerName)
 	}
-	w.loadOpts = ModelOptions{IntraOpThreads: cfg.IntraOpThreads}
+	w.open = open
 	defer w.closeAll()
 	if err := end.SendReady(ready); err != nil {
 		return closedOK(fmt.Errorf("worker: send ready: %w", err))
 	}
-	log.Info("worker ready", "pid", ready.PID, "slots", cfg.Slots)
+	log.Info("worker ready", "pid", ready.PID, "slots", s.Slots)
 
 	inbox := make(chan inbound, 64)
 	recvErr := make(chan error, 1)
@@ -321,13 +126,13 @@ func RunWorker(ctx context.Context, cfg WorkerConfig, log *slog.Logger) error {
 		wg.Wait()
 		w.loaders.Wait() // a loader that could not hand its model over closed it
 	}()
-	if cfg.Nice > 0 {
-		if w.bulk, err = newLane(cfg.Nice); err != nil {
+	if nice := *s.Nice; nice > 0 {
+		if w.bulk, err = newLane(nice); err != nil {
 			return fmt.Errorf("worker: bulk lane: %w", err)
 		}
 		defer w.bulk.close()
 	}
-	return closedOK(w.serve(ctx, inbox, recvErr, cfg.StatsInterval))
+	return closedOK(w.serve(ctx, inbox, recvErr, s.StatsInterval))
 }
 
 // closedOK turns the ring closing, the normal way for a worker to be told
@@ -381,6 +186,7 @@ func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- erro
 // sender is what the loop sends on the ring; *transport.WorkerEnd in the
 // worker, a recorder in tests that need to see exactly which tokens left.
 type sender interface {
+	SendToken(id uint64, t infer.Token) error
 	SendTokens(ts []transport.TokenOut) error
 	SendDone(id uint64, d infer.Done) error
 	SendError(id uint64, e infer.Error) error
@@ -396,7 +202,7 @@ type running struct {
 	urgency priority.Urgency
 	class   priority.Class
 	arrival uint64 // admission order, breaking ties of urgency
-	gen     *generation
+	seq     *sequence
 	batch   *batch // its model's batch
 
 	ctx   context.Context // carries the gateway's span, when traced
@@ -417,35 +223,39 @@ type running struct {
 // it finishes or is cancelled.
 type workerLoop struct {
 	// outTokens are the token frames of the current step, sent in one
-	// publish (flushTokens) rather than one ring publish per sequence.
+	// publish (flushTokens) rather than one ring publish per sequence;
+	// stepped are the requests whose tokens they are.
 	outTokens []transport.TokenOut
+	stepped   []*running
 	end       sender
 	slots     int
 	kvBudget  int64
-	models    map[string]*Model
+	models    map[string]Model
 	batches   []*batch // one per model, in a fixed order
 	pending   []*running
 	byID      map[uint64]*running
-	byGen     map[*generation]*running
 	arrivals  uint64
 	stats     transport.Stats
 	log       *slog.Logger
 	tracer    trace.Tracer
 
 	// Versions come and go while the loop runs (control.go): loaders run
-	// beside the loop and hand their model back through inbox; draining
-	// models take no new requests and close once their last sequence ends.
-	loadOpts ModelOptions
+	// open beside the loop and hand their model back through inbox;
+	// draining models take no new requests and close once their last
+	// sequence ends.
+	open     func(workerconf.Model) (Model, error)
 	inbox    chan<- inbound
 	stop     <-chan struct{}
 	loaders  sync.WaitGroup
 	loading  map[string]bool
-	draining map[*Model]bool
+	draining map[Model]bool
 
 	// bulk, when set, runs the work of requests that are not urgent at a
 	// lower priority than the loop's thread (nice.go); nil runs all of it
-	// on the loop's thread.
-	bulk *lane
+	// on the loop's thread. Work expected to take less than asideMin runs
+	// on the loop's thread all the same.
+	bulk     *lane
+	asideMin time.Duration
 	// While a bulk step runs aside, prefilled holds the urgent requests
 	// prefilled meanwhile, to join their batch once the step is done,
 	// and held the frames other than submits, to act on then.
@@ -461,24 +271,122 @@ type prefilledRun struct {
 	kv [][]byte
 }
 
+// batch is the running sequences of one model, in the order of the
+// model's batch rows (Model): the loop's side of the batch the model
+// keeps.
+type batch struct {
+	m    Model
+	name string
+	rows []*running
+	next []int // the tokens a step feeds, by row
+	// How long the model's work has been taking, which decides whether
+	// bulk work goes to the bulk lane: a decode step, and a prefill per
+	// prompt token. Only the loop's goroutine touches them.
+	stepCost, prefillCost cost
+}
+
+// asideMin is the shortest bulk work worth handing to the bulk lane. The
+// hand-off and the hand-back are two thread wake-ups, which take about
+// this long on an idle core (DESIGN.md's futex round trip) and far longer
+// when the lane's raised nice has it wait for a busy CPU. Work shorter
+// than that is done on the loop's thread before the lane would have
+// started it; neither an urgent request nor the gateway would gain from
+// the lane. Real models' decode steps and prefills take longer and keep
+// going aside, as does work not yet measured.
+const asideMin = 20 * time.Microsecond
+
+// cost estimates how long some work takes when it runs. It follows a
+// shorter measurement at once and a longer one by at most an eighth (and a
+// microsecond) a time: work does not get faster by chance, while a
+// measurement that took longer may only have included time the thread
+// spent waiting for a CPU, which says nothing of the work. Growing work
+// (a batch that gains rows) still raises it within a few steps.
+type cost struct {
+	est   time.Duration
+	known bool
+}
+
+func (c *cost) add(d time.Duration) {
+	if !c.known || d < c.est {
+		c.est, c.known = d, true
+		return
+	}
+	c.est = min(d, c.est+c.est/8+time.Microsecond)
+}
+
+// under reports whether the work is known to take less than d.
+func (c cost) under(d time.Duration) bool { return c.known && c.est < d }
+
+func newBatch(name string, m Model) *batch { return &batch{m: m, name: name} }
+
+// join adds r, prefilled with cache, as the batch's last row.
+func (b *batch) join(r *running, cache [][]byte) {
+	b.m.Join(cache, len(r.seq.prompt))
+	r.seq.row = len(b.rows)
+	b.rows = append(b.rows, r)
+}
+
+// leave removes r's row; the last row takes its number, as in the model.
+func (b *batch) leave(r *running) {
+	i, last := r.seq.row, len(b.rows)-1
+	if i < 0 || i > last || b.rows[i] != r {
+		return
+	}
+	b.m.Leave(i)
+	r.seq.row = -1
+	b.rows[i] = b.rows[last]
+	b.rows[i].seq.row = i
+	b.rows[last] = nil
+	b.rows = b.rows[:last]
+}
+
+// step advances every row by one token and leaves each row's logits with
+// its sequence.
+func (b *batch) step() error {
+	if len(b.rows) == 0 {
+		return nil
+	}
+	b.next = b.next[:0]
+	for _, r := range b.rows {
+		b.next = append(b.next, r.seq.last)
+	}
+	logits, err := b.m.Step(b.next)
+	if err != nil {
+		return err
+	}
+	v := len(logits) / len(b.rows)
+	for i, r := range b.rows {
+		r.seq.logits = logits[i*v : (i+1)*v : (i+1)*v]
+	}
+	return nil
+}
+
+// close drops every row, the last first so that none moves.
+func (b *batch) close() {
+	for len(b.rows) > 0 {
+		b.leave(b.rows[len(b.rows)-1])
+	}
+}
+
 // tracerName is the instrumentation scope of the worker's spans.
-const tracerName = "h3infer/backend"
+const tracerName = "h3infer/engine"
 
 // maxPrefillTokens bounds the prompt tokens prefilled between two decode
 // steps, so that a burst of arrivals delays the running sequences' next
 // token by a bounded amount. One prompt is always taken, however long.
 const maxPrefillTokens = 1024
 
-func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]*Model, log *slog.Logger) *workerLoop {
-	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{}, byGen: map[*generation]*running{},
-		loading: map[string]bool{}, draining: map[*Model]bool{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName)}
+func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]Model, log *slog.Logger) *workerLoop {
+	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{},
+		loading: map[string]bool{}, draining: map[Model]bool{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName),
+		asideMin: asideMin}
 	names := make([]string, 0, len(models))
 	for name := range models {
 		names = append(names, name)
 	}
 	slices.Sort(names)
 	for _, name := range names {
-		w.batches = append(w.batches, models[name].newBatch())
+		w.batches = append(w.batches, newBatch(name, models[name]))
 	}
 	return w
 }
@@ -486,6 +394,7 @@ func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]*Mod
 func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-chan error, every time.Duration) error {
 	ticker := time.NewTicker(every)
 	defer ticker.Stop()
+	nextStats := time.Now().Add(every)
 	for {
 		// The gateway's hang detection watches this. Idle, the loop passes
 		// here at least every stats interval (the ticker below); busy, once
@@ -508,16 +417,21 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 			}
 			continue
 		}
+		// Busy, the counters go out once the interval has passed by the
+		// clock, which is cheaper to read between rounds than the ticker's
+		// channel is to poll.
 		select {
 		case err := <-recvErr:
 			return err
-		case <-ticker.C:
-			if err := w.sendStats(); err != nil {
-				return err
-			}
 		case <-ctx.Done():
 			return nil
 		default:
+		}
+		if now := time.Now(); !now.Before(nextStats) {
+			nextStats = now.Add(every)
+			if err := w.sendStats(); err != nil {
+				return err
+			}
 		}
 		if err := w.round(inbox); err != nil {
 			return err
@@ -549,11 +463,28 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 			continue
 		}
 		var err error
-		if w.bulk == nil || w.carriesUrgent(b) {
+		var took time.Duration
+		if w.bulk == nil || w.carriesUrgent(b) || b.stepCost.under(w.asideMin) {
+			t := time.Now()
 			err = b.step()
-		} else if aerr := w.aside(inbox, func() { err = b.step() }); aerr != nil {
-			return aerr
+			took = time.Since(t)
+		} else {
+			// What the lane's function sets lives apart, so that only
+			// this path pays for the closure's variables on the heap.
+			var aside struct {
+				err  error
+				took time.Duration
+			}
+			if aerr := w.aside(inbox, func() {
+				t := time.Now()
+				aside.err = b.step()
+				aside.took = time.Since(t)
+			}); aerr != nil {
+				return aerr
+			}
+			err, took = aside.err, aside.took
 		}
+		b.stepCost.add(took)
 		if err != nil {
 			return w.failBatch(b, err)
 		}
@@ -563,11 +494,15 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 		if err := w.drain(inbox); err != nil {
 			return err
 		}
-		for _, g := range slices.Clone(b.rows) {
-			if err := w.emit(w.byRow(g)); err != nil {
+		// A row that finishes leaves the batch, which moves another into
+		// its place: emit from a copy.
+		w.stepped = append(w.stepped[:0], b.rows...)
+		for _, r := range w.stepped {
+			if err := w.emit(r); err != nil {
 				return err
 			}
 		}
+		clear(w.stepped)
 		if err := w.flushTokens(); err != nil {
 			return err
 		}
@@ -576,9 +511,6 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 	w.reap()
 	return nil
 }
-
-// byRow finds the request of a batch row.
-func (w *workerLoop) byRow(g *generation) *running { return w.byGen[g] }
 
 func (w *workerLoop) drain(inbox <-chan inbound) error {
 	if err := w.handleHeld(); err != nil {
@@ -612,26 +544,41 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 		r.span.AddEvent("prefill_started")
 		var kv [][]byte
 		var err error
-		if w.bulk == nil || w.isUrgent(r) {
-			kv, err = r.gen.prefill()
+		var took time.Duration
+		n := len(r.seq.prompt)
+		if w.bulk == nil || w.isUrgent(r) || r.batch.prefillCost.under(w.asideMin/time.Duration(n)) {
+			t := time.Now()
+			kv, err = r.seq.prefill()
+			took = time.Since(t)
 		} else {
+			var aside struct {
+				kv   [][]byte
+				err  error
+				took time.Duration
+			}
 			// Counted against the KV budget while urgent requests
 			// start beside it.
 			w.prefilling = r
-			aerr := w.aside(inbox, func() { kv, err = r.gen.prefill() })
+			aerr := w.aside(inbox, func() {
+				t := time.Now()
+				aside.kv, aside.err = r.seq.prefill()
+				aside.took = time.Since(t)
+			})
 			w.prefilling = nil
 			if aerr != nil {
 				return aerr
 			}
+			kv, err, took = aside.kv, aside.err, aside.took
 		}
+		r.batch.prefillCost.add(took / time.Duration(n))
 		if err != nil {
 			if err := w.prefillFailed(r, err); err != nil {
 				return err
 			}
 			continue
 		}
-		prefilled += len(r.gen.prompt)
-		r.batch.join(r.gen, kv)
+		prefilled += len(r.seq.prompt)
+		r.batch.join(r, kv)
 		if err := w.emit(r); err != nil {
 			return err
 		}
@@ -662,7 +609,7 @@ func (w *workerLoop) isUrgent(r *running) bool {
 // carriesUrgent says whether a step of b advances an urgent sequence: the
 // step is shared, so the whole batch then runs on the loop's thread.
 func (w *workerLoop) carriesUrgent(b *batch) bool {
-	return slices.ContainsFunc(b.rows, func(g *generation) bool { return w.isUrgent(w.byRow(g)) })
+	return slices.ContainsFunc(b.rows, w.isUrgent)
 }
 
 // aside runs bulk work f (a step, or a prefill) on the bulk lane and,
@@ -705,7 +652,7 @@ func (w *workerLoop) startUrgent() error {
 		r := w.pending[0]
 		w.pending = w.pending[1:]
 		r.span.AddEvent("prefill_started")
-		kv, err := r.gen.prefill()
+		kv, err := r.seq.prefill()
 		if err != nil {
 			if err := w.prefillFailed(r, err); err != nil {
 				return err
@@ -729,7 +676,7 @@ func (w *workerLoop) startUrgent() error {
 // batches.
 func (w *workerLoop) joinPrefilled() {
 	for _, p := range w.prefilled {
-		p.r.batch.join(p.r.gen, p.kv)
+		p.r.batch.join(p.r, p.kv)
 	}
 	clear(w.prefilled)
 	w.prefilled = w.prefilled[:0]
@@ -755,24 +702,24 @@ func (w *workerLoop) fits(r *running) bool {
 	var total int64
 	for _, b := range w.batches {
 		rows, longest := len(b.rows), 0
-		for _, g := range b.rows {
-			longest = max(longest, g.reserve())
+		for _, x := range b.rows {
+			longest = max(longest, x.seq.reserve())
 		}
 		for _, p := range w.prefilled {
 			if p.r.batch == b {
 				rows++
-				longest = max(longest, p.r.gen.reserve())
+				longest = max(longest, p.r.seq.reserve())
 			}
 		}
 		if p := w.prefilling; p != nil && p.batch == b {
 			rows++
-			longest = max(longest, p.gen.reserve())
+			longest = max(longest, p.seq.reserve())
 		}
 		if b == r.batch {
 			rows++
-			longest = max(longest, r.gen.reserve())
+			longest = max(longest, r.seq.reserve())
 		}
-		total += b.m.kvBytes(rows, longest)
+		total += b.m.KVBytes(rows, longest)
 	}
 	return total <= w.kvBudget
 }
@@ -783,7 +730,7 @@ func (w *workerLoop) emit(r *running) error {
 	if r == nil {
 		return nil
 	}
-	tok, done := r.gen.next()
+	tok, done := r.seq.next()
 	w.stats.TokensGenerated += uint64(tok.Count)
 	w.outTokens = append(w.outTokens, transport.TokenOut{ID: r.id, Token: tok})
 	if r.phase == phasePrefill {
@@ -814,12 +761,8 @@ func (w *workerLoop) emit(r *running) error {
 // failBatch answers every sequence of a batch whose step failed with an
 // error and drops them; the batch's cache can no longer be trusted.
 func (w *workerLoop) failBatch(b *batch, err error) error {
-	w.log.Error("decode step failed", "model", b.m.name, "rows", len(b.rows), "err", err)
-	for _, g := range slices.Clone(b.rows) {
-		r := w.byRow(g)
-		if r == nil {
-			continue
-		}
+	w.log.Error("decode step failed", "model", b.name, "rows", len(b.rows), "err", err)
+	for _, r := range slices.Clone(b.rows) {
 		r.span.RecordError(err)
 		r.span.SetStatus(codes.Error, "decode step failed")
 		w.forget(r)
@@ -875,7 +818,7 @@ func (w *workerLoop) admit(in inbound) error {
 	if m == nil {
 		return reject(infer.CodeModelNotFound, fmt.Sprintf("model %q is not served by this worker", in.submit.Model))
 	}
-	gen, err := m.newGeneration(&in.submit)
+	seq, err := newSequence(m, &in.submit)
 	if err != nil {
 		if re, ok := errors.AsType[*RequestError](err); ok {
 			return reject(re.Code, re.Message)
@@ -883,13 +826,13 @@ func (w *workerLoop) admit(in inbound) error {
 		w.log.Error("start generation", "request_id", in.id, "err", err)
 		return reject(infer.CodeInternal, err.Error())
 	}
-	if need := m.kvBytes(1, gen.reserve()); need > w.kvBudget {
+	if need := m.KVBytes(1, seq.reserve()); need > w.kvBudget {
 		return reject(infer.CodeInvalidRequest, fmt.Sprintf(
 			"the request may reach %d tokens, whose KV cache (%d bytes) exceeds this worker's budget of %d bytes; ask for fewer max_tokens",
-			gen.reserve(), need, w.kvBudget))
+			seq.reserve(), need, w.kvBudget))
 	}
 	w.arrivals++
-	r := &running{id: in.id, urgency: in.submit.Urgency, class: in.submit.Class, arrival: w.arrivals, gen: gen,
+	r := &running{id: in.id, urgency: in.submit.Urgency, class: in.submit.Class, arrival: w.arrivals, seq: seq,
 		ctx: context.Background(), phase: phasePrefill}
 	if tp := in.submit.TraceParent; tp != "" {
 		r.ctx = propagation.TraceContext{}.Extract(r.ctx, propagation.MapCarrier{"traceparent": tp})
@@ -898,7 +841,7 @@ func (w *workerLoop) admit(in inbound) error {
 	if r.span.IsRecording() {
 		r.span.SetAttributes(attribute.Int64("h3infer.request_id", int64(in.id)),
 			attribute.String("h3infer.model", in.submit.Model),
-			attribute.Int("h3infer.prompt_tokens", len(gen.prompt)),
+			attribute.Int("h3infer.prompt_tokens", len(seq.prompt)),
 			attribute.Int("h3infer.urgency", int(in.submit.Urgency)))
 	}
 	for _, b := range w.batches {
@@ -916,7 +859,6 @@ func (w *workerLoop) admit(in inbound) error {
 	})
 	w.pending = slices.Insert(w.pending, i, r)
 	w.byID[in.id] = r
-	w.byGen[gen] = r
 	w.stats.SequencesStarted++
 	return nil
 }
@@ -925,10 +867,9 @@ func (w *workerLoop) admit(in inbound) error {
 // for the next step) or its place in the waiting order.
 func (w *workerLoop) forget(r *running) {
 	delete(w.byID, r.id)
-	delete(w.byGen, r.gen)
 	r.span.End()
-	if r.gen.row >= 0 {
-		r.batch.leave(r.gen)
+	if r.seq.row >= 0 {
+		r.batch.leave(r)
 		return
 	}
 	if i := slices.Index(w.pending, r); i >= 0 {
@@ -942,23 +883,25 @@ func (w *workerLoop) sendStats() error {
 	return w.end.SendStats(w.stats)
 }
 
-// closeAll drops every sequence; the models are closed by RunWorker,
-// draining ones here.
+// closeAll forgets every sequence. The models are closed by Run, draining
+// ones here, and drop their rows as they close, so no row leaves one by one.
 func (w *workerLoop) closeAll() {
 	for _, r := range w.byID {
 		r.span.AddEvent("worker stopped")
 		r.span.End()
+		r.seq.row = -1
 	}
 	for _, b := range w.batches {
-		b.close()
+		clear(b.rows)
+		b.rows = b.rows[:0]
 	}
 	for m := range w.draining {
 		if err := m.Close(); err != nil {
-			w.log.Warn("close model", "model", m.name, "err", err)
+			w.log.Warn("close model", "model", m.Info().Name, "err", err)
 		}
 	}
 	w.draining = nil
-	w.pending, w.byID, w.byGen, w.prefilled, w.held = nil, nil, nil, nil, nil
+	w.pending, w.byID, w.prefilled, w.held = nil, nil, nil, nil
 }
 
 // flushTokens sends the queued token frames in one publish.
@@ -966,7 +909,14 @@ func (w *workerLoop) flushTokens() error {
 	if len(w.outTokens) == 0 {
 		return nil
 	}
-	err := w.end.SendTokens(w.outTokens)
+	var err error
+	if len(w.outTokens) == 1 {
+		// One sequence stepped, as at low concurrency: a frame of its own
+		// skips the batch's bookkeeping.
+		err = w.end.SendToken(w.outTokens[0].ID, w.outTokens[0].Token)
+	} else {
+		err = w.end.SendTokens(w.outTokens)
+	}
 	clear(w.outTokens)
 	w.outTokens = w.outTokens[:0]
 	return err

@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"fmt"
@@ -6,13 +6,9 @@ import (
 	"syscall"
 )
 
-// MaxNice is the largest nice value a worker may take (Linux's lowest
-// scheduling priority).
-const MaxNice = 19
-
 // Where a worker shares its CPUs with the gateway and with other workers,
 // the operating system decides whose work runs next. With a nice value set
-// (WorkerConfig.Nice), the worker runs bulk work, the decode steps of
+// (workerconf.Settings.Nice), the worker runs bulk work, the decode steps of
 // batches that hold no urgent sequence and the prefills of requests that
 // are not urgent, on a bulk lane: one thread whose nice value is raised.
 // The loop's own thread keeps the process's priority and, while the lane

@@ -1,8 +1,9 @@
-package backend
+package engine
 
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -11,9 +12,10 @@ import (
 
 	"h3infer/infer"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
-// ringWorker is RunWorker in this process on a real segment, with the
+// ringWorker is Run in this process on a real segment, with the
 // gateway's end of the ring in the test's hands.
 type ringWorker struct {
 	end   *transport.GatewayEnd
@@ -32,12 +34,12 @@ func startRingWorker(t *testing.T, slots int) *ringWorker {
 // startRingWorkerWith serves the model in dir under the name "demo".
 func startRingWorkerWith(t testing.TB, slots int, dir string, kvBudget int64) *ringWorker {
 	t.Helper()
-	return startRingWorkerSpec(t, slots, ModelSpec{Name: "demo", Dir: dir}, kvBudget)
+	return startRingWorkerSpec(t, slots, workerconf.Model{Name: "demo", Dir: dir}, kvBudget)
 }
 
 // startRingWorkerSpec is startRingWorkerWith for a model spec of its own
 // (provider, device-resident cache).
-func startRingWorkerSpec(t testing.TB, slots int, spec ModelSpec, kvBudget int64) *ringWorker {
+func startRingWorkerSpec(t testing.TB, slots int, spec workerconf.Model, kvBudget int64) *ringWorker {
 	t.Helper()
 	seg, err := transport.NewSegment(0)
 	if err != nil {
@@ -58,22 +60,27 @@ func startRingWorkerSpec(t testing.TB, slots int, spec ModelSpec, kvBudget int64
 		},
 	})
 	ctx, cancel := context.WithCancel(context.Background())
-	cfg := WorkerConfig{
-		RingFD:        fd,
-		Models:        []ModelSpec{spec},
+	s := workerconf.Settings{
+		Models:        []workerconf.Model{spec},
 		ORTLib:        testORTLib,
 		Slots:         slots,
 		KVCacheBytes:  kvBudget,
 		StatsInterval: 5 * time.Millisecond,
+		// Everything on the loop's thread; the bulk lane has tests of
+		// its own.
+		Nice: new(0),
 	}
+	log := testLogger(t)
 	var wg sync.WaitGroup
 	workerErr := make(chan error, 1)
-	wg.Go(func() { workerErr <- RunWorker(ctx, cfg, testLogger(t)) })
+	wg.Go(func() {
+		workerErr <- Run(ctx, os.NewFile(uintptr(fd), "ring"), Config{Settings: s, Load: ortLoad(s, log)}, log)
+	})
 	wg.Go(func() { rw.end.Run() })
 	t.Cleanup(func() {
 		cancel()
 		if err := <-workerErr; err != nil {
-			t.Errorf("RunWorker: %v", err)
+			t.Errorf("Run: %v", err)
 		}
 		rw.end.Close()
 		wg.Wait()
@@ -165,7 +172,7 @@ func TestWorkerMatchesGenerate(t *testing.T) {
 	}
 	for i, c := range calls {
 		got := collect(t, c)
-		wantText, wantDone, err := m.Generate(context.Background(), submits[i])
+		wantText, wantDone, err := Generate(context.Background(), m, submits[i])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -262,15 +269,14 @@ func TestWorkerExitsWhenRingCloses(t *testing.T) {
 	end := transport.NewGatewayEnd(seg, transport.GatewayEndConfig{})
 	done := make(chan error, 1)
 	go func() {
-		done <- RunWorker(context.Background(), WorkerConfig{
-			RingFD: fd, Models: []ModelSpec{{Name: "demo", Dir: testModelDir}}, ORTLib: testORTLib,
-		}, testLogger(t))
+		s := workerconf.Settings{Models: []workerconf.Model{{Name: "demo", Dir: testModelDir}}, ORTLib: testORTLib}
+		done <- Run(context.Background(), os.NewFile(uintptr(fd), "ring"), Config{Settings: s, Load: ortLoad(s, testLogger(t))}, testLogger(t))
 	}()
 	end.Close()
 	select {
 	case err := <-done:
 		if err != nil && !errors.Is(err, transport.ErrClosed) {
-			t.Errorf("RunWorker = %v, want a clean exit", err)
+			t.Errorf("Run = %v, want a clean exit", err)
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("worker did not exit after the ring closed")
@@ -279,12 +285,12 @@ func TestWorkerExitsWhenRingCloses(t *testing.T) {
 
 // requireLong checks that s makes a long generation, so that a test can
 // act on it while it runs.
-func requireLong(t *testing.T, m *Model, s *infer.Request) {
+func requireLong(t *testing.T, m Model, s *infer.Request) {
 	t.Helper()
 	const enough = 500
 	capped := *s
 	capped.MaxTokens = enough
-	_, done, err := m.Generate(context.Background(), &capped)
+	_, done, err := Generate(context.Background(), m, &capped)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"math"
@@ -62,13 +62,14 @@ func (s *sampler) sample(logits []float32) int {
 		sum += p
 	}
 	if s.topP == 1 {
-		return s.pick(sum, func(yield func(int) bool) {
-			for i := range n {
-				if !yield(i) {
-					return
-				}
+		// Every token, in id order.
+		r := s.rng.Float64() * sum
+		for id, p := range s.probs {
+			if r -= p; r < 0 {
+				return id
 			}
-		}, n-1)
+		}
+		return n - 1
 	}
 	// The nucleus is a prefix of the tokens by falling probability, so only
 	// tokens above a cut whose mass already reaches topP need sorting; the
@@ -107,26 +108,15 @@ func (s *sampler) sample(logits []float32) int {
 			break
 		}
 	}
-	return s.pick(mass, func(yield func(int) bool) {
-		for _, c := range s.order[:keep] {
-			if !yield(c.id) {
-				return
-			}
-		}
-	}, s.order[keep-1].id)
-}
-
-// pick draws one id from ids in proportion to s.probs, whose sum over ids
-// is mass; last is the answer when rounding leaves a sliver at the end.
-func (s *sampler) pick(mass float64, ids func(func(int) bool), last int) int {
+	// The nucleus, most likely first. Rounding may leave a sliver at the
+	// end, which goes to the last token kept.
 	r := s.rng.Float64() * mass
-	for id := range ids {
-		r -= s.probs[id]
-		if r < 0 {
-			return id
+	for _, c := range s.order[:keep] {
+		if r -= c.p; r < 0 {
+			return c.id
 		}
 	}
-	return last
+	return s.order[keep-1].id
 }
 
 func argmax(logits []float32) int {

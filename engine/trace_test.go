@@ -1,4 +1,4 @@
-package backend
+package engine
 
 import (
 	"fmt"
@@ -11,12 +11,13 @@ import (
 
 	"h3infer/infer"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // tracedLoop is testLoop with a tracer that records every span in memory.
 func tracedLoop(t *testing.T, slots int) (*workerLoop, *recorder, chan inbound, *tracetest.SpanRecorder) {
 	t.Helper()
-	w, rec, inbox := testLoop(t, slots, DefaultKVCacheBytes)
+	w, rec, inbox := testLoop(t, slots, workerconf.DefaultKVCacheBytes)
 	spans := tracetest.NewSpanRecorder()
 	w.tracer = sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(spans)).Tracer(tracerName)
 	return w, rec, inbox, spans

@@ -1,16 +1,18 @@
-package backend
+package ort
 
 import (
 	"fmt"
 
-	ort "github.com/yalue/onnxruntime_go"
+	onnxrt "github.com/yalue/onnxruntime_go"
+
+	"h3infer/workerconf"
 )
 
 // batch is the running sequences of one model that advance together: each
 // decode step is one ONNX Runtime call over all of them, input_ids
 // [rows, 1] and a KV cache [rows, heads, cols, head_dim] per layer.
 //
-// Rows are left-padded: row r's tokens fill the last r.n of the cache's
+// Rows are left-padded: row r's tokens fill the last n[r] of the cache's
 // cols, and attention_mask is 0 over the padding. Each step appends one
 // column for every row, so the cache never needs rewriting while rows
 // only grow; a row whose prompt is longer than cols makes the whole cache
@@ -28,16 +30,20 @@ import (
 // A model whose model.json says kv_cache "append" returns only the step's
 // new positions as present, and the batch keeps the cache itself (the
 // append layout). Rows are then right-padded in a buffer of cols columns,
-// its capacity: row r's tokens fill its first r.n columns, each step writes
-// the new column at r.n, and every column goes to the model as past with
+// its capacity: row r's tokens fill its first n[r] columns, each step writes
+// the new column at n[r], and every column goes to the model as past with
 // the unused ones masked out. Nothing moves while rows grow, and the model
 // reads the cache where it lies instead of copying it into present, which
 // in the concat layout costs as much as the attention itself. Capacity
 // grows with headroom (appendRoom), so the cache is rewritten once in many
 // steps, and shrinks when the row that widened it leaves.
+//
+// Rows are numbered in the order they joined, except that a row leaving
+// hands its number to the last row (leave); the caller keeps its own
+// sequences in the same order.
 type batch struct {
 	m    *Model
-	rows []*generation
+	n    []int // tokens in each row's cache
 	cols int
 	// appendKV selects the append layout; fresh receives each step's new
 	// positions, [rows, heads, 1, head_dim] per past input.
@@ -48,21 +54,21 @@ type batch struct {
 	cur int         // buf[cur] holds the cache
 
 	ids, pos, mask []int64
-	logits         []float32 // float32 logits of a step
+	logits         []float32 // float32 logits of a step, [rows, vocab]
 	rawLogits      []byte    // half-precision logits of a step
 
 	// With a device-resident cache (Model.dev, devicekv.go): the present
 	// outputs of the last step, which hold the cache while the batch keeps
 	// its shape; empty when buf[cur] holds it.
 	onDevice []rawValue
-	binding  *ort.IoBinding
+	binding  *onnxrt.IoBinding
 	// broken is a failure to move the cache off the device; the next step
 	// returns it, which fails the batch's sequences.
 	broken error
 }
 
 func (m *Model) newBatch() *batch {
-	b := &batch{m: m, appendKV: m.cfg.KVCache == kvAppend}
+	b := &batch{m: m, appendKV: m.cfg.KVCache == workerconf.KVAppend}
 	if b.appendKV {
 		b.fresh = make([][]byte, 2*m.layers)
 	}
@@ -92,19 +98,19 @@ func grow[T any](s []T, n int, keep bool) []T {
 	return t
 }
 
-// join adds g as a new row with kv, its prefill cache laid out
-// [heads, g.n, head_dim] per past input.
-func (b *batch) join(g *generation, kv [][]byte) {
+// join adds a row of n tokens with kv, its prefill cache laid out
+// [heads, n, head_dim] per past input, as the last row.
+func (b *batch) join(kv [][]byte, n int) {
 	b.toHost()
-	if b.appendKV && g.n >= b.cols {
-		b.relayout(appendRoom(max(g.n, b.widest())))
-	} else if !b.appendKV && g.n > b.cols {
-		b.relayout(g.n)
+	if b.appendKV && n >= b.cols {
+		b.relayout(appendRoom(max(n, b.widest())))
+	} else if !b.appendKV && n > b.cols {
+		b.relayout(n)
 	}
-	r := len(b.rows)
+	r := len(b.n)
 	hd := b.posBytes()
 	heads := int(b.m.heads)
-	pad := b.cols - g.n
+	pad := b.cols - n
 	if b.appendKV {
 		pad = 0 // tokens first; the columns after them are masked
 	}
@@ -115,34 +121,30 @@ func (b *batch) join(g *generation, kv [][]byte) {
 		for h := range heads {
 			line := row[h*b.cols*hd : (h+1)*b.cols*hd]
 			clear(line[:pad*hd])
-			copy(line[pad*hd:], src[h*g.n*hd:(h+1)*g.n*hd])
+			copy(line[pad*hd:], src[h*n*hd:(h+1)*n*hd])
 		}
 	}
-	g.row = r
-	b.rows = append(b.rows, g)
+	b.n = append(b.n, n)
 }
 
-// leave removes g's row: the last row moves into its place. Columns that
-// only g used are cut away.
-func (b *batch) leave(g *generation) {
-	r, last := g.row, len(b.rows)-1
-	if r < 0 || r > last || b.rows[r] != g {
+// leave removes row r: the last row moves into its place. Columns that
+// only r used are cut away.
+func (b *batch) leave(r int) {
+	last := len(b.n) - 1
+	if r < 0 || r > last {
 		return
 	}
 	b.toHost()
-	g.row = -1
 	if r != last {
 		size := b.rowBytes(b.cols)
 		for k := range b.buf[b.cur] {
 			s := b.buf[b.cur][k]
 			copy(s[r*size:(r+1)*size], s[last*size:(last+1)*size])
 		}
-		b.rows[r] = b.rows[last]
-		b.rows[r].row = r
+		b.n[r] = b.n[last]
 	}
-	b.rows[last] = nil
-	b.rows = b.rows[:last]
-	if len(b.rows) == 0 {
+	b.n = b.n[:last]
+	if len(b.n) == 0 {
 		// Give the memory back; an idle worker should not hold its peak.
 		b.dropDevice()
 		b.broken = nil
@@ -162,11 +164,11 @@ func (b *batch) leave(g *generation) {
 
 // widest is the longest row's length.
 func (b *batch) widest() int {
-	n := 0
-	for _, g := range b.rows {
-		n = max(n, g.n)
+	w := 0
+	for _, n := range b.n {
+		w = max(w, n)
 	}
-	return n
+	return w
 }
 
 // appendRoom is the capacity an append-layout cache takes for rows of up
@@ -195,17 +197,17 @@ func (b *batch) relayout(cols int) {
 	next := 1 - b.cur
 	for k := range b.buf[b.cur] {
 		src := b.buf[b.cur][k]
-		dst := grow(b.buf[next][k], len(b.rows)*b.rowBytes(cols), false)
-		for r, g := range b.rows {
+		dst := grow(b.buf[next][k], len(b.n)*b.rowBytes(cols), false)
+		for r, n := range b.n {
 			for h := range heads {
 				line := dst[(r*heads+h)*cols*hd : (r*heads+h+1)*cols*hd]
 				if b.appendKV {
 					first := (r*heads + h) * b.cols * hd
-					copy(line, src[first:first+g.n*hd])
+					copy(line, src[first:first+n*hd])
 					continue
 				}
-				from := src[((r*heads+h)*b.cols+b.cols-g.n)*hd : ((r*heads+h)*b.cols+b.cols)*hd]
-				pad := cols - g.n
+				from := src[((r*heads+h)*b.cols+b.cols-n)*hd : ((r*heads+h)*b.cols+b.cols)*hd]
+				pad := cols - n
 				clear(line[:pad*hd])
 				copy(line[pad*hd:], from)
 			}
@@ -215,20 +217,24 @@ func (b *batch) relayout(cols int) {
 	b.cur, b.cols = next, cols
 }
 
-// step feeds every row its last token in one run and leaves each row's
-// logits in its generation's logits.
-func (b *batch) step() error {
-	rows := len(b.rows)
+// step feeds row r the token next[r], every row in one run, and returns
+// the logits of every row, [rows, vocab] in float32, which stay valid
+// until the next step.
+func (b *batch) step(next []int) ([]float32, error) {
+	rows := len(b.n)
+	if len(next) != rows {
+		return nil, fmt.Errorf("model %s: step of %d rows given %d tokens", b.m.name, rows, len(next))
+	}
 	if rows == 0 {
-		return nil
+		return nil, nil
 	}
 	if b.broken != nil {
 		err := b.broken
 		b.broken = nil
-		return err
+		return nil, err
 	}
 	if b.m.dev != nil {
-		return b.stepBound()
+		return b.stepBound(next)
 	}
 	m := b.m
 	if b.appendKV {
@@ -237,63 +243,63 @@ func (b *batch) step() error {
 		}
 	}
 	cols := b.cols + 1 // attention_mask's width, past and new
-	b.stepInputs(cols)
+	b.stepInputs(cols, next)
 	var vs values
 	defer vs.destroy()
-	inputs := make([]ort.Value, 0, m.inputLen)
-	one := ort.NewShape(int64(rows), 1)
+	inputs := make([]onnxrt.Value, 0, m.inputLen)
+	one := onnxrt.NewShape(int64(rows), 1)
 	if err := vs.add(&inputs, one, b.ids); err != nil {
-		return fmt.Errorf("model %s: step: input_ids: %w", m.name, err)
+		return nil, fmt.Errorf("model %s: step: input_ids: %w", m.name, err)
 	}
-	if err := vs.add(&inputs, ort.NewShape(int64(rows), int64(cols)), b.mask); err != nil {
-		return fmt.Errorf("model %s: step: attention_mask: %w", m.name, err)
+	if err := vs.add(&inputs, onnxrt.NewShape(int64(rows), int64(cols)), b.mask); err != nil {
+		return nil, fmt.Errorf("model %s: step: attention_mask: %w", m.name, err)
 	}
 	if m.hasPositions {
 		if err := vs.add(&inputs, one, b.pos); err != nil {
-			return fmt.Errorf("model %s: step: position_ids: %w", m.name, err)
+			return nil, fmt.Errorf("model %s: step: position_ids: %w", m.name, err)
 		}
 	}
-	past := ort.NewShape(int64(rows), m.heads, int64(b.cols), m.headDim)
+	past := onnxrt.NewShape(int64(rows), m.heads, int64(b.cols), m.headDim)
 	for k := range b.buf[b.cur] {
 		if err := vs.addRaw(&inputs, past, b.buf[b.cur][k][:rows*b.rowBytes(b.cols)], m.kvType); err != nil {
-			return fmt.Errorf("model %s: step: past %d: %w", m.name, k, err)
+			return nil, fmt.Errorf("model %s: step: past %d: %w", m.name, k, err)
 		}
 	}
-	outputs := make([]ort.Value, 0, m.outputLen)
+	outputs := make([]onnxrt.Value, 0, m.outputLen)
 	if m.vocab > 0 {
 		var err error
-		if m.logitsType == ort.TensorElementDataTypeFloat {
+		if m.logitsType == onnxrt.TensorElementDataTypeFloat {
 			b.logits = grow(b.logits, rows*int(m.vocab), false)
-			err = vs.add(&outputs, ort.NewShape(int64(rows), 1, m.vocab), b.logits)
+			err = vs.add(&outputs, onnxrt.NewShape(int64(rows), 1, m.vocab), b.logits)
 		} else {
 			b.rawLogits = grow(b.rawLogits, rows*int(m.vocab)*2, false)
-			err = vs.addRaw(&outputs, ort.NewShape(int64(rows), 1, m.vocab), b.rawLogits, m.logitsType)
+			err = vs.addRaw(&outputs, onnxrt.NewShape(int64(rows), 1, m.vocab), b.rawLogits, m.logitsType)
 		}
 		if err != nil {
-			return fmt.Errorf("model %s: step: logits: %w", m.name, err)
+			return nil, fmt.Errorf("model %s: step: logits: %w", m.name, err)
 		}
 	} else {
 		outputs = append(outputs, nil)
 	}
-	next := 1 - b.cur
-	present := ort.NewShape(int64(rows), m.heads, int64(cols), m.headDim)
-	dst := b.buf[next]
+	to := 1 - b.cur
+	present := onnxrt.NewShape(int64(rows), m.heads, int64(cols), m.headDim)
+	dst := b.buf[to]
 	if b.appendKV {
-		next, cols = b.cur, b.cols // the cache stays where it is
-		present = ort.NewShape(int64(rows), m.heads, 1, m.headDim)
+		to, cols = b.cur, b.cols // the cache stays where it is
+		present = onnxrt.NewShape(int64(rows), m.heads, 1, m.headDim)
 		dst = b.fresh
 	}
 	for k := range dst {
 		dst[k] = grow(dst[k], int(present.FlattenedSize()*m.kvSize), false)
 		if err := vs.addRaw(&outputs, present, dst[k], m.kvType); err != nil {
-			return fmt.Errorf("model %s: step: present %d: %w", m.name, k, err)
+			return nil, fmt.Errorf("model %s: step: present %d: %w", m.name, k, err)
 		}
 	}
 	if err := m.session.Run(inputs, outputs); err != nil {
 		if m.vocab == 0 && outputs[0] != nil {
 			outputs[0].Destroy()
 		}
-		return fmt.Errorf("model %s: decode step of %d rows over %d columns: %w", m.name, rows, b.cols, err)
+		return nil, fmt.Errorf("model %s: decode step of %d rows over %d columns: %w", m.name, rows, b.cols, err)
 	}
 	if b.appendKV {
 		b.keepFresh()
@@ -301,30 +307,26 @@ func (b *batch) step() error {
 	all := b.logits
 	if m.vocab == 0 {
 		vs.owned = append(vs.owned, outputs[0])
-		t, ok := outputs[0].(*ort.Tensor[float32])
+		t, ok := outputs[0].(*onnxrt.Tensor[float32])
 		shape := outputs[0].GetShape()
 		if !ok || len(shape) != 3 || shape[0] != int64(rows) || shape[1] != 1 || shape[2] <= 0 {
-			return fmt.Errorf("model %s: logits: want float32 [%d, 1, vocab], got %T %v", m.name, rows, outputs[0], shape)
+			return nil, fmt.Errorf("model %s: logits: want float32 [%d, 1, vocab], got %T %v", m.name, rows, outputs[0], shape)
 		}
 		all = t.GetData()
 	}
-	if m.logitsType != ort.TensorElementDataTypeFloat {
-		vocab := int(m.vocab)
-		for r, g := range b.rows {
-			g.logits = grow(g.logits, vocab, false)
-			widen(g.logits, b.rawLogits[r*vocab*2:], m.logitsType == ort.TensorElementDataTypeBFloat16)
-			g.n++
-		}
-		b.cur, b.cols = next, cols
-		return nil
+	switch {
+	case m.logitsType != onnxrt.TensorElementDataTypeFloat:
+		b.logits = grow(b.logits, rows*int(m.vocab), false)
+		widen(b.logits, b.rawLogits, m.logitsType == onnxrt.TensorElementDataTypeBFloat16)
+	case m.vocab == 0:
+		// The runtime's own output goes with vs.
+		b.logits = append(b.logits[:0], all...)
 	}
-	vocab := len(all) / rows
-	for r, g := range b.rows {
-		g.logits = append(g.logits[:0], all[r*vocab:(r+1)*vocab]...)
-		g.n++
+	for r := range b.n {
+		b.n[r]++
 	}
-	b.cur, b.cols = next, cols
-	return nil
+	b.cur, b.cols = to, cols
+	return b.logits, nil
 }
 
 // keepFresh writes a step's new positions (b.fresh) into the append
@@ -334,34 +336,34 @@ func (b *batch) keepFresh() {
 	heads := int(b.m.heads)
 	for k, src := range b.fresh {
 		cache := b.buf[b.cur][k]
-		for r, g := range b.rows {
+		for r, n := range b.n {
 			for h := range heads {
 				line := (r*heads + h) * hd
-				copy(cache[((r*heads+h)*b.cols+g.n)*hd:], src[line:line+hd])
+				copy(cache[((r*heads+h)*b.cols+n)*hd:], src[line:line+hd])
 			}
 		}
 	}
 }
 
-// stepInputs fills ids, pos and mask for a step to cols columns: the
-// cache's and the new token's.
-func (b *batch) stepInputs(cols int) {
+// stepInputs fills ids, pos and mask for a step to cols columns, the
+// cache's and the new token's, feeding row r the token next[r].
+func (b *batch) stepInputs(cols int, next []int) {
 	b.ids = b.ids[:0]
 	b.pos = b.pos[:0]
 	b.mask = b.mask[:0]
-	for _, g := range b.rows {
-		b.ids = append(b.ids, int64(g.last))
-		b.pos = append(b.pos, int64(g.n))
+	for r, n := range b.n {
+		b.ids = append(b.ids, int64(next[r]))
+		b.pos = append(b.pos, int64(n))
 		for c := range cols {
 			if b.appendKV {
 				var v int64
-				if c < g.n || c == b.cols {
+				if c < n || c == b.cols {
 					v = 1
 				}
 				b.mask = append(b.mask, v)
 				continue
 			}
-			if c >= b.cols-g.n {
+			if c >= b.cols-n {
 				b.mask = append(b.mask, 1)
 			} else {
 				b.mask = append(b.mask, 0)
@@ -373,10 +375,10 @@ func (b *batch) stepInputs(cols int) {
 // kvBytesPerToken is the KV cache one token of one sequence takes.
 func (m *Model) kvBytesPerToken() int64 { return 2 * int64(m.layers) * m.heads * m.headDim * m.kvSize }
 
-// kvBytes bounds the memory of this batch's cache, both buffers, if it
-// held rows sequences up to longest tokens each.
-func (m *Model) kvBytes(rows, longest int) int64 {
-	if m.cfg.KVCache == kvAppend {
+// KVBytes bounds the memory of a batch's cache, both buffers, if it held
+// rows sequences up to longest tokens each.
+func (m *Model) KVBytes(rows, longest int) int64 {
+	if m.cfg.KVCache == workerconf.KVAppend {
 		longest = appendRoom(longest)
 	}
 	return 2 * int64(rows) * int64(longest) * m.kvBytesPerToken()
@@ -384,10 +386,7 @@ func (m *Model) kvBytes(rows, longest int) int64 {
 
 // close drops the rows' caches.
 func (b *batch) close() {
-	for _, g := range b.rows {
-		g.row = -1
-	}
-	b.rows = nil
+	b.n = b.n[:0]
 	b.cols = 0
 	for i := range b.buf {
 		clear(b.buf[i])

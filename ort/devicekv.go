@@ -1,10 +1,10 @@
-package backend
+package ort
 
 import (
 	"fmt"
 	"unsafe"
 
-	ort "github.com/yalue/onnxruntime_go"
+	onnxrt "github.com/yalue/onnxruntime_go"
 )
 
 // deviceKV is how a model keeps its batch's KV cache in the execution
@@ -35,7 +35,7 @@ func newDeviceKV(m *Model, ortLib string, place placement) (*deviceKV, error) {
 	}
 	// Logits are read in place from host memory as float32; a model with
 	// half-precision logits keeps its cache in Go memory.
-	if m.logitsType != ort.TensorElementDataTypeFloat {
+	if m.logitsType != onnxrt.TensorElementDataTypeFloat {
 		return nil, fmt.Errorf("logits of element type %d: the device-resident cache needs float32 logits", m.logitsType)
 	}
 	api, err := loadORTAPI(ortLib)
@@ -44,7 +44,7 @@ func newDeviceKV(m *Model, ortLib string, place placement) (*deviceKV, error) {
 	}
 	d := &deviceKV{api: api}
 	kvName, logitsName := "Cpu", "Cpu"
-	if place.provider.onGPU() {
+	if place.provider.OnGPU() {
 		kvName, logitsName = "Cuda", "CudaPinned"
 		if d.cuda, err = loadCUDARuntime(libCUDART); err != nil {
 			return nil, &MissingLibraryError{Provider: place.provider, Library: libCUDART, Reason: err.Error()}
@@ -77,13 +77,13 @@ func (b *batch) download() error {
 	}
 	d := b.m.dev
 	defer b.dropDevice()
-	n := len(b.rows) * b.rowBytes(b.cols)
+	n := len(b.n) * b.rowBytes(b.cols)
 	for k, v := range b.onDevice {
 		data, shape, err := d.api.tensor(v)
 		if err != nil {
 			return fmt.Errorf("model %s: read device cache %d: %w", b.m.name, k, err)
 		}
-		if got := ort.Shape(shape).FlattenedSize() * b.m.kvSize; got != int64(n) {
+		if got := onnxrt.Shape(shape).FlattenedSize() * b.m.kvSize; got != int64(n) {
 			return fmt.Errorf("model %s: device cache %d has shape %v, want %d bytes", b.m.name, k, shape, n)
 		}
 		b.buf[b.cur][k] = grow(b.buf[b.cur][k], n, false)
@@ -103,56 +103,56 @@ func (b *batch) dropDevice() {
 }
 
 // stepBound is step for a model with a device-resident cache.
-func (b *batch) stepBound() error {
+func (b *batch) stepBound(next []int) ([]float32, error) {
 	m, d := b.m, b.m.dev
-	rows := len(b.rows)
+	rows := len(b.n)
 	cols := b.cols + 1
 	if b.binding == nil {
 		var err error
 		if b.binding, err = m.session.CreateIoBinding(); err != nil {
-			return fmt.Errorf("model %s: io binding: %w", m.name, err)
+			return nil, fmt.Errorf("model %s: io binding: %w", m.name, err)
 		}
 	}
 	bind := b.binding
 	defer bind.ClearBoundInputs()
 	defer bind.ClearBoundOutputs()
-	b.stepInputs(cols)
+	b.stepInputs(cols, next)
 
 	var vs values
 	defer vs.destroy()
-	var host []ort.Value
-	one := ort.NewShape(int64(rows), 1)
+	var host []onnxrt.Value
+	one := onnxrt.NewShape(int64(rows), 1)
 	if err := vs.add(&host, one, b.ids); err != nil {
-		return fmt.Errorf("model %s: step: input_ids: %w", m.name, err)
+		return nil, fmt.Errorf("model %s: step: input_ids: %w", m.name, err)
 	}
-	if err := vs.add(&host, ort.NewShape(int64(rows), int64(cols)), b.mask); err != nil {
-		return fmt.Errorf("model %s: step: attention_mask: %w", m.name, err)
+	if err := vs.add(&host, onnxrt.NewShape(int64(rows), int64(cols)), b.mask); err != nil {
+		return nil, fmt.Errorf("model %s: step: attention_mask: %w", m.name, err)
 	}
 	if m.hasPositions {
 		if err := vs.add(&host, one, b.pos); err != nil {
-			return fmt.Errorf("model %s: step: position_ids: %w", m.name, err)
+			return nil, fmt.Errorf("model %s: step: position_ids: %w", m.name, err)
 		}
 	}
 	past := m.inNames[len(host):]
 	if len(b.onDevice) == 0 {
 		// The host holds the cache (the batch just changed): binding its
 		// buffers uploads them once.
-		shape := ort.NewShape(int64(rows), m.heads, int64(b.cols), m.headDim)
+		shape := onnxrt.NewShape(int64(rows), m.heads, int64(b.cols), m.headDim)
 		for k := range b.buf[b.cur] {
 			if err := vs.addRaw(&host, shape, b.buf[b.cur][k][:rows*b.rowBytes(b.cols)], m.kvType); err != nil {
-				return fmt.Errorf("model %s: step: past %d: %w", m.name, k, err)
+				return nil, fmt.Errorf("model %s: step: past %d: %w", m.name, k, err)
 			}
 		}
 	} else {
 		for k, v := range b.onDevice {
 			if err := d.api.bindInput(bind, past[k], v); err != nil {
-				return fmt.Errorf("model %s: bind %s: %w", m.name, past[k], err)
+				return nil, fmt.Errorf("model %s: bind %s: %w", m.name, past[k], err)
 			}
 		}
 	}
 	for i, v := range host {
 		if err := bind.BindInput(m.inNames[i], v); err != nil {
-			return fmt.Errorf("model %s: bind %s: %w", m.name, m.inNames[i], err)
+			return nil, fmt.Errorf("model %s: bind %s: %w", m.name, m.inNames[i], err)
 		}
 	}
 	for i, name := range m.outNames {
@@ -161,25 +161,25 @@ func (b *batch) stepBound() error {
 			mem = d.logitsMem
 		}
 		if err := d.api.bindOutputTo(bind, name, mem); err != nil {
-			return fmt.Errorf("model %s: bind %s: %w", m.name, name, err)
+			return nil, fmt.Errorf("model %s: bind %s: %w", m.name, name, err)
 		}
 	}
 	if err := m.session.RunWithBinding(bind); err != nil {
-		return fmt.Errorf("model %s: decode step of %d rows over %d columns: %w", m.name, rows, b.cols, err)
+		return nil, fmt.Errorf("model %s: decode step of %d rows over %d columns: %w", m.name, rows, b.cols, err)
 	}
 	outs, err := d.api.boundOutputs(bind, len(m.outNames))
 	if err != nil {
-		return fmt.Errorf("model %s: step outputs: %w", m.name, err)
+		return nil, fmt.Errorf("model %s: step outputs: %w", m.name, err)
 	}
 	defer d.api.release(outs[0])
 	data, shape, err := d.api.tensor(outs[0])
 	if err != nil {
 		d.api.release(outs[1:]...)
-		return fmt.Errorf("model %s: logits: %w", m.name, err)
+		return nil, fmt.Errorf("model %s: logits: %w", m.name, err)
 	}
 	if len(shape) != 3 || shape[0] != int64(rows) || shape[1] != 1 || shape[2] <= 0 {
 		d.api.release(outs[1:]...)
-		return fmt.Errorf("model %s: logits: want [%d, 1, vocab], got %v", m.name, rows, shape)
+		return nil, fmt.Errorf("model %s: logits: want [%d, 1, vocab], got %v", m.name, rows, shape)
 	}
 	vocab := int(shape[2])
 	// The logits are in host memory (pinned under CUDA): read in place.
@@ -187,10 +187,9 @@ func (b *batch) stepBound() error {
 	copy(b.logits, unsafe.Slice((*float32)(data), rows*vocab))
 	b.dropDevice()
 	b.onDevice = outs[1:]
-	for r, g := range b.rows {
-		g.logits = append(g.logits[:0], b.logits[r*vocab:(r+1)*vocab]...)
-		g.n++
+	for r := range b.n {
+		b.n[r]++
 	}
 	b.cols = cols
-	return nil
+	return b.logits, nil
 }

@@ -1,4 +1,4 @@
-package backend
+package ort
 
 import (
 	"encoding/binary"
@@ -6,7 +6,7 @@ import (
 )
 
 // Half-precision conversions. Exports in float16 or bfloat16 keep their KV
-// cache in that type, which the backend only moves as bytes; logits are
+// cache in that type, which this package only moves as bytes; logits are
 // read into float32 for sampling. The float32 to half directions round to
 // nearest, ties to even, as hardware and ONNX Runtime's Cast do.
 

@@ -1,4 +1,4 @@
-package backend
+package ort
 
 import (
 	"errors"
@@ -9,13 +9,15 @@ import (
 	"strconv"
 	"strings"
 
-	"h3infer/infer"
+	onnxrt "github.com/yalue/onnxruntime_go"
 
-	ort "github.com/yalue/onnxruntime_go"
+	"h3infer/infer"
+	"h3infer/tokenize"
+	"h3infer/workerconf"
 )
 
-// ModelOptions tunes how LoadModel serves a model directory.
-type ModelOptions struct {
+// Options tunes how LoadModel serves a model directory.
+type Options struct {
 	// Name is the name the model is served under; empty means the name in
 	// model.json.
 	Name string
@@ -26,7 +28,7 @@ type ModelOptions struct {
 
 	// Provider is the execution provider; "" is cpu. A GPU provider needs
 	// ORTLib, next to which its libraries sit (provider.go).
-	Provider Provider
+	Provider workerconf.Provider
 	// DeviceID is the GPU a cuda or tensorrt session runs on.
 	DeviceID int
 	// ORTLib is the path of the loaded libonnxruntime.so.
@@ -44,13 +46,19 @@ type ModelOptions struct {
 }
 
 // Model is one loaded model: its ONNX Runtime session, tokenizer and
-// serving configuration. Its methods are safe for concurrent use; ONNX
-// Runtime allows concurrent runs of one session.
+// serving configuration, and the batch of sequences the generation loop
+// advances together (batch.go).
+//
+// Prefill and the vocabulary's methods are safe for concurrent use, with
+// each other and with the batch's: ONNX Runtime allows concurrent runs of
+// one session. Join, Leave and Step change the batch and must be called
+// one at a time.
 type Model struct {
 	name    string
-	cfg     modelConfig
-	tok     *tokenizer
-	session *ort.DynamicAdvancedSession
+	cfg     workerconf.ModelConfig
+	tok     *tokenize.Tokenizer
+	session *onnxrt.DynamicAdvancedSession
+	run     *batch // the batch Join, Leave and Step work on
 
 	hasPositions bool
 	layers       int
@@ -65,9 +73,9 @@ type Model struct {
 	// The KV cache is moved as bytes in the graph's own element type
 	// (float32, float16 or bfloat16), never converted; logits of a
 	// half-precision type are widened to float32 for sampling.
-	kvType     ort.TensorElementDataType
+	kvType     onnxrt.TensorElementDataType
 	kvSize     int64 // bytes per cache element
-	logitsType ort.TensorElementDataType
+	logitsType onnxrt.TensorElementDataType
 
 	eos       int
 	stopIDs   map[int]bool // eos and stop_tokens
@@ -77,9 +85,9 @@ type Model struct {
 
 // Files of a model directory.
 const (
-	modelConfigFile = "model.json"
-	tokenizerFile   = "tokenizer.json"
-	modelFile       = "model.onnx"
+	modelConfigFile = workerconf.ModelConfigFile
+	tokenizerFile   = workerconf.TokenizerFile
+	modelFile       = workerconf.ModelFile
 )
 
 // LoadModel loads the model in dir: model.json, tokenizer.json and
@@ -88,15 +96,15 @@ const (
 // decoder-only language models: input_ids, attention_mask, optional
 // position_ids and past_key_values.N.key/value in; logits and
 // present.N.key/value out.
-func LoadModel(dir string, opts ModelOptions) (*Model, error) {
+func LoadModel(dir string, opts Options) (*Model, error) {
 	if opts.IntraOpThreads < 0 {
 		return nil, fmt.Errorf("load model %s: intra-op threads: must be >= 0, got %d", dir, opts.IntraOpThreads)
 	}
-	cfg, err := readModelConfig(filepath.Join(dir, modelConfigFile))
+	cfg, err := workerconf.ReadModelConfig(dir)
 	if err != nil {
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
 	}
-	tok, err := loadTokenizer(filepath.Join(dir, tokenizerFile))
+	tok, err := tokenize.Load(filepath.Join(dir, tokenizerFile))
 	if err != nil {
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
 	}
@@ -105,14 +113,14 @@ func LoadModel(dir string, opts ModelOptions) (*Model, error) {
 		m.name = opts.Name
 	}
 	var errs []error
-	if id, ok := tok.tokenID(cfg.EOSToken); ok {
+	if id, ok := tok.TokenID(cfg.EOSToken); ok {
 		m.eos = id
 		m.stopIDs[id] = true
 	} else {
 		errs = append(errs, fmt.Errorf("%s: eos_token: %q is not a token of %s", modelConfigFile, cfg.EOSToken, tokenizerFile))
 	}
 	for i, s := range cfg.StopTokens {
-		if id, ok := tok.tokenID(s); ok {
+		if id, ok := tok.TokenID(s); ok {
 			m.stopIDs[id] = true
 		} else {
 			errs = append(errs, fmt.Errorf("%s: stop_tokens[%d]: %q is not a token of %s", modelConfigFile, i, s, tokenizerFile))
@@ -121,20 +129,20 @@ func LoadModel(dir string, opts ModelOptions) (*Model, error) {
 	// The template's markers must be tokens, or they would reach the model
 	// spelled out as characters; the token that ends its turns stops
 	// generation, as the model's own eos does.
-	tmpl, _ := lookupTemplate(cfg.ChatTemplate) // readModelConfig checked the name
-	for _, mark := range tmpl.markers {
-		if !tok.isAdded(mark) {
+	tmpl, _ := tokenize.LookupTemplate(cfg.ChatTemplate) // ReadModelConfig checked the name
+	for _, mark := range tmpl.Markers {
+		if !tok.IsAdded(mark) {
 			errs = append(errs, fmt.Errorf("%s: chat_template: %q writes %q, which is not among the added tokens of %s", modelConfigFile, cfg.ChatTemplate, mark, tokenizerFile))
 		}
 	}
-	if id, ok := tok.tokenID(tmpl.endOfTurn); ok && tmpl.endOfTurn != "" {
+	if id, ok := tok.TokenID(tmpl.EndOfTurn); ok && tmpl.EndOfTurn != "" {
 		m.stopIDs[id] = true
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("load model %s: %w", dir, errors.Join(errs...))
 	}
 
-	if opts.Provider != "" && opts.Provider != ProviderCPU && opts.ORTLib == "" {
+	if opts.Provider != "" && opts.Provider != workerconf.ProviderCPU && opts.ORTLib == "" {
 		return nil, fmt.Errorf("load model %s: provider %s: %w", dir, opts.Provider, errNoLibrary)
 	}
 	place, err := choosePlacement(opts, opts.Log)
@@ -142,7 +150,7 @@ func LoadModel(dir string, opts ModelOptions) (*Model, error) {
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
 	}
 	if err := m.createSession(dir, opts, place); err != nil {
-		if opts.Provider != ProviderAuto || !place.provider.onGPU() {
+		if opts.Provider != workerconf.ProviderAuto || !place.provider.OnGPU() {
 			return nil, err
 		}
 		// The libraries loaded but the device did not (no GPU, a driver
@@ -150,21 +158,21 @@ func LoadModel(dir string, opts ModelOptions) (*Model, error) {
 		if opts.Log != nil {
 			opts.Log.Warn("cuda session failed, model runs on the cpu", "model", m.name, "err", err)
 		}
-		place = placement{provider: ProviderCPU}
+		place = placement{provider: workerconf.ProviderCPU}
 		if err := m.createSession(dir, opts, place); err != nil {
 			return nil, err
 		}
 	}
 	m.place = place
-	deviceKV := place.provider.onGPU() && cfg.KVCache == kvConcat
+	deviceKV := place.provider.OnGPU() && cfg.KVCache == workerconf.KVConcat
 	if opts.DeviceKV != nil {
 		deviceKV = *opts.DeviceKV
 	}
-	if deviceKV && cfg.KVCache == kvAppend {
+	if deviceKV && cfg.KVCache == workerconf.KVAppend {
 		// The device-resident cache keeps each step's present as the next
 		// past, which an append graph's present is not.
 		m.session.Destroy()
-		return nil, fmt.Errorf("load model %s: device-resident KV cache: not available with %s kv_cache %q", dir, modelConfigFile, kvAppend)
+		return nil, fmt.Errorf("load model %s: device-resident KV cache: not available with %s kv_cache %q", dir, modelConfigFile, workerconf.KVAppend)
 	}
 	if deviceKV {
 		if m.dev, err = newDeviceKV(m, opts.ORTLib, place); err != nil {
@@ -172,12 +180,13 @@ func LoadModel(dir string, opts ModelOptions) (*Model, error) {
 			return nil, fmt.Errorf("load model %s: device-resident KV cache: %w", dir, err)
 		}
 	}
+	m.run = m.newBatch()
 	return m, nil
 }
 
 // createSession makes the model's session on place.
-func (m *Model) createSession(dir string, opts ModelOptions, place placement) error {
-	so, err := ort.NewSessionOptions()
+func (m *Model) createSession(dir string, opts Options, place placement) error {
+	so, err := onnxrt.NewSessionOptions()
 	if err != nil {
 		return fmt.Errorf("load model %s: session options: %w", dir, err)
 	}
@@ -199,7 +208,7 @@ func (m *Model) createSession(dir string, opts ModelOptions, place placement) er
 	if m.inNames == nil {
 		// Inspecting the graph needs no provider; done once, so that a
 		// fallback to the CPU does not check the signature twice.
-		ins, outs, err := ort.GetInputOutputInfo(path)
+		ins, outs, err := onnxrt.GetInputOutputInfo(path)
 		if err != nil {
 			return fmt.Errorf("load model %s: inspect %s: %w", dir, modelFile, err)
 		}
@@ -213,7 +222,7 @@ func (m *Model) createSession(dir string, opts ModelOptions, place placement) er
 		m.inNames, m.outNames = inNames, outNames
 		m.inputLen, m.outputLen = len(inNames), len(outNames)
 	}
-	m.session, err = ort.NewDynamicAdvancedSession(path, m.inNames, m.outNames, so)
+	m.session, err = onnxrt.NewDynamicAdvancedSession(path, m.inNames, m.outNames, so)
 	if err != nil {
 		return fmt.Errorf("load model %s: create session on %s: %w", dir, place.provider, err)
 	}
@@ -224,8 +233,8 @@ func (m *Model) createSession(dir string, opts ModelOptions, place placement) er
 // the order forward passes values: input_ids, attention_mask,
 // [position_ids], past key/value per layer; logits, present key/value per
 // layer.
-func (m *Model) bindSignature(ins, outs []ort.InputOutputInfo) ([]string, []string, error) {
-	byName := map[string]ort.InputOutputInfo{}
+func (m *Model) bindSignature(ins, outs []onnxrt.InputOutputInfo) ([]string, []string, error) {
+	byName := map[string]onnxrt.InputOutputInfo{}
 	pastLayers := map[int]int{} // layer -> how many of key, value seen
 	for _, in := range ins {
 		byName[in.Name] = in
@@ -239,13 +248,13 @@ func (m *Model) bindSignature(ins, outs []ort.InputOutputInfo) ([]string, []stri
 		switch {
 		case !ok:
 			errs = append(errs, fmt.Errorf("input %q: missing", name))
-		case in.DataType != ort.TensorElementDataTypeInt64:
+		case in.DataType != onnxrt.TensorElementDataTypeInt64:
 			errs = append(errs, fmt.Errorf("input %q: must be int64, got %s", name, in.DataType))
 		}
 	}
 	if in, ok := byName["position_ids"]; ok {
 		m.hasPositions = true
-		if in.DataType != ort.TensorElementDataTypeInt64 {
+		if in.DataType != onnxrt.TensorElementDataTypeInt64 {
 			errs = append(errs, fmt.Errorf("input %q: must be int64, got %s", "position_ids", in.DataType))
 		}
 	}
@@ -253,7 +262,7 @@ func (m *Model) bindSignature(ins, outs []ort.InputOutputInfo) ([]string, []stri
 	if m.layers == 0 {
 		errs = append(errs, errors.New("no past_key_values.N.key/value inputs: the model must take a KV cache"))
 	}
-	outByName := map[string]ort.InputOutputInfo{}
+	outByName := map[string]onnxrt.InputOutputInfo{}
 	for _, out := range outs {
 		outByName[out.Name] = out
 	}
@@ -265,7 +274,7 @@ func (m *Model) bindSignature(ins, outs []ort.InputOutputInfo) ([]string, []stri
 		m.logitsType = lg.DataType
 		if d := lg.Dimensions; len(d) == 3 && d[2] > 0 {
 			m.vocab = d[2]
-		} else if lg.DataType != ort.TensorElementDataTypeFloat {
+		} else if lg.DataType != onnxrt.TensorElementDataTypeFloat {
 			// Half-precision outputs must be preallocated: onnxruntime_go
 			// copies a runtime-allocated one of these types by element
 			// count, not bytes, losing half of it.
@@ -337,7 +346,7 @@ func (m *Model) checkConfigShape() error {
 // checkKV reads heads, head_dim and the element type from a
 // past_key_values input shaped [batch, heads, past, head_dim]; all three
 // must be fixed and equal across layers.
-func (m *Model) checkKV(in ort.InputOutputInfo) error {
+func (m *Model) checkKV(in onnxrt.InputOutputInfo) error {
 	size, ok := floatSize(in.DataType)
 	if !ok {
 		return fmt.Errorf("input %q: must be float32, float16 or bfloat16, got %s", in.Name, in.DataType)
@@ -361,11 +370,11 @@ func (m *Model) checkKV(in ort.InputOutputInfo) error {
 
 // floatSize is the size in bytes of the floating-point element types a
 // model's cache and logits may have.
-func floatSize(t ort.TensorElementDataType) (int64, bool) {
+func floatSize(t onnxrt.TensorElementDataType) (int64, bool) {
 	switch t {
-	case ort.TensorElementDataTypeFloat:
+	case onnxrt.TensorElementDataTypeFloat:
 		return 4, true
-	case ort.TensorElementDataTypeFloat16, ort.TensorElementDataTypeBFloat16:
+	case onnxrt.TensorElementDataTypeFloat16, onnxrt.TensorElementDataTypeBFloat16:
 		return 2, true
 	}
 	return 0, false
@@ -390,7 +399,7 @@ func pastLayer(name string) (int, bool) {
 
 // Provider is the execution provider the model's session runs on, after
 // any fallback of auto.
-func (m *Model) Provider() Provider { return m.place.provider }
+func (m *Model) Provider() workerconf.Provider { return m.place.provider }
 
 // DeviceKV reports whether the model keeps its KV cache in the provider's
 // memory between decode steps.
@@ -401,9 +410,33 @@ func (m *Model) Info() infer.ModelInfo {
 	return infer.ModelInfo{Name: m.name, ContextLength: uint32(m.cfg.ContextLength)}
 }
 
-// Close releases the ONNX Runtime session. Sequences of the model must be
-// finished first.
+// ChatTemplate names the template (package tokenize) that formats a chat
+// as this model's prompt: model.json's chat_template.
+func (m *Model) ChatTemplate() string { return m.cfg.ChatTemplate }
+
+// Encode turns prompt text into the model's token ids.
+func (m *Model) Encode(text string) []int { return m.tok.Encode(text) }
+
+// Piece is the bytes token id stands for, and whether it ends a sequence:
+// eos_token, stop_tokens or the chat template's end of turn. An end
+// token's piece is its spelling, which is never part of an answer.
+func (m *Model) Piece(id int) (string, bool) { return m.tok.Piece(id), m.stopIDs[id] }
+
+// Join adds a prompt prefilled by Prefill, n tokens whose cache is kv,
+// to the model's batch as its last row.
+func (m *Model) Join(kv [][]byte, n int) { m.run.join(kv, n) }
+
+// Leave removes row r from the batch; the last row takes its number.
+func (m *Model) Leave(r int) { m.run.leave(r) }
+
+// Step feeds row r of the batch the token next[r], all rows in one run,
+// and returns their logits, row r's at [r*V, (r+1)*V) for V the
+// vocabulary size, valid until the next Step.
+func (m *Model) Step(next []int) ([]float32, error) { return m.run.step(next) }
+
+// Close drops the batch and releases the ONNX Runtime session.
 func (m *Model) Close() error {
+	m.run.close()
 	m.dev.close()
 	if err := m.session.Destroy(); err != nil {
 		return fmt.Errorf("model %s: destroy session: %w", m.name, err)

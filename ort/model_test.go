@@ -1,8 +1,6 @@
-package backend
+package ort
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -10,39 +8,48 @@ import (
 	"strings"
 	"testing"
 
-	"h3infer/infer"
 	"h3infer/internal/onnxgen"
+	"h3infer/tokenize"
 )
 
 func TestKVCacheMatchesRecompute(t *testing.T) {
 	m := loadTestModel(t)
-	tokens := m.tok.encode("The worker ")
-	logits, kv, err := m.prefill(tokens)
+	tokens := m.Encode("The worker ")
+	logits, kv, err := m.Prefill(tokens)
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := &generation{m: m, n: len(tokens), row: -1}
 	b := m.newBatch()
 	defer b.close()
-	b.join(g, kv)
+	b.join(kv, len(tokens))
 	for step := range 6 {
-		want, _, err := m.prefill(tokens)
+		want, _, err := m.Prefill(tokens)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if d := maxAbsDiff(logits, want); d > 1e-3 {
 			t.Fatalf("step %d: cached logits differ from recomputed ones by %g", step, d)
 		}
-		g.last = argmax(logits)
-		tokens = append(tokens, g.last)
-		if err := b.step(); err != nil {
+		last := greedy(logits)
+		tokens = append(tokens, last)
+		if logits, err = b.step([]int{last}); err != nil {
 			t.Fatal(err)
 		}
-		logits = g.logits
-		if g.n != len(tokens) || b.cols != len(tokens) {
-			t.Fatalf("cache holds %d tokens in %d columns, want %d", g.n, b.cols, len(tokens))
+		if b.n[0] != len(tokens) || b.cols != len(tokens) {
+			t.Fatalf("cache holds %d tokens in %d columns, want %d", b.n[0], b.cols, len(tokens))
 		}
 	}
+}
+
+// greedy is the id of the largest logit, the lowest at a tie.
+func greedy(logits []float32) int {
+	best := 0
+	for i, l := range logits {
+		if l > logits[best] {
+			best = i
+		}
+	}
+	return best
 }
 
 func maxAbsDiff(a, b []float32) float64 {
@@ -54,171 +61,6 @@ func maxAbsDiff(a, b []float32) float64 {
 		d = max(d, math.Abs(float64(a[i]-b[i])))
 	}
 	return d
-}
-
-func TestContextLength(t *testing.T) {
-	needModel(t)
-	dir := t.TempDir()
-	opts := onnxgen.DefaultOptions()
-	opts.Context = 16
-	if err := onnxgen.Write(dir, opts); err != nil {
-		t.Fatal(err)
-	}
-	m, err := LoadModel(dir, ModelOptions{Name: "small"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-
-	_, _, err = m.Generate(context.Background(), &infer.Request{Prompt: strings.Repeat("a", 16)})
-	re, ok := errors.AsType[*RequestError](err)
-	if !ok || re.Code != infer.CodeContextLength {
-		t.Fatalf("got %v, want a %s error", err, infer.CodeContextLength)
-	}
-	for _, want := range []string{"16 tokens", "context length of 16"} {
-		if !strings.Contains(re.Message, want) {
-			t.Errorf("message %q does not say %q", re.Message, want)
-		}
-	}
-
-	// 15 tokens leave room for exactly one.
-	_, done, err := m.Generate(context.Background(), &infer.Request{Prompt: strings.Repeat("a", 15)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if done.CompletionTokens != 1 || done.FinishReason != infer.FinishLength && done.FinishReason != infer.FinishStop {
-		t.Errorf("done = %+v, want one completion token", done)
-	}
-	// Without max_tokens the context is the limit.
-	_, done, err = m.Generate(context.Background(), &infer.Request{Prompt: "Th", Temperature: 0})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if done.PromptTokens+done.CompletionTokens > 16 {
-		t.Errorf("done = %+v runs past the context of 16", done)
-	}
-}
-
-func TestGenerateMaxTokens(t *testing.T) {
-	m := loadTestModel(t)
-	text, done, err := m.Generate(context.Background(), &infer.Request{Prompt: "The ", MaxTokens: 7})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if done.FinishReason != infer.FinishLength || done.CompletionTokens != 7 || done.PromptTokens != 4 {
-		t.Errorf("done = %+v, want length after 7 tokens of a 4-token prompt", done)
-	}
-	if len(text) == 0 {
-		t.Error("no text")
-	}
-}
-
-// ignore_eos generates past the end token, up to max_tokens, and the text
-// before the end token is what stopped there.
-func TestGenerateIgnoreEOS(t *testing.T) {
-	m := loadTestModel(t)
-	s := infer.Request{Prompt: "The gateway", MaxTokens: 400}
-	stopped, done, err := m.Generate(context.Background(), &s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if done.FinishReason != infer.FinishStop || done.CompletionTokens >= s.MaxTokens {
-		t.Fatalf("greedy %q ended %+v; the test needs a prompt whose text ends with eos", stopped, done)
-	}
-	s.IgnoreEOS = true
-	past, done, err := m.Generate(context.Background(), &s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if done.FinishReason != infer.FinishLength || done.CompletionTokens != s.MaxTokens {
-		t.Errorf("with ignore_eos: ended %+v, want length after %d tokens", done, s.MaxTokens)
-	}
-	if !strings.HasPrefix(past, stopped) || len(past) <= len(stopped) || strings.Contains(past, "<|endoftext|>") {
-		t.Errorf("with ignore_eos: %q, want more text after %q and no end token spelled out", past, stopped)
-	}
-}
-
-func TestGenerateStopSequence(t *testing.T) {
-	m := loadTestModel(t)
-	full, _, err := m.Generate(context.Background(), &infer.Request{Prompt: "The ", MaxTokens: 60})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(full) < 20 {
-		t.Fatalf("greedy text %q too short to pick a stop from", full)
-	}
-	stop := full[10:13]
-	want := full[:strings.Index(full, stop)]
-	got, done, err := m.Generate(context.Background(), &infer.Request{Prompt: "The ", MaxTokens: 60, Stop: []string{"zzzz", stop}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got != want || done.FinishReason != infer.FinishStop {
-		t.Errorf("with stop %q got %q (%s), want %q (stop)", stop, got, done.FinishReason, want)
-	}
-}
-
-func TestSeededSampling(t *testing.T) {
-	m := loadTestModel(t)
-	gen := func(seed uint64) string {
-		t.Helper()
-		text, _, err := m.Generate(context.Background(), &infer.Request{
-			Prompt: "The ", MaxTokens: 40, Temperature: 1.5, TopP: 0.95, Seed: seed, HasSeed: true,
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return text
-	}
-	a := gen(42)
-	if b := gen(42); a != b {
-		t.Errorf("seed 42 gave %q and then %q", a, b)
-	}
-	differs := false
-	for seed := range uint64(5) {
-		if gen(seed+100) != a {
-			differs = true
-		}
-	}
-	if !differs {
-		t.Errorf("five other seeds all gave %q", a)
-	}
-}
-
-func TestChatUsesTemplate(t *testing.T) {
-	m := loadTestModel(t)
-	chat, _, err := m.Generate(context.Background(), &infer.Request{
-		Messages: []infer.ChatMessage{{Role: "user", Content: "The gateway"}}, MaxTokens: 20,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	plain, _, err := m.Generate(context.Background(), &infer.Request{Prompt: "The gateway\n", MaxTokens: 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if chat != plain {
-		t.Errorf("chat gave %q, the plain prompt %q", chat, plain)
-	}
-}
-
-func TestInvalidRequests(t *testing.T) {
-	m := loadTestModel(t)
-	tests := map[string]infer.Request{
-		"negative temperature": {Prompt: "x", Temperature: -1},
-		"top_p above 1":        {Prompt: "x", TopP: 1.5},
-		"nan top_p":            {Prompt: "x", TopP: float32(math.NaN())},
-		"prompt and messages":  {Prompt: "x", Messages: []infer.ChatMessage{{Role: "user", Content: "y"}}},
-		"empty prompt":         {},
-	}
-	for name, s := range tests {
-		t.Run(name, func(t *testing.T) {
-			_, _, err := m.Generate(context.Background(), &s)
-			if re, ok := errors.AsType[*RequestError](err); !ok || re.Code != infer.CodeInvalidRequest {
-				t.Errorf("got %v, want an %s error", err, infer.CodeInvalidRequest)
-			}
-		})
-	}
 }
 
 func TestLoadModelErrors(t *testing.T) {
@@ -271,7 +113,7 @@ func TestLoadModelErrors(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			_, err := LoadModel(copyModel(t, tc.edit), ModelOptions{})
+			_, err := LoadModel(copyModel(t, tc.edit), Options{})
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got %v, want an error mentioning %q", err, tc.want)
 			}
@@ -293,8 +135,8 @@ func BenchmarkDecodeStep(b *testing.B) {
 }
 
 func benchmarkDecodeStep(b *testing.B, m *Model, past int) {
-	prompt := m.tok.encode(strings.Repeat("The gateway ", past/12+1))[:past]
-	_, kv, err := m.prefill(prompt)
+	prompt := m.Encode(strings.Repeat("The gateway ", past/12+1))[:past]
+	_, kv, err := m.Prefill(prompt)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -311,23 +153,24 @@ func benchmarkDecodeStep(b *testing.B, m *Model, past int) {
 func stepLoop(b *testing.B, m *Model, rows, past int, kv [][]byte) float64 {
 	bt := m.newBatch()
 	defer bt.close()
-	gens := make([]*generation, rows)
-	for i := range gens {
-		gens[i] = &generation{m: m, n: past, row: -1, last: 'e'}
-		bt.join(gens[i], kv)
+	next := make([]int, rows)
+	for r := range next {
+		next[r] = 'e'
+		bt.join(kv, past)
 	}
 	steps := 0
 	for b.Loop() {
 		if bt.widest() >= m.cfg.ContextLength-1 {
 			b.StopTimer()
-			for _, g := range gens {
-				bt.leave(g)
-				g.n = past
-				bt.join(g, kv)
+			for r := rows - 1; r >= 0; r-- {
+				bt.leave(r)
+			}
+			for range rows {
+				bt.join(kv, past)
 			}
 			b.StartTimer()
 		}
-		if err := bt.step(); err != nil {
+		if _, err := bt.step(next); err != nil {
 			b.Fatal(err)
 		}
 		steps++
@@ -339,17 +182,17 @@ func stepLoop(b *testing.B, m *Model, rows, past int, kv [][]byte) float64 {
 func TestTemplateEndOfTurnStops(t *testing.T) {
 	needModel(t)
 	dir := t.TempDir()
-	if err := onnxgen.Write(dir, onnxgen.Options{ChatTemplate: TemplateLlama3,
+	if err := onnxgen.Write(dir, onnxgen.Options{ChatTemplate: tokenize.TemplateLlama3,
 		SpecialTokens: []string{"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}}); err != nil {
 		t.Fatal(err)
 	}
-	m, err := LoadModel(dir, ModelOptions{})
+	m, err := LoadModel(dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	eot, _ := m.tok.tokenID("<|eot_id|>")
-	header, _ := m.tok.tokenID("<|start_header_id|>")
+	eot, _ := m.tok.TokenID("<|eot_id|>")
+	header, _ := m.tok.TokenID("<|start_header_id|>")
 	if !m.stopIDs[eot] || m.stopIDs[header] {
 		t.Errorf("stop ids %v: want <|eot_id|> (%d) and not <|start_header_id|> (%d)", m.stopIDs, eot, header)
 	}

@@ -1,4 +1,4 @@
-package backend
+package ort
 
 /*
 #cgo LDFLAGS: -ldl
@@ -177,7 +177,7 @@ import (
 	"path/filepath"
 	"unsafe"
 
-	ort "github.com/yalue/onnxruntime_go"
+	onnxrt "github.com/yalue/onnxruntime_go"
 )
 
 // ortAPIVersion is the C API version onnxruntime_go v1.27 asks for; the
@@ -275,7 +275,7 @@ func (a *ortAPI) epDevices(ep string) (int, error) {
 // appendEPDevice appends provider ep on its ordinal-th device to so, with
 // the provider's options; it reports how many devices ep has, so that a
 // missing ordinal can be told apart from a failure.
-func (a *ortAPI) appendEPDevice(so *ort.SessionOptions, ep string, ordinal int, opts map[string]string) (int, error) {
+func (a *ortAPI) appendEPDevice(so *onnxrt.SessionOptions, ep string, ordinal int, opts map[string]string) (int, error) {
 	cname := C.CString(ep)
 	defer C.free(unsafe.Pointer(cname))
 	// The option strings live in C memory: C reads arrays of them.
@@ -306,15 +306,15 @@ type rawValue struct{ p unsafe.Pointer }
 
 // bindingPtr is the OrtIoBinding under onnxruntime_go's IoBinding, a
 // struct of that one pointer in v1.27.
-func bindingPtr(b *ort.IoBinding) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(b)) }
+func bindingPtr(b *onnxrt.IoBinding) unsafe.Pointer { return *(*unsafe.Pointer)(unsafe.Pointer(b)) }
 
-func (a *ortAPI) bindInput(b *ort.IoBinding, name string, v rawValue) error {
+func (a *ortAPI) bindInput(b *onnxrt.IoBinding, name string, v rawValue) error {
 	cname := C.CString(name)
 	defer C.free(unsafe.Pointer(cname))
 	return cErr(C.h3_bind_input(a.tab(), bindingPtr(b), cname, v.p))
 }
 
-func (a *ortAPI) bindOutputTo(b *ort.IoBinding, name string, m memoryInfo) error {
+func (a *ortAPI) bindOutputTo(b *onnxrt.IoBinding, name string, m memoryInfo) error {
 	cname := C.CString(name)
 	defer C.free(unsafe.Pointer(cname))
 	return cErr(C.h3_bind_output_to_device(a.tab(), bindingPtr(b), cname, m.p))
@@ -322,7 +322,7 @@ func (a *ortAPI) bindOutputTo(b *ort.IoBinding, name string, m memoryInfo) error
 
 // boundOutputs returns the values of the last RunWithBinding in the order
 // the outputs were bound, without copying them out of their memory.
-func (a *ortAPI) boundOutputs(b *ort.IoBinding, want int) ([]rawValue, error) {
+func (a *ortAPI) boundOutputs(b *onnxrt.IoBinding, want int) ([]rawValue, error) {
 	ptrs := make([]unsafe.Pointer, want)
 	var n C.size_t
 	// ptrs holds no Go pointers, so C may write into it.

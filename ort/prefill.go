@@ -1,28 +1,29 @@
-package backend
+package ort
 
 import (
 	"errors"
 	"fmt"
 
-	ort "github.com/yalue/onnxruntime_go"
+	onnxrt "github.com/yalue/onnxruntime_go"
 )
 
-// prefill runs a whole prompt through the model from an empty cache, as a
+// Prefill runs a whole prompt through the model from an empty cache, as a
 // batch of one, and returns the logits of its last position and its KV
-// cache: one slice per past_key_values input, each laid out
-// [heads, len(ids), head_dim].
+// cache, which Join takes: one slice per past_key_values input, each laid
+// out [heads, len(ids), head_dim]. It touches nothing of the batch, so it
+// may run while Step does.
 //
 // Prefill is its own call rather than rows padded into the decode step: a
 // prompt is many tokens and a decode row is one, so padding prompts into
 // the step would make every running sequence pay for the longest new
 // prompt, and the step's input shape would change with each arrival. Alone,
-// a prompt computes exactly what it computes in Model.Generate. The cost is
-// that running sequences wait for the prefills admitted before a step; the
-// worker bounds that with maxPrefillTokens per step.
+// a prompt computes the same whether it then runs alone or batched. The
+// cost is that running sequences wait for the prefills admitted before a
+// step, which the generation loop bounds per step.
 //
 // Outputs are preallocated in Go memory: letting onnxruntime_go allocate
 // them copies every output once more.
-func (m *Model) prefill(ids []int) (logits []float32, kv [][]byte, err error) {
+func (m *Model) Prefill(ids []int) (logits []float32, kv [][]byte, err error) {
 	if len(ids) == 0 {
 		return nil, nil, errors.New("prefill: no tokens")
 	}
@@ -35,8 +36,8 @@ func (m *Model) prefill(ids []int) (logits []float32, kv [][]byte, err error) {
 	}
 	var vs values
 	defer vs.destroy()
-	inputs := make([]ort.Value, 0, m.inputLen)
-	step := ort.NewShape(1, n)
+	inputs := make([]onnxrt.Value, 0, m.inputLen)
+	step := onnxrt.NewShape(1, n)
 	if err := vs.add(&inputs, step, idData); err != nil {
 		return nil, nil, fmt.Errorf("model %s: prefill: input_ids: %w", m.name, err)
 	}
@@ -48,24 +49,24 @@ func (m *Model) prefill(ids []int) (logits []float32, kv [][]byte, err error) {
 			return nil, nil, fmt.Errorf("model %s: prefill: position_ids: %w", m.name, err)
 		}
 	}
-	empty := ort.NewShape(1, m.heads, 0, m.headDim)
+	empty := onnxrt.NewShape(1, m.heads, 0, m.headDim)
 	for range 2 * m.layers {
 		if err := vs.addRaw(&inputs, empty, nil, m.kvType); err != nil {
 			return nil, nil, fmt.Errorf("model %s: prefill: empty cache: %w", m.name, err)
 		}
 	}
 
-	outputs := make([]ort.Value, 0, m.outputLen)
+	outputs := make([]onnxrt.Value, 0, m.outputLen)
 	var all []float32
 	var raw []byte // half-precision logits
 	if m.vocab > 0 {
 		var err error
-		if m.logitsType == ort.TensorElementDataTypeFloat {
+		if m.logitsType == onnxrt.TensorElementDataTypeFloat {
 			all = make([]float32, n*m.vocab)
-			err = vs.add(&outputs, ort.NewShape(1, n, m.vocab), all)
+			err = vs.add(&outputs, onnxrt.NewShape(1, n, m.vocab), all)
 		} else {
 			raw = make([]byte, n*m.vocab*2)
-			err = vs.addRaw(&outputs, ort.NewShape(1, n, m.vocab), raw, m.logitsType)
+			err = vs.addRaw(&outputs, onnxrt.NewShape(1, n, m.vocab), raw, m.logitsType)
 		}
 		if err != nil {
 			return nil, nil, fmt.Errorf("model %s: prefill: logits: %w", m.name, err)
@@ -74,7 +75,7 @@ func (m *Model) prefill(ids []int) (logits []float32, kv [][]byte, err error) {
 		outputs = append(outputs, nil) // width unknown until the run
 	}
 	kv = make([][]byte, 2*m.layers)
-	present := ort.NewShape(1, m.heads, n, m.headDim)
+	present := onnxrt.NewShape(1, m.heads, n, m.headDim)
 	for i := range kv {
 		kv[i] = make([]byte, present.FlattenedSize()*m.kvSize)
 		if err := vs.addRaw(&outputs, present, kv[i], m.kvType); err != nil {
@@ -89,7 +90,7 @@ func (m *Model) prefill(ids []int) (logits []float32, kv [][]byte, err error) {
 	}
 	if m.vocab == 0 {
 		vs.owned = append(vs.owned, outputs[0])
-		t, ok := outputs[0].(*ort.Tensor[float32])
+		t, ok := outputs[0].(*onnxrt.Tensor[float32])
 		shape := outputs[0].GetShape()
 		if !ok || len(shape) != 3 || shape[0] != 1 || shape[1] != n || shape[2] <= 0 {
 			return nil, nil, fmt.Errorf("model %s: logits: want float32 [1, %d, vocab], got %T %v", m.name, n, outputs[0], shape)
@@ -98,7 +99,7 @@ func (m *Model) prefill(ids []int) (logits []float32, kv [][]byte, err error) {
 	}
 	if raw != nil {
 		logits = make([]float32, m.vocab)
-		widen(logits, raw[(n-1)*m.vocab*2:], m.logitsType == ort.TensorElementDataTypeBFloat16)
+		widen(logits, raw[(n-1)*m.vocab*2:], m.logitsType == onnxrt.TensorElementDataTypeBFloat16)
 		return logits, kv, nil
 	}
 	vocab := len(all) / int(n)
@@ -109,11 +110,11 @@ func (m *Model) prefill(ids []int) (logits []float32, kv [][]byte, err error) {
 
 // values owns the ONNX Runtime values of one run. The Go slices they view
 // stay with the caller; destroy releases only the runtime's handles.
-type values struct{ owned []ort.Value }
+type values struct{ owned []onnxrt.Value }
 
 // add makes a tensor viewing data with shape and appends it to list.
-func add[T ort.TensorData](vs *values, list *[]ort.Value, shape ort.Shape, data []T) error {
-	t, err := ort.NewTensor(shape, data)
+func add[T onnxrt.TensorData](vs *values, list *[]onnxrt.Value, shape onnxrt.Shape, data []T) error {
+	t, err := onnxrt.NewTensor(shape, data)
 	if err != nil {
 		return err
 	}
@@ -122,7 +123,7 @@ func add[T ort.TensorData](vs *values, list *[]ort.Value, shape ort.Shape, data 
 	return nil
 }
 
-func (vs *values) add(list *[]ort.Value, shape ort.Shape, data any) error {
+func (vs *values) add(list *[]onnxrt.Value, shape onnxrt.Shape, data any) error {
 	switch d := data.(type) {
 	case []int64:
 		return add(vs, list, shape, d)
@@ -135,13 +136,13 @@ func (vs *values) add(list *[]ort.Value, shape ort.Shape, data any) error {
 // addRaw makes a tensor of element type typ viewing data, the tensor's
 // bytes, and appends it to list. It is how caches and half-precision
 // values reach the runtime.
-func (vs *values) addRaw(list *[]ort.Value, shape ort.Shape, data []byte, typ ort.TensorElementDataType) error {
+func (vs *values) addRaw(list *[]onnxrt.Value, shape onnxrt.Shape, data []byte, typ onnxrt.TensorElementDataType) error {
 	if len(data) == 0 {
 		// onnxruntime_go refuses an empty byte slice even for a shape with
 		// no elements (an empty cache); the runtime reads none of it.
 		data = make([]byte, 8)
 	}
-	t, err := ort.NewCustomDataTensor(shape, data, typ)
+	t, err := onnxrt.NewCustomDataTensor(shape, data, typ)
 	if err != nil {
 		return err
 	}

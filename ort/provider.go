@@ -1,4 +1,4 @@
-package backend
+package ort
 
 import (
 	"errors"
@@ -8,39 +8,10 @@ import (
 	"path/filepath"
 	"strconv"
 
-	ort "github.com/yalue/onnxruntime_go"
+	onnxrt "github.com/yalue/onnxruntime_go"
+
+	"h3infer/workerconf"
 )
-
-// Provider is the ONNX Runtime execution provider a model runs on.
-type Provider string
-
-// Providers. The zero value is ProviderCPU.
-const (
-	ProviderCPU Provider = "cpu"
-	// ProviderCUDA runs on an NVIDIA GPU and fails to load when the
-	// provider or the CUDA libraries it needs are missing.
-	ProviderCUDA Provider = "cuda"
-	// ProviderTensorRT runs through TensorRT, with CUDA for what TensorRT
-	// does not take; it needs the CUDA provider's libraries too.
-	ProviderTensorRT Provider = "tensorrt"
-	// ProviderAuto uses CUDA when it loads and otherwise the CPU, with a
-	// warning saying which library was missing.
-	ProviderAuto Provider = "auto"
-)
-
-// ParseProvider reads a provider name; "" is cpu.
-func ParseProvider(s string) (Provider, error) {
-	switch p := Provider(s); p {
-	case "":
-		return ProviderCPU, nil
-	case ProviderCPU, ProviderCUDA, ProviderTensorRT, ProviderAuto:
-		return p, nil
-	}
-	return "", fmt.Errorf("want cpu, cuda, tensorrt or auto, got %q", s)
-}
-
-// onGPU reports whether p places a session on a GPU when it loads.
-func (p Provider) onGPU() bool { return p == ProviderCUDA || p == ProviderTensorRT }
 
 // Libraries of the GPU providers. ONNX Runtime looks for its provider
 // libraries next to libonnxruntime.so; the CUDA and cuDNN libraries come
@@ -67,7 +38,7 @@ const ortCUDAVersion = "1.29.0-cuda"
 // ONNX Runtime reports this only in its own log, so the worker finds it
 // itself by asking the dynamic loader.
 type MissingLibraryError struct {
-	Provider Provider
+	Provider workerconf.Provider
 	Library  string // the library that failed to load
 	Reason   string // the loader's message, which names the missing file
 }
@@ -82,19 +53,19 @@ func (e *MissingLibraryError) Error() string {
 // workers, so that a GPU model that cannot load stops serve at once with
 // the missing library's name instead of restarting workers. auto and cpu
 // always pass.
-func ProbeProvider(p Provider, ortLib string) error { return probeProvider(p, ortLib) }
+func ProbeProvider(p workerconf.Provider, ortLib string) error { return probeProvider(p, ortLib) }
 
 // probeProvider checks, before any session is made, that every library p
 // needs loads: the provider libraries next to ortLib (their own NEEDED
 // CUDA libraries come with them, so the loader's message names the first
 // one missing) and cuDNN.
-func probeProvider(p Provider, ortLib string) error {
-	if !p.onGPU() {
+func probeProvider(p workerconf.Provider, ortLib string) error {
+	if !p.OnGPU() {
 		return nil
 	}
 	dir := filepath.Dir(ortLib)
 	libs := []string{libProvidersShared, libProvidersCUDA}
-	if p == ProviderTensorRT {
+	if p == workerconf.ProviderTensorRT {
 		libs = append(libs, libProvidersTensorRT)
 	}
 	for _, lib := range libs {
@@ -116,7 +87,7 @@ func probeProvider(p Provider, ortLib string) error {
 
 // placement is where LoadModel put a session and how.
 type placement struct {
-	provider Provider // cpu, cuda or tensorrt: what the session runs on
+	provider workerconf.Provider // cpu, cuda or tensorrt: what the session runs on
 	device   int
 }
 
@@ -133,8 +104,8 @@ const cudaEP = "CUDAExecutionProvider"
 // older entry point answers "not enabled in this build". A core library
 // built with CUDA whose provider lacks the plugin interface takes the
 // older entry point instead.
-func appendProvider(so *ort.SessionOptions, p Provider, device int, gpuMemLimit int64, ortLib string) error {
-	if !p.onGPU() {
+func appendProvider(so *onnxrt.SessionOptions, p workerconf.Provider, device int, gpuMemLimit int64, ortLib string) error {
+	if !p.OnGPU() {
 		return nil
 	}
 	opts := map[string]string{}
@@ -143,7 +114,7 @@ func appendProvider(so *ort.SessionOptions, p Provider, device int, gpuMemLimit 
 		// working set and the device-resident KV cache.
 		opts["gpu_mem_limit"] = strconv.FormatInt(gpuMemLimit, 10)
 	}
-	if p == ProviderCUDA {
+	if p == workerconf.ProviderCUDA {
 		pluginErr := appendCUDAPlugin(so, device, opts, ortLib)
 		if pluginErr == nil {
 			return nil
@@ -162,7 +133,7 @@ func appendProvider(so *ort.SessionOptions, p Provider, device int, gpuMemLimit 
 // errNoDevice is a CUDA provider that loaded but offers no such device.
 var errNoDevice = errors.New("no such CUDA device")
 
-func appendCUDAPlugin(so *ort.SessionOptions, device int, opts map[string]string, ortLib string) error {
+func appendCUDAPlugin(so *onnxrt.SessionOptions, device int, opts map[string]string, ortLib string) error {
 	api, err := loadORTAPI(ortLib)
 	if err != nil {
 		return err
@@ -175,7 +146,7 @@ func appendCUDAPlugin(so *ort.SessionOptions, device int, opts map[string]string
 		// Registration is for the whole process; a worker's first CUDA
 		// model does it.
 		path := filepath.Join(filepath.Dir(ortLib), libProvidersCUDA)
-		if err := ort.RegisterExecutionProviderLibrary("CUDA", path); err != nil {
+		if err := onnxrt.RegisterExecutionProviderLibrary("CUDA", path); err != nil {
 			return fmt.Errorf("register %s: %w", path, err)
 		}
 	}
@@ -191,8 +162,8 @@ func appendCUDAPlugin(so *ort.SessionOptions, device int, opts map[string]string
 
 // appendLegacy uses the provider entry points of ONNX Runtime builds
 // compiled with CUDA or TensorRT.
-func appendLegacy(so *ort.SessionOptions, p Provider, device int, extra map[string]string) error {
-	cuda, err := ort.NewCUDAProviderOptions()
+func appendLegacy(so *onnxrt.SessionOptions, p workerconf.Provider, device int, extra map[string]string) error {
+	cuda, err := onnxrt.NewCUDAProviderOptions()
 	if err != nil {
 		return fmt.Errorf("cuda provider options: %w", err)
 	}
@@ -204,8 +175,8 @@ func appendLegacy(so *ort.SessionOptions, p Provider, device int, extra map[stri
 	if err := cuda.Update(opts); err != nil {
 		return fmt.Errorf("cuda provider options %v: %w", opts, err)
 	}
-	if p == ProviderTensorRT {
-		trt, err := ort.NewTensorRTProviderOptions()
+	if p == workerconf.ProviderTensorRT {
+		trt, err := onnxrt.NewTensorRTProviderOptions()
 		if err != nil {
 			return fmt.Errorf("tensorrt provider options: %w", err)
 		}
@@ -226,27 +197,27 @@ func appendLegacy(so *ort.SessionOptions, p Provider, device int, extra map[stri
 // choosePlacement resolves opts.Provider for a session: it probes the
 // libraries of a GPU provider and, for auto, falls back to the CPU with a
 // warning when they do not load. A GPU provider named outright fails.
-func choosePlacement(opts ModelOptions, log *slog.Logger) (placement, error) {
+func choosePlacement(opts Options, log *slog.Logger) (placement, error) {
 	p := opts.Provider
 	if p == "" {
-		p = ProviderCPU
+		p = workerconf.ProviderCPU
 	}
 	want := p
-	if p == ProviderAuto {
-		want = ProviderCUDA
+	if p == workerconf.ProviderAuto {
+		want = workerconf.ProviderCUDA
 	}
 	if err := probeProvider(want, opts.ORTLib); err != nil {
-		if p != ProviderAuto {
+		if p != workerconf.ProviderAuto {
 			return placement{}, err
 		}
 		if log != nil {
 			log.Warn("cuda unavailable, model runs on the cpu", "model", opts.Name, "err", err)
 		}
-		return placement{provider: ProviderCPU}, nil
+		return placement{provider: workerconf.ProviderCPU}, nil
 	}
 	return placement{provider: want, device: opts.DeviceID}, nil
 }
 
 // errNoLibrary is returned when a GPU provider is asked for without the
 // path of the runtime library, next to which its providers must sit.
-var errNoLibrary = errors.New("a GPU provider needs ModelOptions.ORTLib, the library its providers sit next to")
+var errNoLibrary = errors.New("a GPU provider needs Options.ORTLib, the library its providers sit next to")

@@ -1,4 +1,4 @@
-package backend
+package ort
 
 import (
 	"bytes"
@@ -11,7 +11,9 @@ import (
 	"strings"
 	"testing"
 
+	"h3infer/engine"
 	"h3infer/infer"
+	"h3infer/workerconf"
 )
 
 // fakeProviderDir makes a folder laid out like a GPU provider set: the
@@ -66,9 +68,9 @@ func TestProviderMissingLibrary(t *testing.T) {
 		cases["fetched provider set"] = struct{ lib, want string }{real, "libcu"}
 	}
 	for name, tc := range cases {
-		for _, p := range []Provider{ProviderCUDA, ProviderTensorRT} {
+		for _, p := range []workerconf.Provider{workerconf.ProviderCUDA, workerconf.ProviderTensorRT} {
 			t.Run(name+"/"+string(p), func(t *testing.T) {
-				m, err := LoadModel(testModelDir, ModelOptions{Provider: p, ORTLib: tc.lib})
+				m, err := LoadModel(testModelDir, Options{Provider: p, ORTLib: tc.lib})
 				if err == nil {
 					m.Close()
 					t.Fatal("model loaded on a machine without a GPU")
@@ -92,12 +94,12 @@ func TestProviderAutoFallsBack(t *testing.T) {
 	lib := fakeProviderDir(t)
 	var logs bytes.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
-	m, err := LoadModel(testModelDir, ModelOptions{Provider: ProviderAuto, ORTLib: lib, Log: log})
+	m, err := LoadModel(testModelDir, Options{Provider: workerconf.ProviderAuto, ORTLib: lib, Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	if m.Provider() != ProviderCPU || m.DeviceKV() {
+	if m.Provider() != workerconf.ProviderCPU || m.DeviceKV() {
 		t.Errorf("auto without CUDA: provider %s, device KV %v; want cpu without", m.Provider(), m.DeviceKV())
 	}
 	if !strings.Contains(logs.String(), "libcublasLt.so.13") || !strings.Contains(logs.String(), "level=WARN") {
@@ -105,39 +107,16 @@ func TestProviderAutoFallsBack(t *testing.T) {
 	}
 	cpu := loadTestModel(t)
 	s := infer.Request{Model: "demo", Prompt: "The gateway ", MaxTokens: 40}
-	got, _, err := m.Generate(context.Background(), &s)
+	got, _, err := engine.Generate(context.Background(), m, &s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, _, err := cpu.Generate(context.Background(), &s)
+	want, _, err := engine.Generate(context.Background(), cpu, &s)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got != want || got == "" {
 		t.Errorf("auto fell back and generated %q, cpu %q", got, want)
-	}
-}
-
-func TestParsePlacement(t *testing.T) {
-	good := map[string]struct {
-		p Provider
-		d int
-	}{"cpu": {ProviderCPU, 0}, "": {ProviderCPU, 0}, "cuda": {ProviderCUDA, 0}, "cuda:3": {ProviderCUDA, 3}, "tensorrt:1": {ProviderTensorRT, 1}, "auto": {ProviderAuto, 0}}
-	for in, want := range good {
-		p, d, err := ParsePlacement(in)
-		if err != nil || p != want.p || d != want.d {
-			t.Errorf("ParsePlacement(%q) = %s, %d, %v; want %s, %d", in, p, d, err, want.p, want.d)
-		}
-		if in != "" {
-			if back, bd, _ := ParsePlacement(FormatPlacement(p, d)); back != p || bd != d {
-				t.Errorf("%q does not survive FormatPlacement", in)
-			}
-		}
-	}
-	for _, in := range []string{"rocm", "cuda:", "cuda:-1", "cuda:x", "CUDA"} {
-		if _, _, err := ParsePlacement(in); err == nil {
-			t.Errorf("ParsePlacement(%q) accepted", in)
-		}
 	}
 }
 

@@ -1,4 +1,4 @@
-package backend
+package ort
 
 import (
 	"errors"
@@ -6,7 +6,7 @@ import (
 	"os"
 	"path/filepath"
 
-	ort "github.com/yalue/onnxruntime_go"
+	onnxrt "github.com/yalue/onnxruntime_go"
 )
 
 // InitRuntime loads the ONNX Runtime shared library at libPath and creates
@@ -16,15 +16,15 @@ import (
 // package cannot scope any tighter. A later call after a successful one is
 // a no-op and ignores libPath.
 func InitRuntime(libPath string) error {
-	if ort.IsInitialized() {
+	if onnxrt.IsInitialized() {
 		return nil
 	}
 	abs, err := runtimeLibrary(libPath)
 	if err != nil {
 		return err
 	}
-	ort.SetSharedLibraryPath(abs)
-	if err := ort.InitializeEnvironment(ort.WithLogLevelError()); err != nil {
+	onnxrt.SetSharedLibraryPath(abs)
+	if err := onnxrt.InitializeEnvironment(onnxrt.WithLogLevelError()); err != nil {
 		return fmt.Errorf("onnxruntime: initialize with %s (ONNXRUNTIME_LIB sets the library path; version 1.24 or newer is needed): %w", abs, err)
 	}
 	return nil
