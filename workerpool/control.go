@@ -1,15 +1,15 @@
-package backend
+package workerpool
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"slices"
 	"sync"
 
 	"h3infer/infer"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // controlIDBase marks the ids of control requests, keeping them apart from
@@ -22,12 +22,12 @@ const controlIDBase = 1 << 63
 // others drop it again and the error says why; the models served before
 // are untouched. A worker that is restarting meanwhile loads it when it
 // starts. Requests keep flowing throughout.
-func (p *Pool) LoadModel(ctx context.Context, spec ModelSpec) error {
+func (p *Pool) LoadModel(ctx context.Context, spec workerconf.Model) error {
 	if spec.Name == "" || spec.Dir == "" {
 		return fmt.Errorf("pool: load model: name and dir are required, got %q %q", spec.Name, spec.Dir)
 	}
 	// Refusing a bad model.json here saves every worker the attempt.
-	cfg, err := readModelConfig(filepath.Join(spec.Dir, modelConfigFile))
+	cfg, err := workerconf.ReadModelConfig(spec.Dir)
 	if err != nil {
 		return fmt.Errorf("load model %s from %s: %w", spec.Name, spec.Dir, err)
 	}
@@ -36,7 +36,7 @@ func (p *Pool) LoadModel(ctx context.Context, spec ModelSpec) error {
 	p.controlMu.Lock()
 	defer p.controlMu.Unlock()
 	p.mu.Lock()
-	if slices.ContainsFunc(p.models, func(m ModelSpec) bool { return m.Name == spec.Name }) {
+	if slices.ContainsFunc(p.models, func(m workerconf.Model) bool { return m.Name == spec.Name }) {
 		p.mu.Unlock()
 		return fmt.Errorf("load model %s: already loaded", spec.Name)
 	}
@@ -45,7 +45,7 @@ func (p *Pool) LoadModel(ctx context.Context, spec ModelSpec) error {
 
 	var (
 		mu     sync.Mutex
-		loaded []*Worker
+		loaded []*Process
 		errs   []error
 		wg     sync.WaitGroup
 	)
@@ -55,8 +55,8 @@ func (p *Pool) LoadModel(ctx context.Context, spec ModelSpec) error {
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
-			case errors.Is(err, ErrWorkerNotReady):
-				// It loads the model from its arguments when it starts.
+			case errors.Is(err, ErrNotReady):
+				// It loads the model from its settings when it starts.
 			case err != nil:
 				errs = append(errs, fmt.Errorf("worker %d: %w", w.id, err))
 			default:
@@ -75,10 +75,10 @@ func (p *Pool) LoadModel(ctx context.Context, spec ModelSpec) error {
 		return nil
 	}
 	p.mu.Lock()
-	p.models = slices.DeleteFunc(p.models, func(m ModelSpec) bool { return m.Name == spec.Name })
+	p.models = slices.DeleteFunc(p.models, func(m workerconf.Model) bool { return m.Name == spec.Name })
 	p.mu.Unlock()
 	for _, w := range loaded {
-		if err := p.control(context.WithoutCancel(ctx), w, &transport.Control{Op: transport.ControlUnload, Name: spec.Name}); err != nil && !errors.Is(err, ErrWorkerNotReady) {
+		if err := p.control(context.WithoutCancel(ctx), w, &transport.Control{Op: transport.ControlUnload, Name: spec.Name}); err != nil && !errors.Is(err, ErrNotReady) {
 			p.log.Warn("undo load", "worker", w.id, "model", spec.Name, "err", err)
 		}
 	}
@@ -93,7 +93,7 @@ func (p *Pool) UnloadModel(ctx context.Context, name string) error {
 	defer p.controlMu.Unlock()
 	p.mu.Lock()
 	n := len(p.models)
-	p.models = slices.DeleteFunc(p.models, func(m ModelSpec) bool { return m.Name == name })
+	p.models = slices.DeleteFunc(p.models, func(m workerconf.Model) bool { return m.Name == name })
 	found := len(p.models) != n
 	p.mu.Unlock()
 	if !found {
@@ -105,7 +105,7 @@ func (p *Pool) UnloadModel(ctx context.Context, name string) error {
 		w.models = slices.DeleteFunc(w.models, func(m infer.ModelInfo) bool { return m.Name == name })
 		w.mu.Unlock()
 		err := p.control(ctx, w, &transport.Control{Op: transport.ControlUnload, Name: name})
-		if err != nil && !errors.Is(err, ErrWorkerNotReady) {
+		if err != nil && !errors.Is(err, ErrNotReady) {
 			errs = append(errs, fmt.Errorf("worker %d: %w", w.id, err))
 		}
 	}
@@ -118,12 +118,12 @@ func (p *Pool) UnloadModel(ctx context.Context, name string) error {
 
 // control sends c to w and waits for its answer. The caller holds
 // controlMu.
-func (p *Pool) control(ctx context.Context, w *Worker, c *transport.Control) error {
+func (p *Pool) control(ctx context.Context, w *Process, c *transport.Control) error {
 	w.mu.Lock()
 	end, ready := w.end, w.ready
 	w.mu.Unlock()
 	if !ready || end == nil {
-		return ErrWorkerNotReady
+		return ErrNotReady
 	}
 	p.controlSeq++
 	call, err := end.Control(controlIDBase|p.controlSeq, c)

@@ -1,15 +1,13 @@
-package backend
+package workerpool
 
 import (
 	"log/slog"
 	"testing"
-
-	"h3infer/infer"
 )
 
 // PID is the pid of the worker's running process, 0 if none, so that
 // tests can kill it.
-func (w *Worker) PID() int { return w.currentPID() }
+func (w *Process) PID() int { return w.currentPID() }
 
 // WorkerEnvForTest is the variable that makes this test binary act as a
 // worker process when the Pool re-executes it.
@@ -22,9 +20,6 @@ func DemoModelForTest(t testing.TB) (dir, ortLib string) {
 	needModel(t)
 	return testModelDir, testORTLib
 }
-
-// RequireLongForTest fails t unless s makes a long generation on m.
-func RequireLongForTest(t *testing.T, m *Model, s *infer.Request) { requireLong(t, m, s) }
 
 // LoggerForTest logs warnings and errors to t.
 func LoggerForTest(t testing.TB) *slog.Logger { return testLogger(t) }

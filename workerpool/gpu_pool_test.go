@@ -1,4 +1,4 @@
-package backend_test
+package workerpool_test
 
 import (
 	"context"
@@ -9,30 +9,31 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"h3infer/backend"
+	"h3infer/workerconf"
+	"h3infer/workerpool"
 )
 
 // A worker process whose model asks for auto on a host without CUDA comes
 // up on the CPU, and the pool exports no GPU memory for it: an absent
 // metric, not a zero that reads as "a GPU with nothing on it".
 func TestPoolAutoProviderWithoutGPU(t *testing.T) {
-	dir, lib := backend.DemoModelForTest(t)
-	t.Setenv(backend.WorkerEnvForTest, "1")
+	dir, lib := workerpool.DemoModelForTest(t)
+	t.Setenv(workerpool.WorkerEnvForTest, "1")
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	p, err := backend.NewPool(backend.PoolConfig{
+	p, err := workerpool.New(workerpool.Config{
 		Workers:    1,
 		Executable: exe,
-		Worker: backend.WorkerConfig{
-			Models:         []backend.ModelSpec{{Name: "demo", Dir: dir, Provider: backend.ProviderAuto}},
+		Worker: workerconf.Settings{
+			Models:         []workerconf.Model{{Name: "demo", Dir: dir, Provider: workerconf.ProviderAuto}},
 			ORTLib:         lib,
 			GPUMemoryBytes: 1 << 30,
 		},
 		Registerer: reg,
-	}, backend.LoggerForTest(t))
+	}, workerpool.LoggerForTest(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +47,7 @@ func TestPoolAutoProviderWithoutGPU(t *testing.T) {
 	if got := metric(t, reg, "h3infer_worker_ready", "0"); got != 1 {
 		t.Errorf("h3infer_worker_ready = %v, want 1", got)
 	}
-	if backend.GPUMemoryErrorForTest() == nil {
+	if workerpool.GPUMemoryErrorForTest() == nil {
 		// A host with an NVIDIA driver (and, docs/GPU.md, the CUDA
 		// libraries): auto lands on the GPU and the worker holds memory.
 		if got := metric(t, reg, "h3infer_worker_gpu_memory_bytes", "0"); got <= 0 {
@@ -67,7 +68,7 @@ func TestPoolAutoProviderWithoutGPU(t *testing.T) {
 
 // Without an NVIDIA driver, the reason NVML is off names the library.
 func TestGPUMemoryNamesLibrary(t *testing.T) {
-	err := backend.GPUMemoryErrorForTest()
+	err := workerpool.GPUMemoryErrorForTest()
 	if err != nil && !strings.Contains(err.Error(), "libnvidia-ml.so.1") {
 		t.Errorf("got %v, want it to name libnvidia-ml.so.1", err)
 	}

@@ -1,4 +1,4 @@
-package backend
+package workerpool
 
 /*
 #cgo LDFLAGS: -ldl

@@ -1,4 +1,4 @@
-package backend_test
+package workerpool_test
 
 import (
 	"os"
@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"h3infer/backend"
 	"h3infer/infer"
+	"h3infer/workerpool"
 )
 
 // TestPoolDropsHostileWorker: a worker process that writes garbage into
@@ -28,20 +28,20 @@ func TestPoolDropsHostileWorker(t *testing.T) {
 		metric string // the pool's count of why it killed the worker
 		exit   string // in the slot's LastExit
 	}{
-		"length past the end of the ring": {mode: backend.HostilePastEndForTest, metric: "h3infer_worker_ring_failures_total", exit: "ring corrupt"},
-		"bad checksum":                    {mode: backend.HostileBadCheckForTest, metric: "h3infer_worker_ring_failures_total", exit: "checksum"},
-		"unknown request id":              {mode: backend.HostileUnknownIDForTest, metric: "h3infer_worker_ring_failures_total", exit: "broke the protocol"},
-		"flood of frames":                 {mode: backend.HostileFloodForTest, metric: "h3infer_worker_hangs_total", exit: "heartbeat stalled"},
+		"length past the end of the ring": {mode: workerpool.HostilePastEndForTest, metric: "h3infer_worker_ring_failures_total", exit: "ring corrupt"},
+		"bad checksum":                    {mode: workerpool.HostileBadCheckForTest, metric: "h3infer_worker_ring_failures_total", exit: "checksum"},
+		"unknown request id":              {mode: workerpool.HostileUnknownIDForTest, metric: "h3infer_worker_ring_failures_total", exit: "broke the protocol"},
+		"flood of frames":                 {mode: workerpool.HostileFloodForTest, metric: "h3infer_worker_hangs_total", exit: "heartbeat stalled"},
 	}
-	dir, lib := backend.DemoModelForTest(t)
-	t.Setenv(backend.WorkerEnvForTest, "1")
+	dir, lib := workerpool.DemoModelForTest(t)
+	t.Setenv(workerpool.WorkerEnvForTest, "1")
 	for name, tt := range tests {
 		t.Run(name, func(t *testing.T) {
 			claim := filepath.Join(t.TempDir(), "hostile")
 			if err := os.WriteFile(claim, []byte(tt.mode), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			t.Setenv(backend.HostileOnceEnvForTest, claim)
+			t.Setenv(workerpool.HostileOnceEnvForTest, claim)
 			goroutines := runtime.NumGoroutine()
 			p, reg := startTestBinaryPool(t, dir, lib, 500*time.Millisecond)
 			closed := false
@@ -50,7 +50,7 @@ func TestPoolDropsHostileWorker(t *testing.T) {
 					p.Close()
 				}
 			}()
-			w := p.Workers()[0]
+			w := p.Processes()[0]
 			waitFor(t, "the hostile worker to be ready", w.Ready)
 			hostilePID := w.PID()
 

@@ -1,49 +1,49 @@
-package backend
+package workerpool
 
 import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"hash/crc32"
-	"math/rand/v2"
-	"sync/atomic"
-	"unsafe"
-
-	"golang.org/x/sys/unix"
-
-	"flag"
 	"fmt"
+	"hash/crc32"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
+	"unsafe"
 
+	"golang.org/x/sys/unix"
+
+	"h3infer/engine"
 	"h3infer/infer"
-	"h3infer/transport"
-
 	"h3infer/internal/onnxgen"
+	"h3infer/ort"
+	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
 // testWorkerEnv marks a re-execution of this test binary as a worker
 // process: the Pool tests run the binary they are in as the worker, so
-// real processes run the real RunWorker without a separately built
-// h3infer.
-const testWorkerEnv = "H3INFER_BACKEND_TEST_WORKER"
+// real processes run the real engine.Run, with ONNX Runtime's models,
+// without a separately built h3infer.
+const testWorkerEnv = "H3INFER_WORKERPOOL_TEST_WORKER"
 
 // testMisbehaveEnv makes the test worker process misbehave instead of
 // serving: "hang" says it is ready and then never beats its heartbeat,
 // "garbage" says it is ready and then publishes random bytes on its
 // response ring.
-const testMisbehaveEnv = "H3INFER_BACKEND_TEST_MISBEHAVE"
+const testMisbehaveEnv = "H3INFER_WORKERPOOL_TEST_MISBEHAVE"
 
 // testHostileOnceEnv names a file holding a hostile mode (see hostile).
 // The first worker process to remove the file plays that mode; every
 // later one, the replacements included, serves normally.
-const testHostileOnceEnv = "H3INFER_BACKEND_TEST_HOSTILE_ONCE"
+const testHostileOnceEnv = "H3INFER_WORKERPOOL_TEST_HOSTILE_ONCE"
 
 // Set by TestMain for the whole binary: the demo model is written once,
 // and ONNX Runtime can be initialized only once per process.
@@ -69,7 +69,7 @@ func TestMain(m *testing.M) {
 }
 
 func setupModel() error {
-	dir, err := os.MkdirTemp("", "h3infer-backend-test-")
+	dir, err := os.MkdirTemp("", "h3infer-workerpool-test-")
 	if err != nil {
 		return err
 	}
@@ -79,7 +79,7 @@ func setupModel() error {
 		// What `make ort` fetches, so a bare `go test` works after it.
 		testORTLib, _ = filepath.Abs("../.cache/onnxruntime/1.24.1/libonnxruntime.so.1")
 	}
-	if err := InitRuntime(testORTLib); err != nil {
+	if err := ort.InitRuntime(testORTLib); err != nil {
 		return err
 	}
 	testModelDir = filepath.Join(dir, "demo")
@@ -98,74 +98,23 @@ func needModel(t testing.TB) {
 	}
 }
 
-// loadTestModel loads the demo model and closes it at the end of the test.
-func loadTestModel(t testing.TB) *Model {
-	t.Helper()
-	needModel(t)
-	m, err := LoadModel(testModelDir, ModelOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
-}
-
-// testWorkerMain is the worker process of the Pool tests. Its small
-// parser reads what WorkerConfig.Args writes, as cmd/h3infer does.
+// testWorkerMain is the worker process of the Pool tests: it reads its
+// settings as cmd/h3infer does and serves them, unless the environment
+// asks it to misbehave.
 func testWorkerMain(args []string) int {
-	var cfg WorkerConfig
-	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
-	fs.IntVar(&cfg.RingFD, "ring-fd", 0, "")
-	fs.Func("model", "", func(v string) error {
-		name, dir, _ := strings.Cut(v, "=")
-		cfg.Models = append(cfg.Models, ModelSpec{Name: name, Dir: dir})
-		return nil
-	})
-	fs.StringVar(&cfg.ORTLib, "onnxruntime-lib", "", "")
-	fs.IntVar(&cfg.Slots, "slots", 0, "")
-	fs.Int64Var(&cfg.KVCacheBytes, "kv-cache-bytes", 0, "")
-	fs.IntVar(&cfg.IntraOpThreads, "intra-op-threads", 0, "")
-	fs.DurationVar(&cfg.StatsInterval, "stats-interval", 0, "")
-	fs.Int64Var(&cfg.GPUMemoryBytes, "gpu-memory-bytes", 0, "")
-	spec := func(name string) *ModelSpec {
-		for i := range cfg.Models {
-			if cfg.Models[i].Name == name {
-				return &cfg.Models[i]
-			}
-		}
-		return nil
-	}
-	fs.Func("provider", "", func(v string) error {
-		name, place, _ := strings.Cut(v, "=")
-		s := spec(name)
-		if s == nil {
-			return fmt.Errorf("no model %q", name)
-		}
-		var err error
-		s.Provider, s.DeviceID, err = ParsePlacement(place)
-		return err
-	})
-	fs.Func("device-kv", "", func(v string) error {
-		name, on, _ := strings.Cut(v, "=")
-		s := spec(name)
-		if s == nil {
-			return fmt.Errorf("no model %q", name)
-		}
-		b := on == "true"
-		s.DeviceKV = &b
-		return nil
-	})
-	if err := fs.Parse(args); err != nil {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	s, err := workerconf.ParseArgs(args)
+	if err != nil {
+		log.Error("worker settings", "err", err)
 		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	if path := os.Getenv(testHostileOnceEnv); path != "" {
 		// Reading and then removing claims the file: of two processes that
 		// read it, only one removes it.
 		if mode, err := os.ReadFile(path); err == nil && os.Remove(path) == nil {
-			if err := hostile(ctx, string(mode), cfg.RingFD); err != nil {
+			if err := hostile(ctx, string(mode), workerconf.RingFD); err != nil {
 				log.Error("hostile worker failed", "err", err)
 				return 1
 			}
@@ -173,13 +122,20 @@ func testWorkerMain(args []string) int {
 		}
 	}
 	if mode := os.Getenv(testMisbehaveEnv); mode != "" {
-		if err := misbehave(ctx, mode, cfg.RingFD); err != nil {
+		if err := misbehave(ctx, mode, workerconf.RingFD); err != nil {
 			log.Error("misbehaving worker failed", "err", err)
 			return 1
 		}
 		return 0
 	}
-	if err := RunWorker(ctx, cfg, log); err != nil {
+	load := func(spec workerconf.Model) (engine.Model, error) {
+		m, err := ort.Open(s, spec, log)
+		if err != nil {
+			return nil, err
+		}
+		return m, nil
+	}
+	if err := engine.Run(ctx, os.NewFile(workerconf.RingFD, "h3infer-ring"), engine.Config{Settings: s, Load: load}, log); err != nil {
 		log.Error("worker failed", "err", err)
 		return 1
 	}

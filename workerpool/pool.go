@@ -1,4 +1,4 @@
-package backend
+package workerpool
 
 import (
 	"bytes"
@@ -18,24 +18,29 @@ import (
 
 	"h3infer/infer"
 	"h3infer/transport"
+	"h3infer/workerconf"
 )
 
-// ErrWorkerNotReady is returned by Worker.Open while the worker's process
-// is starting, restarting or gone.
-var ErrWorkerNotReady = errors.New("backend: worker not ready")
+// ErrNotReady is returned by Process.Open while the worker's process is
+// starting, restarting or gone.
+var ErrNotReady = errors.New("workerpool: worker not ready")
 
-// PoolConfig configures a Pool. Zero values mean the documented defaults.
-type PoolConfig struct {
-	// Workers is the number of worker processes; 0 means 2.
+// Config configures a Pool. Each field is the config key its comment
+// names, with that key's default: the zero value of a field means the
+// documented default, and Validate names the key of a value out of range.
+type Config struct {
+	// Workers is the number of worker processes (workers.count); 0 means
+	// 2, or 1 when a model asks for a GPU: a worker's sessions share its
+	// device, and a second process on the same GPU only splits its memory.
 	Workers int
 	// Executable is the h3infer binary run as `EXECUTABLE worker ARGS`;
 	// empty means this process's own executable.
 	Executable string
-	// Worker is the template of every worker's configuration; the pool
-	// sets RingFD.
-	Worker WorkerConfig
-	// RingSize is the size in bytes of each ring; 0 means the transport
-	// default.
+	// Worker are the settings every worker process runs with; LoadModel
+	// and UnloadModel change the models of the processes started later.
+	Worker workerconf.Settings
+	// RingSize is the size in bytes of each ring (workers.ring_bytes); 0
+	// means 1 MiB.
 	RingSize int
 	// RestartBackoff is the wait before restarting a worker that exited;
 	// it doubles on each failure in a row up to MaxRestartBackoff and
@@ -45,11 +50,12 @@ type PoolConfig struct {
 	// it to before killing it; 0 means 5s.
 	StopGrace time.Duration
 	// HangTimeout is how long a ready worker's heartbeat may stand still
-	// before the worker is killed as hung and restarted; 0 means 10s.
+	// before the worker is killed as hung and restarted
+	// (workers.hang_timeout); 0 means 10s.
 	HangTimeout time.Duration
 	// CallBuffer bounds the unread events of one request; a request whose
-	// client falls further behind is cancelled. 0 means the transport
-	// default.
+	// client falls further behind is cancelled (workers.call_buffer). 0
+	// means transport.DefaultCallBuffer.
 	CallBuffer int
 	// Registerer, when set, receives the pool's metrics.
 	Registerer prometheus.Registerer
@@ -59,14 +65,81 @@ type PoolConfig struct {
 	Env []string
 }
 
-// Defaults of PoolConfig.
+// Defaults and bounds of Config.
 const (
 	DefaultWorkers        = 2
+	MaxWorkers            = 64
+	DefaultRingSize       = 1 << 20
+	MinRingSize           = 64 << 10
+	MaxRingSize           = 1 << 30
+	MaxCallBuffer         = 1 << 20
 	DefaultRestartBackoff = 200 * time.Millisecond
 	MaxRestartBackoff     = 10 * time.Second
 	DefaultStopGrace      = 5 * time.Second
 	DefaultHangTimeout    = 10 * time.Second
+	MinHangTimeout        = 100 * time.Millisecond
 )
+
+// WithDefaults returns c with every zero value replaced by its default,
+// its worker settings' included.
+func (c Config) WithDefaults() Config {
+	if c.Workers == 0 {
+		c.Workers = DefaultWorkers
+		if slices.ContainsFunc(c.Worker.Models, workerconf.Model.WantsGPU) {
+			c.Workers = 1
+		}
+	}
+	if c.RingSize == 0 {
+		c.RingSize = DefaultRingSize
+	}
+	if c.CallBuffer == 0 {
+		c.CallBuffer = transport.DefaultCallBuffer
+	}
+	if c.RestartBackoff == 0 {
+		c.RestartBackoff = DefaultRestartBackoff
+	}
+	if c.StopGrace == 0 {
+		c.StopGrace = DefaultStopGrace
+	}
+	if c.HangTimeout == 0 {
+		c.HangTimeout = DefaultHangTimeout
+	}
+	c.Worker = c.Worker.WithDefaults()
+	return c
+}
+
+// Validate reports every value out of range at once, each naming its
+// config key, the worker settings' included; zero values stand for their
+// defaults and pass.
+func (c Config) Validate() error {
+	d := c.WithDefaults()
+	var errs []error
+	bad := func(key, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, a...)))
+	}
+	if d.Workers < 1 || d.Workers > MaxWorkers {
+		bad("workers.count", "must be 1..%d, got %d", MaxWorkers, d.Workers)
+	}
+	if r := d.RingSize; r < MinRingSize || r > MaxRingSize || r&(r-1) != 0 {
+		bad("workers.ring_bytes", "must be a power of two from %d to %d, got %d", MinRingSize, MaxRingSize, r)
+	}
+	if d.CallBuffer < 1 || d.CallBuffer > MaxCallBuffer {
+		bad("workers.call_buffer", "must be 1..%d, got %d", MaxCallBuffer, d.CallBuffer)
+	}
+	if d.HangTimeout < MinHangTimeout {
+		bad("workers.hang_timeout", "must be at least %s, got %s", MinHangTimeout, d.HangTimeout)
+	}
+	if d.RestartBackoff < 0 {
+		bad("restart_backoff", "must be >= 0, got %s", d.RestartBackoff)
+	}
+	if d.StopGrace < 0 {
+		bad("stop_grace", "must be >= 0, got %s", d.StopGrace)
+	}
+	if err := c.Worker.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
 
 // Worker states, as Status and the admin listener report them.
 const (
@@ -76,17 +149,13 @@ const (
 	StateStopped    = "stopped"    // the pool is closing
 )
 
-// workerFD is the descriptor the ring has in the child: the first of
-// exec.Cmd.ExtraFiles.
-const workerFD = 3
-
 // Pool starts the worker processes, one shared-memory segment each,
 // restarts them when they exit and exports their counters. It lives in the
 // gateway process.
 type Pool struct {
-	cfg     PoolConfig
+	cfg     Config
 	log     *slog.Logger
-	workers []*Worker
+	workers []*Process
 	metrics *poolCollector
 	// gpu reads the workers' device memory; nil when no model asks for a
 	// GPU or the host has no NVIDIA driver, and then the metric is absent.
@@ -95,8 +164,8 @@ type Pool struct {
 	mu      sync.Mutex
 	started bool
 	closed  bool
-	changed chan struct{} // closed and replaced whenever a worker's readiness changes
-	models  []ModelSpec   // what a starting process loads; LoadModel and UnloadModel change it
+	changed chan struct{}      // closed and replaced whenever a worker's readiness changes
+	models  []workerconf.Model // what a starting process loads; LoadModel and UnloadModel change it
 
 	controlMu  sync.Mutex // one LoadModel or UnloadModel at a time
 	controlSeq uint64     // under controlMu
@@ -106,9 +175,10 @@ type Pool struct {
 	wg        sync.WaitGroup
 }
 
-// Worker is the stable handle of one worker slot of a Pool; it survives
-// the restarts of the process behind it.
-type Worker struct {
+// Process is the stable handle of one worker slot of a Pool: it survives
+// the restarts of the worker process behind it, and it is what the
+// scheduler dispatches to.
+type Process struct {
 	id   int
 	pool *Pool
 
@@ -130,8 +200,8 @@ type Worker struct {
 	stalled  time.Duration
 }
 
-// WorkerStatus is a snapshot of one worker slot for the admin listener.
-type WorkerStatus struct {
+// ProcessStatus is a snapshot of one worker slot for the admin listener.
+type ProcessStatus struct {
 	ID       int
 	PID      int // 0 while no process runs
 	State    string
@@ -143,48 +213,16 @@ type WorkerStatus struct {
 	HeartbeatStalled time.Duration
 }
 
-// NewPool checks cfg and prepares a pool; Start starts the processes.
-func NewPool(cfg PoolConfig, log *slog.Logger) (*Pool, error) {
-	var errs []error
-	if cfg.Workers < 0 {
-		errs = append(errs, fmt.Errorf("workers: must be >= 0, got %d", cfg.Workers))
+// New checks cfg and prepares a pool; Start starts the processes.
+func New(cfg Config, log *slog.Logger) (*Pool, error) {
+	err := cfg.Validate()
+	if len(cfg.Worker.Models) == 0 {
+		err = errors.Join(err, errors.New("models: at least one is required"))
 	}
-	if cfg.RestartBackoff < 0 {
-		errs = append(errs, fmt.Errorf("restart_backoff: must be >= 0, got %s", cfg.RestartBackoff))
+	if err != nil {
+		return nil, fmt.Errorf("pool config: %w", err)
 	}
-	if cfg.StopGrace < 0 {
-		errs = append(errs, fmt.Errorf("stop_grace: must be >= 0, got %s", cfg.StopGrace))
-	}
-	if cfg.HangTimeout < 0 {
-		errs = append(errs, fmt.Errorf("hang_timeout: must be >= 0, got %s", cfg.HangTimeout))
-	}
-	if cfg.CallBuffer < 0 {
-		errs = append(errs, fmt.Errorf("call_buffer: must be >= 0, got %d", cfg.CallBuffer))
-	}
-	if cfg.RingSize < 0 {
-		errs = append(errs, fmt.Errorf("ring_size: must be >= 0, got %d", cfg.RingSize))
-	}
-	w := cfg.Worker
-	w.RingFD = workerFD
-	if err := w.Validate(); err != nil {
-		errs = append(errs, fmt.Errorf("worker: %w", err))
-	}
-	if len(errs) > 0 {
-		return nil, fmt.Errorf("pool config: %w", errors.Join(errs...))
-	}
-	cfg.Worker = w
-	if cfg.Workers == 0 {
-		cfg.Workers = DefaultWorkers
-	}
-	if cfg.RestartBackoff == 0 {
-		cfg.RestartBackoff = DefaultRestartBackoff
-	}
-	if cfg.StopGrace == 0 {
-		cfg.StopGrace = DefaultStopGrace
-	}
-	if cfg.HangTimeout == 0 {
-		cfg.HangTimeout = DefaultHangTimeout
-	}
+	cfg = cfg.WithDefaults()
 	if cfg.Executable == "" {
 		exe, err := os.Executable()
 		if err != nil {
@@ -194,15 +232,12 @@ func NewPool(cfg PoolConfig, log *slog.Logger) (*Pool, error) {
 	}
 	p := &Pool{cfg: cfg, log: log, changed: make(chan struct{}), closing: make(chan struct{}), models: slices.Clone(cfg.Worker.Models)}
 	for i := range cfg.Workers {
-		p.workers = append(p.workers, &Worker{id: i, pool: p, state: StateStarting})
+		p.workers = append(p.workers, &Process{id: i, pool: p, state: StateStarting})
 	}
-	for _, m := range cfg.Worker.Models {
-		if m.Provider == ProviderCUDA || m.Provider == ProviderTensorRT || m.Provider == ProviderAuto {
-			var err error
-			if p.gpu, err = openGPUMemory(); err != nil {
-				log.Info("no gpu memory metrics", "err", err)
-			}
-			break
+	if slices.ContainsFunc(cfg.Worker.Models, workerconf.Model.WantsGPU) {
+		var err error
+		if p.gpu, err = openGPUMemory(); err != nil {
+			log.Info("no gpu memory metrics", "err", err)
 		}
 	}
 	p.metrics = newPoolCollector(p)
@@ -256,15 +291,16 @@ func (p *Pool) Start(ctx context.Context) error {
 	return nil
 }
 
-// Workers returns one handle per worker index, the same across restarts.
-func (p *Pool) Workers() []*Worker { return append([]*Worker(nil), p.workers...) }
+// Processes returns one handle per worker index, the same across
+// restarts.
+func (p *Pool) Processes() []*Process { return append([]*Process(nil), p.workers...) }
 
 // Status reports every worker slot's state, in index order.
-func (p *Pool) Status() []WorkerStatus {
-	out := make([]WorkerStatus, 0, len(p.workers))
+func (p *Pool) Status() []ProcessStatus {
+	out := make([]ProcessStatus, 0, len(p.workers))
 	for _, w := range p.workers {
 		w.mu.Lock()
-		out = append(out, WorkerStatus{
+		out = append(out, ProcessStatus{
 			ID:               w.id,
 			PID:              w.pid,
 			State:            w.state,
@@ -356,13 +392,13 @@ func (p *Pool) notifyLocked() {
 }
 
 // ID returns the worker's index in the pool.
-func (w *Worker) ID() int { return w.id }
+func (w *Process) ID() int { return w.id }
 
 // Ready reports whether the worker's current process has sent Ready and
 // its ring still works. A ring that failed (a corrupt frame) fails its
 // calls before the supervisor has killed the process; the closed end
 // keeps the scheduler from re-dispatching those calls to the same worker.
-func (w *Worker) Ready() bool {
+func (w *Process) Ready() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.ready && w.end != nil && !w.end.Closed()
@@ -370,21 +406,21 @@ func (w *Worker) Ready() bool {
 
 // Slots is how many sequences the worker runs at once, as its last Ready
 // said; 0 before the first.
-func (w *Worker) Slots() int {
+func (w *Process) Slots() int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.slots
 }
 
 // Open sends s to the worker as request id. It fails with
-// ErrWorkerNotReady unless the worker is ready. If the process dies, the
+// ErrNotReady unless the worker is ready. If the process dies, the
 // call ends with an error event.
-func (w *Worker) Open(id uint64, s *infer.Request) (infer.Call, error) {
+func (w *Process) Open(id uint64, s *infer.Request) (infer.Call, error) {
 	w.mu.Lock()
 	end, ready := w.end, w.ready
 	w.mu.Unlock()
 	if !ready || end == nil {
-		return nil, fmt.Errorf("worker %d: open request %d: %w", w.id, id, ErrWorkerNotReady)
+		return nil, fmt.Errorf("worker %d: open request %d: %w", w.id, id, ErrNotReady)
 	}
 	call, err := end.Open(id, s)
 	if err != nil {
@@ -394,7 +430,7 @@ func (w *Worker) Open(id uint64, s *infer.Request) (infer.Call, error) {
 }
 
 // currentPID is the pid of the worker's running process, 0 if none.
-func (w *Worker) currentPID() int {
+func (w *Process) currentPID() int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.pid
@@ -406,7 +442,7 @@ func (w *Worker) currentPID() int {
 // It holds its OS thread throughout: Pdeathsig fires when the thread that
 // forked the child exits, not the process, so the forking thread must
 // outlive the child.
-func (p *Pool) supervise(w *Worker, started chan<- error) {
+func (p *Pool) supervise(w *Process, started chan<- error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	backoff := p.cfg.RestartBackoff
@@ -459,7 +495,7 @@ type process struct {
 }
 
 // launch starts one process for w with a fresh segment.
-func (p *Pool) launch(w *Worker) (*process, error) {
+func (p *Pool) launch(w *Process) (*process, error) {
 	seg, err := transport.NewSegment(p.cfg.RingSize)
 	if err != nil {
 		return nil, fmt.Errorf("worker %d: create ring: %w", w.id, err)
@@ -468,8 +504,13 @@ func (p *Pool) launch(w *Worker) (*process, error) {
 	p.mu.Lock()
 	wc.Models = slices.Clone(p.models)
 	p.mu.Unlock()
-	args := append([]string{"worker"}, wc.Args()...)
-	cmd := exec.Command(p.cfg.Executable, args...)
+	args, err := wc.Args()
+	if err != nil {
+		seg.Close()
+		return nil, fmt.Errorf("worker %d: %w", w.id, err)
+	}
+	cmd := exec.Command(p.cfg.Executable, append([]string{"worker"}, args...)...)
+	// The first of ExtraFiles is workerconf.RingFD in the child.
 	cmd.ExtraFiles = []*os.File{seg.File()}
 	if len(p.cfg.Env) > 0 {
 		cmd.Env = append(os.Environ(), p.cfg.Env...)
@@ -505,13 +546,13 @@ func (p *Pool) launch(w *Worker) (*process, error) {
 	return pr, nil
 }
 
-func (w *Worker) setState(state string) {
+func (w *Process) setState(state string) {
 	w.mu.Lock()
 	w.state = state
 	w.mu.Unlock()
 }
 
-func (w *Worker) setReady(r transport.Ready) {
+func (w *Process) setReady(r transport.Ready) {
 	w.mu.Lock()
 	w.ready = true
 	w.state = StateReady
@@ -528,7 +569,7 @@ func (w *Worker) setReady(r transport.Ready) {
 // ring without exiting, and kills it after the grace. It kills it at once
 // when the ring turns out corrupt or the heartbeat stalls past
 // HangTimeout. It reports whether the process ever became ready.
-func (p *Pool) watch(w *Worker, pr *process) bool {
+func (p *Pool) watch(w *Process, pr *process) bool {
 	runDone := make(chan struct{})
 	var runErr error // read only after runDone is closed
 	var run sync.WaitGroup
@@ -652,7 +693,7 @@ func addStats(a, b transport.Stats) transport.Stats {
 
 // ringStats reads the running process's ring occupancy, with the wake-ups
 // counted over all its processes so far; zero occupancy while none runs.
-func (w *Worker) ringStats() transport.RingStats {
+func (w *Process) ringStats() transport.RingStats {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	var st transport.RingStats
@@ -664,7 +705,7 @@ func (w *Worker) ringStats() transport.RingStats {
 }
 
 // totals are the worker's counters over all its processes so far.
-func (w *Worker) totals() (transport.Stats, uint64, bool) {
+func (w *Process) totals() (transport.Stats, uint64, bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	s := addStats(w.base, w.stats)

@@ -1,4 +1,4 @@
-package backend_test
+package workerpool_test
 
 import (
 	"context"
@@ -12,8 +12,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"h3infer/backend"
+	"h3infer/engine"
 	"h3infer/infer"
+	"h3infer/ort"
+	"h3infer/workerconf"
+	"h3infer/workerpool"
 )
 
 // metric reads one worker's sample of a pool metric.
@@ -97,13 +100,9 @@ func firstToken(t *testing.T, c infer.Call) {
 }
 
 func TestPool(t *testing.T) {
-	dir, lib := backend.DemoModelForTest(t)
-	ref, err := backend.LoadModel(dir, backend.ModelOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ref.Close()
-	t.Setenv(backend.WorkerEnvForTest, "1")
+	dir, lib := workerpool.DemoModelForTest(t)
+	ref := loadReference(t, dir, "demo")
+	t.Setenv(workerpool.WorkerEnvForTest, "1")
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -111,11 +110,11 @@ func TestPool(t *testing.T) {
 	goroutines := runtime.NumGoroutine()
 
 	reg := prometheus.NewRegistry()
-	p, err := backend.NewPool(backend.PoolConfig{
+	p, err := workerpool.New(workerpool.Config{
 		Workers:    2,
 		Executable: exe,
-		Worker: backend.WorkerConfig{
-			Models:        []backend.ModelSpec{{Name: "demo", Dir: dir}},
+		Worker: workerconf.Settings{
+			Models:        []workerconf.Model{{Name: "demo", Dir: dir}},
 			ORTLib:        lib,
 			Slots:         2,
 			StatsInterval: 10 * time.Millisecond,
@@ -123,7 +122,7 @@ func TestPool(t *testing.T) {
 		RestartBackoff: 50 * time.Millisecond,
 		StopGrace:      5 * time.Second,
 		Registerer:     reg,
-	}, backend.LoggerForTest(t))
+	}, workerpool.LoggerForTest(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,10 +140,10 @@ func TestPool(t *testing.T) {
 	if err := p.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got := p.Models(); len(got) != 1 || got[0].Name != "demo" || got[0].ContextLength != ref.Info().ContextLength {
+	if got := p.Models(); len(got) != 1 || got[0].Name != "demo" || got[0].ContextLength != ref.m.Info().ContextLength {
 		t.Errorf("Models() = %+v", got)
 	}
-	workers := p.Workers()
+	workers := p.Processes()
 	if len(workers) != 2 || workers[0].ID() != 0 || workers[1].ID() != 1 || workers[0].Slots() != 2 {
 		t.Fatalf("workers = %d, ids %d %d, slots %d", len(workers), workers[0].ID(), workers[1].ID(), workers[0].Slots())
 	}
@@ -162,7 +161,7 @@ func TestPool(t *testing.T) {
 			}
 			wg.Go(func() {
 				got := drain(t, c)
-				text, done, err := ref.Generate(context.Background(), s)
+				text, done, err := ref.generate(s)
 				if err != nil {
 					t.Error(err)
 					return
@@ -176,7 +175,7 @@ func TestPool(t *testing.T) {
 	})
 
 	long := &infer.Request{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 3, HasSeed: true}
-	backend.RequireLongForTest(t, ref, long)
+	requireLong(t, ref, long)
 
 	t.Run("cancel", func(t *testing.T) {
 		c, err := workers[0].Open(20, long)
@@ -255,11 +254,11 @@ func TestPool(t *testing.T) {
 }
 
 func TestPoolStartFails(t *testing.T) {
-	dir, lib := backend.DemoModelForTest(t)
-	p, err := backend.NewPool(backend.PoolConfig{
+	dir, lib := workerpool.DemoModelForTest(t)
+	p, err := workerpool.New(workerpool.Config{
 		Executable: "/nonexistent/h3infer",
-		Worker:     backend.WorkerConfig{Models: []backend.ModelSpec{{Name: "demo", Dir: dir}}, ORTLib: lib},
-	}, backend.LoggerForTest(t))
+		Worker:     workerconf.Settings{Models: []workerconf.Model{{Name: "demo", Dir: dir}}, ORTLib: lib},
+	}, workerpool.LoggerForTest(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -270,11 +269,11 @@ func TestPoolStartFails(t *testing.T) {
 }
 
 func TestPoolConfigErrors(t *testing.T) {
-	_, err := backend.NewPool(backend.PoolConfig{Workers: -1, RestartBackoff: -time.Second}, backend.LoggerForTest(t))
+	_, err := workerpool.New(workerpool.Config{Workers: -1, RestartBackoff: -time.Second}, workerpool.LoggerForTest(t))
 	if err == nil {
 		t.Fatal("invalid config accepted")
 	}
-	for _, want := range []string{"workers: must be >= 0", "restart_backoff", "model: at least one"} {
+	for _, want := range []string{"workers.count: must be 1..64, got -1", "restart_backoff", "models: at least one"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %q", err, want)
 		}
@@ -294,12 +293,12 @@ func TestPoolKillsBrokenWorkers(t *testing.T) {
 	}
 	for mode, tt := range tests {
 		t.Run(mode, func(t *testing.T) {
-			dir, lib := backend.DemoModelForTest(t)
-			t.Setenv(backend.WorkerEnvForTest, "1")
-			t.Setenv(backend.MisbehaveEnvForTest, mode)
+			dir, lib := workerpool.DemoModelForTest(t)
+			t.Setenv(workerpool.WorkerEnvForTest, "1")
+			t.Setenv(workerpool.MisbehaveEnvForTest, mode)
 			goroutines := runtime.NumGoroutine()
 			p, reg := startTestBinaryPool(t, dir, lib, 400*time.Millisecond)
-			w := p.Workers()[0]
+			w := p.Processes()[0]
 			waitFor(t, "the worker to be ready", w.Ready)
 			firstPID := w.PID()
 			if mode == "hang" {
@@ -331,6 +330,46 @@ func TestPoolKillsBrokenWorkers(t *testing.T) {
 	}
 }
 
+// reference is a model loaded in the test process, to tell what a worker
+// must answer. engine.Generate drives the model's one batch, so calls take
+// turns.
+type reference struct {
+	mu sync.Mutex
+	m  *ort.Model
+}
+
+func loadReference(t *testing.T, dir, name string) *reference {
+	t.Helper()
+	m, err := ort.LoadModel(dir, ort.Options{Name: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return &reference{m: m}
+}
+
+func (r *reference) generate(s *infer.Request) (string, infer.Done, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return engine.Generate(context.Background(), r.m, s)
+}
+
+// requireLong checks that s makes a long generation, so that a test can
+// act on it while it runs.
+func requireLong(t *testing.T, ref *reference, s *infer.Request) {
+	t.Helper()
+	const enough = 500
+	capped := *s
+	capped.MaxTokens = enough
+	_, done, err := ref.generate(&capped)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.FinishReason != infer.FinishLength {
+		t.Fatalf("precondition: %+v stops after %d tokens, want at least %d", s, done.CompletionTokens, enough)
+	}
+}
+
 func processAlive(pid int) bool {
 	return syscall.Kill(pid, 0) == nil
 }
@@ -338,21 +377,21 @@ func processAlive(pid int) bool {
 // startTestBinaryPool starts a pool of one worker whose process is this
 // test binary (TestMain plays the worker the environment asks for), with a
 // quick restart and the given hang timeout. The caller closes the pool.
-func startTestBinaryPool(t *testing.T, dir, lib string, hang time.Duration) (*backend.Pool, *prometheus.Registry) {
+func startTestBinaryPool(t *testing.T, dir, lib string, hang time.Duration) (*workerpool.Pool, *prometheus.Registry) {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	p, err := backend.NewPool(backend.PoolConfig{
+	p, err := workerpool.New(workerpool.Config{
 		Workers:        1,
 		Executable:     exe,
-		Worker:         backend.WorkerConfig{Models: []backend.ModelSpec{{Name: "demo", Dir: dir}}, ORTLib: lib},
+		Worker:         workerconf.Settings{Models: []workerconf.Model{{Name: "demo", Dir: dir}}, ORTLib: lib},
 		RestartBackoff: 20 * time.Millisecond,
 		HangTimeout:    hang,
 		Registerer:     reg,
-	}, backend.LoggerForTest(t))
+	}, workerpool.LoggerForTest(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package backend
+package workerpool
 
 import (
 	"context"
@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"h3infer/infer"
+	"h3infer/workerconf"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -29,7 +30,7 @@ type RegistryConfig struct {
 	Root string
 	// Static are models served under their own name with version "1"
 	// and no repository behind them (the `models` config key).
-	Static []ModelSpec
+	Static []workerconf.Model
 	// Poll is how often Watch reads the repository; 0 means 2s.
 	Poll time.Duration
 	// AutoPromote makes Watch load a new, higher version of a model and
@@ -51,7 +52,7 @@ const (
 
 // ModelLoader loads and unloads models in the workers; *Pool is one.
 type ModelLoader interface {
-	LoadModel(ctx context.Context, spec ModelSpec) error
+	LoadModel(ctx context.Context, spec workerconf.Model) error
 	UnloadModel(ctx context.Context, name string) error
 	Models() []infer.ModelInfo
 	Ready() bool
@@ -172,15 +173,15 @@ func NewRegistry(cfg RegistryConfig, loader ModelLoader, log *slog.Logger) (*Reg
 // model, and the highest complete version of each model in the
 // repository, which become the primaries. Versions that are not complete
 // yet are left for Watch.
-func (r *Registry) Initial() ([]ModelSpec, error) {
+func (r *Registry) Initial() ([]workerconf.Model, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var specs []ModelSpec
+	var specs []workerconf.Model
 	// add registers a version; placement carries a static model's provider
 	// settings (repository versions run on the default provider).
-	add := func(name, ver, dir string, static bool, placement ModelSpec) error {
+	add := func(name, ver, dir string, static bool, placement workerconf.Model) error {
 		if !static {
-			if _, err := readModelConfig(filepath.Join(dir, modelConfigFile)); err != nil {
+			if _, err := workerconf.ReadModelConfig(dir); err != nil {
 				return fmt.Errorf("model %s version %s: %w", name, ver, err)
 			}
 		}
@@ -191,7 +192,7 @@ func (r *Registry) Initial() ([]ModelSpec, error) {
 		f := &family{name: name, versions: map[string]*version{ver: v}, primary: ver, failed: map[string]string{}, seen: map[string]string{}, tried: map[string]string{}, static: static}
 		r.models[name] = f
 		r.setWeights(f)
-		specs = append(specs, ModelSpec{Name: v.target, Dir: dir, Provider: placement.Provider, DeviceID: placement.DeviceID, DeviceKV: placement.DeviceKV})
+		specs = append(specs, workerconf.Model{Name: v.target, Dir: dir, Provider: placement.Provider, DeviceID: placement.DeviceID, DeviceKV: placement.DeviceKV})
 		return nil
 	}
 	var errs []error
@@ -213,7 +214,7 @@ func (r *Registry) Initial() ([]ModelSpec, error) {
 				continue
 			}
 			top := vers[len(vers)-1]
-			errs = append(errs, add(name, top.ver, top.dir, false, ModelSpec{}))
+			errs = append(errs, add(name, top.ver, top.dir, false, workerconf.Model{}))
 			r.models[name].seen[top.ver] = top.sig
 		}
 	}
@@ -276,7 +277,7 @@ func versionSignature(dir string) (string, bool) {
 	var sig []byte
 	for _, e := range entries {
 		switch e.Name() {
-		case modelConfigFile, tokenizerFile, modelFile:
+		case workerconf.ModelConfigFile, workerconf.TokenizerFile, workerconf.ModelFile:
 			have++
 		}
 		info, err := e.Info()

@@ -1,4 +1,4 @@
-package backend
+package workerpool
 
 import (
 	"context"
@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
+
+	"h3infer/workerconf"
 )
 
 // LoadVersion loads version ver of model into the workers without routing
@@ -51,9 +53,9 @@ func (r *Registry) load(ctx context.Context, model, ver string) (*version, error
 		if _, err := os.Stat(dir); err != nil {
 			return nil, notFound("model %q version %s: no directory %s", model, ver, dir)
 		}
-		return nil, conflict("model %q version %s: %s must hold %s, %s and %s", model, ver, dir, modelConfigFile, tokenizerFile, modelFile)
+		return nil, conflict("model %q version %s: %s must hold %s, %s and %s", model, ver, dir, workerconf.ModelConfigFile, workerconf.TokenizerFile, workerconf.ModelFile)
 	}
-	err := r.loader.LoadModel(ctx, ModelSpec{Name: Target(model, ver), Dir: dir})
+	err := r.loader.LoadModel(ctx, workerconf.Model{Name: Target(model, ver), Dir: dir})
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	f = r.models[model]

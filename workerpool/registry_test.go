@@ -1,4 +1,4 @@
-package backend
+package workerpool
 
 import (
 	"context"
@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"h3infer/infer"
+	"h3infer/workerconf"
 )
 
 // fakeLoader records what the registry asks the workers to load; it fails
@@ -25,7 +26,7 @@ type fakeLoader struct {
 	broken map[string]bool
 }
 
-func (f *fakeLoader) LoadModel(_ context.Context, s ModelSpec) error {
+func (f *fakeLoader) LoadModel(_ context.Context, s workerconf.Model) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.broken[s.Name] {
@@ -60,9 +61,9 @@ func testRegistry(t *testing.T, versions ...string) (*Registry, *fakeLoader) {
 	for _, v := range versions {
 		dir := filepath.Join(root, "m", v)
 		os.MkdirAll(dir, 0o755)
-		os.WriteFile(filepath.Join(dir, modelConfigFile), []byte(`{"name":"m","context_length":64,"eos_token":"<eos>"}`), 0o644)
-		os.WriteFile(filepath.Join(dir, tokenizerFile), []byte(`{}`), 0o644)
-		os.WriteFile(filepath.Join(dir, modelFile), []byte(`x`), 0o644)
+		os.WriteFile(filepath.Join(dir, workerconf.ModelConfigFile), []byte(`{"name":"m","context_length":64,"eos_token":"<eos>"}`), 0o644)
+		os.WriteFile(filepath.Join(dir, workerconf.TokenizerFile), []byte(`{}`), 0o644)
+		os.WriteFile(filepath.Join(dir, workerconf.ModelFile), []byte(`x`), 0o644)
 	}
 	fl := &fakeLoader{loaded: map[string]bool{}, broken: map[string]bool{}}
 	r, err := NewRegistry(RegistryConfig{Root: root}, fl, slog.New(slog.NewTextHandler(io.Discard, nil)))
@@ -229,9 +230,9 @@ func TestSetPolicy(t *testing.T) {
 	}
 	dir := filepath.Join(r.cfg.Root, "m", "2")
 	os.MkdirAll(dir, 0o755)
-	os.WriteFile(filepath.Join(dir, modelConfigFile), []byte(`{"name":"m","context_length":64,"eos_token":"<eos>"}`), 0o644)
-	os.WriteFile(filepath.Join(dir, tokenizerFile), []byte(`{}`), 0o644)
-	os.WriteFile(filepath.Join(dir, modelFile), []byte(`x`), 0o644)
+	os.WriteFile(filepath.Join(dir, workerconf.ModelConfigFile), []byte(`{"name":"m","context_length":64,"eos_token":"<eos>"}`), 0o644)
+	os.WriteFile(filepath.Join(dir, workerconf.TokenizerFile), []byte(`{}`), 0o644)
+	os.WriteFile(filepath.Join(dir, workerconf.ModelFile), []byte(`x`), 0o644)
 	// Polls see version 2; without auto-promotion it waits for the admin
 	// API.
 	deadline := time.Now().Add(30 * time.Second)

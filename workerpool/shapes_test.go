@@ -1,4 +1,4 @@
-package backend_test
+package workerpool_test
 
 import (
 	"context"
@@ -11,11 +11,14 @@ import (
 	"time"
 	"unicode/utf8"
 
-	ort "github.com/yalue/onnxruntime_go"
+	onnxrt "github.com/yalue/onnxruntime_go"
 
-	"h3infer/backend"
+	"h3infer/engine"
 	"h3infer/infer"
 	"h3infer/internal/onnxgen"
+	"h3infer/ort"
+	"h3infer/workerconf"
+	"h3infer/workerpool"
 )
 
 // utf8Corpus is demo text whose characters are mostly more than one byte
@@ -25,15 +28,15 @@ const utf8Corpus = "Grüße aus Köln! Über der Brücke weht ein kühler Wind, 
 	"gibt es Crème brûlée für zwei Euro — süß und schön. Über Nacht fährt der Zug nach Zürich, " +
 	"wo es Käse gibt. Grüße aus 東京 und Grüße aus Köln."
 
-// shapeFixture is one export shape the backend must serve: how onnxgen
+// shapeFixture is one export shape the workers must serve: how onnxgen
 // writes it and what its graph must look like, so that the test cannot
 // pass on a shape other than the one it names.
 type shapeFixture struct {
 	name      string
 	opts      onnxgen.Options
-	positions bool                      // graph has position_ids
-	kv        ort.TensorElementDataType // cache element type
-	logits    ort.TensorElementDataType // logits element type
+	positions bool                         // graph has position_ids
+	kv        onnxrt.TensorElementDataType // cache element type
+	logits    onnxrt.TensorElementDataType // logits element type
 	submits   func(model string) []infer.Request
 	check     func(t *testing.T, texts []string) // extra checks on the worker's texts
 }
@@ -60,7 +63,7 @@ func defaultSubmits(prompt string, chat bool) func(model string) []infer.Request
 }
 
 func shapeFixtures() []shapeFixture {
-	var f32, f16, bf16 ort.TensorElementDataType = ort.TensorElementDataTypeFloat, ort.TensorElementDataTypeFloat16, ort.TensorElementDataTypeBFloat16
+	var f32, f16, bf16 onnxrt.TensorElementDataType = onnxrt.TensorElementDataTypeFloat, onnxrt.TensorElementDataTypeFloat16, onnxrt.TensorElementDataTypeBFloat16
 	return []shapeFixture{{
 		name: "gpt2-no-position-ids", opts: onnxgen.Options{NoPositionIDs: true},
 		kv: f32, logits: f32, submits: defaultSubmits("The gateway ", true),
@@ -109,11 +112,11 @@ func shapeFixtures() []shapeFixture {
 // checkSignature fails t unless the graph in dir has the fixture's shape.
 func checkSignature(t *testing.T, dir string, f shapeFixture) {
 	t.Helper()
-	ins, outs, err := ort.GetInputOutputInfo(filepath.Join(dir, onnxgen.ModelFile))
+	ins, outs, err := onnxrt.GetInputOutputInfo(filepath.Join(dir, onnxgen.ModelFile))
 	if err != nil {
 		t.Fatal(err)
 	}
-	hasPos := slices.ContainsFunc(ins, func(i ort.InputOutputInfo) bool { return i.Name == onnxgen.PositionIDs })
+	hasPos := slices.ContainsFunc(ins, func(i onnxrt.InputOutputInfo) bool { return i.Name == onnxgen.PositionIDs })
 	if hasPos != f.positions {
 		t.Errorf("%s: position_ids present %v, want %v", f.name, hasPos, f.positions)
 	}
@@ -134,41 +137,36 @@ func checkSignature(t *testing.T, dir string, f shapeFixture) {
 
 // Every export shape is served by a real worker process: requests batched
 // together in the worker give exactly the text and usage that the model
-// gives each alone in process (Model.Generate, a batch of one), and every
+// gives each alone in process (engine.Generate, a batch of one), and every
 // streamed chunk is whole UTF-8.
 func TestExportShapesThroughWorker(t *testing.T) {
-	_, lib := backend.DemoModelForTest(t)
+	_, lib := workerpool.DemoModelForTest(t)
 	root := t.TempDir()
 	fixtures := shapeFixtures()
-	var specs []backend.ModelSpec
-	refs := map[string]*backend.Model{}
+	var specs []workerconf.Model
+	refs := map[string]*reference{}
 	for _, f := range fixtures {
 		dir := filepath.Join(root, f.name)
 		if err := onnxgen.Write(dir, f.opts); err != nil {
 			t.Fatalf("%s: %v", f.name, err)
 		}
 		checkSignature(t, dir, f)
-		m, err := backend.LoadModel(dir, backend.ModelOptions{Name: f.name})
-		if err != nil {
-			t.Fatalf("%s: %v", f.name, err)
-		}
-		defer m.Close()
-		refs[f.name] = m
-		specs = append(specs, backend.ModelSpec{Name: f.name, Dir: dir})
+		refs[f.name] = loadReference(t, dir, f.name)
+		specs = append(specs, workerconf.Model{Name: f.name, Dir: dir})
 	}
-	t.Setenv(backend.WorkerEnvForTest, "1")
+	t.Setenv(workerpool.WorkerEnvForTest, "1")
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	const slots = 4
-	p, err := backend.NewPool(backend.PoolConfig{
+	p, err := workerpool.New(workerpool.Config{
 		Workers:        1,
 		Executable:     exe,
-		Worker:         backend.WorkerConfig{Models: specs, ORTLib: lib, Slots: slots},
+		Worker:         workerconf.Settings{Models: specs, ORTLib: lib, Slots: slots},
 		RestartBackoff: 50 * time.Millisecond,
 		StopGrace:      5 * time.Second,
-	}, backend.LoggerForTest(t))
+	}, workerpool.LoggerForTest(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,7 +179,7 @@ func TestExportShapesThroughWorker(t *testing.T) {
 	if err := p.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	w := p.Workers()[0]
+	w := p.Processes()[0]
 	id := uint64(0)
 	for _, f := range fixtures {
 		t.Run(f.name, func(t *testing.T) {
@@ -235,7 +233,7 @@ func TestExportShapesThroughWorker(t *testing.T) {
 							t.Errorf("request %d: chunk %d %q is not whole UTF-8", i, k, ch)
 						}
 					}
-					want, wantDone, err := ref.Generate(context.Background(), &subs[i])
+					want, wantDone, err := ref.generate(&subs[i])
 					if err != nil {
 						t.Error(err)
 						return
@@ -257,11 +255,11 @@ func TestExportShapesThroughWorker(t *testing.T) {
 }
 
 // Without position_ids the graph derives positions from attention_mask;
-// they must be the positions the backend would have passed, so the text is
+// they must be the positions the worker would have passed, so the text is
 // the demo's own.
 func TestNoPositionIDsMatchesDemo(t *testing.T) {
-	demoDir, _ := backend.DemoModelForTest(t)
-	demo, err := backend.LoadModel(demoDir, backend.ModelOptions{})
+	demoDir, _ := workerpool.DemoModelForTest(t)
+	demo, err := ort.LoadModel(demoDir, ort.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -270,17 +268,17 @@ func TestNoPositionIDsMatchesDemo(t *testing.T) {
 	if err := onnxgen.Write(dir, onnxgen.Options{NoPositionIDs: true}); err != nil {
 		t.Fatal(err)
 	}
-	m, err := backend.LoadModel(dir, backend.ModelOptions{})
+	m, err := ort.LoadModel(dir, ort.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
 	s := &infer.Request{Prompt: "The gateway ", MaxTokens: 120}
-	want, _, err := demo.Generate(context.Background(), s)
+	want, _, err := engine.Generate(context.Background(), demo, s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, _, err := m.Generate(context.Background(), s)
+	got, _, err := engine.Generate(context.Background(), m, s)
 	if err != nil {
 		t.Fatal(err)
 	}
