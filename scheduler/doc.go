@@ -6,5 +6,6 @@
 // per worker and the request ids that name a sequence on a worker's ring.
 //
 // It knows nothing about HTTP or QUIC, and reaches workers only through the
-// small Worker interface that cmd/h3infer satisfies with backend handles.
+// small Worker interface that cmd/h3infer satisfies with the worker pool's
+// process handles.
 package scheduler

@@ -12,7 +12,7 @@ import (
 	"h3infer/priority"
 )
 
-// Worker is what the scheduler dispatches to. backend.Worker implements it;
+// Worker is what the scheduler dispatches to. workerpool.Process implements it;
 // cmd/h3infer wires the two together.
 //
 // Implementations must be comparable (pointer types in practice): the
@@ -26,7 +26,7 @@ type Worker interface {
 	Open(id uint64, r *infer.Request) (infer.Call, error)
 }
 
-// WorkerSet lists the current workers. cmd/h3infer adapts backend.Pool.
+// WorkerSet lists the current workers. cmd/h3infer adapts workerpool.Pool.
 type WorkerSet interface {
 	Workers() []Worker
 }
@@ -88,7 +88,7 @@ const (
 const defaultCost = 256
 
 // pollInterval bounds how long a queued request waits after a worker becomes
-// ready when nobody calls WorkersChanged: the backend restarts workers on its
+// ready when nobody calls WorkersChanged: the pool restarts workers on its
 // own schedule and the scheduler is not told otherwise.
 const pollInterval = 50 * time.Millisecond
 
