@@ -71,7 +71,7 @@ test: ort js
 # or the userspace link emulator where the kernel lacks it)
 # in namespaces of its own (root).
 bench: ort build
-	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./backend/ ./internal/onnxgen/
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./engine/ ./ort/ ./tokenize/ ./internal/onnxgen/
 	scripts/bench.sh
 	scripts/bench-netem.sh
 	scripts/bench-memory.sh
@@ -80,16 +80,17 @@ bench: ort build
 # 1 and 32, cpu against cuda, KV cache in host against device memory. Needs
 # an NVIDIA GPU and the CUDA libraries docs/GPU.md lists.
 bench-gpu: ort-cuda
-	ONNXRUNTIME_LIB=$(ORT_CUDA_LIB) H3INFER_BENCH_PROVIDERS=cpu,cuda $(GO) test -run '^$$' -bench Providers -benchtime 1x ./backend/
+	ONNXRUNTIME_LIB=$(ORT_CUDA_LIB) H3INFER_BENCH_PROVIDERS=cpu,cuda $(GO) test -run '^$$' -bench Providers -benchtime 1x ./engine/
 
 # The CPU columns of the same benchmark, on any machine.
 bench-providers: ort
-	$(GO) test -run '^$$' -bench Providers -benchtime 1x ./backend/
+	$(GO) test -run '^$$' -bench Providers -benchtime 1x ./engine/
 
-# The backend's tests on the 1.29 core library of the GPU set, with the CPU
-# provider: checks that release works with onnxruntime_go where no GPU is.
+# The tests of the worker's packages on the 1.29 core library of the GPU
+# set, with the CPU provider: checks that release works with onnxruntime_go
+# where no GPU is.
 test-ort-cuda: ort-cuda
-	ONNXRUNTIME_LIB=$(ORT_CUDA_LIB) $(GO) test -count=1 ./backend/
+	ONNXRUNTIME_LIB=$(ORT_CUDA_LIB) $(GO) test -count=1 ./ort/ ./engine/ ./workerpool/
 
 # The urgency figures in docs/BENCHMARKS.md: fairness, coalescing, and
 # priority isolation through the real binary (about a minute).

@@ -3,6 +3,6 @@
 // streams as server-sent events, runs the admin listener (health, readiness,
 // metrics), and maps every error to an HTTP status in one place.
 //
-// It must not import backend internals; it reaches workers only through the
-// scheduler.
+// It must not import the worker pool or the worker's packages; it reaches
+// workers only through the scheduler.
 package gateway

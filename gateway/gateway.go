@@ -54,7 +54,7 @@ func (a schedulerAdapter) Submit(ctx context.Context, r *scheduler.Request) (Dis
 }
 
 // Router picks the version of a model that serves one request (see
-// backend.Registry): the version pinned by the client, else a weighted,
+// workerpool.Registry): the version pinned by the client, else a weighted,
 // sticky split by key. target is the name the workers know the version by;
 // done must be called when the request ends.
 type Router interface {

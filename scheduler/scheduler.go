@@ -37,7 +37,7 @@ type BackendSet interface {
 const defaultCost = 256
 
 // pollInterval bounds how long a queued request waits after a worker becomes
-// ready when nobody calls WorkersChanged: the backend restarts workers on its
+// ready when nobody calls WorkersChanged: the pool restarts workers on its
 // own schedule and the scheduler is not told otherwise.
 const pollInterval = 50 * time.Millisecond
 

@@ -11,14 +11,14 @@ import (
 	"strings"
 	"time"
 
-	"h3infer/backend"
 	"h3infer/certs"
 	"h3infer/config"
 	"h3infer/gateway"
 	"h3infer/priority"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
-	"h3infer/transport"
+	"h3infer/workerconf"
+	"h3infer/workerpool"
 )
 
 // Config is the one typed configuration file of `h3infer serve` (JSON). It
@@ -110,7 +110,10 @@ type ModelRepositoryConfig struct {
 	DrainTimeout config.Duration `json:"drain_timeout"`
 }
 
-// WorkersConfig sizes the worker processes.
+// WorkersConfig sizes the worker processes. Its defaults and ranges are
+// those of the packages that own them: workerpool for the processes and
+// their rings, workerconf for what each worker runs (Config.pool maps the
+// keys).
 type WorkersConfig struct {
 	// Count of worker processes. Default 2.
 	Count int `json:"count"`
@@ -250,25 +253,14 @@ type RateLimitsConfig struct {
 }
 
 // ModelConfig names one model directory (model.onnx, tokenizer.json,
-// model.json).
-type ModelConfig struct {
-	Name string `json:"name"`
-	Dir  string `json:"dir"`
-	// Provider is the ONNX Runtime execution provider: cpu, cuda, tensorrt
-	// or auto (cuda when its libraries and a device load, else cpu with a
-	// warning). Default cpu. docs/GPU.md.
-	Provider string `json:"provider"`
-	// DeviceID is the GPU of a cuda, tensorrt or auto model. Default 0.
-	DeviceID int `json:"device_id"`
-	// DeviceKV keeps the KV cache in the provider's memory between decode
-	// steps (IO binding). Default: true on a GPU, false on the cpu.
-	DeviceKV *bool `json:"device_kv"`
-}
-
-// onGPU reports whether the model asks for a GPU provider.
-func (m ModelConfig) onGPU() bool {
-	return m.Provider != "" && m.Provider != string(backend.ProviderCPU)
-}
+// model.json) and where it runs: name, dir, provider (cpu, cuda, tensorrt
+// or auto: cuda when its libraries and a device load, else cpu with a
+// warning; default cpu; docs/GPU.md), device_id (the GPU of a cuda,
+// tensorrt or auto model; default 0) and device_kv (the KV cache kept in
+// the provider's memory between decode steps; default: true on a GPU,
+// false on the cpu). The workers take it as it is, so workerconf owns its
+// keys and their validation.
+type ModelConfig = workerconf.Model
 
 // loadConfig reads a config file strictly; an empty path gives the defaults.
 func loadConfig(path string) (Config, error) {
@@ -295,10 +287,44 @@ func loadConfig(path string) (Config, error) {
 	return c, nil
 }
 
-// defaultWorkerNice is workers.nice's default: on the 2-CPU machine of
-// docs/BENCHMARKS.md ("Urgency") it kept the gateway's path for urgent
-// requests from queueing behind model compute.
-const defaultWorkerNice = 10
+// defaultWorkerNice is workers.nice's default.
+const defaultWorkerNice = workerconf.DefaultNice
+
+// pool is the workers section and the models as the worker pool takes
+// them; withDefaults and validate leave their defaults and ranges to it.
+func (c Config) pool() workerpool.Config {
+	w := c.Workers
+	return workerpool.Config{
+		Workers:     w.Count,
+		RingSize:    w.RingBytes,
+		CallBuffer:  w.CallBuffer,
+		HangTimeout: time.Duration(w.HangTimeout),
+		Worker: workerconf.Settings{
+			Models:         c.Models,
+			Slots:          w.Slots,
+			KVCacheBytes:   w.KVCacheBytes,
+			IntraOpThreads: w.IntraOpThreads,
+			GPUMemoryBytes: w.GPUMemoryBytes,
+			Nice:           w.Nice,
+		},
+	}
+}
+
+// workersSection is the workers section p stands for, the inverse of
+// Config.pool.
+func workersSection(p workerpool.Config) WorkersConfig {
+	return WorkersConfig{
+		Count:          p.Workers,
+		Slots:          p.Worker.Slots,
+		KVCacheBytes:   p.Worker.KVCacheBytes,
+		IntraOpThreads: p.Worker.IntraOpThreads,
+		GPUMemoryBytes: p.Worker.GPUMemoryBytes,
+		RingBytes:      p.RingSize,
+		CallBuffer:     p.CallBuffer,
+		HangTimeout:    config.Duration(p.HangTimeout),
+		Nice:           p.Worker.Nice,
+	}
+}
 
 // withDefaults fills zero values with the documented defaults.
 func (c Config) withDefaults() Config {
@@ -315,28 +341,7 @@ func (c Config) withDefaults() Config {
 	def(&c.Listen, gateway.DefaultListen)
 	def(&c.Admin, gateway.DefaultAdmin)
 	def(&c.StateDir, ".h3infer")
-	// One worker per GPU: a worker's sessions share its device, and a
-	// second process on the same GPU only splits its memory.
-	workers := 2
-	for _, m := range c.Models {
-		if m.onGPU() {
-			workers = 1
-		}
-	}
-	defInt(&c.Workers.Count, workers)
-	defInt(&c.Workers.Slots, 4)
-	defInt(&c.Workers.IntraOpThreads, 1)
-	if c.Workers.KVCacheBytes == 0 {
-		c.Workers.KVCacheBytes = 1 << 30
-	}
-	defInt(&c.Workers.RingBytes, 1<<20)
-	defInt(&c.Workers.CallBuffer, transport.DefaultCallBuffer)
-	if c.Workers.HangTimeout == 0 {
-		c.Workers.HangTimeout = config.Duration(10 * time.Second)
-	}
-	if c.Workers.Nice == nil {
-		c.Workers.Nice = new(defaultWorkerNice)
-	}
+	c.Workers = workersSection(c.pool().WithDefaults())
 	if c.Scheduler.UrgentReserve == nil {
 		// A worker always keeps one slot for everyone, so a single-slot
 		// worker has none to reserve.
@@ -398,29 +403,9 @@ func (c Config) validate() error {
 		bad("admin", "must differ from listen, both are %q", c.Listen)
 	}
 	errs = append(errs, c.TLS.Validate())
-	if c.Workers.GPUMemoryBytes < 0 {
-		bad("workers.gpu_memory_bytes", "must be >= 0, got %d", c.Workers.GPUMemoryBytes)
-	}
-	if c.Workers.Count < 1 || c.Workers.Count > 64 {
-		bad("workers.count", "must be 1..64, got %d", c.Workers.Count)
-	}
-	if c.Workers.Slots < 1 || c.Workers.Slots > 1024 {
-		bad("workers.slots", "must be 1..1024, got %d", c.Workers.Slots)
-	}
-	if c.Workers.KVCacheBytes < 1<<20 {
-		bad("workers.kv_cache_bytes", "must be at least 1048576, got %d", c.Workers.KVCacheBytes)
-	}
-	if c.Workers.IntraOpThreads < 1 || c.Workers.IntraOpThreads > 256 {
-		bad("workers.intra_op_threads", "must be 1..256, got %d", c.Workers.IntraOpThreads)
-	}
-	if r := c.Workers.RingBytes; r < 64<<10 || r > 1<<30 || r&(r-1) != 0 {
-		bad("workers.ring_bytes", "must be a power of two from 65536 to 1073741824, got %d", r)
-	}
-	if c.Workers.CallBuffer < 1 || c.Workers.CallBuffer > 1<<20 {
-		bad("workers.call_buffer", "must be 1..1048576, got %d", c.Workers.CallBuffer)
-	}
-	if c.Workers.HangTimeout < config.Duration(100*time.Millisecond) {
-		bad("workers.hang_timeout", "must be at least 100ms, got %s", time.Duration(c.Workers.HangTimeout))
+	// The workers section and the models, each problem naming its key.
+	if err := c.pool().Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	errs = append(errs, c.Scheduler.Validate())
 	errs = append(errs, c.Gateway.Validate())
@@ -431,9 +416,6 @@ func (c Config) validate() error {
 		bad("gateway.memory_limit_bytes", "must be >= 0, got %d", c.Gateway.MemoryLimitBytes)
 	}
 	errs = append(errs, c.Priority.Validate("priority")...)
-	if n := *c.Workers.Nice; n < 0 || n > backend.MaxNice {
-		bad("workers.nice", "must be 0..%d, got %d", backend.MaxNice, n)
-	}
 	// The scheduler checks the rest; it learns the slots only from its
 	// backends.
 	if r := *c.Scheduler.UrgentReserve; r > 0 && r >= c.Workers.Slots {
@@ -471,31 +453,14 @@ func (c Config) validate() error {
 	if c.ModelRepository.DrainTimeout < 0 {
 		bad("model_repository.drain_timeout", "must be > 0, got %s", time.Duration(c.ModelRepository.DrainTimeout))
 	}
-	seen := map[string]bool{}
+	// What the pool cannot see from the settings alone: a directory that
+	// holds no model.
 	for i, m := range c.Models {
-		key := fmt.Sprintf("models[%d]", i)
-		if m.Name == "" {
-			bad(key+".name", "must not be empty")
-		} else if seen[m.Name] {
-			bad(key+".name", "%q is listed twice", m.Name)
+		if _, synth, _ := workerconf.ParseSynthetic(m.Dir); synth || m.Dir == "" {
+			continue
 		}
-		seen[m.Name] = true
-		if _, synth, err := backend.ParseSynthetic(m.Dir); synth {
-			if err != nil {
-				bad(key+".dir", "%v", err)
-			}
-		} else if m.Dir == "" {
-			bad(key+".dir", "must not be empty")
-		} else if _, err := os.Stat(filepath.Join(m.Dir, "model.onnx")); err != nil {
-			bad(key+".dir", "no model.onnx: %v", err)
-		}
-		if _, err := backend.ParseProvider(m.Provider); err != nil {
-			bad(key+".provider", "%v", err)
-		}
-		if m.DeviceID < 0 {
-			bad(key+".device_id", "must be >= 0, got %d", m.DeviceID)
-		} else if m.DeviceID != 0 && !m.onGPU() {
-			bad(key+".device_id", "set to %d, but provider %q runs on no GPU", m.DeviceID, m.Provider)
+		if _, err := os.Stat(filepath.Join(m.Dir, workerconf.ModelFile)); err != nil {
+			bad(fmt.Sprintf("models[%d].dir", i), "no model.onnx: %v", err)
 		}
 	}
 	return errors.Join(errs...)

@@ -22,9 +22,10 @@ import (
 
 	"github.com/quic-go/quic-go/http3"
 
-	"h3infer/backend"
 	"h3infer/certs"
+	"h3infer/engine"
 	"h3infer/infer"
+	"h3infer/ort"
 	"h3infer/tlsbind"
 )
 
@@ -342,15 +343,15 @@ func readStream(t *testing.T, resp *http.Response) streamResult {
 // process, without ring or worker.
 func inProcess(t *testing.T, s *server, sub *infer.Request) (string, infer.Done) {
 	t.Helper()
-	if err := backend.InitRuntime(ortLib(t)); err != nil {
+	if err := ort.InitRuntime(ortLib(t)); err != nil {
 		t.Fatal(err)
 	}
-	m, err := backend.LoadModel(filepath.Join(s.stateDir, "models", "demo", "1"), backend.ModelOptions{})
+	m, err := ort.LoadModel(filepath.Join(s.stateDir, "models", "demo", "1"), ort.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	text, done, err := m.Generate(context.Background(), sub)
+	text, done, err := engine.Generate(context.Background(), m, sub)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -46,7 +46,7 @@ func setGC(cfg GatewayConfig, log *slog.Logger) {
 // that spends most of its life asleep in a futex wait or busy in a long cgo
 // call: the ring receivers (transport.GatewayEnd.Run in the gateway, one
 // per worker; the worker's receive loop) and a worker's bulk lane
-// (backend, nice.go).
+// (engine, nice.go).
 //
 // A thread blocked in a system call or a cgo call keeps its P until the
 // runtime's monitor thread takes it back, and that monitor polls less and

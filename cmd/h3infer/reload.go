@@ -12,11 +12,11 @@ import (
 	"strings"
 	"time"
 
-	"h3infer/backend"
 	"h3infer/certs"
 	"h3infer/certs/keysredis"
 	"h3infer/gateway"
 	"h3infer/scheduler"
+	"h3infer/workerpool"
 )
 
 // certSource is where serve's certificates come from: a key pair from files
@@ -125,7 +125,7 @@ type limitSetter interface {
 
 // policySetter is the part of the model registry a reload changes.
 type policySetter interface {
-	SetPolicy(backend.Policy) error
+	SetPolicy(workerpool.Policy) error
 }
 
 // reloadTargets are what a reload applies a new configuration to.
@@ -137,8 +137,8 @@ type reloadTargets struct {
 }
 
 // registryPolicy is the model_repository settings a reload can change.
-func registryPolicy(cfg Config) backend.Policy {
-	return backend.Policy{
+func registryPolicy(cfg Config) workerpool.Policy {
+	return workerpool.Policy{
 		Poll:         time.Duration(cfg.ModelRepository.Poll),
 		AutoPromote:  *cfg.ModelRepository.AutoPromote,
 		DrainTimeout: time.Duration(cfg.ModelRepository.DrainTimeout),

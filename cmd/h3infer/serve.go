@@ -21,15 +21,17 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"h3infer/backend"
 	"h3infer/certs"
 	"h3infer/gateway"
 	"h3infer/infer"
 	"h3infer/internal/onnxgen"
+	"h3infer/ort"
 	"h3infer/priority"
 	"h3infer/ratelimit"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
+	"h3infer/workerconf"
+	"h3infer/workerpool"
 )
 
 func runServe(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
@@ -143,15 +145,10 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	}
 	defer closeAuth()
 
-	var static []backend.ModelSpec
-	for _, m := range cfg.Models {
-		p, _ := backend.ParseProvider(m.Provider) // validated
-		static = append(static, backend.ModelSpec{Name: m.Name, Dir: m.Dir, Provider: p, DeviceID: m.DeviceID, DeviceKV: m.DeviceKV})
-	}
-	var pool *backend.Pool
-	registry, err := backend.NewRegistry(backend.RegistryConfig{
+	var pool *workerpool.Pool
+	registry, err := workerpool.NewRegistry(workerpool.RegistryConfig{
 		Root:         cfg.ModelRepository.Dir,
-		Static:       static,
+		Static:       cfg.Models,
 		Poll:         time.Duration(cfg.ModelRepository.Poll),
 		AutoPromote:  *cfg.ModelRepository.AutoPromote,
 		DrainTimeout: time.Duration(cfg.ModelRepository.DrainTimeout),
@@ -167,28 +164,17 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	for i, m := range models {
 		// A GPU provider asked for outright fails here, naming what is
 		// missing, rather than in workers restarting forever.
-		if err := backend.ProbeProvider(m.Provider, ortLibPath); err != nil {
+		if err := ort.ProbeProvider(m.Provider, ortLibPath); err != nil {
 			return fmt.Errorf("models[%d] (%s): %w", i, m.Name, err)
 		}
 	}
-	pool, err = backend.NewPool(backend.PoolConfig{
-		Workers:    cfg.Workers.Count,
-		Executable: exe,
-		Worker: backend.WorkerConfig{
-			Models:         models,
-			ORTLib:         ortLibPath,
-			Slots:          cfg.Workers.Slots,
-			KVCacheBytes:   cfg.Workers.KVCacheBytes,
-			IntraOpThreads: cfg.Workers.IntraOpThreads,
-			GPUMemoryBytes: cfg.Workers.GPUMemoryBytes,
-			Nice:           *cfg.Workers.Nice,
-		},
-		RingSize:    cfg.Workers.RingBytes,
-		CallBuffer:  cfg.Workers.CallBuffer,
-		HangTimeout: time.Duration(cfg.Workers.HangTimeout),
-		Registerer:  reg,
-		Env:         workerEnv,
-	}, log)
+	poolCfg := cfg.pool()
+	poolCfg.Executable = exe
+	poolCfg.Worker.Models = models
+	poolCfg.Worker.ORTLib = ortLibPath
+	poolCfg.Registerer = reg
+	poolCfg.Env = workerEnv
+	pool, err = workerpool.New(poolCfg, log)
 	if err != nil {
 		return err
 	}
@@ -311,9 +297,9 @@ func ensureDemo(cfg Config, log *slog.Logger) error {
 
 // poolLoader lets the registry, made before the pool whose first models
 // it chooses, reach the pool once it exists.
-type poolLoader struct{ pool **backend.Pool }
+type poolLoader struct{ pool **workerpool.Pool }
 
-func (p poolLoader) LoadModel(ctx context.Context, s backend.ModelSpec) error {
+func (p poolLoader) LoadModel(ctx context.Context, s workerconf.Model) error {
 	return (*p.pool).LoadModel(ctx, s)
 }
 func (p poolLoader) UnloadModel(ctx context.Context, name string) error {
@@ -444,11 +430,11 @@ func (c *schedulerCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.running, prometheus.GaugeValue, float64(st.Running))
 }
 
-// poolWorkers adapts backend.Pool to the scheduler's BackendSet.
-type poolWorkers struct{ pool *backend.Pool }
+// poolWorkers adapts workerpool.Pool to the scheduler's BackendSet.
+type poolWorkers struct{ pool *workerpool.Pool }
 
 func (p poolWorkers) Backends() []scheduler.Backend {
-	ws := p.pool.Workers()
+	ws := p.pool.Processes()
 	out := make([]scheduler.Backend, len(ws))
 	for i, w := range ws {
 		out[i] = w
@@ -460,8 +446,8 @@ func (p poolWorkers) Backends() []scheduler.Backend {
 // served and whether any worker is up, the pool how each worker process
 // is doing.
 type catalog struct {
-	*backend.Registry
-	pool *backend.Pool
+	*workerpool.Registry
+	pool *workerpool.Pool
 }
 
 func (c catalog) WorkerStates() []gateway.WorkerState {
@@ -482,10 +468,10 @@ func (c catalog) WorkerStates() []gateway.WorkerState {
 }
 
 var (
-	_ scheduler.BackendSet = poolWorkers{}
-	_ scheduler.Backend    = (*backend.Worker)(nil)
-	_ gateway.Catalog      = catalog{}
-	_ gateway.Router       = (*backend.Registry)(nil)
-	_ gateway.ModelAdmin   = (*backend.Registry)(nil)
-	_ backend.ModelLoader  = (*backend.Pool)(nil)
+	_ scheduler.BackendSet   = poolWorkers{}
+	_ scheduler.Backend      = (*workerpool.Process)(nil)
+	_ gateway.Catalog        = catalog{}
+	_ gateway.Router         = (*workerpool.Registry)(nil)
+	_ gateway.ModelAdmin     = (*workerpool.Registry)(nil)
+	_ workerpool.ModelLoader = (*workerpool.Pool)(nil)
 )

@@ -19,36 +19,62 @@ type pkg struct {
 // and what must not appear anywhere below it (Deps).
 var forbidden = map[string]struct{ direct, anywhere []string }{
 	"h3infer/scheduler": {
-		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/cmd/h3infer"},
+		direct:   []string{"h3infer/gateway", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/tokenize", "h3infer/cmd/h3infer"},
 		anywhere: []string{"net/http", "github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go", "h3infer/transport"},
 	},
 	"h3infer/transport": {
-		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"},
+		direct:   []string{"h3infer/gateway", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/scheduler"},
 		anywhere: []string{"net/http", "github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go"},
 	},
-	// The gateway reaches backends only through the scheduler and the
-	// shared vocabulary: it knows no carrier.
+	// The gateway reaches workers only through the scheduler and the
+	// shared vocabulary: it knows no carrier and no pool.
 	"h3infer/gateway": {
-		direct:   []string{"h3infer/backend", "h3infer/cmd/h3infer"},
+		direct:   []string{"h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/tokenize", "h3infer/workerconf", "h3infer/cmd/h3infer"},
 		anywhere: []string{"github.com/yalue/onnxruntime_go", "h3infer/transport"},
 	},
-	"h3infer/backend": {
-		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/cmd/h3infer"},
-		anywhere: []string{"github.com/quic-go/quic-go"},
+	// The supervisor runs in the gateway process and runs no model: the
+	// worker process's packages stay out of it, ONNX Runtime (cgo) above
+	// all; what it tells a worker is workerconf's.
+	"h3infer/workerpool": {
+		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/engine", "h3infer/ort", "h3infer/tokenize", "h3infer/cmd/h3infer"},
+		anywhere: []string{"github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go", "h3infer/engine", "h3infer/ort"},
+	},
+	// The worker's loop drives models through its own interface; ONNX
+	// Runtime is injected by the command, never linked here, so the
+	// synthetic model and a real one run the same loop.
+	"h3infer/engine": {
+		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/workerpool", "h3infer/ort", "h3infer/cmd/h3infer"},
+		anywhere: []string{"github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go", "h3infer/ort", "h3infer/workerpool"},
+	},
+	// ONNX Runtime's models implement engine's interface without knowing
+	// engine, the ring or the gateway.
+	"h3infer/ort": {
+		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/workerpool", "h3infer/engine", "h3infer/transport", "h3infer/cmd/h3infer"},
+		anywhere: []string{"github.com/quic-go/quic-go", "net/http", "h3infer/transport", "h3infer/engine"},
+	},
+	"h3infer/tokenize": {
+		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/transport", "h3infer/workerconf"},
+		anywhere: []string{"github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go", "net/http"},
+	},
+	// Both processes read the worker's settings, so they carry neither
+	// process's machinery.
+	"h3infer/workerconf": {
+		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/transport"},
+		anywhere: []string{"github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go", "net/http", "h3infer/transport"},
 	},
 	"h3infer/ratelimit": {
-		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler", "h3infer/cmd/h3infer"},
+		direct:   []string{"h3infer/gateway", "h3infer/workerpool", "h3infer/engine", "h3infer/scheduler", "h3infer/cmd/h3infer"},
 		anywhere: []string{"github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go"},
 	},
-	"h3infer/tlsbind": {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
-	"h3infer/certs":   {direct: []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler"}},
+	"h3infer/tlsbind": {direct: []string{"h3infer/gateway", "h3infer/workerpool", "h3infer/engine", "h3infer/scheduler"}},
+	"h3infer/certs":   {direct: []string{"h3infer/gateway", "h3infer/workerpool", "h3infer/engine", "h3infer/scheduler"}},
 	// The chat page talks to the gateway only through the public API.
-	"h3infer/web": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/backend", "net/http"}},
+	"h3infer/web": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "net/http"}},
 	// The link emulator is bench tooling that stands alone.
-	"h3infer/internal/netemu": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/backend", "h3infer/client", "net/http", "github.com/quic-go/quic-go"}},
+	"h3infer/internal/netemu": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/client", "net/http", "github.com/quic-go/quic-go"}},
 	// The client is what apps embed: it carries nothing of the server.
 	"h3infer/client": {
-		direct:   []string{"h3infer/gateway", "h3infer/backend", "h3infer/scheduler", "h3infer/certs"},
+		direct:   []string{"h3infer/gateway", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/scheduler", "h3infer/certs"},
 		anywhere: []string{"github.com/yalue/onnxruntime_go", "github.com/redis/go-redis/v9"},
 	},
 }
@@ -99,9 +125,14 @@ func TestImportGraph(t *testing.T) {
 				}
 			}
 		}
-		// Only the command wires the top-level packages together.
-		if p.ImportPath != "h3infer/cmd/h3infer" && slices.Contains(p.Imports, "h3infer/gateway") {
-			t.Errorf("%s imports h3infer/gateway; only cmd/h3infer may", p.ImportPath)
+		// Only the command wires the top-level packages together: the
+		// gateway, and ONNX Runtime's models into the worker's loop (the
+		// tests of engine and workerpool import ort too, to drive real
+		// models; go list's Imports leaves test files out).
+		for _, wired := range []string{"h3infer/gateway", "h3infer/ort"} {
+			if p.ImportPath != "h3infer/cmd/h3infer" && slices.Contains(p.Imports, wired) {
+				t.Errorf("%s imports %s; only cmd/h3infer may", p.ImportPath, wired)
+			}
 		}
 	}
 	for name := range vocabulary {

@@ -101,7 +101,7 @@ type Options struct {
 	// concatenated; or "append", where present holds only the new
 	// positions and past is the caller's whole cache, padding masked out,
 	// read where it lies (model.json kv_cache). Append spares every
-	// decode step a copy of the cache; see backend/batch.go.
+	// decode step a copy of the cache; see ort/batch.go.
 	KVCache string
 	// Merges is how many byte-level BPE merges to learn from the corpus for
 	// tokenizer.json (fewer when no pair repeats). Merged tokens follow
@@ -205,7 +205,7 @@ func floatType(name string) (int32, bool) {
 	return 0, false
 }
 
-// Config is model.json, the description h3infer's backend reads next to
+// Config is model.json, the description h3infer's worker reads next to
 // model.onnx.
 type Config struct {
 	// Name identifies the model: "demo", or "random" for random weights.

@@ -1,0 +1,287 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"h3infer/infer"
+	"h3infer/priority"
+	"h3infer/transport"
+	"h3infer/workerconf"
+)
+
+// recorder is the ring side of a workerLoop driven in process: it keeps
+// every frame the loop sends, in order.
+type recorder struct {
+	mu     sync.Mutex
+	text   map[uint64]*strings.Builder
+	tokens map[uint64]int
+	done   map[uint64]infer.Done
+	errs   map[uint64]infer.Error
+	order  []uint64 // request id of every token frame, in sending order
+	// onToken, when set, runs in the loop's goroutine after each token is
+	// recorded; tests use it to act at an exact point of the stream.
+	onToken func(id uint64)
+	beats   atomic.Uint64 // heartbeats the loop has counted
+}
+
+func newRecorder() *recorder {
+	return &recorder{
+		text:   map[uint64]*strings.Builder{},
+		tokens: map[uint64]int{},
+		done:   map[uint64]infer.Done{},
+		errs:   map[uint64]infer.Error{},
+	}
+}
+
+func (r *recorder) SendTokens(ts []transport.TokenOut) error {
+	for _, t := range ts {
+		if err := r.SendToken(t.ID, t.Token); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *recorder) SendToken(id uint64, t infer.Token) error {
+	r.mu.Lock()
+	if r.text[id] == nil {
+		r.text[id] = &strings.Builder{}
+	}
+	r.text[id].WriteString(t.Text)
+	r.tokens[id] += int(t.Count)
+	r.order = append(r.order, id)
+	hook := r.onToken
+	r.mu.Unlock()
+	if hook != nil {
+		hook(id)
+	}
+	return nil
+}
+
+func (r *recorder) SendDone(id uint64, d infer.Done) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.done[id] = d
+	return nil
+}
+
+func (r *recorder) SendError(id uint64, e infer.Error) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.errs[id] = e
+	return nil
+}
+
+func (r *recorder) SendStats(transport.Stats) error { return nil }
+
+func (r *recorder) Beat() { r.beats.Add(1) }
+
+func (r *recorder) textOf(id uint64) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.text[id] == nil {
+		return ""
+	}
+	return r.text[id].String()
+}
+
+// testLoop is a workerLoop over the demo model with a recorder for a ring.
+func testLoop(t *testing.T, slots int, kvBudget int64) (*workerLoop, *recorder, chan inbound) {
+	t.Helper()
+	return testLoopOf(t, slots, kvBudget, loadTestModel(t))
+}
+
+// testLoopOf is a workerLoop over m, served as "demo", with a recorder for
+// a ring.
+func testLoopOf(t *testing.T, slots int, kvBudget int64, m Model) (*workerLoop, *recorder, chan inbound) {
+	t.Helper()
+	rec := newRecorder()
+	w := newWorkerLoop(rec, slots, kvBudget, map[string]Model{"demo": m}, testLogger(t))
+	t.Cleanup(w.closeAll)
+	return w, rec, make(chan inbound, 64)
+}
+
+func submit(id uint64, s infer.Request) inbound {
+	return inbound{typ: transport.FrameSubmit, id: id, submit: s}
+}
+
+// runUntilIdle runs rounds until no request is left, failing after limit.
+func runUntilIdle(t *testing.T, w *workerLoop, inbox chan inbound, limit int) {
+	t.Helper()
+	for range limit {
+		if len(w.byID) == 0 && len(inbox) == 0 {
+			return
+		}
+		if err := w.round(inbox); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Fatalf("still %d requests after %d rounds", len(w.byID), limit)
+}
+
+// batchSubmits are prompts of different lengths, greedy and seeded
+// sampling, with and without stop strings.
+func batchSubmits() []infer.Request {
+	long := strings.Repeat("The gateway hands requests to workers. ", 12)
+	return []infer.Request{
+		{Model: "demo", Prompt: "The ", MaxTokens: 60},
+		{Model: "demo", Prompt: long, MaxTokens: 80},
+		{Model: "demo", Prompt: "A worker ", MaxTokens: 70, Temperature: 0.9, TopP: 0.9, Seed: 5, HasSeed: true},
+		{Model: "demo", Prompt: "Q", MaxTokens: 40, Temperature: 1.2, Seed: 11, HasSeed: true},
+		{Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "tokens and batches"}}, MaxTokens: 50},
+		{Model: "demo", Prompt: long[:150], MaxTokens: 90, Temperature: 0.7, TopP: 0.5, Seed: 99, HasSeed: true, Stop: []string{"e t"}},
+		{Model: "demo", Prompt: "In", MaxTokens: 100},
+		{Model: "demo", Prompt: "streams ", MaxTokens: 30, Temperature: 1, Seed: 3, HasSeed: true},
+	}
+}
+
+// Every request batched with others, some joining while others are half
+// done, produces exactly the text it produces alone.
+func TestBatchedMatchesAlone(t *testing.T) {
+	m := loadTestModel(t)
+	subs := batchSubmits()
+	want := make([]string, len(subs))
+	wantDone := make([]infer.Done, len(subs))
+	for i := range subs {
+		var err error
+		if want[i], wantDone[i], err = Generate(context.Background(), m, &subs[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, rec, inbox := testLoop(t, len(subs), workerconf.DefaultKVCacheBytes)
+	// Three arrive together; the rest join one by one, a few steps apart,
+	// while the batch is running.
+	for i := range 3 {
+		inbox <- submit(uint64(i), subs[i])
+	}
+	widest := 0
+	for i := 3; i < len(subs); i++ {
+		for range 7 {
+			if err := w.round(inbox); err != nil {
+				t.Fatal(err)
+			}
+			widest = max(widest, len(w.batches[0].rows))
+		}
+		inbox <- submit(uint64(i), subs[i])
+	}
+	runUntilIdle(t, w, inbox, 1000)
+	if widest < 4 {
+		t.Errorf("batches reached %d rows, want the requests to overlap", widest)
+	}
+	for i := range subs {
+		id := uint64(i)
+		if e, ok := rec.errs[id]; ok {
+			t.Fatalf("request %d: error %+v", i, e)
+		}
+		if got := rec.textOf(id); got != want[i] || rec.done[id] != wantDone[i] {
+			t.Errorf("request %d %q:\nbatched %q %+v\nalone   %q %+v", i, subs[i].Prompt, got, rec.done[id], want[i], wantDone[i])
+		}
+	}
+	if b := w.batches[0]; len(b.rows) != 0 {
+		t.Errorf("idle batch holds %d rows", len(b.rows))
+	}
+}
+
+// A cancel that arrives while a step is in flight stops the sequence
+// before that step's token is sent, and frees its slot for a waiting
+// request at the next step.
+func TestCancelWithinOneStep(t *testing.T) {
+	w, rec, inbox := testLoop(t, 2, workerconf.DefaultKVCacheBytes)
+	long := infer.Request{Model: "demo", Prompt: "The ", Temperature: 1, Seed: 1, HasSeed: true}
+	requireLong(t, loadTestModel(t), &long)
+	inbox <- submit(1, long)
+	inbox <- submit(2, infer.Request{Model: "demo", Prompt: "A ", MaxTokens: 200})
+	// The cancel lands in the inbox just after request 1's fifth token was
+	// sent, that is during the step that computes its sixth.
+	const before = 5
+	rec.onToken = func(id uint64) {
+		if id == 1 && rec.tokens[1] == before {
+			inbox <- inbound{typ: transport.FrameCancel, id: 1}
+		}
+	}
+	for range 20 {
+		if err := w.round(inbox); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := rec.tokens[1]; got > before+1 {
+		t.Errorf("request 1 sent %d tokens, cancelled after %d: want at most one more", got, before)
+	} else {
+		t.Logf("tokens after cancel: %d", got-before)
+	}
+	if w.byID[1] != nil || len(w.batches[0].rows) != 1 {
+		t.Fatalf("after cancel: %d rows, request 1 known %v", len(w.batches[0].rows), w.byID[1] != nil)
+	}
+	// The freed slot takes a new request, which runs beside request 2.
+	inbox <- submit(3, infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 5})
+	if err := w.round(inbox); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(w.batches[0].rows); n != 2 {
+		t.Errorf("after a new submit: %d rows, want 2", n)
+	}
+	runUntilIdle(t, w, inbox, 1000)
+	if d, ok := rec.done[3]; !ok || d.CompletionTokens != 5 {
+		t.Errorf("request 3: done %+v, %v", d, ok)
+	}
+	if _, ok := rec.done[1]; ok {
+		t.Error("the cancelled request was answered with done")
+	}
+}
+
+// When KV memory is short, waiting requests start most urgent first, in
+// arrival order within an urgency, and a running sequence keeps its place.
+func TestUrgentTakesNextFreeSlot(t *testing.T) {
+	m := loadTestModel(t)
+	s := func(u priority.Urgency, tokens uint32) infer.Request {
+		return infer.Request{Model: "demo", Prompt: "The ", MaxTokens: tokens, Urgency: u, Class: priority.DefaultClasses.Of(u)}
+	}
+	// Room for exactly two rows of 4 + 40 tokens.
+	budget := m.KVBytes(2, 4+40)
+	w, rec, inbox := testLoop(t, 8, budget)
+	inbox <- submit(1, s(6, 40))
+	inbox <- submit(2, s(6, 40))
+	if err := w.round(inbox); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(w.batches[0].rows); n != 2 {
+		t.Fatalf("%d rows running, want 2", n)
+	}
+	// Arrival order 3..7 with urgencies 7, 6, 0, 3, 0.
+	for _, q := range []struct {
+		id uint64
+		u  priority.Urgency
+	}{{3, 7}, {4, 6}, {5, 0}, {6, 3}, {7, 0}} {
+		inbox <- submit(q.id, s(q.u, 40))
+	}
+	var started []uint64
+	rec.onToken = func(id uint64) {
+		if rec.tokens[id] == 1 {
+			started = append(started, id)
+		}
+	}
+	runUntilIdle(t, w, inbox, 2000)
+	if want := []uint64{5, 7, 6, 4, 3}; fmt.Sprint(started) != fmt.Sprint(want) {
+		t.Errorf("waiting requests started in order %v, want %v", started, want)
+	}
+	for id := uint64(1); id <= 7; id++ {
+		if d := rec.done[id]; d.CompletionTokens != 40 {
+			t.Errorf("request %d: done %+v", id, d)
+		}
+	}
+}
+
+func TestRequestOverKVBudgetRefused(t *testing.T) {
+	m := loadTestModel(t)
+	w, rec, inbox := testLoopOf(t, 4, m.KVBytes(1, 100), m)
+	inbox <- submit(1, infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 500})
+	runUntilIdle(t, w, inbox, 10)
+	if e := rec.errs[1]; e.Code != infer.CodeInvalidRequest || !strings.Contains(e.Message, "budget") {
+		t.Errorf("got %+v, want a budget error", e)
+	}
+}

@@ -1,0 +1,174 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"math"
+	"strings"
+	"testing"
+
+	"h3infer/infer"
+	"h3infer/internal/onnxgen"
+	"h3infer/ort"
+)
+
+func TestContextLength(t *testing.T) {
+	needModel(t)
+	dir := t.TempDir()
+	opts := onnxgen.DefaultOptions()
+	opts.Context = 16
+	if err := onnxgen.Write(dir, opts); err != nil {
+		t.Fatal(err)
+	}
+	m := loadModelDir(t, "small", dir, ort.Options{})
+
+	_, _, err := Generate(context.Background(), m, &infer.Request{Prompt: strings.Repeat("a", 16)})
+	re, ok := errors.AsType[*RequestError](err)
+	if !ok || re.Code != infer.CodeContextLength {
+		t.Fatalf("got %v, want a %s error", err, infer.CodeContextLength)
+	}
+	for _, want := range []string{"16 tokens", "context length of 16"} {
+		if !strings.Contains(re.Message, want) {
+			t.Errorf("message %q does not say %q", re.Message, want)
+		}
+	}
+
+	// 15 tokens leave room for exactly one.
+	_, done, err := Generate(context.Background(), m, &infer.Request{Prompt: strings.Repeat("a", 15)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.CompletionTokens != 1 || done.FinishReason != infer.FinishLength && done.FinishReason != infer.FinishStop {
+		t.Errorf("done = %+v, want one completion token", done)
+	}
+	// Without max_tokens the context is the limit.
+	_, done, err = Generate(context.Background(), m, &infer.Request{Prompt: "Th", Temperature: 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.PromptTokens+done.CompletionTokens > 16 {
+		t.Errorf("done = %+v runs past the context of 16", done)
+	}
+}
+
+func TestGenerateMaxTokens(t *testing.T) {
+	m := loadTestModel(t)
+	text, done, err := Generate(context.Background(), m, &infer.Request{Prompt: "The ", MaxTokens: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.FinishReason != infer.FinishLength || done.CompletionTokens != 7 || done.PromptTokens != 4 {
+		t.Errorf("done = %+v, want length after 7 tokens of a 4-token prompt", done)
+	}
+	if len(text) == 0 {
+		t.Error("no text")
+	}
+}
+
+// ignore_eos generates past the end token, up to max_tokens, and the text
+// before the end token is what stopped there.
+func TestGenerateIgnoreEOS(t *testing.T) {
+	m := loadTestModel(t)
+	s := infer.Request{Prompt: "The gateway", MaxTokens: 400}
+	stopped, done, err := Generate(context.Background(), m, &s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.FinishReason != infer.FinishStop || done.CompletionTokens >= s.MaxTokens {
+		t.Fatalf("greedy %q ended %+v; the test needs a prompt whose text ends with eos", stopped, done)
+	}
+	s.IgnoreEOS = true
+	past, done, err := Generate(context.Background(), m, &s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.FinishReason != infer.FinishLength || done.CompletionTokens != s.MaxTokens {
+		t.Errorf("with ignore_eos: ended %+v, want length after %d tokens", done, s.MaxTokens)
+	}
+	if !strings.HasPrefix(past, stopped) || len(past) <= len(stopped) || strings.Contains(past, "<|endoftext|>") {
+		t.Errorf("with ignore_eos: %q, want more text after %q and no end token spelled out", past, stopped)
+	}
+}
+
+func TestGenerateStopSequence(t *testing.T) {
+	m := loadTestModel(t)
+	full, _, err := Generate(context.Background(), m, &infer.Request{Prompt: "The ", MaxTokens: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(full) < 20 {
+		t.Fatalf("greedy text %q too short to pick a stop from", full)
+	}
+	stop := full[10:13]
+	want := full[:strings.Index(full, stop)]
+	got, done, err := Generate(context.Background(), m, &infer.Request{Prompt: "The ", MaxTokens: 60, Stop: []string{"zzzz", stop}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != want || done.FinishReason != infer.FinishStop {
+		t.Errorf("with stop %q got %q (%s), want %q (stop)", stop, got, done.FinishReason, want)
+	}
+}
+
+func TestSeededSampling(t *testing.T) {
+	m := loadTestModel(t)
+	gen := func(seed uint64) string {
+		t.Helper()
+		text, _, err := Generate(context.Background(), m, &infer.Request{
+			Prompt: "The ", MaxTokens: 40, Temperature: 1.5, TopP: 0.95, Seed: seed, HasSeed: true,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return text
+	}
+	a := gen(42)
+	if b := gen(42); a != b {
+		t.Errorf("seed 42 gave %q and then %q", a, b)
+	}
+	differs := false
+	for seed := range uint64(5) {
+		if gen(seed+100) != a {
+			differs = true
+		}
+	}
+	if !differs {
+		t.Errorf("five other seeds all gave %q", a)
+	}
+}
+
+func TestChatUsesTemplate(t *testing.T) {
+	m := loadTestModel(t)
+	chat, _, err := Generate(context.Background(), m, &infer.Request{
+		Messages: []infer.ChatMessage{{Role: "user", Content: "The gateway"}}, MaxTokens: 20,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, _, err := Generate(context.Background(), m, &infer.Request{Prompt: "The gateway\n", MaxTokens: 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if chat != plain {
+		t.Errorf("chat gave %q, the plain prompt %q", chat, plain)
+	}
+}
+
+func TestInvalidRequests(t *testing.T) {
+	m := loadTestModel(t)
+	tests := map[string]infer.Request{
+		"negative temperature": {Prompt: "x", Temperature: -1},
+		"top_p above 1":        {Prompt: "x", TopP: 1.5},
+		"nan top_p":            {Prompt: "x", TopP: float32(math.NaN())},
+		"prompt and messages":  {Prompt: "x", Messages: []infer.ChatMessage{{Role: "user", Content: "y"}}},
+		"empty prompt":         {},
+	}
+	for name, s := range tests {
+		t.Run(name, func(t *testing.T) {
+			_, _, err := Generate(context.Background(), m, &s)
+			if re, ok := errors.AsType[*RequestError](err); !ok || re.Code != infer.CodeInvalidRequest {
+				t.Errorf("got %v, want an %s error", err, infer.CodeInvalidRequest)
+			}
+		})
+	}
+}

@@ -1,0 +1,174 @@
+package engine
+
+import (
+	"context"
+	"runtime"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"h3infer/infer"
+	"h3infer/priority"
+	"h3infer/transport"
+	"h3infer/workerconf"
+)
+
+// threadNice is the nice value of the calling thread. The raw syscall
+// returns 20 - nice.
+func threadNice(t *testing.T) int {
+	t.Helper()
+	v, err := syscall.Getpriority(syscall.PRIO_PROCESS, syscall.Gettid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return 20 - v
+}
+
+// The bulk lane's thread runs at the nice value asked for; the thread
+// that started it, and threads started afterwards, keep theirs.
+func TestLaneNiceIsItsOwn(t *testing.T) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	base := threadNice(t)
+	if base+3 > workerconf.MaxNice {
+		t.Fatalf("test process already runs at nice %d", base)
+	}
+	l, err := newLane(base + 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.close()
+	var onLane int
+	l.run(func() { onLane = threadNice(t) })
+	if onLane != base+3 {
+		t.Errorf("lane thread nice %d, want %d", onLane, base+3)
+	}
+	if got := threadNice(t); got != base {
+		t.Errorf("starting thread nice %d after the lane started, want %d", got, base)
+	}
+	later := make(chan int)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		later <- threadNice(t)
+	}()
+	if got := <-later; got != base {
+		t.Errorf("a later thread has nice %d, want %d", got, base)
+	}
+}
+
+// gatedLane is a lane whose thread calls before, when set, ahead of each
+// function: the test acts while the loop waits for a bulk step.
+func gatedLane(t *testing.T) (*lane, func(func())) {
+	l := &lane{work: make(chan func()), done: make(chan struct{})}
+	var mu sync.Mutex
+	var before func()
+	go func() {
+		defer close(l.done)
+		for f := range l.work {
+			mu.Lock()
+			b := before
+			before = nil
+			mu.Unlock()
+			if b != nil {
+				b()
+			}
+			f()
+			l.done <- struct{}{}
+		}
+	}()
+	t.Cleanup(l.close)
+	return l, func(f func()) {
+		mu.Lock()
+		before = f
+		mu.Unlock()
+	}
+}
+
+// An urgent request that arrives while a bulk step runs on the bulk lane
+// is prefilled and sends its first token before that step ends; a cancel
+// that arrives meanwhile still stops its sequence before the step's token
+// goes out; and every sequence makes the tokens it makes alone.
+func TestUrgentFirstTokenBesideBulkStep(t *testing.T) {
+	m := loadTestModel(t)
+	subs := batchSubmits()[:4]
+	for i := range subs {
+		subs[i].Urgency, subs[i].Class = 6, priority.Bulk
+	}
+	urgent := infer.Request{Model: "demo", Prompt: "An urgent ", MaxTokens: 20, Urgency: 0, Class: priority.Urgent}
+	const urgentID, cancelID = 100, 1
+	w, rec, inbox := testLoop(t, 8, workerconf.DefaultKVCacheBytes)
+	var gate func(func())
+	w.bulk, gate = gatedLane(t)
+	// Every bulk step goes aside, however short it has been.
+	w.asideMin = 0
+
+	for i := range subs {
+		inbox <- submit(uint64(i), subs[i])
+	}
+	for range 3 {
+		if err := w.round(inbox); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(w.batches[0].rows) != len(subs) {
+		t.Fatalf("batch holds %d rows, want %d", len(w.batches[0].rows), len(subs))
+	}
+	tokensOf := func(id uint64) int {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		return rec.tokens[id]
+	}
+	var cancelledAt int
+	sawFirst := false
+	gate(func() {
+		cancelledAt = tokensOf(cancelID)
+		inbox <- inbound{typ: transport.FrameCancel, id: cancelID}
+		inbox <- submit(urgentID, urgent)
+		deadline := time.Now().Add(30 * time.Second)
+		for time.Now().Before(deadline) {
+			if tokensOf(urgentID) > 0 {
+				sawFirst = true
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	})
+	if err := w.round(inbox); err != nil {
+		t.Fatal(err)
+	}
+	if !sawFirst {
+		t.Fatal("the urgent request sent no token while the bulk step ran")
+	}
+	if got := tokensOf(cancelID); got != cancelledAt {
+		t.Errorf("cancelled request sent %d tokens after its cancel arrived mid-step", got-cancelledAt)
+	}
+	if !w.carriesUrgent(w.batches[0]) {
+		t.Error("the urgent request did not join the batch after the step")
+	}
+	runUntilIdle(t, w, inbox, 1000)
+
+	check := func(id uint64, s infer.Request) {
+		t.Helper()
+		wantText, wantDone, err := Generate(context.Background(), m, &s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e, ok := rec.errs[id]; ok {
+			t.Fatalf("request %d: error %+v", id, e)
+		}
+		if got := rec.textOf(id); got != wantText || rec.done[id] != wantDone {
+			t.Errorf("request %d:\nbeside the bulk lane %q %+v\nalone %q %+v", id, got, rec.done[id], wantText, wantDone)
+		}
+	}
+	for i, s := range subs {
+		if i != cancelID {
+			check(uint64(i), s)
+		}
+	}
+	check(urgentID, urgent)
+	if _, ok := rec.done[cancelID]; ok {
+		t.Error("the cancelled request finished")
+	}
+}

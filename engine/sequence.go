@@ -1,0 +1,190 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"strings"
+
+	"h3infer/infer"
+	"h3infer/tokenize"
+)
+
+// RequestError is a request that cannot be served as asked. Code is one of
+// the infer.Code* values; the worker sends it to the gateway as is.
+type RequestError struct {
+	Code    string
+	Message string
+}
+
+func (e *RequestError) Error() string { return e.Code + ": " + e.Message }
+
+// sequence is one request being answered: its prompt, sampler and text
+// stream, and its row in its model's batch. The loop and Generate both
+// drive it the same way (prefill alone, then decode steps in the batch,
+// sampling from each step's logits), which is why they produce the same
+// text for the same request.
+type sequence struct {
+	m          Model
+	prompt     []int
+	smp        *sampler
+	text       *tokenize.Stream
+	limit      int // completion tokens allowed: max_tokens or the context left
+	ignoreEOS  bool
+	completion int
+	last       int // the token fed at the next step, once prefilled
+
+	row    int       // row in its model's batch; -1 when in none
+	logits []float32 // of the latest forward pass, sampled by next
+}
+
+func newSequence(m Model, s *infer.Request) (*sequence, error) {
+	if s.Prompt != "" && len(s.Messages) > 0 {
+		return nil, &RequestError{infer.CodeInvalidRequest, "set either a prompt or messages, not both"}
+	}
+	if t := s.Temperature; t < 0 || math.IsNaN(float64(t)) || math.IsInf(float64(t), 0) {
+		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf("temperature must be >= 0, got %v", t)}
+	}
+	if p := s.TopP; !(p >= 0 && p <= 1) {
+		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf("top_p must be in [0, 1], got %v", p)}
+	}
+	info := m.Info()
+	text := s.Prompt
+	if len(s.Messages) > 0 {
+		var err error
+		if text, err = tokenize.Apply(m.ChatTemplate(), s.Messages); err != nil {
+			// A conversation the model's format cannot express is the
+			// request's fault.
+			if ce, ok := errors.AsType[*tokenize.ConversationError](err); ok {
+				return nil, &RequestError{infer.CodeInvalidRequest, ce.Message}
+			}
+			return nil, fmt.Errorf("model %s: %w", info.Name, err)
+		}
+	}
+	prompt := m.Encode(text)
+	if len(prompt) == 0 {
+		return nil, &RequestError{infer.CodeInvalidRequest, "the prompt is empty"}
+	}
+	ctxLen := int(info.ContextLength)
+	if len(prompt) >= ctxLen {
+		return nil, &RequestError{infer.CodeContextLength, fmt.Sprintf(
+			"the prompt has %d tokens but model %s has a context length of %d tokens, which leaves no room for a completion",
+			len(prompt), info.Name, ctxLen)}
+	}
+	limit := ctxLen - len(prompt)
+	if s.MaxTokens > 0 && int64(s.MaxTokens) < int64(limit) {
+		limit = int(s.MaxTokens)
+	}
+	seed := s.Seed
+	if !s.HasSeed {
+		seed = rand.Uint64()
+	}
+	return &sequence{
+		m:         m,
+		prompt:    prompt,
+		smp:       newSampler(s.Temperature, s.TopP, seed),
+		text:      tokenize.NewStream(s.Stop),
+		limit:     limit,
+		ignoreEOS: s.IgnoreEOS,
+		last:      -1,
+		row:       -1,
+	}, nil
+}
+
+// prefill runs the prompt alone and leaves its logits for next. It returns
+// the prompt's cache for the model's Join.
+func (q *sequence) prefill() ([][]byte, error) {
+	logits, cache, err := q.m.Prefill(q.prompt)
+	if err != nil {
+		return nil, err
+	}
+	q.logits = logits
+	return cache, nil
+}
+
+// next samples one token from the latest logits. It returns the text that
+// token releases, and a non-nil Done when the request is finished.
+func (q *sequence) next() (infer.Token, *infer.Done) {
+	id := q.smp.sample(q.logits)
+	q.completion++
+	tok := infer.Token{Count: 1}
+	piece, end := q.m.Piece(id)
+	if end {
+		if !q.ignoreEOS {
+			tok.Text = q.text.Flush()
+			return tok, q.done(infer.FinishStop)
+		}
+		piece = "" // an end token carries no text of its own
+	}
+	text, stopped := q.text.Push(piece)
+	tok.Text = text
+	if stopped {
+		return tok, q.done(infer.FinishStop)
+	}
+	if q.completion >= q.limit {
+		tok.Text += q.text.Flush()
+		return tok, q.done(infer.FinishLength)
+	}
+	q.last = id
+	return tok, nil
+}
+
+// reserve is how many tokens the sequence's cache can grow to.
+func (q *sequence) reserve() int { return len(q.prompt) + q.limit }
+
+func (q *sequence) done(reason string) *infer.Done {
+	return &infer.Done{
+		FinishReason:     reason,
+		PromptTokens:     uint32(len(q.prompt)),
+		CompletionTokens: uint32(q.completion),
+	}
+}
+
+// Generate answers s on m in process, exactly as the worker's loop would
+// for the same request (s.Model is not consulted), and returns the whole
+// text. m's batch must be empty and stay m's alone until Generate returns,
+// which it leaves empty again: a model not yet serving, as the warm-up of
+// a new version is, or one in a test. It exists so that a new version can
+// be checked before it serves, and so that tests can check that the ring
+// carries the tokens a model really produced. Errors the request caused
+// are *RequestError.
+func Generate(ctx context.Context, m Model, s *infer.Request) (string, infer.Done, error) {
+	q, err := newSequence(m, s)
+	if err != nil {
+		return "", infer.Done{}, err
+	}
+	if err := ctx.Err(); err != nil {
+		return "", infer.Done{}, fmt.Errorf("generate: %w", err)
+	}
+	cache, err := q.prefill()
+	if err != nil {
+		return "", infer.Done{}, err
+	}
+	defer func() {
+		if q.row >= 0 {
+			m.Leave(q.row)
+		}
+	}()
+	var out strings.Builder
+	next := []int{0}
+	for {
+		tok, done := q.next()
+		out.WriteString(tok.Text)
+		if done != nil {
+			return out.String(), *done, nil
+		}
+		if q.row < 0 {
+			m.Join(cache, len(q.prompt))
+			q.row, cache = 0, nil
+		}
+		if err := ctx.Err(); err != nil {
+			return out.String(), infer.Done{}, fmt.Errorf("generate: %w", err)
+		}
+		next[0] = q.last
+		if q.logits, err = m.Step(next); err != nil {
+			return out.String(), infer.Done{}, err
+		}
+	}
+}

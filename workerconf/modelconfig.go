@@ -1,0 +1,114 @@
+package workerconf
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"h3infer/tokenize"
+)
+
+// Files of a model directory.
+const (
+	ModelConfigFile = "model.json"
+	TokenizerFile   = "tokenizer.json"
+	ModelFile       = "model.onnx"
+)
+
+// ModelConfig is model.json, the file that sits next to model.onnx and
+// tokenizer.json and says how to serve them.
+type ModelConfig struct {
+	Name          string   `json:"name"`
+	ContextLength int      `json:"context_length"`
+	EOSToken      string   `json:"eos_token"`
+	ChatTemplate  string   `json:"chat_template"`
+	StopTokens    []string `json:"stop_tokens"`
+	// KVCache is how the graph passes the cache: "concat" (the default,
+	// the usual export: present is past with the new positions appended)
+	// or "append" (present is the new positions alone, and past is the
+	// runtime's whole cache, padding masked out). See ort/batch.go.
+	KVCache string `json:"kv_cache"`
+
+	// Optional facts about the graph; when set, ort.LoadModel checks the
+	// graph agrees, which catches a model.json copied next to the wrong
+	// model.onnx.
+	VocabSize int `json:"vocab_size"`
+	NumLayers int `json:"num_layers"`
+	NumHeads  int `json:"num_heads"`
+	HeadDim   int `json:"head_dim"`
+}
+
+// model.json kv_cache values.
+const (
+	KVConcat = "concat"
+	KVAppend = "append"
+)
+
+// ReadModelConfig decodes dir's model.json strictly: unknown keys and
+// trailing data are errors, and every invalid value is reported, each
+// naming its key.
+func ReadModelConfig(dir string) (ModelConfig, error) {
+	path := filepath.Join(dir, ModelConfigFile)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return ModelConfig{}, fmt.Errorf("read model config: %w", err)
+	}
+	c, err := parseModelConfig(data)
+	if err != nil {
+		return ModelConfig{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+func parseModelConfig(data []byte) (ModelConfig, error) {
+	var c ModelConfig
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return ModelConfig{}, fmt.Errorf("decode: %w", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return ModelConfig{}, errors.New("decode: trailing data after the JSON object")
+	}
+	var errs []error
+	if c.Name == "" {
+		errs = append(errs, errors.New("name: must not be empty"))
+	}
+	if c.ContextLength <= 0 {
+		errs = append(errs, fmt.Errorf("context_length: must be > 0, got %d", c.ContextLength))
+	}
+	if c.EOSToken == "" {
+		errs = append(errs, errors.New("eos_token: must not be empty"))
+	}
+	if c.ChatTemplate == "" {
+		c.ChatTemplate = tokenize.TemplatePlain
+	} else if _, ok := tokenize.LookupTemplate(c.ChatTemplate); !ok {
+		errs = append(errs, fmt.Errorf("chat_template: must be one of %s, got %q", strings.Join(tokenize.TemplateNames(), ", "), c.ChatTemplate))
+	}
+	switch c.KVCache {
+	case "":
+		c.KVCache = KVConcat
+	case KVConcat, KVAppend:
+	default:
+		errs = append(errs, fmt.Errorf("kv_cache: must be %q or %q, got %q", KVConcat, KVAppend, c.KVCache))
+	}
+	for i, s := range c.StopTokens {
+		if s == "" {
+			errs = append(errs, fmt.Errorf("stop_tokens[%d]: must not be empty", i))
+		}
+	}
+	for _, f := range []struct {
+		key string
+		v   int
+	}{{"vocab_size", c.VocabSize}, {"num_layers", c.NumLayers}, {"num_heads", c.NumHeads}, {"head_dim", c.HeadDim}} {
+		if f.v < 0 {
+			errs = append(errs, fmt.Errorf("%s: must be >= 0, got %d", f.key, f.v))
+		}
+	}
+	return c, errors.Join(errs...)
+}
