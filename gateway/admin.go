@@ -61,18 +61,18 @@ func (g *Gateway) adminAuth(next http.Handler) http.Handler {
 	})
 }
 
-// serveState is the operator's JSON view: models, readiness, each worker
-// process's supervision state, and whatever Config.Status reports about
-// queues.
+// serveState is the operator's JSON view: models, readiness, each
+// backend's state (under "workers"), and whatever Config.Status reports
+// about queues.
 func (g *Gateway) serveState(w http.ResponseWriter, r *http.Request) {
 	state := struct {
 		Ready   bool              `json:"ready"`
 		Models  []infer.ModelInfo `json:"models"`
-		Workers []WorkerState     `json:"workers"`
+		Workers any               `json:"workers"`
 		Status  any               `json:"status,omitempty"`
-	}{Ready: g.catalog.Ready(), Models: g.catalog.Models(), Workers: g.catalog.WorkerStates()}
+	}{Ready: g.catalog.Ready(), Models: g.catalog.Models(), Workers: g.catalog.BackendStates()}
 	if state.Workers == nil {
-		state.Workers = []WorkerState{}
+		state.Workers = []struct{}{}
 	}
 	if g.cfg.Status != nil {
 		state.Status = g.cfg.Status()

@@ -73,25 +73,13 @@ type ModelAdmin interface {
 	Rollback(ctx context.Context, model string) error
 }
 
-// Catalog says which models the workers serve, whether any worker is up,
-// and each worker process's state for the admin listener's /debug/state.
+// Catalog says which models the backends serve, whether any backend is
+// up, and what /debug/state shows of each backend (JSON as it is; for the
+// worker processes, their supervision state).
 type Catalog interface {
 	Models() []infer.ModelInfo
 	Ready() bool
-	WorkerStates() []WorkerState
-}
-
-// WorkerState is one worker process slot as /debug/state shows it.
-type WorkerState struct {
-	ID       int    `json:"id"`
-	PID      int    `json:"pid"`   // 0 while no process runs
-	State    string `json:"state"` // starting, ready, restarting, stopped
-	Slots    int    `json:"slots"`
-	Restarts uint64 `json:"restarts"`
-	LastExit string `json:"last_exit,omitempty"`
-	// HeartbeatStalledSeconds is how long the worker's loop has not
-	// ticked its heartbeat, as of the supervisor's last check.
-	HeartbeatStalledSeconds float64 `json:"heartbeat_stalled_seconds"`
+	BackendStates() any
 }
 
 // Config configures a Gateway. Zero values mean the documented defaults

@@ -120,8 +120,19 @@ func (c *fakeCatalog) Models() []infer.ModelInfo {
 
 func (c *fakeCatalog) Ready() bool { return c.ready.Load() }
 
-func (c *fakeCatalog) WorkerStates() []WorkerState {
-	return []WorkerState{{ID: 0, PID: 4242, State: "ready", Slots: 4}, {ID: 1, State: "restarting", Restarts: 3, LastExit: "signal: killed"}}
+// workerState is what the test catalog reports of each backend, shaped as
+// the worker pool's status is on /debug/state.
+type workerState struct {
+	ID       int    `json:"id"`
+	PID      int    `json:"pid"`
+	State    string `json:"state"`
+	Slots    int    `json:"slots"`
+	Restarts uint64 `json:"restarts"`
+	LastExit string `json:"last_exit,omitempty"`
+}
+
+func (c *fakeCatalog) BackendStates() any {
+	return []workerState{{ID: 0, PID: 4242, State: "ready", Slots: 4}, {ID: 1, State: "restarting", Restarts: 3, LastExit: "signal: killed"}}
 }
 
 func tokens(texts ...string) []infer.Event {
@@ -1109,7 +1120,7 @@ func TestStateShowsWorkers(t *testing.T) {
 	}
 	defer resp.Body.Close()
 	var got struct {
-		Workers []WorkerState `json:"workers"`
+		Workers []workerState `json:"workers"`
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
 		t.Fatal(err)

@@ -3,6 +3,7 @@ package workerpool
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -202,15 +203,26 @@ type Process struct {
 
 // ProcessStatus is a snapshot of one worker slot for the admin listener.
 type ProcessStatus struct {
-	ID       int
-	PID      int // 0 while no process runs
-	State    string
-	Slots    int
-	Restarts uint64
-	LastExit string
+	ID       int    `json:"id"`
+	PID      int    `json:"pid"`   // 0 while no process runs
+	State    string `json:"state"` // starting, ready, restarting, stopped
+	Slots    int    `json:"slots"`
+	Restarts uint64 `json:"restarts"`
+	LastExit string `json:"last_exit,omitempty"`
 	// HeartbeatStalled is how long the running worker's heartbeat has
-	// stood still, as of the last check.
-	HeartbeatStalled time.Duration
+	// stood still, as of the last check; the admin listener's
+	// /debug/state shows it as heartbeat_stalled_seconds.
+	HeartbeatStalled time.Duration `json:"-"`
+}
+
+// MarshalJSON writes s as /debug/state shows it, with the heartbeat's
+// stall in seconds.
+func (s ProcessStatus) MarshalJSON() ([]byte, error) {
+	type plain ProcessStatus
+	return json.Marshal(struct {
+		plain
+		HeartbeatStalledSeconds float64 `json:"heartbeat_stalled_seconds"`
+	}{plain(s), s.HeartbeatStalled.Seconds()})
 }
 
 // New checks cfg and prepares a pool; Start starts the processes.

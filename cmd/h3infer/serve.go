@@ -180,7 +180,8 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	}
 	schedCfg := cfg.Scheduler
 	schedCfg.Classes = *cfg.Priority
-	sched, err := scheduler.New(schedCfg, poolWorkers{pool}, log)
+	kinds := backendKinds{localWorkers{registry, pool}}
+	sched, err := scheduler.New(schedCfg, kinds, log)
 	if err != nil {
 		return err
 	}
@@ -206,7 +207,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	gwCfg.Router = registry
 	gwCfg.ModelAdmin = registry
 	gwCfg.TCPProtos = src.tcpProtos()
-	gw, err := gateway.New(gwCfg, gateway.FromScheduler(sched), catalog{registry, pool}, log)
+	gw, err := gateway.New(gwCfg, gateway.FromScheduler(sched), kinds, log)
 	if err != nil {
 		return err
 	}
@@ -430,47 +431,7 @@ func (c *schedulerCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.running, prometheus.GaugeValue, float64(st.Running))
 }
 
-// poolWorkers adapts workerpool.Pool to the scheduler's BackendSet.
-type poolWorkers struct{ pool *workerpool.Pool }
-
-func (p poolWorkers) Backends() []scheduler.Backend {
-	ws := p.pool.Processes()
-	out := make([]scheduler.Backend, len(ws))
-	for i, w := range ws {
-		out[i] = w
-	}
-	return out
-}
-
-// catalog is the gateway's Catalog: the registry says which models are
-// served and whether any worker is up, the pool how each worker process
-// is doing.
-type catalog struct {
-	*workerpool.Registry
-	pool *workerpool.Pool
-}
-
-func (c catalog) WorkerStates() []gateway.WorkerState {
-	st := c.pool.Status()
-	out := make([]gateway.WorkerState, len(st))
-	for i, w := range st {
-		out[i] = gateway.WorkerState{
-			ID:                      w.ID,
-			PID:                     w.PID,
-			State:                   w.State,
-			Slots:                   w.Slots,
-			Restarts:                w.Restarts,
-			LastExit:                w.LastExit,
-			HeartbeatStalledSeconds: w.HeartbeatStalled.Seconds(),
-		}
-	}
-	return out
-}
-
 var (
-	_ scheduler.BackendSet   = poolWorkers{}
-	_ scheduler.Backend      = (*workerpool.Process)(nil)
-	_ gateway.Catalog        = catalog{}
 	_ gateway.Router         = (*workerpool.Registry)(nil)
 	_ gateway.ModelAdmin     = (*workerpool.Registry)(nil)
 	_ workerpool.ModelLoader = (*workerpool.Pool)(nil)
