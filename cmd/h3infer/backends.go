@@ -9,12 +9,19 @@ import (
 
 // The backends the scheduler dispatches to, and the catalog of the models
 // they serve that the gateway lists. Each kind of backend is one
-// backendKind in the list serve builds; today there is one, the local
+// backendKind in the list backends builds; today there is one, the local
 // worker processes. A new kind is its own package, one more entry in that
 // list, and its section of the config file: the gateway, the scheduler
 // and the transport do not change. (The scheduler sends any request to
 // any backend with a free slot, so a kind must serve the models the
 // others serve until dispatch learns which backend serves which model.)
+
+// backends lists the kinds of backend serve dispatches to: the local
+// worker processes, and each further kind the config file sets up, built
+// here from its section of cfg.
+func backends(cfg Config, local localWorkers) backendKinds {
+	return backendKinds{local}
+}
 
 // backendKind is one kind of backend as the command wires it: the
 // backends the scheduler may dispatch to, and its part of the catalog.

@@ -180,7 +180,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	}
 	schedCfg := cfg.Scheduler
 	schedCfg.Classes = *cfg.Priority
-	kinds := backendKinds{localWorkers{registry, pool}}
+	kinds := backends(cfg, localWorkers{registry, pool})
 	sched, err := scheduler.New(schedCfg, kinds, log)
 	if err != nil {
 		return err
