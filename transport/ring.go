@@ -39,18 +39,27 @@ import (
 // # Memory ordering
 //
 // The producer writes the record with plain stores and then publishes it by
-// storing tail with an atomic store; the consumer loads tail atomically and
-// only then reads the record. Symmetrically, the consumer copies the payload
-// out and then stores head; the producer loads head before writing into the
-// space it frees. The Go memory model makes atomics sequentially consistent
-// and orders plain accesses around them within a program; the compiler
-// emits the same machine code when the other party is another process, and
-// on amd64 that code is what carries the argument across processes: an atomic
-// store is an XCHG (a full barrier, so every earlier data store is visible
-// before the new tail), an atomic load is a plain MOV, and x86-TSO never lets
-// a later load pass an earlier load, nor a store pass an earlier load. So a
+// storing tail atomically; the consumer loads tail atomically and only then
+// reads the record. Symmetrically, the consumer copies the payload out and
+// then stores head; the producer loads head before writing into the space it
+// frees. The Go memory model makes atomics sequentially consistent and orders
+// plain accesses around them within a program; the compiler emits the same
+// machine code when the other party is another process, and on amd64 that
+// code is what carries the argument across processes: the stores of tail,
+// head and the doorbell flags are Swaps, each an XCHG (a full barrier, so
+// every earlier data store is visible before the new tail and no later load
+// runs ahead of it), an atomic load is a plain MOV, and x86-TSO never lets a
+// later load pass an earlier load, nor a store pass an earlier load. So a
 // consumer that sees tail = t sees every byte written before t was stored,
 // and a producer that sees head = h knows the consumer is done reading below h.
+//
+// Those stores are Swaps rather than Stores because a Store is an XCHG only
+// in a normal build. Under the race detector an atomic on memory outside Go's
+// heap, as this mapping is, takes the race runtime's unchecked path, where a
+// Store is a plain MOV; x86 lets a later load complete while that store still
+// sits in the core's store buffer, and the doorbell handshake below relies on
+// exactly that not happening. A Swap is an XCHG in every build, the same
+// instruction a normal build's Store is.
 //
 // # Doorbells
 //
@@ -59,16 +68,21 @@ import (
 // read stores 1 in dataWaiting, re-reads tail, and sleeps on the futex word
 // only if the ring is still empty. A producer, after storing tail, loads
 // dataWaiting and, when it is 1, clears it with a compare-and-swap and wakes
-// the sleeper. Both sides store first and load second, and both operations are
-// sequentially consistent, so at least one side sees the other: either the
-// consumer sees the new tail and does not sleep, or the producer sees the flag
-// and wakes it. The CAS makes exactly one publish pay for the wake syscall per
+// the sleeper. Both sides store first, with a full barrier, and load second,
+// so at least one side sees the other: either the consumer sees the new tail
+// and does not sleep, or the producer sees the flag and wakes it. Were either
+// load to pass its side's store, both could miss: the consumer sleeps on an
+// old tail and the producer skips the wake, and nothing wakes the consumer
+// again. The CAS makes exactly one publish pay for the wake syscall per
 // sleep, instead of every publish (measured here: five times slower). A
 // producer facing a full ring does the mirror image on spaceWaiting and head.
 //
 // Close stores the closed flag, then clears both flags and wakes both words.
 // A sleeper re-reads closed after setting its flag, and futex_wait refuses to
-// sleep when the flag is no longer 1, so no sleeper misses a close.
+// sleep when the flag is no longer 1, so no sleeper misses a close: the
+// closer's two stores reach memory in order, so a sleeper that still reads
+// closed as 0 set its flag before the closer cleared it, and its futex_wait
+// either finds 0 or is already asleep when the wake comes.
 //
 // The futex sleep blocks an OS thread. The waiting code holds
 // runtime.LockOSThread while it sleeps, and only then: a goroutine that
@@ -180,7 +194,9 @@ func (r *ring) flush() {
 		return
 	}
 	r.pubTail = r.prodTail
-	r.tail.Store(r.pubTail)
+	// A Swap, not a Store: the load of dataWaiting below must not pass it
+	// (see "Doorbells").
+	r.tail.Swap(r.pubTail)
 	// The plain load keeps the hot path free of a locked instruction when the
 	// consumer is awake, which is the common case under load.
 	if r.dataWaiting.Load() != 0 && r.dataWaiting.CompareAndSwap(1, 0) {
@@ -217,7 +233,7 @@ func (r *ring) waitSpace(n uint64) error {
 			runtime.LockOSThread()
 			locked = true
 		}
-		r.spaceWaiting.Store(1)
+		r.spaceWaiting.Swap(1)
 		if r.head.Load() != r.prodHead || r.closed.Load() != 0 {
 			r.spaceWaiting.Store(0)
 			continue
@@ -356,7 +372,8 @@ func (r *ring) consume(pos uint64) {
 // space if the rule above says so.
 func (r *ring) releaseHead() {
 	pos := r.consHead
-	r.head.Store(pos)
+	// A Swap, not a Store, for the same reason as tail's in flush.
+	r.head.Swap(pos)
 	if r.spaceWaiting.Load() != 0 && (pos == r.consTail || pos-r.consWoke >= r.size/4) &&
 		r.spaceWaiting.CompareAndSwap(1, 0) {
 		r.consWoke = pos
@@ -398,7 +415,7 @@ func (r *ring) waitData() error {
 			runtime.LockOSThread()
 			locked = true
 		}
-		r.dataWaiting.Store(1)
+		r.dataWaiting.Swap(1)
 		if r.tail.Load() != r.consHead || r.closed.Load() != 0 {
 			r.dataWaiting.Store(0)
 			continue

@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -217,6 +218,131 @@ func TestRingFrameSizes(t *testing.T) {
 	}
 	if err := <-sendErr; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRingNoLostWakeup puts a producer and a consumer through thousands of
+// rounds in which each goes to sleep just as the other is about to ring for
+// it, and fails if both stay asleep. Each round starts both sides together,
+// staggers them by a random busy wait, then has the producer send two
+// records that each fill the ring while the consumer reads them: the
+// consumer sleeps until the first is published (the data doorbell), and the
+// producer sleeps until the first is read before it writes the second (the
+// space doorbell). Across the rounds the stagger brings each side's store
+// and load of the handshake within nanoseconds of the other's. Were a load
+// able to pass its own side's store, both sides could miss each other: a
+// consumer asleep on a published record, or a producer asleep on a drained
+// ring. Under the race detector a Store on the mapping was such a store
+// (see ring's "Memory ordering"), and this test stalled within a few
+// hundred rounds.
+func TestRingNoLostWakeup(t *testing.T) {
+	checkGoroutines(t)
+	gw, wk := newPair(t, MinRingSize)
+	const (
+		rounds     = 5000
+		maxStagger = 15 * time.Microsecond
+		stall      = 10 * time.Second
+	)
+	payload := pattern(1, gw.MaxPayload())
+	var (
+		wg      sync.WaitGroup
+		arrived [2]atomic.Int64 // the round each side has reached
+		stop    atomic.Bool
+	)
+	// start spins until the other side has reached round k too; a spin, not
+	// a channel, so that both are running when the round begins.
+	start := func(me int, k int64, rng *rand.Rand) bool {
+		arrived[me].Store(k)
+		for i := 0; arrived[1-me].Load() < k; i++ {
+			if stop.Load() {
+				return false
+			}
+			if i%64 == 63 {
+				runtime.Gosched()
+			}
+		}
+		d := time.Duration(rng.Int64N(int64(maxStagger)))
+		for t0 := time.Now(); time.Since(t0) < d; {
+		}
+		return true
+	}
+	errs := make(chan error, 2)
+	wg.Go(func() {
+		rng := rand.New(rand.NewPCG(1, 2))
+		for k := range int64(rounds) {
+			if !start(0, k+1, rng) {
+				errs <- nil
+				return
+			}
+			for j := range uint64(2) {
+				if err := gw.send(requestRing, FrameToken, uint64(k)*2+j, payload); err != nil {
+					errs <- fmt.Errorf("round %d: send: %w", k, err)
+					return
+				}
+			}
+		}
+		errs <- nil
+	})
+	wg.Go(func() {
+		rng := rand.New(rand.NewPCG(3, 4))
+		var buf []byte
+		for k := range int64(rounds) {
+			if !start(1, k+1, rng) {
+				errs <- nil
+				return
+			}
+			for j := range uint64(2) {
+				f, err := wk.recv(requestRing, buf)
+				if err != nil {
+					errs <- fmt.Errorf("round %d: recv: %w", k, err)
+					return
+				}
+				if want := uint64(k)*2 + j; f.ID != want || len(f.Payload) != len(payload) {
+					errs <- fmt.Errorf("round %d: got id %d with %d bytes, want id %d with %d", k, f.ID, len(f.Payload), want, len(payload))
+					return
+				}
+				buf = f.Payload
+			}
+		}
+		errs <- nil
+	})
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	progress, moved := int64(-1), time.Now()
+	stalled := false
+wait:
+	for {
+		select {
+		case <-done:
+			break wait
+		case <-time.After(100 * time.Millisecond):
+		}
+		if n := arrived[0].Load() + arrived[1].Load(); n != progress {
+			progress, moved = n, time.Now()
+			continue
+		}
+		if time.Since(moved) < stall {
+			continue
+		}
+		r := &gw.rings[requestRing]
+		t.Errorf("stalled for %v: producer at round %d, consumer at round %d; head %d, tail %d, dataWaiting %d, spaceWaiting %d",
+			stall, arrived[0].Load(), arrived[1].Load(), r.head.Load(), r.tail.Load(), r.dataWaiting.Load(), r.spaceWaiting.Load())
+		// Closing wakes both sleepers; stop ends the spins.
+		stalled = true
+		stop.Store(true)
+		gw.shut()
+		<-done
+		break
+	}
+	close(errs)
+	for err := range errs {
+		// After a stall the close's ErrClosed says nothing more.
+		if err != nil && !stalled {
+			t.Error(err)
+		}
 	}
 }
 
