@@ -287,7 +287,7 @@ type batch struct {
 
 // asideMin is the shortest bulk work worth handing to the bulk lane. The
 // hand-off and the hand-back are two thread wake-ups, which take about
-// this long on an idle core (DESIGN.md's futex round trip) and far longer
+// this long on an idle core (a futex wake, docs/BENCHMARKS.md, "Where the time to first token went") and far longer
 // when the lane's raised nice has it wait for a busy CPU. Work shorter
 // than that is done on the loop's thread before the lane would have
 // started it; neither an urgent request nor the gateway would gain from
