@@ -286,9 +286,10 @@ type batch struct {
 }
 
 // asideMin is the shortest bulk work worth handing to the bulk lane. The
-// hand-off and the hand-back are two thread wake-ups, which take about
-// this long on an idle core (a futex wake, docs/BENCHMARKS.md, "Where the time to first token went") and far longer
-// when the lane's raised nice has it wait for a busy CPU. Work shorter
+// hand-off and the hand-back are two thread wake-ups, futex wakes that
+// take about this long on an idle core (docs/BENCHMARKS.md, "Where the
+// time to first token went") and far longer when the lane's raised nice
+// has it wait for a busy CPU. Work shorter
 // than that is done on the loop's thread before the lane would have
 // started it; neither an urgent request nor the gateway would gain from
 // the lane. Real models' decode steps and prefills take longer and keep
