@@ -289,10 +289,9 @@ type batch struct {
 // hand-off and the hand-back are two thread wake-ups, futex wakes that
 // take about this long on an idle core (docs/BENCHMARKS.md, "Where the
 // time to first token went") and far longer when the lane's raised nice
-// has it wait for a busy CPU. Work shorter
-// than that is done on the loop's thread before the lane would have
-// started it; neither an urgent request nor the gateway would gain from
-// the lane. Real models' decode steps and prefills take longer and keep
+// has it wait for a busy CPU. Work shorter than that is done on the
+// loop's thread before the lane would have started it; neither an urgent
+// request nor the gateway would gain from the lane. Real models' decode steps and prefills take longer and keep
 // going aside, as does work not yet measured.
 const asideMin = 20 * time.Microsecond
 
