@@ -31,7 +31,7 @@ import (
 func BenchmarkWorkerConcurrency(b *testing.B) {
 	needModel(b)
 	window := benchWindow(b)
-	models := []struct{ name, dir string }{{"synthetic", workerconf.SyntheticDir}, {"demo", testModelDir}}
+	models := []struct{ name, dir string }{{"synthetic", workerconf.SyntheticDir}, {"demo", demo.ModelDir()}}
 	for _, layout := range []string{onnxgen.KVCacheConcat, onnxgen.KVCacheAppend} {
 		dir := filepath.Join(b.TempDir(), "h512l4-"+layout)
 		if err := onnxgen.Write(dir, onnxgen.Options{Random: true, Layers: 4, Heads: 8, Hidden: 512, Seed: 1, KVCache: layout}); err != nil {

@@ -54,10 +54,10 @@ func runSubmits(t *testing.T, m Model, subs []infer.Request) ([]string, []infer.
 func TestDeviceKVMatchesHost(t *testing.T) {
 	needModel(t)
 	on := true
-	for name, dir := range map[string]string{"demo": testModelDir, "random": randomModelDir(t, onnxgen.Options{Layers: 2, Heads: 4, Hidden: 64, Context: 512, Seed: 3})} {
+	for name, dir := range map[string]string{"demo": demo.ModelDir(), "random": randomModelDir(t, onnxgen.Options{Layers: 2, Heads: 4, Hidden: 64, Context: 512, Seed: 3})} {
 		t.Run(name, func(t *testing.T) {
 			host := loadModelDir(t, "demo", dir, ort.Options{})
-			bound := loadModelDir(t, "demo", dir, ort.Options{ORTLib: testORTLib, DeviceKV: &on})
+			bound := loadModelDir(t, "demo", dir, ort.Options{ORTLib: demo.Lib(), DeviceKV: &on})
 			if host.DeviceKV() || !bound.DeviceKV() {
 				t.Fatalf("DeviceKV: host %v, bound %v", host.DeviceKV(), bound.DeviceKV())
 			}

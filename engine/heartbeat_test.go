@@ -20,7 +20,7 @@ func TestLoopBeatsWhileIdleAndLoading(t *testing.T) {
 	w, rec, inbox := testLoop(t, 2, workerconf.DefaultKVCacheBytes)
 	stop := make(chan struct{})
 	w.inbox, w.stop = inbox, stop
-	w.open = ortLoad(workerconf.Settings{ORTLib: testORTLib}, testLogger(t))
+	w.open = ortLoad(workerconf.Settings{ORTLib: demo.Lib()}, testLogger(t))
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
 	go func() { served <- w.serve(ctx, inbox, make(chan error), 10*time.Millisecond) }()

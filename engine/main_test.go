@@ -1,15 +1,12 @@
 package engine
 
 import (
-	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
-	"h3infer/internal/onnxgen"
+	"h3infer/internal/demoenv"
 	"h3infer/ort"
 	"h3infer/workerconf"
 )
@@ -19,60 +16,27 @@ import (
 // package) and the synthetic model.
 var _ Model = (*ort.Model)(nil)
 
-// Set by the first test that needs them, for the whole binary: the demo
-// model is written once, and ONNX Runtime can be initialized only once per
-// process. Tests that need no model do not pay for it.
-var (
-	testSetup    sync.Once
-	testDir      string
-	testORTLib   string
-	testModelDir string
-	testSetupErr error
-)
+// demo is the runtime and the demo model, set up for the whole binary on
+// first use (internal/demoenv).
+var demo = demoenv.Env{Prefix: "h3infer-engine-test-", Init: ort.InitRuntime}
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if testDir != "" {
-		os.RemoveAll(testDir)
-	}
+	demo.Remove()
 	os.Exit(code)
-}
-
-func setupModel() error {
-	dir, err := os.MkdirTemp("", "h3infer-engine-test-")
-	if err != nil {
-		return err
-	}
-	testDir = dir
-	testORTLib = os.Getenv("ONNXRUNTIME_LIB")
-	if testORTLib == "" {
-		// What `make ort` fetches, so a bare `go test` works after it.
-		testORTLib, _ = filepath.Abs("../.cache/onnxruntime/1.24.1/libonnxruntime.so.1")
-	}
-	if err := ort.InitRuntime(testORTLib); err != nil {
-		return err
-	}
-	testModelDir = filepath.Join(dir, "demo")
-	if err := onnxgen.Write(testModelDir, onnxgen.DefaultOptions()); err != nil {
-		return fmt.Errorf("write demo model: %w", err)
-	}
-	return nil
 }
 
 // needModel fails the test when the runtime or the demo model is missing.
 func needModel(t testing.TB) {
 	t.Helper()
-	testSetup.Do(func() { testSetupErr = setupModel() })
-	if testSetupErr != nil {
-		t.Fatalf("setup: %v", testSetupErr)
-	}
+	demo.Need(t)
 }
 
 // loadTestModel loads the demo model and closes it at the end of the test.
 func loadTestModel(t testing.TB) *ort.Model {
 	t.Helper()
 	needModel(t)
-	return loadModelDir(t, "demo", testModelDir, ort.Options{})
+	return loadModelDir(t, "demo", demo.ModelDir(), ort.Options{})
 }
 
 // loadModelDir loads the model in dir under name and closes it at the end

@@ -28,7 +28,7 @@ type ringWorker struct {
 func startRingWorker(t *testing.T, slots int) *ringWorker {
 	t.Helper()
 	needModel(t)
-	return startRingWorkerWith(t, slots, testModelDir, 0)
+	return startRingWorkerWith(t, slots, demo.ModelDir(), 0)
 }
 
 // startRingWorkerWith serves the model in dir under the name "demo".
@@ -62,7 +62,7 @@ func startRingWorkerSpec(t testing.TB, slots int, spec workerconf.Model, kvBudge
 	ctx, cancel := context.WithCancel(context.Background())
 	s := workerconf.Settings{
 		Models:        []workerconf.Model{spec},
-		ORTLib:        testORTLib,
+		ORTLib:        demo.Lib(),
 		Slots:         slots,
 		KVCacheBytes:  kvBudget,
 		StatsInterval: 5 * time.Millisecond,
@@ -269,7 +269,7 @@ func TestWorkerExitsWhenRingCloses(t *testing.T) {
 	end := transport.NewGatewayEnd(seg, transport.GatewayEndConfig{})
 	done := make(chan error, 1)
 	go func() {
-		s := workerconf.Settings{Models: []workerconf.Model{{Name: "demo", Dir: testModelDir}}, ORTLib: testORTLib}
+		s := workerconf.Settings{Models: []workerconf.Model{{Name: "demo", Dir: demo.ModelDir()}}, ORTLib: demo.Lib()}
 		done <- Run(context.Background(), os.NewFile(uintptr(fd), "ring"), Config{Settings: s, Load: ortLoad(s, testLogger(t))}, testLogger(t))
 	}()
 	end.Close()

@@ -13,7 +13,7 @@ import (
 func TestDeviceKVIdleBatchHoldsNothing(t *testing.T) {
 	needModel(t)
 	on := true
-	m, err := LoadModel(testModelDir, Options{Name: "demo", ORTLib: testORTLib, DeviceKV: &on})
+	m, err := LoadModel(demo.ModelDir(), Options{Name: "demo", ORTLib: demo.Lib(), DeviceKV: &on})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +63,7 @@ func BenchmarkDecodeStepKV(b *testing.B) {
 	on, off := true, false
 	models := map[string]*Model{}
 	for name, kv := range map[string]*bool{"host": &off, "device": &on} {
-		m, err := LoadModel(dir, Options{ORTLib: testORTLib, DeviceKV: kv})
+		m, err := LoadModel(dir, Options{ORTLib: demo.Lib(), DeviceKV: kv})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -103,13 +103,13 @@ func TestDeviceKVRefusesAppendLayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	on := true
-	if m, err := LoadModel(dir, Options{ORTLib: testORTLib, DeviceKV: &on}); err == nil {
+	if m, err := LoadModel(dir, Options{ORTLib: demo.Lib(), DeviceKV: &on}); err == nil {
 		m.Close()
 		t.Fatal("device-resident cache of an append-layout model loaded")
 	} else if !strings.Contains(err.Error(), `kv_cache "append"`) {
 		t.Errorf("error %q does not name kv_cache", err)
 	}
-	m, err := LoadModel(dir, Options{ORTLib: testORTLib})
+	m, err := LoadModel(dir, Options{ORTLib: demo.Lib()})
 	if err != nil {
 		t.Fatal(err)
 	}

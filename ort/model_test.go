@@ -68,7 +68,7 @@ func TestLoadModelErrors(t *testing.T) {
 	copyModel := func(t *testing.T, edit func(t *testing.T, dir string)) string {
 		dir := t.TempDir()
 		for _, f := range []string{modelConfigFile, tokenizerFile, modelFile} {
-			data, err := os.ReadFile(filepath.Join(testModelDir, f))
+			data, err := os.ReadFile(filepath.Join(demo.ModelDir(), f))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -45,7 +45,7 @@ func fakeProviderDir(t *testing.T) string {
 	if err := os.Remove(cublas); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Symlink(testORTLib, filepath.Join(dir, "libonnxruntime.so.1")); err != nil {
+	if err := os.Symlink(demo.Lib(), filepath.Join(dir, "libonnxruntime.so.1")); err != nil {
 		t.Fatal(err)
 	}
 	return filepath.Join(dir, "libonnxruntime.so.1")
@@ -70,7 +70,7 @@ func TestProviderMissingLibrary(t *testing.T) {
 	for name, tc := range cases {
 		for _, p := range []workerconf.Provider{workerconf.ProviderCUDA, workerconf.ProviderTensorRT} {
 			t.Run(name+"/"+string(p), func(t *testing.T) {
-				m, err := LoadModel(testModelDir, Options{Provider: p, ORTLib: tc.lib})
+				m, err := LoadModel(demo.ModelDir(), Options{Provider: p, ORTLib: tc.lib})
 				if err == nil {
 					m.Close()
 					t.Fatal("model loaded on a machine without a GPU")
@@ -94,7 +94,7 @@ func TestProviderAutoFallsBack(t *testing.T) {
 	lib := fakeProviderDir(t)
 	var logs bytes.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
-	m, err := LoadModel(testModelDir, Options{Provider: workerconf.ProviderAuto, ORTLib: lib, Log: log})
+	m, err := LoadModel(demo.ModelDir(), Options{Provider: workerconf.ProviderAuto, ORTLib: lib, Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +124,7 @@ func TestProviderAutoFallsBack(t *testing.T) {
 func coreAlone(t *testing.T) string {
 	t.Helper()
 	lib := filepath.Join(t.TempDir(), "libonnxruntime.so.1")
-	if err := os.Symlink(testORTLib, lib); err != nil {
+	if err := os.Symlink(demo.Lib(), lib); err != nil {
 		t.Fatal(err)
 	}
 	return lib

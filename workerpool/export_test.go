@@ -18,7 +18,7 @@ const WorkerEnvForTest = testWorkerEnv
 func DemoModelForTest(t testing.TB) (dir, ortLib string) {
 	t.Helper()
 	needModel(t)
-	return testModelDir, testORTLib
+	return demo.ModelDir(), demo.Lib()
 }
 
 // LoggerForTest logs warnings and errors to t.

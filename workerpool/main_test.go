@@ -10,19 +10,18 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"unsafe"
 
+	"h3infer/internal/demoenv"
+
 	"golang.org/x/sys/unix"
 
 	"h3infer/engine"
 	"h3infer/infer"
-	"h3infer/internal/onnxgen"
 	"h3infer/ort"
 	"h3infer/transport"
 	"h3infer/workerconf"
@@ -45,57 +44,23 @@ const testMisbehaveEnv = "H3INFER_WORKERPOOL_TEST_MISBEHAVE"
 // later one, the replacements included, serves normally.
 const testHostileOnceEnv = "H3INFER_WORKERPOOL_TEST_HOSTILE_ONCE"
 
-// Set by TestMain for the whole binary: the demo model is written once,
-// and ONNX Runtime can be initialized only once per process.
-// It happens on first use, so that tests and fuzz workers that need no
-// model do not pay for it.
-var (
-	testSetup    sync.Once
-	testDir      string
-	testORTLib   string
-	testModelDir string
-	testSetupErr error
-)
+// demo is the runtime and the demo model, set up for the whole binary on
+// first use (internal/demoenv).
+var demo = demoenv.Env{Prefix: "h3infer-workerpool-test-", Init: ort.InitRuntime}
 
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == "worker" && os.Getenv(testWorkerEnv) == "1" {
 		os.Exit(testWorkerMain(os.Args[2:]))
 	}
 	code := m.Run()
-	if testDir != "" {
-		os.RemoveAll(testDir)
-	}
+	demo.Remove()
 	os.Exit(code)
-}
-
-func setupModel() error {
-	dir, err := os.MkdirTemp("", "h3infer-workerpool-test-")
-	if err != nil {
-		return err
-	}
-	testDir = dir
-	testORTLib = os.Getenv("ONNXRUNTIME_LIB")
-	if testORTLib == "" {
-		// What `make ort` fetches, so a bare `go test` works after it.
-		testORTLib, _ = filepath.Abs("../.cache/onnxruntime/1.24.1/libonnxruntime.so.1")
-	}
-	if err := ort.InitRuntime(testORTLib); err != nil {
-		return err
-	}
-	testModelDir = filepath.Join(dir, "demo")
-	if err := onnxgen.Write(testModelDir, onnxgen.DefaultOptions()); err != nil {
-		return fmt.Errorf("write demo model: %w", err)
-	}
-	return nil
 }
 
 // needModel fails the test when the runtime or the demo model is missing.
 func needModel(t testing.TB) {
 	t.Helper()
-	testSetup.Do(func() { testSetupErr = setupModel() })
-	if testSetupErr != nil {
-		t.Fatalf("setup: %v", testSetupErr)
-	}
+	demo.Need(t)
 }
 
 // testWorkerMain is the worker process of the Pool tests: it reads its
