@@ -183,7 +183,9 @@ func (g *Gateway) route(w http.ResponseWriter, r *http.Request, run *inflight) (
 	if err != nil {
 		return "", nil, err
 	}
-	w.Header().Set(VersionHeader, ver)
+	if ver != "" {
+		w.Header().Set(VersionHeader, ver)
+	}
 	return target, done, nil
 }
 

@@ -269,6 +269,21 @@ func apiErrorOf(err error) apiError {
 		case infer.CodeOverflow:
 			// The gateway fell behind its own client's stream.
 			return mk(http.StatusServiceUnavailable, serverError, "", "overloaded", "the response stream fell behind")
+		// An upstream server's own answers, passed on with its advice.
+		case infer.CodeRateLimited:
+			e := mk(http.StatusTooManyRequests, "rate_limit_error", "", infer.CodeRateLimited, worker.err.Message)
+			e.retryAfter = max(worker.err.RetryAfter, time.Second)
+			return e
+		case infer.CodeOverloaded:
+			e := mk(http.StatusServiceUnavailable, serverError, "", infer.CodeOverloaded, worker.err.Message)
+			e.retryAfter = max(worker.err.RetryAfter, time.Second)
+			return e
+		case infer.CodeTimeout:
+			return mk(http.StatusGatewayTimeout, serverError, "", infer.CodeTimeout, worker.err.Message)
+		case infer.CodeUpstreamLost:
+			e := mk(http.StatusBadGateway, serverError, "", infer.CodeUpstreamLost, worker.err.Message)
+			e.retryAfter = max(worker.err.RetryAfter, scheduler.DefaultRetryAfter)
+			return e
 		}
 		// Internal worker errors are not the client's business in detail.
 		return mk(http.StatusInternalServerError, serverError, "", infer.CodeInternal, "the model worker failed")

@@ -14,10 +14,13 @@ type modelObject struct {
 	Object  string `json:"object"`
 	Created int64  `json:"created"`
 	OwnedBy string `json:"owned_by"`
+	// MaxModelLen is the model's context in tokens, as vLLM names it, so
+	// that a gateway in front of this one learns it; absent when unknown.
+	MaxModelLen uint32 `json:"max_model_len,omitempty"`
 }
 
 func (g *Gateway) modelObject(m infer.ModelInfo) modelObject {
-	return modelObject{ID: m.Name, Object: "model", Created: g.created, OwnedBy: "h3infer"}
+	return modelObject{ID: m.Name, Object: "model", Created: g.created, OwnedBy: "h3infer", MaxModelLen: m.ContextLength}
 }
 
 func (g *Gateway) serveModels(w http.ResponseWriter, r *http.Request) {

@@ -9,7 +9,11 @@
 // transport, say) is the carrier's business.
 package infer
 
-import "h3infer/priority"
+import (
+	"time"
+
+	"h3infer/priority"
+)
 
 // ChatMessage is one turn of a chat conversation.
 type ChatMessage struct {
@@ -80,12 +84,31 @@ const (
 	// CodeOverflow ends a call whose consumer fell behind the events its
 	// carrier buffers. The gateway's side makes it; no backend sends it.
 	CodeOverflow = "overflow"
+	// CodeUpstreamLost ends a call whose remote backend (an upstream
+	// server) failed: the connection broke, the response was not one, or
+	// its stream ended without an end. The gateway's side makes it.
+	CodeUpstreamLost = "upstream_lost"
+	// CodeRateLimited and CodeOverloaded pass on a remote backend's own
+	// refusal (HTTP 429 and 503), with its Retry-After.
+	CodeRateLimited = "rate_limit_exceeded"
+	CodeOverloaded  = "overloaded"
+	// CodeTimeout ends a call whose backend took longer than it may: a
+	// remote backend's request timeout, or a stream that stalled.
+	CodeTimeout = "timeout"
 )
 
 // Error ends a request with a failure.
 type Error struct {
 	Code    string
 	Message string
+	// RetryAfter is the backend's advice on when to ask again (a remote
+	// backend's Retry-After); 0 when it gave none.
+	RetryAfter time.Duration
+	// Unstarted says the backend refused the request or failed before it
+	// began to answer, and is otherwise well: another backend of the same
+	// model may run the request instead. A lost worker is not Unstarted
+	// (its slot is gone with it; see CodeWorkerLost).
+	Unstarted bool
 }
 
 // Event is one thing that happened to a call. Exactly one of the following

@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 
 	"h3infer/infer"
@@ -13,6 +14,12 @@ import (
 // its worker died before it started. A request that itself kills workers
 // (a poison prompt) must not take the whole pool down one by one.
 const maxRedispatch = 2
+
+// maxElsewhere bounds how often one request moves to another backend after
+// a backend refused it or failed before it began (infer.Error.Unstarted):
+// once, so that a request every backend refuses is answered with the
+// refusal at once rather than after a tour of them all.
+const maxElsewhere = 1
 
 // attempt is one dispatch of a request: the worker slot it holds and the
 // call on that worker's ring.
@@ -37,6 +44,12 @@ type attempt struct {
 // ends with the worker_lost error. Once an event has been handed on, a
 // dying worker ends the dispatch with the worker_lost error event.
 //
+// Likewise a request that a backend refuses, or fails before it began
+// (its first event is an infer.Error marked Unstarted: an upstream's 503,
+// a connection refused), moves once to another backend of its model,
+// never back to one that refused it; when the model has no other backend
+// the refusal is the answer.
+//
 // Submit does not modify r. It returns the Admission it decided, also
 // when it refused the request, and the request the worker gets carries
 // the same urgency and class. ctx bounds the request's whole life, the
@@ -50,7 +63,7 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Dispatch, Admissio
 	// the same level.
 	req := s.admit(*r)
 	adm := Admission{Urgency: req.Job.Urgency, Class: req.Job.Class}
-	a, err := s.dispatch(ctx, &req)
+	a, err := s.dispatch(ctx, &req, nil)
 	if err != nil {
 		return nil, adm, err
 	}
@@ -94,8 +107,9 @@ type Dispatch struct {
 
 	mu       sync.Mutex
 	cur      *attempt
-	slotHeld bool // cur.worker's slot is still reserved for this dispatch
-	moves    int  // re-dispatches so far
+	slotHeld bool      // cur.worker's slot is still reserved for this dispatch
+	moves    int       // re-dispatches after a lost worker so far
+	refused  []Backend // backends that refused the request, in order
 	once     sync.Once
 }
 
@@ -150,8 +164,8 @@ func (d *Dispatch) forward() {
 		if !ok {
 			return // ended without a result: the consumer sees the close
 		}
-		if !started && ev.Err != nil && ev.Err.Code == infer.CodeWorkerLost && d.moves < maxRedispatch {
-			if next := d.redispatch(a, ev.Err); next != nil {
+		if !started && ev.Err != nil {
+			if next := d.retry(a, ev.Err); next != nil {
 				a = next
 				continue
 			}
@@ -168,10 +182,32 @@ func (d *Dispatch) forward() {
 	}
 }
 
-// redispatch frees the dead worker's slot and submits the request anew. It
-// returns nil, keeping the old attempt, when no worker takes the request
-// before the dispatch's context or the request's deadline ends.
-func (d *Dispatch) redispatch(old *attempt, lost *infer.Error) *attempt {
+// retry dispatches the request again after its first event was the error
+// failure, when the failure allows it (see Submit), and returns the new
+// attempt, or nil when the request stays with failure.
+func (d *Dispatch) retry(old *attempt, failure *infer.Error) *attempt {
+	switch {
+	case failure.Code == infer.CodeWorkerLost && d.moves < maxRedispatch:
+		return d.redispatch(old, failure, nil)
+	case failure.Unstarted && len(d.refused) < maxElsewhere:
+		exclude := append(slices.Clip(d.refused), old.worker)
+		if !d.sched.servedElsewhere(d.req.Job.Model, exclude) {
+			return nil
+		}
+		next := d.redispatch(old, failure, exclude)
+		if next != nil {
+			d.refused = exclude
+		}
+		return next
+	}
+	return nil
+}
+
+// redispatch frees the old backend's slot and submits the request anew,
+// to none of exclude. It returns nil, keeping the old attempt, when no
+// backend takes the request before the dispatch's context or the
+// request's deadline ends.
+func (d *Dispatch) redispatch(old *attempt, lost *infer.Error, exclude []Backend) *attempt {
 	s := d.sched
 	// The slot goes back first: with every other slot busy the request must
 	// not wait on its own. The dead worker cannot take it again, because the
@@ -180,7 +216,7 @@ func (d *Dispatch) redispatch(old *attempt, lost *infer.Error) *attempt {
 	d.slotHeld = false
 	d.mu.Unlock()
 	s.release(old.worker)
-	next, err := s.dispatch(d.ctx, &d.req)
+	next, err := s.dispatch(d.ctx, &d.req, exclude)
 	if err != nil {
 		if d.ctx.Err() == nil {
 			s.log.Warn("request lost its worker and could not be dispatched again",
@@ -190,11 +226,13 @@ func (d *Dispatch) redispatch(old *attempt, lost *infer.Error) *attempt {
 	}
 	d.mu.Lock()
 	d.cur, d.slotHeld = next, true
-	d.moves++
+	if exclude == nil {
+		d.moves++
+	}
 	d.mu.Unlock()
-	s.log.Info("request re-dispatched after its worker died before it started",
-		"request_id", old.id, "new_request_id", next.id, "from_worker", old.worker.ID(),
-		"to_worker", next.worker.ID(), "reason", lost.Message)
+	s.log.Info("request re-dispatched before it started",
+		"request_id", old.id, "new_request_id", next.id, "from_backend", old.worker.ID(),
+		"to_backend", next.worker.ID(), "code", lost.Code, "reason", lost.Message)
 	return next
 }
 

@@ -146,3 +146,99 @@ func TestStreamEndsOnCloseNotContext(t *testing.T) {
 		t.Errorf("running = %d after Close, want 0", got)
 	}
 }
+
+func refusedEvent() infer.Event {
+	return infer.Event{Err: &infer.Error{Code: infer.CodeOverloaded, Message: "upstream said 503", Unstarted: true}}
+}
+
+// TestRefusalMovesOnceElsewhere: a backend that refuses a request before
+// it began (an upstream's 503) stays ready, yet the request moves to
+// another backend of its model, and a second refusal is the answer: the
+// request never returns to a backend that refused it.
+func TestRefusalMovesOnceElsewhere(t *testing.T) {
+	a, b, c := newFakeWorker(1, 1), newFakeWorker(2, 1), newFakeWorker(3, 1)
+	s, _ := newTestScheduler(t, Config{}, a, b, c)
+	st, _, err := s.Submit(context.Background(), &Request{Job: infer.Request{Model: "m", Prompt: "p"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	first := st.current()
+	first.call.(*fakeCall).events <- refusedEvent()
+	waitFor(t, "the retry", func() bool { return st.current() != first })
+	second := st.current()
+	if second.worker == first.worker {
+		t.Fatalf("retried on the backend that refused it (%d)", first.worker.ID())
+	}
+	second.call.(*fakeCall).events <- refusedEvent()
+	ev, _ := recvEvent(t, st)
+	if ev.Err == nil || ev.Err.Code != infer.CodeOverloaded {
+		t.Fatalf("after two refusals got %+v, want the second refusal", ev)
+	}
+	if got := len(a.openedIDs()) + len(b.openedIDs()) + len(c.openedIDs()); got != 2 {
+		t.Errorf("opened %d calls, want 2: one retry only", got)
+	}
+}
+
+// TestRefusalWithNoOtherBackendIsTheAnswer: with no other backend for the
+// model the refusal goes straight to the client, without waiting in the
+// queue for a slot that could never come.
+func TestRefusalWithNoOtherBackendIsTheAnswer(t *testing.T) {
+	a := newFakeWorker(1, 2)
+	other := newFakeWorker(2, 2)
+	other.models = []string{"other"}
+	s, _ := newTestScheduler(t, Config{}, a, other)
+	st, _, err := s.Submit(context.Background(), &Request{Job: infer.Request{Model: "m"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	st.current().call.(*fakeCall).events <- refusedEvent()
+	if ev, _ := recvEvent(t, st); ev.Err == nil || ev.Err.Code != infer.CodeOverloaded {
+		t.Fatalf("got %+v, want the refusal", ev)
+	}
+	if n := len(other.openedIDs()); n != 0 {
+		t.Errorf("a backend of another model got %d calls", n)
+	}
+}
+
+// TestDispatchByModel: a request goes only to a backend of its model, and
+// a model whose backends are full does not hold up a queued request for a
+// model with a free slot, even one queued behind it at a less urgent
+// level.
+func TestDispatchByModel(t *testing.T) {
+	big, small := newFakeWorker(1, 1), newFakeWorker(2, 1)
+	big.models, small.models = []string{"big"}, []string{"small"}
+	s, _ := newTestScheduler(t, Config{}, big, small)
+	ctx := context.Background()
+	holdBig, _, err := s.Submit(ctx, &Request{Job: infer.Request{Model: "big"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if holdBig.current().worker != big {
+		t.Fatalf("model big went to backend %d", holdBig.current().worker.ID())
+	}
+	holdSmall, _, err := s.Submit(ctx, &Request{Job: infer.Request{Model: "small"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	queuedBig := submitAsync(t, s, ctx, &Request{Urgency: 0, Job: infer.Request{Model: "big"}})
+	queuedSmall := submitAsync(t, s, ctx, &Request{Urgency: 7, Job: infer.Request{Model: "small"}})
+	holdSmall.Close()
+	r := recv(t, queuedSmall)
+	if r.err != nil || r.st.current().worker != small {
+		t.Fatalf("queued small request: %v, want it on the freed small backend", r.err)
+	}
+	r.st.Close()
+	select {
+	case r := <-queuedBig:
+		t.Fatalf("the big request left the queue (%v) while its backend was full", r.err)
+	default:
+	}
+	holdBig.Close()
+	if r := recv(t, queuedBig); r.err != nil || r.st.current().worker != big {
+		t.Fatalf("queued big request: %v", r.err)
+	} else {
+		r.st.Close()
+	}
+}

@@ -1,6 +1,7 @@
 package scheduler
 
 import (
+	"cmp"
 	"slices"
 	"time"
 
@@ -77,37 +78,58 @@ func (q *queue) level(w *waiter, now time.Time) int {
 }
 
 // pop removes and returns the request to serve next, or nil when the queue
-// is empty or admit refuses the next request's effective urgency. Since
-// nothing behind the next request is more urgent, a refusal ends the
-// dispatch round.
-func (q *queue) pop(now time.Time, admit func(level int) bool) *waiter {
+// is empty or admit refuses every request in it. Requests are offered to
+// admit in the order above; admit takes one when a backend of its model
+// has a slot for it at its effective urgency. A refusal passes the turn
+// to the next request, which matters only for another model's: the
+// model refused has no slot for anything less urgent either (the urgent
+// reserve only ever narrows as urgency falls), so the rest of its
+// requests are skipped unasked.
+//
+// Requests for different models share the queue's order but not each
+// other's slots: a model whose backends are full never holds up one whose
+// backends are free. A tenant whose request waits on a full model while
+// another model's request is served at its level restarts at the level's
+// virtual time, as if it had been idle.
+func (q *queue) pop(now time.Time, admit func(w *waiter, level int) bool) *waiter {
 	if len(q.items) == 0 {
 		return nil
 	}
-	best := priority.Levels
+	var byLevel [priority.Levels][]*waiter // each in arrival order
 	for _, w := range q.items {
-		best = min(best, q.level(w, now))
+		l := q.level(w, now)
+		byLevel[l] = append(byLevel[l], w)
 	}
-	if !admit(best) {
-		return nil
-	}
-	pass := q.pass[best]
-	var pick *waiter
-	var pickPass float64
-	for _, w := range q.items { // arrival order: the first seen per tenant is its oldest
-		if q.level(w, now) != best {
-			continue
+	var refused map[string]bool // models with no slot at this level or a more urgent one
+	for level, ws := range byLevel {
+		pass := q.pass[level]
+		start := func(w *waiter) float64 { return max(pass[w.tenant], q.vtime[level]) }
+		// Stable: among equal virtual times, and within a tenant, the
+		// oldest first.
+		slices.SortStableFunc(ws, func(a, b *waiter) int { return cmp.Compare(start(a), start(b)) })
+		for _, w := range ws {
+			if refused[w.model] {
+				continue
+			}
+			if !admit(w, level) {
+				if len(w.exclude) > 0 {
+					continue // its refusal says nothing of the model's other requests
+				}
+				if refused == nil {
+					refused = map[string]bool{}
+				}
+				refused[w.model] = true
+				continue
+			}
+			p := start(w)
+			q.vtime[level] = p
+			pass[w.tenant] = p + w.cost/w.weight
+			q.pruneLevel(level)
+			q.remove(w)
+			return w
 		}
-		p := max(pass[w.tenant], q.vtime[best])
-		if pick == nil || p < pickPass {
-			pick, pickPass = w, p
-		}
 	}
-	q.vtime[best] = pickPass
-	pass[pick.tenant] = pickPass + pick.cost/pick.weight
-	q.pruneLevel(best)
-	q.remove(pick)
-	return pick
+	return nil
 }
 
 // pruneLevel forgets tenants whose virtual time lags the level's: they would

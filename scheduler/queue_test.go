@@ -87,7 +87,7 @@ type item struct {
 	at      time.Duration // enqueued this long after the start
 }
 
-func admitAll(int) bool { return true }
+func admitAll(*waiter, int) bool { return true }
 
 func popNames(q *queue, now time.Time, n int) []string {
 	var out []string

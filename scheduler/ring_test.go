@@ -37,7 +37,7 @@ func (w *ringWorker) Open(id uint64, s *infer.Request) (infer.Call, error) {
 
 type staticSet []Backend
 
-func (s staticSet) Backends() []Backend { return s }
+func (s staticSet) Backends(string) []Backend { return s }
 
 // echoWorker answers each prompt word by word. A prompt starting with "hold"
 // sends one token and then waits for the gateway's cancel.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -27,10 +28,13 @@ type Backend interface {
 	Open(id uint64, r *infer.Request) (infer.Call, error)
 }
 
-// BackendSet lists the current backends. cmd/h3infer adapts its pool of
-// worker processes.
+// BackendSet lists the current backends. cmd/h3infer joins its pool of
+// worker processes and its upstream servers.
 type BackendSet interface {
-	Backends() []Backend
+	// Backends lists the backends that serve model, the name a request's
+	// Job carries. It is called with the scheduler's lock held, for
+	// every dispatch, and must not call back into the Scheduler.
+	Backends(model string) []Backend
 }
 
 // defaultCost is the fairness cost of a request that names no max_tokens.
@@ -104,10 +108,12 @@ type Scheduler struct {
 // lock) sends exactly one grant on wake.
 type waiter struct {
 	tenant   string
+	model    string
 	urgency  priority.Urgency
 	weight   float64
 	cost     float64
 	enqueued time.Time
+	exclude  []Backend  // backends that refused the request before
 	queued   bool       // in the queue; guarded by the scheduler's lock
 	wake     chan grant // buffered, so the sender never blocks under the lock
 }
@@ -192,7 +198,10 @@ func (s *Scheduler) tenant(name string) Tenant {
 // tenant over its own bound fails at once with a *TenantLimitError, a full
 // queue with an *OverloadError. r.Job's Urgency and Class are those it
 // applied. Submit (dispatch.go) wraps it.
-func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) {
+//
+// exclude lists backends the request must not go to: those that refused
+// it before.
+func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend) (*attempt, error) {
 	t := s.tenant(r.Tenant)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("scheduler: submit: %w", err)
@@ -210,7 +219,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 	id := s.nextID
 	var worker Backend
 	if s.queue.len() == 0 {
-		worker = s.reserveLocked(r.Job.Urgency)
+		worker = s.reserveLocked(r.Job.Model, r.Job.Urgency, exclude)
 	}
 	var w *waiter
 	if worker == nil {
@@ -230,6 +239,8 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request) (*attempt, error) 
 		}
 		w = &waiter{
 			tenant:   t.Name,
+			model:    r.Job.Model,
+			exclude:  exclude,
 			urgency:  r.Job.Urgency,
 			weight:   float64(t.Weight),
 			cost:     cost,
@@ -296,18 +307,19 @@ func (s *Scheduler) fail(w *waiter, err error) bool {
 	return true
 }
 
-// reserveLocked takes a slot for a request of effective urgency level on the
-// ready worker with the lowest share of its slots in use, or returns nil
-// when every slot it may use is taken.
-func (s *Scheduler) reserveLocked(level priority.Urgency) Backend {
+// reserveLocked takes a slot for a request for model of effective urgency
+// level on the ready backend of that model with the lowest share of its
+// slots in use, skipping those in exclude, or returns nil when every slot
+// it may use is taken.
+func (s *Scheduler) reserveLocked(model string, level priority.Urgency, exclude []Backend) Backend {
 	reserve := 0
 	if s.cfg.Classes.Of(level) != priority.Urgent {
 		reserve = *s.cfg.UrgentReserve
 	}
 	var best Backend
 	bestUsed, bestSlots := 0, 1
-	for _, w := range s.backends.Backends() {
-		if w == nil || !w.Ready() {
+	for _, w := range s.backends.Backends(model) {
+		if w == nil || !w.Ready() || slices.Contains(exclude, w) {
 			continue
 		}
 		slots, used := w.Slots(), s.inUse[w]
@@ -330,6 +342,19 @@ func (s *Scheduler) reserveLocked(level priority.Urgency) Backend {
 	return best
 }
 
+// servedElsewhere reports whether model has a backend, ready or not, that
+// is none of exclude.
+func (s *Scheduler) servedElsewhere(model string, exclude []Backend) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, b := range s.backends.Backends(model) {
+		if b != nil && !slices.Contains(exclude, b) {
+			return true
+		}
+	}
+	return false
+}
+
 // release frees a slot on w and hands free slots to queued requests.
 func (s *Scheduler) release(w Backend) {
 	s.mu.Lock()
@@ -347,8 +372,8 @@ func (s *Scheduler) release(w Backend) {
 func (s *Scheduler) dispatchLocked() {
 	for s.queue.len() > 0 {
 		var worker Backend
-		w := s.queue.pop(s.clock.Now(), func(level int) bool {
-			worker = s.reserveLocked(priority.Urgency(level))
+		w := s.queue.pop(s.clock.Now(), func(w *waiter, level int) bool {
+			worker = s.reserveLocked(w.model, priority.Urgency(level), w.exclude)
 			return worker != nil
 		})
 		if w == nil {

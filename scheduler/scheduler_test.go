@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,8 +21,9 @@ import (
 
 // fakeWorker is a worker handle whose readiness tests flip.
 type fakeWorker struct {
-	id    int
-	slots int
+	id     int
+	slots  int
+	models []string // the models it serves; none: every model
 	ready atomic.Bool
 	fail  atomic.Bool // Open refuses, as a dying worker would
 
@@ -83,10 +85,16 @@ type fakeSet struct {
 	workers []Backend
 }
 
-func (s *fakeSet) Backends() []Backend {
+func (s *fakeSet) Backends(model string) []Backend {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]Backend(nil), s.workers...)
+	var out []Backend
+	for _, b := range s.workers {
+		if w := b.(*fakeWorker); len(w.models) == 0 || slices.Contains(w.models, model) {
+			out = append(out, w)
+		}
+	}
+	return out
 }
 
 func (s *fakeSet) set(ws ...*fakeWorker) {

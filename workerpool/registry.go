@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -388,6 +389,29 @@ func (r *Registry) Models() []infer.ModelInfo {
 
 // Ready reports whether the workers are up.
 func (r *Registry) Ready() bool { return r.loader.Ready() }
+
+// Serves reports whether target, a NAME@VERSION that Route returned, is a
+// version the workers have loaded. A retired version still counts: its
+// requests already routed run to their end.
+func (r *Registry) Serves(target string) bool {
+	i := strings.LastIndexByte(target, '@')
+	if i < 0 {
+		return false
+	}
+	name, ver := target[:i], target[i+1:]
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	f := r.models[name]
+	return f != nil && f.versions[ver] != nil
+}
+
+// Has reports whether model is a model of the registry's, whatever the
+// state of its versions.
+func (r *Registry) Has(model string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.models[model] != nil
+}
 
 // setWeights publishes the share of each loaded version; r.mu held.
 func (r *Registry) setWeights(f *family) {

@@ -12,9 +12,8 @@ import (
 // backendKind in the list backends builds; today there is one, the local
 // worker processes. A new kind is its own package, one more entry in that
 // list, and its section of the config file: the gateway, the scheduler
-// and the transport do not change. (The scheduler sends any request to
-// any backend with a free slot, so a kind must serve the models the
-// others serve until dispatch learns which backend serves which model.)
+// and the transport do not change. The scheduler asks each kind which of
+// its backends serve a request's model.
 
 // backends lists the kinds of backend serve dispatches to: the local
 // worker processes, and each further kind the config file sets up, built
@@ -34,18 +33,26 @@ type backendKind interface {
 // them, the gateway the models of all of them.
 type backendKinds []backendKind
 
-func (ks backendKinds) Backends() []scheduler.Backend {
+func (ks backendKinds) Backends(model string) []scheduler.Backend {
 	var out []scheduler.Backend
 	for _, k := range ks {
-		out = append(out, k.Backends()...)
+		out = append(out, k.Backends(model)...)
 	}
 	return out
 }
 
+// Models lists each model once: a model several kinds serve is listed as
+// the first kind describes it.
 func (ks backendKinds) Models() []infer.ModelInfo {
 	var out []infer.ModelInfo
+	seen := map[string]bool{}
 	for _, k := range ks {
-		out = append(out, k.Models()...)
+		for _, m := range k.Models() {
+			if !seen[m.Name] {
+				seen[m.Name] = true
+				out = append(out, m)
+			}
+		}
 	}
 	return out
 }
@@ -81,7 +88,12 @@ type localWorkers struct {
 	pool *workerpool.Pool
 }
 
-func (l localWorkers) Backends() []scheduler.Backend {
+// Backends lists every worker process for a version the registry has
+// loaded (every process loads every model), and none for another model.
+func (l localWorkers) Backends(model string) []scheduler.Backend {
+	if !l.Serves(model) {
+		return nil
+	}
 	ps := l.pool.Processes()
 	out := make([]scheduler.Backend, len(ps))
 	for i, p := range ps {
@@ -92,7 +104,20 @@ func (l localWorkers) Backends() []scheduler.Backend {
 
 func (l localWorkers) BackendStates() any { return l.pool.Status() }
 
+// router routes a request for a model of the registry's to one of its
+// versions (workers serve NAME@VERSION); a model only other kinds serve
+// keeps its name, and has no versions to pin.
+type router struct{ reg *workerpool.Registry }
+
+func (r router) Route(model, key, pin string) (target, ver string, done func(failed bool), err error) {
+	if pin != "" || r.reg.Has(model) {
+		return r.reg.Route(model, key, pin)
+	}
+	return model, "", func(bool) {}, nil
+}
+
 var (
+	_ gateway.Router       = router{}
 	_ scheduler.BackendSet = backendKinds{}
 	_ gateway.Catalog      = backendKinds{}
 	_ backendKind          = localWorkers{}

@@ -204,7 +204,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	gwCfg.Status = func() any { return adminStatus(sched) }
 	gwCfg.Auth = auth
 	gwCfg.QUICKeys = quicKeys
-	gwCfg.Router = registry
+	gwCfg.Router = router{registry}
 	gwCfg.ModelAdmin = registry
 	gwCfg.TCPProtos = src.tcpProtos()
 	gw, err := gateway.New(gwCfg, gateway.FromScheduler(sched), kinds, log)
