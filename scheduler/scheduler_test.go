@@ -24,8 +24,8 @@ type fakeWorker struct {
 	id     int
 	slots  int
 	models []string // the models it serves; none: every model
-	ready atomic.Bool
-	fail  atomic.Bool // Open refuses, as a dying worker would
+	ready  atomic.Bool
+	fail   atomic.Bool // Open refuses, as a dying worker would
 
 	mu     sync.Mutex
 	active int // calls opened and not yet cancelled
