@@ -7,8 +7,6 @@ import (
 	"net/http/pprof"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-
-	"h3infer/infer"
 )
 
 // The admin listener's routes: health and readiness for load balancers,
@@ -61,21 +59,20 @@ func (g *Gateway) adminAuth(next http.Handler) http.Handler {
 	})
 }
 
-// serveState is the operator's JSON view: models, readiness, each
-// backend's state (under "workers"), and whatever Config.Status reports
-// about queues.
+// serveState is the operator's JSON view: models, readiness, each kind of
+// backend's state under its own key ("workers", "upstreams"), and
+// whatever Config.Status reports about queues.
 func (g *Gateway) serveState(w http.ResponseWriter, r *http.Request) {
-	state := struct {
-		Ready   bool              `json:"ready"`
-		Models  []infer.ModelInfo `json:"models"`
-		Workers any               `json:"workers"`
-		Status  any               `json:"status,omitempty"`
-	}{Ready: g.catalog.Ready(), Models: g.catalog.Models(), Workers: g.catalog.BackendStates()}
-	if state.Workers == nil {
-		state.Workers = []struct{}{}
+	state := map[string]any{}
+	for kind, s := range g.catalog.BackendStates() {
+		state[kind] = s
 	}
+	if state["workers"] == nil {
+		state["workers"] = []struct{}{}
+	}
+	state["ready"], state["models"] = g.catalog.Ready(), g.catalog.Models()
 	if g.cfg.Status != nil {
-		state.Status = g.cfg.Status()
+		state["status"] = g.cfg.Status()
 	}
 	writeJSON(w, state)
 }

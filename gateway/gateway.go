@@ -74,12 +74,13 @@ type ModelAdmin interface {
 }
 
 // Catalog says which models the backends serve, whether any backend is
-// up, and what /debug/state shows of each backend (JSON as it is; for the
-// worker processes, their supervision state).
+// up, and what /debug/state shows of each kind of backend: JSON as it
+// is, under the kind's own key ("workers": the worker processes'
+// supervision state; "upstreams": each upstream server's health).
 type Catalog interface {
 	Models() []infer.ModelInfo
 	Ready() bool
-	BackendStates() any
+	BackendStates() map[string]any
 }
 
 // Config configures a Gateway. Zero values mean the documented defaults

@@ -131,8 +131,8 @@ type workerState struct {
 	LastExit string `json:"last_exit,omitempty"`
 }
 
-func (c *fakeCatalog) BackendStates() any {
-	return []workerState{{ID: 0, PID: 4242, State: "ready", Slots: 4}, {ID: 1, State: "restarting", Restarts: 3, LastExit: "signal: killed"}}
+func (c *fakeCatalog) BackendStates() map[string]any {
+	return map[string]any{"workers": []workerState{{ID: 0, PID: 4242, State: "ready", Slots: 4}, {ID: 1, State: "restarting", Restarts: 3, LastExit: "signal: killed"}}}
 }
 
 func tokens(texts ...string) []infer.Event {

@@ -67,15 +67,13 @@ func (ks backendKinds) Ready() bool {
 	return true
 }
 
-// BackendStates is the one kind's state as it shows it, or each kind's
-// in turn.
-func (ks backendKinds) BackendStates() any {
-	if len(ks) == 1 {
-		return ks[0].BackendStates()
-	}
-	states := make([]any, len(ks))
-	for i, k := range ks {
-		states[i] = k.BackendStates()
+// BackendStates joins each kind's states, each under its own key.
+func (ks backendKinds) BackendStates() map[string]any {
+	states := map[string]any{}
+	for _, k := range ks {
+		for key, s := range k.BackendStates() {
+			states[key] = s
+		}
 	}
 	return states
 }
@@ -102,7 +100,9 @@ func (l localWorkers) Backends(model string) []scheduler.Backend {
 	return out
 }
 
-func (l localWorkers) BackendStates() any { return l.pool.Status() }
+func (l localWorkers) BackendStates() map[string]any {
+	return map[string]any{"workers": l.pool.Status()}
+}
 
 // router routes a request for a model of the registry's to one of its
 // versions (workers serve NAME@VERSION); a model only other kinds serve

@@ -30,7 +30,9 @@ import (
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	url := fs.String("url", "https://127.0.0.1:8443", "endpoint to load")
-	baseline := fs.String("baseline-url", "", "a comparison endpoint (h3infer bench --bare-listen) loaded the same way after each level; the table then shows ratios")
+	baseline := fs.String("baseline-url", "", "a comparison endpoint (h3infer bench --bare-listen, or the upstream an edge gateway forwards to) loaded the same way after each level; the table then shows ratios")
+	baselineLabel := fs.String("baseline-label", "bare", "name of --baseline-url in tables, JSON and plots")
+	baselineState := fs.String("baseline-state-dir", "", "state directory of a gateway at --baseline-url (an upstream tier): its dev CA and dev token are used for it (default: --ca and no token, as the bare server wants)")
 	label := fs.String("label", "h3infer", "name of --url in tables, JSON and plots")
 	proto := fs.String("proto", "h3", "h3, h2 or h1")
 	caFile := fs.String("ca", ".h3infer/certs/ca.pem", "CA certificate that signed the server's certificate")
@@ -127,17 +129,39 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	if cfg.Bearer, cfg.Credential, err = benchCredential(*token, *stateDir); err != nil {
 		return err
 	}
+	// The baseline is loaded with its own trust and token: an upstream
+	// tier has its own CA and issues its own tokens.
+	baseCfg := cfg
+	baseCfg.Bearer, baseCfg.Credential = "", ""
+	if *baselineState != "" {
+		bpool, err := certs.LoadPool(filepath.Join(*baselineState, "certs", certs.CAFile))
+		if err != nil {
+			return fmt.Errorf("baseline-state-dir: %w", err)
+		}
+		baseCfg.TLS = &tls.Config{RootCAs: bpool}
+		cred, err := os.ReadFile(devTokenFile(*baselineState))
+		if err != nil {
+			return fmt.Errorf("baseline-state-dir: %w", err)
+		}
+		if baseCfg.Bearer, baseCfg.Credential, err = benchCredential(strings.TrimSpace(string(cred)), *stateDir); err != nil {
+			return fmt.Errorf("baseline-state-dir: %w", err)
+		}
+	}
 
 	showBar := *progress && isTerminal(stderr)
 	var results []*loadgen.Result
 	for _, c := range conc {
-		targets := []struct{ name, url string }{{*label, *url}}
+		type target struct {
+			name, url string
+			cfg       loadgen.Config
+		}
+		targets := []target{{*label, *url, cfg}}
 		if *baseline != "" {
-			targets = append(targets, struct{ name, url string }{"bare", *baseline})
+			targets = append(targets, target{*baselineLabel, *baseline, baseCfg})
 		}
 		var pair []*loadgen.Result
 		for _, t := range targets {
-			run := cfg
+			run := t.cfg
 			run.Concurrency, run.URL = c, t.url
 			var onProgress func(loadgen.Progress)
 			if showBar {
@@ -218,12 +242,15 @@ func writeRatios(w io.Writer, gw, bare *loadgen.Result) {
 		}
 		return fmt.Sprintf("%.2f", a/b)
 	}
-	fmt.Fprintf(w, "ratio %s/bare at concurrency %d: ttft p50 %s, ttft p99 %s, inter-token p50 %s, tokens/s %s\n\n",
-		gw.Label, gw.Concurrency,
+	fmt.Fprintf(w, "ratio %s/%s at concurrency %d: ttft p50 %s, ttft p99 %s, inter-token p50 %s, tokens/s %s\n",
+		gw.Label, bare.Label, gw.Concurrency,
 		ratio(float64(gw.TTFT.P50), float64(bare.TTFT.P50)),
 		ratio(float64(gw.TTFT.P99), float64(bare.TTFT.P99)),
 		ratio(float64(gw.ITL.P50), float64(bare.ITL.P50)),
 		ratio(gw.TokensPerS, bare.TokensPerS))
+	fmt.Fprintf(w, "difference %s-%s at concurrency %d: ttft p50 %+.3f ms, ttft p99 %+.3f ms\n\n",
+		gw.Label, bare.Label, gw.Concurrency,
+		float64(gw.TTFT.P50-bare.TTFT.P50)/1e6, float64(gw.TTFT.P99-bare.TTFT.P99)/1e6)
 }
 
 func writeFile(path string, write func(io.Writer) error) error {
