@@ -390,19 +390,21 @@ func (r *Registry) Models() []infer.ModelInfo {
 // Ready reports whether the workers are up.
 func (r *Registry) Ready() bool { return r.loader.Ready() }
 
-// Serves reports whether target, a NAME@VERSION that Route returned, is a
-// version the workers have loaded. A retired version still counts: its
+// Serves reports whether target, a NAME@VERSION that Route returned (or
+// the bare NAME of a static model), is a version the workers have loaded. A retired version still counts: its
 // requests already routed run to their end.
 func (r *Registry) Serves(target string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if f := r.models[target]; f != nil && f.static {
+		return true // a static model's one version is served by its name
+	}
 	i := strings.LastIndexByte(target, '@')
 	if i < 0 {
 		return false
 	}
-	name, ver := target[:i], target[i+1:]
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	f := r.models[name]
-	return f != nil && f.versions[ver] != nil
+	f := r.models[target[:i]]
+	return f != nil && !f.static && f.versions[target[i+1:]] != nil
 }
 
 // Has reports whether model is a model of the registry's, whatever the

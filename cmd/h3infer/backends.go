@@ -4,6 +4,7 @@ import (
 	"h3infer/gateway"
 	"h3infer/infer"
 	"h3infer/scheduler"
+	"h3infer/upstream"
 	"h3infer/workerpool"
 )
 
@@ -18,8 +19,8 @@ import (
 // backends lists the kinds of backend serve dispatches to: the local
 // worker processes, and each further kind the config file sets up, built
 // here from its section of cfg.
-func backends(cfg Config, local localWorkers) backendKinds {
-	return backendKinds{local}
+func backends(local localWorkers, remote *upstream.Set) backendKinds {
+	return backendKinds{local, upstreams{remote}}
 }
 
 // backendKind is one kind of backend as the command wires it: the
@@ -104,6 +105,17 @@ func (l localWorkers) BackendStates() map[string]any {
 	return map[string]any{"workers": l.pool.Status()}
 }
 
+// upstreams is the remote servers of the config file's upstreams section.
+type upstreams struct{ *upstream.Set }
+
+func (u upstreams) BackendStates() map[string]any {
+	return map[string]any{"upstreams": u.Set.BackendStates()}
+}
+
+// firstUpstreamID numbers the upstreams' backends in logs and traces
+// apart from the worker processes', which count from 0 (at most 64).
+const firstUpstreamID = 1000
+
 // router routes a request for a model of the registry's to one of its
 // versions (workers serve NAME@VERSION); a model only other kinds serve
 // keeps its name, and has no versions to pin.
@@ -121,5 +133,6 @@ var (
 	_ scheduler.BackendSet = backendKinds{}
 	_ gateway.Catalog      = backendKinds{}
 	_ backendKind          = localWorkers{}
+	_ backendKind          = upstreams{}
 	_ scheduler.Backend    = (*workerpool.Process)(nil)
 )

@@ -17,6 +17,7 @@ import (
 	"h3infer/priority"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
+	"h3infer/upstream"
 	"h3infer/workerconf"
 	"h3infer/workerpool"
 )
@@ -90,6 +91,10 @@ type Config struct {
 	// ModelRepository is the versioned model repository the gateway
 	// watches. Default: <state_dir>/models when models is empty.
 	ModelRepository ModelRepositoryConfig `json:"model_repository"`
+	// Upstreams are remote OpenAI-compatible servers (vLLM, SGLang,
+	// another h3infer) whose models the gateway serves beside its own
+	// workers'. Default: none.
+	Upstreams []upstream.Config `json:"upstreams"`
 }
 
 // ModelRepositoryConfig is the repository of versioned models,
@@ -444,6 +449,7 @@ func (c Config) validate() error {
 		bad("rate_limits.store", "want \"local\" or \"redis\", got %q", s)
 	}
 	errs = append(errs, gateway.ValidateAdminHosts("admin_hosts", c.AdminHosts)...)
+	errs = append(errs, upstream.ValidateAll(c.Upstreams))
 	if e := c.Tracing.OTLPEndpoint; e != "" && !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") {
 		bad("tracing.otlp_endpoint", "want an http:// or https:// URL, got %q", e)
 	}

@@ -16,6 +16,7 @@ import (
 	"h3infer/certs/keysredis"
 	"h3infer/gateway"
 	"h3infer/scheduler"
+	"h3infer/upstream"
 	"h3infer/workerpool"
 )
 
@@ -128,12 +129,18 @@ type policySetter interface {
 	SetPolicy(workerpool.Policy) error
 }
 
+// upstreamSetter is the part of the upstream set a reload changes.
+type upstreamSetter interface {
+	Update([]upstream.Config) error
+}
+
 // reloadTargets are what a reload applies a new configuration to.
 type reloadTargets struct {
-	sched  tenantSetter
-	limits limitSetter
-	models policySetter
-	certs  *certSource
+	sched     tenantSetter
+	limits    limitSetter
+	models    policySetter
+	certs     *certSource
+	upstreams upstreamSetter
 }
 
 // registryPolicy is the model_repository settings a reload can change.
@@ -148,8 +155,8 @@ func registryPolicy(cfg Config) workerpool.Policy {
 // reloadConfig reads the configuration again (SIGHUP) and applies what can
 // change while serving: the tenants, the rate limits (not their store), the
 // model repository's poll, auto_promote and drain_timeout, the certificate
-// files (read again even when their names did not change) and the shutdown
-// grace. A new configuration that does not validate (rate limits included),
+// files (read again even when their names did not change), the upstreams
+// and the shutdown grace. A new configuration that does not validate (rate limits included),
 // or whose certificate does not load, is refused as a whole and the running
 // one stays. Other changes are reported as needing a restart and not
 // applied. It returns the configuration now in force.
@@ -197,6 +204,15 @@ func reloadConfig(old Config, load func() (Config, error), to reloadTargets, log
 		applied.ModelRepository.Poll = next.ModelRepository.Poll
 		applied.ModelRepository.AutoPromote = next.ModelRepository.AutoPromote
 		applied.ModelRepository.DrainTimeout = next.ModelRepository.DrainTimeout
+	}
+	// An upstream whose entry is unchanged keeps its connections and the
+	// requests on it; a changed or new one starts afresh, and one removed
+	// takes no more requests and closes once its last one ends. Files it
+	// names (CA, client certificate, credential) are read again.
+	if err := to.upstreams.Update(next.Upstreams); err != nil {
+		log.Error("upstreams not reloaded", "err", err)
+	} else {
+		applied.Upstreams = next.Upstreams
 	}
 	restart := changedKeys(applied, next)
 	log.Info("config reloaded", "tenants", len(next.Scheduler.Tenants), "rate_limit_tenants", len(next.RateLimits.Tenants),

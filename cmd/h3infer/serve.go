@@ -30,6 +30,7 @@ import (
 	"h3infer/ratelimit"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
+	"h3infer/upstream"
 	"h3infer/workerconf"
 	"h3infer/workerpool"
 )
@@ -180,7 +181,19 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	}
 	schedCfg := cfg.Scheduler
 	schedCfg.Classes = *cfg.Priority
-	kinds := backends(cfg, localWorkers{registry, pool})
+	remote, err := upstream.NewSet(cfg.Upstreams, upstream.Options{
+		Log:            log,
+		Registerer:     reg,
+		TracerProvider: tp,
+		CallBuffer:     cfg.Workers.CallBuffer,
+		FirstID:        firstUpstreamID,
+	})
+	if err != nil {
+		return err
+	}
+	// Closed after the drain: it cancels what still runs upstream.
+	defer remote.Close()
+	kinds := backends(localWorkers{registry, pool}, remote)
 	sched, err := scheduler.New(schedCfg, kinds, log)
 	if err != nil {
 		return err
@@ -249,7 +262,7 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		case <-ctx.Done():
 			running = false
 		case <-hup:
-			cfg = reloadConfig(cfg, load, reloadTargets{sched: sched, limits: gw, models: registry, certs: src}, log)
+			cfg = reloadConfig(cfg, load, reloadTargets{sched: sched, limits: gw, models: registry, certs: src, upstreams: remote}, log)
 		}
 	}
 	grace := time.Duration(cfg.Gateway.ShutdownGrace)

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The edge in front of a regional tier: two real `h3infer serve`
+// processes with real ONNX Runtime workers. The regional tier serves the
+// model "big", which the edge has no worker for; the edge serves "demo"
+// itself and forwards "big" upstream.
+
+const regionalModel = "big"
+
+// tiers is an edge gateway and the regional gateway it forwards to.
+type tiers struct {
+	edge, regional *server
+}
+
+// startTiers starts a regional tier serving regionalModel and an edge
+// whose upstream is that tier over proto ("h2" or "h3"). upstreamExtra
+// adds keys to the edge's upstream entry.
+func startTiers(t *testing.T, proto string, upstreamExtra map[string]any) tiers {
+	t.Helper()
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	if out, err := exec.Command(bin, "genmodel", "--out", dir).CombinedOutput(); err != nil {
+		t.Fatalf("genmodel: %v\n%s", err, out)
+	}
+	regional := startServer(t, "--config", writeServeConfig(t, map[string]any{
+		"models": []map[string]any{{"name": regionalModel, "dir": dir}},
+	}))
+	// The edge presents a credential of the regional tier's, never its
+	// clients' tokens.
+	cred := filepath.Join(t.TempDir(), "regional.token")
+	if err := os.WriteFile(cred, []byte(regional.bearer(t)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	up := map[string]any{
+		"name":              "regional",
+		"url":               regional.base,
+		"protocol":          proto,
+		"ca_file":           regional.caFile,
+		"credential_file":   cred,
+		"discover_interval": "200ms",
+	}
+	for k, v := range upstreamExtra {
+		up[k] = v
+	}
+	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": []any{up}}))
+	waitFor(t, "the edge to list the regional model", func() bool { return listsModel(t, edge, regionalModel) })
+	return tiers{edge: edge, regional: regional}
+}
+
+// listsModel reports whether s's /v1/models lists model.
+func listsModel(t *testing.T, s *server, model string) bool {
+	t.Helper()
+	c := s.h2Client(t)
+	resp, err := c.Get(s.base + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var list struct {
+		Data []struct {
+			ID string `json:"id"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range list.Data {
+		if m.ID == model {
+			return true
+		}
+	}
+	return false
+}
+
+func regionalChat(maxTokens int, stream bool) map[string]any {
+	b := chatBody(maxTokens, stream)
+	b["model"] = regionalModel
+	return b
+}
+
+// TestUpstreamStreamsWhatTheRegionalTierGives: the text and usage streamed
+// through the edge, over HTTP/2 and over HTTP/3 towards the regional
+// tier, are those the regional tier gives its own clients directly, and
+// the edge still serves its local model beside the upstream one.
+func TestUpstreamStreamsWhatTheRegionalTierGives(t *testing.T) {
+	for _, proto := range []string{"h2", "h3"} {
+		t.Run(proto, func(t *testing.T) {
+			tr := startTiers(t, proto, nil)
+			ctx := context.Background()
+			direct := readStream(t, postJSON(t, ctx, tr.regional.h3Client(t), tr.regional.base+"/v1/chat/completions", regionalChat(40, true)))
+			if strings.TrimSpace(direct.text) == "" {
+				t.Fatal("the regional tier produced no text; the comparison would prove nothing")
+			}
+			via := readStream(t, postJSON(t, ctx, tr.edge.h3Client(t), tr.edge.base+"/v1/chat/completions", regionalChat(40, true)))
+			if via.text != direct.text {
+				t.Errorf("through the edge:\n%q\ndirect:\n%q", via.text, direct.text)
+			}
+			if !via.done || via.finish != direct.finish {
+				t.Errorf("through the edge: done %v finish %q; direct finish %q", via.done, via.finish, direct.finish)
+			}
+			du, vu := direct.chunks[len(direct.chunks)-1].Usage, via.chunks[len(via.chunks)-1].Usage
+			if du == nil || vu == nil || *du != *vu {
+				t.Errorf("usage through the edge %+v, direct %+v", vu, du)
+			}
+			// Not streamed, the edge collects the upstream's stream into
+			// one answer.
+			resp := postJSON(t, ctx, tr.edge.h2Client(t), tr.edge.base+"/v1/chat/completions", regionalChat(40, false))
+			var whole struct {
+				Choices []struct {
+					Message struct {
+						Content string `json:"content"`
+					} `json:"message"`
+				} `json:"choices"`
+			}
+			if err := json.NewDecoder(resp.Body).Decode(&whole); err != nil || resp.StatusCode != http.StatusOK {
+				t.Fatalf("non-streamed through the edge: %s, %v", resp.Status, err)
+			}
+			resp.Body.Close()
+			if len(whole.Choices) != 1 || whole.Choices[0].Message.Content != direct.text {
+				t.Errorf("non-streamed through the edge: %+v, want %q", whole.Choices, direct.text)
+			}
+			// The local model is the edge's own workers'.
+			local := readStream(t, postJSON(t, ctx, tr.edge.h3Client(t), tr.edge.base+"/v1/chat/completions", chatBody(8, true)))
+			if !local.done {
+				t.Error("the edge's local model did not answer")
+			}
+			if n := metric(t, tr.edge, "h3infer_worker_sequences_started_total"); n != 1 {
+				t.Errorf("the edge's workers started %v sequences, want 1 (the local request only)", n)
+			}
+		})
+	}
+}
+
+// TestUpstreamUrgencyReachesRegional: a u=0 request at the edge is seen
+// at the regional tier with urgency 0, and one that names none with the
+// urgency the edge decided for it.
+func TestUpstreamUrgencyReachesRegional(t *testing.T) {
+	tr := startTiers(t, "h3", nil)
+	c := tr.edge.h3Client(t)
+	for _, u := range []int{0, 5} {
+		b, _ := json.Marshal(regionalChat(4, true))
+		req, _ := http.NewRequest(http.MethodPost, tr.edge.base+"/v1/chat/completions", strings.NewReader(string(b)))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Priority", fmt.Sprintf("u=%d", u))
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r := readStream(t, resp); !r.done {
+			t.Fatalf("u=%d: stream did not complete", u)
+		}
+		labels := fmt.Sprintf(`model=%q,urgency="%d"`, regionalModel, u)
+		if n := sample(t, tr.regional, "h3infer_time_to_first_token_seconds_count", labels); n != 1 {
+			t.Errorf("regional tier saw %v requests at urgency %d, want 1", n, u)
+		}
+	}
+}
+
+// TestUpstreamClientLeavingCancelsRegional: a client that goes away at
+// the edge cancels the sequence at the regional tier, and the tier stops
+// generating for it at once.
+func TestUpstreamClientLeavingCancelsRegional(t *testing.T) {
+	tr := startTiers(t, "h2", nil)
+	before := metric(t, tr.regional, "h3infer_worker_sequences_cancelled_total")
+	genBefore := metric(t, tr.regional, "h3infer_worker_tokens_generated_total")
+	ctx, cancel := context.WithCancel(context.Background())
+	body := longStreamBody()
+	body["model"] = regionalModel
+	resp := postJSON(t, ctx, tr.edge.h3Client(t), tr.edge.base+"/v1/completions", body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %s", resp.Status)
+	}
+	br := bufio.NewReader(resp.Body)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	left := time.Now()
+	cancel()
+	resp.Body.Close()
+	pollUntil(t, "the regional tier to cancel the sequence", 10*time.Second, func() bool {
+		return metric(t, tr.regional, "h3infer_worker_sequences_cancelled_total") > before
+	})
+	took := time.Since(left)
+	generated := metric(t, tr.regional, "h3infer_worker_tokens_generated_total") - genBefore
+	if generated >= 1000 {
+		t.Errorf("the regional tier generated all %v tokens of a request whose client left after its first event", generated)
+	}
+	// What the edge passed on to its client before it left; the rest was
+	// generated for nobody.
+	streamed := metric(t, tr.edge, "h3infer_stream_tokens_total")
+	t.Logf("the regional tier's cancel showed within %v of the client leaving (polled every 20ms); it generated %v tokens, the edge streamed %v",
+		took, generated, streamed)
+}
+
+// TestUpstreamLostMidStreamIsAnErrorEvent: when the regional tier dies
+// mid-stream the client gets an explicit upstream_lost error event, never
+// a stream that just stops.
+func TestUpstreamLostMidStreamIsAnErrorEvent(t *testing.T) {
+	tr := startTiers(t, "h2", nil)
+	body := longStreamBody()
+	body["model"] = regionalModel
+	resp := postJSON(t, context.Background(), tr.edge.h3Client(t), tr.edge.base+"/v1/completions", body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %s", resp.Status)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	killServer(t, tr.regional)
+	rest, err := io.ReadAll(br)
+	if err != nil {
+		t.Fatalf("the edge's stream broke instead of ending with an error event: %v", err)
+	}
+	end := readStreamEnd(&http.Response{StatusCode: http.StatusOK, Body: io.NopCloser(strings.NewReader(string(rest)))})
+	if end.errCode != "upstream_lost" {
+		t.Errorf("stream ended with %+v, want an upstream_lost error event\n%s", end, lastLines(string(rest), 3))
+	}
+}
+
+// killServer ends a server and its workers with SIGKILL, as a crash
+// would, and waits for it.
+func killServer(t *testing.T, s *server) {
+	t.Helper()
+	workers := childPIDs(s.cmd.Process.Pid)
+	s.cmd.Process.Kill()
+	<-s.exited
+	for _, pid := range workers {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	pollUntil(t, "the killed server's workers to exit", 10*time.Second, func() bool {
+		for _, pid := range workers {
+			if processAlive(pid) {
+				return false
+			}
+		}
+		return true
+	})
+	s.exitErr = nil // killed on purpose: the cleanup's exit check does not apply
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(len(lines)-n, 0):], "\n")
+}
