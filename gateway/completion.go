@@ -49,7 +49,9 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		writeError(w, err)
 		return
 	}
-	defer run.adm.release()
+	// A stream gives back its unused tokens before its end reaches the
+	// client (relay); this catches every other way a request ends.
+	defer func() { run.adm.release(ctx, run.tokens) }()
 
 	model, done, err := g.route(w, r, run)
 	if err != nil {
@@ -151,16 +153,24 @@ func (g *Gateway) finished(ctx context.Context, run *inflight) {
 	}
 }
 
-// admit names the request's tenant and checks the tenant's rate limits.
-// When the limit store cannot answer, the request is admitted. The caller
-// releases run.adm when the request ends.
+// admit names the request's tenant and checks the tenant's rate limits,
+// reserving the request's max_tokens where the tenant has a tokens-per-
+// minute limit. When the limit store cannot answer, the request is
+// admitted. The caller releases run.adm when the request ends.
 func (g *Gateway) admit(ctx context.Context, w http.ResponseWriter, r *http.Request, run *inflight) error {
 	run.tenant = g.cfg.Tenant(r)
-	adm, err := g.limits.Load().admit(ctx, run.tenant, w.Header())
+	adm, err := g.limits.Load().admit(ctx, run.tenant, int(run.req.job.MaxTokens), w.Header())
 	if err != nil {
 		if lim, ok := errors.AsType[*rateLimited](err); ok {
 			g.refused(ctx, lim)
 			return err
+		}
+		if over, ok := errors.AsType[*overBurst](err); ok {
+			param := run.req.maxTokensParam
+			if param == "" {
+				return invalidf("max_tokens", "max_tokens: not given, and the default of %d exceeds the %d tokens this tenant may reserve at once; ask for at most %d", over.tokens, over.burst, over.burst)
+			}
+			return invalidf(param, "%s: %d exceeds the %d tokens this tenant may reserve at once", param, over.tokens, over.burst)
 		}
 		g.log.Warn("rate limit not checked; admitting", "tenant", run.tenant, "err", err)
 	}
@@ -444,7 +454,9 @@ func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflig
 
 // relay writes ev and the events after it to sw, and reports whether the
 // stream may end cleanly: its last event, [DONE] or an error event, was
-// written.
+// written. Before that last event it gives back the tokens the request
+// reserved and did not use, so that a client that has read the end of the
+// stream finds them in its tenant's budget.
 func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *encoder, ev infer.Event) bool {
 	if sw.Write(enc.opening()) != nil {
 		return false
@@ -464,9 +476,11 @@ func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *
 		}
 		var err error
 		if ev, err = g.nextHolding(ctx, run, sw); err != nil {
+			run.adm.settle(ctx, run.tokens)
 			return g.streamFailed(ctx, sw, run, err)
 		}
 	}
+	run.adm.settle(ctx, run.tokens)
 	// [DONE] is written even if an event before it failed, and decides
 	// how the stream ends.
 	if sw.Write(enc.finish(finishReason(ev.Done))) == nil && run.req.includeUsage {

@@ -579,7 +579,7 @@ func (g *Gateway) installTickets(c *tls.Config) {
 // can have, so that rate() sees the first refusal.
 func initRefusals(m *metrics, rl RateLimits) {
 	for _, tenant := range append([]string{scheduler.DefaultTenant, "other"}, slices.Sorted(maps.Keys(rl.Tenants))...) {
-		for _, kind := range []string{limitRequests, limitTokens, limitConcurrency} {
+		for _, kind := range []string{limitRequests, limitTokens, limitConcurrency, limitTokensPerMinute} {
 			m.refusals.WithLabelValues(tenant, kind)
 		}
 	}

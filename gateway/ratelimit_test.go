@@ -1,12 +1,16 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -368,5 +372,289 @@ func TestSetRateLimits(t *testing.T) {
 	// A tenant the new limits list gets its own label from the start.
 	if !strings.Contains(scrape(t, h), `h3infer_rate_limit_refusals_total{limit="requests",tenant="gold"} 0`) {
 		t.Error("refusal counter for a tenant added by a reload not initialised")
+	}
+}
+
+// chatStreamFor is chatStream reserving maxTokens.
+func chatStreamFor(maxTokens int) string {
+	return fmt.Sprintf(`{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":%d}`, maxTokens)
+}
+
+// tokensIn counts the "x" tokens of longAnswer and heldAnswer in a stream's
+// events.
+func tokensIn(events []string) int {
+	n := 0
+	for _, e := range events {
+		n += strings.Count(e, `"content":"x"`)
+	}
+	return n
+}
+
+// TestTokensPerMinuteReservation: admission reserves max_tokens, the end of
+// the request gives back what it did not generate (over HTTP/3, before the
+// client sees the end of the stream; over HTTP/2, before the response
+// ends), a request that fails before its first token gives back
+// everything, and a reservation above the burst is refused as invalid.
+func TestTokensPerMinuteReservation(t *testing.T) {
+	// 0.1 tokens a second: nothing comes back by itself during the test.
+	h := newHarness(t, func(c *Config) {
+		c.RateLimits.Default = TenantLimit{TokensPerMinute: 6, TokenBurst: 100}
+	})
+	const policy = `"tokens_per_minute";q=100;w=1000`
+	ok := func(proto string, maxTokens, want int) {
+		t.Helper()
+		resp := h.post(t, proto, "/v1/chat/completions", chatStreamFor(maxTokens))
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(resp.Body)
+			t.Fatalf("max_tokens %d: status %d, want 200; body %s", maxTokens, resp.StatusCode, b)
+		}
+		if got := resp.Header.Get("RateLimit-Policy"); got != policy {
+			t.Errorf("RateLimit-Policy %q, want %q", got, policy)
+		}
+		if got := tokensIn(sseEvents(t, resp.Body)); got != want {
+			t.Errorf("max_tokens %d: got %d tokens, want %d", maxTokens, got, want)
+		}
+	}
+	// All of the burst reserved, 10 used: 90 come back.
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(10), nil })
+	ok("h3", 100, 10)
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(80), nil })
+	ok("h2", 90, 80)
+	// Now 10 are left: 11 do not fit, and waiting helps.
+	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStreamFor(11)), policy)
+
+	// A request that fails before its first token gives all 10 back.
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+		return []infer.Event{{Err: &infer.Error{Code: infer.CodeInternal, Message: "worker died"}}}, nil
+	})
+	resp := h.post(t, "h3", "/v1/chat/completions", chatStreamFor(10))
+	io.Copy(io.Discard, resp.Body)
+	if resp.StatusCode != http.StatusInternalServerError {
+		t.Fatalf("failed request: status %d, want 500", resp.StatusCode)
+	}
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(10), nil })
+	ok("h3", 10, 10)
+	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStreamFor(1)), policy)
+
+	// More than the burst never fits: 400, naming the parameter, or the
+	// default when the request named none (256 here).
+	for body, want := range map[string]string{
+		chatStreamFor(101): "max_tokens: 101 exceeds the 100 tokens",
+		chatStream:         "max_tokens: not given, and the default of 256 exceeds the 100 tokens",
+	} {
+		resp := h.post(t, "h3", "/v1/chat/completions", body)
+		b, _ := io.ReadAll(resp.Body)
+		var e struct {
+			Error struct {
+				Message string `json:"message"`
+				Param   string `json:"param"`
+			} `json:"error"`
+		}
+		if err := json.Unmarshal(b, &e); err != nil || resp.StatusCode != http.StatusBadRequest ||
+			e.Error.Param != "max_tokens" || !strings.HasPrefix(e.Error.Message, want) {
+			t.Errorf("status %d, body %s; want 400 for param max_tokens saying %q", resp.StatusCode, b, want)
+		}
+	}
+	if !strings.Contains(scrape(t, h), `h3infer_rate_limit_refusals_total{limit="tokens_per_minute",tenant="other"} 2`) {
+		t.Error("tokens_per_minute refusals not counted")
+	}
+}
+
+// postAll sends n streaming requests reserving maxTokens each over HTTP/3,
+// all at once, and returns the responses.
+func postAll(t *testing.T, h *harness, n, maxTokens int) []*http.Response {
+	t.Helper()
+	resps := make([]*http.Response, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range n {
+		wg.Go(func() {
+			req, err := http.NewRequest(http.MethodPost, h.base+"/v1/chat/completions", strings.NewReader(chatStreamFor(maxTokens)))
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			req.Header.Set("Content-Type", "application/json")
+			<-start
+			resps[i], errs[i] = h.clients["h3"].Do(req)
+		})
+	}
+	close(start)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		t.Cleanup(func() { resps[i].Body.Close() })
+	}
+	return resps
+}
+
+// admittedOf returns the responses with status 200 and checks that every
+// other one is a tokens_per_minute refusal.
+func admittedOf(t *testing.T, resps []*http.Response, policy string) []*http.Response {
+	t.Helper()
+	var admitted []*http.Response
+	for _, resp := range resps {
+		if resp.StatusCode == http.StatusOK {
+			admitted = append(admitted, resp)
+			continue
+		}
+		checkRefusal(t, resp, policy)
+	}
+	return admitted
+}
+
+// tokensReceived reads the streams all at once, as a client multiplexing
+// them would (one at a time, the QUIC connection's flow-control window
+// fills with the others' bytes), and counts their tokens.
+func tokensReceived(t *testing.T, resps []*http.Response) int {
+	t.Helper()
+	bodies := make([][]byte, len(resps))
+	errs := make([]error, len(resps))
+	var wg sync.WaitGroup
+	for i, resp := range resps {
+		wg.Go(func() { bodies[i], errs[i] = io.ReadAll(resp.Body) })
+	}
+	wg.Wait()
+	n := 0
+	for i, b := range bodies {
+		if errs[i] != nil {
+			t.Fatalf("stream %d: %v", i, errs[i])
+		}
+		n += tokensIn(sseEvents(t, bytes.NewReader(b)))
+	}
+	return n
+}
+
+// TestTokensPerMinuteConcurrentStreams sends 50 streaming requests at once
+// against a tokens-per-minute limit, in memory and in Redis: the tokens the
+// tenant receives never exceed the burst by more than one request's
+// reservation, and the reservations the streams did not use come back for
+// the next 50.
+func TestTokensPerMinuteConcurrentStreams(t *testing.T) {
+	const (
+		streams   = 50
+		maxTokens = 100
+		burst     = 500
+		policy    = `"tokens_per_minute";q=500;w=5000`
+	)
+	for _, name := range []string{"local", "redis"} {
+		t.Run(name, func(t *testing.T) {
+			var store LimitStore // nil: the gateway's own local store
+			var client *redis.Client
+			if name == "redis" {
+				client = redistest.Start(t)
+				store = ratelimit.NewRedis(client, "h3infer:rl:")
+			}
+			// 0.1 tokens a second: what refills during the test is
+			// far less than one request's reservation.
+			h := newHarness(t, func(c *Config) {
+				c.RateLimits = RateLimits{Default: TenantLimit{TokensPerMinute: 6, TokenBurst: burst}, Store: store}
+			})
+			t.Cleanup(func() {
+				h.closeClients()
+				if client != nil {
+					client.Close()
+				}
+			})
+
+			// First 50: the admitted streams send 10 tokens and stay
+			// open, holding their reservations, until all 50 are
+			// decided.
+			h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+				evs := longAnswer(10)
+				return evs[:len(evs)-1], nil
+			})
+			admitted := admittedOf(t, postAll(t, h, streams, maxTokens), policy)
+			if got := len(admitted) * maxTokens; got > burst+maxTokens {
+				t.Errorf("%d streams admitted reserving %d tokens, more than the burst of %d and one request's %d", len(admitted), got, burst, maxTokens)
+			}
+			if len(admitted) != burst/maxTokens {
+				t.Errorf("%d of %d streams admitted, want %d", len(admitted), streams, burst/maxTokens)
+			}
+			h.sched.mu.Lock()
+			open := slices.Clone(h.sched.streams)
+			h.sched.mu.Unlock()
+			// Ended while their bodies are read: a stream whose
+			// client reads nothing may not take its last event.
+			var ends sync.WaitGroup
+			for _, st := range open {
+				ends.Go(func() {
+					st.events <- done(infer.FinishStop, 3, 10)
+					close(st.events)
+				})
+			}
+			received := tokensReceived(t, admitted)
+			ends.Wait()
+
+			// Each gave back the 90 it did not use: 450 are free, four
+			// requests' worth. These run to their end.
+			h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(maxTokens), nil })
+			admitted = admittedOf(t, postAll(t, h, streams, maxTokens), policy)
+			if len(admitted) != 4 {
+				t.Errorf("after the first streams ended: %d of %d admitted, want 4", len(admitted), streams)
+			}
+			received += tokensReceived(t, admitted)
+			if received > burst+maxTokens {
+				t.Errorf("the tenant received %d tokens, more than the burst of %d and one request's %d", received, burst, maxTokens)
+			}
+			if want := 5*10 + len(admitted)*maxTokens; received != want {
+				t.Errorf("received %d tokens, want %d", received, want)
+			}
+		})
+	}
+}
+
+// TestTokensPerMinuteAcrossReload: a request keeps the limiter, and so the
+// store, it was admitted under. Its unused tokens go back there, not to
+// the store a reload swapped in meanwhile.
+func TestTokensPerMinuteAcrossReload(t *testing.T) {
+	first, second := ratelimit.NewLocal(), ratelimit.NewLocal()
+	limits := func(store LimitStore) RateLimits {
+		return RateLimits{Default: TenantLimit{TokensPerMinute: 6, TokenBurst: 100}, Store: store}
+	}
+	h := newHarness(t, func(c *Config) { c.RateLimits = limits(first) })
+	status := func(maxTokens int) int {
+		t.Helper()
+		resp := h.post(t, "h3", "/v1/chat/completions", chatStreamFor(maxTokens))
+		io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode
+	}
+	// Admitted under the first store, holding all of it, 10 tokens sent.
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+		evs := longAnswer(10)
+		return evs[:len(evs)-1], nil
+	})
+	held := h.post(t, "h3", "/v1/chat/completions", chatStreamFor(100))
+	if held.StatusCode != http.StatusOK {
+		t.Fatalf("held stream: status %d", held.StatusCode)
+	}
+	if err := h.gw.SetRateLimits(limits(second)); err != nil {
+		t.Fatal(err)
+	}
+	// The second store's bucket is spent whole.
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(100), nil })
+	if s := status(100); s != http.StatusOK {
+		t.Fatalf("first request under the new store: status %d", s)
+	}
+	h.sched.mu.Lock()
+	st := h.sched.streams[0]
+	h.sched.mu.Unlock()
+	st.events <- done(infer.FinishStop, 3, 10)
+	close(st.events)
+	if got := tokensIn(sseEvents(t, held.Body)); got != 10 {
+		t.Fatalf("held stream sent %d tokens, want 10", got)
+	}
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(1), nil })
+	if s := status(1); s != http.StatusTooManyRequests {
+		t.Errorf("the held stream's 90 went to the store it was not admitted under: status %d, want 429", s)
+	}
+	if err := h.gw.SetRateLimits(limits(first)); err != nil {
+		t.Fatal(err)
+	}
+	if s := status(90); s != http.StatusOK {
+		t.Errorf("the held stream's 90 did not come back to its own store: status %d, want 200", s)
 	}
 }

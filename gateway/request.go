@@ -71,6 +71,9 @@ type completion struct {
 	includeUsage bool
 	user         string
 	job          infer.Request
+	// maxTokensParam is the parameter that set job.MaxTokens, "" when
+	// the default did.
+	maxTokensParam string
 }
 
 const maxStopSequences = 4
@@ -115,7 +118,7 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 	if maxTokens < 1 || maxTokens > math.MaxUint32 {
 		return nil, invalidf(param, "%s: must be a positive integer, got %d", param, maxTokens)
 	}
-	c.job.MaxTokens = uint32(maxTokens)
+	c.job.MaxTokens, c.maxTokensParam = uint32(maxTokens), param
 
 	c.job.Temperature = 1 // OpenAI's default; 0 would mean greedy
 	if t := req.Temperature; t != nil {

@@ -5,8 +5,6 @@ import (
 	"math"
 	"sync"
 	"time"
-
-	"golang.org/x/time/rate"
 )
 
 // Limit is one bucket's shape: Rate units per second refill it, up to Burst.
@@ -28,16 +26,53 @@ type Decision struct {
 	Reset time.Duration
 }
 
-// Local keeps one x/time/rate limiter per key, in this process only.
+// Local keeps one token bucket per key, in this process only.
+//
+// It keeps its own buckets rather than golang.org/x/time/rate's Limiter
+// because a Limiter cannot take units back once a reservation has been
+// acted on (Reservation.Cancel restores only time not yet used), and
+// Refund must.
 type Local struct {
 	now func() time.Time
 
 	mu   sync.Mutex
-	keys map[string]*rate.Limiter
+	keys map[string]*bucket
+}
+
+// bucket holds tokens as of last; it refills at lim.Rate up to lim.Burst.
+// tokens falls below 0 by a forced Take's debt.
+type bucket struct {
+	lim    Limit
+	tokens float64
+	last   time.Time
 }
 
 // NewLocal returns an empty in-process store.
-func NewLocal() *Local { return &Local{now: time.Now, keys: map[string]*rate.Limiter{}} }
+func NewLocal() *Local { return &Local{now: time.Now, keys: map[string]*bucket{}} }
+
+// bucketAt returns key's bucket refilled up to now under lim, creating it
+// full. A changed lim applies from now: what the bucket earned until now
+// it earned at the old rate. l.mu must be held.
+func (l *Local) bucketAt(key string, lim Limit, now time.Time) *bucket {
+	b := l.keys[key]
+	if b == nil {
+		b = &bucket{lim: lim, tokens: float64(lim.Burst), last: now}
+		l.keys[key] = b
+		return b
+	}
+	b.advance(now)
+	b.lim = lim
+	b.advance(now) // a smaller burst caps what the bucket holds
+	return b
+}
+
+func (b *bucket) advance(now time.Time) {
+	if now.After(b.last) {
+		b.tokens += now.Sub(b.last).Seconds() * b.lim.Rate
+		b.last = now
+	}
+	b.tokens = min(b.tokens, float64(b.lim.Burst))
+}
 
 // Take debits cost units from key's bucket. Unless force is set, a Take the
 // bucket cannot cover now debits nothing and returns OK false; a forced Take
@@ -46,35 +81,44 @@ func (l *Local) Take(_ context.Context, key string, lim Limit, cost int, force b
 	now := l.now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	rl := l.keys[key]
-	if rl == nil {
-		rl = rate.NewLimiter(rate.Limit(lim.Rate), lim.Burst)
-		l.keys[key] = rl
-	} else if rl.Limit() != rate.Limit(lim.Rate) || rl.Burst() != lim.Burst {
-		rl.SetLimitAt(now, rate.Limit(lim.Rate))
-		rl.SetBurstAt(now, lim.Burst)
-	}
+	b := l.bucketAt(key, lim, now)
 	var d Decision
-	if cost > lim.Burst && !force {
+	switch {
+	case cost > lim.Burst && !force:
 		// Never fits: say when a full bucket would be back, the best
 		// advice there is.
 		d.Wait = secs(float64(lim.Burst) / lim.Rate)
-	} else if res := rl.ReserveN(now, min(cost, lim.Burst)); !res.OK() {
-		d.Wait = secs(float64(cost) / lim.Rate)
-	} else if wait := res.DelayFrom(now); wait > 0 && !force {
-		res.CancelAt(now)
-		d.Wait = wait
-	} else {
-		d.OK, d.Wait = true, wait
+	case b.tokens < float64(cost) && !force:
+		d.Wait = secs((float64(cost) - b.tokens) / lim.Rate)
+	default:
+		b.tokens -= float64(min(cost, lim.Burst))
+		d.OK, d.Wait = true, secs(-b.tokens/lim.Rate)
 		if extra := cost - lim.Burst; extra > 0 {
 			// A forced debit larger than the burst: the rest is debt too.
 			d.Wait += secs(float64(extra) / lim.Rate)
 		}
 	}
-	tokens := rl.TokensAt(now)
-	d.Remaining = max(0, int(math.Floor(tokens)))
-	d.Reset = secs((float64(lim.Burst) - tokens) / lim.Rate)
+	d.Remaining = max(0, int(math.Floor(b.tokens)))
+	d.Reset = secs((float64(lim.Burst) - b.tokens) / lim.Rate)
 	return d, nil
+}
+
+// Refund gives n units back to key's bucket, as though a Take of them had
+// never happened, but never fills it past lim.Burst. A key without a
+// bucket is full already.
+func (l *Local) Refund(_ context.Context, key string, lim Limit, n int) error {
+	if n <= 0 {
+		return nil
+	}
+	now := l.now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.keys[key] == nil {
+		return nil
+	}
+	b := l.bucketAt(key, lim, now)
+	b.tokens = min(b.tokens+float64(n), float64(lim.Burst))
+	return nil
 }
 
 func secs(s float64) time.Duration {

@@ -53,12 +53,11 @@ func (r *Redis) Take(ctx context.Context, key string, lim Limit, cost int, force
 	if lim.Rate <= 0 || lim.Burst <= 0 {
 		return Decision{}, fmt.Errorf("ratelimit: key %s: rate and burst must be > 0", key)
 	}
-	interval := int64(float64(time.Second/time.Microsecond) / lim.Rate)
 	f := 0
 	if force {
 		f = 1
 	}
-	res, err := gcra.Run(ctx, r.client, []string{r.prefix + key}, max(interval, 1), lim.Burst, cost, f).Int64Slice()
+	res, err := gcra.Run(ctx, r.client, []string{r.prefix + key}, interval(lim), lim.Burst, cost, f).Int64Slice()
 	if err != nil {
 		return Decision{}, fmt.Errorf("ratelimit: redis take %s: %w", key, err)
 	}
@@ -71,4 +70,42 @@ func (r *Redis) Take(ctx context.Context, key string, lim Limit, cost int, force
 		Remaining: int(res[2]),
 		Reset:     time.Duration(res[3]) * time.Microsecond,
 	}, nil
+}
+
+// giveBack takes KEYS[1] = bucket key, ARGV = emission interval (µs per
+// unit), units. It moves the theoretical arrival time back by the units,
+// but not before now: a bucket never holds more than its burst.
+var giveBack = redis.NewScript(`
+local interval = tonumber(ARGV[1])
+local units = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local new_tat = tat - interval * units
+if new_tat <= now then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return 0
+`)
+
+// Refund is Local.Refund's contract, shared across instances.
+func (r *Redis) Refund(ctx context.Context, key string, lim Limit, n int) error {
+	if lim.Rate <= 0 || lim.Burst <= 0 {
+		return fmt.Errorf("ratelimit: key %s: rate and burst must be > 0", key)
+	}
+	if n <= 0 {
+		return nil
+	}
+	if err := giveBack.Run(ctx, r.client, []string{r.prefix + key}, interval(lim), n).Err(); err != nil {
+		return fmt.Errorf("ratelimit: redis refund %s: %w", key, err)
+	}
+	return nil
+}
+
+// interval is lim's emission interval in µs, at least 1: the time one unit
+// takes to come back.
+func interval(lim Limit) int64 {
+	return max(int64(float64(time.Second/time.Microsecond)/lim.Rate), 1)
 }

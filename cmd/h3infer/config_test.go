@@ -29,7 +29,7 @@ func TestObservabilityConfig(t *testing.T) {
 		"admin_token": "tok",
 		"tracing": {"otlp_endpoint": "http://127.0.0.1:4318/v1/traces"},
 		"rate_limits": {
-			"default": {"requests_per_second": 5, "request_burst": 10, "output_tokens_per_second": 200, "max_concurrent": 4},
+			"default": {"requests_per_second": 5, "request_burst": 10, "output_tokens_per_second": 200, "max_concurrent": 4, "tokens_per_minute": 6000, "token_burst": 8000},
 			"tenants": {"gold": {"requests_per_second": 50}},
 			"cut_off": true,
 			"store": "redis",
@@ -51,7 +51,7 @@ func TestObservabilityConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer closeLimits()
-	want := gateway.TenantLimit{RequestsPerSecond: 5, RequestBurst: 10, OutputTokensPerSecond: 200, MaxConcurrent: 4}
+	want := gateway.TenantLimit{RequestsPerSecond: 5, RequestBurst: 10, OutputTokensPerSecond: 200, MaxConcurrent: 4, TokensPerMinute: 6000, TokenBurst: 8000}
 	if rl.Default != want || rl.Tenants["gold"].RequestsPerSecond != 50 || !rl.CutOff || rl.Store == nil {
 		t.Errorf("rate limits = %+v", rl)
 	}
@@ -86,6 +86,8 @@ func TestObservabilityConfigErrors(t *testing.T) {
 		"strikes without address": {`{"zero_rtt": {"strike_register": "redis"}}`, "zero_rtt.redis_addr"},
 		"CA without TLS":          {`{"redis": {"url": "redis://h:1", "ca_file": "/etc/hosts"}, "rate_limits": {"store": "redis"}}`, "redis.ca_file"},
 		"store_retry too short":   {`{"rate_limits": {"store_retry": "1ms"}}`, "rate_limits.store_retry"},
+		"negative tokens/minute":  {`{"rate_limits": {"default": {"tokens_per_minute": -1}}}`, "rate_limits.default.tokens_per_minute"},
+		"negative token burst":    {`{"rate_limits": {"tenants": {"gold": {"token_burst": -5}}}}`, "rate_limits.tenants.gold.token_burst"},
 		"endpoint not a URL":      {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
 	})
 	// Unknown keys are errors, here as everywhere in the file.
