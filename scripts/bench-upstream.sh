@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The edge hop: what an edge gateway in front of a regional tier adds to
+# talking to the tier directly. The regional tier is an `h3infer serve`
+# whose workers serve the synthetic model as "big" (no model cost, so the
+# hop is what is measured); the edge is an `h3infer serve` with its
+# defaults and one upstream, the tier, over PROTO (h2 or h3). One
+# `h3infer bench` run loads the edge and, as its baseline, the tier
+# itself at each concurrency level, and prints the ratios and the TTFT
+# difference. Repeated REPS times; docs/BENCHMARKS.md quotes the medians.
+set -euo pipefail
+BIN=${BIN:-bin/h3infer}
+REPS=${REPS:-3}
+OUT=${OUT:-bench-out/upstream}
+CONC=${CONC:-1,64,256}
+REQUESTS=${REQUESTS:-1024}
+PROTO=${PROTO:-h2}
+mkdir -p "$OUT"
+regional=$(mktemp -d)
+edge=$(mktemp -d)
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+	rm -rf "$regional" "$edge"
+}
+trap cleanup EXIT
+cat >"$regional/config.json" <<JSON
+{"listen": "127.0.0.1:28543", "admin": "127.0.0.1:29190", "state_dir": "$regional",
+ "workers": {"count": 2, "slots": 256}, "scheduler": {"max_queue": 1024},
+ "models": [{"name": "big", "dir": "synthetic"}]}
+JSON
+"$BIN" serve --config "$regional/config.json" >"$OUT/regional.log" 2>&1 & pids+=($!)
+for _ in $(seq 150); do
+	grep -q "is ready" "$OUT/regional.log" && break
+	sleep 0.2
+done
+# The edge's credential for the tier: the bearer part of the tier's dev
+# token, in a file only its owner reads.
+(umask 077; cut -d. -f1-4 "$regional/tokens/dev.token" >"$edge/regional.bearer")
+cat >"$edge/config.json" <<JSON
+{"listen": "127.0.0.1:28443", "admin": "127.0.0.1:29090", "state_dir": "$edge",
+ "upstreams": [{"name": "regional", "url": "https://127.0.0.1:28543", "protocol": "$PROTO",
+   "ca_file": "$regional/certs/ca.pem", "credential_file": "$edge/regional.bearer"}]}
+JSON
+"$BIN" serve --config "$edge/config.json" >"$OUT/edge.log" 2>&1 & pids+=($!)
+for _ in $(seq 150); do
+	grep -q "is ready" "$OUT/edge.log" && curl -sf http://127.0.0.1:29090/debug/state | grep -q '"big"' && break
+	sleep 0.2
+done
+for i in $(seq "$REPS"); do
+	echo "== edge hop ($PROTO towards the tier), repetition $i"
+	"$BIN" bench --url https://127.0.0.1:28443 --label edge --ca "$edge/certs/ca.pem" --state-dir "$edge" \
+		--baseline-url https://127.0.0.1:28543 --baseline-label regional --baseline-state-dir "$regional" \
+		--model big --concurrency "$CONC" --requests "$REQUESTS" --duration 15s \
+		--prompt-words 32 --output-tokens 64 --json "$OUT/hop-$i.json" \
+		| tee "$OUT/hop-$i.txt"
+done
+echo "== edge hop ($PROTO), medians of $REPS repetitions"
+for c in ${CONC//,/ }; do
+	d=$(grep -h "^difference edge-regional at concurrency $c:" "$OUT"/hop-*.txt | sed -E 's/.*ttft p50 ([-+0-9.]+) ms.*/\1/' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+	t=$(grep -h "^ratio edge/regional at concurrency $c:" "$OUT"/hop-*.txt | sed -E 's/.*tokens\/s ([0-9.]+).*/\1/' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+	echo "concurrency $c: added ttft p50 $d ms (target <= 0.3 at c=1), tokens/s ratio $t (target >= 0.9 at c=64)"
+done
