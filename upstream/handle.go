@@ -141,7 +141,9 @@ func newHandle(s *Set, id int, c Config, mat material) (*Handle, error) {
 		configured[i] = infer.ModelInfo{Name: m}
 	}
 	h.served.Store(newModelTable(configured))
-	h.ready.Store(true)
+	h.mu.Lock()
+	h.setReadyLocked()
+	h.mu.Unlock()
 	return h, nil
 }
 

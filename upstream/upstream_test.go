@@ -415,6 +415,9 @@ func TestEjection(t *testing.T) {
 	cfg.EjectAfter = 3
 	s, reg := newTestSet(t, Options{}, cfg)
 	h := only(t, s, "m")
+	if got := counter(t, reg, "h3infer_upstream_up", "upstream", "a"); got != 1 {
+		t.Errorf("up gauge of a new upstream: got %v, want 1", got)
+	}
 	var status atomic.Int64
 	f.answer(func(w http.ResponseWriter, r *http.Request) {
 		if st := int(status.Load()); st != 200 {
