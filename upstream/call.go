@@ -44,7 +44,7 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 	}
 	h.inFlight++
 	h.requests++
-	h.wg.Add(1)
+	h.set.wg.Add(1)
 	h.mu.Unlock()
 	h.m.inFlight.Inc()
 	ctx, cancel := context.WithCancelCause(h.ctx)
@@ -61,7 +61,7 @@ func (h *Handle) callEnded() {
 	h.inFlight--
 	h.mu.Unlock()
 	h.closeIfIdle()
-	h.wg.Done()
+	h.set.wg.Done()
 }
 
 // call is one request in flight on an upstream: an infer.Call whose
@@ -435,7 +435,7 @@ func (c *call) stream(ctx context.Context, body io.Reader, chat bool, stall *tim
 		return nil
 	}
 	for {
-		line, err := readLine(br, maxLine)
+		line, err := readLine(br, maxLine, func() { stall.Reset(stallFor) })
 		if err == io.EOF && hasData {
 			// The stream ended without the blank line that ends an
 			// event: act on the event it did send.
@@ -495,33 +495,32 @@ func streamError(raw json.RawMessage, started bool) result {
 	return result{err: e, kind: kindUpstreamError, reason: "error event: " + msg}
 }
 
-// report delivers the exchange's end, counts it and ends its span.
+// report counts the exchange's end, ends its span and, last, delivers
+// its terminal event, so that whoever reads it finds everything counted.
 func (c *call) report(ctx context.Context, r result, span trace.Span) {
 	h := c.h
 	c.mu.Lock()
 	cancelled, overflowed := c.cancelled, c.overflowed
 	c.mu.Unlock()
 	span.SetAttributes(attribute.Int("h3infer.tokens", int(r.tokens)))
-	defer span.End()
 	switch {
 	case cancelled:
 		h.m.cancelled.Inc()
 		h.m.requests.WithLabelValues(outcomeCancelled).Inc()
 		span.AddEvent("cancelled")
+		span.End()
 		return
 	case r.done != nil:
-		c.finish(infer.Event{Done: r.done})
 		h.m.requests.WithLabelValues(outcomeOK).Inc()
 		h.succeed(r.ttft)
 		span.SetAttributes(attribute.String("h3infer.finish_reason", r.done.FinishReason),
 			attribute.Int("h3infer.prompt_tokens", int(r.done.PromptTokens)),
 			attribute.Int("h3infer.completion_tokens", int(r.done.CompletionTokens)))
+		span.End()
+		c.finish(infer.Event{Done: r.done})
 		return
 	case overflowed:
 		r.kind, r.reason = kindOverflow, "the consumer fell behind"
-	}
-	if r.err != nil {
-		c.finish(infer.Event{Err: r.err})
 	}
 	h.m.requests.WithLabelValues(outcomeError).Inc()
 	code := infer.CodeOverflow
@@ -529,6 +528,7 @@ func (c *call) report(ctx context.Context, r result, span trace.Span) {
 		code = r.err.Code
 	}
 	span.SetStatus(codes.Error, code)
+	span.End()
 	if r.kind != "" {
 		h.fail(r.kind, r.reason, r.counts)
 	}
@@ -538,14 +538,19 @@ func (c *call) report(ctx context.Context, r result, span trace.Span) {
 	}
 	h.set.log.Log(ctx, level, "upstream request failed", "upstream", h.cfg.Name, "request_id", c.id,
 		"code", code, "kind", r.kind, "tokens", r.tokens, "reason", bound(r.reason, maxMessage))
+	if r.err != nil {
+		c.finish(infer.Event{Err: r.err})
+	}
 }
 
 // errLineTooLong ends a stream with a line longer than maxLine.
 var errLineTooLong = fmt.Errorf("stream line longer than %d bytes", maxLine)
 
 // readLine reads one line without its end (LF or CRLF), refusing one
-// longer than limit instead of buffering it whole.
-func readLine(r *bufio.Reader, limit int) ([]byte, error) {
+// longer than limit instead of buffering it whole. It calls progress
+// whenever a long line's next part arrives: a line still arriving is not
+// a stall.
+func readLine(r *bufio.Reader, limit int, progress func()) ([]byte, error) {
 	line, err := r.ReadSlice('\n')
 	if err == bufio.ErrBufferFull {
 		buf := append([]byte(nil), line...)
@@ -553,6 +558,7 @@ func readLine(r *bufio.Reader, limit int) ([]byte, error) {
 			if len(buf) > limit {
 				return nil, errLineTooLong
 			}
+			progress()
 			line, err = r.ReadSlice('\n')
 			buf = append(buf, line...)
 		}

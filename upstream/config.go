@@ -250,4 +250,3 @@ func sameConfig(a, b Config) bool {
 	a.Models, b.Models = nil, nil
 	return slices.Equal(ma, mb) && reflect.DeepEqual(a, b)
 }
-

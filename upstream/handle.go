@@ -67,7 +67,6 @@ type Handle struct {
 	ctx    context.Context // parent of every call; ends at close
 	cancel context.CancelCauseFunc
 	probe  context.CancelFunc // stops the probe goroutine
-	wg     sync.WaitGroup     // the probe and every call's goroutine
 
 	ready  atomic.Bool // neither ejected nor retired
 	probed atomic.Bool // the first probe has answered or failed
@@ -142,7 +141,9 @@ func newHandle(s *Set, id int, c Config, mat material) (*Handle, error) {
 		configured[i] = infer.ModelInfo{Name: m}
 	}
 	h.served.Store(newModelTable(configured))
-	h.ready.Store(true)
+	h.mu.Lock()
+	h.setReadyLocked()
+	h.mu.Unlock()
 	return h, nil
 }
 
@@ -205,7 +206,7 @@ func (h *Handle) models() []infer.ModelInfo { return h.served.Load().list }
 func (h *Handle) start() {
 	ctx, stop := context.WithCancel(h.ctx)
 	h.probe = stop
-	h.wg.Go(func() { h.probeLoop(ctx) })
+	h.set.wg.Go(func() { h.probeLoop(ctx) })
 }
 
 // probeLoop asks the upstream for its models at once and then every
@@ -436,15 +437,13 @@ func (h *Handle) closedNow() bool {
 	return h.closed
 }
 
-// close cancels everything the handle runs, waits for it and closes its
-// connections.
-func (h *Handle) close() {
+// shut takes no more requests and cancels everything the handle runs;
+// the Set waits for its goroutines and then closes its connections.
+func (h *Handle) shut() {
 	h.mu.Lock()
 	h.closed = true
 	h.mu.Unlock()
 	h.cancel(errClosed)
-	h.wg.Wait()
-	h.closeConns()
 }
 
 var _ scheduler.Backend = (*Handle)(nil)

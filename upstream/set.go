@@ -61,6 +61,10 @@ type Set struct {
 	// upstream that is down later does not make the set unready.
 	everReady atomic.Bool
 
+	// wg counts every goroutine of every handle, retired ones
+	// included: each probe and each call.
+	wg sync.WaitGroup
+
 	mu      sync.Mutex // serialises Update and Close
 	nextID  int
 	retired []*Handle // replaced or removed, closed once idle
@@ -111,7 +115,8 @@ func NewSet(list []Config, opt Options) (*Set, error) {
 	for i, c := range list {
 		if hs[i], err = s.newHandle(c, mats[i]); err != nil {
 			for _, h := range hs[:i] {
-				h.close()
+				h.shut()
+				h.closeConns()
 			}
 			return nil, err
 		}
@@ -253,7 +258,8 @@ func (s *Set) Update(list []Config) error {
 		h, err := s.newHandle(c, mats[i])
 		if err != nil {
 			for _, f := range fresh {
-				f.close()
+				f.shut()
+				f.closeConns()
 			}
 			return err
 		}
@@ -272,6 +278,8 @@ func (s *Set) Update(list []Config) error {
 		h.retire()
 		s.retired = append(s.retired, h)
 	}
+	// A retired handle closes its connections itself once idle; the Set
+	// forgets it then (its last goroutines are still in wg).
 	s.retired = slices.DeleteFunc(s.retired, (*Handle).closedNow)
 	return nil
 }
@@ -288,7 +296,11 @@ func (s *Set) Close() {
 	s.closed = true
 	hs := append(slices.Clone(s.handles()), s.retired...)
 	for _, h := range hs {
-		h.close()
+		h.shut()
+	}
+	s.wg.Wait()
+	for _, h := range hs {
+		h.closeConns()
 	}
 	s.retired = nil
 }
@@ -316,4 +328,3 @@ const (
 	StateUp      = "up"
 	StateEjected = "ejected"
 )
-

@@ -73,10 +73,21 @@ var forbidden = map[string]struct{ direct, anywhere []string }{
 	// The link emulator is bench tooling that stands alone.
 	"h3infer/internal/netemu": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/client", "net/http", "github.com/quic-go/quic-go"}},
 	// The client is what apps embed: it carries nothing of the server.
+	// Remote servers are reached over HTTP, never through the worker
+	// ring or ONNX Runtime.
+	"h3infer/upstream": {anywhere: []string{"github.com/yalue/onnxruntime_go", "h3infer/transport", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/gateway"}},
 	"h3infer/client": {
 		direct:   []string{"h3infer/gateway", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/scheduler", "h3infer/certs"},
 		anywhere: []string{"github.com/yalue/onnxruntime_go", "github.com/redis/go-redis/v9"},
 	},
+}
+
+// onlyImports lists, for packages that join the graph at its edge, the
+// only packages of h3infer's they may import directly.
+var onlyImports = map[string][]string{
+	// A backend kind of its own: it speaks the vocabulary and implements
+	// the scheduler's Backend; cmd/h3infer wires it in.
+	"h3infer/upstream": {"h3infer/infer", "h3infer/priority", "h3infer/config", "h3infer/scheduler"},
 }
 
 // vocabulary lists the packages every other one speaks, and which of
@@ -125,6 +136,13 @@ func TestImportGraph(t *testing.T) {
 				}
 			}
 		}
+		if allowed, ok := onlyImports[p.ImportPath]; ok {
+			for _, d := range p.Imports {
+				if strings.HasPrefix(d, "h3infer/") && !slices.Contains(allowed, d) {
+					t.Errorf("%s imports %s; it may import nothing of ours but %v", p.ImportPath, d, allowed)
+				}
+			}
+		}
 		// Only the command wires the top-level packages together: the
 		// gateway, and ONNX Runtime's models into the worker's loop (the
 		// tests of engine and workerpool import ort too, to drive real
@@ -136,6 +154,11 @@ func TestImportGraph(t *testing.T) {
 		}
 	}
 	for name := range vocabulary {
+		if !seen[name] {
+			t.Errorf("package %s is missing from the module; update this test with the layout", name)
+		}
+	}
+	for name := range onlyImports {
 		if !seen[name] {
 			t.Errorf("package %s is missing from the module; update this test with the layout", name)
 		}
