@@ -349,22 +349,6 @@ func (c *call) refused(resp *http.Response, model string) result {
 	return r
 }
 
-// chunk is one event of an OpenAI-style completion stream.
-type chunk struct {
-	Choices []struct {
-		Text  string `json:"text"`
-		Delta struct {
-			Content string `json:"content"`
-		} `json:"delta"`
-		FinishReason string `json:"finish_reason"`
-	} `json:"choices"`
-	Usage *struct {
-		PromptTokens     uint32 `json:"prompt_tokens"`
-		CompletionTokens uint32 `json:"completion_tokens"`
-	} `json:"usage"`
-	Error json.RawMessage `json:"error"`
-}
-
 // stream reads the SSE stream: each data field's JSON is a chunk, and
 // "[DONE]" the end.
 func (c *call) stream(ctx context.Context, body io.Reader, chat bool, stall *time.Timer, start time.Time) result {
@@ -398,7 +382,7 @@ func (c *call) stream(ctx context.Context, body io.Reader, chat bool, stall *tim
 			return &result{done: d, tokens: count, ttft: ttft}
 		}
 		var ch chunk
-		if err := json.Unmarshal(data, &ch); err != nil {
+		if err := decodeChunk(data, &ch); err != nil {
 			r := malformed("event is not a JSON chunk: " + err.Error())
 			return &r
 		}
