@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The edge hop: what an edge gateway in front of a regional tier adds to
 # talking to the tier directly. The regional tier is an `h3infer serve`
-# whose workers serve the synthetic model as "big" (no model cost, so the
-# hop is what is measured); the edge is an `h3infer serve` with its
-# defaults and one upstream, the tier, over PROTO (h2 or h3). One
+# whose workers serve, as "big", either the synthetic model (MODEL=
+# synthetic, the default: no model cost, so the tier's gateway and the
+# edge's are all the work there is, the worst case for the hop) or the
+# demo ONNX model run by ONNX Runtime (MODEL=onnx, at the tier's default
+# slots: the model's cost, as with a real tier). The edge is an
+# `h3infer serve` with its defaults and one upstream, the tier, over PROTO
+# (h2 or h3). One
 # `h3infer bench` run loads the edge and, as its baseline, the tier
 # itself at each concurrency level, and prints the ratios and the TTFT
 # difference. Repeated REPS times; docs/BENCHMARKS.md quotes the medians.
@@ -14,6 +18,7 @@ OUT=${OUT:-bench-out/upstream}
 CONC=${CONC:-1,64,256}
 REQUESTS=${REQUESTS:-1024}
 PROTO=${PROTO:-h2}
+MODEL=${MODEL:-synthetic}
 mkdir -p "$OUT"
 regional=$(mktemp -d)
 edge=$(mktemp -d)
@@ -24,10 +29,18 @@ cleanup() {
 	rm -rf "$regional" "$edge"
 }
 trap cleanup EXIT
+case $MODEL in
+synthetic) workers='{"count": 2, "slots": 256}' dir=synthetic ;;
+onnx)
+	workers='{"count": 2}' dir="$regional/big"
+	"$BIN" genmodel --out "$dir" >/dev/null
+	;;
+*) echo "MODEL: want synthetic or onnx, got $MODEL" >&2; exit 2 ;;
+esac
 cat >"$regional/config.json" <<JSON
 {"listen": "127.0.0.1:28543", "admin": "127.0.0.1:29190", "state_dir": "$regional",
- "workers": {"count": 2, "slots": 256}, "scheduler": {"max_queue": 1024},
- "models": [{"name": "big", "dir": "synthetic"}]}
+ "workers": $workers, "scheduler": {"max_queue": 1024},
+ "models": [{"name": "big", "dir": "$dir"}]}
 JSON
 "$BIN" serve --config "$regional/config.json" >"$OUT/regional.log" 2>&1 & pids+=($!)
 for _ in $(seq 150); do
@@ -48,14 +61,14 @@ for _ in $(seq 150); do
 	sleep 0.2
 done
 for i in $(seq "$REPS"); do
-	echo "== edge hop ($PROTO towards the tier), repetition $i"
+	echo "== edge hop ($PROTO towards the tier, $MODEL model), repetition $i"
 	"$BIN" bench --url https://127.0.0.1:28443 --label edge --ca "$edge/certs/ca.pem" --state-dir "$edge" \
 		--baseline-url https://127.0.0.1:28543 --baseline-label regional --baseline-state-dir "$regional" \
 		--model big --concurrency "$CONC" --requests "$REQUESTS" --duration 15s \
 		--prompt-words 32 --output-tokens 64 --json "$OUT/hop-$i.json" \
 		| tee "$OUT/hop-$i.txt"
 done
-echo "== edge hop ($PROTO), medians of $REPS repetitions"
+echo "== edge hop ($PROTO, $MODEL model), medians of $REPS repetitions"
 for c in ${CONC//,/ }; do
 	d=$(grep -h "^difference edge-regional at concurrency $c:" "$OUT"/hop-*.txt | sed -E 's/.*ttft p50 ([-+0-9.]+) ms.*/\1/' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
 	t=$(grep -h "^ratio edge/regional at concurrency $c:" "$OUT"/hop-*.txt | sed -E 's/.*tokens\/s ([0-9.]+).*/\1/' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')

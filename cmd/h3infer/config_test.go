@@ -76,19 +76,23 @@ func checkConfigErrors(t *testing.T, cases map[string]struct{ file, want string 
 
 func TestObservabilityConfigErrors(t *testing.T) {
 	checkConfigErrors(t, map[string]struct{ file, want string }{
-		"admin host with port":    {`{"admin_hosts": ["gw1.internal:9090"]}`, "admin_hosts[0]"},
-		"empty admin host":        {`{"admin_hosts": ["gw1", ""]}`, "admin_hosts[1]"},
-		"unknown store":           {`{"rate_limits": {"store": "memcached"}}`, "rate_limits.store"},
-		"redis without address":   {`{"rate_limits": {"store": "redis"}}`, "rate_limits.redis_addr"},
-		"bad redis URL scheme":    {`{"redis": {"url": "http://u:hunter2@h:1"}, "rate_limits": {"store": "redis"}}`, "redis.url"},
-		"bad redis URL db":        {`{"redis": {"url": "redis://u:hunter2@h:1/x"}, "zero_rtt": {"strike_register": "redis"}}`, "redis.url"},
-		"bad zero_rtt address":    {`{"zero_rtt": {"session_keys_store": "redis", "redis_addr": "nohost"}}`, "zero_rtt.redis_addr"},
-		"strikes without address": {`{"zero_rtt": {"strike_register": "redis"}}`, "zero_rtt.redis_addr"},
-		"CA without TLS":          {`{"redis": {"url": "redis://h:1", "ca_file": "/etc/hosts"}, "rate_limits": {"store": "redis"}}`, "redis.ca_file"},
-		"store_retry too short":   {`{"rate_limits": {"store_retry": "1ms"}}`, "rate_limits.store_retry"},
-		"negative tokens/minute":  {`{"rate_limits": {"default": {"tokens_per_minute": -1}}}`, "rate_limits.default.tokens_per_minute"},
-		"negative token burst":    {`{"rate_limits": {"tenants": {"gold": {"token_burst": -5}}}}`, "rate_limits.tenants.gold.token_burst"},
-		"endpoint not a URL":      {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
+		"admin host with port":     {`{"admin_hosts": ["gw1.internal:9090"]}`, "admin_hosts[0]"},
+		"empty admin host":         {`{"admin_hosts": ["gw1", ""]}`, "admin_hosts[1]"},
+		"unknown store":            {`{"rate_limits": {"store": "memcached"}}`, "rate_limits.store"},
+		"redis without address":    {`{"rate_limits": {"store": "redis"}}`, "rate_limits.redis_addr"},
+		"bad redis URL scheme":     {`{"redis": {"url": "http://u:hunter2@h:1"}, "rate_limits": {"store": "redis"}}`, "redis.url"},
+		"bad redis URL db":         {`{"redis": {"url": "redis://u:hunter2@h:1/x"}, "zero_rtt": {"strike_register": "redis"}}`, "redis.url"},
+		"bad zero_rtt address":     {`{"zero_rtt": {"session_keys_store": "redis", "redis_addr": "nohost"}}`, "zero_rtt.redis_addr"},
+		"strikes without address":  {`{"zero_rtt": {"strike_register": "redis"}}`, "zero_rtt.redis_addr"},
+		"CA without TLS":           {`{"redis": {"url": "redis://h:1", "ca_file": "/etc/hosts"}, "rate_limits": {"store": "redis"}}`, "redis.ca_file"},
+		"store_retry too short":    {`{"rate_limits": {"store_retry": "1ms"}}`, "rate_limits.store_retry"},
+		"negative tokens/minute":   {`{"rate_limits": {"default": {"tokens_per_minute": -1}}}`, "rate_limits.default.tokens_per_minute"},
+		"negative token burst":     {`{"rate_limits": {"tenants": {"gold": {"token_burst": -5}}}}`, "rate_limits.tenants.gold.token_burst"},
+		"upstream over plain http": {`{"upstreams": [{"name": "r", "url": "http://regional.example:8000"}]}`, "upstreams[0].url"},
+		"upstream priority":        {`{"upstreams": [{"name": "r", "url": "https://r:1", "priority": "urgent-first"}]}`, "upstreams[0].priority"},
+		"upstream named twice":     {`{"upstreams": [{"name": "r", "url": "https://a:1"}, {"name": "r", "url": "https://b:1"}]}`, "upstreams[1].name"},
+		"upstream unknown key":     {`{"upstreams": [{"name": "r", "url": "https://r:1", "api_key": "x"}]}`, "api_key"},
+		"endpoint not a URL":       {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
 	})
 	// Unknown keys are errors, here as everywhere in the file.
 	if _, err := loadConfig(writeConfig(t, `{"rate_limits": {"default": {"rps": 1}}}`)); err == nil {

@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -30,8 +32,9 @@ type tiers struct {
 
 // startTiers starts a regional tier serving regionalModel and an edge
 // whose upstream is that tier over proto ("h2" or "h3"). upstreamExtra
-// adds keys to the edge's upstream entry.
-func startTiers(t *testing.T, proto string, upstreamExtra map[string]any) tiers {
+// adds keys to the edge's upstream entry; before lists upstreams the edge
+// has ahead of the tier.
+func startTiers(t *testing.T, proto string, upstreamExtra map[string]any, before ...any) tiers {
 	t.Helper()
 	bin := buildBinary(t)
 	dir := t.TempDir()
@@ -58,7 +61,7 @@ func startTiers(t *testing.T, proto string, upstreamExtra map[string]any) tiers 
 	for k, v := range upstreamExtra {
 		up[k] = v
 	}
-	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": []any{up}}))
+	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": append(before, up)}))
 	waitFor(t, "the edge to list the regional model", func() bool { return listsModel(t, edge, regionalModel) })
 	return tiers{edge: edge, regional: regional}
 }
@@ -259,4 +262,68 @@ func killServer(t *testing.T, s *server) {
 func lastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
 	return strings.Join(lines[max(len(lines)-n, 0):], "\n")
+}
+
+// refusingUpstream is an OpenAI-compatible server on loopback that lists
+// models and answers every completion with 503 and a Retry-After: the one
+// fault here a real tier is not made to produce on demand.
+func refusingUpstream(t *testing.T, models ...string) (url string, posts *atomic.Int64) {
+	t.Helper()
+	posts = new(atomic.Int64)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet && r.URL.Path == "/v1/models" {
+			var data []map[string]string
+			for _, m := range models {
+				data = append(data, map[string]string{"id": m, "object": "model"})
+			}
+			w.Header().Set("Content-Type", "application/json")
+			json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": data})
+			return
+		}
+		posts.Add(1)
+		w.Header().Set("Retry-After", "7")
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, `{"error":{"message":"engine busy","type":"server_error","code":"overloaded"}}`)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, posts
+}
+
+// TestUpstreamRefusalMovesToAnotherUpstream: an upstream that refuses a
+// request before its first token (503) does not cost the client the
+// request when another backend serves the model: the request moves to
+// the regional tier. A model only the refusing upstream serves gets its
+// 503 and Retry-After, in OpenAI's shape.
+func TestUpstreamRefusalMovesToAnotherUpstream(t *testing.T) {
+	busy, posts := refusingUpstream(t, regionalModel, "solo")
+	tr := startTiers(t, "h2", nil, map[string]any{"name": "busy", "url": busy, "discover_interval": "200ms"})
+	waitFor(t, "the edge to list the busy upstream's own model", func() bool { return listsModel(t, tr.edge, "solo") })
+	c := tr.edge.h3Client(t)
+	const n = 4
+	for i := range n {
+		r := readStream(t, postJSON(t, context.Background(), c, tr.edge.base+"/v1/chat/completions", regionalChat(4, true)))
+		if !r.done {
+			t.Fatalf("request %d did not complete", i)
+		}
+	}
+	// Both upstreams are idle when each request arrives, so the first
+	// listed, the busy one, is asked first every time.
+	if got := posts.Load(); got != n {
+		t.Errorf("the busy upstream was asked %d times, want %d (each request once, never twice)", got, n)
+	}
+	body := regionalChat(4, true)
+	body["model"] = "solo"
+	resp := postJSON(t, context.Background(), c, tr.edge.base+"/v1/chat/completions", body)
+	defer resp.Body.Close()
+	var e struct {
+		Error struct {
+			Code string `json:"code"`
+		} `json:"error"`
+	}
+	json.NewDecoder(resp.Body).Decode(&e)
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") != "7" || e.Error.Code != "overloaded" {
+		t.Errorf("a model only the busy upstream serves: %s, Retry-After %q, code %q; want 503, 7, overloaded",
+			resp.Status, resp.Header.Get("Retry-After"), e.Error.Code)
+	}
 }
