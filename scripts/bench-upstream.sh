@@ -43,6 +43,7 @@ cat >"$regional/config.json" <<JSON
  "models": [{"name": "big", "dir": "$dir"}]}
 JSON
 "$BIN" serve --config "$regional/config.json" >"$OUT/regional.log" 2>&1 & pids+=($!)
+regional_pid=$!
 for _ in $(seq 150); do
 	grep -q "is ready" "$OUT/regional.log" && break
 	sleep 0.2
@@ -56,17 +57,32 @@ cat >"$edge/config.json" <<JSON
    "ca_file": "$regional/certs/ca.pem", "credential_file": "$edge/regional.bearer"}]}
 JSON
 "$BIN" serve --config "$edge/config.json" >"$OUT/edge.log" 2>&1 & pids+=($!)
+edge_pid=$!
+# cpu PID: the process's user+system CPU time so far, in clock ticks.
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# tokens LABEL FILE: the tokens a bench table counted for LABEL's runs.
+tokens() { grep -A6 "^$1 (" "$2" | sed -nE 's/^throughput: .*\(([0-9]+) tokens\)/\1/p' | awk '{n += $1} END {print n}'; }
+tck=$(getconf CLK_TCK)
 for _ in $(seq 150); do
 	grep -q "is ready" "$OUT/edge.log" && curl -sf http://127.0.0.1:29090/debug/state | grep -q '"big"' && break
 	sleep 0.2
 done
 for i in $(seq "$REPS"); do
 	echo "== edge hop ($PROTO towards the tier, $MODEL model), repetition $i"
+	e0=$(cpu "$edge_pid") r0=$(cpu "$regional_pid")
 	"$BIN" bench --url https://127.0.0.1:28443 --label edge --ca "$edge/certs/ca.pem" --state-dir "$edge" \
 		--baseline-url https://127.0.0.1:28543 --baseline-label regional --baseline-state-dir "$regional" \
 		--model big --concurrency "$CONC" --requests "$REQUESTS" --duration 15s \
 		--prompt-words 32 --output-tokens 64 --json "$OUT/hop-$i.json" \
 		| tee "$OUT/hop-$i.txt"
+	# The hop's cost apart from the machine it shares: CPU time of the
+	# edge's process per token it forwarded, beside the regional gateway
+	# process's per token it served (its workers are other processes).
+	e1=$(cpu "$edge_pid") r1=$(cpu "$regional_pid")
+	et=$(tokens edge "$OUT/hop-$i.txt") rt=$(tokens regional "$OUT/hop-$i.txt")
+	awk -v e=$((e1 - e0)) -v r=$((r1 - r0)) -v et="$et" -v rt="$rt" -v tck="$tck" 'BEGIN {
+		printf "cpu per token: edge %.1f us, regional gateway %.1f us (edge/regional %.2f)\n",
+			e / tck / et * 1e6, r / tck / (et + rt) * 1e6, (e / et) / (r / (et + rt)) }' | tee -a "$OUT/hop-$i.txt"
 done
 echo "== edge hop ($PROTO, $MODEL model), medians of $REPS repetitions"
 for c in ${CONC//,/ }; do
@@ -74,3 +90,4 @@ for c in ${CONC//,/ }; do
 	t=$(grep -h "^ratio edge/regional at concurrency $c:" "$OUT"/hop-*.txt | sed -E 's/.*tokens\/s ([0-9.]+).*/\1/' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
 	echo "concurrency $c: added ttft p50 $d ms (target <= 0.3 at c=1), tokens/s ratio $t (target >= 0.9 at c=64)"
 done
+grep -h '^cpu per token' "$OUT"/hop-*.txt
