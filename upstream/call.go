@@ -100,7 +100,7 @@ func (c *call) Cancel() {
 // token hands on one token's text without blocking. It reports false when
 // the call has ended: cancelled, or overflowed just now, which ends it
 // with infer.CodeOverflow and cancels the request.
-func (c *call) token(text string) bool {
+func (c *call) token(text string, count uint32) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.ended {
@@ -116,7 +116,7 @@ func (c *call) token(text string) bool {
 		c.cancel(errOverflow)
 		return false
 	}
-	c.events <- infer.Event{Token: infer.Token{Count: 1, Text: text}}
+	c.events <- infer.Event{Token: infer.Token{Count: count, Text: text}}
 	return true
 }
 
@@ -351,8 +351,50 @@ func (c *call) refused(resp *http.Response, model string) result {
 
 // stream reads the SSE stream: each data field's JSON is a chunk, and
 // "[DONE]" the end.
+//
+// Tokens that arrive together go on as one event: while the next event
+// has arrived whole already, a token waits for it, and the tokens go out
+// when nothing more is at hand, before the reader waits. An upstream that
+// coalesces its writes (h3infer does, for all but urgent streams) thus
+// costs the gateway one event per write rather than one per token, and
+// no token waits for anything that has not arrived.
 func (c *call) stream(ctx context.Context, body io.Reader, chat bool, stall *time.Timer, start time.Time) result {
 	br := bufio.NewReaderSize(body, 16<<10)
+	var (
+		held      []byte // text of tokens not yet handed on
+		heldCount uint32
+	)
+	// handOn delivers the held tokens; false: the call has ended.
+	handOn := func() bool {
+		if heldCount == 0 {
+			return true
+		}
+		ok := c.token(string(held), heldCount)
+		held, heldCount = held[:0], 0
+		return ok
+	}
+	r := c.readEvents(ctx, br, chat, stall, start, func(text string) bool {
+		held, heldCount = append(held, text...), heldCount+1
+		if nextEventArrived(br) {
+			return true
+		}
+		return handOn()
+	})
+	// Tokens before the end go on before it (report delivers the end).
+	handOn()
+	return r
+}
+
+// nextEventArrived reports whether br holds a whole further event: a
+// blank line ends one.
+func nextEventArrived(br *bufio.Reader) bool {
+	b, _ := br.Peek(br.Buffered())
+	return bytes.Contains(b, []byte("\n\n")) || bytes.Contains(b, []byte("\r\n\r\n"))
+}
+
+// readEvents reads the stream's events and hands each token's text to token,
+// which returns false once the call has ended.
+func (c *call) readEvents(ctx context.Context, br *bufio.Reader, chat bool, stall *time.Timer, start time.Time, token func(string) bool) result {
 	stallFor := time.Duration(c.h.cfg.StallTimeout)
 	var (
 		data    []byte
@@ -413,7 +455,7 @@ func (c *call) stream(ctx context.Context, body io.Reader, chat bool, stall *tim
 			c.h.m.ttft.Observe(ttft.Seconds())
 		}
 		count++
-		if !c.token(text) {
+		if !token(text) {
 			return &result{kind: kindOverflow, tokens: count, ttft: ttft} // or cancelled; report tells
 		}
 		return nil

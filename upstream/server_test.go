@@ -120,6 +120,37 @@ func streamTokens(tokens ...string) http.HandlerFunc {
 	}
 }
 
+// streamTokensApart is streamTokens with each token in a write of its
+// own, gap after the one before, as an upstream that does not coalesce
+// writes sends them: none arrives with the next.
+func streamTokensApart(gap time.Duration, tokens ...string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		sseStart(w)
+		for _, tok := range tokens {
+			sseData(w, chatChunk(tok))
+			time.Sleep(gap)
+		}
+		sseData(w, `{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}`)
+		sseData(w, "[DONE]")
+	}
+}
+
+// streamTokensTogether sends the tokens in one write, as an upstream that
+// coalesces its writes does.
+func streamTokensTogether(tokens ...string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		sseStart(w)
+		var b strings.Builder
+		for _, tok := range tokens {
+			fmt.Fprintf(&b, "data: %s\n\n", chatChunk(tok))
+		}
+		io.WriteString(w, b.String())
+		w.(http.Flusher).Flush()
+		sseData(w, `{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}`)
+		sseData(w, "[DONE]")
+	}
+}
+
 // testConfig is an upstream with short timeouts, serving model "m".
 func testConfig(name, url string) Config {
 	return Config{
