@@ -36,6 +36,19 @@ type tiers struct {
 // has ahead of the tier.
 func startTiers(t *testing.T, proto string, upstreamExtra map[string]any, before ...any) tiers {
 	t.Helper()
+	regional, up := startRegional(t, proto)
+	for k, v := range upstreamExtra {
+		up[k] = v
+	}
+	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": append(before, up)}))
+	waitFor(t, "the edge to list the regional model", func() bool { return listsModel(t, edge, regionalModel) })
+	return tiers{edge: edge, regional: regional}
+}
+
+// startRegional starts a regional tier serving regionalModel and returns
+// the edge's upstream entry for it over proto.
+func startRegional(t *testing.T, proto string) (*server, map[string]any) {
+	t.Helper()
 	bin := buildBinary(t)
 	dir := t.TempDir()
 	if out, err := exec.Command(bin, "genmodel", "--out", dir).CombinedOutput(); err != nil {
@@ -50,7 +63,7 @@ func startTiers(t *testing.T, proto string, upstreamExtra map[string]any, before
 	if err := os.WriteFile(cred, []byte(regional.bearer(t)+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	up := map[string]any{
+	return regional, map[string]any{
 		"name":              "regional",
 		"url":               regional.base,
 		"protocol":          proto,
@@ -58,12 +71,6 @@ func startTiers(t *testing.T, proto string, upstreamExtra map[string]any, before
 		"credential_file":   cred,
 		"discover_interval": "200ms",
 	}
-	for k, v := range upstreamExtra {
-		up[k] = v
-	}
-	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": append(before, up)}))
-	waitFor(t, "the edge to list the regional model", func() bool { return listsModel(t, edge, regionalModel) })
-	return tiers{edge: edge, regional: regional}
 }
 
 // listsModel reports whether s's /v1/models lists model.
@@ -325,5 +332,41 @@ func TestUpstreamRefusalMovesToAnotherUpstream(t *testing.T) {
 	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") != "7" || e.Error.Code != "overloaded" {
 		t.Errorf("a model only the busy upstream serves: %s, Retry-After %q, code %q; want 503, 7, overloaded",
 			resp.Status, resp.Header.Get("Retry-After"), e.Error.Code)
+	}
+}
+
+// TestUpstreamsReloadOnSIGHUP: an upstream added to the file reaches
+// clients on SIGHUP, and one removed takes no more requests.
+func TestUpstreamsReloadOnSIGHUP(t *testing.T) {
+	regional, up := startRegional(t, "h2")
+	path := filepath.Join(t.TempDir(), "edge.json")
+	writeConfigFile(t, path, map[string]any{})
+	edge := startServer(t, "--config", path)
+	c := edge.h3Client(t)
+	ask := func() int {
+		resp := postJSON(t, context.Background(), c, edge.base+"/v1/chat/completions", regionalChat(4, false))
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if got := ask(); got != http.StatusNotFound {
+		t.Fatalf("before the upstream is configured: %d, want 404", got)
+	}
+	writeConfigFile(t, path, map[string]any{"upstreams": []any{up}})
+	edge.cmd.Process.Signal(syscall.SIGHUP)
+	waitLog(t, edge, "config reloaded", 1)
+	waitFor(t, "the edge to list the regional model", func() bool { return listsModel(t, edge, regionalModel) })
+	if got := ask(); got != http.StatusOK {
+		t.Fatalf("after the reload added the upstream: %d, want 200", got)
+	}
+	if n := metric(t, regional, "h3infer_worker_sequences_started_total"); n != 1 {
+		t.Errorf("the regional tier started %v sequences, want 1", n)
+	}
+	writeConfigFile(t, path, map[string]any{})
+	edge.cmd.Process.Signal(syscall.SIGHUP)
+	waitLog(t, edge, "config reloaded", 2)
+	waitFor(t, "the edge to drop the regional model", func() bool { return !listsModel(t, edge, regionalModel) })
+	if got := ask(); got != http.StatusNotFound {
+		t.Errorf("after the reload removed the upstream: %d, want 404", got)
 	}
 }
