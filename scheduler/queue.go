@@ -1,7 +1,6 @@
 package scheduler
 
 import (
-	"cmp"
 	"slices"
 	"time"
 
@@ -35,6 +34,11 @@ type queue struct {
 	vtime  [priority.Levels]float64
 	pass   [priority.Levels]map[string]float64 // tenant virtual time per level
 	counts map[string]int                      // queued per tenant
+
+	// pop's scratch, kept between calls: each item's effective urgency,
+	// and whether pop has ruled it out.
+	levels []int
+	tried  []bool
 }
 
 func newQueue(aging time.Duration) *queue {
@@ -95,38 +99,55 @@ func (q *queue) pop(now time.Time, admit func(w *waiter, level int) bool) *waite
 	if len(q.items) == 0 {
 		return nil
 	}
-	var byLevel [priority.Levels][]*waiter // each in arrival order
+	// Each request's effective urgency, computed once; tried marks those
+	// admit refused, or that a refusal of their model rules out.
+	q.levels = q.levels[:0]
+	q.tried = q.tried[:0]
+	lowest := priority.Levels
 	for _, w := range q.items {
 		l := q.level(w, now)
-		byLevel[l] = append(byLevel[l], w)
+		q.levels = append(q.levels, l)
+		q.tried = append(q.tried, false)
+		lowest = min(lowest, l)
 	}
-	var refused map[string]bool // models with no slot at this level or a more urgent one
-	for level, ws := range byLevel {
+	for level := lowest; level < priority.Levels; level++ {
 		pass := q.pass[level]
-		start := func(w *waiter) float64 { return max(pass[w.tenant], q.vtime[level]) }
-		// Stable: among equal virtual times, and within a tenant, the
-		// oldest first.
-		slices.SortStableFunc(ws, func(a, b *waiter) int { return cmp.Compare(start(a), start(b)) })
-		for _, w := range ws {
-			if refused[w.model] {
-				continue
-			}
-			if !admit(w, level) {
-				if len(w.exclude) > 0 {
-					continue // its refusal says nothing of the model's other requests
+		for {
+			// The next request at this level: the tenant with the
+			// smallest virtual time, its oldest request (arrival order
+			// breaks ties). One scan per try, as the first try almost
+			// always takes it.
+			pick := -1
+			var pickPass float64
+			for i, w := range q.items {
+				if q.levels[i] != level || q.tried[i] {
+					continue
 				}
-				if refused == nil {
-					refused = map[string]bool{}
+				p := max(pass[w.tenant], q.vtime[level])
+				if pick < 0 || p < pickPass {
+					pick, pickPass = i, p
 				}
-				refused[w.model] = true
-				continue
 			}
-			p := start(w)
-			q.vtime[level] = p
-			pass[w.tenant] = p + w.cost/w.weight
-			q.pruneLevel(level)
-			q.remove(w)
-			return w
+			if pick < 0 {
+				break
+			}
+			w := q.items[pick]
+			if admit(w, level) {
+				q.vtime[level] = pickPass
+				pass[w.tenant] = pickPass + w.cost/w.weight
+				q.pruneLevel(level)
+				q.remove(w)
+				return w
+			}
+			q.tried[pick] = true
+			if len(w.exclude) > 0 {
+				continue // its refusal says nothing of the model's other requests
+			}
+			for i, o := range q.items {
+				if o.model == w.model && len(o.exclude) == 0 {
+					q.tried[i] = true
+				}
+			}
 		}
 	}
 	return nil
