@@ -2,7 +2,9 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -16,6 +18,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
+	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 )
 
 // The edge in front of a regional tier: two real `h3infer serve`
@@ -368,5 +373,64 @@ func TestUpstreamsReloadOnSIGHUP(t *testing.T) {
 	waitFor(t, "the edge to drop the regional model", func() bool { return !listsModel(t, edge, regionalModel) })
 	if got := ask(); got != http.StatusNotFound {
 		t.Errorf("after the reload removed the upstream: %d, want 404", got)
+	}
+}
+
+// TestUpstreamTraceCrossesTheHop: one trace runs from the client through
+// the edge's server span and its upstream span into the regional tier's
+// server span and its worker's spans, and the upstream span says what
+// urgency and priority mapping the request went upstream with.
+func TestUpstreamTraceCrossesTheHop(t *testing.T) {
+	recv := newOTLPReceiver(t)
+	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", recv.srv.URL)
+	t.Setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+	tr := startTiers(t, "h2", nil)
+
+	traceID, _ := hex.DecodeString("5bf92f3577b34da6a3ce929d0e0e4736")
+	b, _ := json.Marshal(regionalChat(4, true))
+	req, _ := http.NewRequest(http.MethodPost, tr.edge.base+"/v1/chat/completions", bytes.NewReader(b))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("traceparent", "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+	req.Header.Set("Priority", "u=1")
+	resp, err := tr.edge.h3Client(t).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := readStream(t, resp); !r.done {
+		t.Fatal("stream did not complete")
+	}
+
+	edgePID, regionalPID := int64(tr.edge.cmd.Process.Pid), int64(tr.regional.cmd.Process.Pid)
+	type key struct {
+		pid  int64
+		name string
+	}
+	spans := map[key]receivedSpan{}
+	const server = "POST /v1/chat/completions"
+	pollUntil(t, "the spans of both tiers", 30*time.Second, func() bool {
+		for _, sp := range recv.trace(traceID) {
+			spans[key{sp.pid, sp.span.Name}] = sp
+		}
+		_, a := spans[key{edgePID, server}]
+		_, b := spans[key{edgePID, "upstream"}]
+		_, c := spans[key{regionalPID, server}]
+		return a && b && c
+	})
+	edgeServer, hop, regionalServer := spans[key{edgePID, server}], spans[key{edgePID, "upstream"}], spans[key{regionalPID, server}]
+	if !bytes.Equal(hop.span.ParentSpanId, edgeServer.span.SpanId) || hop.span.Kind != tracepb.Span_SPAN_KIND_CLIENT {
+		t.Errorf("upstream span: kind %v, parent %x; want a client span under the edge's server span %x", hop.span.Kind, hop.span.ParentSpanId, edgeServer.span.SpanId)
+	}
+	if !bytes.Equal(regionalServer.span.ParentSpanId, hop.span.SpanId) {
+		t.Errorf("the regional tier's server span has parent %x, want the edge's upstream span %x", regionalServer.span.ParentSpanId, hop.span.SpanId)
+	}
+	attrs := map[string]any{}
+	for _, kv := range hop.span.Attributes {
+		attrs[kv.Key] = kv.Value.GetStringValue()
+		if _, ok := kv.Value.Value.(*commonpb.AnyValue_IntValue); ok {
+			attrs[kv.Key] = kv.Value.GetIntValue()
+		}
+	}
+	if attrs["h3infer.upstream.priority"] != "off" || attrs["h3infer.urgency"] != int64(1) || attrs["h3infer.upstream.name"] != "regional" {
+		t.Errorf("upstream span attributes %v; want name regional, urgency 1, priority off", attrs)
 	}
 }
