@@ -383,6 +383,10 @@ func (g *Gateway) event(ctx context.Context, run *inflight, ev infer.Event, ok b
 		g.metrics.streamErrors.WithLabelValues(errorCodeLabel(ev.Err.Code)).Inc()
 		return ev, &workerFailure{err: *ev.Err, promptParam: run.req.kind.promptParam()}
 	case ev.Done != nil:
+		// The backend's own count wins where its events carried fewer
+		// (an upstream that put several tokens in one chunk), so that a
+		// tokens_per_minute reservation gives back only what was unused.
+		run.tokens = max(run.tokens, int(ev.Done.CompletionTokens))
 		return ev, nil
 	}
 	now := time.Now()
