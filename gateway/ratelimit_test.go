@@ -658,3 +658,36 @@ func TestTokensPerMinuteAcrossReload(t *testing.T) {
 		t.Errorf("the held stream's 90 did not come back to its own store: status %d, want 200", s)
 	}
 }
+
+// TestTokensPerMinuteTakesTheBackendsCount: a backend whose events carry
+// fewer tokens than it generated (an upstream that put several tokens in
+// one chunk) says so in its Done; the reservation gives back only what
+// that count left unused.
+func TestTokensPerMinuteTakesTheBackendsCount(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.RateLimits.Default = TenantLimit{TokensPerMinute: 6, TokenBurst: 100}
+	})
+	const policy = `"tokens_per_minute";q=100;w=1000`
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) {
+		return []infer.Event{
+			{Token: infer.Token{Count: 1, Text: "several "}},
+			{Token: infer.Token{Count: 1, Text: "tokens"}},
+			{Done: &infer.Done{FinishReason: infer.FinishLength, CompletionTokens: 60}},
+		}, nil
+	})
+	resp := h.post(t, "h3", "/v1/chat/completions", chatStreamFor(100))
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d, want 200", resp.StatusCode)
+	}
+	// 60 used by the backend's count: 40 came back, not 98.
+	checkRefusal(t, h.post(t, "h3", "/v1/chat/completions", chatStreamFor(41)), policy)
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return longAnswer(40), nil })
+	resp = h.post(t, "h3", "/v1/chat/completions", chatStreamFor(40))
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("max_tokens 40 after 40 came back: status %d, want 200", resp.StatusCode)
+	}
+}
