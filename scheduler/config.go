@@ -18,9 +18,27 @@ type Config struct {
 	// MaxQueue bounds the requests waiting for a slot across all tenants;
 	// one more is refused with an *OverloadError. Default 256.
 	MaxQueue int `json:"max_queue"`
-	// RetryAfter is the advice carried by overload and tenant-limit errors.
-	// Default 1s.
+	// RetryAfter is the advice carried by overload and tenant-limit errors
+	// when nothing better is known: with Admission "delay", a refusal for a
+	// model whose service rate has been measured advises the predicted
+	// drain time of that model's queue instead. Default 1s.
 	RetryAfter config.Duration `json:"retry_after"`
+	// Admission says what bounds the queue: AdmissionDelay (the default)
+	// refuses a request whose predicted wait exceeds MaxQueueDelay and
+	// fails queued requests that have waited past QueueDelayTarget while
+	// the queue stands above it; AdmissionCount bounds it by MaxQueue
+	// alone. MaxQueue applies in both.
+	Admission string `json:"admission"`
+	// MaxQueueDelay is the longest predicted wait a request is admitted
+	// with, under AdmissionDelay. Default 1s.
+	MaxQueueDelay config.Duration `json:"max_queue_delay"`
+	// QueueDelayTarget is the wait the controlled-delay guard holds the
+	// queue to, under AdmissionDelay. Default MaxQueueDelay.
+	QueueDelayTarget config.Duration `json:"queue_delay_target"`
+	// QueueDelayInterval is how long the oldest queued request's wait must
+	// stay above QueueDelayTarget before the guard fails requests that
+	// waited past it. Default 500ms.
+	QueueDelayInterval config.Duration `json:"queue_delay_interval"`
 	// Aging is how long a queued request waits before it competes one
 	// urgency level higher (see queue for the rule and its bound). Default
 	// 2s; a request of urgency 7 thus competes at urgency 0 after 14s.
@@ -71,8 +89,21 @@ const (
 	DefaultRetryAfter    = time.Second
 	DefaultAging         = 2 * time.Second
 	DefaultUrgentReserve = 1
-	DefaultTenant        = "default"
-	DefaultWeight        = 1
+	// DefaultMaxQueueDelay is about the wait before a first token that a
+	// chat user still reads as the system responding (the classic 1 s
+	// limit for an uninterrupted flow of thought), left to the queue alone.
+	DefaultMaxQueueDelay = time.Second
+	// DefaultQueueDelayInterval lets a burst that drains on its own pass:
+	// the guard acts only on a queue that stays long.
+	DefaultQueueDelayInterval = 500 * time.Millisecond
+	DefaultTenant             = "default"
+	DefaultWeight             = 1
+)
+
+// Admission policies (Config.Admission).
+const (
+	AdmissionDelay = "delay"
+	AdmissionCount = "count"
 )
 
 // MaxWeight is the largest tenant weight accepted.
@@ -88,6 +119,18 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.Aging == 0 {
 		c.Aging = config.Duration(DefaultAging)
+	}
+	if c.Admission == "" {
+		c.Admission = AdmissionDelay
+	}
+	if c.MaxQueueDelay == 0 {
+		c.MaxQueueDelay = config.Duration(DefaultMaxQueueDelay)
+	}
+	if c.QueueDelayTarget == 0 {
+		c.QueueDelayTarget = c.MaxQueueDelay
+	}
+	if c.QueueDelayInterval == 0 {
+		c.QueueDelayInterval = config.Duration(DefaultQueueDelayInterval)
 	}
 	c.Classes = c.Classes.OrDefault()
 	if c.UrgentReserve == nil {
@@ -113,6 +156,18 @@ func (c Config) Validate() error {
 	}
 	if c.Aging < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.aging: must be positive, got %s", c.Aging))
+	}
+	if c.Admission != AdmissionDelay && c.Admission != AdmissionCount {
+		errs = append(errs, fmt.Errorf("scheduler.admission: must be %q or %q, got %q", AdmissionDelay, AdmissionCount, c.Admission))
+	}
+	if c.MaxQueueDelay < 0 {
+		errs = append(errs, fmt.Errorf("scheduler.max_queue_delay: must be positive, got %s", c.MaxQueueDelay))
+	}
+	if c.QueueDelayTarget < 0 {
+		errs = append(errs, fmt.Errorf("scheduler.queue_delay_target: must be positive, got %s", c.QueueDelayTarget))
+	}
+	if c.QueueDelayInterval < 0 {
+		errs = append(errs, fmt.Errorf("scheduler.queue_delay_interval: must be positive, got %s", c.QueueDelayInterval))
 	}
 	errs = append(errs, c.Classes.Validate("priority")...)
 	if r := *c.UrgentReserve; r < 0 {

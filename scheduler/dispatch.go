@@ -250,7 +250,7 @@ func (d *Dispatch) Close() {
 		d.mu.Unlock()
 		a.call.Cancel()
 		if held {
-			d.sched.release(a.worker)
+			d.sched.complete(a.worker, d.req.Job.Model)
 		}
 	})
 }

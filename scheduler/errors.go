@@ -18,15 +18,35 @@ var (
 	ErrDeadline = errors.New("scheduler: deadline passed before dispatch")
 )
 
-// OverloadError is returned by Submit when the queue is full. It matches
+// OverloadError is returned by Submit when the scheduler refuses a
+// request for want of capacity, for the Reason given. It matches
 // ErrOverloaded with errors.Is.
 type OverloadError struct {
 	RetryAfter time.Duration // how long the client should wait before trying again
 	Queued     int           // requests waiting when this one was refused
+	// Reason is one of the Reason constants; "" reads as ReasonQueueFull.
+	Reason string
 }
 
+// Why an OverloadError refused a request.
+const (
+	// ReasonQueueFull: scheduler.max_queue requests were waiting.
+	ReasonQueueFull = "queue_full"
+	// ReasonPredictedDelay: the request's predicted wait exceeded
+	// scheduler.max_queue_delay, so it was refused on arrival.
+	ReasonPredictedDelay = "predicted_delay"
+	// ReasonQueueDelay: the request waited past
+	// scheduler.queue_delay_target while the queue stood above it, and the
+	// controlled-delay guard failed it rather than serve it late.
+	ReasonQueueDelay = "queue_delay"
+)
+
 func (e *OverloadError) Error() string {
-	return fmt.Sprintf("scheduler: overloaded: %d requests queued, retry after %s", e.Queued, e.RetryAfter)
+	reason := e.Reason
+	if reason == "" {
+		reason = ReasonQueueFull
+	}
+	return fmt.Sprintf("scheduler: overloaded (%s): %d requests queued, retry after %s", reason, e.Queued, e.RetryAfter)
 }
 
 // Is makes errors.Is(err, ErrOverloaded) true.

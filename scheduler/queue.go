@@ -34,6 +34,7 @@ type queue struct {
 	vtime  [priority.Levels]float64
 	pass   [priority.Levels]map[string]float64 // tenant virtual time per level
 	counts map[string]int                      // queued per tenant
+	models map[string]int                      // queued per model
 
 	// pop's scratch, kept between calls: each item's effective urgency,
 	// and whether pop has ruled it out.
@@ -42,7 +43,7 @@ type queue struct {
 }
 
 func newQueue(aging time.Duration) *queue {
-	q := &queue{aging: aging, counts: map[string]int{}}
+	q := &queue{aging: aging, counts: map[string]int{}, models: map[string]int{}}
 	for i := range q.pass {
 		q.pass[i] = map[string]float64{}
 	}
@@ -51,11 +52,25 @@ func newQueue(aging time.Duration) *queue {
 
 func (q *queue) len() int               { return len(q.items) }
 func (q *queue) tenantLen(t string) int { return q.counts[t] }
+func (q *queue) modelLen(m string) int  { return q.models[m] }
+
+// ahead counts the requests for model that would be served before a new
+// one of urgency u: those whose effective urgency at now is u or less.
+func (q *queue) ahead(model string, u priority.Urgency, now time.Time) int {
+	n := 0
+	for _, w := range q.items {
+		if w.model == model && q.level(w, now) <= int(u) {
+			n++
+		}
+	}
+	return n
+}
 
 func (q *queue) push(w *waiter) {
 	w.queued = true
 	q.items = append(q.items, w)
 	q.counts[w.tenant]++
+	q.models[w.model]++
 }
 
 // remove takes w out of the queue; it reports false when w was not queued.
@@ -68,6 +83,9 @@ func (q *queue) remove(w *waiter) bool {
 	w.queued = false
 	if q.counts[w.tenant]--; q.counts[w.tenant] == 0 {
 		delete(q.counts, w.tenant)
+	}
+	if q.models[w.model]--; q.models[w.model] == 0 {
+		delete(q.models, w.model)
 	}
 	return true
 }
@@ -169,6 +187,7 @@ func (q *queue) drain() []*waiter {
 	out := q.items
 	q.items = nil
 	clear(q.counts)
+	clear(q.models)
 	for _, w := range out {
 		w.queued = false
 	}

@@ -67,6 +67,20 @@ type Stats struct {
 	Queued          int                  // requests waiting for a slot
 	Running         int                  // slots in use across all worker handles
 	QueuedByUrgency [priority.Levels]int // waiting requests by the urgency they were given
+	// Refusals counts *OverloadError refusals by Reason since New, every
+	// reason present.
+	Refusals map[string]uint64
+	// PredictedDelaySum and Predictions add up the waits predicted for
+	// arriving requests that found no free slot, admitted or refused
+	// (delay admission, measured models only); LastPredictedDelay is the
+	// latest of them.
+	PredictedDelaySum  time.Duration
+	Predictions        uint64
+	LastPredictedDelay time.Duration
+	// QueueDelaySum and QueueDelays add up how long dispatched requests
+	// waited in the queue, 0 for those dispatched on arrival.
+	QueueDelaySum time.Duration
+	QueueDelays   uint64
 }
 
 // clock is the scheduler's time source, a seam for tests with a fake clock.
@@ -98,6 +112,9 @@ type Scheduler struct {
 	running int
 	queue   *queue
 	closed  bool
+	rates   map[string]*serviceRate // by model
+	guard   guard
+	adm     admissionStats
 
 	stopOnce sync.Once
 	stop     chan struct{}
@@ -147,6 +164,8 @@ func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) 
 		clock:    realClock{},
 		inUse:    make(map[Backend]int),
 		queue:    newQueue(time.Duration(cfg.Aging)),
+		rates:    make(map[string]*serviceRate),
+		adm:      admissionStats{refusals: make(map[string]uint64)},
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
@@ -196,7 +215,8 @@ func (s *Scheduler) tenant(name string) Tenant {
 // and blocks until it is dispatched, ctx is done, its deadline passes or the
 // scheduler closes; whichever ends the wait removes it from the queue. A
 // tenant over its own bound fails at once with a *TenantLimitError, a full
-// queue with an *OverloadError. r.Job's Urgency and Class are those it
+// queue or (delay admission) a predicted wait over MaxQueueDelay with an
+// *OverloadError; the guard may fail it later with one. r.Job's Urgency and Class are those it
 // applied. Submit (dispatch.go) wraps it.
 //
 // exclude lists backends the request must not go to: those that refused
@@ -229,9 +249,23 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 			return nil, &TenantLimitError{Tenant: t.Name, RetryAfter: time.Duration(s.cfg.RetryAfter), Queued: queued}
 		}
 		if s.queue.len() >= s.cfg.MaxQueue {
-			queued := s.queue.len()
+			err := s.overloadLocked(ReasonQueueFull, r.Job.Model)
 			s.mu.Unlock()
-			return nil, &OverloadError{RetryAfter: time.Duration(s.cfg.RetryAfter), Queued: queued}
+			return nil, err
+		}
+		// A re-dispatch (exclude set) was admitted once already; and a
+		// request its model has a free slot for waits for none.
+		if s.byDelay() && exclude == nil && s.pickLocked(r.Job.Model, r.Job.Urgency, nil) == nil {
+			if wait, ok := s.predictLocked(r.Job.Model, r.Job.Urgency, now); ok {
+				s.adm.predictedSum += wait.Seconds()
+				s.adm.predictions++
+				s.adm.lastPrediction = wait
+				if wait > time.Duration(s.cfg.MaxQueueDelay) {
+					err := s.overloadLocked(ReasonPredictedDelay, r.Job.Model)
+					s.mu.Unlock()
+					return nil, err
+				}
+			}
 		}
 		cost := float64(r.Job.MaxTokens)
 		if cost == 0 {
@@ -251,6 +285,9 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 		// A slot may be free with others queued (a worker came back and
 		// the poll has not run yet); the queue decides who takes it.
 		s.dispatchLocked()
+	}
+	if w == nil {
+		s.adm.queueDelays++ // dispatched on arrival: no wait
 	}
 	s.mu.Unlock()
 
@@ -312,6 +349,16 @@ func (s *Scheduler) fail(w *waiter, err error) bool {
 // slots in use, skipping those in exclude, or returns nil when every slot
 // it may use is taken.
 func (s *Scheduler) reserveLocked(model string, level priority.Urgency, exclude []Backend) Backend {
+	best := s.pickLocked(model, level, exclude)
+	if best != nil {
+		s.inUse[best]++
+		s.running++
+	}
+	return best
+}
+
+// pickLocked is reserveLocked without the reservation.
+func (s *Scheduler) pickLocked(model string, level priority.Urgency, exclude []Backend) Backend {
 	reserve := 0
 	if s.cfg.Classes.Of(level) != priority.Urgent {
 		reserve = *s.cfg.UrgentReserve
@@ -335,10 +382,6 @@ func (s *Scheduler) reserveLocked(model string, level priority.Urgency, exclude 
 			best, bestUsed, bestSlots = w, used, slots
 		}
 	}
-	if best != nil {
-		s.inUse[best]++
-		s.running++
-	}
 	return best
 }
 
@@ -355,10 +398,28 @@ func (s *Scheduler) servedElsewhere(model string, exclude []Backend) bool {
 	return false
 }
 
+// complete frees the slot of a dispatch of a request for model that ran,
+// and counts it towards the model's service rate.
+func (s *Scheduler) complete(w Backend, model string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.rates[model]
+	if r == nil {
+		r = &serviceRate{}
+		s.rates[model] = r
+	}
+	r.complete(s.clock.Now(), s.queue.modelLen(model) > 0)
+	s.releaseLocked(w)
+}
+
 // release frees a slot on w and hands free slots to queued requests.
 func (s *Scheduler) release(w Backend) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.releaseLocked(w)
+}
+
+func (s *Scheduler) releaseLocked(w Backend) {
 	if n := s.inUse[w] - 1; n > 0 {
 		s.inUse[w] = n
 	} else {
@@ -370,15 +431,19 @@ func (s *Scheduler) release(w Backend) {
 
 // dispatchLocked grants free slots to queued requests in queue order.
 func (s *Scheduler) dispatchLocked() {
+	now := s.clock.Now()
+	s.guardLocked(now)
 	for s.queue.len() > 0 {
 		var worker Backend
-		w := s.queue.pop(s.clock.Now(), func(w *waiter, level int) bool {
+		w := s.queue.pop(now, func(w *waiter, level int) bool {
 			worker = s.reserveLocked(w.model, priority.Urgency(level), w.exclude)
 			return worker != nil
 		})
 		if w == nil {
 			return
 		}
+		s.adm.queueDelaySum += now.Sub(w.enqueued).Seconds()
+		s.adm.queueDelays++
 		w.wake <- grant{worker: worker}
 	}
 }
@@ -405,11 +470,25 @@ func (s *Scheduler) poll() {
 	}
 }
 
-// Stats reports the queue length and slots in use.
+// Stats reports the queue length, slots in use and admission counters.
 func (s *Scheduler) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Stats{Queued: s.queue.len(), Running: s.running, QueuedByUrgency: s.queue.byUrgency()}
+	refusals := map[string]uint64{ReasonQueueFull: 0, ReasonPredictedDelay: 0, ReasonQueueDelay: 0}
+	for r, n := range s.adm.refusals {
+		refusals[r] = n
+	}
+	return Stats{
+		Queued:             s.queue.len(),
+		Running:            s.running,
+		QueuedByUrgency:    s.queue.byUrgency(),
+		Refusals:           refusals,
+		PredictedDelaySum:  seconds(s.adm.predictedSum),
+		Predictions:        s.adm.predictions,
+		LastPredictedDelay: s.adm.lastPrediction,
+		QueueDelaySum:      seconds(s.adm.queueDelaySum),
+		QueueDelays:        s.adm.queueDelays,
+	}
 }
 
 // Close fails every queued request with ErrClosed and refuses new ones.
