@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"h3infer/config"
 	"h3infer/priority"
 )
 
@@ -53,16 +54,26 @@ func TestConfigDefaults(t *testing.T) {
 		c.Classes != priority.DefaultClasses || *c.UrgentReserve != DefaultUrgentReserve {
 		t.Errorf("defaults %+v", c)
 	}
+	if c.Admission != AdmissionDelay || time.Duration(c.MaxQueueDelay) != DefaultMaxQueueDelay ||
+		c.QueueDelayTarget != c.MaxQueueDelay || time.Duration(c.QueueDelayInterval) != DefaultQueueDelayInterval {
+		t.Errorf("admission defaults %+v", c)
+	}
+	// The guard's target follows max_queue_delay unless set.
+	if c := (Config{MaxQueueDelay: config.Duration(3 * time.Second)}).WithDefaults(); c.QueueDelayTarget != c.MaxQueueDelay {
+		t.Errorf("queue_delay_target %s, want max_queue_delay %s", c.QueueDelayTarget, c.MaxQueueDelay)
+	}
 }
 
 // TestConfigValidate: every problem at once, each naming its key.
 func TestConfigValidate(t *testing.T) {
 	err := Config{
 		MaxQueue: -1, Aging: -1, UrgentReserve: new(-1),
+		Admission: "lifo", MaxQueueDelay: -1, QueueDelayTarget: -1, QueueDelayInterval: -1,
 		Classes: priority.Classes{UrgentMax: 3, BulkMin: 3},
 		Tenants: []Tenant{{Name: "a", Weight: MaxWeight + 1, DefaultUrgency: 2, UrgencyCeiling: 8}},
 	}.Validate()
-	for _, key := range []string{"scheduler.max_queue:", "scheduler.aging:", "scheduler.urgent_reserve:", "priority.bulk_min:",
+	for _, key := range []string{"scheduler.max_queue:", "scheduler.admission:", "scheduler.max_queue_delay:",
+		"scheduler.queue_delay_target:", "scheduler.queue_delay_interval:", "scheduler.aging:", "scheduler.urgent_reserve:", "priority.bulk_min:",
 		"scheduler.tenants[0].weight:", "scheduler.tenants[0].urgency_ceiling:"} {
 		if err == nil || !strings.Contains(err.Error(), key) {
 			t.Errorf("error %v does not name %s", err, key)

@@ -93,6 +93,8 @@ func TestObservabilityConfigErrors(t *testing.T) {
 		"upstream named twice":     {`{"upstreams": [{"name": "r", "url": "https://a:1"}, {"name": "r", "url": "https://b:1"}]}`, "upstreams[1].name"},
 		"upstream unknown key":     {`{"upstreams": [{"name": "r", "url": "https://r:1", "api_key": "x"}]}`, "api_key"},
 		"endpoint not a URL":       {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
+		"unknown admission":        {`{"scheduler": {"admission": "lifo"}}`, "scheduler.admission"},
+		"negative queue delay":     {`{"scheduler": {"max_queue_delay": "-1s"}}`, "scheduler.max_queue_delay"},
 	})
 	// Unknown keys are errors, here as everywhere in the file.
 	if _, err := loadConfig(writeConfig(t, `{"rate_limits": {"default": {"rps": 1}}}`)); err == nil {

@@ -85,6 +85,8 @@ func TestEndToEndMetricsAfterTraffic(t *testing.T) {
 		{`h3infer_request_duration_seconds_count{model="demo",urgency="3"}`, 4},
 		{`h3infer_queue_wait_seconds_count{model="demo",urgency="1"}`, 1},
 		{`h3infer_queue_depth{urgency="3"}`, 0},
+		{`h3infer_scheduler_refusals_total{reason="predicted_delay"}`, 0},
+		{`h3infer_scheduler_queue_delay_seconds_count`, 5},
 		// Each worker step sends one token event: all but the first of a
 		// request are inter-token gaps.
 		{`h3infer_inter_token_latency_seconds_count`, float64(completion - 5)},

@@ -417,8 +417,11 @@ func adminStatus(sched *scheduler.Scheduler) any {
 // requests that leave the queue, which a count kept around Submit in the
 // gateway would only approximate.
 type schedulerCollector struct {
-	sched          *scheduler.Scheduler
-	depth, running *prometheus.Desc
+	sched                    *scheduler.Scheduler
+	depth, running           *prometheus.Desc
+	refusals                 *prometheus.Desc
+	predicted, lastPredicted *prometheus.Desc
+	queueDelay               *prometheus.Desc
 }
 
 func newSchedulerCollector(s *scheduler.Scheduler) *schedulerCollector {
@@ -428,12 +431,24 @@ func newSchedulerCollector(s *scheduler.Scheduler) *schedulerCollector {
 			"Completion requests waiting for a worker slot, by the urgency they were given.", []string{"urgency"}, nil),
 		running: prometheus.NewDesc("h3infer_scheduler_running_requests",
 			"Worker slots in use.", nil, nil),
+		refusals: prometheus.NewDesc("h3infer_scheduler_refusals_total",
+			"Requests the scheduler refused for want of capacity (503), by reason: queue_full, predicted_delay or queue_delay.", []string{"reason"}, nil),
+		predicted: prometheus.NewDesc("h3infer_queue_delay_predicted_seconds",
+			"Queue waits predicted for arriving requests that found no free slot, admitted or refused (delay admission, measured models).", nil, nil),
+		lastPredicted: prometheus.NewDesc("h3infer_queue_delay_predicted_last_seconds",
+			"The latest queue wait predicted for an arriving request.", nil, nil),
+		queueDelay: prometheus.NewDesc("h3infer_scheduler_queue_delay_seconds",
+			"How long dispatched requests waited in the scheduler's queue, 0 for those dispatched on arrival.", nil, nil),
 	}
 }
 
 func (c *schedulerCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.depth
 	ch <- c.running
+	ch <- c.refusals
+	ch <- c.predicted
+	ch <- c.lastPredicted
+	ch <- c.queueDelay
 }
 
 func (c *schedulerCollector) Collect(ch chan<- prometheus.Metric) {
@@ -442,6 +457,12 @@ func (c *schedulerCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(n), strconv.Itoa(u))
 	}
 	ch <- prometheus.MustNewConstMetric(c.running, prometheus.GaugeValue, float64(st.Running))
+	for reason, n := range st.Refusals {
+		ch <- prometheus.MustNewConstMetric(c.refusals, prometheus.CounterValue, float64(n), reason)
+	}
+	ch <- prometheus.MustNewConstSummary(c.predicted, st.Predictions, st.PredictedDelaySum.Seconds(), nil)
+	ch <- prometheus.MustNewConstMetric(c.lastPredicted, prometheus.GaugeValue, st.LastPredictedDelay.Seconds())
+	ch <- prometheus.MustNewConstSummary(c.queueDelay, st.QueueDelays, st.QueueDelaySum.Seconds(), nil)
 }
 
 var (
