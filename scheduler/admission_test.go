@@ -289,3 +289,37 @@ func TestOverloadBurstKeepsQueueShortInTime(t *testing.T) {
 	}
 	t.Logf("%d admitted, longest wait %s; refused %v", len(waits), longest, byReason)
 }
+
+func TestLIFOWhileGuardFails(t *testing.T) {
+	s, clk, _, busy := fakeClockScheduler(t, Config{
+		LIFO:             true,
+		QueueDelayTarget: config.Duration(time.Second), QueueDelayInterval: config.Duration(500 * time.Millisecond),
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stale := submitAsync(t, s, ctx, &Request{Urgency: 5})
+	clk.Advance(1200 * time.Millisecond)
+	s.WorkersChanged()
+	clk.Advance(600 * time.Millisecond)
+	s.WorkersChanged()
+	overload(t, recv(t, stale).err, ReasonQueueDelay)
+	older := submitAsync(t, s, ctx, &Request{Urgency: 5})
+	clk.Advance(100 * time.Millisecond)
+	newer := submitAsync(t, s, ctx, &Request{Urgency: 5})
+	busy.Close()
+	r := recv(t, newer)
+	if r.err != nil {
+		t.Fatalf("newer request: %v", r.err)
+	}
+	select {
+	case <-older:
+		t.Fatal("the older request went first while the guard was failing requests")
+	default:
+	}
+	r.st.Close()
+	if r := recv(t, older); r.err != nil {
+		t.Fatal(r.err)
+	} else {
+		r.st.Close()
+	}
+}

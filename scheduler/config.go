@@ -39,6 +39,12 @@ type Config struct {
 	// stay above QueueDelayTarget before the guard fails requests that
 	// waited past it. Default 500ms.
 	QueueDelayInterval config.Duration `json:"queue_delay_interval"`
+	// LIFO serves, while the guard is failing requests, the newest request
+	// of a tenant and effective urgency first instead of the oldest
+	// (adaptive LIFO): under overload the requests still likely to be
+	// wanted go first, and the stale ones age out to the guard. Only with
+	// AdmissionDelay. Default false: FIFO always.
+	LIFO bool `json:"lifo"`
 	// Aging is how long a queued request waits before it competes one
 	// urgency level higher (see queue for the rule and its bound). Default
 	// 2s; a request of urgency 7 thus competes at urgency 0 after 14s.
@@ -159,6 +165,9 @@ func (c Config) Validate() error {
 	}
 	if c.Admission != AdmissionDelay && c.Admission != AdmissionCount {
 		errs = append(errs, fmt.Errorf("scheduler.admission: must be %q or %q, got %q", AdmissionDelay, AdmissionCount, c.Admission))
+	}
+	if c.LIFO && c.Admission != AdmissionDelay {
+		errs = append(errs, fmt.Errorf("scheduler.lifo: needs scheduler.admission %q, got %q", AdmissionDelay, c.Admission))
 	}
 	if c.MaxQueueDelay < 0 {
 		errs = append(errs, fmt.Errorf("scheduler.max_queue_delay: must be positive, got %s", c.MaxQueueDelay))

@@ -68,11 +68,11 @@ func TestConfigDefaults(t *testing.T) {
 func TestConfigValidate(t *testing.T) {
 	err := Config{
 		MaxQueue: -1, Aging: -1, UrgentReserve: new(-1),
-		Admission: "lifo", MaxQueueDelay: -1, QueueDelayTarget: -1, QueueDelayInterval: -1,
+		Admission: "lifo", LIFO: true, MaxQueueDelay: -1, QueueDelayTarget: -1, QueueDelayInterval: -1,
 		Classes: priority.Classes{UrgentMax: 3, BulkMin: 3},
 		Tenants: []Tenant{{Name: "a", Weight: MaxWeight + 1, DefaultUrgency: 2, UrgencyCeiling: 8}},
 	}.Validate()
-	for _, key := range []string{"scheduler.max_queue:", "scheduler.admission:", "scheduler.max_queue_delay:",
+	for _, key := range []string{"scheduler.max_queue:", "scheduler.admission:", "scheduler.lifo:", "scheduler.max_queue_delay:",
 		"scheduler.queue_delay_target:", "scheduler.queue_delay_interval:", "scheduler.aging:", "scheduler.urgent_reserve:", "priority.bulk_min:",
 		"scheduler.tenants[0].weight:", "scheduler.tenants[0].urgency_ceiling:"} {
 		if err == nil || !strings.Contains(err.Error(), key) {

@@ -27,9 +27,12 @@ import (
 //     served, the tenant with the smallest goes next, and a tenant that was
 //     idle restarts at the level's current virtual time instead of banking
 //     credit.
-//  4. Within a tenant and an effective urgency, oldest first.
+//  4. Within a tenant and an effective urgency, oldest first; newest
+//     first while lifo is set (the scheduler sets it while its
+//     controlled-delay guard is failing stale requests, Config.LIFO).
 type queue struct {
 	aging  time.Duration
+	lifo   bool
 	items  []*waiter // in arrival order
 	vtime  [priority.Levels]float64
 	pass   [priority.Levels]map[string]float64 // tenant virtual time per level
@@ -142,7 +145,7 @@ func (q *queue) pop(now time.Time, admit func(w *waiter, level int) bool) *waite
 					continue
 				}
 				p := max(pass[w.tenant], q.vtime[level])
-				if pick < 0 || p < pickPass {
+				if pick < 0 || p < pickPass || (q.lifo && p == pickPass && w.tenant == q.items[pick].tenant) {
 					pick, pickPass = i, p
 				}
 			}

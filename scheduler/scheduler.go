@@ -433,6 +433,7 @@ func (s *Scheduler) releaseLocked(w Backend) {
 func (s *Scheduler) dispatchLocked() {
 	now := s.clock.Now()
 	s.guardLocked(now)
+	s.queue.lifo = s.cfg.LIFO && s.guard.failing
 	for s.queue.len() > 0 {
 		var worker Backend
 		w := s.queue.pop(now, func(w *waiter, level int) bool {

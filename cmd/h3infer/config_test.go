@@ -94,6 +94,7 @@ func TestObservabilityConfigErrors(t *testing.T) {
 		"upstream unknown key":     {`{"upstreams": [{"name": "r", "url": "https://r:1", "api_key": "x"}]}`, "api_key"},
 		"endpoint not a URL":       {`{"tracing": {"otlp_endpoint": "127.0.0.1:4318"}}`, "tracing.otlp_endpoint"},
 		"unknown admission":        {`{"scheduler": {"admission": "lifo"}}`, "scheduler.admission"},
+		"lifo without delay":       {`{"scheduler": {"admission": "count", "lifo": true}}`, "scheduler.lifo"},
 		"negative queue delay":     {`{"scheduler": {"max_queue_delay": "-1s"}}`, "scheduler.max_queue_delay"},
 	})
 	// Unknown keys are errors, here as everywhere in the file.
