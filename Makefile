@@ -69,12 +69,14 @@ test: ort js
 # Go benchmarks, then the h3infer bench scenarios (docs/BENCHMARKS.md):
 # gateway overhead against the bare server, and network conditions (netem,
 # or the userspace link emulator where the kernel lacks it)
-# in namespaces of its own (root).
+# in namespaces of its own (root), memory, and overload (the count-bounded
+# queue beside the default admission).
 bench: ort build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./engine/ ./ort/ ./tokenize/ ./internal/onnxgen/
 	scripts/bench.sh
 	scripts/bench-netem.sh
 	scripts/bench-memory.sh
+	scripts/bench-overload.sh
 
 # The GPU section of docs/BENCHMARKS.md: a hidden-1024 model at concurrency
 # 1 and 32, cpu against cuda, KV cache in host against device memory. Needs

@@ -62,6 +62,15 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	memTokens := fs.Int("mem-stream-tokens", loadgen.DefaultStreamTokens, "memory run: max_tokens of each stream; at the server's pace it must outlast the reading")
 	memSettle := fs.Duration("mem-settle", 2*time.Second, "memory run: wait before the memory is read at each step")
 	memParallel := fs.Int("mem-parallel", 32, "memory run: handshakes and stream starts in flight at once")
+	overload := fs.Bool("overload", false, "overload scenario instead of a load: capacity in closed loop, unloaded urgency-0 TTFT, an open loop at --overload-factor times the capacity with urgency-0 probes beside it, then recovery; for --url and then --baseline-url")
+	overPID := fs.Int("overload-pid", 0, "overload scenario: the process serving --url, whose resident memory (/proc/PID/status) is read every 100 ms (0: none)")
+	overBasePID := fs.Int("overload-baseline-pid", 0, "overload scenario: the process serving --baseline-url (0: none)")
+	overFactor := fs.Float64("overload-factor", loadgen.DefaultOverloadFactor, "overload scenario: the open loop's rate over the measured capacity")
+	overDuration := fs.Duration("overload-duration", loadgen.DefaultOverloadDuration, "overload scenario: how long the open loop and its probes send")
+	overCapConc := fs.Int("overload-capacity-concurrency", loadgen.DefaultCapacityConcurrency, "overload scenario: the closed loop that measures capacity")
+	overCapDuration := fs.Duration("overload-capacity-duration", loadgen.DefaultCapacityDuration, "overload scenario: how long the closed loop runs")
+	overUnloaded := fs.Int("overload-unloaded", loadgen.DefaultUnloaded, "overload scenario: urgency-0 requests, one a second, before the overload")
+	overRecovery := fs.Duration("overload-recovery", loadgen.DefaultRecovery, "overload scenario: how long one request at a time runs after the overload")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -112,7 +121,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		}
 		conc = append(conc, n)
 	}
-	if len(conc) > 0 {
+	if len(conc) > 0 && !*overload { // the scenario bounds its own phases
 		cfg.Concurrency = conc[0]
 		if err := cfg.Validate(); err != nil {
 			errs = append(errs, err)
@@ -146,6 +155,65 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		if baseCfg.Bearer, baseCfg.Credential, err = benchCredential(strings.TrimSpace(string(cred)), *stateDir); err != nil {
 			return fmt.Errorf("baseline-state-dir: %w", err)
 		}
+	}
+
+	if *overload {
+		type target struct {
+			name string
+			cfg  loadgen.Config
+			pid  int
+		}
+		targets := []target{{*label, cfg, *overPID}}
+		if *baseline != "" {
+			baseCfg.URL = *baseline
+			targets = append(targets, target{*baselineLabel, baseCfg, *overBasePID})
+		}
+		var ocs []loadgen.OverloadConfig
+		for _, t := range targets {
+			oc := loadgen.OverloadConfig{
+				Base: t.cfg, PID: t.pid, CapacityConcurrency: *overCapConc, CapacityDuration: *overCapDuration,
+				Unloaded: *overUnloaded, Factor: *overFactor, Duration: *overDuration, Recovery: *overRecovery,
+			}
+			if err := oc.Validate(); err != nil {
+				return usageError{err}
+			}
+			ocs = append(ocs, oc)
+		}
+		var runs []*loadgen.OverloadResult
+		for i, oc := range ocs {
+			name := targets[i].name
+			res, err := loadgen.RunOverload(ctx, oc, func(phase string) { fmt.Fprintf(stderr, "%s: %s\n", name, phase) })
+			if err != nil {
+				return fmt.Errorf("overload %s: %w", name, err)
+			}
+			res.Label = name
+			runs = append(runs, res)
+			for _, p := range []struct {
+				what string
+				r    *loadgen.Result
+			}{{"capacity", res.Capacity}, {"unloaded u0", res.Unloaded}, {"overload", res.Overload}, {"u0 probes during overload", res.Probe}, {"recovery", res.Recovery}} {
+				fmt.Fprintf(stdout, "== %s: %s\n", name, p.what)
+				p.r.Label = name
+				if err := p.r.WriteTable(stdout); err != nil {
+					return err
+				}
+			}
+			fmt.Fprintln(stdout)
+		}
+		fmt.Fprintln(stdout, "== overload scenario")
+		if err := loadgen.WriteOverloadTable(stdout, runs); err != nil {
+			return err
+		}
+		if *jsonOut != "" {
+			return writeFile(*jsonOut, func(w io.Writer) error {
+				enc := json.NewEncoder(w)
+				enc.SetIndent("", "  ")
+				return enc.Encode(struct {
+					Runs []*loadgen.OverloadResult `json:"overload_runs"`
+				}{runs})
+			})
+		}
+		return nil
 	}
 
 	showBar := *progress && isTerminal(stderr)

@@ -259,3 +259,65 @@ func TestBenchMemory(t *testing.T) {
 		}
 	}
 }
+
+// TestBenchOverload runs the overload scenario, briefly, against a real
+// gateway whose queue holds four requests (so that it refuses) and, as the
+// baseline, the bare server, and checks both columns and the refusals.
+func TestBenchOverload(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "synthetic.json")
+	if err := os.WriteFile(cfg, []byte(`{"workers": {"count": 1, "slots": 2}, "scheduler": {"max_queue": 4},
+		"models": [{"name": "demo", "dir": "synthetic:5ms"}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s := startServer(t, "--config", cfg)
+	bare := startBare(t, s.stateDir)
+	out := filepath.Join(t.TempDir(), "overload.json")
+	cmd := exec.Command(buildBinary(t), "bench", "--overload", "--json", out, "--url", s.base, "--label", "gw",
+		"--baseline-url", bare, "--ca", s.caFile, "--state-dir", s.stateDir,
+		"--overload-pid", fmt.Sprint(s.cmd.Process.Pid), "--output-tokens", "8",
+		"--overload-capacity-concurrency", "8", "--overload-capacity-duration", "500ms", "--overload-unloaded", "1",
+		"--overload-duration", "1600ms", "--overload-recovery", "500ms")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("bench --overload: %v\n%s\n%s", err, stdout.String(), stderr.String())
+	}
+	var res struct {
+		Runs []struct {
+			Label    string          `json:"label"`
+			Capacity float64         `json:"capacity_rps"`
+			RSS      []struct{}      `json:"rss"`
+			Overload benchRefusalRun `json:"overload"`
+		} `json:"overload_runs"`
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &res); err != nil {
+		t.Fatalf("overload JSON: %v\n%s", err, b)
+	}
+	if len(res.Runs) != 2 || res.Runs[0].Label != "gw" || res.Runs[1].Label != "bare" {
+		t.Fatalf("got %d runs, want gw then bare\n%s", len(res.Runs), stdout.String())
+	}
+	gw := res.Runs[0]
+	if gw.Capacity <= 0 || len(gw.RSS) < 10 || gw.Overload.Refused.Count == 0 || gw.Overload.Refused.Count != gw.Overload.Errors["status_503"] || len(gw.Overload.RetryAfter) == 0 {
+		t.Errorf("gateway: capacity %.1f/s, %d memory readings, %d refused of errors %v, retry-after %v; want refusals timed, counted and their Retry-After kept\n%s",
+			gw.Capacity, len(gw.RSS), gw.Overload.Refused.Count, gw.Overload.Errors, gw.Overload.RetryAfter, stdout.String())
+	}
+	table := strings.Join(strings.Fields(stdout.String()), " ")
+	for _, want := range []string{"== overload scenario", "figure goal gw bare", "goodput / capacity >= 0.95", "refusal latency p50 / p99"} {
+		if !strings.Contains(table, want) {
+			t.Errorf("output lacks %q:\n%s", want, stdout.String())
+		}
+	}
+}
+
+// benchRefusalRun is the part of a JSON run the overload test checks.
+type benchRefusalRun struct {
+	Errors  map[string]int `json:"errors"`
+	Refused struct {
+		Count int `json:"count"`
+	} `json:"refused"`
+	RetryAfter map[string]int `json:"retry_after_s"`
+}

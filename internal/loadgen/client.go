@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -55,7 +56,24 @@ type Sample struct {
 	// Err is empty for a request that streamed to [DONE], else its kind.
 	Err    string `json:"err,omitempty"`
 	Detail string `json:"-"`
+	// RetryAfter is the Retry-After of a refusal (503 or 429) in whole
+	// seconds as the server sent it; -1 when the header was missing or not
+	// a number of seconds. A refusal's E2E is the time to its response
+	// headers, the latency a refused client waits before it can go
+	// elsewhere.
+	RetryAfter int `json:"retry_after_s,omitempty"`
 }
+
+// Refused reports a request the server turned away for load: a 503 or a
+// 429, which a client retries after Retry-After, unlike other errors.
+func (s Sample) Refused() bool {
+	return s.Err == refusedOverloaded || s.Err == refusedRateLimited
+}
+
+var (
+	refusedOverloaded  = fmt.Sprintf("status_%d", http.StatusServiceUnavailable)
+	refusedRateLimited = fmt.Sprintf("status_%d", http.StatusTooManyRequests)
+)
 
 // client sends requests the way Config asks: over shared connections, or
 // a new one per request.
@@ -257,9 +275,15 @@ func (c *client) finish(ctx context.Context, resp *http.Response, start time.Tim
 		return
 	}
 	if resp.StatusCode != http.StatusOK {
+		s.E2E = time.Since(start) // the headers, before the error body
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
-		s.E2E = time.Since(start)
 		s.Err, s.Detail = fmt.Sprintf("status_%d", resp.StatusCode), resp.Status
+		if s.Refused() {
+			s.RetryAfter = -1
+			if n, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && n >= 0 {
+				s.RetryAfter = n
+			}
+		}
 		return
 	}
 	readStream(ctx, resp.Body, start, s)

@@ -4,13 +4,18 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/quic-go/quic-go/http3"
 
 	"h3infer/certs"
 	"h3infer/internal/loadgen/bareserver"
@@ -180,26 +185,9 @@ func TestRunAgainstBareServer(t *testing.T) {
 // on loopback and checks every request, token and gap was counted.
 func runAgainstBareServer(t *testing.T, cases map[string]Config) {
 	t.Helper()
-	dev, err := certs.EnsureDev(filepath.Join(t.TempDir(), "certs"), certs.DevOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	kp, err := certs.LoadKeyPair(dev.CertFile, dev.KeyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool, err := certs.LoadPool(dev.CAFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv, err := bareserver.Start(bareserver.Config{Listen: "127.0.0.1:0", TLS: &tls.Config{Certificates: []tls.Certificate{kp}}, ZeroRTT: true}, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
+	addr, pool := startBare(t)
 	for name, cfg := range cases {
-		cfg.URL = "https://" + srv.Addr()
+		cfg.URL = "https://" + addr
 		cfg.TLS = &tls.Config{RootCAs: pool}
 		cfg.OutputTokens = Dist{Kind: DistFixed, A: 7}
 		cfg.Timeout = 30 * time.Second
@@ -225,6 +213,104 @@ func TestValidate(t *testing.T) {
 	for _, want := range []string{"url:", "proto:", "requests:", "0rtt:"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("got %v, want it to name %s", err, want)
+		}
+	}
+}
+
+// startBare starts the real bare server on loopback for the test and
+// returns its address and the pool that trusts it.
+func startBare(t *testing.T) (string, *x509.CertPool) {
+	t.Helper()
+	dev, err := certs.EnsureDev(filepath.Join(t.TempDir(), "certs"), certs.DevOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, err := certs.LoadKeyPair(dev.CertFile, dev.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := certs.LoadPool(dev.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	srv, err := bareserver.Start(bareserver.Config{Listen: "127.0.0.1:0", TLS: &tls.Config{Certificates: []tls.Certificate{kp}}, ZeroRTT: true}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	return srv.Addr(), pool
+}
+
+// TestRunCountsRefusals drives a real HTTP/3 server that refuses every
+// request, as an overloaded gateway does, and checks the refusals are
+// timed to their headers and their Retry-After kept.
+func TestRunCountsRefusals(t *testing.T) {
+	dir := t.TempDir()
+	dev, err := certs.EnsureDev(filepath.Join(dir, "certs"), certs.DevOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, err := certs.LoadKeyPair(dev.CertFile, dev.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := certs.LoadPool(dev.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http3.Server{
+		TLSConfig: http3.ConfigureTLSConfig(&tls.Config{Certificates: []tls.Certificate{kp}}),
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.Header.Get("Priority") {
+			case "u=0": // refused without saying when to come back
+				w.WriteHeader(http.StatusTooManyRequests)
+			default:
+				w.Header().Set("Retry-After", "2")
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}
+			w.Write([]byte(`{"error":{"message":"overloaded","code":"overloaded"}}`))
+		}),
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(pc) }()
+	defer func() {
+		srv.Close()
+		<-served
+		pc.Close()
+	}()
+	mix, _ := ParseUrgencyMix("0:1,3:3")
+	res, err := Run(context.Background(), Config{
+		URL: "https://" + pc.LocalAddr().String(), TLS: &tls.Config{RootCAs: pool},
+		Concurrency: 2, Requests: 40, Urgency: mix, Timeout: 10 * time.Second,
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var u0 int
+	for _, s := range res.Samples {
+		if s.Urgency == 0 {
+			u0++
+		}
+	}
+	if res.OK != 0 || res.Refused.Count != 40 || res.Errors["status_503"]+res.Errors["status_429"] != 40 {
+		t.Errorf("got %d ok, %d refused, errors %v; want every one of 40 refused", res.OK, res.Refused.Count, res.Errors)
+	}
+	if res.RetryAfter[2] != 40-u0 || res.RetryAfter[-1] != u0 {
+		t.Errorf("retry-after counts: got %v, want 2s ×%d and none ×%d", res.RetryAfter, 40-u0, u0)
+	}
+	if res.Refused.P50 <= 0 || res.Refused.Max < res.Refused.P99 || res.Refused.Max > 10*time.Second {
+		t.Errorf("refusal latency: got %+v, want positive and ordered", res.Refused)
+	}
+	var b strings.Builder
+	res.WriteTable(&b)
+	for _, want := range []string{"refused", "retry-after of 40 refusals: none ×"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, b.String())
 		}
 	}
 }

@@ -74,11 +74,19 @@ type Result struct {
 	TTFT       Percentiles    `json:"ttft"`
 	ITL        Percentiles    `json:"itl"`
 	E2E        Percentiles    `json:"e2e"`
+	// Refused is the latency of refusals (503 and 429, also counted in
+	// Errors): from sending the request to the refusal's headers.
+	// RetryAfter counts the Retry-After values they carried, in seconds
+	// (-1: missing or not a number).
+	Refused    Percentiles `json:"refused"`
+	RetryAfter map[int]int `json:"retry_after_s,omitempty"`
 
 	// Sorted raw latencies of successful requests, for plots.
 	TTFTs []time.Duration `json:"-"`
 	ITLs  []time.Duration `json:"-"`
 	E2Es  []time.Duration `json:"-"`
+	// Sorted latencies of refusals.
+	Refusals []time.Duration `json:"-"`
 	// Samples in the order they finished.
 	Samples []Sample `json:"-"`
 	// ErrorDetails holds one message per error kind, for diagnosis.
@@ -99,6 +107,13 @@ func newResult(cfg Config, samples []Sample, wall time.Duration) *Result {
 		Samples:      samples,
 	}
 	for _, s := range samples {
+		if s.Refused() {
+			r.Refusals = append(r.Refusals, s.E2E)
+			if r.RetryAfter == nil {
+				r.RetryAfter = map[int]int{}
+			}
+			r.RetryAfter[s.RetryAfter]++
+		}
 		if s.Err != "" {
 			r.Errors[s.Err]++
 			if _, seen := r.ErrorDetails[s.Err]; !seen && s.Detail != "" {
@@ -121,6 +136,7 @@ func newResult(cfg Config, samples []Sample, wall time.Duration) *Result {
 		r.ITLs = append(r.ITLs, s.ITL...)
 	}
 	r.TTFT, r.ITL, r.E2E = summarize(r.TTFTs), summarize(r.ITLs), summarize(r.E2Es)
+	r.Refused = summarize(r.Refusals)
 	if secs := wall.Seconds(); secs > 0 {
 		r.TokensPerS = float64(r.Tokens) / secs
 		r.RequestsPS = float64(r.OK) / secs
@@ -153,13 +169,23 @@ func (r *Result) WriteTable(w io.Writer) error {
 	for _, row := range []struct {
 		name string
 		p    Percentiles
-	}{{"ttft", r.TTFT}, {"inter-token", r.ITL}, {"e2e", r.E2E}} {
+	}{{"ttft", r.TTFT}, {"inter-token", r.ITL}, {"e2e", r.E2E}, {"refused", r.Refused}} {
+		if row.name == "refused" && row.p.Count == 0 {
+			continue
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t\n", row.name, fmtDur(row.p.P50), fmtDur(row.p.P90), fmtDur(row.p.P99), fmtDur(row.p.Max), row.p.Count)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	fmt.Fprintf(w, "throughput: %.1f tokens/s, %.2f requests/s (%d tokens)\n", r.TokensPerS, r.RequestsPS, r.Tokens)
+	if len(r.RetryAfter) > 0 {
+		var parts []string
+		for _, v := range slices.Sorted(maps.Keys(r.RetryAfter)) {
+			parts = append(parts, fmt.Sprintf("%s ×%d", fmtRetryAfter(v), r.RetryAfter[v]))
+		}
+		fmt.Fprintf(w, "retry-after of %d refusals: %s\n", r.Refused.Count, strings.Join(parts, ", "))
+	}
 	if r.ZeroRTT {
 		fmt.Fprintf(w, "0-RTT: %d of %d ok requests served early, %d retried in 1-RTT\n", r.Early, r.OK, r.Retried)
 	}
@@ -176,6 +202,14 @@ func (r *Result) WriteTable(w io.Writer) error {
 		fmt.Fprintf(w, "  %s: %s\n", k, r.ErrorDetails[k])
 	}
 	return err
+}
+
+// fmtRetryAfter prints a Retry-After value a Sample recorded.
+func fmtRetryAfter(v int) string {
+	if v < 0 {
+		return "none"
+	}
+	return fmt.Sprintf("%ds", v)
 }
 
 // fmtDur prints a latency with three significant digits.
