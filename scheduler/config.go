@@ -95,10 +95,13 @@ const (
 	DefaultRetryAfter    = time.Second
 	DefaultAging         = 2 * time.Second
 	DefaultUrgentReserve = 1
-	// DefaultMaxQueueDelay is about the wait before a first token that a
-	// chat user still reads as the system responding (the classic 1 s
-	// limit for an uninterrupted flow of thought), left to the queue alone.
-	DefaultMaxQueueDelay = time.Second
+	// DefaultMaxQueueDelay leaves the queue half of the second within
+	// which a chat user still reads a first token as the system
+	// responding (the classic 1 s limit for an uninterrupted flow of
+	// thought); prefill, a backend's own queue and the network take the
+	// rest (docs/BENCHMARKS.md, "Scenario 4": at 1 s the admitted TTFT p99
+	// under overload was twice that at capacity).
+	DefaultMaxQueueDelay = 500 * time.Millisecond
 	// DefaultQueueDelayInterval lets a burst that drains on its own pass:
 	// the guard acts only on a queue that stays long.
 	DefaultQueueDelayInterval = 500 * time.Millisecond
@@ -133,7 +136,11 @@ func (c Config) WithDefaults() Config {
 		c.MaxQueueDelay = config.Duration(DefaultMaxQueueDelay)
 	}
 	if c.QueueDelayTarget == 0 {
-		c.QueueDelayTarget = c.MaxQueueDelay
+		// Above the prediction's bound, so that the guard catches what
+		// prediction got wrong rather than the spread of waits it admits
+		// (at the bound itself it failed admitted requests after a full
+		// wait: docs/BENCHMARKS.md, "Scenario 4").
+		c.QueueDelayTarget = c.MaxQueueDelay * 3 / 2
 	}
 	if c.QueueDelayInterval == 0 {
 		c.QueueDelayInterval = config.Duration(DefaultQueueDelayInterval)

@@ -55,12 +55,12 @@ func TestConfigDefaults(t *testing.T) {
 		t.Errorf("defaults %+v", c)
 	}
 	if c.Admission != AdmissionDelay || time.Duration(c.MaxQueueDelay) != DefaultMaxQueueDelay ||
-		c.QueueDelayTarget != c.MaxQueueDelay || time.Duration(c.QueueDelayInterval) != DefaultQueueDelayInterval {
+		c.QueueDelayTarget != c.MaxQueueDelay*3/2 || time.Duration(c.QueueDelayInterval) != DefaultQueueDelayInterval {
 		t.Errorf("admission defaults %+v", c)
 	}
 	// The guard's target follows max_queue_delay unless set.
-	if c := (Config{MaxQueueDelay: config.Duration(3 * time.Second)}).WithDefaults(); c.QueueDelayTarget != c.MaxQueueDelay {
-		t.Errorf("queue_delay_target %s, want max_queue_delay %s", c.QueueDelayTarget, c.MaxQueueDelay)
+	if c := (Config{MaxQueueDelay: config.Duration(3 * time.Second)}).WithDefaults(); c.QueueDelayTarget != c.MaxQueueDelay*3/2 {
+		t.Errorf("queue_delay_target %s, want 1.5 max_queue_delay %s", c.QueueDelayTarget, c.MaxQueueDelay)
 	}
 }
 

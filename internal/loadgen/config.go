@@ -41,6 +41,12 @@ type Config struct {
 	// loop; requests that would exceed Concurrency in flight are counted
 	// as dropped.
 	Rate float64
+	// HonourRetryAfter makes each client of a closed loop wait out a
+	// refusal's Retry-After before its next request, as the OpenAI SDKs
+	// do, instead of sending it at once: a closed loop that retries a
+	// refusal at once measures how fast the server refuses, not how much
+	// it serves.
+	HonourRetryAfter bool
 	// Requests and Duration bound the run; whichever is reached first ends
 	// it. At least one must be set.
 	Requests int

@@ -306,6 +306,18 @@ func TestRunCountsRefusals(t *testing.T) {
 	if res.Refused.P50 <= 0 || res.Refused.Max < res.Refused.P99 || res.Refused.Max > 10*time.Second {
 		t.Errorf("refusal latency: got %+v, want positive and ordered", res.Refused)
 	}
+	// Clients that honour Retry-After (2s here) send one request each in
+	// a second, not as many as the server can refuse.
+	polite, err := Run(context.Background(), Config{
+		URL: "https://" + pc.LocalAddr().String(), TLS: &tls.Config{RootCAs: pool},
+		Concurrency: 2, Duration: time.Second, Timeout: 10 * time.Second, HonourRetryAfter: true,
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if polite.Requests != 2 {
+		t.Errorf("two clients honouring a Retry-After of 2s sent %d requests in a second, want 2", polite.Requests)
+	}
 	var b strings.Builder
 	res.WriteTable(&b)
 	for _, want := range []string{"refused", "retry-after of 40 refusals: none ×"} {

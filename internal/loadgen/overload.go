@@ -237,6 +237,9 @@ func RunOverload(ctx context.Context, cfg OverloadConfig, phase func(string)) (*
 	phase("capacity")
 	c := cfg.Base
 	c.Concurrency, c.Duration, c.Requests, c.Rate, c.Urgency = cfg.CapacityConcurrency, cfg.CapacityDuration, 0, 0, nil
+	// Closed-loop clients that retried a refusal at once would turn a
+	// gateway that bounds its queue in time into a refusal storm.
+	c.HonourRetryAfter = true
 	var err error
 	if res.Capacity, err = run(c); err != nil {
 		stop()

@@ -99,7 +99,7 @@ func (r *runner) claim(ctx context.Context) bool {
 }
 
 // one runs a request drawn with rng and records it.
-func (r *runner) one(ctx context.Context, rng *rand.Rand) {
+func (r *runner) one(ctx context.Context, rng *rand.Rand) Sample {
 	prompt, out, urgency := r.cfg.PromptWords.draw(rng), r.cfg.OutputTokens.draw(rng), -1
 	if r.cfg.Urgency != nil {
 		urgency = r.cfg.Urgency.draw(rng)
@@ -110,6 +110,7 @@ func (r *runner) one(ctx context.Context, rng *rand.Rand) {
 	r.inFlight.Add(-1)
 	s.Start = began.Sub(r.start)
 	r.record(s)
+	return s
 }
 
 func (r *runner) record(s Sample) {
@@ -128,7 +129,13 @@ func (r *runner) closedLoop(ctx context.Context) {
 		rng := rand.New(rand.NewPCG(uint64(i), 0x6833))
 		wg.Go(func() {
 			for r.claim(ctx) {
-				r.one(ctx, rng)
+				s := r.one(ctx, rng)
+				if r.cfg.HonourRetryAfter && s.RetryAfter > 0 {
+					select {
+					case <-time.After(time.Duration(s.RetryAfter) * time.Second):
+					case <-ctx.Done():
+					}
+				}
 			}
 		})
 	}
