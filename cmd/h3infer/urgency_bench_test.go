@@ -22,11 +22,16 @@ import (
 // the gateway's priority), with the reserved slot alone, and with the
 // default configuration (a reserved slot, bulk work at workers.nice 10).
 // Run with -benchtime 1x.
+//
+// Each runs the count-bounded queue (scheduler.admission "count"): what is
+// measured is urgent work beside a standing bulk backlog of at least 32
+// queued requests, and the default delay admission refuses such a backlog
+// up front (scenario 4 of docs/BENCHMARKS.md measures that instead).
 func BenchmarkPriorityIsolation(b *testing.B) {
 	for _, bc := range []struct{ name, config string }{
-		{"strict_priority", `{"scheduler": {"urgent_reserve": 0}, "workers": {"nice": 0}}`},
-		{"reserve_only", `{"scheduler": {"urgent_reserve": 1}, "workers": {"nice": 0}}`},
-		{"default", `{}`},
+		{"strict_priority", `{"scheduler": {"urgent_reserve": 0, "admission": "count"}, "workers": {"nice": 0}}`},
+		{"reserve_only", `{"scheduler": {"urgent_reserve": 1, "admission": "count"}, "workers": {"nice": 0}}`},
+		{"default", `{"scheduler": {"admission": "count"}}`},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			cfg := filepath.Join(b.TempDir(), "config.json")
