@@ -421,6 +421,10 @@ func TestEjection(t *testing.T) {
 	if got := counter(t, reg, "h3infer_upstream_up", "upstream", "a"); got != 1 {
 		t.Errorf("up gauge of a new upstream: got %v, want 1", got)
 	}
+	// The probe a new upstream sends at once brings an ejected upstream
+	// back; let it answer before the failures, or a slow one lands after
+	// the ejection and undoes it.
+	eventually(t, "the first probe answers", h.probed.Load)
 	var status atomic.Int64
 	f.answer(func(w http.ResponseWriter, r *http.Request) {
 		if st := int(status.Load()); st != 200 {
