@@ -20,6 +20,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"github.com/quic-go/quic-go/qlogwriter"
 
 	"h3infer/tlsbind"
 )
@@ -36,6 +37,9 @@ type Config struct {
 	// DialAddr, when set, is where packets go instead of the URL's
 	// host:port (a relay in tests; the URL still names the server).
 	DialAddr string
+	// QUICTracer, when set, traces every connection (`h3infer bench
+	// --qlog` writes qlog files through package qlogdir).
+	QUICTracer func(context.Context, bool, quic.ConnectionID) qlogwriter.Trace
 }
 
 // Client sends requests to one or more gateways, one connection per
@@ -215,7 +219,7 @@ func (c *Client) dial(ctx context.Context, addr string, early bool) (*conn, erro
 	if early {
 		dial = quic.DialAddrEarly
 	}
-	qc, err := dial(ctx, to, c.tls, &quic.Config{})
+	qc, err := dial(ctx, to, c.tls, &quic.Config{Tracer: c.cfg.QUICTracer})
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"github.com/quic-go/quic-go/qlogwriter"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
@@ -199,6 +200,9 @@ type Config struct {
 	// http/1.1: certs.ACMEALPN when TLS's certificate source answers ACME's
 	// tls-alpn-01 challenge. The certificate source must handle them.
 	TCPProtos []string `json:"-"`
+	// QUICTracer, when set, traces every QUIC connection: `serve --qlog`
+	// writes qlog files through package qlogdir.
+	QUICTracer func(context.Context, bool, quic.ConnectionID) qlogwriter.Trace `json:"-"`
 }
 
 // Defaults for Config's zero values.
@@ -503,6 +507,7 @@ func (g *Gateway) Start() error {
 		Allow0RTT:             !g.cfg.Auth.Disabled && !g.cfg.Auth.Disable0RTT,
 		MaxIncomingStreams:    int64(g.cfg.MaxStreams),
 		MaxIncomingUniStreams: maxIncomingUniStreams,
+		Tracer:                g.cfg.QUICTracer,
 	})
 	if err != nil {
 		g.quicTr.Close()

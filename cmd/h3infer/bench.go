@@ -21,6 +21,7 @@ import (
 	"h3infer/certs"
 	"h3infer/internal/loadgen"
 	"h3infer/internal/loadgen/bareserver"
+	"h3infer/internal/qlogdir"
 	"h3infer/tlsbind"
 )
 
@@ -50,6 +51,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	timeout := fs.Duration("timeout", loadgen.DefaultTimeout, "bound on one request")
 	jsonOut := fs.String("json", "", "write every run as JSON to this file")
 	plotOut := fs.String("plot", "", "write PNG plots as PREFIX-cdf.png (latency CDFs) and PREFIX-ttft.png (TTFT against concurrency)")
+	qlog := fs.String("qlog", "", "write a qlog trace of every h3 connection the run opens into this directory, header values redacted")
 	progress := fs.Bool("progress", true, "draw a progress bar when stderr is a terminal")
 	bareListen := fs.String("bare-listen", "", "serve the comparison server on host:port instead of loading anything")
 	bareInterval := fs.Duration("bare-interval", 0, "comparison server: time between tokens of one stream (0: as fast as possible)")
@@ -129,6 +131,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	}
 	if err := errors.Join(errs...); err != nil {
 		return usageError{err}
+	}
+	if *qlog != "" {
+		if cfg.QUICTracer, err = qlogdir.New(*qlog, log); err != nil {
+			return err
+		}
 	}
 	pool, err := certs.LoadPool(*caFile)
 	if err != nil {

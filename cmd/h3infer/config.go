@@ -47,6 +47,10 @@ type Config struct {
 	// AdminHosts are further host names the admin listener answers to (on
 	// any port), for scrapers that reach it by name. Default: none.
 	AdminHosts []string `json:"admin_hosts"`
+	// QlogDir is serve's --qlog flag: a directory for a qlog trace of
+	// every QUIC connection. Not a key of the file: a trace is for one
+	// run being looked into, not a standing setting.
+	QlogDir string `json:"-"`
 	// AdminToken, when set, is required as a bearer token on every admin
 	// route but /healthz and /readyz. Default: none on a loopback admin
 	// address; on any other, serve generates one into

@@ -25,6 +25,7 @@ import (
 	"h3infer/gateway"
 	"h3infer/infer"
 	"h3infer/internal/onnxgen"
+	"h3infer/internal/qlogdir"
 	"h3infer/ort"
 	"h3infer/priority"
 	"h3infer/ratelimit"
@@ -42,6 +43,7 @@ func runServe(ctx context.Context, args []string, stdout io.Writer, log *slog.Lo
 	admin := fs.String("admin", "", "host:port for /healthz, /readyz and /metrics (default 127.0.0.1:9090)")
 	stateDir := fs.String("state-dir", "", "directory for certificates and the demo model (default .h3infer)")
 	workers := fs.Int("workers", 0, "number of worker processes (default 2)")
+	qlog := fs.String("qlog", "", "write a qlog trace of every QUIC connection into this directory, header values redacted (docs/OBSERVABILITY.md)")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -61,6 +63,8 @@ func runServe(ctx context.Context, args []string, stdout io.Writer, log *slog.Lo
 				cfg.StateDir = *stateDir
 			case "workers":
 				cfg.Workers.Count = *workers
+			case "qlog":
+				cfg.QlogDir = *qlog
 			}
 		})
 		if v := os.Getenv("ONNXRUNTIME_LIB"); v != "" {
@@ -220,6 +224,12 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	gwCfg.Router = router{registry}
 	gwCfg.ModelAdmin = registry
 	gwCfg.TCPProtos = src.tcpProtos()
+	if cfg.QlogDir != "" {
+		if gwCfg.QUICTracer, err = qlogdir.New(cfg.QlogDir, log); err != nil {
+			return err
+		}
+		log.Info("writing a qlog trace of every QUIC connection", "dir", cfg.QlogDir)
+	}
 	gw, err := gateway.New(gwCfg, gateway.FromScheduler(sched), kinds, log)
 	if err != nil {
 		return err

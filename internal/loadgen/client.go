@@ -139,7 +139,7 @@ func newClient(cfg Config) (*client, error) {
 func (c *client) transport() http.RoundTripper {
 	switch c.cfg.Proto {
 	case ProtoH3:
-		return &http3.Transport{TLSClientConfig: c.tls, QUICConfig: quicConfig()}
+		return &http3.Transport{TLSClientConfig: c.tls, QUICConfig: c.quicConfig()}
 	case ProtoH2:
 		// One connection, as h3 uses: without the bound, requests that
 		// start together each dial their own before the first is up.
@@ -155,8 +155,8 @@ func (c *client) transport() http.RoundTripper {
 
 // quicConfig allows enough concurrent streams for the largest loads the
 // bench runs on one connection.
-func quicConfig() *quic.Config {
-	return &quic.Config{MaxIncomingStreams: 4096, KeepAlivePeriod: 10 * time.Second}
+func (c *client) quicConfig() *quic.Config {
+	return &quic.Config{MaxIncomingStreams: 4096, KeepAlivePeriod: 10 * time.Second, Tracer: c.cfg.QUICTracer}
 }
 
 func closeTransport(rt http.RoundTripper) func() {
@@ -296,7 +296,7 @@ func (c *client) finish(ctx context.Context, resp *http.Response, start time.Tim
 // certificate chain) but not the saved round trip; doEarly is the path
 // that sends the POST early.
 func (c *client) doH3NewConn(ctx context.Context, req *http.Request) (*http.Response, func(), error) {
-	conn, err := quic.DialAddrEarly(ctx, c.host, c.tls, quicConfig())
+	conn, err := quic.DialAddrEarly(ctx, c.host, c.tls, c.quicConfig())
 	if err != nil {
 		return nil, nil, err
 	}

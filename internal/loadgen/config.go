@@ -1,6 +1,7 @@
 package loadgen
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -9,6 +10,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/qlogwriter"
 )
 
 // Protocols the generator speaks.
@@ -33,6 +37,9 @@ type Config struct {
 	// TLS is the client's TLS configuration (roots, server name); nil means
 	// the system roots. Its ClientSessionCache is replaced per run.
 	TLS *tls.Config
+	// QUICTracer, when set, traces every h3 connection the run opens
+	// (`bench --qlog`: package qlogdir).
+	QUICTracer func(context.Context, bool, quic.ConnectionID) qlogwriter.Trace
 	// Concurrency is how many requests are in flight at once in closed
 	// loop, and the bound on in-flight requests with Rate. Default 1.
 	Concurrency int

@@ -31,7 +31,7 @@ func newEarlyClients(cfg Config, base *tls.Config) (chan *earlyClient, error) {
 		t := base.Clone()
 		tickets := newTicketCache()
 		t.ClientSessionCache = tickets
-		cl, err := h3client.New(h3client.Config{TLS: t, Credential: cfg.Credential})
+		cl, err := h3client.New(h3client.Config{TLS: t, Credential: cfg.Credential, QUICTracer: cfg.QUICTracer})
 		if err != nil {
 			return nil, fmt.Errorf("credential: %w", err)
 		}
