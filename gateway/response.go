@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 
 	"h3infer/infer"
-	"h3infer/priority"
 )
 
 // The OpenAI response shapes, for both routes and both modes.
@@ -188,15 +187,4 @@ func sseData(payload []byte) []byte {
 	out = append(out, "data: "...)
 	out = append(out, payload...)
 	return append(out, "\n\n"...)
-}
-
-// streamIncremental is the incremental flag of a streamed (SSE) response:
-// what the client said, else true. RFC 9218's default of false tells
-// quic-go to send same-urgency streams one after the other, each to its
-// end, which is right for a file the client cannot use until it is whole
-// and wrong for tokens read as they come: under load a new stream's first
-// token waited for every older stream to finish. RFC 9218 lets a server
-// weigh what it knows of the response where the client said nothing.
-func streamIncremental(p priority.Signal) bool {
-	return p.Incremental || !p.HasIncremental
 }

@@ -135,7 +135,23 @@ func (sw *sseWriter) open() error {
 			if err != nil {
 				return err
 			}
-			str.SetPriority(int8(sw.prio.Urgency), streamIncremental(sw.prio))
+			// Always incremental, whatever the client said. quic-go
+			// sends non-incremental streams of one urgency one after
+			// the other, each to its end: right for a file the client
+			// cannot use until it is whole, wrong for tokens produced at
+			// the model's pace however fast the link. With RFC 9218's
+			// default i=?0 a new stream's first token waited for every
+			// older stream to finish, and on a lossy link, where the
+			// congestion window is below what the streams offer, the
+			// lower stream IDs took the whole window while the others
+			// stalled for most of a second (docs/BENCHMARKS.md, scenario
+			// 2: four streams sent nothing for 888 ms while twelve
+			// shared the window). A client that says i=?0 about an event
+			// stream is taking a default, not asking for stalls; RFC 9218
+			// lets a server weigh what it knows of the response. A later
+			// PRIORITY_UPDATE still reaches the stream (quic-go applies
+			// it unseen), and re-orders only that client's connection.
+			str.SetPriority(int8(sw.prio.Urgency), true)
 			sw.str, sw.opened = str, true
 			return nil
 		}
