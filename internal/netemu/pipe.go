@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"time"
 )
@@ -15,8 +16,17 @@ type Direction struct {
 	// Jitter, when > 0, adds a uniform draw from [-Jitter, +Jitter] to each
 	// packet's delay (never below zero); packets may then reorder.
 	Jitter time.Duration
-	// Loss is the probability, 0..1, that a packet is dropped.
+	// Loss is the probability, 0..1, that a packet is dropped: the
+	// long-run loss rate.
 	Loss float64
+	// Burst, when > 1, is the mean length in packets of a run of lost
+	// packets: loss follows a two-state (Gilbert) model that loses every
+	// packet in its bad state and none in its good one, leaving the bad
+	// state with probability 1/Burst per packet and entering it at the
+	// rate that keeps the long-run loss at Loss. It starts good. 0 or 1
+	// means each packet is lost independently (Bernoulli), whose runs
+	// average 1/(1-Loss) packets.
+	Burst float64
 	// Limit bounds the packets held at once; 0 means DefaultLimit. A
 	// packet arriving at a full queue is dropped.
 	Limit int
@@ -38,6 +48,15 @@ func (d Direction) Validate() error {
 	}
 	if !(d.Loss >= 0 && d.Loss <= 1) {
 		errs = append(errs, fmt.Errorf("loss: must be within 0..1, got %v", d.Loss))
+	}
+	switch {
+	case !(d.Burst == 0 || d.Burst >= 1) || math.IsInf(d.Burst, 1):
+		errs = append(errs, fmt.Errorf("burst: must be 0 or a finite number >= 1, got %v", d.Burst))
+	case d.Burst > 1 && d.Loss <= 1 && d.Loss > d.Burst/(d.Burst+1):
+		// Above that the good state would have to last under one
+		// packet on average: no chain has this loss and this burst.
+		errs = append(errs, fmt.Errorf("loss: must be <= burst/(burst+1) = %.4g with burst %v, got %v",
+			d.Burst/(d.Burst+1), d.Burst, d.Loss))
 	}
 	if d.Limit < 0 {
 		errs = append(errs, fmt.Errorf("limit: must be >= 0, got %d", d.Limit))
@@ -63,13 +82,25 @@ type pipe struct {
 	q     packetHeap
 	seq   uint64
 	stats Stats
+
+	// The Gilbert chain, with Burst > 1: its state and per-packet
+	// transition probabilities.
+	bad                  bool
+	goodToBad, badToGood float64
 }
 
 func newPipe(cfg Direction) *pipe {
 	if cfg.Limit == 0 {
 		cfg.Limit = DefaultLimit
 	}
-	return &pipe{cfg: cfg, rng: rand.New(rand.NewPCG(cfg.Seed, 0x6e6574656d75))}
+	p := &pipe{cfg: cfg, rng: rand.New(rand.NewPCG(cfg.Seed, 0x6e6574656d75))}
+	if cfg.Burst > 1 {
+		p.badToGood = 1 / cfg.Burst
+		// The chain is bad goodToBad/(goodToBad+badToGood) of the
+		// time, which this makes Loss.
+		p.goodToBad = cfg.Loss * p.badToGood / (1 - cfg.Loss)
+	}
+	return p
 }
 
 // verdict is what push did with a packet.
@@ -87,7 +118,7 @@ func (p *pipe) push(pkt []byte, now time.Time) verdict {
 	p.stats.Received++
 	// Draw the loss for every packet, full queue or not, so one packet's
 	// fate does not shift the draws of those after it.
-	drop := p.cfg.Loss > 0 && p.rng.Float64() < p.cfg.Loss
+	drop := p.drawLoss()
 	delay := p.cfg.Delay
 	if p.cfg.Jitter > 0 {
 		delay += time.Duration(p.rng.Int64N(int64(2*p.cfg.Jitter)+1)) - p.cfg.Jitter
@@ -104,6 +135,24 @@ func (p *pipe) push(pkt []byte, now time.Time) verdict {
 	p.seq++
 	heap.Push(&p.q, held{due: now.Add(delay), seq: p.seq, pkt: pkt})
 	return queued
+}
+
+// drawLoss draws one packet's loss, moving the Gilbert chain a step
+// when there is one. It takes one draw per packet either way.
+func (p *pipe) drawLoss() bool {
+	if p.cfg.Loss <= 0 {
+		return false
+	}
+	u := p.rng.Float64()
+	switch {
+	case p.cfg.Burst <= 1:
+		return u < p.cfg.Loss
+	case p.bad:
+		p.bad = u >= p.badToGood
+	default:
+		p.bad = u < p.goodToBad
+	}
+	return p.bad
 }
 
 // next is the release time of the earliest packet held.

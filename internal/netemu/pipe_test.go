@@ -1,6 +1,9 @@
 package netemu
 
 import (
+	"math"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -169,5 +172,122 @@ func TestDirectionValidate(t *testing.T) {
 	}
 	if err := (Direction{Delay: time.Millisecond, Loss: 0.03}).Validate(); err != nil {
 		t.Errorf("a valid direction: %v", err)
+	}
+}
+
+// lossPattern pushes n packets 1 µs apart through a pipe, releasing
+// those due, and reports which were lost.
+func lossPattern(d Direction, n int) []bool {
+	p := newPipe(d)
+	lostAt := make([]bool, n)
+	for i := range lostAt {
+		now := t0.Add(time.Duration(i) * time.Microsecond)
+		lostAt[i] = p.push([]byte{0}, now) == lost
+		p.pop(now)
+	}
+	return lostAt
+}
+
+// lossRuns returns the fraction of packets lost and the mean length of a
+// run of consecutive losses.
+func lossRuns(lostAt []bool) (rate, meanRun float64) {
+	losses, runs := 0, 0
+	for i, l := range lostAt {
+		if !l {
+			continue
+		}
+		losses++
+		if i == 0 || !lostAt[i-1] {
+			runs++
+		}
+	}
+	return float64(losses) / float64(len(lostAt)), float64(losses) / float64(runs)
+}
+
+func TestPipeBurstLossRateAndRunLength(t *testing.T) {
+	const n = 200_000
+	tests := map[string]struct {
+		loss, burst float64
+		wantRun     float64
+	}{
+		// Independent losses run 1/(1-loss) packets on average.
+		"bernoulli 3%":         {0.03, 0, 1 / 0.97},
+		"burst 1 is bernoulli": {0.03, 1, 1 / 0.97},
+		"bernoulli 20%":        {0.20, 0, 1 / 0.8},
+		"3% in bursts of 4":    {0.03, 4, 4},
+		"20% in bursts of 4":   {0.20, 4, 4},
+		"10% in bursts of 10":  {0.10, 10, 10},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			// Bernoulli is the chain that leaves the bad state with
+			// probability 1-loss, so one formula bounds both. Losses
+			// are correlated over 1/(1-λ) packets, which widens the
+			// spread of their rate by (1+λ)/(1-λ) over a binomial one;
+			// run lengths are geometric. Allow four standard
+			// deviations: the seed fixes the outcome, so this cannot
+			// flake, and it is tight enough to catch a chain that
+			// forgot the 1/(1-loss) in its entry probability.
+			r := 1 / tc.wantRun
+			p := tc.loss * r / (1 - tc.loss)
+			lambda := 1 - p - r
+			rateTol := 4 * math.Sqrt(tc.loss*(1-tc.loss)/n*(1+lambda)/(1-lambda))
+			runTol := 4 * math.Sqrt(1-r) / r / math.Sqrt(n*tc.loss/tc.wantRun)
+
+			lostAt := lossPattern(Direction{Loss: tc.loss, Burst: tc.burst, Seed: 11}, n)
+			rate, run := lossRuns(lostAt)
+			if math.Abs(rate-tc.loss) > rateTol {
+				t.Errorf("lost %.5f of packets, want %.5f ± %.5f", rate, tc.loss, rateTol)
+			}
+			if math.Abs(run-tc.wantRun) > runTol {
+				t.Errorf("mean run of losses %.3f packets, want %.3f ± %.3f", run, tc.wantRun, runTol)
+			}
+			again := lossPattern(Direction{Loss: tc.loss, Burst: tc.burst, Seed: 11}, n)
+			if !slices.Equal(lostAt, again) {
+				t.Error("the same seed gave different losses")
+			}
+			if slices.Equal(lostAt, lossPattern(Direction{Loss: tc.loss, Burst: tc.burst, Seed: 12}, n)) {
+				t.Error("a different seed gave the same losses")
+			}
+			// A full queue turns every packet the chain keeps into an
+			// overflow, and must not move the chain's draws.
+			full := Direction{Loss: tc.loss, Burst: tc.burst, Seed: 11, Delay: time.Hour, Limit: 1}
+			if !slices.Equal(lostAt, lossPattern(full, n)) {
+				t.Error("a full queue changed which packets were lost")
+			}
+		})
+	}
+
+	// Burst 1 is today's Bernoulli loss draw for draw, not merely alike.
+	if !slices.Equal(lossPattern(Direction{Loss: 0.1, Seed: 5}, 10_000), lossPattern(Direction{Loss: 0.1, Burst: 1, Seed: 5}, 10_000)) {
+		t.Error("burst 1 lost other packets than burst 0")
+	}
+}
+
+func TestDirectionValidateBurst(t *testing.T) {
+	for name, tc := range map[string]struct {
+		d   Direction
+		key string
+	}{
+		"burst below 1":       {Direction{Burst: 0.5}, "burst:"},
+		"negative burst":      {Direction{Burst: -2}, "burst:"},
+		"burst NaN":           {Direction{Burst: math.NaN()}, "burst:"},
+		"burst infinite":      {Direction{Burst: math.Inf(1)}, "burst:"},
+		"all lost in bursts":  {Direction{Loss: 1, Burst: 4}, "loss:"},
+		"bursts back to back": {Direction{Loss: 0.7, Burst: 2}, "loss:"}, // at most 2/3
+	} {
+		err := tc.d.Validate()
+		if err == nil || !strings.Contains(err.Error(), tc.key) {
+			t.Errorf("%s: got %v, want an error naming %s", name, err, tc.key)
+		}
+	}
+	for name, d := range map[string]Direction{
+		"all lost independently": {Loss: 1, Burst: 1},
+		"bursts of 4":            {Loss: 0.03, Burst: 4},
+		"the highest loss":       {Loss: 2.0 / 3, Burst: 2},
+	} {
+		if err := d.Validate(); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
 	}
 }
