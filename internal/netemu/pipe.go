@@ -30,12 +30,28 @@ type Direction struct {
 	// Limit bounds the packets held at once; 0 means DefaultLimit. A
 	// packet arriving at a full queue is dropped.
 	Limit int
+	// Rate, when > 0, is the link's bandwidth in bits per second. Packets
+	// are serialized one at a time in arrival order, each taking
+	// len*8/Rate from when it arrives or the link frees, whichever is
+	// later, and the delay starts when its serialization ends. 0 means
+	// unlimited: no serialization time.
+	Rate int64
+	// RateQueue bounds the packets waiting for the link with Rate set:
+	// those accepted whose serialization has not started (the one being
+	// serialized does not count). 0 means DefaultRateQueue. A packet
+	// arriving when that many wait is dropped. Without Rate it is unused.
+	RateQueue int
 	// Seed seeds the loss and jitter draws, so a run can be repeated.
 	Seed uint64
 }
 
 // DefaultLimit is Direction.Limit's default, netem's own default queue.
 const DefaultLimit = 1000
+
+// DefaultRateQueue is Direction.RateQueue's default: 64 full-size packets
+// are 77 ms at 10 Mbit/s, about one round trip of the benchmark's path, a
+// buffer that absorbs a burst without hiding congestion for long.
+const DefaultRateQueue = 64
 
 // Validate reports every problem at once.
 func (d Direction) Validate() error {
@@ -61,6 +77,12 @@ func (d Direction) Validate() error {
 	if d.Limit < 0 {
 		errs = append(errs, fmt.Errorf("limit: must be >= 0, got %d", d.Limit))
 	}
+	if d.Rate < 0 {
+		errs = append(errs, fmt.Errorf("rate: must be >= 0, got %d", d.Rate))
+	}
+	if d.RateQueue < 0 {
+		errs = append(errs, fmt.Errorf("rate_queue: must be >= 0, got %d", d.RateQueue))
+	}
 	return errors.Join(errs...)
 }
 
@@ -68,7 +90,7 @@ func (d Direction) Validate() error {
 type Stats struct {
 	Received  uint64 // packets read from the source
 	Lost      uint64 // dropped by the random loss draw
-	Overflow  uint64 // dropped because the queue was full
+	Overflow  uint64 // dropped because the queue or the rate queue was full
 	Delivered uint64 // written to the destination
 	WriteErrs uint64 // writes the destination refused
 }
@@ -87,11 +109,20 @@ type pipe struct {
 	// transition probabilities.
 	bad                  bool
 	goodToBad, badToGood float64
+
+	// The serializing link, with Rate > 0: when it is next free, and
+	// the start times, in order, of the packets accepted that had to
+	// wait for it, until waiting sees them started.
+	linkFree time.Time
+	starts   []time.Time
 }
 
 func newPipe(cfg Direction) *pipe {
 	if cfg.Limit == 0 {
 		cfg.Limit = DefaultLimit
+	}
+	if cfg.RateQueue == 0 {
+		cfg.RateQueue = DefaultRateQueue
 	}
 	p := &pipe{cfg: cfg, rng: rand.New(rand.NewPCG(cfg.Seed, 0x6e6574656d75))}
 	if cfg.Burst > 1 {
@@ -131,9 +162,22 @@ func (p *pipe) push(pkt []byte, now time.Time) verdict {
 	case len(p.q) >= p.cfg.Limit:
 		p.stats.Overflow++
 		return overflow
+	case p.cfg.Rate > 0 && p.waiting(now) >= p.cfg.RateQueue:
+		p.stats.Overflow++
+		return overflow
+	}
+	sent := now
+	if p.cfg.Rate > 0 {
+		start := now
+		if p.linkFree.After(now) {
+			start = p.linkFree
+			p.starts = append(p.starts, start)
+		}
+		p.linkFree = start.Add(serialization(len(pkt), p.cfg.Rate))
+		sent = p.linkFree
 	}
 	p.seq++
-	heap.Push(&p.q, held{due: now.Add(delay), seq: p.seq, pkt: pkt})
+	heap.Push(&p.q, held{due: sent.Add(delay), seq: p.seq, pkt: pkt})
 	return queued
 }
 
@@ -153,6 +197,28 @@ func (p *pipe) drawLoss() bool {
 		p.bad = u < p.goodToBad
 	}
 	return p.bad
+}
+
+// waiting is how many accepted packets are waiting for the link at now:
+// those whose serialization starts after now.
+func (p *pipe) waiting(now time.Time) int {
+	started := 0
+	for started < len(p.starts) && !p.starts[started].After(now) {
+		started++
+	}
+	p.starts = p.starts[started:]
+	return len(p.starts)
+}
+
+// serialization is how long n bytes take at rate bits per second, rounded
+// up so that the link never runs faster than its rate.
+func serialization(n int, rate int64) time.Duration {
+	ns := int64(n) * 8 * int64(time.Second) // IP packets are under 2^16 bytes: no overflow
+	d := ns / rate
+	if ns%rate != 0 {
+		d++
+	}
+	return time.Duration(d)
 }
 
 // next is the release time of the earliest packet held.

@@ -291,3 +291,123 @@ func TestDirectionValidateBurst(t *testing.T) {
 		}
 	}
 }
+
+// releases pops every packet at its own due time and returns those times
+// as offsets from t0, packet by packet in the order they left.
+func releases(p *pipe) []time.Duration {
+	var got []time.Duration
+	for {
+		due, ok := p.next()
+		if !ok {
+			return got
+		}
+		p.pop(due)
+		got = append(got, due.Sub(t0))
+	}
+}
+
+func TestPipeRateSerializes(t *testing.T) {
+	const ms = time.Millisecond
+	// 1,000 bytes at 8 Mbit/s take 1 ms on the wire.
+	p := newPipe(Direction{Delay: 10 * ms, Rate: 8_000_000})
+	for range 5 {
+		p.push(make([]byte, 1000), t0)
+	}
+	waiting := func(at time.Duration, want int) {
+		t.Helper()
+		if got := p.waiting(t0.Add(at)); got != want {
+			t.Errorf("waiting at %s: got %d, want %d", at, got, want)
+		}
+	}
+	// The first starts at once; each other waits until the one before
+	// it is done.
+	waiting(0, 4)
+	waiting(ms-1, 4)
+	waiting(ms, 3)
+	// One arriving while the link is busy waits its turn, and a larger
+	// one takes longer: 1,500 bytes are 1.5 ms.
+	p.push(make([]byte, 1500), t0.Add(2500*time.Microsecond))
+	waiting(3*ms, 2)
+	waiting(5*ms-1, 1)
+	waiting(5*ms, 0)
+	want := []time.Duration{11 * ms, 12 * ms, 13 * ms, 14 * ms, 15 * ms, 16500 * time.Microsecond}
+	if got := releases(p); !slices.Equal(got, want) {
+		t.Errorf("released at %v, want %v", got, want)
+	}
+
+	// An idle link starts the next packet when it arrives, not when the
+	// last one ended.
+	p.push(make([]byte, 1000), t0.Add(100*ms))
+	if got, want := releases(p), []time.Duration{111 * ms}; !slices.Equal(got, want) {
+		t.Errorf("after idling: released at %v, want %v", got, want)
+	}
+
+	// Serialization rounds up, so the link never beats its rate: 1 byte
+	// at 3 bit/s is 8/3 s.
+	p = newPipe(Direction{Rate: 3})
+	p.push([]byte{0}, t0)
+	p.push([]byte{0}, t0)
+	if got, want := releases(p), []time.Duration{2666666667, 5333333334}; !slices.Equal(got, want) {
+		t.Errorf("at 3 bit/s: released at %v, want %v", got, want)
+	}
+}
+
+func TestPipeRateQueueTailDrops(t *testing.T) {
+	const ms = time.Millisecond
+	p := newPipe(Direction{Rate: 8_000_000, RateQueue: 3})
+	var got []verdict
+	for range 6 {
+		got = append(got, p.push(make([]byte, 1000), t0))
+	}
+	// One on the wire and three waiting; the rest find the queue full.
+	want := []verdict{queued, queued, queued, queued, overflow, overflow}
+	if !slices.Equal(got, want) {
+		t.Fatalf("verdicts %v, want %v", got, want)
+	}
+	if p.stats.Overflow != 2 || p.stats.Lost != 0 {
+		t.Errorf("stats %+v, want 2 overflow and 0 lost", p.stats)
+	}
+	// At 1 ms the second packet goes on the wire, leaving one place.
+	got = got[:0]
+	for range 2 {
+		got = append(got, p.push(make([]byte, 1000), t0.Add(ms)))
+	}
+	if want := []verdict{queued, overflow}; !slices.Equal(got, want) {
+		t.Errorf("at 1 ms: verdicts %v, want %v", got, want)
+	}
+	// The dropped packets took no time on the wire: five went through,
+	// 1 ms each.
+	if got, want := releases(p), []time.Duration{1 * ms, 2 * ms, 3 * ms, 4 * ms, 5 * ms}; !slices.Equal(got, want) {
+		t.Errorf("released at %v, want %v", got, want)
+	}
+
+	if q := newPipe(Direction{Rate: 1}).cfg.RateQueue; q != DefaultRateQueue {
+		t.Errorf("a zero rate queue is %d, not the default %d", q, DefaultRateQueue)
+	}
+	// Without a rate nothing waits for the link, so nothing overflows
+	// the rate queue.
+	p = newPipe(Direction{RateQueue: 1})
+	for i := range 10 {
+		if v := p.push(make([]byte, 1000), t0); v != queued {
+			t.Fatalf("no rate, packet %d: verdict %v, want queued", i, v)
+		}
+	}
+}
+
+func TestDirectionValidateRate(t *testing.T) {
+	for name, tc := range map[string]struct {
+		d   Direction
+		key string
+	}{
+		"negative rate":       {Direction{Rate: -1}, "rate:"},
+		"negative rate queue": {Direction{RateQueue: -1}, "rate_queue:"},
+	} {
+		err := tc.d.Validate()
+		if err == nil || !strings.Contains(err.Error(), tc.key) {
+			t.Errorf("%s: got %v, want an error naming %s", name, err, tc.key)
+		}
+	}
+	if err := (Direction{Rate: 10_000_000, RateQueue: 100}).Validate(); err != nil {
+		t.Errorf("a valid direction: %v", err)
+	}
+}
