@@ -141,3 +141,39 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		}
 	}
 }
+
+func TestLinkPacesAtRate(t *testing.T) {
+	// 1,000 bytes at 800 kbit/s are 10 ms on the wire, so ten packets
+	// sent at once take 100 ms to cross.
+	const n, each = 10, 10 * time.Millisecond
+	a, b := newChanDevice(), newChanDevice()
+	l, err := New(a, b, Config{AToB: Direction{Rate: 800_000}}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- l.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-runErr; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+
+	sent := time.Now()
+	for range n {
+		a.in <- make([]byte, 1000)
+	}
+	for i := range n {
+		select {
+		case <-b.out:
+			// Lower bounds only, as above.
+			if held, want := time.Since(sent), time.Duration(i+1)*each; held < want {
+				t.Errorf("packet %d arrived after %s, before its %s on the wire", i, held, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("packet %d never arrived", i)
+		}
+	}
+}
