@@ -72,6 +72,9 @@ var forbidden = map[string]struct{ direct, anywhere []string }{
 	"h3infer/web": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "net/http"}},
 	// The link emulator is bench tooling that stands alone.
 	"h3infer/internal/netemu": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/client", "net/http", "github.com/quic-go/quic-go"}},
+	// qlog files are a concern of the commands that open them: the
+	// gateway and the client take a tracer function, not a directory.
+	"h3infer/internal/qlogdir": {anywhere: []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/transport", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/client", "h3infer/upstream"}},
 	// The client is what apps embed: it carries nothing of the server.
 	// Remote servers are reached over HTTP, never through the worker
 	// ring or ONNX Runtime.
