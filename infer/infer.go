@@ -31,9 +31,23 @@ type Request struct {
 	MaxTokens   uint32  // 0: up to the model's context
 	Temperature float32 // 0: greedy
 	TopP        float32 // 0 or 1: no nucleus cut
-	Seed        uint64
-	HasSeed     bool
-	Stop        []string
+	// Sampling beyond temperature and top_p, with OpenAI's and vLLM's
+	// meanings; each one's zero value leaves the logits alone. The model's
+	// runner applies them per sequence, on the logits of each step, in
+	// this order: LogitBias; RepetitionPenalty (over the prompt's and the
+	// completion's tokens); PresencePenalty and FrequencyPenalty (over
+	// the completion's); the temperature; then the TopK, MinP and TopP
+	// cuts. Greedy decoding (temperature 0) takes the argmax of the
+	// biased and penalized logits.
+	TopK              uint32      // keep the k most likely tokens; 0: all
+	MinP              float32     // drop tokens below MinP times the most likely one's probability; 0: none
+	PresencePenalty   float32     // subtracted once from each token the completion holds
+	FrequencyPenalty  float32     // subtracted per occurrence in the completion
+	RepetitionPenalty float32     // divides positive, multiplies negative logits of tokens seen; 0 or 1: off
+	LogitBias         []LogitBias // added to the named tokens' logits; ascending, unique tokens
+	Seed              uint64
+	HasSeed           bool
+	Stop              []string
 	// IgnoreEOS keeps generating past the model's end tokens (eos_token,
 	// stop_tokens, a template's end of turn) up to MaxTokens, so that a
 	// benchmark's output lengths are the ones it asked for. Stop strings
@@ -45,6 +59,12 @@ type Request struct {
 	Urgency     priority.Urgency
 	Class       priority.Class
 	TraceParent string
+}
+
+// LogitBias adds Bias to the logit of token id Token at every step.
+type LogitBias struct {
+	Token uint32
+	Bias  float32
 }
 
 // Token carries one or more generated tokens and the text they complete.
