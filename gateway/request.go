@@ -2,9 +2,12 @@ package gateway
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"math"
+	"slices"
+	"strconv"
 	"strings"
 
 	"h3infer/infer"
@@ -26,9 +29,10 @@ func (k apiKind) promptParam() string {
 	return "prompt"
 }
 
-// completionRequest is the OpenAI request body. Fields OpenAI accepts that
-// h3infer does not act on (logit_bias, ...) are ignored, as OpenAI
-// ignores unknown ones.
+// completionRequest is the OpenAI request body, with the sampling
+// parameters vLLM and SGLang add (top_k, min_p, repetition_penalty).
+// Fields it does not name are ignored, as OpenAI ignores unknown ones; the
+// README's API section lists what is honoured.
 type completionRequest struct {
 	Model               string          `json:"model"`
 	Messages            []chatMessage   `json:"messages"`
@@ -37,6 +41,12 @@ type completionRequest struct {
 	MaxCompletionTokens *int64          `json:"max_completion_tokens"`
 	Temperature         *float64        `json:"temperature"`
 	TopP                *float64        `json:"top_p"`
+	TopK                *int64          `json:"top_k"`
+	MinP                *float64        `json:"min_p"`
+	PresencePenalty     *float64        `json:"presence_penalty"`
+	FrequencyPenalty    *float64        `json:"frequency_penalty"`
+	RepetitionPenalty   *float64        `json:"repetition_penalty"`
+	LogitBias           json.RawMessage `json:"logit_bias"`
 	Seed                *int64          `json:"seed"`
 	// IgnoreEOS generates up to max_tokens past the model's end tokens,
 	// for benchmarks that need fixed output lengths (a common extension
@@ -134,6 +144,9 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 		}
 		c.job.TopP = float32(*p)
 	}
+	if err := samplingParams(&req, &c.job); err != nil {
+		return nil, err
+	}
 	if req.Seed != nil {
 		c.job.Seed, c.job.HasSeed = uint64(*req.Seed), true
 	}
@@ -153,6 +166,86 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 		c.includeUsage = req.StreamOptions.IncludeUsage
 	}
 	return c, nil
+}
+
+// maxLogitBias bounds logit_bias's entries: each costs the worker an add
+// per decode step.
+const maxLogitBias = 1024
+
+// samplingParams checks the sampling parameters past temperature and top_p
+// against the ranges OpenAI (the penalties, logit_bias) and vLLM (top_k,
+// min_p, repetition_penalty) give them, and sets them on job. The token
+// ids of logit_bias are checked against the model's vocabulary where the
+// model runs.
+func samplingParams(req *completionRequest, job *infer.Request) error {
+	if k := req.TopK; k != nil {
+		if *k < -1 || *k > math.MaxUint32 {
+			return invalidf("top_k", "top_k: must be -1 or 0 (all tokens) or a positive integer, got %d", *k)
+		}
+		job.TopK = uint32(max(*k, 0))
+	}
+	for _, p := range []struct {
+		name     string
+		v        *float64
+		lo, hi   float64
+		loOpen   bool
+		dst      *float32
+		describe string
+	}{
+		{"min_p", req.MinP, 0, 1, false, &job.MinP, "between 0 and 1"},
+		{"presence_penalty", req.PresencePenalty, -2, 2, false, &job.PresencePenalty, "between -2 and 2"},
+		{"frequency_penalty", req.FrequencyPenalty, -2, 2, false, &job.FrequencyPenalty, "between -2 and 2"},
+		{"repetition_penalty", req.RepetitionPenalty, 0, 2, true, &job.RepetitionPenalty, "greater than 0 and at most 2"},
+	} {
+		if p.v == nil {
+			continue
+		}
+		if v := *p.v; math.IsNaN(v) || v < p.lo || v > p.hi || p.loOpen && v == p.lo {
+			return invalidf(p.name, "%s: must be %s, got %v", p.name, p.describe, v)
+		}
+		*p.dst = float32(*p.v)
+	}
+	bias, err := logitBias(req.LogitBias)
+	if err != nil {
+		return err
+	}
+	job.LogitBias = bias
+	return nil
+}
+
+// logitBias reads OpenAI's logit_bias: an object from token ids, written
+// as decimal strings, to a bias between -100 and 100. null or {} is none.
+func logitBias(raw json.RawMessage) ([]infer.LogitBias, error) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		return nil, nil
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, invalidf("logit_bias", "logit_bias: must be an object from token ids to numbers")
+	}
+	if len(m) > maxLogitBias {
+		return nil, invalidf("logit_bias", "logit_bias: at most %d tokens, got %d", maxLogitBias, len(m))
+	}
+	out := make([]infer.LogitBias, 0, len(m))
+	for k, v := range m {
+		id, err := strconv.ParseUint(k, 10, 32)
+		if err != nil {
+			return nil, invalidf("logit_bias", "logit_bias: keys must be token ids (non-negative integers), got %q", k)
+		}
+		var b float64
+		if err := json.Unmarshal(v, &b); err != nil || math.IsNaN(b) || b < -100 || b > 100 {
+			return nil, invalidf("logit_bias", "logit_bias[%q]: must be a number between -100 and 100, got %s", k, v)
+		}
+		out = append(out, infer.LogitBias{Token: uint32(id), Bias: float32(b)})
+	}
+	slices.SortFunc(out, func(a, b infer.LogitBias) int { return cmp.Compare(a.Token, b.Token) })
+	for i := 1; i < len(out); i++ {
+		if out[i].Token == out[i-1].Token {
+			return nil, invalidf("logit_bias", "logit_bias: token %d is given twice", out[i].Token)
+		}
+	}
+	return out, nil
 }
 
 func chatMessages(in []chatMessage) ([]infer.ChatMessage, error) {

@@ -1,10 +1,15 @@
 package gateway
 
 import (
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
+
+	"h3infer/infer"
 )
 
 // FuzzParseCompletion checks that any body either fails with an error the
@@ -59,7 +64,70 @@ func FuzzParseCompletion(f *testing.F) {
 		if c.includeUsage && !c.stream {
 			t.Error("include_usage without stream")
 		}
+		if !(j.MinP >= 0 && j.MinP <= 1) || !(j.RepetitionPenalty >= 0 && j.RepetitionPenalty <= 2) ||
+			!(j.PresencePenalty >= -2 && j.PresencePenalty <= 2) || !(j.FrequencyPenalty >= -2 && j.FrequencyPenalty <= 2) {
+			t.Errorf("sampling out of range: %+v", j)
+		}
+		if len(j.LogitBias) > maxLogitBias {
+			t.Errorf("%d logit_bias entries", len(j.LogitBias))
+		}
+		for i, lb := range j.LogitBias {
+			if !(lb.Bias >= -100 && lb.Bias <= 100) || i > 0 && lb.Token <= j.LogitBias[i-1].Token {
+				t.Errorf("logit_bias %+v: out of range or not ascending", j.LogitBias)
+			}
+		}
 	})
+}
+
+func TestSamplingParameters(t *testing.T) {
+	c, err := parseCompletion([]byte(`{"model": "m", "prompt": "p", "top_k": 40, "min_p": 0.05,
+		"presence_penalty": -2, "frequency_penalty": 2, "repetition_penalty": 1.1,
+		"logit_bias": {"50256": -100, "13": 2.5, "0": 0}}`), kindText, DefaultMaxTokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := c.job
+	if j.TopK != 40 || j.MinP != 0.05 || j.PresencePenalty != -2 || j.FrequencyPenalty != 2 || j.RepetitionPenalty != float32(1.1) {
+		t.Errorf("got %+v", j)
+	}
+	want := []infer.LogitBias{{Token: 0, Bias: 0}, {Token: 13, Bias: 2.5}, {Token: 50256, Bias: -100}}
+	if !slices.Equal(j.LogitBias, want) {
+		t.Errorf("logit_bias: got %v, want %v (ascending)", j.LogitBias, want)
+	}
+	if c, err := parseCompletion([]byte(`{"model": "m", "prompt": "p", "top_k": -1, "logit_bias": null}`), kindText, DefaultMaxTokens); err != nil || c.job.TopK != 0 || c.job.LogitBias != nil {
+		t.Errorf("top_k -1, logit_bias null: got %+v, %v; want off", c, err)
+	}
+
+	for body, param := range map[string]string{
+		`"top_k": -2`:                     "top_k",
+		`"top_k": 1.5`:                    "top_k",
+		`"min_p": 1.5`:                    "min_p",
+		`"min_p": -0.1`:                   "min_p",
+		`"presence_penalty": 2.5`:         "presence_penalty",
+		`"frequency_penalty": -3`:         "frequency_penalty",
+		`"repetition_penalty": 0`:         "repetition_penalty",
+		`"repetition_penalty": 2.01`:      "repetition_penalty",
+		`"logit_bias": [1, 2]`:            "logit_bias",
+		`"logit_bias": {"a": 1}`:          "logit_bias",
+		`"logit_bias": {"-1": 1}`:         "logit_bias",
+		`"logit_bias": {"4294967296": 1}`: "logit_bias",
+		`"logit_bias": {"5": 101}`:        "logit_bias",
+		`"logit_bias": {"5": "1"}`:        "logit_bias",
+		`"logit_bias": {"5": 1, "05": 2}`: "logit_bias",
+	} {
+		_, err := parseCompletion([]byte(`{"model": "m", "prompt": "p", `+body+`}`), kindText, DefaultMaxTokens)
+		e := apiErrorOf(err)
+		if err == nil || e.status != 400 || paramOf(e) != param {
+			t.Errorf("%s: got %v (status %d, param %q), want 400 naming %q", body, err, e.status, paramOf(e), param)
+		}
+	}
+	many := make([]string, maxLogitBias+1)
+	for i := range many {
+		many[i] = fmt.Sprintf("%q: 1", fmt.Sprint(i))
+	}
+	if _, err := parseCompletion([]byte(`{"model": "m", "prompt": "p", "logit_bias": {`+strings.Join(many, ",")+`}}`), kindText, DefaultMaxTokens); paramOf(apiErrorOf(err)) != "logit_bias" {
+		t.Errorf("%d logit_bias entries: got %v, want refused", len(many), err)
+	}
 }
 
 func TestSeedRequestsParse(t *testing.T) {
@@ -67,11 +135,12 @@ func TestSeedRequestsParse(t *testing.T) {
 		kind apiKind
 		ok   bool
 	}{
-		"chat_stream.json": {kindChat, true},
-		"chat_parts.json":  {kindChat, true},
-		"text_array.json":  {kindText, true},
-		"text_nulls.json":  {kindText, true},
-		"chat_edge.json":   {kindChat, false}, // max_tokens beyond uint32
+		"chat_stream.json":   {kindChat, true},
+		"chat_parts.json":    {kindChat, true},
+		"text_array.json":    {kindText, true},
+		"text_nulls.json":    {kindText, true},
+		"chat_edge.json":     {kindChat, false}, // max_tokens beyond uint32
+		"chat_sampling.json": {kindChat, true},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -85,4 +154,11 @@ func TestSeedRequestsParse(t *testing.T) {
 			}
 		})
 	}
+}
+
+func paramOf(e apiError) string {
+	if e.body.Param == nil {
+		return ""
+	}
+	return *e.body.Param
 }

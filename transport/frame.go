@@ -307,6 +307,16 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	b = binary.AppendUvarint(b, uint64(s.MaxTokens))
 	b = appendFloat32(b, s.Temperature)
 	b = appendFloat32(b, s.TopP)
+	b = binary.AppendUvarint(b, uint64(s.TopK))
+	b = appendFloat32(b, s.MinP)
+	b = appendFloat32(b, s.PresencePenalty)
+	b = appendFloat32(b, s.FrequencyPenalty)
+	b = appendFloat32(b, s.RepetitionPenalty)
+	b = binary.AppendUvarint(b, uint64(len(s.LogitBias)))
+	for _, lb := range s.LogitBias {
+		b = binary.AppendUvarint(b, uint64(lb.Token))
+		b = appendFloat32(b, lb.Bias)
+	}
 	b = binary.AppendUvarint(b, s.Seed)
 	b = binary.AppendUvarint(b, uint64(len(s.Stop)))
 	for _, stop := range s.Stop {
@@ -338,6 +348,17 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 	s.MaxTokens = d.uint32("max_tokens")
 	s.Temperature = d.float32("temperature")
 	s.TopP = d.float32("top_p")
+	s.TopK = d.uint32("top_k")
+	s.MinP = d.float32("min_p")
+	s.PresencePenalty = d.float32("presence_penalty")
+	s.FrequencyPenalty = d.float32("frequency_penalty")
+	s.RepetitionPenalty = d.float32("repetition_penalty")
+	if n := d.count("logit_bias", 5); n > 0 {
+		s.LogitBias = make([]infer.LogitBias, n)
+		for i := range s.LogitBias {
+			s.LogitBias[i] = infer.LogitBias{Token: d.uint32("logit_bias token"), Bias: d.float32("logit_bias bias")}
+		}
+	}
 	s.Seed = d.uvarint("seed")
 	if n := d.count("stop", 1); n > 0 {
 		s.Stop = make([]string, n)

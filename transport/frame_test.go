@@ -17,6 +17,10 @@ func sampleSubmits() map[string]infer.Request {
 	return map[string]infer.Request{
 		"zero":   {},
 		"prompt": {Model: "demo", Prompt: "Once upon a time", MaxTokens: 64, Temperature: 0.7, TopP: 0.9, Urgency: 3},
+		"sampling": {
+			Model: "demo", Prompt: "p", TopK: 40, MinP: 0.05, PresencePenalty: -2, FrequencyPenalty: 1.5, RepetitionPenalty: 1.1,
+			LogitBias: []infer.LogitBias{{Token: 0, Bias: -100}, {Token: 50256, Bias: 2.5}, {Token: math.MaxUint32, Bias: 100}},
+		},
 		"chat": {
 			Model: "demo",
 			Messages: []infer.ChatMessage{

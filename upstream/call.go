@@ -192,16 +192,25 @@ func mapPriority(mapping string, u priority.Urgency) (int, bool) {
 
 // completionBody is the request upstream, for both endpoints.
 type completionBody struct {
-	Model         string        `json:"model"`
-	Messages      []chatMessage `json:"messages,omitempty"`
-	Prompt        *string       `json:"prompt,omitempty"`
-	MaxTokens     uint32        `json:"max_tokens,omitempty"`
-	Temperature   float32       `json:"temperature"`
-	TopP          float32       `json:"top_p,omitempty"`
-	Seed          *uint64       `json:"seed,omitempty"`
-	Stop          []string      `json:"stop,omitempty"`
-	Stream        bool          `json:"stream"`
-	StreamOptions struct {
+	Model       string        `json:"model"`
+	Messages    []chatMessage `json:"messages,omitempty"`
+	Prompt      *string       `json:"prompt,omitempty"`
+	MaxTokens   uint32        `json:"max_tokens,omitempty"`
+	Temperature float32       `json:"temperature"`
+	TopP        float32       `json:"top_p,omitempty"`
+	// Sampling beyond temperature and top_p: the penalties under
+	// OpenAI's names, the rest under vLLM's and SGLang's; each is sent
+	// only when it asks for something.
+	TopK              uint32             `json:"top_k,omitempty"`
+	MinP              float32            `json:"min_p,omitempty"`
+	PresencePenalty   float32            `json:"presence_penalty,omitempty"`
+	FrequencyPenalty  float32            `json:"frequency_penalty,omitempty"`
+	RepetitionPenalty float32            `json:"repetition_penalty,omitempty"`
+	LogitBias         map[string]float32 `json:"logit_bias,omitempty"`
+	Seed              *uint64            `json:"seed,omitempty"`
+	Stop              []string           `json:"stop,omitempty"`
+	Stream            bool               `json:"stream"`
+	StreamOptions     struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 	IgnoreEOS bool `json:"ignore_eos,omitempty"`
@@ -219,9 +228,25 @@ func (c *call) newRequest(ctx context.Context, job *infer.Request) (*http.Reques
 		MaxTokens:   job.MaxTokens,
 		Temperature: job.Temperature,
 		TopP:        job.TopP,
+		TopK:        job.TopK,
+		MinP:        job.MinP,
 		Stop:        job.Stop,
 		Stream:      true,
 		IgnoreEOS:   job.IgnoreEOS,
+
+		PresencePenalty:  job.PresencePenalty,
+		FrequencyPenalty: job.FrequencyPenalty,
+	}
+	if r := job.RepetitionPenalty; r != 0 && r != 1 {
+		b.RepetitionPenalty = r
+	}
+	if len(job.LogitBias) > 0 {
+		// Token ids are the model's: the same model upstream has the same
+		// vocabulary.
+		b.LogitBias = make(map[string]float32, len(job.LogitBias))
+		for _, lb := range job.LogitBias {
+			b.LogitBias[strconv.FormatUint(uint64(lb.Token), 10)] = lb.Bias
+		}
 	}
 	b.StreamOptions.IncludeUsage = true
 	path := "/v1/completions"

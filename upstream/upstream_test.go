@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -127,7 +128,7 @@ func TestRequestSent(t *testing.T) {
 			if so, _ := b["stream_options"].(map[string]any); so["include_usage"] != true {
 				t.Errorf("stream_options: got %v, want include_usage", b["stream_options"])
 			}
-			for _, k := range []string{"top_p", "ignore_eos", "prompt"} {
+			for _, k := range []string{"top_p", "ignore_eos", "prompt", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"} {
 				if _, ok := b[k]; ok {
 					t.Errorf("body has %q; want it left out: %v", k, b)
 				}
@@ -167,6 +168,38 @@ func TestRequestSent(t *testing.T) {
 				t.Errorf("span priority: got %q, want %q", prio, wantPrio)
 			}
 		})
+	}
+}
+
+// TestSamplingParametersSent: what the client asked of the sampler goes
+// upstream under the names vLLM, SGLang and h3infer read.
+func TestSamplingParametersSent(t *testing.T) {
+	f, url := newFake(t)
+	s, _ := newTestSet(t, Options{}, testConfig("a", url))
+	got := make(chan map[string]any, 1)
+	f.answer(func(w http.ResponseWriter, r *http.Request) {
+		var body map[string]any
+		if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+			t.Errorf("request body: %v", err)
+		}
+		got <- body
+		streamTokens("x")(w, r)
+	})
+	req := chatRequest("m")
+	req.TopK, req.MinP = 40, 0.25
+	req.PresencePenalty, req.FrequencyPenalty, req.RepetitionPenalty = -0.5, 1.5, 1.25
+	req.LogitBias = []infer.LogitBias{{Token: 7, Bias: -100}, {Token: 50256, Bias: 2.5}}
+	if d := last(t, run(t, s, req)).Done; d == nil {
+		t.Fatal("request did not finish")
+	}
+	b := <-got
+	for k, want := range map[string]any{
+		"top_k": 40.0, "min_p": 0.25, "presence_penalty": -0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.25,
+		"logit_bias": map[string]any{"7": -100.0, "50256": 2.5},
+	} {
+		if !reflect.DeepEqual(b[k], want) {
+			t.Errorf("%s: got %v, want %v", k, b[k], want)
+		}
 	}
 }
 
