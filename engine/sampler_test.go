@@ -2,6 +2,7 @@ package engine
 
 import (
 	"math"
+	"slices"
 	"testing"
 )
 
@@ -125,6 +126,42 @@ func BenchmarkSampleTopP(b *testing.B) {
 			s := newSampler(0.8, 0.9, 1)
 			for b.Loop() {
 				s.sample(logits)
+			}
+		})
+	}
+}
+
+// The draws a seed gave before top_k, min_p, the penalties and logit_bias
+// existed: a request that sets none of them must sample exactly as it did,
+// so that a seed keeps its text across versions.
+func TestSamplerDrawsUnchanged(t *testing.T) {
+	peaked := make([]float32, 1000)
+	flat := make([]float32, 1000)
+	for i := range peaked {
+		peaked[i] = float32(-1.5 * math.Log(float64(1+(i*7919)%1000)))
+		flat[i] = float32(math.Sin(float64(i)))
+	}
+	tests := map[string]struct {
+		logits      []float32
+		temperature float32
+		topP        float32
+		seed        uint64
+		want        []int
+	}{
+		"peaked nucleus":    {peaked, 0.8, 0.9, 1, []int{0, 74, 679, 0, 0, 0, 679, 0, 753, 0, 0, 0, 0, 37, 679, 395, 0, 0, 0, 0, 0, 0, 0, 0}},
+		"peaked all":        {peaked, 1, 0, 2, []int{679, 358, 358, 0, 216, 0, 580, 0, 716, 0, 0, 0, 679, 0, 37, 419, 0, 0, 0, 864, 407, 679, 0, 716}},
+		"peaked hot narrow": {peaked, 1.5, 0.5, 3, []int{358, 580, 358, 0, 358, 0, 111, 679, 679, 358, 358, 74, 0, 395, 148, 74, 827, 148, 111, 753, 753, 864, 679, 0}},
+		"flat nucleus":      {flat, 1, 0.95, 4, []int{971, 758, 266, 681, 958, 749, 379, 556, 27, 33, 808, 341, 673, 612, 788, 528, 603, 510, 758, 215, 561, 729, 893, 636}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			s := newSampler(tc.temperature, tc.topP, tc.seed)
+			got := make([]int, len(tc.want))
+			for i := range got {
+				got[i] = s.sample(tc.logits)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("got %v, want %v", got, tc.want)
 			}
 		})
 	}
