@@ -4,20 +4,31 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
+
+	"h3infer/infer"
 )
 
-// sampler picks the next token from a row of logits. Temperature 0 is
-// greedy (argmax, lowest id on ties); otherwise the logits are divided by
-// the temperature, turned into probabilities, cut to the smallest set of
-// most likely tokens whose mass reaches topP (nucleus sampling; topP 0 or
-// 1 keeps all) and sampled with the sequence's own PRNG, so the same seed
-// and prompt give the same text.
+// sampler picks the next token of one sequence from a row of logits, with
+// the request's sampling parameters in the order infer.Request gives them.
+// The logit bias and the penalties change the logits first (penalties);
+// then temperature 0 is greedy (argmax, lowest id on ties), and otherwise
+// the logits are divided by the temperature, turned into probabilities,
+// cut to the topK most likely tokens, to those at least minP times as
+// likely as the most likely one, and to the smallest set of most likely
+// tokens whose mass reaches topP of what is left (nucleus sampling), and
+// sampled with the sequence's own PRNG, so the same seed and prompt give
+// the same text.
 type sampler struct {
 	temperature float64
-	topP        float64
+	topP        float64 // 1: no nucleus cut
+	topK        int     // 0: no cut
+	minP        float64 // 0: no cut
 	rng         *rand.Rand
 	probs       []float64
 	order       []candidate
+	// pen changes the logits before the temperature; nil when the request
+	// sets no bias or penalty, which leaves the model's logits as they are.
+	pen *penalties
 }
 
 // candidate is a token of the nucleus being sorted; keeping the
@@ -27,19 +38,34 @@ type candidate struct {
 	id int
 }
 
-func newSampler(temperature, topP float32, seed uint64) *sampler {
-	p := float64(topP)
+// newSampler is the sampler of request r, whose prompt is prompt.
+func newSampler(r *infer.Request, prompt []int, seed uint64) *sampler {
+	p := float64(r.TopP)
 	if p <= 0 || p >= 1 {
 		p = 1
 	}
 	return &sampler{
-		temperature: float64(temperature),
+		temperature: float64(r.Temperature),
 		topP:        p,
+		topK:        int(r.TopK),
+		minP:        float64(r.MinP),
 		rng:         rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
+		pen:         newPenalties(r, prompt),
 	}
 }
 
+// sample picks the next token from logits, which it does not change: they
+// may be a row of a batch's output that other rows share.
 func (s *sampler) sample(logits []float32) int {
+	if s.pen == nil {
+		return s.pick(logits)
+	}
+	id := s.pick(s.pen.apply(logits))
+	s.pen.add(id)
+	return id
+}
+
+func (s *sampler) pick(logits []float32) int {
 	if s.temperature == 0 {
 		return argmax(logits)
 	}
@@ -52,6 +78,7 @@ func (s *sampler) sample(logits []float32) int {
 	if math.IsInf(maxL, 0) || math.IsNaN(maxL) {
 		return argmax(logits)
 	}
+	// Probabilities relative to the most likely token's, which is 1.
 	var sum float64
 	for _, l := range logits {
 		p := math.Exp((float64(l) - maxL) / s.temperature)
@@ -61,7 +88,11 @@ func (s *sampler) sample(logits []float32) int {
 		s.probs = append(s.probs, p)
 		sum += p
 	}
-	if s.topP == 1 {
+	k := s.topK
+	if k >= n {
+		k = 0
+	}
+	if s.topP == 1 && k == 0 && s.minP == 0 {
 		// Every token, in id order.
 		r := s.rng.Float64() * sum
 		for id, p := range s.probs {
@@ -71,12 +102,27 @@ func (s *sampler) sample(logits []float32) int {
 		}
 		return n - 1
 	}
-	// The nucleus is a prefix of the tokens by falling probability, so only
-	// tokens above a cut whose mass already reaches topP need sorting; the
-	// cut starts high (real distributions are peaked) and drops until it
-	// holds enough, at worst to 0, which takes every token.
-	target := s.topP * sum
+	// Each cut keeps a prefix of the tokens by falling probability: the
+	// minP cut all tokens of at least minP (the most likely one being 1),
+	// the topK cut k of those, and the nucleus enough of what remains to
+	// reach topP of its mass.
+	left := sum
+	if s.minP > 0 {
+		left = 0
+		for _, p := range s.probs {
+			if p >= s.minP {
+				left += p
+			}
+		}
+	}
+	target := s.topP * left
+	// Only tokens above a cut that holds every token kept need sorting;
+	// the cut starts high (real distributions are peaked) and drops until
+	// it holds enough, at worst to minP or 0, which takes every token the
+	// minP cut leaves. Without topK, enough is the nucleus's mass; with
+	// it, k tokens, or every token with any mass.
 	for cut := 1e-3; ; cut *= 1e-3 {
+		cut = max(cut, s.minP)
 		s.order = s.order[:0]
 		inside := 0.0
 		for i, p := range s.probs {
@@ -85,7 +131,7 @@ func (s *sampler) sample(logits []float32) int {
 				inside += p
 			}
 		}
-		if inside >= target || cut == 0 {
+		if cut == s.minP || k == 0 && inside >= target || k > 0 && (len(s.order) >= k || inside >= left) {
 			break
 		}
 	}
@@ -100,6 +146,14 @@ func (s *sampler) sample(logits []float32) int {
 		}
 		return a.id - b.id
 	})
+	if k > 0 {
+		s.order = s.order[:min(k, len(s.order))]
+		left = 0
+		for _, c := range s.order {
+			left += c.p
+		}
+		target = s.topP * left
+	}
 	keep, mass := 0, 0.0
 	for keep < len(s.order) {
 		mass += s.order[keep].p
@@ -127,4 +181,94 @@ func argmax(logits []float32) int {
 		}
 	}
 	return best
+}
+
+// penalties are one sequence's logit bias and repetition, presence and
+// frequency penalties, with the tokens they count. They change a copy of
+// the model's logits, the sequence's own, since a step's logits are one
+// buffer for the whole batch.
+type penalties struct {
+	bias       []infer.LogitBias
+	repetition float32 // 1: off
+	presence   float32
+	frequency  float32
+	// seen holds, once each, the tokens a penalty applies to: the
+	// prompt's when the repetition penalty is on, then the completion's
+	// as they are sampled; at indexes it by token id. Both grow with the
+	// sequence's distinct tokens only. Nil when only the bias is set.
+	seen   []seenToken
+	at     map[int]int
+	logits []float32
+}
+
+type seenToken struct {
+	id    int
+	count int // in the completion
+}
+
+// newPenalties returns nil when r sets no bias and no penalty.
+func newPenalties(r *infer.Request, prompt []int) *penalties {
+	rep := r.RepetitionPenalty
+	if rep == 0 {
+		rep = 1
+	}
+	if len(r.LogitBias) == 0 && rep == 1 && r.PresencePenalty == 0 && r.FrequencyPenalty == 0 {
+		return nil
+	}
+	p := &penalties{bias: r.LogitBias, repetition: rep, presence: r.PresencePenalty, frequency: r.FrequencyPenalty}
+	if rep == 1 && p.presence == 0 && p.frequency == 0 {
+		return p
+	}
+	p.at = map[int]int{}
+	if rep != 1 {
+		for _, id := range prompt {
+			if _, ok := p.at[id]; !ok {
+				p.at[id] = len(p.seen)
+				p.seen = append(p.seen, seenToken{id: id})
+			}
+		}
+	}
+	return p
+}
+
+// apply returns the sequence's copy of logits with the bias and the
+// penalties applied, in the order infer.Request gives.
+func (p *penalties) apply(logits []float32) []float32 {
+	p.logits = append(p.logits[:0], logits...)
+	l := p.logits
+	// The bias's tokens were checked against the vocabulary at prefill.
+	for _, b := range p.bias {
+		l[b.Token] += b.Bias
+	}
+	for _, t := range p.seen {
+		if t.id < 0 || t.id >= len(l) {
+			continue // a prompt token past the model's logits, as a tokenizer's added tokens can be
+		}
+		v := l[t.id]
+		if p.repetition != 1 {
+			if v > 0 {
+				v /= p.repetition
+			} else {
+				v *= p.repetition
+			}
+		}
+		if t.count > 0 {
+			v -= p.frequency*float32(t.count) + p.presence
+		}
+		l[t.id] = v
+	}
+	return l
+}
+
+// add counts a sampled token of the completion.
+func (p *penalties) add(id int) {
+	if p.at == nil {
+		return
+	}
+	if i, ok := p.at[id]; ok {
+		p.seen[i].count++
+		return
+	}
+	p.at[id] = len(p.seen)
+	p.seen = append(p.seen, seenToken{id: id, count: 1})
 }

@@ -1,13 +1,17 @@
 package engine
 
 import (
+	"maps"
 	"math"
+	"math/rand/v2"
 	"slices"
 	"testing"
+
+	"h3infer/infer"
 )
 
 func TestGreedy(t *testing.T) {
-	s := newSampler(0, 0.5, 1)
+	s := newSampler(&infer.Request{Temperature: 0, TopP: 0.5}, nil, 1)
 	tests := map[string]struct {
 		logits []float32
 		want   int
@@ -31,7 +35,7 @@ func TestGreedy(t *testing.T) {
 func TestSamplerSeeded(t *testing.T) {
 	logits := []float32{1, 1.2, 0.8, 1.1, 0.9, 1.05}
 	draw := func(seed uint64) []int {
-		s := newSampler(1, 0.95, seed)
+		s := newSampler(&infer.Request{Temperature: 1, TopP: 0.95}, nil, seed)
 		out := make([]int, 50)
 		for i := range out {
 			out[i] = s.sample(logits)
@@ -71,7 +75,7 @@ func TestTopP(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			s := newSampler(1, tc.topP, 3)
+			s := newSampler(&infer.Request{Temperature: 1, TopP: tc.topP}, nil, 3)
 			seen := map[int]int{}
 			for range 4000 {
 				id := s.sample(logits)
@@ -94,7 +98,7 @@ func TestTopP(t *testing.T) {
 func TestTemperatureSharpens(t *testing.T) {
 	logits := []float32{2, 1}
 	count := func(temp float32) int {
-		s := newSampler(temp, 1, 11)
+		s := newSampler(&infer.Request{Temperature: temp, TopP: 1}, nil, 11)
 		n := 0
 		for range 2000 {
 			if s.sample(logits) == 0 {
@@ -123,7 +127,7 @@ func BenchmarkSampleTopP(b *testing.B) {
 			for i := range logits {
 				logits[i] = float32(shape(i))
 			}
-			s := newSampler(0.8, 0.9, 1)
+			s := newSampler(&infer.Request{Temperature: 0.8, TopP: 0.9}, nil, 1)
 			for b.Loop() {
 				s.sample(logits)
 			}
@@ -155,7 +159,7 @@ func TestSamplerDrawsUnchanged(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			s := newSampler(tc.temperature, tc.topP, tc.seed)
+			s := newSampler(&infer.Request{Temperature: tc.temperature, TopP: tc.topP}, nil, tc.seed)
 			got := make([]int, len(tc.want))
 			for i := range got {
 				got[i] = s.sample(tc.logits)
@@ -164,5 +168,256 @@ func TestSamplerDrawsUnchanged(t *testing.T) {
 				t.Errorf("got %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+// greedyDraws samples n tokens from the same logits at every step, as
+// from a model that ignores its input, so that what changes from step to
+// step is the penalties' count of the completion.
+func greedyDraws(s *sampler, logits []float32, n int) []int {
+	out := make([]int, n)
+	for i := range out {
+		out[i] = s.sample(logits)
+	}
+	return out
+}
+
+func TestLogitBias(t *testing.T) {
+	logits := []float32{3, 1, 2}
+	tests := map[string]struct {
+		bias []infer.LogitBias
+		want int
+	}{
+		"raises a token to the top": {[]infer.LogitBias{{Token: 1, Bias: 2.5}}, 1},
+		"lowers the top":            {[]infer.LogitBias{{Token: 0, Bias: -1.5}}, 2},
+		"several tokens":            {[]infer.LogitBias{{Token: 0, Bias: -100}, {Token: 2, Bias: -100}}, 1},
+		"a tie goes to the lowest":  {[]infer.LogitBias{{Token: 2, Bias: 1}}, 0},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			s := newSampler(&infer.Request{LogitBias: tc.bias}, nil, 1)
+			if got := greedyDraws(s, logits, 3); !slices.Equal(got, []int{tc.want, tc.want, tc.want}) {
+				t.Errorf("got %v, want %d every time", got, tc.want)
+			}
+			if !slices.Equal(logits, []float32{3, 1, 2}) {
+				t.Errorf("the model's logits became %v", logits)
+			}
+		})
+	}
+	// A large bias decides at any temperature and seed.
+	for seed := range uint64(200) {
+		s := newSampler(&infer.Request{Temperature: 1.5, LogitBias: []infer.LogitBias{{Token: 1, Bias: 100}}}, nil, seed)
+		if got := s.sample(logits); got != 1 {
+			t.Fatalf("seed %d: sampled %d, want the biased token 1", seed, got)
+		}
+	}
+}
+
+func TestPresenceAndFrequencyPenalties(t *testing.T) {
+	tests := map[string]struct {
+		s      infer.Request
+		logits []float32
+		want   []int
+	}{
+		// Token 0 leads by 2 and loses 0.5 each time it is chosen: it
+		// stays on top for five tokens (the fifth a tie, which the lower
+		// id wins) and gives way on the sixth; then the two alternate as
+		// their counts pass each other.
+		"frequency": {infer.Request{FrequencyPenalty: 0.5}, []float32{4, 2}, []int{0, 0, 0, 0, 0, 1, 0, 1, 0, 1}},
+		// 1.5 against a lead of 1: token 1 once, then token 0 for good,
+		// since each token pays the presence penalty once however often
+		// it appears.
+		"presence": {infer.Request{PresencePenalty: 1.5}, []float32{4, 3}, []int{0, 1, 0, 0, 0, 0, 0, 0}},
+		// 4-0.25c-0.5 against 3-0.25c-0.5: both add up per token.
+		"both": {infer.Request{PresencePenalty: 0.5, FrequencyPenalty: 0.25}, []float32{4, 3}, []int{0, 0, 0, 1, 0, 0, 0, 1}},
+		// A negative penalty rewards repeating.
+		"negative frequency": {infer.Request{FrequencyPenalty: -1}, []float32{3, 4}, []int{1, 1, 1, 1}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			// The prompt holds both tokens: only the completion counts.
+			s := newSampler(&tc.s, []int{0, 1, 1}, 1)
+			if got := greedyDraws(s, tc.logits, len(tc.want)); !slices.Equal(got, tc.want) {
+				t.Errorf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRepetitionPenalty(t *testing.T) {
+	logits := []float32{5, -1, 4.5, 3, -2}
+	// Tokens 1 and 3 are the prompt's.
+	s := newSampler(&infer.Request{RepetitionPenalty: 2}, []int{3, 1, 3}, 1)
+	if got, want := s.pen.apply(logits), []float32{5, -2, 4.5, 1.5, -2}; !slices.Equal(got, want) {
+		t.Errorf("before the completion: got %v, want %v", got, want)
+	}
+	// Token 0 is sampled and halves; then token 2, which halves too and
+	// leaves 0 ahead for good: the penalty applies once per token, however
+	// often it appears.
+	if got, want := greedyDraws(s, logits, 5), []int{0, 2, 0, 0, 0}; !slices.Equal(got, want) {
+		t.Errorf("got %v, want %v", got, want)
+	}
+	if got, want := s.pen.apply(logits), []float32{2.5, -2, 2.25, 1.5, -2}; !slices.Equal(got, want) {
+		t.Errorf("after the completion: got %v, want %v", got, want)
+	}
+	if !slices.Equal(logits, []float32{5, -1, 4.5, 3, -2}) {
+		t.Errorf("the model's logits became %v", logits)
+	}
+}
+
+// The steps apply in the order infer.Request gives, each to the result of
+// the one before.
+func TestPenaltyOrder(t *testing.T) {
+	s := newSampler(&infer.Request{
+		LogitBias:         []infer.LogitBias{{Token: 0, Bias: 2}},
+		RepetitionPenalty: 2,
+		PresencePenalty:   0.5,
+		FrequencyPenalty:  1,
+	}, []int{0}, 1)
+	logits := []float32{-1, 3, 0.25}
+	if got := s.sample(logits); got != 1 {
+		t.Fatalf("first token %d, want 1", got)
+	}
+	// Token 0: bias, then repetition: (-1+2)/2, not -1*2+2. Token 1:
+	// repetition, then presence and frequency: 3/2-1.5, not (3-1.5)/2.
+	if got, want := s.pen.apply(logits), []float32{0.5, 0, 0.25}; !slices.Equal(got, want) {
+		t.Errorf("got %v, want %v", got, want)
+	}
+}
+
+// drawn counts the tokens s samples from logits, four draws for each of
+// the seeds 0 to seeds-1.
+func drawn(s infer.Request, logits []float32, seeds uint64) map[int]int {
+	seen := map[int]int{}
+	for seed := range seeds {
+		smp := newSampler(&s, nil, seed)
+		for range 4 {
+			seen[smp.sample(logits)]++
+		}
+	}
+	return seen
+}
+
+func TestCuts(t *testing.T) {
+	// Probabilities relative to the most likely token, at temperature 1.
+	rel := func(ps ...float64) []float32 {
+		out := make([]float32, len(ps))
+		for i, p := range ps {
+			out[i] = float32(math.Log(p))
+		}
+		return out
+	}
+	minP := rel(0.45, 1, 0.1, 0.55, 0.6)
+	// About 0.64, 0.24, 0.09, 0.03, as in TestTopP.
+	falling := []float32{3, 2, 1, 0}
+	tests := map[string]struct {
+		s      infer.Request
+		logits []float32
+		want   []int
+	}{
+		"top_k 1":                        {infer.Request{Temperature: 1, TopK: 1}, falling, []int{0}},
+		"top_k 2":                        {infer.Request{Temperature: 1, TopK: 2}, rel(0.3, 0.5, 1, 0.2), []int{1, 2}},
+		"top_k ties go to the lower ids": {infer.Request{Temperature: 1, TopK: 2}, []float32{1, 2, 2, 2}, []int{1, 2}},
+		"top_k the vocabulary":           {infer.Request{Temperature: 1, TopK: 4}, falling, []int{0, 1, 2, 3}},
+		"top_k past the vocabulary":      {infer.Request{Temperature: 1, TopK: 1000}, falling, []int{0, 1, 2, 3}},
+		"min_p 1 keeps the argmaxes":     {infer.Request{Temperature: 1, MinP: 1}, []float32{1, 3, 3, 2, 2.999}, []int{1, 2}},
+		"min_p 0.5":                      {infer.Request{Temperature: 1, MinP: 0.5}, minP, []int{1, 3, 4}},
+		// At temperature 2 the relative probabilities are the square
+		// roots: 0.67, 1, 0.32, 0.74, 0.77.
+		"min_p 0.5 after the temperature": {infer.Request{Temperature: 2, MinP: 0.5}, minP, []int{0, 1, 3, 4}},
+		"min_p then top_k":                {infer.Request{Temperature: 1, MinP: 0.5, TopK: 2}, minP, []int{1, 4}},
+		// top_p 0.66 alone keeps tokens 0 and 1; of the two that top_k
+		// or min_p leave, token 0 alone holds 0.73 of the mass.
+		"top_p alone":         {infer.Request{Temperature: 1, TopP: 0.66}, falling, []int{0, 1}},
+		"top_k then top_p":    {infer.Request{Temperature: 1, TopK: 2, TopP: 0.66}, falling, []int{0}},
+		"min_p then top_p":    {infer.Request{Temperature: 1, MinP: 0.3, TopP: 0.66}, falling, []int{0}},
+		"top_k 3 then top_p":  {infer.Request{Temperature: 1, TopK: 3, TopP: 0.7}, falling, []int{0, 1}},
+		"all three":           {infer.Request{Temperature: 1, TopK: 3, MinP: 0.1, TopP: 0.99}, falling, []int{0, 1, 2}},
+		"greedy ignores cuts": {infer.Request{TopK: 3, MinP: 0.5, TopP: 0.5}, falling, []int{0}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			// Every token kept has a probability of at least 0.09 among
+			// those kept: 2000 draws miss one with probability below 1e-80.
+			seen := drawn(tc.s, tc.logits, 500)
+			got := slices.Sorted(maps.Keys(seen))
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("drew tokens %v (%v), want exactly %v", got, seen, tc.want)
+			}
+		})
+	}
+}
+
+// top_k 1 is greedy decoding whatever the seed, temperature and other
+// cuts.
+func TestTopKOneIsGreedy(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for seed := range uint64(300) {
+		logits := make([]float32, 64)
+		for i := range logits {
+			logits[i] = float32(rng.NormFloat64() * 2)
+		}
+		if seed%2 == 0 {
+			// Two tokens share the top logit.
+			a, b := rng.IntN(64), rng.IntN(64)
+			logits[a] = 20
+			logits[b] = 20
+		}
+		want := argmax(logits)
+		s := newSampler(&infer.Request{Temperature: 0.2 + float32(seed%7)/2, TopK: 1, TopP: 0.9, MinP: 0.01}, nil, seed)
+		if got := s.sample(logits); got != want {
+			t.Fatalf("seed %d: sampled %d, want the argmax %d", seed, got, want)
+		}
+	}
+}
+
+// A request without bias or penalties samples the model's own logits and
+// allocates nothing per token; with every parameter set, a token the
+// sequence has already seen allocates nothing either.
+func TestSampleAllocations(t *testing.T) {
+	logits := make([]float32, 1000)
+	for i := range logits {
+		logits[i] = float32(math.Sin(float64(i)))
+	}
+	plain := newSampler(&infer.Request{Temperature: 0.8, TopP: 0.9}, nil, 1)
+	if plain.pen != nil {
+		t.Fatal("a request with no bias or penalty got penalties")
+	}
+	if n := testing.AllocsPerRun(100, func() { plain.sample(logits) }); n != 0 {
+		t.Errorf("plain: %v allocations per token", n)
+	}
+	// Always the same token, which the warm-up run counts first.
+	peaked := slices.Clone(logits)
+	peaked[7] = 1000
+	all := newSampler(&infer.Request{Temperature: 0.8, TopP: 0.9, TopK: 40, MinP: 0.05,
+		PresencePenalty: 0.5, FrequencyPenalty: 0.1, RepetitionPenalty: 1.1,
+		LogitBias: []infer.LogitBias{{Token: 3, Bias: 1}, {Token: 500, Bias: -2}}}, []int{1, 2, 3}, 1)
+	if n := testing.AllocsPerRun(100, func() { all.sample(peaked) }); n != 0 {
+		t.Errorf("every parameter: %v allocations per token", n)
+	}
+}
+
+// top_k keeps its k tokens when most of them are far less likely than the
+// first, below where the search for them starts.
+func TestTopKReachesUnlikelyTokens(t *testing.T) {
+	// Token 0 and 2000 tokens each 0.0009 times as likely: the first
+	// 1000 of those, ties going to the lower ids, hold 0.47 of the mass
+	// that top_k 1001 keeps.
+	logits := make([]float32, 2001)
+	for i := 1; i < len(logits); i++ {
+		logits[i] = float32(math.Log(0.0009))
+	}
+	seen := drawn(infer.Request{Temperature: 1, TopK: 1001}, logits, 500)
+	small := 0
+	for id := range seen {
+		if id > 1000 {
+			t.Fatalf("drew token %d, outside the 1001 most likely", id)
+		}
+		if id > 0 {
+			small++
+		}
+	}
+	if seen[0] == 0 || small < 100 {
+		t.Errorf("drew token 0 %d times and %d distinct others, want both many", seen[0], small)
 	}
 }

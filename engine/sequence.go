@@ -84,7 +84,7 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 	return &sequence{
 		m:         m,
 		prompt:    prompt,
-		smp:       newSampler(s.Temperature, s.TopP, seed),
+		smp:       newSampler(s, prompt, seed),
 		text:      tokenize.NewStream(s.Stop),
 		limit:     limit,
 		ignoreEOS: s.IgnoreEOS,
