@@ -285,3 +285,39 @@ func TestRequestOverKVBudgetRefused(t *testing.T) {
 		t.Errorf("got %+v, want a budget error", e)
 	}
 }
+
+// A logit_bias token past the model's vocabulary, which only the prefill
+// reveals, ends its request with an invalid_request error, as a refusal
+// at admission would; the worker goes on serving the others.
+func TestLoopBiasPastVocabulary(t *testing.T) {
+	models := map[string]struct {
+		m     Model
+		token uint32
+		says  string
+	}{
+		"demo":      {loadTestModel(t), 257, "logit_bias: token 257 is not in model demo's vocabulary of 257 tokens"},
+		"synthetic": {newSynthetic("synthetic", 0), 1, "logit_bias: token 1 is not in model synthetic's vocabulary of 1 tokens"},
+	}
+	for name, tc := range models {
+		t.Run(name, func(t *testing.T) {
+			w, rec, inbox := testLoopOf(t, 2, workerconf.DefaultKVCacheBytes, tc.m)
+			inbox <- submit(1, infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 5,
+				LogitBias: []infer.LogitBias{{Token: 0, Bias: 1}, {Token: tc.token, Bias: 1}}})
+			inbox <- submit(2, infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 5,
+				LogitBias: []infer.LogitBias{{Token: tc.token - 1, Bias: 1}}})
+			runUntilIdle(t, w, inbox, 100)
+			if e := rec.errs[1]; e.Code != infer.CodeInvalidRequest || e.Message != tc.says {
+				t.Errorf("request 1: got %+v, want %s %q", e, infer.CodeInvalidRequest, tc.says)
+			}
+			if n := rec.tokens[1]; n != 0 {
+				t.Errorf("request 1 sent %d tokens before its error", n)
+			}
+			if d, ok := rec.done[2]; !ok || d.CompletionTokens != 5 {
+				t.Errorf("request 2: done %+v, error %+v", d, rec.errs[2])
+			}
+			if w.stats.SequencesStarted != 2 || w.stats.SequencesFinished != 2 || len(w.byID) != 0 {
+				t.Errorf("stats %+v, %d requests left", w.stats, len(w.byID))
+			}
+		})
+	}
+}

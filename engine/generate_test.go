@@ -172,3 +172,48 @@ func TestInvalidRequests(t *testing.T) {
 		})
 	}
 }
+
+func TestInvalidSampling(t *testing.T) {
+	m := loadTestModel(t)
+	nan, inf := float32(math.NaN()), float32(math.Inf(1))
+	bias := func(b ...infer.LogitBias) infer.Request { return infer.Request{Prompt: "x", LogitBias: b} }
+	tests := map[string]struct {
+		s    infer.Request
+		says string
+	}{
+		"min_p above 1":             {infer.Request{Prompt: "x", MinP: 1.5}, "min_p must be in [0, 1], got 1.5"},
+		"negative min_p":            {infer.Request{Prompt: "x", MinP: -0.1}, "min_p"},
+		"nan min_p":                 {infer.Request{Prompt: "x", MinP: nan}, "min_p"},
+		"infinite presence_penalty": {infer.Request{Prompt: "x", PresencePenalty: -inf}, "presence_penalty must be a finite number, got -Inf"},
+		"nan frequency_penalty":     {infer.Request{Prompt: "x", FrequencyPenalty: nan}, "frequency_penalty"},
+		"negative repetition":       {infer.Request{Prompt: "x", RepetitionPenalty: -1}, "repetition_penalty must be a finite number >= 0, got -1"},
+		"infinite repetition":       {infer.Request{Prompt: "x", RepetitionPenalty: inf}, "repetition_penalty"},
+		"nan repetition":            {infer.Request{Prompt: "x", RepetitionPenalty: nan}, "repetition_penalty"},
+		"nan bias":                  {bias(infer.LogitBias{Token: 3, Bias: nan}), "logit_bias: token 3 has bias NaN"},
+		"infinite bias":             {bias(infer.LogitBias{Token: 3, Bias: -inf}), "logit_bias: token 3 has bias -Inf"},
+		"unsorted bias":             {bias(infer.LogitBias{Token: 7, Bias: 1}, infer.LogitBias{Token: 5, Bias: 1}), "logit_bias: tokens must be ascending and unique, got 5 after 7"},
+		"duplicate bias":            {bias(infer.LogitBias{Token: 7, Bias: 1}, infer.LogitBias{Token: 7, Bias: 2}), "got 7 after 7"},
+		// The demo model's vocabulary is 256 bytes and its end token.
+		"bias past the vocabulary": {bias(infer.LogitBias{Token: 2, Bias: 1}, infer.LogitBias{Token: 70000, Bias: 1}),
+			"logit_bias: token 70000 is not in model demo's vocabulary of 257 tokens"},
+		"bias just past the vocabulary": {bias(infer.LogitBias{Token: 257, Bias: 1}), "token 257 is not in"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			_, _, err := Generate(context.Background(), m, &tc.s)
+			re, ok := errors.AsType[*RequestError](err)
+			if !ok || re.Code != infer.CodeInvalidRequest || !strings.Contains(re.Message, tc.says) {
+				t.Errorf("got %v, want an %s error saying %q", err, infer.CodeInvalidRequest, tc.says)
+			}
+		})
+	}
+	// The last token of the vocabulary, and the ranges' ends, are fine.
+	for _, s := range []infer.Request{
+		bias(infer.LogitBias{Token: 0, Bias: -1}, infer.LogitBias{Token: 256, Bias: 1}),
+		{Prompt: "x", MinP: 1, RepetitionPenalty: 0, PresencePenalty: -2, FrequencyPenalty: 2},
+	} {
+		if _, _, err := Generate(context.Background(), m, &s); err != nil {
+			t.Errorf("%+v: %v", s, err)
+		}
+	}
+}

@@ -590,13 +590,18 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 	return nil
 }
 
-// prefillFailed answers r with the error of its prefill and drops it.
+// prefillFailed answers r with the error of its prefill and drops it: the
+// request's own fault (a logit_bias token past the vocabulary, which
+// only the prefill's logits reveal) as is, anything else as the worker's.
 func (w *workerLoop) prefillFailed(r *running, err error) error {
-	w.log.Error("prefill failed", "request_id", r.id, "err", err)
 	r.span.RecordError(err)
 	r.span.SetStatus(codes.Error, "prefill failed")
 	w.forget(r)
 	w.stats.SequencesFinished++
+	if re, ok := errors.AsType[*RequestError](err); ok {
+		return w.sendError(r.id, infer.Error{Code: re.Code, Message: re.Message})
+	}
+	w.log.Error("prefill failed", "request_id", r.id, "err", err)
 	return w.sendError(r.id, infer.Error{Code: infer.CodeInternal, Message: "prefill failed: " + err.Error()})
 }
 

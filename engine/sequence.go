@@ -35,6 +35,9 @@ type sequence struct {
 	ignoreEOS  bool
 	completion int
 	last       int // the token fed at the next step, once prefilled
+	// biasTop is the largest token logit_bias names, -1 when none: only
+	// the prefill's logits tell whether the model has it.
+	biasTop int
 
 	row    int       // row in its model's batch; -1 when in none
 	logits []float32 // of the latest forward pass, sampled by next
@@ -49,6 +52,9 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 	}
 	if p := s.TopP; !(p >= 0 && p <= 1) {
 		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf("top_p must be in [0, 1], got %v", p)}
+	}
+	if err := checkSampling(s); err != nil {
+		return nil, err
 	}
 	info := m.Info()
 	text := s.Prompt
@@ -81,6 +87,10 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 	if !s.HasSeed {
 		seed = rand.Uint64()
 	}
+	biasTop := -1
+	if n := len(s.LogitBias); n > 0 {
+		biasTop = int(s.LogitBias[n-1].Token)
+	}
 	return &sequence{
 		m:         m,
 		prompt:    prompt,
@@ -89,16 +99,57 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 		limit:     limit,
 		ignoreEOS: s.IgnoreEOS,
 		last:      -1,
+		biasTop:   biasTop,
 		row:       -1,
 	}, nil
 }
 
+// checkSampling checks the sampling parameters beyond temperature and
+// top_p. The gateway checks their ranges too, but the worker samples
+// with them and trusts no one: a NaN min_p, say, would leave the sampler
+// no token to pick. Only logit_bias's tokens wait for the vocabulary
+// (prefill).
+func checkSampling(s *infer.Request) error {
+	invalid := func(format string, args ...any) error {
+		return &RequestError{infer.CodeInvalidRequest, fmt.Sprintf(format, args...)}
+	}
+	finite := func(f float32) bool { return !math.IsNaN(float64(f)) && !math.IsInf(float64(f), 0) }
+	if p := s.MinP; !(p >= 0 && p <= 1) {
+		return invalid("min_p must be in [0, 1], got %v", p)
+	}
+	if p := s.PresencePenalty; !finite(p) {
+		return invalid("presence_penalty must be a finite number, got %v", p)
+	}
+	if p := s.FrequencyPenalty; !finite(p) {
+		return invalid("frequency_penalty must be a finite number, got %v", p)
+	}
+	if p := s.RepetitionPenalty; !(p >= 0) || !finite(p) {
+		return invalid("repetition_penalty must be a finite number >= 0, got %v", p)
+	}
+	for i, b := range s.LogitBias {
+		if !finite(b.Bias) {
+			return invalid("logit_bias: token %d has bias %v, which is not a finite number", b.Token, b.Bias)
+		}
+		if i > 0 && b.Token <= s.LogitBias[i-1].Token {
+			return invalid("logit_bias: tokens must be ascending and unique, got %d after %d", b.Token, s.LogitBias[i-1].Token)
+		}
+	}
+	return nil
+}
+
 // prefill runs the prompt alone and leaves its logits for next. It returns
-// the prompt's cache for the model's Join.
+// the prompt's cache for the model's Join. A logit_bias token the model
+// does not have is a *RequestError.
 func (q *sequence) prefill() ([][]byte, error) {
 	logits, cache, err := q.m.Prefill(q.prompt)
 	if err != nil {
 		return nil, err
+	}
+	// The width of the logits is the vocabulary, and the one every model
+	// knows: a graph may leave it symbolic until it runs.
+	if q.biasTop >= len(logits) {
+		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf(
+			"logit_bias: token %d is not in model %s's vocabulary of %d tokens", q.biasTop, q.m.Info().Name, len(logits))}
 	}
 	q.logits = logits
 	return cache, nil
