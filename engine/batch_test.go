@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -143,8 +144,62 @@ func batchSubmits() []infer.Request {
 // Every request batched with others, some joining while others are half
 // done, produces exactly the text it produces alone.
 func TestBatchedMatchesAlone(t *testing.T) {
+	checkBatchedMatchesAlone(t, loadTestModel(t), batchSubmits())
+}
+
+// samplingSubmits mix every sampling parameter, each row its own set and
+// seed, with rows that set none.
+func samplingSubmits() []infer.Request {
+	long := strings.Repeat("The gateway hands requests to workers. ", 12)
+	// The demo model's tokens are bytes.
+	bias := func(b byte, v float32) infer.LogitBias { return infer.LogitBias{Token: uint32(b), Bias: v} }
+	return []infer.Request{
+		{Model: "demo", Prompt: "The gateway ", MaxTokens: 60, RepetitionPenalty: 1.3},
+		{Model: "demo", Prompt: long, MaxTokens: 80, Temperature: 0.9, TopK: 5, PresencePenalty: 0.6, Seed: 5, HasSeed: true},
+		{Model: "demo", Prompt: "A worker ", MaxTokens: 70, Temperature: 1.2, MinP: 0.1, TopP: 0.9, FrequencyPenalty: 0.4, Seed: 11, HasSeed: true},
+		{Model: "demo", Prompt: "In", MaxTokens: 50, LogitBias: []infer.LogitBias{bias(' ', -2), bias('e', -5)}},
+		{Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "tokens and batches"}}, MaxTokens: 60,
+			Temperature: 1, TopK: 20, MinP: 0.05, TopP: 0.95, RepetitionPenalty: 1.1, PresencePenalty: 0.2, FrequencyPenalty: 0.2,
+			LogitBias: []infer.LogitBias{bias('a', 1.5), bias('t', -1)}, Seed: 3, HasSeed: true},
+		{Model: "demo", Prompt: "The ", MaxTokens: 60},
+		{Model: "demo", Prompt: long[:150], MaxTokens: 90, Temperature: 0.7, TopP: 0.5, Seed: 99, HasSeed: true, Stop: []string{"e t"}},
+		{Model: "demo", Prompt: "streams ", MaxTokens: 40, Temperature: 1.5, TopK: 1, FrequencyPenalty: 1, Seed: 7, HasSeed: true},
+	}
+}
+
+// Rows whose sampling parameters differ, each changing its own copy of
+// the batch's logits, still make exactly the text each makes alone.
+func TestBatchedSamplingMatchesAlone(t *testing.T) {
 	m := loadTestModel(t)
-	subs := batchSubmits()
+	subs := samplingSubmits()
+	// Each row's parameters change its text, or the batch would not show
+	// that they stay with their row.
+	for i, s := range subs {
+		plain := s
+		plain.TopK, plain.MinP, plain.PresencePenalty, plain.FrequencyPenalty, plain.RepetitionPenalty, plain.LogitBias = 0, 0, 0, 0, 0, nil
+		if reflect.DeepEqual(plain, s) {
+			continue
+		}
+		with, _, err := Generate(context.Background(), m, &s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		without, _, err := Generate(context.Background(), m, &plain)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if with == without {
+			t.Errorf("request %d: its sampling parameters left the text %q as it was", i, with)
+		}
+	}
+	checkBatchedMatchesAlone(t, m, subs)
+}
+
+// checkBatchedMatchesAlone runs subs in one batch, three at once and the
+// rest joining a few steps apart, and checks that each makes the text and
+// counts it makes alone.
+func checkBatchedMatchesAlone(t *testing.T, m Model, subs []infer.Request) {
+	t.Helper()
 	want := make([]string, len(subs))
 	wantDone := make([]infer.Done, len(subs))
 	for i := range subs {
