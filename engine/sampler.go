@@ -135,6 +135,12 @@ func (s *sampler) pick(logits []float32) int {
 			break
 		}
 	}
+	if k > 0 && len(s.order) > k {
+		// A flat distribution puts most of the vocabulary above the
+		// cut; only the k first need sorting.
+		selectFirst(s.order, k)
+		s.order = s.order[:k]
+	}
 	// Ties broken by id make the order total, so a seed reproduces the
 	// same choice whatever the sort algorithm does with equal keys.
 	slices.SortFunc(s.order, func(a, b candidate) int {
@@ -147,7 +153,6 @@ func (s *sampler) pick(logits []float32) int {
 		return a.id - b.id
 	})
 	if k > 0 {
-		s.order = s.order[:min(k, len(s.order))]
 		left = 0
 		for _, c := range s.order {
 			left += c.p
@@ -171,6 +176,54 @@ func (s *sampler) pick(logits []float32) int {
 		}
 	}
 	return s.order[keep-1].id
+}
+
+// before is the order candidates are sorted in: falling probability,
+// then rising id.
+func before(a, b candidate) bool { return a.p > b.p || a.p == b.p && a.id < b.id }
+
+// selectFirst moves the k first candidates of c, in the order of before,
+// to c[:k], in no particular order (quickselect).
+func selectFirst(c []candidate, k int) {
+	lo, hi := 0, len(c)-1
+	for lo < hi {
+		// The median of three, so that sorted input takes linear time.
+		mid := lo + (hi-lo)/2
+		if before(c[mid], c[lo]) {
+			c[mid], c[lo] = c[lo], c[mid]
+		}
+		if before(c[hi], c[lo]) {
+			c[hi], c[lo] = c[lo], c[hi]
+		}
+		if before(c[hi], c[mid]) {
+			c[hi], c[mid] = c[mid], c[hi]
+		}
+		pivot := c[mid]
+		i, j := lo, hi
+		for i <= j {
+			for before(c[i], pivot) {
+				i++
+			}
+			for before(pivot, c[j]) {
+				j--
+			}
+			if i <= j {
+				c[i], c[j] = c[j], c[i]
+				i++
+				j--
+			}
+		}
+		// Now c[lo:j+1] come no later than the pivot and c[i:hi+1] no
+		// earlier; between them is the pivot itself.
+		switch {
+		case k-1 <= j:
+			hi = j
+		case k-1 >= i:
+			lo = i
+		default:
+			return
+		}
+	}
 }
 
 func argmax(logits []float32) int {

@@ -1,6 +1,8 @@
 package engine
 
 import (
+	"cmp"
+	"fmt"
 	"maps"
 	"math"
 	"math/rand/v2"
@@ -419,5 +421,94 @@ func TestTopKReachesUnlikelyTokens(t *testing.T) {
 	}
 	if seen[0] == 0 || small < 100 {
 		t.Errorf("drew token 0 %d times and %d distinct others, want both many", seen[0], small)
+	}
+}
+
+// BenchmarkSample is one token of a 32000-token vocabulary with none of
+// the parameters beyond temperature and top_p, and with all of them: a
+// logit bias on 10 tokens, the penalties over a prompt of 500 distinct
+// tokens and a completion of 500 more, and the top_k and min_p cuts.
+//
+//	go test -run '^$' -bench 'Sample$' ./engine/
+func BenchmarkSample(b *testing.B) {
+	const vocab = 32000
+	shapes := map[string]func(i int) float64{
+		"peaked": func(i int) float64 { return -1.5 * math.Log(float64(1+(i*7919)%vocab)) },
+		"flat":   func(i int) float64 { return math.Sin(float64(i)) },
+	}
+	rng := rand.New(rand.NewPCG(1, 1))
+	prompt := rng.Perm(vocab)[:500]
+	var bias []infer.LogitBias
+	for i := range 10 {
+		bias = append(bias, infer.LogitBias{Token: uint32(i * 3001), Bias: float32(i%3) - 1})
+	}
+	for _, shape := range []string{"peaked", "flat"} {
+		logits := make([]float32, vocab)
+		for i := range logits {
+			logits[i] = float32(shapes[shape](i))
+		}
+		for _, temp := range []float32{0, 0.8} {
+			for _, params := range []string{"none", "all"} {
+				b.Run(fmt.Sprintf("shape=%s/temperature=%v/params=%s", shape, temp, params), func(b *testing.B) {
+					s := infer.Request{Temperature: temp, TopP: 0.9}
+					if params == "all" {
+						s.TopK, s.MinP = 40, 0.05
+						s.PresencePenalty, s.FrequencyPenalty, s.RepetitionPenalty = 0.5, 0.3, 1.1
+						s.LogitBias = bias
+					}
+					smp := newSampler(&s, prompt, 1)
+					if smp.pen != nil {
+						for _, id := range rng.Perm(vocab)[:500] {
+							smp.pen.add(id)
+						}
+					}
+					for b.Loop() {
+						id := smp.sample(logits)
+						if smp.pen != nil {
+							// Uncounted, so that the completion stays
+							// 500 tokens long rather than piling up on
+							// the few the fixed logits favour.
+							smp.pen.seen[smp.pen.at[id]].count--
+						}
+					}
+				})
+			}
+		}
+	}
+}
+
+// selectFirst puts the same k candidates first as a sort does, whatever
+// the ties among their probabilities.
+func TestSelectFirst(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for trial := range 500 {
+		n := 1 + rng.IntN(300)
+		c := make([]candidate, n)
+		for i, id := range rng.Perm(n) {
+			// Few distinct probabilities, so most compare by id.
+			c[i] = candidate{p: float64(rng.IntN(1 + trial%20)), id: id}
+		}
+		if trial%50 == 0 {
+			slices.SortFunc(c, func(a, b candidate) int { return cmp.Compare(a.id, b.id) })
+		}
+		k := 1 + rng.IntN(n)
+		sorted := slices.Clone(c)
+		slices.SortFunc(sorted, func(a, b candidate) int {
+			if before(a, b) {
+				return -1
+			}
+			return 1
+		})
+		selectFirst(c, k)
+		first := slices.Clone(c[:k])
+		slices.SortFunc(first, func(a, b candidate) int {
+			if before(a, b) {
+				return -1
+			}
+			return 1
+		})
+		if !slices.Equal(first, sorted[:k]) {
+			t.Fatalf("trial %d, k %d of %d: got %v, want %v", trial, k, n, first, sorted[:k])
+		}
 	}
 }
