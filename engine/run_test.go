@@ -199,6 +199,35 @@ func TestWorkerMatchesGenerate(t *testing.T) {
 	}
 }
 
+// The ring carries every sampling parameter to the worker's sampler: each
+// request, run beside the others, makes the text Generate makes.
+func TestWorkerSamplingMatchesGenerate(t *testing.T) {
+	subs := samplingSubmits()[:4]
+	rw := startRingWorker(t, len(subs))
+	m := loadTestModel(t)
+	calls := make([]*transport.Call, len(subs))
+	for i := range subs {
+		c, err := rw.end.Open(uint64(i+1), &subs[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		calls[i] = c
+	}
+	for i, c := range calls {
+		got := collect(t, c)
+		wantText, wantDone, err := Generate(context.Background(), m, &subs[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.err != nil || got.done == nil {
+			t.Fatalf("call %d: got %+v", i+1, got)
+		}
+		if got.text != wantText || *got.done != wantDone {
+			t.Errorf("call %d: ring gave %q %+v, Generate %q %+v", i+1, got.text, *got.done, wantText, wantDone)
+		}
+	}
+}
+
 func TestWorkerRequestErrors(t *testing.T) {
 	rw := startRingWorker(t, 2)
 	tests := map[string]struct {
@@ -208,6 +237,9 @@ func TestWorkerRequestErrors(t *testing.T) {
 		"unknown model":  {infer.Request{Model: "gpt-9", Prompt: "x"}, infer.CodeModelNotFound},
 		"prompt too big": {infer.Request{Model: "demo", Prompt: strings.Repeat("ab", 2048)}, infer.CodeContextLength},
 		"bad top_p":      {infer.Request{Model: "demo", Prompt: "x", TopP: 3}, infer.CodeInvalidRequest},
+		"bad min_p":      {infer.Request{Model: "demo", Prompt: "x", MinP: 2}, infer.CodeInvalidRequest},
+		// Found at the prefill, after admission.
+		"logit_bias past the vocabulary": {infer.Request{Model: "demo", Prompt: "x", LogitBias: []infer.LogitBias{{Token: 70000, Bias: 1}}}, infer.CodeInvalidRequest},
 	}
 	id := uint64(100)
 	for name, tc := range tests {
