@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"h3infer/infer"
@@ -258,7 +260,7 @@ func apiErrorOf(err error) apiError {
 		case infer.CodeModelNotFound:
 			return mk(http.StatusNotFound, invalidRequest, "model", infer.CodeModelNotFound, worker.err.Message)
 		case infer.CodeInvalidRequest:
-			return mk(http.StatusBadRequest, invalidRequest, "", "invalid_request", worker.err.Message)
+			return mk(http.StatusBadRequest, invalidRequest, paramNamed(worker.err.Message), "invalid_request", worker.err.Message)
 		case infer.CodeCancelled:
 			return mk(http.StatusServiceUnavailable, serverError, "", infer.CodeCancelled, "the model worker stopped the request")
 		case infer.CodeWorkerLost:
@@ -329,4 +331,19 @@ func errorEvent(err error) []byte {
 		Error errorObject `json:"error"`
 	}{e.body})
 	return sseData(body)
+}
+
+// workerParams are the request parameters a worker's refusal may be
+// about: those only the model can check (a token id against its
+// vocabulary, a conversation against its chat template).
+var workerParams = []string{"logit_bias", "messages", "prompt", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "stop"}
+
+// paramNamed is the parameter a worker's refusal names first ("logit_bias:
+// token 70000 is not in ..."), or "" when it names none of workerParams.
+func paramNamed(msg string) string {
+	name, _, ok := strings.Cut(msg, ":")
+	if ok && slices.Contains(workerParams, name) {
+		return name
+	}
+	return ""
 }
