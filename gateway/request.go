@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"slices"
 	"strconv"
@@ -30,9 +31,11 @@ func (k apiKind) promptParam() string {
 }
 
 // completionRequest is the OpenAI request body, with the sampling
-// parameters vLLM and SGLang add (top_k, min_p, repetition_penalty).
-// Fields it does not name are ignored, as OpenAI ignores unknown ones; the
-// README's API section lists what is honoured.
+// parameters vLLM and SGLang add (top_k, min_p, repetition_penalty). A
+// field it does not name is refused (400 naming it), never dropped; the
+// fields of OpenAI's API that h3infer does not implement are named in
+// unsupported, and refused when they ask for anything; the hints in
+// ignoredHints are accepted and ignored.
 type completionRequest struct {
 	Model               string          `json:"model"`
 	Messages            []chatMessage   `json:"messages"`
@@ -60,6 +63,90 @@ type completionRequest struct {
 	N *int64 `json:"n"`
 	// User is OpenAI's end-user id; h3infer keys sticky canary splits by it.
 	User string `json:"user"`
+
+	unsupported
+	ignoredHints
+}
+
+// unsupported are OpenAI's parameters that h3infer does not implement yet.
+// Each is accepted only at a value that asks for nothing (null, false,
+// empty, the default), so a client that relies on one gets a 400 naming
+// it instead of an answer that quietly lacks it.
+type unsupported struct {
+	Logprobs         json.RawMessage `json:"logprobs"`     // chat: true; completions: an integer
+	TopLogprobs      json.RawMessage `json:"top_logprobs"` // chat
+	ResponseFormat   json.RawMessage `json:"response_format"`
+	Tools            json.RawMessage `json:"tools"`
+	ToolChoice       json.RawMessage `json:"tool_choice"`
+	Functions        json.RawMessage `json:"functions"`
+	FunctionCall     json.RawMessage `json:"function_call"`
+	Audio            json.RawMessage `json:"audio"`
+	Modalities       json.RawMessage `json:"modalities"`
+	Prediction       json.RawMessage `json:"prediction"`
+	WebSearchOptions json.RawMessage `json:"web_search_options"`
+	ReasoningEffort  json.RawMessage `json:"reasoning_effort"`
+	Verbosity        json.RawMessage `json:"verbosity"`
+	BestOf           json.RawMessage `json:"best_of"` // completions
+	Echo             json.RawMessage `json:"echo"`    // completions
+	Suffix           json.RawMessage `json:"suffix"`  // completions
+}
+
+// ignoredHints are parameters that change nothing of the answer: OpenAI's
+// storage, billing and caching hints, parallel_tool_calls (which only
+// qualifies tools), and the priority field of vLLM and SGLang (the RFC 9218
+// Priority header sets a request's urgency here; an edge h3infer sends the
+// field to its upstreams).
+type ignoredHints struct {
+	Metadata          json.RawMessage `json:"metadata"`
+	Store             json.RawMessage `json:"store"`
+	ServiceTier       json.RawMessage `json:"service_tier"`
+	PromptCacheKey    json.RawMessage `json:"prompt_cache_key"`
+	SafetyIdentifier  json.RawMessage `json:"safety_identifier"`
+	ParallelToolCalls json.RawMessage `json:"parallel_tool_calls"`
+	Priority          json.RawMessage `json:"priority"`
+}
+
+// asksForNothing lists, per unsupported parameter, the values that leave
+// the answer as it would be without it, as compact JSON.
+var asksForNothing = map[string][]string{
+	"logprobs":           {"false", "0"},
+	"top_logprobs":       {"0"},
+	"response_format":    {`{"type":"text"}`},
+	"tools":              {"[]"},
+	"tool_choice":        {`"none"`, `"auto"`},
+	"functions":          {"[]"},
+	"function_call":      {`"none"`, `"auto"`},
+	"modalities":         {`["text"]`},
+	"best_of":            {"1"},
+	"echo":               {"false"},
+	"suffix":             {`""`},
+	"audio":              nil,
+	"prediction":         nil,
+	"web_search_options": nil,
+	"reasoning_effort":   nil,
+	"verbosity":          nil,
+}
+
+// refuseUnsupported refuses the first unsupported parameter u sets to a
+// value that asks for something.
+func refuseUnsupported(u *unsupported) error {
+	for name, raw := range map[string]json.RawMessage{
+		"logprobs": u.Logprobs, "top_logprobs": u.TopLogprobs, "response_format": u.ResponseFormat,
+		"tools": u.Tools, "tool_choice": u.ToolChoice, "functions": u.Functions, "function_call": u.FunctionCall,
+		"audio": u.Audio, "modalities": u.Modalities, "prediction": u.Prediction,
+		"web_search_options": u.WebSearchOptions, "reasoning_effort": u.ReasoningEffort, "verbosity": u.Verbosity,
+		"best_of": u.BestOf, "echo": u.Echo, "suffix": u.Suffix,
+	} {
+		if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+			continue
+		}
+		var compact bytes.Buffer
+		if json.Compact(&compact, raw) == nil && slices.Contains(asksForNothing[name], compact.String()) {
+			continue
+		}
+		return invalidf(name, "%s: not supported by this server yet", name)
+	}
+	return nil
 }
 
 type chatMessage struct {
@@ -94,8 +181,22 @@ var chatRoles = map[string]bool{"system": true, "developer": true, "user": true,
 // the parameter at fault.
 func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completion, error) {
 	var req completionRequest
-	if err := json.Unmarshal(body, &req); err != nil {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(&req)
+	if name, ok := unknownField(err); ok {
+		return nil, invalidf(name, "%s: unknown parameter", name)
+	}
+	if _, trailing := dec.Token(); err != nil || trailing != io.EOF {
+		// A stream decoder reports a body cut short or followed by more
+		// as the end of its input; Unmarshal says what is wrong with it.
+		if uerr := json.Unmarshal(body, new(any)); uerr != nil {
+			err = uerr
+		}
 		return nil, fmt.Errorf("decode request: %w", err)
+	}
+	if err := refuseUnsupported(&req.unsupported); err != nil {
+		return nil, err
 	}
 	c := &completion{kind: kind, model: req.Model, stream: req.Stream, user: req.User}
 	if req.Model == "" {
@@ -166,6 +267,19 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 		c.includeUsage = req.StreamOptions.IncludeUsage
 	}
 	return c, nil
+}
+
+// unknownField is the field encoding/json's DisallowUnknownFields refused,
+// which it reports only in its message.
+func unknownField(err error) (string, bool) {
+	if err == nil {
+		return "", false
+	}
+	name, ok := strings.CutPrefix(err.Error(), `json: unknown field "`)
+	if !ok {
+		return "", false
+	}
+	return strings.TrimSuffix(name, `"`), true
 }
 
 // maxLogitBias bounds logit_bias's entries: each costs the worker an add

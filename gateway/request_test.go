@@ -162,3 +162,63 @@ func paramOf(e apiError) string {
 	}
 	return *e.body.Param
 }
+
+// TestUnknownAndUnsupportedParameters: a parameter the server does not
+// know, or one of OpenAI's it does not implement set to anything but a
+// value that asks for nothing, is a 400 naming it; hints are ignored.
+func TestUnknownAndUnsupportedParameters(t *testing.T) {
+	for body, param := range map[string]string{
+		// Refused: unknown, or asking for what is not implemented.
+		`"best_of_n": 2`:                                  "best_of_n",
+		`"skip_special_tokens": false`:                    "skip_special_tokens",
+		`"logprobs": true`:                                "logprobs",
+		`"logprobs": 5`:                                   "logprobs",
+		`"top_logprobs": 3`:                               "top_logprobs",
+		`"response_format": {"type": "json_object"}`:      "response_format",
+		`"tools": [{"type": "function", "function": {}}]`: "tools",
+		`"tool_choice": "required"`:                       "tool_choice",
+		`"functions": [{"name": "f"}]`:                    "functions",
+		`"function_call": {"name": "f"}`:                  "function_call",
+		`"audio": {"voice": "alloy"}`:                     "audio",
+		`"modalities": ["text", "audio"]`:                 "modalities",
+		`"prediction": {"type": "content"}`:               "prediction",
+		`"reasoning_effort": "low"`:                       "reasoning_effort",
+		`"best_of": 3`:                                    "best_of",
+		`"echo": true`:                                    "echo",
+		`"suffix": "end"`:                                 "suffix",
+		// Accepted: values that ask for nothing, and hints.
+		`"logprobs": false`:                         "",
+		`"logprobs": null`:                          "",
+		`"top_logprobs": 0`:                         "",
+		`"response_format": { "type" : "text" }`:    "",
+		`"tools": []`:                               "",
+		`"tool_choice": "none"`:                     "",
+		`"modalities": ["text"]`:                    "",
+		`"best_of": 1`:                              "",
+		`"echo": false`:                             "",
+		`"metadata": {"k": "v"}`:                    "",
+		`"store": true`:                             "",
+		`"service_tier": "auto"`:                    "",
+		`"prompt_cache_key": "k"`:                   "",
+		`"safety_identifier": "s"`:                  "",
+		`"parallel_tool_calls": true`:               "",
+		`"priority": 5`:                             "",
+		`"user": "u", "stream_options": null`:       "",
+		`"max_completion_tokens": 8, "seed": 1`:     "",
+		`"ignore_eos": true, "top_k": 5, "n": 1`:    "",
+		`"frequency_penalty": 0, "min_p": 0`:        "",
+		`"presence_penalty": 0, "logit_bias": null`: "",
+	} {
+		_, err := parseCompletion([]byte(`{"model": "m", "prompt": "p", `+body+`}`), kindText, DefaultMaxTokens)
+		switch e := apiErrorOf(err); {
+		case param == "" && err != nil:
+			t.Errorf("%s: refused (%v); want it accepted", body, err)
+		case param != "" && (err == nil || e.status != 400 || paramOf(e) != param):
+			t.Errorf("%s: got %v (param %q); want 400 naming %q", body, err, paramOf(e), param)
+		}
+	}
+	// Trailing bytes after the object are still malformed JSON.
+	if _, err := parseCompletion([]byte(`{"model": "m", "prompt": "p"} x`), kindText, DefaultMaxTokens); apiErrorOf(err).status != 400 {
+		t.Errorf("trailing bytes: got %v, want 400", err)
+	}
+}
