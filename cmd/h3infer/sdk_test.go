@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"h3infer/infer"
+
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 )
@@ -18,6 +20,12 @@ func TestOfficialSDKs(t *testing.T) {
 	s := startServer(t)
 	const maxTokens = 40
 	want := greedyChat(t, s, []map[string]string{{"role": "user", "content": testPrompt}}, maxTokens)
+	// The text the sampling parameters the SDKs send below give in process.
+	wantSampled, _ := inProcess(t, s, &infer.Request{
+		Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: testPrompt}},
+		MaxTokens: maxTokens, Temperature: 0.8, Seed: 5, HasSeed: true, PresencePenalty: 0.5, FrequencyPenalty: 1,
+		LogitBias: []infer.LogitBias{{Token: 3, Bias: -100}, {Token: 9, Bias: 3}}, TopK: 30, RepetitionPenalty: 1.2,
+	})
 
 	t.Run("go over HTTP/3", func(t *testing.T) {
 		ctx := context.Background()
@@ -103,6 +111,57 @@ func TestOfficialSDKs(t *testing.T) {
 		}
 	})
 
+	t.Run("go sampling parameters", func(t *testing.T) {
+		ctx := context.Background()
+		client := openai.NewClient(
+			option.WithBaseURL(s.base+"/v1/"),
+			option.WithHTTPClient(s.h3Client(t)),
+			option.WithAPIKey(s.bearer(t)),
+			option.WithMaxRetries(0),
+		)
+		// OpenAI's own through the SDK's types; vLLM's as the SDK sends
+		// any extension, a field set on the request body.
+		params := openai.ChatCompletionNewParams{
+			Model:            "demo",
+			Messages:         []openai.ChatCompletionMessageParamUnion{openai.UserMessage(testPrompt)},
+			MaxTokens:        openai.Int(maxTokens),
+			Temperature:      openai.Float(0.8),
+			Seed:             openai.Int(5),
+			PresencePenalty:  openai.Float(0.5),
+			FrequencyPenalty: openai.Float(1),
+			LogitBias:        map[string]int64{"3": -100, "9": 3},
+		}
+		extensions := []option.RequestOption{option.WithJSONSet("top_k", 30), option.WithJSONSet("repetition_penalty", 1.2)}
+		full, err := client.Chat.Completions.New(ctx, params, extensions...)
+		if err != nil {
+			t.Fatalf("Chat.Completions.New: %v", err)
+		}
+		if len(full.Choices) != 1 || full.Choices[0].Message.Content != wantSampled {
+			t.Errorf("non-streamed %+v; want the model's text in process %q", full.Choices, wantSampled)
+		}
+		stream := client.Chat.Completions.NewStreaming(ctx, params, extensions...)
+		var acc openai.ChatCompletionAccumulator
+		for stream.Next() {
+			acc.AddChunk(stream.Current())
+		}
+		if err := stream.Err(); err != nil {
+			t.Fatalf("streaming: %v", err)
+		}
+		stream.Close()
+		if len(acc.Choices) != 1 || acc.Choices[0].Message.Content != wantSampled {
+			t.Errorf("streamed %+v; want %q", acc.Choices, wantSampled)
+		}
+
+		// A parameter the server does not implement yet is refused by
+		// name, not dropped.
+		params.Logprobs = openai.Bool(true)
+		_, err = client.Chat.Completions.New(ctx, params)
+		var apiErr *openai.Error
+		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || apiErr.Param != "logprobs" {
+			t.Errorf("logprobs: error %v, want a 400 *openai.Error naming logprobs", err)
+		}
+	})
+
 	t.Run("npm over TCP", func(t *testing.T) {
 		out := runNode(t, "sdk.mjs", map[string]any{"url": s.base, "prompt": testPrompt, "maxTokens": maxTokens, "apiKey": s.bearer(t)},
 			"NODE_EXTRA_CA_CERTS="+s.caFile)
@@ -123,7 +182,12 @@ func TestOfficialSDKs(t *testing.T) {
 				Chunks       int
 				Usage        *usage
 			} `json:"stream"`
-			Text struct{ Text, Finish string } `json:"text"`
+			Text     struct{ Text, Finish string } `json:"text"`
+			Sampling struct{ Full, Stream string } `json:"sampling"`
+			Refused  *struct {
+				Status int
+				Param  *string
+			} `json:"refused"`
 		}
 		if err := json.Unmarshal(out, &got); err != nil {
 			t.Fatalf("sdk.mjs printed %q: %v", out, err)
@@ -145,6 +209,12 @@ func TestOfficialSDKs(t *testing.T) {
 		}
 		if strings.TrimSpace(got.Text.Text) == "" {
 			t.Errorf("text completion %+v; want text", got.Text)
+		}
+		if got.Sampling.Full != wantSampled || got.Sampling.Stream != wantSampled {
+			t.Errorf("sampling parameters: whole %q, streamed %q; want the model's text in process %q", got.Sampling.Full, got.Sampling.Stream, wantSampled)
+		}
+		if r := got.Refused; r == nil || r.Status != http.StatusBadRequest || r.Param == nil || *r.Param != "logprobs" {
+			t.Errorf("logprobs: got %+v, want a 400 naming logprobs", r)
 		}
 	})
 }

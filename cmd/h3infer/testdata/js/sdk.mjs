@@ -36,4 +36,23 @@ for await (const chunk of stream) {
 const text = await client.completions.create({ model: 'demo', prompt: cfg.prompt, max_tokens: cfg.maxTokens, temperature: 0 });
 out.text = { text: text.choices[0].text, finish: text.choices[0].finish_reason };
 
+// The sampling parameters: OpenAI's as the SDK's own fields, vLLM's as
+// any extra body field; streamed and whole.
+const sampling = {
+  ...params, temperature: 0.8, seed: 5, presence_penalty: 0.5, frequency_penalty: 1,
+  logit_bias: { 3: -100, 9: 3 }, top_k: 30, repetition_penalty: 1.2,
+};
+const sampled = await client.chat.completions.create(sampling);
+out.sampling = { full: sampled.choices[0].message.content, stream: '' };
+for await (const chunk of await client.chat.completions.create({ ...sampling, stream: true })) {
+  for (const c of chunk.choices) out.sampling.stream += c.delta.content || '';
+}
+// What the server does not implement yet is refused by name.
+try {
+  await client.chat.completions.create({ ...params, logprobs: true });
+  out.refused = null;
+} catch (e) {
+  out.refused = { status: e.status, param: e.param ?? e.error?.param ?? null };
+}
+
 process.stdout.write(JSON.stringify(out) + '\n');
