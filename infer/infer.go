@@ -45,9 +45,16 @@ type Request struct {
 	FrequencyPenalty  float32     // subtracted per occurrence in the completion
 	RepetitionPenalty float32     // divides positive, multiplies negative logits of tokens seen; 0 or 1: off
 	LogitBias         []LogitBias // added to the named tokens' logits; ascending, unique tokens
-	Seed              uint64
-	HasSeed           bool
-	Stop              []string
+	// Logprobs asks for each generated token's log probability, and
+	// TopLogprobs (at most MaxTopLogprobs) for that many of the most
+	// likely tokens at its step: the log-softmax of the logits after
+	// LogitBias and the penalties, before the temperature and the cuts,
+	// so that greedy decoding's choice is the first of them.
+	Logprobs    bool
+	TopLogprobs uint8
+	Seed        uint64
+	HasSeed     bool
+	Stop        []string
 	// IgnoreEOS keeps generating past the model's end tokens (eos_token,
 	// stop_tokens, a template's end of turn) up to MaxTokens, so that a
 	// benchmark's output lengths are the ones it asked for. Stop strings
@@ -67,12 +74,34 @@ type LogitBias struct {
 	Bias  float32
 }
 
+// MaxTopLogprobs bounds Request.TopLogprobs, as OpenAI does.
+const MaxTopLogprobs = 20
+
+// TokenLogprob is one generated token's log probability, with the most
+// likely tokens at its step when the request asked for them.
+type TokenLogprob struct {
+	// Token is the token's own text as the model's vocabulary holds it,
+	// which may be part of a UTF-8 character.
+	Token   string
+	Logprob float32
+	Top     []TopLogprob // most likely first
+}
+
+// TopLogprob is one of the most likely tokens at a step.
+type TopLogprob struct {
+	Token   string
+	Logprob float32
+}
+
 // Token carries one or more generated tokens and the text they complete.
 // Text may be empty while the detokenizer holds back half a UTF-8 character
 // or a possible stop sequence; Count still says how many tokens were made.
 type Token struct {
 	Count uint32
 	Text  string
+	// Logprobs, when the request asked for them, has one entry per
+	// token made, in order (len(Logprobs) == Count).
+	Logprobs []TokenLogprob
 }
 
 // Finish reasons, as the OpenAI API names them.

@@ -4,6 +4,7 @@ package transport
 
 import (
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -75,7 +76,7 @@ func TestSendTokens(t *testing.T) {
 				t.Fatalf("round %d frame %d: %v", round, i, err)
 			}
 			got, err := DecodeToken(f.Payload)
-			if f.Type != FrameToken || f.ID != want.ID || err != nil || got != want.Token {
+			if f.Type != FrameToken || f.ID != want.ID || err != nil || !reflect.DeepEqual(got, want.Token) {
 				t.Fatalf("round %d frame %d: got %v %d %+v (%v), want %d %+v", round, i, f.Type, f.ID, got, err, want.ID, want.Token)
 			}
 		}
