@@ -466,9 +466,20 @@ func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *
 		return false
 	}
 	first := true
+	// Logprobs of tokens whose text has not gone out yet (held back by
+	// the detokenizer) ride with the next text, or with the end; offset
+	// is where the next token's text starts, for text completions.
+	var pending []infer.TokenLogprob
+	offset := 0
 	for ev.Done == nil {
+		pending = append(pending, ev.Token.Logprobs...)
 		if ev.Token.Text != "" {
-			if sw.Write(enc.token(ev.Token.Text)) != nil {
+			event := enc.token(ev.Token.Text)
+			if pending != nil {
+				event, offset = enc.tokenWithLogprobs(ev.Token.Text, pending, offset)
+				pending = nil
+			}
+			if sw.Write(event) != nil {
 				return false
 			}
 			if first {
@@ -487,7 +498,7 @@ func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *
 	run.adm.settle(ctx, run.tokens)
 	// [DONE] is written even if an event before it failed, and decides
 	// how the stream ends.
-	if sw.Write(enc.finish(finishReason(ev.Done))) == nil && run.req.includeUsage {
+	if sw.Write(enc.finish(finishReason(ev.Done), pending, offset)) == nil && run.req.includeUsage {
 		sw.Write(enc.usage(usageOf(ev.Done)))
 	}
 	return sw.Write(sseDone) == nil
@@ -509,8 +520,10 @@ func (g *Gateway) streamFailed(ctx context.Context, sw *sseWriter, run *inflight
 // collect gathers the whole answer and writes it as one JSON object.
 func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev infer.Event) {
 	var text strings.Builder
+	var lps []infer.TokenLogprob
 	for ev.Done == nil {
 		text.WriteString(ev.Token.Text)
+		lps = append(lps, ev.Token.Logprobs...)
 		var err error
 		if ev, err = g.next(ctx, run); err != nil {
 			err = deadlineCause(ctx, err)
@@ -520,7 +533,10 @@ func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *infli
 		}
 	}
 	w.Header().Set("Content-Type", "application/json")
-	w.Write(enc.complete(text.String(), finishReason(ev.Done), usageOf(ev.Done)))
+	if run.req.job.Logprobs && lps == nil {
+		lps = []infer.TokenLogprob{} // asked for, and no token made: an empty list, not null
+	}
+	w.Write(enc.complete(text.String(), finishReason(ev.Done), usageOf(ev.Done), lps))
 }
 
 func finishReason(d *infer.Done) string {

@@ -50,7 +50,11 @@ type completionRequest struct {
 	FrequencyPenalty    *float64        `json:"frequency_penalty"`
 	RepetitionPenalty   *float64        `json:"repetition_penalty"`
 	LogitBias           json.RawMessage `json:"logit_bias"`
-	Seed                *int64          `json:"seed"`
+	// Logprobs is a boolean for chat and a count of alternatives (0 to
+	// 5) for text completions; TopLogprobs is chat's count (0 to 20).
+	Logprobs    json.RawMessage `json:"logprobs"`
+	TopLogprobs *int64          `json:"top_logprobs"`
+	Seed        *int64          `json:"seed"`
 	// IgnoreEOS generates up to max_tokens past the model's end tokens,
 	// for benchmarks that need fixed output lengths (a common extension
 	// of OpenAI-compatible servers). Stop strings still apply.
@@ -73,8 +77,6 @@ type completionRequest struct {
 // empty, the default), so a client that relies on one gets a 400 naming
 // it instead of an answer that quietly lacks it.
 type unsupported struct {
-	Logprobs         json.RawMessage `json:"logprobs"`     // chat: true; completions: an integer
-	TopLogprobs      json.RawMessage `json:"top_logprobs"` // chat
 	ResponseFormat   json.RawMessage `json:"response_format"`
 	Tools            json.RawMessage `json:"tools"`
 	ToolChoice       json.RawMessage `json:"tool_choice"`
@@ -109,8 +111,6 @@ type ignoredHints struct {
 // asksForNothing lists, per unsupported parameter, the values that leave
 // the answer as it would be without it, as compact JSON.
 var asksForNothing = map[string][]string{
-	"logprobs":           {"false", "0"},
-	"top_logprobs":       {"0"},
 	"response_format":    {`{"type":"text"}`},
 	"tools":              {"[]"},
 	"tool_choice":        {`"none"`, `"auto"`},
@@ -131,8 +131,8 @@ var asksForNothing = map[string][]string{
 // value that asks for something.
 func refuseUnsupported(u *unsupported) error {
 	for name, raw := range map[string]json.RawMessage{
-		"logprobs": u.Logprobs, "top_logprobs": u.TopLogprobs, "response_format": u.ResponseFormat,
-		"tools": u.Tools, "tool_choice": u.ToolChoice, "functions": u.Functions, "function_call": u.FunctionCall,
+		"response_format": u.ResponseFormat,
+		"tools":           u.Tools, "tool_choice": u.ToolChoice, "functions": u.Functions, "function_call": u.FunctionCall,
 		"audio": u.Audio, "modalities": u.Modalities, "prediction": u.Prediction,
 		"web_search_options": u.WebSearchOptions, "reasoning_effort": u.ReasoningEffort, "verbosity": u.Verbosity,
 		"best_of": u.BestOf, "echo": u.Echo, "suffix": u.Suffix,
@@ -248,6 +248,9 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 	if err := samplingParams(&req, &c.job); err != nil {
 		return nil, err
 	}
+	if err := logprobsParams(&req, kind, &c.job); err != nil {
+		return nil, err
+	}
 	if req.Seed != nil {
 		c.job.Seed, c.job.HasSeed = uint64(*req.Seed), true
 	}
@@ -267,6 +270,46 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 		c.includeUsage = req.StreamOptions.IncludeUsage
 	}
 	return c, nil
+}
+
+// maxTextLogprobs bounds a text completion's logprobs, as OpenAI does.
+const maxTextLogprobs = 5
+
+// logprobsParams reads the logprobs parameters in the shape of kind's
+// route: chat's logprobs (a boolean) and top_logprobs (0 to 20, only
+// with logprobs), or a text completion's logprobs (0 to 5 alternatives).
+func logprobsParams(req *completionRequest, kind apiKind, job *infer.Request) error {
+	raw := bytes.TrimSpace(req.Logprobs)
+	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		if req.TopLogprobs != nil && *req.TopLogprobs != 0 {
+			return invalidf("top_logprobs", "top_logprobs: requires logprobs to be true")
+		}
+		return nil
+	}
+	if kind == kindText {
+		if req.TopLogprobs != nil {
+			return invalidf("top_logprobs", "top_logprobs: a chat parameter; text completions give their count as logprobs")
+		}
+		var n int64
+		if err := json.Unmarshal(raw, &n); err != nil || n < 0 || n > maxTextLogprobs {
+			return invalidf("logprobs", "logprobs: must be an integer from 0 to %d, got %s", maxTextLogprobs, raw)
+		}
+		job.Logprobs, job.TopLogprobs = true, uint8(n)
+		return nil
+	}
+	if err := json.Unmarshal(raw, &job.Logprobs); err != nil {
+		return invalidf("logprobs", "logprobs: must be a boolean, got %s", raw)
+	}
+	if t := req.TopLogprobs; t != nil {
+		switch {
+		case *t < 0 || *t > infer.MaxTopLogprobs:
+			return invalidf("top_logprobs", "top_logprobs: must be an integer from 0 to %d, got %d", infer.MaxTopLogprobs, *t)
+		case *t > 0 && !job.Logprobs:
+			return invalidf("top_logprobs", "top_logprobs: requires logprobs to be true")
+		}
+		job.TopLogprobs = uint8(*t)
+	}
+	return nil
 }
 
 // unknownField is the field encoding/json's DisallowUnknownFields refused,

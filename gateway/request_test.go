@@ -171,9 +171,6 @@ func TestUnknownAndUnsupportedParameters(t *testing.T) {
 		// Refused: unknown, or asking for what is not implemented.
 		`"best_of_n": 2`:                                  "best_of_n",
 		`"skip_special_tokens": false`:                    "skip_special_tokens",
-		`"logprobs": true`:                                "logprobs",
-		`"logprobs": 5`:                                   "logprobs",
-		`"top_logprobs": 3`:                               "top_logprobs",
 		`"response_format": {"type": "json_object"}`:      "response_format",
 		`"tools": [{"type": "function", "function": {}}]`: "tools",
 		`"tool_choice": "required"`:                       "tool_choice",
@@ -187,9 +184,6 @@ func TestUnknownAndUnsupportedParameters(t *testing.T) {
 		`"echo": true`:                                    "echo",
 		`"suffix": "end"`:                                 "suffix",
 		// Accepted: values that ask for nothing, and hints.
-		`"logprobs": false`:                         "",
-		`"logprobs": null`:                          "",
-		`"top_logprobs": 0`:                         "",
 		`"response_format": { "type" : "text" }`:    "",
 		`"tools": []`:                               "",
 		`"tool_choice": "none"`:                     "",
@@ -220,5 +214,46 @@ func TestUnknownAndUnsupportedParameters(t *testing.T) {
 	// Trailing bytes after the object are still malformed JSON.
 	if _, err := parseCompletion([]byte(`{"model": "m", "prompt": "p"} x`), kindText, DefaultMaxTokens); apiErrorOf(err).status != 400 {
 		t.Errorf("trailing bytes: got %v, want 400", err)
+	}
+}
+
+func TestLogprobsParameters(t *testing.T) {
+	for _, tc := range []struct {
+		kind  apiKind
+		body  string
+		param string // "" when accepted
+		lp    bool
+		top   uint8
+	}{
+		{kindChat, `"logprobs": true`, "", true, 0},
+		{kindChat, `"logprobs": true, "top_logprobs": 20`, "", true, 20},
+		{kindChat, `"logprobs": false, "top_logprobs": 0`, "", false, 0},
+		{kindChat, `"logprobs": null`, "", false, 0},
+		{kindChat, `"logprobs": true, "top_logprobs": 21`, "top_logprobs", false, 0},
+		{kindChat, `"logprobs": true, "top_logprobs": -1`, "top_logprobs", false, 0},
+		{kindChat, `"top_logprobs": 3`, "top_logprobs", false, 0},
+		{kindChat, `"logprobs": false, "top_logprobs": 3`, "top_logprobs", false, 0},
+		{kindChat, `"logprobs": 3`, "logprobs", false, 0},
+		{kindText, `"logprobs": 0`, "", true, 0},
+		{kindText, `"logprobs": 5`, "", true, 5},
+		{kindText, `"logprobs": 6`, "logprobs", false, 0},
+		{kindText, `"logprobs": true`, "logprobs", false, 0},
+		{kindText, `"logprobs": 2, "top_logprobs": 2`, "top_logprobs", false, 0},
+	} {
+		prompt := `"prompt": "p"`
+		if tc.kind == kindChat {
+			prompt = `"messages": [{"role": "user", "content": "p"}]`
+		}
+		c, err := parseCompletion([]byte(`{"model": "m", `+prompt+`, `+tc.body+`}`), tc.kind, DefaultMaxTokens)
+		switch {
+		case tc.param != "":
+			if e := apiErrorOf(err); err == nil || e.status != 400 || paramOf(e) != tc.param {
+				t.Errorf("%s: got %v; want 400 naming %q", tc.body, err, tc.param)
+			}
+		case err != nil:
+			t.Errorf("%s: %v", tc.body, err)
+		case c.job.Logprobs != tc.lp || c.job.TopLogprobs != tc.top:
+			t.Errorf("%s: logprobs %v top %d, want %v %d", tc.body, c.job.Logprobs, c.job.TopLogprobs, tc.lp, tc.top)
+		}
 	}
 }

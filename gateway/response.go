@@ -38,10 +38,10 @@ type chatDelta struct {
 }
 
 type chatChunkChoice struct {
-	Index        int       `json:"index"`
-	Delta        chatDelta `json:"delta"`
-	Logprobs     *struct{} `json:"logprobs"`
-	FinishReason *string   `json:"finish_reason"`
+	Index        int           `json:"index"`
+	Delta        chatDelta     `json:"delta"`
+	Logprobs     *chatLogprobs `json:"logprobs"`
+	FinishReason *string       `json:"finish_reason"`
 }
 
 type chatMessageOut struct {
@@ -52,15 +52,94 @@ type chatMessageOut struct {
 type chatChoice struct {
 	Index        int            `json:"index"`
 	Message      chatMessageOut `json:"message"`
-	Logprobs     *struct{}      `json:"logprobs"`
+	Logprobs     *chatLogprobs  `json:"logprobs"`
 	FinishReason string         `json:"finish_reason"`
 }
 
 type textChoice struct {
-	Text         string    `json:"text"`
-	Index        int       `json:"index"`
-	Logprobs     *struct{} `json:"logprobs"`
-	FinishReason *string   `json:"finish_reason"`
+	Text         string        `json:"text"`
+	Index        int           `json:"index"`
+	Logprobs     *textLogprobs `json:"logprobs"`
+	FinishReason *string       `json:"finish_reason"`
+}
+
+// chatLogprobs is a chat choice's logprobs: one entry per token, in
+// OpenAI's shape, the token's bytes beside its text (a token may be part
+// of a UTF-8 character, which the text cannot show).
+type chatLogprobs struct {
+	Content []chatTokenLogprob `json:"content"`
+	Refusal []chatTokenLogprob `json:"refusal"` // always null: h3infer has no refusals
+}
+
+type chatTokenLogprob struct {
+	Token       string           `json:"token"`
+	Logprob     float32          `json:"logprob"`
+	Bytes       []int            `json:"bytes"`
+	TopLogprobs []chatTopLogprob `json:"top_logprobs"`
+}
+
+type chatTopLogprob struct {
+	Token   string  `json:"token"`
+	Logprob float32 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
+}
+
+// textLogprobs is a text completion's logprobs, in the legacy shape:
+// parallel lists, each alternative set an object from token to logprob,
+// and each token's offset in bytes into the completion's text.
+type textLogprobs struct {
+	Tokens        []string             `json:"tokens"`
+	TokenLogprobs []float32            `json:"token_logprobs"`
+	TopLogprobs   []map[string]float32 `json:"top_logprobs"`
+	TextOffset    []int                `json:"text_offset"`
+}
+
+// logprobs renders lps for the encoder's kind; nil when there are none.
+// offset is the byte offset of the first entry's token in the completion,
+// for text completions; it returns the offset after the last.
+func (e *encoder) logprobs(lps []infer.TokenLogprob, offset int) (chat *chatLogprobs, text *textLogprobs, next int) {
+	if lps == nil {
+		return nil, nil, offset
+	}
+	if e.kind == kindChat {
+		chat = &chatLogprobs{Content: make([]chatTokenLogprob, len(lps))}
+		for i, lp := range lps {
+			top := make([]chatTopLogprob, len(lp.Top))
+			for j, t := range lp.Top {
+				top[j] = chatTopLogprob{Token: t.Token, Logprob: t.Logprob, Bytes: byteList(t.Token)}
+			}
+			chat.Content[i] = chatTokenLogprob{Token: lp.Token, Logprob: lp.Logprob, Bytes: byteList(lp.Token), TopLogprobs: top}
+		}
+		return chat, nil, offset
+	}
+	text = &textLogprobs{
+		Tokens:        make([]string, len(lps)),
+		TokenLogprobs: make([]float32, len(lps)),
+		TextOffset:    make([]int, len(lps)),
+	}
+	for i, lp := range lps {
+		text.Tokens[i], text.TokenLogprobs[i], text.TextOffset[i] = lp.Token, lp.Logprob, offset
+		offset += len(lp.Token)
+		if lp.Top != nil {
+			if text.TopLogprobs == nil {
+				text.TopLogprobs = make([]map[string]float32, len(lps))
+			}
+			text.TopLogprobs[i] = make(map[string]float32, len(lp.Top))
+			for _, t := range lp.Top {
+				text.TopLogprobs[i][t.Token] = t.Logprob
+			}
+		}
+	}
+	return nil, text, offset
+}
+
+// byteList is s's bytes as JSON numbers, as OpenAI gives a token's bytes.
+func byteList(s string) []int {
+	b := make([]int, len(s))
+	for i := range len(s) {
+		b[i] = int(s[i])
+	}
+	return b
 }
 
 // chunk is one streamed event; Choices is a slice of chatChunkChoice or
@@ -150,11 +229,25 @@ func (e *encoder) tokenSlow(text string) []byte {
 	return e.chunk([]textChoice{{Text: text}}, nil)
 }
 
-func (e *encoder) finish(reason string) []byte {
+// tokenWithLogprobs renders a token's event that carries its logprobs
+// (the reflective way: the fast token path has no room for them).
+// offset is as for logprobs.
+func (e *encoder) tokenWithLogprobs(text string, lps []infer.TokenLogprob, offset int) ([]byte, int) {
+	chat, tl, next := e.logprobs(lps, offset)
 	if e.kind == kindChat {
-		return e.chunk([]chatChunkChoice{{FinishReason: &reason}}, nil)
+		return e.chunk([]chatChunkChoice{{Delta: chatDelta{Content: &text}, Logprobs: chat}}, nil), next
 	}
-	return e.chunk([]textChoice{{FinishReason: &reason}}, nil)
+	return e.chunk([]textChoice{{Text: text, Logprobs: tl}}, nil), next
+}
+
+// finish renders the event that ends the choice, with the logprobs of
+// tokens whose text never went out (held back, then ended), if any.
+func (e *encoder) finish(reason string, lps []infer.TokenLogprob, offset int) []byte {
+	chat, tl, _ := e.logprobs(lps, offset)
+	if e.kind == kindChat {
+		return e.chunk([]chatChunkChoice{{FinishReason: &reason, Logprobs: chat}}, nil)
+	}
+	return e.chunk([]textChoice{{FinishReason: &reason, Logprobs: tl}}, nil)
 }
 
 func (e *encoder) usage(u usage) []byte {
@@ -166,14 +259,16 @@ func (e *encoder) chunk(choices any, u *usage) []byte {
 	return sseData(b)
 }
 
-// complete renders the whole non-streamed answer.
-func (e *encoder) complete(text, reason string, u usage) []byte {
+// complete renders the whole non-streamed answer; lps is nil unless the
+// request asked for logprobs.
+func (e *encoder) complete(text, reason string, u usage, lps []infer.TokenLogprob) []byte {
 	r := fullResponse{envelope: e.env, Usage: u}
+	chat, tl, _ := e.logprobs(lps, 0)
 	if e.kind == kindChat {
 		r.Object = "chat.completion"
-		r.Choices = []chatChoice{{Message: chatMessageOut{Role: "assistant", Content: text}, FinishReason: reason}}
+		r.Choices = []chatChoice{{Message: chatMessageOut{Role: "assistant", Content: text}, Logprobs: chat, FinishReason: reason}}
 	} else {
-		r.Choices = []textChoice{{Text: text, FinishReason: &reason}}
+		r.Choices = []textChoice{{Text: text, Logprobs: tl, FinishReason: &reason}}
 	}
 	b, _ := json.Marshal(r)
 	return append(b, '\n')
