@@ -705,3 +705,38 @@ func TestLogprobsNonFinite(t *testing.T) {
 		})
 	}
 }
+
+// A token's logprob entry is what a step that asks for them allocates
+// beyond one that does not: the entry, and its top entries when asked
+// for.
+func TestNextLogprobsAllocations(t *testing.T) {
+	allocs := func(s infer.Request) float64 {
+		t.Helper()
+		s.Prompt, s.MaxTokens = "a b", 1000
+		q, err := newSequence(newSynthetic("synthetic", 0), &s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := q.prefill(); err != nil {
+			t.Fatal(err)
+		}
+		return testing.AllocsPerRun(100, func() {
+			if _, done := q.next(); done != nil {
+				t.Fatal("the sequence ended")
+			}
+		})
+	}
+	off := allocs(infer.Request{})
+	for _, tc := range []struct {
+		s    infer.Request
+		more float64
+	}{
+		{infer.Request{Logprobs: true}, 1},
+		{infer.Request{Logprobs: true, TopLogprobs: infer.MaxTopLogprobs}, 2},
+		{infer.Request{Temperature: 1, Logprobs: true, TopLogprobs: 1, PresencePenalty: 1}, 2},
+	} {
+		if got := allocs(tc.s) - off; got != tc.more {
+			t.Errorf("%+v: %v allocations more per token than without logprobs, want %v", tc.s, got, tc.more)
+		}
+	}
+}
