@@ -3,7 +3,9 @@ package engine
 import (
 	"context"
 	"fmt"
+	"math"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,12 +20,13 @@ import (
 // recorder is the ring side of a workerLoop driven in process: it keeps
 // every frame the loop sends, in order.
 type recorder struct {
-	mu     sync.Mutex
-	text   map[uint64]*strings.Builder
-	tokens map[uint64]int
-	done   map[uint64]infer.Done
-	errs   map[uint64]infer.Error
-	order  []uint64 // request id of every token frame, in sending order
+	mu       sync.Mutex
+	text     map[uint64]*strings.Builder
+	tokens   map[uint64]int
+	logprobs map[uint64][]infer.TokenLogprob
+	done     map[uint64]infer.Done
+	errs     map[uint64]infer.Error
+	order    []uint64 // request id of every token frame, in sending order
 	// onToken, when set, runs in the loop's goroutine after each token is
 	// recorded; tests use it to act at an exact point of the stream.
 	onToken func(id uint64)
@@ -32,10 +35,11 @@ type recorder struct {
 
 func newRecorder() *recorder {
 	return &recorder{
-		text:   map[uint64]*strings.Builder{},
-		tokens: map[uint64]int{},
-		done:   map[uint64]infer.Done{},
-		errs:   map[uint64]infer.Error{},
+		text:     map[uint64]*strings.Builder{},
+		tokens:   map[uint64]int{},
+		logprobs: map[uint64][]infer.TokenLogprob{},
+		done:     map[uint64]infer.Done{},
+		errs:     map[uint64]infer.Error{},
 	}
 }
 
@@ -55,6 +59,7 @@ func (r *recorder) SendToken(id uint64, t infer.Token) error {
 	}
 	r.text[id].WriteString(t.Text)
 	r.tokens[id] += int(t.Count)
+	r.logprobs[id] = append(r.logprobs[id], t.Logprobs...)
 	r.order = append(r.order, id)
 	hook := r.onToken
 	r.mu.Unlock()
@@ -126,18 +131,20 @@ func runUntilIdle(t *testing.T, w *workerLoop, inbox chan inbound, limit int) {
 }
 
 // batchSubmits are prompts of different lengths, greedy and seeded
-// sampling, with and without stop strings.
+// sampling, with and without stop strings, logprobs and top logprobs.
 func batchSubmits() []infer.Request {
 	long := strings.Repeat("The gateway hands requests to workers. ", 12)
 	return []infer.Request{
 		{Model: "demo", Prompt: "The ", MaxTokens: 60},
-		{Model: "demo", Prompt: long, MaxTokens: 80},
-		{Model: "demo", Prompt: "A worker ", MaxTokens: 70, Temperature: 0.9, TopP: 0.9, Seed: 5, HasSeed: true},
+		{Model: "demo", Prompt: long, MaxTokens: 80, Logprobs: true, TopLogprobs: 5},
+		{Model: "demo", Prompt: "A worker ", MaxTokens: 70, Temperature: 0.9, TopP: 0.9, Seed: 5, HasSeed: true, Logprobs: true},
 		{Model: "demo", Prompt: "Q", MaxTokens: 40, Temperature: 1.2, Seed: 11, HasSeed: true},
-		{Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "tokens and batches"}}, MaxTokens: 50},
-		{Model: "demo", Prompt: long[:150], MaxTokens: 90, Temperature: 0.7, TopP: 0.5, Seed: 99, HasSeed: true, Stop: []string{"e t"}},
+		{Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "tokens and batches"}}, MaxTokens: 50,
+			Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
+		{Model: "demo", Prompt: long[:150], MaxTokens: 90, Temperature: 0.7, TopP: 0.5, Seed: 99, HasSeed: true, Stop: []string{"e t"},
+			Logprobs: true, TopLogprobs: 2},
 		{Model: "demo", Prompt: "In", MaxTokens: 100},
-		{Model: "demo", Prompt: "streams ", MaxTokens: 30, Temperature: 1, Seed: 3, HasSeed: true},
+		{Model: "demo", Prompt: "streams ", MaxTokens: 30, Temperature: 1, Seed: 3, HasSeed: true, Logprobs: true, TopLogprobs: 1},
 	}
 }
 
@@ -154,16 +161,18 @@ func samplingSubmits() []infer.Request {
 	// The demo model's tokens are bytes.
 	bias := func(b byte, v float32) infer.LogitBias { return infer.LogitBias{Token: uint32(b), Bias: v} }
 	return []infer.Request{
-		{Model: "demo", Prompt: "The gateway ", MaxTokens: 60, RepetitionPenalty: 1.3},
+		{Model: "demo", Prompt: "The gateway ", MaxTokens: 60, RepetitionPenalty: 1.3, Logprobs: true, TopLogprobs: 3},
 		{Model: "demo", Prompt: long, MaxTokens: 80, Temperature: 0.9, TopK: 5, PresencePenalty: 0.6, Seed: 5, HasSeed: true},
-		{Model: "demo", Prompt: "A worker ", MaxTokens: 70, Temperature: 1.2, MinP: 0.1, TopP: 0.9, FrequencyPenalty: 0.4, Seed: 11, HasSeed: true},
-		{Model: "demo", Prompt: "In", MaxTokens: 50, LogitBias: []infer.LogitBias{bias(' ', -2), bias('e', -5)}},
+		{Model: "demo", Prompt: "A worker ", MaxTokens: 70, Temperature: 1.2, MinP: 0.1, TopP: 0.9, FrequencyPenalty: 0.4, Seed: 11, HasSeed: true,
+			Logprobs: true},
+		{Model: "demo", Prompt: "In", MaxTokens: 50, LogitBias: []infer.LogitBias{bias(' ', -2), bias('e', -5)}, Logprobs: true, TopLogprobs: 4},
 		{Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "tokens and batches"}}, MaxTokens: 60,
 			Temperature: 1, TopK: 20, MinP: 0.05, TopP: 0.95, RepetitionPenalty: 1.1, PresencePenalty: 0.2, FrequencyPenalty: 0.2,
-			LogitBias: []infer.LogitBias{bias('a', 1.5), bias('t', -1)}, Seed: 3, HasSeed: true},
+			LogitBias: []infer.LogitBias{bias('a', 1.5), bias('t', -1)}, Seed: 3, HasSeed: true, Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
 		{Model: "demo", Prompt: "The ", MaxTokens: 60},
 		{Model: "demo", Prompt: long[:150], MaxTokens: 90, Temperature: 0.7, TopP: 0.5, Seed: 99, HasSeed: true, Stop: []string{"e t"}},
-		{Model: "demo", Prompt: "streams ", MaxTokens: 40, Temperature: 1.5, TopK: 1, FrequencyPenalty: 1, Seed: 7, HasSeed: true},
+		{Model: "demo", Prompt: "streams ", MaxTokens: 40, Temperature: 1.5, TopK: 1, FrequencyPenalty: 1, Seed: 7, HasSeed: true,
+			Logprobs: true, TopLogprobs: 1},
 	}
 }
 
@@ -196,17 +205,25 @@ func TestBatchedSamplingMatchesAlone(t *testing.T) {
 }
 
 // checkBatchedMatchesAlone runs subs in one batch, three at once and the
-// rest joining a few steps apart, and checks that each makes the text and
-// counts it makes alone.
+// rest joining a few steps apart, and checks that each makes the text,
+// counts and logprobs it makes alone.
 func checkBatchedMatchesAlone(t *testing.T, m Model, subs []infer.Request) {
 	t.Helper()
 	want := make([]string, len(subs))
 	wantDone := make([]infer.Done, len(subs))
+	wantLogprobs := make([][]infer.TokenLogprob, len(subs))
 	for i := range subs {
+		var text strings.Builder
 		var err error
-		if want[i], wantDone[i], err = Generate(context.Background(), m, &subs[i]); err != nil {
+		wantDone[i], err = generate(context.Background(), m, &subs[i], func(tok infer.Token) {
+			text.WriteString(tok.Text)
+			wantLogprobs[i] = append(wantLogprobs[i], tok.Logprobs...)
+		})
+		if err != nil {
 			t.Fatal(err)
 		}
+		want[i] = text.String()
+		checkLogprobs(t, fmt.Sprintf("request %d alone", i), &subs[i], wantLogprobs[i], wantDone[i])
 	}
 	w, rec, inbox := testLoop(t, len(subs), workerconf.DefaultKVCacheBytes)
 	// Three arrive together; the rest join one by one, a few steps apart,
@@ -236,9 +253,84 @@ func checkBatchedMatchesAlone(t *testing.T, m Model, subs []infer.Request) {
 		if got := rec.textOf(id); got != want[i] || rec.done[id] != wantDone[i] {
 			t.Errorf("request %d %q:\nbatched %q %+v\nalone   %q %+v", i, subs[i].Prompt, got, rec.done[id], want[i], wantDone[i])
 		}
+		if err := sameLogprobs(rec.logprobs[id], wantLogprobs[i]); err != nil {
+			t.Errorf("request %d %q: batched and alone: %v", i, subs[i].Prompt, err)
+		}
 	}
 	if b := w.batches[0]; len(b.rows) != 0 {
 		t.Errorf("idle batch holds %d rows", len(b.rows))
+	}
+}
+
+// batchLogitsDiffer bounds how far a row's logits in a batch may be from
+// its logits alone: the batch's shapes change the order in which ONNX
+// Runtime sums, and so the last bits of the float32 results (ort's
+// TestBatchRowsMatchAloneLogits holds them to the same bound). A
+// log-softmax moves by at most twice as much.
+const batchLogitsDiffer = 1e-4
+
+// sameLogprobs reports how got and want, the entries of the same tokens
+// batched and alone, differ by more than the batch's rounding can
+// explain: the same tokens, logprobs within twice batchLogitsDiffer, and
+// the same top tokens but for those that tie within that much, which
+// may trade places (or the last place).
+func sameLogprobs(got, want []infer.TokenLogprob) error {
+	const tol = 2 * batchLogitsDiffer
+	near := func(a, b float32) bool { return math.Abs(float64(a)-float64(b)) <= tol }
+	if len(got) != len(want) {
+		return fmt.Errorf("%d entries, want %d", len(got), len(want))
+	}
+	for i := range got {
+		g, w := got[i], want[i]
+		if g.Token != w.Token || !near(g.Logprob, w.Logprob) || len(g.Top) != len(w.Top) {
+			return fmt.Errorf("token %d: got %+v, want %+v", i, g, w)
+		}
+		for j, top := range g.Top {
+			// The j-th largest logprob moves no more than any one does.
+			if !near(top.Logprob, w.Top[j].Logprob) {
+				return fmt.Errorf("token %d: top entry %d is %+v, want %+v", i, j, top, w.Top[j])
+			}
+			if top.Token == w.Top[j].Token {
+				continue
+			}
+			k := slices.IndexFunc(w.Top, func(x infer.TopLogprob) bool { return x.Token == top.Token })
+			if k < 0 && !near(top.Logprob, w.Top[len(w.Top)-1].Logprob) || k >= 0 && !near(top.Logprob, w.Top[k].Logprob) {
+				return fmt.Errorf("token %d: top entry %d is %+v, want %+v in %+v", i, j, top, w.Top[j], w.Top)
+			}
+		}
+	}
+	return nil
+}
+
+// checkLogprobs checks the logprob entries of s's tokens: one per token
+// when s asks for them, each with the top entries asked for, most likely
+// first, and none otherwise.
+func checkLogprobs(t *testing.T, what string, s *infer.Request, got []infer.TokenLogprob, done infer.Done) {
+	t.Helper()
+	if !s.Logprobs {
+		if got != nil {
+			t.Errorf("%s: %d logprob entries, none asked for", what, len(got))
+		}
+		return
+	}
+	if len(got) != int(done.CompletionTokens) {
+		t.Fatalf("%s: %d logprob entries for %d tokens", what, len(got), done.CompletionTokens)
+	}
+	for i, e := range got {
+		if len(e.Top) != int(s.TopLogprobs) || !(e.Logprob <= 0) {
+			t.Fatalf("token %d of %s: %+v, want a logprob <= 0 and %d top entries", i, what, e, s.TopLogprobs)
+		}
+		for j := 1; j < len(e.Top); j++ {
+			if e.Top[j].Logprob > e.Top[j-1].Logprob {
+				t.Fatalf("token %d of %s: top entries %+v not most likely first", i, what, e.Top)
+			}
+		}
+		if len(e.Top) > 0 && e.Logprob > e.Top[0].Logprob {
+			t.Fatalf("token %d of %s: logprob %v above the most likely one's %+v", i, what, e.Logprob, e.Top[0])
+		}
+		if s.Temperature == 0 && len(e.Top) > 0 && (e.Token != e.Top[0].Token || e.Logprob != e.Top[0].Logprob) {
+			t.Fatalf("token %d of %s: greedy chose %+v, not the most likely %+v", i, what, e, e.Top[0])
+		}
 	}
 }
 

@@ -90,6 +90,68 @@ func TestGenerateIgnoreEOS(t *testing.T) {
 	}
 }
 
+// Every token carries its logprob entry, whose text is the model's piece:
+// a token whose text the stream holds back, and the end token, which
+// adds no text, included.
+func TestGenerateLogprobs(t *testing.T) {
+	m := loadTestModel(t)
+	end := -1
+	for id := range 257 {
+		if _, isEnd := m.Piece(id); isEnd {
+			end = id
+		}
+	}
+	endPiece, _ := m.Piece(end)
+	tests := map[string]infer.Request{
+		// Greedy ends with the end token here (TestGenerateIgnoreEOS).
+		"to the end token": {Prompt: "The gateway", MaxTokens: 400, Logprobs: true, TopLogprobs: 3},
+		// A stop string that begins often and never ends holds text
+		// back; the stream's flush at max_tokens lets it go.
+		"held back": {Prompt: "The ", MaxTokens: 60, Stop: []string{"e zzz"}, Logprobs: true},
+	}
+	for name, s := range tests {
+		t.Run(name, func(t *testing.T) {
+			var tokens []infer.Token
+			done, err := generate(context.Background(), m, &s, func(tok infer.Token) { tokens = append(tokens, tok) })
+			if err != nil {
+				t.Fatal(err)
+			}
+			var entries []infer.TokenLogprob
+			var text, pieces strings.Builder
+			heldBack := 0
+			for i, tok := range tokens {
+				if tok.Count != 1 || len(tok.Logprobs) != 1 {
+					t.Fatalf("token %d: %+v, want one entry for its one token", i, tok)
+				}
+				if tok.Text == "" {
+					heldBack++
+				}
+				text.WriteString(tok.Text)
+				entries = append(entries, tok.Logprobs...)
+			}
+			checkLogprobs(t, name, &s, entries, done)
+			for _, e := range entries {
+				if e.Token != endPiece {
+					pieces.WriteString(e.Token)
+				}
+			}
+			if pieces.String() != text.String() {
+				t.Errorf("entries spell %q, the text is %q", pieces.String(), text.String())
+			}
+			switch name {
+			case "to the end token":
+				if last := entries[len(entries)-1]; done.FinishReason != infer.FinishStop || last.Token != endPiece {
+					t.Errorf("ended %+v with %+v, want the end token %q's entry last", done, last, endPiece)
+				}
+			case "held back":
+				if heldBack == 0 {
+					t.Errorf("no token's text was held back in %q", text.String())
+				}
+			}
+		})
+	}
+}
+
 func TestGenerateStopSequence(t *testing.T) {
 	m := loadTestModel(t)
 	full, _, err := Generate(context.Background(), m, &infer.Request{Prompt: "The ", MaxTokens: 60})
@@ -197,6 +259,9 @@ func TestInvalidSampling(t *testing.T) {
 		"bias past the vocabulary": {bias(infer.LogitBias{Token: 2, Bias: 1}, infer.LogitBias{Token: 70000, Bias: 1}),
 			"logit_bias: token 70000 is not in model demo's vocabulary of 257 tokens"},
 		"bias just past the vocabulary": {bias(infer.LogitBias{Token: 257, Bias: 1}), "token 257 is not in"},
+		"top_logprobs over the bound": {infer.Request{Prompt: "x", Logprobs: true, TopLogprobs: 25},
+			"top_logprobs: must be at most 20, got 25"},
+		"top_logprobs without logprobs": {infer.Request{Prompt: "x", TopLogprobs: 3}, "top_logprobs: requires logprobs, got 3 without it"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -211,6 +276,7 @@ func TestInvalidSampling(t *testing.T) {
 	for _, s := range []infer.Request{
 		bias(infer.LogitBias{Token: 0, Bias: -1}, infer.LogitBias{Token: 256, Bias: 1}),
 		{Prompt: "x", MinP: 1, RepetitionPenalty: 0, PresencePenalty: -2, FrequencyPenalty: 2},
+		{Prompt: "x", Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
 	} {
 		if _, _, err := Generate(context.Background(), m, &s); err != nil {
 			t.Errorf("%+v: %v", s, err)

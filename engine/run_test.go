@@ -3,7 +3,9 @@ package engine
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
+	"reflect"
 	"strings"
 	"sync"
 	"syscall"
@@ -121,10 +123,11 @@ func (rw *ringWorker) waitStats(t *testing.T, ok func(transport.Stats) bool) tra
 
 // result is what a call delivered.
 type result struct {
-	text   string
-	tokens uint32
-	done   *infer.Done
-	err    *infer.Error
+	text     string
+	tokens   uint32
+	logprobs []infer.TokenLogprob
+	done     *infer.Done
+	err      *infer.Error
 }
 
 func collect(t *testing.T, c *transport.Call) result {
@@ -147,6 +150,7 @@ func collect(t *testing.T, c *transport.Call) result {
 			default:
 				b.WriteString(ev.Token.Text)
 				r.tokens += ev.Token.Count
+				r.logprobs = append(r.logprobs, ev.Token.Logprobs...)
 			}
 		case <-timeout:
 			t.Fatalf("call %d did not end", c.ID())
@@ -228,6 +232,46 @@ func TestWorkerSamplingMatchesGenerate(t *testing.T) {
 	}
 }
 
+// The ring carries each token's logprob entries as the sequence made
+// them: a request alone in the worker's batch gets exactly the entries
+// it gets from Generate, the end token's included.
+func TestWorkerLogprobsMatchGenerate(t *testing.T) {
+	rw := startRingWorker(t, 1)
+	m := loadTestModel(t)
+	subs := []infer.Request{
+		// Greedy, to the end token.
+		{Model: "demo", Prompt: "The gateway", MaxTokens: 400, Logprobs: true, TopLogprobs: 5},
+		{Model: "demo", Prompt: "A worker ", MaxTokens: 50, Temperature: 0.9, TopP: 0.9, Seed: 5, HasSeed: true, Stop: []string{"e t"},
+			Logprobs: true},
+		{Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "tokens"}}, MaxTokens: 30, Temperature: 1.3,
+			TopK: 10, PresencePenalty: 0.5, LogitBias: []infer.LogitBias{{Token: 'e', Bias: -1}}, Seed: 2, HasSeed: true,
+			Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
+		{Model: "demo", Prompt: "The gateway", MaxTokens: 20},
+	}
+	for i := range subs {
+		c, err := rw.end.Open(uint64(i+1), &subs[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := collect(t, c)
+		if got.err != nil || got.done == nil {
+			t.Fatalf("call %d: got %+v", i+1, got)
+		}
+		var want []infer.TokenLogprob
+		wantDone, err := generate(context.Background(), m, &subs[i], func(tok infer.Token) { want = append(want, tok.Logprobs...) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if *got.done != wantDone || !reflect.DeepEqual(got.logprobs, want) {
+			t.Errorf("call %d: ring gave %+v %+v\nGenerate %+v %+v", i+1, *got.done, got.logprobs, wantDone, want)
+		}
+		checkLogprobs(t, fmt.Sprintf("call %d", i+1), &subs[i], got.logprobs, *got.done)
+		if i == 0 && got.done.FinishReason != infer.FinishStop {
+			t.Errorf("call 1 ended %+v; the test needs it to end with the end token", *got.done)
+		}
+	}
+}
+
 func TestWorkerRequestErrors(t *testing.T) {
 	rw := startRingWorker(t, 2)
 	tests := map[string]struct {
@@ -238,6 +282,9 @@ func TestWorkerRequestErrors(t *testing.T) {
 		"prompt too big": {infer.Request{Model: "demo", Prompt: strings.Repeat("ab", 2048)}, infer.CodeContextLength},
 		"bad top_p":      {infer.Request{Model: "demo", Prompt: "x", TopP: 3}, infer.CodeInvalidRequest},
 		"bad min_p":      {infer.Request{Model: "demo", Prompt: "x", MinP: 2}, infer.CodeInvalidRequest},
+		// Refused by the ring's decoder before the worker's own checks.
+		"top_logprobs without logprobs": {infer.Request{Model: "demo", Prompt: "x", TopLogprobs: 2}, infer.CodeInvalidRequest},
+		"top_logprobs over the bound":   {infer.Request{Model: "demo", Prompt: "x", Logprobs: true, TopLogprobs: 21}, infer.CodeInvalidRequest},
 		// Found at the prefill, after admission.
 		"logit_bias past the vocabulary": {infer.Request{Model: "demo", Prompt: "x", LogitBias: []infer.LogitBias{{Token: 70000, Bias: 1}}}, infer.CodeInvalidRequest},
 	}

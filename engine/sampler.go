@@ -29,6 +29,9 @@ type sampler struct {
 	// pen changes the logits before the temperature; nil when the request
 	// sets no bias or penalty, which leaves the model's logits as they are.
 	pen *penalties
+	// lp holds the latest step's logprobs when the request asks for
+	// them; nil otherwise, which leaves a step as it was.
+	lp *stepLogprobs
 }
 
 // candidate is a token of the nucleus being sorted; keeping the
@@ -44,7 +47,7 @@ func newSampler(r *infer.Request, prompt []int, seed uint64) *sampler {
 	if p <= 0 || p >= 1 {
 		p = 1
 	}
-	return &sampler{
+	s := &sampler{
 		temperature: float64(r.Temperature),
 		topP:        p,
 		topK:        int(r.TopK),
@@ -52,15 +55,27 @@ func newSampler(r *infer.Request, prompt []int, seed uint64) *sampler {
 		rng:         rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
 		pen:         newPenalties(r, prompt),
 	}
+	if r.Logprobs {
+		s.lp = &stepLogprobs{top: int(r.TopLogprobs), best: make([]candidate, 0, r.TopLogprobs)}
+	}
+	return s
 }
 
 // sample picks the next token from logits, which it does not change: they
 // may be a row of a batch's output that other rows share.
 func (s *sampler) sample(logits []float32) int {
 	if s.pen == nil {
-		return s.pick(logits)
+		id := s.pick(logits)
+		if s.lp != nil {
+			s.lp.record(logits, id)
+		}
+		return id
 	}
-	id := s.pick(s.pen.apply(logits))
+	l := s.pen.apply(logits)
+	id := s.pick(l)
+	if s.lp != nil {
+		s.lp.record(l, id)
+	}
 	s.pen.add(id)
 	return id
 }
@@ -223,6 +238,117 @@ func selectFirst(c []candidate, k int) {
 		default:
 			return
 		}
+	}
+}
+
+// stepLogprobs are the log-softmax of one step's logits as pick gets
+// them, after the bias and the penalties and before the temperature and
+// the cuts (infer.Request.Logprobs): the chosen token's, and those of the
+// top most likely tokens.
+type stepLogprobs struct {
+	top    int
+	chosen float64
+	// best are the top most likely tokens (fewer in a smaller
+	// vocabulary), p their logprobs: most likely first, ties going to
+	// the lower id, once record returns; a heap with the least likely at
+	// its root while it runs.
+	best []candidate
+}
+
+// record computes the logprobs of the step whose logits are logits and
+// whose chosen token is id: a max-subtracted logsumexp in float64, whose
+// maximum moves as the pass finds larger logits, in the same single pass
+// as the selection of the top tokens. A NaN logit counts as -Inf.
+func (lp *stepLogprobs) record(logits []float32, id int) {
+	lp.best = lp.best[:0]
+	top := min(lp.top, len(logits))
+	m, sum := math.Inf(-1), 0.0 // sum is of exp(logit - m)
+	for i, l := range logits {
+		v := float64(l)
+		switch {
+		case v > m:
+			sum = sum*math.Exp(m-v) + 1
+			m = v
+		case v > math.Inf(-1):
+			sum += math.Exp(v - m)
+		default:
+			v = math.Inf(-1)
+		}
+		if len(lp.best) < top {
+			lp.best = append(lp.best, candidate{v, i})
+			lp.up(len(lp.best) - 1)
+		} else if top > 0 && v > lp.best[0].p {
+			// Ids only grow, so a token as likely as the root comes
+			// after it: only a more likely one takes its place.
+			lp.best[0] = candidate{v, i}
+			lp.down(0)
+		}
+	}
+	logSum := math.Log(sum)
+	logprob := func(v float64) float64 { return v - m - logSum }
+	if math.IsInf(m, 0) {
+		// Infinite logits leave no finite differences: the tokens
+		// holding the largest share the whole mass, as equal logits
+		// would (and so does every token when none is above -Inf).
+		n := 0
+		for _, l := range logits {
+			if v := float64(l); v == m || math.IsNaN(v) && math.IsInf(m, -1) {
+				n++
+			}
+		}
+		share := -math.Log(float64(n))
+		logprob = func(v float64) float64 {
+			if v == m {
+				return share
+			}
+			return math.Inf(-1)
+		}
+	}
+	chosen := float64(logits[id])
+	if math.IsNaN(chosen) {
+		chosen = math.Inf(-1)
+	}
+	lp.chosen = logprob(chosen)
+	slices.SortFunc(lp.best, func(a, b candidate) int {
+		if before(a, b) {
+			return -1
+		}
+		return 1
+	})
+	for i := range lp.best {
+		lp.best[i].p = logprob(lp.best[i].p)
+	}
+}
+
+// up and down restore the heap of best, whose root is the least likely
+// token (the last in the order of before), after best[i] changed.
+func (lp *stepLogprobs) up(i int) {
+	h := lp.best
+	for i > 0 {
+		parent := (i - 1) / 2
+		if !before(h[parent], h[i]) {
+			return
+		}
+		h[parent], h[i] = h[i], h[parent]
+		i = parent
+	}
+}
+
+func (lp *stepLogprobs) down(i int) {
+	h := lp.best
+	for {
+		worst, l, r := i, 2*i+1, 2*i+2
+		if l < len(h) && before(h[worst], h[l]) {
+			worst = l
+		}
+		if r < len(h) && before(h[worst], h[r]) {
+			worst = r
+		}
+		if worst == i {
+			return
+		}
+		h[i], h[worst] = h[worst], h[i]
+		i = worst
 	}
 }
 

@@ -375,7 +375,8 @@ func TestTopKOneIsGreedy(t *testing.T) {
 
 // A request without bias or penalties samples the model's own logits and
 // allocates nothing per token; with every parameter set, a token the
-// sequence has already seen allocates nothing either.
+// sequence has already seen allocates nothing either, nor do the
+// sampler's logprobs (the sequence's entry for the token does).
 func TestSampleAllocations(t *testing.T) {
 	logits := make([]float32, 1000)
 	for i := range logits {
@@ -396,6 +397,12 @@ func TestSampleAllocations(t *testing.T) {
 		LogitBias: []infer.LogitBias{{Token: 3, Bias: 1}, {Token: 500, Bias: -2}}}, []int{1, 2, 3}, 1)
 	if n := testing.AllocsPerRun(100, func() { all.sample(peaked) }); n != 0 {
 		t.Errorf("every parameter: %v allocations per token", n)
+	}
+	for _, temp := range []float32{0, 0.8} {
+		lp := newSampler(&infer.Request{Temperature: temp, TopP: 0.9, Logprobs: true, TopLogprobs: infer.MaxTopLogprobs}, nil, 1)
+		if n := testing.AllocsPerRun(100, func() { lp.sample(logits) }); n != 0 {
+			t.Errorf("logprobs at temperature %v: %v allocations per token", temp, n)
+		}
 	}
 }
 
@@ -427,7 +434,9 @@ func TestTopKReachesUnlikelyTokens(t *testing.T) {
 // BenchmarkSample is one token of a 32000-token vocabulary with none of
 // the parameters beyond temperature and top_p, and with all of them: a
 // logit bias on 10 tokens, the penalties over a prompt of 500 distinct
-// tokens and a completion of 500 more, and the top_k and min_p cuts.
+// tokens and a completion of 500 more, and the top_k and min_p cuts;
+// each without logprobs, with the chosen token's and with the 20 most
+// likely tokens' too.
 //
 //	go test -run '^$' -bench 'Sample$' ./engine/
 func BenchmarkSample(b *testing.B) {
@@ -449,29 +458,38 @@ func BenchmarkSample(b *testing.B) {
 		}
 		for _, temp := range []float32{0, 0.8} {
 			for _, params := range []string{"none", "all"} {
-				b.Run(fmt.Sprintf("shape=%s/temperature=%v/params=%s", shape, temp, params), func(b *testing.B) {
-					s := infer.Request{Temperature: temp, TopP: 0.9}
-					if params == "all" {
-						s.TopK, s.MinP = 40, 0.05
-						s.PresencePenalty, s.FrequencyPenalty, s.RepetitionPenalty = 0.5, 0.3, 1.1
-						s.LogitBias = bias
+				for _, top := range []int{-1, 0, infer.MaxTopLogprobs} {
+					logprobs := "off"
+					if top >= 0 {
+						logprobs = fmt.Sprint(top)
 					}
-					smp := newSampler(&s, prompt, 1)
-					if smp.pen != nil {
-						for _, id := range rng.Perm(vocab)[:500] {
-							smp.pen.add(id)
+					b.Run(fmt.Sprintf("shape=%s/temperature=%v/params=%s/logprobs=%s", shape, temp, params, logprobs), func(b *testing.B) {
+						s := infer.Request{Temperature: temp, TopP: 0.9}
+						if params == "all" {
+							s.TopK, s.MinP = 40, 0.05
+							s.PresencePenalty, s.FrequencyPenalty, s.RepetitionPenalty = 0.5, 0.3, 1.1
+							s.LogitBias = bias
 						}
-					}
-					for b.Loop() {
-						id := smp.sample(logits)
+						if top >= 0 {
+							s.Logprobs, s.TopLogprobs = true, uint8(top)
+						}
+						smp := newSampler(&s, prompt, 1)
 						if smp.pen != nil {
-							// Uncounted, so that the completion stays
-							// 500 tokens long rather than piling up on
-							// the few the fixed logits favour.
-							smp.pen.seen[smp.pen.at[id]].count--
+							for _, id := range rng.Perm(vocab)[:500] {
+								smp.pen.add(id)
+							}
 						}
-					}
-				})
+						for b.Loop() {
+							id := smp.sample(logits)
+							if smp.pen != nil {
+								// Uncounted, so that the completion stays
+								// 500 tokens long rather than piling up on
+								// the few the fixed logits favour.
+								smp.pen.seen[smp.pen.at[id]].count--
+							}
+						}
+					})
+				}
 			}
 		}
 	}
@@ -509,6 +527,216 @@ func TestSelectFirst(t *testing.T) {
 		})
 		if !slices.Equal(first, sorted[:k]) {
 			t.Fatalf("trial %d, k %d of %d: got %v, want %v", trial, k, n, first, sorted[:k])
+		}
+	}
+}
+
+// logSoftmax is the log-softmax of logits, computed the plain way.
+func logSoftmax(logits []float32) []float64 {
+	var sum float64
+	for _, l := range logits {
+		sum += math.Exp(float64(l))
+	}
+	out := make([]float64, len(logits))
+	for i, l := range logits {
+		out[i] = math.Log(math.Exp(float64(l)) / sum)
+	}
+	return out
+}
+
+// stepOf is the step's logprobs as sample left them: the chosen token's,
+// and the top ids and logprobs.
+func stepOf(s *sampler) (chosen float64, ids []int, lps []float64) {
+	for _, c := range s.lp.best {
+		ids = append(ids, c.id)
+		lps = append(lps, c.p)
+	}
+	return s.lp.chosen, ids, lps
+}
+
+func TestLogprobs(t *testing.T) {
+	logits := []float32{2, 1, 0.5, -1, 3, 3, -4, 0}
+	// Most likely first, ties going to the lower id.
+	order := []int{4, 5, 0, 1, 2, 7, 3, 6}
+	tests := map[string]struct {
+		s      infer.Request
+		prompt []int
+		// adjusted are the logits after the bias and penalties, which
+		// the logprobs are the log-softmax of.
+		adjusted []float32
+	}{
+		"greedy":      {infer.Request{}, nil, logits},
+		"temperature": {infer.Request{Temperature: 0.3}, nil, logits},
+		"hot and cut": {infer.Request{Temperature: 2.5, TopK: 2, MinP: 0.5, TopP: 0.5}, nil, logits},
+		"logit_bias": {infer.Request{Temperature: 0.7, LogitBias: []infer.LogitBias{{Token: 3, Bias: 4.5}, {Token: 4, Bias: -1}}}, nil,
+			[]float32{2, 1, 0.5, 3.5, 2, 3, -4, 0}},
+		// The prompt's tokens 0 and 3: 2/2 and -1*2.
+		"repetition_penalty": {infer.Request{RepetitionPenalty: 2}, []int{0, 3, 0}, []float32{1, 1, 0.5, -2, 3, 3, -4, 0}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			tc.s.Logprobs, tc.s.TopLogprobs = true, uint8(len(logits))
+			s := newSampler(&tc.s, tc.prompt, 1)
+			id := s.sample(logits)
+			chosen, ids, lps := stepOf(s)
+			want := logSoftmax(tc.adjusted)
+			if math.Abs(chosen-want[id]) > 1e-12 {
+				t.Errorf("chosen token %d: logprob %v, want %v", id, chosen, want[id])
+			}
+			wantIDs := make([]int, len(logits))
+			for i := range wantIDs {
+				wantIDs[i] = i
+			}
+			slices.SortStableFunc(wantIDs, func(a, b int) int { return cmp.Compare(want[b], want[a]) })
+			if !slices.Equal(ids, wantIDs) {
+				t.Errorf("top ids %v, want %v", ids, wantIDs)
+			}
+			var mass float64
+			for i, lp := range lps {
+				if math.Abs(lp-want[ids[i]]) > 1e-12 {
+					t.Errorf("token %d: logprob %v, want %v", ids[i], lp, want[ids[i]])
+				}
+				mass += math.Exp(float64(float32(lp)))
+			}
+			if math.Abs(mass-1) > 1e-6 {
+				t.Errorf("the probabilities sum to %v", mass)
+			}
+			if tc.s.Temperature == 0 && (id != ids[0] || chosen != lps[0]) {
+				t.Errorf("greedy chose %d at %v, the most likely is %d at %v", id, chosen, ids[0], lps[0])
+			}
+		})
+	}
+	// Tokens 4 and 5 share the largest logit: the lower id goes first.
+	s := newSampler(&infer.Request{Logprobs: true, TopLogprobs: 8}, nil, 1)
+	s.sample(logits)
+	if _, ids, _ := stepOf(s); !slices.Equal(ids, order) {
+		t.Errorf("top ids %v, want %v", ids, order)
+	}
+}
+
+// The presence and frequency penalties count the completion: the
+// logprobs of each step are those of the logits they left.
+func TestLogprobsFollowPenalties(t *testing.T) {
+	logits := []float32{4, 2, 0}
+	s := newSampler(&infer.Request{PresencePenalty: 0.5, FrequencyPenalty: 1, Logprobs: true, TopLogprobs: 3}, nil, 1)
+	for step, adjusted := range [][]float32{{4, 2, 0}, {2.5, 2, 0}, {1.5, 2, 0}} {
+		id := s.sample(logits)
+		want := logSoftmax(adjusted)
+		chosen, ids, lps := stepOf(s)
+		if math.Abs(chosen-want[id]) > 1e-12 || ids[0] != id {
+			t.Errorf("step %d: chose %d at %v, top %v; want %v for the adjusted logits %v", step, id, chosen, ids, want, adjusted)
+		}
+		for i, lp := range lps {
+			if math.Abs(lp-want[ids[i]]) > 1e-12 {
+				t.Errorf("step %d: token %d logprob %v, want %v", step, ids[i], lp, want[ids[i]])
+			}
+		}
+	}
+}
+
+// The top tokens are those a full sort of the vocabulary puts first,
+// ties going to the lower id, whatever the vocabulary's order; and asking
+// for logprobs does not change which tokens are drawn.
+func TestLogprobsTopAgreeWithSort(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	for trial := range 300 {
+		n := 1 + rng.IntN(500)
+		logits := make([]float32, n)
+		for i := range logits {
+			// Few distinct values, so that many tie.
+			logits[i] = float32(rng.IntN(1+trial%12)) - 3
+		}
+		if trial%10 == 0 {
+			slices.Sort(logits) // rising: each token is the new maximum
+		}
+		top := rng.IntN(infer.MaxTopLogprobs + 1)
+		req := infer.Request{Temperature: 0.9, TopP: 0.9, Seed: uint64(trial), HasSeed: true}
+		plain := newSampler(&req, nil, uint64(trial))
+		req.Logprobs, req.TopLogprobs = true, uint8(top)
+		s := newSampler(&req, nil, uint64(trial))
+		for range 3 {
+			if a, b := plain.sample(logits), s.sample(logits); a != b {
+				t.Fatalf("trial %d: drew %d without logprobs, %d with", trial, a, b)
+			}
+		}
+		want := make([]int, n)
+		for i := range want {
+			want[i] = i
+		}
+		slices.SortStableFunc(want, func(a, b int) int { return cmp.Compare(logits[b], logits[a]) })
+		want = want[:min(top, n)]
+		if _, ids, _ := stepOf(s); !slices.Equal(ids, want) && (len(ids) != 0 || len(want) != 0) {
+			t.Fatalf("trial %d, top %d of %d: got %v, want %v", trial, top, n, ids, want)
+		}
+	}
+}
+
+// Infinite and NaN logits give logprobs that are numbers or -Inf, with
+// all the mass on the largest logits.
+func TestLogprobsNonFinite(t *testing.T) {
+	inf, nan := float32(math.Inf(1)), float32(math.NaN())
+	tests := map[string]struct {
+		logits []float32
+		want   []float64 // by id
+	}{
+		"+Inf":       {[]float32{1, inf, 2, inf}, []float64{math.Inf(-1), -math.Ln2, math.Inf(-1), -math.Ln2}},
+		"NaN":        {[]float32{0, nan, 0}, []float64{-math.Ln2, math.Inf(-1), -math.Ln2}},
+		"all -Inf":   {[]float32{-inf, -inf}, []float64{-math.Ln2, -math.Ln2}},
+		"-Inf, NaN":  {[]float32{-inf, nan, -inf, -inf}, []float64{-2 * math.Ln2, -2 * math.Ln2, -2 * math.Ln2, -2 * math.Ln2}},
+		"some -Inf":  {[]float32{-inf, 0, -inf}, []float64{math.Inf(-1), 0, math.Inf(-1)}},
+		"huge range": {[]float32{-3e38, 3e38}, []float64{math.Inf(-1), 0}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			s := newSampler(&infer.Request{Logprobs: true, TopLogprobs: infer.MaxTopLogprobs}, nil, 1)
+			id := s.sample(tc.logits)
+			chosen, ids, lps := stepOf(s)
+			if len(ids) != len(tc.logits) {
+				t.Fatalf("%d top entries of a vocabulary of %d", len(ids), len(tc.logits))
+			}
+			if float32(chosen) != float32(tc.want[id]) {
+				t.Errorf("chosen token %d: %v, want %v", id, chosen, tc.want[id])
+			}
+			for i, lp := range lps {
+				if float32(lp) != float32(tc.want[ids[i]]) {
+					t.Errorf("token %d: %v, want %v", ids[i], lp, tc.want[ids[i]])
+				}
+			}
+		})
+	}
+}
+
+// A token's logprob entry is what a step that asks for them allocates
+// beyond one that does not: the entry, and its top entries when asked
+// for.
+func TestNextLogprobsAllocations(t *testing.T) {
+	allocs := func(s infer.Request) float64 {
+		t.Helper()
+		s.Prompt, s.MaxTokens = "a b", 1000
+		q, err := newSequence(newSynthetic("synthetic", 0), &s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := q.prefill(); err != nil {
+			t.Fatal(err)
+		}
+		return testing.AllocsPerRun(100, func() {
+			if _, done := q.next(); done != nil {
+				t.Fatal("the sequence ended")
+			}
+		})
+	}
+	off := allocs(infer.Request{})
+	for _, tc := range []struct {
+		s    infer.Request
+		more float64
+	}{
+		{infer.Request{Logprobs: true}, 1},
+		{infer.Request{Logprobs: true, TopLogprobs: infer.MaxTopLogprobs}, 2},
+		{infer.Request{Temperature: 1, Logprobs: true, TopLogprobs: 1, PresencePenalty: 1}, 2},
+	} {
+		if got := allocs(tc.s) - off; got != tc.more {
+			t.Errorf("%+v: %v allocations more per token than without logprobs, want %v", tc.s, got, tc.more)
 		}
 	}
 }

@@ -56,6 +56,12 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 	if err := checkSampling(s); err != nil {
 		return nil, err
 	}
+	if s.TopLogprobs > infer.MaxTopLogprobs {
+		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf("top_logprobs: must be at most %d, got %d", infer.MaxTopLogprobs, s.TopLogprobs)}
+	}
+	if s.TopLogprobs > 0 && !s.Logprobs {
+		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf("top_logprobs: requires logprobs, got %d without it", s.TopLogprobs)}
+	}
 	info := m.Info()
 	text := s.Prompt
 	if len(s.Messages) > 0 {
@@ -156,12 +162,17 @@ func (q *sequence) prefill() ([][]byte, error) {
 }
 
 // next samples one token from the latest logits. It returns the text that
-// token releases, and a non-nil Done when the request is finished.
+// token releases, with the token's logprobs when the request asks for
+// them (also when the text is held back, and on the token that ends the
+// request), and a non-nil Done when the request is finished.
 func (q *sequence) next() (infer.Token, *infer.Done) {
 	id := q.smp.sample(q.logits)
 	q.completion++
 	tok := infer.Token{Count: 1}
 	piece, end := q.m.Piece(id)
+	if lp := q.smp.lp; lp != nil {
+		tok.Logprobs = q.logprobs(lp, piece)
+	}
 	if end {
 		if !q.ignoreEOS {
 			tok.Text = q.text.Flush()
@@ -180,6 +191,20 @@ func (q *sequence) next() (infer.Token, *infer.Done) {
 	}
 	q.last = id
 	return tok, nil
+}
+
+// logprobs is the entry of the token just sampled, whose piece is piece:
+// with its Top, the allocations a step makes only when asked for logprobs.
+func (q *sequence) logprobs(lp *stepLogprobs, piece string) []infer.TokenLogprob {
+	e := []infer.TokenLogprob{{Token: piece, Logprob: float32(lp.chosen)}}
+	if len(lp.best) > 0 {
+		e[0].Top = make([]infer.TopLogprob, len(lp.best))
+		for i, c := range lp.best {
+			p, _ := q.m.Piece(c.id)
+			e[0].Top[i] = infer.TopLogprob{Token: p, Logprob: float32(c.p)}
+		}
+	}
+	return e
 }
 
 // reserve is how many tokens the sequence's cache can grow to.
@@ -202,40 +227,47 @@ func (q *sequence) done(reason string) *infer.Done {
 // carries the tokens a model really produced. Errors the request caused
 // are *RequestError.
 func Generate(ctx context.Context, m Model, s *infer.Request) (string, infer.Done, error) {
+	var out strings.Builder
+	done, err := generate(ctx, m, s, func(t infer.Token) { out.WriteString(t.Text) })
+	return out.String(), done, err
+}
+
+// generate is Generate handing each token, as the loop would send it, to
+// each.
+func generate(ctx context.Context, m Model, s *infer.Request, each func(infer.Token)) (infer.Done, error) {
 	q, err := newSequence(m, s)
 	if err != nil {
-		return "", infer.Done{}, err
+		return infer.Done{}, err
 	}
 	if err := ctx.Err(); err != nil {
-		return "", infer.Done{}, fmt.Errorf("generate: %w", err)
+		return infer.Done{}, fmt.Errorf("generate: %w", err)
 	}
 	cache, err := q.prefill()
 	if err != nil {
-		return "", infer.Done{}, err
+		return infer.Done{}, err
 	}
 	defer func() {
 		if q.row >= 0 {
 			m.Leave(q.row)
 		}
 	}()
-	var out strings.Builder
 	next := []int{0}
 	for {
 		tok, done := q.next()
-		out.WriteString(tok.Text)
+		each(tok)
 		if done != nil {
-			return out.String(), *done, nil
+			return *done, nil
 		}
 		if q.row < 0 {
 			m.Join(cache, len(q.prompt))
 			q.row, cache = 0, nil
 		}
 		if err := ctx.Err(); err != nil {
-			return out.String(), infer.Done{}, fmt.Errorf("generate: %w", err)
+			return infer.Done{}, fmt.Errorf("generate: %w", err)
 		}
 		next[0] = q.last
 		if q.logits, err = m.Step(next); err != nil {
-			return out.String(), infer.Done{}, err
+			return infer.Done{}, err
 		}
 	}
 }

@@ -284,7 +284,8 @@ func (d *decoder) finish() error {
 const (
 	submitHasSeed   = 1 << 0
 	submitIgnoreEOS = 1 << 1
-	submitFlags     = submitHasSeed | submitIgnoreEOS
+	submitLogprobs  = 1 << 2
+	submitFlags     = submitHasSeed | submitIgnoreEOS | submitLogprobs
 )
 
 // AppendSubmit appends the encoding of s to b.
@@ -295,6 +296,9 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	}
 	if s.IgnoreEOS {
 		flags |= submitIgnoreEOS
+	}
+	if s.Logprobs {
+		flags |= submitLogprobs
 	}
 	b = append(b, flags)
 	b = appendString(b, s.Model)
@@ -317,6 +321,7 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 		b = binary.AppendUvarint(b, uint64(lb.Token))
 		b = appendFloat32(b, lb.Bias)
 	}
+	b = append(b, s.TopLogprobs)
 	b = binary.AppendUvarint(b, s.Seed)
 	b = binary.AppendUvarint(b, uint64(len(s.Stop)))
 	for _, stop := range s.Stop {
@@ -336,6 +341,7 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 	}
 	s.HasSeed = flags&submitHasSeed != 0
 	s.IgnoreEOS = flags&submitIgnoreEOS != 0
+	s.Logprobs = flags&submitLogprobs != 0
 	s.Model = d.string("model")
 	s.Prompt = d.string("prompt")
 	if n := d.count("messages", 2); n > 0 {
@@ -358,6 +364,13 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 		for i := range s.LogitBias {
 			s.LogitBias[i] = infer.LogitBias{Token: d.uint32("logit_bias token"), Bias: d.float32("logit_bias bias")}
 		}
+	}
+	s.TopLogprobs = d.byte("top_logprobs")
+	if d.err == nil && s.TopLogprobs > infer.MaxTopLogprobs {
+		d.fail("top_logprobs %d is over %d", s.TopLogprobs, infer.MaxTopLogprobs)
+	}
+	if d.err == nil && s.TopLogprobs > 0 && !s.Logprobs {
+		d.fail("top_logprobs %d without logprobs", s.TopLogprobs)
 	}
 	s.Seed = d.uvarint("seed")
 	if n := d.count("stop", 1); n > 0 {
@@ -383,15 +396,61 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 
 // AppendToken appends the encoding of t to b. It does not allocate when b
 // has room.
+//
+// After the count and the text comes the number of logprob entries, 0
+// (one byte) when the request did not ask for them, else one per token;
+// each is the token's text, its logprob, the number of top entries and
+// each top entry's text and logprob.
 func AppendToken(b []byte, t *infer.Token) []byte {
 	b = binary.AppendUvarint(b, uint64(t.Count))
-	return appendString(b, t.Text)
+	b = appendString(b, t.Text)
+	b = binary.AppendUvarint(b, uint64(len(t.Logprobs)))
+	for i := range t.Logprobs {
+		lp := &t.Logprobs[i]
+		b = appendString(b, lp.Token)
+		b = appendFloat32(b, lp.Logprob)
+		b = binary.AppendUvarint(b, uint64(len(lp.Top)))
+		for _, top := range lp.Top {
+			b = appendString(b, top.Token)
+			b = appendFloat32(b, top.Logprob)
+		}
+	}
+	return b
 }
 
-// DecodeToken decodes a FrameToken payload.
+// DecodeToken decodes a FrameToken payload. A token without logprob
+// entries has nil Logprobs, an entry without top entries nil Top.
 func DecodeToken(p []byte) (infer.Token, error) {
 	d := decoder{p: p, what: "token"}
 	t := infer.Token{Count: d.uint32("count"), Text: d.string("text")}
+	// An entry is at least a text's length, a logprob and a count of
+	// top entries; a top entry a length and a logprob.
+	if n := d.count("logprobs", 6); n > 0 {
+		if uint64(n) != uint64(t.Count) {
+			d.fail("%d logprob entries for %d tokens", n, t.Count)
+		}
+		if d.err == nil {
+			t.Logprobs = make([]infer.TokenLogprob, n)
+		}
+		for i := range t.Logprobs {
+			lp := &t.Logprobs[i]
+			lp.Token = d.string("logprob token")
+			lp.Logprob = d.float32("logprob")
+			top := d.count("top_logprobs", 5)
+			if top > infer.MaxTopLogprobs {
+				d.fail("%d top_logprobs, over %d", top, infer.MaxTopLogprobs)
+			}
+			if d.err != nil {
+				break
+			}
+			if top > 0 {
+				lp.Top = make([]infer.TopLogprob, top)
+				for j := range lp.Top {
+					lp.Top[j] = infer.TopLogprob{Token: d.string("top_logprobs token"), Logprob: d.float32("top_logprobs logprob")}
+				}
+			}
+		}
+	}
 	if err := d.finish(); err != nil {
 		return infer.Token{}, err
 	}

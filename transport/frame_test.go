@@ -33,6 +33,8 @@ func sampleSubmits() map[string]infer.Request {
 			Urgency:     0,
 			TraceParent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
 		},
+		"logprobs":     {Model: "demo", Prompt: "p", Logprobs: true},
+		"top_logprobs": {Model: "demo", Prompt: "p", Temperature: 0.5, Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
 		"extremes": {
 			Prompt: strings.Repeat("x", 70000), MaxTokens: math.MaxUint32,
 			Temperature: float32(math.Inf(1)), TopP: -0.0, Seed: math.MaxUint64, Urgency: priority.Least, Class: priority.Bulk,
@@ -54,13 +56,37 @@ func TestSubmitRoundTrip(t *testing.T) {
 	}
 }
 
+// sampleLogprobs is the logprob entry of a token whose text is text, with
+// top entries when top > 0.
+func sampleLogprobs(text string, top int) infer.TokenLogprob {
+	lp := infer.TokenLogprob{Token: text, Logprob: -0.25}
+	for i := range top {
+		lp.Top = append(lp.Top, infer.TopLogprob{Token: string(rune('a' + i)), Logprob: -float32(i)})
+	}
+	return lp
+}
+
 func TestMessageRoundTrip(t *testing.T) {
-	tokens := []infer.Token{{}, {Count: 1, Text: "hello"}, {Count: math.MaxUint32, Text: "\xe2\x9c"}}
+	maxTop := sampleLogprobs("\xe2", infer.MaxTopLogprobs)
+	maxTop.Top[3] = infer.TopLogprob{Token: "", Logprob: float32(math.Inf(-1))}
+	tokens := []infer.Token{
+		{}, {Count: 1, Text: "hello"}, {Count: math.MaxUint32, Text: "\xe2\x9c"},
+		{Count: 1, Text: "hi", Logprobs: []infer.TokenLogprob{sampleLogprobs("hi", 0)}},
+		// Text held back, and an end token whose piece is empty.
+		{Count: 1, Logprobs: []infer.TokenLogprob{maxTop}},
+		{Count: 1, Logprobs: []infer.TokenLogprob{{Logprob: float32(math.Inf(-1)), Top: []infer.TopLogprob{{Token: "x", Logprob: 0}}}}},
+		{Count: 3, Text: "abc", Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 2), sampleLogprobs("b", 0), sampleLogprobs("c", 1)}},
+	}
 	for _, want := range tokens {
 		got, err := DecodeToken(AppendToken(nil, &want))
 		if err != nil || !reflect.DeepEqual(got, want) {
 			t.Errorf("token: got %+v, %v, want %+v", got, err, want)
 		}
+	}
+	// Without logprobs a token costs one byte more than its count and
+	// text.
+	if got := len(AppendToken(nil, &infer.Token{Count: 1, Text: "hello"})); got != 1+1+5+1 {
+		t.Errorf("a token without logprobs takes %d bytes, want 8", got)
 	}
 	dones := []infer.Done{{}, {FinishReason: infer.FinishStop, PromptTokens: 12, CompletionTokens: 345}, {FinishReason: infer.FinishLength, PromptTokens: math.MaxUint32}}
 	for _, want := range dones {
@@ -126,14 +152,29 @@ func TestDecodeRejects(t *testing.T) {
 		decode func([]byte) error
 		input  []byte
 	}{
-		"submit empty":             {func(p []byte) error { _, err := DecodeSubmit(p); return err }, nil},
-		"submit truncated":         {func(p []byte) error { _, err := DecodeSubmit(p); return err }, valid[:len(valid)-1]},
-		"submit trailing":          {func(p []byte) error { _, err := DecodeSubmit(p); return err }, append(append([]byte{}, valid...), 0)},
-		"submit unknown flag":      {func(p []byte) error { _, err := DecodeSubmit(p); return err }, append([]byte{0x80}, valid[1:]...)},
-		"submit huge string":       {func(p []byte) error { _, err := DecodeSubmit(p); return err }, []byte{0, 0xff, 0xff, 0xff, 0xff, 0x0f, 'a'}},
-		"submit huge count":        {func(p []byte) error { _, err := DecodeSubmit(p); return err }, []byte{0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}},
-		"token count over 32 bits": {func(p []byte) error { _, err := DecodeToken(p); return err }, []byte{0x80, 0x80, 0x80, 0x80, 0x10, 0}},
-		"token bad varint":         {func(p []byte) error { _, err := DecodeToken(p); return err }, bytes.Repeat([]byte{0xff}, 11)},
+		"submit empty":                 {func(p []byte) error { _, err := DecodeSubmit(p); return err }, nil},
+		"submit truncated":             {func(p []byte) error { _, err := DecodeSubmit(p); return err }, valid[:len(valid)-1]},
+		"submit trailing":              {func(p []byte) error { _, err := DecodeSubmit(p); return err }, append(append([]byte{}, valid...), 0)},
+		"submit unknown flag":          {func(p []byte) error { _, err := DecodeSubmit(p); return err }, append([]byte{0x80}, valid[1:]...)},
+		"submit huge string":           {func(p []byte) error { _, err := DecodeSubmit(p); return err }, []byte{0, 0xff, 0xff, 0xff, 0xff, 0x0f, 'a'}},
+		"submit huge count":            {func(p []byte) error { _, err := DecodeSubmit(p); return err }, []byte{0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}},
+		"token count over 32 bits":     {func(p []byte) error { _, err := DecodeToken(p); return err }, []byte{0x80, 0x80, 0x80, 0x80, 0x10, 0}},
+		"token bad varint":             {func(p []byte) error { _, err := DecodeToken(p); return err }, bytes.Repeat([]byte{0xff}, 11)},
+		"token without logprobs count": {func(p []byte) error { _, err := DecodeToken(p); return err }, []byte{1, 1, 'a'}},
+		"token logprobs not one per token": {func(p []byte) error { _, err := DecodeToken(p); return err },
+			AppendToken(nil, &infer.Token{Count: 2, Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 0)}})},
+		"token logprobs without tokens": {func(p []byte) error { _, err := DecodeToken(p); return err },
+			AppendToken(nil, &infer.Token{Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 0)}})},
+		"token top_logprobs over max": {func(p []byte) error { _, err := DecodeToken(p); return err },
+			AppendToken(nil, &infer.Token{Count: 1, Logprobs: []infer.TokenLogprob{sampleLogprobs("a", infer.MaxTopLogprobs+1)}})},
+		"token logprobs truncated": {func(p []byte) error { _, err := DecodeToken(p); return err },
+			truncated(AppendToken(nil, &infer.Token{Count: 1, Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 2)}}))},
+		"token logprobs huge count": {func(p []byte) error { _, err := DecodeToken(p); return err },
+			[]byte{0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0, 0, 0, 0}},
+		"submit top_logprobs over max": {func(p []byte) error { _, err := DecodeSubmit(p); return err },
+			AppendSubmit(nil, &infer.Request{Model: "m", Prompt: "p", Logprobs: true, TopLogprobs: infer.MaxTopLogprobs + 1})},
+		"submit top_logprobs without logprobs": {func(p []byte) error { _, err := DecodeSubmit(p); return err },
+			AppendSubmit(nil, &infer.Request{Model: "m", Prompt: "p", TopLogprobs: 1})},
 		"done truncated":           {func(p []byte) error { _, err := DecodeDone(p); return err }, []byte{4, 's', 't'}},
 		"error trailing":           {func(p []byte) error { _, err := DecodeError(p); return err }, []byte{0, 0, 0}},
 		"ready count too big":      {func(p []byte) error { _, err := DecodeReady(p); return err }, []byte{1, 1, 5, 0, 0}},
@@ -161,6 +202,8 @@ func TestDecodeRejects(t *testing.T) {
 }
 
 func decodeFrame(p []byte) error { _, _, err := DecodeFrame(p); return err }
+
+func truncated(p []byte) []byte { return p[:len(p)-1] }
 
 // mutateFrame returns a valid token frame changed by f.
 func mutateFrame(f func([]byte)) []byte {
@@ -201,6 +244,9 @@ func TestRandomSubmitRoundTrip(t *testing.T) {
 			Temperature: rng.Float32() * 2, TopP: rng.Float32(), Seed: rng.Uint64(), HasSeed: rng.IntN(2) == 0, IgnoreEOS: rng.IntN(2) == 0,
 			Urgency: priority.Urgency(rng.IntN(priority.Levels)), Class: priority.Class(rng.IntN(3)), TraceParent: str(),
 		}
+		if rng.IntN(2) == 0 {
+			want.Logprobs, want.TopLogprobs = true, uint8(rng.IntN(infer.MaxTopLogprobs+1))
+		}
 		for range rng.IntN(4) {
 			want.Messages = append(want.Messages, infer.ChatMessage{Role: str(), Content: str()})
 		}
@@ -223,7 +269,11 @@ func TestRandomSubmitRoundTrip(t *testing.T) {
 
 func FuzzDecodeFrame(f *testing.F) {
 	control := AppendControl(nil, &Control{Op: ControlUnload, Name: "demo@1"})
-	for _, fr := range []Frame{{Type: FrameToken, ID: 7, Payload: []byte("hi")}, {Type: FrameCancel, ID: 1}, {Type: FrameControl, ID: 3, Payload: control}} {
+	logprobs := AppendToken(nil, &infer.Token{Count: 1, Text: "hi", Logprobs: []infer.TokenLogprob{sampleLogprobs("hi", 2)}})
+	for _, fr := range []Frame{
+		{Type: FrameToken, ID: 7, Payload: []byte("hi")}, {Type: FrameToken, ID: 8, Payload: logprobs},
+		{Type: FrameCancel, ID: 1}, {Type: FrameControl, ID: 3, Payload: control},
+	} {
 		b, _ := AppendFrame(nil, fr)
 		f.Add(b)
 	}
@@ -266,13 +316,30 @@ func FuzzDecodeSubmit(f *testing.F) {
 
 func FuzzDecodeToken(f *testing.F) {
 	f.Add(AppendToken(nil, &infer.Token{Count: 3, Text: "abc"}))
+	f.Add(AppendToken(nil, &infer.Token{Count: 1, Text: "a", Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 3)}}))
+	f.Add(AppendToken(nil, &infer.Token{Count: 2, Logprobs: []infer.TokenLogprob{sampleLogprobs("\xe2", 0), sampleLogprobs("", 1)}}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		tok, err := DecodeToken(p)
 		if err != nil {
 			return
 		}
-		if got, err := DecodeToken(AppendToken(nil, &tok)); err != nil || !reflect.DeepEqual(got, tok) {
-			t.Fatalf("got %+v, %v, want %+v", got, err, tok)
+		// Empty lists decode as nil, which reflect.DeepEqual tells from
+		// an empty slice.
+		if tok.Logprobs != nil && len(tok.Logprobs) == 0 {
+			t.Fatalf("logprobs decoded as an empty slice, not nil")
+		}
+		for _, lp := range tok.Logprobs {
+			if lp.Top != nil && len(lp.Top) == 0 {
+				t.Fatalf("top_logprobs decoded as an empty slice, not nil")
+			}
+		}
+		b := AppendToken(nil, &tok)
+		got, err := DecodeToken(b)
+		if err != nil {
+			t.Fatalf("re-decode: %v", err)
+		}
+		if b2 := AppendToken(nil, &got); !bytes.Equal(b, b2) {
+			t.Fatalf("unstable encoding: %x then %x", b, b2)
 		}
 	})
 }

@@ -38,9 +38,14 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 		// Retired and closed after the scheduler chose it: another
 		// backend may take the request.
 		h.mu.Unlock()
-		c := &call{h: h, id: id, cancel: func(error) {}, events: make(chan infer.Event, 1)}
-		c.finish(infer.Event{Err: &infer.Error{Code: infer.CodeUpstreamLost, Message: "the upstream was removed", Unstarted: true}})
-		return c, nil
+		return h.ended(id, &infer.Error{Code: infer.CodeUpstreamLost, Message: "the upstream was removed", Unstarted: true}), nil
+	}
+	if r.Logprobs {
+		// The stream's chunks are read for their text only: sent on,
+		// the request would lose its logprobs without a word. Any other
+		// upstream would lose them too, so it is not Unstarted.
+		h.mu.Unlock()
+		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: "logprobs: not supported for models served by an upstream yet"}), nil
 	}
 	h.inFlight++
 	h.requests++
@@ -52,6 +57,13 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 	job := *r
 	go c.run(ctx, &job)
 	return c, nil
+}
+
+// ended is a call that ends with e before anything is sent.
+func (h *Handle) ended(id uint64, e *infer.Error) *call {
+	c := &call{h: h, id: id, cancel: func(error) {}, events: make(chan infer.Event, 1)}
+	c.finish(infer.Event{Err: e})
+	return c
 }
 
 // callEnded is the last thing a call's goroutine does.

@@ -203,6 +203,38 @@ func TestSamplingParametersSent(t *testing.T) {
 	}
 }
 
+// A request for logprobs fails at once, before anything goes upstream,
+// since the gateway cannot yet read an upstream's: the client hears why
+// rather than getting a completion without them, and no other backend
+// retries it. The upstream stays in service.
+func TestLogprobsRefused(t *testing.T) {
+	f, url := newFake(t)
+	s, reg := newTestSet(t, Options{}, testConfig("a", url))
+	var received atomic.Int64
+	f.answer(func(w http.ResponseWriter, r *http.Request) {
+		received.Add(1)
+		streamTokens("x")(w, r)
+	})
+	for _, top := range []uint8{0, 5} {
+		req := chatRequest("m")
+		req.Logprobs, req.TopLogprobs = true, top
+		evs := run(t, s, req)
+		want := infer.Error{Code: infer.CodeInvalidRequest, Message: "logprobs: not supported for models served by an upstream yet"}
+		if len(evs) != 1 || evs[0].Err == nil || *evs[0].Err != want {
+			t.Errorf("top_logprobs %d: events %+v, want only the error %+v", top, evs, want)
+		}
+	}
+	if n := received.Load(); n != 0 {
+		t.Errorf("the upstream received %d requests, want none", n)
+	}
+	if d := last(t, run(t, s, chatRequest("m"))).Done; d == nil || received.Load() != 1 {
+		t.Errorf("a request without logprobs: done %+v after %d requests upstream, want it served", d, received.Load())
+	}
+	if got := counter(t, reg, "h3infer_upstream_requests_total", "upstream", "a", "outcome", "error"); got != 0 {
+		t.Errorf("requests_total{error}: got %v, want 0: the upstream did nothing wrong", got)
+	}
+}
+
 func TestCredentialFileRefused(t *testing.T) {
 	_, url := newFake(t)
 	cred := filepath.Join(t.TempDir(), "token")
