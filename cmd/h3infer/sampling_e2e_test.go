@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 
@@ -79,9 +81,70 @@ func TestEndToEndSamplingParameters(t *testing.T) {
 		})
 	}
 
+	// A text completion's logprobs, in the legacy shape: whole and
+	// streamed agree, one entry per token, offsets adding up.
+	type textLogprobs struct {
+		Tokens        []string             `json:"tokens"`
+		TokenLogprobs []float64            `json:"token_logprobs"`
+		TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+		TextOffset    []int                `json:"text_offset"`
+	}
+	textBody := map[string]any{"model": "demo", "prompt": testPrompt, "max_tokens": 16, "temperature": 0, "logprobs": 3, "ignore_eos": true}
+	resp := postJSON(t, context.Background(), s.h3Client(t), s.base+"/v1/completions", textBody)
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var whole struct {
+		Choices []struct {
+			Text     string       `json:"text"`
+			Logprobs textLogprobs `json:"logprobs"`
+		} `json:"choices"`
+	}
+	if err := json.Unmarshal(b, &whole); err != nil || len(whole.Choices) != 1 {
+		t.Fatalf("text completion with logprobs: %s (%v)", b, err)
+	}
+	wl := whole.Choices[0].Logprobs
+	if len(wl.Tokens) != 16 || len(wl.TokenLogprobs) != 16 || len(wl.TopLogprobs) != 16 || len(wl.TextOffset) != 16 {
+		t.Fatalf("logprobs %+v: want 16 of each list", wl)
+	}
+	for i, tok := range wl.Tokens {
+		if len(wl.TopLogprobs[i]) == 0 || len(wl.TopLogprobs[i]) > 3 || wl.TopLogprobs[i][tok] != wl.TokenLogprobs[i] {
+			t.Errorf("token %d %q: alternatives %v should hold the greedy choice at %v", i, tok, wl.TopLogprobs[i], wl.TokenLogprobs[i])
+		}
+		if i > 0 && wl.TextOffset[i] != wl.TextOffset[i-1]+len(wl.Tokens[i-1]) {
+			t.Errorf("text_offset %v does not add up over tokens %q", wl.TextOffset, wl.Tokens)
+		}
+	}
+	textBody["stream"] = true
+	resp = postJSON(t, context.Background(), s.h3Client(t), s.base+"/v1/completions", textBody)
+	var streamed []float64
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		data, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok || data == "[DONE]" {
+			continue
+		}
+		var ev struct {
+			Choices []struct {
+				Logprobs *textLogprobs `json:"logprobs"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal([]byte(data), &ev); err != nil {
+			t.Fatalf("event %s: %v", data, err)
+		}
+		for _, c := range ev.Choices {
+			if c.Logprobs != nil {
+				streamed = append(streamed, c.Logprobs.TokenLogprobs...)
+			}
+		}
+	}
+	resp.Body.Close()
+	if !slices.Equal(streamed, wl.TokenLogprobs) {
+		t.Errorf("streamed token_logprobs %v, whole %v", streamed, wl.TokenLogprobs)
+	}
+
 	body := chatBody(8, false)
 	body["logit_bias"] = map[string]float64{"4000000000": 1}
-	resp := postJSON(t, context.Background(), s.h3Client(t), s.base+"/v1/chat/completions", body)
+	resp = postJSON(t, context.Background(), s.h3Client(t), s.base+"/v1/chat/completions", body)
 	defer resp.Body.Close()
 	var e struct {
 		Error struct {
@@ -89,7 +152,7 @@ func TestEndToEndSamplingParameters(t *testing.T) {
 			Param   *string `json:"param"`
 		} `json:"error"`
 	}
-	b, _ := io.ReadAll(resp.Body)
+	b, _ = io.ReadAll(resp.Body)
 	if err := json.Unmarshal(b, &e); err != nil {
 		t.Fatalf("error body %s: %v", b, err)
 	}

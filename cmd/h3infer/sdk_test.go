@@ -12,6 +12,7 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
+	"github.com/openai/openai-go/v3/shared"
 )
 
 // TestOfficialSDKs points OpenAI's own client libraries, unmodified, at the
@@ -152,13 +153,59 @@ func TestOfficialSDKs(t *testing.T) {
 			t.Errorf("streamed %+v; want %q", acc.Choices, wantSampled)
 		}
 
+		// Logprobs through the SDK's types: an entry per token, with its
+		// two most likely alternatives, the same whole and streamed.
+		params.Logprobs, params.TopLogprobs = openai.Bool(true), openai.Int(2)
+		full, err = client.Chat.Completions.New(ctx, params, extensions...)
+		if err != nil {
+			t.Fatalf("with logprobs: %v", err)
+		}
+		content := full.Choices[0].Logprobs.Content
+		var joined []byte
+		for i, lp := range content {
+			if lp.Logprob > 0 || len(lp.TopLogprobs) != 2 || lp.TopLogprobs[0].Logprob < lp.TopLogprobs[1].Logprob || lp.Logprob > lp.TopLogprobs[0].Logprob {
+				t.Errorf("entry %d %+v: want a logprob <= 0 no likelier than the first of two alternatives, most likely first", i, lp)
+			}
+			for _, b := range lp.Bytes {
+				joined = append(joined, byte(b))
+			}
+		}
+		// The end token is a token too: its entry spells the vocabulary's
+		// end marker, which the text leaves out.
+		spelled := full.Choices[0].Message.Content
+		if full.Choices[0].FinishReason == "stop" && len(content) > 0 {
+			spelled += content[len(content)-1].Token
+		}
+		if int64(len(content)) != full.Usage.CompletionTokens || string(joined) != spelled {
+			t.Errorf("%d entries for %d tokens, their bytes %q; want one per token, spelling %q",
+				len(content), full.Usage.CompletionTokens, joined, spelled)
+		}
+		stream = client.Chat.Completions.NewStreaming(ctx, params, extensions...)
+		acc = openai.ChatCompletionAccumulator{}
+		for stream.Next() {
+			acc.AddChunk(stream.Current())
+		}
+		if err := stream.Err(); err != nil {
+			t.Fatalf("streaming with logprobs: %v", err)
+		}
+		stream.Close()
+		streamed := acc.Choices[0].Logprobs.Content
+		if len(streamed) != len(content) {
+			t.Fatalf("streamed %d entries, whole %d", len(streamed), len(content))
+		}
+		for i := range content {
+			if streamed[i].Token != content[i].Token || streamed[i].Logprob != content[i].Logprob {
+				t.Errorf("entry %d: streamed %q %v, whole %q %v", i, streamed[i].Token, streamed[i].Logprob, content[i].Token, content[i].Logprob)
+			}
+		}
+
 		// A parameter the server does not implement yet is refused by
 		// name, not dropped.
-		params.Logprobs = openai.Bool(true)
+		params.ResponseFormat = openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONObject: &shared.ResponseFormatJSONObjectParam{}}
 		_, err = client.Chat.Completions.New(ctx, params)
 		var apiErr *openai.Error
-		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || apiErr.Param != "logprobs" {
-			t.Errorf("logprobs: error %v, want a 400 *openai.Error naming logprobs", err)
+		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || apiErr.Param != "response_format" {
+			t.Errorf("response_format: error %v, want a 400 *openai.Error naming response_format", err)
 		}
 	})
 
@@ -213,8 +260,8 @@ func TestOfficialSDKs(t *testing.T) {
 		if got.Sampling.Full != wantSampled || got.Sampling.Stream != wantSampled {
 			t.Errorf("sampling parameters: whole %q, streamed %q; want the model's text in process %q", got.Sampling.Full, got.Sampling.Stream, wantSampled)
 		}
-		if r := got.Refused; r == nil || r.Status != http.StatusBadRequest || r.Param == nil || *r.Param != "logprobs" {
-			t.Errorf("logprobs: got %+v, want a 400 naming logprobs", r)
+		if r := got.Refused; r == nil || r.Status != http.StatusBadRequest || r.Param == nil || *r.Param != "response_format" {
+			t.Errorf("response_format: got %+v, want a 400 naming response_format", r)
 		}
 	})
 }

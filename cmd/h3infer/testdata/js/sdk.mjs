@@ -49,7 +49,7 @@ for await (const chunk of await client.chat.completions.create({ ...sampling, st
 }
 // What the server does not implement yet is refused by name.
 try {
-  await client.chat.completions.create({ ...params, logprobs: true });
+  await client.chat.completions.create({ ...params, response_format: { type: 'json_object' } });
   out.refused = null;
 } catch (e) {
   out.refused = { status: e.status, param: e.param ?? e.error?.param ?? null };
