@@ -30,12 +30,7 @@ func TestOfficialSDKs(t *testing.T) {
 
 	t.Run("go over HTTP/3", func(t *testing.T) {
 		ctx := context.Background()
-		client := openai.NewClient(
-			option.WithBaseURL(s.base+"/v1/"),
-			option.WithHTTPClient(s.h3Client(t)),
-			option.WithAPIKey(s.bearer(t)),
-			option.WithMaxRetries(0),
-		)
+		client := goSDK(t, s)
 		params := openai.ChatCompletionNewParams{
 			Model:       "demo",
 			Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage(testPrompt)},
@@ -114,12 +109,7 @@ func TestOfficialSDKs(t *testing.T) {
 
 	t.Run("go sampling parameters", func(t *testing.T) {
 		ctx := context.Background()
-		client := openai.NewClient(
-			option.WithBaseURL(s.base+"/v1/"),
-			option.WithHTTPClient(s.h3Client(t)),
-			option.WithAPIKey(s.bearer(t)),
-			option.WithMaxRetries(0),
-		)
+		client := goSDK(t, s)
 		// OpenAI's own through the SDK's types; vLLM's as the SDK sends
 		// any extension, a field set on the request body.
 		params := openai.ChatCompletionNewParams{
@@ -264,4 +254,14 @@ func TestOfficialSDKs(t *testing.T) {
 			t.Errorf("response_format: got %+v, want a 400 naming response_format", r)
 		}
 	})
+}
+
+// goSDK is OpenAI's Go client pointed at s over HTTP/3, without retries.
+func goSDK(t *testing.T, s *server) openai.Client {
+	return openai.NewClient(
+		option.WithBaseURL(s.base+"/v1/"),
+		option.WithHTTPClient(s.h3Client(t)),
+		option.WithAPIKey(s.bearer(t)),
+		option.WithMaxRetries(0),
+	)
 }
