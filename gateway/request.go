@@ -128,23 +128,27 @@ var asksForNothing = map[string][]string{
 }
 
 // refuseUnsupported refuses the first unsupported parameter u sets to a
-// value that asks for something.
+// value that asks for something, in the order listed here (an array, so
+// that the check allocates nothing on a request that sets none).
 func refuseUnsupported(u *unsupported) error {
-	for name, raw := range map[string]json.RawMessage{
-		"response_format": u.ResponseFormat,
-		"tools":           u.Tools, "tool_choice": u.ToolChoice, "functions": u.Functions, "function_call": u.FunctionCall,
-		"audio": u.Audio, "modalities": u.Modalities, "prediction": u.Prediction,
-		"web_search_options": u.WebSearchOptions, "reasoning_effort": u.ReasoningEffort, "verbosity": u.Verbosity,
-		"best_of": u.BestOf, "echo": u.Echo, "suffix": u.Suffix,
+	for _, p := range [...]struct {
+		name string
+		raw  json.RawMessage
+	}{
+		{"response_format", u.ResponseFormat}, {"tools", u.Tools}, {"tool_choice", u.ToolChoice},
+		{"functions", u.Functions}, {"function_call", u.FunctionCall}, {"audio", u.Audio},
+		{"modalities", u.Modalities}, {"prediction", u.Prediction}, {"web_search_options", u.WebSearchOptions},
+		{"reasoning_effort", u.ReasoningEffort}, {"verbosity", u.Verbosity},
+		{"best_of", u.BestOf}, {"echo", u.Echo}, {"suffix", u.Suffix},
 	} {
-		if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		if len(p.raw) == 0 || bytes.Equal(p.raw, []byte("null")) {
 			continue
 		}
 		var compact bytes.Buffer
-		if json.Compact(&compact, raw) == nil && slices.Contains(asksForNothing[name], compact.String()) {
+		if json.Compact(&compact, p.raw) == nil && slices.Contains(asksForNothing[p.name], compact.String()) {
 			continue
 		}
-		return invalidf(name, "%s: not supported by this server yet", name)
+		return invalidf(p.name, "%s: not supported by this server yet", p.name)
 	}
 	return nil
 }

@@ -257,3 +257,15 @@ func TestLogprobsParameters(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkParseCompletion decodes and checks a chat request as an SDK
+// sends it, on every request's path to its first token.
+func BenchmarkParseCompletion(b *testing.B) {
+	body := []byte(`{"model":"demo","messages":[{"role":"system","content":"You are helpful."},{"role":"user","content":"Tell me about HTTP/3 and QUIC in a few words."}],"max_tokens":64,"temperature":0.7,"stream":true,"stream_options":{"include_usage":true}}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := parseCompletion(body, kindChat, DefaultMaxTokens); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
