@@ -151,15 +151,7 @@ func TestLinkPacesAtRate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- l.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-runErr; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
+	runLink(t, l)
 
 	sent := time.Now()
 	for range n {
@@ -176,4 +168,19 @@ func TestLinkPacesAtRate(t *testing.T) {
 			t.Fatalf("packet %d never arrived", i)
 		}
 	}
+}
+
+// runLink runs l until the test ends, and fails the test if Run does.
+// The cleanup is registered last, so it runs before those registered
+// earlier (the endpoints' and namespaces' own).
+func runLink(t *testing.T, l *Link) {
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- l.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-runErr; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
 }

@@ -1,7 +1,6 @@
 package netemu
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"net"
@@ -62,15 +61,7 @@ func TestLinkAcrossNamespaces(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- l.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-runErr; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
+	runLink(t, l)
 
 	var server, cl net.PacketConn
 	inNetns(t, nsB, func() { server, err = net.ListenPacket("udp4", "10.78.0.2:0") })

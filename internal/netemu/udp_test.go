@@ -1,7 +1,6 @@
 package netemu
 
 import (
-	"context"
 	"log/slog"
 	"net"
 	"testing"
@@ -17,7 +16,7 @@ func TestUDPEndpointsRelayThroughTheLink(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer echo.Close()
+	t.Cleanup(func() { echo.Close() })
 	go func() {
 		buf := make([]byte, 2048)
 		for {
@@ -38,15 +37,7 @@ func TestUDPEndpointsRelayThroughTheLink(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- l.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
+	runLink(t, l)
 
 	c, err := net.Dial("udp", addr)
 	if err != nil {
