@@ -47,10 +47,14 @@ run: ort build
 # Neither needs an install script; skipping them guarantees no tool fetches a
 # browser of its own.
 JS_DIR := cmd/h3infer/testdata/js
-js: $(JS_DIR)/node_modules/.package-lock.json
+# The reference the tokenizer tests compare against: Hugging Face's
+# tokenizers (the native binding and the JavaScript port), its Jinja
+# renderer, and real models' tokenizer files.
+REF_DIR := tokenize/testdata/ref
+js: $(JS_DIR)/node_modules/.package-lock.json $(REF_DIR)/node_modules/.package-lock.json
 
-$(JS_DIR)/node_modules/.package-lock.json: $(JS_DIR)/package.json $(JS_DIR)/package-lock.json
-	cd $(JS_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+%/node_modules/.package-lock.json: %/package.json %/package-lock.json
+	cd $* && npm ci --ignore-scripts --no-audit --no-fund
 
 # -race everywhere it can run; the end-to-end tests build and start the real
 # binary themselves.
