@@ -24,6 +24,7 @@ func runGenmodel(args []string, stdout io.Writer) error {
 	kvCache := fs.String("kv-cache", onnxgen.KVCacheConcat, "how present relates to past: concat (the usual export) or append (present holds only new positions; the runtime keeps the cache)")
 	merges := fs.Int("merges", 0, "byte-level BPE merges to learn from the corpus for tokenizer.json")
 	chat := fs.String("chat-template", "plain", "model.json chat_template; its special tokens must be given with --special-token")
+	tokenizer := fs.String("tokenizer", "", "directory of a real model's tokenizer.json and tokenizer_config.json (and chat_template.jinja) to copy beside --random weights, whose vocabulary then follows it")
 	var special []string
 	fs.Func("special-token", "add a special token to tokenizer.json (repeatable)", func(v string) error {
 		special = append(special, v)
@@ -35,8 +36,13 @@ func runGenmodel(args []string, stdout io.Writer) error {
 	if *out == "" {
 		return usagef("--out is required")
 	}
+	chatSet := false
+	fs.Visit(func(f *flag.Flag) { chatSet = chatSet || f.Name == "chat-template" })
+	if *tokenizer != "" && !chatSet {
+		*chat = "" // the model's own template, from tokenizer_config.json
+	}
 	opts := onnxgen.Options{Layers: *layers, Heads: *heads, Hidden: *hidden, Context: *context, Seed: *seed, Random: *random,
-		NoPositionIDs: *noPos, KVType: *kvType, LogitsType: *logitsType, KVCache: *kvCache, Merges: *merges, ChatTemplate: *chat, SpecialTokens: special}
+		NoPositionIDs: *noPos, KVType: *kvType, LogitsType: *logitsType, KVCache: *kvCache, Merges: *merges, ChatTemplate: *chat, SpecialTokens: special, Tokenizer: *tokenizer}
 	if err := onnxgen.Write(*out, opts); err != nil {
 		return err
 	}

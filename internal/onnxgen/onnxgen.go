@@ -53,7 +53,7 @@ const (
 	maxLayers    = 64
 	maxHidden    = 8192
 	maxContext   = 1 << 16
-	maxVocab     = 1 << 18
+	maxVocab     = 1 << 19
 	maxFileBytes = 1 << 30
 )
 
@@ -116,6 +116,13 @@ type Options struct {
 	SpecialTokens []string
 	// ChatTemplate is model.json's chat_template; empty means "plain".
 	ChatTemplate string
+	// Tokenizer is a directory holding a real model's tokenizer.json, and
+	// optionally its tokenizer_config.json and chat_template.jinja, which
+	// are copied beside the random weights instead of the generated
+	// byte-level tokenizer; the vocabulary then sets the logits' width.
+	// It needs Random, and excludes Merges, SpecialTokens and
+	// ChatTemplate: the model's own files say all of that.
+	Tokenizer string
 }
 
 // DefaultOptions returns the demo model's options.
@@ -183,6 +190,11 @@ func (o Options) validate() error {
 	for i, t := range o.SpecialTokens {
 		check(t != "", "special_tokens[%d]: must not be empty", i)
 	}
+	if o.Tokenizer != "" {
+		check(o.Random, "tokenizer: needs Random (the demo model's weights are for its own byte tokens)")
+		check(o.Merges == 0 && len(o.SpecialTokens) == 0 && o.ChatTemplate == "",
+			"tokenizer: a model's own tokenizer excludes merges, special tokens and a named chat template")
+	}
 	if len(errs) == 0 && o.Random {
 		if n := randomShape(o).bytes(); n > maxFileBytes {
 			errs = append(errs, fmt.Errorf("model would take about %d MiB, more than the %d MiB limit", n>>20, maxFileBytes>>20))
@@ -216,10 +228,11 @@ type Config struct {
 	// EOSToken ends generation; it is a special token in tokenizer.json.
 	EOSToken string `json:"eos_token"`
 	// ChatTemplate names how chat messages become a prompt; "plain" joins
-	// their contents.
-	ChatTemplate string `json:"chat_template"`
+	// their contents. Absent when the model brings its own template in
+	// tokenizer_config.json.
+	ChatTemplate string `json:"chat_template,omitempty"`
 	// StopTokens end generation when produced.
-	StopTokens []string `json:"stop_tokens"`
+	StopTokens []string `json:"stop_tokens,omitempty"`
 	// KVCache is "append" when present holds only the new positions;
 	// absent for the usual concatenation.
 	KVCache string `json:"kv_cache,omitempty"`
@@ -253,6 +266,17 @@ func Write(dir string, opts Options) error {
 	spec := tokenizerSpec{special: o.SpecialTokens}
 	if o.Merges > 0 {
 		spec.merges, spec.symbols = learnMerges(text, o.Merges)
+	}
+	var own *ownTokenizer
+	if o.Tokenizer != "" {
+		var err error
+		if own, err = readOwnTokenizer(o.Tokenizer); err != nil {
+			return fmt.Errorf("onnxgen: %w", err)
+		}
+		o.Vocab = own.vocab
+		if err := o.validate(); err != nil {
+			return fmt.Errorf("onnxgen: invalid options: %w", err)
+		}
 	}
 	if o.Random {
 		o.Vocab = max(o.Vocab, spec.size())
@@ -292,24 +316,26 @@ func Write(dir string, opts Options) error {
 		NumHeads:      s.heads,
 		HeadDim:       s.headDim,
 	}
+	if own != nil {
+		cfg.EOSToken, cfg.ChatTemplate, cfg.StopTokens = own.eos, "", nil
+	}
 	cfgJSON, err := marshalJSON(cfg)
 	if err != nil {
 		return fmt.Errorf("onnxgen: encode %s: %w", ConfigFile, err)
 	}
-	tok, err := tokenizerJSON(spec, s.vocab)
-	if err != nil {
-		return fmt.Errorf("onnxgen: %w", err)
+	var files []namedFile
+	if own != nil {
+		files = own.files
+	} else {
+		tok, err := tokenizerJSON(spec, s.vocab)
+		if err != nil {
+			return fmt.Errorf("onnxgen: %w", err)
+		}
+		files = append(files, namedFile{TokenizerFile, tok})
 	}
+	files = append(files, namedFile{ConfigFile, cfgJSON}, namedFile{ModelFile, m.marshal()})
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("onnxgen: create %s: %w", dir, err)
-	}
-	files := []struct {
-		name string
-		data []byte
-	}{
-		{TokenizerFile, tok},
-		{ConfigFile, cfgJSON},
-		{ModelFile, m.marshal()},
 	}
 	for _, f := range files {
 		if err := writeFileAtomic(filepath.Join(dir, f.name), f.data); err != nil {

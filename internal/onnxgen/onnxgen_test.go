@@ -232,14 +232,16 @@ func TestOptionsValidation(t *testing.T) {
 		opts Options
 		want []string // substrings of the error; none means valid
 	}{
-		"defaults":         {opts: Options{}},
-		"demo context":     {opts: Options{Context: 1024}},
-		"demo shape fixed": {opts: Options{Layers: 3, Hidden: 64}, want: []string{"layers: the demo model has 2", "hidden: the demo model has 128"}},
-		"odd head dim":     {opts: Options{Random: true, Heads: 2, Hidden: 30}, want: []string{"even head dimension"}},
-		"context small":    {opts: Options{Context: 8}, want: []string{"context: must be in [16, 65536], got 8"}},
-		"negative layers":  {opts: Options{Random: true, Layers: -1}, want: []string{"layers: must be in [1, 64], got -1"}},
-		"vocab small":      {opts: Options{Random: true, Vocab: 100}, want: []string{"vocab: must be in [257"}},
-		"too big":          {opts: Options{Random: true, Layers: 64, Hidden: 8192, Heads: 64}, want: []string{"MiB limit"}},
+		"defaults":                    {opts: Options{}},
+		"demo context":                {opts: Options{Context: 1024}},
+		"demo shape fixed":            {opts: Options{Layers: 3, Hidden: 64}, want: []string{"layers: the demo model has 2", "hidden: the demo model has 128"}},
+		"odd head dim":                {opts: Options{Random: true, Heads: 2, Hidden: 30}, want: []string{"even head dimension"}},
+		"context small":               {opts: Options{Context: 8}, want: []string{"context: must be in [16, 65536], got 8"}},
+		"negative layers":             {opts: Options{Random: true, Layers: -1}, want: []string{"layers: must be in [1, 64], got -1"}},
+		"vocab small":                 {opts: Options{Random: true, Vocab: 100}, want: []string{"vocab: must be in [257"}},
+		"too big":                     {opts: Options{Random: true, Layers: 64, Hidden: 8192, Heads: 64}, want: []string{"MiB limit"}},
+		"own tokenizer, demo weights": {opts: Options{Tokenizer: "dir"}, want: []string{"tokenizer: needs Random"}},
+		"own tokenizer and merges":    {opts: Options{Random: true, Tokenizer: "dir", Merges: 4}, want: []string{"excludes merges"}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			err := tc.opts.withDefaults().validate()
@@ -423,5 +425,50 @@ func TestLearnMerges(t *testing.T) {
 	}
 	if !seen["Ġlow"] {
 		t.Errorf("symbols %q lack \"Ġlow\"", symbols)
+	}
+}
+
+func TestOwnTokenizerIsCopied(t *testing.T) {
+	src := t.TempDir()
+	// A SentencePiece-style vocabulary of 300 ids plus one added token
+	// past it; the config names its eos as an AddedToken object.
+	vocab := map[string]int{}
+	for id := range 300 {
+		vocab[fmt.Sprintf("<tok%d>", id)] = id
+	}
+	tok, err := json.Marshal(map[string]any{
+		"added_tokens": []map[string]any{{"id": 300, "content": "<end>", "special": true}},
+		"model":        map[string]any{"type": "BPE", "vocab": vocab, "merges": []string{}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := []byte(`{"eos_token": {"content": "<end>", "lstrip": false}, "chat_template": "{{ messages[0].content }}"}`)
+	for name, data := range map[string][]byte{TokenizerFile: tok, TokenizerConfigFile: cfg, ChatTemplateFile: []byte("{{ bos_token }}")} {
+		if err := os.WriteFile(filepath.Join(src, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := t.TempDir()
+	if err := Write(dir, Options{Random: true, Layers: 1, Heads: 1, Hidden: 16, Context: 64, Tokenizer: src}); err != nil {
+		t.Fatalf("Write: %v", err)
+	}
+	for _, name := range []string{TokenizerFile, TokenizerConfigFile, ChatTemplateFile} {
+		got, err := os.ReadFile(filepath.Join(dir, name))
+		want, _ := os.ReadFile(filepath.Join(src, name))
+		if err != nil || !bytes.Equal(got, want) {
+			t.Errorf("%s: not copied as it is (err %v)", name, err)
+		}
+	}
+	r := newRunner(t, dir)
+	if r.cfg.VocabSize != 301 || r.cfg.EOSToken != "<end>" || r.cfg.ChatTemplate != "" {
+		t.Errorf("model.json %+v: want vocab_size 301, eos_token <end> and no chat_template", r.cfg)
+	}
+
+	if err := os.Remove(filepath.Join(src, TokenizerConfigFile)); err != nil {
+		t.Fatal(err)
+	}
+	if err := Write(t.TempDir(), Options{Random: true, Tokenizer: src}); err == nil || !strings.Contains(err.Error(), "tokenizer_config.json is missing") {
+		t.Errorf("got %v, want an error naming the missing tokenizer_config.json", err)
 	}
 }
