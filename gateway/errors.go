@@ -149,6 +149,7 @@ func apiErrorOf(err error) apiError {
 		misdirected *adminMisdirected
 		crossOrigin *adminCrossOrigin
 		mediaType   *unsupportedMediaType
+		noTokenizer *NoTokenizerError
 		// A Router's or ModelAdmin's refusal of a model or version that
 		// does not exist says so with NotFound.
 		missingVersion interface {
@@ -210,6 +211,8 @@ func apiErrorOf(err error) apiError {
 		param := jsonType.Field
 		return mk(http.StatusBadRequest, invalidRequest, param, "invalid_type",
 			fmt.Sprintf("%s: expected %s, got JSON %s", param, jsonType.Type, jsonType.Value))
+	case errors.As(err, &noTokenizer):
+		return mk(http.StatusBadRequest, invalidRequest, "model", "tokenizer_unavailable", noTokenizer.Error())
 	case errors.As(err, &unknown):
 		return mk(http.StatusNotFound, invalidRequest, "model", infer.CodeModelNotFound, unknown.Error())
 	case errors.As(err, &missingVersion) && missingVersion.NotFound():

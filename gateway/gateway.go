@@ -177,6 +177,10 @@ type Config struct {
 	// Router, when set, maps each request's model to a version. nil: the
 	// model name goes to the workers as it is.
 	Router Router `json:"-"`
+	// Tokenizers, when set, serves POST /tokenize and /detokenize with
+	// the tokenizer of the version a completion would run on; nil: those
+	// routes answer 404.
+	Tokenizers Tokenizers `json:"-"`
 	// ModelAdmin, when set, is served on the admin listener.
 	ModelAdmin ModelAdmin `json:"-"`
 	// QUICKeys, when set, are shared with other instances so that each
@@ -376,6 +380,9 @@ type Gateway struct {
 	h3GraceEnd, h3CloseAll context.CancelFunc
 	h3Conns                sync.WaitGroup // serveH3Conn
 	h3Accepted             chan struct{}  // closed when serveH3 returns
+
+	// tokenizing holds a slot per token request encoding (tokenizeSlots).
+	tokenizing chan struct{}
 }
 
 // New validates cfg and builds a gateway; Start opens its sockets.
@@ -449,6 +456,7 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 		// A clone keeps the keys the caller set on cfg.TLS (or its
 		// automatic ones).
 		ticketKeys: cfg.TLS.Clone(),
+		tokenizing: make(chan struct{}, tokenizeSlots()),
 	}
 	g.limits.Store(newLimiter(cfg.RateLimits, nil, m, log))
 	g.aborting, g.abort = context.WithCancelCause(context.Background())

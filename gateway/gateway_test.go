@@ -1024,7 +1024,7 @@ func TestNewValidates(t *testing.T) {
 		t.Fatal("New accepted a config without TLS")
 	}
 	for _, want := range []string{"gateway.tls", "gateway.max_body_bytes", "gateway.listen", "scheduler", "catalog",
-		`gateway.early_data["/v1/chat/completion"]: not a route; routes are /v1/chat/completions, /v1/completions, /v1/models, /v1/models/`,
+		`gateway.early_data["/v1/chat/completion"]: not a route; routes are /v1/chat/completions, /v1/completions, /v1/models, /v1/models/, /tokenize, /detokenize`,
 		`gateway.early_data["/v1/models"]: want serve`, "gateway.auth.trusted_proxies[0]", "gateway.auth.trusted_proxies[1]"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)

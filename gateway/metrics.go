@@ -169,7 +169,7 @@ func (g *Gateway) instrument(next http.Handler) http.Handler {
 // named pattern is "other".
 func routeLabel(pattern string) string {
 	switch pattern {
-	case "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model...}":
+	case "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model...}", "/tokenize", "/detokenize":
 		return pattern
 	}
 	return "other"

@@ -29,6 +29,8 @@ func apiRouteTable() []apiRoute {
 		}},
 		{"/v1/models", "/v1/models", (*Gateway).serveModels},
 		{"/v1/models/", "/v1/models/{model...}", (*Gateway).serveModel},
+		{"/tokenize", "/tokenize", (*Gateway).serveTokenize},
+		{"/detokenize", "/detokenize", (*Gateway).serveDetokenize},
 	}
 }
 

@@ -307,21 +307,9 @@ func sortedKeys[V any](m map[string]V) []string {
 func (r *Registry) Route(model, key, pin string) (target, ver string, done func(failed bool), err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	f := r.models[model]
-	if f == nil || f.primary == "" {
-		return "", "", nil, notFound("model %q does not exist", model)
-	}
-	var v *version
-	switch {
-	case pin != "":
-		v = f.versions[pin]
-		if v == nil || v.retired {
-			return "", "", nil, notFound("model %q has no loaded version %q", model, pin)
-		}
-	case f.canary != "" && bucket(model, key) < f.weight:
-		v = f.versions[f.canary]
-	default:
-		v = f.versions[f.primary]
+	v, err := r.pick(model, key, pin)
+	if err != nil {
+		return "", "", nil, err
 	}
 	v.inflight++
 	r.inflight.WithLabelValues(v.model, v.ver).Inc()
@@ -329,6 +317,40 @@ func (r *Registry) Route(model, key, pin string) (target, ver string, done func(
 	return v.target, v.ver, func(failed bool) {
 		once.Do(func() { r.release(v, failed) })
 	}, nil
+}
+
+// Resolve names the version of model that Route would pick for key and
+// pin now, and the directory it was loaded from, without routing a
+// request to it: what /tokenize needs to count tokens as that version's
+// workers would. A static model's directory is the one its config names
+// (workerconf.SyntheticDir for the synthetic model).
+func (r *Registry) Resolve(model, key, pin string) (ver, dir string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	v, err := r.pick(model, key, pin)
+	if err != nil {
+		return "", "", err
+	}
+	return v.ver, v.dir, nil
+}
+
+// pick chooses the version of model for key and pin; r.mu held.
+func (r *Registry) pick(model, key, pin string) (*version, error) {
+	f := r.models[model]
+	if f == nil || f.primary == "" {
+		return nil, notFound("model %q does not exist", model)
+	}
+	switch {
+	case pin != "":
+		v := f.versions[pin]
+		if v == nil || v.retired {
+			return nil, notFound("model %q has no loaded version %q", model, pin)
+		}
+		return v, nil
+	case f.canary != "" && bucket(model, key) < f.weight:
+		return f.versions[f.canary], nil
+	}
+	return f.versions[f.primary], nil
 }
 
 // bucket maps a key to [0, 1): a hash, so a key's side of a split holds

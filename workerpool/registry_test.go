@@ -263,3 +263,53 @@ func TestSetPolicy(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestResolveFollowsRouting checks that Resolve names the version Route
+// would pick, with its directory, across a canary and a promotion, and
+// that it routes no request: the version's in-flight count stays 0.
+func TestResolveFollowsRouting(t *testing.T) {
+	r, _ := testRegistry(t, "1", "2")
+	ctx := t.Context()
+	if err := r.Promote(ctx, "m", "1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Canary(ctx, "m", "2", 50); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		key := fmt.Sprintf("tenant-%d", i)
+		ver, dir, err := r.Resolve("m", key, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := route(t, r, key, ""); ver != want {
+			t.Fatalf("key %s: Resolve says version %s, Route %s", key, ver, want)
+		}
+		if filepath.Base(dir) != ver || filepath.Base(filepath.Dir(dir)) != "m" {
+			t.Errorf("version %s: dir %s, want .../m/%s", ver, dir, ver)
+		}
+	}
+	if ver, _, err := r.Resolve("m", "anyone", "2"); err != nil || ver != "2" {
+		t.Errorf("pinned to 2: %s, %v", ver, err)
+	}
+	if err := r.Promote(ctx, "m", "2"); err != nil {
+		t.Fatal(err)
+	}
+	if ver, _, err := r.Resolve("m", "anyone", ""); err != nil || ver != "2" {
+		t.Errorf("after promoting 2: %s, %v", ver, err)
+	}
+	for _, c := range []struct{ model, pin string }{{"nope", ""}, {"m", "9"}} {
+		_, _, err := r.Resolve(c.model, "", c.pin)
+		var ve *VersionError
+		if !errors.As(err, &ve) || !ve.NotFound() {
+			t.Errorf("Resolve(%q, pin %q): %v, want a not-found VersionError", c.model, c.pin, err)
+		}
+	}
+	for _, s := range r.ModelStatus().([]ModelStatus) {
+		for _, v := range s.Loaded {
+			if v.Inflight != 0 {
+				t.Errorf("version %s has %d requests in flight after Resolve alone", v.Version, v.Inflight)
+			}
+		}
+	}
+}

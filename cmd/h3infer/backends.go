@@ -1,9 +1,13 @@
 package main
 
 import (
+	"context"
+	"errors"
+
 	"h3infer/gateway"
 	"h3infer/infer"
 	"h3infer/scheduler"
+	"h3infer/tokenizers"
 	"h3infer/upstream"
 	"h3infer/workerpool"
 )
@@ -128,7 +132,37 @@ func (r router) Route(model, key, pin string) (target, ver string, done func(fai
 	return model, "", func(bool) {}, nil
 }
 
+// tokenizerSource gives /tokenize the tokenizer of the version a
+// completion would be routed to (router's choice, made again without
+// routing a request), read from that version's directory. A model only
+// other kinds serve has no tokenizer here: its upstream tokenizes, and a
+// count from anything else could be wrong.
+type tokenizerSource struct {
+	reg   *workerpool.Registry
+	cache *tokenizers.Cache
+}
+
+func (s tokenizerSource) Tokenizer(ctx context.Context, model, key, pin string) (gateway.Tokenizer, string, error) {
+	if pin == "" && !s.reg.Has(model) {
+		return nil, "", &gateway.NoTokenizerError{Model: model, Reason: "is served by an upstream"}
+	}
+	ver, dir, err := s.reg.Resolve(model, key, pin)
+	if err != nil {
+		return nil, "", err
+	}
+	m, err := s.cache.Get(ctx, dir)
+	if errors.Is(err, tokenizers.ErrSynthetic) {
+		return nil, "", &gateway.NoTokenizerError{Model: model, Reason: "is the synthetic model, which has no tokenizer"}
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	return m, ver, nil
+}
+
 var (
+	_ gateway.Tokenizers   = tokenizerSource{}
+	_ gateway.Tokenizer    = (*tokenizers.Model)(nil)
 	_ gateway.Router       = router{}
 	_ scheduler.BackendSet = backendKinds{}
 	_ gateway.Catalog      = backendKinds{}

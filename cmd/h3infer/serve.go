@@ -31,6 +31,7 @@ import (
 	"h3infer/ratelimit"
 	"h3infer/scheduler"
 	"h3infer/tlsbind"
+	"h3infer/tokenizers"
 	"h3infer/upstream"
 	"h3infer/workerconf"
 	"h3infer/workerpool"
@@ -222,6 +223,11 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	gwCfg.Auth = auth
 	gwCfg.QUICKeys = quicKeys
 	gwCfg.Router = router{registry}
+	tokCache, err := tokenizers.New(0)
+	if err != nil {
+		return err
+	}
+	gwCfg.Tokenizers = tokenizerSource{registry, tokCache}
 	gwCfg.ModelAdmin = registry
 	gwCfg.TCPProtos = src.tcpProtos()
 	if cfg.QlogDir != "" {

@@ -56,6 +56,13 @@ var forbidden = map[string]struct{ direct, anywhere []string }{
 		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/transport", "h3infer/workerconf"},
 		anywhere: []string{"github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go", "net/http"},
 	},
+	// The gateway process's copy of the workers' tokenizers, for
+	// /tokenize: it reads model files as the worker does, but runs no
+	// model and knows neither the gateway nor the pool.
+	"h3infer/tokenizers": {
+		direct:   []string{"h3infer/gateway", "h3infer/scheduler", "h3infer/workerpool", "h3infer/engine", "h3infer/ort", "h3infer/transport", "h3infer/cmd/h3infer"},
+		anywhere: []string{"github.com/quic-go/quic-go", "github.com/yalue/onnxruntime_go", "net/http", "h3infer/engine", "h3infer/ort"},
+	},
 	// Both processes read the worker's settings, so they carry neither
 	// process's machinery.
 	"h3infer/workerconf": {

@@ -1,0 +1,137 @@
+package tokenizers
+
+import (
+	"fmt"
+	"path/filepath"
+	"unicode/utf8"
+
+	"h3infer/infer"
+	"h3infer/tokenize"
+	"h3infer/workerconf"
+)
+
+// Model is one model version's tokenizer and chat template, as its
+// worker uses them. It is immutable and safe for concurrent use.
+//
+// This file is the only one that calls package tokenize: when tokenize's
+// API changes, the change to /tokenize is here.
+type Model struct {
+	tok           *tokenize.Tokenizer
+	template      string // model.json's chat_template, checked by ReadModelConfig
+	contextLength int
+}
+
+// load reads dir's model.json and tokenizer.json as the worker does
+// (ort.LoadModel), without the graph.
+func load(dir string) (*Model, error) {
+	cfg, err := workerconf.ReadModelConfig(dir)
+	if err != nil {
+		return nil, err
+	}
+	tok, err := tokenize.Load(filepath.Join(dir, workerconf.TokenizerFile))
+	if err != nil {
+		return nil, err
+	}
+	return &Model{tok: tok, template: cfg.ChatTemplate, contextLength: cfg.ContextLength}, nil
+}
+
+// EncodePrompt is the token ids of a text prompt. addSpecial asks for the
+// tokens a tokenizer's post-processor adds (BOS, say); today's tokenizer
+// applies none, and neither does the worker, so it changes nothing yet.
+func (m *Model) EncodePrompt(text string, addSpecial bool) []int {
+	return m.tok.Encode(text)
+}
+
+// EncodeChat is the token ids of a conversation rendered with the model's
+// chat template, as the worker renders and encodes it. addSpecial is as
+// for EncodePrompt. Today's templates always end with the assistant's
+// turn, so addGenerationPrompt false is refused. Every error is the
+// request's fault (a conversation the template cannot express, that
+// refusal) and its message begins with the parameter at fault when it is
+// not the messages.
+func (m *Model) EncodeChat(msgs []infer.ChatMessage, addGenerationPrompt, addSpecial bool) ([]int, error) {
+	if !addGenerationPrompt {
+		return nil, fmt.Errorf("add_generation_prompt: false is not supported by chat template %q, which always ends with the assistant's turn", m.template)
+	}
+	text, err := tokenize.Apply(m.template, msgs)
+	if err != nil {
+		return nil, err
+	}
+	return m.tok.Encode(text), nil
+}
+
+// Decode is the text of ids, special tokens included (as vLLM's
+// /detokenize and Hugging Face's decode by default). Bytes that are not
+// UTF-8 become U+FFFD. Ids outside the vocabulary decode to nothing:
+// callers check them against VocabSize first.
+func (m *Model) Decode(ids []int) string {
+	return validUTF8(m.tok.Decode(ids))
+}
+
+// TokenStrings is each id's entry in the vocabulary, as Hugging Face's
+// convert_ids_to_tokens gives it: an added token's content, else the
+// byte-level spelling ("Ġworld" for " world").
+func (m *Model) TokenStrings(ids []int) []string {
+	out := make([]string, len(ids))
+	for i, id := range ids {
+		piece := m.tok.Piece(id)
+		if m.tok.IsAdded(piece) {
+			out[i] = piece
+			continue
+		}
+		s := byteLevel(piece)
+		if got, ok := m.tok.TokenID(s); !ok || got != id {
+			// Not a byte-level entry after all: the text is the best
+			// spelling there is.
+			s = piece
+		}
+		out[i] = s
+	}
+	return out
+}
+
+// validUTF8 is b with each byte that is not part of valid UTF-8 replaced
+// by U+FFFD, as Python's errors="replace" and encoding/json do.
+func validUTF8(b []byte) string {
+	if utf8.Valid(b) {
+		return string(b)
+	}
+	out := make([]byte, 0, len(b)+8)
+	for len(b) > 0 {
+		r, n := utf8.DecodeRune(b)
+		out = utf8.AppendRune(out, r) // RuneError for an invalid byte, n == 1
+		b = b[n:]
+	}
+	return string(out)
+}
+
+// VocabSize is one past the largest token id.
+func (m *Model) VocabSize() int { return m.tok.VocabSize() }
+
+// ContextLength is the version's context in tokens (model.json's
+// context_length), vLLM's max_model_len.
+func (m *Model) ContextLength() int { return m.contextLength }
+
+// byteLevel spells s in GPT-2's byte alphabet, as byte-level BPE
+// vocabularies write their entries: printable Latin-1 bytes stand for
+// themselves, the others for the runes from U+0100 up, in byte order.
+func byteLevel(s string) string {
+	b := make([]byte, 0, 2*len(s))
+	for i := range len(s) {
+		b = utf8.AppendRune(b, byteRune[s[i]])
+	}
+	return string(b)
+}
+
+var byteRune = func() (t [256]rune) {
+	next := rune(256)
+	for c := range 256 {
+		if ('!' <= c && c <= '~') || (0xA1 <= c && c <= 0xAC) || (0xAE <= c && c <= 0xFF) {
+			t[c] = rune(c)
+			continue
+		}
+		t[c] = next
+		next++
+	}
+	return t
+}()
