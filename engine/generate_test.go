@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"math"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"h3infer/infer"
 	"h3infer/internal/onnxgen"
 	"h3infer/ort"
+	"h3infer/tokenize"
 )
 
 func TestContextLength(t *testing.T) {
@@ -281,5 +284,54 @@ func TestInvalidSampling(t *testing.T) {
 		if _, _, err := Generate(context.Background(), m, &s); err != nil {
 			t.Errorf("%+v: %v", s, err)
 		}
+	}
+}
+
+// A model's own Jinja template formats chats, and a conversation it
+// refuses with raise_exception is the request's fault, answered with the
+// template's message.
+func TestChatUsesJinjaTemplate(t *testing.T) {
+	needModel(t)
+	dir := t.TempDir()
+	if err := onnxgen.Write(dir, onnxgen.DefaultOptions()); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "model.json")
+	cfg, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	noTemplate := strings.Replace(string(cfg), `"chat_template": "plain",`, "", 1)
+	if noTemplate == string(cfg) {
+		t.Fatalf("model.json has no plain chat_template to remove: %s", cfg)
+	}
+	if err := os.WriteFile(path, []byte(noTemplate), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const tmpl = `{"chat_template": "{% for m in messages %}{% if loop.index0 > 0 and m.role == messages[loop.index0 - 1].role %}{{ raise_exception('roles must alternate') }}{% endif %}{{ m.content | upper }}\n{% endfor %}"}`
+	if err := os.WriteFile(filepath.Join(dir, tokenize.TokenizerConfigFile), []byte(tmpl), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m := loadModelDir(t, "jinja", dir, ort.Options{})
+
+	chat, _, err := Generate(context.Background(), m, &infer.Request{
+		Messages: []infer.ChatMessage{{Role: "user", Content: "the gateway"}}, MaxTokens: 10,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, _, err := Generate(context.Background(), m, &infer.Request{Prompt: "THE GATEWAY\n", MaxTokens: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if chat != plain {
+		t.Errorf("chat gave %q, the prompt the template writes %q", chat, plain)
+	}
+
+	_, _, err = Generate(context.Background(), m, &infer.Request{
+		Messages: []infer.ChatMessage{{Role: "user", Content: "a"}, {Role: "user", Content: "b"}},
+	})
+	if re, ok := errors.AsType[*RequestError](err); !ok || re.Code != infer.CodeInvalidRequest || re.Message != "roles must alternate" {
+		t.Errorf("got %v, want an %s error with the template's message", err, infer.CodeInvalidRequest)
 	}
 }

@@ -1,6 +1,9 @@
 package engine
 
-import "h3infer/infer"
+import (
+	"h3infer/infer"
+	"h3infer/tokenize"
+)
 
 // Model is a language model as the loop drives it: a vocabulary, a
 // prefill that runs one prompt alone, and one batch of sequences that a
@@ -17,9 +20,8 @@ import "h3infer/infer"
 type Model interface {
 	// Info names the model and says its context length.
 	Info() infer.ModelInfo
-	// ChatTemplate names the template of package tokenize that formats a
-	// chat as this model's prompt.
-	ChatTemplate() string
+	// ChatTemplate formats a chat as this model's prompt.
+	ChatTemplate() *tokenize.ChatTemplate
 	// Encode turns prompt text into token ids.
 	Encode(text string) []int
 	// Piece is the bytes token id stands for, not necessarily whole

@@ -66,7 +66,7 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 	text := s.Prompt
 	if len(s.Messages) > 0 {
 		var err error
-		if text, err = tokenize.Apply(m.ChatTemplate(), s.Messages); err != nil {
+		if text, err = m.ChatTemplate().Render(s.Messages, true); err != nil {
 			// A conversation the model's format cannot express is the
 			// request's fault.
 			if ce, ok := errors.AsType[*tokenize.ConversationError](err); ok {

@@ -32,10 +32,12 @@ type synthetic struct {
 	// zeros are the logits of a step, one per row: with a vocabulary of
 	// one token there is nothing else to say.
 	zeros []float32
+	chat  *tokenize.ChatTemplate
 }
 
 func newSynthetic(name string, interval time.Duration) *synthetic {
-	return &synthetic{name: name, interval: interval}
+	plain, _ := tokenize.LookupTemplate(tokenize.TemplatePlain)
+	return &synthetic{name: name, interval: interval, chat: plain}
 }
 
 func (s *synthetic) Info() infer.ModelInfo {
@@ -44,7 +46,7 @@ func (s *synthetic) Info() infer.ModelInfo {
 
 // ChatTemplate is plain: each message's content on a line, so a chat's
 // words are its messages' words.
-func (s *synthetic) ChatTemplate() string { return tokenize.TemplatePlain }
+func (s *synthetic) ChatTemplate() *tokenize.ChatTemplate { return s.chat }
 
 // Encode gives each word of text the one token id, 0.
 func (s *synthetic) Encode(text string) []int {

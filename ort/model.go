@@ -57,6 +57,7 @@ type Model struct {
 	name    string
 	cfg     workerconf.ModelConfig
 	tok     *tokenize.Tokenizer
+	chat    *tokenize.ChatTemplate
 	session *onnxrt.DynamicAdvancedSession
 	run     *batch // the batch Join, Leave and Step work on
 
@@ -91,11 +92,12 @@ const (
 )
 
 // LoadModel loads the model in dir: model.json, tokenizer.json and
-// model.onnx. InitRuntime must have succeeded first. The graph's inputs
-// and outputs are found by name, following the usual export signature of
-// decoder-only language models: input_ids, attention_mask, optional
-// position_ids and past_key_values.N.key/value in; logits and
-// present.N.key/value out.
+// model.onnx, and the chat template of chat_template.jinja or
+// tokenizer_config.json when model.json names none. InitRuntime must
+// have succeeded first. The graph's inputs and outputs are found by name,
+// following the usual export signature of decoder-only language models:
+// input_ids, attention_mask, optional position_ids and
+// past_key_values.N.key/value in; logits and present.N.key/value out.
 func LoadModel(dir string, opts Options) (*Model, error) {
 	if opts.IntraOpThreads < 0 {
 		return nil, fmt.Errorf("load model %s: intra-op threads: must be >= 0, got %d", dir, opts.IntraOpThreads)
@@ -129,14 +131,23 @@ func LoadModel(dir string, opts Options) (*Model, error) {
 	// The template's markers must be tokens, or they would reach the model
 	// spelled out as characters; the token that ends its turns stops
 	// generation, as the model's own eos does.
-	tmpl, _ := tokenize.LookupTemplate(cfg.ChatTemplate) // ReadModelConfig checked the name
-	for _, mark := range tmpl.Markers {
-		if !tok.IsAdded(mark) {
-			errs = append(errs, fmt.Errorf("%s: chat_template: %q writes %q, which is not among the added tokens of %s", modelConfigFile, cfg.ChatTemplate, mark, tokenizerFile))
+	chat, err := cfg.LoadChatTemplate(dir)
+	if err != nil {
+		errs = append(errs, err)
+	} else {
+		m.chat = chat
+		for _, mark := range chat.Markers {
+			switch {
+			case tok.IsAdded(mark):
+			case chat.File != "":
+				errs = append(errs, fmt.Errorf("%s: bos_token or eos_token: %q, which the chat template writes, is not among the added tokens of %s", tokenize.TokenizerConfigFile, mark, tokenizerFile))
+			default:
+				errs = append(errs, fmt.Errorf("%s: chat_template: %q writes %q, which is not among the added tokens of %s", modelConfigFile, chat.Name, mark, tokenizerFile))
+			}
 		}
-	}
-	if id, ok := tok.TokenID(tmpl.EndOfTurn); ok && tmpl.EndOfTurn != "" {
-		m.stopIDs[id] = true
+		if id, ok := tok.TokenID(chat.EndOfTurn); ok && chat.EndOfTurn != "" {
+			m.stopIDs[id] = true
+		}
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("load model %s: %w", dir, errors.Join(errs...))
@@ -410,15 +421,17 @@ func (m *Model) Info() infer.ModelInfo {
 	return infer.ModelInfo{Name: m.name, ContextLength: uint32(m.cfg.ContextLength)}
 }
 
-// ChatTemplate names the template (package tokenize) that formats a chat
-// as this model's prompt: model.json's chat_template.
-func (m *Model) ChatTemplate() string { return m.cfg.ChatTemplate }
+// ChatTemplate formats a chat as this model's prompt: the template
+// model.json names, else the model's own Jinja template, else plain
+// (workerconf.ModelConfig.LoadChatTemplate).
+func (m *Model) ChatTemplate() *tokenize.ChatTemplate { return m.chat }
 
 // Encode turns prompt text into the model's token ids.
 func (m *Model) Encode(text string) []int { return m.tok.Encode(text) }
 
 // Piece is the bytes token id stands for, and whether it ends a sequence:
-// eos_token, stop_tokens or the chat template's end of turn. An end
+// eos_token, stop_tokens or the chat template's end of turn (a Jinja
+// template's eos_token). An end
 // token's piece is its spelling, which is never part of an answer.
 func (m *Model) Piece(id int) (string, bool) { return m.tok.Piece(id), m.stopIDs[id] }
 

@@ -1,6 +1,7 @@
 package ort
 
 import (
+	"encoding/json"
 	"fmt"
 	"math"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"h3infer/infer"
 	"h3infer/internal/onnxgen"
 	"h3infer/tokenize"
 )
@@ -195,5 +197,65 @@ func TestTemplateEndOfTurnStops(t *testing.T) {
 	header, _ := m.tok.TokenID("<|start_header_id|>")
 	if !m.stopIDs[eot] || m.stopIDs[header] {
 		t.Errorf("stop ids %v: want <|eot_id|> (%d) and not <|start_header_id|> (%d)", m.stopIDs, eot, header)
+	}
+}
+
+// A model whose model.json names no chat template is served with its own
+// Jinja template from tokenizer_config.json, whose eos_token ends turns;
+// one whose eos_token the tokenizer lacks is refused, naming the file.
+func TestJinjaTemplateFromTokenizerConfig(t *testing.T) {
+	needModel(t)
+	dir := t.TempDir()
+	if err := onnxgen.Write(dir, onnxgen.Options{SpecialTokens: []string{"<|im_start|>", "<|im_end|>"}}); err != nil {
+		t.Fatal(err)
+	}
+	// model.json as an exported model has it: no chat_template.
+	path := filepath.Join(dir, modelConfigFile)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	if err := json.Unmarshal(data, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	delete(cfg, "chat_template")
+	if data, err = json.Marshal(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	writeConfig := func(eos string) {
+		t.Helper()
+		tc, _ := json.Marshal(map[string]any{
+			"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+			"eos_token":     map[string]any{"__type": "AddedToken", "content": eos},
+		})
+		if err := os.WriteFile(filepath.Join(dir, tokenize.TokenizerConfigFile), tc, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	writeConfig("<|im_end|>")
+	m, err := LoadModel(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	got, err := m.ChatTemplate().Render([]infer.ChatMessage{{Role: "user", Content: "Hi"}}, true)
+	if want := "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"; err != nil || got != want {
+		t.Errorf("rendered %q, %v; want %q", got, err, want)
+	}
+	end, _ := m.tok.TokenID("<|im_end|>")
+	start, _ := m.tok.TokenID("<|im_start|>")
+	if !m.stopIDs[end] || m.stopIDs[start] {
+		t.Errorf("stop ids %v: want <|im_end|> (%d) and not <|im_start|> (%d)", m.stopIDs, end, start)
+	}
+
+	writeConfig("<|not_a_token|>")
+	_, err = LoadModel(dir, Options{})
+	if err == nil || !strings.Contains(err.Error(), tokenize.TokenizerConfigFile+`: bos_token or eos_token: "<|not_a_token|>"`) {
+		t.Errorf("got %v, want the load refused for the eos_token", err)
 	}
 }

@@ -8,9 +8,10 @@ import (
 	"h3infer/infer"
 )
 
-// Chat templates turn a conversation into the prompt text the model
+// Named chat templates turn a conversation into the prompt text the model
 // continues. Each is written in Go after the format its model family was
-// trained on; model.json's chat_template picks one by name.
+// trained on; model.json's chat_template picks one by name, and they serve
+// models whose files bring no Jinja template of their own (jinja.go).
 const (
 	// TemplatePlain writes each message's content followed by "\n",
 	// ignoring roles; the model then continues as the assistant. It suits
@@ -46,14 +47,52 @@ const (
 	TemplateZephyr = "zephyr"
 )
 
-// Template is one format: the special tokens it writes (Markers), which
-// the model's tokenizer must have as tokens, else they would reach the
-// model as plain characters, and the token that ends a turn (EndOfTurn),
-// which stops generation as the model's end token does.
-type Template struct {
-	Markers   []string
+// ChatTemplate formats a conversation as the prompt text a model
+// continues. It is one of the named templates above, written in Go, or a
+// model's own Jinja template (LoadJinja); the engine uses both through
+// Render alone. It is safe for concurrent use.
+type ChatTemplate struct {
+	// Name is a named template's name; empty for a Jinja template.
+	Name string
+	// File is the file a Jinja template was read from; empty for a named
+	// one.
+	File string
+	// Markers are the special tokens the template writes, which the
+	// model's tokenizer must have as added tokens, else they would reach
+	// the model as plain characters. A Jinja template's are its bos_token
+	// and eos_token, the only ones its files name.
+	Markers []string
+	// EndOfTurn is the token that ends a turn, which stops generation as
+	// the model's end token does: a Jinja template's eos_token.
 	EndOfTurn string
-	apply     func(b *strings.Builder, msgs []infer.ChatMessage) error
+
+	named namedTemplate  // a named template's format
+	jinja *jinjaTemplate // a Jinja template; nil for a named one
+}
+
+// Render formats msgs as a prompt; addGenerationPrompt ends it with
+// what opens the assistant's answer, as a chat request wants. A
+// conversation the template refuses is a *ConversationError.
+func (t *ChatTemplate) Render(msgs []infer.ChatMessage, addGenerationPrompt bool) (string, error) {
+	if t.jinja != nil {
+		return t.jinja.render(msgs, addGenerationPrompt)
+	}
+	var b strings.Builder
+	if err := t.named.body(&b, msgs); err != nil {
+		return "", err
+	}
+	if addGenerationPrompt {
+		b.WriteString(t.named.opening)
+	}
+	return b.String(), nil
+}
+
+// String names the template in logs and errors.
+func (t *ChatTemplate) String() string {
+	if t.File != "" {
+		return "jinja " + t.File
+	}
+	return t.Name
 }
 
 // TemplateNames lists the templates in the order docs and errors give them.
@@ -61,11 +100,29 @@ func TemplateNames() []string {
 	return []string{TemplatePlain, TemplateChatML, TemplateLlama3, TemplateLlama2, TemplateMistral, TemplateGemma, TemplatePhi3, TemplateZephyr}
 }
 
-// LookupTemplate returns the template called name.
-func LookupTemplate(name string) (Template, bool) {
+// namedTemplate is a named template: its markers, end of turn, the body
+// it writes per conversation and the assistant's opening (empty where
+// the format has none apart from the body).
+type namedTemplate struct {
+	markers   []string
+	endOfTurn string
+	body      func(b *strings.Builder, msgs []infer.ChatMessage) error
+	opening   string
+}
+
+// LookupTemplate returns the named template called name.
+func LookupTemplate(name string) (*ChatTemplate, bool) {
+	n, ok := lookupNamed(name)
+	if !ok {
+		return nil, false
+	}
+	return &ChatTemplate{Name: name, Markers: n.markers, EndOfTurn: n.endOfTurn, named: n}, true
+}
+
+func lookupNamed(name string) (namedTemplate, bool) {
 	switch name {
 	case TemplatePlain:
-		return Template{apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
+		return namedTemplate{body: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 			for _, m := range msgs {
 				b.WriteString(m.Content)
 				b.WriteByte('\n')
@@ -73,43 +130,44 @@ func LookupTemplate(name string) (Template, bool) {
 			return nil
 		}}, true
 	case TemplateChatML:
-		return Template{
-			Markers:   []string{"<|im_start|>", "<|im_end|>"},
-			EndOfTurn: "<|im_end|>",
-			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
+		return namedTemplate{
+			markers:   []string{"<|im_start|>", "<|im_end|>"},
+			endOfTurn: "<|im_end|>",
+			body: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|im_start|>%s\n%s<|im_end|>\n", m.Role, m.Content)
 				}
-				b.WriteString("<|im_start|>assistant\n")
 				return nil
 			},
+			opening: "<|im_start|>assistant\n",
 		}, true
 	case TemplateLlama3:
-		return Template{
-			Markers:   []string{"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"},
-			EndOfTurn: "<|eot_id|>",
-			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
+		return namedTemplate{
+			markers:   []string{"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"},
+			endOfTurn: "<|eot_id|>",
+			body: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				b.WriteString("<|begin_of_text|>")
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|start_header_id|>%s<|end_header_id|>\n\n%s<|eot_id|>", m.Role, strings.TrimSpace(m.Content))
 				}
-				b.WriteString("<|start_header_id|>assistant<|end_header_id|>\n\n")
 				return nil
 			},
+			opening: "<|start_header_id|>assistant<|end_header_id|>\n\n",
 		}, true
 	case TemplateLlama2, TemplateMistral:
-		return Template{
-			Markers:   []string{"<s>", "</s>"},
-			EndOfTurn: "</s>",
-			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
+		// The last user message's [/INST] opens the answer.
+		return namedTemplate{
+			markers:   []string{"<s>", "</s>"},
+			endOfTurn: "</s>",
+			body: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				return applyInst(b, msgs, name == TemplateLlama2)
 			},
 		}, true
 	case TemplateGemma:
-		return Template{
-			Markers:   []string{"<bos>", "<start_of_turn>", "<end_of_turn>"},
-			EndOfTurn: "<end_of_turn>",
-			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
+		return namedTemplate{
+			markers:   []string{"<bos>", "<start_of_turn>", "<end_of_turn>"},
+			endOfTurn: "<end_of_turn>",
+			body: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				b.WriteString("<bos>")
 				for _, m := range foldSystem(msgs) {
 					role := m.Role
@@ -118,59 +176,46 @@ func LookupTemplate(name string) (Template, bool) {
 					}
 					fmt.Fprintf(b, "<start_of_turn>%s\n%s<end_of_turn>\n", role, strings.TrimSpace(m.Content))
 				}
-				b.WriteString("<start_of_turn>model\n")
 				return nil
 			},
+			opening: "<start_of_turn>model\n",
 		}, true
 	case TemplatePhi3:
-		return Template{
-			Markers:   []string{"<|user|>", "<|assistant|>", "<|end|>"},
-			EndOfTurn: "<|end|>",
-			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
+		return namedTemplate{
+			markers:   []string{"<|user|>", "<|assistant|>", "<|end|>"},
+			endOfTurn: "<|end|>",
+			body: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|%s|>\n%s<|end|>\n", m.Role, m.Content)
 				}
-				b.WriteString("<|assistant|>\n")
 				return nil
 			},
+			opening: "<|assistant|>\n",
 		}, true
 	case TemplateZephyr:
 		// Zephyr's role tags are ordinary text to its tokenizer; only the
 		// end-of-sequence token is special.
-		return Template{
-			Markers:   []string{"</s>"},
-			EndOfTurn: "</s>",
-			apply: func(b *strings.Builder, msgs []infer.ChatMessage) error {
+		return namedTemplate{
+			markers:   []string{"</s>"},
+			endOfTurn: "</s>",
+			body: func(b *strings.Builder, msgs []infer.ChatMessage) error {
 				for _, m := range msgs {
 					fmt.Fprintf(b, "<|%s|>\n%s</s>\n", m.Role, m.Content)
 				}
-				b.WriteString("<|assistant|>\n")
 				return nil
 			},
+			opening: "<|assistant|>\n",
 		}, true
 	}
-	return Template{}, false
+	return namedTemplate{}, false
 }
 
 // ConversationError is a conversation a template cannot express: the
-// request's fault, not the model's.
+// request's fault, not the model's. A Jinja template's raise_exception
+// is one, with the template's message.
 type ConversationError struct{ Message string }
 
 func (e *ConversationError) Error() string { return e.Message }
-
-// Apply renders msgs with the template called name. A conversation the
-// format cannot express is a *ConversationError.
-func Apply(name string, msgs []infer.ChatMessage) (string, error) {
-	t, ok := LookupTemplate(name)
-	if !ok {
-		return "", fmt.Errorf("unknown chat template %q", name)
-	}
-	var b strings.Builder
-	if err := t.apply(&b, msgs); err != nil {
-		return "", err
-	}
-	return b.String(), nil
-}
 
 // foldSystem puts leading system messages in front of the first user
 // message, for formats without a system role.

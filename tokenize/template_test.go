@@ -38,7 +38,7 @@ func TestTemplates(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := Apply(tc.name, tc.msgs)
+			got, err := render(t, tc.name, tc.msgs, true)
 			if err != nil || got != tc.want {
 				t.Errorf("got %q, %v; want %q", got, err, tc.want)
 			}
@@ -49,7 +49,7 @@ func TestTemplates(t *testing.T) {
 			t.Errorf("listed template %q is not valid", name)
 		}
 	}
-	if _, err := Apply("jinja", sysUser); err == nil {
+	if _, ok := LookupTemplate("jinja"); ok {
 		t.Error("unknown template accepted")
 	}
 	// [INST] formats cannot express these conversations.
@@ -58,9 +58,39 @@ func TestTemplates(t *testing.T) {
 		"ends with answer": msgs("user", "a", "assistant", "b"),
 		"starts with bot":  msgs("assistant", "a", "user", "b"),
 	} {
-		_, err := Apply(TemplateLlama2, m)
+		_, err := render(t, TemplateLlama2, m, true)
 		if _, ok := errors.AsType[*ConversationError](err); !ok {
 			t.Errorf("%s: got %v, want a conversation the format cannot express", name, err)
 		}
 	}
+}
+
+// TestTemplatesWithoutGenerationPrompt checks that the named templates
+// leave out the assistant's opening when asked, as a Jinja template does.
+func TestTemplatesWithoutGenerationPrompt(t *testing.T) {
+	msgs := []infer.ChatMessage{{Role: "user", Content: "Hi"}}
+	tests := map[string]string{
+		TemplatePlain:   "Hi\n",
+		TemplateChatML:  "<|im_start|>user\nHi<|im_end|>\n",
+		TemplateLlama3:  "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+		TemplateLlama2:  "<s>[INST] Hi [/INST]",
+		TemplateGemma:   "<bos><start_of_turn>user\nHi<end_of_turn>\n",
+		TemplatePhi3:    "<|user|>\nHi<|end|>\n",
+		TemplateZephyr:  "<|user|>\nHi</s>\n",
+		TemplateMistral: "<s>[INST] Hi [/INST]",
+	}
+	for name, want := range tests {
+		if got, err := render(t, name, msgs, false); err != nil || got != want {
+			t.Errorf("%s: got %q, %v; want %q", name, got, err, want)
+		}
+	}
+}
+
+func render(t *testing.T, name string, msgs []infer.ChatMessage, addGenerationPrompt bool) (string, error) {
+	t.Helper()
+	tmpl, ok := LookupTemplate(name)
+	if !ok {
+		t.Fatalf("no template %q", name)
+	}
+	return tmpl.Render(msgs, addGenerationPrompt)
 }

@@ -23,11 +23,15 @@ const (
 // ModelConfig is model.json, the file that sits next to model.onnx and
 // tokenizer.json and says how to serve them.
 type ModelConfig struct {
-	Name          string   `json:"name"`
-	ContextLength int      `json:"context_length"`
-	EOSToken      string   `json:"eos_token"`
-	ChatTemplate  string   `json:"chat_template"`
-	StopTokens    []string `json:"stop_tokens"`
+	Name          string `json:"name"`
+	ContextLength int    `json:"context_length"`
+	EOSToken      string `json:"eos_token"`
+	// ChatTemplate names one of package tokenize's templates, which then
+	// formats chats whatever the model's own files say; empty means the
+	// model's own Jinja template, or plain when it has none
+	// (LoadChatTemplate).
+	ChatTemplate string   `json:"chat_template"`
+	StopTokens   []string `json:"stop_tokens"`
 	// KVCache is how the graph passes the cache: "concat" (the default,
 	// the usual export: present is past with the new positions appended)
 	// or "append" (present is the new positions alone, and past is the
@@ -85,9 +89,7 @@ func parseModelConfig(data []byte) (ModelConfig, error) {
 	if c.EOSToken == "" {
 		errs = append(errs, errors.New("eos_token: must not be empty"))
 	}
-	if c.ChatTemplate == "" {
-		c.ChatTemplate = tokenize.TemplatePlain
-	} else if _, ok := tokenize.LookupTemplate(c.ChatTemplate); !ok {
+	if _, ok := tokenize.LookupTemplate(c.ChatTemplate); !ok && c.ChatTemplate != "" {
 		errs = append(errs, fmt.Errorf("chat_template: must be one of %s, got %q", strings.Join(tokenize.TemplateNames(), ", "), c.ChatTemplate))
 	}
 	switch c.KVCache {
@@ -111,4 +113,27 @@ func parseModelConfig(data []byte) (ModelConfig, error) {
 		}
 	}
 	return c, errors.Join(errs...)
+}
+
+// LoadChatTemplate returns the template that formats chats for the model
+// in dir, whose model.json is c. An operator's explicit choice comes
+// first: the template model.json's chat_template names. Else the model's
+// own Jinja template, which its authors wrote for it (tokenize.LoadJinja:
+// chat_template.jinja or tokenizer_config.json); a broken one is an error
+// naming its file, never a silent fallback. Else plain, which suits a
+// model trained on no chat format.
+func (c ModelConfig) LoadChatTemplate(dir string) (*tokenize.ChatTemplate, error) {
+	if c.ChatTemplate != "" {
+		t, ok := tokenize.LookupTemplate(c.ChatTemplate)
+		if !ok {
+			return nil, fmt.Errorf("%s: chat_template: must be one of %s, got %q", ModelConfigFile, strings.Join(tokenize.TemplateNames(), ", "), c.ChatTemplate)
+		}
+		return t, nil
+	}
+	t, err := tokenize.LoadJinja(dir)
+	if err != nil || t != nil {
+		return t, err
+	}
+	t, _ = tokenize.LookupTemplate(tokenize.TemplatePlain)
+	return t, nil
 }

@@ -1,6 +1,8 @@
 package workerconf
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -54,5 +56,52 @@ func FuzzParseModelConfig(f *testing.F) {
 
 func knownTemplate(name string) bool {
 	_, ok := tokenize.LookupTemplate(name)
+	ok = ok || name == "" // the model's own template, else plain
 	return ok
+}
+
+// TestLoadChatTemplatePrecedence: model.json's chat_template, when set,
+// wins; else the model's own Jinja template; else plain.
+func TestLoadChatTemplatePrecedence(t *testing.T) {
+	const own = `{"chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}", "bos_token": "<s>", "eos_token": "</s>"}`
+	tests := []struct {
+		name      string
+		named     string // model.json's chat_template
+		config    string // tokenizer_config.json; "" writes none
+		wantName  string
+		wantJinja bool
+		wantErr   string
+	}{
+		{name: "neither", wantName: tokenize.TemplatePlain},
+		{name: "own template", config: own, wantJinja: true},
+		{name: "named wins", named: tokenize.TemplateChatML, config: own, wantName: tokenize.TemplateChatML},
+		{name: "named, own broken", named: tokenize.TemplateChatML, config: `{"chat_template": "{% if %}"}`, wantName: tokenize.TemplateChatML},
+		{name: "own broken", config: `{"chat_template": "{% if %}"}`, wantErr: tokenize.TokenizerConfigFile + ": chat_template: "},
+		{name: "config without template", config: `{"eos_token": "</s>"}`, wantName: tokenize.TemplatePlain},
+		{name: "unknown name", named: "jinja", wantErr: `model.json: chat_template: must be one of plain, `},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tc.config != "" {
+				if err := os.WriteFile(filepath.Join(dir, tokenize.TokenizerConfigFile), []byte(tc.config), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			c := ModelConfig{Name: "m", ContextLength: 8, EOSToken: "</s>", ChatTemplate: tc.named}
+			tmpl, err := c.LoadChatTemplate(dir)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("got %v, want an error containing %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tmpl.Name != tc.wantName || (tmpl.File != "") != tc.wantJinja {
+				t.Errorf("got template %q (file %q), want %q (jinja %v)", tmpl.Name, tmpl.File, tc.wantName, tc.wantJinja)
+			}
+		})
+	}
 }
