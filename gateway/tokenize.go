@@ -9,7 +9,6 @@ import (
 	"io"
 	"net/http"
 	"runtime"
-	"strings"
 	"time"
 
 	"h3infer/infer"
@@ -35,8 +34,9 @@ type Tokenizer interface {
 	// tokens the tokenizer's post-processor adds (BOS, say).
 	EncodePrompt(text string, addSpecial bool) []int
 	// EncodeChat is the token ids of a conversation rendered with the
-	// chat template. Every error is the request's fault; its message
-	// begins with "PARAM: " when the parameter at fault is not messages.
+	// chat template. An error with a BadRequest method that returns true
+	// is a conversation the template refuses, the request's fault; any
+	// other is the model's.
 	EncodeChat(msgs []infer.ChatMessage, addGenerationPrompt, addSpecial bool) ([]int, error)
 	// Decode is the text of ids, each below VocabSize, special tokens
 	// included.
@@ -279,7 +279,7 @@ func (g *Gateway) tokenCall(w http.ResponseWriter, r *http.Request, parse func([
 
 func (g *Gateway) serveTokenize(w http.ResponseWriter, r *http.Request) {
 	var job tokenizeJob
-	tok, _, done, err := g.tokenCall(w, r, func(body []byte) (string, error) {
+	tok, model, done, err := g.tokenCall(w, r, func(body []byte) (string, error) {
 		model, j, err := parseTokenize(body)
 		job = j
 		return model, err
@@ -292,11 +292,17 @@ func (g *Gateway) serveTokenize(w http.ResponseWriter, r *http.Request) {
 	var ids []int
 	if job.messages != nil {
 		if ids, err = tok.EncodeChat(job.messages, job.addGenerationPrompt, job.addSpecial); err != nil {
-			param, _, ok := strings.Cut(err.Error(), ":")
-			if !ok || strings.ContainsAny(param, " \"") {
-				param = "messages"
+			// A conversation the template refuses is the request's fault;
+			// any other failure to render is the model's.
+			if bad, ok := errors.AsType[interface {
+				error
+				BadRequest() bool
+			}](err); ok && bad.BadRequest() {
+				writeError(w, invalidf("messages", "%s", err.Error()))
+				return
 			}
-			writeError(w, invalidf(param, "%s", err.Error()))
+			g.log.Error("render chat template", "model", model, "err", err)
+			writeError(w, fmt.Errorf("model %s: render the chat template: %w", model, err))
 			return
 		}
 	} else {

