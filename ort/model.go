@@ -128,6 +128,17 @@ func LoadModel(dir string, opts Options) (*Model, error) {
 			errs = append(errs, fmt.Errorf("%s: stop_tokens[%d]: %q is not a token of %s", modelConfigFile, i, s, tokenizerFile))
 		}
 	}
+	if ids, err := workerconf.ReadGenerationStops(dir); err != nil {
+		errs = append(errs, err)
+	} else {
+		for i, id := range ids {
+			if id >= tok.VocabSize() {
+				errs = append(errs, fmt.Errorf("%s: eos_token_id[%d]: %d is not a token of %s", workerconf.GenerationConfigFile, i, id, tokenizerFile))
+				continue
+			}
+			m.stopIDs[id] = true
+		}
+	}
 	// The template's markers must be tokens, or they would reach the model
 	// spelled out as characters; the token that ends its turns stops
 	// generation, as the model's own eos does.

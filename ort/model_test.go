@@ -12,6 +12,7 @@ import (
 	"h3infer/infer"
 	"h3infer/internal/onnxgen"
 	"h3infer/tokenize"
+	"h3infer/workerconf"
 )
 
 func TestKVCacheMatchesRecompute(t *testing.T) {
@@ -257,5 +258,45 @@ func TestJinjaTemplateFromTokenizerConfig(t *testing.T) {
 	_, err = LoadModel(dir, Options{})
 	if err == nil || !strings.Contains(err.Error(), tokenize.TokenizerConfigFile+`: bos_token or eos_token: "<|not_a_token|>"`) {
 		t.Errorf("got %v, want the load refused for the eos_token", err)
+	}
+}
+
+// generation_config.json's eos_token_id list ends generation too, as it
+// does for the engines that read a model repository; an id past the
+// vocabulary is refused, naming the file.
+func TestGenerationConfigStops(t *testing.T) {
+	needModel(t)
+	dir := t.TempDir()
+	if err := onnxgen.Write(dir, onnxgen.Options{SpecialTokens: []string{"<|eot|>"}}); err != nil {
+		t.Fatal(err)
+	}
+	write := func(ids string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, workerconf.GenerationConfigFile), []byte(`{"eos_token_id": `+ids+`}`), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := LoadModel(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eot, _ := m.tok.TokenID("<|eot|>")
+	m.Close()
+	if m.stopIDs[eot] {
+		t.Fatalf("<|eot|> stops without a generation_config.json")
+	}
+
+	write(fmt.Sprintf("[%d, %d]", m.eos, eot))
+	if m, err = LoadModel(dir, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+	if !m.stopIDs[eot] || !m.stopIDs[m.eos] {
+		t.Errorf("stop ids %v: want <|eot|> (%d) and eos (%d)", m.stopIDs, eot, m.eos)
+	}
+
+	write("[1000000]")
+	if _, err = LoadModel(dir, Options{}); err == nil || !strings.Contains(err.Error(), "generation_config.json: eos_token_id[0]: 1000000 is not a token") {
+		t.Errorf("got %v, want the load refused for the eos_token_id", err)
 	}
 }

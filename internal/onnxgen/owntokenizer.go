@@ -10,8 +10,9 @@ import (
 
 // Files a real model directory carries beside tokenizer.json.
 const (
-	TokenizerConfigFile = "tokenizer_config.json"
-	ChatTemplateFile    = "chat_template.jinja"
+	TokenizerConfigFile  = "tokenizer_config.json"
+	ChatTemplateFile     = "chat_template.jinja"
+	GenerationConfigFile = "generation_config.json"
 )
 
 type namedFile struct {
@@ -28,10 +29,11 @@ type ownTokenizer struct {
 	eos   string
 }
 
-// readOwnTokenizer reads dir's tokenizer.json and, when present,
-// tokenizer_config.json and chat_template.jinja. Only what the weights
-// must agree with is read here (the largest token id) and what model.json
-// needs (eos_token); the worker's loader validates the rest.
+// readOwnTokenizer reads dir's tokenizer.json and tokenizer_config.json
+// and, when present, chat_template.jinja and generation_config.json. Only
+// what the weights must agree with is read here (the largest token id)
+// and what model.json needs (eos_token); the worker's loader validates
+// the rest.
 func readOwnTokenizer(dir string) (*ownTokenizer, error) {
 	tokData, err := os.ReadFile(filepath.Join(dir, TokenizerFile))
 	if err != nil {
@@ -96,11 +98,13 @@ func readOwnTokenizer(dir string) (*ownTokenizer, error) {
 	}
 	own.files = append(own.files, namedFile{TokenizerConfigFile, cfgData})
 
-	switch tmpl, err := os.ReadFile(filepath.Join(dir, ChatTemplateFile)); {
-	case err == nil:
-		own.files = append(own.files, namedFile{ChatTemplateFile, tmpl})
-	case !errors.Is(err, os.ErrNotExist):
-		return nil, fmt.Errorf("tokenizer: %w", err)
+	for _, name := range []string{ChatTemplateFile, GenerationConfigFile} {
+		switch data, err := os.ReadFile(filepath.Join(dir, name)); {
+		case err == nil:
+			own.files = append(own.files, namedFile{name, data})
+		case !errors.Is(err, os.ErrNotExist):
+			return nil, fmt.Errorf("tokenizer: %w", err)
+		}
 	}
 	return own, nil
 }
