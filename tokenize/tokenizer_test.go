@@ -105,7 +105,7 @@ func TestParseTokenizerErrors(t *testing.T) {
 		"decoder":        {`"decoder":{"type":"ByteLevel"`, `"decoder":{"type":"CTC"`, `decoder.type: "CTC" is not supported`},
 		"post-processor": {`"post_processor":{"type":"ByteLevel"`, `"post_processor":{"type":"Foo"`, `post_processor.type: "Foo" is not supported`},
 		"look-behind":    {`"pre_tokenizer":{"type":"ByteLevel"`, `"pre_tokenizer":{"type":"Split","behavior":"Isolated","pattern":{"Regex":"(?<=a)b"}},"x":{"type":"ByteLevel"`, "pre_tokenizer.pattern"},
-		"dropout":        {`"type":"BPE"`, `"type":"BPE","dropout":0.1`, "model.dropout"},
+		"dropout":        {`"dropout":null`, `"dropout":0.1`, "model.dropout"},
 		"bad merge":      {`"merges":["Ġ t"`, `"merges":["Ġt"`, "model.merges[0]"},
 		"not json":       {`{`, `[`, "decode tokenizer.json"},
 		"merge unknown":  {`"merges":["Ġ t"`, `"merges":["x y"`, "not in the vocabulary"},
