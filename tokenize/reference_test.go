@@ -270,3 +270,51 @@ func diffText(got, want string) string {
 	lo := max(0, i-20)
 	return fmt.Sprintf("  first difference at byte %d\n  got:  %q\n  want: %q", i, got[lo:min(len(got), i+30)], want[lo:min(len(want), i+30)])
 }
+
+// BenchmarkEncode encodes the corpus, file by file, with each real
+// tokenizer. Its reference sub-benchmarks report the Rust library's
+// throughput on the same texts, measured by one node run, as rust-MB/s
+// (their ns/op means nothing): `go test -bench Encode ./tokenize/`.
+func BenchmarkEncode(b *testing.B) {
+	_, files := corpusTexts(b)
+	size := 0
+	for _, f := range files {
+		size += len(f)
+	}
+	for _, model := range refModels {
+		b.Run(model, func(b *testing.B) {
+			tok := loadRef(b, model)
+			b.SetBytes(int64(size))
+			for b.Loop() {
+				for _, f := range files {
+					tok.Encode(f)
+				}
+			}
+		})
+		b.Run(model+"/rust", func(b *testing.B) {
+			ref := runReference(b, refRequest{Tokenizer: refPath(model), BenchRounds: 50, Texts: files})
+			for b.Loop() {
+			}
+			b.ReportMetric(ref.BenchMBPerS, "rust-MB/s")
+		})
+	}
+}
+
+// BenchmarkPiece streams the pieces of an encoded text: no allocation.
+func BenchmarkPiece(b *testing.B) {
+	_, files := corpusTexts(b)
+	for _, model := range refModels {
+		b.Run(model, func(b *testing.B) {
+			tok := loadRef(b, model)
+			ids := tok.Encode(strings.Join(files, ""))
+			b.ReportAllocs()
+			n := 0
+			for b.Loop() {
+				for _, id := range ids {
+					n += len(tok.Piece(id))
+				}
+			}
+			b.SetBytes(int64(n / b.N))
+		})
+	}
+}

@@ -180,7 +180,7 @@ func FuzzParseTokenizer(f *testing.F) {
 	})
 }
 
-func BenchmarkEncode(b *testing.B) {
+func BenchmarkEncodeDemo(b *testing.B) {
 	tok := testTokenizer(b)
 	text := strings.Repeat("The gateway streams tokens and the worker is near the model. ", 20)
 	b.SetBytes(int64(len(text)))
