@@ -104,7 +104,7 @@ func parseBPE(data []byte) (*bpe, error) {
 		}
 	}
 	if v, ok := fields["merges"]; ok {
-		m.merges = make(map[uint64]merge, len(v)/12)
+		m.merges = make(map[uint64]merge, len(v)/24)
 		var buf []byte
 		err := readMerges(v, func(i int, a, b []byte) error {
 			ia, oka := m.vocab[string(a)]

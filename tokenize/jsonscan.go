@@ -1,6 +1,7 @@
 package tokenize
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"strconv"
@@ -62,24 +63,32 @@ func (r *jsonReader) str() ([]byte, error) {
 	if err := r.expect('"'); err != nil {
 		return nil, err
 	}
+	// bytes.IndexByte is vectorized; tokenizer.json is mostly strings.
 	start := r.pos
-	for r.pos < len(r.data) {
-		c := r.data[r.pos]
-		if c == '"' {
-			s := r.data[start:r.pos]
-			r.pos++
-			return s, nil
-		}
-		if c == '\\' {
-			r.buf = append(r.buf[:0], r.data[start:r.pos]...)
-			return r.escapedStr()
-		}
-		if c < 0x20 {
-			return nil, r.fail("control character in string")
-		}
-		r.pos++
+	q := bytes.IndexByte(r.data[start:], '"')
+	if q < 0 {
+		return nil, r.fail("unterminated string")
 	}
-	return nil, r.fail("unterminated string")
+	s := r.data[start : start+q]
+	if bs := bytes.IndexByte(s, '\\'); bs >= 0 {
+		r.pos = start + bs
+		r.buf = append(r.buf[:0], r.data[start:r.pos]...)
+		return r.escapedStr()
+	}
+	if hasControl(s) {
+		return nil, r.fail("control character in string")
+	}
+	r.pos = start + q + 1
+	return s, nil
+}
+
+func hasControl(s []byte) bool {
+	for _, c := range s {
+		if c < 0x20 {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *jsonReader) escapedStr() ([]byte, error) {
@@ -305,7 +314,7 @@ func readVocab(data []byte) (map[string]int, error) {
 	if err := r.expect('{'); err != nil {
 		return nil, err
 	}
-	vocab := make(map[string]int, len(data)/16)
+	vocab := make(map[string]int, len(data)/32)
 	if r.peek() == '}' {
 		r.pos++
 		return vocab, nil

@@ -31,10 +31,14 @@ func refPath(model string) string {
 // biggest is 33 MB.
 var refTokenizers sync.Map // model -> func() (*Tokenizer, error)
 
+func refLoader(model string) func() (*Tokenizer, error) {
+	f, _ := refTokenizers.LoadOrStore(model, sync.OnceValues(func() (*Tokenizer, error) { return Load(refPath(model)) }))
+	return f.(func() (*Tokenizer, error))
+}
+
 func loadRef(t testing.TB, model string) *Tokenizer {
 	t.Helper()
-	f, _ := refTokenizers.LoadOrStore(model, sync.OnceValues(func() (*Tokenizer, error) { return Load(refPath(model)) }))
-	tok, err := f.(func() (*Tokenizer, error))()
+	tok, err := refLoader(model)()
 	if err != nil {
 		t.Fatalf("load %s: %v", model, err)
 	}
@@ -164,6 +168,12 @@ func oddIDs(tok *Tokenizer) [][]int {
 
 func TestReference(t *testing.T) {
 	texts, _ := corpusTexts(t)
+	// Loading overlaps the node runs; each subtest waits for its own.
+	var loads sync.WaitGroup
+	for _, model := range refModels {
+		loads.Go(func() { refLoader(model)() })
+	}
+	defer loads.Wait()
 	for _, model := range refModels {
 		t.Run(model, func(t *testing.T) {
 			tok := loadRef(t, model)
