@@ -5,59 +5,53 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"slices"
-	"sort"
 	"strings"
-	"unicode"
+	"sync"
 	"unicode/utf8"
 )
 
-// Tokenizer is a byte-level BPE tokenizer read from a Hugging Face
-// tokenizer.json. It is immutable after loading and safe for concurrent use.
+// Tokenizer is a Hugging Face tokenizer.json pipeline with a BPE model,
+// reproducing the Rust tokenizers library token for token. It is
+// immutable after loading (but for its word cache) and safe for
+// concurrent use.
 //
-// Encoding first splits out added tokens (their content is matched verbatim
-// anywhere in the text, longest first, as Hugging Face does by default),
-// then splits the rest into words with the GPT-2 pre-tokenization rule
-// (see splitWords), maps each word's bytes to the GPT-2 byte alphabet and
-// merges symbol pairs by rank. Because every byte has a vocabulary entry
-// (checked at load), encoding never fails and decoding restores the exact
-// bytes.
+// Encoding splits out added tokens, normalizes the rest, splits it into
+// words with the pre-tokenizer and turns each word into ids with the BPE
+// model; EncodeSpecial then adds what the post-processor adds. Decoding
+// runs the decoder chain over the tokens' strings.
 type Tokenizer struct {
-	vocab   map[string]int
-	ranks   map[[2]string]int
-	pieces  []string // token id -> the bytes it decodes to
-	added   []addedToken
-	byteSym [256]string // byte -> its one-rune symbol in the vocabulary
-	split   bool        // pre-tokenize with the GPT-2 rule
+	model *bpe
+	norm  normalizer   // nil: none
+	pre   preTokenizer // nil: none
+	dec   decoder      // nil: tokens are joined with spaces
+	post  template
+
+	added    []addedToken
+	rawTrie  *trie // added tokens matched in the text as written
+	normTrie *trie // added tokens matched in normalized text
+
+	tokens  []string // id -> token string, "" where none
+	known   []bool   // id -> has a token
+	special []bool   // id -> skipped by Decode(ids, true)
+	pieces  []string // id -> Piece
+
+	scratch sync.Pool // *encodeScratch
 }
 
 type addedToken struct {
-	id      int
-	content string
-	special bool
+	id                                     int
+	content                                string
+	special, lstrip, rstrip, single, normd bool
 }
 
-// tokenizerJSON is the part of tokenizer.json that byte-level BPE needs.
-// The format belongs to another project and carries many fields we do not
-// use, so unknown keys are ignored here; what we do use is validated.
-type tokenizerJSON struct {
-	AddedTokens []struct {
-		ID      int    `json:"id"`
-		Content string `json:"content"`
-		Special bool   `json:"special"`
-	} `json:"added_tokens"`
-	Normalizer   json.RawMessage `json:"normalizer"`
-	PreTokenizer *struct {
-		Type           string `json:"type"`
-		AddPrefixSpace bool   `json:"add_prefix_space"`
-		UseRegex       *bool  `json:"use_regex"`
-	} `json:"pre_tokenizer"`
-	Model struct {
-		Type         string            `json:"type"`
-		Vocab        map[string]int    `json:"vocab"`
-		Merges       []json.RawMessage `json:"merges"`
-		ByteFallback bool              `json:"byte_fallback"`
-	} `json:"model"`
+type addedTokenJSON struct {
+	ID         int    `json:"id"`
+	Content    string `json:"content"`
+	Special    bool   `json:"special"`
+	LStrip     bool   `json:"lstrip"`
+	RStrip     bool   `json:"rstrip"`
+	SingleWord bool   `json:"single_word"`
+	Normalized bool   `json:"normalized"`
 }
 
 // maxIDGap is how far token ids may run past the number of tokens.
@@ -76,153 +70,120 @@ func Load(path string) (*Tokenizer, error) {
 	return t, nil
 }
 
-// Parse decodes and validates tokenizer.json content.
+// Parse decodes and validates tokenizer.json content. Every part it does
+// not support is refused, naming its JSON path, all at once.
 func Parse(data []byte) (*Tokenizer, error) {
-	var f tokenizerJSON
-	if err := json.Unmarshal(data, &f); err != nil {
+	fields, err := objectFields(data)
+	if err != nil {
 		return nil, fmt.Errorf("decode tokenizer.json: %w", err)
 	}
+	t := &Tokenizer{}
 	var errs []error
-	if f.Model.Type != "BPE" {
-		errs = append(errs, fmt.Errorf("model.type: only \"BPE\" is supported, got %q", f.Model.Type))
+	add := func(err error) {
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
-	if n := strings.TrimSpace(string(f.Normalizer)); n != "" && n != "null" {
-		errs = append(errs, errors.New("normalizer: must be null; normalizers are not supported"))
+	t.norm, err = parseNormalizer(fields["normalizer"], "normalizer")
+	add(err)
+	t.pre, err = parsePreTokenizer(fields["pre_tokenizer"], "pre_tokenizer")
+	add(err)
+	t.dec, err = parseDecoder(fields["decoder"], "decoder")
+	add(err)
+	t.post, err = parsePostProcessor(fields["post_processor"], "post_processor")
+	add(err)
+	for _, k := range []string{"truncation", "padding"} {
+		if !isNull(fields[k]) {
+			add(fmt.Errorf("%s: must be null", k))
+		}
 	}
-	t := &Tokenizer{vocab: f.Model.Vocab, ranks: make(map[[2]string]int, len(f.Model.Merges))}
-	switch {
-	case f.PreTokenizer == nil:
-		errs = append(errs, errors.New("pre_tokenizer: must be ByteLevel, got null"))
-	case f.PreTokenizer.Type != "ByteLevel":
-		errs = append(errs, fmt.Errorf("pre_tokenizer.type: only \"ByteLevel\" is supported, got %q", f.PreTokenizer.Type))
-	case f.PreTokenizer.AddPrefixSpace:
-		errs = append(errs, errors.New("pre_tokenizer.add_prefix_space: true is not supported"))
-	default:
-		t.split = f.PreTokenizer.UseRegex == nil || *f.PreTokenizer.UseRegex
+	modelJSON, ok := fields["model"]
+	if !ok {
+		modelJSON = []byte("{}") // refused below for its missing type
+	}
+	t.model, err = parseBPE(modelJSON)
+	add(err)
+	var added []addedTokenJSON
+	if raw := fields["added_tokens"]; !isNull(raw) {
+		if err := json.Unmarshal(raw, &added); err != nil {
+			add(fmt.Errorf("added_tokens: %w", err))
+		}
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
 
 	maxID := -1
-	for tok, id := range t.vocab {
-		if id < 0 {
-			errs = append(errs, fmt.Errorf("model.vocab: token %q has negative id %d", tok, id))
-		}
+	for _, id := range t.model.vocab {
 		maxID = max(maxID, id)
 	}
-	for _, a := range f.AddedTokens {
+	for i, a := range added {
 		if a.Content == "" {
-			errs = append(errs, fmt.Errorf("added_tokens: id %d has empty content", a.ID))
+			add(fmt.Errorf("added_tokens[%d]: empty content", i))
 			continue
 		}
 		if a.ID < 0 {
-			errs = append(errs, fmt.Errorf("added_tokens: %q has negative id %d", a.Content, a.ID))
+			add(fmt.Errorf("added_tokens[%d]: %q has negative id %d", i, a.Content, a.ID))
 			continue
 		}
-		t.added = append(t.added, addedToken{id: a.ID, content: a.Content, special: a.Special})
+		t.added = append(t.added, addedToken{
+			id: a.ID, content: a.Content, special: a.Special,
+			lstrip: a.LStrip, rstrip: a.RStrip, single: a.SingleWord, normd: a.Normalized,
+		})
 		maxID = max(maxID, a.ID)
 	}
-	// Ids index a table, so they must be close to dense; real vocabularies
+	// Ids index tables, so they must be close to dense; real vocabularies
 	// are, and a stray huge id must not allocate gigabytes.
-	if limit := len(t.vocab) + len(f.AddedTokens) + maxIDGap; maxID >= limit {
-		errs = append(errs, fmt.Errorf("token ids: largest is %d, want below %d (vocabulary size plus %d)", maxID, limit, maxIDGap))
+	if limit := len(t.model.vocab) + len(added) + maxIDGap; maxID >= limit {
+		add(fmt.Errorf("token ids: largest is %d, want below %d (vocabulary size plus %d)", maxID, limit, maxIDGap))
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
-	// Longest first, so that at one position the longest added token wins.
-	sort.SliceStable(t.added, func(i, j int) bool { return len(t.added[i].content) > len(t.added[j].content) })
 
-	symByte := make(map[rune]byte, 256)
-	for b, r := range byteAlphabet() {
-		t.byteSym[b] = string(r)
-		symByte[r] = byte(b)
-		if _, ok := t.vocab[string(r)]; !ok {
-			errs = append(errs, fmt.Errorf("model.vocab: missing the byte-level symbol %q for byte 0x%02x", string(r), b))
-		}
+	n := maxID + 1
+	t.tokens, t.known, t.special, t.pieces = make([]string, n), make([]bool, n), make([]bool, n), make([]string, n)
+	for tok, id := range t.model.vocab {
+		t.tokens[id], t.known[id] = tok, true
 	}
-	t.pieces = make([]string, maxID+1)
-	set := make([]bool, maxID+1) // ids given a piece so far
-	for tok, id := range t.vocab {
-		b := make([]byte, 0, len(tok))
-		for _, r := range tok {
-			c, ok := symByte[r]
-			if !ok {
-				errs = append(errs, fmt.Errorf("model.vocab: token %q has %q outside the byte-level alphabet", tok, r))
-				break
-			}
-			b = append(b, c)
-		}
-		if set[id] && t.pieces[id] != string(b) {
-			errs = append(errs, fmt.Errorf("model.vocab: id %d is used by two tokens", id))
-		}
-		t.pieces[id], set[id] = string(b), true
-	}
+	specials := map[string]bool{}
 	for _, a := range t.added {
-		if p := t.pieces[a.id]; set[a.id] && p != a.content {
-			if v, ok := t.vocab[a.content]; !ok || v != a.id {
-				errs = append(errs, fmt.Errorf("added_tokens: %q has id %d, which the vocabulary gives to another token", a.content, a.id))
+		t.tokens[a.id], t.known[a.id] = a.content, true
+		if a.special {
+			specials[a.content] = true
+		}
+	}
+	for id, tok := range t.tokens {
+		// Hugging Face skips any token whose string is a special one's.
+		t.special[id] = t.known[id] && specials[tok]
+		if t.known[id] {
+			if t.dec == nil {
+				t.pieces[id] = " " + tok
+			} else {
+				t.pieces[id] = pieceOf(t.dec, tok)
 			}
 		}
-		t.pieces[a.id], set[a.id] = a.content, true
 	}
-	for i, raw := range f.Model.Merges {
-		pair, err := parseMerge(raw)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("model.merges[%d]: %w", i, err))
-			continue
+	var raw, normd []addedToken
+	for _, a := range t.added {
+		if a.normd && t.norm != nil {
+			a.content = t.norm.normalize(a.content)
+			if a.content == "" {
+				continue
+			}
 		}
-		if _, ok := t.vocab[pair[0]+pair[1]]; !ok {
-			errs = append(errs, fmt.Errorf("model.merges[%d]: result %q is not in the vocabulary", i, pair[0]+pair[1]))
-			continue
-		}
-		if _, dup := t.ranks[pair]; !dup {
-			t.ranks[pair] = i
+		if a.normd {
+			normd = append(normd, a)
+		} else {
+			raw = append(raw, a)
 		}
 	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
+	t.rawTrie, t.normTrie = newTrie(raw), newTrie(normd)
 	return t, nil
 }
 
-// parseMerge accepts both spellings of a merge: "a b" and ["a","b"].
-func parseMerge(raw json.RawMessage) ([2]string, error) {
-	var s string
-	if err := json.Unmarshal(raw, &s); err == nil {
-		a, b, ok := strings.Cut(s, " ")
-		if !ok || a == "" || b == "" || strings.Contains(b, " ") {
-			return [2]string{}, fmt.Errorf("want \"left right\", got %q", s)
-		}
-		return [2]string{a, b}, nil
-	}
-	var pair []string
-	if err := json.Unmarshal(raw, &pair); err != nil || len(pair) != 2 || pair[0] == "" || pair[1] == "" {
-		return [2]string{}, fmt.Errorf("want a string or a pair of strings, got %s", raw)
-	}
-	return [2]string{pair[0], pair[1]}, nil
-}
-
-// byteAlphabet is GPT-2's reversible map from bytes to printable runes:
-// printable Latin-1 bytes stand for themselves, the rest are shifted past
-// 255 in order, so that no token string contains whitespace or controls.
-func byteAlphabet() [256]rune {
-	var m [256]rune
-	n := 0
-	for b := range 256 {
-		if (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF) {
-			m[b] = rune(b)
-		} else {
-			m[b] = rune(256 + n)
-			n++
-		}
-	}
-	return m
-}
-
 // VocabSize is one past the largest token id.
-func (t *Tokenizer) VocabSize() int { return len(t.pieces) }
+func (t *Tokenizer) VocabSize() int { return len(t.tokens) }
 
 // TokenID returns the id of a token written as text: an added token's
 // content or a vocabulary entry.
@@ -232,7 +193,7 @@ func (t *Tokenizer) TokenID(s string) (int, bool) {
 			return a.id, true
 		}
 	}
-	id, ok := t.vocab[s]
+	id, ok := t.model.vocab[s]
 	return id, ok
 }
 
@@ -247,84 +208,95 @@ func (t *Tokenizer) IsAdded(s string) bool {
 	return false
 }
 
-// Encode turns text into token ids.
+// Encode turns text into token ids as Hugging Face's encode does with
+// add_special_tokens=false: what a chat template's rendered text gets.
+// Added tokens, special or not, are recognized in the text.
 func (t *Tokenizer) Encode(text string) []int {
-	var ids []int
-	for text != "" {
-		pos, a := t.nextAdded(text)
-		if pos < 0 {
-			return t.encodeOrdinary(text, ids)
+	return t.encode(text, nil)
+}
+
+// EncodeSpecial is Encode with add_special_tokens=true: the
+// post-processor's tokens (a BOS, say) surround the ids. A raw completion
+// prompt gets this.
+func (t *Tokenizer) EncodeSpecial(text string) []int {
+	ids := append([]int(nil), t.post.before...)
+	ids = t.encode(text, ids)
+	return append(ids, t.post.after...)
+}
+
+type encodeScratch struct {
+	words, tmp []word
+	buf        []byte
+	syms       symbols
+}
+
+func (t *Tokenizer) encode(text string, ids []int) []int {
+	sc, _ := t.scratch.Get().(*encodeScratch)
+	if sc == nil {
+		sc = &encodeScratch{}
+	}
+	defer t.scratch.Put(sc)
+	t.rawTrie.split(text, func(seg string, at int, id int) {
+		if id >= 0 {
+			ids = append(ids, id)
+			return
 		}
-		ids = t.encodeOrdinary(text[:pos], ids)
-		ids = append(ids, a.id)
-		text = text[pos+len(a.content):]
-	}
-	return ids
-}
-
-// nextAdded finds the earliest added token in text, the longest at a tie.
-func (t *Tokenizer) nextAdded(text string) (int, addedToken) {
-	best, bestTok := -1, addedToken{}
-	for _, a := range t.added {
-		i := strings.Index(text, a.content)
-		if i >= 0 && (best < 0 || i < best) {
-			best, bestTok = i, a
+		if t.norm != nil {
+			seg = t.norm.normalize(seg)
 		}
-	}
-	return best, bestTok
-}
-
-func (t *Tokenizer) encodeOrdinary(text string, ids []int) []int {
-	if !t.split {
-		return t.encodeWord(text, ids)
-	}
-	for w := range splitWords(text) {
-		ids = t.encodeWord(w, ids)
-	}
-	return ids
-}
-
-// encodeWord applies the merges to one pre-tokenized word: repeatedly merge
-// the adjacent pair with the lowest rank, leftmost first.
-func (t *Tokenizer) encodeWord(w string, ids []int) []int {
-	if w == "" {
-		return ids
-	}
-	syms := make([]string, len(w))
-	for i := range len(w) {
-		syms[i] = t.byteSym[w[i]]
-	}
-	for len(syms) > 1 {
-		best, at := -1, -1
-		for i := 0; i+1 < len(syms); i++ {
-			if r, ok := t.ranks[[2]string{syms[i], syms[i+1]}]; ok && (best < 0 || r < best) {
-				best, at = r, i
+		t.normTrie.split(seg, func(sub string, subAt int, id int) {
+			if id >= 0 {
+				ids = append(ids, id)
+				return
 			}
-		}
-		if at < 0 {
-			break
-		}
-		syms[at] += syms[at+1]
-		syms = slices.Delete(syms, at+1, at+2)
-	}
-	for _, s := range syms {
-		ids = append(ids, t.vocab[s])
-	}
+			ids = t.encodeWords(word{s: sub, first: at == 0 && subAt == 0}, ids, sc)
+		})
+	})
 	return ids
 }
 
-// Decode returns the bytes of ids, added tokens included. Ids outside the
-// vocabulary (a model may pad its output layer) decode to nothing.
-func (t *Tokenizer) Decode(ids []int) []byte {
-	var b []byte
-	for _, id := range ids {
-		b = append(b, t.Piece(id)...)
+// encodeWords pre-tokenizes w and runs the model on each word.
+func (t *Tokenizer) encodeWords(w word, ids []int, sc *encodeScratch) []int {
+	words := append(sc.words[:0], w)
+	if t.pre != nil {
+		words = t.pre.split(w, sc.tmp[:0])
+		sc.tmp = words
 	}
-	return b
+	for _, w := range words {
+		if w.bytes {
+			sc.buf = appendByteLevel(sc.buf[:0], w.s)
+			ids = t.model.encodeBytes(sc.buf, ids, &sc.syms)
+		} else {
+			ids = t.model.encode(w.s, ids, &sc.syms)
+		}
+	}
+	clear(words)
+	sc.words = words[:0]
+	return ids
 }
 
-// Piece is the bytes token id decodes to, which need not be whole UTF-8
-// (Stream assembles them). Ids outside the vocabulary decode to nothing.
+// Decode returns the text of ids exactly as Hugging Face's decode does:
+// the tokens' strings through the decoder chain. skipSpecial drops special
+// tokens. Ids without a token are dropped.
+func (t *Tokenizer) Decode(ids []int, skipSpecial bool) string {
+	toks := make([]string, 0, len(ids))
+	for _, id := range ids {
+		if id < 0 || id >= len(t.tokens) || !t.known[id] || (skipSpecial && t.special[id]) {
+			continue
+		}
+		toks = append(toks, t.tokens[id])
+	}
+	if t.dec == nil {
+		return strings.Join(toks, " ")
+	}
+	return strings.Join(t.dec.decodeChain(toks), "")
+}
+
+// Piece is the bytes token id adds to the text when it follows other
+// tokens in a generated stream: the decoder chain's work on that one
+// token, without what it does only at the start of the text (the Strip of
+// a leading space, say). The bytes need not be whole UTF-8 (Stream
+// assembles them). Ids without a token have no piece.
 func (t *Tokenizer) Piece(id int) string {
 	if id < 0 || id >= len(t.pieces) {
 		return ""
@@ -332,85 +304,136 @@ func (t *Tokenizer) Piece(id int) string {
 	return t.pieces[id]
 }
 
-// splitWords splits text into pre-tokenization words by the GPT-2 rule,
-// hand-written because Go's regexp lacks the look-ahead the rule needs:
-//
-//	's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-//
-// \s is unicode.IsSpace, \p{L} unicode.IsLetter, \p{N} unicode.IsNumber.
-// Invalid UTF-8 bytes count as "other" characters. The words concatenate to
-// text exactly.
-func splitWords(text string) func(yield func(string) bool) {
-	return func(yield func(string) bool) {
-		for len(text) > 0 {
-			n := wordLen(text)
-			if !yield(text[:n]) {
-				return
+// trie finds added tokens in text: at the leftmost position where any
+// matches, the longest, as Hugging Face's Aho-Corasick search does.
+type trie struct {
+	root  [256]int32 // first byte -> node, 0 for none
+	nodes []trieNode
+	toks  []addedToken
+}
+
+type trieNode struct {
+	edges []trieEdge
+	tok   int32 // index into toks, -1 for none
+}
+
+type trieEdge struct {
+	b  byte
+	to int32
+}
+
+func newTrie(toks []addedToken) *trie {
+	tr := &trie{nodes: []trieNode{{tok: -1}}, toks: toks}
+	for i, a := range toks {
+		cur := int32(-1)
+		for j := range len(a.content) {
+			c := a.content[j]
+			var next int32
+			if cur < 0 {
+				next = tr.root[c]
+			} else {
+				for _, e := range tr.nodes[cur].edges {
+					if e.b == c {
+						next = e.to
+					}
+				}
 			}
-			text = text[n:]
+			if next == 0 {
+				next = int32(len(tr.nodes))
+				tr.nodes = append(tr.nodes, trieNode{tok: -1})
+				if cur < 0 {
+					tr.root[c] = next
+				} else {
+					tr.nodes[cur].edges = append(tr.nodes[cur].edges, trieEdge{c, next})
+				}
+			}
+			cur = next
+		}
+		if tr.nodes[cur].tok < 0 {
+			tr.nodes[cur].tok = int32(i)
 		}
 	}
+	return tr
 }
 
-const (
-	classSpace = iota
-	classLetter
-	classNumber
-	classOther
-)
-
-func runeClass(r rune) int {
-	switch {
-	case unicode.IsSpace(r):
-		return classSpace
-	case unicode.IsLetter(r):
-		return classLetter
-	case unicode.IsNumber(r):
-		return classNumber
-	}
-	return classOther
-}
-
-// wordLen is the length in bytes of the word that starts text.
-func wordLen(text string) int {
-	if text[0] == '\'' {
-		for _, c := range [...]string{"'s", "'t", "'re", "'ve", "'m", "'ll", "'d"} {
-			if strings.HasPrefix(text, c) {
-				return len(c)
+// longest returns the token that is the longest prefix of s, or -1.
+func (tr *trie) longest(s string) (tok, n int) {
+	tok = -1
+	cur := tr.root[s[0]]
+	for i := 1; cur != 0; i++ {
+		if k := tr.nodes[cur].tok; k >= 0 {
+			tok, n = int(k), i
+		}
+		if i >= len(s) {
+			break
+		}
+		next := int32(0)
+		for _, e := range tr.nodes[cur].edges {
+			if e.b == s[i] {
+				next = e.to
+				break
 			}
 		}
+		cur = next
 	}
-	r, size := utf8.DecodeRuneInString(text)
-	class := runeClass(r)
-	start := 0
-	if r == ' ' && size < len(text) {
-		next, nsize := utf8.DecodeRuneInString(text[size:])
-		if c := runeClass(next); c != classSpace {
-			class, start = c, size+nsize
-		}
-	}
-	if class != classSpace {
-		if start == 0 {
-			start = size
-		}
-		return start + runLen(text[start:], class)
-	}
-	end := size + runLen(text[size:], classSpace)
-	if end == len(text) || end == size {
-		return end
-	}
-	// Whitespace before a non-space: leave its last rune to start the next
-	// word, as \s+(?!\S) backtracks by one.
-	_, last := utf8.DecodeLastRuneInString(text[:end])
-	return end - last
+	return tok, n
 }
 
-// runLen is the length of the prefix of s whose runes are all of class.
-func runLen(s string, class int) int {
-	for i, r := range s {
-		if runeClass(r) != class {
-			return i
+// split cuts s at the added tokens it holds, calling fn in order for each
+// stretch of text (id -1) and each token, with the byte offset it starts
+// at. Tokens with lstrip or rstrip take the whitespace beside them, and
+// single_word tokens match only between non-word characters, as in
+// Hugging Face's added vocabulary.
+func (tr *trie) split(s string, fn func(seg string, at int, id int)) {
+	if len(tr.toks) == 0 {
+		if s != "" {
+			fn(s, 0, -1)
 		}
+		return
 	}
-	return len(s)
+	last := 0
+	for i := 0; i < len(s); {
+		if tr.root[s[i]] == 0 {
+			i++
+			continue
+		}
+		k, n := tr.longest(s[i:])
+		if k < 0 {
+			i++
+			continue
+		}
+		start, stop := i, i+n
+		i = stop
+		a := tr.toks[k]
+		if a.single && (startsWord(s[stop:]) || endsWord(s[:start])) {
+			continue
+		}
+		if a.lstrip {
+			start = max(len(strings.TrimRightFunc(s[:start], isWhite)), last)
+		}
+		if a.rstrip {
+			stop = len(s) - len(strings.TrimLeftFunc(s[stop:], isWhite))
+			i = stop
+		}
+		if last < start {
+			fn(s[last:start], last, -1)
+		}
+		fn(s[start:stop], start, a.id)
+		last = stop
+	}
+	if last < len(s) {
+		fn(s[last:], last, -1)
+	}
+}
+
+func startsWord(s string) bool {
+	for _, r := range s {
+		return isWordChar(r)
+	}
+	return false
+}
+
+func endsWord(s string) bool {
+	r, n := utf8.DecodeLastRuneInString(s)
+	return n > 0 && isWordChar(r)
 }

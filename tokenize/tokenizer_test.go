@@ -99,13 +99,17 @@ func TestParseTokenizerErrors(t *testing.T) {
 		from, to string
 		want     string
 	}{
-		"not bpe":       {`"type":"BPE"`, `"type":"WordPiece"`, "model.type"},
-		"prefix space":  {`"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false`, `"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":true`, "add_prefix_space"},
-		"normalizer":    {`"normalizer":null`, `"normalizer":{"type":"NFC"}`, "normalizer"},
-		"bad merge":     {`"merges":["Ġ t"`, `"merges":["Ġt"`, "model.merges[0]"},
-		"missing byte":  {`"!":33,`, ``, "missing the byte-level symbol"},
-		"not json":      {`{`, `[`, "decode tokenizer.json"},
-		"merge unknown": {`"merges":["Ġ t"`, `"merges":["x y"`, "not in the vocabulary"},
+		"not bpe":        {`"type":"BPE"`, `"type":"WordPiece"`, `model.type: "WordPiece" is not supported`},
+		"normalizer":     {`"normalizer":null`, `"normalizer":{"type":"Precompiled"}`, `normalizer.type: "Precompiled" is not supported`},
+		"nested pre":     {`"pre_tokenizer":{"type":"ByteLevel"`, `"pre_tokenizer":{"type":"Sequence","pretokenizers":[{"type":"Digits"},{"type":"Foo"}]},"x":{"type":"ByteLevel"`, `pre_tokenizer.pretokenizers[1].type: "Foo" is not supported`},
+		"decoder":        {`"decoder":{"type":"ByteLevel"`, `"decoder":{"type":"CTC"`, `decoder.type: "CTC" is not supported`},
+		"post-processor": {`"post_processor":{"type":"ByteLevel"`, `"post_processor":{"type":"Foo"`, `post_processor.type: "Foo" is not supported`},
+		"look-behind":    {`"pre_tokenizer":{"type":"ByteLevel"`, `"pre_tokenizer":{"type":"Split","behavior":"Isolated","pattern":{"Regex":"(?<=a)b"}},"x":{"type":"ByteLevel"`, "pre_tokenizer.pattern"},
+		"dropout":        {`"dropout":null`, `"dropout":0.1`, "model.dropout"},
+		"bad merge":      {`"merges":["Ġ t"`, `"merges":["Ġt"`, "model.merges[0]"},
+		"not json":       {`{`, `[`, "decode tokenizer.json"},
+		"merge unknown":  {`"merges":["Ġ t"`, `"merges":["x y"`, "not in the vocabulary"},
+		"truncation":     {`"truncation":null`, `"truncation":{}`, "truncation"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -134,7 +138,7 @@ func FuzzTokenizerRoundTrip(f *testing.F) {
 	tok := testTokenizer(f)
 	f.Fuzz(func(t *testing.T, s string) {
 		ids := tok.Encode(s)
-		if got := string(tok.Decode(ids)); got != s {
+		if got := tok.Decode(ids, false); got != s && utf8.ValidString(s) {
 			t.Fatalf("decode(encode(%q)) = %q", s, got)
 		}
 		// Streaming in token steps gives the same text when it is valid
@@ -156,7 +160,7 @@ func FuzzTokenizerRoundTrip(f *testing.F) {
 }
 
 func FuzzParseTokenizer(f *testing.F) {
-	for _, name := range []string{"testdata/tokenizer.json", "testdata/tokenizer-pair-merges.json"} {
+	for _, name := range []string{"testdata/tokenizer.json", "testdata/tokenizer-pair-merges.json", "testdata/tokenizer-pipeline.json"} {
 		data, err := os.ReadFile(name)
 		if err != nil {
 			f.Fatal(err)
@@ -169,14 +173,21 @@ func FuzzParseTokenizer(f *testing.F) {
 		if err != nil {
 			return
 		}
-		ids := tok.Encode(s)
-		if got := string(tok.Decode(ids)); got != s {
-			t.Fatalf("decode(encode(%q)) = %q", s, got)
+		// Whatever the pipeline, encoding gives ids that decode, and
+		// every id has a piece.
+		ids := tok.EncodeSpecial(s)
+		for _, id := range ids {
+			if id < 0 || id >= tok.VocabSize() {
+				t.Fatalf("encode(%q) gave id %d outside the vocabulary of %d", s, id, tok.VocabSize())
+			}
+			tok.Piece(id)
 		}
+		tok.Decode(ids, true)
+		tok.Decode(ids, false)
 	})
 }
 
-func BenchmarkEncode(b *testing.B) {
+func BenchmarkEncodeDemo(b *testing.B) {
 	tok := testTokenizer(b)
 	text := strings.Repeat("The gateway streams tokens and the worker is near the model. ", 20)
 	b.SetBytes(int64(len(text)))
@@ -199,12 +210,12 @@ func TestLearnedMerges(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The corpus is short: learning stops when no pair repeats.
-	if len(tok.ranks) < 200 {
-		t.Fatalf("%d merges, want at least 200", len(tok.ranks))
+	if len(tok.model.merges) < 200 {
+		t.Fatalf("%d merges, want at least 200", len(tok.model.merges))
 	}
 	text := "The gateway sits at the edge of the network, close to the people who send it questions."
 	ids := tok.Encode(text)
-	if got := string(tok.Decode(ids)); got != text {
+	if got := tok.Decode(ids, false); got != text {
 		t.Errorf("round trip: %q", got)
 	}
 	if len(ids) > len(text)/2 {
@@ -220,7 +231,7 @@ func TestLearnedMerges(t *testing.T) {
 	ids = tok.Encode(chat)
 	start, _ := tok.TokenID("<|im_start|>")
 	end, _ := tok.TokenID("<|im_end|>")
-	if ids[0] != start || ids[len(ids)-1] != end || string(tok.Decode(ids)) != chat {
+	if ids[0] != start || ids[len(ids)-1] != end || tok.Decode(ids, false) != chat {
 		t.Errorf("added tokens: %v", ids)
 	}
 }
