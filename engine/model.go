@@ -22,8 +22,12 @@ type Model interface {
 	Info() infer.ModelInfo
 	// ChatTemplate formats a chat as this model's prompt.
 	ChatTemplate() *tokenize.ChatTemplate
-	// Encode turns prompt text into token ids.
+	// Encode turns prompt text into token ids, adding no special
+	// tokens: a chat template's rendered text writes its own.
 	Encode(text string) []int
+	// EncodeSpecial is Encode with the special tokens the tokenizer adds
+	// to a text (a BOS, say), which a raw completion prompt gets.
+	EncodeSpecial(text string) []int
 	// Piece is the bytes token id stands for, not necessarily whole
 	// UTF-8, and whether the token ends a sequence (end of text, end of
 	// turn).

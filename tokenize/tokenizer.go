@@ -197,6 +197,22 @@ func (t *Tokenizer) TokenID(s string) (int, bool) {
 	return id, ok
 }
 
+// Token is id's entry in the vocabulary, an added token's content or the
+// model's spelling of it (Hugging Face's id_to_token: "Ġworld" for
+// byte-level " world", "▁world" for SentencePiece).
+func (t *Tokenizer) Token(id int) (string, bool) {
+	if id < 0 || id >= len(t.tokens) || !t.known[id] {
+		return "", false
+	}
+	return t.tokens[id], true
+}
+
+// IsSpecial reports whether id is a special token: one Decode drops when
+// asked to skip them, as a generated text does.
+func (t *Tokenizer) IsSpecial(id int) bool {
+	return id >= 0 && id < len(t.special) && t.special[id]
+}
+
 // IsAdded reports whether s is an added token's content, which Encode
 // turns into that one token wherever it appears.
 func (t *Tokenizer) IsAdded(s string) bool {

@@ -39,10 +39,13 @@ func load(dir string) (*Model, error) {
 	return &Model{tok: tok, template: tmpl, contextLength: cfg.ContextLength}, nil
 }
 
-// EncodePrompt is the token ids of a text prompt. addSpecial asks for the
-// tokens a tokenizer's post-processor adds (BOS, say); today's tokenizer
-// applies none, and neither does the worker, so it changes nothing yet.
+// EncodePrompt is the token ids of a text prompt. addSpecial adds the
+// tokens the tokenizer's post-processor adds (a BOS, say), as the worker
+// does for a completion's prompt.
 func (m *Model) EncodePrompt(text string, addSpecial bool) []int {
+	if addSpecial {
+		return m.tok.EncodeSpecial(text)
+	}
 	return m.tok.Encode(text)
 }
 
@@ -77,27 +80,16 @@ func (e *ConversationError) BadRequest() bool { return true }
 // UTF-8 become U+FFFD. Ids outside the vocabulary decode to nothing:
 // callers check them against VocabSize first.
 func (m *Model) Decode(ids []int) string {
-	return validUTF8(m.tok.Decode(ids))
+	return validUTF8([]byte(m.tok.Decode(ids, false)))
 }
 
 // TokenStrings is each id's entry in the vocabulary, as Hugging Face's
 // convert_ids_to_tokens gives it: an added token's content, else the
-// byte-level spelling ("Ġworld" for " world").
+// model's spelling ("Ġworld" for byte-level " world").
 func (m *Model) TokenStrings(ids []int) []string {
 	out := make([]string, len(ids))
 	for i, id := range ids {
-		piece := m.tok.Piece(id)
-		if m.tok.IsAdded(piece) {
-			out[i] = piece
-			continue
-		}
-		s := byteLevel(piece)
-		if got, ok := m.tok.TokenID(s); !ok || got != id {
-			// Not a byte-level entry after all: the text is the best
-			// spelling there is.
-			s = piece
-		}
-		out[i] = s
+		out[i], _ = m.tok.Token(id)
 	}
 	return out
 }
@@ -123,27 +115,3 @@ func (m *Model) VocabSize() int { return m.tok.VocabSize() }
 // ContextLength is the version's context in tokens (model.json's
 // context_length), vLLM's max_model_len.
 func (m *Model) ContextLength() int { return m.contextLength }
-
-// byteLevel spells s in GPT-2's byte alphabet, as byte-level BPE
-// vocabularies write their entries: printable Latin-1 bytes stand for
-// themselves, the others for the runes from U+0100 up, in byte order.
-func byteLevel(s string) string {
-	b := make([]byte, 0, 2*len(s))
-	for i := range len(s) {
-		b = utf8.AppendRune(b, byteRune[s[i]])
-	}
-	return string(b)
-}
-
-var byteRune = func() (t [256]rune) {
-	next := rune(256)
-	for c := range 256 {
-		if ('!' <= c && c <= '~') || (0xA1 <= c && c <= 0xAC) || (0xAE <= c && c <= 0xFF) {
-			t[c] = rune(c)
-			continue
-		}
-		t[c] = next
-		next++
-	}
-	return t
-}()

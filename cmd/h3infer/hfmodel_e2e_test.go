@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -162,6 +163,31 @@ func TestHuggingFaceModelEndToEnd(t *testing.T) {
 		}
 		if got, want := out.Usage.PromptTokens, len(ref.IDs); got != want {
 			t.Errorf("completion %q: prompt_tokens = %d, want %d (the reference adds <bos>)", req["prompt"], got, want)
+		}
+	}
+
+	// /tokenize gives a client the very ids the reference makes, so it
+	// can count before it sends.
+	for i, req := range append(append([]map[string]any{}, chat...), completion...) {
+		body := map[string]any{"model": model}
+		for k, v := range req {
+			body[k] = v
+		}
+		code, b := post("/tokenize", body)
+		var out struct {
+			Count  int   `json:"count"`
+			Tokens []int `json:"tokens"`
+		}
+		if err := json.Unmarshal(b, &out); code != http.StatusOK || err != nil {
+			t.Fatalf("/tokenize %d: status %d, %v: %s", i, code, err, b)
+		}
+		if !slices.Equal(out.Tokens, refs[i].IDs) || out.Count != len(refs[i].IDs) {
+			t.Errorf("/tokenize %d: %d tokens %v\nwant %d tokens %v (%q)", i, out.Count, out.Tokens, len(refs[i].IDs), refs[i].IDs, refs[i].Text)
+		}
+		code, b = post("/detokenize", map[string]any{"model": model, "tokens": out.Tokens})
+		var text struct{ Prompt string }
+		if err := json.Unmarshal(b, &text); code != http.StatusOK || err != nil || (req["prompt"] != nil && text.Prompt != "<bos>"+req["prompt"].(string)) {
+			t.Errorf("/detokenize %d: status %d, %v: %s", i, code, err, b)
 		}
 	}
 
