@@ -80,6 +80,7 @@ bench: ort build
 	scripts/bench.sh
 	scripts/bench-netem.sh
 	scripts/bench-memory.sh
+	scripts/bench-weights.sh
 	scripts/bench-overload.sh
 
 # The GPU section of docs/BENCHMARKS.md: a hidden-1024 model at concurrency

@@ -41,6 +41,10 @@ type Options struct {
 	// the session runs on a GPU. On the CPU it runs the same code with
 	// host memory, which is how tests check it.
 	DeviceKV *bool
+	// CopyWeights leaves ONNX Runtime's default of repacking the weights
+	// of a CPU session into memory of the process's own instead of
+	// reading them where they are mapped (weights.go); for measurements.
+	CopyWeights bool
 	// Log receives the warning when auto falls back to the CPU.
 	Log *slog.Logger
 }
@@ -226,11 +230,14 @@ func (m *Model) createSession(dir string, opts Options, place placement) error {
 	if err := so.SetInterOpNumThreads(1); err != nil {
 		return fmt.Errorf("load model %s: set inter-op threads: %w", dir, err)
 	}
+	if err := setWeightOptions(so, place, opts.CopyWeights); err != nil {
+		return fmt.Errorf("load model %s: weight options: %w", dir, err)
+	}
 	path := filepath.Join(dir, modelFile)
 	if m.inNames == nil {
 		// Inspecting the graph needs no provider; done once, so that a
 		// fallback to the CPU does not check the signature twice.
-		ins, outs, err := onnxrt.GetInputOutputInfo(path)
+		ins, outs, err := inspect(path)
 		if err != nil {
 			return fmt.Errorf("load model %s: inspect %s: %w", dir, modelFile, err)
 		}

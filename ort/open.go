@@ -23,6 +23,7 @@ func Open(s workerconf.Settings, spec workerconf.Model, log *slog.Logger) (*Mode
 		ORTLib:         s.ORTLib,
 		GPUMemoryBytes: s.GPUShare(spec),
 		DeviceKV:       spec.DeviceKV,
+		CopyWeights:    s.CopyWeights,
 		Log:            log,
 	})
 	if err != nil {

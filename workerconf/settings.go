@@ -48,6 +48,11 @@ type Settings struct {
 	// StatsInterval is how often the worker reports its counters; 0
 	// means 100ms. No config key sets it; tests shorten it.
 	StatsInterval time.Duration `json:"stats_interval,omitempty"`
+	// CopyWeights has ONNX Runtime copy a CPU model's weights into each
+	// worker instead of reading them where they are mapped (ort.Options).
+	// No config key sets it; `h3infer worker` sets it from
+	// H3INFER_ORT_COPY_WEIGHTS=1, the memory benchmark's baseline.
+	CopyWeights bool `json:"copy_weights,omitempty"`
 }
 
 // Defaults and bounds of Settings, as docs/CONFIG.md gives them for the

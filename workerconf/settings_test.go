@@ -23,6 +23,7 @@ func fullSettings() Settings {
 		IntraOpThreads: 2,
 		StatsInterval:  250 * time.Millisecond,
 		Nice:           new(7),
+		CopyWeights:    true,
 	}
 }
 

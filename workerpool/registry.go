@@ -43,6 +43,17 @@ type RegistryConfig struct {
 	DrainTimeout time.Duration
 	// Registerer, when set, receives the per-version metrics.
 	Registerer prometheus.Registerer
+
+	// MemoryLimit bounds the host memory the workers' models take
+	// together, as memory.go estimates it: a version whose load would
+	// take them past it is refused, so that a hot swap, which holds the
+	// old version beside the new until the old drains, fails cleanly
+	// instead of the kernel killing a worker. 0 means no bound.
+	MemoryLimit int64
+	// Workers and KVCacheBytes are the worker count and each worker's
+	// KV-cache budget, which the estimate counts.
+	Workers      int
+	KVCacheBytes int64
 }
 
 // Defaults of RegistryConfig.
@@ -221,6 +232,9 @@ func (r *Registry) Initial() ([]workerconf.Model, error) {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
+	}
+	if need := r.memoryNeed(""); r.cfg.MemoryLimit > 0 && need > r.cfg.MemoryLimit { // "" : nothing beside them
+		return nil, fmt.Errorf("the models need about %d MiB of memory, more than model_repository.memory_limit_bytes %d MiB", need>>20, r.cfg.MemoryLimit>>20)
 	}
 	return specs, nil
 }

@@ -55,7 +55,14 @@ func (r *Registry) load(ctx context.Context, model, ver string) (*version, error
 		}
 		return nil, conflict("model %q version %s: %s must hold %s, %s and %s", model, ver, dir, workerconf.ModelConfigFile, workerconf.TokenizerFile, workerconf.ModelFile)
 	}
-	err := r.loader.LoadModel(ctx, workerconf.Model{Name: Target(model, ver), Dir: dir})
+	// opMu keeps the versions loaded from changing but for retirements
+	// ending, which only free memory.
+	r.mu.Lock()
+	err := r.checkMemory(dir)
+	r.mu.Unlock()
+	if err == nil {
+		err = r.loader.LoadModel(ctx, workerconf.Model{Name: Target(model, ver), Dir: dir})
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	f = r.models[model]

@@ -117,6 +117,11 @@ type ModelRepositoryConfig struct {
 	// DrainTimeout bounds how long a retired version waits for its
 	// requests before it is unloaded anyway. Default 5m.
 	DrainTimeout config.Duration `json:"drain_timeout"`
+	// MemoryLimitBytes bounds the host memory the workers' model versions
+	// take together, as the registry estimates it: a load (a hot swap
+	// holds the old version beside the new) that would pass it is
+	// refused. Default 0: no bound.
+	MemoryLimitBytes int64 `json:"memory_limit_bytes"`
 }
 
 // WorkersConfig sizes the worker processes. Its defaults and ranges are
@@ -462,6 +467,9 @@ func (c Config) validate() error {
 	}
 	if c.ModelRepository.DrainTimeout < 0 {
 		bad("model_repository.drain_timeout", "must be > 0, got %s", time.Duration(c.ModelRepository.DrainTimeout))
+	}
+	if c.ModelRepository.MemoryLimitBytes < 0 {
+		bad("model_repository.memory_limit_bytes", "must be >= 0, got %d", c.ModelRepository.MemoryLimitBytes)
 	}
 	// What the pool cannot see from the settings alone: a directory that
 	// holds no model.

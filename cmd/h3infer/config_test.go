@@ -127,6 +127,7 @@ func TestUrgencyConfig(t *testing.T) {
 		"reserve and nice off":             {json: `{"workers": {"nice": 0}, "scheduler": {"urgent_reserve": 0}}`},
 		"nice out of range":                {json: `{"workers": {"nice": 20}}`, want: []string{"workers.nice"}},
 		"negative nice":                    {json: `{"workers": {"nice": -1}}`, want: []string{"workers.nice"}},
+		"negative memory limit":            {json: `{"model_repository": {"memory_limit_bytes": -1}}`, want: []string{"model_repository.memory_limit_bytes"}},
 		"bulk_min not above urgent":        {json: `{"priority": {"urgent_max": 4, "bulk_min": 3}}`, want: []string{"priority.bulk_min"}},
 		"bulk_min left at its default":     {json: `{"priority": {"urgent_max": 6}}`, want: []string{"priority.bulk_min"}},
 		"urgent_max 0 is taken as written": {json: `{"priority": {"urgent_max": 0}}`},

@@ -24,6 +24,7 @@ func runGenmodel(args []string, stdout io.Writer) error {
 	kvCache := fs.String("kv-cache", onnxgen.KVCacheConcat, "how present relates to past: concat (the usual export) or append (present holds only new positions; the runtime keeps the cache)")
 	merges := fs.Int("merges", 0, "byte-level BPE merges to learn from the corpus for tokenizer.json")
 	chat := fs.String("chat-template", "plain", "model.json chat_template; its special tokens must be given with --special-token")
+	external := fs.Bool("external-data", false, "write the weights to model.onnx.data beside model.onnx (ONNX external data), as large exports do; worker processes then share one copy of them")
 	tokenizer := fs.String("tokenizer", "", "directory of a real model's tokenizer.json and tokenizer_config.json (and chat_template.jinja) to copy beside --random weights, whose vocabulary then follows it")
 	var special []string
 	fs.Func("special-token", "add a special token to tokenizer.json (repeatable)", func(v string) error {
@@ -42,10 +43,14 @@ func runGenmodel(args []string, stdout io.Writer) error {
 		*chat = "" // the model's own template, from tokenizer_config.json
 	}
 	opts := onnxgen.Options{Layers: *layers, Heads: *heads, Hidden: *hidden, Context: *context, Seed: *seed, Random: *random,
-		NoPositionIDs: *noPos, KVType: *kvType, LogitsType: *logitsType, KVCache: *kvCache, Merges: *merges, ChatTemplate: *chat, SpecialTokens: special, Tokenizer: *tokenizer}
+		NoPositionIDs: *noPos, KVType: *kvType, LogitsType: *logitsType, KVCache: *kvCache, Merges: *merges, ChatTemplate: *chat, SpecialTokens: special, Tokenizer: *tokenizer, ExternalData: *external}
 	if err := onnxgen.Write(*out, opts); err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "h3infer genmodel: wrote model.onnx, tokenizer.json and model.json to %s\n", *out)
+	files := "model.onnx"
+	if *external {
+		files = "model.onnx, model.onnx.data"
+	}
+	fmt.Fprintf(stdout, "h3infer genmodel: wrote %s, tokenizer.json and model.json to %s\n", files, *out)
 	return nil
 }

@@ -159,6 +159,9 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 		AutoPromote:  *cfg.ModelRepository.AutoPromote,
 		DrainTimeout: time.Duration(cfg.ModelRepository.DrainTimeout),
 		Registerer:   reg,
+		MemoryLimit:  cfg.ModelRepository.MemoryLimitBytes,
+		Workers:      cfg.Workers.Count,
+		KVCacheBytes: cfg.Workers.KVCacheBytes,
 	}, poolLoader{&pool}, log)
 	if err != nil {
 		return err

@@ -26,6 +26,11 @@ func runWorker(ctx context.Context, args []string, log *slog.Logger) error {
 	if s.ORTLib == "" {
 		s.ORTLib = os.Getenv("ONNXRUNTIME_LIB")
 	}
+	// The baseline of scripts/bench-weights.sh: every worker with its own
+	// copy of the weights, as before they were mapped.
+	if os.Getenv("H3INFER_ORT_COPY_WEIGHTS") == "1" {
+		s.CopyWeights = true
+	}
 	// The pool passes tracing settings in the environment, so a worker
 	// exports its own spans exactly when its gateway does.
 	tp, shutdown, err := newTracerProvider(ctx, "h3infer-worker", "")

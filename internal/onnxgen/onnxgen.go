@@ -27,6 +27,7 @@ import (
 // File names written by Write.
 const (
 	ModelFile     = "model.onnx"
+	DataFile      = "model.onnx.data" // external initializers (Options.ExternalData)
 	TokenizerFile = "tokenizer.json"
 	ConfigFile    = "model.json"
 )
@@ -55,6 +56,15 @@ const (
 	maxContext   = 1 << 16
 	maxVocab     = 1 << 19
 	maxFileBytes = 1 << 30
+)
+
+// External data layout: initializers smaller than externalMin stay inline
+// (the threshold of ONNX's own converter), and offsets are aligned to
+// dataAlign, the mapping granularity on every platform ONNX Runtime runs on
+// (64 KiB on Windows, the page on Linux).
+const (
+	externalMin = 1024
+	dataAlign   = 64 << 10
 )
 
 // Options selects the model Write produces. A zero field means its default.
@@ -116,6 +126,12 @@ type Options struct {
 	SpecialTokens []string
 	// ChatTemplate is model.json's chat_template; empty means "plain".
 	ChatTemplate string
+	// ExternalData writes every initializer of at least externalMin bytes
+	// to DataFile beside ModelFile, the way large exports keep their
+	// weights, instead of inside the protobuf. Each starts at a multiple
+	// of dataAlign, so ONNX Runtime can map it from the file rather than
+	// copy it, and worker processes of one model then share its pages.
+	ExternalData bool
 	// Tokenizer is a directory holding a real model's tokenizer.json, and
 	// optionally its tokenizer_config.json and chat_template.jinja, which
 	// are copied beside the random weights instead of the generated
@@ -333,7 +349,13 @@ func Write(dir string, opts Options) error {
 		}
 		files = append(files, namedFile{TokenizerFile, tok})
 	}
-	files = append(files, namedFile{ConfigFile, cfgJSON}, namedFile{ModelFile, m.marshal()})
+	files = append(files, namedFile{ConfigFile, cfgJSON})
+	if o.ExternalData {
+		// Before model.onnx, so that a reader never sees a model whose
+		// data file is not there yet.
+		files = append(files, namedFile{DataFile, externalize(&m.graph)})
+	}
+	files = append(files, namedFile{ModelFile, m.marshal()})
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("onnxgen: create %s: %w", dir, err)
 	}
@@ -344,6 +366,33 @@ func Write(dir string, opts Options) error {
 	}
 	return nil
 }
+
+// externalize moves g's large initializers out of the protobuf and returns
+// the data file's bytes: each initializer's raw bytes at an aligned offset,
+// zeros between.
+func externalize(g *graph) []byte {
+	var size int64
+	for i := range g.inits {
+		if n := int64(len(g.inits[i].raw)); n >= externalMin {
+			size = alignUp(size, dataAlign) + n
+		}
+	}
+	data := make([]byte, 0, size)
+	for i := range g.inits {
+		t := &g.inits[i]
+		if len(t.raw) < externalMin {
+			continue
+		}
+		off := alignUp(int64(len(data)), dataAlign)
+		data = append(data, make([]byte, off-int64(len(data)))...)
+		data = append(data, t.raw...)
+		t.ext = &externalRef{location: DataFile, offset: off, length: int64(len(t.raw))}
+		t.raw = nil
+	}
+	return data
+}
+
+func alignUp(n, a int64) int64 { return (n + a - 1) / a * a }
 
 // marshalJSON indents v and leaves <, > and & as they are: special tokens
 // should read as written.

@@ -472,3 +472,72 @@ func TestOwnTokenizerIsCopied(t *testing.T) {
 		t.Errorf("got %v, want an error naming the missing tokenizer_config.json", err)
 	}
 }
+
+// A model written with external data must compute exactly what the same
+// model with inline weights computes, keep almost nothing but the graph in
+// model.onnx, and start every initializer in the data file at an aligned
+// offset, or ONNX Runtime could not map it.
+func TestExternalDataMatchesInline(t *testing.T) {
+	opts := Options{Random: true, Layers: 2, Heads: 4, Hidden: 64, Context: 128, Seed: 9}
+	inline, external := t.TempDir(), t.TempDir()
+	if err := Write(inline, opts); err != nil {
+		t.Fatalf("Write inline: %v", err)
+	}
+	opts.ExternalData = true
+	if err := Write(external, opts); err != nil {
+		t.Fatalf("Write external: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(inline, DataFile)); !os.IsNotExist(err) {
+		t.Errorf("inline model has %s: %v", DataFile, err)
+	}
+	inInfo, err := os.Stat(filepath.Join(inline, ModelFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	exInfo, err := os.Stat(filepath.Join(external, ModelFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(external, DataFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	weights := randomShape(opts.withDefaults()).bytes()
+	if exInfo.Size() > inInfo.Size()-weights*9/10 {
+		t.Errorf("model.onnx with external data is %d bytes, inline %d: the weights (%d bytes) did not move out", exInfo.Size(), inInfo.Size(), weights)
+	}
+	if int64(len(data)) < weights*9/10 {
+		t.Errorf("%s is %d bytes, want about the %d bytes of weights", DataFile, len(data), weights)
+	}
+
+	s, w := randomWeights(opts.withDefaults())
+	g := buildGraph(s, w)
+	externalize(&g)
+	moved := 0
+	for _, init := range g.inits {
+		if init.ext == nil {
+			continue
+		}
+		moved++
+		if init.ext.offset%dataAlign != 0 {
+			t.Errorf("%s at offset %d, not a multiple of %d", init.name, init.ext.offset, dataAlign)
+		}
+	}
+	if moved == 0 {
+		t.Fatal("no initializer moved to the data file")
+	}
+
+	a, b := newRunner(t, inline), newRunner(t, external)
+	prompt := bytesToIDs("external data")
+	ca, cb := a.emptyCache(t, 1), b.emptyCache(t, 1)
+	la, na := a.step(t, [][]int64{prompt}, [][]int64{maskOnes(len(prompt))}, [][]int64{iota64(0, len(prompt))}, ca)
+	lb, nb := b.step(t, [][]int64{prompt}, [][]int64{maskOnes(len(prompt))}, [][]int64{iota64(0, len(prompt))}, cb)
+	for _, c := range []cache{ca, cb, na, nb} {
+		c.destroy()
+	}
+	for i := range la[0] {
+		if d := maxAbsDiff(la[0][i], lb[0][i]); d != 0 {
+			t.Fatalf("position %d: logits differ by %g between inline and external weights", i, d)
+		}
+	}
+}

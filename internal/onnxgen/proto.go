@@ -3,6 +3,7 @@ package onnxgen
 import (
 	"encoding/binary"
 	"math"
+	"strconv"
 
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -87,6 +88,9 @@ const (
 	fieldTensorDataType protowire.Number = 2
 	fieldTensorName     protowire.Number = 8
 	fieldTensorRawData  protowire.Number = 9
+	fieldTensorExternal protowire.Number = 13
+	fieldTensorLocation protowire.Number = 14
+	dataLocationExtern                   = 1 // TensorProto.DataLocation EXTERNAL
 )
 
 // TensorProto.DataType values.
@@ -105,6 +109,16 @@ type tensor struct {
 	dims  []int64
 	dtype int32
 	raw   []byte
+	// ext, when set, places raw in an external data file instead of the
+	// protobuf: the tensor then records where (ONNX external data).
+	ext *externalRef
+}
+
+// externalRef is where a tensor's raw bytes lie in an external data file,
+// relative to the model file's directory.
+type externalRef struct {
+	location       string
+	offset, length int64
 }
 
 func floatTensor(name string, dims []int64, data []float32) tensor {
@@ -218,6 +232,19 @@ func (t *tensor) appendTo(b []byte) []byte {
 	b = appendPackedInt64(b, fieldTensorDims, t.dims)
 	b = appendVarint(b, fieldTensorDataType, uint64(t.dtype))
 	b = appendString(b, fieldTensorName, t.name)
+	if t.ext != nil {
+		for _, kv := range [][2]string{
+			{"location", t.ext.location},
+			{"offset", strconv.FormatInt(t.ext.offset, 10)},
+			{"length", strconv.FormatInt(t.ext.length, 10)},
+		} {
+			b = appendMessage(b, fieldTensorExternal, func(b []byte) []byte {
+				b = appendString(b, fieldEntryKey, kv[0])
+				return appendString(b, fieldEntryValue, kv[1])
+			})
+		}
+		return appendVarint(b, fieldTensorLocation, dataLocationExtern)
+	}
 	b = protowire.AppendTag(b, fieldTensorRawData, protowire.BytesType)
 	return protowire.AppendBytes(b, t.raw)
 }
