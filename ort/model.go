@@ -230,7 +230,7 @@ func (m *Model) createSession(dir string, opts Options, place placement) error {
 	if err := so.SetInterOpNumThreads(1); err != nil {
 		return fmt.Errorf("load model %s: set inter-op threads: %w", dir, err)
 	}
-	if err := setWeightOptions(so, place, opts.CopyWeights); err != nil {
+	if err := setWeightOptions(so, place, opts.CopyWeights || !hasExternalData(dir)); err != nil {
 		return fmt.Errorf("load model %s: weight options: %w", dir, err)
 	}
 	path := filepath.Join(dir, modelFile)

@@ -2,6 +2,9 @@ package ort
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 
 	onnxrt "github.com/yalue/onnxruntime_go"
 )
@@ -21,7 +24,9 @@ import (
 // "Weights"), so the default leaves the weights where they were mapped.
 //
 // A model whose weights are inside model.onnx is read whole by ONNX
-// Runtime (never by Go) and is a private copy in every worker either way.
+// Runtime (never by Go) and is a private copy in every worker either way,
+// so it keeps prepacking: turning it off would cost decode speed (0.93x,
+// docs/BENCHMARKS.md) and share nothing.
 
 // Session config entries (onnxruntime_session_options_config_keys.h).
 const (
@@ -67,4 +72,25 @@ func newInspectOptions() (*onnxrt.SessionOptions, error) {
 		return nil, err
 	}
 	return so, nil
+}
+
+// hasExternalData reports whether the model in dir keeps its weights in
+// files beside model.onnx, which ONNX Runtime maps: model.onnx.data as
+// torch.onnx and genmodel write it, model.onnx_data as Hugging Face's
+// exporter does, or any other *.data file.
+func hasExternalData(dir string) bool {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if !e.Type().IsRegular() && e.Type()&os.ModeSymlink == 0 {
+			continue
+		}
+		if name != modelFile && (strings.HasPrefix(name, modelFile) || filepath.Ext(name) == ".data") {
+			return true
+		}
+	}
+	return false
 }
