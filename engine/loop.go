@@ -125,6 +125,7 @@ func Run(ctx context.Context, ring *os.File, cfg Config, log *slog.Logger) error
 		close(stopRecv)
 		wg.Wait()
 		w.loaders.Wait() // a loader that could not hand its model over closed it
+		w.preparers.Wait()
 	}()
 	if nice := *s.Nice; nice > 0 {
 		if w.bulk, err = newLane(nice); err != nil {
@@ -155,6 +156,9 @@ type inbound struct {
 	// loaded is set, with typ 0, by a loader goroutine handing the loop
 	// the outcome of a ControlLoad.
 	loaded *loadOutcome
+	// prepared is set, with typ 0, by a goroutine handing the loop a
+	// large request's prompt, rendered and encoded beside it.
+	prepared *preparedSeq
 }
 
 // receive runs Recv until the ring closes or stop is closed. It does not
@@ -249,6 +253,11 @@ type workerLoop struct {
 	loaders  sync.WaitGroup
 	loading  map[string]bool
 	draining map[Model]bool
+
+	// preparing are the admitted requests whose prompts are being
+	// rendered and encoded beside the loop (prepare.go); they hold slots.
+	preparing map[uint64]*preparedSeq
+	preparers sync.WaitGroup
 
 	// bulk, when set, runs the work of requests that are not urgent at a
 	// lower priority than the loop's thread (nice.go); nil runs all of it
@@ -378,7 +387,7 @@ const maxPrefillTokens = 1024
 
 func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]Model, log *slog.Logger) *workerLoop {
 	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{},
-		loading: map[string]bool{}, draining: map[Model]bool{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName),
+		loading: map[string]bool{}, draining: map[Model]bool{}, preparing: map[uint64]*preparedSeq{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName),
 		asideMin: asideMin}
 	names := make([]string, 0, len(models))
 	for name := range models {
@@ -792,12 +801,19 @@ func (w *workerLoop) handle(in inbound) error {
 			r.span.AddEvent("cancelled")
 			w.forget(r)
 			w.stats.SequencesCancelled++
+		} else if w.preparing[in.id] != nil {
+			// Its prompt is dropped when it comes back.
+			delete(w.preparing, in.id)
+			w.stats.SequencesCancelled++
 		}
 	case transport.FrameControl:
 		return w.control(in)
 	case 0:
 		if in.loaded != nil {
 			return w.loaded(in.loaded)
+		}
+		if in.prepared != nil {
+			return w.admitPrepared(in.prepared)
 		}
 	case transport.FrameHeartbeat:
 	default:
@@ -813,17 +829,29 @@ func (w *workerLoop) admit(in inbound) error {
 	if in.err != nil {
 		return reject(infer.CodeInvalidRequest, "malformed submit: "+in.err.Error())
 	}
-	if w.byID[in.id] != nil {
+	if w.byID[in.id] != nil || w.preparing[in.id] != nil {
 		return reject(infer.CodeInvalidRequest, fmt.Sprintf("request id %d is already running", in.id))
 	}
-	if len(w.byID) >= w.slots {
+	if len(w.byID)+len(w.preparing) >= w.slots {
 		return reject(infer.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", w.slots))
 	}
 	m := w.models[in.submit.Model]
 	if m == nil {
 		return reject(infer.CodeModelNotFound, fmt.Sprintf("model %q is not served by this worker", in.submit.Model))
 	}
+	if w.prepareAside(in, m) {
+		return nil
+	}
 	seq, err := newSequence(m, &in.submit)
+	return w.admitSequence(in, m, seq, err)
+}
+
+// admitSequence admits the request in whose sequence newSequence made,
+// or answers it with newSequence's error.
+func (w *workerLoop) admitSequence(in inbound, m Model, seq *sequence, err error) error {
+	reject := func(code, msg string) error {
+		return w.sendError(in.id, infer.Error{Code: code, Message: msg})
+	}
 	if err != nil {
 		if re, ok := errors.AsType[*RequestError](err); ok {
 			return reject(re.Code, re.Message)
