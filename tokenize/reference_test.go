@@ -176,67 +176,75 @@ func TestReference(t *testing.T) {
 	defer loads.Wait()
 	for _, model := range refModels {
 		t.Run(model, func(t *testing.T) {
-			tok := loadRef(t, model)
-			odd := oddIDs(tok)
-			ref := runReference(t, refRequest{Tokenizer: refPath(model), Texts: texts, Decode: odd})
-			fails := 0
-			fail := func(format string, args ...any) {
-				t.Helper()
-				if fails++; fails <= 10 {
-					t.Errorf(format, args...)
-				}
-			}
-			for i, text := range texts {
-				got, want := tok.Encode(text), ref.Encode[i]
-				if d := diffIDs(tok, got, want); d != "" {
-					fail("Encode(%q):\n%s", clip(text), d)
-				}
-				gotS, wantS := tok.EncodeSpecial(text), ref.EncodeSpecial[i]
-				if d := diffIDs(tok, gotS, wantS); d != "" {
-					fail("EncodeSpecial(%q):\n%s", clip(text), d)
-				}
-				rd := ref.TextsDecoded[i]
-				for _, c := range []struct {
-					ids  []int
-					skip bool
-					want string
-				}{{want, false, rd.Plain}, {want, true, rd.PlainSkip}, {wantS, false, rd.Special}, {wantS, true, rd.SpecialSkip}} {
-					if got := tok.Decode(c.ids, c.skip); got != c.want {
-						fail("Decode(ids of %q, %v):\n%s", clip(text), c.skip, diffText(got, c.want))
-					}
-				}
-				// Streaming the tokens after a prefix adds what decoding
-				// them adds, wherever the prefix's text is a prefix of
-				// the whole text.
-				for j, k := range cuts(len(wantS)) {
-					prefix := rd.Prefixes[j]
-					if !strings.HasPrefix(rd.Special, prefix) {
-						continue
-					}
-					var b strings.Builder
-					for _, id := range wantS[k:] {
-						b.WriteString(tok.Piece(id))
-					}
-					if !utf8.ValidString(b.String()) {
-						continue // a cut inside a character: Stream's job
-					}
-					if got, want := b.String(), rd.Special[len(prefix):]; got != want {
-						fail("pieces after token %d of %q:\n%s", k, clip(text), diffText(got, want))
-					}
-				}
-			}
-			for i, ids := range odd {
-				if got := tok.Decode(ids, false); got != ref.Decode[i] {
-					fail("Decode(%v, false) = %q, want %q", ids, got, ref.Decode[i])
-				}
-				if got := tok.Decode(ids, true); got != ref.DecodeSkip[i] {
-					fail("Decode(%v, true) = %q, want %q", ids, got, ref.DecodeSkip[i])
-				}
-			}
-			if fails > 10 {
-				t.Errorf("... and %d more", fails-10)
-			}
+			compareWithReference(t, loadRef(t, model), refPath(model), texts)
 		})
+	}
+}
+
+// compareWithReference wants tok, read from the tokenizer.json at path,
+// to encode and decode texts as the reference does with the same file:
+// Encode, EncodeSpecial, Decode with and without special tokens, pieces
+// streamed after a prefix, and odd ids.
+func compareWithReference(t *testing.T, tok *Tokenizer, path string, texts []string) {
+	t.Helper()
+	odd := oddIDs(tok)
+	ref := runReference(t, refRequest{Tokenizer: path, Texts: texts, Decode: odd})
+	fails := 0
+	fail := func(format string, args ...any) {
+		t.Helper()
+		if fails++; fails <= 10 {
+			t.Errorf(format, args...)
+		}
+	}
+	for i, text := range texts {
+		got, want := tok.Encode(text), ref.Encode[i]
+		if d := diffIDs(tok, got, want); d != "" {
+			fail("Encode(%q):\n%s", clip(text), d)
+		}
+		gotS, wantS := tok.EncodeSpecial(text), ref.EncodeSpecial[i]
+		if d := diffIDs(tok, gotS, wantS); d != "" {
+			fail("EncodeSpecial(%q):\n%s", clip(text), d)
+		}
+		rd := ref.TextsDecoded[i]
+		for _, c := range []struct {
+			ids  []int
+			skip bool
+			want string
+		}{{want, false, rd.Plain}, {want, true, rd.PlainSkip}, {wantS, false, rd.Special}, {wantS, true, rd.SpecialSkip}} {
+			if got := tok.Decode(c.ids, c.skip); got != c.want {
+				fail("Decode(ids of %q, %v):\n%s", clip(text), c.skip, diffText(got, c.want))
+			}
+		}
+		// Streaming the tokens after a prefix adds what decoding
+		// them adds, wherever the prefix's text is a prefix of
+		// the whole text.
+		for j, k := range cuts(len(wantS)) {
+			prefix := rd.Prefixes[j]
+			if !strings.HasPrefix(rd.Special, prefix) {
+				continue
+			}
+			var b strings.Builder
+			for _, id := range wantS[k:] {
+				b.WriteString(tok.Piece(id))
+			}
+			if !utf8.ValidString(b.String()) {
+				continue // a cut inside a character: Stream's job
+			}
+			if got, want := b.String(), rd.Special[len(prefix):]; got != want {
+				fail("pieces after token %d of %q:\n%s", k, clip(text), diffText(got, want))
+			}
+		}
+	}
+	for i, ids := range odd {
+		if got := tok.Decode(ids, false); got != ref.Decode[i] {
+			fail("Decode(%v, false) = %q, want %q", ids, got, ref.Decode[i])
+		}
+		if got := tok.Decode(ids, true); got != ref.DecodeSkip[i] {
+			fail("Decode(%v, true) = %q, want %q", ids, got, ref.DecodeSkip[i])
+		}
+	}
+	if fails > 10 {
+		t.Errorf("... and %d more", fails-10)
 	}
 }
 

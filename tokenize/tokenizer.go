@@ -126,6 +126,11 @@ func Parse(data []byte) (*Tokenizer, error) {
 			add(fmt.Errorf("added_tokens[%d]: %q has negative id %d", i, a.Content, a.ID))
 			continue
 		}
+		// A token the model's vocabulary already has keeps that id, as
+		// Hugging Face's loader gives it whatever the file says.
+		if id, ok := t.model.vocab[a.Content]; ok {
+			a.ID = id
+		}
 		t.added = append(t.added, addedToken{
 			id: a.ID, content: a.Content, special: a.Special,
 			lstrip: a.LStrip, rstrip: a.RStrip, single: a.SingleWord, normd: a.Normalized,
