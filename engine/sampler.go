@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"slices"
 
+	"h3infer/constrain"
 	"h3infer/infer"
 )
 
@@ -32,6 +33,12 @@ type sampler struct {
 	// lp holds the latest step's logprobs when the request asks for
 	// them; nil otherwise, which leaves a step as it was.
 	lp *stepLogprobs
+	// format masks the tokens that would break the response_format's
+	// document, after the penalties; nil when the request sets none,
+	// which leaves a step as it was. masked is the sequence's copy of
+	// the logits it masks when no penalty made one.
+	format *constrain.Matcher
+	masked []float32
 }
 
 // candidate is a token of the nucleus being sorted; keeping the
@@ -64,20 +71,59 @@ func newSampler(r *infer.Request, prompt []int, seed uint64) *sampler {
 // sample picks the next token from logits, which it does not change: they
 // may be a row of a batch's output that other rows share.
 func (s *sampler) sample(logits []float32) int {
-	if s.pen == nil {
+	if s.pen == nil && s.format == nil {
 		id := s.pick(logits)
 		if s.lp != nil {
 			s.lp.record(logits, id)
 		}
 		return id
 	}
-	l := s.pen.apply(logits)
+	l := logits
+	if s.pen != nil {
+		l = s.pen.apply(logits)
+	}
+	if s.format != nil {
+		if s.pen == nil {
+			s.masked = append(s.masked[:0], logits...)
+			l = s.masked
+		}
+		applyMask(l, s.format.Allowed())
+	}
 	id := s.pick(l)
 	if s.lp != nil {
 		s.lp.record(l, id)
 	}
-	s.pen.add(id)
+	if s.pen != nil {
+		s.pen.add(id)
+	}
+	if s.format != nil {
+		s.format.Accept(id)
+	}
 	return id
+}
+
+// applyMask sets to -Inf the logits of the tokens mask leaves out: bit
+// id%64 of word id/64 clear. A word at a time, since a mask is mostly
+// all clear (between strings) or all set (inside them).
+func applyMask(l []float32, mask []uint64) {
+	inf := float32(math.Inf(-1))
+	for w, bits := range mask {
+		lo := w * 64
+		hi := min(lo+64, len(l))
+		switch bits {
+		case ^uint64(0):
+		case 0:
+			for i := lo; i < hi; i++ {
+				l[i] = inf
+			}
+		default:
+			for i := lo; i < hi; i++ {
+				if bits>>(i-lo)&1 == 0 {
+					l[i] = inf
+				}
+			}
+		}
+	}
 }
 
 func (s *sampler) pick(logits []float32) int {

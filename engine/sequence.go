@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 
+	"h3infer/constrain"
 	"h3infer/infer"
 	"h3infer/tokenize"
 )
@@ -38,6 +40,10 @@ type sequence struct {
 	// biasTop is the largest token logit_bias names, -1 when none: only
 	// the prefill's logits tell whether the model has it.
 	biasTop int
+	// format is the compiled response_format; nil when the request asks
+	// for none. Its matcher joins the sampler at prefill, when the
+	// logits say the vocabulary's width.
+	format *constrain.Grammar
 
 	row    int       // row in its model's batch; -1 when in none
 	logits []float32 // of the latest forward pass, sampled by next
@@ -61,6 +67,10 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 	}
 	if s.TopLogprobs > 0 && !s.Logprobs {
 		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf("top_logprobs: requires logprobs, got %d without it", s.TopLogprobs)}
+	}
+	format, err := constrain.Parse([]byte(s.ResponseFormat))
+	if s.ResponseFormat != "" && err != nil {
+		return nil, &RequestError{infer.CodeInvalidRequest, err.Error()}
 	}
 	info := m.Info()
 	text := s.Prompt
@@ -114,6 +124,7 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 		ignoreEOS: s.IgnoreEOS,
 		last:      -1,
 		biasTop:   biasTop,
+		format:    format,
 		row:       -1,
 	}, nil
 }
@@ -165,8 +176,30 @@ func (q *sequence) prefill() ([][]byte, error) {
 		return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf(
 			"logit_bias: token %d is not in model %s's vocabulary of %d tokens", q.biasTop, q.m.Info().Name, len(logits))}
 	}
+	if q.format != nil {
+		v, err := vocabulary(q.m, len(logits))
+		if err != nil {
+			return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf(
+				"response_format: model %s cannot be constrained to JSON: %v", q.m.Info().Name, err)}
+		}
+		q.smp.format = constrain.NewMatcher(q.format, v)
+	}
 	q.logits = logits
 	return cache, nil
+}
+
+// vocabularyModel is a Model that builds the constrain.Vocab of its
+// tokens once and keeps it, for every constrained request to share with
+// its cache of masks. Other models build one per request.
+type vocabularyModel interface {
+	Vocabulary(width int) (*constrain.Vocab, error)
+}
+
+func vocabulary(m Model, width int) (*constrain.Vocab, error) {
+	if vm, ok := m.(vocabularyModel); ok {
+		return vm.Vocabulary(width)
+	}
+	return constrain.NewVocab(width, m.Piece)
 }
 
 // next samples one token from the latest logits. It returns the text that
@@ -193,6 +226,12 @@ func (q *sequence) next() (infer.Token, *infer.Done) {
 	if stopped {
 		return tok, q.done(infer.FinishStop)
 	}
+	if f := q.smp.format; f != nil && f.Complete() {
+		// The document is whole and only an end token may follow: end
+		// now rather than spend a step on it.
+		tok.Text += q.text.Flush()
+		return tok, q.done(infer.FinishStop)
+	}
 	if q.completion >= q.limit {
 		tok.Text += q.text.Flush()
 		return tok, q.done(infer.FinishLength)
@@ -210,6 +249,12 @@ func (q *sequence) logprobs(lp *stepLogprobs, piece string) []infer.TokenLogprob
 		for i, c := range lp.best {
 			p, _ := q.m.Piece(c.id)
 			e[0].Top[i] = infer.TopLogprob{Token: p, Logprob: float32(c.p)}
+		}
+		if q.smp.format != nil {
+			// Tokens the mask left out have no probability; they are
+			// not among the likely ones, even where fewer tokens than
+			// asked for are allowed.
+			e[0].Top = slices.DeleteFunc(e[0].Top, func(t infer.TopLogprob) bool { return math.IsInf(float64(t.Logprob), -1) })
 		}
 	}
 	return e

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"h3infer/constrain"
 	"h3infer/infer"
 )
 
@@ -65,6 +66,10 @@ type completionRequest struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 	N *int64 `json:"n"`
+	// ResponseFormat asks for JSON: any object (json_object) or one a
+	// JSON Schema accepts (json_schema), enforced by the worker's token
+	// masks (package constrain).
+	ResponseFormat json.RawMessage `json:"response_format"`
 	// User is OpenAI's end-user id; h3infer keys sticky canary splits by it.
 	User string `json:"user"`
 
@@ -77,7 +82,6 @@ type completionRequest struct {
 // empty, the default), so a client that relies on one gets a 400 naming
 // it instead of an answer that quietly lacks it.
 type unsupported struct {
-	ResponseFormat   json.RawMessage `json:"response_format"`
 	Tools            json.RawMessage `json:"tools"`
 	ToolChoice       json.RawMessage `json:"tool_choice"`
 	Functions        json.RawMessage `json:"functions"`
@@ -111,7 +115,6 @@ type ignoredHints struct {
 // asksForNothing lists, per unsupported parameter, the values that leave
 // the answer as it would be without it, as compact JSON.
 var asksForNothing = map[string][]string{
-	"response_format":    {`{"type":"text"}`},
 	"tools":              {"[]"},
 	"tool_choice":        {`"none"`, `"auto"`},
 	"functions":          {"[]"},
@@ -135,7 +138,7 @@ func refuseUnsupported(u *unsupported) error {
 		name string
 		raw  json.RawMessage
 	}{
-		{"response_format", u.ResponseFormat}, {"tools", u.Tools}, {"tool_choice", u.ToolChoice},
+		{"tools", u.Tools}, {"tool_choice", u.ToolChoice},
 		{"functions", u.Functions}, {"function_call", u.FunctionCall}, {"audio", u.Audio},
 		{"modalities", u.Modalities}, {"prediction", u.Prediction}, {"web_search_options", u.WebSearchOptions},
 		{"reasoning_effort", u.ReasoningEffort}, {"verbosity", u.Verbosity},
@@ -267,6 +270,9 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 		return nil, err
 	}
 	c.job.Stop = stop
+	if c.job.ResponseFormat, err = responseFormat(req.ResponseFormat); err != nil {
+		return nil, err
+	}
 	if req.StreamOptions != nil {
 		if !req.Stream {
 			return nil, invalidf("stream_options", "stream_options: only allowed when stream is true")
@@ -274,6 +280,29 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 		c.includeUsage = req.StreamOptions.IncludeUsage
 	}
 	return c, nil
+}
+
+// responseFormat checks a response_format, compiling its schema so that a
+// schema the workers would refuse is refused here, with the keyword at
+// fault, and returns it compacted for the worker; "" when it asks for
+// nothing (absent, null or text).
+func responseFormat(raw json.RawMessage) (string, error) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || bytes.Equal(raw, []byte("null")) {
+		return "", nil
+	}
+	g, err := constrain.Parse(raw)
+	if err != nil {
+		return "", invalidf("response_format", "%v", err)
+	}
+	if g == nil {
+		return "", nil
+	}
+	var compact bytes.Buffer
+	if err := json.Compact(&compact, raw); err != nil {
+		return "", invalidf("response_format", "response_format: %v", err)
+	}
+	return compact.String(), nil
 }
 
 // maxTextLogprobs bounds a text completion's logprobs, as OpenAI does.

@@ -171,7 +171,7 @@ func TestUnknownAndUnsupportedParameters(t *testing.T) {
 		// Refused: unknown, or asking for what is not implemented.
 		`"best_of_n": 2`:                                  "best_of_n",
 		`"skip_special_tokens": false`:                    "skip_special_tokens",
-		`"response_format": {"type": "json_object"}`:      "response_format",
+		`"response_format": {"type": "xml"}`:              "response_format",
 		`"tools": [{"type": "function", "function": {}}]`: "tools",
 		`"tool_choice": "required"`:                       "tool_choice",
 		`"functions": [{"name": "f"}]`:                    "functions",
@@ -185,6 +185,7 @@ func TestUnknownAndUnsupportedParameters(t *testing.T) {
 		`"suffix": "end"`:                                 "suffix",
 		// Accepted: values that ask for nothing, and hints.
 		`"response_format": { "type" : "text" }`:    "",
+		`"response_format": {"type": "json_object"}`: "",
 		`"tools": []`:                               "",
 		`"tool_choice": "none"`:                     "",
 		`"modalities": ["text"]`:                    "",
@@ -266,6 +267,46 @@ func BenchmarkParseCompletion(b *testing.B) {
 	for b.Loop() {
 		if _, err := parseCompletion(body, kindChat, DefaultMaxTokens); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// TestResponseFormat: json_object and the subset of JSON Schema reach the
+// worker compacted; anything else is a 400 naming response_format and
+// saying where in the schema the fault is.
+func TestResponseFormat(t *testing.T) {
+	const schema = `{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": false}`
+	for _, tc := range []struct {
+		format, want, refusal string
+	}{
+		{`{"type": "json_object"}`, `{"type":"json_object"}`, ""},
+		{`{"type": "text"}`, "", ""},
+		{`null`, "", ""},
+		{`{"type": "json_schema", "json_schema": {"name": "a", "strict": true, "schema": ` + schema + `}}`,
+			`{"type":"json_schema","json_schema":{"name":"a","strict":true,"schema":{"type":"object","properties":{"a":{"type":"string"}},"required":["a"],"additionalProperties":false}}}`, ""},
+		{`{"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"x": {"type": "object", "patternProperties": {}}}, "required": ["x"]}}}`,
+			"", `response_format.json_schema.schema.properties.x: "patternProperties" is not supported here`},
+		{`{"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "string"}}}`, "", "response_format.json_schema.schema: the root must be an object"},
+		{`{"type": "json_schema", "json_schema": {"schema": ` + schema + `}}`, "", "response_format.json_schema.name: must be"},
+		{`{"type": "json_schema", "json_schema": {"name": "a", "schema": ` + strings.Repeat(`{"type":"array","items":`, 40) + `{"type":"null"}` + strings.Repeat(`}`, 40) + `}}`, "", "nest more than"},
+	} {
+		body := `{"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": ` + tc.format + `}`
+		c, err := parseCompletion([]byte(body), kindChat, 16)
+		if tc.refusal != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.refusal) {
+				t.Errorf("%s: got %v, want an error with %q", tc.format, err, tc.refusal)
+			}
+			if e := apiErrorOf(err); e.status != 400 || paramOf(e) != "response_format" {
+				t.Errorf("%s: got status %d naming %q, want 400 naming response_format", tc.format, e.status, paramOf(e))
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", tc.format, err)
+			continue
+		}
+		if c.job.ResponseFormat != tc.want {
+			t.Errorf("%s: got %q, want %q", tc.format, c.job.ResponseFormat, tc.want)
 		}
 	}
 }

@@ -60,6 +60,14 @@ type Request struct {
 	// benchmark's output lengths are the ones it asked for. Stop strings
 	// still apply.
 	IgnoreEOS bool
+	// ResponseFormat is OpenAI's response_format as the client wrote it,
+	// compacted, when it asks for JSON (json_object or json_schema); ""
+	// otherwise. The model's runner compiles it (package constrain) and
+	// masks, at each step after LogitBias and the penalties, every token
+	// that would not keep the completion a prefix of a document it
+	// accepts: the logprobs are those of the masked logits, and the
+	// completion ends ("stop") as soon as the document is complete.
+	ResponseFormat string
 	// Urgency is the RFC 9218 urgency the request runs at, and Class what
 	// that urgency means to every stage on the way (priority.Classes): both
 	// are decided once, at admission, and only read afterwards.

@@ -8,9 +8,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	onnxrt "github.com/yalue/onnxruntime_go"
 
+	"h3infer/constrain"
 	"h3infer/infer"
 	"h3infer/tokenize"
 	"h3infer/workerconf"
@@ -86,6 +88,15 @@ type Model struct {
 	stopIDs   map[int]bool // eos and stop_tokens
 	inputLen  int          // number of session inputs
 	outputLen int          // number of session outputs
+
+	// constrained is the vocabulary of structured outputs, built on the
+	// first request that asks for one (Vocabulary).
+	constrained struct {
+		once  sync.Once
+		width int
+		v     *constrain.Vocab
+		err   error
+	}
 }
 
 // Files of a model directory.
@@ -463,6 +474,20 @@ func (m *Model) Piece(id int) (string, bool) {
 		return "", false
 	}
 	return m.tok.Piece(id), stop
+}
+
+// Vocabulary is the model's vocabulary as constrained decoding walks it,
+// width tokens wide (the logits' width, which may exceed the
+// tokenizer's), built once for every request of the model to share: a
+// trie of 128k pieces takes tens of milliseconds, and its cache of masks
+// serves every request with the same schema.
+func (m *Model) Vocabulary(width int) (*constrain.Vocab, error) {
+	c := &m.constrained
+	c.once.Do(func() { c.width = width; c.v, c.err = constrain.NewVocab(width, m.Piece) })
+	if c.err == nil && width != c.width {
+		return nil, fmt.Errorf("logits %d wide, the vocabulary %d", width, c.width)
+	}
+	return c.v, c.err
 }
 
 // Join adds a prompt prefilled by Prefill, n tokens whose cache is kv,

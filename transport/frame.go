@@ -285,7 +285,11 @@ const (
 	submitHasSeed   = 1 << 0
 	submitIgnoreEOS = 1 << 1
 	submitLogprobs  = 1 << 2
-	submitFlags     = submitHasSeed | submitIgnoreEOS | submitLogprobs
+	// submitFormat says a response_format follows the traceparent. A
+	// request without one encodes as it did before the field existed;
+	// a worker that predates it refuses the flag rather than drop it.
+	submitFormat = 1 << 3
+	submitFlags  = submitHasSeed | submitIgnoreEOS | submitLogprobs | submitFormat
 )
 
 // AppendSubmit appends the encoding of s to b.
@@ -299,6 +303,9 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	}
 	if s.Logprobs {
 		flags |= submitLogprobs
+	}
+	if s.ResponseFormat != "" {
+		flags |= submitFormat
 	}
 	b = append(b, flags)
 	b = appendString(b, s.Model)
@@ -328,7 +335,11 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 		b = appendString(b, stop)
 	}
 	b = append(b, byte(s.Urgency), byte(s.Class))
-	return appendString(b, s.TraceParent)
+	b = appendString(b, s.TraceParent)
+	if s.ResponseFormat != "" {
+		b = appendString(b, s.ResponseFormat)
+	}
+	return b
 }
 
 // DecodeSubmit decodes a FrameSubmit payload.
@@ -388,6 +399,11 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 		d.fail("unknown class %d", s.Class)
 	}
 	s.TraceParent = d.string("traceparent")
+	if flags&submitFormat != 0 {
+		if s.ResponseFormat = d.string("response_format"); d.err == nil && s.ResponseFormat == "" {
+			d.fail("empty response_format")
+		}
+	}
 	if err := d.finish(); err != nil {
 		return infer.Request{}, err
 	}

@@ -33,7 +33,10 @@ func sampleSubmits() map[string]infer.Request {
 			Urgency:     0,
 			TraceParent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
 		},
-		"logprobs":     {Model: "demo", Prompt: "p", Logprobs: true},
+		"logprobs":    {Model: "demo", Prompt: "p", Logprobs: true},
+		"json_object": {Model: "demo", Prompt: "p", ResponseFormat: `{"type":"json_object"}`},
+		"json_schema": {Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "hi"}}, TraceParent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+			ResponseFormat: `{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","properties":{"a":{"type":"string"}},"required":["a"]}}}`},
 		"top_logprobs": {Model: "demo", Prompt: "p", Temperature: 0.5, Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
 		"extremes": {
 			Prompt: strings.Repeat("x", 70000), MaxTokens: math.MaxUint32,

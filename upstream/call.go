@@ -227,6 +227,9 @@ type completionBody struct {
 	} `json:"stream_options"`
 	IgnoreEOS bool `json:"ignore_eos,omitempty"`
 	Priority  *int `json:"priority,omitempty"`
+	// ResponseFormat goes as the client wrote it: the engine upstream
+	// enforces it (vLLM and SGLang take OpenAI's shape on both routes).
+	ResponseFormat json.RawMessage `json:"response_format,omitempty"`
 }
 
 type chatMessage struct {
@@ -259,6 +262,9 @@ func (c *call) newRequest(ctx context.Context, job *infer.Request) (*http.Reques
 		for _, lb := range job.LogitBias {
 			b.LogitBias[strconv.FormatUint(uint64(lb.Token), 10)] = lb.Bias
 		}
+	}
+	if job.ResponseFormat != "" {
+		b.ResponseFormat = json.RawMessage(job.ResponseFormat)
 	}
 	b.StreamOptions.IncludeUsage = true
 	path := "/v1/completions"

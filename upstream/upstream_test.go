@@ -128,7 +128,7 @@ func TestRequestSent(t *testing.T) {
 			if so, _ := b["stream_options"].(map[string]any); so["include_usage"] != true {
 				t.Errorf("stream_options: got %v, want include_usage", b["stream_options"])
 			}
-			for _, k := range []string{"top_p", "ignore_eos", "prompt", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"} {
+			for _, k := range []string{"top_p", "ignore_eos", "prompt", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "response_format"} {
 				if _, ok := b[k]; ok {
 					t.Errorf("body has %q; want it left out: %v", k, b)
 				}
@@ -189,6 +189,7 @@ func TestSamplingParametersSent(t *testing.T) {
 	req.TopK, req.MinP = 40, 0.25
 	req.PresencePenalty, req.FrequencyPenalty, req.RepetitionPenalty = -0.5, 1.5, 1.25
 	req.LogitBias = []infer.LogitBias{{Token: 7, Bias: -100}, {Token: 50256, Bias: 2.5}}
+	req.ResponseFormat = `{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","properties":{},"additionalProperties":false}}}`
 	if d := last(t, run(t, s, req)).Done; d == nil {
 		t.Fatal("request did not finish")
 	}
@@ -196,6 +197,8 @@ func TestSamplingParametersSent(t *testing.T) {
 	for k, want := range map[string]any{
 		"top_k": 40.0, "min_p": 0.25, "presence_penalty": -0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.25,
 		"logit_bias": map[string]any{"7": -100.0, "50256": 2.5},
+		"response_format": map[string]any{"type": "json_schema", "json_schema": map[string]any{"name": "x",
+			"schema": map[string]any{"type": "object", "properties": map[string]any{}, "additionalProperties": false}}},
 	} {
 		if !reflect.DeepEqual(b[k], want) {
 			t.Errorf("%s: got %v, want %v", k, b[k], want)

@@ -108,6 +108,9 @@ var vocabulary = map[string][]string{
 	// How a setting is written in the configuration file, which every
 	// library's Config speaks.
 	"h3infer/config": nil,
+	// Schemas and token masks of structured outputs, which the gateway
+	// checks and the worker enforces.
+	"h3infer/constrain": nil,
 }
 
 func TestImportGraph(t *testing.T) {
