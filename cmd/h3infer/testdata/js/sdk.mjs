@@ -3,6 +3,7 @@
 // for sdk_test.go to judge.
 //
 // Usage: NODE_EXTRA_CA_CERTS=ca.pem node sdk.mjs '{"url":..., "prompt":..., "maxTokens":N}'
+import Ajv from 'ajv';
 import OpenAI from 'openai';
 
 const cfg = JSON.parse(process.argv[2]);
@@ -47,12 +48,69 @@ out.sampling = { full: sampled.choices[0].message.content, stream: '' };
 for await (const chunk of await client.chat.completions.create({ ...sampling, stream: true })) {
   for (const c of chunk.choices) out.sampling.stream += c.delta.content || '';
 }
-// What the server does not implement yet is refused by name.
+// A json_schema response_format through the SDK's structured-output
+// helpers: parse() for the whole answer and stream() for the streamed
+// one, each of which parses the document the way an application would
+// receive it; ajv, not the server, judges each against the schema. No free
+// strings: the demo model, which writes prose, would fill one to
+// max_tokens.
+const schema = {
+  type: 'object',
+  properties: {
+    n: { type: 'integer' },
+    ok: { type: 'boolean' },
+    color: { enum: ['red', 'green', 'blue'] },
+    xs: { type: 'array', items: { type: ['integer', 'null'] }, maxItems: 3 },
+  },
+  required: ['n', 'ok', 'color', 'xs'],
+  additionalProperties: false,
+};
+const validate = new Ajv({ allErrors: true, strict: true }).compile(schema);
+const judge = (content, parsed) => {
+  let doc;
+  try {
+    doc = JSON.parse(content);
+  } catch (e) {
+    return { valid: false, errors: [`does not parse: ${e.message}`] };
+  }
+  const valid = validate(doc);
+  const errors = valid ? [] : validate.errors.map((e) => `${e.instancePath} ${e.message}`);
+  if (JSON.stringify(parsed) !== JSON.stringify(doc)) errors.push(`the SDK parsed ${JSON.stringify(parsed)}`);
+  return { valid: valid && errors.length === 0, errors };
+};
+out.format = [];
+for (const seed of [0, 1, 2]) {
+  const formatted = {
+    ...params,
+    max_tokens: 200,
+    temperature: 1,
+    seed,
+    response_format: { type: 'json_schema', json_schema: { name: 'answer', strict: true, schema } },
+  };
+  const full = await client.chat.completions.parse(formatted);
+  const message = full.choices[0].message;
+  const entry = { seed, full: message.content, finish: full.choices[0].finish_reason, ...judge(message.content, message.parsed) };
+  const stream = client.chat.completions.stream(formatted);
+  let chunks = 0;
+  for await (const chunk of stream) if (chunk.choices.some((c) => c.delta.content)) chunks++;
+  const final = await stream.finalChatCompletion();
+  const streamed = final.choices[0].message;
+  const verdict = judge(streamed.content, streamed.parsed ?? JSON.parse(streamed.content));
+  entry.stream = { text: streamed.content, finish: final.choices[0].finish_reason, chunks, ...verdict };
+  out.format.push(entry);
+}
+// A schema outside the subset is refused by name.
 try {
-  await client.chat.completions.create({ ...params, response_format: { type: 'json_object' } });
+  await client.chat.completions.create({
+    ...params,
+    response_format: {
+      type: 'json_schema',
+      json_schema: { name: 'answer', schema: { type: 'object', properties: { s: { type: 'string', pattern: '^a+$' } }, required: ['s'] } },
+    },
+  });
   out.refused = null;
 } catch (e) {
-  out.refused = { status: e.status, param: e.param ?? e.error?.param ?? null };
+  out.refused = { status: e.status, param: e.param ?? e.error?.param ?? null, message: e.error?.message ?? e.message };
 }
 
 process.stdout.write(JSON.stringify(out) + '\n');
