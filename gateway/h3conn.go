@@ -50,8 +50,8 @@ const (
 const closeLinger = 30 * time.Millisecond
 
 // maxIncomingUniStreams bounds the peer's unidirectional streams: HTTP/3
-// needs three (control, QPACK encoder and decoder), and quic-go's http3
-// keeps a goroutine on each until its type arrives.
+// needs three (control, QPACK encoder and decoder). Those the gateway
+// does not read (see serveH3Conn) hold their buffered data in quic-go.
 const maxIncomingUniStreams = 16
 
 type connGateKey struct{}
@@ -190,12 +190,21 @@ func (g *Gateway) serveH3Conn(conn *quic.Conn, gate *connGate) {
 		}
 	})
 	wg.Go(func() {
+		// One goroutine takes all of the peer's unidirectional streams,
+		// not one each: http3 reads a stream's type and returns at once
+		// for every type but the control stream, which it reads until the
+		// connection ends. Streams the peer opens after its control
+		// stream stay unaccepted in quic-go (at most
+		// maxIncomingUniStreams): an HTTP/3 peer opens only its two QPACK
+		// streams besides, and those carry nothing the gateway reads,
+		// since its dynamic table is off. An idle connection so holds one
+		// goroutine here instead of two.
 		for {
 			str, err := conn.AcceptUniStream(context.Background())
 			if err != nil {
 				return
 			}
-			wg.Go(func() { hc.HandleUnidirectionalStream(str) })
+			hc.HandleUnidirectionalStream(str)
 		}
 	})
 
