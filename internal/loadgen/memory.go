@@ -199,8 +199,9 @@ type memoryRun struct {
 	tr    *quic.Transport
 	h3    *http3.Transport
 	conns []heldConn
-	// retries counts connections dialed again after a failed attempt.
-	retries atomic.Int64
+	// retries counts connections dialed again after a failed attempt,
+	// failed those that failed every attempt, in the current level.
+	retries, failed atomic.Int64
 }
 
 // dialAttempts bounds the tries of one connection.
@@ -325,6 +326,7 @@ func (r *memoryRun) lost() map[string]int {
 func (r *memoryRun) open(ctx context.Context, n int) error {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.StepTimeout)
 	defer cancel()
+	r.failed.Store(0)
 	out := make([]heldConn, n)
 	errs := make([]error, n)
 	var next atomic.Int64
@@ -347,8 +349,10 @@ func (r *memoryRun) open(ctx context.Context, n int) error {
 						break
 					}
 				}
-				if errs[i] != nil {
-					cancel() // one failure ends the level
+				// A connection that failed every attempt is left out
+				// (counted); more than one in a hundred ends the level.
+				if errs[i] != nil && ctx.Err() == nil && r.failed.Add(1) > int64(n/100) {
+					cancel()
 				}
 			}
 		})
@@ -359,8 +363,8 @@ func (r *memoryRun) open(ctx context.Context, n int) error {
 			r.conns = append(r.conns, c)
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("memory: opening %d connections: %w", n, err)
+	if f := r.failed.Load(); f > int64(n/100) {
+		return fmt.Errorf("memory: opening %d connections: %d failed: %w", n, f, errors.Join(errs...))
 	}
 	if err := ctx.Err(); err != nil && len(out) > 0 && out[n-1].conn == nil {
 		return fmt.Errorf("memory: opening %d connections: %w", n, err)
