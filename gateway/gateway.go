@@ -285,7 +285,7 @@ func (c Config) WithDefaults() Config {
 	defDuration(&c.AuthTimeout, DefaultAuthTimeout)
 	def(&c.MaxConnections, DefaultMaxConnections())
 	def(&c.MaxConnectionsPerSource, DefaultMaxConnectionsPerSource)
-	def(&c.MaxIdleConnections, max(1, c.MaxConnections/4*3))
+	def(&c.MaxIdleConnections, max(1, c.MaxConnections*3/4))
 	defDuration(&c.QueueTimeout, DefaultQueueTimeout)
 	defDuration(&c.MaxDeadline, DefaultMaxDeadline)
 	defDuration(&c.ShutdownGrace, DefaultShutdownGrace)

@@ -328,10 +328,10 @@ func TestConnectionLimitConfig(t *testing.T) {
 	g := c.Gateway
 	if g.PreauthStreams != 50 || time.Duration(g.HeaderTimeout) != 10*time.Second ||
 		g.MaxConnections != gateway.DefaultMaxConnections() || g.MaxConnectionsPerSource != 64 ||
-		g.MaxIdleConnections != gateway.DefaultMaxConnections()/4*3 {
+		g.MaxIdleConnections != gateway.DefaultMaxConnections()*3/4 {
 		t.Errorf("defaults preauth_streams %d, header_timeout %s, max_connections %d, max_connections_per_source %d, max_idle_connections %d; want 50 (max_streams), 10s, %d, 64, %d",
 			g.PreauthStreams, time.Duration(g.HeaderTimeout), g.MaxConnections, g.MaxConnectionsPerSource, g.MaxIdleConnections,
-			gateway.DefaultMaxConnections(), gateway.DefaultMaxConnections()/4*3)
+			gateway.DefaultMaxConnections(), gateway.DefaultMaxConnections()*3/4)
 	}
 	checkConfigErrors(t, map[string]struct{ file, want string }{
 		"preauth over max_streams": {`{"gateway": {"max_streams": 10, "preauth_streams": 11}}`, "gateway.preauth_streams"},
