@@ -144,6 +144,14 @@ type Config struct {
 	// connection is refused before its handshake (CONNECTION_REFUSED) and
 	// a TCP one closed on accept. Default: DefaultMaxConnections().
 	MaxConnections int `json:"max_connections"`
+	// MaxIdleConnections bounds the idle HTTP/3 connections: those that
+	// have served a request and have none running. Above it the gateway
+	// closes the connections idle longest with H3_NO_ERROR (those whose
+	// requests never passed the auth guard first), so that idle clients,
+	// which resume in 0-RTT, do not fill MaxConnections and memory.
+	// 1..MaxConnections; default three quarters of MaxConnections,
+	// leaving the last quarter to new and running connections.
+	MaxIdleConnections int `json:"max_idle_connections"`
 	// MaxConnectionsPerSource bounds the connections of one source (an
 	// IPv4 address, an IPv6 /64), counted once the address is proven.
 	// 1..MaxConnections; default DefaultMaxConnectionsPerSource.
@@ -277,6 +285,7 @@ func (c Config) WithDefaults() Config {
 	defDuration(&c.AuthTimeout, DefaultAuthTimeout)
 	def(&c.MaxConnections, DefaultMaxConnections())
 	def(&c.MaxConnectionsPerSource, DefaultMaxConnectionsPerSource)
+	def(&c.MaxIdleConnections, max(1, c.MaxConnections*3/4))
 	defDuration(&c.QueueTimeout, DefaultQueueTimeout)
 	defDuration(&c.MaxDeadline, DefaultMaxDeadline)
 	defDuration(&c.ShutdownGrace, DefaultShutdownGrace)
@@ -314,6 +323,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxConnections < 1 {
 		bad("max_connections", "must be > 0, got %d", c.MaxConnections)
+	}
+	if c.MaxIdleConnections < 1 || c.MaxIdleConnections > c.MaxConnections {
+		bad("max_idle_connections", "must be 1..max_connections (%d), got %d", c.MaxConnections, c.MaxIdleConnections)
 	}
 	if c.MaxConnectionsPerSource < 1 || c.MaxConnectionsPerSource > c.MaxConnections {
 		bad("max_connections_per_source", "must be 1..max_connections (%d), got %d", c.MaxConnections, c.MaxConnectionsPerSource)
@@ -374,6 +386,7 @@ type Gateway struct {
 	abort    context.CancelCauseFunc
 
 	conns *connLimiter
+	idle  *idleConns
 	// h3Grace ends when Shutdown begins: HTTP/3 connections stop taking
 	// new streams. h3Close ends when the grace is over: they close.
 	h3Grace, h3Close       context.Context
@@ -444,8 +457,13 @@ func New(cfg Config, sched Scheduler, cat Catalog, log *slog.Logger) (*Gateway, 
 	if err != nil {
 		return nil, err
 	}
+	idle, err := newIdleConns(cfg.MaxIdleConnections, cfg.Registry)
+	if err != nil {
+		return nil, err
+	}
 	g := &Gateway{
 		conns:   conns,
+		idle:    idle,
 		cfg:     cfg,
 		sched:   sched,
 		catalog: cat,

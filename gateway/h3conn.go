@@ -27,7 +27,8 @@ import (
 //     MaxIncomingStreams of the handshake), so MaxStreams is advertised and
 //     the loop stops taking streams from quic-go while at the cap: the rest
 //     wait there, without a goroutine;
-//   - connections are bounded in total and per source (connLimiter).
+//   - connections are bounded in total and per source (connLimiter), and
+//     idle ones by MaxIdleConnections (idleConns).
 //
 // What ServeListener did besides: on Shutdown, streams that arrive get
 // H3_REQUEST_REJECTED, running handlers get the grace, and a connection is
@@ -50,8 +51,8 @@ const (
 const closeLinger = 30 * time.Millisecond
 
 // maxIncomingUniStreams bounds the peer's unidirectional streams: HTTP/3
-// needs three (control, QPACK encoder and decoder), and quic-go's http3
-// keeps a goroutine on each until its type arrives.
+// needs three (control, QPACK encoder and decoder). Those the gateway
+// does not read (see serveH3Conn) hold their buffered data in quic-go.
 const maxIncomingUniStreams = 16
 
 type connGateKey struct{}
@@ -67,6 +68,18 @@ type connGate struct {
 	// wake is signalled when a handler returns or the cap rises; its
 	// buffer of one means a signal sent while nobody waits is kept.
 	wake chan struct{}
+	// close ends the connection with H3_NO_ERROR when it is evicted
+	// (idleConns), and rtt is its smoothed RTT; both are set before the
+	// connection is first filed there.
+	close func()
+	rtt   func() time.Duration
+
+	// Guarded by idleConns.mu: the idle list the connection is in, its
+	// neighbours there, whether a request of it has ended, whether it is
+	// ending, and whether it is evicted and about to be closed.
+	list                   *idleList
+	prev, next             *connGate
+	served, gone, evicting bool
 }
 
 func (c *connGate) signal() {
@@ -163,6 +176,9 @@ func (g *Gateway) serveH3Conn(conn *quic.Conn, gate *connGate) {
 		conn.CloseWithError(h3InternalError, "")
 		return
 	}
+	gate.close = func() { hc.CloseWithError(h3NoError, "idle connection closed under load") }
+	gate.rtt = func() time.Duration { return conn.ConnectionStats().SmoothedRTT }
+	defer g.idle.drop(gate)
 	if !gate.authed.Load() {
 		// A connection that never authenticates would otherwise hold its
 		// slot for as long as its peer keeps it alive with PINGs: enough
@@ -190,12 +206,21 @@ func (g *Gateway) serveH3Conn(conn *quic.Conn, gate *connGate) {
 		}
 	})
 	wg.Go(func() {
+		// One goroutine takes all of the peer's unidirectional streams,
+		// not one each: http3 reads a stream's type and returns at once
+		// for every type but the control stream, which it reads until the
+		// connection ends. Streams the peer opens after its control
+		// stream stay unaccepted in quic-go (at most
+		// maxIncomingUniStreams): an HTTP/3 peer opens only its two QPACK
+		// streams besides, and those carry nothing the gateway reads,
+		// since its dynamic table is off. An idle connection so holds one
+		// goroutine here instead of two.
 		for {
 			str, err := conn.AcceptUniStream(context.Background())
 			if err != nil {
 				return
 			}
-			wg.Go(func() { hc.HandleUnidirectionalStream(str) })
+			hc.HandleUnidirectionalStream(str)
 		}
 	})
 
@@ -243,11 +268,15 @@ func (g *Gateway) serveH3Conn(conn *quic.Conn, gate *connGate) {
 		// A stream that cannot have this deadline set is already reset.
 		_ = str.SetReadDeadline(time.Now().Add(time.Duration(g.cfg.HeaderTimeout)))
 		gate.active.Add(1)
+		g.idle.update(gate, false)
 		handlers.Add(1)
 		wg.Go(func() {
 			defer handlers.Done()
 			defer gate.signal()
-			defer gate.active.Add(-1)
+			defer func() {
+				gate.active.Add(-1)
+				g.idle.update(gate, true)
+			}()
 			hc.HandleRequestStream(str)
 		})
 	}

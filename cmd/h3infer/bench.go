@@ -64,6 +64,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	memTokens := fs.Int("mem-stream-tokens", loadgen.DefaultStreamTokens, "memory run: max_tokens of each stream; at the server's pace it must outlast the reading")
 	memSettle := fs.Duration("mem-settle", 2*time.Second, "memory run: wait before the memory is read at each step")
 	memParallel := fs.Int("mem-parallel", 32, "memory run: handshakes and stream starts in flight at once")
+	memStepTimeout := fs.Duration("mem-step-timeout", 5*time.Minute, "memory run: bound on opening one level's connections, or the streams")
 	overload := fs.Bool("overload", false, "overload scenario instead of a load: capacity in closed loop, unloaded urgency-0 TTFT, an open loop at --overload-factor times the capacity with urgency-0 probes beside it, then recovery; for --url and then --baseline-url")
 	overPID := fs.Int("overload-pid", 0, "overload scenario: the process serving --url, whose resident memory (/proc/PID/status) is read every 100 ms (0: none)")
 	overBasePID := fs.Int("overload-baseline-pid", 0, "overload scenario: the process serving --baseline-url (0: none)")
@@ -82,7 +83,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	if *memPID != 0 {
 		mc := loadgen.MemoryConfig{
 			URL: *url, Model: *model, PID: *memPID, Streams: *memStreams, StreamTokens: *memTokens,
-			Parallel: *memParallel, Settle: *memSettle,
+			Parallel: *memParallel, Settle: *memSettle, StepTimeout: *memStepTimeout,
 		}
 		for f := range strings.SplitSeq(*memConns, ",") {
 			n, err := strconv.Atoi(strings.TrimSpace(f))

@@ -327,9 +327,11 @@ func TestConnectionLimitConfig(t *testing.T) {
 	c = c.withDefaults()
 	g := c.Gateway
 	if g.PreauthStreams != 50 || time.Duration(g.HeaderTimeout) != 10*time.Second ||
-		g.MaxConnections != gateway.DefaultMaxConnections() || g.MaxConnectionsPerSource != 64 {
-		t.Errorf("defaults preauth_streams %d, header_timeout %s, max_connections %d, max_connections_per_source %d; want 50 (max_streams), 10s, %d, 64",
-			g.PreauthStreams, time.Duration(g.HeaderTimeout), g.MaxConnections, g.MaxConnectionsPerSource, gateway.DefaultMaxConnections())
+		g.MaxConnections != gateway.DefaultMaxConnections() || g.MaxConnectionsPerSource != 64 ||
+		g.MaxIdleConnections != gateway.DefaultMaxConnections()*3/4 {
+		t.Errorf("defaults preauth_streams %d, header_timeout %s, max_connections %d, max_connections_per_source %d, max_idle_connections %d; want 50 (max_streams), 10s, %d, 64, %d",
+			g.PreauthStreams, time.Duration(g.HeaderTimeout), g.MaxConnections, g.MaxConnectionsPerSource, g.MaxIdleConnections,
+			gateway.DefaultMaxConnections(), gateway.DefaultMaxConnections()*3/4)
 	}
 	checkConfigErrors(t, map[string]struct{ file, want string }{
 		"preauth over max_streams": {`{"gateway": {"max_streams": 10, "preauth_streams": 11}}`, "gateway.preauth_streams"},
@@ -337,6 +339,8 @@ func TestConnectionLimitConfig(t *testing.T) {
 		"negative auth timeout":    {`{"gateway": {"auth_timeout": "-1s"}}`, "gateway.auth_timeout"},
 		"negative connections":     {`{"gateway": {"max_connections": -1}}`, "gateway.max_connections"},
 		"per source over total":    {`{"gateway": {"max_connections": 10, "max_connections_per_source": 11}}`, "gateway.max_connections_per_source"},
+		"idle over total":          {`{"gateway": {"max_connections": 10, "max_idle_connections": 11}}`, "gateway.max_idle_connections"},
+		"negative idle":            {`{"gateway": {"max_idle_connections": -1}}`, "gateway.max_idle_connections"},
 	})
 }
 
