@@ -190,6 +190,7 @@ type Process struct {
 	pid      int
 	ready    bool
 	slots    int
+	slotsFit int
 	models   []infer.ModelInfo
 	stats    transport.Stats // latest report of the running process
 	base     transport.Stats // totals of the processes that exited
@@ -203,10 +204,15 @@ type Process struct {
 
 // ProcessStatus is a snapshot of one worker slot for the admin listener.
 type ProcessStatus struct {
-	ID       int    `json:"id"`
-	PID      int    `json:"pid"`   // 0 while no process runs
-	State    string `json:"state"` // starting, ready, restarting, stopped
-	Slots    int    `json:"slots"`
+	ID    int    `json:"id"`
+	PID   int    `json:"pid"`   // 0 while no process runs
+	State string `json:"state"` // starting, ready, restarting, stopped
+	Slots int    `json:"slots"`
+	// SlotsFit is, when the worker derived its slots from its KV budget
+	// (workers.slots 0), how many full-context sequences the budget
+	// holds, before workerconf.AutoSlots bounded it; 0 when the slots
+	// were configured.
+	SlotsFit int    `json:"slots_fit,omitempty"`
 	Restarts uint64 `json:"restarts"`
 	LastExit string `json:"last_exit,omitempty"`
 	// HeartbeatStalled is how long the running worker's heartbeat has
@@ -317,6 +323,7 @@ func (p *Pool) Status() []ProcessStatus {
 			PID:              w.pid,
 			State:            w.state,
 			Slots:            w.slots,
+			SlotsFit:         w.slotsFit,
 			Restarts:         w.restarts,
 			LastExit:         w.lastExit,
 			HeartbeatStalled: w.stalled,
@@ -568,10 +575,10 @@ func (w *Process) setReady(r transport.Ready) {
 	w.mu.Lock()
 	w.ready = true
 	w.state = StateReady
-	w.slots = int(r.Slots)
+	w.slots, w.slotsFit = int(r.Slots), int(r.SlotsFit)
 	w.models = append([]infer.ModelInfo(nil), r.Models...)
 	w.mu.Unlock()
-	w.pool.log.Info("worker ready", "worker", w.id, "pid", r.PID, "slots", r.Slots)
+	w.pool.log.Info("worker ready", "worker", w.id, "pid", r.PID, "slots", r.Slots, "slots_fit", r.SlotsFit)
 	w.pool.notify()
 }
 
