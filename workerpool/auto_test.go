@@ -10,6 +10,30 @@ import (
 	"h3infer/workerpool"
 )
 
+// The worker count follows the CPUs over each worker's intra-op threads,
+// within 1..MaxAutoWorkers, and is 1 where a model asks for a GPU.
+func TestAutoWorkers(t *testing.T) {
+	for name, tc := range map[string]struct {
+		cpus, intraOp int
+		gpu           bool
+		want          int
+	}{
+		"two cpus":            {2, 1, false, 2},
+		"one cpu":             {1, 1, false, 1},
+		"threads over cpus":   {2, 4, false, 1},
+		"threads share cpus":  {8, 2, false, 4},
+		"large machine":       {96, 1, false, workerpool.MaxAutoWorkers},
+		"gpu":                 {16, 1, true, 1},
+		"intra_op left unset": {3, 0, false, 3},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if got := workerpool.AutoWorkers(tc.cpus, tc.intraOp, tc.gpu); got != tc.want {
+				t.Errorf("AutoWorkers(%d, %d, %v) = %d, want %d", tc.cpus, tc.intraOp, tc.gpu, got, tc.want)
+			}
+		})
+	}
+}
+
 // A worker left to derive its slots (workers.slots 0) reports them in its
 // Ready frame, and the pool hands them to the scheduler (Process.Slots)
 // and to the admin listener (Status), with how many full-context

@@ -31,8 +31,7 @@ var ErrNotReady = errors.New("workerpool: worker not ready")
 // documented default, and Validate names the key of a value out of range.
 type Config struct {
 	// Workers is the number of worker processes (workers.count); 0 means
-	// 2, or 1 when a model asks for a GPU: a worker's sessions share its
-	// device, and a second process on the same GPU only splits its memory.
+	// AutoWorkers of this machine's CPUs.
 	Workers int
 	// Executable is the h3infer binary run as `EXECUTABLE worker ARGS`;
 	// empty means this process's own executable.
@@ -68,8 +67,11 @@ type Config struct {
 
 // Defaults and bounds of Config.
 const (
-	DefaultWorkers        = 2
-	MaxWorkers            = 64
+	MaxWorkers = 64
+	// MaxAutoWorkers bounds the count AutoWorkers derives from the CPUs:
+	// each worker holds its own copy of model.onnx and its own KV budget,
+	// so a large machine should be sized by choice, not by default.
+	MaxAutoWorkers        = 8
 	DefaultRingSize       = 1 << 20
 	MinRingSize           = 64 << 10
 	MaxRingSize           = 1 << 30
@@ -81,14 +83,26 @@ const (
 	MinHangTimeout        = 100 * time.Millisecond
 )
 
+// AutoWorkers is how many worker processes run when workers.count is 0:
+// one per intraOp CPUs, so that the workers' ONNX Runtime threads take
+// each of the cpus once (a worker's decode loop keeps one busy), at
+// least 1 and at most MaxAutoWorkers. The gateway shares those CPUs; the
+// workers' bulk work runs at workers.nice so that it yields to the
+// gateway. With a GPU it is 1: a worker's sessions share their device,
+// and a second process on the same GPU only splits its memory.
+func AutoWorkers(cpus, intraOp int, gpu bool) int {
+	if gpu {
+		return 1
+	}
+	return min(max(cpus/max(intraOp, 1), 1), MaxAutoWorkers)
+}
+
 // WithDefaults returns c with every zero value replaced by its default,
 // its worker settings' included.
 func (c Config) WithDefaults() Config {
 	if c.Workers == 0 {
-		c.Workers = DefaultWorkers
-		if slices.ContainsFunc(c.Worker.Models, workerconf.Model.WantsGPU) {
-			c.Workers = 1
-		}
+		c.Workers = AutoWorkers(runtime.NumCPU(), c.Worker.WithDefaults().IntraOpThreads,
+			slices.ContainsFunc(c.Worker.Models, workerconf.Model.WantsGPU))
 	}
 	if c.RingSize == 0 {
 		c.RingSize = DefaultRingSize

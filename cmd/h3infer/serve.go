@@ -43,7 +43,7 @@ func runServe(ctx context.Context, args []string, stdout io.Writer, log *slog.Lo
 	listen := fs.String("listen", "", "host:port for HTTP/3 (UDP) and HTTP/1.1+2 (TCP) (default 127.0.0.1:8443)")
 	admin := fs.String("admin", "", "host:port for /healthz, /readyz and /metrics (default 127.0.0.1:9090)")
 	stateDir := fs.String("state-dir", "", "directory for certificates and the demo model (default .h3infer)")
-	workers := fs.Int("workers", 0, "number of worker processes (default 2)")
+	workers := fs.Int("workers", 0, "number of worker processes (default: one per CPU over workers.intra_op_threads, at most 8)")
 	qlog := fs.String("qlog", "", "write a qlog trace of every QUIC connection into this directory, header values redacted (docs/OBSERVABILITY.md)")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
