@@ -66,12 +66,13 @@ const (
 	// fewer than it used to, and it leaves three for everyone beside the
 	// urgent reserve; where fewer full-context sequences fit, admission
 	// by the KV budget holds the others in the worker. The ceiling is
-	// where the demo model's tokens/s through the gateway stopped rising
-	// on the 2-CPU machine of docs/BENCHMARKS.md ("Slots from the KV
-	// budget"), and a decode step of 64 rows still takes only a few
-	// milliseconds, which an urgent sequence in the batch waits for.
+	// from docs/BENCHMARKS.md ("Slots from the KV budget"): on the 2-CPU
+	// machine, through the gateway, 64 slots gave the demo model no more
+	// tokens/s than 32, while urgent requests beside a bulk backlog had a
+	// worse time-to-first-token tail (a batch of 64 steps for 20 ms at
+	// 512 cached tokens, which an urgent row in it waits for too).
 	MinAutoSlots          = 4
-	MaxAutoSlots          = 64
+	MaxAutoSlots          = 32
 	DefaultKVCacheBytes   = 1 << 30
 	MinKVCacheBytes       = 1 << 20
 	DefaultIntraOpThreads = 1

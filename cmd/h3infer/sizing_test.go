@@ -10,7 +10,7 @@ import (
 // The ready banner says how many workers and slots were chosen and why,
 // naming the key that changes each.
 func TestSizingBanner(t *testing.T) {
-	derived := []workerpool.ProcessStatus{{Slots: 64, SlotsFit: 128}}
+	derived := []workerpool.ProcessStatus{{Slots: 32, SlotsFit: 128}}
 	for name, tc := range map[string]struct {
 		json    string
 		cpus    int
@@ -20,8 +20,8 @@ func TestSizingBanner(t *testing.T) {
 	}{
 		"defaults": {json: `{}`, cpus: 2, workers: derived, want: []string{
 			"Workers: 2 (one per CPU of 2, at most 8; workers.count)",
-			"Slots: 64 per worker, 1 kept for urgent requests (scheduler.urgent_reserve):",
-			"128 sequences at full context fit in workers.kv_cache_bytes (1 GiB), taken within 4..64",
+			"Slots: 32 per worker, 1 kept for urgent requests (scheduler.urgent_reserve):",
+			"128 sequences at full context fit in workers.kv_cache_bytes (1 GiB), taken within 4..32",
 		}},
 		"threads per worker": {json: `{"workers": {"intra_op_threads": 2}}`, cpus: 8, workers: derived, want: []string{
 			"Workers: 4 (one per 2 CPUs of 8, as workers.intra_op_threads asks, at most 8; workers.count)",
