@@ -135,7 +135,7 @@ type WorkersConfig struct {
 	Count int `json:"count"`
 	// Slots is the number of sequences one worker runs at once, its largest
 	// decode batch. Default 0: each worker derives them from its KV budget
-	// and its models once they are loaded (workerconf.AutoSlots), 4..64.
+	// and its models once they are loaded (workerconf.AutoSlots), 4..32.
 	Slots int `json:"slots"`
 	// KVCacheBytes bounds the KV-cache memory of one worker's running
 	// sequences; requests beyond it wait in the worker, most urgent first.
