@@ -93,7 +93,7 @@ func Run(ctx context.Context, ring *os.File, cfg Config, log *slog.Logger) error
 			}
 		}
 	}()
-	ready := transport.Ready{PID: uint32(os.Getpid()), Slots: uint32(s.Slots)}
+	ready := transport.Ready{PID: uint32(os.Getpid())}
 	for _, spec := range s.Models {
 		m, err := open(spec)
 		if err != nil {
@@ -103,6 +103,13 @@ func Run(ctx context.Context, ring *os.File, cfg Config, log *slog.Logger) error
 		ready.Models = append(ready.Models, m.Info())
 		log.Info("model loaded", "model", spec.Name, "dir", spec.Dir, "context_length", m.Info().ContextLength)
 	}
+	if s.Slots == 0 {
+		var fit int
+		s.Slots, fit = autoSlots(models, s.KVCacheBytes)
+		ready.SlotsFit = uint32(fit)
+		log.Info("slots derived from the KV budget", "slots", s.Slots, "full_context_sequences_fit", fit, "kv_cache_bytes", s.KVCacheBytes)
+	}
+	ready.Slots = uint32(s.Slots)
 	w := newWorkerLoop(end, s.Slots, s.KVCacheBytes, models, log)
 	if cfg.TracerProvider != nil {
 		w.tracer = cfg.TracerProvider.Tracer(tracerName)
@@ -134,6 +141,18 @@ func Run(ctx context.Context, ring *os.File, cfg Config, log *slog.Logger) error
 		defer w.bulk.close()
 	}
 	return closedOK(w.serve(ctx, inbox, recvErr, s.StatsInterval))
+}
+
+// autoSlots is workerconf.AutoSlots for the models a worker starts with:
+// the one whose full context takes the most cache decides. Versions
+// loaded later do not change it; the KV budget still bounds how many of
+// their sequences run.
+func autoSlots(models map[string]Model, kvBudget int64) (slots, fit int) {
+	var perSeq int64
+	for _, m := range models {
+		perSeq = max(perSeq, m.KVBytes(1, int(m.Info().ContextLength)))
+	}
+	return workerconf.AutoSlots(kvBudget, perSeq)
 }
 
 // closedOK turns the ring closing, the normal way for a worker to be told

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"h3infer/infer"
+	"h3infer/ort"
 	"h3infer/transport"
 	"h3infer/workerconf"
 )
@@ -22,6 +23,8 @@ import (
 type ringWorker struct {
 	end   *transport.GatewayEnd
 	ready chan transport.Ready
+	// hello is the worker's Ready frame.
+	hello transport.Ready
 
 	mu    sync.Mutex
 	stats transport.Stats
@@ -90,9 +93,11 @@ func startRingWorkerSpec(t testing.TB, slots int, spec workerconf.Model, kvBudge
 	})
 	select {
 	case r := <-rw.ready:
-		if r.Slots != uint32(slots) || len(r.Models) != 1 || r.Models[0].Name != "demo" {
+		// Slots 0: the worker derives them (TestWorkerDerivesSlots).
+		if (slots != 0 && r.Slots != uint32(slots)) || len(r.Models) != 1 || r.Models[0].Name != "demo" {
 			t.Fatalf("ready = %+v", r)
 		}
+		rw.hello = r
 	case err := <-workerErr:
 		t.Fatalf("worker ended before ready: %v", err)
 	case <-time.After(30 * time.Second):
@@ -155,6 +160,56 @@ func collect(t *testing.T, c *transport.Call) result {
 		case <-timeout:
 			t.Fatalf("call %d did not end", c.ID())
 		}
+	}
+}
+
+// With workers.slots 0 the worker announces as many slots as full-context
+// sequences of its model fit in its KV budget, within the bounds of
+// workerconf.AutoSlots, and runs that many at once: they all start
+// without waiting for one another.
+func TestWorkerDerivesSlots(t *testing.T) {
+	needModel(t)
+	m, err := ort.LoadModel(demo.ModelDir(), ort.Options{Name: "demo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	perSeq := m.KVBytes(1, int(m.Info().ContextLength))
+	m.Close()
+	for name, tc := range map[string]struct {
+		budget int64
+		slots  int
+		fit    int
+	}{
+		"in range": {6*perSeq + perSeq/2, 6, 6},
+		"floor":    {perSeq + perSeq/2, workerconf.MinAutoSlots, 1},
+		"ceiling":  {0, workerconf.MaxAutoSlots, int(workerconf.DefaultKVCacheBytes / perSeq)},
+	} {
+		t.Run(name, func(t *testing.T) {
+			rw := startRingWorkerWith(t, 0, demo.ModelDir(), tc.budget)
+			if rw.hello.Slots != uint32(tc.slots) || rw.hello.SlotsFit != uint32(tc.fit) {
+				t.Fatalf("ready slots %d, fit %d; want %d, %d", rw.hello.Slots, rw.hello.SlotsFit, tc.slots, tc.fit)
+			}
+			// Every slot takes a request; one more is refused as busy.
+			var calls []infer.Call
+			for i := range tc.slots {
+				c, err := rw.end.Open(uint64(i+1), &infer.Request{Model: "demo", Prompt: "The gateway ", MaxTokens: 2000, IgnoreEOS: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				calls = append(calls, c)
+			}
+			rw.waitStats(t, func(s transport.Stats) bool { return s.Active == uint32(tc.slots) })
+			c, err := rw.end.Open(uint64(tc.slots+1), &infer.Request{Model: "demo", Prompt: "x", MaxTokens: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ev := <-c.Events(); ev.Err == nil || !strings.Contains(ev.Err.Message, "slots in use") {
+				t.Errorf("request past the slots: got %+v, want a busy error", ev)
+			}
+			for _, c := range calls {
+				c.Cancel()
+			}
+		})
 	}
 }
 

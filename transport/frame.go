@@ -514,6 +514,7 @@ func DecodeError(p []byte) (infer.Error, error) {
 func AppendReady(b []byte, r *Ready) []byte {
 	b = binary.AppendUvarint(b, uint64(r.PID))
 	b = binary.AppendUvarint(b, uint64(r.Slots))
+	b = binary.AppendUvarint(b, uint64(r.SlotsFit))
 	b = binary.AppendUvarint(b, uint64(len(r.Models)))
 	for _, m := range r.Models {
 		b = appendString(b, m.Name)
@@ -525,7 +526,7 @@ func AppendReady(b []byte, r *Ready) []byte {
 // DecodeReady decodes a FrameReady payload.
 func DecodeReady(p []byte) (Ready, error) {
 	d := decoder{p: p, what: "ready"}
-	r := Ready{PID: d.uint32("pid"), Slots: d.uint32("slots")}
+	r := Ready{PID: d.uint32("pid"), Slots: d.uint32("slots"), SlotsFit: d.uint32("slots_fit")}
 	if n := d.count("models", 2); n > 0 {
 		r.Models = make([]infer.ModelInfo, n)
 		for i := range r.Models {

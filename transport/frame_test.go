@@ -105,7 +105,7 @@ func TestMessageRoundTrip(t *testing.T) {
 			t.Errorf("error: got %+v, %v, want %+v", got, err, want)
 		}
 	}
-	readies := []Ready{{}, {PID: 4242, Slots: 8, Models: []infer.ModelInfo{{Name: "demo", ContextLength: 2048}, {Name: "", ContextLength: 0}}}}
+	readies := []Ready{{}, {PID: 4242, Slots: 8, SlotsFit: 128, Models: []infer.ModelInfo{{Name: "demo", ContextLength: 2048}, {Name: "", ContextLength: 0}}}}
 	for _, want := range readies {
 		got, err := DecodeReady(AppendReady(nil, &want))
 		if err != nil || !reflect.DeepEqual(got, want) {
@@ -180,7 +180,7 @@ func TestDecodeRejects(t *testing.T) {
 			AppendSubmit(nil, &infer.Request{Model: "m", Prompt: "p", TopLogprobs: 1})},
 		"done truncated":           {func(p []byte) error { _, err := DecodeDone(p); return err }, []byte{4, 's', 't'}},
 		"error trailing":           {func(p []byte) error { _, err := DecodeError(p); return err }, []byte{0, 0, 0}},
-		"ready count too big":      {func(p []byte) error { _, err := DecodeReady(p); return err }, []byte{1, 1, 5, 0, 0}},
+		"ready count too big":      {func(p []byte) error { _, err := DecodeReady(p); return err }, []byte{1, 1, 0, 5, 0, 0}},
 		"stats truncated":          {func(p []byte) error { _, err := DecodeStats(p); return err }, []byte{1, 2, 3}},
 		"frame short":              {decodeFrame, make([]byte, frameHeaderSize-1)},
 		"frame type 0":             {decodeFrame, mutateFrame(func(b []byte) { b[4] = 0 })},

@@ -9,9 +9,14 @@ import "h3infer/infer"
 
 // Ready is a worker's first frame once its models are loaded.
 type Ready struct {
-	PID    uint32
-	Slots  uint32
-	Models []infer.ModelInfo
+	PID   uint32
+	Slots uint32
+	// SlotsFit is, when the worker derived Slots from its KV budget
+	// (workers.slots 0), how many sequences at their model's full context
+	// the budget holds, before workerconf.AutoSlots bounded it; 0 when
+	// Slots was configured.
+	SlotsFit uint32
+	Models   []infer.ModelInfo
 }
 
 // Stats is a worker's periodic report of cumulative counters. The gateway

@@ -27,8 +27,10 @@ type Settings struct {
 	// (onnxruntime_lib); needed unless every model is synthetic.
 	ORTLib string `json:"onnxruntime_lib,omitempty"`
 	// Slots is how many sequences the worker generates at once, the
-	// largest batch a decode step runs (workers.slots); 0 means 4. The
-	// scheduler sends a worker no more requests than this.
+	// largest batch a decode step runs (workers.slots); 0 means AutoSlots
+	// of the models the worker starts with, which only the worker can
+	// work out. The scheduler sends a worker no more requests than its
+	// Ready frame says.
 	Slots int `json:"slots,omitempty"`
 	// KVCacheBytes bounds the memory of the KV caches of the running
 	// sequences (workers.kv_cache_bytes); 0 means 1 GiB. Requests that do
@@ -58,8 +60,19 @@ type Settings struct {
 // Defaults and bounds of Settings, as docs/CONFIG.md gives them for the
 // workers keys.
 const (
-	DefaultSlots          = 4
-	MaxSlots              = 1024
+	MaxSlots = 1024
+	// MinAutoSlots and MaxAutoSlots bound AutoSlots. The floor is the
+	// fixed default slots had before they were derived, so no worker gets
+	// fewer than it used to, and it leaves three for everyone beside the
+	// urgent reserve; where fewer full-context sequences fit, admission
+	// by the KV budget holds the others in the worker. The ceiling is
+	// from docs/BENCHMARKS.md ("Slots from the KV budget"): on the 2-CPU
+	// machine, through the gateway, 64 slots gave the demo model no more
+	// tokens/s than 32, while urgent requests beside a bulk backlog had a
+	// worse time-to-first-token tail (a batch of 64 steps for 20 ms at
+	// 512 cached tokens, which an urgent row in it waits for too).
+	MinAutoSlots          = 4
+	MaxAutoSlots          = 32
 	DefaultKVCacheBytes   = 1 << 30
 	MinKVCacheBytes       = 1 << 20
 	DefaultIntraOpThreads = 1
@@ -75,9 +88,6 @@ const (
 
 // WithDefaults returns s with every zero value replaced by its default.
 func (s Settings) WithDefaults() Settings {
-	if s.Slots == 0 {
-		s.Slots = DefaultSlots
-	}
 	if s.KVCacheBytes == 0 {
 		s.KVCacheBytes = DefaultKVCacheBytes
 	}
@@ -93,6 +103,22 @@ func (s Settings) WithDefaults() Settings {
 	return s
 }
 
+// AutoSlots is how many sequences a worker runs at once when
+// workers.slots is 0: as many as the KV budget holds at the full context
+// of the model that needs the most cache for one, perSeq bytes (vLLM
+// bounds its max_num_seqs by its cache the same way), within
+// MinAutoSlots..MaxAutoSlots. fit is that count before the bounds; a model
+// that keeps no cache (perSeq 0) fits without bound, reported as
+// MaxSlots. So every sequence the scheduler sends can run at once, however
+// long each grows, and shorter ones leave the budget room to spare.
+func AutoSlots(kvBudget, perSeq int64) (slots, fit int) {
+	fit = MaxSlots
+	if perSeq > 0 {
+		fit = int(min(kvBudget/perSeq, MaxSlots))
+	}
+	return min(max(fit, MinAutoSlots), MaxAutoSlots), fit
+}
+
 // Validate reports every value out of range at once, each naming its
 // config key; zero values stand for their defaults and pass.
 func (s Settings) Validate() error {
@@ -101,8 +127,8 @@ func (s Settings) Validate() error {
 	bad := func(key, format string, a ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, a...)))
 	}
-	if d.Slots < 1 || d.Slots > MaxSlots {
-		bad("workers.slots", "must be 1..%d, got %d", MaxSlots, d.Slots)
+	if d.Slots < 0 || d.Slots > MaxSlots {
+		bad("workers.slots", "must be 1..%d, or 0 to derive them from the KV budget, got %d", MaxSlots, d.Slots)
 	}
 	if d.KVCacheBytes < MinKVCacheBytes {
 		bad("workers.kv_cache_bytes", "must be at least %d, got %d", MinKVCacheBytes, d.KVCacheBytes)

@@ -72,7 +72,7 @@ func TestSettingsRejectBadInput(t *testing.T) {
 		"unknown field":     {arg(`{"models":[{"name":"demo","dir":"/d"}],"slot":2}`), `unknown field "slot"`},
 		"unknown model key": {arg(`{"models":[{"name":"demo","dir":"/d","gpu":1}]}`), `unknown field "gpu"`},
 		"trailing data":     {arg(`{"models":[{"name":"demo","dir":"/d"}]} {}`), "trailing data"},
-		"negative slots":    {arg(`{"models":[{"name":"demo","dir":"/d"}],"slots":-1}`), "workers.slots: must be 1..1024, got -1"},
+		"negative slots":    {arg(`{"models":[{"name":"demo","dir":"/d"}],"slots":-1}`), "workers.slots: must be 1..1024, or 0 to derive them from the KV budget, got -1"},
 		"too many slots":    {arg(`{"models":[{"name":"demo","dir":"/d"}],"slots":1025}`), "workers.slots"},
 		"small KV budget":   {arg(`{"models":[{"name":"demo","dir":"/d"}],"kv_cache_bytes":5}`), "workers.kv_cache_bytes"},
 		"threads":           {arg(`{"models":[{"name":"demo","dir":"/d"}],"intra_op_threads":-1}`), "workers.intra_op_threads"},
@@ -142,4 +142,45 @@ func FuzzParseArgs(f *testing.F) {
 			t.Fatalf("%q read back as %+v, %v; want %+v", again, s2, err, s)
 		}
 	})
+}
+
+// Derived slots are the full-context sequences the KV budget holds, never
+// fewer than the old fixed default and never more than the ceiling.
+func TestAutoSlots(t *testing.T) {
+	const seq = 8 << 20 // the demo model's full context, both buffers
+	for name, tc := range map[string]struct {
+		budget, perSeq int64
+		slots, fit     int
+	}{
+		"default budget, demo model": {1 << 30, seq, MaxAutoSlots, 128},
+		"in range":                   {20*seq + seq/2, seq, 20, 20},
+		"exactly the floor":          {MinAutoSlots * seq, seq, MinAutoSlots, MinAutoSlots},
+		"one fits":                   {seq + 1, seq, MinAutoSlots, 1},
+		"none fits":                  {seq - 1, seq, MinAutoSlots, 0},
+		"no cache":                   {1 << 30, 0, MaxAutoSlots, MaxSlots},
+		"fit bounded by MaxSlots":    {1 << 40, 1, MaxAutoSlots, MaxSlots},
+	} {
+		t.Run(name, func(t *testing.T) {
+			slots, fit := AutoSlots(tc.budget, tc.perSeq)
+			if slots != tc.slots || fit != tc.fit {
+				t.Errorf("AutoSlots(%d, %d) = %d, %d; want %d, %d", tc.budget, tc.perSeq, slots, fit, tc.slots, tc.fit)
+			}
+		})
+	}
+}
+
+// Slots 0 asks the worker to derive them, so WithDefaults leaves it and
+// Validate takes it; a negative count is refused, naming the key.
+func TestSlotsZeroIsAuto(t *testing.T) {
+	s := Settings{Models: []Model{{Name: "demo", Dir: "/d"}}}
+	if got := s.WithDefaults().Slots; got != 0 {
+		t.Errorf("WithDefaults().Slots = %d, want 0 (derived by the worker)", got)
+	}
+	if err := s.Validate(); err != nil {
+		t.Errorf("slots 0: %v", err)
+	}
+	s.Slots = -1
+	if err := s.Validate(); err == nil || !strings.Contains(err.Error(), "workers.slots:") {
+		t.Errorf("slots -1: got %v, want an error naming workers.slots", err)
+	}
 }

@@ -31,8 +31,7 @@ var ErrNotReady = errors.New("workerpool: worker not ready")
 // documented default, and Validate names the key of a value out of range.
 type Config struct {
 	// Workers is the number of worker processes (workers.count); 0 means
-	// 2, or 1 when a model asks for a GPU: a worker's sessions share its
-	// device, and a second process on the same GPU only splits its memory.
+	// AutoWorkers of this machine's CPUs.
 	Workers int
 	// Executable is the h3infer binary run as `EXECUTABLE worker ARGS`;
 	// empty means this process's own executable.
@@ -68,8 +67,11 @@ type Config struct {
 
 // Defaults and bounds of Config.
 const (
-	DefaultWorkers        = 2
-	MaxWorkers            = 64
+	MaxWorkers = 64
+	// MaxAutoWorkers bounds the count AutoWorkers derives from the CPUs:
+	// each worker holds its own copy of model.onnx and its own KV budget,
+	// so a large machine should be sized by choice, not by default.
+	MaxAutoWorkers        = 8
 	DefaultRingSize       = 1 << 20
 	MinRingSize           = 64 << 10
 	MaxRingSize           = 1 << 30
@@ -81,14 +83,26 @@ const (
 	MinHangTimeout        = 100 * time.Millisecond
 )
 
+// AutoWorkers is how many worker processes run when workers.count is 0:
+// one per intraOp CPUs, so that the workers' ONNX Runtime threads take
+// each of the cpus once (a worker's decode loop keeps one busy), at
+// least 1 and at most MaxAutoWorkers. The gateway shares those CPUs; the
+// workers' bulk work runs at workers.nice so that it yields to the
+// gateway. With a GPU it is 1: a worker's sessions share their device,
+// and a second process on the same GPU only splits its memory.
+func AutoWorkers(cpus, intraOp int, gpu bool) int {
+	if gpu {
+		return 1
+	}
+	return min(max(cpus/max(intraOp, 1), 1), MaxAutoWorkers)
+}
+
 // WithDefaults returns c with every zero value replaced by its default,
 // its worker settings' included.
 func (c Config) WithDefaults() Config {
 	if c.Workers == 0 {
-		c.Workers = DefaultWorkers
-		if slices.ContainsFunc(c.Worker.Models, workerconf.Model.WantsGPU) {
-			c.Workers = 1
-		}
+		c.Workers = AutoWorkers(runtime.NumCPU(), c.Worker.WithDefaults().IntraOpThreads,
+			slices.ContainsFunc(c.Worker.Models, workerconf.Model.WantsGPU))
 	}
 	if c.RingSize == 0 {
 		c.RingSize = DefaultRingSize
@@ -190,6 +204,7 @@ type Process struct {
 	pid      int
 	ready    bool
 	slots    int
+	slotsFit int
 	models   []infer.ModelInfo
 	stats    transport.Stats // latest report of the running process
 	base     transport.Stats // totals of the processes that exited
@@ -203,10 +218,15 @@ type Process struct {
 
 // ProcessStatus is a snapshot of one worker slot for the admin listener.
 type ProcessStatus struct {
-	ID       int    `json:"id"`
-	PID      int    `json:"pid"`   // 0 while no process runs
-	State    string `json:"state"` // starting, ready, restarting, stopped
-	Slots    int    `json:"slots"`
+	ID    int    `json:"id"`
+	PID   int    `json:"pid"`   // 0 while no process runs
+	State string `json:"state"` // starting, ready, restarting, stopped
+	Slots int    `json:"slots"`
+	// SlotsFit is, when the worker derived its slots from its KV budget
+	// (workers.slots 0), how many full-context sequences the budget
+	// holds, before workerconf.AutoSlots bounded it; 0 when the slots
+	// were configured.
+	SlotsFit int    `json:"slots_fit,omitempty"`
 	Restarts uint64 `json:"restarts"`
 	LastExit string `json:"last_exit,omitempty"`
 	// HeartbeatStalled is how long the running worker's heartbeat has
@@ -317,6 +337,7 @@ func (p *Pool) Status() []ProcessStatus {
 			PID:              w.pid,
 			State:            w.state,
 			Slots:            w.slots,
+			SlotsFit:         w.slotsFit,
 			Restarts:         w.restarts,
 			LastExit:         w.lastExit,
 			HeartbeatStalled: w.stalled,
@@ -568,10 +589,10 @@ func (w *Process) setReady(r transport.Ready) {
 	w.mu.Lock()
 	w.ready = true
 	w.state = StateReady
-	w.slots = int(r.Slots)
+	w.slots, w.slotsFit = int(r.Slots), int(r.SlotsFit)
 	w.models = append([]infer.ModelInfo(nil), r.Models...)
 	w.mu.Unlock()
-	w.pool.log.Info("worker ready", "worker", w.id, "pid", r.PID, "slots", r.Slots)
+	w.pool.log.Info("worker ready", "worker", w.id, "pid", r.PID, "slots", r.Slots, "slots_fit", r.SlotsFit)
 	w.pool.notify()
 }
 

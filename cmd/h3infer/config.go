@@ -129,10 +129,13 @@ type ModelRepositoryConfig struct {
 // their rings, workerconf for what each worker runs (Config.pool maps the
 // keys).
 type WorkersConfig struct {
-	// Count of worker processes. Default 2.
+	// Count of worker processes. Default 0: one per CPU over
+	// intra_op_threads, at most 8; 1 when a model asks for a GPU
+	// (workerpool.AutoWorkers).
 	Count int `json:"count"`
 	// Slots is the number of sequences one worker runs at once, its largest
-	// decode batch. Default 4.
+	// decode batch. Default 0: each worker derives them from its KV budget
+	// and its models once they are loaded (workerconf.AutoSlots), 4..32.
 	Slots int `json:"slots"`
 	// KVCacheBytes bounds the KV-cache memory of one worker's running
 	// sequences; requests beyond it wait in the worker, most urgent first.
@@ -340,6 +343,15 @@ func workersSection(p workerpool.Config) WorkersConfig {
 	}
 }
 
+// leastSlots is the fewest slots a worker may have: workers.slots, or
+// when the workers derive them, the least they derive.
+func (c Config) leastSlots() int {
+	if c.Workers.Slots == 0 {
+		return workerconf.MinAutoSlots
+	}
+	return c.Workers.Slots
+}
+
 // withDefaults fills zero values with the documented defaults.
 func (c Config) withDefaults() Config {
 	def := func(v *string, d string) {
@@ -359,7 +371,7 @@ func (c Config) withDefaults() Config {
 	if c.Scheduler.UrgentReserve == nil {
 		// A worker always keeps one slot for everyone, so a single-slot
 		// worker has none to reserve.
-		c.Scheduler.UrgentReserve = new(min(scheduler.DefaultUrgentReserve, max(0, c.Workers.Slots-1)))
+		c.Scheduler.UrgentReserve = new(min(scheduler.DefaultUrgentReserve, max(0, c.leastSlots()-1)))
 	}
 	c.Scheduler = c.Scheduler.WithDefaults()
 	if c.Priority == nil {
@@ -432,8 +444,12 @@ func (c Config) validate() error {
 	errs = append(errs, c.Priority.Validate("priority")...)
 	// The scheduler checks the rest; it learns the slots only from its
 	// backends.
-	if r := *c.Scheduler.UrgentReserve; r > 0 && r >= c.Workers.Slots {
-		bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", c.Workers.Slots-1, r)
+	if r, slots := *c.Scheduler.UrgentReserve, c.leastSlots(); r > 0 && r >= slots {
+		if c.Workers.Slots == 0 {
+			bad("scheduler.urgent_reserve", "must be 0..%d: workers.slots is derived, at least %d, got %d", slots-1, slots, r)
+		} else {
+			bad("scheduler.urgent_reserve", "must be 0..workers.slots-1 (%d), got %d", slots-1, r)
+		}
 	}
 	errs = append(errs, c.ZeroRTT.TicketConfig.Validate())
 	if s := c.ZeroRTT.StrikeRegister; s != "memory" && s != "redis" {

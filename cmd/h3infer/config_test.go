@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 
 	"h3infer/gateway"
 	"h3infer/internal/redistest"
+	"h3infer/workerpool"
 )
 
 func writeConfig(t *testing.T, text string) string {
@@ -124,6 +126,9 @@ func TestUrgencyConfig(t *testing.T) {
 		"deadline beyond its ceiling":      {json: `{"gateway": {"deadline": "10m"}}`, want: []string{"gateway.deadline"}},
 		"reserve takes every slot":         {json: `{"workers": {"slots": 2}, "scheduler": {"urgent_reserve": 2}}`, want: []string{"scheduler.urgent_reserve"}},
 		"single slot, default reserve":     {json: `{"workers": {"slots": 1}}`},
+		"reserve within derived slots":     {json: `{"scheduler": {"urgent_reserve": 3}}`},
+		"reserve past derived slots":       {json: `{"scheduler": {"urgent_reserve": 4}}`, want: []string{"scheduler.urgent_reserve"}},
+		"negative slots":                   {json: `{"workers": {"slots": -1}}`, want: []string{"workers.slots"}},
 		"reserve and nice off":             {json: `{"workers": {"nice": 0}, "scheduler": {"urgent_reserve": 0}}`},
 		"nice out of range":                {json: `{"workers": {"nice": 20}}`, want: []string{"workers.nice"}},
 		"negative nice":                    {json: `{"workers": {"nice": -1}}`, want: []string{"workers.nice"}},
@@ -178,7 +183,7 @@ func TestProviderConfig(t *testing.T) {
 		want    []string // keys the errors must name; none: valid
 		workers int      // the default worker count it gets, when valid
 	}{
-		"cpu":           {json: `{"models": [{"name": "a", "dir": %q}]}`, workers: 2},
+		"cpu":           {json: `{"models": [{"name": "a", "dir": %q}]}`, workers: workerpool.AutoWorkers(runtime.NumCPU(), 1, false)},
 		"cuda":          {json: `{"models": [{"name": "a", "dir": %q, "provider": "cuda", "device_id": 1, "device_kv": false}], "workers": {"gpu_memory_bytes": 8589934592}}`, workers: 1},
 		"auto":          {json: `{"models": [{"name": "a", "dir": %q, "provider": "auto"}]}`, workers: 1},
 		"tensorrt":      {json: `{"models": [{"name": "a", "dir": %q, "provider": "tensorrt"}]}`, workers: 1},

@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -43,7 +45,7 @@ func runServe(ctx context.Context, args []string, stdout io.Writer, log *slog.Lo
 	listen := fs.String("listen", "", "host:port for HTTP/3 (UDP) and HTTP/1.1+2 (TCP) (default 127.0.0.1:8443)")
 	admin := fs.String("admin", "", "host:port for /healthz, /readyz and /metrics (default 127.0.0.1:9090)")
 	stateDir := fs.String("state-dir", "", "directory for certificates and the demo model (default .h3infer)")
-	workers := fs.Int("workers", 0, "number of worker processes (default 2)")
+	workers := fs.Int("workers", 0, "number of worker processes (default: one per CPU over workers.intra_op_threads, at most 8)")
 	qlog := fs.String("qlog", "", "write a qlog trace of every QUIC connection into this directory, header values redacted (docs/OBSERVABILITY.md)")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
@@ -272,7 +274,8 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	readyErr := pool.WaitReady(ctx)
 	if readyErr == nil {
 		log.Info("ready", "models", len(models))
-		printNextSteps(stdout, gw.Addr(), gw.AdminAddr(), adminTokFile, dev, devToken, cfg.StateDir)
+		printNextSteps(stdout, gw.Addr(), gw.AdminAddr(), adminTokFile, dev, devToken, cfg.StateDir,
+			sizing(cfg, runtime.NumCPU(), slices.ContainsFunc(models, workerconf.Model.WantsGPU), pool.Status()))
 	}
 	var regWatch sync.WaitGroup
 	regWatch.Go(func() { registry.Watch(ctx) })
@@ -359,7 +362,7 @@ func onnxRuntimeLib(configured, exe string) string {
 
 // printNextSteps tells a person what to run next. It prints no secret:
 // the credential's secret part and the admin token stay in their files.
-func printNextSteps(w io.Writer, addr, adminAddr, adminTokFile string, dev *certs.Dev, devToken, stateDir string) {
+func printNextSteps(w io.Writer, addr, adminAddr, adminTokFile string, dev *certs.Dev, devToken, stateDir, sizing string) {
 	host, port, _ := net.SplitHostPort(addr)
 	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
 		host = "127.0.0.1"
@@ -373,6 +376,7 @@ func printNextSteps(w io.Writer, addr, adminAddr, adminTokFile string, dev *cert
 	if adminTokFile != "" {
 		fmt.Fprintf(&b, "  Admin token (not on loopback) in:     %s\n", adminTokFile)
 	}
+	b.WriteString(sizing)
 	caFlag := ""
 	if dev != nil {
 		fmt.Fprintf(&b, "  CA certificate:                        %s\n", dev.CAFile)
@@ -397,6 +401,60 @@ func printNextSteps(w io.Writer, addr, adminAddr, adminTokFile string, dev *cert
 	}
 	fmt.Fprintln(&b)
 	io.WriteString(w, b.String())
+}
+
+// sizing says how many workers run and how many sequences each runs at
+// once, and why: a user who never set workers.count or workers.slots
+// learns what was chosen for them and which key changes it. cpus and gpu
+// are what workerpool.AutoWorkers was given; workers is the pool's status
+// once every worker is ready.
+func sizing(cfg Config, cpus int, gpu bool, workers []workerpool.ProcessStatus) string {
+	var b strings.Builder
+	w := cfg.Workers
+	threads := w.IntraOpThreads
+	switch {
+	case w.Count != workerpool.AutoWorkers(cpus, threads, gpu):
+		fmt.Fprintf(&b, "  Workers: %d (workers.count)\n", w.Count)
+	case gpu:
+		fmt.Fprintf(&b, "  Workers: %d (a model runs on a GPU, which one worker uses whole; workers.count)\n", w.Count)
+	case threads == 1:
+		fmt.Fprintf(&b, "  Workers: %d (one per CPU of %d, at most %d; workers.count)\n", w.Count, cpus, workerpool.MaxAutoWorkers)
+	default:
+		fmt.Fprintf(&b, "  Workers: %d (one per %d CPUs of %d, as workers.intra_op_threads asks, at most %d; workers.count)\n",
+			w.Count, threads, cpus, workerpool.MaxAutoWorkers)
+	}
+	if len(workers) == 0 {
+		return b.String()
+	}
+	// Every worker runs the same settings and models, so the first
+	// speaks for all; a restart re-derives, the banner is printed once.
+	st := workers[0]
+	reserve := ""
+	if r := *cfg.Scheduler.UrgentReserve; r > 0 {
+		reserve = fmt.Sprintf(", %d kept for urgent requests (scheduler.urgent_reserve)", r)
+	}
+	if w.Slots != 0 {
+		fmt.Fprintf(&b, "  Slots: %d per worker (workers.slots)%s\n", st.Slots, reserve)
+		return b.String()
+	}
+	fmt.Fprintf(&b, "  Slots: %d per worker%s:\n", st.Slots, reserve)
+	fmt.Fprintf(&b, "    %d sequences at full context fit in workers.kv_cache_bytes (%s), taken within %d..%d\n",
+		st.SlotsFit, bytesIEC(w.KVCacheBytes), workerconf.MinAutoSlots, workerconf.MaxAutoSlots)
+	return b.String()
+}
+
+// bytesIEC writes n in the largest binary unit that keeps it whole, or in
+// bytes.
+func bytesIEC(n int64) string {
+	for _, u := range []struct {
+		shift int
+		name  string
+	}{{30, "GiB"}, {20, "MiB"}, {10, "KiB"}} {
+		if n >= 1<<u.shift && n%(1<<u.shift) == 0 {
+			return fmt.Sprintf("%d %s", n>>u.shift, u.name)
+		}
+	}
+	return fmt.Sprintf("%d bytes", n)
 }
 
 // tracingFlushTimeout bounds the export of the last spans at exit.

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,11 +14,13 @@ import (
 	"time"
 )
 
-// BenchmarkPriorityIsolation runs the real binary with two workers (4 slots
-// each) and reports the time to first token of a trickle of u=0 requests
-// (8 tokens, one every 25 ms, trickleSamples of them): alone, then beside
-// 64 concurrent bulk streams at u=6 (128 tokens each, re-sent as each
-// ends), and, as the baseline in the same run, the same trickle sent at
+// BenchmarkPriorityIsolation runs the real binary with two workers (slots
+// as the workers derive them) and reports the time to first token of a
+// trickle of u=0 requests (8 tokens, one every 25 ms, trickleSamples of
+// them): alone, then beside concurrent bulk streams at u=6 (128 tokens
+// each, re-sent as each ends), as many as fill every slot bulk work may
+// take and queue 32 more, at least 64 (64 when workers had 4 slots), and,
+// as the baseline in the same run, the same trickle sent at
 // u=6 beside that load, i.e. what the trickle gets when priority has no
 // effect. It runs with strict priority alone (no reserved slot, workers at
 // the gateway's priority), with the reserved slot alone, and with the
@@ -28,17 +32,21 @@ import (
 // queued requests, and the default delay admission refuses such a backlog
 // up front (scenario 4 of docs/BENCHMARKS.md measures that instead).
 func BenchmarkPriorityIsolation(b *testing.B) {
-	for _, bc := range []struct{ name, config string }{
-		{"strict_priority", `{"scheduler": {"urgent_reserve": 0, "admission": "count"}, "workers": {"nice": 0}}`},
-		{"reserve_only", `{"scheduler": {"urgent_reserve": 1, "admission": "count"}, "workers": {"nice": 0}}`},
-		{"default", `{"scheduler": {"admission": "count"}}`},
+	for _, bc := range []struct {
+		name, config string
+		reserve      int
+	}{
+		{"strict_priority", `{"scheduler": {"urgent_reserve": 0, "admission": "count"}, "workers": {"nice": 0}}`, 0},
+		{"reserve_only", `{"scheduler": {"urgent_reserve": 1, "admission": "count"}, "workers": {"nice": 0}}`, 1},
+		{"default", `{"scheduler": {"admission": "count"}}`, 1},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			cfg := filepath.Join(b.TempDir(), "config.json")
 			if err := os.WriteFile(cfg, []byte(bc.config), 0o600); err != nil {
 				b.Fatal(err)
 			}
-			priorityIsolation(b, startServer(b, "--config", cfg))
+			s := startServer(b, "--config", cfg)
+			priorityIsolation(b, s, bulkStreams(b, s, bc.reserve))
 		})
 	}
 }
@@ -50,7 +58,32 @@ func BenchmarkPriorityIsolation(b *testing.B) {
 // is reported too.
 const trickleSamples = 200
 
-func priorityIsolation(b *testing.B, s *server) {
+// bulkStreams is how many bulk streams keep a backlog of 32 queued on s:
+// the slots bulk work may take on every worker (all but the urgent
+// reserve, as the scheduler counts it) and 32 more, at least 64.
+func bulkStreams(b *testing.B, s *server, reserve int) int {
+	resp, err := http.Get(s.admin + "/debug/state")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st struct {
+		Workers []struct {
+			Slots int `json:"slots"`
+		} `json:"workers"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		b.Fatal(err)
+	}
+	n := 32
+	for _, w := range st.Workers {
+		n += max(w.Slots-reserve, 1)
+	}
+	b.Logf("%d bulk streams for workers with slots %v", max(n, 64), st.Workers)
+	return max(n, 64)
+}
+
+func priorityIsolation(b *testing.B, s *server, streams int) {
 	urgent, bulkClient := s.h3Client(b), s.h3Client(b)
 	url := s.base + "/v1/chat/completions"
 	trickle := func(priority string, samples int) []time.Duration {
@@ -76,7 +109,7 @@ func priorityIsolation(b *testing.B, s *server) {
 		// the price of priority for bulk work.
 		var measuring atomic.Bool
 		var bulkDone atomic.Int64
-		for range 64 {
+		for range streams {
 			wg.Go(func() {
 				for ctx.Err() == nil {
 					if _, err := firstToken(b, ctx, bulkClient, url, "u=6", 128); err != nil && ctx.Err() == nil {
@@ -105,6 +138,7 @@ func priorityIsolation(b *testing.B, s *server) {
 		b.ReportMetric(msOf(pctOf(loaded, 50)), "loaded_u0_p50_ms")
 		b.ReportMetric(msOf(pctOf(loaded, 99)), "loaded_u0_p99_ms")
 		b.ReportMetric(bulkRate, "bulk_streams/s")
+		b.ReportMetric(float64(streams), "bulk_clients")
 		b.ReportMetric(msOf(slices.Max(alone)), "alone_max_ms")
 		b.ReportMetric(msOf(slices.Max(loaded)), "loaded_u0_max_ms")
 		b.ReportMetric(msOf(pctOf(noPriority, 50)), "loaded_u6_p50_ms")
