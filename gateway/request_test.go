@@ -184,7 +184,7 @@ func TestUnknownAndUnsupportedParameters(t *testing.T) {
 		`"echo": true`:                                    "echo",
 		`"suffix": "end"`:                                 "suffix",
 		// Accepted: values that ask for nothing, and hints.
-		`"response_format": { "type" : "text" }`:    "",
+		`"response_format": { "type" : "text" }`:     "",
 		`"response_format": {"type": "json_object"}`: "",
 		`"tools": []`:                               "",
 		`"tool_choice": "none"`:                     "",

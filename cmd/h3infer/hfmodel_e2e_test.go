@@ -77,13 +77,7 @@ func TestHuggingFaceModelEndToEnd(t *testing.T) {
 	src := filepath.Join(refDir, "node_modules", "@lenml", "tokenizer-gemma3", "models")
 	repo := t.TempDir()
 	const model = "gemma3-random"
-	tmp := filepath.Join(repo, model, ".tmp")
-	if err := onnxgen.Write(tmp, onnxgen.Options{Random: true, Layers: 1, Heads: 2, Hidden: 32, Context: 512, Seed: 3, Tokenizer: src}); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(repo, model, "1")); err != nil {
-		t.Fatal(err)
-	}
+	publishVersion(t, repo, model, "1", onnxgen.Options{Random: true, Layers: 1, Heads: 2, Hidden: 32, Context: 512, Seed: 3, Tokenizer: src})
 	cfg := filepath.Join(t.TempDir(), "config.json")
 	if err := os.WriteFile(cfg, fmt.Appendf(nil, `{"model_repository": {"dir": %q}}`, repo), 0o600); err != nil {
 		t.Fatal(err)

@@ -18,20 +18,26 @@ import (
 	"h3infer/internal/onnxgen"
 )
 
-// writeVersion writes a demo model as version ver of "demo" in repo, the
-// way an operator should: into a temporary directory first, then renamed
-// into place.
+// writeVersion writes a demo model as version ver of "demo" in repo.
 func writeVersion(t *testing.T, repo, ver string, seed int64) string {
 	t.Helper()
-	tmp := filepath.Join(repo, "demo", ".tmp-"+ver)
 	opts := onnxgen.DefaultOptions()
 	if seed != 0 {
 		opts.Random, opts.Seed = true, seed
 	}
+	return publishVersion(t, repo, "demo", ver, opts)
+}
+
+// publishVersion writes the model opts describe as version ver of model
+// in repo, the way an operator should: into a temporary directory first,
+// then renamed into place.
+func publishVersion(t *testing.T, repo, model, ver string, opts onnxgen.Options) string {
+	t.Helper()
+	tmp := filepath.Join(repo, model, ".tmp-"+ver)
 	if err := onnxgen.Write(tmp, opts); err != nil {
 		t.Fatal(err)
 	}
-	dir := filepath.Join(repo, "demo", ver)
+	dir := filepath.Join(repo, model, ver)
 	if err := os.Rename(tmp, dir); err != nil {
 		t.Fatal(err)
 	}

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -28,19 +26,11 @@ import (
 // the ChatML template, so that token ids are not simply bytes.
 func writeChatVersion(t *testing.T, repo, ver string, merges int) string {
 	t.Helper()
-	tmp := filepath.Join(repo, "demo", ".tmp-"+ver)
 	opts := onnxgen.DefaultOptions()
 	opts.Merges = merges
 	opts.SpecialTokens = []string{"<|im_start|>", "<|im_end|>"}
 	opts.ChatTemplate = tokenize.TemplateChatML
-	if err := onnxgen.Write(tmp, opts); err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(repo, "demo", ver)
-	if err := os.Rename(tmp, dir); err != nil {
-		t.Fatal(err)
-	}
-	return dir
+	return publishVersion(t, repo, "demo", ver, opts)
 }
 
 type tokenizeAnswer struct {
