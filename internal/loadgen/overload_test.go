@@ -76,8 +76,10 @@ func TestRunOverloadAgainstBareServer(t *testing.T) {
 	res, err := RunOverload(context.Background(), OverloadConfig{
 		Base: Config{URL: "https://" + srv, TLS: &tls.Config{RootCAs: pool}, OutputTokens: Dist{Kind: DistFixed, A: 7}, Timeout: 10 * time.Second},
 		PID:  os.Getpid(), CapacityConcurrency: 4, CapacityDuration: 300 * time.Millisecond,
-		// The open loop's fixed seed puts the first probe at 1.53 s.
-		Unloaded: 1, Factor: 2, Duration: 1600 * time.Millisecond, Recovery: 300 * time.Millisecond,
+		// The open loop's fixed seed puts the first probe at 1.53 s; the
+		// overload runs well past it, since a loaded machine fires the
+		// arrival timer late (CI once missed a 1.6 s window).
+		Unloaded: 1, Factor: 2, Duration: 2200 * time.Millisecond, Recovery: 300 * time.Millisecond,
 	}, nil)
 	if err != nil {
 		t.Fatal(err)
