@@ -40,13 +40,6 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 		h.mu.Unlock()
 		return h.ended(id, &infer.Error{Code: infer.CodeUpstreamLost, Message: "the upstream was removed", Unstarted: true}), nil
 	}
-	if r.Logprobs {
-		// The stream's chunks are read for their text only: sent on,
-		// the request would lose its logprobs without a word. Any other
-		// upstream would lose them too, so it is not Unstarted.
-		h.mu.Unlock()
-		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: "logprobs: not supported for models served by an upstream yet"}), nil
-	}
 	h.inFlight++
 	h.requests++
 	h.set.wg.Add(1)
@@ -109,10 +102,10 @@ func (c *call) Cancel() {
 	c.cancel(errCancelled)
 }
 
-// token hands on one token's text without blocking. It reports false when
+// token hands on tokens' text (and their logprobs) without blocking. It reports false when
 // the call has ended: cancelled, or overflowed just now, which ends it
 // with infer.CodeOverflow and cancels the request.
-func (c *call) token(text string, count uint32) bool {
+func (c *call) token(text string, lps []infer.TokenLogprob, count uint32) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.ended {
@@ -128,7 +121,7 @@ func (c *call) token(text string, count uint32) bool {
 		c.cancel(errOverflow)
 		return false
 	}
-	c.events <- infer.Event{Token: infer.Token{Count: count, Text: text}}
+	c.events <- infer.Event{Token: infer.Token{Count: count, Text: text, Logprobs: lps}}
 	return true
 }
 
@@ -230,6 +223,11 @@ type completionBody struct {
 	// ResponseFormat goes as the client wrote it: the engine upstream
 	// enforces it (vLLM and SGLang take OpenAI's shape on both routes).
 	ResponseFormat json.RawMessage `json:"response_format,omitempty"`
+	// Logprobs is chat's boolean, or a text completion's count of
+	// alternatives; TopLogprobs chat's count. Each route's own shape, as
+	// the client wrote it to the gateway.
+	Logprobs    any    `json:"logprobs,omitempty"`
+	TopLogprobs *uint8 `json:"top_logprobs,omitempty"`
 }
 
 type chatMessage struct {
@@ -267,6 +265,12 @@ func (c *call) newRequest(ctx context.Context, job *infer.Request) (*http.Reques
 		b.ResponseFormat = json.RawMessage(job.ResponseFormat)
 	}
 	b.StreamOptions.IncludeUsage = true
+	if job.Logprobs {
+		b.Logprobs = job.TopLogprobs
+		if len(job.Messages) > 0 {
+			b.Logprobs, b.TopLogprobs = true, &job.TopLogprobs
+		}
+	}
 	path := "/v1/completions"
 	if len(job.Messages) > 0 {
 		path = "/v1/chat/completions"
@@ -322,7 +326,7 @@ func (c *call) exchange(ctx context.Context, job *infer.Request, stall *time.Tim
 			kind: kindMalformed, counts: true, reason: fmt.Sprintf("answered %q, not text/event-stream", resp.Header.Get("Content-Type")),
 		}
 	}
-	return c.stream(ctx, resp.Body, len(job.Messages) > 0, stall, start)
+	return c.stream(ctx, resp.Body, shape{chat: len(job.Messages) > 0, logprobs: job.Logprobs, top: int(job.TopLogprobs)}, stall, start)
 }
 
 // lost classifies a failed exchange: by its context's cause when the
@@ -401,10 +405,11 @@ func (c *call) refused(resp *http.Response, model string) result {
 // coalesces its writes (h3infer does, for all but urgent streams) thus
 // costs the gateway one event per write rather than one per token, and
 // no token waits for anything that has not arrived.
-func (c *call) stream(ctx context.Context, body io.Reader, chat bool, stall *time.Timer, start time.Time) result {
+func (c *call) stream(ctx context.Context, body io.Reader, sh shape, stall *time.Timer, start time.Time) result {
 	br := bufio.NewReaderSize(body, 16<<10)
 	var (
 		held      []byte // text of tokens not yet handed on
+		heldLps   []infer.TokenLogprob
 		heldCount uint32
 	)
 	// handOn delivers the held tokens; false: the call has ended.
@@ -412,12 +417,12 @@ func (c *call) stream(ctx context.Context, body io.Reader, chat bool, stall *tim
 		if heldCount == 0 {
 			return true
 		}
-		ok := c.token(string(held), heldCount)
-		held, heldCount = held[:0], 0
+		ok := c.token(string(held), heldLps, heldCount)
+		held, heldLps, heldCount = held[:0], nil, 0
 		return ok
 	}
-	r := c.readEvents(ctx, br, chat, stall, start, func(text string) bool {
-		held, heldCount = append(held, text...), heldCount+1
+	r := c.readEvents(ctx, br, sh, stall, start, func(text string, lps []infer.TokenLogprob, n uint32) bool {
+		held, heldLps, heldCount = append(held, text...), append(heldLps, lps...), heldCount+n
 		if nextEventArrived(br) {
 			return true
 		}
@@ -435,9 +440,16 @@ func nextEventArrived(br *bufio.Reader) bool {
 	return bytes.Contains(b, []byte("\n\n")) || bytes.Contains(b, []byte("\r\n\r\n"))
 }
 
-// readEvents reads the stream's events and hands each token's text to token,
-// which returns false once the call has ended.
-func (c *call) readEvents(ctx context.Context, br *bufio.Reader, chat bool, stall *time.Timer, start time.Time, token func(string) bool) result {
+// readEvents reads the stream's events and hands each chunk's tokens to
+// token (their text, their logprobs when sh asks for them, and how many
+// there are), which returns false once the call has ended.
+//
+// Without logprobs, a chunk with text is one token, as servers send them.
+// With them, the logprobs count the tokens, and a chunk may carry some
+// with no text (h3infer sends the logprobs of tokens whose text it held
+// back with the end); text without logprobs is an upstream that ignored
+// the parameter, which ends the request rather than answer without them.
+func (c *call) readEvents(ctx context.Context, br *bufio.Reader, sh shape, stall *time.Timer, start time.Time, token func(string, []infer.TokenLogprob, uint32) bool) result {
 	stallFor := time.Duration(c.h.cfg.StallTimeout)
 	var (
 		data    []byte
@@ -487,18 +499,33 @@ func (c *call) readEvents(ctx context.Context, br *bufio.Reader, chat bool, stal
 			finish = c0.FinishReason
 		}
 		text := c0.Text
-		if chat {
+		if sh.chat {
 			text = c0.Delta.Content
 		}
-		if text == "" {
+		n := uint32(1)
+		var lps []infer.TokenLogprob
+		if sh.logprobs {
+			var err error
+			if lps, err = chunkLogprobs(c0.Logprobs, sh); err != nil {
+				r := malformed(err.Error())
+				return &r
+			}
+			if text != "" && len(lps) == 0 {
+				r := malformed(errNoLogprobs.Error())
+				r.err.Code, r.err.Message, r.counts = infer.CodeInvalidRequest, "logprobs: the upstream server did not return them", false
+				return &r
+			}
+			n = uint32(len(lps))
+		}
+		if text == "" && (n == 0 || !sh.logprobs) {
 			return nil // a role-only first chunk, or a chunk that only finishes
 		}
 		if count == 0 {
 			ttft = time.Since(start)
 			c.h.m.ttft.Observe(ttft.Seconds())
 		}
-		count++
-		if !token(text) {
+		count += n
+		if !token(text, lps, n) {
 			return &result{kind: kindOverflow, tokens: count, ttft: ttft} // or cancelled; report tells
 		}
 		return nil

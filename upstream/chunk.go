@@ -22,6 +22,9 @@ type choice struct {
 		Content string `json:"content"`
 	} `json:"delta"`
 	FinishReason string `json:"finish_reason"`
+	// Logprobs is kept as the server wrote it: only a request that asked
+	// for logprobs reads it (chunkLogprobs).
+	Logprobs json.RawMessage `json:"logprobs"`
 }
 
 type usage struct {
@@ -342,6 +345,17 @@ func (s *scan) array(elem func() error) error {
 	}
 }
 
+// raw returns a copy of the value at the cursor as it is written, as
+// encoding/json fills a json.RawMessage (null included).
+func (s *scan) raw() (json.RawMessage, error) {
+	s.space()
+	start := s.i
+	if err := s.skip(); err != nil {
+		return nil, err
+	}
+	return append(json.RawMessage(nil), s.b[start:s.i]...), nil
+}
+
 func (s *scan) uint32(dst *uint32) error {
 	if s.null() {
 		return nil
@@ -361,7 +375,7 @@ func (s *scan) uint32(dst *uint32) error {
 
 var (
 	chunkKeys  = []string{"choices", "usage", "error"}
-	choiceKeys = []string{"text", "delta", "finish_reason"}
+	choiceKeys = []string{"text", "delta", "finish_reason", "logprobs"}
 	deltaKeys  = []string{"content"}
 	usageKeys  = []string{"prompt_tokens", "completion_tokens"}
 )
@@ -393,13 +407,9 @@ func (s *scan) chunk(ch *chunk) error {
 				return s.skip()
 			})
 		case "error":
-			s.space()
-			start := s.i
-			if err := s.skip(); err != nil {
-				return err
-			}
-			ch.Error = append(json.RawMessage(nil), s.b[start:s.i]...)
-			return nil
+			raw, err := s.raw()
+			ch.Error = raw
+			return err
 		}
 		return s.skip()
 	})
@@ -415,6 +425,10 @@ func (s *scan) choice(c *choice) error {
 			return s.str(&c.Text)
 		case "finish_reason":
 			return s.str(&c.FinishReason)
+		case "logprobs":
+			raw, err := s.raw()
+			c.Logprobs = raw
+			return err
 		case "delta":
 			if s.null() {
 				return nil

@@ -32,6 +32,9 @@ var chunkSeeds = []string{
 	`{"error":null}`,
 	`{"completion_to\u212aens":1}`,
 	`{"usage":{"completion_to` + "\u212a" + `ens":7}}`,
+	`{"choices":[{"index":0,"delta":{"content":"\u00e9"},"logprobs":{"content":[{"token":"\u00e9","logprob":-0.25,"bytes":[195,169],"top_logprobs":[{"token":"\u00e9","logprob":-0.25,"bytes":[195,169]}]}]},"finish_reason":null}]}`,
+	`{"choices":[{"text":" a","logprobs":{"tokens":[" a"],"token_logprobs":[-1.5],"top_logprobs":[{" a":-1.5," b":-2}],"text_offset":[0]}}]}`,
+	`{"choices":[{"text":"a","logprobs":{"tokens":[]},"logprobs":null}]}`,
 }
 
 // FuzzDecodeChunk holds the fast reader to encoding/json: the same chunk

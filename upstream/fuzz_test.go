@@ -24,9 +24,11 @@ func FuzzStream(f *testing.F) {
 		"data:" + strings.Repeat("x", 100) + "\n\n",
 		"",
 	} {
-		f.Add([]byte(seed), true)
+		f.Add([]byte(seed), true, false)
 	}
-	f.Add([]byte("data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n"), false)
+	f.Add([]byte("data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n"), false, false)
+	f.Add([]byte("data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"logprobs\":{\"content\":[{\"token\":\"a\",\"logprob\":-1,\"top_logprobs\":[]}]}}]}\n\ndata: [DONE]\n\n"), true, true)
+	f.Add([]byte("data: {\"choices\":[{\"text\":\"ab\",\"logprobs\":{\"tokens\":[\"a\",\"b\"],\"token_logprobs\":[-1,-2],\"top_logprobs\":[{\"a\":-1},{\"b\":-2,\"c\":-3}]}}]}\n\ndata: [DONE]\n\n"), false, true)
 	cfg := testConfig("fuzz", "http://127.0.0.1:1")
 	s, err := NewSet([]Config{cfg}, Options{})
 	if err != nil {
@@ -34,11 +36,11 @@ func FuzzStream(f *testing.F) {
 	}
 	defer s.Close()
 	h := s.handles()[0]
-	f.Fuzz(func(t *testing.T, body []byte, chat bool) {
+	f.Fuzz(func(t *testing.T, body []byte, chat, logprobs bool) {
 		c := &call{h: h, id: 1, cancel: func(error) {}, events: make(chan infer.Event, 8+1)}
 		stall := time.AfterFunc(time.Hour, func() {})
 		defer stall.Stop()
-		r := c.stream(context.Background(), bytes.NewReader(body), chat, stall, time.Now())
+		r := c.stream(context.Background(), bytes.NewReader(body), shape{chat: chat, logprobs: logprobs, top: 2}, stall, time.Now())
 		ends := 0
 		if r.done != nil {
 			ends++

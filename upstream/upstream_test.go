@@ -206,35 +206,103 @@ func TestSamplingParametersSent(t *testing.T) {
 	}
 }
 
-// A request for logprobs fails at once, before anything goes upstream,
-// since the gateway cannot yet read an upstream's: the client hears why
-// rather than getting a completion without them, and no other backend
-// retries it. The upstream stays in service.
-func TestLogprobsRefused(t *testing.T) {
+// Logprobs go upstream in each route's shape and come back as the
+// request's: chat's entries with their bytes (a token that is half a
+// UTF-8 character keeps its bytes), a text completion's parallel lists
+// with the alternatives put most likely first, each cut to the count
+// asked for, and the tokens counted by their logprobs.
+func TestLogprobsPassThrough(t *testing.T) {
+	f, url := newFake(t)
+	s, _ := newTestSet(t, Options{}, testConfig("a", url))
+	var body atomic.Value
+	f.answer(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		body.Store(string(b))
+		sseStart(w)
+		if strings.HasSuffix(r.URL.Path, "/chat/completions") {
+			// Two tokens in one chunk, the first the lead byte of "é".
+			sseData(w, `{"choices":[{"index":0,"delta":{"content":"\u00e9"},"logprobs":{"content":[`+
+				`{"token":"\ufffd","logprob":-0.5,"bytes":[195],"top_logprobs":[{"token":"x","logprob":-0.5,"bytes":[120]},{"token":"y","logprob":-1},{"token":"z","logprob":-2}]},`+
+				`{"token":"\ufffd","logprob":-0.25,"bytes":[169],"top_logprobs":[]}]}}]}`)
+			sseData(w, `{"choices":[{"index":0,"delta":{},"finish_reason":"stop","logprobs":{"content":[{"token":"!","logprob":-3,"top_logprobs":[]}]}}]}`)
+		} else {
+			sseData(w, `{"choices":[{"index":0,"text":" a","logprobs":{"tokens":[" a"],"token_logprobs":[-1.5],"top_logprobs":[{" c":-3," a":-1.5," b":-2}],"text_offset":[0]}}]}`)
+			sseData(w, `{"choices":[{"index":0,"text":"","finish_reason":"length","logprobs":null}]}`)
+		}
+		sseData(w, "[DONE]")
+	})
+
+	req := chatRequest("m")
+	req.Logprobs, req.TopLogprobs = true, 2
+	evs := run(t, s, req)
+	if !strings.Contains(body.Load().(string), `"logprobs":true,"top_logprobs":2`) {
+		t.Errorf("chat request upstream: %s, want logprobs true and top_logprobs 2", body.Load())
+	}
+	var lps []infer.TokenLogprob
+	var n uint32
+	for _, ev := range evs {
+		lps, n = append(lps, ev.Token.Logprobs...), n+ev.Token.Count
+	}
+	want := []infer.TokenLogprob{
+		{Token: "\xc3", Logprob: -0.5, Top: []infer.TopLogprob{{Token: "x", Logprob: -0.5}, {Token: "y", Logprob: -1}}},
+		{Token: "\xa9", Logprob: -0.25, Top: []infer.TopLogprob{}},
+		{Token: "!", Logprob: -3, Top: []infer.TopLogprob{}},
+	}
+	if !reflect.DeepEqual(lps, want) || n != 3 || text(evs) != "é" {
+		t.Errorf("chat: got %d tokens %q with logprobs %+v,\nwant 3 \"é\" with %+v", n, text(evs), lps, want)
+	}
+	if d := last(t, evs).Done; d == nil || d.CompletionTokens != 3 {
+		t.Errorf("chat: ended with %+v, want done after 3 tokens", last(t, evs))
+	}
+
+	req = &infer.Request{Model: "m", Prompt: "hi", MaxTokens: 1, Logprobs: true, TopLogprobs: 2}
+	evs = run(t, s, req)
+	if !strings.Contains(body.Load().(string), `"logprobs":2`) || strings.Contains(body.Load().(string), "top_logprobs") {
+		t.Errorf("completion request upstream: %s, want logprobs 2 alone", body.Load())
+	}
+	lps = nil
+	for _, ev := range evs {
+		lps = append(lps, ev.Token.Logprobs...)
+	}
+	want = []infer.TokenLogprob{{Token: " a", Logprob: -1.5, Top: []infer.TopLogprob{{Token: " a", Logprob: -1.5}, {Token: " b", Logprob: -2}}}}
+	if !reflect.DeepEqual(lps, want) {
+		t.Errorf("completion: got logprobs %+v, want %+v", lps, want)
+	}
+}
+
+// An upstream that answers text without the logprobs asked for (it
+// ignored the parameter) ends the request with a 400's code saying so,
+// rather than an answer without them; a hostile one's malformed or
+// oversized logprobs are a malformed stream. Neither is taken as a token.
+func TestLogprobsMissingOrHostile(t *testing.T) {
 	f, url := newFake(t)
 	s, reg := newTestSet(t, Options{}, testConfig("a", url))
-	var received atomic.Int64
+	var answer atomic.Value
 	f.answer(func(w http.ResponseWriter, r *http.Request) {
-		received.Add(1)
-		streamTokens("x")(w, r)
+		sseStart(w)
+		sseData(w, answer.Load().(string))
+		sseData(w, "[DONE]")
 	})
-	for _, top := range []uint8{0, 5} {
+	huge := `{"choices":[{"delta":{"content":"x"},"logprobs":{"content":[` + strings.Repeat(`{"token":"","logprob":0},`, maxChunkLogprobs) + `{"token":"","logprob":0}]}}]}`
+	for _, tc := range []struct{ chunk, code, msg string }{
+		{`{"choices":[{"delta":{"content":"x"}}]}`, infer.CodeInvalidRequest, "logprobs: the upstream server did not return them"},
+		{`{"choices":[{"delta":{"content":"x"},"logprobs":{"content":[{"token":"x","logprob":0.5}]}}]}`, infer.CodeUpstreamLost, ""},
+		{`{"choices":[{"delta":{"content":"x"},"logprobs":{"content":[{"token":"x","logprob":-1,"bytes":[300]}]}}]}`, infer.CodeUpstreamLost, ""},
+		{`{"choices":[{"delta":{"content":"x"},"logprobs":{"content":[{"token":"x"}]}}]}`, infer.CodeUpstreamLost, ""},
+		{`{"choices":[{"delta":{"content":"x"},"logprobs":"no"}]}`, infer.CodeUpstreamLost, ""},
+		{huge, infer.CodeUpstreamLost, ""},
+	} {
+		answer.Store(tc.chunk)
 		req := chatRequest("m")
-		req.Logprobs, req.TopLogprobs = true, top
+		req.Logprobs = true
 		evs := run(t, s, req)
-		want := infer.Error{Code: infer.CodeInvalidRequest, Message: "logprobs: not supported for models served by an upstream yet"}
-		if len(evs) != 1 || evs[0].Err == nil || *evs[0].Err != want {
-			t.Errorf("top_logprobs %d: events %+v, want only the error %+v", top, evs, want)
+		e := last(t, evs).Err
+		if e == nil || e.Code != tc.code || tc.msg != "" && e.Message != tc.msg || len(evs) != 1 {
+			t.Errorf("%.80s: events %+v, want only an error %s %q", tc.chunk, evs, tc.code, tc.msg)
 		}
 	}
-	if n := received.Load(); n != 0 {
-		t.Errorf("the upstream received %d requests, want none", n)
-	}
-	if d := last(t, run(t, s, chatRequest("m"))).Done; d == nil || received.Load() != 1 {
-		t.Errorf("a request without logprobs: done %+v after %d requests upstream, want it served", d, received.Load())
-	}
-	if got := counter(t, reg, "h3infer_upstream_requests_total", "upstream", "a", "outcome", "error"); got != 0 {
-		t.Errorf("requests_total{error}: got %v, want 0: the upstream did nothing wrong", got)
+	if got := counter(t, reg, "h3infer_upstream_errors_total", "upstream", "a", "kind", kindMalformed); got != 6 {
+		t.Errorf("errors_total{malformed}: got %v, want 6", got)
 	}
 }
 

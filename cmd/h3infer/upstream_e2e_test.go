@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -149,6 +150,20 @@ func TestUpstreamStreamsWhatTheRegionalTierGives(t *testing.T) {
 			resp.Body.Close()
 			if len(whole.Choices) != 1 || whole.Choices[0].Message.Content != direct.text {
 				t.Errorf("non-streamed through the edge: %+v, want %q", whole.Choices, direct.text)
+			}
+			// Logprobs come through as the regional tier gives them, in
+			// both routes' shapes, whole and streamed.
+			for _, stream := range []bool{false, true} {
+				chat := regionalChat(12, stream)
+				chat["logprobs"], chat["top_logprobs"] = true, 3
+				text := map[string]any{"model": regionalModel, "prompt": testPrompt, "max_tokens": 12, "temperature": 0, "logprobs": 2, "stream": stream}
+				for path, body := range map[string]map[string]any{"/v1/chat/completions": chat, "/v1/completions": text} {
+					direct := logprobsOf(t, postJSON(t, ctx, tr.regional.h3Client(t), tr.regional.base+path, body))
+					via := logprobsOf(t, postJSON(t, ctx, tr.edge.h3Client(t), tr.edge.base+path, body))
+					if len(direct) == 0 || !reflect.DeepEqual(via, direct) {
+						t.Errorf("%s stream %v: logprobs through the edge\n%v\ndirect\n%v", path, stream, via, direct)
+					}
+				}
 			}
 			// The local model is the edge's own workers'.
 			local := readStream(t, postJSON(t, ctx, tr.edge.h3Client(t), tr.edge.base+"/v1/chat/completions", chatBody(8, true)))
@@ -433,4 +448,50 @@ func TestUpstreamTraceCrossesTheHop(t *testing.T) {
 	if attrs["h3infer.upstream.priority"] != "off" || attrs["h3infer.urgency"] != int64(1) || attrs["h3infer.upstream.name"] != "regional" {
 		t.Errorf("upstream span attributes %v; want name regional, urgency 1, priority off", attrs)
 	}
+}
+
+// logprobsOf is the logprobs of a chat or text completion's first choice,
+// whole or streamed, each token's entry as JSON gives it: chat's content
+// entries, or a text completion's parallel lists read across.
+func logprobsOf(t *testing.T, resp *http.Response) []any {
+	t.Helper()
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s: %s %v", resp.Request.URL.Path, body, err)
+	}
+	docs := [][]byte{body}
+	if strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
+		docs = nil
+		for line := range strings.Lines(string(body)) {
+			if data, ok := strings.CutPrefix(strings.TrimSpace(line), "data: "); ok && data != "[DONE]" {
+				docs = append(docs, []byte(data))
+			}
+		}
+	}
+	var out []any
+	for _, d := range docs {
+		var doc struct {
+			Choices []struct {
+				Logprobs *struct {
+					Content       []any     `json:"content"`
+					Tokens        []string  `json:"tokens"`
+					TokenLogprobs []float64 `json:"token_logprobs"`
+					TopLogprobs   []any     `json:"top_logprobs"`
+				} `json:"logprobs"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal(d, &doc); err != nil {
+			t.Fatalf("%s: %v", d, err)
+		}
+		if len(doc.Choices) == 0 || doc.Choices[0].Logprobs == nil {
+			continue
+		}
+		lp := doc.Choices[0].Logprobs
+		out = append(out, lp.Content...)
+		for i, tok := range lp.Tokens {
+			out = append(out, []any{tok, lp.TokenLogprobs[i], lp.TopLogprobs[i]})
+		}
+	}
+	return out
 }
