@@ -47,6 +47,12 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 		h.mu.Unlock()
 		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: "logprobs: not supported for models served by an upstream yet"}), nil
 	}
+	if r.N > 1 {
+		// The stream is read as one choice's: sent on, the choices would
+		// run together. Refused like logprobs, for the same reason.
+		h.mu.Unlock()
+		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: fmt.Sprintf("n: %d choices: models served by an upstream answer with one choice per request", r.N)}), nil
+	}
 	h.inFlight++
 	h.requests++
 	h.set.wg.Add(1)
