@@ -33,10 +33,16 @@ func (g *Gateway) respondChoices(ctx context.Context, w http.ResponseWriter, run
 }
 
 // errBadChoice ends a request whose backend sent a token for a choice it
-// was not asked for.
-type errBadChoice struct{ index, n uint32 }
+// was not asked for, or for one it had ended.
+type errBadChoice struct {
+	index, n uint32
+	after    bool // the choice had ended
+}
 
 func (e *errBadChoice) Error() string {
+	if e.after {
+		return fmt.Sprintf("the worker sent a token of choice %d after its end", e.index)
+	}
 	return fmt.Sprintf("the worker sent choice %d of a request for %d", e.index, e.n)
 }
 
@@ -75,7 +81,7 @@ func (g *Gateway) relayChoices(ctx context.Context, sw *sseWriter, run *inflight
 	for ev.Done == nil {
 		i, err := choiceOf(run, ev)
 		if err == nil && cs[i].ended {
-			err = &errBadChoice{index: uint32(i), n: uint32(n)}
+			err = &errBadChoice{index: uint32(i), n: uint32(n), after: true}
 		}
 		if err != nil {
 			g.log.Error("malformed choices from backend", "request_id", run.dispatch.ID(), "err", err)

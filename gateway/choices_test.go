@@ -145,3 +145,27 @@ func TestChoicesRefusedName(t *testing.T) {
 		}
 	}
 }
+
+// A tokens_per_minute limit reserves max_tokens once per choice: n
+// choices whose reservation exceeds the tenant's burst are a 400 naming
+// n, and ones that fit but not in what is left wait like any request.
+func TestChoicesReserveTokensPerChoice(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.RateLimits.Default = TenantLimit{TokensPerMinute: 6, TokenBurst: 100}
+	})
+	h.sched.setScript(func(*scheduler.Request) ([]infer.Event, error) { return choiceTokens(), nil })
+	body := func(n, maxTokens int) string {
+		return fmt.Sprintf(`{"model":"demo","prompt":"hi","n":%d,"max_tokens":%d}`, n, maxTokens)
+	}
+	resp := h.post(t, "h3", "/v1/completions", body(3, 40))
+	b, _ := io.ReadAll(resp.Body)
+	var e struct{ Error errorObject }
+	if json.Unmarshal(b, &e); resp.StatusCode != http.StatusBadRequest || e.Error.Param == nil || *e.Error.Param != "n" {
+		t.Errorf("3 choices of 40 tokens over a burst of 100: status %d, %s; want a 400 naming n", resp.StatusCode, b)
+	}
+	// 2 of 40 fit; they use 6, so 94 are left: 2 of 48 do not fit.
+	if resp := h.post(t, "h3", "/v1/completions", body(2, 40)); resp.StatusCode != http.StatusOK {
+		t.Fatalf("2 choices of 40: status %d", resp.StatusCode)
+	}
+	checkRefusal(t, h.post(t, "h3", "/v1/completions", body(2, 48)), `"tokens_per_minute";q=100;w=1000`)
+}
