@@ -127,18 +127,20 @@ func TestChoicesSharePrefill(t *testing.T) {
 	}
 }
 
-// Greedy choices are all the same text; constrained ones each a JSON
-// document of their own.
+// Greedy choices are all the same text; constrained ones each a whole
+// document of the schema, each the one its seed makes alone: every
+// choice has a matcher of its own.
 func TestChoicesGreedyAndFormat(t *testing.T) {
 	rw := startRingWorker(t, 4)
+	m := loadTestModel(t)
+	schema := `{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","properties":{"n":{"type":"integer"},"ok":{"type":"boolean"}},"required":["n","ok"],"additionalProperties":false}}}`
 	for _, tc := range []struct {
 		name string
 		s    infer.Request
-		same bool
 	}{
-		{"greedy", infer.Request{Model: "demo", Prompt: "In", MaxTokens: 30, N: 3}, true},
-		{"json_object", infer.Request{Model: "demo", Prompt: "A worker ", MaxTokens: 60, Temperature: 1, Seed: 7, HasSeed: true,
-			ResponseFormat: `{"type":"json_object"}`, N: 3}, false},
+		{"greedy", infer.Request{Model: "demo", Prompt: "In", MaxTokens: 30, N: 3}},
+		{"json_schema", infer.Request{Model: "demo", Prompt: "A worker ", MaxTokens: 60, Temperature: 1, Seed: 7, HasSeed: true,
+			ResponseFormat: schema, N: 3}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := rw.end.Open(uint64(len(tc.name)), &tc.s)
@@ -149,14 +151,31 @@ func TestChoicesGreedyAndFormat(t *testing.T) {
 			if got.err != nil || got.done == nil {
 				t.Fatalf("got error %+v, done %+v", got.err, got.done)
 			}
+			docs := map[string]bool{}
 			for i := range 3 {
 				text := got.text[i].String()
-				if tc.same && text != got.text[0].String() {
-					t.Errorf("greedy choice %d %q differs from choice 0 %q", i, text, got.text[0].String())
+				docs[text] = true
+				if tc.s.ResponseFormat == "" {
+					if text != got.text[0].String() {
+						t.Errorf("greedy choice %d %q differs from choice 0 %q", i, text, got.text[0].String())
+					}
+					continue
 				}
-				if tc.s.ResponseFormat != "" && got.reasons[i] == infer.FinishStop && !json.Valid([]byte(text)) {
-					t.Errorf("choice %d ended a document that is not JSON: %q", i, text)
+				var doc struct {
+					N  *json.Number
+					OK *bool
 				}
+				if err := json.Unmarshal([]byte(text), &doc); got.reasons[i] != infer.FinishStop || err != nil || doc.N == nil || doc.OK == nil {
+					t.Errorf("choice %d: %q (%s, %v); want a whole document with n and ok", i, text, got.reasons[i], err)
+				}
+				alone := tc.s
+				alone.N, alone.Seed = 0, infer.ChoiceSeed(tc.s.Seed, i)
+				if want, _, err := Generate(context.Background(), m, &alone); err != nil || text != want {
+					t.Errorf("choice %d: %q, alone %q (%v)", i, text, want, err)
+				}
+			}
+			if tc.s.ResponseFormat != "" && len(docs) < 2 {
+				t.Errorf("3 seeded choices wrote the same document %q", got.text[0].String())
 			}
 		})
 	}
