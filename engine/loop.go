@@ -231,6 +231,14 @@ type running struct {
 	ctx   context.Context // carries the gateway's span, when traced
 	span  trace.Span      // prefill from admission to the first token, then decode
 	phase string
+
+	// choice is the sequence's index among its request's choices, and
+	// group what they share (choices.go); nil for a request with one.
+	// Only the leader, choice 0, is in pending, byID and prefilling.
+	choice uint32
+	group  *choices
+	// ended is set when the sequence has left its batch for good.
+	ended bool
 }
 
 // workerLoop is the generation loop's state; only serve's goroutine
@@ -606,8 +614,12 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 			continue
 		}
 		prefilled += len(r.seq.prompt)
+		w.prefilledOnce(r)
 		r.batch.join(r, kv)
-		if err := w.emit(r); err != nil {
+		for _, s := range r.siblings() {
+			r.batch.join(s, kv)
+		}
+		if err := w.emitAll(r); err != nil {
 			return err
 		}
 		// The first token goes out now, not after the next prefill.
@@ -692,10 +704,14 @@ func (w *workerLoop) startUrgent() error {
 			}
 			continue
 		}
+		w.prefilledOnce(r)
 		// Listed before emit, so that forget finds it if the first token
 		// is also the last.
 		w.prefilled = append(w.prefilled, &prefilledRun{r: r, kv: kv})
-		if err := w.emit(r); err != nil {
+		for _, s := range r.siblings() {
+			w.prefilled = append(w.prefilled, &prefilledRun{r: s, kv: kv})
+		}
+		if err := w.emitAll(r); err != nil {
 			return err
 		}
 		if err := w.flushTokens(); err != nil {
@@ -745,11 +761,11 @@ func (w *workerLoop) fits(r *running) bool {
 			}
 		}
 		if p := w.prefilling; p != nil && p.batch == b {
-			rows++
+			rows += p.width()
 			longest = max(longest, p.seq.reserve())
 		}
 		if b == r.batch {
-			rows++
+			rows += r.width()
 			longest = max(longest, r.seq.reserve())
 		}
 		total += b.m.KVBytes(rows, longest)
@@ -764,6 +780,12 @@ func (w *workerLoop) emit(r *running) error {
 		return nil
 	}
 	tok, done := r.seq.next()
+	if r.group != nil {
+		tok.Index = r.choice
+		if done != nil {
+			tok.FinishReason = done.FinishReason
+		}
+	}
 	w.stats.TokensGenerated += uint64(tok.Count)
 	w.outTokens = append(w.outTokens, transport.TokenOut{ID: r.id, Token: tok})
 	if r.phase == phasePrefill {
@@ -786,6 +808,9 @@ func (w *workerLoop) emit(r *running) error {
 		r.span.SetAttributes(attribute.Int("h3infer.completion_tokens", int(done.CompletionTokens)),
 			attribute.String("h3infer.finish_reason", done.FinishReason))
 	}
+	if r.group != nil {
+		return w.choiceEnded(r, done)
+	}
 	w.forget(r)
 	w.stats.SequencesFinished++
 	return w.sendDone(r.id, *done)
@@ -796,6 +821,9 @@ func (w *workerLoop) emit(r *running) error {
 func (w *workerLoop) failBatch(b *batch, err error) error {
 	w.log.Error("decode step failed", "model", b.name, "rows", len(b.rows), "err", err)
 	for _, r := range slices.Clone(b.rows) {
+		if w.byID[r.id] == nil {
+			continue // another choice of its request answered for it
+		}
 		r.span.RecordError(err)
 		r.span.SetStatus(codes.Error, "decode step failed")
 		w.forget(r)
@@ -851,8 +879,14 @@ func (w *workerLoop) admit(in inbound) error {
 	if w.byID[in.id] != nil || w.preparing[in.id] != nil {
 		return reject(infer.CodeInvalidRequest, fmt.Sprintf("request id %d is already running", in.id))
 	}
-	if len(w.byID)+len(w.preparing) >= w.slots {
-		return reject(infer.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", w.slots))
+	if err := w.checkChoices(&in.submit); err != nil {
+		return reject(infer.CodeInvalidRequest, err.(*RequestError).Message)
+	}
+	if held, n := w.slotsHeld(), in.submit.Slots(); held+n > w.slots {
+		if n == 1 {
+			return reject(infer.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", w.slots))
+		}
+		return reject(infer.CodeInternal, fmt.Sprintf("worker busy: %d of %d slots in use, %d choices need as many", held, w.slots, n))
 	}
 	m := w.models[in.submit.Model]
 	if m == nil {
@@ -878,6 +912,13 @@ func (w *workerLoop) admitSequence(in inbound, m Model, seq *sequence, err error
 		w.log.Error("start generation", "request_id", in.id, "err", err)
 		return reject(infer.CodeInternal, err.Error())
 	}
+	if n := in.submit.Slots(); n > 1 {
+		if need := m.KVBytes(n, seq.reserve()); need > w.kvBudget {
+			return reject(infer.CodeInvalidRequest, fmt.Sprintf(
+				"n: %d choices that may reach %d tokens each need %d bytes of KV cache, over this worker's budget of %d bytes; ask for fewer choices or max_tokens",
+				n, seq.reserve(), need, w.kvBudget))
+		}
+	}
 	if need := m.KVBytes(1, seq.reserve()); need > w.kvBudget {
 		return reject(infer.CodeInvalidRequest, fmt.Sprintf(
 			"the request may reach %d tokens, whose KV cache (%d bytes) exceeds this worker's budget of %d bytes; ask for fewer max_tokens",
@@ -901,6 +942,7 @@ func (w *workerLoop) admitSequence(in inbound, m Model, seq *sequence, err error
 			r.batch = b
 		}
 	}
+	w.group(r, &in.submit)
 	// Most urgent first, then oldest; arrivals only grow, so the new one
 	// goes after every equal.
 	i, _ := slices.BinarySearchFunc(w.pending, r, func(a, b *running) int {
@@ -919,6 +961,22 @@ func (w *workerLoop) admitSequence(in inbound, m Model, seq *sequence, err error
 // for the next step) or its place in the waiting order.
 func (w *workerLoop) forget(r *running) {
 	delete(w.byID, r.id)
+	if g := r.group; g != nil {
+		for _, m := range g.members {
+			w.drop(m)
+		}
+		return
+	}
+	w.drop(r)
+}
+
+// drop takes one sequence out of its batch, the waiting order or the
+// prefilled list, once.
+func (w *workerLoop) drop(r *running) {
+	if r.ended {
+		return
+	}
+	r.ended = true
 	r.span.End()
 	if r.seq.row >= 0 {
 		r.batch.leave(r)
@@ -942,6 +1000,9 @@ func (w *workerLoop) closeAll() {
 		r.span.AddEvent("worker stopped")
 		r.span.End()
 		r.seq.row = -1
+		for _, s := range r.siblings() {
+			s.seq.row = -1
+		}
 	}
 	for _, b := range w.batches {
 		clear(b.rows)

@@ -38,6 +38,8 @@ type Model interface {
 	// unread, to Join.
 	Prefill(ids []int) (logits []float32, cache [][]byte, err error)
 	// Join adds a prefilled prompt of n tokens as the batch's last row.
+	// It copies cache and keeps none of it: the loop joins one prefill's
+	// cache as several rows, one per choice of a request for n.
 	Join(cache [][]byte, n int)
 	// Leave removes row r; the last row takes its number.
 	Leave(r int)

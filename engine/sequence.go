@@ -44,6 +44,9 @@ type sequence struct {
 	// for none. Its matcher joins the sampler at prefill, when the
 	// logits say the vocabulary's width.
 	format *constrain.Grammar
+	// vocab is the vocabulary the matcher masks over, once prefilled,
+	// for the other choices of the request to match over too.
+	vocab *constrain.Vocab
 
 	row    int       // row in its model's batch; -1 when in none
 	logits []float32 // of the latest forward pass, sampled by next
@@ -183,6 +186,7 @@ func (q *sequence) prefill() ([][]byte, error) {
 				"response_format: model %s cannot be constrained to JSON: %v", q.m.Info().Name, err)}
 		}
 		q.smp.format = constrain.NewMatcher(q.format, v)
+		q.vocab = v
 	}
 	q.logits = logits
 	return cache, nil

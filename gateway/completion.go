@@ -159,13 +159,17 @@ func (g *Gateway) finished(ctx context.Context, run *inflight) {
 // admitted. The caller releases run.adm when the request ends.
 func (g *Gateway) admit(ctx context.Context, w http.ResponseWriter, r *http.Request, run *inflight) error {
 	run.tenant = g.cfg.Tenant(r)
-	adm, err := g.limits.Load().admit(ctx, run.tenant, int(run.req.job.MaxTokens), w.Header())
+	// Each choice may use up to max_tokens.
+	adm, err := g.limits.Load().admit(ctx, run.tenant, int(run.req.job.MaxTokens)*run.req.job.Slots(), w.Header())
 	if err != nil {
 		if lim, ok := errors.AsType[*rateLimited](err); ok {
 			g.refused(ctx, lim)
 			return err
 		}
 		if over, ok := errors.AsType[*overBurst](err); ok {
+			if n := run.req.job.N; n > 1 {
+				return invalidf("n", "n: %d choices of up to %d tokens each reserve %d tokens, over the %d this tenant may reserve at once", n, run.req.job.MaxTokens, over.tokens, over.burst)
+			}
 			param := run.req.maxTokensParam
 			if param == "" {
 				return invalidf("max_tokens", "max_tokens: not given, and the default of %d exceeds the %d tokens this tenant may reserve at once; ask for at most %d", over.tokens, over.burst, over.burst)
@@ -264,6 +268,10 @@ func (g *Gateway) firstEvent(ctx context.Context, run *inflight) (infer.Event, e
 // object.
 func (g *Gateway) respond(ctx context.Context, w http.ResponseWriter, run *inflight, ev infer.Event) {
 	enc := newEncoder(run.req.kind, run.req.model, run.start.Unix())
+	if run.req.job.N > 1 {
+		g.respondChoices(ctx, w, run, enc, ev)
+		return
+	}
 	if run.req.stream {
 		g.stream(ctx, w, run, enc, ev)
 		return

@@ -150,6 +150,7 @@ func apiErrorOf(err error) apiError {
 		crossOrigin *adminCrossOrigin
 		mediaType   *unsupportedMediaType
 		noTokenizer *NoTokenizerError
+		choices     *scheduler.ChoicesError
 		// A Router's or ModelAdmin's refusal of a model or version that
 		// does not exist says so with NotFound.
 		missingVersion interface {
@@ -201,6 +202,9 @@ func apiErrorOf(err error) apiError {
 		return mk(http.StatusUnsupportedMediaType, invalidRequest, "", "unsupported_media_type", mediaType.Error())
 	case errors.As(err, &invalid):
 		return mk(http.StatusBadRequest, invalidRequest, invalid.param, invalid.code, invalid.message)
+	case errors.As(err, &choices):
+		return mk(http.StatusBadRequest, invalidRequest, "n", "",
+			fmt.Sprintf("n: %d choices run together on one model worker, and at most %d are open to this request", choices.Choices, choices.Most))
 	case errors.As(err, &tooLarge):
 		return mk(http.StatusRequestEntityTooLarge, invalidRequest, "", "request_too_large",
 			fmt.Sprintf("request body exceeds %d bytes", tooLarge.Limit))
@@ -339,7 +343,7 @@ func errorEvent(err error) []byte {
 // workerParams are the request parameters a worker's refusal may be
 // about: those only the model can check (a token id against its
 // vocabulary, a conversation against its chat template).
-var workerParams = []string{"logit_bias", "logprobs", "top_logprobs", "messages", "prompt", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "stop"}
+var workerParams = []string{"logit_bias", "logprobs", "top_logprobs", "messages", "prompt", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "stop", "n"}
 
 // paramNamed is the parameter a worker's refusal names first ("logit_bias:
 // token 70000 is not in ..."), or "" when it names none of workerParams.

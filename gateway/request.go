@@ -262,8 +262,11 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 		c.job.Seed, c.job.HasSeed = uint64(*req.Seed), true
 	}
 	c.job.IgnoreEOS = req.IgnoreEOS
-	if req.N != nil && *req.N != 1 {
-		return nil, invalidf("n", "n: only 1 choice per request is supported, got %d", *req.N)
+	if req.N != nil {
+		if *req.N < 1 || *req.N > infer.MaxChoices {
+			return nil, invalidf("n", "n: must be between 1 and %d, got %d", infer.MaxChoices, *req.N)
+		}
+		c.job.N = uint32(*req.N)
 	}
 	stop, err := stopSequences(req.Stop)
 	if err != nil {

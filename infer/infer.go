@@ -74,6 +74,37 @@ type Request struct {
 	Urgency     priority.Urgency
 	Class       priority.Class
 	TraceParent string
+	// N is how many choices to generate for the prompt, each sampled
+	// on its own (choice i with ChoiceSeed(Seed, i) when HasSeed); 0 and
+	// 1 mean one. The prompt is prefilled once and its cache copied into
+	// the other choices' rows, so the request takes N of a backend's
+	// slots (Slots). A request with N > 1 gets each choice's tokens with
+	// their Token.Index, the last with the choice's Token.FinishReason,
+	// and then one Done for all of them.
+	N uint32
+}
+
+// MaxChoices bounds Request.N: a request's choices run as rows of one
+// worker's batch, so it can never ask for more than a worker's slots,
+// and the gateway refuses more than this whatever the workers have.
+const MaxChoices = 16
+
+// Slots is how many of a backend's slots r takes: one per choice.
+func (r *Request) Slots() int { return max(int(r.N), 1) }
+
+// ChoiceSeed is the seed choice i of a request seeded with seed samples
+// with: the seed itself for choice 0, so that the first choice is the
+// answer the same request with one choice gets, and for the others a
+// splitmix64 scramble of seed and i, so that they differ from each
+// other and from any other request's choice 0 with a nearby seed.
+func ChoiceSeed(seed uint64, i int) uint64 {
+	if i == 0 {
+		return seed
+	}
+	z := seed + uint64(i)*0x9e3779b97f4a7c15
+	z = (z ^ z>>30) * 0xbf58476d1ce4e5b9
+	z = (z ^ z>>27) * 0x94d049bb133111eb
+	return z ^ z>>31
 }
 
 // LogitBias adds Bias to the logit of token id Token at every step.
@@ -110,6 +141,12 @@ type Token struct {
 	// Logprobs, when the request asked for them, has one entry per
 	// token made, in order (len(Logprobs) == Count).
 	Logprobs []TokenLogprob
+	// Index is the choice the tokens belong to, for a request with
+	// N > 1; 0 otherwise. FinishReason, set on a choice's last tokens,
+	// says why that choice ended; the request's Done follows once every
+	// choice has ended. A request with one choice never sets it.
+	Index        uint32
+	FinishReason string
 }
 
 // Finish reasons, as the OpenAI API names them.
@@ -118,7 +155,9 @@ const (
 	FinishLength = "length"
 )
 
-// Done ends a request normally.
+// Done ends a request normally. For a request with N > 1 the prompt
+// is counted once, CompletionTokens over every choice, and FinishReason
+// is choice 0's (each choice's own came with its last Token).
 type Done struct {
 	FinishReason     string
 	PromptTokens     uint32

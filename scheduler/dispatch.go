@@ -215,7 +215,7 @@ func (d *Dispatch) redispatch(old *attempt, lost *infer.Error, exclude []Backend
 	d.mu.Lock()
 	d.slotHeld = false
 	d.mu.Unlock()
-	s.release(old.worker)
+	s.release(old.worker, d.req.Job.Slots())
 	next, err := s.dispatch(d.ctx, &d.req, exclude)
 	if err != nil {
 		if d.ctx.Err() == nil {
@@ -250,7 +250,7 @@ func (d *Dispatch) Close() {
 		d.mu.Unlock()
 		a.call.Cancel()
 		if held {
-			d.sched.complete(a.worker, d.req.Job.Model)
+			d.sched.complete(a.worker, d.req.Job.Model, d.req.Job.Slots())
 		}
 	})
 }

@@ -133,6 +133,7 @@ type waiter struct {
 	exclude  []Backend  // backends that refused the request before
 	queued   bool       // in the queue; guarded by the scheduler's lock
 	wake     chan grant // buffered, so the sender never blocks under the lock
+	width    int        // slots the request takes: its choices (infer.Request.Slots)
 }
 
 // grant either hands a waiter a reserved slot on worker or fails it with err.
@@ -237,9 +238,14 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 	}
 	s.nextID++
 	id := s.nextID
+	width := r.Job.Slots()
+	if most, ok := s.widestLocked(r.Job.Model, r.Job.Urgency); ok && width > most {
+		s.mu.Unlock()
+		return nil, &ChoicesError{Choices: width, Most: most}
+	}
 	var worker Backend
 	if s.queue.len() == 0 {
-		worker = s.reserveLocked(r.Job.Model, r.Job.Urgency, exclude)
+		worker = s.reserveLocked(r.Job.Model, r.Job.Urgency, exclude, width)
 	}
 	var w *waiter
 	if worker == nil {
@@ -255,7 +261,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 		}
 		// A re-dispatch (exclude set) was admitted once already; and a
 		// request its model has a free slot for waits for none.
-		if s.byDelay() && exclude == nil && s.pickLocked(r.Job.Model, r.Job.Urgency, nil) == nil {
+		if s.byDelay() && exclude == nil && s.pickLocked(r.Job.Model, r.Job.Urgency, nil, width) == nil {
 			if wait, ok := s.predictLocked(r.Job.Model, r.Job.Urgency, now); ok {
 				s.adm.predictedSum += wait.Seconds()
 				s.adm.predictions++
@@ -271,6 +277,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 		if cost == 0 {
 			cost = defaultCost
 		}
+		cost *= float64(width)
 		w = &waiter{
 			tenant:   t.Name,
 			model:    r.Job.Model,
@@ -280,6 +287,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 			cost:     cost,
 			enqueued: now,
 			wake:     make(chan grant, 1),
+			width:    width,
 		}
 		s.queue.push(w)
 		// A slot may be free with others queued (a worker came back and
@@ -300,7 +308,7 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 	}
 	c, err := openBackend(worker, id, &r.Job)
 	if err != nil {
-		s.release(worker)
+		s.release(worker, width)
 		return nil, fmt.Errorf("scheduler: worker %d: open request %d: %w", worker.ID(), id, err)
 	}
 	return &attempt{id: id, worker: worker, call: c}, nil
@@ -326,7 +334,7 @@ func (s *Scheduler) wait(ctx context.Context, w *waiter, deadline time.Time) (Ba
 	// Someone else removed it first: take what they sent.
 	g := <-w.wake
 	if g.worker != nil {
-		s.release(g.worker)
+		s.release(g.worker, w.width)
 		return nil, ctx.Err()
 	}
 	return nil, g.err
@@ -344,21 +352,22 @@ func (s *Scheduler) fail(w *waiter, err error) bool {
 	return true
 }
 
-// reserveLocked takes a slot for a request for model of effective urgency
-// level on the ready backend of that model with the lowest share of its
-// slots in use, skipping those in exclude, or returns nil when every slot
-// it may use is taken.
-func (s *Scheduler) reserveLocked(model string, level priority.Urgency, exclude []Backend) Backend {
-	best := s.pickLocked(model, level, exclude)
+// reserveLocked takes width slots (one per choice) for a request for
+// model of effective urgency level on the ready backend of that model
+// with the lowest share of its slots in use, skipping those in exclude,
+// or returns nil when no backend has that many of the slots it may use
+// free.
+func (s *Scheduler) reserveLocked(model string, level priority.Urgency, exclude []Backend, width int) Backend {
+	best := s.pickLocked(model, level, exclude, width)
 	if best != nil {
-		s.inUse[best]++
-		s.running++
+		s.inUse[best] += width
+		s.running += width
 	}
 	return best
 }
 
 // pickLocked is reserveLocked without the reservation.
-func (s *Scheduler) pickLocked(model string, level priority.Urgency, exclude []Backend) Backend {
+func (s *Scheduler) pickLocked(model string, level priority.Urgency, exclude []Backend, width int) Backend {
 	reserve := 0
 	if s.cfg.Classes.Of(level) != priority.Urgent {
 		reserve = *s.cfg.UrgentReserve
@@ -370,11 +379,7 @@ func (s *Scheduler) pickLocked(model string, level priority.Urgency, exclude []B
 			continue
 		}
 		slots, used := w.Slots(), s.inUse[w]
-		limit := slots
-		if reserve > 0 {
-			limit = max(slots-reserve, 1)
-		}
-		if used >= limit {
+		if used+width > openSlots(slots, reserve) {
 			continue
 		}
 		// used/slots < bestUsed/bestSlots, without division.
@@ -398,9 +403,10 @@ func (s *Scheduler) servedElsewhere(model string, exclude []Backend) bool {
 	return false
 }
 
-// complete frees the slot of a dispatch of a request for model that ran,
+// complete frees the width slots of a dispatch of a request for model
+// that ran,
 // and counts it towards the model's service rate.
-func (s *Scheduler) complete(w Backend, model string) {
+func (s *Scheduler) complete(w Backend, model string, width int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	r := s.rates[model]
@@ -409,23 +415,24 @@ func (s *Scheduler) complete(w Backend, model string) {
 		s.rates[model] = r
 	}
 	r.complete(s.clock.Now(), s.queue.modelLen(model) > 0)
-	s.releaseLocked(w)
+	s.releaseLocked(w, width)
 }
 
-// release frees a slot on w and hands free slots to queued requests.
-func (s *Scheduler) release(w Backend) {
+// release frees width slots on w and hands free slots to queued
+// requests.
+func (s *Scheduler) release(w Backend, width int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.releaseLocked(w)
+	s.releaseLocked(w, width)
 }
 
-func (s *Scheduler) releaseLocked(w Backend) {
-	if n := s.inUse[w] - 1; n > 0 {
+func (s *Scheduler) releaseLocked(w Backend, width int) {
+	if n := s.inUse[w] - width; n > 0 {
 		s.inUse[w] = n
 	} else {
 		delete(s.inUse, w)
 	}
-	s.running--
+	s.running -= width
 	s.dispatchLocked()
 }
 
@@ -437,7 +444,7 @@ func (s *Scheduler) dispatchLocked() {
 	for s.queue.len() > 0 {
 		var worker Backend
 		w := s.queue.pop(now, func(w *waiter, level int) bool {
-			worker = s.reserveLocked(w.model, priority.Urgency(level), w.exclude)
+			worker = s.reserveLocked(w.model, priority.Urgency(level), w.exclude, w.width)
 			return worker != nil
 		})
 		if w == nil {

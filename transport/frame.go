@@ -289,7 +289,10 @@ const (
 	// request without one encodes as it did before the field existed;
 	// a worker that predates it refuses the flag rather than drop it.
 	submitFormat = 1 << 3
-	submitFlags  = submitHasSeed | submitIgnoreEOS | submitLogprobs | submitFormat
+	// submitChoices says the number of choices (N > 1) follows, last; a
+	// request with one choice encodes as it did before.
+	submitChoices = 1 << 4
+	submitFlags   = submitHasSeed | submitIgnoreEOS | submitLogprobs | submitFormat | submitChoices
 )
 
 // AppendSubmit appends the encoding of s to b.
@@ -306,6 +309,9 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	}
 	if s.ResponseFormat != "" {
 		flags |= submitFormat
+	}
+	if s.N > 1 {
+		flags |= submitChoices
 	}
 	b = append(b, flags)
 	b = appendString(b, s.Model)
@@ -338,6 +344,9 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	b = appendString(b, s.TraceParent)
 	if s.ResponseFormat != "" {
 		b = appendString(b, s.ResponseFormat)
+	}
+	if s.N > 1 {
+		b = binary.AppendUvarint(b, uint64(s.N))
 	}
 	return b
 }
@@ -404,6 +413,11 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 			d.fail("empty response_format")
 		}
 	}
+	if flags&submitChoices != 0 {
+		if s.N = d.uint32("n"); d.err == nil && (s.N < 2 || s.N > infer.MaxChoices) {
+			d.fail("n %d is not in [2, %d]", s.N, infer.MaxChoices)
+		}
+	}
 	if err := d.finish(); err != nil {
 		return infer.Request{}, err
 	}
@@ -416,7 +430,10 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 // After the count and the text comes the number of logprob entries, 0
 // (one byte) when the request did not ask for them, else one per token;
 // each is the token's text, its logprob, the number of top entries and
-// each top entry's text and logprob.
+// each top entry's text and logprob. A token of a request with several
+// choices ends with its choice's index and finish reason ("" until the
+// choice's last); one with neither ends after the logprobs, as before
+// choices existed.
 func AppendToken(b []byte, t *infer.Token) []byte {
 	b = binary.AppendUvarint(b, uint64(t.Count))
 	b = appendString(b, t.Text)
@@ -430,6 +447,10 @@ func AppendToken(b []byte, t *infer.Token) []byte {
 			b = appendString(b, top.Token)
 			b = appendFloat32(b, top.Logprob)
 		}
+	}
+	if t.Index != 0 || t.FinishReason != "" {
+		b = binary.AppendUvarint(b, uint64(t.Index))
+		b = appendString(b, t.FinishReason)
 	}
 	return b
 }
@@ -465,6 +486,12 @@ func DecodeToken(p []byte) (infer.Token, error) {
 					lp.Top[j] = infer.TopLogprob{Token: d.string("top_logprobs token"), Logprob: d.float32("top_logprobs logprob")}
 				}
 			}
+		}
+	}
+	if d.err == nil && len(d.p) > 0 {
+		t.Index = d.uint32("index")
+		if t.FinishReason = d.string("finish_reason"); d.err == nil && t.Index >= infer.MaxChoices {
+			d.fail("choice index %d, over %d", t.Index, infer.MaxChoices-1)
 		}
 	}
 	if err := d.finish(); err != nil {
@@ -546,7 +573,9 @@ func AppendStats(b []byte, s *Stats) []byte {
 	b = binary.AppendUvarint(b, s.SequencesStarted)
 	b = binary.AppendUvarint(b, s.SequencesFinished)
 	b = binary.AppendUvarint(b, s.SequencesCancelled)
-	return binary.AppendUvarint(b, uint64(s.Active))
+	b = binary.AppendUvarint(b, uint64(s.Active))
+	b = binary.AppendUvarint(b, s.Prefills)
+	return binary.AppendUvarint(b, s.PrefillTokens)
 }
 
 // DecodeStats decodes a FrameStats payload.
@@ -558,6 +587,10 @@ func DecodeStats(p []byte) (Stats, error) {
 		SequencesFinished:  d.uvarint("sequences_finished"),
 		SequencesCancelled: d.uvarint("sequences_cancelled"),
 		Active:             d.uint32("active"),
+	}
+	if d.err == nil && len(d.p) > 0 {
+		s.Prefills = d.uvarint("prefills")
+		s.PrefillTokens = d.uvarint("prefill_tokens")
 	}
 	if err := d.finish(); err != nil {
 		return Stats{}, err

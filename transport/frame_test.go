@@ -38,6 +38,7 @@ func sampleSubmits() map[string]infer.Request {
 		"json_schema": {Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "hi"}}, TraceParent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
 			ResponseFormat: `{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","properties":{"a":{"type":"string"}},"required":["a"]}}}`},
 		"top_logprobs": {Model: "demo", Prompt: "p", Temperature: 0.5, Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
+		"choices":      {Model: "demo", Prompt: "p", Temperature: 1, Seed: 3, HasSeed: true, N: infer.MaxChoices, ResponseFormat: `{"type":"json_object"}`},
 		"extremes": {
 			Prompt: strings.Repeat("x", 70000), MaxTokens: math.MaxUint32,
 			Temperature: float32(math.Inf(1)), TopP: -0.0, Seed: math.MaxUint64, Urgency: priority.Least, Class: priority.Bulk,
@@ -321,6 +322,7 @@ func FuzzDecodeToken(f *testing.F) {
 	f.Add(AppendToken(nil, &infer.Token{Count: 3, Text: "abc"}))
 	f.Add(AppendToken(nil, &infer.Token{Count: 1, Text: "a", Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 3)}}))
 	f.Add(AppendToken(nil, &infer.Token{Count: 2, Logprobs: []infer.TokenLogprob{sampleLogprobs("\xe2", 0), sampleLogprobs("", 1)}}))
+	f.Add(AppendToken(nil, &infer.Token{Count: 1, Text: "a", Index: 3, FinishReason: infer.FinishLength}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		tok, err := DecodeToken(p)
 		if err != nil {

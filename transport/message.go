@@ -27,6 +27,11 @@ type Stats struct {
 	SequencesFinished  uint64
 	SequencesCancelled uint64
 	Active             uint32
+	// Prefills counts the prompts the worker ran through its models and
+	// PrefillTokens their tokens: a request with several choices counts
+	// once, as it is prefilled once.
+	Prefills      uint64
+	PrefillTokens uint64
 }
 
 // ControlOp says what a Control asks of a worker.

@@ -33,6 +33,12 @@ var traceContext = propagation.TraceContext{}
 // the HTTP exchange runs in a goroutine of the handle's, so Open never
 // waits on the network.
 func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
+	if r.N > 1 {
+		// The call reads the upstream's stream as one choice's: sent on,
+		// the choices would run together. Any other upstream would do the
+		// same, so the refusal is not Unstarted.
+		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: fmt.Sprintf("n: %d choices: models served by an upstream answer with one choice per request", r.N)}), nil
+	}
 	h.mu.Lock()
 	if h.closed {
 		// Retired and closed after the scheduler chose it: another

@@ -721,6 +721,8 @@ func addStats(a, b transport.Stats) transport.Stats {
 		SequencesStarted:   a.SequencesStarted + b.SequencesStarted,
 		SequencesFinished:  a.SequencesFinished + b.SequencesFinished,
 		SequencesCancelled: a.SequencesCancelled + b.SequencesCancelled,
+		Prefills:           a.Prefills + b.Prefills,
+		PrefillTokens:      a.PrefillTokens + b.PrefillTokens,
 	}
 }
 
