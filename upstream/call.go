@@ -33,12 +33,6 @@ var traceContext = propagation.TraceContext{}
 // the HTTP exchange runs in a goroutine of the handle's, so Open never
 // waits on the network.
 func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
-	if r.N > 1 {
-		// The call reads the upstream's stream as one choice's: sent on,
-		// the choices would run together. Any other upstream would do the
-		// same, so the refusal is not Unstarted.
-		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: fmt.Sprintf("n: %d choices: models served by an upstream answer with one choice per request", r.N)}), nil
-	}
 	h.mu.Lock()
 	if h.closed {
 		// Retired and closed after the scheduler chose it: another
@@ -111,7 +105,7 @@ func (c *call) Cancel() {
 // token hands on tokens' text (and their logprobs) without blocking. It reports false when
 // the call has ended: cancelled, or overflowed just now, which ends it
 // with infer.CodeOverflow and cancels the request.
-func (c *call) token(text string, lps []infer.TokenLogprob, count uint32) bool {
+func (c *call) token(t infer.Token) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.ended {
@@ -127,7 +121,7 @@ func (c *call) token(text string, lps []infer.TokenLogprob, count uint32) bool {
 		c.cancel(errOverflow)
 		return false
 	}
-	c.events <- infer.Event{Token: infer.Token{Count: count, Text: text, Logprobs: lps}}
+	c.events <- infer.Event{Token: t}
 	return true
 }
 
@@ -234,6 +228,9 @@ type completionBody struct {
 	// the client wrote it to the gateway.
 	Logprobs    any    `json:"logprobs,omitempty"`
 	TopLogprobs *uint8 `json:"top_logprobs,omitempty"`
+	// N is the choices asked for, sent when more than one: each comes
+	// back under its index.
+	N uint32 `json:"n,omitempty"`
 }
 
 type chatMessage struct {
@@ -271,6 +268,9 @@ func (c *call) newRequest(ctx context.Context, job *infer.Request) (*http.Reques
 		b.ResponseFormat = json.RawMessage(job.ResponseFormat)
 	}
 	b.StreamOptions.IncludeUsage = true
+	if job.N > 1 {
+		b.N = job.N
+	}
 	if job.Logprobs {
 		b.Logprobs = job.TopLogprobs
 		if len(job.Messages) > 0 {
@@ -332,7 +332,7 @@ func (c *call) exchange(ctx context.Context, job *infer.Request, stall *time.Tim
 			kind: kindMalformed, counts: true, reason: fmt.Sprintf("answered %q, not text/event-stream", resp.Header.Get("Content-Type")),
 		}
 	}
-	return c.stream(ctx, resp.Body, shape{chat: len(job.Messages) > 0, logprobs: job.Logprobs, top: int(job.TopLogprobs)}, stall, start)
+	return c.stream(ctx, resp.Body, shape{chat: len(job.Messages) > 0, logprobs: job.Logprobs, top: int(job.TopLogprobs), choices: max(job.N, 1)}, stall, start)
 }
 
 // lost classifies a failed exchange: by its context's cause when the
@@ -414,21 +414,27 @@ func (c *call) refused(resp *http.Response, model string) result {
 func (c *call) stream(ctx context.Context, body io.Reader, sh shape, stall *time.Timer, start time.Time) result {
 	br := bufio.NewReaderSize(body, 16<<10)
 	var (
-		held      []byte // text of tokens not yet handed on
-		heldLps   []infer.TokenLogprob
-		heldCount uint32
+		held     infer.Token // tokens not yet handed on, of one choice
+		heldText []byte
 	)
 	// handOn delivers the held tokens; false: the call has ended.
 	handOn := func() bool {
-		if heldCount == 0 {
+		if held.Count == 0 && held.FinishReason == "" {
 			return true
 		}
-		ok := c.token(string(held), heldLps, heldCount)
-		held, heldLps, heldCount = held[:0], nil, 0
+		held.Text = string(heldText)
+		ok := c.token(held)
+		held, heldText = infer.Token{}, heldText[:0]
 		return ok
 	}
-	r := c.readEvents(ctx, br, sh, stall, start, func(text string, lps []infer.TokenLogprob, n uint32) bool {
-		held, heldLps, heldCount = append(held, text...), append(heldLps, lps...), heldCount+n
+	r := c.readEvents(ctx, br, sh, stall, start, func(t infer.Token) bool {
+		// Only a choice's tokens run together, and none after its end.
+		if (held.Count > 0 || held.FinishReason != "") && (t.Index != held.Index || held.FinishReason != "") && !handOn() {
+			return false
+		}
+		heldText = append(heldText, t.Text...)
+		held.Index, held.Count, held.FinishReason = t.Index, held.Count+t.Count, t.FinishReason
+		held.Logprobs = append(held.Logprobs, t.Logprobs...)
 		if nextEventArrived(br) {
 			return true
 		}
@@ -447,15 +453,17 @@ func nextEventArrived(br *bufio.Reader) bool {
 }
 
 // readEvents reads the stream's events and hands each chunk's tokens to
-// token (their text, their logprobs when sh asks for them, and how many
-// there are), which returns false once the call has ended.
+// token (their text, their logprobs when sh asks for them, how many there
+// are and, for a request with several choices, the choice's index and,
+// with its last, why it ended), which returns false once the call has
+// ended.
 //
 // Without logprobs, a chunk with text is one token, as servers send them.
 // With them, the logprobs count the tokens, and a chunk may carry some
 // with no text (h3infer sends the logprobs of tokens whose text it held
 // back with the end); text without logprobs is an upstream that ignored
 // the parameter, which ends the request rather than answer without them.
-func (c *call) readEvents(ctx context.Context, br *bufio.Reader, sh shape, stall *time.Timer, start time.Time, token func(string, []infer.TokenLogprob, uint32) bool) result {
+func (c *call) readEvents(ctx context.Context, br *bufio.Reader, sh shape, stall *time.Timer, start time.Time, token func(infer.Token) bool) result {
 	stallFor := time.Duration(c.h.cfg.StallTimeout)
 	var (
 		data    []byte
@@ -500,39 +508,11 @@ func (c *call) readEvents(ctx context.Context, br *bufio.Reader, sh shape, stall
 		if len(ch.Choices) == 0 {
 			return nil
 		}
-		c0 := ch.Choices[0]
-		if c0.FinishReason != "" {
-			finish = c0.FinishReason
-		}
-		text := c0.Text
-		if sh.chat {
-			text = c0.Delta.Content
-		}
-		n := uint32(1)
-		var lps []infer.TokenLogprob
-		if sh.logprobs {
-			var err error
-			if lps, err = chunkLogprobs(c0.Logprobs, sh); err != nil {
-				r := malformed(err.Error())
-				return &r
+		for _, ch := range ch.Choices {
+			if r := c.choice(ch, sh, &count, &finish, &ttft, start, token); r != nil {
+				r.tokens, r.ttft = count, ttft
+				return r
 			}
-			if text != "" && len(lps) == 0 {
-				r := malformed(errNoLogprobs.Error())
-				r.err.Code, r.err.Message, r.counts = infer.CodeInvalidRequest, "logprobs: the upstream server did not return them", false
-				return &r
-			}
-			n = uint32(len(lps))
-		}
-		if text == "" && (n == 0 || !sh.logprobs) {
-			return nil // a role-only first chunk, or a chunk that only finishes
-		}
-		if count == 0 {
-			ttft = time.Since(start)
-			c.h.m.ttft.Observe(ttft.Seconds())
-		}
-		count += n
-		if !token(text, lps, n) {
-			return &result{kind: kindOverflow, tokens: count, ttft: ttft} // or cancelled; report tells
 		}
 		return nil
 	}
@@ -581,6 +561,61 @@ func (c *call) readEvents(ctx context.Context, br *bufio.Reader, sh shape, stall
 			return malformed(errLineTooLong.Error())
 		}
 	}
+}
+
+// choice acts on one choice of a chunk: it hands on the choice's tokens
+// and counts them into count, and returns the result that ends the
+// exchange, or nil to go on. finish is choice 0's finish reason, the
+// request's.
+func (c *call) choice(ch choice, sh shape, count *uint32, finish *string, ttft *time.Duration, start time.Time, token func(infer.Token) bool) *result {
+	malformed := func(reason string) *result {
+		return &result{
+			err:  &infer.Error{Code: infer.CodeUpstreamLost, Message: "the upstream server sent a malformed stream", Unstarted: *count == 0},
+			kind: kindMalformed, counts: true, reason: reason,
+		}
+	}
+	if ch.Index >= sh.choices {
+		return malformed(fmt.Sprintf("choice %d of a request for %d", ch.Index, sh.choices))
+	}
+	if ch.Index == 0 && ch.FinishReason != "" {
+		*finish = ch.FinishReason
+	}
+	t := infer.Token{Text: ch.Text, Count: 1}
+	if sh.chat {
+		t.Text = ch.Delta.Content
+	}
+	if sh.logprobs {
+		var err error
+		if t.Logprobs, err = chunkLogprobs(ch.Logprobs, sh); err != nil {
+			return malformed(err.Error())
+		}
+		if t.Text != "" && len(t.Logprobs) == 0 {
+			r := malformed(errNoLogprobs.Error())
+			r.err.Code, r.err.Message, r.counts = infer.CodeInvalidRequest, "logprobs: the upstream server did not return them", false
+			return r
+		}
+		t.Count = uint32(len(t.Logprobs))
+	}
+	if t.Text == "" && (t.Count == 0 || !sh.logprobs) {
+		// A role-only first chunk, or a chunk that only finishes: with
+		// several choices, each one's end goes on as it comes.
+		t.Count = 0
+	}
+	if sh.choices > 1 {
+		t.Index, t.FinishReason = ch.Index, ch.FinishReason
+	}
+	if t.Count == 0 && t.FinishReason == "" {
+		return nil
+	}
+	if *count == 0 && t.Count > 0 {
+		*ttft = time.Since(start)
+		c.h.m.ttft.Observe(ttft.Seconds())
+	}
+	*count += t.Count
+	if !token(t) {
+		return &result{kind: kindOverflow} // or cancelled; report tells
+	}
+	return nil
 }
 
 // streamError is the result of an error event in the stream: the code it

@@ -17,6 +17,7 @@ type chunk struct {
 }
 
 type choice struct {
+	Index uint32 `json:"index"`
 	Text  string `json:"text"`
 	Delta struct {
 		Content string `json:"content"`
@@ -375,7 +376,7 @@ func (s *scan) uint32(dst *uint32) error {
 
 var (
 	chunkKeys  = []string{"choices", "usage", "error"}
-	choiceKeys = []string{"text", "delta", "finish_reason", "logprobs"}
+	choiceKeys = []string{"text", "delta", "finish_reason", "logprobs", "index"}
 	deltaKeys  = []string{"content"}
 	usageKeys  = []string{"prompt_tokens", "completion_tokens"}
 )
@@ -425,6 +426,8 @@ func (s *scan) choice(c *choice) error {
 			return s.str(&c.Text)
 		case "finish_reason":
 			return s.str(&c.FinishReason)
+		case "index":
+			return s.uint32(&c.Index)
 		case "logprobs":
 			raw, err := s.raw()
 			c.Logprobs = raw

@@ -165,6 +165,17 @@ func TestUpstreamStreamsWhatTheRegionalTierGives(t *testing.T) {
 					}
 				}
 			}
+			// Several choices come through each under its index, as the
+			// regional tier gives them.
+			for _, stream := range []bool{false, true} {
+				body := regionalChat(12, stream)
+				body["n"], body["seed"], body["temperature"] = 3, 7, 1
+				direct := choicesOf(t, postJSON(t, ctx, tr.regional.h3Client(t), tr.regional.base+"/v1/chat/completions", body))
+				via := choicesOf(t, postJSON(t, ctx, tr.edge.h3Client(t), tr.edge.base+"/v1/chat/completions", body))
+				if len(direct) != 3 || !reflect.DeepEqual(via, direct) {
+					t.Errorf("n 3 stream %v: choices through the edge\n%v\ndirect\n%v", stream, via, direct)
+				}
+			}
 			// The local model is the edge's own workers'.
 			local := readStream(t, postJSON(t, ctx, tr.edge.h3Client(t), tr.edge.base+"/v1/chat/completions", chatBody(8, true)))
 			if !local.done {
@@ -491,6 +502,53 @@ func logprobsOf(t *testing.T, resp *http.Response) []any {
 		out = append(out, lp.Content...)
 		for i, tok := range lp.Tokens {
 			out = append(out, []any{tok, lp.TokenLogprobs[i], lp.TopLogprobs[i]})
+		}
+	}
+	return out
+}
+
+// choicesOf is a chat answer's choices, whole or streamed: each index's
+// text and finish reason.
+func choicesOf(t *testing.T, resp *http.Response) map[int][2]string {
+	t.Helper()
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s: %s %v", resp.Request.URL.Path, body, err)
+	}
+	docs := [][]byte{body}
+	if strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
+		docs = nil
+		for line := range strings.Lines(string(body)) {
+			if data, ok := strings.CutPrefix(strings.TrimSpace(line), "data: "); ok && data != "[DONE]" {
+				docs = append(docs, []byte(data))
+			}
+		}
+	}
+	out := map[int][2]string{}
+	for _, d := range docs {
+		var doc struct {
+			Choices []struct {
+				Index   int `json:"index"`
+				Message struct {
+					Content string `json:"content"`
+				} `json:"message"`
+				Delta struct {
+					Content string `json:"content"`
+				} `json:"delta"`
+				FinishReason string `json:"finish_reason"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal(d, &doc); err != nil {
+			t.Fatalf("%s: %v", d, err)
+		}
+		for _, c := range doc.Choices {
+			o := out[c.Index]
+			o[0] += c.Message.Content + c.Delta.Content
+			if c.FinishReason != "" {
+				o[1] = c.FinishReason
+			}
+			out[c.Index] = o
 		}
 	}
 	return out
