@@ -19,7 +19,38 @@ import (
 type ChatMessage struct {
 	Role    string
 	Content string
+	// ToolCalls are the calls an assistant message made, earlier in the
+	// conversation; ToolCallID is the call a "tool" message answers.
+	ToolCalls  []ToolCall
+	ToolCallID string
 }
+
+// ToolCall is one call of a function a model made.
+type ToolCall struct {
+	ID   string
+	Name string
+	// Arguments is the call's arguments as JSON text (an object).
+	Arguments string
+}
+
+// ToolCallDelta is part of a tool call a backend is answering with, as
+// OpenAI streams them: a call's first delta has its Index, ID and Name,
+// and the Arguments of every delta with the same Index, concatenated in
+// order, are its arguments.
+type ToolCallDelta struct {
+	Index     uint32
+	ID        string
+	Name      string
+	Arguments string
+}
+
+// Values of Request.ToolChoice, OpenAI's tool_choice; "" is ToolAuto.
+const (
+	ToolAuto     = "auto"     // the model may call tools or answer
+	ToolNone     = "none"     // the model answers in text; the tools are not offered
+	ToolRequired = "required" // the model calls one of the tools
+	ToolFunction = "function" // the model calls the function ToolName
+)
 
 // Request asks a backend to generate for one prompt. Exactly one of Prompt
 // (a raw completion prompt) and Messages (a chat, formatted by the model's
@@ -74,6 +105,20 @@ type Request struct {
 	Urgency     priority.Urgency
 	Class       priority.Class
 	TraceParent string
+	// Tools is OpenAI's tools as a JSON array of {"type":"function",
+	// "function":{"name","description","parameters"}}, checked and
+	// compacted by the gateway; "" when the request has none. The
+	// model's chat template is given them, and the backend answers a
+	// call the model makes as Token.ToolCalls. ToolChoice (one of the
+	// Tool* values) and ToolName (with ToolFunction) say whether the
+	// model may, must or must not call one: with ToolRequired and
+	// ToolFunction the model's runner constrains the completion to a
+	// call whose arguments the function's parameters accept.
+	// SerialToolCalls is parallel_tool_calls false: at most one call.
+	Tools           string
+	ToolChoice      string
+	ToolName        string
+	SerialToolCalls bool
 }
 
 // LogitBias adds Bias to the logit of token id Token at every step.
@@ -110,12 +155,17 @@ type Token struct {
 	// Logprobs, when the request asked for them, has one entry per
 	// token made, in order (len(Logprobs) == Count).
 	Logprobs []TokenLogprob
+	// ToolCalls are the parts of tool calls these tokens completed; the
+	// text of a call is not in Text.
+	ToolCalls []ToolCallDelta
 }
 
 // Finish reasons, as the OpenAI API names them.
 const (
 	FinishStop   = "stop"
 	FinishLength = "length"
+	// FinishToolCalls ends a completion whose answer is tool calls.
+	FinishToolCalls = "tool_calls"
 )
 
 // Done ends a request normally.
