@@ -289,7 +289,13 @@ const (
 	// request without one encodes as it did before the field existed;
 	// a worker that predates it refuses the flag rather than drop it.
 	submitFormat = 1 << 3
-	submitFlags  = submitHasSeed | submitIgnoreEOS | submitLogprobs | submitFormat
+	// submitTools says the request's tools, tool choice and
+	// parallel_tool_calls follow (appendTools), and submitToolHistory
+	// that its messages' tool calls and tool call ids do
+	// (appendToolHistory); a request with neither encodes as before.
+	submitTools       = 1 << 4
+	submitToolHistory = 1 << 5
+	submitFlags       = submitHasSeed | submitIgnoreEOS | submitLogprobs | submitFormat | submitTools | submitToolHistory
 )
 
 // AppendSubmit appends the encoding of s to b.
@@ -307,6 +313,7 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	if s.ResponseFormat != "" {
 		flags |= submitFormat
 	}
+	flags |= toolFlags(s)
 	b = append(b, flags)
 	b = appendString(b, s.Model)
 	b = appendString(b, s.Prompt)
@@ -339,7 +346,7 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	if s.ResponseFormat != "" {
 		b = appendString(b, s.ResponseFormat)
 	}
-	return b
+	return appendTools(b, s, flags)
 }
 
 // DecodeSubmit decodes a FrameSubmit payload.
@@ -404,6 +411,7 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 			d.fail("empty response_format")
 		}
 	}
+	decodeTools(&d, &s, flags)
 	if err := d.finish(); err != nil {
 		return infer.Request{}, err
 	}
@@ -431,7 +439,7 @@ func AppendToken(b []byte, t *infer.Token) []byte {
 			b = appendFloat32(b, top.Logprob)
 		}
 	}
-	return b
+	return appendToolCalls(b, t.ToolCalls)
 }
 
 // DecodeToken decodes a FrameToken payload. A token without logprob
@@ -467,6 +475,7 @@ func DecodeToken(p []byte) (infer.Token, error) {
 			}
 		}
 	}
+	t.ToolCalls = decodeToolCalls(&d)
 	if err := d.finish(); err != nil {
 		return infer.Token{}, err
 	}

@@ -38,6 +38,13 @@ func sampleSubmits() map[string]infer.Request {
 		"json_schema": {Model: "demo", Messages: []infer.ChatMessage{{Role: "user", Content: "hi"}}, TraceParent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
 			ResponseFormat: `{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","properties":{"a":{"type":"string"}},"required":["a"]}}}`},
 		"top_logprobs": {Model: "demo", Prompt: "p", Temperature: 0.5, Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
+		"tools": {Model: "demo", Messages: []infer.ChatMessage{
+			{Role: "user", Content: "weather?"},
+			{Role: "assistant", ToolCalls: []infer.ToolCall{{ID: "call_1", Name: "w", Arguments: `{"c":"Oslo"}`}, {ID: "call_2", Name: "t", Arguments: `{}`}}},
+			{Role: "tool", Content: "4", ToolCallID: "call_1"},
+		}, Tools: `[{"type":"function","function":{"name":"w"}}]`, ToolChoice: infer.ToolFunction, ToolName: "w", SerialToolCalls: true},
+		"tool history only": {Model: "demo", Messages: []infer.ChatMessage{{Role: "tool", Content: "4", ToolCallID: "call_1"}}},
+		"tool choice only":  {Model: "demo", Prompt: "p", ToolChoice: infer.ToolNone},
 		"extremes": {
 			Prompt: strings.Repeat("x", 70000), MaxTokens: math.MaxUint32,
 			Temperature: float32(math.Inf(1)), TopP: -0.0, Seed: math.MaxUint64, Urgency: priority.Least, Class: priority.Bulk,
@@ -79,6 +86,8 @@ func TestMessageRoundTrip(t *testing.T) {
 		{Count: 1, Logprobs: []infer.TokenLogprob{maxTop}},
 		{Count: 1, Logprobs: []infer.TokenLogprob{{Logprob: float32(math.Inf(-1)), Top: []infer.TopLogprob{{Token: "x", Logprob: 0}}}}},
 		{Count: 3, Text: "abc", Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 2), sampleLogprobs("b", 0), sampleLogprobs("c", 1)}},
+		{Count: 2, Text: "x", ToolCalls: []infer.ToolCallDelta{{Index: 0, ID: "call_1", Name: "w"}, {Index: 0, Arguments: `{"c":1}`}}},
+		{Count: 1, Logprobs: []infer.TokenLogprob{sampleLogprobs("}", 1)}, ToolCalls: []infer.ToolCallDelta{{Index: 7, Arguments: "{}"}}},
 	}
 	for _, want := range tokens {
 		got, err := DecodeToken(AppendToken(nil, &want))
