@@ -26,18 +26,22 @@ func TestCalls(t *testing.T) {
 		`<c>f:{"n":1.5}`:    "dead",
 		`x`:                 "dead",
 	} {
-		s := g.Advance(g.Start(), text)
-		got := "prefix"
-		switch {
-		case s.Dead():
-			got = "dead"
-		case s.Complete():
-			got = "complete"
-		}
-		if got != want {
+		if got := stateName(g.Advance(g.Start(), text)); got != want {
 			t.Errorf("%q: %s, want %s", text, got, want)
 		}
 	}
+}
+
+// stateName says what the text a state has read is: "dead" (no prefix
+// of a document), "complete" or "prefix".
+func stateName(s State) string {
+	switch {
+	case s.Dead():
+		return "dead"
+	case s.Complete():
+		return "complete"
+	}
+	return "prefix"
 }
 
 func TestCheckParameters(t *testing.T) {
