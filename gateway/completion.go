@@ -493,6 +493,12 @@ func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *
 			if sw.Write(event) != nil {
 				return false
 			}
+			if first {
+				if sw.Flush() != nil {
+					return false
+				}
+				first = false
+			}
 		}
 		var err error
 		if ev, err = g.nextHolding(ctx, run, sw); err != nil {
