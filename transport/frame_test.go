@@ -330,6 +330,7 @@ func FuzzDecodeToken(f *testing.F) {
 	f.Add(AppendToken(nil, &infer.Token{Count: 3, Text: "abc"}))
 	f.Add(AppendToken(nil, &infer.Token{Count: 1, Text: "a", Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 3)}}))
 	f.Add(AppendToken(nil, &infer.Token{Count: 2, Logprobs: []infer.TokenLogprob{sampleLogprobs("\xe2", 0), sampleLogprobs("", 1)}}))
+	f.Add(AppendToken(nil, &infer.Token{Count: 2, Text: "x", ToolCalls: []infer.ToolCallDelta{{ID: "call_1", Name: "f"}, {Arguments: "{}"}}}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		tok, err := DecodeToken(p)
 		if err != nil {
