@@ -293,8 +293,9 @@ const (
 	// parallel_tool_calls follow (appendTools), and submitToolHistory
 	// that its messages' tool calls and tool call ids do
 	// (appendToolHistory); a request with neither encodes as before.
-	submitTools       = 1 << 4
-	submitToolHistory = 1 << 5
+	// Bit 4 is left to the number of choices (n), being added beside.
+	submitTools       = 1 << 5
+	submitToolHistory = 1 << 6
 	submitFlags       = submitHasSeed | submitIgnoreEOS | submitLogprobs | submitFormat | submitTools | submitToolHistory
 )
 
