@@ -92,15 +92,7 @@ func TestMatchDocuments(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g := mustParse(t, jsonSchemaFormat(schemas[tc.schema]))
-			s := g.Advance(g.Start(), tc.doc)
-			got := "prefix"
-			switch {
-			case s.Dead():
-				got = "dead"
-			case s.Complete():
-				got = "complete"
-			}
-			if got != tc.want {
+			if got := stateName(g.Advance(g.Start(), tc.doc)); got != tc.want {
 				t.Errorf("%s: got %s, want %s", tc.doc, got, tc.want)
 			}
 		})

@@ -186,9 +186,25 @@ var annotations = map[string]bool{
 }
 
 func compileSchema(raw json.RawMessage, path string) (*Grammar, error) {
-	c := &compiler{g: &Grammar{}, defs: map[string]json.RawMessage{}, refs: []string{"#"}}
+	g := &Grammar{}
+	root, err := g.compileInto(raw, path)
+	if err != nil {
+		return nil, err
+	}
+	g.root = root
+	var compact bytes.Buffer
+	_ = json.Compact(&compact, raw)
+	sum := sha256.Sum256(compact.Bytes())
+	g.key = "json_schema:" + string(sum[:])
+	return g, nil
+}
+
+// compileInto compiles the object schema raw, found at path, into g's
+// nodes and returns its node.
+func (g *Grammar) compileInto(raw json.RawMessage, path string) (int32, error) {
+	c := &compiler{g: g, defs: map[string]json.RawMessage{}, refs: []string{"#"}}
 	if err := json.Unmarshal(raw, &c.root); err != nil {
-		return nil, &FormatError{path, "must be a JSON Schema object"}
+		return 0, &FormatError{path, "must be a JSON Schema object"}
 	}
 	for _, defs := range []string{"$defs", "definitions"} {
 		d, ok := c.root[defs]
@@ -197,7 +213,7 @@ func compileSchema(raw json.RawMessage, path string) (*Grammar, error) {
 		}
 		var m map[string]json.RawMessage
 		if err := json.Unmarshal(d, &m); err != nil {
-			return nil, &FormatError{path + "." + defs, "must be an object of schemas"}
+			return 0, &FormatError{path + "." + defs, "must be an object of schemas"}
 		}
 		for name, s := range m {
 			c.defs["#/"+defs+"/"+name] = s
@@ -205,17 +221,12 @@ func compileSchema(raw json.RawMessage, path string) (*Grammar, error) {
 	}
 	root, err := c.schema(c.root, path, 0, true)
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
 	if c.g.nodes[root].kind != kObject {
-		return nil, &FormatError{path, `the root must be an object schema ("type": "object"), as OpenAI requires`}
+		return 0, &FormatError{path, `the root must be an object schema ("type": "object"), as OpenAI requires`}
 	}
-	c.g.root = root
-	var compact bytes.Buffer
-	_ = json.Compact(&compact, raw)
-	sum := sha256.Sum256(compact.Bytes())
-	c.g.key = "json_schema:" + string(sum[:])
-	return c.g, nil
+	return root, nil
 }
 
 func (c *compiler) add(n node, path string) (int32, error) {

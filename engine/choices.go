@@ -144,7 +144,16 @@ func (w *workerLoop) checkChoices(s *infer.Request) error {
 		return &RequestError{infer.CodeInvalidRequest, fmt.Sprintf(
 			"n: %d choices need %d slots of one worker, and this worker has %d (at most %d choices)", n, n, w.slots, infer.MaxChoices)}
 	}
+	if offersTools(s) && s.Slots() > 1 {
+		return &RequestError{infer.CodeInvalidRequest, "n: several choices cannot be combined with tools the model may call"}
+	}
 	return nil
+}
+
+// offersTools reports whether r lets the model call a tool: its calls
+// are answered for one choice only.
+func offersTools(r *infer.Request) bool {
+	return r.Tools != "" && r.ToolChoice != infer.ToolNone
 }
 
 // prefilledOnce counts the prefill of r's prompt, which all its choices

@@ -12,6 +12,7 @@ import (
 	"h3infer/constrain"
 	"h3infer/infer"
 	"h3infer/tokenize"
+	"h3infer/toolcall"
 )
 
 // RequestError is a request that cannot be served as asked. Code is one of
@@ -50,6 +51,11 @@ type sequence struct {
 
 	row    int       // row in its model's batch; -1 when in none
 	logits []float32 // of the latest forward pass, sampled by next
+
+	// tools parses the completion's tool calls; nil when the request
+	// offers the model none. serialCalls ends it on its first call.
+	tools       *toolcall.Parser
+	serialCalls bool
 }
 
 func newSequence(m Model, s *infer.Request) (*sequence, error) {
@@ -75,11 +81,21 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 	if s.ResponseFormat != "" && err != nil {
 		return nil, &RequestError{infer.CodeInvalidRequest, err.Error()}
 	}
+	tools, err := setupTools(m, s)
+	if err != nil {
+		return nil, err
+	}
+	if tools.format != nil {
+		if format != nil {
+			return nil, &RequestError{infer.CodeInvalidRequest, "tool_choice: a required call cannot be combined with response_format"}
+		}
+		format = tools.format
+	}
 	info := m.Info()
 	text := s.Prompt
 	if len(s.Messages) > 0 {
 		var err error
-		if text, err = m.ChatTemplate().Render(s.Messages, true); err != nil {
+		if text, err = m.ChatTemplate().RenderTools(s.Messages, tools.tools, true); err != nil {
 			// A conversation the model's format cannot express is the
 			// request's fault.
 			if ce, ok := errors.AsType[*tokenize.ConversationError](err); ok {
@@ -119,16 +135,18 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 		biasTop = int(s.LogitBias[n-1].Token)
 	}
 	return &sequence{
-		m:         m,
-		prompt:    prompt,
-		smp:       newSampler(s, prompt, seed),
-		text:      tokenize.NewStream(s.Stop),
-		limit:     limit,
-		ignoreEOS: s.IgnoreEOS,
-		last:      -1,
-		biasTop:   biasTop,
-		format:    format,
-		row:       -1,
+		m:           m,
+		prompt:      prompt,
+		smp:         newSampler(s, prompt, seed),
+		text:        tokenize.NewStream(s.Stop),
+		limit:       limit,
+		ignoreEOS:   s.IgnoreEOS,
+		last:        -1,
+		biasTop:     biasTop,
+		format:      format,
+		row:         -1,
+		tools:       tools.parser,
+		serialCalls: tools.serial,
 	}, nil
 }
 
@@ -206,11 +224,12 @@ func vocabulary(m Model, width int) (*constrain.Vocab, error) {
 	return constrain.NewVocab(width, m.Piece)
 }
 
-// next samples one token from the latest logits. It returns the text that
-// token releases, with the token's logprobs when the request asks for
-// them (also when the text is held back, and on the token that ends the
-// request), and a non-nil Done when the request is finished.
-func (q *sequence) next() (infer.Token, *infer.Done) {
+// nextText samples one token from the latest logits. It returns the text
+// that token releases, with the token's logprobs when the request asks
+// for them (also when the text is held back, and on the token that ends
+// the request), and a non-nil Done when the request is finished. next
+// (tools.go) reads the text for tool calls.
+func (q *sequence) nextText() (infer.Token, *infer.Done) {
 	id := q.smp.sample(q.logits)
 	q.completion++
 	tok := infer.Token{Count: 1}

@@ -497,6 +497,17 @@ func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *
 				first = false
 			}
 		}
+		for _, event := range enc.toolCallEvents(ev.Token.ToolCalls) {
+			if sw.Write(event) != nil {
+				return false
+			}
+			if first {
+				if sw.Flush() != nil {
+					return false
+				}
+				first = false
+			}
+		}
 		var err error
 		if ev, err = g.nextHolding(ctx, run, sw); err != nil {
 			run.adm.settle(ctx, run.tokens)
@@ -529,9 +540,11 @@ func (g *Gateway) streamFailed(ctx context.Context, sw *sseWriter, run *inflight
 func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev infer.Event) {
 	var text strings.Builder
 	var lps []infer.TokenLogprob
+	var calls toolCalls
 	for ev.Done == nil {
 		text.WriteString(ev.Token.Text)
 		lps = append(lps, ev.Token.Logprobs...)
+		calls.add(ev.Token.ToolCalls)
 		var err error
 		if ev, err = g.next(ctx, run); err != nil {
 			err = deadlineCause(ctx, err)
@@ -543,6 +556,10 @@ func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *infli
 	w.Header().Set("Content-Type", "application/json")
 	if run.req.job.Logprobs && lps == nil {
 		lps = []infer.TokenLogprob{} // asked for, and no token made: an empty list, not null
+	}
+	if len(calls) > 0 {
+		w.Write(enc.completeWithCalls(text.String(), finishReason(ev.Done), usageOf(ev.Done), lps, calls))
+		return
 	}
 	w.Write(enc.complete(text.String(), finishReason(ev.Done), usageOf(ev.Done), lps))
 }

@@ -343,7 +343,7 @@ func errorEvent(err error) []byte {
 // workerParams are the request parameters a worker's refusal may be
 // about: those only the model can check (a token id against its
 // vocabulary, a conversation against its chat template).
-var workerParams = []string{"logit_bias", "logprobs", "top_logprobs", "messages", "prompt", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "stop", "n"}
+var workerParams = []string{"logit_bias", "logprobs", "top_logprobs", "messages", "prompt", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "stop", "n", "tools", "tool_choice"}
 
 // paramNamed is the parameter a worker's refusal names first ("logit_bias:
 // token 70000 is not in ..."), or "" when it names none of workerParams.

@@ -480,7 +480,7 @@ func TestSubmittedJob(t *testing.T) {
 			body: `{"model":"demo","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],"user":"ignored"}`,
 			check: func(t *testing.T, r scheduler.Request) {
 				j := r.Job
-				if j.Model != "demo" || len(j.Messages) != 2 || j.Messages[0] != (infer.ChatMessage{Role: "system", Content: "be brief"}) {
+				if j.Model != "demo" || len(j.Messages) != 2 || j.Messages[0].Role != "system" || j.Messages[0].Content != "be brief" {
 					t.Errorf("job %+v", j)
 				}
 				if j.MaxTokens != 77 || j.Temperature != 1 || j.TopP != 1 || j.HasSeed || j.Stop != nil {

@@ -72,6 +72,11 @@ type completionRequest struct {
 	ResponseFormat json.RawMessage `json:"response_format"`
 	// User is OpenAI's end-user id; h3infer keys sticky canary splits by it.
 	User string `json:"user"`
+	// Tools, ToolChoice and ParallelToolCalls are OpenAI's function
+	// calling (tools.go).
+	Tools             json.RawMessage `json:"tools"`
+	ToolChoice        json.RawMessage `json:"tool_choice"`
+	ParallelToolCalls *bool           `json:"parallel_tool_calls"`
 
 	unsupported
 	ignoredHints
@@ -82,8 +87,6 @@ type completionRequest struct {
 // empty, the default), so a client that relies on one gets a 400 naming
 // it instead of an answer that quietly lacks it.
 type unsupported struct {
-	Tools            json.RawMessage `json:"tools"`
-	ToolChoice       json.RawMessage `json:"tool_choice"`
 	Functions        json.RawMessage `json:"functions"`
 	FunctionCall     json.RawMessage `json:"function_call"`
 	Audio            json.RawMessage `json:"audio"`
@@ -98,25 +101,21 @@ type unsupported struct {
 }
 
 // ignoredHints are parameters that change nothing of the answer: OpenAI's
-// storage, billing and caching hints, parallel_tool_calls (which only
-// qualifies tools), and the priority field of vLLM and SGLang (the RFC 9218
+// storage, billing and caching hints, and the priority field of vLLM and SGLang (the RFC 9218
 // Priority header sets a request's urgency here; an edge h3infer sends the
 // field to its upstreams).
 type ignoredHints struct {
-	Metadata          json.RawMessage `json:"metadata"`
-	Store             json.RawMessage `json:"store"`
-	ServiceTier       json.RawMessage `json:"service_tier"`
-	PromptCacheKey    json.RawMessage `json:"prompt_cache_key"`
-	SafetyIdentifier  json.RawMessage `json:"safety_identifier"`
-	ParallelToolCalls json.RawMessage `json:"parallel_tool_calls"`
-	Priority          json.RawMessage `json:"priority"`
+	Metadata         json.RawMessage `json:"metadata"`
+	Store            json.RawMessage `json:"store"`
+	ServiceTier      json.RawMessage `json:"service_tier"`
+	PromptCacheKey   json.RawMessage `json:"prompt_cache_key"`
+	SafetyIdentifier json.RawMessage `json:"safety_identifier"`
+	Priority         json.RawMessage `json:"priority"`
 }
 
 // asksForNothing lists, per unsupported parameter, the values that leave
 // the answer as it would be without it, as compact JSON.
 var asksForNothing = map[string][]string{
-	"tools":              {"[]"},
-	"tool_choice":        {`"none"`, `"auto"`},
 	"functions":          {"[]"},
 	"function_call":      {`"none"`, `"auto"`},
 	"modalities":         {`["text"]`},
@@ -138,7 +137,6 @@ func refuseUnsupported(u *unsupported) error {
 		name string
 		raw  json.RawMessage
 	}{
-		{"tools", u.Tools}, {"tool_choice", u.ToolChoice},
 		{"functions", u.Functions}, {"function_call", u.FunctionCall}, {"audio", u.Audio},
 		{"modalities", u.Modalities}, {"prediction", u.Prediction}, {"web_search_options", u.WebSearchOptions},
 		{"reasoning_effort", u.ReasoningEffort}, {"verbosity", u.Verbosity},
@@ -159,6 +157,10 @@ func refuseUnsupported(u *unsupported) error {
 type chatMessage struct {
 	Role    string          `json:"role"`
 	Content json.RawMessage `json:"content"`
+	// ToolCalls are an assistant message's calls, ToolCallID the call
+	// a tool message answers (tools.go).
+	ToolCalls  []toolCallParam `json:"tool_calls"`
+	ToolCallID *string         `json:"tool_call_id"`
 }
 
 // contentPart is one element of an array-valued message content.
@@ -275,6 +277,13 @@ func parseCompletion(body []byte, kind apiKind, defaultMaxTokens int) (*completi
 	c.job.Stop = stop
 	if c.job.ResponseFormat, err = responseFormat(req.ResponseFormat); err != nil {
 		return nil, err
+	}
+	if err := toolParams(&req, kind, &c.job); err != nil {
+		return nil, err
+	}
+	if c.job.N > 1 && c.job.Tools != "" && c.job.ToolChoice != infer.ToolNone {
+		// Tool calls are answered for one choice: refused, not dropped.
+		return nil, invalidf("n", "n: several choices cannot be combined with tools the model may call (tool_choice \"none\" can)")
 	}
 	if req.StreamOptions != nil {
 		if !req.Stream {
@@ -456,6 +465,9 @@ func chatMessages(in []chatMessage) ([]infer.ChatMessage, error) {
 			return nil, err
 		}
 		out[i] = infer.ChatMessage{Role: m.Role, Content: text}
+		if err := messageTools(&out[i], m, i); err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
 }

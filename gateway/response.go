@@ -33,8 +33,9 @@ type envelope struct {
 }
 
 type chatDelta struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string          `json:"role,omitempty"`
+	Content   *string         `json:"content,omitempty"`
+	ToolCalls []toolCallChunk `json:"tool_calls,omitempty"`
 }
 
 type chatChunkChoice struct {

@@ -19,7 +19,38 @@ import (
 type ChatMessage struct {
 	Role    string
 	Content string
+	// ToolCalls are the calls an assistant message made, earlier in the
+	// conversation; ToolCallID is the call a "tool" message answers.
+	ToolCalls  []ToolCall
+	ToolCallID string
 }
+
+// ToolCall is one call of a function a model made.
+type ToolCall struct {
+	ID   string
+	Name string
+	// Arguments is the call's arguments as JSON text (an object).
+	Arguments string
+}
+
+// ToolCallDelta is part of a tool call a backend is answering with, as
+// OpenAI streams them: a call's first delta has its Index, ID and Name,
+// and the Arguments of every delta with the same Index, concatenated in
+// order, are its arguments.
+type ToolCallDelta struct {
+	Index     uint32
+	ID        string
+	Name      string
+	Arguments string
+}
+
+// Values of Request.ToolChoice, OpenAI's tool_choice; "" is ToolAuto.
+const (
+	ToolAuto     = "auto"     // the model may call tools or answer
+	ToolNone     = "none"     // the model answers in text; the tools are not offered
+	ToolRequired = "required" // the model calls one of the tools
+	ToolFunction = "function" // the model calls the function ToolName
+)
 
 // Request asks a backend to generate for one prompt. Exactly one of Prompt
 // (a raw completion prompt) and Messages (a chat, formatted by the model's
@@ -82,6 +113,20 @@ type Request struct {
 	// their Token.Index, the last with the choice's Token.FinishReason,
 	// and then one Done for all of them.
 	N uint32
+	// Tools is OpenAI's tools as a JSON array of {"type":"function",
+	// "function":{"name","description","parameters"}}, checked and
+	// compacted by the gateway; "" when the request has none. The
+	// model's chat template is given them, and the backend answers a
+	// call the model makes as Token.ToolCalls. ToolChoice (one of the
+	// Tool* values) and ToolName (with ToolFunction) say whether the
+	// model may, must or must not call one: with ToolRequired and
+	// ToolFunction the model's runner constrains the completion to a
+	// call whose arguments the function's parameters accept.
+	// SerialToolCalls is parallel_tool_calls false: at most one call.
+	Tools           string
+	ToolChoice      string
+	ToolName        string
+	SerialToolCalls bool
 }
 
 // MaxChoices bounds Request.N: a request's choices run as rows of one
@@ -147,12 +192,17 @@ type Token struct {
 	// choice has ended. A request with one choice never sets it.
 	Index        uint32
 	FinishReason string
+	// ToolCalls are the parts of tool calls these tokens completed; the
+	// text of a call is not in Text.
+	ToolCalls []ToolCallDelta
 }
 
 // Finish reasons, as the OpenAI API names them.
 const (
 	FinishStop   = "stop"
 	FinishLength = "length"
+	// FinishToolCalls ends a completion whose answer is tool calls.
+	FinishToolCalls = "tool_calls"
 )
 
 // Done ends a request normally. For a request with N > 1 the prompt

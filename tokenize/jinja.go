@@ -37,6 +37,9 @@ type jinjaTemplate struct {
 	tmpl     *jinja.Template
 	bos, eos string           // "" when the model's files set none
 	now      func() time.Time // strftime_now's clock
+	// src is the template's text, where a model family's tool call
+	// markers show (ChatTemplate.Source).
+	src string
 }
 
 // LoadJinja reads the chat template dir's model files carry:
@@ -78,7 +81,7 @@ func compileJinja(file, src, bos, eos string) (*ChatTemplate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: chat_template: %w", file, err)
 	}
-	j := &jinjaTemplate{file: file, tmpl: tmpl, bos: bos, eos: eos, now: time.Now}
+	j := &jinjaTemplate{file: file, tmpl: tmpl, bos: bos, eos: eos, now: time.Now, src: src}
 	t := &ChatTemplate{File: file, EndOfTurn: eos, jinja: j}
 	for _, tok := range []string{bos, eos} {
 		if tok != "" && !slices.Contains(t.Markers, tok) {
@@ -104,17 +107,21 @@ func compileJinja(file, src, bos, eos string) (*ChatTemplate, error) {
 // parsed as template code, so "{{ x }}" in a message stays those
 // characters.
 func (j *jinjaTemplate) render(msgs []infer.ChatMessage, addGenerationPrompt bool) (out string, err error) {
+	return j.renderTools(msgs, jinja.None(), addGenerationPrompt)
+}
+
+// renderTools is render with tools given to the template (None when the
+// request has none), and each message's tool calls and tool call id in
+// the shapes transformers passes them (toolMessage).
+func (j *jinjaTemplate) renderTools(msgs []infer.ChatMessage, tools jinja.Value, addGenerationPrompt bool) (out string, err error) {
 	list := make([]jinja.Value, len(msgs))
 	for i, m := range msgs {
-		d := jinja.NewDict()
-		d.AsDict().Set("role", jinja.NewString(m.Role))
-		d.AsDict().Set("content", jinja.NewString(m.Content))
-		list[i] = d
+		list[i] = toolMessage(m)
 	}
 	vars := map[string]jinja.Value{
 		"messages":              jinja.NewList(list),
 		"add_generation_prompt": jinja.NewBool(addGenerationPrompt),
-		"tools":                 jinja.None(),
+		"tools":                 tools,
 		"documents":             jinja.None(),
 		"raise_exception":       jinja.NewCallable("raise_exception", raiseException),
 		"strftime_now": jinja.NewCallable("strftime_now", func(args []jinja.Value, _ map[string]jinja.Value) (jinja.Value, error) {

@@ -68,6 +68,11 @@ type ChatTemplate struct {
 
 	named namedTemplate  // a named template's format
 	jinja *jinjaTemplate // a Jinja template; nil for a named one
+
+	// ToolFormat is the family of tool call syntax the model writes
+	// (package toolcall), set by whoever loads the template for a model
+	// (workerconf.ModelConfig.LoadChatTemplate); "" when none is known.
+	ToolFormat string
 }
 
 // Render formats msgs as a prompt; addGenerationPrompt ends it with

@@ -289,10 +289,17 @@ const (
 	// request without one encodes as it did before the field existed;
 	// a worker that predates it refuses the flag rather than drop it.
 	submitFormat = 1 << 3
-	// submitChoices says the number of choices (N > 1) follows, last; a
-	// request with one choice encodes as it did before.
+	// submitChoices says the number of choices (N > 1) follows, after
+	// response_format and before the tools; a request with one choice
+	// encodes as it did before.
 	submitChoices = 1 << 4
-	submitFlags   = submitHasSeed | submitIgnoreEOS | submitLogprobs | submitFormat | submitChoices
+	// submitTools says the request's tools, tool choice and
+	// parallel_tool_calls follow (appendTools), and submitToolHistory
+	// that its messages' tool calls and tool call ids do
+	// (appendToolHistory); a request with neither encodes as before.
+	submitTools       = 1 << 5
+	submitToolHistory = 1 << 6
+	submitFlags       = submitHasSeed | submitIgnoreEOS | submitLogprobs | submitFormat | submitChoices | submitTools | submitToolHistory
 )
 
 // AppendSubmit appends the encoding of s to b.
@@ -313,6 +320,7 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	if s.N > 1 {
 		flags |= submitChoices
 	}
+	flags |= toolFlags(s)
 	b = append(b, flags)
 	b = appendString(b, s.Model)
 	b = appendString(b, s.Prompt)
@@ -348,7 +356,7 @@ func AppendSubmit(b []byte, s *infer.Request) []byte {
 	if s.N > 1 {
 		b = binary.AppendUvarint(b, uint64(s.N))
 	}
-	return b
+	return appendTools(b, s, flags)
 }
 
 // DecodeSubmit decodes a FrameSubmit payload.
@@ -418,6 +426,7 @@ func DecodeSubmit(p []byte) (infer.Request, error) {
 			d.fail("n %d is not in [2, %d]", s.N, infer.MaxChoices)
 		}
 	}
+	decodeTools(&d, &s, flags)
 	if err := d.finish(); err != nil {
 		return infer.Request{}, err
 	}
@@ -448,11 +457,14 @@ func AppendToken(b []byte, t *infer.Token) []byte {
 			b = appendFloat32(b, top.Logprob)
 		}
 	}
-	if t.Index != 0 || t.FinishReason != "" {
+	// The choice's index and end, then the tool calls, each only when
+	// there is something to say: the choice section goes whenever tool
+	// calls follow it, so that the decoder reads the sections in order.
+	if t.Index != 0 || t.FinishReason != "" || len(t.ToolCalls) > 0 {
 		b = binary.AppendUvarint(b, uint64(t.Index))
 		b = appendString(b, t.FinishReason)
 	}
-	return b
+	return appendToolCalls(b, t.ToolCalls)
 }
 
 // DecodeToken decodes a FrameToken payload. A token without logprob
@@ -494,6 +506,7 @@ func DecodeToken(p []byte) (infer.Token, error) {
 			d.fail("choice index %d, over %d", t.Index, infer.MaxChoices-1)
 		}
 	}
+	t.ToolCalls = decodeToolCalls(&d)
 	if err := d.finish(); err != nil {
 		return infer.Token{}, err
 	}

@@ -39,6 +39,14 @@ func sampleSubmits() map[string]infer.Request {
 			ResponseFormat: `{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","properties":{"a":{"type":"string"}},"required":["a"]}}}`},
 		"top_logprobs": {Model: "demo", Prompt: "p", Temperature: 0.5, Logprobs: true, TopLogprobs: infer.MaxTopLogprobs},
 		"choices":      {Model: "demo", Prompt: "p", Temperature: 1, Seed: 3, HasSeed: true, N: infer.MaxChoices, ResponseFormat: `{"type":"json_object"}`},
+		"tools": {Model: "demo", Messages: []infer.ChatMessage{
+			{Role: "user", Content: "weather?"},
+			{Role: "assistant", ToolCalls: []infer.ToolCall{{ID: "call_1", Name: "w", Arguments: `{"c":"Oslo"}`}, {ID: "call_2", Name: "t", Arguments: `{}`}}},
+			{Role: "tool", Content: "4", ToolCallID: "call_1"},
+		}, Tools: `[{"type":"function","function":{"name":"w"}}]`, ToolChoice: infer.ToolFunction, ToolName: "w", SerialToolCalls: true},
+		"tool history only": {Model: "demo", Messages: []infer.ChatMessage{{Role: "tool", Content: "4", ToolCallID: "call_1"}}},
+		"tool choice only":  {Model: "demo", Prompt: "p", ToolChoice: infer.ToolNone},
+		"choices and tools": {Model: "demo", Prompt: "p", N: 2, Tools: `[{"type":"function","function":{"name":"w"}}]`, ToolChoice: infer.ToolRequired},
 		"extremes": {
 			Prompt: strings.Repeat("x", 70000), MaxTokens: math.MaxUint32,
 			Temperature: float32(math.Inf(1)), TopP: -0.0, Seed: math.MaxUint64, Urgency: priority.Least, Class: priority.Bulk,
@@ -80,6 +88,10 @@ func TestMessageRoundTrip(t *testing.T) {
 		{Count: 1, Logprobs: []infer.TokenLogprob{maxTop}},
 		{Count: 1, Logprobs: []infer.TokenLogprob{{Logprob: float32(math.Inf(-1)), Top: []infer.TopLogprob{{Token: "x", Logprob: 0}}}}},
 		{Count: 3, Text: "abc", Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 2), sampleLogprobs("b", 0), sampleLogprobs("c", 1)}},
+		{Count: 2, Text: "x", ToolCalls: []infer.ToolCallDelta{{Index: 0, ID: "call_1", Name: "w"}, {Index: 0, Arguments: `{"c":1}`}}},
+		{Count: 1, Logprobs: []infer.TokenLogprob{sampleLogprobs("}", 1)}, ToolCalls: []infer.ToolCallDelta{{Index: 7, Arguments: "{}"}}},
+		// A choice's tool calls, and its end, after its index.
+		{Count: 1, Index: 2, FinishReason: infer.FinishToolCalls, ToolCalls: []infer.ToolCallDelta{{Index: 1, ID: "call_3", Name: "w"}}},
 	}
 	for _, want := range tokens {
 		got, err := DecodeToken(AppendToken(nil, &want))
@@ -323,6 +335,8 @@ func FuzzDecodeToken(f *testing.F) {
 	f.Add(AppendToken(nil, &infer.Token{Count: 1, Text: "a", Logprobs: []infer.TokenLogprob{sampleLogprobs("a", 3)}}))
 	f.Add(AppendToken(nil, &infer.Token{Count: 2, Logprobs: []infer.TokenLogprob{sampleLogprobs("\xe2", 0), sampleLogprobs("", 1)}}))
 	f.Add(AppendToken(nil, &infer.Token{Count: 1, Text: "a", Index: 3, FinishReason: infer.FinishLength}))
+	f.Add(AppendToken(nil, &infer.Token{Count: 2, Text: "x", ToolCalls: []infer.ToolCallDelta{{ID: "call_1", Name: "f"}, {Arguments: "{}"}}}))
+	f.Add(AppendToken(nil, &infer.Token{Count: 1, Text: "y", Index: 1, FinishReason: infer.FinishToolCalls, ToolCalls: []infer.ToolCallDelta{{ID: "call_2", Name: "g", Arguments: "{}"}}}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		tok, err := DecodeToken(p)
 		if err != nil {

@@ -40,6 +40,12 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 		h.mu.Unlock()
 		return h.ended(id, &infer.Error{Code: infer.CodeUpstreamLost, Message: "the upstream was removed", Unstarted: true}), nil
 	}
+	if param := toolsParam(r); param != "" {
+		// The stream's chunks are read for their text only, so calls an
+		// upstream made would be lost, and its messages carry no calls.
+		h.mu.Unlock()
+		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: param + ": not supported for models served by an upstream yet"}), nil
+	}
 	h.inFlight++
 	h.requests++
 	h.set.wg.Add(1)
@@ -794,4 +800,22 @@ func bound(s string, n int) string {
 		s = s[:n] + "…"
 	}
 	return strings.ToValidUTF8(s, "\uFFFD")
+}
+
+// toolsParam names the tool parameter r sets that an upstream cannot
+// carry yet; "" when it sets none. tool_choice "none" and "auto" without
+// tools ask for nothing.
+func toolsParam(r *infer.Request) string {
+	if r.Tools != "" {
+		return "tools"
+	}
+	if r.ToolChoice == infer.ToolRequired || r.ToolChoice == infer.ToolFunction {
+		return "tool_choice"
+	}
+	for _, m := range r.Messages {
+		if len(m.ToolCalls) > 0 || m.ToolCallID != "" {
+			return "messages"
+		}
+	}
+	return ""
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"h3infer/tokenize"
+	"h3infer/toolcall"
 )
 
 // Files of a model directory.
@@ -45,6 +46,11 @@ type ModelConfig struct {
 	NumLayers int `json:"num_layers"`
 	NumHeads  int `json:"num_heads"`
 	HeadDim   int `json:"head_dim"`
+
+	// ToolFormat names how the model writes tool calls (one of package
+	// toolcall's formats: hermes, llama3_json); empty means the format
+	// its own chat template shows (toolcall.Detect), if any.
+	ToolFormat string `json:"tool_format"`
 }
 
 // model.json kv_cache values.
@@ -92,6 +98,9 @@ func parseModelConfig(data []byte) (ModelConfig, error) {
 	if _, ok := tokenize.LookupTemplate(c.ChatTemplate); !ok && c.ChatTemplate != "" {
 		errs = append(errs, fmt.Errorf("chat_template: must be one of %s, got %q", strings.Join(tokenize.TemplateNames(), ", "), c.ChatTemplate))
 	}
+	if c.ToolFormat != "" && !toolcall.Known(c.ToolFormat) {
+		errs = append(errs, fmt.Errorf("tool_format: must be one of %s, got %q", strings.Join(toolcall.Formats(), ", "), c.ToolFormat))
+	}
 	switch c.KVCache {
 	case "":
 		c.KVCache = KVConcat
@@ -122,7 +131,22 @@ func parseModelConfig(data []byte) (ModelConfig, error) {
 // chat_template.jinja or tokenizer_config.json); a broken one is an error
 // naming its file, never a silent fallback. Else plain, which suits a
 // model trained on no chat format.
+//
+// The template's ToolFormat is model.json's tool_format, else the one
+// its own text shows.
 func (c ModelConfig) LoadChatTemplate(dir string) (*tokenize.ChatTemplate, error) {
+	t, err := c.loadChatTemplate(dir)
+	if err != nil {
+		return nil, err
+	}
+	t.ToolFormat = c.ToolFormat
+	if t.ToolFormat == "" {
+		t.ToolFormat = toolcall.Detect(t.Source())
+	}
+	return t, nil
+}
+
+func (c ModelConfig) loadChatTemplate(dir string) (*tokenize.ChatTemplate, error) {
 	if c.ChatTemplate != "" {
 		t, ok := tokenize.LookupTemplate(c.ChatTemplate)
 		if !ok {

@@ -111,6 +111,9 @@ var vocabulary = map[string][]string{
 	// Schemas and token masks of structured outputs, which the gateway
 	// checks and the worker enforces.
 	"h3infer/constrain": nil,
+	// How model families write tool calls, which the worker parses and
+	// constrains and the gateway names.
+	"h3infer/toolcall": {"h3infer/infer", "h3infer/priority"},
 }
 
 func TestImportGraph(t *testing.T) {
