@@ -229,19 +229,23 @@ func TestWorkerMatchesGenerate(t *testing.T) {
 		}
 		calls[i] = c
 	}
+	served := 0
 	for i, c := range calls {
 		got := collect(t, c)
 		wantText, wantDone, err := Generate(context.Background(), m, submits[i])
 		if err != nil {
 			t.Fatal(err)
 		}
-		if i == 2 {
-			// The third call found both slots busy.
-			if got.err == nil || !strings.Contains(got.err.Message, "slots") {
-				t.Errorf("call 3: got %+v, want a busy error", got)
+		if i == 2 && got.err != nil {
+			// The third call found both slots busy (on a loaded machine
+			// the first may have finished by then, and it is served:
+			// TestWorkerDerivesSlots holds the refusal itself).
+			if !strings.Contains(got.err.Message, "slots") {
+				t.Errorf("call 3: got %+v, want a busy error or its answer", got)
 			}
 			continue
 		}
+		served++
 		if got.err != nil || got.done == nil {
 			t.Fatalf("call %d: got %+v", i+1, got)
 		}
@@ -252,9 +256,9 @@ func TestWorkerMatchesGenerate(t *testing.T) {
 			t.Errorf("call %d: token frames counted %d, done says %d", i+1, got.tokens, got.done.CompletionTokens)
 		}
 	}
-	s := rw.waitStats(t, func(s transport.Stats) bool { return s.SequencesFinished == 2 && s.Active == 0 })
-	if s.SequencesStarted != 2 || s.TokensGenerated == 0 {
-		t.Errorf("stats = %+v, want 2 started and some tokens", s)
+	s := rw.waitStats(t, func(s transport.Stats) bool { return s.SequencesFinished == uint64(served) && s.Active == 0 })
+	if s.SequencesStarted != uint64(served) || s.TokensGenerated == 0 {
+		t.Errorf("stats = %+v, want %d started and some tokens", s, served)
 	}
 }
 
