@@ -260,12 +260,17 @@ type toolCallsMessage struct {
 // toolCalls gathers a completion's call deltas into whole calls.
 type toolCalls []toolCallOut
 
+// A delta with an id opens a call; one without adds arguments to the
+// call of its index (an upstream may send a call's arguments in many
+// deltas).
 func (c *toolCalls) add(deltas []infer.ToolCallDelta) {
 	for _, d := range deltas {
-		if d.ID != "" || int(d.Index) >= len(*c) {
+		i := int(d.Index)
+		if d.ID != "" || i >= len(*c) {
 			*c = append(*c, toolCallOut{ID: d.ID, Type: "function", Function: functionCallOut{Name: d.Name}})
+			i = len(*c) - 1
 		}
-		(*c)[len(*c)-1].Function.Arguments += d.Arguments
+		(*c)[i].Function.Arguments += d.Arguments
 	}
 }
 

@@ -40,12 +40,6 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 		h.mu.Unlock()
 		return h.ended(id, &infer.Error{Code: infer.CodeUpstreamLost, Message: "the upstream was removed", Unstarted: true}), nil
 	}
-	if param := toolsParam(r); param != "" {
-		// The stream's chunks are read for their text only, so calls an
-		// upstream made would be lost, and its messages carry no calls.
-		h.mu.Unlock()
-		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: param + ": not supported for models served by an upstream yet"}), nil
-	}
 	h.inFlight++
 	h.requests++
 	h.set.wg.Add(1)
@@ -237,11 +231,17 @@ type completionBody struct {
 	// N is the choices asked for, sent when more than one: each comes
 	// back under its index.
 	N uint32 `json:"n,omitempty"`
+	// Tools go as the gateway checked them, with the choice among them.
+	Tools             json.RawMessage `json:"tools,omitempty"`
+	ToolChoice        any             `json:"tool_choice,omitempty"`
+	ParallelToolCalls *bool           `json:"parallel_tool_calls,omitempty"`
 }
 
 type chatMessage struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role       string         `json:"role"`
+	Content    *string        `json:"content"`
+	ToolCalls  []wireToolCall `json:"tool_calls,omitempty"`
+	ToolCallID string         `json:"tool_call_id,omitempty"`
 }
 
 func (c *call) newRequest(ctx context.Context, job *infer.Request) (*http.Request, error) {
@@ -277,6 +277,13 @@ func (c *call) newRequest(ctx context.Context, job *infer.Request) (*http.Reques
 	if job.N > 1 {
 		b.N = job.N
 	}
+	if job.Tools != "" {
+		b.Tools = json.RawMessage(job.Tools)
+	}
+	b.ToolChoice = toolChoice(job)
+	if job.SerialToolCalls {
+		b.ParallelToolCalls = new(false)
+	}
 	if job.Logprobs {
 		b.Logprobs = job.TopLogprobs
 		if len(job.Messages) > 0 {
@@ -288,7 +295,7 @@ func (c *call) newRequest(ctx context.Context, job *infer.Request) (*http.Reques
 		path = "/v1/chat/completions"
 		b.Messages = make([]chatMessage, len(job.Messages))
 		for i, m := range job.Messages {
-			b.Messages[i] = chatMessage{Role: m.Role, Content: m.Content}
+			b.Messages[i] = upstreamMessage(m)
 		}
 	} else {
 		b.Prompt = &job.Prompt
@@ -338,7 +345,11 @@ func (c *call) exchange(ctx context.Context, job *infer.Request, stall *time.Tim
 			kind: kindMalformed, counts: true, reason: fmt.Sprintf("answered %q, not text/event-stream", resp.Header.Get("Content-Type")),
 		}
 	}
-	return c.stream(ctx, resp.Body, shape{chat: len(job.Messages) > 0, logprobs: job.Logprobs, top: int(job.TopLogprobs), choices: max(job.N, 1)}, stall, start)
+	calls, err := newCallReader(job)
+	if err != nil {
+		return result{err: &infer.Error{Code: infer.CodeInternal, Message: "could not read the request's tools"}, reason: err.Error()}
+	}
+	return c.stream(ctx, resp.Body, shape{chat: len(job.Messages) > 0, logprobs: job.Logprobs, top: int(job.TopLogprobs), choices: max(job.N, 1), calls: calls}, stall, start)
 }
 
 // lost classifies a failed exchange: by its context's cause when the
@@ -425,7 +436,7 @@ func (c *call) stream(ctx context.Context, body io.Reader, sh shape, stall *time
 	)
 	// handOn delivers the held tokens; false: the call has ended.
 	handOn := func() bool {
-		if held.Count == 0 && held.FinishReason == "" {
+		if held.Count == 0 && held.FinishReason == "" && len(held.ToolCalls) == 0 {
 			return true
 		}
 		held.Text = string(heldText)
@@ -435,12 +446,13 @@ func (c *call) stream(ctx context.Context, body io.Reader, sh shape, stall *time
 	}
 	r := c.readEvents(ctx, br, sh, stall, start, func(t infer.Token) bool {
 		// Only a choice's tokens run together, and none after its end.
-		if (held.Count > 0 || held.FinishReason != "") && (t.Index != held.Index || held.FinishReason != "") && !handOn() {
+		if (held.Count > 0 || held.FinishReason != "" || len(held.ToolCalls) > 0) && (t.Index != held.Index || held.FinishReason != "") && !handOn() {
 			return false
 		}
 		heldText = append(heldText, t.Text...)
 		held.Index, held.Count, held.FinishReason = t.Index, held.Count+t.Count, t.FinishReason
 		held.Logprobs = append(held.Logprobs, t.Logprobs...)
+		held.ToolCalls = append(held.ToolCalls, t.ToolCalls...)
 		if nextEventArrived(br) {
 			return true
 		}
@@ -602,7 +614,12 @@ func (c *call) choice(ch choice, sh shape, count *uint32, finish *string, ttft *
 		}
 		t.Count = uint32(len(t.Logprobs))
 	}
-	if t.Text == "" && (t.Count == 0 || !sh.logprobs) {
+	calls, err := sh.calls.read(ch.Delta.ToolCalls)
+	if err != nil {
+		return malformed(err.Error())
+	}
+	t.ToolCalls = calls
+	if t.Text == "" && len(calls) == 0 && (t.Count == 0 || !sh.logprobs) {
 		// A role-only first chunk, or a chunk that only finishes: with
 		// several choices, each one's end goes on as it comes.
 		t.Count = 0
@@ -610,7 +627,7 @@ func (c *call) choice(ch choice, sh shape, count *uint32, finish *string, ttft *
 	if sh.choices > 1 {
 		t.Index, t.FinishReason = ch.Index, ch.FinishReason
 	}
-	if t.Count == 0 && t.FinishReason == "" {
+	if t.Count == 0 && t.FinishReason == "" && len(t.ToolCalls) == 0 {
 		return nil
 	}
 	if *count == 0 && t.Count > 0 {
@@ -802,20 +819,3 @@ func bound(s string, n int) string {
 	return strings.ToValidUTF8(s, "\uFFFD")
 }
 
-// toolsParam names the tool parameter r sets that an upstream cannot
-// carry yet; "" when it sets none. tool_choice "none" and "auto" without
-// tools ask for nothing.
-func toolsParam(r *infer.Request) string {
-	if r.Tools != "" {
-		return "tools"
-	}
-	if r.ToolChoice == infer.ToolRequired || r.ToolChoice == infer.ToolFunction {
-		return "tool_choice"
-	}
-	for _, m := range r.Messages {
-		if len(m.ToolCalls) > 0 || m.ToolCallID != "" {
-			return "messages"
-		}
-	}
-	return ""
-}

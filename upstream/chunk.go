@@ -21,6 +21,8 @@ type choice struct {
 	Text  string `json:"text"`
 	Delta struct {
 		Content string `json:"content"`
+		// ToolCalls is kept as the server wrote it, for callReader.
+		ToolCalls json.RawMessage `json:"tool_calls"`
 	} `json:"delta"`
 	FinishReason string `json:"finish_reason"`
 	// Logprobs is kept as the server wrote it: only a request that asked
@@ -377,7 +379,7 @@ func (s *scan) uint32(dst *uint32) error {
 var (
 	chunkKeys  = []string{"choices", "usage", "error"}
 	choiceKeys = []string{"text", "delta", "finish_reason", "logprobs", "index"}
-	deltaKeys  = []string{"content"}
+	deltaKeys  = []string{"content", "tool_calls"}
 	usageKeys  = []string{"prompt_tokens", "completion_tokens"}
 )
 
@@ -437,8 +439,13 @@ func (s *scan) choice(c *choice) error {
 				return nil
 			}
 			return s.object(deltaKeys, func(k []byte) error {
-				if string(k) == "content" {
+				switch string(k) {
+				case "content":
 					return s.str(&c.Delta.Content)
+				case "tool_calls":
+					raw, err := s.raw()
+					c.Delta.ToolCalls = raw
+					return err
 				}
 				return s.skip()
 			})

@@ -17,7 +17,8 @@ type shape struct {
 	chat     bool
 	logprobs bool
 	top      int    // alternatives per token the client asked for
-	choices  uint32 // how many: indexes 0 to choices-1
+	choices  uint32      // how many: indexes 0 to choices-1
+	calls    *callReader // the request's tools; nil: it offered none
 }
 
 // maxChunkLogprobs bounds the tokens one chunk's logprobs may describe.

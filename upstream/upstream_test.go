@@ -858,39 +858,3 @@ func TestTokensArrivingTogetherGoOnAsOne(t *testing.T) {
 		t.Errorf("three tokens written apart: got %+v, want three events of one token, then done", evs)
 	}
 }
-
-// A request with tools, a forced call or calls in its history fails at
-// once, naming the parameter, rather than lose the calls an upstream
-// would make; tool_choice none asks for nothing and is served.
-func TestToolsRefused(t *testing.T) {
-	f, url := newFake(t)
-	s, _ := newTestSet(t, Options{}, testConfig("a", url))
-	var received atomic.Int64
-	f.answer(func(w http.ResponseWriter, r *http.Request) {
-		received.Add(1)
-		streamTokens("x")(w, r)
-	})
-	for param, set := range map[string]func(*infer.Request){
-		"tools":       func(r *infer.Request) { r.Tools = `[{"type":"function","function":{"name":"f"}}]` },
-		"tool_choice": func(r *infer.Request) { r.ToolChoice, r.ToolName = infer.ToolFunction, "f" },
-		"messages": func(r *infer.Request) {
-			r.Messages[0].ToolCalls = []infer.ToolCall{{ID: "c", Name: "f", Arguments: "{}"}}
-		},
-	} {
-		req := chatRequest("m")
-		set(req)
-		evs := run(t, s, req)
-		want := infer.Error{Code: infer.CodeInvalidRequest, Message: param + ": not supported for models served by an upstream yet"}
-		if len(evs) != 1 || evs[0].Err == nil || *evs[0].Err != want {
-			t.Errorf("%s: events %+v, want only the error %+v", param, evs, want)
-		}
-	}
-	if n := received.Load(); n != 0 {
-		t.Errorf("the upstream received %d requests, want none", n)
-	}
-	req := chatRequest("m")
-	req.ToolChoice = infer.ToolNone
-	if d := last(t, run(t, s, req)).Done; d == nil || received.Load() != 1 {
-		t.Errorf("tool_choice none: done %+v after %d requests upstream, want it served", d, received.Load())
-	}
-}

@@ -63,13 +63,19 @@ func startRegional(t *testing.T, proto string) (*server, map[string]any) {
 	regional := startServer(t, "--config", writeServeConfig(t, map[string]any{
 		"models": []map[string]any{{"name": regionalModel, "dir": dir}},
 	}))
+	return regional, upstreamEntry(t, regional, proto)
+}
+
+// upstreamEntry is the edge's upstream entry for regional over proto.
+func upstreamEntry(t *testing.T, regional *server, proto string) map[string]any {
+	t.Helper()
 	// The edge presents a credential of the regional tier's, never its
 	// clients' tokens.
 	cred := filepath.Join(t.TempDir(), "regional.token")
 	if err := os.WriteFile(cred, []byte(regional.bearer(t)+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return regional, map[string]any{
+	return map[string]any{
 		"name":              "regional",
 		"url":               regional.base,
 		"protocol":          proto,
@@ -552,4 +558,114 @@ func choicesOf(t *testing.T, resp *http.Response) map[int][2]string {
 		}
 	}
 	return out
+}
+
+// TestUpstreamToolCallsAreTheRegionalTiers: a request with tools to a
+// model the regional tier serves (Qwen 3's template, random weights)
+// gets through the edge the calls the tier makes for it directly, whole
+// and streamed; the call goes back into the history with its result.
+func TestUpstreamToolCallsAreTheRegionalTiers(t *testing.T) {
+	regional, model := startToolServer(t)
+	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": []any{upstreamEntry(t, regional, "h3")}}))
+	waitFor(t, "the edge to list the regional model", func() bool { return listsModel(t, edge, model) })
+	ctx := t.Context()
+	var tools []any
+	for _, name := range []string{"get_weather", "set_alarm"} {
+		var params any
+		if err := json.Unmarshal([]byte(toolSchemas[name]), &params); err != nil {
+			t.Fatal(err)
+		}
+		tools = append(tools, map[string]any{"type": "function", "function": map[string]any{"name": name, "parameters": params}})
+	}
+	for seed := range 3 {
+		for _, stream := range []bool{false, true} {
+			body := map[string]any{
+				"model": model, "messages": []any{map[string]any{"role": "user", "content": "Wake me at 7."}},
+				"tools": tools, "tool_choice": "required", "seed": seed, "temperature": 1, "max_tokens": 300, "stream": stream,
+			}
+			direct := callsOf(t, postJSON(t, ctx, regional.h3Client(t), regional.base+"/v1/chat/completions", body))
+			via := callsOf(t, postJSON(t, ctx, edge.h3Client(t), edge.base+"/v1/chat/completions", body))
+			if len(direct) != 2 || !reflect.DeepEqual(via, direct) {
+				t.Errorf("seed %d stream %v: through the edge %q, direct %q", seed, stream, via, direct)
+			}
+			if seed == 0 && stream {
+				// The call and its result go back as history.
+				call := map[string]any{"id": "call_1", "type": "function", "function": map[string]any{"name": direct[0], "arguments": direct[1]}}
+				body["messages"] = append(body["messages"].([]any),
+					map[string]any{"role": "assistant", "content": nil, "tool_calls": []any{call}},
+					map[string]any{"role": "tool", "tool_call_id": "call_1", "content": "ok"})
+				body["tool_choice"] = "none"
+				direct := readStream(t, postJSON(t, ctx, regional.h3Client(t), regional.base+"/v1/chat/completions", body))
+				via := readStream(t, postJSON(t, ctx, edge.h3Client(t), edge.base+"/v1/chat/completions", body))
+				if via.text != direct.text || via.finish != direct.finish {
+					t.Errorf("after the call: through the edge %q (%s), direct %q (%s)", via.text, via.finish, direct.text, direct.finish)
+				}
+			}
+		}
+	}
+}
+
+// callsOf is a chat answer's one tool call, whole or streamed: its
+// function's name and its arguments, after checking the answer ended
+// with finish reason tool_calls and the call's id is OpenAI's shape.
+func callsOf(t *testing.T, resp *http.Response) []string {
+	t.Helper()
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s: %s %v", resp.Request.URL.Path, body, err)
+	}
+	docs := [][]byte{body}
+	if strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
+		docs = nil
+		for line := range strings.Lines(string(body)) {
+			if data, ok := strings.CutPrefix(strings.TrimSpace(line), "data: "); ok && data != "[DONE]" {
+				docs = append(docs, []byte(data))
+			}
+		}
+	}
+	type call struct {
+		ID       string `json:"id"`
+		Function struct {
+			Name      string `json:"name"`
+			Arguments string `json:"arguments"`
+		} `json:"function"`
+	}
+	var name, args, finish string
+	calls := 0
+	for _, d := range docs {
+		var doc struct {
+			Choices []struct {
+				Message struct {
+					ToolCalls []call `json:"tool_calls"`
+				} `json:"message"`
+				Delta struct {
+					ToolCalls []call `json:"tool_calls"`
+				} `json:"delta"`
+				FinishReason string `json:"finish_reason"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal(d, &doc); err != nil {
+			t.Fatalf("%s: %v", d, err)
+		}
+		for _, c := range doc.Choices {
+			for _, tc := range append(c.Message.ToolCalls, c.Delta.ToolCalls...) {
+				if tc.ID != "" {
+					calls++
+					if !strings.HasPrefix(tc.ID, "call_") {
+						t.Errorf("call id %q", tc.ID)
+					}
+				}
+				name += tc.Function.Name
+				args += tc.Function.Arguments
+			}
+			if c.FinishReason != "" {
+				finish = c.FinishReason
+			}
+		}
+	}
+	if calls != 1 || finish != "tool_calls" {
+		t.Errorf("%d calls, finish %q; want one call and tool_calls", calls, finish)
+	}
+	return []string{name, args}
 }
