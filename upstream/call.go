@@ -818,4 +818,3 @@ func bound(s string, n int) string {
 	}
 	return strings.ToValidUTF8(s, "\uFFFD")
 }
-

@@ -16,7 +16,7 @@ import (
 type shape struct {
 	chat     bool
 	logprobs bool
-	top      int    // alternatives per token the client asked for
+	top      int         // alternatives per token the client asked for
 	choices  uint32      // how many: indexes 0 to choices-1
 	calls    *callReader // the request's tools; nil: it offered none
 }
