@@ -259,3 +259,27 @@ func FuzzParser(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkParser pushes a completion through the parser four bytes at a
+// time, as tokens come: a call whose arguments stream, beside text of
+// the same length that holds no call (the cost every token of a request
+// with tools pays).
+func BenchmarkParser(b *testing.B) {
+	pre, suf, _ := Syntax(Hermes, "add")
+	args := `{"items": [` + strings.Repeat(`{"n": 12345, "s": "abc\"def", "ok": true}, `, 40) + `null]}`
+	for _, bc := range []struct{ name, text string }{
+		{"text", strings.Repeat("x", len(pre+args+suf))},
+		{"call", pre + args + suf},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.SetBytes(int64(len(bc.text)))
+			for b.Loop() {
+				p := NewParser(Hermes, []string{"add"})
+				for i := 0; i < len(bc.text); i += 4 {
+					p.Push(bc.text[i:min(i+4, len(bc.text))])
+				}
+				p.Flush()
+			}
+		})
+	}
+}
