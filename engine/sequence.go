@@ -56,6 +56,10 @@ type sequence struct {
 	// offers the model none. serialCalls ends it on its first call.
 	tools       *toolcall.Parser
 	serialCalls bool
+	// markers spells the tool call family's markers that are special
+	// tokens of the model's tokenizer, by id, for the parser to read;
+	// nil when there are none or the request offers no tools.
+	markers map[int]string
 }
 
 func newSequence(m Model, s *infer.Request) (*sequence, error) {
@@ -147,6 +151,7 @@ func newSequence(m Model, s *infer.Request) (*sequence, error) {
 		row:         -1,
 		tools:       tools.parser,
 		serialCalls: tools.serial,
+		markers:     tools.markers,
 	}, nil
 }
 
@@ -199,6 +204,11 @@ func (q *sequence) prefill() ([][]byte, error) {
 	}
 	if q.format != nil {
 		v, err := vocabulary(q.m, len(logits))
+		if q.markers != nil {
+			// The forced call's markers are special tokens that this
+			// request spells: its own vocabulary has them.
+			v, err = constrain.NewVocab(len(logits), q.piece)
+		}
 		if err != nil {
 			return nil, &RequestError{infer.CodeInvalidRequest, fmt.Sprintf(
 				"response_format: model %s cannot be constrained to JSON: %v", q.m.Info().Name, err)}
@@ -233,7 +243,7 @@ func (q *sequence) nextText() (infer.Token, *infer.Done) {
 	id := q.smp.sample(q.logits)
 	q.completion++
 	tok := infer.Token{Count: 1}
-	piece, end := q.m.Piece(id)
+	piece, end := q.piece(id)
 	if lp := q.smp.lp; lp != nil {
 		tok.Logprobs = q.logprobs(lp, piece)
 	}
@@ -270,7 +280,7 @@ func (q *sequence) logprobs(lp *stepLogprobs, piece string) []infer.TokenLogprob
 	if len(lp.best) > 0 {
 		e[0].Top = make([]infer.TopLogprob, len(lp.best))
 		for i, c := range lp.best {
-			p, _ := q.m.Piece(c.id)
+			p, _ := q.piece(c.id)
 			e[0].Top[i] = infer.TopLogprob{Token: p, Logprob: float32(c.p)}
 		}
 		if q.smp.format != nil {

@@ -29,10 +29,31 @@ type toolFunction struct {
 // its template is given ("" none), the parser of its completion and the
 // grammar that forces a call (nil under auto).
 type toolSetup struct {
-	tools  string
-	parser *toolcall.Parser
-	format *constrain.Grammar
-	serial bool
+	tools   string
+	parser  *toolcall.Parser
+	format  *constrain.Grammar
+	serial  bool
+	markers map[int]string
+}
+
+// specialModel is a Model whose tokenizer finds a special token by its
+// text. Some tokenizers hold a family's call markers as special tokens
+// (Mistral's [TOOL_CALLS]), which generated text skips: a request with
+// tools spells them, for its parser, which keeps them out of content.
+type specialModel interface {
+	SpecialID(text string) (id int, ok bool)
+}
+
+// piece is the model's Piece of id, with the request's tool call
+// markers spelled.
+func (q *sequence) piece(id int) (string, bool) {
+	p, end := q.m.Piece(id)
+	if p == "" && !end && q.markers != nil {
+		if m, ok := q.markers[id]; ok {
+			return m, false
+		}
+	}
+	return p, end
 }
 
 // setupTools reads s's tools against the model's tool call format.
@@ -69,6 +90,16 @@ func setupTools(m Model, s *infer.Request) (toolSetup, error) {
 		names[i] = f.Function.Name
 	}
 	t := toolSetup{tools: s.Tools, parser: toolcall.NewParser(format, names), serial: s.SerialToolCalls}
+	if sm, ok := m.(specialModel); ok {
+		for _, mk := range toolcall.Markers(format) {
+			if id, ok := sm.SpecialID(mk); ok {
+				if t.markers == nil {
+					t.markers = map[int]string{}
+				}
+				t.markers[id] = mk
+			}
+		}
+	}
 	var forced []toolFunction
 	switch s.ToolChoice {
 	case infer.ToolRequired:
@@ -102,9 +133,11 @@ func setupTools(m Model, s *infer.Request) (toolSetup, error) {
 }
 
 // next is nextText with the completion's text read for tool calls: the
-// calls it completes leave the text and ride as ToolCalls, and a
-// completion that made calls finishes with "tool_calls". Without
-// parallel tool calls it ends on its first call.
+// calls it writes leave the text and ride as ToolCalls, streamed as the
+// model writes their arguments, and a completion that made calls
+// finishes with "tool_calls". Without parallel tool calls it ends once
+// its first call's arguments are whole; it ends too where the model
+// broke the JSON of arguments already streaming (toolcall.Parser).
 func (q *sequence) next() (infer.Token, *infer.Done) {
 	tok, done := q.nextText()
 	p := q.tools
@@ -112,7 +145,7 @@ func (q *sequence) next() (infer.Token, *infer.Done) {
 		return tok, done
 	}
 	tok.Text, tok.ToolCalls = p.Push(tok.Text)
-	if done == nil && q.serialCalls && p.Calls() > 0 {
+	if done == nil && (q.serialCalls && p.Whole() > 0 || p.Broken()) {
 		text, calls := p.Push(q.text.Flush())
 		tok.Text += text
 		tok.ToolCalls = append(tok.ToolCalls, calls...)

