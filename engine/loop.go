@@ -197,6 +197,8 @@ func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- erro
 			in.submit, in.err = transport.DecodeSubmit(f.Payload)
 		case transport.FrameControl:
 			in.control, in.err = transport.DecodeControl(f.Payload)
+		case transport.FrameEmbed:
+			decodeEmbed(&in, f.Payload)
 		}
 		select {
 		case inbox <- in:
@@ -290,6 +292,10 @@ type workerLoop struct {
 	prefilled  []*prefilledRun
 	held       []inbound
 	prefilling *running // a bulk request whose prefill runs aside
+
+	// embeds are the embedding requests waiting for their encoder
+	// (embed.go); nil until the first arrives.
+	embeds *embedQueue
 }
 
 // prefilledRun is an urgent request prefilled beside a bulk step, waiting
@@ -428,7 +434,7 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 		// here at least every stats interval (the ticker below); busy, once
 		// per decode round.
 		w.end.Beat()
-		if len(w.byID) == 0 {
+		if len(w.byID) == 0 && !w.embedding() {
 			select {
 			case in := <-inbox:
 				if err := w.handle(in); err != nil {
@@ -464,7 +470,7 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 		if err := w.round(inbox); err != nil {
 			return err
 		}
-		if len(w.byID) == 0 {
+		if len(w.byID) == 0 && !w.embedding() {
 			if err := w.sendStats(); err != nil {
 				return err
 			}
@@ -481,6 +487,9 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 		return err
 	}
 	if err := w.start(inbox); err != nil {
+		return err
+	}
+	if err := w.embedRound(); err != nil {
 		return err
 	}
 	// Urgent requests that started beside a bulk prefill join before the
@@ -814,6 +823,8 @@ func (w *workerLoop) handle(in inbound) error {
 	switch in.typ {
 	case transport.FrameSubmit:
 		return w.admit(in)
+	case transport.FrameEmbed:
+		return w.admitEmbed(in)
 	case transport.FrameCancel:
 		// The gateway has already forgotten the call, so nothing is sent.
 		if r := w.byID[in.id]; r != nil {
@@ -823,6 +834,8 @@ func (w *workerLoop) handle(in inbound) error {
 		} else if w.preparing[in.id] != nil {
 			// Its prompt is dropped when it comes back.
 			delete(w.preparing, in.id)
+			w.stats.SequencesCancelled++
+		} else if w.cancelEmbed(in.id) {
 			w.stats.SequencesCancelled++
 		}
 	case transport.FrameControl:
@@ -851,12 +864,15 @@ func (w *workerLoop) admit(in inbound) error {
 	if w.byID[in.id] != nil || w.preparing[in.id] != nil {
 		return reject(infer.CodeInvalidRequest, fmt.Sprintf("request id %d is already running", in.id))
 	}
-	if len(w.byID)+len(w.preparing) >= w.slots {
+	if len(w.byID)+len(w.preparing)+w.embedJobs() >= w.slots {
 		return reject(infer.CodeInternal, fmt.Sprintf("worker busy: all %d slots in use", w.slots))
 	}
 	m := w.models[in.submit.Model]
 	if m == nil {
 		return reject(infer.CodeModelNotFound, fmt.Sprintf("model %q is not served by this worker", in.submit.Model))
+	}
+	if refused, err := w.refuseEncoder(in, m); refused {
+		return err
 	}
 	if w.prepareAside(in, m) {
 		return nil
