@@ -124,6 +124,9 @@ func (g *Gateway) parseRequest(w http.ResponseWriter, r *http.Request, kind apiK
 	if err := g.checkModel(req.model); err != nil {
 		return err
 	}
+	if err := g.refuseEncoder(req.model); err != nil {
+		return err
+	}
 	// The token limits the models and caps the urgency (auth.go).
 	ceiling, err := identify(r.Context(), req.model)
 	if err != nil {

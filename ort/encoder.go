@@ -108,7 +108,7 @@ func LoadEncoder(dir string, opts Options) (*Encoder, error) {
 	if e.session, err = onnxrt.NewDynamicAdvancedSession(path, inNames, []string{e.output}, so); err != nil {
 		return nil, fmt.Errorf("load encoder %s: create session on %s: %w", dir, e.place.provider, err)
 	}
-	v, err := e.Embed([][]int{{0}})
+	v, err := e.Embed([][]int{{0}}, nil)
 	if err != nil {
 		e.session.Destroy()
 		return nil, fmt.Errorf("load encoder %s: warm-up: %w", dir, err)
@@ -175,10 +175,13 @@ func (e *Encoder) bindSignature(ins, outs []onnxrt.InputOutputInfo) ([]string, e
 // right-padded to the longest under a zero attention mask, and returns
 // each row's vector: pooled as model.json's pooling says (the mean of the
 // row's real positions, or its first position's) and, with normalize,
-// scaled to unit length. A row's vector does not depend on the rows
-// beside it beyond float rounding: padding is masked out of attention and
-// out of the pooling.
-func (e *Encoder) Embed(rows [][]int) ([][]float32, error) {
+// scaled to unit length. dims, when not nil, shortens row i's vector to
+// its first dims[i] values where dims[i] is above 0 and below its length,
+// before the normalization (OpenAI's dimensions: a Matryoshka model's
+// leading values, made unit length again). A row's vector does not depend
+// on the rows beside it beyond float rounding: padding is masked out of
+// attention and out of the pooling.
+func (e *Encoder) Embed(rows [][]int, dims []int) ([][]float32, error) {
 	if len(rows) == 0 {
 		return nil, nil
 	}
@@ -260,8 +263,11 @@ func (e *Encoder) Embed(rows [][]int) ([][]float32, error) {
 		default:
 			meanPool(v, out[i*width*h:], len(r))
 		}
+		if dims != nil && dims[i] > 0 && dims[i] < h {
+			v = v[:dims[i]:dims[i]]
+		}
 		if e.cfg.Normalize {
-			Normalize(v)
+			normalize(v)
 		}
 		vecs[i] = v
 	}
@@ -281,8 +287,8 @@ func meanPool(v, states []float32, n int) {
 	}
 }
 
-// Normalize scales v to unit length (L2); a zero vector stays zero.
-func Normalize(v []float32) {
+// normalize scales v to unit length (L2); a zero vector stays zero.
+func normalize(v []float32) {
 	var ss float64
 	for _, x := range v {
 		ss += float64(x) * float64(x)
@@ -295,10 +301,6 @@ func Normalize(v []float32) {
 		v[i] = float32(float64(x) * inv)
 	}
 }
-
-// Normalizes reports whether Embed's vectors are unit length
-// (model.json normalize).
-func (e *Encoder) Normalizes() bool { return e.cfg.Normalize }
 
 // VocabSize is how many token ids the tokenizer has; an input's ids must
 // be below it (or below model.json's vocab_size, when larger).

@@ -53,12 +53,12 @@ func TestEncoderBatchedEqualsAlone(t *testing.T) {
 		for i, s := range texts {
 			rows[i] = e.EncodeSpecial(s)
 		}
-		batched, err := e.Embed(rows)
+		batched, err := e.Embed(rows, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for i, r := range rows {
-			alone, err := e.Embed([][]int{r})
+			alone, err := e.Embed([][]int{r}, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -124,5 +124,32 @@ func TestLoadEncoderChecksConfig(t *testing.T) {
 				t.Errorf("got %v, want an error mentioning %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestEncoderDimensions: a shortened vector is the full one's leading
+// values, made unit length again; rows beside it keep their length.
+func TestEncoderDimensions(t *testing.T) {
+	e := loadEncoder(t, onnxgen.EncoderOptions{Seed: 5})
+	rows := [][]int{e.EncodeSpecial("shorten me"), e.EncodeSpecial("leave me")}
+	full, err := e.Embed(rows, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cut, err := e.Embed(rows, []int{8, 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cut[0]) != 8 || len(cut[1]) != len(full[1]) {
+		t.Fatalf("got lengths %d and %d, want 8 and %d", len(cut[0]), len(cut[1]), len(full[1]))
+	}
+	if n := norm(cut[0]); math.Abs(n-1) > 1e-5 {
+		t.Errorf("shortened vector has length %v, want 1", n)
+	}
+	scale := norm(full[0][:8])
+	for i, x := range cut[0] {
+		if want := float64(full[0][i]) / scale; math.Abs(float64(x)-want) > 1e-5 {
+			t.Errorf("value %d: %v, want %v", i, x, want)
+		}
 	}
 }
