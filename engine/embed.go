@@ -157,9 +157,9 @@ func (w *workerLoop) admitEmbed(in inbound) error {
 	if d := req.Dimensions; d != 0 {
 		switch {
 		case !info.Matryoshka:
-			return reject(infer.CodeInvalidRequest, "dimensions: model %q does not support shortening its vectors", in.submit.Model)
+			return reject(infer.CodeInvalidRequest, "dimensions: the model does not support shortening its vectors")
 		case info.EmbeddingSize != 0 && d > info.EmbeddingSize:
-			return reject(infer.CodeInvalidRequest, "dimensions: %d is more than the %d values of model %q's vectors", d, info.EmbeddingSize, in.submit.Model)
+			return reject(infer.CodeInvalidRequest, "dimensions: %d is more than the %d values of the model's vectors", d, info.EmbeddingSize)
 		}
 	}
 	j := &embedJob{id: in.id, urgency: in.submit.Urgency, m: enc, dims: int(req.Dimensions)}
@@ -184,7 +184,7 @@ func (w *workerLoop) admitEmbed(in inbound) error {
 	}
 	for i, ids := range j.inputs {
 		if len(ids) > ctxLen {
-			return reject(infer.CodeContextLength, "input[%d] is %d tokens, more than model %q's context length of %d", i, len(ids), in.submit.Model, ctxLen)
+			return reject(infer.CodeContextLength, "input[%d] is %d tokens, more than the model's context length of %d", i, len(ids), ctxLen)
 		}
 		if j.tokens += len(ids); j.tokens > infer.MaxEmbedTokens {
 			return reject(infer.CodeInvalidRequest, "input: more than %d tokens in all", infer.MaxEmbedTokens)

@@ -180,9 +180,9 @@ func TestEmbedRefusals(t *testing.T) {
 		in         inbound
 		code, want string
 	}{
-		{embedIn(1, infer.EmbedRequest{Texts: []string{"fits", strings.Repeat("x", 17)}}), infer.CodeContextLength, "input[1] is 17 tokens, more than model \"enc\"'s context length of 16"},
+		{embedIn(1, infer.EmbedRequest{Texts: []string{"fits", strings.Repeat("x", 17)}}), infer.CodeContextLength, "input[1] is 17 tokens, more than the model's context length of 16"},
 		{embedIn(2, infer.EmbedRequest{Tokens: [][]uint32{{1, 99999}}}), infer.CodeInvalidRequest, "input[0][1]: token id 99999 is not below the vocabulary size"},
-		{embedIn(3, infer.EmbedRequest{Texts: []string{"a"}, Dimensions: 8}), infer.CodeInvalidRequest, "dimensions: model \"enc\" does not support"},
+		{embedIn(3, infer.EmbedRequest{Texts: []string{"a"}, Dimensions: 8}), infer.CodeInvalidRequest, "dimensions: the model does not support"},
 		{embedIn(4, infer.EmbedRequest{Texts: []string{""}}), infer.CodeInvalidRequest, "input[0]: no tokens"},
 		{inbound{typ: transport.FrameEmbed, id: 5, submit: infer.Request{Model: "demo", Embed: &infer.EmbedRequest{Texts: []string{"a"}}}}, infer.CodeInvalidRequest, "generates text and serves no embeddings"},
 		{submit(6, infer.Request{Model: "enc", Prompt: "hello", MaxTokens: 3}), infer.CodeInvalidRequest, "is an embedding model and generates no text"},
