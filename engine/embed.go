@@ -76,6 +76,9 @@ type embedJob struct {
 // then oldest.
 type embedQueue struct {
 	jobs []*embedJob
+	// preparing are the requests whose inputs are being tokenized beside
+	// the loop; they hold slots.
+	preparing map[uint64]*embedPrep
 	// Scratch of a round, reused.
 	rows  [][]int
 	dims  []int
@@ -96,7 +99,7 @@ func (w *workerLoop) embedJobs() int {
 	if w.embeds == nil {
 		return 0
 	}
-	return len(w.embeds.jobs)
+	return len(w.embeds.jobs) + len(w.embeds.preparing)
 }
 
 // findEmbed is the waiting embedding request id, or nil.
@@ -115,6 +118,11 @@ func (w *workerLoop) findEmbed(id uint64) *embedJob {
 // cancelEmbed drops embedding request id, if it is waiting, and reports
 // whether it was.
 func (w *workerLoop) cancelEmbed(id uint64) bool {
+	if w.embedPreparing(id) {
+		// Its inputs are dropped when they come back.
+		delete(w.embeds.preparing, id)
+		return true
+	}
 	j := w.findEmbed(id)
 	if j == nil {
 		return false
@@ -130,7 +138,11 @@ func (w *workerLoop) dropEmbed(j *embedJob) {
 }
 
 // admitEmbed checks and tokenizes an embedding request and queues it, or
-// answers it with why not. Only ring failures are returned.
+// answers it with why not. Inputs of more than prepareInline bytes of
+// text are tokenized in a goroutine beside the loop, as large prompts are
+// (prepare.go), so that one client's megabyte of text does not stall the
+// other requests of the worker; the request holds a slot meanwhile. Only
+// ring failures are returned.
 func (w *workerLoop) admitEmbed(in inbound) error {
 	reject := func(code, format string, a ...any) error {
 		return w.sendError(in.id, infer.Error{Code: code, Message: fmt.Sprintf(format, a...)})
@@ -138,13 +150,12 @@ func (w *workerLoop) admitEmbed(in inbound) error {
 	if in.err != nil {
 		return reject(infer.CodeInvalidRequest, "malformed embed: %v", in.err)
 	}
-	if w.byID[in.id] != nil || w.preparing[in.id] != nil || w.findEmbed(in.id) != nil {
+	if w.byID[in.id] != nil || w.preparing[in.id] != nil || w.findEmbed(in.id) != nil || w.embedPreparing(in.id) {
 		return reject(infer.CodeInvalidRequest, "request id %d is already running", in.id)
 	}
 	if len(w.byID)+len(w.preparing)+w.embedJobs() >= w.slots {
 		return reject(infer.CodeInternal, "worker busy: all %d slots in use", w.slots)
 	}
-	req := in.submit.Embed
 	m := w.models[in.submit.Model]
 	if m == nil {
 		return reject(infer.CodeModelNotFound, "model %q is not served by this worker", in.submit.Model)
@@ -153,7 +164,65 @@ func (w *workerLoop) admitEmbed(in inbound) error {
 	if !ok {
 		return reject(infer.CodeInvalidRequest, "model %q generates text and serves no embeddings; use /v1/chat/completions or /v1/completions", in.submit.Model)
 	}
-	info := m.Info()
+	if w.embeds == nil {
+		w.embeds = &embedQueue{preparing: map[uint64]*embedPrep{}}
+	}
+	textBytes := 0
+	for _, t := range in.submit.Embed.Texts {
+		textBytes += len(t)
+	}
+	if w.inbox == nil || textBytes <= prepareInline {
+		j, rerr := prepareEmbed(in, enc)
+		return w.queueEmbed(in, j, rerr)
+	}
+	p := &embedPrep{in: in, m: enc}
+	w.embeds.preparing[in.id] = p
+	w.preparers.Go(func() {
+		p.j, p.err = prepareEmbed(p.in, p.m)
+		select {
+		case w.inbox <- inbound{embedPrepared: p}:
+		case <-w.stop:
+		}
+	})
+	return nil
+}
+
+// embedPrep is an embedding request whose inputs a goroutine tokenizes
+// beside the loop, and then its outcome.
+type embedPrep struct {
+	in  inbound
+	m   Embedder
+	j   *embedJob
+	err *infer.Error
+}
+
+func (w *workerLoop) embedPreparing(id uint64) bool {
+	return w.embeds != nil && w.embeds.preparing[id] != nil
+}
+
+// admitPreparedEmbed queues a request tokenized aside, unless it was
+// cancelled meanwhile or its model has gone.
+func (w *workerLoop) admitPreparedEmbed(p *embedPrep) error {
+	if w.embeds.preparing[p.in.id] != p {
+		return nil // cancelled; the gateway has forgotten the call
+	}
+	delete(w.embeds.preparing, p.in.id)
+	if name := p.in.submit.Model; w.models[name] != Model(p.m) {
+		return w.sendError(p.in.id, infer.Error{Code: infer.CodeModelNotFound,
+			Message: fmt.Sprintf("model %q is not served by this worker", name)})
+	}
+	return w.queueEmbed(p.in, p.j, p.err)
+}
+
+// prepareEmbed checks an embedding request against its model and
+// tokenizes its inputs: the job to queue, or the error to answer with. It
+// touches nothing of the loop's, so it may run beside it.
+func prepareEmbed(in inbound, enc Embedder) (*embedJob, *infer.Error) {
+	reject := func(code, format string, a ...any) (*embedJob, *infer.Error) {
+		return nil, &infer.Error{Code: code, Message: fmt.Sprintf(format, a...)}
+	}
+	req := in.submit.Embed
+	info := enc.Info()
 	if d := req.Dimensions; d != 0 {
 		switch {
 		case !info.Matryoshka:
@@ -190,6 +259,15 @@ func (w *workerLoop) admitEmbed(in inbound) error {
 			return reject(infer.CodeInvalidRequest, "input: more than %d tokens in all", infer.MaxEmbedTokens)
 		}
 	}
+	return j, nil
+}
+
+// queueEmbed puts job j of request in in the waiting order, or answers
+// the request with rerr.
+func (w *workerLoop) queueEmbed(in inbound, j *embedJob, rerr *infer.Error) error {
+	if rerr != nil {
+		return w.sendError(in.id, *rerr)
+	}
 	ctx := context.Background()
 	if tp := in.submit.TraceParent; tp != "" {
 		ctx = propagation.TraceContext{}.Extract(ctx, propagation.MapCarrier{"traceparent": tp})
@@ -204,9 +282,6 @@ func (w *workerLoop) admitEmbed(in inbound) error {
 	}
 	w.arrivals++
 	j.arrival = w.arrivals
-	if w.embeds == nil {
-		w.embeds = &embedQueue{}
-	}
 	q := w.embeds
 	i, _ := slices.BinarySearchFunc(q.jobs, j, func(a, b *embedJob) int {
 		if a.urgency != b.urgency {

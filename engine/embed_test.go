@@ -223,3 +223,40 @@ func TestEmbedCancel(t *testing.T) {
 		t.Error("a cancelled request got Done")
 	}
 }
+
+// TestEmbedLargeInputsTokenizedAside: a request with more than
+// prepareInline bytes of text is tokenized beside the loop and comes back
+// through its inbox; its vectors are those of the inputs tokenized
+// inline.
+func TestEmbedLargeInputsTokenizedAside(t *testing.T) {
+	w, rec, runs, inbox := encoderLoop(t, 4, onnxgen.EncoderOptions{})
+	stop := make(chan struct{})
+	w.inbox, w.stop = inbox, stop
+	t.Cleanup(func() { close(stop); w.preparers.Wait() })
+	big := make([]string, 40)
+	for i := range big {
+		big[i] = strings.Repeat(string(rune('a'+i%26)), prepareInline/32)
+	}
+	if err := w.handle(embedIn(1, infer.EmbedRequest{Texts: big})); err != nil {
+		t.Fatal(err)
+	}
+	if !w.embedPreparing(1) || w.embedding() {
+		t.Fatal("a large request was not handed to a goroutine")
+	}
+	for w.embedPreparing(1) {
+		if err := w.handle(<-inbox); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runEmbeds(t, w, inbox)
+	if len(rec.vectors[1]) != len(big) {
+		t.Fatalf("%d vectors for %d inputs (errors %+v)", len(rec.vectors[1]), len(big), rec.errs)
+	}
+	alone, err := runs.Embedder.Embed([][]int{runs.Embedder.EncodeSpecial(big[3])}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := maxDiff(rec.vectors[1][3], alone[0]); d > 1e-5 {
+		t.Errorf("input 3 differs by %g", d)
+	}
+}

@@ -178,6 +178,9 @@ type inbound struct {
 	// prepared is set, with typ 0, by a goroutine handing the loop a
 	// large request's prompt, rendered and encoded beside it.
 	prepared *preparedSeq
+	// embedPrepared is set, with typ 0, by a goroutine handing the loop
+	// an embedding request's inputs, tokenized beside it (embed.go).
+	embedPrepared *embedPrep
 }
 
 // receive runs Recv until the ring closes or stop is closed. It does not
@@ -846,6 +849,9 @@ func (w *workerLoop) handle(in inbound) error {
 		}
 		if in.prepared != nil {
 			return w.admitPrepared(in.prepared)
+		}
+		if in.embedPrepared != nil {
+			return w.admitPreparedEmbed(in.embedPrepared)
 		}
 	case transport.FrameHeartbeat:
 	default:
