@@ -43,7 +43,7 @@ type Embedder interface {
 // embeddingSender is what sends vectors: *transport.WorkerEnd. It is apart
 // from sender so that the loop's tests' recorders need not know it.
 type embeddingSender interface {
-	SendEmbedding(id uint64, e infer.Embedding) error
+	SendEmbeddings(outs []transport.EmbeddingOut) error
 }
 
 // Bounds of one run of an encoder. Thirty-two rows is the batch size the
@@ -83,6 +83,7 @@ type embedQueue struct {
 	rows  [][]int
 	dims  []int
 	takes []embedTake
+	out   []transport.EmbeddingOut
 }
 
 // embedTake is a run's share of one request: n inputs from its next.
@@ -361,6 +362,9 @@ fill:
 	if !ok {
 		return errors.New("worker: the ring's sender cannot send embeddings")
 	}
+	// Every request's frames of the run, and the Done of those it
+	// finished, go out in one publish.
+	q.out = q.out[:0]
 	for _, t := range takes {
 		j := t.j
 		mine := vecs[:t.n]
@@ -368,20 +372,21 @@ fill:
 		for len(mine) > 0 {
 			per := max(1, maxEmbeddingFrame/(4*len(mine[0])))
 			n := min(per, len(mine))
-			if err := vs.SendEmbedding(j.id, infer.Embedding{Index: uint32(j.next), Vectors: mine[:n]}); err != nil {
-				return err
-			}
+			q.out = append(q.out, transport.EmbeddingOut{ID: j.id, Embedding: infer.Embedding{Index: uint32(j.next), Vectors: mine[:n]}})
 			j.next += n
 			mine = mine[n:]
 		}
 		if j.next == len(j.inputs) {
+			q.out[len(q.out)-1].Done = &infer.Done{FinishReason: infer.FinishStop, PromptTokens: uint32(j.tokens)}
 			w.dropEmbed(j)
-			if err := w.sendDone(j.id, infer.Done{FinishReason: infer.FinishStop, PromptTokens: uint32(j.tokens)}); err != nil {
-				return err
-			}
 		}
 	}
-	return nil
+	if err := w.flushTokens(); err != nil {
+		return err
+	}
+	err = vs.SendEmbeddings(q.out)
+	clear(q.out)
+	return err
 }
 
 // refuseEncoder answers a completion request for an encoder model.

@@ -23,14 +23,19 @@ type embedRecorder struct {
 	frames  map[uint64]int
 }
 
-func (r *embedRecorder) SendEmbedding(id uint64, e infer.Embedding) error {
-	r.emu.Lock()
-	defer r.emu.Unlock()
-	if int(e.Index) != len(r.vectors[id]) {
-		panic("vectors out of order")
+func (r *embedRecorder) SendEmbeddings(outs []transport.EmbeddingOut) error {
+	for _, o := range outs {
+		r.emu.Lock()
+		if int(o.Embedding.Index) != len(r.vectors[o.ID]) {
+			panic("vectors out of order")
+		}
+		r.vectors[o.ID] = append(r.vectors[o.ID], o.Embedding.Vectors...)
+		r.frames[o.ID]++
+		r.emu.Unlock()
+		if o.Done != nil {
+			r.SendDone(o.ID, *o.Done)
+		}
 	}
-	r.vectors[id] = append(r.vectors[id], e.Vectors...)
-	r.frames[id]++
 	return nil
 }
 

@@ -158,3 +158,47 @@ func FuzzDecodeEmbedding(f *testing.F) {
 		}
 	})
 }
+
+// TestSendEmbeddings: one publish carries several requests' vectors and
+// the Done of those it finishes; each call gets its own, in order.
+func TestSendEmbeddings(t *testing.T) {
+	checkGoroutines(t)
+	gwSeg, wkSeg := newPair(t, 64<<10)
+	g := NewGatewayEnd(gwSeg, GatewayEndConfig{})
+	w := NewWorkerEnd(wkSeg)
+	runErr := make(chan error, 1)
+	go func() { runErr <- g.Run() }()
+	var calls []*Call
+	for id := uint64(1); id <= 2; id++ {
+		c, err := g.Open(id, &infer.Request{Model: "enc", Embed: &infer.EmbedRequest{Texts: []string{"a", "b"}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		calls = append(calls, c)
+	}
+	v := func(x float32) [][]float32 { return [][]float32{{x, -x}} }
+	err := w.SendEmbeddings([]EmbeddingOut{
+		{ID: 1, Embedding: infer.Embedding{Index: 0, Vectors: v(1)}},
+		{ID: 2, Embedding: infer.Embedding{Index: 0, Vectors: [][]float32{{2, -2}, {3, -3}}}, Done: &infer.Done{PromptTokens: 2}},
+		{ID: 1, Embedding: infer.Embedding{Index: 1, Vectors: v(4)}, Done: &infer.Done{PromptTokens: 7}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range calls {
+		var vecs [][]float32
+		var done *infer.Done
+		for ev := range c.Events() {
+			if ev.Embedding != nil {
+				vecs = append(vecs, ev.Embedding.Vectors...)
+			}
+			done = ev.Done
+		}
+		want := [][][]float32{{{1, -1}, {4, -4}}, {{2, -2}, {3, -3}}}[i]
+		if !reflect.DeepEqual(vecs, want) || done == nil || done.PromptTokens != []uint32{7, 2}[i] {
+			t.Errorf("call %d: %v then %+v", i+1, vecs, done)
+		}
+	}
+	w.Close()
+	<-runErr
+}
