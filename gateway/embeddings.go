@@ -59,17 +59,8 @@ type embedding struct {
 // checks.
 func parseEmbedding(body []byte) (*embedding, error) {
 	var req embeddingRequest
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	err := dec.Decode(&req)
-	if name, ok := unknownField(err); ok {
-		return nil, invalidf(name, "%s: unknown parameter", name)
-	}
-	if _, trailing := dec.Token(); err != nil || trailing != io.EOF {
-		if uerr := json.Unmarshal(body, new(any)); uerr != nil {
-			err = uerr
-		}
-		return nil, fmt.Errorf("decode request: %w", err)
+	if err := decodeBody(body, &req); err != nil {
+		return nil, err
 	}
 	if req.Model == "" {
 		return nil, invalidf("model", "model: required")
@@ -232,12 +223,8 @@ func (g *Gateway) serveEmbeddings(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	ctx, cancel := context.WithDeadlineCause(r.Context(), run.deadline, errDeadlinePassed)
-	defer cancel()
-	ctx, cancelAbort := context.WithCancelCause(ctx)
-	defer cancelAbort(nil)
-	stopAbort := context.AfterFunc(g.aborting, func() { cancelAbort(context.Cause(g.aborting)) })
-	defer stopAbort()
+	ctx, end := g.lifetime(r, run)
+	defer end()
 	defer g.finished(ctx, run)
 
 	// Embeddings reserve no output tokens: they make none. They count

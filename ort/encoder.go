@@ -362,16 +362,8 @@ func OpenEncoder(s workerconf.Settings, spec workerconf.Model, log *slog.Logger)
 	if err := InitRuntime(s.ORTLib); err != nil {
 		return nil, fmt.Errorf("model %s: %w", spec.Name, err)
 	}
-	e, err := LoadEncoder(spec.Dir, Options{
-		Name:           spec.Name,
-		IntraOpThreads: s.IntraOpThreads,
-		Provider:       spec.Provider,
-		DeviceID:       spec.DeviceID,
-		ORTLib:         s.ORTLib,
-		GPUMemoryBytes: s.GPUShare(spec),
-		CopyWeights:    s.CopyWeights,
-		Log:            log,
-	})
+	// DeviceKV means nothing to an encoder, which keeps no cache.
+	e, err := LoadEncoder(spec.Dir, workerOptions(s, spec, log))
 	if err != nil {
 		return nil, err
 	}

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
 )
 
 // The encoder: a small bidirectional transformer with random weights, the
@@ -132,15 +130,7 @@ func WriteEncoder(dir string, opts EncoderOptions) error {
 		metadata: [][2]string{{"h3infer.model", "encoder"}},
 		graph:    buildEncoder(o, vocab),
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("onnxgen: create %s: %w", dir, err)
-	}
-	for _, f := range []namedFile{{TokenizerFile, tok}, {ConfigFile, cfg}, {ModelFile, m.marshal()}} {
-		if err := writeFileAtomic(filepath.Join(dir, f.name), f.data); err != nil {
-			return fmt.Errorf("onnxgen: %w", err)
-		}
-	}
-	return nil
+	return writeFiles(dir, []namedFile{{TokenizerFile, tok}, {ConfigFile, cfg}, {ModelFile, m.marshal()}})
 }
 
 // buildEncoder lays out a pre-norm bidirectional transformer with learned
