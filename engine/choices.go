@@ -124,7 +124,7 @@ func (w *workerLoop) choiceEnded(r *running, done *infer.Done) error {
 }
 
 // slotsHeld is how many slots the admitted requests take, those being
-// prepared aside included.
+// prepared aside and embedding requests (one each) included.
 func (w *workerLoop) slotsHeld() int {
 	n := 0
 	for _, r := range w.byID {
@@ -133,7 +133,7 @@ func (w *workerLoop) slotsHeld() int {
 	for _, p := range w.preparing {
 		n += p.in.submit.Slots()
 	}
-	return n
+	return n + w.embedJobs()
 }
 
 // checkChoices refuses a request for more choices than the worker has

@@ -89,6 +89,9 @@ func check(ctx context.Context, m Model, dir string) error {
 	if err != nil {
 		return err
 	}
+	if e, ok := m.(Embedder); ok {
+		return checkEncoder(e, g)
+	}
 	ctx, cancel := context.WithTimeout(ctx, warmUpTimeout)
 	defer cancel()
 	// Warm-up: a prefill and a few batched steps touch every kernel a
@@ -195,6 +198,9 @@ func (w *workerLoop) reap() {
 			continue
 		}
 		if slices.ContainsFunc(w.pending, func(r *running) bool { return r.batch == b }) {
+			continue
+		}
+		if w.embedsFor(m) {
 			continue
 		}
 		if b != nil {

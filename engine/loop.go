@@ -178,6 +178,9 @@ type inbound struct {
 	// prepared is set, with typ 0, by a goroutine handing the loop a
 	// large request's prompt, rendered and encoded beside it.
 	prepared *preparedSeq
+	// embedPrepared is set, with typ 0, by a goroutine handing the loop
+	// an embedding request's inputs, tokenized beside it (embed.go).
+	embedPrepared *embedPrep
 }
 
 // receive runs Recv until the ring closes or stop is closed. It does not
@@ -197,6 +200,8 @@ func receive(end *transport.WorkerEnd, inbox chan<- inbound, recvErr chan<- erro
 			in.submit, in.err = transport.DecodeSubmit(f.Payload)
 		case transport.FrameControl:
 			in.control, in.err = transport.DecodeControl(f.Payload)
+		case transport.FrameEmbed:
+			decodeEmbed(&in, f.Payload)
 		}
 		select {
 		case inbox <- in:
@@ -298,6 +303,10 @@ type workerLoop struct {
 	prefilled  []*prefilledRun
 	held       []inbound
 	prefilling *running // a bulk request whose prefill runs aside
+
+	// embeds are the embedding requests waiting for their encoder
+	// (embed.go); nil until the first arrives.
+	embeds *embedQueue
 }
 
 // prefilledRun is an urgent request prefilled beside a bulk step, waiting
@@ -436,7 +445,7 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 		// here at least every stats interval (the ticker below); busy, once
 		// per decode round.
 		w.end.Beat()
-		if len(w.byID) == 0 {
+		if len(w.byID) == 0 && !w.embedding() {
 			select {
 			case in := <-inbox:
 				if err := w.handle(in); err != nil {
@@ -472,7 +481,7 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 		if err := w.round(inbox); err != nil {
 			return err
 		}
-		if len(w.byID) == 0 {
+		if len(w.byID) == 0 && !w.embedding() {
 			if err := w.sendStats(); err != nil {
 				return err
 			}
@@ -489,6 +498,9 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 		return err
 	}
 	if err := w.start(inbox); err != nil {
+		return err
+	}
+	if err := w.embedRound(); err != nil {
 		return err
 	}
 	// Urgent requests that started beside a bulk prefill join before the
@@ -842,6 +854,8 @@ func (w *workerLoop) handle(in inbound) error {
 	switch in.typ {
 	case transport.FrameSubmit:
 		return w.admit(in)
+	case transport.FrameEmbed:
+		return w.admitEmbed(in)
 	case transport.FrameCancel:
 		// The gateway has already forgotten the call, so nothing is sent.
 		if r := w.byID[in.id]; r != nil {
@@ -852,6 +866,8 @@ func (w *workerLoop) handle(in inbound) error {
 			// Its prompt is dropped when it comes back.
 			delete(w.preparing, in.id)
 			w.stats.SequencesCancelled++
+		} else if w.cancelEmbed(in.id) {
+			w.stats.SequencesCancelled++
 		}
 	case transport.FrameControl:
 		return w.control(in)
@@ -861,6 +877,9 @@ func (w *workerLoop) handle(in inbound) error {
 		}
 		if in.prepared != nil {
 			return w.admitPrepared(in.prepared)
+		}
+		if in.embedPrepared != nil {
+			return w.admitPreparedEmbed(in.embedPrepared)
 		}
 	case transport.FrameHeartbeat:
 	default:
@@ -891,6 +910,9 @@ func (w *workerLoop) admit(in inbound) error {
 	m := w.models[in.submit.Model]
 	if m == nil {
 		return reject(infer.CodeModelNotFound, fmt.Sprintf("model %q is not served by this worker", in.submit.Model))
+	}
+	if refused, err := w.refuseEncoder(in, m); refused {
+		return err
 	}
 	if w.prepareAside(in, m) {
 		return nil

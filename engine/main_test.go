@@ -57,6 +57,13 @@ func loadModelDir(t testing.TB, name, dir string, o ort.Options) *ort.Model {
 // worker does.
 func ortLoad(s workerconf.Settings, log *slog.Logger) func(workerconf.Model) (Model, error) {
 	return func(spec workerconf.Model) (Model, error) {
+		if cfg, err := workerconf.ReadModelConfig(spec.Dir); err == nil && cfg.IsEncoder() {
+			e, err := ort.OpenEncoder(s, spec, log)
+			if err != nil {
+				return nil, err
+			}
+			return e, nil
+		}
 		m, err := ort.Open(s, spec, log)
 		if err != nil {
 			return nil, err

@@ -106,7 +106,7 @@ const EarlyDataHeader = "H3infer-Early-Data"
 // it carries a proof.
 func defaultEarlyPolicy(path string) tlsbind.EarlyPolicy {
 	switch path {
-	case "/v1/chat/completions", "/v1/completions":
+	case "/v1/chat/completions", "/v1/completions", "/v1/embeddings":
 		return tlsbind.EarlyProofOrWait
 	}
 	return tlsbind.EarlyServe

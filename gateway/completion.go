@@ -35,14 +35,8 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 		writeError(w, err)
 		return
 	}
-	ctx, cancel := context.WithDeadlineCause(r.Context(), run.deadline, errDeadlinePassed)
-	defer cancel()
-	// At the end of a shutdown's grace the request ends with an error
-	// saying so, rather than being cut off with its connection.
-	ctx, cancelAbort := context.WithCancelCause(ctx)
-	defer cancelAbort(nil)
-	stopAbort := context.AfterFunc(g.aborting, func() { cancelAbort(context.Cause(g.aborting)) })
-	defer stopAbort()
+	ctx, end := g.lifetime(r, run)
+	defer end()
 	defer g.finished(ctx, run)
 
 	if err := g.admit(ctx, w, r, run); err != nil {
@@ -78,6 +72,21 @@ func (g *Gateway) serveCompletion(w http.ResponseWriter, r *http.Request, kind a
 	// The first token arrived: the version served the request.
 	versionFailed = false
 	g.respond(ctx, w, run, ev)
+}
+
+// lifetime is the context request r runs in: until its deadline or, at
+// the end of a shutdown's grace, until the shutdown ends it with an error
+// saying so rather than cutting it off with its connection. end releases
+// it.
+func (g *Gateway) lifetime(r *http.Request, run *inflight) (ctx context.Context, end func()) {
+	ctx, cancel := context.WithDeadlineCause(r.Context(), run.deadline, errDeadlinePassed)
+	ctx, cancelAbort := context.WithCancelCause(ctx)
+	stopAbort := context.AfterFunc(g.aborting, func() { cancelAbort(context.Cause(g.aborting)) })
+	return ctx, func() {
+		stopAbort()
+		cancelAbort(nil)
+		cancel()
+	}
 }
 
 // urgencyLabel is the metric label of an urgency, 0..7.
@@ -122,6 +131,9 @@ func (g *Gateway) parseRequest(w http.ResponseWriter, r *http.Request, kind apiK
 		return err
 	}
 	if err := g.checkModel(req.model); err != nil {
+		return err
+	}
+	if err := g.refuseEncoder(req.model); err != nil {
 		return err
 	}
 	// The token limits the models and caps the urgency (auth.go).

@@ -574,7 +574,7 @@ func TestErrorResponses(t *testing.T) {
 		"unknown model":        {body: `{"model":"nope","messages":[{"role":"user","content":"hi"}]}`, status: 404, code: "model_not_found", param: "model"},
 		"body too large":       {body: chat(`,"user":"` + strings.Repeat("x", 1100) + `"`), status: 413, code: "request_too_large"},
 		"wrong method":         {method: http.MethodGet, status: 405, code: "method_not_allowed", header: map[string]string{"Allow": "POST"}},
-		"unknown route":        {path: "/v1/embeddings", status: 404, code: "not_found"},
+		"unknown route":        {path: "/v1/rerank", status: 404, code: "not_found"},
 		"context length": {
 			body: chat(""), script: failWith(nil, workerErr(infer.CodeContextLength, "prompt is 900 tokens; the context holds 512")),
 			status: 400, code: "context_length_exceeded", param: "messages",
@@ -1025,7 +1025,7 @@ func TestNewValidates(t *testing.T) {
 		t.Fatal("New accepted a config without TLS")
 	}
 	for _, want := range []string{"gateway.tls", "gateway.max_body_bytes", "gateway.listen", "scheduler", "catalog",
-		`gateway.early_data["/v1/chat/completion"]: not a route; routes are /v1/chat/completions, /v1/completions, /v1/models, /v1/models/, /tokenize, /detokenize`,
+		`gateway.early_data["/v1/chat/completion"]: not a route; routes are /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /v1/models/, /tokenize, /detokenize`,
 		`gateway.early_data["/v1/models"]: want serve`, "gateway.auth.trusted_proxies[0]", "gateway.auth.trusted_proxies[1]"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)

@@ -27,6 +27,7 @@ func apiRouteTable() []apiRoute {
 		{"/v1/completions", "/v1/completions", func(g *Gateway, w http.ResponseWriter, r *http.Request) {
 			g.serveCompletion(w, r, kindText)
 		}},
+		{"/v1/embeddings", "/v1/embeddings", (*Gateway).serveEmbeddings},
 		{"/v1/models", "/v1/models", (*Gateway).serveModels},
 		{"/v1/models/", "/v1/models/{model...}", (*Gateway).serveModel},
 		{"/tokenize", "/tokenize", (*Gateway).serveTokenize},

@@ -127,6 +127,12 @@ type Request struct {
 	ToolChoice      string
 	ToolName        string
 	SerialToolCalls bool
+	// Embed, when set, asks an encoder model (ModelInfo.Encoder) for the
+	// vectors of its inputs instead of a completion: the call answers
+	// with Embedding events, then Done with the inputs' tokens as
+	// PromptTokens. Only Model, Urgency, Class and TraceParent apply
+	// beside it.
+	Embed *EmbedRequest
 }
 
 // MaxChoices bounds Request.N: a request's choices run as rows of one
@@ -150,6 +156,37 @@ func ChoiceSeed(seed uint64, i int) uint64 {
 	z = (z ^ z>>30) * 0xbf58476d1ce4e5b9
 	z = (z ^ z>>27) * 0x94d049bb133111eb
 	return z ^ z>>31
+}
+
+// EmbedRequest is what an embedding request asks beside its model:
+// exactly one of Texts (tokenized where the model runs, with the special
+// tokens its tokenizer adds) and Tokens (token ids, as given).
+type EmbedRequest struct {
+	Texts  []string
+	Tokens [][]uint32
+	// Dimensions shortens every vector to its first Dimensions values,
+	// normalized again when the model normalizes; 0 keeps the model's
+	// own length. Only a Matryoshka model allows it.
+	Dimensions uint32
+}
+
+// Len is the number of inputs.
+func (e *EmbedRequest) Len() int { return len(e.Texts) + len(e.Tokens) }
+
+// Bounds of an embedding request, as OpenAI bounds its own: at most
+// MaxEmbedInputs inputs and MaxEmbedTokens tokens in all; each input
+// within the model's context length.
+const (
+	MaxEmbedInputs = 2048
+	MaxEmbedTokens = 300_000
+)
+
+// Embedding carries vectors of an embedding request, in input order:
+// Vectors[i] is input Index+i's. A backend may answer in several such
+// events, each continuing where the last one stopped.
+type Embedding struct {
+	Index   uint32
+	Vectors [][]float32
 }
 
 // LogitBias adds Bias to the logit of token id Token at every step.
@@ -258,11 +295,14 @@ type Error struct {
 }
 
 // Event is one thing that happened to a call. Exactly one of the following
-// holds: Done != nil (finished), Err != nil (failed), or neither (Token).
+// holds: Done != nil (finished), Err != nil (failed), Embedding != nil
+// (vectors of an embedding request, which a Done follows), or none of
+// them (Token).
 type Event struct {
-	Token Token
-	Done  *Done
-	Err   *Error
+	Token     Token
+	Done      *Done
+	Err       *Error
+	Embedding *Embedding
 }
 
 // Call is one request in flight on a backend.
@@ -280,4 +320,11 @@ type Call interface {
 type ModelInfo struct {
 	Name          string
 	ContextLength uint32
+	// Encoder says the model answers embedding requests (Request.Embed)
+	// and generates no text. EmbeddingSize is the length of its vectors,
+	// 0 where the backend does not know it; Matryoshka says they may be
+	// shortened (EmbedRequest.Dimensions).
+	Encoder       bool
+	EmbeddingSize uint32
+	Matryoshka    bool
 }

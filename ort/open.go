@@ -15,7 +15,18 @@ func Open(s workerconf.Settings, spec workerconf.Model, log *slog.Logger) (*Mode
 	if err := InitRuntime(s.ORTLib); err != nil {
 		return nil, fmt.Errorf("model %s: %w", spec.Name, err)
 	}
-	m, err := LoadModel(spec.Dir, Options{
+	m, err := LoadModel(spec.Dir, workerOptions(s, spec, log))
+	if err != nil {
+		return nil, err
+	}
+	log.Info("onnx runtime session", "model", m.name, "layers", m.layers, "kv_bytes_per_token", m.kvBytesPerToken(),
+		"provider", string(m.Provider()), "device", m.place.device, "device_kv", m.DeviceKV())
+	return m, nil
+}
+
+// workerOptions are the Options a worker with settings s loads spec with.
+func workerOptions(s workerconf.Settings, spec workerconf.Model, log *slog.Logger) Options {
+	return Options{
 		Name:           spec.Name,
 		IntraOpThreads: s.IntraOpThreads,
 		Provider:       spec.Provider,
@@ -25,11 +36,5 @@ func Open(s workerconf.Settings, spec workerconf.Model, log *slog.Logger) (*Mode
 		DeviceKV:       spec.DeviceKV,
 		CopyWeights:    s.CopyWeights,
 		Log:            log,
-	})
-	if err != nil {
-		return nil, err
 	}
-	log.Info("onnx runtime session", "model", m.name, "layers", m.layers, "kv_bytes_per_token", m.kvBytesPerToken(),
-		"provider", string(m.Provider()), "device", m.place.device, "device_kv", m.DeviceKV())
-	return m, nil
 }

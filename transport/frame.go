@@ -29,8 +29,13 @@ const (
 	// answers on the same ID with FrameDone (FinishReason "ok") or
 	// FrameError, so a control request is a Call like any other.
 	FrameControl FrameType = 9 // gateway → worker: Control
+	// FrameEmbed asks for the vectors of an embedding request (an
+	// infer.Request whose Embed is set); the worker answers with
+	// FrameEmbedding frames, then FrameDone or FrameError (embed.go).
+	FrameEmbed     FrameType = 10 // gateway → worker: infer.Request with Embed
+	FrameEmbedding FrameType = 11 // worker → gateway: infer.Embedding
 
-	maxFrameType = FrameControl
+	maxFrameType = FrameEmbedding
 )
 
 var frameTypeNames = [...]string{
@@ -43,6 +48,8 @@ var frameTypeNames = [...]string{
 	FrameReady:     "ready",
 	FrameStats:     "stats",
 	FrameControl:   "control",
+	FrameEmbed:     "embed",
+	FrameEmbedding: "embedding",
 }
 
 func (t FrameType) String() string {
@@ -560,7 +567,7 @@ func AppendReady(b []byte, r *Ready) []byte {
 		b = appendString(b, m.Name)
 		b = binary.AppendUvarint(b, uint64(m.ContextLength))
 	}
-	return b
+	return appendEncoders(b, r.Models)
 }
 
 // DecodeReady decodes a FrameReady payload.
@@ -574,6 +581,7 @@ func DecodeReady(p []byte) (Ready, error) {
 			r.Models[i].ContextLength = d.uint32("model context_length")
 		}
 	}
+	d.encoders(r.Models)
 	if err := d.finish(); err != nil {
 		return Ready{}, err
 	}

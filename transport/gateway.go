@@ -165,6 +165,9 @@ func (c *Call) Cancel() {
 // behind the bulk goroutines it had readied, and urgent tokens waited
 // behind them (docs/BENCHMARKS.md, "Urgency").
 func (g *GatewayEnd) Open(id uint64, s *infer.Request) (*Call, error) {
+	if s.Embed != nil {
+		return g.open(id, FrameEmbed, s.Class != priority.Bulk, func(b []byte) []byte { return AppendEmbed(b, s) })
+	}
 	return g.open(id, FrameSubmit, s.Class != priority.Bulk, func(b []byte) []byte { return AppendSubmit(b, s) })
 }
 
@@ -314,6 +317,17 @@ func (g *GatewayEnd) dispatch(f Frame) error {
 			return nil
 		}
 		c.deliver(infer.Event{Err: &e})
+	case FrameEmbedding:
+		c, err := g.target(f)
+		if c == nil {
+			return err
+		}
+		e, err := DecodeEmbedding(f.Payload)
+		if err != nil {
+			g.malformed(c, f, err)
+			return nil
+		}
+		c.deliver(infer.Event{Embedding: &e})
 	case FrameReady:
 		r, err := DecodeReady(f.Payload)
 		if err != nil {
@@ -352,7 +366,7 @@ func (g *GatewayEnd) target(f Frame) (*Call, error) {
 		return c, nil
 	}
 	if _, ok := g.abandoned[f.ID]; ok {
-		if f.Type != FrameToken {
+		if f.Type != FrameToken && f.Type != FrameEmbedding {
 			// The worker ended it too: nothing more can come for it.
 			delete(g.abandoned, f.ID)
 		}

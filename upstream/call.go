@@ -40,6 +40,13 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 		h.mu.Unlock()
 		return h.ended(id, &infer.Error{Code: infer.CodeUpstreamLost, Message: "the upstream was removed", Unstarted: true}), nil
 	}
+	if r.Embed != nil {
+		// An upstream's models are listed as generative (its /v1/models
+		// says nothing of encoders), so the gateway refuses embeddings for
+		// them before they get here; any other upstream would refuse too.
+		h.mu.Unlock()
+		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: "model: embeddings are not served by upstream backends"}), nil
+	}
 	h.inFlight++
 	h.requests++
 	h.set.wg.Add(1)

@@ -51,7 +51,40 @@ type ModelConfig struct {
 	// toolcall's formats: hermes, llama3_json); empty means the format
 	// its own chat template shows (toolcall.Detect), if any.
 	ToolFormat string `json:"tool_format"`
+
+	// Task is what the model does: "generate" (the default; a decoder
+	// serving completions) or "embed" (an encoder serving
+	// /v1/embeddings: input_ids and attention_mask in, last_hidden_state
+	// or a pooled output out; eos_token is then optional).
+	Task string `json:"task"`
+	// Pooling is how an encoder's last_hidden_state becomes one vector
+	// per input: "mean" (the default) over its real tokens, or "cls",
+	// its first token's. A graph whose output is already pooled takes
+	// "none".
+	Pooling string `json:"pooling"`
+	// Normalize scales every vector to unit length (L2).
+	Normalize bool `json:"normalize"`
+	// Matryoshka says the model was trained so that a vector's leading
+	// values are an embedding of their own, which OpenAI's dimensions
+	// parameter asks for; other encoders refuse it.
+	Matryoshka bool `json:"matryoshka"`
+	// HiddenSize, when set, is the vectors' length, checked against the
+	// graph; the gateway checks dimensions against it before a worker
+	// sees the request.
+	HiddenSize int `json:"hidden_size"`
 }
+
+// model.json task and pooling values.
+const (
+	TaskGenerate = "generate"
+	TaskEmbed    = "embed"
+	PoolMean     = "mean"
+	PoolCLS      = "cls"
+	PoolNone     = "none"
+)
+
+// IsEncoder reports whether the model serves embeddings.
+func (c ModelConfig) IsEncoder() bool { return c.Task == TaskEmbed }
 
 // model.json kv_cache values.
 const (
@@ -92,7 +125,8 @@ func parseModelConfig(data []byte) (ModelConfig, error) {
 	if c.ContextLength <= 0 {
 		errs = append(errs, fmt.Errorf("context_length: must be > 0, got %d", c.ContextLength))
 	}
-	if c.EOSToken == "" {
+	errs = append(errs, c.checkTask()...)
+	if c.EOSToken == "" && !c.IsEncoder() {
 		errs = append(errs, errors.New("eos_token: must not be empty"))
 	}
 	if _, ok := tokenize.LookupTemplate(c.ChatTemplate); !ok && c.ChatTemplate != "" {
@@ -116,7 +150,7 @@ func parseModelConfig(data []byte) (ModelConfig, error) {
 	for _, f := range []struct {
 		key string
 		v   int
-	}{{"vocab_size", c.VocabSize}, {"num_layers", c.NumLayers}, {"num_heads", c.NumHeads}, {"head_dim", c.HeadDim}} {
+	}{{"vocab_size", c.VocabSize}, {"num_layers", c.NumLayers}, {"num_heads", c.NumHeads}, {"head_dim", c.HeadDim}, {"hidden_size", c.HiddenSize}} {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("%s: must be >= 0, got %d", f.key, f.v))
 		}
@@ -160,4 +194,36 @@ func (c ModelConfig) loadChatTemplate(dir string) (*tokenize.ChatTemplate, error
 	}
 	t, _ = tokenize.LookupTemplate(tokenize.TemplatePlain)
 	return t, nil
+}
+
+// checkTask checks task and the keys only an encoder takes, and fills
+// their defaults.
+func (c *ModelConfig) checkTask() []error {
+	var errs []error
+	switch c.Task {
+	case "":
+		c.Task = TaskGenerate
+	case TaskGenerate, TaskEmbed:
+	default:
+		return []error{fmt.Errorf("task: must be %q or %q, got %q", TaskGenerate, TaskEmbed, c.Task)}
+	}
+	if !c.IsEncoder() {
+		for _, k := range []struct {
+			key string
+			set bool
+		}{{"pooling", c.Pooling != ""}, {"normalize", c.Normalize}, {"matryoshka", c.Matryoshka}, {"hidden_size", c.HiddenSize != 0}} {
+			if k.set {
+				errs = append(errs, fmt.Errorf("%s: only an encoder (task %q) takes it", k.key, TaskEmbed))
+			}
+		}
+		return errs
+	}
+	switch c.Pooling {
+	case "":
+		c.Pooling = PoolMean
+	case PoolMean, PoolCLS, PoolNone:
+	default:
+		errs = append(errs, fmt.Errorf("pooling: must be %q, %q or %q, got %q", PoolMean, PoolCLS, PoolNone, c.Pooling))
+	}
+	return errs
 }

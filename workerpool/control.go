@@ -31,7 +31,8 @@ func (p *Pool) LoadModel(ctx context.Context, spec workerconf.Model) error {
 	if err != nil {
 		return fmt.Errorf("load model %s from %s: %w", spec.Name, spec.Dir, err)
 	}
-	info := infer.ModelInfo{Name: spec.Name, ContextLength: uint32(cfg.ContextLength)}
+	info := infer.ModelInfo{Name: spec.Name, ContextLength: uint32(cfg.ContextLength),
+		Encoder: cfg.IsEncoder(), EmbeddingSize: uint32(cfg.HiddenSize), Matryoshka: cfg.Matryoshka}
 
 	p.controlMu.Lock()
 	defer p.controlMu.Unlock()

@@ -352,7 +352,7 @@ func TestConnectionLimitConfig(t *testing.T) {
 func TestZeroRTTConfigErrors(t *testing.T) {
 	checkConfigErrors(t, map[string]struct{ file, want string }{
 		"route that is not one": {`{"zero_rtt": {"routes": {"/v1/chat/completion": "serve"}}}`,
-			`zero_rtt.routes["/v1/chat/completion"]: not a route; routes are /v1/chat/completions, /v1/completions, /v1/models, /v1/models/, /tokenize, /detokenize`},
+			`zero_rtt.routes["/v1/chat/completion"]: not a route; routes are /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /v1/models/, /tokenize, /detokenize`},
 		"unknown policy":         {`{"zero_rtt": {"routes": {"/v1/models": "sometimes"}}}`, `zero_rtt.routes["/v1/models"]: want serve`},
 		"proxy not an address":   {`{"zero_rtt": {"trusted_proxies": ["10.0.0.0/8", "proxy.internal"]}}`, "zero_rtt.trusted_proxies[1]"},
 		"proxy prefix host bits": {`{"zero_rtt": {"trusted_proxies": ["10.0.0.1/8"]}}`, "zero_rtt.trusted_proxies[0]: \"10.0.0.1/8\" has host bits set; write 10.0.0.0/8"},

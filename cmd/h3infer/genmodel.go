@@ -4,6 +4,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strconv"
+	"strings"
 
 	"h3infer/internal/onnxgen"
 )
@@ -26,6 +28,10 @@ func runGenmodel(args []string, stdout io.Writer) error {
 	chat := fs.String("chat-template", "plain", "model.json chat_template; its special tokens must be given with --special-token")
 	external := fs.Bool("external-data", false, "write the weights to model.onnx.data beside model.onnx (ONNX external data), as large exports do; worker processes then share one copy of them")
 	tokenizer := fs.String("tokenizer", "", "directory of a real model's tokenizer.json and tokenizer_config.json (and chat_template.jinja) to copy beside --random weights, whose vocabulary then follows it")
+	encoder := fs.Bool("encoder", false, "write a random-weight encoder for /v1/embeddings instead (input_ids, attention_mask → last_hidden_state); --layers, --heads, --hidden, --context, --seed and --merges shape it")
+	pooling := fs.String("pooling", "mean", "with --encoder: model.json pooling, mean or cls")
+	rawVectors := fs.Bool("raw", false, "with --encoder: leave vectors unnormalized (model.json normalize false)")
+	noMatryoshka := fs.Bool("no-matryoshka", false, "with --encoder: refuse the dimensions parameter (model.json matryoshka false)")
 	var special []string
 	fs.Func("special-token", "add a special token to tokenizer.json (repeatable)", func(v string) error {
 		special = append(special, v)
@@ -36,6 +42,9 @@ func runGenmodel(args []string, stdout io.Writer) error {
 	}
 	if *out == "" {
 		return usagef("--out is required")
+	}
+	if *encoder {
+		return writeEncoder(fs, *out, onnxgen.EncoderOptions{Seed: *seed, Merges: *merges, Pooling: *pooling, Raw: *rawVectors, NoMatryoshka: *noMatryoshka}, stdout)
 	}
 	chatSet := false
 	fs.Visit(func(f *flag.Flag) { chatSet = chatSet || f.Name == "chat-template" })
@@ -52,5 +61,35 @@ func runGenmodel(args []string, stdout io.Writer) error {
 		files = "model.onnx, model.onnx.data"
 	}
 	fmt.Fprintf(stdout, "h3infer genmodel: wrote %s, tokenizer.json and model.json to %s\n", files, *out)
+	return nil
+}
+
+// writeEncoder is genmodel --encoder: the shape flags the command line
+// set override the encoder's own defaults, not the demo decoder's.
+func writeEncoder(fs *flag.FlagSet, out string, opts onnxgen.EncoderOptions, stdout io.Writer) error {
+	var bad []string
+	fs.Visit(func(f *flag.Flag) {
+		v, _ := strconv.Atoi(f.Value.String())
+		switch f.Name {
+		case "layers":
+			opts.Layers = v
+		case "heads":
+			opts.Heads = v
+		case "hidden":
+			opts.Hidden = v
+		case "context":
+			opts.Context = v
+		case "encoder", "out", "seed", "merges", "pooling", "raw", "no-matryoshka", "random":
+		default:
+			bad = append(bad, "--"+f.Name)
+		}
+	})
+	if len(bad) > 0 {
+		return usagef("--encoder: %s do not apply to an encoder", strings.Join(bad, ", "))
+	}
+	if err := onnxgen.WriteEncoder(out, opts); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "h3infer genmodel: wrote an encoder's model.onnx, tokenizer.json and model.json to %s\n", out)
 	return nil
 }

@@ -41,8 +41,8 @@ func TestOfficialSDKs(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Models.List: %v", err)
 		}
-		if len(models.Data) != 1 || models.Data[0].ID != "demo" {
-			t.Errorf("models %+v, want just demo", models.Data)
+		if len(models.Data) != 2 || models.Data[0].ID != "demo" || models.Data[1].ID != demoEncoder {
+			t.Errorf("models %+v, want demo and %s", models.Data, demoEncoder)
 		}
 
 		var resp *http.Response
@@ -190,8 +190,10 @@ func TestOfficialSDKs(t *testing.T) {
 		// response_format through this SDK is TestSDKResponseFormat's.
 	})
 
+	t.Run("go embeddings over HTTP/3", func(t *testing.T) { testEmbeddingsGo(t, s) })
+
 	t.Run("npm over TCP", func(t *testing.T) {
-		out := runNode(t, "sdk.mjs", map[string]any{"url": s.base, "prompt": testPrompt, "maxTokens": maxTokens, "apiKey": s.bearer(t)},
+		out := runNode(t, "sdk.mjs", map[string]any{"url": s.base, "prompt": testPrompt, "maxTokens": maxTokens, "apiKey": s.bearer(t), "embedInputs": embedInputs},
 			"NODE_EXTRA_CA_CERTS="+s.caFile)
 		type usage struct {
 			CompletionTokens int `json:"completion_tokens"`
@@ -232,8 +234,9 @@ func TestOfficialSDKs(t *testing.T) {
 		if err := json.Unmarshal(out, &got); err != nil {
 			t.Fatalf("sdk.mjs printed %q: %v", out, err)
 		}
-		if len(got.Models) != 1 || got.Models[0] != "demo" {
-			t.Errorf("models %v, want [demo]", got.Models)
+		checkEmbeddingsNode(t, s, out)
+		if len(got.Models) != 2 || got.Models[0] != "demo" || got.Models[1] != demoEncoder {
+			t.Errorf("models %v, want [demo %s]", got.Models, demoEncoder)
 		}
 		if !strings.Contains(got.AltSvc, `h3=":`) {
 			t.Errorf("Alt-Svc %q over TCP, want h3 advertised", got.AltSvc)

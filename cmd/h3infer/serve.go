@@ -309,9 +309,10 @@ func serve(ctx context.Context, cfg Config, load func() (Config, error), stdout 
 	return err
 }
 
-// ensureDemo writes the demo model as version 1 of "demo" into the default
-// repository, <state_dir>/models, when that repository is in use and holds
-// no model yet.
+// ensureDemo writes the demo model as version 1 of "demo", and a small
+// encoder as version 1 of "encoder" (so that /v1/embeddings answers out of
+// the box), into the default repository, <state_dir>/models, when that
+// repository is in use and holds no model yet.
 func ensureDemo(cfg Config, log *slog.Logger) error {
 	if len(cfg.Models) > 0 || cfg.ModelRepository.Dir != filepath.Join(cfg.StateDir, "models") {
 		return nil
@@ -328,8 +329,16 @@ func ensureDemo(cfg Config, log *slog.Logger) error {
 		return fmt.Errorf("write demo model: %w", err)
 	}
 	log.Info("wrote demo model", "dir", dir)
+	dir = filepath.Join(cfg.ModelRepository.Dir, demoEncoder, "1")
+	if err := onnxgen.WriteEncoder(dir, onnxgen.EncoderOptions{}); err != nil {
+		return fmt.Errorf("write demo encoder: %w", err)
+	}
+	log.Info("wrote demo encoder", "dir", dir)
 	return nil
 }
+
+// demoEncoder is the name the demo repository serves its encoder under.
+const demoEncoder = "encoder"
 
 // poolLoader lets the registry, made before the pool whose first models
 // it chooses, reach the pool once it exists.

@@ -10,8 +10,12 @@ import (
 	"h3infer/workerconf"
 )
 
-// A model of ONNX Runtime is what the generation loop drives.
-var _ engine.Model = (*ort.Model)(nil)
+// A model of ONNX Runtime is what the generation loop drives, and an
+// encoder of ONNX Runtime is what it serves embeddings with.
+var (
+	_ engine.Model    = (*ort.Model)(nil)
+	_ engine.Embedder = (*ort.Encoder)(nil)
+)
 
 // runWorker is `h3infer worker`, the worker process a gateway's pool
 // starts: its only argument is the settings the pool encoded
@@ -58,9 +62,17 @@ func runWorker(ctx context.Context, args []string, log *slog.Logger) error {
 }
 
 // ortLoader loads model directories with ONNX Runtime, as a worker with
-// settings s serves them.
+// settings s serves them: an encoder (model.json task embed) as an
+// ort.Encoder, any other model as an ort.Model.
 func ortLoader(s workerconf.Settings, log *slog.Logger) func(workerconf.Model) (engine.Model, error) {
 	return func(spec workerconf.Model) (engine.Model, error) {
+		if cfg, err := workerconf.ReadModelConfig(spec.Dir); err == nil && cfg.IsEncoder() {
+			e, err := ort.OpenEncoder(s, spec, log)
+			if err != nil {
+				return nil, err
+			}
+			return e, nil
+		}
 		m, err := ort.Open(s, spec, log)
 		if err != nil {
 			return nil, err

@@ -356,6 +356,12 @@ func Write(dir string, opts Options) error {
 		files = append(files, namedFile{DataFile, externalize(&m.graph)})
 	}
 	files = append(files, namedFile{ModelFile, m.marshal()})
+	return writeFiles(dir, files)
+}
+
+// writeFiles creates dir if needed and writes files into it in order,
+// each to a temporary name renamed into place.
+func writeFiles(dir string, files []namedFile) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("onnxgen: create %s: %w", dir, err)
 	}

@@ -113,4 +113,25 @@ try {
   out.refused = { status: e.status, param: e.param ?? e.error?.param ?? null, message: e.error?.message ?? e.message };
 }
 
+// Embeddings: the SDK asks for base64 unless told otherwise and decodes
+// it into numbers itself; the float answer must be the same numbers.
+if (cfg.embedInputs) {
+  const b64 = await client.embeddings.create({ model: 'encoder', input: cfg.embedInputs });
+  const floats = await client.embeddings.create({ model: 'encoder', input: cfg.embedInputs, encoding_format: 'float' });
+  const short = await client.embeddings.create({ model: 'encoder', input: cfg.embedInputs[0], dimensions: 8, encoding_format: 'float' });
+  out.embeddings = {
+    base64: b64.data.map((d) => d.embedding),
+    float: floats.data.map((d) => d.embedding),
+    indexes: floats.data.map((d) => d.index),
+    usage: floats.usage,
+    short: short.data[0].embedding,
+  };
+  try {
+    await client.embeddings.create({ model: 'demo', input: 'x' });
+    out.embeddings.refused = null;
+  } catch (e) {
+    out.embeddings.refused = { status: e.status, param: e.param ?? e.error?.param ?? null };
+  }
+}
+
 process.stdout.write(JSON.stringify(out) + '\n');
