@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"testing"
@@ -30,11 +31,14 @@ func TestWeightsStayMapped(t *testing.T) {
 		minAnon     int64 // growth of anonymous memory, as a fraction of the weights, in 1/100
 		maxAnon     int64
 	}{
-		{name: "mapped", copyWeights: false, minAnon: 0, maxAnon: 25},
+		// No lower bound when mapped: memory an earlier test's model
+		// freed may go back to the system meanwhile, and shrink it.
+		{name: "mapped", copyWeights: false, minAnon: -1000, maxAnon: 25},
 		{name: "copied", copyWeights: true, minAnon: 75, maxAnon: 1000},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var before, after runtime.MemStats
+			debug.FreeOSMemory()
 			runtime.ReadMemStats(&before)
 			anon0 := anonymousBytes(t)
 			m, err := LoadModel(dir, Options{CopyWeights: tc.copyWeights})
