@@ -145,10 +145,11 @@ func TestDeepSeekV3ToolCalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	prompt := tok.Decode(q.prompt, false)
-	// (The past call itself is not in it: DeepSeek V3's template writes
-	// an assistant's calls only when its content is None, and the worker
-	// gives templates "", as docs/MODELS.md says.)
-	for _, want := range []string{"### get_weather", `"required": ["city", "days"]`, "<｜tool▁output▁begin｜>{\"temp\": 4}"} {
+	// The past call is in it: DeepSeek V3's template writes an
+	// assistant's calls only when its content is None, which it is given
+	// for a message that only made calls.
+	for _, want := range []string{"### get_weather", `"required": ["city", "days"]`, "<｜tool▁output▁begin｜>{\"temp\": 4}",
+		"<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Oslo\", \"days\": 1}\n```<｜tool▁call▁end｜>"} {
 		if !strings.Contains(prompt, want) {
 			t.Errorf("the prompt %q lacks %q", prompt, want)
 		}

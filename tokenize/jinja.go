@@ -40,6 +40,9 @@ type jinjaTemplate struct {
 	// src is the template's text, where a model family's tool call
 	// markers show (ChatTemplate.Source).
 	src string
+	// noneContent: the template asks whether a message's content is
+	// none (toolMessage).
+	noneContent bool
 }
 
 // LoadJinja reads the chat template dir's model files carry:
@@ -81,7 +84,7 @@ func compileJinja(file, src, bos, eos string) (*ChatTemplate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: chat_template: %w", file, err)
 	}
-	j := &jinjaTemplate{file: file, tmpl: tmpl, bos: bos, eos: eos, now: time.Now, src: src}
+	j := &jinjaTemplate{file: file, tmpl: tmpl, bos: bos, eos: eos, now: time.Now, src: src, noneContent: asksNoneContent.MatchString(src)}
 	t := &ChatTemplate{File: file, EndOfTurn: eos, jinja: j}
 	for _, tok := range []string{bos, eos} {
 		if tok != "" && !slices.Contains(t.Markers, tok) {
@@ -116,7 +119,7 @@ func (j *jinjaTemplate) render(msgs []infer.ChatMessage, addGenerationPrompt boo
 func (j *jinjaTemplate) renderTools(msgs []infer.ChatMessage, tools jinja.Value, addGenerationPrompt bool) (out string, err error) {
 	list := make([]jinja.Value, len(msgs))
 	for i, m := range msgs {
-		list[i] = toolMessage(m)
+		list[i] = toolMessage(m, j.noneContent)
 	}
 	vars := map[string]jinja.Value{
 		"messages":              jinja.NewList(list),

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"regexp"
 	"strings"
 
 	"github.com/ardanlabs/jinja"
@@ -20,9 +21,11 @@ import (
 // "function", "function": {"name", "arguments"}} with the arguments as
 // the JSON text OpenAI's API carries them in, and a tool message answers
 // message.tool_call_id. An assistant message that made calls and said
-// nothing has content "" rather than OpenAI's null: the templates test
+// nothing has content "" rather than OpenAI's null: most templates test
 // it as a string ('</think>' in message.content, message.content|trim),
-// and refuse None.
+// and refuse None. A template that asks whether the content is none
+// (DeepSeek V3's writes an assistant's calls only then) gets None for
+// such a message, as transformers gives it OpenAI's null.
 
 // ErrNoTools is a template that cannot be given tools: a named template,
 // or a Jinja template whose text never mentions them.
@@ -59,12 +62,27 @@ func (t *ChatTemplate) RenderTools(msgs []infer.ChatMessage, tools string, addGe
 	return t.jinja.renderTools(msgs, v, addGenerationPrompt)
 }
 
-// toolMessage is m as a template's messages hold it.
-func toolMessage(m infer.ChatMessage) jinja.Value {
+// asksNoneContent matches a template's test that a message's content is
+// none (not "is not none", which a string passes too).
+var asksNoneContent = regexp.MustCompile(`content(?:'\]|"\])?\s+is\s+none\b`)
+
+// NoneForSilentCalls reports whether the template is given None as the
+// content of an assistant message that made calls and said nothing.
+func (t *ChatTemplate) NoneForSilentCalls() bool {
+	return t.jinja != nil && t.jinja.noneContent
+}
+
+// toolMessage is m as a template's messages hold it; noneContent gives a
+// message that made calls and said nothing None for its content.
+func toolMessage(m infer.ChatMessage, noneContent bool) jinja.Value {
 	d := jinja.NewDict()
 	dict := d.AsDict()
 	dict.Set("role", jinja.NewString(m.Role))
-	dict.Set("content", jinja.NewString(m.Content))
+	if noneContent && m.Content == "" && len(m.ToolCalls) > 0 {
+		dict.Set("content", jinja.None())
+	} else {
+		dict.Set("content", jinja.NewString(m.Content))
+	}
 	if len(m.ToolCalls) > 0 {
 		calls := make([]jinja.Value, len(m.ToolCalls))
 		for i, c := range m.ToolCalls {

@@ -60,6 +60,9 @@ func TestToolTemplatesMatchReference(t *testing.T) {
 			wire := make([]map[string]any, len(msgs))
 			for i, m := range msgs {
 				w := map[string]any{"role": m.Role, "content": m.Content}
+				if m.Content == "" && len(m.ToolCalls) > 0 && rt.tmpl.NoneForSilentCalls() {
+					w["content"] = nil
+				}
 				if len(m.ToolCalls) > 0 {
 					var calls []map[string]any
 					for _, c := range m.ToolCalls {
