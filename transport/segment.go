@@ -244,6 +244,9 @@ type RingStats struct {
 	// Wakeups counts the doorbells this process rang: futex wakes of a
 	// consumer sleeping for data or a producer sleeping for space.
 	Wakeups uint64
+	// Spins counts the waits for data in this process that a spin ended
+	// before the consumer slept (spin.go): the wake-ups it saved.
+	Spins uint64
 }
 
 // Stats reads the rings' occupancy from the mapping and this process's
@@ -254,6 +257,7 @@ func (s *Segment) Stats() RingStats {
 		ToWorkerBytes:  used(&s.rings[requestRing]),
 		ToGatewayBytes: used(&s.rings[responseRing]),
 		Wakeups:        s.rings[0].wakes.Load() + s.rings[1].wakes.Load(),
+		Spins:          s.rings[0].spins.Load() + s.rings[1].spins.Load(),
 	}
 }
 
