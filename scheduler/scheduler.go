@@ -173,15 +173,22 @@ func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) 
 	return s, nil
 }
 
-func openBackend(w Backend, id uint64, job *infer.Request) (infer.Call, error) {
-	c, err := w.Open(id, job)
+// openBackend opens job on w, into sink when sink is set and w is a
+// SinkBackend; direct reports that it did.
+func openBackend(w Backend, id uint64, job *infer.Request, sink *infer.Sink) (c infer.Call, direct bool, err error) {
+	if sb, ok := w.(SinkBackend); ok && sink != nil {
+		c, err = sb.OpenSink(id, job, sink)
+		direct = true
+	} else {
+		c, err = w.Open(id, job)
+	}
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if c == nil {
-		return nil, errors.New("worker returned no call")
+		return nil, false, errors.New("worker returned no call")
 	}
-	return c, nil
+	return c, direct, nil
 }
 
 // SetTenants replaces the tenant list while requests run: requests
@@ -220,8 +227,8 @@ func (s *Scheduler) tenant(name string) Tenant {
 // applied. Submit (dispatch.go) wraps it.
 //
 // exclude lists backends the request must not go to: those that refused
-// it before.
-func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend) (*attempt, error) {
+// it before. sink, when set, is what a SinkBackend's call delivers into.
+func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend, sink *infer.Sink) (*attempt, error) {
 	t := s.tenant(r.Tenant)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("scheduler: submit: %w", err)
@@ -298,12 +305,12 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 			return nil, fmt.Errorf("scheduler: request %d: %w", id, err)
 		}
 	}
-	c, err := openBackend(worker, id, &r.Job)
+	c, direct, err := openBackend(worker, id, &r.Job, sink)
 	if err != nil {
 		s.release(worker)
 		return nil, fmt.Errorf("scheduler: worker %d: open request %d: %w", worker.ID(), id, err)
 	}
-	return &attempt{id: id, worker: worker, call: c}, nil
+	return &attempt{id: id, worker: worker, call: c, direct: direct}, nil
 }
 
 // wait blocks a queued request until it is granted a slot or gives up. The
