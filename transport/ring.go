@@ -117,6 +117,10 @@ type ring struct {
 	// spins counts the waits a spin ended, the sleeps it saved (this
 	// process, this ring).
 	spins atomic.Uint64
+	// rungAt, in the mapping, is when the producer last rang
+	// dataWaiting's doorbell, in wall-clock nanoseconds, the one clock
+	// both processes read alike; it shares dataWaiting's line (spin.go).
+	rungAt *atomic.Int64
 }
 
 const (
@@ -210,6 +214,7 @@ func (r *ring) flush() {
 	// consumer is awake, which is the common case under load.
 	if r.dataWaiting.Load() != 0 && r.dataWaiting.CompareAndSwap(1, 0) {
 		r.wakes.Add(1)
+		r.rungAt.Store(time.Now().UnixNano())
 		futexWakeOne(r.dataWaiting)
 	}
 }
@@ -406,11 +411,17 @@ func (r *ring) waitData() error {
 		return nil
 	}
 	err := r.sleepData()
-	if budget > 0 {
-		r.waits.missed()
-	} else {
-		r.waits.record(time.Since(start))
+	// The wait the data took, not the sleep's own wake-up on top: when
+	// the producer rang this sleep's doorbell, the time it rang.
+	waited := time.Since(start)
+	if rung := r.rungAt.Load() - start.UnixNano(); rung >= 0 && rung < int64(waited) {
+		waited = time.Duration(rung)
 	}
+	if budget > 0 {
+		// A spin that missed counts at least as a full spin.
+		waited = max(waited, spinLimit)
+	}
+	r.waits.record(waited)
 	return err
 }
 

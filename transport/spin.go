@@ -25,19 +25,19 @@ import (
 // long, so its average sits at the cap and it goes straight to sleep; the
 // first wait after a burst may spin once, for at most spinLimit, and the
 // average then says the traffic has stopped. A spin that fails costs its
-// time and sets the average to the cap: a consumer whose peer is slower
+// time and counts as a wait of the cap: a consumer whose peer is slower
 // than the spin, or is not running at all (on a loaded machine, a spinner
-// takes the CPU its peer would run on), stops spinning at once and starts
-// again only after a few waits that were short while it slept. Spinning never holds the processor:
+// takes the CPU its peer would run on), stops spinning after a few misses.
+//
+// A wait that slept is measured to when the producer rang the doorbell
+// (ring.rungAt), not to when the sleeper ran again: the kernel's wake-up
+// (about 25 µs here, far more on a loaded machine) is the cost spinning
+// saves, not part of how long the data took. Measured to the wake-up, a
+// consumer and its peer that answer each other at once would both see
+// waits as long as a wake, stay asleep and never learn otherwise. Spinning never holds the processor:
 // each poll yields it (runtime.Gosched), so the goroutines the consumer
 // just readied (a call's consumer, a worker's loop) run on it first, as
 // the yield before the sleep does.
-//
-// The limit sits above a sleep's own wake-up cost (about 25 µs here), so a
-// consumer whose waits are only as long as a wake (it sleeps, and its peer
-// answers at once) still measures waits under the limit and starts
-// spinning again; a median under the limit is enough, the tail of slow
-// waits does not keep it asleep.
 const (
 	// spinLimit bounds one spin and caps each wait's sample.
 	spinLimit = 50 * time.Microsecond
@@ -73,9 +73,6 @@ func (s *spinner) record(d time.Duration) {
 	}
 	s.avg += (d - s.avg) / spinWeight
 }
-
-// missed records a wait that spun for its whole budget and then slept.
-func (s *spinner) missed() { s.avg = spinLimit }
 
 // spin polls tail until the producer publishes past consHead, the ring
 // closes, or budget has passed since start. It reports whether data came.

@@ -11,8 +11,8 @@ import (
 
 // TestSpinnerBudget checks the rule that decides whether a wait spins: not
 // before any wait was measured, while recent waits were short for at most
-// twice their average and never past spinLimit, not at all after waits as
-// long as the limit, and not after a spin that missed.
+// twice their average and never past spinLimit, and not at all after
+// waits as long as the limit, missed spins included.
 func TestSpinnerBudget(t *testing.T) {
 	var s spinner
 	if got := s.budget(); got != 0 {
@@ -30,9 +30,11 @@ func TestSpinnerBudget(t *testing.T) {
 	if got := s.budget(); got <= 0 || got > spinLimit {
 		t.Errorf("after 40 µs waits: budget %v, want in (0, %v]", got, spinLimit)
 	}
-	s.missed()
+	for range 16 { // spins that missed count as waits of spinLimit
+		s.record(spinLimit)
+	}
 	if got := s.budget(); got != 0 {
-		t.Errorf("after a missed spin: budget %v, want 0", got)
+		t.Errorf("after missed spins: budget %v, want 0", got)
 	}
 	for range 64 {
 		s.record(2 * time.Microsecond)
