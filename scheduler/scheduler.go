@@ -119,6 +119,8 @@ type Scheduler struct {
 	stopOnce sync.Once
 	stop     chan struct{}
 	done     chan struct{}
+	// queuedKick (capacity 1) wakes poll when a request is queued.
+	queuedKick chan struct{}
 }
 
 // waiter is a queued request. Whoever removes it from the queue (under the
@@ -168,6 +170,8 @@ func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) 
 		adm:      admissionStats{refusals: make(map[string]uint64)},
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
+
+		queuedKick: make(chan struct{}, 1),
 	}
 	go s.poll()
 	return s, nil
@@ -289,6 +293,10 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend,
 			wake:     make(chan grant, 1),
 		}
 		s.queue.push(w)
+		select {
+		case s.queuedKick <- struct{}{}: // poll ticks again
+		default: // a kick is pending already
+		}
 		// A slot may be free with others queued (a worker came back and
 		// the poll has not run yet); the queue decides who takes it.
 		s.dispatchLocked()
@@ -464,6 +472,12 @@ func (s *Scheduler) WorkersChanged() {
 	s.dispatchLocked()
 }
 
+// poll runs WorkersChanged every pollInterval while requests are queued.
+// With none queued it parks until one is (queuedKick): a ticker that ran
+// on an idle gateway kept waking the Go runtime's monitor thread, which
+// then polled every 20 µs for a while after each tick, about 2% of a core
+// for nothing (docs/BENCHMARKS.md). The tick that finds the queue empty
+// still runs WorkersChanged, so the admission guard resets as before.
 func (s *Scheduler) poll() {
 	defer close(s.done)
 	t := time.NewTicker(pollInterval)
@@ -475,6 +489,19 @@ func (s *Scheduler) poll() {
 		case <-t.C:
 			s.WorkersChanged()
 		}
+		s.mu.Lock()
+		idle := s.queue.len() == 0
+		s.mu.Unlock()
+		if !idle {
+			continue
+		}
+		t.Stop()
+		select {
+		case <-s.stop:
+			return
+		case <-s.queuedKick:
+		}
+		t.Reset(pollInterval)
 	}
 }
 
