@@ -406,7 +406,11 @@ func (r *ring) waitData() error {
 	start := time.Now()
 	budget := r.waits.budget()
 	if budget > 0 && r.spin(start, budget) {
-		r.waits.record(time.Since(start))
+		waited := time.Since(start)
+		if waited > budget/2 {
+			waited = spinLimit // scored as a miss (spin.go)
+		}
+		r.waits.record(waited)
 		r.spins.Add(1)
 		return nil
 	}

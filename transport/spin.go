@@ -11,38 +11,45 @@ import (
 //
 // A futex sleep costs its wake: the producer's syscall, and the kernel
 // scheduling the sleeper's thread again, tens of microseconds on this
-// machine when the CPU had gone idle. While the traffic on a ring is
-// back to back (a request and its answer, the tokens of many streams) the
-// next record usually arrives sooner than that, so the consumer first
-// polls tail for a while and sleeps only if nothing came.
+// machine when the CPU had gone idle. While records arrive back to back
+// (the tokens of many streams, a peer answering at once) the next one
+// usually comes sooner than that, so the consumer first polls tail for a
+// while and sleeps only if nothing came.
 //
 // The poll is bounded and adaptive. The consumer keeps a moving average
-// of how long its recent waits lasted, each sample capped at spinLimit, so
-// the average reads how often waits were short as much as how short they
-// were, and a long idle spell counts as one long wait, not as minutes. It
-// spins only while that average is below spinArm, for at most twice the
-// average and never longer than spinLimit. An idle ring's waits are all
-// long, so its average sits at the cap and it goes straight to sleep; the
-// first wait after a burst may spin once, for at most spinLimit, and the
-// average then says the traffic has stopped. A spin that fails costs its
-// time and counts as a wait of the cap: a consumer whose peer is slower
-// than the spin, or is not running at all (on a loaded machine, a spinner
-// takes the CPU its peer would run on), stops spinning after a few misses.
+// of how long its recent waits lasted, each sample capped at spinLimit,
+// so a long idle spell counts as one long wait, not as minutes. It spins
+// only while that average is below spinArm (10 µs), for at most twice the
+// average plus 2 µs, never longer than spinLimit. An idle ring's waits
+// are long, so its average climbs past spinArm within a few waits and it
+// sleeps at once; the first wait after a burst spins once, for at most
+// 22 µs. A spin that fails, or succeeds only in the second half of its
+// budget, counts as a wait of the cap: a consumer whose peer is slower
+// than the spin, or is not running (on a loaded machine a spinner takes
+// the CPU its peer would run on), stops spinning after a miss or two.
+// Spinning never holds the processor: each poll yields it
+// (runtime.Gosched), so the goroutines the consumer just readied (a
+// call's consumer, a worker's loop) run on it first.
+//
+// The threshold is low on purpose. With it at 44 µs, two processes
+// answering each other (BenchmarkRoundTrip) settled into spinning at
+// each other in some runs, 1.6 µs a round trip, and in others, on the
+// same loaded machine, into spins that succeeded late because the
+// spinner itself kept its peer off the CPU: 80 µs, three times the plain
+// sleep (docs/BENCHMARKS.md, "Issue #18"). At 10 µs a consumer spins only
+// for a producer that keeps the pace by itself, and a peer that must wake
+// to answer is waited for asleep, as before.
 //
 // A wait that slept is measured to when the producer rang the doorbell
 // (ring.rungAt), not to when the sleeper ran again: the kernel's wake-up
 // (about 25 µs here, far more on a loaded machine) is the cost spinning
-// saves, not part of how long the data took. Measured to the wake-up, a
-// consumer and its peer that answer each other at once would both see
-// waits as long as a wake, stay asleep and never learn otherwise. Spinning never holds the processor:
-// each poll yields it (runtime.Gosched), so the goroutines the consumer
-// just readied (a call's consumer, a worker's loop) run on it first, as
-// the yield before the sleep does.
+// saves, not part of how fast the producer is, so a producer that streams
+// fast to a sleeping consumer arms its spin.
 const (
 	// spinLimit bounds one spin and caps each wait's sample.
 	spinLimit = 50 * time.Microsecond
 	// spinArm is the average wait under which the consumer spins.
-	spinArm = spinLimit - spinLimit/8
+	spinArm = 10 * time.Microsecond
 	// spinWeight is the average's smoothing: each new sample moves it by
 	// 1/spinWeight of the difference.
 	spinWeight = 8
@@ -51,14 +58,13 @@ const (
 // spinner is a consumer's record of its recent waits. It is private to the
 // consumer, like consHead, and lives in process memory.
 type spinner struct {
-	avg      time.Duration // moving average of recent waits, each capped at spinLimit
-	measured bool          // avg holds at least one sample; until then the consumer does not spin
+	avg time.Duration // moving average of recent waits, each capped at spinLimit; 0 at first
 }
 
 // budget is how long a wait that starts now may spin before it sleeps:
-// zero unless recent waits were short.
+// zero unless recent waits were short (a new ring's are taken to be).
 func (s *spinner) budget() time.Duration {
-	if !s.measured || s.avg >= spinArm {
+	if s.avg >= spinArm {
 		return 0
 	}
 	return min(2*s.avg+2*time.Microsecond, spinLimit)
@@ -66,12 +72,7 @@ func (s *spinner) budget() time.Duration {
 
 // record adds one wait's length to the average.
 func (s *spinner) record(d time.Duration) {
-	d = min(d, spinLimit)
-	if !s.measured {
-		s.avg, s.measured = d, true
-		return
-	}
-	s.avg += (d - s.avg) / spinWeight
+	s.avg += (min(d, spinLimit) - s.avg) / spinWeight
 }
 
 // spin polls tail until the producer publishes past consHead, the ring

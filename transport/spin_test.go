@@ -9,41 +9,45 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestSpinnerBudget checks the rule that decides whether a wait spins: not
-// before any wait was measured, while recent waits were short for at most
-// twice their average and never past spinLimit, and not at all after
-// waits as long as the limit, missed spins included.
+// TestSpinnerBudget checks the rule that decides whether a wait spins:
+// while recent waits were short, for at most twice their average plus
+// 2 µs and never past spinLimit; not at all once waits are as long as a
+// wake, misses included; and one long wait among short ones does not end
+// it, while a run of idle waits does.
 func TestSpinnerBudget(t *testing.T) {
 	var s spinner
-	if got := s.budget(); got != 0 {
-		t.Fatalf("unmeasured: budget %v, want 0", got)
+	if got := s.budget(); got <= 0 || got > 2*time.Microsecond {
+		t.Fatalf("new ring: budget %v, want in (0, 2 µs]", got)
 	}
 	for range 32 {
 		s.record(2 * time.Microsecond)
 	}
-	if got := s.budget(); got <= 0 || got > 10*time.Microsecond {
-		t.Errorf("after 2 µs waits: budget %v, want in (0, 10 µs]", got)
+	if got := s.budget(); got <= 0 || got > 6*time.Microsecond {
+		t.Errorf("after 2 µs waits: budget %v, want in (0, 6 µs]", got)
 	}
 	for range 32 {
-		s.record(40 * time.Microsecond)
+		s.record(25 * time.Microsecond)
 	}
-	if got := s.budget(); got <= 0 || got > spinLimit {
-		t.Errorf("after 40 µs waits: budget %v, want in (0, %v]", got, spinLimit)
+	if got := s.budget(); got != 0 {
+		t.Errorf("after waits as long as a wake-up: budget %v, want 0", got)
 	}
-	for range 16 { // spins that missed count as waits of spinLimit
+	for range 32 {
+		s.record(time.Microsecond)
+	}
+	for range 8 { // spins that missed count as waits of spinLimit
 		s.record(spinLimit)
 	}
 	if got := s.budget(); got != 0 {
 		t.Errorf("after missed spins: budget %v, want 0", got)
 	}
 	for range 64 {
-		s.record(2 * time.Microsecond)
+		s.record(time.Microsecond)
 	}
 	s.record(10 * time.Second) // one idle minute counts as one long wait
-	if got := s.budget(); got <= 0 {
-		t.Errorf("one long wait after short ones: budget %v, want > 0", got)
+	if got := s.budget(); got <= 0 || got > spinLimit {
+		t.Errorf("one long wait after short ones: budget %v, want in (0, %v]", got, spinLimit)
 	}
-	for range 32 {
+	for range 8 {
 		s.record(time.Second)
 	}
 	if got := s.budget(); got != 0 {
