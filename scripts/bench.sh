@@ -76,9 +76,9 @@ median() { tr ' ,' '\n\n' | { grep . || true; } | sort -n | awk '{ a[NR] = $1 } 
 for c in ${CONC//,/ }; do
 	t=$(cat "$OUT"/overhead-*.txt | awk -v c="$c:" '/^ratio / && $5 == c { print $8 }' | median)
 	p=$(cat "$OUT"/overhead-*.txt | awk -v c="$c:" '/^ratio / && $5 == c { print $NF }' | median)
-	u=$(cat "$OUT"/overhead-*.txt | awk -v c="$c:" '/^server cpu per token / && $9 == c { print $NF }' | median)
-	tt=1.3; [ "$c" = 1 ] || tt=-
+	u=$(cat "$OUT"/overhead-*.txt | awk -v c="$c:" '/^server cpu per token / && $8 == c { print $NF }' | median)
+	tt="target <= 1.3"; [ "$c" = 1 ] || tt="no target"
 	pt=1.2; [ "$c" = 1 ] && pt=0.9
-	echo "concurrency $c: ttft p50 ratio $t (target <= $tt), tokens/s ratio $p (target >= $pt), server cpu per token ratio $u (target <= 1.5)"
+	echo "concurrency $c: ttft p50 ratio $t ($tt), tokens/s ratio $p (target >= $pt), server cpu per token ratio $u (target <= 1.5)"
 done
 cat "$OUT/idle.txt"
