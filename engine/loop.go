@@ -272,6 +272,7 @@ type workerLoop struct {
 	byID      map[uint64]*running
 	arrivals  uint64
 	stats     transport.Stats
+	sentStats transport.Stats // the last stats sent (idle.go)
 	log       *slog.Logger
 	tracer    trace.Tracer
 
@@ -454,7 +455,7 @@ func (w *workerLoop) serve(ctx context.Context, inbox <-chan inbound, recvErr <-
 			case err := <-recvErr:
 				return err
 			case <-ticker.C:
-				if err := w.sendStats(); err != nil {
+				if err := w.sendStatsIfChanged(); err != nil {
 					return err
 				}
 			case <-ctx.Done():
@@ -1012,6 +1013,7 @@ func (w *workerLoop) drop(r *running) {
 
 func (w *workerLoop) sendStats() error {
 	w.stats.Active = uint32(len(w.byID))
+	w.sentStats = w.stats
 	return w.end.SendStats(w.stats)
 }
 

@@ -26,8 +26,9 @@ type ringWorker struct {
 	// hello is the worker's Ready frame.
 	hello transport.Ready
 
-	mu    sync.Mutex
-	stats transport.Stats
+	mu      sync.Mutex
+	stats   transport.Stats
+	reports int // stats frames received
 }
 
 func startRingWorker(t *testing.T, slots int) *ringWorker {
@@ -61,6 +62,7 @@ func startRingWorkerSpec(t testing.TB, slots int, spec workerconf.Model, kvBudge
 		OnStats: func(s transport.Stats) {
 			rw.mu.Lock()
 			rw.stats = s
+			rw.reports++
 			rw.mu.Unlock()
 		},
 	})

@@ -27,6 +27,16 @@ type attempt struct {
 	id     uint64
 	worker Backend
 	call   infer.Call
+	direct bool // the call delivers into the Dispatch's sink
+}
+
+// SinkBackend is a Backend whose calls can deliver into a channel the
+// scheduler gives them (infer.Sink). A request on one reaches its consumer
+// with no goroutine of the Dispatch between them; a request on any other
+// Backend has its events forwarded by one.
+type SinkBackend interface {
+	Backend
+	OpenSink(id uint64, r *infer.Request, sink *infer.Sink) (infer.Call, error)
 }
 
 // Submit assigns the request an id and dispatches it to the least loaded
@@ -63,15 +73,26 @@ func (s *Scheduler) Submit(ctx context.Context, r *Request) (*Dispatch, Admissio
 	// the same level.
 	req := s.admit(*r)
 	adm := Admission{Urgency: req.Job.Urgency, Class: req.Job.Class}
-	a, err := s.dispatch(ctx, &req, nil)
+	d := &Dispatch{sched: s, req: req, stop: make(chan struct{}), opened: make(chan struct{})}
+	d.sink.Divert = d.divert
+	a, err := s.dispatch(ctx, &req, nil, &d.sink)
 	if err != nil {
 		return nil, adm, err
 	}
-	d := &Dispatch{sched: s, req: req, cur: a, slotHeld: true, out: make(chan infer.Event), stop: make(chan struct{})}
 	// Re-dispatch waits on the same terms as the first dispatch: it gives
 	// up when the client leaves or the dispatch is closed.
 	d.ctx, d.cancel = context.WithCancel(ctx)
-	d.wg.Go(d.forward)
+	d.mu.Lock()
+	d.cur, d.slotHeld = a, true
+	d.forwarding = !a.direct
+	d.mu.Unlock()
+	if a.direct {
+		d.out = d.sink.Events
+	} else {
+		d.out = make(chan infer.Event)
+		d.wg.Go(d.forward)
+	}
+	close(d.opened)
 	return d, adm, nil
 }
 
@@ -84,18 +105,22 @@ type Admission struct {
 // Dispatch is one dispatched request: its events come from the worker that
 // runs it.
 //
-// Events pass through a goroutine of the Dispatch, which is what lets it
-// swap a dead worker's call for a new one under a channel the consumer
-// already holds. The hand-off is unbuffered, so the bound on unread events
-// stays the transport call's: a consumer that stops reading still overflows
-// its call and gets cancelled. The cost is one goroutine hand-off per
-// event. Only the first event is ever intercepted, but a consumer ranges
-// over one channel from start to end and a Go channel cannot be rewound,
-// so whatever inspects the first event must pass on the rest as well.
+// A call on a SinkBackend (a local worker) delivers straight into the
+// channel Events returns, which the Dispatch gave it (infer.Sink): no
+// goroutine stands between the worker's ring and the consumer. The call
+// offers the Dispatch its first event when that is an error (divert); one
+// that allows a re-dispatch (see Submit) is taken, and the request's next
+// call delivers into the same channel, so the consumer never sees the
+// swap. The bound on unread events stays the call's: a consumer that stops
+// reading still overflows its call and gets cancelled.
 //
-// Forwarding ends on Close, not when the request's context ends: a
-// consumer that sees its context end decides itself what that means (a
-// passed deadline is not a dispatch that ended without a result).
+// A call on any other Backend keeps a channel of its own, and a goroutine
+// of the Dispatch forwards its events, unbuffered, intercepting the first
+// as above; once a request is forwarded, its re-dispatches are too.
+//
+// Events end on Close, not when the request's context ends: a consumer
+// that sees its context end decides itself what that means (a passed
+// deadline is not a dispatch that ended without a result).
 type Dispatch struct {
 	sched  *Scheduler
 	req    Request
@@ -103,14 +128,21 @@ type Dispatch struct {
 	cancel context.CancelFunc
 	out    chan infer.Event // closed after the terminal event
 	stop   chan struct{}    // closed by Close
-	wg     sync.WaitGroup   // forward
+	opened chan struct{}    // closed once Submit has set cur and out
+	sink   infer.Sink       // what the direct calls deliver into: out
+	wg     sync.WaitGroup   // forward, recover
+	// retryMu serializes recover's goroutines: each decides on the state
+	// the one before it left.
+	retryMu sync.Mutex
 
-	mu       sync.Mutex
-	cur      *attempt
-	slotHeld bool      // cur.worker's slot is still reserved for this dispatch
-	moves    int       // re-dispatches after a lost worker so far
-	refused  []Backend // backends that refused the request, in order
-	once     sync.Once
+	mu         sync.Mutex
+	cur        *attempt
+	slotHeld   bool      // cur.worker's slot is still reserved for this dispatch
+	forwarding bool      // events pass through forward: calls get no sink
+	closing    bool      // Close has begun: divert takes nothing more
+	moves      int       // re-dispatches after a lost worker so far
+	refused    []Backend // backends that refused the request, in order
+	once       sync.Once
 }
 
 func (d *Dispatch) current() *attempt {
@@ -182,6 +214,48 @@ func (d *Dispatch) forward() {
 	}
 }
 
+// divert is the sink's Divert: it takes a direct call's first event when
+// that error may allow a re-dispatch, which recover then decides and does
+// in a goroutine of the Dispatch (the caller is the ring's receive loop,
+// which must not wait for a free slot).
+func (d *Dispatch) divert(e *infer.Error) bool {
+	if e.Code != infer.CodeWorkerLost && !e.Unstarted {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closing {
+		return false // delivered as it is: nobody waits for a re-dispatch
+	}
+	d.wg.Add(1)
+	go d.recover(e)
+	return true
+}
+
+// recover dispatches the request again after divert took its first event,
+// failure, or delivers failure and ends the events when the request stays
+// with it. A re-dispatch that lands on a Backend that is not a
+// SinkBackend is forwarded from then on.
+func (d *Dispatch) recover(failure *infer.Error) {
+	defer d.wg.Done()
+	<-d.opened // a fast failure may come before Submit has returned
+	d.retryMu.Lock()
+	defer d.retryMu.Unlock()
+	next := d.retry(d.current(), failure)
+	if next == nil {
+		// Nothing else writes out: the failed call ended without it.
+		d.out <- infer.Event{Err: failure}
+		close(d.out)
+		return
+	}
+	if !next.direct {
+		d.mu.Lock()
+		d.forwarding = true
+		d.mu.Unlock()
+		d.forward()
+	}
+}
+
 // retry dispatches the request again after its first event was the error
 // failure, when the failure allows it (see Submit), and returns the new
 // attempt, or nil when the request stays with failure.
@@ -216,7 +290,13 @@ func (d *Dispatch) redispatch(old *attempt, lost *infer.Error, exclude []Backend
 	d.slotHeld = false
 	d.mu.Unlock()
 	s.release(old.worker, d.req.Job.Slots())
-	next, err := s.dispatch(d.ctx, &d.req, exclude)
+	d.mu.Lock()
+	sink := &d.sink
+	if d.forwarding {
+		sink = nil
+	}
+	d.mu.Unlock()
+	next, err := s.dispatch(d.ctx, &d.req, exclude, sink)
 	if err != nil {
 		if d.ctx.Err() == nil {
 			s.log.Warn("request lost its worker and could not be dispatched again",
@@ -241,6 +321,9 @@ func (d *Dispatch) redispatch(old *attempt, lost *infer.Error, exclude []Backend
 // and from any goroutine.
 func (d *Dispatch) Close() {
 	d.once.Do(func() {
+		d.mu.Lock()
+		d.closing = true
+		d.mu.Unlock()
 		d.cancel()
 		close(d.stop)
 		d.wg.Wait()

@@ -119,6 +119,8 @@ type Scheduler struct {
 	stopOnce sync.Once
 	stop     chan struct{}
 	done     chan struct{}
+	// queuedKick (capacity 1) wakes poll when a request is queued.
+	queuedKick chan struct{}
 }
 
 // waiter is a queued request. Whoever removes it from the queue (under the
@@ -169,20 +171,29 @@ func New(cfg Config, backends BackendSet, log *slog.Logger) (*Scheduler, error) 
 		adm:      admissionStats{refusals: make(map[string]uint64)},
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
+
+		queuedKick: make(chan struct{}, 1),
 	}
 	go s.poll()
 	return s, nil
 }
 
-func openBackend(w Backend, id uint64, job *infer.Request) (infer.Call, error) {
-	c, err := w.Open(id, job)
+// openBackend opens job on w, into sink when sink is set and w is a
+// SinkBackend; direct reports that it did.
+func openBackend(w Backend, id uint64, job *infer.Request, sink *infer.Sink) (c infer.Call, direct bool, err error) {
+	if sb, ok := w.(SinkBackend); ok && sink != nil {
+		c, err = sb.OpenSink(id, job, sink)
+		direct = true
+	} else {
+		c, err = w.Open(id, job)
+	}
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if c == nil {
-		return nil, errors.New("worker returned no call")
+		return nil, false, errors.New("worker returned no call")
 	}
-	return c, nil
+	return c, direct, nil
 }
 
 // SetTenants replaces the tenant list while requests run: requests
@@ -221,8 +232,8 @@ func (s *Scheduler) tenant(name string) Tenant {
 // applied. Submit (dispatch.go) wraps it.
 //
 // exclude lists backends the request must not go to: those that refused
-// it before.
-func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend) (*attempt, error) {
+// it before. sink, when set, is what a SinkBackend's call delivers into.
+func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend, sink *infer.Sink) (*attempt, error) {
 	t := s.tenant(r.Tenant)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("scheduler: submit: %w", err)
@@ -290,6 +301,10 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 			width:    width,
 		}
 		s.queue.push(w)
+		select {
+		case s.queuedKick <- struct{}{}: // poll ticks again
+		default: // a kick is pending already
+		}
 		// A slot may be free with others queued (a worker came back and
 		// the poll has not run yet); the queue decides who takes it.
 		s.dispatchLocked()
@@ -306,12 +321,12 @@ func (s *Scheduler) dispatch(ctx context.Context, r *Request, exclude []Backend)
 			return nil, fmt.Errorf("scheduler: request %d: %w", id, err)
 		}
 	}
-	c, err := openBackend(worker, id, &r.Job)
+	c, direct, err := openBackend(worker, id, &r.Job, sink)
 	if err != nil {
 		s.release(worker, width)
 		return nil, fmt.Errorf("scheduler: worker %d: open request %d: %w", worker.ID(), id, err)
 	}
-	return &attempt{id: id, worker: worker, call: c}, nil
+	return &attempt{id: id, worker: worker, call: c, direct: direct}, nil
 }
 
 // wait blocks a queued request until it is granted a slot or gives up. The
@@ -464,6 +479,12 @@ func (s *Scheduler) WorkersChanged() {
 	s.dispatchLocked()
 }
 
+// poll runs WorkersChanged every pollInterval while requests are queued.
+// With none queued it parks until one is (queuedKick): a ticker that ran
+// on an idle gateway kept waking the Go runtime's monitor thread, which
+// then polled every 20 µs for a while after each tick, about 2% of a core
+// for nothing (docs/BENCHMARKS.md). The tick that finds the queue empty
+// still runs WorkersChanged, so the admission guard resets as before.
 func (s *Scheduler) poll() {
 	defer close(s.done)
 	t := time.NewTicker(pollInterval)
@@ -475,6 +496,19 @@ func (s *Scheduler) poll() {
 		case <-t.C:
 			s.WorkersChanged()
 		}
+		s.mu.Lock()
+		idle := s.queue.len() == 0
+		s.mu.Unlock()
+		if !idle {
+			continue
+		}
+		t.Stop()
+		select {
+		case <-s.stop:
+			return
+		case <-s.queuedKick:
+		}
+		t.Reset(pollInterval)
 	}
 }
 

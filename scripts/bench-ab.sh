@@ -25,12 +25,13 @@ for r in $(seq "$ROUNDS"); do
 	j=0
 	for b in "$@"; do
 		BIN=$b REPS=1 OUT="$out/$r-$j" "$here/bench.sh" >"$out/$r-$j.log"
-		grep '^ratio' "$out/$r-$j/overhead-1.txt" | sed "s|^|round $r build $j ($b): |"
+		grep '^ratio\|^server cpu' "$out/$r-$j/overhead-1.txt" | sed "s|^|round $r build $j ($b): |"
+		grep '^idle cpu' "$out/$r-$j/idle.txt" | sed "s|^|round $r build $j ($b): |"
 		j=$((j + 1))
 	done
 done | tee "$out/runs.txt"
 echo "== medians over $ROUNDS rounds"
-sed -E 's/^round [0-9]+ build ([0-9]+) \(([^)]*)\): .* at concurrency ([0-9]+): ttft p50 ([0-9.]+),.*/\1 \2 \3 \4/' "$out/runs.txt" |
+grep ': ratio ' "$out/runs.txt" | sed -E 's/^round [0-9]+ build ([0-9]+) \(([^)]*)\): .* at concurrency ([0-9]+): ttft p50 ([0-9.]+),.*/\1 \2 \3 \4/' |
 	awk '{ k = $1 " (" $2 ") at concurrency " $3; v[k] = v[k] " " $4 }
 	END { for (k in v) print k "|" v[k] }' |
 while IFS='|' read -r k vals; do

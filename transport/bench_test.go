@@ -144,6 +144,7 @@ func benchRingRoundTrip(b *testing.B, size int, gap time.Duration) {
 		buf = f.Payload
 	}
 	reportLatency(b, lat)
+	reportSpins(b, seg)
 }
 
 func benchUDSRoundTrip(b *testing.B, size int, gap time.Duration) {
@@ -300,6 +301,14 @@ func reportLatency(b *testing.B, lat []time.Duration) {
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
+}
+
+// reportSpins reports the share of this process's waits for data that a
+// spin ended (spin.go) rather than a sleep.
+func reportSpins(b *testing.B, seg *Segment) {
+	if b.N > 0 {
+		b.ReportMetric(float64(seg.Stats().Spins)/float64(b.N), "spun/op")
+	}
 }
 
 func reportRate(b *testing.B, d time.Duration) {

@@ -126,6 +126,12 @@ type Call struct {
 	// handOff says the reader yields its thread after the call's first
 	// token (see deliver); it is cleared once that token is delivered.
 	handOff bool
+	// limit is how many unread token events events may hold (CallBuffer,
+	// or less for a sink's smaller channel); divert and started serve a
+	// call opened into an infer.Sink (sink.go).
+	limit   int
+	divert  func(*infer.Error) bool
+	started bool // an event has been delivered
 }
 
 // ID returns the request id the call was opened with.
@@ -179,7 +185,15 @@ func (g *GatewayEnd) Control(id uint64, c *Control) (*Call, error) {
 }
 
 func (g *GatewayEnd) open(id uint64, typ FrameType, handOff bool, encode func([]byte) []byte) (*Call, error) {
-	c := &Call{id: id, g: g, events: make(chan infer.Event, g.callBuffer+1), handOff: handOff}
+	return g.openSink(id, typ, handOff, encode, nil)
+}
+
+// openSink is open delivering into sink when it is not nil.
+func (g *GatewayEnd) openSink(id uint64, typ FrameType, handOff bool, encode func([]byte) []byte, sink *infer.Sink) (*Call, error) {
+	c, err := g.newCall(id, handOff, sink)
+	if err != nil {
+		return nil, err
+	}
 	g.callsMu.Lock()
 	switch {
 	case g.ended:
@@ -198,13 +212,15 @@ func (g *GatewayEnd) open(id uint64, typ FrameType, handOff bool, encode func([]
 
 	g.sendMu.Lock()
 	g.sendBuf = encode(g.sendBuf[:0])
-	err := g.seg.send(requestRing, typ, id, g.sendBuf)
+	err = g.seg.send(requestRing, typ, id, g.sendBuf)
 	g.sendMu.Unlock()
 	if err != nil {
 		c.mu.Lock()
 		if !c.ended {
 			c.ended = true
-			close(c.events)
+			if sink == nil { // a sink's channel stays its opener's
+				close(c.events)
+			}
 		}
 		c.mu.Unlock()
 		g.forget(id)
@@ -396,17 +412,19 @@ func (c *Call) deliver(ev infer.Event) {
 	}
 	if ev.Done != nil || ev.Err != nil {
 		c.ended = true
-		c.events <- ev
-		close(c.events)
+		if !c.diverted(ev.Err) {
+			c.events <- ev
+			close(c.events)
+		}
 		c.mu.Unlock()
 		c.g.forget(c.id)
 		return
 	}
-	if len(c.events) >= c.g.callBuffer {
+	if len(c.events) >= c.limit {
 		c.ended = true
 		c.events <- infer.Event{Err: &infer.Error{
 			Code:    infer.CodeOverflow,
-			Message: fmt.Sprintf("request %d: consumer fell %d events behind", c.id, c.g.callBuffer),
+			Message: fmt.Sprintf("request %d: consumer fell %d events behind", c.id, c.limit),
 		}}
 		close(c.events)
 		c.mu.Unlock()
@@ -415,6 +433,7 @@ func (c *Call) deliver(ev infer.Event) {
 		return
 	}
 	c.events <- ev
+	c.started = true
 	yield := c.handOff
 	c.handOff = false
 	c.mu.Unlock()
@@ -432,8 +451,10 @@ func (c *Call) end(e *infer.Error) bool {
 		return false
 	}
 	c.ended = true
-	c.events <- infer.Event{Err: e}
-	close(c.events)
+	if !c.diverted(e) {
+		c.events <- infer.Event{Err: e}
+		close(c.events)
+	}
 	c.mu.Unlock()
 	c.g.forget(c.id)
 	return true

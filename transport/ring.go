@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync/atomic"
+	"time"
 )
 
 // ring is one process's view of a single-producer single-consumer byte ring
@@ -64,7 +65,9 @@ import (
 // # Doorbells
 //
 // Sleeping, not spinning, is the default: with two processes on two shared
-// cores, a spinner steals the core its peer needs. A consumer with nothing to
+// cores, a spinner steals the core its peer needs. (A consumer whose recent
+// waits were short polls briefly first, bounded and never while idle; see
+// spin.go.) A consumer with nothing to
 // read stores 1 in dataWaiting, re-reads tail, and sleeps on the futex word
 // only if the ring is still empty. A producer, after storing tail, loads
 // dataWaiting and, when it is 1, clears it with a compare-and-swap and wakes
@@ -108,6 +111,16 @@ type ring struct {
 	consHead, consTail, consWoke uint64
 	consHeader                   [frameHeaderSize]byte
 	batching                     bool // in recvBatch: consume defers the store of head
+	// waits is the consumer's record of how long it waited for data,
+	// which decides whether it spins before it sleeps (spin.go).
+	waits spinner
+	// spins counts the waits a spin ended, the sleeps it saved (this
+	// process, this ring).
+	spins atomic.Uint64
+	// rungAt, in the mapping, is when the producer last rang
+	// dataWaiting's doorbell, in wall-clock nanoseconds, the one clock
+	// both processes read alike; it shares dataWaiting's line (spin.go).
+	rungAt *atomic.Int64
 }
 
 const (
@@ -201,6 +214,7 @@ func (r *ring) flush() {
 	// consumer is awake, which is the common case under load.
 	if r.dataWaiting.Load() != 0 && r.dataWaiting.CompareAndSwap(1, 0) {
 		r.wakes.Add(1)
+		r.rungAt.Store(time.Now().UnixNano())
 		futexWakeOne(r.dataWaiting)
 	}
 }
@@ -382,8 +396,41 @@ func (r *ring) releaseHead() {
 	}
 }
 
-// waitData returns once the producer has published past consHead.
+// waitData returns once the producer has published past consHead. While
+// recent waits were short it spins before it sleeps (spin.go), and it
+// records how long this wait lasted for the next one.
 func (r *ring) waitData() error {
+	if r.consTail = r.tail.Load(); r.consTail != r.consHead {
+		return nil // no wait at all: nothing to record
+	}
+	start := time.Now()
+	budget := r.waits.budget()
+	if budget > 0 && r.spin(start, budget) {
+		waited := time.Since(start)
+		if waited > budget/2 {
+			waited = spinLimit // scored as a miss (spin.go)
+		}
+		r.waits.record(waited)
+		r.spins.Add(1)
+		return nil
+	}
+	err := r.sleepData()
+	// The wait the data took, not the sleep's own wake-up on top: when
+	// the producer rang this sleep's doorbell, the time it rang.
+	waited := time.Since(start)
+	if rung := r.rungAt.Load() - start.UnixNano(); rung >= 0 && rung < int64(waited) {
+		waited = time.Duration(rung)
+	}
+	if budget > 0 {
+		// A spin that missed counts at least as a full spin.
+		waited = max(waited, spinLimit)
+	}
+	r.waits.record(waited)
+	return err
+}
+
+// sleepData is waitData's sleep on the doorbell.
+func (r *ring) sleepData() error {
 	locked := false
 	defer func() {
 		if locked {

@@ -47,6 +47,10 @@ const (
 //	line 5..8      response ring: head, tail, dataWaiting, spaceWaiting
 //	line 9         heartbeat uint64, counted up by the worker's loop
 //
+// The dataWaiting line also holds, at byte 8, rungAt int64: when the
+// producer last rang that doorbell (wall clock, ns), which tells the
+// consumer how long its data really took (spin.go).
+//
 // Every index and futex word has a line of its own so the producer's tail
 // stores and the consumer's head stores never bounce one cache line between
 // the cores. The line is 128 bytes, not 64, because x86's adjacent-line
@@ -70,6 +74,7 @@ const (
 	lineTail        = 1
 	lineDataWaiting = 2
 	lineSpaceWait   = 3
+	offRungAt       = 8 // within the dataWaiting line
 )
 
 // Ring indices within a segment.
@@ -206,6 +211,7 @@ func newSegment(f *os.File, mem []byte, ringSize int) *Segment {
 			head:         word64(mem, ctl+lineHead*lineSize),
 			tail:         word64(mem, ctl+lineTail*lineSize),
 			dataWaiting:  word32(mem, ctl+lineDataWaiting*lineSize),
+			rungAt:       (*atomic.Int64)(unsafe.Pointer(&mem[ctl+lineDataWaiting*lineSize+offRungAt])),
 			spaceWaiting: word32(mem, ctl+lineSpaceWait*lineSize),
 			closed:       closed,
 			data:         mem[data : data+ringSize : data+ringSize],
@@ -244,6 +250,9 @@ type RingStats struct {
 	// Wakeups counts the doorbells this process rang: futex wakes of a
 	// consumer sleeping for data or a producer sleeping for space.
 	Wakeups uint64
+	// Spins counts the waits for data in this process that a spin ended
+	// before the consumer slept (spin.go): the wake-ups it saved.
+	Spins uint64
 }
 
 // Stats reads the rings' occupancy from the mapping and this process's
@@ -254,6 +263,7 @@ func (s *Segment) Stats() RingStats {
 		ToWorkerBytes:  used(&s.rings[requestRing]),
 		ToGatewayBytes: used(&s.rings[responseRing]),
 		Wakeups:        s.rings[0].wakes.Load() + s.rings[1].wakes.Load(),
+		Spins:          s.rings[0].spins.Load() + s.rings[1].spins.Load(),
 	}
 }
 

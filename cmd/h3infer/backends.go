@@ -169,4 +169,6 @@ var (
 	_ backendKind          = localWorkers{}
 	_ backendKind          = upstreams{}
 	_ scheduler.Backend    = (*workerpool.Process)(nil)
+	// A local worker's events reach the gateway with no goroutine between.
+	_ scheduler.SinkBackend = (*workerpool.Process)(nil)
 )

@@ -74,6 +74,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	overCapDuration := fs.Duration("overload-capacity-duration", loadgen.DefaultCapacityDuration, "overload scenario: how long the closed loop runs")
 	overUnloaded := fs.Int("overload-unloaded", loadgen.DefaultUnloaded, "overload scenario: urgency-0 requests, one a second, before the overload")
 	overRecovery := fs.Duration("overload-recovery", loadgen.DefaultRecovery, "overload scenario: how long one request at a time runs after the overload")
+	cpuPID := fs.Int("cpu-pid", 0, "the process serving --url: its CPU time and its child processes' (a gateway's workers), from /proc, is read around each level and shown per token (0: not measured)")
+	baseCPUPID := fs.Int("baseline-cpu-pid", 0, "the process serving --baseline-url, measured as --cpu-pid is")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -230,10 +232,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		type target struct {
 			name, url string
 			cfg       loadgen.Config
+			cpuPID    int
 		}
-		targets := []target{{*label, *url, cfg}}
+		targets := []target{{*label, *url, cfg, *cpuPID}}
 		if *baseline != "" {
-			targets = append(targets, target{*baselineLabel, *baseline, baseCfg})
+			targets = append(targets, target{*baselineLabel, *baseline, baseCfg, *baseCPUPID})
 		}
 		var pair []*loadgen.Result
 		for _, t := range targets {
@@ -243,11 +246,18 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 			if showBar {
 				onProgress = progressBar(stderr, fmt.Sprintf("%s c=%d", t.name, c))
 			}
+			cpuBefore, cpuErr := processCPU(t.cpuPID)
 			res, err := loadgen.Run(ctx, run, onProgress)
 			if err != nil {
 				return err
 			}
 			res.Label = t.name
+			if cpuAfter, err := processCPU(t.cpuPID); err == nil && cpuErr == nil && t.cpuPID != 0 {
+				res.ServerCPU = cpuAfter - cpuBefore
+				if res.Tokens > 0 {
+					res.CPUPerToken = res.ServerCPU / time.Duration(res.Tokens)
+				}
+			}
 			results = append(results, res)
 			pair = append(pair, res)
 			if err := res.WriteTable(stdout); err != nil {
@@ -324,9 +334,24 @@ func writeRatios(w io.Writer, gw, bare *loadgen.Result) {
 		ratio(float64(gw.TTFT.P99), float64(bare.TTFT.P99)),
 		ratio(float64(gw.ITL.P50), float64(bare.ITL.P50)),
 		ratio(gw.TokensPerS, bare.TokensPerS))
-	fmt.Fprintf(w, "difference %s-%s at concurrency %d: ttft p50 %+.3f ms, ttft p99 %+.3f ms\n\n",
+	fmt.Fprintf(w, "difference %s-%s at concurrency %d: ttft p50 %+.3f ms, ttft p99 %+.3f ms\n",
 		gw.Label, bare.Label, gw.Concurrency,
 		float64(gw.TTFT.P50-bare.TTFT.P50)/1e6, float64(gw.TTFT.P99-bare.TTFT.P99)/1e6)
+	if gw.CPUPerToken > 0 && bare.CPUPerToken > 0 {
+		fmt.Fprintf(w, "server cpu per token %s/%s at concurrency %d: %.1f µs / %.1f µs, ratio %s\n",
+			gw.Label, bare.Label, gw.Concurrency,
+			float64(gw.CPUPerToken)/1e3, float64(bare.CPUPerToken)/1e3,
+			ratio(float64(gw.CPUPerToken), float64(bare.CPUPerToken)))
+	}
+	fmt.Fprintln(w)
+}
+
+// processCPU is loadgen.ProcessCPU, and nothing for pid 0.
+func processCPU(pid int) (time.Duration, error) {
+	if pid == 0 {
+		return 0, nil
+	}
+	return loadgen.ProcessCPU(pid)
 }
 
 func writeFile(path string, write func(io.Writer) error) error {

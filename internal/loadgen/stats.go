@@ -91,6 +91,11 @@ type Result struct {
 	Samples []Sample `json:"-"`
 	// ErrorDetails holds one message per error kind, for diagnosis.
 	ErrorDetails map[string]string `json:"error_details,omitempty"`
+	// ServerCPU is the CPU time the server's processes used during the
+	// run (ProcessCPU, set by the caller that knows the server's pid),
+	// and CPUPerToken that over Tokens; zero when not measured.
+	ServerCPU   time.Duration `json:"server_cpu_ns,omitempty"`
+	CPUPerToken time.Duration `json:"server_cpu_per_token_ns,omitempty"`
 }
 
 func newResult(cfg Config, samples []Sample, wall time.Duration) *Result {

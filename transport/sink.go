@@ -1,0 +1,48 @@
+//go:build linux
+
+package transport
+
+import (
+	"fmt"
+
+	"h3infer/infer"
+	"h3infer/priority"
+)
+
+// OpenSink is Open with the call's events delivered into sink's channel
+// (making it, sized by CallBuffer, when sink.Events is nil) and its first
+// event, when that is an error, offered to sink.Divert first; see
+// infer.Sink. The scheduler opens calls this way so that a request's
+// events reach its consumer with no goroutine between them, and a request
+// whose worker died before it started moves to another worker under the
+// same channel.
+func (g *GatewayEnd) OpenSink(id uint64, s *infer.Request, sink *infer.Sink) (*Call, error) {
+	return g.openSink(id, FrameSubmit, s.Class != priority.Bulk, func(b []byte) []byte { return AppendSubmit(b, s) }, sink)
+}
+
+// newCall makes the call for id, on its own channel or on sink's.
+func (g *GatewayEnd) newCall(id uint64, handOff bool, sink *infer.Sink) (*Call, error) {
+	c := &Call{id: id, g: g, handOff: handOff, limit: g.callBuffer}
+	if sink == nil {
+		c.events = make(chan infer.Event, g.callBuffer+1)
+		return c, nil
+	}
+	if sink.Events == nil {
+		sink.Events = make(chan infer.Event, g.callBuffer+1)
+	}
+	// One slot is kept for the terminal event, so a smaller channel
+	// lowers the call's bound rather than letting the receive loop block.
+	if cap(sink.Events) < 2 {
+		return nil, fmt.Errorf("transport: open request %d: sink channel holds %d events, want at least 2", id, cap(sink.Events))
+	}
+	c.events, c.divert = sink.Events, sink.Divert
+	c.limit = min(c.limit, cap(sink.Events)-1)
+	return c, nil
+}
+
+// diverted offers e, the call's terminal error, to its sink's Divert when
+// it is the call's first event, and reports whether Divert took it; the
+// caller then neither delivers it nor closes the channel. c.mu is held.
+func (c *Call) diverted(e *infer.Error) bool {
+	return e != nil && !c.started && c.divert != nil && c.divert(e)
+}
