@@ -472,20 +472,7 @@ func TestUpstreamTraceCrossesTheHop(t *testing.T) {
 // entries, or a text completion's parallel lists read across.
 func logprobsOf(t *testing.T, resp *http.Response) []any {
 	t.Helper()
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("%s: %s %v", resp.Request.URL.Path, body, err)
-	}
-	docs := [][]byte{body}
-	if strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
-		docs = nil
-		for line := range strings.Lines(string(body)) {
-			if data, ok := strings.CutPrefix(strings.TrimSpace(line), "data: "); ok && data != "[DONE]" {
-				docs = append(docs, []byte(data))
-			}
-		}
-	}
+	docs := answerDocs(t, resp)
 	var out []any
 	for _, d := range docs {
 		var doc struct {
@@ -517,20 +504,7 @@ func logprobsOf(t *testing.T, resp *http.Response) []any {
 // text and finish reason.
 func choicesOf(t *testing.T, resp *http.Response) map[int][2]string {
 	t.Helper()
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("%s: %s %v", resp.Request.URL.Path, body, err)
-	}
-	docs := [][]byte{body}
-	if strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
-		docs = nil
-		for line := range strings.Lines(string(body)) {
-			if data, ok := strings.CutPrefix(strings.TrimSpace(line), "data: "); ok && data != "[DONE]" {
-				docs = append(docs, []byte(data))
-			}
-		}
-	}
+	docs := answerDocs(t, resp)
 	out := map[int][2]string{}
 	for _, d := range docs {
 		var doc struct {
@@ -612,20 +586,7 @@ func TestUpstreamToolCallsAreTheRegionalTiers(t *testing.T) {
 // with finish reason tool_calls and the call's id is OpenAI's shape.
 func callsOf(t *testing.T, resp *http.Response) []string {
 	t.Helper()
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("%s: %s %v", resp.Request.URL.Path, body, err)
-	}
-	docs := [][]byte{body}
-	if strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
-		docs = nil
-		for line := range strings.Lines(string(body)) {
-			if data, ok := strings.CutPrefix(strings.TrimSpace(line), "data: "); ok && data != "[DONE]" {
-				docs = append(docs, []byte(data))
-			}
-		}
-	}
+	docs := answerDocs(t, resp)
 	type call struct {
 		ID       string `json:"id"`
 		Function struct {
@@ -670,4 +631,25 @@ func callsOf(t *testing.T, resp *http.Response) []string {
 		t.Errorf("%d calls, finish %q; want one call and tool_calls", calls, finish)
 	}
 	return []string{name, args}
+}
+
+// answerDocs is an answer's JSON documents: the whole answer, or each
+// event of a stream but [DONE].
+func answerDocs(t *testing.T, resp *http.Response) [][]byte {
+	t.Helper()
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s: %s %v", resp.Request.URL.Path, body, err)
+	}
+	docs := [][]byte{body}
+	if strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
+		docs = nil
+		for line := range strings.Lines(string(body)) {
+			if data, ok := strings.CutPrefix(strings.TrimSpace(line), "data: "); ok && data != "[DONE]" {
+				docs = append(docs, []byte(data))
+			}
+		}
+	}
+	return docs
 }
