@@ -86,8 +86,16 @@ func decodeEmbedding(p []byte) error { _, err := DecodeEmbedding(p); return err 
 func decodeReady(p []byte) error     { _, err := DecodeReady(p); return err }
 
 // TestEmbeddingOverRing: an embedding request crosses the ring as
-// FrameEmbed, and its vectors come back as Embedding events before Done.
+// FrameEmbed, opened either way (Open, and OpenSink as the scheduler
+// opens calls), and its vectors come back as Embedding events before
+// Done.
 func TestEmbeddingOverRing(t *testing.T) {
+	for _, sink := range []bool{false, true} {
+		t.Run(map[bool]string{false: "open", true: "sink"}[sink], func(t *testing.T) { embeddingOverRing(t, sink) })
+	}
+}
+
+func embeddingOverRing(t *testing.T, sink bool) {
 	checkGoroutines(t)
 	gwSeg, wkSeg := newPair(t, 64<<10)
 	g := NewGatewayEnd(gwSeg, GatewayEndConfig{})
@@ -95,7 +103,13 @@ func TestEmbeddingOverRing(t *testing.T) {
 	runErr := make(chan error, 1)
 	go func() { runErr <- g.Run() }()
 	req := &infer.Request{Model: "enc", Embed: &infer.EmbedRequest{Texts: []string{"a", "b"}}}
-	c, err := g.Open(9, req)
+	var c *Call
+	var err error
+	if sink {
+		c, err = g.OpenSink(9, req, &infer.Sink{})
+	} else {
+		c, err = g.Open(9, req)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

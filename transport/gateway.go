@@ -171,10 +171,17 @@ func (c *Call) Cancel() {
 // behind the bulk goroutines it had readied, and urgent tokens waited
 // behind them (docs/BENCHMARKS.md, "Urgency").
 func (g *GatewayEnd) Open(id uint64, s *infer.Request) (*Call, error) {
+	typ, encode := requestFrame(s)
+	return g.open(id, typ, s.Class != priority.Bulk, encode)
+}
+
+// requestFrame is the frame that asks a worker for s: an embedding
+// request's own, or a completion's submit.
+func requestFrame(s *infer.Request) (FrameType, func([]byte) []byte) {
 	if s.Embed != nil {
-		return g.open(id, FrameEmbed, s.Class != priority.Bulk, func(b []byte) []byte { return AppendEmbed(b, s) })
+		return FrameEmbed, func(b []byte) []byte { return AppendEmbed(b, s) }
 	}
-	return g.open(id, FrameSubmit, s.Class != priority.Bulk, func(b []byte) []byte { return AppendSubmit(b, s) })
+	return FrameSubmit, func(b []byte) []byte { return AppendSubmit(b, s) }
 }
 
 // Control sends a control request under id, which must not be in use; the

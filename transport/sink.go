@@ -17,7 +17,8 @@ import (
 // whose worker died before it started moves to another worker under the
 // same channel.
 func (g *GatewayEnd) OpenSink(id uint64, s *infer.Request, sink *infer.Sink) (*Call, error) {
-	return g.openSink(id, FrameSubmit, s.Class != priority.Bulk, func(b []byte) []byte { return AppendSubmit(b, s) }, sink)
+	typ, encode := requestFrame(s)
+	return g.openSink(id, typ, s.Class != priority.Bulk, encode, sink)
 }
 
 // newCall makes the call for id, on its own channel or on sink's.
