@@ -17,10 +17,18 @@ type modelObject struct {
 	// MaxModelLen is the model's context in tokens, as vLLM names it, so
 	// that a gateway in front of this one learns it; absent when unknown.
 	MaxModelLen uint32 `json:"max_model_len,omitempty"`
+	// Task is "embed" for an encoder, which serves /v1/embeddings and no
+	// completions (model.json's task), so that a chat page or a client
+	// can leave it out of a model picker; absent for a generative model.
+	Task string `json:"task,omitempty"`
 }
 
 func (g *Gateway) modelObject(m infer.ModelInfo) modelObject {
-	return modelObject{ID: m.Name, Object: "model", Created: g.created, OwnedBy: "h3infer", MaxModelLen: m.ContextLength}
+	o := modelObject{ID: m.Name, Object: "model", Created: g.created, OwnedBy: "h3infer", MaxModelLen: m.ContextLength}
+	if m.Encoder {
+		o.Task = "embed"
+	}
+	return o
 }
 
 func (g *Gateway) serveModels(w http.ResponseWriter, r *http.Request) {

@@ -60,7 +60,8 @@
     let names = [];
     try {
       const resp = await fetch('/v1/models', { headers: authHeaders(), cache: 'no-store' });
-      if (resp.ok) names = ((await resp.json()).data || []).map((m) => m.id);
+      // Encoders answer embeddings, not chat.
+      if (resp.ok) names = ((await resp.json()).data || []).filter((m) => m.task !== 'embed').map((m) => m.id);
     } catch (_) { /* the first chat turn reports what is wrong */ }
     if (names.length === 0) names = ['demo'];
     el.model.replaceChildren(...names.map((n) => new Option(n, n)));

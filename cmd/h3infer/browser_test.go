@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -147,6 +148,7 @@ func TestBrowserChatPage(t *testing.T) {
 	var got struct {
 		PageErrors         []string `json:"pageErrors"`
 		NavigationProtocol string   `json:"navigationProtocol"`
+		Models             []string `json:"models"`
 		Requests           []struct {
 			Messages []map[string]string `json:"messages"`
 		} `json:"requests"`
@@ -166,6 +168,10 @@ func TestBrowserChatPage(t *testing.T) {
 	}
 	if got.NavigationProtocol != "h3" {
 		t.Errorf("page loaded over %q, want h3", got.NavigationProtocol)
+	}
+	// The demo repository's encoder answers embeddings, not chat.
+	if !slices.Equal(got.Models, []string{"demo"}) {
+		t.Errorf("the page offers models %q, want only demo", got.Models)
 	}
 	if len(got.Turns) != len(turns) || len(got.Requests) != len(turns) {
 		t.Fatalf("browser ran %d turns and sent %d requests, want %d", len(got.Turns), len(got.Requests), len(turns))

@@ -43,6 +43,8 @@ func TestOfficialSDKs(t *testing.T) {
 		}
 		if len(models.Data) != 2 || models.Data[0].ID != "demo" || models.Data[1].ID != demoEncoder {
 			t.Errorf("models %+v, want demo and %s", models.Data, demoEncoder)
+		} else if task := models.Data[1].JSON.ExtraFields["task"]; task.Raw() != `"embed"` || models.Data[0].JSON.ExtraFields["task"].Valid() {
+			t.Errorf("models' task: %s and %s, want the encoder's \"embed\" alone", models.Data[0].RawJSON(), models.Data[1].RawJSON())
 		}
 
 		var resp *http.Response

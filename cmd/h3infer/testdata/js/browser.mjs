@@ -43,6 +43,7 @@ try {
 
   await page.goto(cfg.url + '/');
   await page.waitForSelector('#model option', { state: 'attached' });
+  out.models = await page.$$eval('#model option', (os) => os.map((o) => o.value));
   // A page still busy with its first layout would read the whole answer at
   // once; let it go quiet, as it would be by the time a person types.
   await page.waitForLoadState('networkidle');
