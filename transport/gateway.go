@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 
 	"h3infer/infer"
-	"h3infer/priority"
 )
 
 // ErrProtocol reports a worker that sent frames a sound worker never
@@ -171,8 +170,7 @@ func (c *Call) Cancel() {
 // behind the bulk goroutines it had readied, and urgent tokens waited
 // behind them (docs/BENCHMARKS.md, "Urgency").
 func (g *GatewayEnd) Open(id uint64, s *infer.Request) (*Call, error) {
-	typ, encode := requestFrame(s)
-	return g.open(id, typ, s.Class != priority.Bulk, encode)
+	return g.OpenSink(id, s, nil)
 }
 
 // requestFrame is the frame that asks a worker for s: an embedding

@@ -10,7 +10,8 @@ import (
 )
 
 // OpenSink is Open with the call's events delivered into sink's channel
-// (making it, sized by CallBuffer, when sink.Events is nil) and its first
+// when sink is not nil (making it, sized by CallBuffer, when sink.Events
+// is nil) and its first
 // event, when that is an error, offered to sink.Divert first; see
 // infer.Sink. The scheduler opens calls this way so that a request's
 // events reach its consumer with no goroutine between them, and a request

@@ -449,17 +449,7 @@ func (w *Process) Slots() int {
 // ErrNotReady unless the worker is ready. If the process dies, the
 // call ends with an error event.
 func (w *Process) Open(id uint64, s *infer.Request) (infer.Call, error) {
-	w.mu.Lock()
-	end, ready := w.end, w.ready
-	w.mu.Unlock()
-	if !ready || end == nil {
-		return nil, fmt.Errorf("worker %d: open request %d: %w", w.id, id, ErrNotReady)
-	}
-	call, err := end.Open(id, s)
-	if err != nil {
-		return nil, fmt.Errorf("worker %d: %w", w.id, err)
-	}
-	return call, nil
+	return w.OpenSink(id, s, nil)
 }
 
 // currentPID is the pid of the worker's running process, 0 if none.

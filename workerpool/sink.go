@@ -6,9 +6,9 @@ import (
 	"h3infer/infer"
 )
 
-// OpenSink is Open with the call delivering into sink (infer.Sink): the
-// scheduler hands a request's consumer the worker ring's events with no
-// goroutine between them.
+// OpenSink is Open with the call delivering into sink (infer.Sink) when
+// it is not nil: the scheduler hands a request's consumer the worker
+// ring's events with no goroutine between them.
 func (w *Process) OpenSink(id uint64, s *infer.Request, sink *infer.Sink) (infer.Call, error) {
 	w.mu.Lock()
 	end, ready := w.end, w.ready
