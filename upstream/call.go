@@ -40,13 +40,6 @@ func (h *Handle) Open(id uint64, r *infer.Request) (infer.Call, error) {
 		h.mu.Unlock()
 		return h.ended(id, &infer.Error{Code: infer.CodeUpstreamLost, Message: "the upstream was removed", Unstarted: true}), nil
 	}
-	if r.Embed != nil {
-		// An upstream's models are listed as generative (its /v1/models
-		// says nothing of encoders), so the gateway refuses embeddings for
-		// them before they get here; any other upstream would refuse too.
-		h.mu.Unlock()
-		return h.ended(id, &infer.Error{Code: infer.CodeInvalidRequest, Message: "model: embeddings are not served by upstream backends"}), nil
-	}
 	h.inFlight++
 	h.requests++
 	h.set.wg.Add(1)
@@ -167,7 +160,12 @@ func (c *call) run(ctx context.Context, job *infer.Request) {
 	defer stalled(nil)
 	stall := time.AfterFunc(time.Duration(cfg.StallTimeout), func() { stalled(errStall) })
 	defer stall.Stop()
-	r := c.exchange(ctx, job, stall, start)
+	var r result
+	if job.Embed != nil {
+		r = c.exchangeEmbed(ctx, job, stall, start)
+	} else {
+		r = c.exchange(ctx, job, stall, start)
+	}
 	c.report(ctx, r, span)
 }
 

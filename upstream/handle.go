@@ -231,6 +231,8 @@ type modelList struct {
 	Data []struct {
 		ID          string `json:"id"`
 		MaxModelLen uint32 `json:"max_model_len"`
+		// Task "embed" is an encoder, as h3infer marks its own.
+		Task string `json:"task"`
 	} `json:"data"`
 }
 
@@ -252,20 +254,28 @@ func (h *Handle) probeOnce(parent context.Context) {
 		return
 	}
 	found := make([]infer.ModelInfo, 0, len(list.Data))
-	lens := map[string]uint32{}
+	byName := map[string]infer.ModelInfo{}
 	for _, d := range list.Data {
-		if _, dup := lens[d.ID]; d.ID == "" || dup {
+		if _, dup := byName[d.ID]; d.ID == "" || dup {
 			continue
 		}
-		lens[d.ID] = d.MaxModelLen
-		found = append(found, infer.ModelInfo{Name: d.ID, ContextLength: d.MaxModelLen})
+		m := infer.ModelInfo{Name: d.ID, ContextLength: d.MaxModelLen}
+		if d.Task == "embed" {
+			// Whether its vectors may be shortened is the upstream's to
+			// say: dimensions go on, and a refusal comes back as a 400.
+			m.Encoder, m.Matryoshka = true, true
+		}
+		byName[d.ID] = m
+		found = append(found, m)
 	}
 	if len(h.cfg.Models) > 0 {
 		// The config says which models; the upstream may say how long
-		// their contexts are.
+		// their contexts are, and which are encoders.
 		found = found[:0]
-		for _, m := range h.cfg.Models {
-			found = append(found, infer.ModelInfo{Name: m, ContextLength: lens[m]})
+		for _, name := range h.cfg.Models {
+			m := byName[name]
+			m.Name = name
+			found = append(found, m)
 		}
 	}
 	if !slices.Equal(found, h.models()) {

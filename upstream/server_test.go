@@ -26,7 +26,8 @@ import (
 )
 
 // fake is an OpenAI-compatible server for the faults a real one cannot be
-// made to produce: each test sets how it answers completions.
+// made to produce: each test sets how it answers completions (and
+// embeddings).
 type fake struct {
 	completions atomic.Pointer[http.HandlerFunc]
 	// models is the body of GET /v1/models; modelsDown makes it 500.
@@ -58,7 +59,7 @@ func (f *fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, body)
-	case "/v1/chat/completions", "/v1/completions":
+	case "/v1/chat/completions", "/v1/completions", "/v1/embeddings":
 		// Read the body first, as real servers do: only then does
 		// net/http notice that the client went away and end r's context.
 		body, _ := io.ReadAll(r.Body)

@@ -653,3 +653,53 @@ func answerDocs(t *testing.T, resp *http.Response) [][]byte {
 	}
 	return docs
 }
+
+// TestUpstreamEmbeddingsAreTheRegionalTiers: the regional tier's encoder
+// (its /v1/models marks it "task": "embed") serves embeddings through the
+// edge: the vectors and usage the tier gives its own clients, as floats
+// and in base64, with dimensions; and the edge refuses a completion for it
+// as it would its own encoder's.
+func TestUpstreamEmbeddingsAreTheRegionalTiers(t *testing.T) {
+	// An encoder of a name only the regional tier serves: the edge's own
+	// demo repository has an encoder too.
+	const model = "regional-encoder"
+	dir := t.TempDir()
+	if out, err := exec.Command(buildBinary(t), "genmodel", "--encoder", "--out", dir).CombinedOutput(); err != nil {
+		t.Fatalf("genmodel: %v\n%s", err, out)
+	}
+	regional := startServer(t, "--config", writeServeConfig(t, map[string]any{"models": []map[string]any{{"name": model, "dir": dir}}}))
+	edge := startServer(t, "--config", writeServeConfig(t, map[string]any{"upstreams": []any{upstreamEntry(t, regional, "h3")}}))
+	waitFor(t, "the edge to list the regional encoder", func() bool { return listsModel(t, edge, model) })
+	ctx := t.Context()
+	embed := func(s *server, body map[string]any) []byte {
+		t.Helper()
+		resp := postJSON(t, ctx, s.h3Client(t), s.base+"/v1/embeddings", body)
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %d %s %v", s.base, resp.StatusCode, b, err)
+		}
+		var a map[string]any
+		if err := json.Unmarshal(b, &a); err != nil {
+			t.Fatal(err)
+		}
+		delete(a, "id") // the rest is the answer
+		out, _ := json.Marshal(a)
+		return out
+	}
+	for _, body := range []map[string]any{
+		{"model": model, "input": []string{"the edge", "and the tier"}, "encoding_format": "float"},
+		{"model": model, "input": "one text", "encoding_format": "base64", "dimensions": 16},
+		{"model": model, "input": [][]int{{5, 6, 7}, {8}}},
+	} {
+		direct, via := embed(regional, body), embed(edge, body)
+		if string(via) != string(direct) {
+			t.Errorf("%v: through the edge\n%.300s\ndirect\n%.300s", body, via, direct)
+		}
+	}
+	resp := postJSON(t, ctx, edge.h3Client(t), edge.base+"/v1/chat/completions", map[string]any{"model": model, "messages": []any{map[string]any{"role": "user", "content": "hi"}}})
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("a completion for the regional encoder through the edge: %d, want 400", resp.StatusCode)
+	}
+}
