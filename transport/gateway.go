@@ -221,7 +221,8 @@ func (g *GatewayEnd) openSink(id uint64, typ FrameType, handOff bool, encode fun
 	g.sendMu.Unlock()
 	if err != nil {
 		c.mu.Lock()
-		if !c.ended {
+		endedBefore := c.ended
+		if !endedBefore {
 			c.ended = true
 			if sink == nil { // a sink's channel stays its opener's
 				close(c.events)
@@ -229,6 +230,14 @@ func (g *GatewayEnd) openSink(id uint64, typ FrameType, handOff bool, encode fun
 		}
 		c.mu.Unlock()
 		g.forget(id)
+		if endedBefore {
+			// The ring shut between registering the call and the send,
+			// and Run ended the call: its terminal error went to its
+			// channel, or to the sink's Divert, which acts on it. Either
+			// way the call's events say what happened; an error here
+			// would have its opener act on the same loss a second time.
+			return c, nil
+		}
 		return nil, fmt.Errorf("transport: open request %d: %w", id, err)
 	}
 	return c, nil
