@@ -79,3 +79,38 @@ func TestChoicesOverEveryBackendRefused(t *testing.T) {
 		}
 	}
 }
+
+// A wide request that no ready backend can place does not hold back the
+// narrower requests of its model queued behind it: the reviewer's case, a
+// large backend restarting and a small one with free slots.
+func TestChoicesDoNotBlockNarrowerRequests(t *testing.T) {
+	large, small := newFakeWorker(0, 8), newFakeWorker(1, 2)
+	large.ready.Store(false)
+	s, _ := newTestScheduler(t, Config{}, large, small)
+	busy, _, err := s.Submit(context.Background(), &Request{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One of the small backend's two slots is free; 4 choices need the
+	// large one and wait for it.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	wide := submitAsync(t, s, ctx, &Request{Job: infer.Request{N: 4}})
+	// Queued behind the wide one, or placed at once: either way placed.
+	narrow := make(chan result, 1)
+	go func() {
+		st, _, err := s.Submit(context.Background(), &Request{})
+		narrow <- result{st, err}
+	}()
+	r := recv(t, narrow)
+	if r.err != nil {
+		t.Fatalf("the narrow request behind the wide one: %v", r.err)
+	}
+	r.st.Close()
+	busy.Close()
+	cancel()
+	if r := recv(t, wide); r.err == nil {
+		r.st.Close()
+		t.Error("the wide request was placed with the large backend down")
+	}
+}

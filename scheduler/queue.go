@@ -164,8 +164,13 @@ func (q *queue) pop(now time.Time, admit func(w *waiter, level int) bool) *waite
 			if len(w.exclude) > 0 {
 				continue // its refusal says nothing of the model's other requests
 			}
+			// The model has no room for w: none for a request as wide
+			// either, but a narrower one (fewer choices) may still fit
+			// where w does not, so it is tried in turn. A wide request
+			// can thus wait while narrow ones take the slots freed one by
+			// one, up to its deadline; it never holds them back.
 			for i, o := range q.items {
-				if o.model == w.model && len(o.exclude) == 0 {
+				if o.model == w.model && len(o.exclude) == 0 && o.width >= w.width {
 					q.tried[i] = true
 				}
 			}
