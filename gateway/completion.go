@@ -569,8 +569,8 @@ func (g *Gateway) collect(ctx context.Context, w http.ResponseWriter, run *infli
 	if run.req.job.Logprobs && lps == nil {
 		lps = []infer.TokenLogprob{} // asked for, and no token made: an empty list, not null
 	}
-	if len(calls) > 0 {
-		w.Write(enc.completeWithCalls(text.String(), finishReason(ev.Done), usageOf(ev.Done), lps, calls))
+	if len(calls.calls) > 0 {
+		w.Write(enc.completeWithCalls(text.String(), finishReason(ev.Done), usageOf(ev.Done), lps, calls.whole()))
 		return
 	}
 	w.Write(enc.complete(text.String(), finishReason(ev.Done), usageOf(ev.Done), lps))

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	"h3infer/constrain"
 	"h3infer/infer"
@@ -257,8 +258,14 @@ type toolCallsMessage struct {
 	ToolCalls []toolCallOut `json:"tool_calls"`
 }
 
-// toolCalls gathers a completion's call deltas into whole calls.
-type toolCalls []toolCallOut
+// toolCalls gathers a completion's call deltas into whole calls: each
+// call's arguments in a builder of its own, since a call may come in
+// many small deltas (one per token), which appending to a string would
+// copy over and over.
+type toolCalls struct {
+	calls []toolCallOut
+	args  []strings.Builder
+}
 
 // A delta with an id opens a call; one without adds arguments to the
 // call of its index (an upstream may send a call's arguments in many
@@ -266,12 +273,21 @@ type toolCalls []toolCallOut
 func (c *toolCalls) add(deltas []infer.ToolCallDelta) {
 	for _, d := range deltas {
 		i := int(d.Index)
-		if d.ID != "" || i >= len(*c) {
-			*c = append(*c, toolCallOut{ID: d.ID, Type: "function", Function: functionCallOut{Name: d.Name}})
-			i = len(*c) - 1
+		if d.ID != "" || i >= len(c.calls) {
+			c.calls = append(c.calls, toolCallOut{ID: d.ID, Type: "function", Function: functionCallOut{Name: d.Name}})
+			c.args = append(c.args, strings.Builder{})
+			i = len(c.calls) - 1
 		}
-		(*c)[i].Function.Arguments += d.Arguments
+		c.args[i].WriteString(d.Arguments)
 	}
+}
+
+// whole is the calls with their arguments.
+func (c *toolCalls) whole() []toolCallOut {
+	for i := range c.calls {
+		c.calls[i].Function.Arguments = c.args[i].String()
+	}
+	return c.calls
 }
 
 // toolCallEvents renders one chunk per delta.
@@ -289,7 +305,7 @@ func (e *encoder) toolCallEvents(deltas []infer.ToolCallDelta) [][]byte {
 
 // completeWithCalls renders the whole answer of a completion that made
 // calls.
-func (e *encoder) completeWithCalls(text, reason string, u usage, lps []infer.TokenLogprob, calls toolCalls) []byte {
+func (e *encoder) completeWithCalls(text, reason string, u usage, lps []infer.TokenLogprob, calls []toolCallOut) []byte {
 	r := fullResponse{envelope: e.env, Usage: u}
 	r.Object = "chat.completion"
 	chat, _, _ := e.logprobs(lps, 0)

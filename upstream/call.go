@@ -458,7 +458,10 @@ func (c *call) stream(ctx context.Context, body io.Reader, sh shape, stall *time
 		held.Index, held.Count, held.FinishReason = t.Index, held.Count+t.Count, t.FinishReason
 		held.Logprobs = append(held.Logprobs, t.Logprobs...)
 		held.ToolCalls = append(held.ToolCalls, t.ToolCalls...)
-		if nextEventArrived(br) {
+		// An upstream that writes faster than the gateway reads always
+		// has the next event at hand: the held tokens go on at a bound
+		// all the same, so that one event never grows without end.
+		if nextEventArrived(br) && held.Count < maxHeldTokens && len(heldText) < maxHeldText {
 			return true
 		}
 		return handOn()
@@ -467,6 +470,12 @@ func (c *call) stream(ctx context.Context, body io.Reader, sh shape, stall *time
 	handOn()
 	return r
 }
+
+// Bounds of the tokens stream holds together as one event.
+const (
+	maxHeldTokens = 256
+	maxHeldText   = 64 << 10
+)
 
 // nextEventArrived reports whether br holds a whole further event: a
 // blank line ends one.

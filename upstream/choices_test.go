@@ -88,3 +88,29 @@ func TestChoicesOutOfRange(t *testing.T) {
 		}
 	}
 }
+
+// Tokens that arrive together go on together, but never more than
+// maxHeldTokens in one event: an upstream that always has the next event
+// at hand cannot make one event grow without end.
+func TestHeldTokensBounded(t *testing.T) {
+	f, url := newFake(t)
+	s, _ := newTestSet(t, Options{}, testConfig("a", url))
+	tokens := make([]string, 3*maxHeldTokens)
+	for i := range tokens {
+		tokens[i] = "x"
+	}
+	f.answer(streamTokensTogether(tokens...))
+	req := chatRequest("m")
+	req.MaxTokens = uint32(len(tokens))
+	evs := run(t, s, req)
+	var n uint32
+	for _, ev := range evs {
+		if ev.Token.Count > maxHeldTokens {
+			t.Errorf("an event of %d tokens, more than %d", ev.Token.Count, maxHeldTokens)
+		}
+		n += ev.Token.Count
+	}
+	if n != uint32(len(tokens)) || len(evs) < 4 {
+		t.Errorf("%d tokens in %d events, want %d in at least 4", n, len(evs), len(tokens))
+	}
+}
