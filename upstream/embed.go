@@ -88,6 +88,7 @@ func (c *call) exchangeEmbed(ctx context.Context, job *infer.Request, stall *tim
 	if err != nil {
 		return c.lost(ctx, err, false)
 	}
+	stall.Stop() // all has arrived: reading it is no stall
 	ttft := time.Since(start)
 	emb, tokens, err := readEmbedAnswer(raw, e.Len(), e.Dimensions)
 	if err != nil {

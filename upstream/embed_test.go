@@ -10,7 +10,9 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"h3infer/config"
 	"h3infer/infer"
 )
 
@@ -58,7 +60,11 @@ func TestEmbeddingsForwarded(t *testing.T) {
 // that are not finite numbers, a body past the bound.
 func TestEmbeddingsHostile(t *testing.T) {
 	f, url := newFake(t)
-	s, reg := newTestSet(t, Options{}, testConfig("a", url))
+	cfg := testConfig("a", url)
+	// The huge answer's 64 MiB take their time on a loaded machine; a
+	// stall is not what this test is about.
+	cfg.StallTimeout = config.Duration(10 * time.Second)
+	s, reg := newTestSet(t, Options{}, cfg)
 	var answer atomic.Value
 	f.answer(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
