@@ -173,6 +173,9 @@ func TestSinkRedispatchAfterWorkerDied(t *testing.T) {
 	if got := strings.Join(text, " "); got != "x y" {
 		t.Errorf("got %q, want worker 2's echo", got)
 	}
+	// The new call's events may reach the consumer before the re-dispatch
+	// records it as current; Close waits for the re-dispatch to finish.
+	st.Close()
 	if next := st.current(); next.worker != b {
 		t.Errorf("request ended on worker %d, want 2", next.worker.ID())
 	}

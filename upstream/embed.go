@@ -27,8 +27,9 @@ import (
 
 // maxEmbedAnswer bounds the body of an upstream's embeddings answer: the
 // most inputs a request may have (infer.MaxEmbedInputs) with vectors of
-// 4,096 values in base64 fit, with room to spare.
-const maxEmbedAnswer = 64 << 20
+// 4,096 values in base64 fit, with room to spare. A variable so that a
+// test can bound a huge answer without sending 64 MiB.
+var maxEmbedAnswer = 64 << 20
 
 // maxEmbedSize bounds the length of a vector an upstream may answer.
 const maxEmbedSize = 1 << 16
@@ -84,7 +85,7 @@ func (c *call) exchangeEmbed(ctx context.Context, job *infer.Request, stall *tim
 		return c.refused(resp, modelName(job.Model))
 	}
 	// A long answer still arriving is not a stall.
-	raw, err := io.ReadAll(&progressReader{r: io.LimitReader(resp.Body, maxEmbedAnswer+1), progress: func() { stall.Reset(stallFor) }})
+	raw, err := io.ReadAll(&progressReader{r: io.LimitReader(resp.Body, int64(maxEmbedAnswer)+1), progress: func() { stall.Reset(stallFor) }})
 	if err != nil {
 		return c.lost(ctx, err, false)
 	}
