@@ -32,10 +32,21 @@ type CoalesceConfig struct {
 	MaxAckDelay config.Duration `json:"max_ack_delay"`
 	// MaxBuffer flushes early once this many bytes are held. Default 4096.
 	MaxBuffer int `json:"max_buffer"`
+	// Merge says when a normal or bulk stream may send several tokens'
+	// text as one event: "congestion" (the default) while its HTTP/3
+	// connection is lossy and congestion-limited (merge.go), "off" never.
+	Merge string `json:"merge"`
 	// Disabled flushes every token whatever the urgency (the baseline the
-	// benchmark compares against). Not a setting of the file.
+	// benchmark compares against), and never merges. Not a setting of the
+	// file.
 	Disabled bool `json:"-"`
 }
+
+// The values of CoalesceConfig.Merge.
+const (
+	MergeCongestion = "congestion"
+	MergeOff        = "off"
+)
 
 // Defaults for CoalesceConfig's zero values.
 const (
@@ -59,6 +70,9 @@ func (c CoalesceConfig) WithDefaults() CoalesceConfig {
 	if c.MaxBuffer == 0 {
 		c.MaxBuffer = DefaultCoalesceMaxBuffer
 	}
+	if c.Merge == "" {
+		c.Merge = MergeCongestion
+	}
 	return c
 }
 
@@ -77,6 +91,9 @@ func (c CoalesceConfig) validate() []error {
 		if w.d < 0 || w.d > c.MaxAckDelay {
 			errs = append(errs, fmt.Errorf("gateway.coalesce.%s: must be positive and at most gateway.coalesce.max_ack_delay (%s), got %s", w.key, c.MaxAckDelay, w.d))
 		}
+	}
+	if c.Merge != MergeCongestion && c.Merge != MergeOff {
+		errs = append(errs, fmt.Errorf("gateway.coalesce.merge: must be %q or %q, got %q", MergeCongestion, MergeOff, c.Merge))
 	}
 	if c.MaxBuffer < 1 {
 		errs = append(errs, fmt.Errorf("gateway.coalesce.max_buffer: must be > 0, got %d", c.MaxBuffer))
@@ -129,6 +146,20 @@ func (c *coalescer) add(b []byte, now bool) error {
 		c.timer.Reset(c.window)
 	}
 	return nil
+}
+
+// hold arms the timer for d unless it is armed: something is held outside
+// the buffer (merged text, sse.go) that is due then.
+func (c *coalescer) hold(d time.Duration) {
+	if c.armed {
+		return
+	}
+	if c.timer == nil {
+		c.timer = time.NewTimer(d)
+	} else {
+		c.timer.Reset(d)
+	}
+	c.armed = true
 }
 
 // flush writes what is held, if anything.

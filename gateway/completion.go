@@ -468,6 +468,7 @@ func pace(ctx context.Context, wait time.Duration, sw *sseWriter) error {
 // request's class (coalesce.go); the first token, the end and errors go at once.
 func (g *Gateway) stream(ctx context.Context, w http.ResponseWriter, run *inflight, enc *encoder, ev infer.Event) {
 	sw := g.newSSEWriter(ctx, w, run.prio, run.class, run.dispatch.ID())
+	g.mergeTokens(ctx, sw, run.class, enc.token)
 	if g.relay(ctx, sw, run, enc, ev) {
 		sw.Close()
 	} else {
@@ -494,12 +495,16 @@ func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *
 	for ev.Done == nil {
 		pending = append(pending, ev.Token.Logprobs...)
 		if ev.Token.Text != "" {
-			event := enc.token(ev.Token.Text)
+			var err error
 			if pending != nil {
+				var event []byte
 				event, offset = enc.tokenWithLogprobs(ev.Token.Text, pending, offset)
 				pending = nil
+				err = sw.Write(event)
+			} else {
+				err = sw.WriteText(ev.Token.Text)
 			}
-			if sw.Write(event) != nil {
+			if err != nil {
 				return false
 			}
 			if first {

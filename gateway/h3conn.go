@@ -80,6 +80,19 @@ type connGate struct {
 	list                   *idleList
 	prev, next             *connGate
 	served, gone, evicting bool
+
+	// merge is the connection's token-merging state (merge.go), made by
+	// its first event stream.
+	merge atomic.Pointer[mergeState]
+}
+
+// merging returns the connection's token-merging state, made on first use.
+func (c *connGate) merging(conn connStatser) *mergeState {
+	if m := c.merge.Load(); m != nil {
+		return m
+	}
+	c.merge.CompareAndSwap(nil, newMergeState(conn, time.Now()))
+	return c.merge.Load()
 }
 
 func (c *connGate) signal() {

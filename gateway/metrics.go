@@ -29,6 +29,7 @@ type metrics struct {
 	queueWait  *prometheus.HistogramVec
 	tokens     prometheus.Counter
 	writes     *prometheus.HistogramVec
+	merged     prometheus.Counter
 	refusals   *prometheus.CounterVec
 	quic       *quicCollector
 
@@ -95,6 +96,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help:    "DATA writes (one per flush) per streamed response, by urgency; _sum over _count is the mean.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
 		}, []string{"urgency"}),
+		merged: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "h3infer_stream_tokens_merged_total",
+			Help: "Tokens whose text went out in the event of an earlier token, on a congested HTTP/3 connection (gateway.coalesce.merge).",
+		}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "h3infer_rate_limit_refusals_total",
 			Help: "Requests refused or cut off by a rate limit, by tenant and limit (requests, tokens, concurrency).",
@@ -137,7 +142,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.adminRefusals.WithLabelValues(r)
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.inFlight, m.ttft, m.interToken, m.duration,
-		m.queueWait, m.tokens, m.writes, m.refusals, m.limitStoreErrors, m.limitFallback, m.quic, m.early, m.binding, m.earlyHeaderIgnored, m.authFailures, m.streamErrors, m.adminRefusals} {
+		m.queueWait, m.tokens, m.writes, m.merged, m.refusals, m.limitStoreErrors, m.limitFallback, m.quic, m.early, m.binding, m.earlyHeaderIgnored, m.authFailures, m.streamErrors, m.adminRefusals} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("gateway: register metrics: %w", err)
 		}

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 	"go.opentelemetry.io/otel/attribute"
@@ -28,6 +29,13 @@ type sseWriter struct {
 	w    http.ResponseWriter
 	prio priority.Signal
 	held *coalescer // its out is send
+	// While its connection is congested (merge.go), the text of tokens
+	// waiting to go out as one event, rendered by encode; merge is nil
+	// for a stream that never merges (TCP, urgent, coalescing off).
+	merge  *mergeState
+	encode func(text string) []byte
+	text   []byte
+	merged prometheus.Counter // tokens whose text joined held text
 	// Set by open, on the first write:
 	opened bool
 	str    *http3.Stream            // over HTTP/3, taken over from w
@@ -57,17 +65,81 @@ func (g *Gateway) newSSEWriter(ctx context.Context, w http.ResponseWriter, prio 
 	return sw
 }
 
+// mergeTokens lets the stream merge its tokens' text, each rendered as an
+// event by encode, while its HTTP/3 connection is congested (merge.go). A
+// stream over TCP, an urgent one, or one whose coalescing is off or
+// merging disabled, keeps one event per token.
+func (g *Gateway) mergeTokens(ctx context.Context, sw *sseWriter, class priority.Class, encode func(string) []byte) {
+	sw.encode = encode
+	c := g.cfg.Coalesce
+	if c.Disabled || c.Merge == MergeOff || class == priority.Urgent {
+		return
+	}
+	conn := quicConn(ctx)
+	gate, ok := ctx.Value(connGateKey{}).(*connGate)
+	if conn == nil || !ok {
+		return
+	}
+	sw.merge, sw.merged = gate.merging(conn), g.metrics.merged
+	sw.merge.streams.Add(1)
+}
+
+// WriteText queues the event of one token's text. While the connection is
+// congested the text waits, with any that follows, to go out as one event
+// when the merge spacing ends; the stream's first token never waits.
+func (sw *sseWriter) WriteText(text string) error {
+	if sw.merge == nil {
+		return sw.Write(sw.encode(text))
+	}
+	spacing := sw.merge.offer(1, time.Now())
+	if spacing == 0 || sw.held.writes == 0 {
+		ev := sw.encode(text)
+		sw.merge.wrote(1, len(ev))
+		return sw.Write(ev)
+	}
+	if len(sw.text) > 0 {
+		sw.merged.Inc()
+	}
+	sw.text = append(sw.text, text...)
+	sw.held.hold(spacing)
+	if len(sw.text) >= sw.held.limit {
+		return sw.Flush()
+	}
+	return nil
+}
+
+// spill queues the held text as one event.
+func (sw *sseWriter) spill() error {
+	if len(sw.text) == 0 {
+		return nil
+	}
+	ev := sw.encode(string(sw.text))
+	sw.text = sw.text[:0]
+	if sw.merge != nil {
+		sw.merge.wrote(1, len(ev))
+	}
+	return sw.held.add(ev, false)
+}
+
 // Write queues one event. An urgent stream, or one whose buffer is full,
 // writes at once.
 func (sw *sseWriter) Write(event []byte) error {
 	if len(event) == 0 {
 		return nil
 	}
+	if err := sw.spill(); err != nil {
+		return err
+	}
 	return sw.held.add(event, false)
 }
 
 // Flush writes what is queued, if anything.
-func (sw *sseWriter) Flush() error { return sw.held.flush() }
+func (sw *sseWriter) Flush() error {
+	if err := sw.spill(); err != nil {
+		return err
+	}
+	return sw.held.flush()
+}
 
 // due fires when the queued bytes are due; nil while none are queued.
 func (sw *sseWriter) due() <-chan time.Time { return sw.held.C() }
@@ -78,7 +150,7 @@ func (sw *sseWriter) writes() int { return sw.held.writes }
 // Close writes what is queued and ends the stream cleanly. If that write
 // fails, the stream ends as Abort ends it.
 func (sw *sseWriter) Close() error {
-	err := sw.held.flush()
+	err := sw.Flush()
 	sw.end(err == nil)
 	return err
 }
@@ -92,6 +164,10 @@ func (sw *sseWriter) Abort() { sw.end(false) }
 // taken over.
 func (sw *sseWriter) end(clean bool) {
 	sw.held.stop()
+	if sw.merge != nil {
+		sw.merge.streams.Add(-1)
+		sw.merge = nil
+	}
 	switch {
 	case sw.str == nil:
 	case clean:

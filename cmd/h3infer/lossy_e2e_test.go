@@ -20,6 +20,7 @@ import (
 	"github.com/quic-go/quic-go/http3"
 
 	"h3infer/certs"
+	"h3infer/engine"
 	"h3infer/internal/netemu"
 	"h3infer/internal/qlogdir"
 )
@@ -33,6 +34,10 @@ import (
 // nothing until the others ended (docs/BENCHMARKS.md, scenario 2: 0.9 to
 // 1.3 s at 3% loss, a stream's whole length here). The bound is generous:
 // loss recovery alone makes gaps of a few hundred milliseconds.
+//
+// At that loss the gateway merges tokens (gateway.coalesce.merge): each
+// stream's text must still be every token's, in order, and the metrics
+// must show that some tokens were merged.
 //
 // The gateway writes qlog (serve --qlog): the test also checks that a
 // trace was written and holds no bearer token.
@@ -85,10 +90,13 @@ func TestLossyLinkStreamsDoNotStall(t *testing.T) {
 
 	body, _ := json.Marshal(map[string]any{
 		"model": "demo", "stream": true, "max_tokens": tokens,
+		"stream_options": map[string]bool{"include_usage": true},
 		"messages": []map[string]string{{"role": "user", "content": "tell me a long story"}},
 	})
 	type result struct {
-		tokens  int
+		events  int // with text
+		usage   int // completion tokens, from the usage chunk
+		text    strings.Builder
 		maxGap  time.Duration
 		done    bool
 		problem string
@@ -127,15 +135,19 @@ func TestLossyLinkStreamsDoNotStall(t *testing.T) {
 					r.problem = fmt.Sprintf("event %q: %v", data, err)
 					return
 				}
+				if ch.Usage != nil {
+					r.usage = ch.Usage.CompletionTokens
+				}
 				if len(ch.Choices) == 0 || ch.Choices[0].Delta.Content == "" {
 					continue
 				}
+				r.text.WriteString(ch.Choices[0].Delta.Content)
 				now := time.Now()
 				if !last.IsZero() {
 					r.maxGap = max(r.maxGap, now.Sub(last))
 				}
 				last = now
-				r.tokens++
+				r.events++
 			}
 			if err := sc.Err(); err != nil {
 				r.problem = err.Error()
@@ -152,17 +164,28 @@ func TestLossyLinkStreamsDoNotStall(t *testing.T) {
 	if ab.Lost == 0 || ba.Lost == 0 {
 		t.Error("the link lost nothing: the test did not run on a lossy path")
 	}
-	for i, r := range results {
+	want := strings.Repeat(engine.SyntheticToken, tokens)
+	events := 0
+	for i := range results {
+		r := &results[i]
 		switch {
 		case r.problem != "":
 			t.Errorf("stream %d: %s", i, r.problem)
-		case !r.done || r.tokens == 0:
-			t.Errorf("stream %d: %d token events, [DONE] %v; want a whole answer", i, r.tokens, r.done)
+		case !r.done || r.usage != tokens || r.text.String() != want:
+			t.Errorf("stream %d: [DONE] %v, %d completion tokens, text of %d bytes in %d events; want the whole answer: %d tokens, %d bytes",
+				i, r.done, r.usage, r.text.Len(), r.events, tokens, len(want))
 		case r.maxGap > stallBound:
 			t.Errorf("stream %d stalled: %s without a token (bound %s)", i, r.maxGap.Round(time.Millisecond), stallBound)
 		default:
-			t.Logf("stream %d: %d token events, longest gap %s", i, r.tokens, r.maxGap.Round(time.Millisecond))
+			t.Logf("stream %d: %d tokens in %d events, longest gap %s", i, tokens, r.events, r.maxGap.Round(time.Millisecond))
 		}
+		events += r.events
+	}
+	merged := metric(t, s, "h3infer_stream_tokens_merged_total")
+	t.Logf("%d tokens in %d events; the gateway counted %.0f merged", streams*tokens, events, merged)
+	if merged == 0 || int(merged) != streams*tokens-events {
+		t.Errorf("the gateway counted %.0f tokens merged; the streams got %d tokens in %d events, want merging on this link and the count to match",
+			merged, streams*tokens, events)
 	}
 
 	// The gateway traced the connection, and no header value it logged
