@@ -23,6 +23,10 @@
 # longest inter-token gap of any repetition, each beside its goal.
 # CONDS picks conditions (default: all, in the order above); QLOG=1 writes
 # a qlog trace of every QUIC connection of both ends into OUT/qlog-COND.
+# With MERGE_AB=1 (the default) a second gateway, the same but for
+# gateway.coalesce.merge "off" (one event per token whatever the link),
+# serves the 16 streams too, right after the first, so the table shows
+# what merging tokens on a congested connection changes in the same run.
 set -euo pipefail
 BIN=$(realpath "${BIN:-bin/h3infer}"); export BIN
 OUT=$(realpath -m "${OUT:-bench-out}")
@@ -30,13 +34,14 @@ REPS=${REPS:-3}
 REQS=${REQS:-40}
 CONDS=${CONDS:-loss0 loss1 loss3 loss5 burst3 jitter10 rate10}
 QLOG=${QLOG:-0}
+MERGE_AB=${MERGE_AB:-1}
 LINK=${LINK:-auto}
 mkdir -p "$OUT"
 command -v jq >/dev/null || { echo "bench-netem: needs jq" >&2; exit 1; }
 SRV=h3i-bench-srv CLI=h3i-bench-cli
 SRV_IP=10.77.0.1 CLI_IP=10.77.0.2
-state=$(mktemp -d)
-spid="" epid=""
+state=$(mktemp -d) state_off=$(mktemp -d)
+spid="" spid_off="" epid=""
 stop_pid() { # stop_pid PID: ends one process this script started
 	[ -n "$1" ] || return 0
 	kill "$1" 2>/dev/null || true
@@ -44,10 +49,11 @@ stop_pid() { # stop_pid PID: ends one process this script started
 }
 cleanup() {
 	stop_pid "$spid"
+	stop_pid "$spid_off"
 	stop_pid "$epid"
 	ip netns del "$SRV" 2>/dev/null || true
 	ip netns del "$CLI" 2>/dev/null || true
-	rm -rf "$state"
+	rm -rf "$state" "$state_off"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -141,6 +147,17 @@ qlog_serve=()
 ip netns exec "$SRV" "$BIN" serve --config "$state/cfg.json" "${qlog_serve[@]}" >"$OUT/netem-serve.log" 2>&1 & spid=$!
 for _ in $(seq 100); do grep -q "is ready" "$OUT/netem-serve.log" && break; kill -0 "$spid" 2>/dev/null || break; sleep 0.2; done
 grep -q "is ready" "$OUT/netem-serve.log" || { echo "bench-netem: gateway did not start" >&2; cat "$OUT/netem-serve.log" >&2; exit 1; }
+if [ "$MERGE_AB" = 1 ]; then
+	"$BIN" certs init --state-dir "$state_off" --name "$SRV_IP" >/dev/null
+	cat >"$state_off/cfg.json" <<JSON
+{"listen": "$SRV_IP:8444", "admin": "127.0.0.1:9091", "state_dir": "$state_off",
+ "workers": {"count": 2, "slots": 64}, "models": [{"name": "demo", "dir": "synthetic:10ms"}],
+ "gateway": {"coalesce": {"merge": "off"}}}
+JSON
+	ip netns exec "$SRV" "$BIN" serve --config "$state_off/cfg.json" >"$OUT/netem-serve-off.log" 2>&1 & spid_off=$!
+	for _ in $(seq 100); do grep -q "is ready" "$OUT/netem-serve-off.log" && break; kill -0 "$spid_off" 2>/dev/null || break; sleep 0.2; done
+	grep -q "is ready" "$OUT/netem-serve-off.log" || { echo "bench-netem: gateway (merge off) did not start" >&2; cat "$OUT/netem-serve-off.log" >&2; exit 1; }
+fi
 # The in-memory strike register declines 0-RTT for two freshness windows
 # (zero_rtt.window, 10s) after start-up.
 sleep 21
@@ -163,6 +180,11 @@ for c in $CONDS; do
 		for proto in h3 h2; do
 			bench --label "$proto-16streams" --proto "$proto" --concurrency 16 --requests 32 --output-tokens 100 --timeout 120s \
 				--json "$p-$proto-16.json" --plot "$p-$proto-16" | tee "$p-$proto-16.txt"
+			if [ "$proto" = h3 ] && [ "$MERGE_AB" = 1 ]; then
+				ip netns exec "$CLI" "$BIN" bench --url "https://$SRV_IP:8444" --ca "$state_off/certs/ca.pem" --state-dir "$state_off" \
+					--label "h3-16streams-merge-off" --proto h3 --concurrency 16 --requests 32 --output-tokens 100 --timeout 120s \
+					--json "$p-h3off-16.json" --plot "$p-h3off-16" | tee "$p-h3off-16.txt"
+			fi
 		done
 	done
 	if [ "$mode" = tun ]; then stop_pid "$epid"; epid=""; grep '^netemu ' "$OUT/netemu-$c.log"; fi
@@ -201,4 +223,19 @@ for c in $CONDS; do
 	printf '%-9s | %-26s | %-26s | %-14s | %-14s | %-6s | %-20s | %-13s | %-15s\n' "$c" "${cells[0]}" "${cells[1]}" \
 		"$(ratio h3-0rtt h3-1rtt ttft.p50_ns)" "$(ratio h3-1rtt h2 ttft.p90_ns)" "$early" "$i3 / $i2" "$(ratio h3-16 h2-16 itl.p99_ns)" "$m3 / $m2"
 done
+if [ "$MERGE_AB" = 1 ]; then
+	echo
+	echo "== the 16 streams over h3 with merging on (the default) and off (gateway.coalesce.merge), h2 beside; medians of $REPS repetitions, ratios within each; ms"
+	printf '%-9s | %-26s | %-22s | %-22s | %-22s | %-22s\n' condition "itl p99 h3 / h3 off / h2" "h3/h2 / off/h2 p99" "max gap h3 / off / h2" "tok/s h3 / off / h2" "e2e p50 h3 / off / h2"
+	for c in $CONDS; do
+		med() { for r in $(seq "$REPS"); do ms "$OUT/netem-$c-$r-$1-16.json" "$2"; done | median; }
+		tps() { for r in $(seq "$REPS"); do jq -r '.runs[0].tokens_per_s' "$OUT/netem-$c-$r-$1-16.json"; done | median; }
+		printf '%-9s | %-26s | %-22s | %-22s | %-22s | %-22s\n' "$c" \
+			"$(med h3 itl.p99_ns) / $(med h3off itl.p99_ns) / $(med h2 itl.p99_ns)" \
+			"$(ratio h3-16 h2-16 itl.p99_ns) / $(ratio h3off-16 h2-16 itl.p99_ns)" \
+			"$(for r in $(seq "$REPS"); do ms "$OUT/netem-$c-$r-h3-16.json" itl.max_ns; done | maximum) / $(for r in $(seq "$REPS"); do ms "$OUT/netem-$c-$r-h3off-16.json" itl.max_ns; done | maximum) / $(for r in $(seq "$REPS"); do ms "$OUT/netem-$c-$r-h2-16.json" itl.max_ns; done | maximum)" \
+			"$(tps h3) / $(tps h3off) / $(tps h2)" \
+			"$(med h3 e2e.p50_ns) / $(med h3off e2e.p50_ns) / $(med h2 e2e.p50_ns)"
+	done
+fi
 } | tee "$OUT/netem-summary.txt"
