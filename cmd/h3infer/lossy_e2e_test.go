@@ -91,7 +91,7 @@ func TestLossyLinkStreamsDoNotStall(t *testing.T) {
 	body, _ := json.Marshal(map[string]any{
 		"model": "demo", "stream": true, "max_tokens": tokens,
 		"stream_options": map[string]bool{"include_usage": true},
-		"messages": []map[string]string{{"role": "user", "content": "tell me a long story"}},
+		"messages":       []map[string]string{{"role": "user", "content": "tell me a long story"}},
 	})
 	type result struct {
 		events  int // with text
