@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
@@ -109,7 +110,10 @@ type inflight struct {
 	dispatch    Dispatch
 	labels      [2]string // model, urgency
 	first, last time.Time // arrival of the first and latest token events
-	tokens      int
+	// interToken is the inter-token histogram of labels, looked up once
+	// at the first token rather than hashed again for every token.
+	interToken prometheus.Observer
+	tokens     int
 }
 
 // parseRequest reads and checks the request into run: its method, its
@@ -413,8 +417,9 @@ func (g *Gateway) event(ctx context.Context, run *inflight, ev infer.Event, ok b
 	if run.first.IsZero() {
 		run.first = now
 		g.metrics.ttft.WithLabelValues(run.labels[:]...).Observe(now.Sub(run.last).Seconds())
+		run.interToken = g.metrics.interToken.WithLabelValues(run.labels[:]...)
 	} else {
-		g.metrics.interToken.WithLabelValues(run.labels[:]...).Observe(now.Sub(run.last).Seconds())
+		run.interToken.Observe(now.Sub(run.last).Seconds())
 	}
 	run.last = now
 	n := int(ev.Token.Count)
@@ -502,7 +507,7 @@ func (g *Gateway) relay(ctx context.Context, sw *sseWriter, run *inflight, enc *
 				pending = nil
 				err = sw.Write(event)
 			} else {
-				err = sw.WriteText(ev.Token.Text)
+				err = sw.WriteText(ev.Token.Text, run.last)
 			}
 			if err != nil {
 				return false

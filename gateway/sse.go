@@ -84,14 +84,15 @@ func (g *Gateway) mergeTokens(ctx context.Context, sw *sseWriter, class priority
 	sw.merge.streams.Add(1)
 }
 
-// WriteText queues the event of one token's text. While the connection is
-// congested the text waits, with any that follows, to go out as one event
-// when the merge spacing ends; the stream's first token never waits.
-func (sw *sseWriter) WriteText(text string) error {
+// WriteText queues the event of one token's text, which arrived at now.
+// While the connection is congested the text waits, with any that
+// follows, to go out as one event when the merge spacing ends; the
+// stream's first token never waits.
+func (sw *sseWriter) WriteText(text string, now time.Time) error {
 	if sw.merge == nil {
 		return sw.Write(sw.encode(text))
 	}
-	spacing := sw.merge.offer(1, time.Now())
+	spacing := sw.merge.offer(1, now)
 	if spacing == 0 || sw.held.writes == 0 {
 		ev := sw.encode(text)
 		sw.merge.wrote(1, len(ev))
