@@ -153,6 +153,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 // instrument counts requests by route, status and protocol.
 func (g *Gateway) instrument(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		growStack()
 		g.metrics.inFlight.Inc()
 		defer g.metrics.inFlight.Dec()
 		r, span := g.serverSpan(r)
