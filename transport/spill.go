@@ -23,11 +23,17 @@ func (g *GatewayEnd) channelSize() int { return min(callChannel, g.callBuffer+1)
 // consumer takes events out. The receive loop never waits on a consumer,
 // so some goroutine must hold what a lagging consumer has not taken; it
 // exists only while the queue is not empty, so a call whose consumer
-// keeps within callChannel events has none. Every field is guarded by
-// the call's mu.
+// keeps within callChannel events has none. While it runs, every event
+// passes through it, which costs a worker flooding one call several
+// times what the channel alone did (docs/BENCHMARKS.md, "Scenario 3:
+// running streams"); a stream's tokens come a decode step apart. Every
+// field is guarded by the call's mu.
 type spill struct {
-	queue    []infer.Event // queue[head:] wait, oldest first
-	head     int
+	// ring holds the waiting events, oldest first, from head on and
+	// wrapping around; its length is 0 or a power of two, doubled when
+	// full, so it never holds more than twice what waited at once.
+	ring     []infer.Event
+	head, n  int
 	draining bool          // a drain goroutine runs; it alone sends on events
 	stop     chan struct{} // closed by dropSpill; made with the goroutine
 	dropped  bool          // Cancel dropped the queue
@@ -38,7 +44,26 @@ type spill struct {
 // the lock again, so for that moment it counts twice and a call may
 // overflow one event early.
 func (c *Call) unread() int {
-	return len(c.events) + len(c.spill.queue) - c.spill.head
+	return len(c.events) + c.spill.n
+}
+
+// push adds ev behind the waiting events.
+func (s *spill) push(ev infer.Event) {
+	if s.n == len(s.ring) {
+		grown := make([]infer.Event, max(8, 2*len(s.ring)))
+		k := copy(grown, s.ring[s.head:])
+		copy(grown[k:], s.ring[:s.head])
+		s.ring, s.head = grown, 0
+	}
+	s.ring[(s.head+s.n)&(len(s.ring)-1)] = ev
+	s.n++
+}
+
+// pop removes the oldest waiting event, which the caller has sent.
+func (s *spill) pop() {
+	s.ring[s.head] = infer.Event{} // let go of its text and slices
+	s.head = (s.head + 1) & (len(s.ring) - 1)
+	s.n--
 }
 
 // put hands ev to the consumer: into the channel when it has room and no
@@ -52,14 +77,7 @@ func (c *Call) put(ev infer.Event) {
 		c.events <- ev
 		return
 	}
-	if len(s.queue) == cap(s.queue) && s.head > 0 {
-		// Reuse the room of the events already sent rather than
-		// growing: the queue never holds more than the bound.
-		n := copy(s.queue, s.queue[s.head:])
-		clear(s.queue[n:])
-		s.queue, s.head = s.queue[:n], 0
-	}
-	s.queue = append(s.queue, ev)
+	s.push(ev)
 	if !s.draining {
 		s.draining = true
 		s.stop = make(chan struct{})
@@ -98,26 +116,37 @@ func (c *Call) dropSpill() {
 // consumer to make room, until the queue is empty or Cancel drops it. It
 // closes the channel when the call ended meanwhile, which put's callers
 // leave to it while it runs.
+//
+// Whatever fits goes in under one hold of the lock, so that the receive
+// loop, which takes the same lock for every event it delivers, meets it
+// once per batch rather than once per event; only the wait for room is
+// outside the lock.
 func (c *Call) drain(stop <-chan struct{}) {
 	s := &c.spill
 	c.mu.Lock()
-	for !s.dropped && s.head < len(s.queue) {
-		ev := s.queue[s.head]
+	for !s.dropped && s.n > 0 {
+		if len(c.events) < cap(c.events) {
+			// Nothing else sends on events while draining, so this
+			// does not block.
+			c.events <- s.ring[s.head]
+			s.pop()
+			continue
+		}
+		ev := s.ring[s.head]
 		c.mu.Unlock()
 		select {
 		case c.events <- ev:
 			c.mu.Lock()
-			// The event sent is still at head: put compacts the queue
-			// only from head on.
-			s.queue[s.head] = infer.Event{}
-			s.head++
+			// The event sent is still the oldest: put only adds
+			// behind it, and a grown ring keeps the order.
+			s.pop()
 		case <-stop:
 			c.mu.Lock()
 		}
 	}
 	// The queue's memory goes back with it; a consumer that falls behind
 	// again starts a new one.
-	s.queue, s.head, s.draining, s.stop = nil, 0, false, nil
+	s.ring, s.head, s.n, s.draining, s.stop = nil, 0, 0, false, nil
 	if c.ended {
 		c.closeEvents()
 	}

@@ -30,20 +30,7 @@ func BenchmarkFirstToken(b *testing.B) {
 		{"channel=257/parallel", DefaultCallBuffer + 1, true},
 	} {
 		b.Run(mode.name, func(b *testing.B) {
-			seg, err := NewSegment(0)
-			if err != nil {
-				b.Fatal(err)
-			}
-			g := NewGatewayEnd(seg, GatewayEndConfig{})
-			cmd := startHelper(b, "tokens", seg.File())
-			runErr := make(chan error, 1)
-			go func() { runErr <- g.Run() }()
-			b.Cleanup(func() {
-				g.Close()
-				<-runErr
-				waitHelper(b, cmd)
-				seg.Close()
-			})
+			g := startTokenGateway(b, GatewayEndConfig{})
 			var ids atomic.Uint64
 			req := &infer.Request{Prompt: "1"}
 			one := func() {
@@ -79,4 +66,26 @@ func BenchmarkFirstToken(b *testing.B) {
 			}
 		})
 	}
+}
+
+// startTokenGateway runs a GatewayEnd configured by cfg against a worker
+// process that answers a submit whose prompt is a number N with N tokens
+// and a done (tokenWorker). The cleanup closes both and reaps the worker.
+func startTokenGateway(b *testing.B, cfg GatewayEndConfig) *GatewayEnd {
+	b.Helper()
+	seg, err := NewSegment(0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	g := NewGatewayEnd(seg, cfg)
+	cmd := startHelper(b, "tokens", seg.File())
+	runErr := make(chan error, 1)
+	go func() { runErr <- g.Run() }()
+	b.Cleanup(func() {
+		g.Close()
+		<-runErr
+		waitHelper(b, cmd)
+		seg.Close()
+	})
+	return g
 }
