@@ -3,6 +3,8 @@
 package transport
 
 import (
+	"fmt"
+	"strconv"
 	"sync/atomic"
 	"testing"
 
@@ -88,4 +90,43 @@ func startTokenGateway(b *testing.B, cfg GatewayEndConfig) *GatewayEnd {
 		seg.Close()
 	})
 	return g
+}
+
+// BenchmarkTokenFlood is BenchmarkGatewayToken with the call's channel
+// and bound named: the worker process sends one call b.N tokens as fast as
+// it can, and the consumer takes them as they come. channel=16 is the
+// call as the end makes it; the other channel size gives the call a
+// channel of bound + 1 events (an infer.Sink the benchmark makes), as
+// every call had before, so its tokens never wait in the spill queue. A
+// consumer that falls bound events behind ends the call with overflow;
+// delivered is the fraction of the b.N tokens that came before the end.
+func BenchmarkTokenFlood(b *testing.B) {
+	for _, bound := range []int{DefaultCallBuffer, 1 << 20} {
+		for _, channel := range []int{0, bound + 1} {
+			name := fmt.Sprintf("bound=%d/channel=%d", bound, max(channel, callChannel))
+			b.Run(name, func(b *testing.B) {
+				g := startTokenGateway(b, GatewayEndConfig{CallBuffer: bound})
+				var sink *infer.Sink
+				if channel > 0 {
+					sink = &infer.Sink{Events: make(chan infer.Event, channel)}
+				}
+				n := b.N
+				b.ResetTimer()
+				c, err := g.OpenSink(1, &infer.Request{Prompt: strconv.Itoa(n)}, sink)
+				if err != nil {
+					b.Fatal(err)
+				}
+				got := 0
+				for ev := range c.Events() {
+					if ev.Done != nil || ev.Err != nil {
+						break
+					}
+					got++
+				}
+				b.StopTimer()
+				c.Cancel()
+				b.ReportMetric(float64(got)/float64(n), "delivered")
+			})
+		}
+	}
 }
