@@ -4,8 +4,9 @@ package infer
 // channel, so that the events of a request that moves between backends
 // reach its consumer through one channel with no goroutine copying them.
 //
-// The call follows Call's rules on Events (a bounded buffer of its
-// capacity less one, a terminal event, then close) with one exception:
+// The call follows Call's rules on Events (a bound on the events left
+// unread, which is the backend's and not the channel's capacity, a
+// terminal event, then close) with one exception:
 // when Divert is set and the call's first event is an error, Divert is
 // offered it first. If Divert takes it (returns true) the call ends there
 // without delivering it and without closing Events, which the opener

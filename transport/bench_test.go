@@ -412,20 +412,7 @@ func eofIsEnd(err error) error {
 // goroutine takes it off the Call's channel. One op is one token; the
 // worker streams b.N of them for one request.
 func BenchmarkGatewayToken(b *testing.B) {
-	seg, err := NewSegment(0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	g := NewGatewayEnd(seg, GatewayEndConfig{CallBuffer: 1 << 20})
-	cmd := startHelper(b, "tokens", seg.File())
-	runErr := make(chan error, 1)
-	go func() { runErr <- g.Run() }()
-	b.Cleanup(func() {
-		g.Close()
-		<-runErr
-		waitHelper(b, cmd)
-		seg.Close()
-	})
+	g := startTokenGateway(b, GatewayEndConfig{CallBuffer: 1 << 20})
 	n := b.N
 	b.ResetTimer()
 	c, err := g.Open(1, &infer.Request{Prompt: strconv.Itoa(n)})

@@ -28,18 +28,20 @@ var ErrProtocol = errors.New("transport: worker broke the protocol")
 const maxAbandoned = 4096
 
 // DefaultCallBuffer is the number of events a call buffers when
-// GatewayEndConfig.CallBuffer is 0. The buffer is allocated whole when the
-// call opens (40 bytes an event), on every request's path to its first
-// token, for room a consumer needs only while its response stream cannot
-// take tokens (the client's flow-control window is full, or a rate limit
-// paces it); so it is sized for those pauses, not for a whole answer
-// (docs/BENCHMARKS.md, "Where the time to first token went").
+// GatewayEndConfig.CallBuffer is 0. It is a bound, not an allocation: a
+// call's channel holds callChannel events and only a consumer that falls
+// further behind has the rest queued (spill.go), the room a consumer needs
+// only while its response stream cannot take tokens (the client's
+// flow-control window is full, or a rate limit paces it); so it is sized
+// for those pauses, not for a whole answer (docs/BENCHMARKS.md, "Where the
+// time to first token went").
 const DefaultCallBuffer = 256
 
 // GatewayEndConfig configures a GatewayEnd. The zero value is usable.
 type GatewayEndConfig struct {
 	// CallBuffer is how many unread events a call may hold before it is
-	// cancelled as overflowed; 0 means DefaultCallBuffer.
+	// cancelled as overflowed; 0 means DefaultCallBuffer. Only what a
+	// call holds is allocated.
 	CallBuffer int
 	// OnReady and OnStats are called from the receive loop, so they must
 	// return quickly and must not call back into the GatewayEnd's Run.
@@ -54,8 +56,8 @@ type GatewayEndConfig struct {
 // returns a Call, and Run, the single receive loop, routes every token, done
 // and error frame to its Call.
 //
-// Run never blocks on a slow consumer: each Call has a bounded buffer and a
-// call that overflows it is cancelled. Cancels the receive loop itself must
+// Run never blocks on a slow consumer: each Call holds a bounded number of
+// unread events and a call that overflows the bound is cancelled. Cancels the receive loop itself must
 // send go through a queue drained by a goroutine Run owns, so the loop never
 // waits on a full request ring while the worker waits on a full response
 // ring.
@@ -118,10 +120,11 @@ type Call struct {
 	g  *GatewayEnd
 
 	// mu orders delivery against Cancel: once ended is set, nothing more is
-	// sent on events, and the channel is closed exactly once.
+	// delivered, and the channel is closed exactly once (closeEvents).
 	mu     sync.Mutex
 	ended  bool
 	events chan infer.Event
+	closed bool // events is closed
 	// handOff says the reader yields its thread after the call's first
 	// token (see deliver); it is cleared once that token is delivered.
 	handOff bool
@@ -131,26 +134,33 @@ type Call struct {
 	limit   int
 	divert  func(*infer.Error) bool
 	started bool // an event has been delivered
+	spill   spill
 }
 
 // ID returns the request id the call was opened with.
 func (c *Call) ID() uint64 { return c.id }
 
 // Events returns the call's events. The channel is closed right after the
-// terminal event (Done or Err), or at once by Cancel.
+// terminal event (Done or Err), or by Cancel: at once, or, while events
+// the channel had no room for are queued (spill.go), as soon as the
+// goroutine holding them has let go of them. A consumer that stops
+// reading before the channel is closed must Cancel the call, as the
+// scheduler's Dispatch.Close does, or that goroutine waits for it.
 func (c *Call) Events() <-chan infer.Event { return c.events }
 
 // Cancel ends the call if it has not ended: the events channel is closed with
-// no further events and the worker is told to stop. It never blocks and is
-// safe to call more than once and from any goroutine.
+// no further events and the worker is told to stop. Events still queued for
+// the channel are dropped, also those of a call that had ended. It never
+// blocks and is safe to call more than once and from any goroutine.
 func (c *Call) Cancel() {
 	c.mu.Lock()
+	c.dropSpill()
 	if c.ended {
 		c.mu.Unlock()
 		return
 	}
 	c.ended = true
-	close(c.events)
+	c.finish()
 	c.mu.Unlock()
 	c.g.abandon(c.id)
 	c.g.queueCancel(c.id)
@@ -225,7 +235,7 @@ func (g *GatewayEnd) openSink(id uint64, typ FrameType, handOff bool, encode fun
 		if !endedBefore {
 			c.ended = true
 			if sink == nil { // a sink's channel stays its opener's
-				close(c.events)
+				c.closeEvents()
 			}
 		}
 		c.mu.Unlock()
@@ -416,8 +426,8 @@ func (g *GatewayEnd) malformed(c *Call, f Frame, err error) {
 }
 
 // deliver hands ev to the call without blocking. A terminal event always
-// fits: the channel has one slot more than CallBuffer and token events may
-// use only CallBuffer of them.
+// fits: token events may leave only CallBuffer of them unread, and the
+// terminal one comes after.
 func (c *Call) deliver(ev infer.Event) {
 	c.mu.Lock()
 	if c.ended {
@@ -427,26 +437,26 @@ func (c *Call) deliver(ev infer.Event) {
 	if ev.Done != nil || ev.Err != nil {
 		c.ended = true
 		if !c.diverted(ev.Err) {
-			c.events <- ev
-			close(c.events)
+			c.put(ev)
+			c.finish()
 		}
 		c.mu.Unlock()
 		c.g.forget(c.id)
 		return
 	}
-	if len(c.events) >= c.limit {
+	if c.unread() >= c.limit {
 		c.ended = true
-		c.events <- infer.Event{Err: &infer.Error{
+		c.put(infer.Event{Err: &infer.Error{
 			Code:    infer.CodeOverflow,
 			Message: fmt.Sprintf("request %d: consumer fell %d events behind", c.id, c.limit),
-		}}
-		close(c.events)
+		}})
+		c.finish()
 		c.mu.Unlock()
 		c.g.abandon(c.id)
 		c.g.queueCancel(c.id)
 		return
 	}
-	c.events <- ev
+	c.put(ev)
 	c.started = true
 	yield := c.handOff
 	c.handOff = false
@@ -466,8 +476,8 @@ func (c *Call) end(e *infer.Error) bool {
 	}
 	c.ended = true
 	if !c.diverted(e) {
-		c.events <- infer.Event{Err: e}
-		close(c.events)
+		c.put(infer.Event{Err: e})
+		c.finish()
 	}
 	c.mu.Unlock()
 	c.g.forget(c.id)

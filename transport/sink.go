@@ -10,7 +10,7 @@ import (
 )
 
 // OpenSink is Open with the call's events delivered into sink's channel
-// when sink is not nil (making it, sized by CallBuffer, when sink.Events
+// when sink is not nil (making it, as Open makes its own, when sink.Events
 // is nil) and its first
 // event, when that is an error, offered to sink.Divert first; see
 // infer.Sink. The scheduler opens calls this way so that a request's
@@ -26,19 +26,18 @@ func (g *GatewayEnd) OpenSink(id uint64, s *infer.Request, sink *infer.Sink) (*C
 func (g *GatewayEnd) newCall(id uint64, handOff bool, sink *infer.Sink) (*Call, error) {
 	c := &Call{id: id, g: g, handOff: handOff, limit: g.callBuffer}
 	if sink == nil {
-		c.events = make(chan infer.Event, g.callBuffer+1)
+		c.events = make(chan infer.Event, g.channelSize())
 		return c, nil
 	}
 	if sink.Events == nil {
-		sink.Events = make(chan infer.Event, g.callBuffer+1)
+		sink.Events = make(chan infer.Event, g.channelSize())
 	}
-	// One slot is kept for the terminal event, so a smaller channel
-	// lowers the call's bound rather than letting the receive loop block.
-	if cap(sink.Events) < 2 {
-		return nil, fmt.Errorf("transport: open request %d: sink channel holds %d events, want at least 2", id, cap(sink.Events))
+	// An unbuffered channel would have every event of the call pass
+	// through the spill goroutine.
+	if cap(sink.Events) < 1 {
+		return nil, fmt.Errorf("transport: open request %d: sink channel holds no events, want at least 1", id)
 	}
 	c.events, c.divert = sink.Events, sink.Divert
-	c.limit = min(c.limit, cap(sink.Events)-1)
 	return c, nil
 }
 
