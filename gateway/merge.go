@@ -70,8 +70,11 @@ type mergeState struct {
 	// spacing is the time between a stream's events while merging, in
 	// nanoseconds; 0 while the connection is not congestion-limited.
 	spacing atomic.Int64
-	// next is when the next sample is due (Unix nanoseconds).
+	// next is when the next sample is due, in nanoseconds since base:
+	// monotonic, so that a step of the wall clock cannot hold sampling
+	// back (and a stale spacing in force).
 	next atomic.Int64
+	base time.Time
 
 	mu       sync.Mutex // guards the rest: the sampler's
 	sampled  time.Time
@@ -81,8 +84,8 @@ type mergeState struct {
 }
 
 func newMergeState(conn connStatser, now time.Time) *mergeState {
-	m := &mergeState{conn: conn, sampled: now, eventAvg: mergeMinEvent}
-	m.next.Store(now.Add(mergeMinSample).UnixNano())
+	m := &mergeState{conn: conn, sampled: now, eventAvg: mergeMinEvent, base: now}
+	m.next.Store(int64(mergeMinSample))
 	return m
 }
 
@@ -90,7 +93,7 @@ func newMergeState(conn connStatser, now time.Time) *mergeState {
 // takes one. It returns the spacing in force.
 func (m *mergeState) offer(n int, now time.Time) time.Duration {
 	m.offered.Add(int64(n))
-	if now.UnixNano() >= m.next.Load() && m.mu.TryLock() {
+	if int64(now.Sub(m.base)) >= m.next.Load() && m.mu.TryLock() {
 		m.sample(now)
 		m.mu.Unlock()
 	}
@@ -110,13 +113,13 @@ func (m *mergeState) sample(now time.Time) {
 	rtt := st.SmoothedRTT
 	elapsed := now.Sub(m.sampled)
 	if elapsed < max(mergeMinSample, rtt/2) {
-		m.next.Store(m.sampled.Add(max(mergeMinSample, rtt/2)).UnixNano())
+		m.next.Store(int64(m.sampled.Add(max(mergeMinSample, rtt/2)).Sub(m.base)))
 		return
 	}
 	offered := m.offered.Swap(0)
 	events, bytes := m.events.Swap(0), m.bytes.Swap(0)
 	m.sampled = now
-	m.next.Store(now.Add(max(mergeMinSample, rtt/2)).UnixNano())
+	m.next.Store(int64(now.Add(max(mergeMinSample, rtt/2)).Sub(m.base)))
 	if events > 0 {
 		m.eventAvg = 0.75*m.eventAvg + 0.25*max(mergeMinEvent, float64(bytes)/float64(events))
 	}

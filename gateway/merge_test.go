@@ -1,9 +1,12 @@
 package gateway
 
 import (
+	"fmt"
 	"testing"
 	"time"
+	"unsafe"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 )
 
@@ -83,4 +86,93 @@ func TestMergeStateNeedsLoss(t *testing.T) {
 	if s := run(at.Add(7*time.Second), time.Second); s == 0 {
 		t.Fatal("a new loss: spacing 0, want merging")
 	}
+}
+
+// TestMergeKeepsClassWindow: merging never sends a stream's held text
+// sooner than its class's own window would. A bulk stream (25 ms window)
+// on a connection whose spacing is 5 ms once armed its timer for 5 ms,
+// which made a congested connection's streams write more often than
+// coalescing alone. A timer never fires early, so the check cannot fail
+// on a slow machine.
+func TestMergeKeepsClassWindow(t *testing.T) {
+	var writes []string
+	sw := &sseWriter{encode: func(s string) []byte { return []byte("data: " + s + "\n\n") }}
+	sw.held = newCoalescer(DefaultCoalesceBulkWindow, DefaultCoalesceMaxBuffer, func(b []byte) error {
+		writes = append(writes, string(b))
+		return nil
+	})
+	now := time.Now()
+	m := newMergeState(&statsSeq{}, now)
+	m.spacing.Store(int64(5 * time.Millisecond))
+	m.next.Store(int64(time.Hour)) // no sample: the spacing stays
+	sw.merge, sw.merged = m, prometheus.NewCounter(prometheus.CounterOpts{Name: "merged"})
+
+	// The first token goes at once, as relay flushes it.
+	if err := sw.WriteText("a", now); err != nil || sw.Flush() != nil {
+		t.Fatal(err)
+	}
+	if err := sw.WriteText("b", now); err != nil {
+		t.Fatal(err)
+	}
+	if err := sw.WriteText("c", now); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	select {
+	case <-sw.due():
+		t.Fatalf("held text due after %v, before the bulk window of %v", time.Since(start), DefaultCoalesceBulkWindow)
+	case <-time.After(DefaultCoalesceBulkWindow / 2):
+	}
+	<-sw.due()
+	if err := sw.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"data: a\n\n", "data: bc\n\n"}; fmt.Sprint(writes) != fmt.Sprint(want) {
+		t.Errorf("writes %q, want %q", writes, want)
+	}
+}
+
+// TestMergeSamplesAcrossWallClockStep: the sampling schedule runs on the
+// monotonic clock. With it kept in wall-clock nanoseconds, a step of the
+// wall clock back by an hour stopped sampling for that hour, and a
+// connection that had been congested kept merging with its window open
+// and its loss long past.
+func TestMergeSamplesAcrossWallClockStep(t *testing.T) {
+	conn := &statsSeq{st: quic.ConnectionStats{SmoothedRTT: 50 * time.Millisecond, CongestionWindow: 12000, PacketsLost: 3}}
+	base := time.Now() // with a monotonic reading
+	m := newMergeState(conn, base)
+	m.streams.Store(16)
+	run := func(at time.Time, d, wallStep time.Duration) time.Duration {
+		var spacing time.Duration
+		for now := at; now.Before(at.Add(d)); now = now.Add(10 * time.Millisecond) {
+			m.wrote(16, 16*217)
+			spacing = m.offer(16, stepWall(now, wallStep))
+		}
+		return spacing
+	}
+	if s := run(base.Add(100*time.Millisecond), time.Second, 0); s == 0 {
+		t.Fatal("lossy and congested: spacing 0, want merging")
+	}
+	conn.st.CongestionWindow = 1 << 20 // the window opens; the loss ages past 5 s
+	if s := run(base.Add(2*time.Second), 10*time.Second, -time.Hour); s != 0 {
+		t.Errorf("10 s on, the wall clock an hour back, the window open and the loss 10 s old: spacing %v, want 0", s)
+	}
+}
+
+// stepWall returns t with its wall-clock reading moved by d (whole
+// seconds) and its monotonic reading kept, as after an NTP step. It
+// relies on time.Time's layout with a monotonic reading: the wall
+// seconds since 1885 in bits 30..62 of its first word.
+func stepWall(t time.Time, d time.Duration) time.Time {
+	type timeLayout struct {
+		wall uint64
+		ext  int64
+		loc  *time.Location
+	}
+	p := (*timeLayout)(unsafe.Pointer(&t))
+	if p.wall&(1<<63) == 0 {
+		panic("stepWall: no monotonic reading")
+	}
+	p.wall = uint64(int64(p.wall) + int64(d/time.Second)<<30)
+	return t
 }

@@ -102,7 +102,9 @@ func (sw *sseWriter) WriteText(text string, now time.Time) error {
 		sw.merged.Inc()
 	}
 	sw.text = append(sw.text, text...)
-	sw.held.hold(spacing)
+	// Never sooner than the class's own window: a bulk stream's 25 ms
+	// would otherwise become a shorter spacing's more writes.
+	sw.held.hold(max(spacing, sw.held.window))
 	if len(sw.text) >= sw.held.limit {
 		return sw.Flush()
 	}

@@ -148,10 +148,13 @@ func (c *Call) ID() uint64 { return c.id }
 // scheduler's Dispatch.Close does, or that goroutine waits for it.
 func (c *Call) Events() <-chan infer.Event { return c.events }
 
-// Cancel ends the call if it has not ended: the events channel is closed with
-// no further events and the worker is told to stop. Events still queued for
-// the channel are dropped, also those of a call that had ended. It never
-// blocks and is safe to call more than once and from any goroutine.
+// Cancel ends the call if it has not ended: no further events are queued,
+// the events channel is closed and the worker is told to stop. Events still
+// queued for the channel are dropped, also those of a call that had ended;
+// while they were being moved into it, one more may arrive after Cancel
+// returns, and the channel closes when the goroutine moving them has
+// stopped. It never blocks and is safe to call more than once and from any
+// goroutine.
 func (c *Call) Cancel() {
 	c.mu.Lock()
 	c.dropSpill()
@@ -234,9 +237,16 @@ func (g *GatewayEnd) openSink(id uint64, typ FrameType, handOff bool, encode fun
 		endedBefore := c.ended
 		if !endedBefore {
 			c.ended = true
-			if sink == nil { // a sink's channel stays its opener's
-				c.closeEvents()
+			if sink != nil {
+				// A sink's channel stays its opener's, who may open
+				// the next call into it: nothing here closes it.
+				c.closed = true
 			}
+			// Late frames of an abandoned call under this id may be
+			// queued behind a full channel: their drain goroutine is
+			// stopped, and it closes the channel if it is ours.
+			c.dropSpill()
+			c.finish()
 		}
 		c.mu.Unlock()
 		g.forget(id)

@@ -5,6 +5,7 @@ package transport
 import (
 	"errors"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -224,4 +225,73 @@ func TestCallSpill(t *testing.T) {
 			t.Error("an unbuffered sink channel was accepted")
 		}
 	})
+}
+
+// TestOpenFailingWhileLateEventsQueued: an open that fails after its call
+// was registered, while late frames of an abandoned call under the same
+// id had filled the channel and queued behind it. The failed open closed
+// the channel under the goroutine sending the queue into it: "send on
+// closed channel". With a sink, that goroutine would have kept feeding
+// the stale events into the opener's channel. Both cases, several times
+// each, since the failure races the receive loop.
+func TestOpenFailingWhileLateEventsQueued(t *testing.T) {
+	for i := range 6 {
+		withSink := i%2 == 1
+		gwSeg, wkSeg := newPair(t, 64<<10)
+		g := NewGatewayEnd(gwSeg, GatewayEndConfig{CallBuffer: 100})
+		w := NewWorkerEnd(wkSeg)
+		runErr := make(chan error, 1)
+		go func() { runErr <- g.Run() }()
+
+		c, err := g.Open(1, &infer.Request{Model: "m", Prompt: "p"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Cancel() // id 1 is abandoned: its late frames are accepted
+		// A submit of 40 KiB fills most of the 64 KiB request ring, so
+		// the next one waits for room.
+		big := strings.Repeat("x", 40<<10)
+		if _, err := g.Open(2, &infer.Request{Model: "m", Prompt: big}); err != nil {
+			t.Fatal(err)
+		}
+		var sink *infer.Sink
+		if withSink {
+			sink = &infer.Sink{Events: make(chan infer.Event, 16)}
+		}
+		openErr := make(chan error, 1)
+		go func() {
+			_, err := g.OpenSink(1, &infer.Request{Model: "m", Prompt: big}, sink)
+			openErr <- err
+		}()
+		time.Sleep(20 * time.Millisecond) // the open has registered id 1
+		for k := range 40 {
+			if err := w.SendToken(1, infer.Token{Count: 1, Text: "late"}); err != nil {
+				t.Fatal(k, err)
+			}
+		}
+		time.Sleep(20 * time.Millisecond) // 16 in the channel, the rest queued
+		g.Close()
+		// The open usually fails on the closed ring; it may also have
+		// found room just before. Either way nothing may panic.
+		failed := <-openErr != nil
+		if err := <-runErr; err != nil && !errors.Is(err, ErrClosed) {
+			t.Error(err)
+		}
+		if withSink && failed {
+			// The opener's channel is its own: still open, and no
+			// stale event arrives in it once the open has failed.
+			n := len(sink.Events)
+			time.Sleep(10 * time.Millisecond)
+			select {
+			case _, ok := <-sink.Events:
+				if !ok {
+					t.Fatalf("round %d: the failed open closed the opener's channel", i)
+				}
+			default:
+			}
+			if len(sink.Events) > n {
+				t.Errorf("round %d: %d stale events reached the opener's channel after the open failed", i, len(sink.Events)-n)
+			}
+		}
+	}
 }
