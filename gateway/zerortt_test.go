@@ -26,21 +26,22 @@ import (
 // handshake writes them (quic-go issue 4303, open upstream), which the race
 // detector reports; `make test` therefore runs them in a pass without it.
 
-// holdHandshake is how long the relay in zeroRTTSetup holds back the
-// client's Handshake packets, so that the gateway handles the request
-// before the handshake completes. It must outlast the handler's start on a
-// loaded machine running the race detector: at 500 ms the handshake
-// sometimes completed first and the request was rightly served as 1-RTT,
-// and at 2 s it still did, now and then, while the end-to-end packages'
-// servers and workers loaded the machine beside it (the failure message
-// lists the ticket decisions, which tell this apart from a declined
-// ticket). It must also stay under quic-go's 5 s handshake idle timeout,
-// which a 5 s hold ran into.
+// holdHandshake is how long the relays here hold back Handshake packets,
+// so that the gateway handles the request before the handshake completes.
+// zeroRTTSetup holds the gateway's: the client cannot complete its side
+// before it has them, so it must send its request in 0-RTT, and the
+// gateway cannot complete its own before the client's Finished, which
+// comes after. (Holding only the client's packets left the client free to
+// complete at once on a quick loopback and send in 1-RTT, which a loaded
+// CI machine now and then did: "status 200 early false retried false".)
+// It must stay under quic-go's 5 s handshake idle timeout, which a 5 s
+// hold ran into.
 const holdHandshake = 3500 * time.Millisecond
 
 // zeroRTTSetup makes a first connection to get a ticket, then returns a
 // client whose next connection goes through a relay that holds back the
-// client's Handshake packets, so the gateway sees the request early.
+// gateway's Handshake packets, so the client sends in 0-RTT and the
+// gateway sees the request early.
 func zeroRTTSetup(t *testing.T, h *harness, cred string) (*client.Client, *udprelay.Relay) {
 	t.Helper()
 	relay, err := udprelay.New(h.gw.Addr())
@@ -74,7 +75,7 @@ func zeroRTTSetup(t *testing.T, h *harness, cred string) (*client.Client, *udpre
 		t.Fatal("no session ticket within 10s of the first request")
 	}
 	c.CloseConnections()
-	relay.HoldHandshake(holdHandshake)
+	relay.HoldServerHandshake(holdHandshake)
 	return c, relay
 }
 
@@ -218,7 +219,7 @@ func TestZeroRTTBoundToken(t *testing.T) {
 		t.Fatal("no session ticket within 10s of the handshake")
 	}
 	first.CloseWithError(0, "")
-	relay.HoldHandshake(holdHandshake)
+	relay.HoldServerHandshake(holdHandshake)
 	qc, err := quic.DialAddrEarly(ctx, relay.Addr(), conf, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,8 @@
 // Package udprelay is a UDP relay for tests: it sits between one QUIC
 // client and a server on loopback, records what the client sends, can hold
-// back the client's Handshake packets (so that the server sees its 0-RTT
-// requests before the handshake completes), and replays recorded datagrams
+// back the client's or the server's Handshake packets (so that the server
+// sees the client's 0-RTT requests before the handshake completes), and
+// replays recorded datagrams
 // from a fresh address, as an attacker on the path would.
 package udprelay
 
@@ -17,8 +18,9 @@ type Relay struct {
 	ln     *net.UDPConn
 	server *net.UDPAddr
 
-	mu        sync.Mutex
-	holdHS    time.Duration
+	mu           sync.Mutex
+	holdHS       time.Duration // the client's Handshake datagrams
+	holdServerHS time.Duration // the server's
 	recording bool
 	recorded  [][]byte
 	upstreams map[string]*net.UDPConn
@@ -56,12 +58,26 @@ func (r *Relay) HoldHandshake(d time.Duration) {
 	r.mu.Unlock()
 }
 
+// HoldServerHandshake delays every server datagram that carries a QUIC v1
+// Handshake packet by d (0 turns it off). Neither side can then complete
+// its handshake until d has passed: the client needs the server's
+// Finished, and the server the client's, which the client sends only
+// after. Holding the client's Handshake packets alone leaves the client
+// free to complete its side at once and send its request in 1-RTT.
+func (r *Relay) HoldServerHandshake(d time.Duration) {
+	r.mu.Lock()
+	r.holdServerHS = d
+	r.mu.Unlock()
+}
+
 // Release stops holding Handshake packets and sends the ones held back now,
 // returning once they are written. A test calls it before closing its
 // client, so that the connection can finish and close cleanly rather than
 // leave the server to wait out its idle timeout.
 func (r *Relay) Release() {
-	r.HoldHandshake(0)
+	r.mu.Lock()
+	r.holdHS, r.holdServerHS = 0, 0
+	r.mu.Unlock()
 	r.releaseOnce.Do(func() { close(r.release) })
 	r.held.Wait()
 }
@@ -156,30 +172,38 @@ func (r *Relay) readClients() {
 		if r.recording {
 			r.recorded = append(r.recorded, b)
 		}
-		hold := r.holdHS
-		if hold > 0 && isHandshake(b) {
-			// Counted under mu: Release turns holding off under mu
-			// before it waits, so no count can start after its wait.
-			r.held.Add(1)
-		} else {
-			hold = 0
-		}
 		r.mu.Unlock()
-		if hold > 0 {
-			r.wg.Go(func() {
-				defer r.held.Done()
-				t := time.NewTimer(hold)
-				defer t.Stop()
-				select {
-				case <-t.C:
-				case <-r.release:
-				}
-				up.Write(b)
-			})
-			continue
-		}
-		up.Write(b)
+		r.forward(&r.holdHS, b, func() { up.Write(b) })
 	}
+}
+
+// forward sends datagram b with send, at once or, when *hold is set and b
+// carries a Handshake packet, once *hold has passed or Release is called.
+func (r *Relay) forward(hold *time.Duration, b []byte, send func()) {
+	r.mu.Lock()
+	d := *hold
+	if d > 0 && isHandshake(b) {
+		// Counted under mu: Release turns holding off under mu before
+		// it waits, so no count can start after its wait.
+		r.held.Add(1)
+	} else {
+		d = 0
+	}
+	r.mu.Unlock()
+	if d == 0 {
+		send()
+		return
+	}
+	r.wg.Go(func() {
+		defer r.held.Done()
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-r.release:
+		}
+		send()
+	})
 }
 
 // upstream is the relay's socket towards the server for one client.
@@ -204,7 +228,8 @@ func (r *Relay) upstream(client *net.UDPAddr) (*net.UDPConn, error) {
 			if err != nil {
 				return
 			}
-			r.ln.WriteToUDP(buf[:n], client)
+			b := append([]byte(nil), buf[:n]...)
+			r.forward(&r.holdServerHS, b, func() { r.ln.WriteToUDP(b, client) })
 		}
 	})
 	return up, nil
