@@ -21,11 +21,11 @@ type Relay struct {
 	mu           sync.Mutex
 	holdHS       time.Duration // the client's Handshake datagrams
 	holdServerHS time.Duration // the server's
-	recording bool
-	recorded  [][]byte
-	upstreams map[string]*net.UDPConn
-	wg        sync.WaitGroup
-	closed    bool
+	recording    bool
+	recorded     [][]byte
+	upstreams    map[string]*net.UDPConn
+	wg           sync.WaitGroup
+	closed       bool
 
 	held        sync.WaitGroup // datagrams being held back
 	release     chan struct{}  // closed by Release: held datagrams go now
