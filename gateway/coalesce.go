@@ -149,17 +149,13 @@ func (c *coalescer) add(b []byte, now bool) error {
 }
 
 // hold arms the timer for d unless it is armed: something is held outside
-// the buffer (merged text, sse.go) that is due then.
+// the buffer (merged text, sse.go) that is due then. Only a coalescer with
+// a window holds, so its timer exists.
 func (c *coalescer) hold(d time.Duration) {
-	if c.armed {
-		return
-	}
-	if c.timer == nil {
-		c.timer = time.NewTimer(d)
-	} else {
+	if !c.armed {
+		c.armed = true
 		c.timer.Reset(d)
 	}
-	c.armed = true
 }
 
 // flush writes what is held, if anything.

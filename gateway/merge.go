@@ -21,10 +21,11 @@ import (
 // event per spacing, the text of every token that arrived meanwhile, with
 // the spacing chosen so that the connection's streams together offer at
 // most half its window each round trip, and never longer than half a
-// round trip: a lost event's gap is the spacing plus its recovery, and
-// on the benchmark's link a spacing of a whole round trip gave a worse
-// p99 than half of one (docs/BENCHMARKS.md, scenario 2). The answer's text is the same; a
-// client sees fewer, larger deltas, as it does from many servers.
+// round trip: a lost event's gap is the spacing plus its recovery, and on
+// the benchmark's link a spacing of a whole round trip gave a worse p99
+// than half of one (docs/BENCHMARKS.md, scenario 2). The answer's text is
+// the same; a client sees fewer, larger deltas, as it does from many
+// servers.
 //
 // quic-go v0.65 gives the window, the smoothed RTT and the packets lost
 // (quic.Conn.ConnectionStats, atomics, safe to read from any goroutine)
