@@ -572,9 +572,19 @@ func TestEndToEndErrors(t *testing.T) {
 // metric sums the samples of one metric family in Prometheus text format.
 func metric(t testing.TB, s *server, name string) float64 {
 	t.Helper()
-	resp, err := http.Get(s.admin + "/metrics")
+	v, err := metricValue(s, name)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return v
+}
+
+// metricValue is metric for a goroutine other than the test's: the sum of
+// the series of name on /metrics, or why it could not be read.
+func metricValue(s *server, name string) (float64, error) {
+	resp, err := http.Get(s.admin + "/metrics")
+	if err != nil {
+		return 0, err
 	}
 	defer resp.Body.Close()
 	var sum float64
@@ -587,11 +597,11 @@ func metric(t testing.TB, s *server, name string) float64 {
 		f := strings.Fields(line)
 		v, err := strconv.ParseFloat(f[len(f)-1], 64)
 		if err != nil {
-			t.Fatalf("metric line %q: %v", line, err)
+			return 0, fmt.Errorf("metric line %q: %w", line, err)
 		}
 		sum += v
 	}
-	return sum
+	return sum, sc.Err()
 }
 
 func TestEndToEndDisconnectCancelsWorker(t *testing.T) {
