@@ -78,6 +78,7 @@ test: ort js
 bench: ort build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./transport/ ./engine/ ./ort/ ./tokenize/ ./internal/onnxgen/
 	scripts/bench.sh
+	scripts/bench-defaults.sh
 	scripts/bench-netem.sh
 	scripts/bench-memory.sh
 	scripts/bench-weights.sh
