@@ -33,15 +33,90 @@ const (
 	configDisablePrepacking = "session.disable_prepacking"
 )
 
-// setWeightOptions sets the session options that decide whether the
-// weights stay mapped: on the CPU, prepacking off unless copy asks for
-// ONNX Runtime's default. A GPU provider copies the weights to the device
-// in any case.
-func setWeightOptions(so *onnxrt.SessionOptions, place placement, copyWeights bool) error {
-	if copyWeights || place.provider.OnGPU() {
-		return nil
+// weightMode is where a session's weights live.
+type weightMode string
+
+const (
+	// weightsCopied: prepacked by ONNX Runtime into the process's own
+	// memory, its default; every model without external data, and
+	// Options.CopyWeights.
+	weightsCopied weightMode = "copied"
+	// weightsMapped: mapped from the model's data files, not prepacked.
+	weightsMapped weightMode = "mapped"
+	// weightsPrepacked: mapped, prepacked, from an entry of the
+	// prepacked weights cache (weightscache.go).
+	weightsPrepacked weightMode = "prepacked"
+	// weightsDevice: copied to the GPU by its provider.
+	weightsDevice weightMode = "device"
+)
+
+// weightModeFor is where a session of the model in dir keeps its weights
+// on place when nothing fails.
+func weightModeFor(dir string, place placement, opts Options) weightMode {
+	switch {
+	case place.provider.OnGPU():
+		return weightsDevice
+	case opts.CopyWeights || !hasExternalData(dir):
+		return weightsCopied
+	case opts.WeightsCache != "":
+		return weightsPrepacked
 	}
-	return so.AddSessionConfigEntry(configDisablePrepacking, "1")
+	return weightsMapped
+}
+
+// newSession makes the session of the graph in dir on place, with its
+// weights where weightModeFor says, and reports where they went: a
+// prepacked cache that cannot serve the model is logged and the model
+// is loaded mapped instead.
+func newSession(dir string, opts Options, place placement, inNames, outNames []string) (*onnxrt.DynamicAdvancedSession, weightMode, error) {
+	newOptions := func() (*onnxrt.SessionOptions, error) { return newSessionOptions(opts, place) }
+	mode := weightModeFor(dir, place, opts)
+	if mode == weightsPrepacked {
+		cache := weightsCache{dir: opts.WeightsCache, log: opts.logger()}
+		s, _, err := cache.session(dir, newOptions, inNames, outNames)
+		if err == nil {
+			return s, mode, nil
+		}
+		cache.log.Warn("prepacked weights cache not used; weights mapped without prepacking", "model_dir", dir, "err", err)
+		mode = weightsMapped
+	}
+	so, err := newOptions()
+	if err != nil {
+		return nil, mode, err
+	}
+	defer so.Destroy()
+	if mode == weightsMapped {
+		if err := so.AddSessionConfigEntry(configDisablePrepacking, "1"); err != nil {
+			return nil, mode, fmt.Errorf("weight options: %w", err)
+		}
+	}
+	s, err := onnxrt.NewDynamicAdvancedSession(filepath.Join(dir, modelFile), inNames, outNames, so)
+	if err != nil {
+		return nil, mode, fmt.Errorf("create session on %s: %w", place.provider, err)
+	}
+	return s, mode, nil
+}
+
+// newSessionOptions are the options every session of a model runs with:
+// its provider and thread counts.
+func newSessionOptions(opts Options, place placement) (*onnxrt.SessionOptions, error) {
+	so, err := onnxrt.NewSessionOptions()
+	if err != nil {
+		return nil, fmt.Errorf("session options: %w", err)
+	}
+	if err := appendProvider(so, place.provider, place.device, opts.GPUMemoryBytes, opts.ORTLib); err != nil {
+		so.Destroy()
+		return nil, err
+	}
+	if err := so.SetIntraOpNumThreads(max(opts.IntraOpThreads, 1)); err != nil {
+		so.Destroy()
+		return nil, fmt.Errorf("set intra-op threads: %w", err)
+	}
+	if err := so.SetInterOpNumThreads(1); err != nil {
+		so.Destroy()
+		return nil, fmt.Errorf("set inter-op threads: %w", err)
+	}
+	return so, nil
 }
 
 // inspect reads the inputs and outputs of the graph in path.
@@ -75,22 +150,27 @@ func newInspectOptions() (*onnxrt.SessionOptions, error) {
 }
 
 // hasExternalData reports whether the model in dir keeps its weights in
-// files beside model.onnx, which ONNX Runtime maps: model.onnx.data as
-// torch.onnx and genmodel write it, model.onnx_data as Hugging Face's
-// exporter does, or any other *.data file.
-func hasExternalData(dir string) bool {
+// files beside model.onnx, which ONNX Runtime maps.
+func hasExternalData(dir string) bool { return len(externalDataFiles(dir)) > 0 }
+
+// externalDataFiles are the files beside model.onnx in dir that hold its
+// weights: model.onnx.data as torch.onnx and genmodel write it,
+// model.onnx_data as Hugging Face's exporter does, or any other *.data
+// file.
+func externalDataFiles(dir string) []string {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return false
+		return nil
 	}
+	var files []string
 	for _, e := range entries {
 		name := e.Name()
 		if !e.Type().IsRegular() && e.Type()&os.ModeSymlink == 0 {
 			continue
 		}
 		if name != modelFile && (strings.HasPrefix(name, modelFile) || filepath.Ext(name) == ".data") {
-			return true
+			files = append(files, name)
 		}
 	}
-	return false
+	return files
 }
