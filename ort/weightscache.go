@@ -131,7 +131,15 @@ func (c weightsCache) session(dir string, newOptions func() (*onnxrt.SessionOpti
 		return nil, built, err
 	}
 	defer so.Destroy()
+	// Loading still runs each kernel's packing into a temporary buffer,
+	// which it drops for the mapped blob; an arena would keep the
+	// largest of those buffers for the session's life (16 MiB a worker
+	// for docs/BENCHMARKS.md's model) and decodes no faster for it.
+	if err := so.SetCpuMemArena(false); err != nil {
+		return nil, built, fmt.Errorf("cpu arena: %w", err)
+	}
 	s, err = onnxrt.NewDynamicAdvancedSession(filepath.Join(entry, entryModel), inNames, outNames, so)
+	releaseFreeMemory()
 	if err != nil {
 		return nil, built, c.discard(entry, seen, fmt.Errorf("entry %s: %w", entry, err))
 	}
