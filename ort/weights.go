@@ -19,14 +19,24 @@ import (
 // view. The pages of a mapped file are the page cache's, shared by every
 // process that maps it, so worker processes of one model hold one copy of
 // its weights between them when nothing repacks them, and one each when
-// something does. A decode step multiplies a single row by each weight,
-// which MLAS does as fast from the file's layout (docs/BENCHMARKS.md,
-// "Weights"), so the default leaves the weights where they were mapped.
+// something does.
+//
+// The packed layout is what makes a multiplication of many rows fast: a
+// prefill, or a decode step of a batch of sequences, runs at about half
+// the speed from the file's layout (docs/BENCHMARKS.md, "Scenario 3:
+// weights"). So a worker with a weights cache (Options.WeightsCache, on by
+// default in the gateway) loads such a model from the cache's entry, in
+// which ONNX Runtime has saved the packed weights beside the originals
+// (weightscache.go): the packed weights are then mapped too, shared like
+// the originals. Without a cache, or when the cache cannot serve the
+// model, the weights stay where they were mapped, unpacked.
+// Options.CopyWeights keeps ONNX Runtime's default, a packed copy in each
+// worker, as the benchmark's baseline.
 //
 // A model whose weights are inside model.onnx is read whole by ONNX
 // Runtime (never by Go) and is a private copy in every worker either way,
-// so it keeps prepacking: turning it off would cost decode speed (0.93x,
-// docs/BENCHMARKS.md) and share nothing.
+// so it keeps prepacking: turning it off would cost speed and share
+// nothing.
 
 // Session config entries (onnxruntime_session_options_config_keys.h).
 const (

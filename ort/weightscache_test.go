@@ -233,18 +233,12 @@ func TestWeightsCacheDamagedEntry(t *testing.T) {
 	}
 }
 
-// A cache directory or entry that group or others may write is refused
-// and left as it is: whoever can write there could plant a graph that
-// ONNX Runtime would run.
+// A cache directory or entry that group or others may write, or an entry
+// whose file is a symlink, is refused and left as it is: whoever can
+// write there could plant a graph that ONNX Runtime would run.
 func TestWeightsCacheRefusesWritable(t *testing.T) {
-	for name, path := range map[string]func(c *cacheTest, t *testing.T) string{
-		"cache directory": func(c *cacheTest, t *testing.T) string { return c.cache },
-		"entry":           func(c *cacheTest, t *testing.T) string { return c.entry(t) },
-		"entry's graph":   func(c *cacheTest, t *testing.T) string { return filepath.Join(c.entry(t), entryModel) },
-	} {
-		t.Run(name, func(t *testing.T) {
-			c := newCacheTest(t)
-			c.load(t)
+	writable := func(path func(c *cacheTest, t *testing.T) string) func(c *cacheTest, t *testing.T) string {
+		return func(c *cacheTest, t *testing.T) string {
 			p := path(c, t)
 			info, err := os.Stat(p)
 			if err != nil {
@@ -253,14 +247,40 @@ func TestWeightsCacheRefusesWritable(t *testing.T) {
 			if err := os.Chmod(p, info.Mode().Perm()|0o022); err != nil {
 				t.Fatal(err)
 			}
+			return p
+		}
+	}
+	for name, tc := range map[string]struct {
+		plant func(c *cacheTest, t *testing.T) string // returns the path it changed
+		why   string
+	}{
+		"cache directory": {writable(func(c *cacheTest, t *testing.T) string { return c.cache }), "lets group or others write"},
+		"entry":           {writable(func(c *cacheTest, t *testing.T) string { return c.entry(t) }), "lets group or others write"},
+		"entry's graph":   {writable(func(c *cacheTest, t *testing.T) string { return filepath.Join(c.entry(t), entryModel) }), "lets group or others write"},
+		"symlinked data": {func(c *cacheTest, t *testing.T) string {
+			f := filepath.Join(c.entry(t), entryData)
+			elsewhere := filepath.Join(t.TempDir(), entryData)
+			if err := os.Rename(f, elsewhere); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(elsewhere, f); err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}, "not a regular file"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c := newCacheTest(t)
+			c.load(t)
+			p := tc.plant(c, t)
 			if mode, _ := c.load(t); mode != weightsMapped {
-				t.Fatalf("weights %s with %s writable by others, want %s", mode, p, weightsMapped)
+				t.Fatalf("weights %s after %s was planted, want %s", mode, p, weightsMapped)
 			}
-			if !strings.Contains(c.log.String(), "lets group or others write") {
-				t.Errorf("the warning does not say why; log:\n%s", c.log)
+			if !strings.Contains(c.log.String(), tc.why) {
+				t.Errorf("the warning does not say %q; log:\n%s", tc.why, c.log)
 			}
-			if _, err := os.Stat(p); err != nil {
-				t.Errorf("the refused %s was touched: %v", p, err)
+			if _, err := os.Lstat(p); err != nil {
+				t.Errorf("the refused %s was removed: %v", p, err)
 			}
 			if n := c.log.count(builtLine); n != 1 {
 				t.Errorf("built %d times, want 1: a refused cache is not rebuilt", n)

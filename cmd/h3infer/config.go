@@ -56,7 +56,8 @@ type Config struct {
 	// address; on any other, serve generates one into
 	// <state_dir>/tokens/admin.token (mode 0600) and keeps it.
 	AdminToken string `json:"admin_token"`
-	// StateDir holds development certificates and the demo model.
+	// StateDir holds development certificates, the demo model and the
+	// prepacked weights cache.
 	// Default .h3infer under the working directory.
 	StateDir string `json:"state_dir"`
 	// ONNXRuntimeLib is the path of libonnxruntime.so; the environment
