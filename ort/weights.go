@@ -22,9 +22,8 @@ import (
 // something does.
 //
 // The packed layout is what makes a multiplication of many rows fast: a
-// prefill, or a decode step of a batch of sequences, runs at about half
-// the speed from the file's layout (docs/BENCHMARKS.md, "Scenario 3:
-// weights"). So a worker with a weights cache (Options.WeightsCache, on by
+// prefill, or a decode step of a batch of sequences, runs much slower
+// from the file's layout (docs/BENCHMARKS.md, "Scenario 3: weights"). So a worker with a weights cache (Options.WeightsCache, on by
 // default in the gateway) loads such a model from the cache's entry, in
 // which ONNX Runtime has saved the packed weights beside the originals
 // (weightscache.go): the packed weights are then mapped too, shared like

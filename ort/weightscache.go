@@ -72,7 +72,7 @@ const (
 )
 
 // cacheRecipe names how an entry is made and loaded: the options of
-// buildEntry and newSessionOptions that shape the saved graph (the CPU
+// writeEntry and newSessionOptions that shape the saved graph (the CPU
 // provider, ONNX Runtime's default optimization level) and the entry's
 // layout. Change it when they change, so that old entries stop matching.
 // The intra-op thread count is not part of it: it does not change the
@@ -133,8 +133,8 @@ func (c weightsCache) session(dir string, newOptions func() (*onnxrt.SessionOpti
 	defer so.Destroy()
 	// Loading still runs each kernel's packing into a temporary buffer,
 	// which it drops for the mapped blob; an arena would keep the
-	// largest of those buffers for the session's life (16 MiB a worker
-	// for docs/BENCHMARKS.md's model) and decodes no faster for it.
+	// largest of those buffers for the session's life, and decodes no
+	// faster for it (docs/BENCHMARKS.md).
 	if err := so.SetCpuMemArena(false); err != nil {
 		return nil, built, fmt.Errorf("cpu arena: %w", err)
 	}
@@ -196,14 +196,7 @@ func checkEntry(path string) (os.FileInfo, error) {
 	}
 	// Errors about the files are not os.ErrNotExist: that is for a
 	// missing entry.
-	mf, err := os.ReadFile(filepath.Join(path, entryManifest))
-	if err != nil {
-		return info, fmt.Errorf("entry %s: %v", path, err)
-	}
-	var m manifest
-	if err := json.Unmarshal(mf, &m); err != nil {
-		return info, fmt.Errorf("entry %s: %s: %w", path, entryManifest, err)
-	}
+	sizes := map[string]int64{}
 	for _, name := range []string{entryModel, entryData, entryManifest} {
 		f := filepath.Join(path, name)
 		fi, err := os.Lstat(f)
@@ -216,8 +209,19 @@ func checkEntry(path string) (os.FileInfo, error) {
 		if err := ownedAndPrivate(f, fi); err != nil {
 			return info, err
 		}
-		if want, ok := m.Files[name]; name != entryManifest && (!ok || want != fi.Size()) {
-			return info, fmt.Errorf("%s: %d bytes, the manifest says %d", f, fi.Size(), want)
+		sizes[name] = fi.Size()
+	}
+	mf, err := os.ReadFile(filepath.Join(path, entryManifest))
+	if err != nil {
+		return info, fmt.Errorf("entry %s: %v", path, err)
+	}
+	var m manifest
+	if err := json.Unmarshal(mf, &m); err != nil {
+		return info, fmt.Errorf("entry %s: %s: %w", path, entryManifest, err)
+	}
+	for _, name := range []string{entryModel, entryData} {
+		if want, ok := m.Files[name]; !ok || want != sizes[name] {
+			return info, fmt.Errorf("%s: %d bytes, the manifest says %d", filepath.Join(path, name), sizes[name], want)
 		}
 	}
 	return info, nil
