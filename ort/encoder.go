@@ -28,6 +28,7 @@ type Encoder struct {
 	chat    *tokenize.ChatTemplate
 	session *onnxrt.DynamicAdvancedSession
 	place   placement
+	weights weightMode
 
 	typeIDs bool   // the graph takes token_type_ids (BERT exports), fed zeros
 	output  string // last_hidden_state, or a pooled output
@@ -88,25 +89,8 @@ func LoadEncoder(dir string, opts Options) (*Encoder, error) {
 	if e.place, err = choosePlacement(opts, opts.Log); err != nil {
 		return nil, fmt.Errorf("load encoder %s: %w", dir, err)
 	}
-	so, err := onnxrt.NewSessionOptions()
-	if err != nil {
-		return nil, fmt.Errorf("load encoder %s: session options: %w", dir, err)
-	}
-	defer so.Destroy()
-	if err := appendProvider(so, e.place.provider, e.place.device, opts.GPUMemoryBytes, opts.ORTLib); err != nil {
+	if e.session, e.weights, err = newSession(dir, opts, e.place, inNames, []string{e.output}); err != nil {
 		return nil, fmt.Errorf("load encoder %s: %w", dir, err)
-	}
-	if err := so.SetIntraOpNumThreads(max(opts.IntraOpThreads, 1)); err != nil {
-		return nil, fmt.Errorf("load encoder %s: set intra-op threads: %w", dir, err)
-	}
-	if err := so.SetInterOpNumThreads(1); err != nil {
-		return nil, fmt.Errorf("load encoder %s: set inter-op threads: %w", dir, err)
-	}
-	if err := setWeightOptions(so, e.place, opts.CopyWeights || !hasExternalData(dir)); err != nil {
-		return nil, fmt.Errorf("load encoder %s: weight options: %w", dir, err)
-	}
-	if e.session, err = onnxrt.NewDynamicAdvancedSession(path, inNames, []string{e.output}, so); err != nil {
-		return nil, fmt.Errorf("load encoder %s: create session on %s: %w", dir, e.place.provider, err)
 	}
 	v, err := e.Embed([][]int{{0}}, nil)
 	if err != nil {
@@ -368,6 +352,6 @@ func OpenEncoder(s workerconf.Settings, spec workerconf.Model, log *slog.Logger)
 		return nil, err
 	}
 	log.Info("onnx runtime encoder session", "model", e.name, "embedding_size", e.hidden, "pooling", e.cfg.Pooling,
-		"normalize", e.cfg.Normalize, "provider", string(e.Provider()), "device", e.place.device)
+		"normalize", e.cfg.Normalize, "provider", string(e.Provider()), "device", e.place.device, "weights", string(e.weights))
 	return e, nil
 }

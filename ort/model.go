@@ -47,8 +47,22 @@ type Options struct {
 	// of a CPU session into memory of the process's own instead of
 	// reading them where they are mapped (weights.go); for measurements.
 	CopyWeights bool
-	// Log receives the warning when auto falls back to the CPU.
+	// WeightsCache is the directory of the prepacked weights cache
+	// (weightscache.go), where a CPU model with external data gets its
+	// weights prepacked and still shared between processes; empty means
+	// none: such a model is mapped without prepacking.
+	WeightsCache string
+	// Log receives the warning when auto falls back to the CPU, and the
+	// cache's builds and failures.
 	Log *slog.Logger
+}
+
+// logger is o.Log, or a logger that drops everything.
+func (o Options) logger() *slog.Logger {
+	if o.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return o.Log
 }
 
 // Model is one loaded model: its ONNX Runtime session, tokenizer and
@@ -74,6 +88,7 @@ type Model struct {
 	vocab        int64 // logits width; 0 when the model leaves it symbolic
 
 	place    placement
+	weights  weightMode
 	inNames  []string
 	outNames []string
 	dev      *deviceKV // nil: the cache lives in Go memory (batch.buf)
@@ -223,27 +238,6 @@ func LoadModel(dir string, opts Options) (*Model, error) {
 
 // createSession makes the model's session on place.
 func (m *Model) createSession(dir string, opts Options, place placement) error {
-	so, err := onnxrt.NewSessionOptions()
-	if err != nil {
-		return fmt.Errorf("load model %s: session options: %w", dir, err)
-	}
-	defer so.Destroy()
-	if err := appendProvider(so, place.provider, place.device, opts.GPUMemoryBytes, opts.ORTLib); err != nil {
-		return fmt.Errorf("load model %s: %w", dir, err)
-	}
-	threads := opts.IntraOpThreads
-	if threads == 0 {
-		threads = 1
-	}
-	if err := so.SetIntraOpNumThreads(threads); err != nil {
-		return fmt.Errorf("load model %s: set intra-op threads: %w", dir, err)
-	}
-	if err := so.SetInterOpNumThreads(1); err != nil {
-		return fmt.Errorf("load model %s: set inter-op threads: %w", dir, err)
-	}
-	if err := setWeightOptions(so, place, opts.CopyWeights || !hasExternalData(dir)); err != nil {
-		return fmt.Errorf("load model %s: weight options: %w", dir, err)
-	}
 	path := filepath.Join(dir, modelFile)
 	if m.inNames == nil {
 		// Inspecting the graph needs no provider; done once, so that a
@@ -262,10 +256,11 @@ func (m *Model) createSession(dir string, opts Options, place placement) error {
 		m.inNames, m.outNames = inNames, outNames
 		m.inputLen, m.outputLen = len(inNames), len(outNames)
 	}
-	m.session, err = onnxrt.NewDynamicAdvancedSession(path, m.inNames, m.outNames, so)
+	s, mode, err := newSession(dir, opts, place, m.inNames, m.outNames)
 	if err != nil {
-		return fmt.Errorf("load model %s: create session on %s: %w", dir, place.provider, err)
+		return fmt.Errorf("load model %s: %w", dir, err)
 	}
+	m.session, m.weights = s, mode
 	return nil
 }
 

@@ -20,7 +20,7 @@ func Open(s workerconf.Settings, spec workerconf.Model, log *slog.Logger) (*Mode
 		return nil, err
 	}
 	log.Info("onnx runtime session", "model", m.name, "layers", m.layers, "kv_bytes_per_token", m.kvBytesPerToken(),
-		"provider", string(m.Provider()), "device", m.place.device, "device_kv", m.DeviceKV())
+		"provider", string(m.Provider()), "device", m.place.device, "device_kv", m.DeviceKV(), "weights", string(m.weights))
 	return m, nil
 }
 
@@ -35,6 +35,7 @@ func workerOptions(s workerconf.Settings, spec workerconf.Model, log *slog.Logge
 		GPUMemoryBytes: s.GPUShare(spec),
 		DeviceKV:       spec.DeviceKV,
 		CopyWeights:    s.CopyWeights,
+		WeightsCache:   s.WeightsCacheDir,
 		Log:            log,
 	}
 }

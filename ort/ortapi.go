@@ -3,6 +3,7 @@ package ort
 /*
 #cgo LDFLAGS: -ldl
 #include <dlfcn.h>
+#include <malloc.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -159,6 +160,9 @@ static char *h3_ep_devices(const void *const *api, const char *ep_name, void *so
 	((void (*)(void *))api[h3_ReleaseEnv])(env);
 	return e;
 }
+
+// h3_trim hands memory malloc holds free back to the system.
+static void h3_trim(void) { malloc_trim(0); }
 
 // The CUDA runtime calls a worker needs to move a device-resident KV cache
 // to the host when its batch changes shape; reached through dlopen so that
@@ -400,3 +404,8 @@ func toHost(cuda *cudaRuntime, dst []byte, src unsafe.Pointer) error {
 	}
 	return nil
 }
+
+// releaseFreeMemory hands the memory the C allocator holds free, such as
+// what a destroyed session's weights took, back to the system, which
+// free alone does only for its largest blocks.
+func releaseFreeMemory() { C.h3_trim() }

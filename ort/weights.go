@@ -19,29 +19,113 @@ import (
 // view. The pages of a mapped file are the page cache's, shared by every
 // process that maps it, so worker processes of one model hold one copy of
 // its weights between them when nothing repacks them, and one each when
-// something does. A decode step multiplies a single row by each weight,
-// which MLAS does as fast from the file's layout (docs/BENCHMARKS.md,
-// "Weights"), so the default leaves the weights where they were mapped.
+// something does.
+//
+// The packed layout is what makes a multiplication of many rows fast: a
+// prefill, or a decode step of a batch of sequences, runs much slower
+// from the file's layout (docs/BENCHMARKS.md, "Scenario 3: weights"). So a worker with a weights cache (Options.WeightsCache, on by
+// default in the gateway) loads such a model from the cache's entry, in
+// which ONNX Runtime has saved the packed weights beside the originals
+// (weightscache.go): the packed weights are then mapped too, shared like
+// the originals. Without a cache, or when the cache cannot serve the
+// model, the weights stay where they were mapped, unpacked.
+// Options.CopyWeights keeps ONNX Runtime's default, a packed copy in each
+// worker, as the benchmark's baseline.
 //
 // A model whose weights are inside model.onnx is read whole by ONNX
 // Runtime (never by Go) and is a private copy in every worker either way,
-// so it keeps prepacking: turning it off would cost decode speed (0.93x,
-// docs/BENCHMARKS.md) and share nothing.
+// so it keeps prepacking: turning it off would cost speed and share
+// nothing.
 
 // Session config entries (onnxruntime_session_options_config_keys.h).
 const (
 	configDisablePrepacking = "session.disable_prepacking"
 )
 
-// setWeightOptions sets the session options that decide whether the
-// weights stay mapped: on the CPU, prepacking off unless copy asks for
-// ONNX Runtime's default. A GPU provider copies the weights to the device
-// in any case.
-func setWeightOptions(so *onnxrt.SessionOptions, place placement, copyWeights bool) error {
-	if copyWeights || place.provider.OnGPU() {
-		return nil
+// weightMode is where a session's weights live.
+type weightMode string
+
+const (
+	// weightsCopied: prepacked by ONNX Runtime into the process's own
+	// memory, its default; every model without external data, and
+	// Options.CopyWeights.
+	weightsCopied weightMode = "copied"
+	// weightsMapped: mapped from the model's data files, not prepacked.
+	weightsMapped weightMode = "mapped"
+	// weightsPrepacked: mapped, prepacked, from an entry of the
+	// prepacked weights cache (weightscache.go).
+	weightsPrepacked weightMode = "prepacked"
+	// weightsDevice: copied to the GPU by its provider.
+	weightsDevice weightMode = "device"
+)
+
+// weightModeFor is where a session of the model in dir keeps its weights
+// on place when nothing fails.
+func weightModeFor(dir string, place placement, opts Options) weightMode {
+	switch {
+	case place.provider.OnGPU():
+		return weightsDevice
+	case opts.CopyWeights || !hasExternalData(dir):
+		return weightsCopied
+	case opts.WeightsCache != "":
+		return weightsPrepacked
 	}
-	return so.AddSessionConfigEntry(configDisablePrepacking, "1")
+	return weightsMapped
+}
+
+// newSession makes the session of the graph in dir on place, with its
+// weights where weightModeFor says, and reports where they went: a
+// prepacked cache that cannot serve the model is logged and the model
+// is loaded mapped instead.
+func newSession(dir string, opts Options, place placement, inNames, outNames []string) (*onnxrt.DynamicAdvancedSession, weightMode, error) {
+	newOptions := func() (*onnxrt.SessionOptions, error) { return newSessionOptions(opts, place) }
+	mode := weightModeFor(dir, place, opts)
+	if mode == weightsPrepacked {
+		cache := weightsCache{dir: opts.WeightsCache, log: opts.logger()}
+		s, _, err := cache.session(dir, newOptions, inNames, outNames)
+		if err == nil {
+			return s, mode, nil
+		}
+		cache.log.Warn("prepacked weights cache not used; weights mapped without prepacking", "model_dir", dir, "err", err)
+		mode = weightsMapped
+	}
+	so, err := newOptions()
+	if err != nil {
+		return nil, mode, err
+	}
+	defer so.Destroy()
+	if mode == weightsMapped {
+		if err := so.AddSessionConfigEntry(configDisablePrepacking, "1"); err != nil {
+			return nil, mode, fmt.Errorf("weight options: %w", err)
+		}
+	}
+	s, err := onnxrt.NewDynamicAdvancedSession(filepath.Join(dir, modelFile), inNames, outNames, so)
+	if err != nil {
+		return nil, mode, fmt.Errorf("create session on %s: %w", place.provider, err)
+	}
+	return s, mode, nil
+}
+
+// newSessionOptions are the options every session of a model runs with:
+// its provider and thread counts.
+func newSessionOptions(opts Options, place placement) (*onnxrt.SessionOptions, error) {
+	so, err := onnxrt.NewSessionOptions()
+	if err != nil {
+		return nil, fmt.Errorf("session options: %w", err)
+	}
+	if err := appendProvider(so, place.provider, place.device, opts.GPUMemoryBytes, opts.ORTLib); err != nil {
+		so.Destroy()
+		return nil, err
+	}
+	if err := so.SetIntraOpNumThreads(max(opts.IntraOpThreads, 1)); err != nil {
+		so.Destroy()
+		return nil, fmt.Errorf("set intra-op threads: %w", err)
+	}
+	if err := so.SetInterOpNumThreads(1); err != nil {
+		so.Destroy()
+		return nil, fmt.Errorf("set inter-op threads: %w", err)
+	}
+	return so, nil
 }
 
 // inspect reads the inputs and outputs of the graph in path.
@@ -75,22 +159,27 @@ func newInspectOptions() (*onnxrt.SessionOptions, error) {
 }
 
 // hasExternalData reports whether the model in dir keeps its weights in
-// files beside model.onnx, which ONNX Runtime maps: model.onnx.data as
-// torch.onnx and genmodel write it, model.onnx_data as Hugging Face's
-// exporter does, or any other *.data file.
-func hasExternalData(dir string) bool {
+// files beside model.onnx, which ONNX Runtime maps.
+func hasExternalData(dir string) bool { return len(externalDataFiles(dir)) > 0 }
+
+// externalDataFiles are the files beside model.onnx in dir that hold its
+// weights: model.onnx.data as torch.onnx and genmodel write it,
+// model.onnx_data as Hugging Face's exporter does, or any other *.data
+// file.
+func externalDataFiles(dir string) []string {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return false
+		return nil
 	}
+	var files []string
 	for _, e := range entries {
 		name := e.Name()
 		if !e.Type().IsRegular() && e.Type()&os.ModeSymlink == 0 {
 			continue
 		}
 		if name != modelFile && (strings.HasPrefix(name, modelFile) || filepath.Ext(name) == ".data") {
-			return true
+			files = append(files, name)
 		}
 	}
-	return false
+	return files
 }

@@ -1,6 +1,7 @@
 package ort
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,15 +15,20 @@ import (
 // BenchmarkWeights; scripts/bench-weights.sh passes its 400 MB model.
 const weightsModelEnv = "H3INFER_BENCH_WEIGHTS_MODEL"
 
-// BenchmarkWeights compares the two places a CPU session's weights can
-// live: mapped from model.onnx.data (the default) and copied by ONNX
-// Runtime's prepacking (Options.CopyWeights). "read" is reading the same
-// files into memory, what any load must at least cost once the page
-// cache holds them; "load" is what a worker takes to be ready to answer:
-// LoadModel, a one-token prefill (which touches every weight) and Close;
-// "decode" is one
-// sequence's decode step over 64 cached tokens, reported as tokens/s of
-// each and the ratio of mapped to copied.
+// BenchmarkWeights compares the three places a CPU session's weights can
+// live: mapped from model.onnx.data without prepacking (no cache),
+// copied by ONNX Runtime's prepacking into the process's own memory
+// (Options.CopyWeights), and prepacked and mapped from the prepacked
+// weights cache (Options.WeightsCache, the default of a worker). "read"
+// is reading the model's files into memory, what any load must at least
+// cost once the page cache holds them; "load" is what a worker takes to
+// be ready to answer: LoadModel, a one-token prefill (which touches every
+// weight) and Close, from a cache that holds the model's entry for
+// "prepacked"; "build" is the same for a worker that finds the cache
+// empty and builds the entry first. "prefill" is a 64-token prompt and
+// "decode/batch=N" a decode step of N sequences over 64 cached tokens,
+// each reported as tokens/s of the three and the ratios of mapped and
+// prepacked to copied.
 // Without the environment variable the model is a 100 MB random one.
 func BenchmarkWeights(b *testing.B) {
 	needModel(b)
@@ -47,68 +53,136 @@ func BenchmarkWeights(b *testing.B) {
 		}
 		b.SetBytes(n)
 	})
+	cache := b.TempDir()
 	modes := []struct {
 		name string
-		copy bool
-	}{{"mapped", false}, {"copied", true}}
+		opts Options
+		want weightMode
+	}{
+		{"mapped", Options{}, weightsMapped},
+		{"copied", Options{CopyWeights: true}, weightsCopied},
+		{"prepacked", Options{WeightsCache: cache}, weightsPrepacked},
+	}
+	// load is one worker's load, ready to answer.
+	load := func(b *testing.B, opts Options, want weightMode) {
+		m, err := LoadModel(dir, opts)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer m.Close()
+		if m.weights != want {
+			b.Fatalf("weights %s, want %s", m.weights, want)
+		}
+		if _, _, err := m.Prefill(m.Encode("a")); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Run("build", func(b *testing.B) {
+		for b.Loop() {
+			b.StopTimer()
+			empty := b.TempDir()
+			b.StartTimer()
+			load(b, Options{WeightsCache: empty}, weightsPrepacked)
+			b.StopTimer()
+			os.RemoveAll(empty) // entries of a 400 MB model take 800 MB each
+			b.StartTimer()
+		}
+	})
 	for _, mode := range modes {
 		b.Run("load/weights="+mode.name, func(b *testing.B) {
+			// Untimed: the page cache then holds the files, and the
+			// cache the entry.
+			load(b, mode.opts, mode.want)
 			for b.Loop() {
-				m, err := LoadModel(dir, Options{CopyWeights: mode.copy})
-				if err != nil {
-					b.Fatal(err)
-				}
-				if _, _, err := m.Prefill(m.Encode("a")); err != nil {
-					b.Fatal(err)
-				}
-				m.Close()
+				load(b, mode.opts, mode.want)
 			}
 		})
 	}
-	// Decode steps of the two alternate, one each per iteration, so that
-	// whatever else the machine runs slows both alike and the ratio holds.
-	b.Run("decode", func(b *testing.B) {
-		const past = 64
-		type run struct {
-			m       *Model
-			bt      *batch
-			kv      [][]byte
-			elapsed time.Duration
+	// The steps of the three alternate, one each per iteration, so that
+	// whatever else the machine runs slows all alike and the ratios hold.
+	// The sessions the steps run on, loaded by the first benchmark that
+	// needs them, so that the loads above run without them.
+	var models []*Model
+	defer func() {
+		for _, m := range models {
+			m.Close()
 		}
-		runs := make([]*run, len(modes))
-		for i, mode := range modes {
-			m, err := LoadModel(dir, Options{CopyWeights: mode.copy})
+	}()
+	open := func(b *testing.B) []*Model {
+		for _, mode := range modes[len(models):] {
+			m, err := LoadModel(dir, mode.opts)
 			if err != nil {
 				b.Fatal(err)
 			}
-			defer m.Close()
-			prompt := m.Encode(strings.Repeat("The gateway ", past/12+1))[:past]
-			_, kv, err := m.Prefill(prompt)
-			if err != nil {
-				b.Fatal(err)
+			models = append(models, m)
+			if m.weights != mode.want {
+				b.Fatalf("weights %s, want %s", m.weights, mode.want)
 			}
-			bt := m.newBatch()
-			defer bt.close()
-			bt.join(kv, past)
-			runs[i] = &run{m: m, bt: bt, kv: kv}
 		}
-		next := []int{'e'}
+		return models
+	}
+	const past = 64
+	prompt := func(m *Model) []int { return m.Encode(strings.Repeat("The gateway ", past/12+1))[:past] }
+	alternate := func(b *testing.B, unit string, perStep float64, steps []func() error) {
+		elapsed := make([]time.Duration, len(steps))
 		for b.Loop() {
-			for _, r := range runs {
-				if r.bt.widest() >= r.m.cfg.ContextLength-1 {
-					r.bt.leave(0)
-					r.bt.join(r.kv, past)
-				}
+			for i, step := range steps {
 				start := time.Now()
-				if _, err := r.bt.step(next); err != nil {
+				if err := step(); err != nil {
 					b.Fatal(err)
 				}
-				r.elapsed += time.Since(start)
+				elapsed[i] += time.Since(start)
 			}
 		}
 		for i, mode := range modes {
-			b.ReportMetric(float64(b.N)/runs[i].elapsed.Seconds(), mode.name+"-tokens/s")
+			b.ReportMetric(perStep*float64(b.N)/elapsed[i].Seconds(), mode.name+"-"+unit)
 		}
-		b.ReportMetric(runs[1].elapsed.Seconds()/runs[0].elapsed.Seconds(), "mapped/copied")
+		b.ReportMetric(elapsed[1].Seconds()/elapsed[0].Seconds(), "mapped/copied")
+		b.ReportMetric(elapsed[1].Seconds()/elapsed[2].Seconds(), "prepacked/copied")
+	}
+	// prefill is one prompt of 64 tokens, which multiplies 64 rows by
+	// each weight.
+	b.Run("prefill", func(b *testing.B) {
+		steps := make([]func() error, len(modes))
+		for i, m := range open(b) {
+			steps[i] = func() error {
+				_, _, err := m.Prefill(prompt(m))
+				return err
+			}
+		}
+		alternate(b, "tokens/s", past, steps)
 	})
+	// decode is a decode step of rows sequences of 64 cached tokens and
+	// more; a step multiplies one row per sequence by each weight.
+	for _, rows := range []int{1, 8} {
+		b.Run(fmt.Sprintf("decode/batch=%d", rows), func(b *testing.B) {
+			steps := make([]func() error, len(modes))
+			for i, m := range open(b) {
+				_, kv, err := m.Prefill(prompt(m))
+				if err != nil {
+					b.Fatal(err)
+				}
+				bt := m.newBatch()
+				defer bt.close()
+				next := make([]int, rows)
+				for r := range rows {
+					bt.join(kv, past)
+					next[r] = 'e'
+				}
+				steps[i] = func() error {
+					if bt.widest() >= m.cfg.ContextLength-1 {
+						for range rows {
+							bt.leave(0)
+						}
+						for range rows {
+							bt.join(kv, past)
+						}
+					}
+					_, err := bt.step(next)
+					return err
+				}
+			}
+			alternate(b, "tokens/s", float64(rows), steps)
+		})
+	}
 }

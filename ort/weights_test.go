@@ -3,6 +3,7 @@ package ort
 import (
 	"bufio"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"strconv"
@@ -25,27 +26,46 @@ func TestWeightsStayMapped(t *testing.T) {
 		t.Fatal(err)
 	}
 	weights := info.Size() // about 57 MB
+	cache := filepath.Join(t.TempDir(), "weights")
 	for _, tc := range []struct {
-		name        string
-		copyWeights bool
-		minAnon     int64 // growth of anonymous memory, as a fraction of the weights, in 1/100
-		maxAnon     int64
+		name    string
+		opts    Options
+		build   bool // load once before measuring, which builds the cache's entry
+		want    weightMode
+		minAnon int64 // growth of anonymous memory, as a fraction of the weights, in 1/100
+		maxAnon int64
 	}{
 		// No lower bound when mapped: memory an earlier test's model
 		// freed may go back to the system meanwhile, and shrink it.
-		{name: "mapped", copyWeights: false, minAnon: -1000, maxAnon: 25},
-		{name: "copied", copyWeights: true, minAnon: 75, maxAnon: 1000},
+		{name: "mapped", want: weightsMapped, minAnon: -1000, maxAnon: 25},
+		{name: "copied", opts: Options{CopyWeights: true}, want: weightsCopied, minAnon: 75, maxAnon: 1000},
+		// The packed weights are mapped from the cache's entry.
+		{name: "prepacked", opts: Options{WeightsCache: cache}, build: true, want: weightsPrepacked, minAnon: -1000, maxAnon: 25},
+		// The load that builds the entry holds the packed weights in
+		// memory of its own while ONNX Runtime writes them, and gives
+		// that back before it loads the entry.
+		{name: "prepacked/building", opts: Options{WeightsCache: filepath.Join(t.TempDir(), "weights")}, want: weightsPrepacked, minAnon: -1000, maxAnon: 25},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.build {
+				m, err := LoadModel(dir, tc.opts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.Close()
+			}
 			var before, after runtime.MemStats
 			debug.FreeOSMemory()
 			runtime.ReadMemStats(&before)
 			anon0 := anonymousBytes(t)
-			m, err := LoadModel(dir, Options{CopyWeights: tc.copyWeights})
+			m, err := LoadModel(dir, tc.opts)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer m.Close()
+			if m.weights != tc.want {
+				t.Fatalf("weights %s, want %s", m.weights, tc.want)
+			}
 			// A prefill touches every weight.
 			if _, _, err := m.Prefill(m.Encode("weights")); err != nil {
 				t.Fatal(err)

@@ -5,12 +5,18 @@
 # N = 1, 2 and 4 workers; once every worker has answered a request (so its
 # weights have been touched), the proportional set size of each
 # (Pss in /proc/PID/smaps_rollup: a page shared by k processes counts 1/k
-# in each) is summed. Each N runs twice in one go: with the weights mapped
-# from the file (the default) and copied into each worker
-# (H3INFER_ORT_COPY_WEIGHTS=1, ONNX Runtime's own default before), and
-# the growth per extra worker is printed as a fraction of the weights.
-# Then BenchmarkWeights in ./ort/ times reading the files, loading the
-# model and decoding, mapped against copied. docs/BENCHMARKS.md quotes a run.
+# in each) is summed. Each N runs three times in one go: with the weights
+# copied into each worker (H3INFER_ORT_COPY_WEIGHTS=1, ONNX Runtime's own
+# default), mapped from the model's file without prepacking
+# (workers.weights_cache_disabled), and prepacked and mapped from the
+# prepacked weights cache (the default; the cache starts empty at each N,
+# so one of the N workers, which start together, builds its entry while
+# the others wait for it), and the growth per
+# extra worker is printed as a fraction of the weights. Then
+# BenchmarkWeights in ./ort/ times reading the files, building the cache's
+# entry, loading the model, a prefill and decode steps of 1 and 8
+# sequences, the three side by side.
+# docs/BENCHMARKS.md quotes a run.
 set -euo pipefail
 BIN=${BIN:-bin/h3infer}
 OUT=${OUT:-bench-out}
@@ -24,6 +30,7 @@ if [ ! -f "$MODEL/model.onnx.data" ]; then
 	"$BIN" genmodel --random --layers 2 --hidden 2048 --heads 16 --context 512 --external-data --out "$MODEL" >/dev/null
 fi
 weights=$(($(stat -c %s "$MODEL/model.onnx.data") + $(stat -c %s "$MODEL/model.onnx")))
+CACHE=$OUT/weights-cache
 state=$(mktemp -d)
 pid=
 stop() {
@@ -39,16 +46,26 @@ rss_kb() { awk '/^Rss:/ {print $2}' "/proc/$1/smaps_rollup"; }
 # requests until every worker holds the weights in its page tables, and
 # print "MODE N total_pss_kib".
 measure() {
-	local mode=$1 n=$2 env=()
-	[ "$mode" = copied ] && env=(H3INFER_ORT_COPY_WEIGHTS=1)
+	local mode=$1 n=$2 env=() cache
+	cache=$(printf '"weights_cache_dir": "%s"' "$(realpath -m "$CACHE")")
+	case $mode in
+	copied) env=(H3INFER_ORT_COPY_WEIGHTS=1) ;;
+	mapped) cache='"weights_cache_disabled": true' ;;
+	esac
 	cat >"$state/weights.json" <<JSON
 {"listen": "127.0.0.1:28743", "admin": "127.0.0.1:29390", "state_dir": "$state",
- "workers": {"count": $n, "slots": 1},
+ "workers": {"count": $n, "slots": 1, $cache},
  "models": [{"name": "weights", "dir": "$(realpath "$MODEL")"}]}
 JSON
 	env "${env[@]}" "$BIN" serve --config "$state/weights.json" >"$OUT/weights-serve.log" 2>&1 & pid=$!
+	local start=$SECONDS
 	for _ in $(seq 600); do grep -q "is ready" "$OUT/weights-serve.log" && break; sleep 0.2; done
 	grep -q "is ready" "$OUT/weights-serve.log" || { echo "gateway did not start" >&2; cat "$OUT/weights-serve.log" >&2; exit 1; }
+	# Where each worker's weights went, and the cache's builds.
+	echo "  $mode $n: ready in $((SECONDS - start)) s; workers' weights:" \
+		"$(grep -o 'weights=[a-z]*' "$OUT/weights-serve.log" | sort | uniq -c | tr -s ' \n' ' ')" \
+		"$(grep -o 'cache: built.*build_ms=[0-9]*' "$OUT/weights-serve.log" | grep -o 'build_ms=[0-9]*' | tr '\n' ' ')" >&2
+	if grep -q "cache not used" "$OUT/weights-serve.log"; then grep "cache not used" "$OUT/weights-serve.log" >&2; fi
 	local workers
 	workers=$(pgrep -P "$pid" | tr '\n' ' ')
 	# A worker that has answered has touched every weight; with one slot
@@ -74,10 +91,13 @@ JSON
 }
 echo "== scenario 3, weights: $MODEL, $weights bytes of model files"
 rows=()
-for mode in copied mapped; do
-	for n in $WORKERS; do rows+=("$(measure "$mode" "$n")"); done
+for mode in copied mapped prepacked; do
+	for n in $WORKERS; do
+		rm -rf "$CACHE"
+		rows+=("$(measure "$mode" "$n")")
+	done
 done
-printf '%-8s %8s %16s %30s\n' weights workers "worker PSS" "growth per extra worker"
+printf '%-9s %8s %16s %30s\n' weights workers "worker PSS" "growth per extra worker"
 for row in "${rows[@]}"; do
 	read -r mode n kb <<<"$row"
 	first=$(printf '%s\n' "${rows[@]}" | awk -v m="$mode" '$1 == m {print $2, $3; exit}')
@@ -86,17 +106,25 @@ for row in "${rows[@]}"; do
 		growth=$(awk -v kb="$kb" -v kb1="$kb1" -v n="$n" -v n1="$n1" -v w="$weights" \
 			'BEGIN {d = (kb - kb1) * 1024 / (n - n1); printf "%.1f MiB = %.3fx the weights", d / 1048576, d / w}')
 	fi
-	printf '%-8s %8s %12.1f MiB %30s\n' "$mode" "$n" "$(awk -v kb="$kb" 'BEGIN {print kb / 1024}')" "$growth"
+	printf '%-9s %8s %12.1f MiB %30s\n' "$mode" "$n" "$(awk -v kb="$kb" 'BEGIN {print kb / 1024}')" "$growth"
 done
-echo "== scenario 3, weights: load and decode, mapped against copied (BenchmarkWeights)"
-# Loads are few and long, decode steps many and short.
+echo "== scenario 3, weights: load and decode, copied, mapped and prepacked (BenchmarkWeights)"
+# Loads and prefills are few and long, decode steps many and short; each
+# build writes an entry of twice the weights.
 export H3INFER_BENCH_WEIGHTS_MODEL
 H3INFER_BENCH_WEIGHTS_MODEL=$(realpath "$MODEL")
 {
-	$GO test -run '^$' -bench 'Weights/(read|load)' -benchtime 5x ./ort/
+	$GO test -run '^$' -bench 'Weights/(read|build|load)' -benchtime 5x ./ort/
+	$GO test -run '^$' -bench 'Weights/prefill' -benchtime 20x ./ort/
 	$GO test -run '^$' -bench 'Weights/decode' -benchtime 200x ./ort/
 } | tee "$OUT/weights-bench.txt"
-awk '/Weights\/decode/ {for (i = 1; i < NF; i++) {if ($(i+1) == "mapped-tokens/s") m = $i; if ($(i+1) == "copied-tokens/s") c = $i}}
-	/load\/weights=mapped/ {lm = $3} /load\/weights=copied/ {lc = $3} /Weights\/read/ {r = $3}
-	END {printf "decode tokens/s (steps alternating): mapped %.2f, copied %.2f (%.3fx)\n", m, c, m / c
-	     printf "load per worker: mapped %.0f ms, copied %.0f ms, reading the files %.0f ms\n", lm / 1e6, lc / 1e6, r / 1e6}' "$OUT/weights-bench.txt"
+awk 'function rates(name) {
+		for (i = 1; i < NF; i++) {if ($(i+1) == "copied-tokens/s") c = $i; if ($(i+1) == "mapped-tokens/s") m = $i; if ($(i+1) == "prepacked-tokens/s") p = $i}
+		printf "%-38s copied %8.2f, mapped %8.2f (%.3fx), prepacked %8.2f (%.3fx)\n", name, c, m, m / c, p, p / c
+	}
+	/Weights\/prefill/ {rates("prefill of 64 tokens, tokens/s:")}
+	/Weights\/decode\/batch=1-/ {rates("decode of 1 sequence, tokens/s:")}
+	/Weights\/decode\/batch=8-/ {rates("decode of 8 sequences, tokens/s:")}
+	/load\/weights=mapped/ {lm = $3} /load\/weights=copied/ {lc = $3} /load\/weights=prepacked/ {lp = $3} /Weights\/build/ {b = $3} /Weights\/read/ {r = $3}
+	END {printf "load per worker: copied %.0f ms, mapped %.0f ms, prepacked from the cache %.0f ms, building the entry first %.0f ms; reading the files %.0f ms\n", lc / 1e6, lm / 1e6, lp / 1e6, b / 1e6, r / 1e6}' "$OUT/weights-bench.txt"
+du -sh "$CACHE" | sed 's/^/cache on disk: /'

@@ -55,6 +55,13 @@ type Settings struct {
 	// No config key sets it; `h3infer worker` sets it from
 	// H3INFER_ORT_COPY_WEIGHTS=1, the memory benchmark's baseline.
 	CopyWeights bool `json:"copy_weights,omitempty"`
+	// WeightsCacheDir is the directory of the prepacked weights cache
+	// (workers.weights_cache_dir), where a CPU model with external data
+	// gets its weights prepacked and still shared between the workers
+	// (ort.Options.WeightsCache). The gateway fills in its default,
+	// <state_dir>/cache/weights, and leaves it empty when
+	// workers.weights_cache_disabled is set; empty means no cache.
+	WeightsCacheDir string `json:"weights_cache_dir,omitempty"`
 }
 
 // Defaults and bounds of Settings, as docs/CONFIG.md gives them for the

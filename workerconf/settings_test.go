@@ -16,14 +16,15 @@ func fullSettings() Settings {
 			{Name: "g", Dir: "/m/g", Provider: ProviderCUDA, DeviceID: 1, DeviceKV: &off},
 			{Name: "t", Dir: "/m/t", Provider: ProviderTensorRT}, {Name: "a", Dir: "/m/a", Provider: ProviderAuto, DeviceKV: &on},
 			{Name: "s", Dir: "synthetic:2ms"}},
-		GPUMemoryBytes: 20 << 30,
-		ORTLib:         "/opt/ort/libonnxruntime.so.1",
-		Slots:          7,
-		KVCacheBytes:   3 << 30,
-		IntraOpThreads: 2,
-		StatsInterval:  250 * time.Millisecond,
-		Nice:           new(7),
-		CopyWeights:    true,
+		GPUMemoryBytes:  20 << 30,
+		ORTLib:          "/opt/ort/libonnxruntime.so.1",
+		Slots:           7,
+		KVCacheBytes:    3 << 30,
+		IntraOpThreads:  2,
+		StatsInterval:   250 * time.Millisecond,
+		Nice:            new(7),
+		CopyWeights:     true,
+		WeightsCacheDir: "/var/cache/h3infer/weights",
 	}
 }
 

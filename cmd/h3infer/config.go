@@ -56,7 +56,8 @@ type Config struct {
 	// address; on any other, serve generates one into
 	// <state_dir>/tokens/admin.token (mode 0600) and keeps it.
 	AdminToken string `json:"admin_token"`
-	// StateDir holds development certificates and the demo model.
+	// StateDir holds development certificates, the demo model and the
+	// prepacked weights cache.
 	// Default .h3infer under the working directory.
 	StateDir string `json:"state_dir"`
 	// ONNXRuntimeLib is the path of libonnxruntime.so; the environment
@@ -161,6 +162,14 @@ type WorkersConfig struct {
 	// the gateway's admission and first-token path is not queued behind
 	// model compute. Default 10; 0 runs them at the gateway's priority.
 	Nice *int `json:"nice"`
+	// WeightsCacheDir holds the prepacked weights of CPU models with
+	// external data, built by the first worker that loads one, so that
+	// the workers share them and decode at the packed layout's speed
+	// (ort's weights cache). Default <state_dir>/cache/weights.
+	WeightsCacheDir string `json:"weights_cache_dir"`
+	// WeightsCacheDisabled keeps no cache: such models are mapped from
+	// their own files without prepacking. Default false.
+	WeightsCacheDisabled bool `json:"weights_cache_disabled"`
 }
 
 // GatewayConfig is the file's "gateway" section: the gateway's own
@@ -311,7 +320,7 @@ const defaultWorkerNice = workerconf.DefaultNice
 // them; withDefaults and validate leave their defaults and ranges to it.
 func (c Config) pool() workerpool.Config {
 	w := c.Workers
-	return workerpool.Config{
+	p := workerpool.Config{
 		Workers:     w.Count,
 		RingSize:    w.RingBytes,
 		CallBuffer:  w.CallBuffer,
@@ -325,21 +334,27 @@ func (c Config) pool() workerpool.Config {
 			Nice:           w.Nice,
 		},
 	}
+	if !w.WeightsCacheDisabled {
+		p.Worker.WeightsCacheDir = w.WeightsCacheDir
+	}
+	return p
 }
 
 // workersSection is the workers section p stands for, the inverse of
-// Config.pool.
+// Config.pool; p cannot say whether the weights cache was disabled (it
+// holds no directory then), so weights_cache_disabled is left false.
 func workersSection(p workerpool.Config) WorkersConfig {
 	return WorkersConfig{
-		Count:          p.Workers,
-		Slots:          p.Worker.Slots,
-		KVCacheBytes:   p.Worker.KVCacheBytes,
-		IntraOpThreads: p.Worker.IntraOpThreads,
-		GPUMemoryBytes: p.Worker.GPUMemoryBytes,
-		RingBytes:      p.RingSize,
-		CallBuffer:     p.CallBuffer,
-		HangTimeout:    config.Duration(p.HangTimeout),
-		Nice:           p.Worker.Nice,
+		Count:           p.Workers,
+		Slots:           p.Worker.Slots,
+		KVCacheBytes:    p.Worker.KVCacheBytes,
+		IntraOpThreads:  p.Worker.IntraOpThreads,
+		GPUMemoryBytes:  p.Worker.GPUMemoryBytes,
+		RingBytes:       p.RingSize,
+		CallBuffer:      p.CallBuffer,
+		HangTimeout:     config.Duration(p.HangTimeout),
+		Nice:            p.Worker.Nice,
+		WeightsCacheDir: p.Worker.WeightsCacheDir,
 	}
 }
 
@@ -367,7 +382,12 @@ func (c Config) withDefaults() Config {
 	def(&c.Listen, gateway.DefaultListen)
 	def(&c.Admin, gateway.DefaultAdmin)
 	def(&c.StateDir, ".h3infer")
+	noCache := c.Workers.WeightsCacheDisabled
 	c.Workers = workersSection(c.pool().WithDefaults())
+	c.Workers.WeightsCacheDisabled = noCache
+	if !noCache {
+		def(&c.Workers.WeightsCacheDir, filepath.Join(c.StateDir, "cache", "weights"))
+	}
 	if c.Scheduler.UrgentReserve == nil {
 		// A worker always keeps one slot for everyone, so a single-slot
 		// worker has none to reserve.

@@ -395,3 +395,32 @@ func TestChangedKeys(t *testing.T) {
 		t.Errorf("the same file read twice: changed keys %q", got)
 	}
 }
+
+// The prepacked weights cache is on by default, under the state dir, and
+// reaches the workers' settings; disabled, the workers get no directory.
+func TestWeightsCacheConfig(t *testing.T) {
+	for name, tc := range map[string]struct {
+		json, want string
+	}{
+		"default":  {json: `{"state_dir": "/srv/h3infer"}`, want: "/srv/h3infer/cache/weights"},
+		"set":      {json: `{"workers": {"weights_cache_dir": "/var/cache/h3infer"}}`, want: "/var/cache/h3infer"},
+		"disabled": {json: `{"workers": {"weights_cache_disabled": true}}`, want: ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c, err := loadConfig(writeConfig(t, tc.json))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c = c.withDefaults()
+			if err := c.validate(); err != nil {
+				t.Fatal(err)
+			}
+			if got := c.pool().Worker.WeightsCacheDir; got != tc.want {
+				t.Errorf("workers' weights cache %q, want %q", got, tc.want)
+			}
+			if again := c.withDefaults().pool().Worker.WeightsCacheDir; again != tc.want {
+				t.Errorf("defaults applied twice: workers' weights cache %q, want %q", again, tc.want)
+			}
+		})
+	}
+}
