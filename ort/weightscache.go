@@ -380,19 +380,30 @@ func writeEntry(dir, out string, newOptions func() (*onnxrt.SessionOptions, erro
 }
 
 // cacheKey names the entry of the model in dir: a hash of the recipe,
-// ONNX Runtime's version, the CPU, the content of model.onnx and the
-// name, size and modification time of each external data file. The data
-// files are not hashed: reading a model's gigabytes at every worker start
-// would cost more than the load it speeds up (docs/BENCHMARKS.md), and a
-// file rewritten in place keeps its size and modification time only if
-// the writer sets them back. It also returns the CPU's description.
+// ONNX Runtime's version, the CPU, the model directory's resolved path,
+// the content of model.onnx and the name, size and modification time of
+// each external data file. The path keeps two models apart whose graph
+// and data sizes are one (a fine-tune and its base) and whose data files'
+// times are too, as copies, archives and image builds that carry or
+// normalize times leave them. The data files are not hashed: reading a
+// model's gigabytes at every worker start would cost more than the load
+// it speeds up (docs/BENCHMARKS.md), and a file rewritten in place keeps
+// its size and modification time only if the writer sets them back. It
+// also returns the CPU's description.
 func cacheKey(dir string) (key, cpu string, err error) {
 	cpu, err = cpuIdentity()
 	if err != nil {
 		return "", "", err
 	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", "", err
+	}
+	if abs, err = filepath.EvalSymlinks(abs); err != nil {
+		return "", "", err
+	}
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\nonnxruntime %s\ncpu %s\n", cacheRecipe, onnxrt.GetVersion(), cpu)
+	fmt.Fprintf(h, "%s\nonnxruntime %s\ncpu %s\ndir %q\n", cacheRecipe, onnxrt.GetVersion(), cpu, abs)
 	f, err := os.Open(filepath.Join(dir, modelFile))
 	if err != nil {
 		return "", "", err

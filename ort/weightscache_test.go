@@ -391,3 +391,75 @@ func TestWeightsCacheLoadsTheCheckedEntry(t *testing.T) {
 		}
 	}
 }
+
+// Two models with one graph and data files of one size and modification
+// time (a fine-tune of a base, both copied with their times kept) each
+// get their own weights from the cache.
+func TestWeightsCacheTellsVersionsApart(t *testing.T) {
+	needModel(t)
+	o := onnxgen.Options{Layers: 1, Heads: 2, Hidden: 128, Context: 64, Seed: 5, ExternalData: true}
+	base := randomModelDir(t, o)
+	o.Seed = 6
+	other := randomModelDir(t, o)
+	otherData, err := os.ReadFile(filepath.Join(other, onnxgen.DataFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	baseData := filepath.Join(base, onnxgen.DataFile)
+	info, err := os.Stat(baseData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(otherData)) != info.Size() {
+		t.Fatalf("data files of %d and %d bytes, want one size", len(otherData), info.Size())
+	}
+	// tune: base's graph with the other weights, the base's times.
+	tune := t.TempDir()
+	entries, err := os.ReadDir(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(base, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Name() == onnxgen.DataFile {
+			b = otherData
+		}
+		f := filepath.Join(tune, e.Name())
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(f, info.ModTime(), info.ModTime()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	logits := func(dir string, opts Options) []float32 {
+		t.Helper()
+		m, err := LoadModel(dir, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		l, _, err := m.Prefill(m.Encode("the prepacked weights"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	same := func(got, want []float32) bool {
+		for j := range got {
+			if d := math.Abs(float64(got[j] - want[j])); d > 1e-4*(1+math.Abs(float64(want[j]))) {
+				return false
+			}
+		}
+		return true
+	}
+	wantTune := logits(tune, Options{})
+	cache := filepath.Join(t.TempDir(), "weights")
+	logits(base, Options{WeightsCache: cache})
+	if !same(logits(tune, Options{WeightsCache: cache}), wantTune) {
+		t.Errorf("the fine-tune through the cache computes other logits than without it: it got the base's weights")
+	}
+}
