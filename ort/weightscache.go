@@ -51,7 +51,9 @@ import (
 // An entry is a model ONNX Runtime will parse and run, as trusted as the
 // model directories the operator configures. The cache directory is made
 // 0700, and a directory or entry that is not the worker user's own, or
-// that group or others may write, is refused (docs/SECURITY.md).
+// that group or others may write, is refused (docs/SECURITY.md). An
+// entry is checked and loaded through one open descriptor, since the
+// directories above the cache may be writable by others.
 
 // Session config entries that make a session write the optimized model
 // beside its prepacked weights (onnxruntime_session_options_config_keys.h).
@@ -116,16 +118,17 @@ func (c weightsCache) session(dir string, newOptions func() (*onnxrt.SessionOpti
 		return nil, false, err
 	}
 	entry := filepath.Join(c.dir, key)
-	seen, err := checkEntry(entry)
+	d, seen, err := openEntry(entry)
 	if errors.Is(err, os.ErrNotExist) {
 		if built, err = c.build(dir, entry, cpu, newOptions, inNames, outNames); err != nil {
 			return nil, false, err
 		}
-		seen, err = checkEntry(entry)
+		d, seen, err = openEntry(entry)
 	}
 	if err != nil {
 		return nil, built, c.discard(entry, seen, err)
 	}
+	defer d.Close()
 	so, err := newOptions()
 	if err != nil {
 		return nil, built, err
@@ -138,7 +141,7 @@ func (c weightsCache) session(dir string, newOptions func() (*onnxrt.SessionOpti
 	if err := so.SetCpuMemArena(false); err != nil {
 		return nil, built, fmt.Errorf("cpu arena: %w", err)
 	}
-	s, err = onnxrt.NewDynamicAdvancedSession(filepath.Join(entry, entryModel), inNames, outNames, so)
+	s, err = onnxrt.NewDynamicAdvancedSession(filepath.Join(fdPath(d), entryModel), inNames, outNames, so)
 	releaseFreeMemory()
 	if err != nil {
 		return nil, built, c.discard(entry, seen, fmt.Errorf("entry %s: %w", entry, err))
@@ -179,55 +182,84 @@ func ownedAndPrivate(path string, info os.FileInfo) error {
 	return nil
 }
 
-// checkEntry checks that the entry at path exists (os.ErrNotExist if
-// not), is the worker user's own and private, and that its files have the
-// sizes its manifest recorded. It returns what it found at path, if
-// anything, so that discard can tell the entry from a later one.
-func checkEntry(path string) (os.FileInfo, error) {
+// openEntry opens the entry at path (os.ErrNotExist if there is none)
+// and checks that it is the worker user's own and private, and that its
+// files have the sizes its manifest recorded. It returns the open
+// directory, through which (fdPath) the caller has ONNX Runtime load the
+// entry: the checks and the load then see the same directory, whatever
+// is renamed over path or over the directories above it meanwhile. It
+// also returns what it found at path, if anything, so that discard can
+// tell the entry from a later one.
+func openEntry(path string) (*os.File, os.FileInfo, error) {
 	info, err := os.Lstat(path)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if !info.IsDir() {
-		return info, fmt.Errorf("entry %s: not a directory: %w", path, errCacheUnsafe)
+		return nil, info, fmt.Errorf("entry %s: not a directory: %w", path, errCacheUnsafe)
 	}
+	d, err := os.OpenFile(path, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		// Not os.ErrNotExist, which is for a missing entry: removed
+		// since the Lstat, it is for discard to tell apart.
+		return nil, info, fmt.Errorf("entry %s: %v", path, err)
+	}
+	opened, err := d.Stat()
+	if err == nil && !os.SameFile(info, opened) {
+		err = fmt.Errorf("entry %s: replaced while it was opened: %w", path, errCacheUnsafe)
+	}
+	if err == nil {
+		err = checkEntry(path, d, opened)
+	}
+	if err != nil {
+		d.Close()
+		return nil, info, err
+	}
+	return d, info, nil
+}
+
+// checkEntry checks the entry at path, open as d and found to be info.
+func checkEntry(path string, d *os.File, info os.FileInfo) error {
 	if err := ownedAndPrivate(path, info); err != nil {
-		return info, err
+		return err
 	}
-	// Errors about the files are not os.ErrNotExist: that is for a
-	// missing entry.
+	at := fdPath(d)
 	sizes := map[string]int64{}
 	for _, name := range []string{entryModel, entryData, entryManifest} {
 		f := filepath.Join(path, name)
-		fi, err := os.Lstat(f)
+		fi, err := os.Lstat(filepath.Join(at, name))
 		if err != nil {
-			return info, fmt.Errorf("entry %s: %v", path, err)
+			return fmt.Errorf("entry %s: %s: %v", path, name, err)
 		}
 		if !fi.Mode().IsRegular() {
-			return info, fmt.Errorf("%s: not a regular file: %w", f, errCacheUnsafe)
+			return fmt.Errorf("%s: not a regular file: %w", f, errCacheUnsafe)
 		}
 		if err := ownedAndPrivate(f, fi); err != nil {
-			return info, err
+			return err
 		}
 		sizes[name] = fi.Size()
 	}
-	mf, err := os.ReadFile(filepath.Join(path, entryManifest))
+	mf, err := os.ReadFile(filepath.Join(at, entryManifest))
 	if err != nil {
-		return info, fmt.Errorf("entry %s: %v", path, err)
+		return fmt.Errorf("entry %s: %s: %v", path, entryManifest, err)
 	}
 	var m manifest
 	if err := json.Unmarshal(mf, &m); err != nil {
-		return info, fmt.Errorf("entry %s: %s: %w", path, entryManifest, err)
+		return fmt.Errorf("entry %s: %s: %w", path, entryManifest, err)
 	}
 	for _, name := range []string{entryModel, entryData} {
 		if want, ok := m.Files[name]; !ok || want != sizes[name] {
-			return info, fmt.Errorf("%s: %d bytes, the manifest says %d", filepath.Join(path, name), sizes[name], want)
+			return fmt.Errorf("%s: %d bytes, the manifest says %d", filepath.Join(path, name), sizes[name], want)
 		}
 	}
-	return info, nil
+	return nil
 }
 
-// discard removes a damaged entry, the one checkEntry saw as seen, so
+// fdPath names the directory open as d, whatever its name is now; a
+// path under it resolves within that directory.
+func fdPath(d *os.File) string { return "/proc/self/fd/" + strconv.Itoa(int(d.Fd())) }
+
+// discard removes a damaged entry, the one openEntry saw as seen, so
 // that the next worker to start builds it again, and returns why. An
 // entry that is not safe to load is left alone: it is someone else's to
 // look into. The removal holds the entry's lock and removes only the
@@ -348,19 +380,30 @@ func writeEntry(dir, out string, newOptions func() (*onnxrt.SessionOptions, erro
 }
 
 // cacheKey names the entry of the model in dir: a hash of the recipe,
-// ONNX Runtime's version, the CPU, the content of model.onnx and the
-// name, size and modification time of each external data file. The data
-// files are not hashed: reading a model's gigabytes at every worker start
-// would cost more than the load it speeds up (docs/BENCHMARKS.md), and a
-// file rewritten in place keeps its size and modification time only if
-// the writer sets them back. It also returns the CPU's description.
+// ONNX Runtime's version, the CPU, the model directory's resolved path,
+// the content of model.onnx and the name, size and modification time of
+// each external data file. The path keeps two models apart whose graph
+// and data sizes are one (a fine-tune and its base) and whose data files'
+// times are too, as copies, archives and image builds that carry or
+// normalize times leave them. The data files are not hashed: reading a
+// model's gigabytes at every worker start would cost more than the load
+// it speeds up (docs/BENCHMARKS.md), and a file rewritten in place keeps
+// its size and modification time only if the writer sets them back. It
+// also returns the CPU's description.
 func cacheKey(dir string) (key, cpu string, err error) {
 	cpu, err = cpuIdentity()
 	if err != nil {
 		return "", "", err
 	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", "", err
+	}
+	if abs, err = filepath.EvalSymlinks(abs); err != nil {
+		return "", "", err
+	}
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\nonnxruntime %s\ncpu %s\n", cacheRecipe, onnxrt.GetVersion(), cpu)
+	fmt.Fprintf(h, "%s\nonnxruntime %s\ncpu %s\ndir %q\n", cacheRecipe, onnxrt.GetVersion(), cpu, abs)
 	f, err := os.Open(filepath.Join(dir, modelFile))
 	if err != nil {
 		return "", "", err

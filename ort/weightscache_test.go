@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 
+	onnxrt "github.com/yalue/onnxruntime_go"
+
 	"h3infer/internal/onnxgen"
 )
 
@@ -304,5 +306,160 @@ func TestWeightsCacheOnlyForMappedModels(t *testing.T) {
 	}
 	if _, err := os.Stat(cache); !os.IsNotExist(err) {
 		t.Errorf("the cache directory was made for a model without external data: %v", err)
+	}
+}
+
+// What ONNX Runtime loads is the entry the checks passed, even when the
+// directories above it change in between: whoever can write a parent of
+// the cache directory must not get a refused entry of theirs loaded by
+// swapping it in after the checks.
+func TestWeightsCacheLoadsTheCheckedEntry(t *testing.T) {
+	needModel(t)
+	o := onnxgen.Options{Layers: 1, Heads: 2, Hidden: 64, Context: 64, Seed: 5, ExternalData: true}
+	a := randomModelDir(t, o)
+	o.Seed = 6
+	b := randomModelDir(t, o)
+	base := t.TempDir()
+	good, planted := filepath.Join(base, "good", "weights"), filepath.Join(base, "planted", "weights")
+	m, err := LoadModel(a, Options{WeightsCache: good})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	want, _, err := m.Prefill(m.Encode("the prepacked weights"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The planted entry: b's graph and weights under a's key, in a
+	// directory others may write, which the checks refuse.
+	pm, err := LoadModel(b, Options{WeightsCache: planted})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pm.Close()
+	keyA, _, err := cacheKey(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyB, _, err := cacheKey(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(planted, keyB), filepath.Join(planted, keyA)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(planted, keyA), 0o777); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(base, "link")
+	if err := os.Symlink("good", link); err != nil {
+		t.Fatal(err)
+	}
+	// The session's options are made after the entry is checked and
+	// before ONNX Runtime opens it: the swap goes there.
+	swapped := false
+	newOptions := func() (*onnxrt.SessionOptions, error) {
+		if !swapped {
+			swapped = true
+			tmp := filepath.Join(base, "link.tmp")
+			if err := os.Symlink("planted", tmp); err != nil {
+				return nil, err
+			}
+			if err := os.Rename(tmp, link); err != nil {
+				return nil, err
+			}
+		}
+		return newSessionOptions(Options{}, m.place)
+	}
+	c := weightsCache{dir: filepath.Join(link, "weights"), log: slog.New(slog.DiscardHandler)}
+	s, built, err := c.session(a, newOptions, m.inNames, m.outNames)
+	if err != nil {
+		t.Fatalf("session (built %v): %v", built, err)
+	}
+	if !swapped || built {
+		t.Fatalf("swapped %v, built %v: the swap did not fall between the checks and the load", swapped, built)
+	}
+	m.session.Destroy()
+	m.session = s
+	got, _, err := m.Prefill(m.Encode("the prepacked weights"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for j := range got {
+		if d := math.Abs(float64(got[j] - want[j])); d > 1e-4*(1+math.Abs(float64(want[j]))) {
+			t.Fatalf("logit %d is %g, want %g: the planted entry was loaded, not the one checked", j, got[j], want[j])
+		}
+	}
+}
+
+// Two models with one graph and data files of one size and modification
+// time (a fine-tune of a base, both copied with their times kept) each
+// get their own weights from the cache.
+func TestWeightsCacheTellsVersionsApart(t *testing.T) {
+	needModel(t)
+	o := onnxgen.Options{Layers: 1, Heads: 2, Hidden: 128, Context: 64, Seed: 5, ExternalData: true}
+	base := randomModelDir(t, o)
+	o.Seed = 6
+	other := randomModelDir(t, o)
+	otherData, err := os.ReadFile(filepath.Join(other, onnxgen.DataFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	baseData := filepath.Join(base, onnxgen.DataFile)
+	info, err := os.Stat(baseData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(otherData)) != info.Size() {
+		t.Fatalf("data files of %d and %d bytes, want one size", len(otherData), info.Size())
+	}
+	// tune: base's graph with the other weights, the base's times.
+	tune := t.TempDir()
+	entries, err := os.ReadDir(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(base, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Name() == onnxgen.DataFile {
+			b = otherData
+		}
+		f := filepath.Join(tune, e.Name())
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(f, info.ModTime(), info.ModTime()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	logits := func(dir string, opts Options) []float32 {
+		t.Helper()
+		m, err := LoadModel(dir, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		l, _, err := m.Prefill(m.Encode("the prepacked weights"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	same := func(got, want []float32) bool {
+		for j := range got {
+			if d := math.Abs(float64(got[j] - want[j])); d > 1e-4*(1+math.Abs(float64(want[j]))) {
+				return false
+			}
+		}
+		return true
+	}
+	wantTune := logits(tune, Options{})
+	cache := filepath.Join(t.TempDir(), "weights")
+	logits(base, Options{WeightsCache: cache})
+	if !same(logits(tune, Options{WeightsCache: cache}), wantTune) {
+		t.Errorf("the fine-tune through the cache computes other logits than without it: it got the base's weights")
 	}
 }
