@@ -311,7 +311,7 @@ func TestChoicesUrgentBesideBulkStep(t *testing.T) {
 	inbox := make(chan inbound, 64)
 	var gate func(func())
 	w.bulk, gate = gatedLane(t)
-	w.asideMin = 0
+	w.asideMin, w.inlineMax = 0, 0
 	bulk := infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 40, Urgency: 6, Class: priority.Bulk}
 	urgent := infer.Request{Model: "demo", Prompt: "An urgent ", MaxTokens: 20, Temperature: 1, Seed: 9, HasSeed: true,
 		Urgency: 0, Class: priority.Urgent, N: 3}

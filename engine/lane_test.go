@@ -4,6 +4,7 @@ import (
 	"context"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -102,7 +103,7 @@ func TestUrgentFirstTokenBesideBulkStep(t *testing.T) {
 	var gate func(func())
 	w.bulk, gate = gatedLane(t)
 	// Every bulk step goes aside, however short it has been.
-	w.asideMin = 0
+	w.asideMin, w.inlineMax = 0, 0
 
 	for i := range subs {
 		inbox <- submit(uint64(i), subs[i])
@@ -170,5 +171,80 @@ func TestUrgentFirstTokenBesideBulkStep(t *testing.T) {
 	check(urgentID, urgent)
 	if _, ok := rec.done[cancelID]; ok {
 		t.Error("the cancelled request finished")
+	}
+}
+
+// countingLane is a bulk lane whose hand-off takes at least delay, as a
+// slow thread wake-up would, and which counts the work it runs.
+func countingLane(t *testing.T, delay time.Duration) (*lane, *atomic.Int64) {
+	l := &lane{work: make(chan func()), done: make(chan struct{})}
+	var ran atomic.Int64
+	go func() {
+		defer close(l.done)
+		for f := range l.work {
+			time.Sleep(delay)
+			f()
+			ran.Add(1)
+			l.done <- struct{}{}
+		}
+	}()
+	t.Cleanup(l.close)
+	return l, &ran
+}
+
+// Bulk work much shorter than the lane's measured hand-off stays on the
+// loop's thread once the hand-off is known, unless it takes inlineMax or
+// longer: an urgent request never waits behind more than that.
+func TestShortBulkWorkStaysOffASlowLane(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		inlineMax time.Duration
+		wantAside func(aside, steps int64) bool
+		want      string
+	}{
+		// A hand-off of 50 ms puts four of them far above any step of
+		// the test model: after the first prefill and step have gone
+		// aside and measured it, nothing else does.
+		{"hand-off dominates", time.Minute, func(aside, steps int64) bool { return aside <= 2 }, "at most the first prefill and step"},
+		// The same hand-off, but nothing over a microsecond may stay on
+		// the loop's thread: every step and prefill goes aside.
+		{"capped", time.Microsecond, func(aside, steps int64) bool { return aside == steps }, "every prefill and step"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// Short prompts: a prefill's estimate is per prompt token,
+			// measured on the first, and a long prompt would be a long
+			// piece of work.
+			all := batchSubmits()
+			subs := []infer.Request{all[0], all[2]}
+			for i := range subs {
+				subs[i].Urgency, subs[i].Class, subs[i].MaxTokens = 6, priority.Bulk, 8
+			}
+			w, rec, inbox := testLoop(t, 8, workerconf.DefaultKVCacheBytes)
+			var ran *atomic.Int64
+			w.bulk, ran = countingLane(t, 50*time.Millisecond)
+			w.inlineMax = tc.inlineMax
+			for i := range subs {
+				inbox <- submit(uint64(i), subs[i])
+			}
+			var rounds int64
+			for len(w.byID) > 0 || len(inbox) > 0 {
+				if rounds++; rounds > 100 {
+					t.Fatal("requests did not finish in 100 rounds")
+				}
+				if err := w.round(inbox); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Each round steps the one batch, or prefills; two prompts.
+			work := rounds + int64(len(subs))
+			for i := range subs {
+				if _, ok := rec.done[uint64(i)]; !ok {
+					t.Errorf("request %d did not finish", i)
+				}
+			}
+			if got := ran.Load(); !tc.wantAside(got, work) {
+				t.Errorf("%d of about %d prefills and steps went aside; want %s (hand-off measured %v)", got, work, tc.want, w.handoff.avg)
+			}
+		})
 	}
 }

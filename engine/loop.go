@@ -294,10 +294,14 @@ type workerLoop struct {
 
 	// bulk, when set, runs the work of requests that are not urgent at a
 	// lower priority than the loop's thread (nice.go); nil runs all of it
-	// on the loop's thread. Work expected to take less than asideMin runs
-	// on the loop's thread all the same.
+	// on the loop's thread. Work expected to take less than asideBelow()
+	// runs on the loop's thread all the same.
 	bulk     *lane
 	asideMin time.Duration
+	// inlineMax bounds what the hand-off's cost may keep on the loop's
+	// thread; handoff is that cost as measured (asideBelow).
+	inlineMax time.Duration
+	handoff   handoffCost
 	// While a bulk step runs aside, prefilled holds the urgent requests
 	// prefilled meanwhile, to join their batch once the step is done,
 	// and held the frames other than submits, to act on then.
@@ -331,15 +335,61 @@ type batch struct {
 	stepCost, prefillCost cost
 }
 
-// asideMin is the shortest bulk work worth handing to the bulk lane. The
+// asideMin is the shortest bulk work ever handed to the bulk lane. The
 // hand-off and the hand-back are two thread wake-ups, futex wakes that
 // take about this long on an idle core (docs/BENCHMARKS.md, "Where the
 // time to first token went") and far longer when the lane's raised nice
 // has it wait for a busy CPU. Work shorter than that is done on the
 // loop's thread before the lane would have started it; neither an urgent
-// request nor the gateway would gain from the lane. Real models' decode steps and prefills take longer and keep
-// going aside, as does work not yet measured.
+// request nor the gateway would gain from the lane. Work not yet measured
+// goes aside.
 const asideMin = 20 * time.Microsecond
+
+// What the hand-off costs decides the rest. Work that goes aside pays it
+// on every step: measured on a 2-CPU VM, 70-80 µs a step, against a
+// decode step of the demo model of about 270 µs, which made a single
+// stream 1.2-1.3x slower than the same worker with no lane
+// (docs/BENCHMARKS.md, "The bulk lane's hand-off"). Work kept on the
+// loop's thread instead makes an urgent request that arrives meanwhile
+// wait until it ends. So work shorter than handoffRatio hand-offs stays
+// on the loop's thread (the hand-off would add over a fifth to it), but
+// never work of inlineMax or more, which an urgent request should not
+// wait behind, whatever the hand-off costs on a loaded machine. Real
+// models' decode steps and prefills take milliseconds and go aside.
+const (
+	handoffRatio = 4
+	inlineMax    = time.Millisecond
+)
+
+// asideBelow is the cost under which bulk work stays on the loop's
+// thread: asideMin, raised to handoffRatio hand-offs as measured, up to
+// inlineMax.
+func (w *workerLoop) asideBelow() time.Duration {
+	if !w.handoff.known {
+		return w.asideMin
+	}
+	return max(w.asideMin, min(handoffRatio*w.handoff.avg, w.inlineMax))
+}
+
+// handoffCost is the moving average of what handing work to the bulk
+// lane and back has cost. An average, not the shortest (cost): a
+// hand-off is quick when the runtime happens to have a thread awake and
+// slow when it must wake one, and what a stream pays over its steps is
+// the mix. Each sample is capped at inlineMax, so one stall on a loaded
+// machine moves it by at most an eighth of that.
+type handoffCost struct {
+	avg   time.Duration
+	known bool
+}
+
+func (h *handoffCost) add(d time.Duration) {
+	d = min(d, inlineMax)
+	if !h.known {
+		h.avg, h.known = d, true
+		return
+	}
+	h.avg += (d - h.avg) / 8
+}
 
 // cost estimates how long some work takes when it runs. It follows a
 // shorter measurement at once and a longer one by at most an eighth (and a
@@ -425,7 +475,7 @@ const maxPrefillTokens = 1024
 func newWorkerLoop(end sender, slots int, kvBudget int64, models map[string]Model, log *slog.Logger) *workerLoop {
 	w := &workerLoop{end: end, slots: slots, kvBudget: kvBudget, models: models, byID: map[uint64]*running{},
 		loading: map[string]bool{}, draining: map[Model]bool{}, preparing: map[uint64]*preparedSeq{}, log: log, tracer: noop.NewTracerProvider().Tracer(tracerName),
-		asideMin: asideMin}
+		asideMin: asideMin, inlineMax: inlineMax}
 	names := make([]string, 0, len(models))
 	for name := range models {
 		names = append(names, name)
@@ -513,7 +563,7 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 		}
 		var err error
 		var took time.Duration
-		if w.bulk == nil || w.carriesUrgent(b) || b.stepCost.under(w.asideMin) {
+		if w.bulk == nil || w.carriesUrgent(b) || b.stepCost.under(w.asideBelow()) {
 			t := time.Now()
 			err = b.step()
 			took = time.Since(t)
@@ -524,14 +574,16 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 				err  error
 				took time.Duration
 			}
-			if aerr := w.aside(inbox, func() {
+			wall, aerr := w.aside(inbox, func() {
 				t := time.Now()
 				aside.err = b.step()
 				aside.took = time.Since(t)
-			}); aerr != nil {
+			})
+			if aerr != nil {
 				return aerr
 			}
 			err, took = aside.err, aside.took
+			w.handoff.add(wall - took)
 		}
 		b.stepCost.add(took)
 		if err != nil {
@@ -595,7 +647,7 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 		var err error
 		var took time.Duration
 		n := len(r.seq.prompt)
-		if w.bulk == nil || w.isUrgent(r) || r.batch.prefillCost.under(w.asideMin/time.Duration(n)) {
+		if w.bulk == nil || w.isUrgent(r) || r.batch.prefillCost.under(w.asideBelow()/time.Duration(n)) {
 			t := time.Now()
 			kv, err = r.seq.prefill()
 			took = time.Since(t)
@@ -608,7 +660,7 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 			// Counted against the KV budget while urgent requests
 			// start beside it.
 			w.prefilling = r
-			aerr := w.aside(inbox, func() {
+			wall, aerr := w.aside(inbox, func() {
 				t := time.Now()
 				aside.kv, aside.err = r.seq.prefill()
 				aside.took = time.Since(t)
@@ -618,6 +670,7 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 				return aerr
 			}
 			kv, err, took = aside.kv, aside.err, aside.took
+			w.handoff.add(wall - took)
 		}
 		r.batch.prefillCost.add(took / time.Duration(n))
 		if err != nil {
@@ -677,14 +730,16 @@ func (w *workerLoop) carriesUrgent(b *batch) bool {
 // the step (joinPrefilled), which is why f must touch nothing but its own
 // batch or sequence. Other frames (cancels, control) are held for
 // handleHeld, so nothing changes a batch while it steps. A ring failure is
-// returned only after f has returned.
-func (w *workerLoop) aside(inbox <-chan inbound, f func()) error {
+// returned only after f has returned. wall is the time from handing f
+// over to seeing it done: f's own time plus the hand-off's.
+func (w *workerLoop) aside(inbox <-chan inbound, f func()) (wall time.Duration, err error) {
+	start := time.Now()
 	w.bulk.work <- f
 	var failed error
 	for {
 		select {
 		case <-w.bulk.done:
-			return failed
+			return time.Since(start), failed
 		case in := <-inbox:
 			if failed != nil {
 				continue
