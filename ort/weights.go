@@ -23,9 +23,10 @@ import (
 //
 // The packed layout is what makes a multiplication of many rows fast: a
 // prefill, or a decode step of a batch of sequences, runs much slower
-// from the file's layout (docs/BENCHMARKS.md, "Scenario 3: weights"). So a worker with a weights cache (Options.WeightsCache, on by
-// default in the gateway) loads such a model from the cache's entry, in
-// which ONNX Runtime has saved the packed weights beside the originals
+// from the file's layout (docs/BENCHMARKS.md, "Scenario 3: weights"). So
+// a worker with a weights cache (Options.WeightsCache, on by default in
+// the gateway) loads such a model from the cache's entry, in which ONNX
+// Runtime has saved the packed weights beside the originals
 // (weightscache.go): the packed weights are then mapped too, shared like
 // the originals. Without a cache, or when the cache cannot serve the
 // model, the weights stay where they were mapped, unpacked.
