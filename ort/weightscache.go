@@ -42,7 +42,10 @@ import (
 // while holding a lock on <key>.lock, so workers of one model that start
 // together build it once and the others wait for it and then map it; the
 // build goes into a temporary directory that is renamed into place only
-// once its files are on disk, so an entry that exists is complete.
+// once its files are on disk, so an entry that exists is complete. A
+// build first removes the entries no model will load again (prune), so
+// that a model updated in place, or removed, does not leave twice its
+// weights on disk for good.
 //
 // Nothing here fails a load: a cache that cannot be used, an entry that
 // is damaged or a build that fails is logged, and the model is loaded
@@ -113,14 +116,14 @@ func (c weightsCache) session(dir string, newOptions func() (*onnxrt.SessionOpti
 	if err := c.ensureDir(); err != nil {
 		return nil, false, err
 	}
-	key, cpu, err := cacheKey(dir)
+	key, cpu, abs, err := cacheKey(dir)
 	if err != nil {
 		return nil, false, err
 	}
 	entry := filepath.Join(c.dir, key)
 	d, seen, err := openEntry(entry)
 	if errors.Is(err, os.ErrNotExist) {
-		if built, err = c.build(dir, entry, cpu, newOptions, inNames, outNames); err != nil {
+		if built, err = c.build(abs, entry, cpu, newOptions, inNames, outNames); err != nil {
 			return nil, false, err
 		}
 		d, seen, err = openEntry(entry)
@@ -283,8 +286,85 @@ func (c weightsCache) discard(entry string, seen os.FileInfo, why error) error {
 	return fmt.Errorf("%w (entry removed; the next load builds it again)", why)
 }
 
-// build writes the entry for the model in dir, unless another worker did
-// while this one waited for the lock; built reports whether this one did.
+// prune removes the entries that no model will load again: those built
+// from the model directory dir (a resolved path) before its files
+// changed, or by another ONNX Runtime or CPU, and those whose model
+// directory is gone. Each takes about twice its model's weights on disk,
+// and nothing else would ever remove them. It runs before a build, so
+// the space they held counts for it. An entry is removed only under its
+// lock, taken without waiting, so never while a worker builds it; a
+// worker that has mapped one keeps its pages. Entries it cannot read
+// are left alone.
+func (c weightsCache) prune(dir, keep string) {
+	names, err := os.ReadDir(c.dir)
+	if err != nil {
+		return
+	}
+	for _, e := range names {
+		name := e.Name()
+		if name == keep || !e.IsDir() || !isEntryName(name) {
+			continue
+		}
+		entry := filepath.Join(c.dir, name)
+		source, ok := entrySource(entry)
+		if !ok {
+			continue
+		}
+		if _, err := os.Stat(source); source != dir && !errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		unlock, err := tryLockFile(entry + ".lock")
+		if err != nil {
+			continue
+		}
+		if err := os.RemoveAll(entry); err == nil {
+			c.log.Info("prepacked weights cache: removed an entry no model will load", "entry", entry, "model_dir", source)
+		}
+		unlock()
+	}
+}
+
+// isEntryName reports whether name is one cacheKey makes: 32 lowercase
+// hex digits.
+func isEntryName(name string) bool {
+	if len(name) != 32 {
+		return false
+	}
+	_, err := hex.DecodeString(name)
+	return err == nil && strings.ToLower(name) == name
+}
+
+// entrySource reads the model directory an entry was built from out of
+// its manifest, if the entry is the worker user's own and private.
+func entrySource(entry string) (string, bool) {
+	d, info, err := openEntry(entry)
+	if err != nil || info == nil {
+		return "", false
+	}
+	defer d.Close()
+	mf, err := os.ReadFile(filepath.Join(fdPath(d), entryManifest))
+	if err != nil {
+		return "", false
+	}
+	var m manifest
+	if json.Unmarshal(mf, &m) != nil || !filepath.IsAbs(m.Source) {
+		return "", false
+	}
+	return m.Source, true
+}
+
+// resolvedDir is dir as an absolute path with no symbolic links.
+func resolvedDir(dir string) (string, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	return filepath.EvalSymlinks(abs)
+}
+
+// build writes the entry for the model in dir (a resolved path), unless
+// another worker did while this one waited for the lock; built reports
+// whether this one did.
 func (c weightsCache) build(dir, entry, cpu string, newOptions func() (*onnxrt.SessionOptions, error), inNames, outNames []string) (built bool, err error) {
 	unlock, err := lockFile(entry + ".lock")
 	if err != nil {
@@ -302,6 +382,7 @@ func (c weightsCache) build(dir, entry, cpu string, newOptions func() (*onnxrt.S
 	for _, s := range stale {
 		os.RemoveAll(s)
 	}
+	c.prune(dir, filepath.Base(entry))
 	if err := checkDiskSpace(c.dir, dir); err != nil {
 		return false, err
 	}
@@ -389,40 +470,36 @@ func writeEntry(dir, out string, newOptions func() (*onnxrt.SessionOptions, erro
 // model's gigabytes at every worker start would cost more than the load
 // it speeds up (docs/BENCHMARKS.md), and a file rewritten in place keeps
 // its size and modification time only if the writer sets them back. It
-// also returns the CPU's description.
-func cacheKey(dir string) (key, cpu string, err error) {
+// also returns the CPU's description and the resolved path.
+func cacheKey(dir string) (key, cpu, abs string, err error) {
 	cpu, err = cpuIdentity()
 	if err != nil {
-		return "", "", err
+		return "", "", "", err
 	}
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		return "", "", err
-	}
-	if abs, err = filepath.EvalSymlinks(abs); err != nil {
-		return "", "", err
+	if abs, err = resolvedDir(dir); err != nil {
+		return "", "", "", err
 	}
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\nonnxruntime %s\ncpu %s\ndir %q\n", cacheRecipe, onnxrt.GetVersion(), cpu, abs)
 	f, err := os.Open(filepath.Join(dir, modelFile))
 	if err != nil {
-		return "", "", err
+		return "", "", "", err
 	}
 	defer f.Close()
 	fmt.Fprintf(h, "%s ", modelFile)
 	if _, err := io.Copy(h, f); err != nil {
-		return "", "", err
+		return "", "", "", err
 	}
 	files := externalDataFiles(dir)
 	slices.Sort(files)
 	for _, name := range files {
 		info, err := os.Stat(filepath.Join(dir, name))
 		if err != nil {
-			return "", "", err
+			return "", "", "", err
 		}
 		fmt.Fprintf(h, "\n%s %d %d", name, info.Size(), info.ModTime().UnixNano())
 	}
-	return hex.EncodeToString(h.Sum(nil)[:16]), cpu, nil
+	return hex.EncodeToString(h.Sum(nil)[:16]), cpu, abs, nil
 }
 
 // cpuIdentity describes the CPU as the kernels MLAS picks see it: the
@@ -494,6 +571,20 @@ func lockFile(path string) (func(), error) {
 		}
 	}
 	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// tryLockFile is lockFile without waiting: it fails at once if another
+// holds the lock.
+func tryLockFile(path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}

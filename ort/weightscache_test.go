@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	onnxrt "github.com/yalue/onnxruntime_go"
 
@@ -337,11 +338,11 @@ func TestWeightsCacheLoadsTheCheckedEntry(t *testing.T) {
 		t.Fatal(err)
 	}
 	pm.Close()
-	keyA, _, err := cacheKey(a)
+	keyA, _, _, err := cacheKey(a)
 	if err != nil {
 		t.Fatal(err)
 	}
-	keyB, _, err := cacheKey(b)
+	keyB, _, _, err := cacheKey(b)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -461,5 +462,98 @@ func TestWeightsCacheTellsVersionsApart(t *testing.T) {
 	logits(base, Options{WeightsCache: cache})
 	if !same(logits(tune, Options{WeightsCache: cache}), wantTune) {
 		t.Errorf("the fine-tune through the cache computes other logits than without it: it got the base's weights")
+	}
+}
+
+// An entry that no model will load again is removed by the next build:
+// the model's data file rewritten in its directory leaves its old entry
+// behind, and a model directory removed leaves its own; an entry a
+// worker is building (its lock held) stays.
+func TestWeightsCachePrunesEntriesNoModelLoads(t *testing.T) {
+	c := newCacheTest(t)
+	c.load(t)
+	first := c.entry(t)
+
+	// The same directory, its data rewritten: a new entry, the old one
+	// gone.
+	data := filepath.Join(c.model, "model.onnx.data")
+	later := time.Now().Add(time.Minute)
+	if err := os.Chtimes(data, later, later); err != nil {
+		t.Fatal(err)
+	}
+	c.load(t)
+	second := c.entry(t)
+	if second == first {
+		t.Fatal("the changed model loaded its old entry")
+	}
+	if !strings.Contains(c.log.String(), "removed an entry no model will load") {
+		t.Errorf("no removal logged:\n%s", c.log)
+	}
+
+	// Another model, in a directory that is then removed, and a third
+	// whose build is in progress elsewhere (its lock held): building a
+	// fourth removes the removed model's entry only.
+	gone := &cacheTest{model: randomModelDir(t, onnxgen.Options{Layers: 1, Heads: 4, Hidden: 256, Context: 64, Seed: 6, ExternalData: true}), cache: c.cache, log: c.log}
+	gone.load(t)
+	busy := &cacheTest{model: randomModelDir(t, onnxgen.Options{Layers: 1, Heads: 4, Hidden: 256, Context: 64, Seed: 7, ExternalData: true}), cache: c.cache, log: c.log}
+	busy.load(t)
+	entries := func() map[string]bool {
+		got := map[string]bool{}
+		list, err := os.ReadDir(c.cache)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range list {
+			if e.IsDir() {
+				got[e.Name()] = true
+			}
+		}
+		return got
+	}
+	before := entries()
+	if len(before) != 3 {
+		t.Fatalf("cache holds %v, want three entries", before)
+	}
+	_, _, goneAbs, err := cacheKey(gone.model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	busyKey, _, _, err := cacheKey(busy.model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	goneKey, _, _, err := cacheKey(gone.model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(goneAbs); err != nil {
+		t.Fatal(err)
+	}
+	// The busy model's directory is gone too, but its lock is held.
+	_, _, busyAbs, err := cacheKey(busy.model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := lockFile(filepath.Join(c.cache, busyKey) + ".lock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	if err := os.RemoveAll(busyAbs); err != nil {
+		t.Fatal(err)
+	}
+	fourth := &cacheTest{model: randomModelDir(t, onnxgen.Options{Layers: 1, Heads: 4, Hidden: 256, Context: 64, Seed: 8, ExternalData: true}), cache: c.cache, log: c.log}
+	if mode, _ := fourth.load(t); mode != weightsPrepacked {
+		t.Fatalf("weights %s, want %s; log:\n%s", mode, weightsPrepacked, c.log)
+	}
+	after := entries()
+	if after[goneKey] {
+		t.Error("the entry of a removed model directory stayed")
+	}
+	if !after[busyKey] {
+		t.Error("an entry whose lock was held was removed")
+	}
+	if !after[filepath.Base(second)] {
+		t.Error("the entry of a model still in place was removed")
 	}
 }
