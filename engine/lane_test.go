@@ -248,3 +248,61 @@ func TestShortBulkWorkStaysOffASlowLane(t *testing.T) {
 		})
 	}
 }
+
+// slowSteps is a model whose decode steps and prefills take at least step
+// and prefill longer, as a larger model's would. It spins: a sleep's
+// wake-up is late by more than a step on a loaded machine.
+type slowSteps struct {
+	Model
+	step, prefill time.Duration
+}
+
+func spin(d time.Duration) {
+	for end := time.Now().Add(d); time.Now().Before(end); {
+	}
+}
+
+func (m slowSteps) Step(next []int) ([]float32, error) {
+	spin(m.step)
+	return m.Model.Step(next)
+}
+
+func (m slowSteps) Prefill(ids []int) ([]float32, [][]byte, error) {
+	spin(m.prefill)
+	return m.Model.Prefill(ids)
+}
+
+// An urgent request prefilled on the loop's thread while a bulk step runs
+// aside is the loop's work, not the hand-off's: it must not count as
+// hand-off, or after it bulk steps several hand-offs long would stay on
+// the loop's thread for good, where urgent requests wait behind them.
+func TestUrgentWorkBesideAStepIsNotHandOff(t *testing.T) {
+	w, rec, inbox := testLoopOf(t, 8, workerconf.DefaultKVCacheBytes, slowSteps{loadTestModel(t), 400 * time.Microsecond, 3 * time.Millisecond})
+	var gate func(func())
+	w.bulk, gate = gatedLane(t)
+	bulk := infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 60, Urgency: 6, Class: priority.Bulk}
+	urgent := infer.Request{Model: "demo", Prompt: "An urgent ", MaxTokens: 1, Urgency: 0, Class: priority.Urgent}
+	inbox <- submit(1, bulk)
+	// The bulk prefill and the first step go aside, not yet measured;
+	// as each of the first five steps starts an urgent request arrives,
+	// and the loop prefills it while the step runs, for longer than the
+	// step.
+	var asides atomic.Int64
+	var hook func()
+	hook = func() {
+		if n := asides.Add(1); n >= 2 && n <= 6 {
+			inbox <- submit(uint64(n), urgent)
+		}
+		gate(hook)
+	}
+	gate(hook)
+	runUntilIdle(t, w, inbox, 200)
+	if _, ok := rec.done[1]; !ok {
+		t.Fatal("the bulk request did not finish")
+	}
+	// The lane's hand-off is two goroutine wake-ups, far under a step of
+	// 400 µs / 4: the steps keep going aside.
+	if got := asides.Load(); got < 30 {
+		t.Errorf("%d prefills and steps of 60 went aside; hand-off measured %v", got, w.handoff.avg)
+	}
+}

@@ -574,7 +574,7 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 				err  error
 				took time.Duration
 			}
-			wall, aerr := w.aside(inbox, func() {
+			wall, alone, aerr := w.aside(inbox, func() {
 				t := time.Now()
 				aside.err = b.step()
 				aside.took = time.Since(t)
@@ -583,7 +583,9 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 				return aerr
 			}
 			err, took = aside.err, aside.took
-			w.handoff.add(wall - took)
+			if alone {
+				w.handoff.add(wall - took)
+			}
 		}
 		b.stepCost.add(took)
 		if err != nil {
@@ -660,7 +662,7 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 			// Counted against the KV budget while urgent requests
 			// start beside it.
 			w.prefilling = r
-			wall, aerr := w.aside(inbox, func() {
+			wall, alone, aerr := w.aside(inbox, func() {
 				t := time.Now()
 				aside.kv, aside.err = r.seq.prefill()
 				aside.took = time.Since(t)
@@ -670,7 +672,9 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 				return aerr
 			}
 			kv, err, took = aside.kv, aside.err, aside.took
-			w.handoff.add(wall - took)
+			if alone {
+				w.handoff.add(wall - took)
+			}
 		}
 		r.batch.prefillCost.add(took / time.Duration(n))
 		if err != nil {
@@ -731,16 +735,21 @@ func (w *workerLoop) carriesUrgent(b *batch) bool {
 // batch or sequence. Other frames (cancels, control) are held for
 // handleHeld, so nothing changes a batch while it steps. A ring failure is
 // returned only after f has returned. wall is the time from handing f
-// over to seeing it done: f's own time plus the hand-off's.
-func (w *workerLoop) aside(inbox <-chan inbound, f func()) (wall time.Duration, err error) {
+// over to seeing it done; alone reports that the loop took no frame
+// meanwhile, so that wall is f's own time plus the hand-off's. Otherwise
+// it may hold an urgent prefill that outlasted f, which is no part of
+// the hand-off and would make it look several times dearer than it is.
+func (w *workerLoop) aside(inbox <-chan inbound, f func()) (wall time.Duration, alone bool, err error) {
 	start := time.Now()
 	w.bulk.work <- f
 	var failed error
+	alone = true
 	for {
 		select {
 		case <-w.bulk.done:
-			return time.Since(start), failed
+			return time.Since(start), alone, failed
 		case in := <-inbox:
+			alone = false
 			if failed != nil {
 				continue
 			}
