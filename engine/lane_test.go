@@ -306,3 +306,79 @@ func TestUrgentWorkBesideAStepIsNotHandOff(t *testing.T) {
 		t.Errorf("%d prefills and steps of 60 went aside; hand-off measured %v", got, w.handoff.avg)
 	}
 }
+
+// varSteps is a model whose decode steps take at least what step holds
+// longer, changed while it runs.
+type varSteps struct {
+	Model
+	step *atomic.Int64 // nanoseconds
+}
+
+func (m varSteps) Step(next []int) ([]float32, error) {
+	spin(time.Duration(m.step.Load()))
+	return m.Model.Step(next)
+}
+
+// A hand-off estimate taken while the machine was slow comes back down:
+// work it keeps on the loop's thread still goes aside now and then, and
+// measures it again.
+func TestHandOffEstimateComesBackDown(t *testing.T) {
+	w, rec, inbox := testLoop(t, 8, workerconf.DefaultKVCacheBytes)
+	var ran *atomic.Int64
+	w.bulk, ran = countingLane(t, 0)
+	req := infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 100, IgnoreEOS: true, Urgency: 6, Class: priority.Bulk}
+	// A first request measures the model's prefill and step.
+	inbox <- submit(1, req)
+	runUntilIdle(t, w, inbox, 1000)
+	// Then a slow moment: the estimate at its cap, which keeps the
+	// model's work on the loop's thread.
+	w.handoff = handoffCost{avg: inlineMax, known: true}
+	before := ran.Load()
+	inbox <- submit(2, req)
+	runUntilIdle(t, w, inbox, 1000)
+	for id := range uint64(2) {
+		if _, ok := rec.done[id+1]; !ok {
+			t.Fatalf("request %d did not finish", id+1)
+		}
+	}
+	if aside := ran.Load() - before; aside == 0 || w.handoff.avg >= inlineMax*15/16 {
+		t.Errorf("%d prefills and steps went aside, hand-off estimate %v: it stayed where a slow moment left it", aside, w.handoff.avg)
+	}
+}
+
+// A batch whose steps grow past what may stay on the loop's thread goes
+// aside from its next step on, not after the estimate has crept up.
+func TestGrownStepGoesAsideAtOnce(t *testing.T) {
+	var step atomic.Int64
+	step.Store(int64(100 * time.Microsecond))
+	w, rec, inbox := testLoopOf(t, 8, workerconf.DefaultKVCacheBytes, varSteps{loadTestModel(t), &step})
+	var ran *atomic.Int64
+	w.bulk, ran = countingLane(t, 200*time.Microsecond)
+	w.inlineMax = time.Minute
+	// Four hand-offs: 800 µs, far above the short steps, far below the
+	// long ones.
+	w.handoff = handoffCost{avg: 200 * time.Microsecond, known: true}
+	inbox <- submit(1, infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 60, IgnoreEOS: true, Urgency: 6, Class: priority.Bulk})
+	for range 20 {
+		if err := w.round(inbox); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := ran.Load()
+	step.Store(int64(5 * time.Millisecond))
+	const long = 10
+	for range long {
+		if err := w.round(inbox); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The first long step runs where the short ones did; the rest go
+	// aside.
+	if got := ran.Load() - before; got < long-1 {
+		t.Errorf("%d of %d long steps went aside, want %d", got, long, long-1)
+	}
+	runUntilIdle(t, w, inbox, 1000)
+	if _, ok := rec.done[1]; !ok {
+		t.Fatal("the request did not finish")
+	}
+}

@@ -302,6 +302,7 @@ type workerLoop struct {
 	// thread; handoff is that cost as measured (asideBelow).
 	inlineMax time.Duration
 	handoff   handoffCost
+	inlined   int // work kept on the loop's thread by handoff (stays)
 	// While a bulk step runs aside, prefilled holds the urgent requests
 	// prefilled meanwhile, to join their batch once the step is done,
 	// and held the frames other than submits, to act on then.
@@ -371,6 +372,27 @@ func (w *workerLoop) asideBelow() time.Duration {
 	return max(w.asideMin, min(handoffRatio*w.handoff.avg, w.inlineMax))
 }
 
+// remeasureEvery: of the pieces of work that stay on the loop's thread
+// only because of the hand-off's estimate, one in remeasureEvery goes
+// aside all the same, to measure the hand-off again. Only work that goes
+// aside measures it, so without this an estimate taken while the machine
+// was slow would keep the work on the loop's thread for good.
+const remeasureEvery = 32
+
+// stays reports whether bulk work of n units at cost c each runs on the
+// loop's thread (asideBelow).
+func (w *workerLoop) stays(c cost, n int) bool {
+	per := time.Duration(n)
+	if !c.under(w.asideBelow() / per) {
+		return false
+	}
+	if c.under(w.asideMin / per) {
+		return true
+	}
+	w.inlined++
+	return w.inlined%remeasureEvery != 0
+}
+
 // handoffCost is the moving average of what handing work to the bulk
 // lane and back has cost. An average, not the shortest (cost): a
 // hand-off is quick when the runtime happens to have a thread awake and
@@ -396,7 +418,9 @@ func (h *handoffCost) add(d time.Duration) {
 // microsecond) a time: work does not get faster by chance, while a
 // measurement that took longer may only have included time the thread
 // spent waiting for a CPU, which says nothing of the work. Growing work
-// (a batch that gains rows) still raises it within a few steps.
+// (a batch that gains rows) still raises it within a few steps, and at
+// once where it matters (raise): work kept on the loop's thread that took
+// as long as what goes aside.
 type cost struct {
 	est   time.Duration
 	known bool
@@ -408,6 +432,13 @@ func (c *cost) add(d time.Duration) {
 		return
 	}
 	c.est = min(d, c.est+c.est/8+time.Microsecond)
+}
+
+// raise follows a longer measurement at once: work that has grown.
+func (c *cost) raise(d time.Duration) {
+	if !c.known || d > c.est {
+		c.est, c.known = d, true
+	}
 }
 
 // under reports whether the work is known to take less than d.
@@ -563,10 +594,14 @@ func (w *workerLoop) round(inbox <-chan inbound) error {
 		}
 		var err error
 		var took time.Duration
-		if w.bulk == nil || w.carriesUrgent(b) || b.stepCost.under(w.asideBelow()) {
+		if w.bulk == nil || w.carriesUrgent(b) || w.stays(b.stepCost, 1) {
 			t := time.Now()
 			err = b.step()
 			took = time.Since(t)
+			if took >= w.asideBelow() {
+				// A batch that grew: its next step goes aside.
+				b.stepCost.raise(took)
+			}
 		} else {
 			// What the lane's function sets lives apart, so that only
 			// this path pays for the closure's variables on the heap.
@@ -649,10 +684,13 @@ func (w *workerLoop) start(inbox <-chan inbound) error {
 		var err error
 		var took time.Duration
 		n := len(r.seq.prompt)
-		if w.bulk == nil || w.isUrgent(r) || r.batch.prefillCost.under(w.asideBelow()/time.Duration(n)) {
+		if w.bulk == nil || w.isUrgent(r) || w.stays(r.batch.prefillCost, n) {
 			t := time.Now()
 			kv, err = r.seq.prefill()
 			took = time.Since(t)
+			if took >= w.asideBelow() {
+				r.batch.prefillCost.raise(took / time.Duration(n))
+			}
 		} else {
 			var aside struct {
 				kv   [][]byte
