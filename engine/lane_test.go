@@ -382,3 +382,36 @@ func TestGrownStepGoesAsideAtOnce(t *testing.T) {
 		t.Fatal("the request did not finish")
 	}
 }
+
+// A worker that has just served an urgent request hands bulk work to the
+// lane however short it is against the hand-off: the next urgent request
+// should not wait behind it.
+func TestBulkWorkGoesAsideNearUrgentTraffic(t *testing.T) {
+	w, rec, inbox := testLoop(t, 8, workerconf.DefaultKVCacheBytes)
+	var ran *atomic.Int64
+	w.bulk, ran = countingLane(t, 0)
+	w.inlineMax = time.Minute
+	w.handoff = handoffCost{avg: time.Second, known: true}
+	inbox <- submit(1, infer.Request{Model: "demo", Prompt: "An urgent ", MaxTokens: 4, Urgency: 0, Class: priority.Urgent})
+	runUntilIdle(t, w, inbox, 100)
+	bulk := infer.Request{Model: "demo", Prompt: "The ", MaxTokens: 20, IgnoreEOS: true, Urgency: 6, Class: priority.Bulk}
+	inbox <- submit(2, bulk)
+	var rounds int64
+	for len(w.byID) > 0 || len(inbox) > 0 {
+		if rounds++; rounds > 100 {
+			t.Fatal("the bulk request did not finish in 100 rounds")
+		}
+		if err := w.round(inbox); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for id := range uint64(2) {
+		if _, ok := rec.done[id+1]; !ok {
+			t.Fatalf("request %d did not finish", id+1)
+		}
+	}
+	// Its prefill and every step: one per round.
+	if got := ran.Load(); got < rounds {
+		t.Errorf("%d of the bulk request's %d prefills and steps went aside, want all", got, rounds)
+	}
+}

@@ -300,9 +300,10 @@ type workerLoop struct {
 	asideMin time.Duration
 	// inlineMax bounds what the hand-off's cost may keep on the loop's
 	// thread; handoff is that cost as measured (asideBelow).
-	inlineMax time.Duration
-	handoff   handoffCost
-	inlined   int // work kept on the loop's thread by handoff (stays)
+	inlineMax  time.Duration
+	handoff    handoffCost
+	inlined    int       // work kept on the loop's thread by handoff (stays)
+	lastUrgent time.Time // when the last urgent request was admitted
 	// While a bulk step runs aside, prefilled holds the urgent requests
 	// prefilled meanwhile, to join their batch once the step is done,
 	// and held the frames other than submits, to act on then.
@@ -379,15 +380,23 @@ func (w *workerLoop) asideBelow() time.Duration {
 // was slow would keep the work on the loop's thread for good.
 const remeasureEvery = 32
 
+// urgentRecent: a worker that has admitted an urgent request this
+// recently hands all but the shortest bulk work (asideMin) to the lane,
+// whatever the hand-off costs, since more urgent requests are likely to
+// come and should not wait behind it. Priority isolation is what the
+// lane is for; the hand-off's cost matters to a worker with no urgent
+// traffic (docs/BENCHMARKS.md, "The bulk lane's hand-off").
+const urgentRecent = 5 * time.Second
+
 // stays reports whether bulk work of n units at cost c each runs on the
 // loop's thread (asideBelow).
 func (w *workerLoop) stays(c cost, n int) bool {
 	per := time.Duration(n)
-	if !c.under(w.asideBelow() / per) {
-		return false
-	}
 	if c.under(w.asideMin / per) {
 		return true
+	}
+	if !c.under(w.asideBelow()/per) || time.Since(w.lastUrgent) < urgentRecent {
+		return false
 	}
 	w.inlined++
 	return w.inlined%remeasureEvery != 0
@@ -1052,6 +1061,9 @@ func (w *workerLoop) admitSequence(in inbound, m Model, seq *sequence, err error
 	w.arrivals++
 	r := &running{id: in.id, urgency: in.submit.Urgency, class: in.submit.Class, arrival: w.arrivals, seq: seq,
 		ctx: context.Background(), phase: phasePrefill}
+	if w.isUrgent(r) {
+		w.lastUrgent = time.Now()
+	}
 	if tp := in.submit.TraceParent; tp != "" {
 		r.ctx = propagation.TraceContext{}.Extract(r.ctx, propagation.MapCarrier{"traceparent": tp})
 	}
