@@ -559,32 +559,26 @@ func checkDiskSpace(cacheDir, modelDir string) error {
 // lockFile takes an exclusive flock on path, creating it, and returns
 // its release. The kernel releases it too when the process dies, so a
 // worker killed mid-build leaves no lock behind.
-func lockFile(path string) (func(), error) {
+func lockFile(path string) (func(), error) { return flockFile(path, syscall.LOCK_EX) }
+
+// tryLockFile is lockFile without waiting: it fails at once if another
+// holds the lock.
+func tryLockFile(path string) (func(), error) {
+	return flockFile(path, syscall.LOCK_EX|syscall.LOCK_NB)
+}
+
+func flockFile(path string, how int) (func(), error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
 	}
 	for {
-		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
+		err = syscall.Flock(int(f.Fd()), how)
 		if err != syscall.EINTR {
 			break
 		}
 	}
 	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return func() { f.Close() }, nil
-}
-
-// tryLockFile is lockFile without waiting: it fails at once if another
-// holds the lock.
-func tryLockFile(path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
